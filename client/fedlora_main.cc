@@ -1,0 +1,31 @@
+// fedlora: the offline tool. Aggregates PEFT adapters with FedIT, FLoRA, LoRA-FAIR or Fed-SB, inspects them, and
+// writes random adapters for trying things out. `fedlora --help` and `fedlora COMMAND --help` say more.
+#include <cstdio>
+
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "client/cli/commands.h"
+
+namespace fedlora::client {
+
+void ExitIfError(const absl::Status& status) {
+  if (status.ok()) return;
+  std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());
+  throw CLI::RuntimeError(1);
+}
+
+}  // namespace fedlora::client
+
+int main(int argc, char** argv) {
+  // Logs go to stderr; stdout carries only the commands' results, so it can be piped.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("fedlora"));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+  CLI::App app{"fedlora: federated LoRA fine-tuning, offline tools"};
+  app.require_subcommand(1);
+  fedlora::client::AddAggregateCommand(app);
+  fedlora::client::AddInspectCommand(app);
+  fedlora::client::AddRandomAdapterCommand(app);
+  CLI11_PARSE(app, argc, argv);
+  return 0;
+}

@@ -1,0 +1,291 @@
+#include "common/aggregate.h"
+
+#include <cmath>
+#include <unordered_map>
+
+#include "common/strings.h"
+#include "common/status_macros.h"
+
+namespace fedlora::common {
+namespace {
+
+std::string Label(const Adapter& a, size_t k) {
+  return a.source.empty() ? StrCat("client ", k) : StrCat("client ", k, " (", a.source, ")");
+}
+
+std::string Shape(int rows, int cols) { return StrCat("[", rows, ",", cols, "]"); }
+
+double Dot(const MatrixD& a, const MatrixD& b) { return (a.array() * b.array()).sum(); }
+
+// Client k's factors for one module, with its scaling (and, for Fed-SB, its R) folded into B.
+struct Factor {
+  ConstMapF a;       // r_k×n
+  MatrixD b;         // m×r_k: s_k·B_k, or s_k·B·R_k
+  double p = 0;      // aggregation weight
+};
+
+// ΔW* = Σ p_k B_k A_k as stacked factors, with the Gram matrices that give its norm.
+struct Stacked {
+  MatrixD b;       // m×R: [p_1 B_1 | … | p_K B_K]
+  MatrixD a;       // R×n: [A_1; …; A_K]
+  double norm_sq;  // ‖b·a‖_F²
+};
+
+Stacked Stack(const std::vector<Factor>& factors) {
+  Eigen::Index total = 0;
+  for (const Factor& f : factors) total += f.a.rows();
+  Stacked s;
+  s.b.resize(factors[0].b.rows(), total);
+  s.a.resize(total, factors[0].a.cols());
+  Eigen::Index row = 0;
+  for (const Factor& f : factors) {
+    s.b.middleCols(row, f.a.rows()) = f.p * f.b;
+    s.a.middleRows(row, f.a.rows()) = f.a.cast<double>();
+    row += f.a.rows();
+  }
+  MatrixD gram_b(total, total), gram_a(total, total);
+  gram_b.setZero();
+  gram_a.setZero();
+  gram_b.selfadjointView<Eigen::Upper>().rankUpdate(s.b.transpose());
+  gram_a.selfadjointView<Eigen::Upper>().rankUpdate(s.a);
+  // ‖BA‖² = tr(BᵀB·AAᵀ): the upper triangles hold both Grams; count off-diagonal terms twice.
+  double sum = 0;
+  for (Eigen::Index i = 0; i < total; ++i) {
+    sum += gram_b(i, i) * gram_a(i, i);
+    for (Eigen::Index j = i + 1; j < total; ++j) sum += 2 * gram_b(i, j) * gram_a(i, j);
+  }
+  s.norm_sq = sum;
+  return s;
+}
+
+// ‖b·a − ΔW*‖ / ‖ΔW*‖ from r×R products (b: m×r, a: r×n).
+double RelativeError(const MatrixD& b, const MatrixD& a, const Stacked& target) {
+  const MatrixD btb = b.transpose() * b, aat = a * a.transpose();
+  const MatrixD cross_b = b.transpose() * target.b, cross_a = a * target.a.transpose();
+  const double out_sq = Dot(btb, aat);
+  const double err_sq = std::max(0.0, target.norm_sq + out_sq - 2 * Dot(cross_b, cross_a));
+  if (target.norm_sq <= 0) return out_sq <= 0 ? 0.0 : INFINITY;
+  return std::sqrt(err_sq / target.norm_sq);
+}
+
+// Module output in double before it is written into the adapter.
+struct ModuleOut {
+  MatrixD a, b, r;  // r is empty unless Fed-SB
+  ModuleReport report;
+};
+
+ModuleOut AggregateModule(Method method, const std::vector<Factor>& factors, const std::vector<const Adapter*>& clients,
+                          const std::vector<size_t>& index, const LoraFairOptions& fair) {
+  const Eigen::Index n = factors[0].a.cols(), m = factors[0].b.rows();
+  Eigen::Index r_max = 0;
+  for (const Factor& f : factors) r_max = std::max(r_max, f.a.rows());
+  const Stacked target = Stack(factors);
+  ModuleOut out;
+  switch (method) {
+    case Method::kFedIt:
+    case Method::kLoraFair: {
+      out.a = MatrixD::Zero(r_max, n);
+      out.b = MatrixD::Zero(m, r_max);
+      for (const Factor& f : factors) {  // zero-padding to r_max
+        out.a.topRows(f.a.rows()) += f.p * f.a.cast<double>();
+        out.b.leftCols(f.a.rows()) += f.p * f.b;
+      }
+      if (method == Method::kLoraFair) {
+        LoraFairProblem problem;
+        problem.g = target.b * (target.a * out.a.transpose());  // Σ p_k B_k (A_k Āᵀ), m×r
+        problem.s = out.a * out.a.transpose();
+        problem.b_bar = out.b;
+        problem.target_norm_sq = target.norm_sq;
+        problem.lambda = fair.lambda;
+        LoraFairSolution sol = SolveLoraFair(problem, fair);
+        out.b = std::move(sol.b);
+        out.report.lora_fair = std::move(sol);
+        out.report.lora_fair.b.resize(0, 0);
+      }
+      break;
+    }
+    case Method::kFlora: {
+      // A = [p_1 A_1; …; p_K A_K], B = [B_1 | … | B_K] (FLoRA's stacking, ALGORITHMS.md).
+      out.a.resize(target.a.rows(), n);
+      out.b.resize(m, target.a.rows());
+      Eigen::Index row = 0;
+      for (const Factor& f : factors) {
+        out.a.middleRows(row, f.a.rows()) = f.p * f.a.cast<double>();
+        out.b.middleCols(row, f.a.rows()) = f.b;
+        row += f.a.rows();
+      }
+      break;
+    }
+    case Method::kFedSb: {
+      const Adapter& first = *clients[0];
+      out.a = first.A(index[0]).cast<double>();
+      out.r = MatrixD::Zero(r_max, r_max);
+      for (size_t k = 0; k < clients.size(); ++k) {
+        out.r += factors[k].p * clients[k]->module(index[k]).scaling * clients[k]->R(index[k]).cast<double>();
+      }
+      out.b = first.B(index[0]).cast<double>();
+      break;
+    }
+  }
+  out.report.rank = static_cast<int>(out.a.rows());
+  out.report.target_norm = std::sqrt(std::max(0.0, target.norm_sq));
+  // Measured on the f32 values that will be written, so the report covers their rounding too.
+  const MatrixD a32 = out.a.cast<float>().cast<double>(), b32 = out.b.cast<float>().cast<double>();
+  out.report.relative_error = RelativeError(
+      method == Method::kFedSb ? MatrixD(b32 * out.r.cast<float>().cast<double>()) : b32, a32, target);
+  return out;
+}
+
+}  // namespace
+
+std::string_view MethodName(Method method) {
+  switch (method) {
+    case Method::kFedIt: return "fedit";
+    case Method::kFlora: return "flora";
+    case Method::kLoraFair: return "lora-fair";
+    case Method::kFedSb: return "fed-sb";
+  }
+  return "?";
+}
+
+absl::StatusOr<Method> ParseMethod(std::string_view name) {
+  for (Method m : kAllMethods) {
+    if (MethodName(m) == name) return m;
+  }
+  return absl::InvalidArgumentError(
+      StrCat("unknown method '", name, "' (expected fedit, flora, lora-fair or fed-sb)"));
+}
+
+absl::StatusOr<std::vector<double>> NormalizeWeights(std::span<const double> weights, size_t count) {
+  if (count == 0) return absl::InvalidArgumentError("no clients to weight");
+  if (weights.empty()) return std::vector<double>(count, 1.0 / static_cast<double>(count));
+  if (weights.size() != count) {
+    return absl::InvalidArgumentError(StrCat(weights.size(), " weights given for ", count,
+                                                   " adapters; give one weight per adapter, in the same order"));
+  }
+  double total = 0;
+  for (size_t k = 0; k < weights.size(); ++k) {
+    if (!std::isfinite(weights[k]) || weights[k] < 0) {
+      return absl::InvalidArgumentError(
+          StrCat("weight ", k + 1, " is ", weights[k], "; weights must be finite and non-negative"));
+    }
+    total += weights[k];
+  }
+  if (total <= 0) return absl::InvalidArgumentError("the weights sum to 0; at least one must be positive");
+  std::vector<double> p(weights.begin(), weights.end());
+  for (double& x : p) x /= total;
+  return p;
+}
+
+absl::Status CheckCompatible(std::span<const Adapter> clients, Method method) {
+  if (clients.empty()) return absl::InvalidArgumentError("no adapters to aggregate");
+  const Adapter& ref = clients[0];
+  for (size_t k = 0; k < clients.size(); ++k) {
+    const Adapter& c = clients[k];
+    RETURN_IF_ERROR(c.CheckFinite());
+    for (size_t i = 0; i < ref.num_modules(); ++i) {
+      const LoraModule& rm = ref.module(i);
+      auto j = c.FindModule(rm.name);
+      if (!j) {
+        return absl::InvalidArgumentError(StrCat(Label(c, k), " has no module ", rm.name, ", which ",
+                                                       Label(ref, 0), " has; all adapters must adapt the same modules"));
+      }
+      const LoraModule& cm = c.module(*j);
+      auto where = [&](std::string_view what) {
+        return absl::InvalidArgumentError(StrCat(Label(c, k), ": module ", rm.name, ": ", what));
+      };
+      if (cm.in_features != rm.in_features || cm.out_features != rm.out_features) {
+        return where(StrCat("lora_A is ", Shape(cm.rank, cm.in_features), " and lora_B ",
+                                  Shape(cm.out_features, cm.rank), " (a ", cm.out_features, "x", cm.in_features,
+                                  " layer), but ", Label(ref, 0), " adapts a ", rm.out_features, "x",
+                                  rm.in_features, " layer; hint: adapters of different base models?"));
+      }
+      if (method == Method::kFedSb) {
+        if (!cm.has_r) {
+          return where("has no lora_R; fed-sb aggregates LoRA-SB adapters (B·R·A with B, A frozen)");
+        }
+        if (cm.rank != rm.rank) {
+          return where(StrCat("lora_R is ", Shape(cm.rank, cm.rank), " but ", Label(ref, 0), " has ",
+                                    Shape(rm.rank, rm.rank), "; fed-sb needs equal ranks (R is averaged)"));
+        }
+        auto same = [](const ConstMapF& x, const ConstMapF& y) {
+          const float tol = 1e-6f * std::max(1.0f, y.cwiseAbs().maxCoeff());
+          return (x - y).cwiseAbs().maxCoeff() <= tol;
+        };
+        for (const char* t : {"lora_A", "lora_B"}) {
+          bool equal = t[5] == 'A' ? same(c.A(*j), ref.A(i)) : same(c.B(*j), ref.B(i));
+          if (!equal) {
+            return where(StrCat(t, " differs from ", Label(ref, 0),
+                                      "'s; fed-sb needs the frozen B and A shared by all clients"));
+          }
+        }
+      } else if (cm.has_r) {
+        return where(StrCat("has lora_R (a LoRA-SB adapter); ", MethodName(method),
+                                  " aggregates plain LoRA adapters: use --method fed-sb"));
+      }
+    }
+    if (c.num_modules() != ref.num_modules()) {
+      for (const LoraModule& cm : c.modules()) {
+        if (!ref.FindModule(cm.name)) {
+          return absl::InvalidArgumentError(StrCat(Label(c, k), " has module ", cm.name, ", which ",
+                                                         Label(ref, 0), " does not; all adapters must adapt the same modules"));
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<AggregateResult> Aggregate(std::span<const Adapter> clients, std::span<const double> weights,
+                                          const AggregateOptions& options) {
+  ASSIGN_OR_RETURN(std::vector<double> p, NormalizeWeights(weights, clients.size()));
+  RETURN_IF_ERROR(CheckCompatible(clients, options.method));
+  if (options.method == Method::kLoraFair && !(options.lora_fair.lambda >= 0)) {
+    return absl::InvalidArgumentError(StrCat("lambda is ", options.lora_fair.lambda, "; it must be >= 0"));
+  }
+  std::vector<const Adapter*> ptrs;
+  std::vector<std::unordered_map<std::string_view, size_t>> lookup(clients.size());
+  for (size_t k = 0; k < clients.size(); ++k) {
+    ptrs.push_back(&clients[k]);
+    for (size_t i = 0; i < clients[k].num_modules(); ++i) lookup[k][clients[k].module(i).name] = i;
+  }
+  const Adapter& ref = clients[0];
+  const size_t num_modules = ref.num_modules();
+  std::vector<ModuleOut> outs(num_modules);
+
+#pragma omp parallel for schedule(dynamic, 1)
+  for (size_t i = 0; i < num_modules; ++i) {
+    std::vector<size_t> index(clients.size());
+    std::vector<Factor> factors;
+    for (size_t k = 0; k < clients.size(); ++k) {
+      const size_t j = index[k] = lookup[k].at(ref.module(i).name);
+      const LoraModule& mod = clients[k].module(j);
+      MatrixD b = mod.scaling * clients[k].B(j).cast<double>();
+      if (mod.has_r) b = b * clients[k].R(j).cast<double>();
+      factors.push_back(Factor{clients[k].A(j), std::move(b), p[k]});
+    }
+    outs[i] = AggregateModule(options.method, factors, ptrs, index, options.lora_fair);
+    outs[i].report.name = ref.module(i).name;
+  }
+
+  std::vector<ModuleShape> shapes;
+  for (size_t i = 0; i < num_modules; ++i) {
+    ModuleShape s = ref.module(i);
+    s.rank = static_cast<int>(outs[i].a.rows());
+    s.scaling = 1.0;
+    s.has_r = options.method == Method::kFedSb;
+    shapes.push_back(std::move(s));
+  }
+  AggregateResult result;
+  ASSIGN_OR_RETURN(result.adapter, Adapter::Create(shapes));
+  result.adapter.base_model = ref.base_model;
+  for (size_t i = 0; i < num_modules; ++i) {
+    result.adapter.A(i) = outs[i].a.cast<float>();
+    result.adapter.B(i) = outs[i].b.cast<float>();
+    if (shapes[i].has_r) result.adapter.R(i) = outs[i].r.cast<float>();
+    result.modules.push_back(std::move(outs[i].report));
+  }
+  return result;
+}
+
+}  // namespace fedlora::common
