@@ -91,7 +91,7 @@ absl::Status Adapter::CheckFinite() const {
       for (size_t k = 0; k < n; ++k) {
         if (!std::isfinite(p[k])) {
           return absl::InvalidArgumentError(StrCat(
-              source.empty() ? "" : StrCat(source, ": "), "module ", m.name, ": ", tensor,
+              "module ", m.name, ": ", tensor,
               " holds a non-finite value (", p[k], ") at flat index ", k, "; diverged training?"));
         }
       }

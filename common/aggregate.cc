@@ -96,7 +96,6 @@ ModuleOut AggregateModule(Method method, const std::vector<Factor>& factors, con
         problem.s = out.a * out.a.transpose();
         problem.b_bar = out.b;
         problem.target_norm_sq = target.norm_sq;
-        problem.lambda = fair.lambda;
         LoraFairSolution sol = SolveLoraFair(problem, fair);
         out.b = std::move(sol.b);
         out.report.lora_fair = std::move(sol);
@@ -182,7 +181,9 @@ absl::Status CheckCompatible(std::span<const Adapter> clients, Method method) {
   const Adapter& ref = clients[0];
   for (size_t k = 0; k < clients.size(); ++k) {
     const Adapter& c = clients[k];
-    RETURN_IF_ERROR(c.CheckFinite());
+    if (absl::Status st = c.CheckFinite(); !st.ok()) {
+      return absl::InvalidArgumentError(StrCat(Label(c, k), ": ", st.message()));
+    }
     for (size_t i = 0; i < ref.num_modules(); ++i) {
       const LoraModule& rm = ref.module(i);
       auto j = c.FindModule(rm.name);

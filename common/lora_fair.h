@@ -16,7 +16,7 @@ namespace fedlora::common {
 
 struct LoraFairOptions {
   double lambda = 0.01;       // λ, the weight of ‖ΔB‖²; the paper's ablation shows λ = 0 hurts.
-  double tolerance = 1e-8;    // Stop when ‖∇f‖_F · max(‖B̄‖_F, 1e-12) falls below this (scale-free).
+  double tolerance = 1e-8;    // Stop when ‖∇f‖_F · max(‖B'‖_F, ‖B̄‖_F) falls below this (scale-free).
   int max_iterations = 1000;  // L-BFGS iterations at most.
 };
 
@@ -26,7 +26,6 @@ struct LoraFairProblem {
   MatrixD s;                  // r×r: Ā Āᵀ
   MatrixD b_bar;              // m×r: FedIT's B̄ = Σ_k p_k B_k
   double target_norm_sq = 0;  // ‖ΔW*‖_F² with ΔW* = Σ_k p_k B_k A_k
-  double lambda = 0.01;
 };
 
 struct LoraFairSolution {
@@ -35,12 +34,14 @@ struct LoraFairSolution {
   double fedit_objective = 0;    // f at B̄ (ΔB = 0): what FedIT's aggregate scores
   double gradient_norm = 0;      // ‖∇f(b)‖_F
   int iterations = 0;
-  bool converged = false;        // the tolerance was met (or the problem is degenerate and ΔB = 0 is exact)
+  // The tolerance was met, or ΔW* = 0 or Ā = 0 (then ΔB = 0 is exact). False when B̄·Ā = 0 but ΔW* ≠ 0: there is
+  // no minimiser (the infimum is approached only as B'·Ā → 0) and B̄ is returned.
+  bool converged = false;
 };
 
-// f(b) = 1 − cos(ΔW*, b·Ā) + λ‖b − B̄‖²; writes ∇f(b) (m×r) when `gradient` is not null. cos is taken as 0 when
-// ΔW* = 0 or b·Ā = 0 (as a zero vector has no direction).
-double LoraFairObjective(const LoraFairProblem& problem, const MatrixD& b, MatrixD* gradient);
+// f(b) = 1 − cos(ΔW*, b·Ā) + λ‖b − B̄‖²; writes ∇f(b) (m×r) when `gradient` is not null. cos is taken as 0 (and
+// left out of the gradient) when ΔW* = 0 or b·Ā = 0, as a zero matrix has no direction.
+double LoraFairObjective(const LoraFairProblem& problem, double lambda, const MatrixD& b, MatrixD* gradient);
 
 LoraFairSolution SolveLoraFair(const LoraFairProblem& problem, const LoraFairOptions& options);
 

@@ -10,12 +10,26 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "absl/strings/string_view.h"
+
 namespace fedlora::common {
+
+namespace internal {
+// absl::Status messages are absl::string_view, which fmt does not know.
+template <typename T>
+decltype(auto) Formattable(const T& x) {
+  if constexpr (std::is_same_v<T, absl::string_view>) {
+    return std::string_view(x.data(), x.size());
+  } else {
+    return (x);
+  }
+}
+}  // namespace internal
 
 template <typename... Args>
 std::string StrCat(const Args&... args) {
   std::string out;
-  (fmt::format_to(std::back_inserter(out), "{}", args), ...);
+  (fmt::format_to(std::back_inserter(out), "{}", internal::Formattable(args)), ...);
   return out;
 }
 

@@ -1,0 +1,78 @@
+// Helpers shared by fedlora's tests: random adapters, dense reference computations done independently of the
+// code under test (plain double-precision products of the factors), and scratch directories.
+#ifndef FEDLORA_TESTS_TEST_UTIL_H_
+#define FEDLORA_TESTS_TEST_UTIL_H_
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "common/adapter.h"
+
+namespace fedlora::testing {
+
+using common::Adapter;
+using common::MatrixD;
+
+// A fresh directory under the system temp dir, removed at destruction.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "fedlora-test-XXXXXX").string();
+    path_ = ::mkdtemp(tmpl.data());
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+struct ModuleSpec {
+  std::string name;
+  int rank, n, m;
+  double scaling = 1.0;
+  bool has_r = false;
+};
+
+// An adapter with entries drawn i.i.d. from N(0, 1/n) for A, N(0, 1) for B and R.
+inline Adapter RandomAdapter(const std::vector<ModuleSpec>& specs, uint64_t seed) {
+  std::vector<common::ModuleShape> shapes;
+  for (const ModuleSpec& s : specs) shapes.push_back({s.name, s.rank, s.n, s.m, s.scaling, s.has_r});
+  Adapter a = *Adapter::Create(shapes);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (size_t i = 0; i < a.num_modules(); ++i) {
+    const float sa = 1.0f / std::sqrt(static_cast<float>(a.module(i).in_features));
+    for (float& x : a.A(i).reshaped()) x = sa * normal(rng);
+    for (float& x : a.B(i).reshaped()) x = normal(rng);
+    if (a.module(i).has_r) {
+      for (float& x : a.R(i).reshaped()) x = normal(rng);
+    }
+  }
+  return a;
+}
+
+// The dense m×n effective delta s·B·A (or s·B·R·A) of module i, in double.
+inline MatrixD DenseDelta(const Adapter& a, size_t i) {
+  MatrixD b = a.B(i).cast<double>();
+  if (a.module(i).has_r) b = b * a.R(i).cast<double>();
+  return a.module(i).scaling * b * a.A(i).cast<double>();
+}
+
+inline double RelativeDiff(const MatrixD& x, const MatrixD& y) {
+  return (x - y).norm() / std::max(y.norm(), 1e-300);
+}
+
+}  // namespace fedlora::testing
+
+#endif  // FEDLORA_TESTS_TEST_UTIL_H_
