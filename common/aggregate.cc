@@ -4,6 +4,7 @@
 #include <unordered_map>
 
 #include "common/strings.h"
+#include "common/parallel.h"
 #include "common/status_macros.h"
 
 namespace fedlora::common {
@@ -254,8 +255,8 @@ absl::StatusOr<AggregateResult> Aggregate(std::span<const Adapter> clients, std:
   const size_t num_modules = ref.num_modules();
   std::vector<ModuleOut> outs(num_modules);
 
-#pragma omp parallel for schedule(dynamic, 1)
-  for (size_t i = 0; i < num_modules; ++i) {
+  // Modules are independent: one per thread. Eigen runs single-threaded inside each.
+  ParallelFor(num_modules, [&](size_t i) {
     std::vector<size_t> index(clients.size());
     std::vector<Factor> factors;
     for (size_t k = 0; k < clients.size(); ++k) {
@@ -267,7 +268,7 @@ absl::StatusOr<AggregateResult> Aggregate(std::span<const Adapter> clients, std:
     }
     outs[i] = AggregateModule(options.method, factors, ptrs, index, options.lora_fair);
     outs[i].report.name = ref.module(i).name;
-  }
+  });
 
   std::vector<ModuleShape> shapes;
   for (size_t i = 0; i < num_modules; ++i) {

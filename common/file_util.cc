@@ -143,9 +143,9 @@ absl::Status BuildDirectoryAtomically(const fs::path& dir, bool overwrite,
         StrCat("output ", dir.string(), " exists and is not a directory; refusing to replace it"));
   }
   const fs::path parent = ParentOf(dir);
-  if (!fs::is_directory(parent, ec)) {
-    return absl::NotFoundError(
-        StrCat("the parent directory of ", dir.string(), " does not exist: ", parent.string()));
+  if (fs::create_directories(parent, ec); ec) {
+    return absl::FailedPreconditionError(
+        StrCat("cannot create the parent directory ", parent.string(), " of ", dir.string(), ": ", ec.message()));
   }
   std::string tmpl = (parent / ("." + dir.filename().string() + ".tmp.XXXXXX")).string();
   if (::mkdtemp(tmpl.data()) == nullptr) return ErrnoError("cannot create a temporary directory for", dir, errno);

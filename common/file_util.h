@@ -43,7 +43,7 @@ absl::Status WriteFileAtomically(const std::filesystem::path& path,
 absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_view content);
 
 // Builds a directory atomically: `fill` writes into a fresh temporary directory beside `dir`, which is then
-// renamed to `dir`. If `dir` exists it is replaced only when `overwrite` is set (the old one is swapped out
+// renamed to `dir` (missing parent directories are created first). If `dir` exists it is replaced only when `overwrite` is set (the old one is swapped out
 // in one step and then removed); otherwise the call fails and changes nothing. On any failure the temporary
 // directory is removed, so a failed build never leaves `dir` half-written.
 absl::Status BuildDirectoryAtomically(const std::filesystem::path& dir, bool overwrite,

@@ -23,10 +23,9 @@ struct Rotated {
 
   // f(x), and ∇f(x) into `grad`.
   Point Evaluate(const MatrixD& x, MatrixD* grad) const {
-    const MatrixD d = x - x_bar;
     Point pt;
-    pt.f = 1.0 + lambda * d.squaredNorm();
-    grad->noalias() = 2.0 * lambda * d;
+    pt.f = 1.0 + lambda * (x - x_bar).squaredNorm();
+    grad->noalias() = 2.0 * lambda * (x - x_bar);
     const double u = (x.array() * g.array()).sum();
     const double v = (x.array().square().colwise().sum().transpose() * sigma.array()).sum();
     if (v <= 0) return pt;  // x·Ā = 0: cos taken as 0 (never a minimiser: any step along G beats it)
@@ -98,57 +97,70 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
   };
 
   // L-BFGS with a per-column diagonal initial inverse Hessian 1/(α σ_j + 2λ), backtracking Armijo line search.
-  const int memory = static_cast<int>(std::min<Eigen::Index>(x.cols() + 6, 40));
-  std::deque<std::pair<MatrixD, MatrixD>> pairs;  // (s, y)
+  // Every m×r buffer is allocated once; curvature pairs recycle the storage of the ones they replace.
+  const size_t memory = static_cast<size_t>(std::min<Eigen::Index>(x.cols() + 6, 40));
+  std::deque<std::pair<MatrixD, MatrixD>> pairs;  // (s, y), oldest first
+  std::vector<double> a(memory);
+  MatrixD dir(x.rows(), x.cols()), step(x.rows(), x.cols()), y(x.rows(), x.cols());
+  x_new.resize(x.rows(), x.cols());
   int it = 0;
   for (; it < options.max_iterations; ++it) {
     if (stationary(grad, x)) break;
-    // Two-loop recursion.
-    MatrixD q = grad;
-    std::vector<double> a(pairs.size());
-    for (int i = static_cast<int>(pairs.size()) - 1; i >= 0; --i) {
-      const auto& [s, y] = pairs[i];
-      a[i] = Dot(s, q) / Dot(y, s);
-      q -= a[i] * y;
+    // Two-loop recursion: dir = −H·grad.
+    dir = grad;
+    for (size_t i = pairs.size(); i-- > 0;) {
+      const auto& [s, y_i] = pairs[i];
+      a[i] = Dot(s, dir) / Dot(y_i, s);
+      dir.noalias() -= a[i] * y_i;
     }
     Eigen::VectorXd h0 = (pt.alpha * rot.sigma.array() + 2.0 * rot.lambda).inverse().matrix();
     if (!pairs.empty()) {
       // Rescale the diagonal so it matches the most recent curvature pair along its direction.
-      const auto& [s, y] = pairs.back();
-      const double yhy = Dot(y, y * h0.asDiagonal());
-      if (yhy > 0) h0 *= Dot(s, y) / yhy;
+      const auto& [s, y_last] = pairs.back();
+      const double yhy = (y_last * h0.asDiagonal()).cwiseProduct(y_last).sum();
+      if (yhy > 0) h0 *= Dot(s, y_last) / yhy;
     }
     if (!h0.allFinite() || h0.maxCoeff() <= 0) h0.setConstant(rot.x_bar.norm() / grad.norm());
-    MatrixD dir = q * h0.asDiagonal();
+    dir = dir * h0.asDiagonal();
     for (size_t i = 0; i < pairs.size(); ++i) {
-      const auto& [s, y] = pairs[i];
-      const double b = Dot(y, dir) / Dot(y, s);
-      dir += (a[i] - b) * s;
+      const auto& [s, y_i] = pairs[i];
+      const double b = Dot(y_i, dir) / Dot(y_i, s);
+      dir.noalias() += (a[i] - b) * s;
     }
-    dir = -dir;
+    dir *= -1.0;
     double slope = Dot(grad, dir);
     if (!(slope < 0)) {  // Not a descent direction (or NaN): restart from steepest descent.
       pairs.clear();
-      dir = -grad * (rot.x_bar.norm() / grad.norm());
+      dir = grad * (-rot.x_bar.norm() / grad.norm());
       slope = Dot(grad, dir);
     }
     double t = 1.0;
     Rotated::Point next;
     bool accepted = false;
     for (int ls = 0; ls < 60; ++ls, t *= 0.5) {
-      x_new = x + t * dir;
+      x_new.noalias() = x + t * dir;
       next = rot.Evaluate(x_new, &new_grad);
-      if (next.f <= pt.f + 1e-4 * t * slope) {
+      // Armijo; or, once f changes by less than its rounding error (~1e-15 here), a step that lowers the gradient.
+      const bool within_noise = std::abs(next.f - pt.f) <= 1e-14 * std::max(1.0, std::abs(pt.f));
+      if (next.f <= pt.f + 1e-4 * t * slope || (within_noise && new_grad.norm() < grad.norm())) {
         accepted = true;
         break;
       }
     }
-    if (!accepted || next.f >= pt.f) break;  // No decrease left at double precision.
-    MatrixD step = x_new - x;
-    MatrixD y = new_grad - grad;
+    if (!accepted) break;  // Nothing left to gain at double precision.
+    step.noalias() = x_new - x;
+    y.noalias() = new_grad - grad;
     if (Dot(step, y) > 1e-12 * step.norm() * y.norm()) {
-      pairs.emplace_back(std::move(step), std::move(y));
-      if (static_cast<int>(pairs.size()) > memory) pairs.pop_front();
+      std::pair<MatrixD, MatrixD> slot;
+      if (pairs.size() == memory) {
+        slot = std::move(pairs.front());
+        pairs.pop_front();
+      } else {
+        slot = {MatrixD(x.rows(), x.cols()), MatrixD(x.rows(), x.cols())};
+      }
+      slot.first.swap(step);
+      slot.second.swap(y);
+      pairs.push_back(std::move(slot));
     }
     x.swap(x_new);
     grad.swap(new_grad);

@@ -1,0 +1,187 @@
+// aggregate_bench: times `fedlora aggregate` as whole processes (wall time and peak RSS of the child, from wait4)
+//   A. at Llama-7B q_proj/v_proj shapes: 32 layers × 2 modules of 4096×4096, r = 16, 10 clients, every method;
+//   B. LoRA-FAIR on one 1024×1024 module with 10 clients, next to lora_fair_dense (the paper's dense solver).
+// Inputs are made once with `fedlora random-adapter` under --work and reused. Prints Markdown tables.
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+extern char** environ;
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Run {
+  double seconds = 0;
+  double max_rss_mb = 0;
+  std::string output;
+};
+
+// Runs argv to completion with stdout and stderr captured; exits the benchmark if it fails.
+Run Spawn(const std::vector<std::string>& argv, const fs::path& log) {
+  std::vector<char*> args;
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  const auto start = std::chrono::steady_clock::now();
+  pid_t pid;
+  if (posix_spawn(&pid, args[0], &actions, nullptr, args.data(), environ) != 0) {
+    std::fprintf(stderr, "cannot start %s\n", args[0]);
+    std::exit(1);
+  }
+  int status;
+  struct rusage usage;
+  wait4(pid, &status, 0, &usage);
+  Run run;
+  run.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  run.max_rss_mb = usage.ru_maxrss / 1024.0;
+  posix_spawn_file_actions_destroy(&actions);
+  std::stringstream text;
+  text << std::ifstream(log).rdbuf();
+  run.output = text.str();
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    std::fprintf(stderr, "command failed: %s\n%s\n", argv[0].c_str(), run.output.c_str());
+    std::exit(1);
+  }
+  return run;
+}
+
+double DirMegabytes(const std::vector<std::string>& dirs) {
+  uintmax_t bytes = 0;
+  for (const auto& d : dirs) {
+    for (const auto& e : fs::directory_iterator(d)) bytes += e.file_size();
+  }
+  return bytes / 1e6;
+}
+
+struct Setup {
+  std::string bin;
+  fs::path work;
+  int repeat = 3;
+};
+
+std::vector<std::string> MakeClients(const Setup& s, const std::string& group, int clients,
+                                     const std::vector<std::string>& shape) {
+  std::vector<std::string> dirs;
+  for (int k = 0; k < clients; ++k) {
+    const fs::path dir = s.work / group / ("client" + std::to_string(k));
+    if (!fs::exists(dir)) {
+      std::vector<std::string> argv = {s.bin + "/fedlora", "random-adapter", "--out", dir.string(), "--seed",
+                                       std::to_string(k + 1)};
+      argv.insert(argv.end(), shape.begin(), shape.end());
+      Spawn(argv, s.work / "log.txt");
+    }
+    dirs.push_back(dir.string());
+  }
+  return dirs;
+}
+
+// Best of `repeat` runs for time; worst for peak RSS.
+Run Measure(const Setup& s, std::vector<std::string> argv) {
+  Run best;
+  best.seconds = 1e300;
+  for (int i = 0; i < s.repeat; ++i) {
+    Run r = Spawn(argv, s.work / "log.txt");
+    best.max_rss_mb = std::max(best.max_rss_mb, r.max_rss_mb);
+    if (r.seconds < best.seconds) {
+      best.seconds = r.seconds;
+      best.output = r.output;
+    }
+  }
+  return best;
+}
+
+void LlamaShapes(const Setup& s, int clients, int layers, int dim, int rank) {
+  const std::vector<std::string> shape = {"--layers", std::to_string(layers), "--targets", "q_proj,v_proj",
+                                          "--in-features", std::to_string(dim), "--out-features", std::to_string(dim),
+                                          "--rank", std::to_string(rank), "--alpha", std::to_string(2 * rank)};
+  std::vector<std::string> sb_shape = shape;
+  sb_shape.insert(sb_shape.end(), {"--lora-sb", "--frozen-seed", "7"});
+  const auto plain = MakeClients(s, "llama", clients, shape);
+  const auto sb = MakeClients(s, "llama-sb", clients, sb_shape);
+  std::printf("\n### A. %d clients, %d layers x q_proj,v_proj (%dx%d), r = %d\n\n", clients, layers, dim, dim, rank);
+  std::printf("inputs: %.1f MB of LoRA adapters (f32), %.1f MB of LoRA-SB adapters\n\n", DirMegabytes(plain),
+              DirMegabytes(sb));
+  std::printf("| method | wall time (s) | peak RSS (MB) | output rank | max rel. error vs dW* |\n|---|---|---|---|---|\n");
+  for (const char* method : {"fedit", "flora", "lora-fair", "fed-sb"}) {
+    std::vector<std::string> argv = {s.bin + "/fedlora", "aggregate", "--method", method, "--force", "--json",
+                                     "--out", (s.work / ("out-" + std::string(method))).string()};
+    const auto& in = std::string(method) == "fed-sb" ? sb : plain;
+    argv.insert(argv.end(), in.begin(), in.end());
+    Run r = Measure(s, argv);
+    auto report = nlohmann::json::parse(r.output.substr(r.output.rfind('{', r.output.rfind("\"method\""))));
+    std::printf("| %s | %.2f | %.0f | %d | %.2e |\n", method, r.seconds, r.max_rss_mb, report["rank"].get<int>(),
+                report["max_relative_error"].get<double>());
+    std::fflush(stdout);
+  }
+}
+
+void LoraFairVersusDense(const Setup& s, int clients, int dim, int rank) {
+  const std::vector<std::string> shape = {"--layers", "1", "--targets", "q_proj", "--in-features",
+                                          std::to_string(dim), "--out-features", std::to_string(dim),
+                                          "--rank", std::to_string(rank), "--alpha", std::to_string(2 * rank)};
+  const auto in = MakeClients(s, "fair", clients, shape);
+  std::vector<std::string> ours = {s.bin + "/fedlora", "aggregate", "--method", "lora-fair", "--force", "--json",
+                                   "--out", (s.work / "out-fair").string()};
+  ours.insert(ours.end(), in.begin(), in.end());
+  std::vector<std::string> dense = {s.bin + "/lora_fair_dense"};
+  dense.insert(dense.end(), in.begin(), in.end());
+  Run a = Measure(s, ours);
+  Run b = Measure(s, dense);
+  auto report = nlohmann::json::parse(a.output.substr(a.output.rfind('{', a.output.rfind("\"method\""))));
+  const auto& m = report["modules"][0];
+  const size_t at = b.output.find("objective ");
+  const double dense_objective = std::stod(b.output.substr(at + 10));
+  std::printf("\n### B. LoRA-FAIR, one %dx%d module, %d clients, r = %d, lambda 0.01\n\n", dim, dim, clients, rank);
+  std::printf("| solver | wall time (s) | peak RSS (MB) | objective | iterations |\n|---|---|---|---|---|\n");
+  std::printf("| fedlora aggregate (low-rank L-BFGS) | %.3f | %.0f | %.9f | %d |\n", a.seconds, a.max_rss_mb,
+              m["objective"].get<double>(), m["iterations"].get<int>());
+  std::printf("| dense, paper-style (1000 GD steps, lr 0.01) | %.3f | %.0f | %.9f | 1000 |\n", b.seconds,
+              b.max_rss_mb, dense_objective);
+  std::printf("| FedIT (dB = 0) | | | %.9f | |\n", m["fedit_objective"].get<double>());
+  std::printf("\nspeed-up as whole processes: %.0fx\n", b.seconds / a.seconds);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Benchmarks of fedlora aggregate as whole processes"};
+  Setup s;
+  s.bin = FEDLORA_BIN_DIR;
+  std::string work = "out/bench";
+  int clients = 10, layers = 32, dim = 4096, rank = 16, fair_dim = 1024;
+  bool skip_llama = false, skip_fair = false;
+  app.add_option("--work", work, "where inputs are made and kept")->capture_default_str();
+  app.add_option("--bin", s.bin, "directory with fedlora and lora_fair_dense")->capture_default_str();
+  app.add_option("--repeat", s.repeat, "runs per measurement (best time, worst RSS)")->capture_default_str();
+  app.add_option("--clients", clients)->capture_default_str();
+  app.add_option("--layers", layers)->capture_default_str();
+  app.add_option("--dim", dim)->capture_default_str();
+  app.add_option("--rank", rank)->capture_default_str();
+  app.add_option("--fair-dim", fair_dim)->capture_default_str();
+  app.add_flag("--skip-llama", skip_llama);
+  app.add_flag("--skip-fair", skip_fair);
+  CLI11_PARSE(app, argc, argv);
+  s.work = work;
+  fs::create_directories(s.work);
+  std::printf("machine: %ld cores\n", sysconf(_SC_NPROCESSORS_ONLN));
+  if (!skip_llama) LlamaShapes(s, clients, layers, dim, rank);
+  if (!skip_fair) LoraFairVersusDense(s, clients, fair_dim, rank);
+  return 0;
+}
