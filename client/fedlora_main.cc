@@ -1,9 +1,10 @@
-// fedlora: the offline tool. Aggregates PEFT adapters with FedIT, FLoRA, LoRA-FAIR or Fed-SB, inspects them, and
-// writes random adapters for trying things out. `fedlora --help` and `fedlora COMMAND --help` say more.
-#include <cstdio>
-
+// fedlora: the offline tool. Aggregates PEFT adapters with FedIT, FLoRA, LoRA-FAIR or Fed-SB,
+// inspects them, and writes random adapters for trying things out. `fedlora --help` and `fedlora
+// COMMAND --help` say more.
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+
+#include <cstdio>
 
 #include "client/cli/commands.h"
 

@@ -9,7 +9,8 @@ namespace fedlora::common {
 
 size_t LoraModule::size() const {
   const size_t r = static_cast<size_t>(rank);
-  return r * static_cast<size_t>(in_features) + static_cast<size_t>(out_features) * r + (has_r ? r * r : 0);
+  return r * static_cast<size_t>(in_features) + static_cast<size_t>(out_features) * r +
+         (has_r ? r * r : 0);
 }
 
 absl::StatusOr<Adapter> Adapter::Create(const std::vector<ModuleShape>& modules) {
@@ -19,8 +20,8 @@ absl::StatusOr<Adapter> Adapter::Create(const std::vector<ModuleShape>& modules)
   for (const ModuleShape& shape : modules) {
     if (shape.rank <= 0 || shape.in_features <= 0 || shape.out_features <= 0) {
       return absl::InvalidArgumentError(StrCat("module ", shape.name, ": rank ", shape.rank, ", n ",
-                                                     shape.in_features, " and m ", shape.out_features,
-                                                     " must all be positive"));
+                                               shape.in_features, " and m ", shape.out_features,
+                                               " must all be positive"));
     }
     if (!std::isfinite(shape.scaling)) {
       return absl::InvalidArgumentError(StrCat("module ", shape.name, ": scaling is not finite"));
@@ -80,7 +81,8 @@ double Adapter::DeltaNorm(size_t i) const {
   const MatrixD a = A(i).cast<double>();
   const MatrixD gram_b = b.transpose() * b;  // r×r
   const MatrixD gram_a = a * a.transpose();  // r×r
-  // ‖B·A‖² = tr(Bᵀ·B·A·Aᵀ); both Grams are symmetric, so the trace is their elementwise product summed.
+  // ‖B·A‖² = tr(Bᵀ·B·A·Aᵀ); both Grams are symmetric, so the trace is their elementwise product
+  // summed.
   return std::abs(m.scaling) * std::sqrt(std::max(0.0, gram_b.cwiseProduct(gram_a).sum()));
 }
 
@@ -90,16 +92,18 @@ absl::Status Adapter::CheckFinite() const {
     auto check = [&](const float* p, size_t n, std::string_view tensor) -> absl::Status {
       for (size_t k = 0; k < n; ++k) {
         if (!std::isfinite(p[k])) {
-          return absl::InvalidArgumentError(StrCat(
-              "module ", m.name, ": ", tensor,
-              " holds a non-finite value (", p[k], ") at flat index ", k, "; diverged training?"));
+          return absl::InvalidArgumentError(StrCat("module ", m.name, ": ", tensor,
+                                                   " holds a non-finite value (", p[k],
+                                                   ") at flat index ", k, "; diverged training?"));
         }
       }
       return absl::OkStatus();
     };
     const size_t r = static_cast<size_t>(m.rank);
-    if (auto st = check(buffer_.data() + m.a_offset, r * m.in_features, "lora_A"); !st.ok()) return st;
-    if (auto st = check(buffer_.data() + m.b_offset, m.out_features * r, "lora_B"); !st.ok()) return st;
+    if (auto st = check(buffer_.data() + m.a_offset, r * m.in_features, "lora_A"); !st.ok())
+      return st;
+    if (auto st = check(buffer_.data() + m.b_offset, m.out_features * r, "lora_B"); !st.ok())
+      return st;
     if (m.has_r) {
       if (auto st = check(buffer_.data() + m.r_offset, r * r, "lora_R"); !st.ok()) return st;
     }

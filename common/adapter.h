@@ -1,9 +1,9 @@
 // A LoRA adapter: a table of modules over one contiguous f32 buffer.
 //
-// For one adapted linear layer W (m×n, PyTorch layout) a module holds A (r×n) and B (m×r), and for LoRA-SB /
-// Fed-SB also R (r×r); the layer computes y = W0·x + s·B·A·x (or s·B·R·A·x) with scaling s. Each module's
-// matrices are stored row-major, back to back in the order A, B, R, so a module maps one-to-one onto the
-// tensors of a PEFT file ([r, n], [m, r], [r, r]).
+// For one adapted linear layer W (m×n, PyTorch layout) a module holds A (r×n) and B (m×r), and for
+// LoRA-SB / Fed-SB also R (r×r); the layer computes y = W0·x + s·B·A·x (or s·B·R·A·x) with scaling
+// s. Each module's matrices are stored row-major, back to back in the order A, B, R, so a module
+// maps one-to-one onto the tensors of a PEFT file ([r, n], [m, r], [r, r]).
 #ifndef FEDLORA_COMMON_ADAPTER_H_
 #define FEDLORA_COMMON_ADAPTER_H_
 
@@ -20,12 +20,12 @@
 namespace fedlora::common {
 
 struct ModuleShape {
-  std::string name;       // Module path in the base model, e.g. "model.layers.0.self_attn.q_proj".
-  int rank = 0;           // r
-  int in_features = 0;    // n: columns of W and of A.
-  int out_features = 0;   // m: rows of W and of B.
-  double scaling = 1.0;   // s: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA.
-  bool has_r = false;     // LoRA-SB / Fed-SB module (B·R·A) when set.
+  std::string name;      // Module path in the base model, e.g. "model.layers.0.self_attn.q_proj".
+  int rank = 0;          // r
+  int in_features = 0;   // n: columns of W and of A.
+  int out_features = 0;  // m: rows of W and of B.
+  double scaling = 1.0;  // s: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA.
+  bool has_r = false;    // LoRA-SB / Fed-SB module (B·R·A) when set.
 };
 
 struct LoraModule : ModuleShape {
@@ -39,7 +39,8 @@ class Adapter {
  public:
   Adapter() = default;
 
-  // Lays the modules out in one zero-filled buffer. Names must be unique and every dimension positive.
+  // Lays the modules out in one zero-filled buffer. Names must be unique and every dimension
+  // positive.
   static absl::StatusOr<Adapter> Create(const std::vector<ModuleShape>& modules);
 
   size_t num_modules() const { return modules_.size(); }
@@ -63,7 +64,8 @@ class Adapter {
   // OK when every value is finite; otherwise names the first module and tensor that is not.
   absl::Status CheckFinite() const;
 
-  // The plain-LoRA form of a LoRA-SB adapter: B·R folded into B, R dropped. Modules without R are copied.
+  // The plain-LoRA form of a LoRA-SB adapter: B·R folded into B, R dropped. Modules without R are
+  // copied.
   Adapter FoldR() const;
 
   // Where this adapter came from (a directory, a client id), for error messages.

@@ -1,11 +1,12 @@
 #include "common/aggregate.h"
 
+#include <algorithm>
 #include <cmath>
 #include <unordered_map>
 
-#include "common/strings.h"
 #include "common/parallel.h"
 #include "common/status_macros.h"
+#include "common/strings.h"
 
 namespace fedlora::common {
 namespace {
@@ -18,42 +19,56 @@ std::string Shape(int rows, int cols) { return StrCat("[", rows, ",", cols, "]")
 
 double Dot(const MatrixD& a, const MatrixD& b) { return (a.array() * b.array()).sum(); }
 
-// Client k's factors for one module, with its scaling (and, for Fed-SB, its R) folded into B.
-struct Factor {
-  ConstMapF a;       // r_k×n
-  MatrixD b;         // m×r_k: s_k·B_k, or s_k·B·R_k
-  double p = 0;      // aggregation weight
-};
-
-// ΔW* = Σ p_k B_k A_k as stacked factors, with the Gram matrices that give its norm.
+// ΔW* = Σ_k p_k s_k B_k A_k for one module as stacked factors, b·a = ΔW* (ALGORITHMS.md, FLoRA),
+// with ‖ΔW*‖².
 struct Stacked {
-  MatrixD b;       // m×R: [p_1 B_1 | … | p_K B_K]
-  MatrixD a;       // R×n: [A_1; …; A_K]
-  double norm_sq;  // ‖b·a‖_F²
+  MatrixD b;                         // m×R: [s_1 B_1 | … | s_K B_K]  (s_k·B·R_k for Fed-SB)
+  MatrixD a;                         // R×n: [p_1 A_1; …; p_K A_K]
+  std::vector<Eigen::Index> offset;  // first row of client k's block in a (column in b)
+  std::vector<int> rank;             // r_k
+  double norm_sq = 0;                // ‖b·a‖_F²
 };
 
-Stacked Stack(const std::vector<Factor>& factors) {
-  Eigen::Index total = 0;
-  for (const Factor& f : factors) total += f.a.rows();
+// `index[k]` is the module's index in client k. With `split`, the two R×R Gram matrices are
+// computed on two threads (for a single large module, where there is no parallelism across
+// modules).
+Stacked Stack(std::span<const Adapter> clients, const std::vector<size_t>& index,
+              const std::vector<double>& p, bool split) {
   Stacked s;
-  s.b.resize(factors[0].b.rows(), total);
-  s.a.resize(total, factors[0].a.cols());
-  Eigen::Index row = 0;
-  for (const Factor& f : factors) {
-    s.b.middleCols(row, f.a.rows()) = f.p * f.b;
-    s.a.middleRows(row, f.a.rows()) = f.a.cast<double>();
-    row += f.a.rows();
+  Eigen::Index total = 0;
+  for (size_t k = 0; k < clients.size(); ++k) {
+    s.offset.push_back(total);
+    s.rank.push_back(clients[k].module(index[k]).rank);
+    total += s.rank.back();
   }
-  MatrixD gram_b(total, total), gram_a(total, total);
-  gram_b.setZero();
-  gram_a.setZero();
-  gram_b.selfadjointView<Eigen::Upper>().rankUpdate(s.b.transpose());
-  gram_a.selfadjointView<Eigen::Upper>().rankUpdate(s.a);
+  const LoraModule& first = clients[0].module(index[0]);
+  s.b.resize(first.out_features, total);
+  s.a.resize(total, first.in_features);
+  for (size_t k = 0; k < clients.size(); ++k) {
+    const Adapter& c = clients[k];
+    const size_t j = index[k];
+    const double scaling = c.module(j).scaling;
+    if (c.module(j).has_r) {
+      s.b.middleCols(s.offset[k], s.rank[k]).noalias() =
+          scaling * c.B(j).cast<double>() * c.R(j).cast<double>();
+    } else {
+      s.b.middleCols(s.offset[k], s.rank[k]) = scaling * c.B(j).cast<double>();
+    }
+    s.a.middleRows(s.offset[k], s.rank[k]) = p[k] * c.A(j).cast<double>();
+  }
+  MatrixD gram_b = MatrixD::Zero(total, total), gram_a = MatrixD::Zero(total, total);
+  ParallelFor(
+      2,
+      [&](size_t which) {
+        if (which == 0) gram_b.selfadjointView<Eigen::Upper>().rankUpdate(s.b.transpose());
+        if (which == 1) gram_a.selfadjointView<Eigen::Upper>().rankUpdate(s.a);
+      },
+      split ? 2 : 1);
   // ‖BA‖² = tr(BᵀB·AAᵀ): the upper triangles hold both Grams; count off-diagonal terms twice.
   double sum = 0;
   for (Eigen::Index i = 0; i < total; ++i) {
     sum += gram_b(i, i) * gram_a(i, i);
-    for (Eigen::Index j = i + 1; j < total; ++j) sum += 2 * gram_b(i, j) * gram_a(i, j);
+    for (Eigen::Index k = i + 1; k < total; ++k) sum += 2 * gram_b(i, k) * gram_a(i, k);
   }
   s.norm_sq = sum;
   return s;
@@ -61,10 +76,9 @@ Stacked Stack(const std::vector<Factor>& factors) {
 
 // ‖b·a − ΔW*‖ / ‖ΔW*‖ from r×R products (b: m×r, a: r×n).
 double RelativeError(const MatrixD& b, const MatrixD& a, const Stacked& target) {
-  const MatrixD btb = b.transpose() * b, aat = a * a.transpose();
-  const MatrixD cross_b = b.transpose() * target.b, cross_a = a * target.a.transpose();
-  const double out_sq = Dot(btb, aat);
-  const double err_sq = std::max(0.0, target.norm_sq + out_sq - 2 * Dot(cross_b, cross_a));
+  const double out_sq = Dot(b.transpose() * b, a * a.transpose());
+  const double cross = Dot(b.transpose() * target.b, a * target.a.transpose());
+  const double err_sq = std::max(0.0, target.norm_sq + out_sq - 2 * cross);
   if (target.norm_sq <= 0) return out_sq <= 0 ? 0.0 : INFINITY;
   return std::sqrt(err_sq / target.norm_sq);
 }
@@ -75,21 +89,23 @@ struct ModuleOut {
   ModuleReport report;
 };
 
-ModuleOut AggregateModule(Method method, const std::vector<Factor>& factors, const std::vector<const Adapter*>& clients,
-                          const std::vector<size_t>& index, const LoraFairOptions& fair) {
-  const Eigen::Index n = factors[0].a.cols(), m = factors[0].b.rows();
-  Eigen::Index r_max = 0;
-  for (const Factor& f : factors) r_max = std::max(r_max, f.a.rows());
-  const Stacked target = Stack(factors);
+ModuleOut AggregateModule(Method method, std::span<const Adapter> clients,
+                          const std::vector<size_t>& index, const std::vector<double>& p,
+                          const LoraFairOptions& fair, bool split) {
+  Stacked target = Stack(clients, index, p, split);
+  const int r_max = *std::max_element(target.rank.begin(), target.rank.end());
   ModuleOut out;
   switch (method) {
     case Method::kFedIt:
     case Method::kLoraFair: {
-      out.a = MatrixD::Zero(r_max, n);
-      out.b = MatrixD::Zero(m, r_max);
-      for (const Factor& f : factors) {  // zero-padding to r_max
-        out.a.topRows(f.a.rows()) += f.p * f.a.cast<double>();
-        out.b.leftCols(f.a.rows()) += f.p * f.b;
+      // Zero-padding to r_max: Ā = Σ p_k A_k, B̄ = Σ p_k s_k B_k over each client's leading rows /
+      // columns.
+      out.a = MatrixD::Zero(r_max, target.a.cols());
+      out.b = MatrixD::Zero(target.b.rows(), r_max);
+      for (size_t k = 0; k < clients.size(); ++k) {
+        out.a.topRows(target.rank[k]) += target.a.middleRows(target.offset[k], target.rank[k]);
+        out.b.leftCols(target.rank[k]) +=
+            p[k] * target.b.middleCols(target.offset[k], target.rank[k]);
       }
       if (method == Method::kLoraFair) {
         LoraFairProblem problem;
@@ -104,35 +120,30 @@ ModuleOut AggregateModule(Method method, const std::vector<Factor>& factors, con
       }
       break;
     }
-    case Method::kFlora: {
-      // A = [p_1 A_1; …; p_K A_K], B = [B_1 | … | B_K] (FLoRA's stacking, ALGORITHMS.md).
-      out.a.resize(target.a.rows(), n);
-      out.b.resize(m, target.a.rows());
-      Eigen::Index row = 0;
-      for (const Factor& f : factors) {
-        out.a.middleRows(row, f.a.rows()) = f.p * f.a.cast<double>();
-        out.b.middleCols(row, f.a.rows()) = f.b;
-        row += f.a.rows();
-      }
+    case Method::kFlora:
+      // The stacking itself: A = [p_1 A_1; …; p_K A_K], B = [s_1 B_1 | … | s_K B_K].
+      out.a = target.a;
+      out.b = target.b;
       break;
-    }
     case Method::kFedSb: {
-      const Adapter& first = *clients[0];
-      out.a = first.A(index[0]).cast<double>();
+      // R = Σ p_k s_k R_k on the shared B, A (identical across clients, checked by
+      // CheckCompatible).
+      out.a = clients[0].A(index[0]).cast<double>();
+      out.b = clients[0].B(index[0]).cast<double>();
       out.r = MatrixD::Zero(r_max, r_max);
       for (size_t k = 0; k < clients.size(); ++k) {
-        out.r += factors[k].p * clients[k]->module(index[k]).scaling * clients[k]->R(index[k]).cast<double>();
+        out.r += p[k] * clients[k].module(index[k]).scaling * clients[k].R(index[k]).cast<double>();
       }
-      out.b = first.B(index[0]).cast<double>();
       break;
     }
   }
   out.report.rank = static_cast<int>(out.a.rows());
   out.report.target_norm = std::sqrt(std::max(0.0, target.norm_sq));
   // Measured on the f32 values that will be written, so the report covers their rounding too.
-  const MatrixD a32 = out.a.cast<float>().cast<double>(), b32 = out.b.cast<float>().cast<double>();
-  out.report.relative_error = RelativeError(
-      method == Method::kFedSb ? MatrixD(b32 * out.r.cast<float>().cast<double>()) : b32, a32, target);
+  const MatrixD a32 = out.a.cast<float>().cast<double>();
+  MatrixD b32 = out.b.cast<float>().cast<double>();
+  if (method == Method::kFedSb) b32 = b32 * out.r.cast<float>().cast<double>();
+  out.report.relative_error = RelativeError(b32, a32, target);
   return out;
 }
 
@@ -140,10 +151,14 @@ ModuleOut AggregateModule(Method method, const std::vector<Factor>& factors, con
 
 std::string_view MethodName(Method method) {
   switch (method) {
-    case Method::kFedIt: return "fedit";
-    case Method::kFlora: return "flora";
-    case Method::kLoraFair: return "lora-fair";
-    case Method::kFedSb: return "fed-sb";
+    case Method::kFedIt:
+      return "fedit";
+    case Method::kFlora:
+      return "flora";
+    case Method::kLoraFair:
+      return "lora-fair";
+    case Method::kFedSb:
+      return "fed-sb";
   }
   return "?";
 }
@@ -156,22 +171,25 @@ absl::StatusOr<Method> ParseMethod(std::string_view name) {
       StrCat("unknown method '", name, "' (expected fedit, flora, lora-fair or fed-sb)"));
 }
 
-absl::StatusOr<std::vector<double>> NormalizeWeights(std::span<const double> weights, size_t count) {
+absl::StatusOr<std::vector<double>> NormalizeWeights(std::span<const double> weights,
+                                                     size_t count) {
   if (count == 0) return absl::InvalidArgumentError("no clients to weight");
   if (weights.empty()) return std::vector<double>(count, 1.0 / static_cast<double>(count));
   if (weights.size() != count) {
-    return absl::InvalidArgumentError(StrCat(weights.size(), " weights given for ", count,
-                                                   " adapters; give one weight per adapter, in the same order"));
+    return absl::InvalidArgumentError(
+        StrCat(weights.size(), " weights given for ", count,
+               " adapters; give one weight per adapter, in the same order"));
   }
   double total = 0;
   for (size_t k = 0; k < weights.size(); ++k) {
     if (!std::isfinite(weights[k]) || weights[k] < 0) {
-      return absl::InvalidArgumentError(
-          StrCat("weight ", k + 1, " is ", weights[k], "; weights must be finite and non-negative"));
+      return absl::InvalidArgumentError(StrCat("weight ", k + 1, " is ", weights[k],
+                                               "; weights must be finite and non-negative"));
     }
     total += weights[k];
   }
-  if (total <= 0) return absl::InvalidArgumentError("the weights sum to 0; at least one must be positive");
+  if (total <= 0)
+    return absl::InvalidArgumentError("the weights sum to 0; at least one must be positive");
   std::vector<double> p(weights.begin(), weights.end());
   for (double& x : p) x /= total;
   return p;
@@ -189,8 +207,9 @@ absl::Status CheckCompatible(std::span<const Adapter> clients, Method method) {
       const LoraModule& rm = ref.module(i);
       auto j = c.FindModule(rm.name);
       if (!j) {
-        return absl::InvalidArgumentError(StrCat(Label(c, k), " has no module ", rm.name, ", which ",
-                                                       Label(ref, 0), " has; all adapters must adapt the same modules"));
+        return absl::InvalidArgumentError(StrCat(Label(c, k), " has no module ", rm.name,
+                                                 ", which ", Label(ref, 0),
+                                                 " has; all adapters must adapt the same modules"));
       }
       const LoraModule& cm = c.module(*j);
       auto where = [&](std::string_view what) {
@@ -198,17 +217,20 @@ absl::Status CheckCompatible(std::span<const Adapter> clients, Method method) {
       };
       if (cm.in_features != rm.in_features || cm.out_features != rm.out_features) {
         return where(StrCat("lora_A is ", Shape(cm.rank, cm.in_features), " and lora_B ",
-                                  Shape(cm.out_features, cm.rank), " (a ", cm.out_features, "x", cm.in_features,
-                                  " layer), but ", Label(ref, 0), " adapts a ", rm.out_features, "x",
-                                  rm.in_features, " layer; hint: adapters of different base models?"));
+                            Shape(cm.out_features, cm.rank), " (a ", cm.out_features, "x",
+                            cm.in_features, " layer), but ", Label(ref, 0), " adapts a ",
+                            rm.out_features, "x", rm.in_features,
+                            " layer; hint: adapters of different base models?"));
       }
       if (method == Method::kFedSb) {
         if (!cm.has_r) {
-          return where("has no lora_R; fed-sb aggregates LoRA-SB adapters (B·R·A with B, A frozen)");
+          return where(
+              "has no lora_R; fed-sb aggregates LoRA-SB adapters (B·R·A with B, A frozen)");
         }
         if (cm.rank != rm.rank) {
-          return where(StrCat("lora_R is ", Shape(cm.rank, cm.rank), " but ", Label(ref, 0), " has ",
-                                    Shape(rm.rank, rm.rank), "; fed-sb needs equal ranks (R is averaged)"));
+          return where(StrCat("lora_R is ", Shape(cm.rank, cm.rank), " but ", Label(ref, 0),
+                              " has ", Shape(rm.rank, rm.rank),
+                              "; fed-sb needs equal ranks (R is averaged)"));
         }
         auto same = [](const ConstMapF& x, const ConstMapF& y) {
           const float tol = 1e-6f * std::max(1.0f, y.cwiseAbs().maxCoeff());
@@ -218,19 +240,20 @@ absl::Status CheckCompatible(std::span<const Adapter> clients, Method method) {
           bool equal = t[5] == 'A' ? same(c.A(*j), ref.A(i)) : same(c.B(*j), ref.B(i));
           if (!equal) {
             return where(StrCat(t, " differs from ", Label(ref, 0),
-                                      "'s; fed-sb needs the frozen B and A shared by all clients"));
+                                "'s; fed-sb needs the frozen B and A shared by all clients"));
           }
         }
       } else if (cm.has_r) {
         return where(StrCat("has lora_R (a LoRA-SB adapter); ", MethodName(method),
-                                  " aggregates plain LoRA adapters: use --method fed-sb"));
+                            " aggregates plain LoRA adapters: use --method fed-sb"));
       }
     }
     if (c.num_modules() != ref.num_modules()) {
       for (const LoraModule& cm : c.modules()) {
         if (!ref.FindModule(cm.name)) {
-          return absl::InvalidArgumentError(StrCat(Label(c, k), " has module ", cm.name, ", which ",
-                                                         Label(ref, 0), " does not; all adapters must adapt the same modules"));
+          return absl::InvalidArgumentError(
+              StrCat(Label(c, k), " has module ", cm.name, ", which ", Label(ref, 0),
+                     " does not; all adapters must adapt the same modules"));
         }
       }
     }
@@ -238,35 +261,28 @@ absl::Status CheckCompatible(std::span<const Adapter> clients, Method method) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<AggregateResult> Aggregate(std::span<const Adapter> clients, std::span<const double> weights,
+absl::StatusOr<AggregateResult> Aggregate(std::span<const Adapter> clients,
+                                          std::span<const double> weights,
                                           const AggregateOptions& options) {
   ASSIGN_OR_RETURN(std::vector<double> p, NormalizeWeights(weights, clients.size()));
   RETURN_IF_ERROR(CheckCompatible(clients, options.method));
   if (options.method == Method::kLoraFair && !(options.lora_fair.lambda >= 0)) {
-    return absl::InvalidArgumentError(StrCat("lambda is ", options.lora_fair.lambda, "; it must be >= 0"));
+    return absl::InvalidArgumentError(
+        StrCat("lambda is ", options.lora_fair.lambda, "; it must be >= 0"));
   }
-  std::vector<const Adapter*> ptrs;
   std::vector<std::unordered_map<std::string_view, size_t>> lookup(clients.size());
   for (size_t k = 0; k < clients.size(); ++k) {
-    ptrs.push_back(&clients[k]);
     for (size_t i = 0; i < clients[k].num_modules(); ++i) lookup[k][clients[k].module(i).name] = i;
   }
   const Adapter& ref = clients[0];
   const size_t num_modules = ref.num_modules();
   std::vector<ModuleOut> outs(num_modules);
-
   // Modules are independent: one per thread. Eigen runs single-threaded inside each.
   ParallelFor(num_modules, [&](size_t i) {
     std::vector<size_t> index(clients.size());
-    std::vector<Factor> factors;
-    for (size_t k = 0; k < clients.size(); ++k) {
-      const size_t j = index[k] = lookup[k].at(ref.module(i).name);
-      const LoraModule& mod = clients[k].module(j);
-      MatrixD b = mod.scaling * clients[k].B(j).cast<double>();
-      if (mod.has_r) b = b * clients[k].R(j).cast<double>();
-      factors.push_back(Factor{clients[k].A(j), std::move(b), p[k]});
-    }
-    outs[i] = AggregateModule(options.method, factors, ptrs, index, options.lora_fair);
+    for (size_t k = 0; k < clients.size(); ++k) index[k] = lookup[k].at(ref.module(i).name);
+    outs[i] =
+        AggregateModule(options.method, clients, index, p, options.lora_fair, num_modules == 1);
     outs[i].report.name = ref.module(i).name;
   });
 

@@ -1,5 +1,5 @@
-// fedlora's Eigen vocabulary. Everything that crosses the wire or comes from PyTorch is row-major, so a
-// [rows, cols] tensor in a safetensors file maps onto a matrix without a copy or a transpose.
+// fedlora's Eigen vocabulary. Everything that crosses the wire or comes from PyTorch is row-major,
+// so a [rows, cols] tensor in a safetensors file maps onto a matrix without a copy or a transpose.
 #ifndef FEDLORA_COMMON_EIGEN_TYPES_H_
 #define FEDLORA_COMMON_EIGEN_TYPES_H_
 

@@ -10,8 +10,8 @@
 #include <cstring>
 #include <system_error>
 
-#include "common/strings.h"
 #include "common/status_macros.h"
+#include "common/strings.h"
 
 namespace fedlora::common {
 namespace fs = std::filesystem;
@@ -94,23 +94,43 @@ absl::Status SyncPath(const fs::path& path) {
   return absl::OkStatus();
 }
 
+namespace {
+
+// Writes through `write` into the open descriptor `fd` of `path`, then flushes, fsyncs and closes
+// it.
+absl::Status WriteAndSync(int fd, const fs::path& path,
+                          const std::function<absl::Status(std::FILE*)>& write) {
+  std::FILE* out = ::fdopen(fd, "wb");
+  if (out == nullptr) {
+    int err = errno;
+    ::close(fd);
+    return ErrnoError("cannot open", path, err);
+  }
+  absl::Status status = write(out);
+  if (status.ok() && std::fflush(out) != 0) status = ErrnoError("cannot write", path, errno);
+  if (status.ok() && ::fsync(::fileno(out)) != 0) status = ErrnoError("cannot fsync", path, errno);
+  if (std::fclose(out) != 0 && status.ok()) status = ErrnoError("cannot close", path, errno);
+  return status;
+}
+
+}  // namespace
+
+absl::Status WriteFileSynced(const fs::path& path,
+                             const std::function<absl::Status(std::FILE*)>& write) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoError("cannot create", path, errno);
+  absl::Status status = WriteAndSync(fd, path, write);
+  if (!status.ok()) ::unlink(path.c_str());
+  return status;
+}
+
 absl::Status WriteFileAtomically(const fs::path& path,
                                  const std::function<absl::Status(std::FILE*)>& write) {
   std::string tmpl = (ParentOf(path) / ("." + path.filename().string() + ".tmp.XXXXXX")).string();
   int fd = ::mkstemp(tmpl.data());
   if (fd < 0) return ErrnoError("cannot create a temporary file for", path, errno);
   const fs::path tmp = tmpl;
-  std::FILE* out = ::fdopen(fd, "wb");
-  if (out == nullptr) {
-    int err = errno;
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    return ErrnoError("cannot open", tmp, err);
-  }
-  absl::Status status = write(out);
-  if (status.ok() && std::fflush(out) != 0) status = ErrnoError("cannot write", tmp, errno);
-  if (status.ok() && ::fsync(::fileno(out)) != 0) status = ErrnoError("cannot fsync", tmp, errno);
-  if (std::fclose(out) != 0 && status.ok()) status = ErrnoError("cannot close", tmp, errno);
+  absl::Status status = WriteAndSync(fd, tmp, write);
   if (status.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
     status = ErrnoError(StrCat("cannot rename ", tmp.string(), " to"), path, errno);
   }
@@ -144,11 +164,13 @@ absl::Status BuildDirectoryAtomically(const fs::path& dir, bool overwrite,
   }
   const fs::path parent = ParentOf(dir);
   if (fs::create_directories(parent, ec); ec) {
-    return absl::FailedPreconditionError(
-        StrCat("cannot create the parent directory ", parent.string(), " of ", dir.string(), ": ", ec.message()));
+    return absl::FailedPreconditionError(StrCat("cannot create the parent directory ",
+                                                parent.string(), " of ", dir.string(), ": ",
+                                                ec.message()));
   }
   std::string tmpl = (parent / ("." + dir.filename().string() + ".tmp.XXXXXX")).string();
-  if (::mkdtemp(tmpl.data()) == nullptr) return ErrnoError("cannot create a temporary directory for", dir, errno);
+  if (::mkdtemp(tmpl.data()) == nullptr)
+    return ErrnoError("cannot create a temporary directory for", dir, errno);
   const fs::path tmp = tmpl;
   auto cleanup = [&](absl::Status status) {
     fs::remove_all(tmp, ec);

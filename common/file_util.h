@@ -1,5 +1,5 @@
-// File helpers: read-only memory maps and atomic writes (temp file, fsync, rename), so a reader never sees
-// a half-written file and a failed write leaves nothing behind.
+// File helpers: read-only memory maps and atomic writes (temp file, fsync, rename), so a reader
+// never sees a half-written file and a failed write leaves nothing behind.
 #ifndef FEDLORA_COMMON_FILE_UTIL_H_
 #define FEDLORA_COMMON_FILE_UTIL_H_
 
@@ -35,19 +35,28 @@ class MappedFile {
 
 absl::StatusOr<std::string> ReadFileToString(const std::filesystem::path& path);
 
-// Writes `path` atomically: the content goes to a temporary file beside it, is fsync'ed, and is renamed over
-// `path`; the directory is fsync'ed after. `write` receives a FILE* open for writing and returns its status;
-// on any failure the temporary file is removed and `path` is left as it was.
+// Writes `path` atomically: the content goes to a temporary file beside it, is fsync'ed, and is
+// renamed over `path`; the directory is fsync'ed after. `write` receives a FILE* open for writing
+// and returns its status; on any failure the temporary file is removed and `path` is left as it
+// was.
 absl::Status WriteFileAtomically(const std::filesystem::path& path,
                                  const std::function<absl::Status(std::FILE*)>& write);
 absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_view content);
 
-// Builds a directory atomically: `fill` writes into a fresh temporary directory beside `dir`, which is then
-// renamed to `dir` (missing parent directories are created first). If `dir` exists it is replaced only when `overwrite` is set (the old one is swapped out
-// in one step and then removed); otherwise the call fails and changes nothing. On any failure the temporary
-// directory is removed, so a failed build never leaves `dir` half-written.
-absl::Status BuildDirectoryAtomically(const std::filesystem::path& dir, bool overwrite,
-                                      const std::function<absl::Status(const std::filesystem::path&)>& fill);
+// Writes `path` in place and fsyncs it; on failure the file is removed. For files inside a
+// directory that BuildDirectoryAtomically publishes as a whole, where a per-file rename would add
+// nothing.
+absl::Status WriteFileSynced(const std::filesystem::path& path,
+                             const std::function<absl::Status(std::FILE*)>& write);
+
+// Builds a directory atomically: `fill` writes into a fresh temporary directory beside `dir`, which
+// is then renamed to `dir` (missing parent directories are created first). If `dir` exists it is
+// replaced only when `overwrite` is set (the old one is swapped out in one step and then removed);
+// otherwise the call fails and changes nothing. On any failure the temporary directory is removed,
+// so a failed build never leaves `dir` half-written.
+absl::Status BuildDirectoryAtomically(
+    const std::filesystem::path& dir, bool overwrite,
+    const std::function<absl::Status(const std::filesystem::path&)>& fill);
 
 // fsync of a file or directory by path.
 absl::Status SyncPath(const std::filesystem::path& path);

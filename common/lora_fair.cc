@@ -1,19 +1,19 @@
 #include "common/lora_fair.h"
 
+#include <Eigen/Eigenvalues>
 #include <cmath>
 #include <deque>
-
-#include <Eigen/Eigenvalues>
 
 namespace fedlora::common {
 namespace {
 
-// The problem in the eigenbasis of S: X = B'·V, so ‖B'Ā‖² = Σ_j σ_j ‖X_:j‖² and every term is column-separable.
+// The problem in the eigenbasis of S: X = B'·V, so ‖B'Ā‖² = Σ_j σ_j ‖X_:j‖² and every term is
+// column-separable.
 struct Rotated {
-  MatrixD g;              // m×r: G·V
-  MatrixD x_bar;          // m×r: B̄·V
-  Eigen::VectorXd sigma;  // r eigenvalues of S (clamped at 0)
-  double target_norm = 0; // ‖ΔW*‖ > 0
+  MatrixD g;               // m×r: G·V
+  MatrixD x_bar;           // m×r: B̄·V
+  Eigen::VectorXd sigma;   // r eigenvalues of S (clamped at 0)
+  double target_norm = 0;  // ‖ΔW*‖ > 0
   double lambda = 0;
 
   struct Point {
@@ -28,7 +28,8 @@ struct Rotated {
     grad->noalias() = 2.0 * lambda * (x - x_bar);
     const double u = (x.array() * g.array()).sum();
     const double v = (x.array().square().colwise().sum().transpose() * sigma.array()).sum();
-    if (v <= 0) return pt;  // x·Ā = 0: cos taken as 0 (never a minimiser: any step along G beats it)
+    if (v <= 0)
+      return pt;  // x·Ā = 0: cos taken as 0 (never a minimiser: any step along G beats it)
     const double sq = std::sqrt(v);
     pt.f -= u / (target_norm * sq);
     // ∇cos = G/(N√v) − u/(N v^{3/2}) · X·diag(σ)
@@ -43,7 +44,8 @@ double Dot(const MatrixD& a, const MatrixD& b) { return (a.array() * b.array()).
 
 }  // namespace
 
-double LoraFairObjective(const LoraFairProblem& p, double lambda, const MatrixD& b, MatrixD* gradient) {
+double LoraFairObjective(const LoraFairProblem& p, double lambda, const MatrixD& b,
+                         MatrixD* gradient) {
   const MatrixD d = b - p.b_bar;
   double f = 1.0 + lambda * d.squaredNorm();
   if (gradient) *gradient = 2.0 * lambda * d;
@@ -71,10 +73,11 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
     return sol;
   };
   sol.fedit_objective = LoraFairObjective(p, options.lambda, p.b_bar, nullptr);
-  // Degenerate cases. ΔW* = 0 or Ā = 0: cos is 0 for every B', so ΔB = 0 is the exact optimum. B̄·Ā = 0 (B̄ = 0,
-  // say): in S's eigenbasis the columns of B̄ that cos sees are all 0, and there the objective approaches its
-  // infimum only as those columns shrink to 0 (cos is scale-free, the penalty is not): no minimiser exists, so
-  // FedIT's B̄ is kept and the solution is reported as not converged.
+  // Degenerate cases. ΔW* = 0 or Ā = 0: cos is 0 for every B', so ΔB = 0 is the exact optimum. B̄·Ā
+  // = 0 (B̄ = 0, say): in S's eigenbasis the columns of B̄ that cos sees are all 0, and there the
+  // objective approaches its infimum only as those columns shrink to 0 (cos is scale-free, the
+  // penalty is not): no minimiser exists, so FedIT's B̄ is kept and the solution is reported as not
+  // converged.
   if (p.target_norm_sq <= 0 || p.s.diagonal().maxCoeff() <= 0) return finish(p.b_bar, 0, true);
   if ((p.b_bar * p.s).cwiseProduct(p.b_bar).sum() <= 0) return finish(p.b_bar, 0, false);
 
@@ -91,13 +94,15 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
   grad.resize(x.rows(), x.cols());
   new_grad.resize(x.rows(), x.cols());
   Rotated::Point pt = rot.Evaluate(x, &grad);
-  // Stationarity is measured scale-free: ‖∇f‖ times the size of B' (f is dimensionless, ∇f has units 1/B).
+  // Stationarity is measured scale-free: ‖∇f‖ times the size of B' (f is dimensionless, ∇f has
+  // units 1/B).
   auto stationary = [&](const MatrixD& g, const MatrixD& at) {
     return g.norm() * std::max(at.norm(), rot.x_bar.norm()) <= options.tolerance;
   };
 
-  // L-BFGS with a per-column diagonal initial inverse Hessian 1/(α σ_j + 2λ), backtracking Armijo line search.
-  // Every m×r buffer is allocated once; curvature pairs recycle the storage of the ones they replace.
+  // L-BFGS with a per-column diagonal initial inverse Hessian 1/(α σ_j + 2λ), backtracking Armijo
+  // line search. Every m×r buffer is allocated once; curvature pairs recycle the storage of the
+  // ones they replace.
   const size_t memory = static_cast<size_t>(std::min<Eigen::Index>(x.cols() + 6, 40));
   std::deque<std::pair<MatrixD, MatrixD>> pairs;  // (s, y), oldest first
   std::vector<double> a(memory);
@@ -140,7 +145,8 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
     for (int ls = 0; ls < 60; ++ls, t *= 0.5) {
       x_new.noalias() = x + t * dir;
       next = rot.Evaluate(x_new, &new_grad);
-      // Armijo; or, once f changes by less than its rounding error (~1e-15 here), a step that lowers the gradient.
+      // Armijo; or, once f changes by less than its rounding error (~1e-15 here), a step that
+      // lowers the gradient.
       const bool within_noise = std::abs(next.f - pt.f) <= 1e-14 * std::max(1.0, std::abs(pt.f));
       if (next.f <= pt.f + 1e-4 * t * slope || (within_noise && new_grad.norm() < grad.norm())) {
         accepted = true;

@@ -1,6 +1,7 @@
-// ParallelFor: runs fn(0..n-1) on up to `threads` std::threads (default: the machine's cores), each taking the next
-// index as it finishes one. For coarse work items (an adapter module): no thread is started when n ≤ 1, and
-// threads that finish early never spin, so small jobs stay as fast as serial ones.
+// ParallelFor: runs fn(0..n-1) on up to `threads` std::threads (default: the machine's cores), each
+// taking the next index as it finishes one. For coarse work items (an adapter module): no thread is
+// started when n ≤ 1, and threads that finish early never spin, so small jobs stay as fast as
+// serial ones.
 #ifndef FEDLORA_COMMON_PARALLEL_H_
 #define FEDLORA_COMMON_PARALLEL_H_
 

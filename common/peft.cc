@@ -3,18 +3,18 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <regex>
 #include <set>
 
-#include <nlohmann/json.hpp>
-
-#include "common/strings.h"
 #include "common/file_util.h"
 #include "common/status_macros.h"
+#include "common/strings.h"
 
 namespace fedlora::common {
 namespace fs = std::filesystem;
-using Json = nlohmann::ordered_json;  // Keeps pattern keys in file order: PEFT takes the first match.
+using Json =
+    nlohmann::ordered_json;  // Keeps pattern keys in file order: PEFT takes the first match.
 
 namespace {
 
@@ -32,13 +32,16 @@ struct LoraConfig {
 
 // PEFT's get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", module).
 template <typename T>
-absl::StatusOr<std::optional<T>> MatchPattern(const std::vector<std::pair<std::string, T>>& patterns,
-                                              const std::string& module, std::string_view field) {
+absl::StatusOr<std::optional<T>> MatchPattern(
+    const std::vector<std::pair<std::string, T>>& patterns, const std::string& module,
+    std::string_view field) {
   for (const auto& [key, value] : patterns) {
     try {
-      if (std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"))) return std::optional<T>(value);
+      if (std::regex_match(module, std::regex("(.*\\.)?(" + key + ")")))
+        return std::optional<T>(value);
     } catch (const std::regex_error& e) {
-      return absl::InvalidArgumentError(StrCat(field, " key '", key, "' is not a valid regular expression"));
+      return absl::InvalidArgumentError(
+          StrCat(field, " key '", key, "' is not a valid regular expression"));
     }
   }
   return std::optional<T>();
@@ -48,8 +51,9 @@ absl::StatusOr<LoraConfig> ParseConfig(const fs::path& path) {
   auto text = ReadFileToString(path);
   if (!text.ok()) {
     if (absl::IsNotFound(text.status())) {
-      return absl::NotFoundError(StrCat("missing ", path.string(), ": a PEFT adapter directory holds ",
-                                              kAdapterConfigFile, " and ", kAdapterWeightsFile));
+      return absl::NotFoundError(StrCat("missing ", path.string(),
+                                        ": a PEFT adapter directory holds ", kAdapterConfigFile,
+                                        " and ", kAdapterWeightsFile));
     }
     return text.status();
   }
@@ -63,15 +67,19 @@ absl::StatusOr<LoraConfig> ParseConfig(const fs::path& path) {
     return absl::InvalidArgumentError(StrCat(path.string(), ": ", what));
   };
   if (!cfg.is_object()) return bad("expected a JSON object");
-  if (!cfg.contains("peft_type") || !cfg["peft_type"].is_string()) return bad("missing \"peft_type\" (expected \"LORA\")");
+  if (!cfg.contains("peft_type") || !cfg["peft_type"].is_string())
+    return bad("missing \"peft_type\" (expected \"LORA\")");
   if (cfg["peft_type"] != "LORA") {
-    return bad(StrCat("peft_type is ", cfg["peft_type"].dump(), "; fedlora reads LoRA adapters (\"LORA\")"));
+    return bad(StrCat("peft_type is ", cfg["peft_type"].dump(),
+                      "; fedlora reads LoRA adapters (\"LORA\")"));
   }
-  if (cfg.value("use_dora", false) == true) return bad("use_dora is set; DoRA adapters are not supported");
+  if (cfg.value("use_dora", false) == true)
+    return bad("use_dora is set; DoRA adapters are not supported");
   if (!cfg.contains("r") || !cfg["r"].is_number_integer() || cfg["r"].get<int64_t>() <= 0) {
     return bad("\"r\" must be a positive integer");
   }
-  if (!cfg.contains("lora_alpha") || !cfg["lora_alpha"].is_number()) return bad("\"lora_alpha\" must be a number");
+  if (!cfg.contains("lora_alpha") || !cfg["lora_alpha"].is_number())
+    return bad("\"lora_alpha\" must be a number");
   LoraConfig out;
   out.r = cfg["r"].get<int>();
   out.lora_alpha = cfg["lora_alpha"].get<double>();
@@ -127,22 +135,25 @@ double LoraScaling(double alpha, int rank, bool use_rslora) {
 absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
-    return absl::NotFoundError(StrCat(dir.string(), " is not a directory (expected a PEFT adapter directory with ",
-                                            kAdapterConfigFile, " and ", kAdapterWeightsFile, ")"));
+    return absl::NotFoundError(
+        StrCat(dir.string(), " is not a directory (expected a PEFT adapter directory with ",
+               kAdapterConfigFile, " and ", kAdapterWeightsFile, ")"));
   }
   ASSIGN_OR_RETURN(LoraConfig config, ParseConfig(dir / kAdapterConfigFile));
   const fs::path weights = dir / kAdapterWeightsFile;
   if (!fs::exists(weights, ec)) {
-    std::string hint = fs::exists(dir / "adapter_model.bin", ec)
-                           ? "; adapter_model.bin (pickle) is not read, since loading it can run code: re-save "
-                             "the adapter with safe_serialization=True"
-                           : "";
+    std::string hint =
+        fs::exists(dir / "adapter_model.bin", ec)
+            ? "; adapter_model.bin (pickle) is not read, since loading it can run code: re-save "
+              "the adapter with safe_serialization=True"
+            : "";
     return absl::NotFoundError(StrCat("missing ", weights.string(), hint));
   }
   ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(weights));
   const SafetensorsView& view = file.view();
 
-  // Group tensors by module; the module order is the file's data order of each module's first tensor.
+  // Group tensors by module; the module order is the file's data order of each module's first
+  // tensor.
   struct Parts {
     const TensorInfo* t[3] = {nullptr, nullptr, nullptr};  // A, B, R
   };
@@ -157,16 +168,19 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
       }
     }
     if (kind < 0) {
-      return absl::InvalidArgumentError(StrCat(
-          weights.string(), ": unexpected tensor '", t.name,
-          "'; a LoRA adapter holds base_model.model.<module>.lora_A.weight and .lora_B.weight (and .lora_R.weight "
-          "for LoRA-SB); modules_to_save, DoRA and embedding adapters are not supported"));
+      return absl::InvalidArgumentError(
+          StrCat(weights.string(), ": unexpected tensor '", t.name,
+                 "'; a LoRA adapter holds base_model.model.<module>.lora_A.weight and "
+                 ".lora_B.weight (and .lora_R.weight "
+                 "for LoRA-SB); modules_to_save, DoRA and embedding adapters are not supported"));
     }
-    std::string module = t.name.substr(kPrefix.size(), t.name.size() - kPrefix.size() - kSuffixes[kind].size());
+    std::string module =
+        t.name.substr(kPrefix.size(), t.name.size() - kPrefix.size() - kSuffixes[kind].size());
     if (!parts.count(module)) order.push_back(module);
     parts[module].t[kind] = &t;
   }
-  if (order.empty()) return absl::InvalidArgumentError(StrCat(weights.string(), ": holds no LoRA tensors"));
+  if (order.empty())
+    return absl::InvalidArgumentError(StrCat(weights.string(), ": holds no LoRA tensors"));
 
   std::vector<ModuleShape> shapes;
   for (const std::string& name : order) {
@@ -175,22 +189,27 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
       return absl::InvalidArgumentError(StrCat(weights.string(), ": module ", name, ": ", what));
     };
     if (p.t[0] == nullptr || p.t[1] == nullptr) {
-      return where(StrCat("has ", p.t[0] ? "lora_A" : "lora_B", " but no ", p.t[0] ? "lora_B" : "lora_A"));
+      return where(
+          StrCat("has ", p.t[0] ? "lora_A" : "lora_B", " but no ", p.t[0] ? "lora_B" : "lora_A"));
     }
     const auto& a = p.t[0]->shape;
     const auto& b = p.t[1]->shape;
     if (a.size() != 2 || b.size() != 2) {
-      return where(StrCat("lora_A ", ShapeString(a), " and lora_B ", ShapeString(b), " must both be 2-D"));
+      return where(
+          StrCat("lora_A ", ShapeString(a), " and lora_B ", ShapeString(b), " must both be 2-D"));
     }
     if (b[1] != a[0]) {
-      return where(StrCat("lora_A is ", ShapeString(a), " (rank ", a[0], ") but lora_B is ", ShapeString(b),
-                                " (rank ", b[1], "); expected lora_B [m, ", a[0], "]"));
+      return where(StrCat("lora_A is ", ShapeString(a), " (rank ", a[0], ") but lora_B is ",
+                          ShapeString(b), " (rank ", b[1], "); expected lora_B [m, ", a[0], "]"));
     }
-    if (a[0] <= 0 || a[1] <= 0 || b[0] <= 0 || a[0] > INT32_MAX || a[1] > INT32_MAX || b[0] > INT32_MAX) {
-      return where(StrCat("lora_A ", ShapeString(a), " and lora_B ", ShapeString(b), " must have positive sizes"));
+    if (a[0] <= 0 || a[1] <= 0 || b[0] <= 0 || a[0] > INT32_MAX || a[1] > INT32_MAX ||
+        b[0] > INT32_MAX) {
+      return where(StrCat("lora_A ", ShapeString(a), " and lora_B ", ShapeString(b),
+                          " must have positive sizes"));
     }
     if (p.t[2] != nullptr && p.t[2]->shape != std::vector<int64_t>{a[0], a[0]}) {
-      return where(StrCat("lora_R is ", ShapeString(p.t[2]->shape), "; expected [", a[0], ",", a[0], "]"));
+      return where(
+          StrCat("lora_R is ", ShapeString(p.t[2]->shape), "; expected [", a[0], ",", a[0], "]"));
     }
     ModuleShape shape;
     shape.name = name;
@@ -198,13 +217,15 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
     shape.in_features = static_cast<int>(a[1]);
     shape.out_features = static_cast<int>(b[0]);
     shape.has_r = p.t[2] != nullptr;
-    ASSIGN_OR_RETURN(std::optional<int> pattern_rank, MatchPattern(config.rank_pattern, name, "rank_pattern"));
+    ASSIGN_OR_RETURN(std::optional<int> pattern_rank,
+                     MatchPattern(config.rank_pattern, name, "rank_pattern"));
     const int config_rank = pattern_rank.value_or(config.r);
     if (config_rank != shape.rank) {
-      return where(StrCat("tensors have rank ", shape.rank, " but ", kAdapterConfigFile, " says r = ",
-                                config_rank, pattern_rank ? " (rank_pattern)" : ""));
+      return where(StrCat("tensors have rank ", shape.rank, " but ", kAdapterConfigFile,
+                          " says r = ", config_rank, pattern_rank ? " (rank_pattern)" : ""));
     }
-    ASSIGN_OR_RETURN(std::optional<double> alpha, MatchPattern(config.alpha_pattern, name, "alpha_pattern"));
+    ASSIGN_OR_RETURN(std::optional<double> alpha,
+                     MatchPattern(config.alpha_pattern, name, "alpha_pattern"));
     shape.scaling = LoraScaling(alpha.value_or(config.lora_alpha), shape.rank, config.use_rslora);
     shapes.push_back(std::move(shape));
   }
@@ -215,13 +236,16 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
     const Parts& p = parts[order[i]];
     view.ReadF32(*p.t[0], {adapter.A(i).data(), static_cast<size_t>(adapter.A(i).size())});
     view.ReadF32(*p.t[1], {adapter.B(i).data(), static_cast<size_t>(adapter.B(i).size())});
-    if (p.t[2] != nullptr) view.ReadF32(*p.t[2], {adapter.R(i).data(), static_cast<size_t>(adapter.R(i).size())});
+    if (p.t[2] != nullptr)
+      view.ReadF32(*p.t[2], {adapter.R(i).data(), static_cast<size_t>(adapter.R(i).size())});
   }
   return adapter;
 }
 
-absl::Status WritePeftAdapter(const Adapter& adapter, const fs::path& dir, const PeftWriteOptions& options) {
-  if (adapter.num_modules() == 0) return absl::InvalidArgumentError("cannot write an adapter with no modules");
+absl::Status WritePeftAdapter(const Adapter& adapter, const fs::path& dir,
+                              const PeftWriteOptions& options) {
+  if (adapter.num_modules() == 0)
+    return absl::InvalidArgumentError("cannot write an adapter with no modules");
   std::vector<int> ranks;
   std::vector<double> alphas;
   std::set<std::string> targets;
@@ -240,7 +264,8 @@ absl::Status WritePeftAdapter(const Adapter& adapter, const fs::path& dir, const
   }
   Json config = {
       {"peft_type", "LORA"},
-      {"base_model_name_or_path", adapter.base_model.empty() ? Json(nullptr) : Json(adapter.base_model)},
+      {"base_model_name_or_path",
+       adapter.base_model.empty() ? Json(nullptr) : Json(adapter.base_model)},
       {"r", r},
       {"lora_alpha", alpha},
       {"use_rslora", false},
@@ -258,14 +283,24 @@ absl::Status WritePeftAdapter(const Adapter& adapter, const fs::path& dir, const
   for (size_t i = 0; i < adapter.num_modules(); ++i) {
     const LoraModule& m = adapter.module(i);
     const std::string base = StrCat(kPrefix, m.name);
-    const auto span_of = [](const ConstMapF& x) { return std::span<const float>(x.data(), static_cast<size_t>(x.size())); };
+    const auto span_of = [](const ConstMapF& x) {
+      return std::span<const float>(x.data(), static_cast<size_t>(x.size()));
+    };
     tensors.push_back({base + ".lora_A.weight", {m.rank, m.in_features}, span_of(adapter.A(i))});
     tensors.push_back({base + ".lora_B.weight", {m.out_features, m.rank}, span_of(adapter.B(i))});
-    if (m.has_r) tensors.push_back({base + ".lora_R.weight", {m.rank, m.rank}, span_of(adapter.R(i))});
+    if (m.has_r)
+      tensors.push_back({base + ".lora_R.weight", {m.rank, m.rank}, span_of(adapter.R(i))});
   }
   return BuildDirectoryAtomically(dir, options.overwrite, [&](const fs::path& tmp) -> absl::Status {
-    RETURN_IF_ERROR(WriteFileAtomically(tmp / kAdapterConfigFile, config.dump(2) + "\n"));
-    return WriteSafetensors(tmp / kAdapterWeightsFile, tensors, options.dtype, {{"format", "pt"}});
+    const std::string text = config.dump(2) + "\n";
+    RETURN_IF_ERROR(WriteFileSynced(tmp / kAdapterConfigFile, [&](std::FILE* out) {
+      return std::fwrite(text.data(), 1, text.size(), out) == text.size()
+                 ? absl::OkStatus()
+                 : absl::InternalError(StrCat("cannot write ", kAdapterConfigFile));
+    }));
+    return WriteFileSynced(tmp / kAdapterWeightsFile, [&](std::FILE* out) {
+      return WriteSafetensors(out, tensors, options.dtype, {{"format", "pt"}});
+    });
   });
 }
 

@@ -1,13 +1,14 @@
 // PEFT adapter directories, as Hugging Face PEFT saves and loads them:
-//   adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules", "use_rslora",
+//   adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules",
+//   "use_rslora",
 //                               "base_model_name_or_path", "rank_pattern", "alpha_pattern", ...}
 //   adapter_model.safetensors  base_model.model.<module>.lora_A.weight [r, n]
 //                              base_model.model.<module>.lora_B.weight [m, r]
-//                              base_model.model.<module>.lora_R.weight [r, r]   (LoRA-SB / Fed-SB only)
-//                              metadata {"format": "pt"}
-// A module's scaling is lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, where r and lora_alpha may be
-// overridden per module by rank_pattern / alpha_pattern (keys are regular expressions matched, as PEFT does, against
-// the end of the module path).
+//                              base_model.model.<module>.lora_R.weight [r, r]   (LoRA-SB / Fed-SB
+//                              only) metadata {"format": "pt"}
+// A module's scaling is lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, where r and
+// lora_alpha may be overridden per module by rank_pattern / alpha_pattern (keys are regular
+// expressions matched, as PEFT does, against the end of the module path).
 #ifndef FEDLORA_COMMON_PEFT_H_
 #define FEDLORA_COMMON_PEFT_H_
 
@@ -24,9 +25,10 @@ inline constexpr char kAdapterWeightsFile[] = "adapter_model.safetensors";
 
 double LoraScaling(double alpha, int rank, bool use_rslora);
 
-// Reads a PEFT LoRA adapter directory. Every tensor must be a lora_A/lora_B/lora_R weight, every module must have
-// both A and B with consistent shapes, and each module's rank must match the config. Values are converted to f32;
-// non-finite values are read as they are (Adapter::CheckFinite tells).
+// Reads a PEFT LoRA adapter directory. Every tensor must be a lora_A/lora_B/lora_R weight, every
+// module must have both A and B with consistent shapes, and each module's rank must match the
+// config. Values are converted to f32; non-finite values are read as they are (Adapter::CheckFinite
+// tells).
 absl::StatusOr<Adapter> ReadPeftAdapter(const std::filesystem::path& dir);
 
 struct PeftWriteOptions {
@@ -34,9 +36,10 @@ struct PeftWriteOptions {
   bool overwrite = false;     // Replace an existing directory (atomically) instead of failing.
 };
 
-// Writes `adapter` as a PEFT directory, atomically (a failed write leaves no directory). The config is
-// self-consistent: r is the most common module rank (others go to rank_pattern), use_rslora is false and
-// lora_alpha = scaling·rank per module (others go to alpha_pattern), so every module's scaling is kept.
+// Writes `adapter` as a PEFT directory, atomically (a failed write leaves no directory). The config
+// is self-consistent: r is the most common module rank (others go to rank_pattern), use_rslora is
+// false and lora_alpha = scaling·rank per module (others go to alpha_pattern), so every module's
+// scaling is kept.
 absl::Status WritePeftAdapter(const Adapter& adapter, const std::filesystem::path& dir,
                               const PeftWriteOptions& options = {});
 

@@ -1,9 +1,10 @@
 // Reading and writing the safetensors format (https://github.com/huggingface/safetensors):
 //   [8 bytes: little-endian u64 N][N bytes: JSON header][data section]
-// The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (byte offsets into the
-// data section) and may hold "__metadata__", a map of strings. Every rule of the format is checked on read:
-// header length within the file, valid JSON without duplicate names, known dtype, shape × dtype size equal to the
-// byte range, offsets contiguous from 0 and covering the data section exactly (no gap, no overlap).
+// The header maps each tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (byte
+// offsets into the data section) and may hold "__metadata__", a map of strings. Every rule of the
+// format is checked on read: header length within the file, valid JSON without duplicate names,
+// known dtype, shape × dtype size equal to the byte range, offsets contiguous from 0 and covering
+// the data section exactly (no gap, no overlap).
 #ifndef FEDLORA_COMMON_SAFETENSORS_H_
 #define FEDLORA_COMMON_SAFETENSORS_H_
 
@@ -42,7 +43,8 @@ struct TensorInfo {
 class SafetensorsView {
  public:
   // `origin` names the bytes (a path) in error messages.
-  static absl::StatusOr<SafetensorsView> Parse(std::span<const uint8_t> bytes, std::string_view origin);
+  static absl::StatusOr<SafetensorsView> Parse(std::span<const uint8_t> bytes,
+                                               std::string_view origin);
 
   // Tensors in data-section order (the order the writer stored them in).
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
@@ -77,10 +79,15 @@ struct TensorToWrite {
   std::span<const float> data;  // Row-major, product(shape) values.
 };
 
-// Writes the tensors, in the given order, converted to `dtype` (round to nearest even for F16/BF16). The
-// header is padded with spaces so the data section starts 8-byte aligned. Written atomically.
-absl::Status WriteSafetensors(const std::filesystem::path& path, std::span<const TensorToWrite> tensors,
-                              DType dtype, const std::map<std::string, std::string>& metadata);
+// Writes the tensors, in the given order, converted to `dtype` (round to nearest even for
+// F16/BF16). The header is padded with spaces so the data section starts 8-byte aligned. Written
+// atomically.
+absl::Status WriteSafetensors(const std::filesystem::path& path,
+                              std::span<const TensorToWrite> tensors, DType dtype,
+                              const std::map<std::string, std::string>& metadata);
+// The same, into an open stream (the caller makes it durable).
+absl::Status WriteSafetensors(std::FILE* out, std::span<const TensorToWrite> tensors, DType dtype,
+                              const std::map<std::string, std::string>& metadata);
 
 // Float conversions used by the reader and writer (exposed for tests).
 float HalfBitsToFloat(uint16_t bits);

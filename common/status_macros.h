@@ -1,4 +1,5 @@
-// Early-return helpers for absl::Status / absl::StatusOr, in the style of leveldb's straight-line error passing.
+// Early-return helpers for absl::Status / absl::StatusOr, in the style of leveldb's straight-line
+// error passing.
 #ifndef FEDLORA_COMMON_STATUS_MACROS_H_
 #define FEDLORA_COMMON_STATUS_MACROS_H_
 
@@ -9,8 +10,8 @@
 #define FEDLORA_CONCAT_(a, b) FEDLORA_CONCAT_INNER_(a, b)
 
 // Returns the status from the enclosing function if `expr` is not OK.
-#define RETURN_IF_ERROR(expr)                           \
-  do {                                                  \
+#define RETURN_IF_ERROR(expr)                             \
+  do {                                                    \
     if (absl::Status _st = (expr); !_st.ok()) return _st; \
   } while (0)
 

@@ -1,14 +1,14 @@
-// String building. Debian's Abseil is built with its own absl::string_view (not std::string_view), so
-// absl::StrCat does not take std::string_view; this StrCat formats each piece with fmt instead.
+// String building. Debian's Abseil is built with its own absl::string_view (not std::string_view),
+// so absl::StrCat does not take std::string_view; this StrCat formats each piece with fmt instead.
 #ifndef FEDLORA_COMMON_STRINGS_H_
 #define FEDLORA_COMMON_STRINGS_H_
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <fmt/format.h>
-#include <fmt/ranges.h>
 
 #include "absl/strings/string_view.h"
 
@@ -34,7 +34,9 @@ std::string StrCat(const Args&... args) {
 }
 
 // "[r,n]": a tensor shape as error messages print it.
-inline std::string ShapeString(const std::vector<int64_t>& shape) { return fmt::format("[{}]", fmt::join(shape, ",")); }
+inline std::string ShapeString(const std::vector<int64_t>& shape) {
+  return fmt::format("[{}]", fmt::join(shape, ","));
+}
 
 }  // namespace fedlora::common
 

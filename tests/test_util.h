@@ -1,16 +1,16 @@
-// Helpers shared by fedlora's tests: random adapters, dense reference computations done independently of the
-// code under test (plain double-precision products of the factors), and scratch directories.
+// Helpers shared by fedlora's tests: random adapters, dense reference computations done
+// independently of the code under test (plain double-precision products of the factors), and
+// scratch directories.
 #ifndef FEDLORA_TESTS_TEST_UTIL_H_
 #define FEDLORA_TESTS_TEST_UTIL_H_
 
+#include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <filesystem>
 #include <random>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "common/adapter.h"
 
@@ -47,7 +47,8 @@ struct ModuleSpec {
 // An adapter with entries drawn i.i.d. from N(0, 1/n) for A, N(0, 1) for B and R.
 inline Adapter RandomAdapter(const std::vector<ModuleSpec>& specs, uint64_t seed) {
   std::vector<common::ModuleShape> shapes;
-  for (const ModuleSpec& s : specs) shapes.push_back({s.name, s.rank, s.n, s.m, s.scaling, s.has_r});
+  for (const ModuleSpec& s : specs)
+    shapes.push_back({s.name, s.rank, s.n, s.m, s.scaling, s.has_r});
   Adapter a = *Adapter::Create(shapes);
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);

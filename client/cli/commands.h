@@ -1,6 +1,6 @@
-// The subcommands of the offline `fedlora` tool. Each Add*Command registers its subcommand on `app`; a failing
-// command prints "error: ..." to stderr and throws CLI::RuntimeError with exit code 1, which main turns into the
-// process's exit code (CLI11's own mechanism).
+// The subcommands of the offline `fedlora` tool. Each Add*Command registers its subcommand on
+// `app`; a failing command prints "error: ..." to stderr and throws CLI::RuntimeError with exit
+// code 1, which main turns into the process's exit code (CLI11's own mechanism).
 #ifndef FEDLORA_CLIENT_CLI_COMMANDS_H_
 #define FEDLORA_CLIENT_CLI_COMMANDS_H_
 
@@ -14,7 +14,8 @@ void AddAggregateCommand(CLI::App& app);
 void AddInspectCommand(CLI::App& app);
 void AddRandomAdapterCommand(CLI::App& app);
 
-// Prints `status` as "error: <message>" and ends the command with exit code 1; does nothing when OK.
+// Prints `status` as "error: <message>" and ends the command with exit code 1; does nothing when
+// OK.
 void ExitIfError(const absl::Status& status);
 
 }  // namespace fedlora::client

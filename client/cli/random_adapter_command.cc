@@ -1,14 +1,15 @@
-// fedlora random-adapter — writes a PEFT adapter with random factors, shaped like a Llama-family model's
-// attention and MLP projections, for trying out and benchmarking aggregation without training anything.
+// fedlora random-adapter — writes a PEFT adapter with random factors, shaped like a Llama-family
+// model's attention and MLP projections, for trying out and benchmarking aggregation without
+// training anything.
 #include <cmath>
 #include <random>
 #include <set>
 #include <string>
 #include <vector>
 
-#include "common/strings.h"
 #include "client/cli/commands.h"
 #include "common/peft.h"
+#include "common/strings.h"
 
 namespace fedlora::client {
 namespace {
@@ -39,10 +40,12 @@ void Run(const RandomAdapterArgs& args) {
     for (const std::string& t : args.targets) {
       if (!attention.count(t) && !mlp.count(t)) {
         ExitIfError(absl::InvalidArgumentError(common::StrCat(
-            "unknown target module '", t, "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")));
+            "unknown target module '", t,
+            "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")));
       }
       common::ModuleShape s;
-      s.name = common::StrCat("model.layers.", layer, attention.count(t) ? ".self_attn." : ".mlp.", t);
+      s.name =
+          common::StrCat("model.layers.", layer, attention.count(t) ? ".self_attn." : ".mlp.", t);
       s.rank = args.rank;
       s.in_features = args.in_features;
       s.out_features = args.out_features;
@@ -54,8 +57,9 @@ void Run(const RandomAdapterArgs& args) {
   auto adapter = common::Adapter::Create(shapes);
   ExitIfError(adapter.status());
   adapter->base_model = args.base_model;
-  // A ~ U(−1/√n, 1/√n) as PEFT's kaiming_uniform(a=√5) draws it; B ~ N(0, 0.02²) stands in for a trained B.
-  // For LoRA-SB, B and A come from --frozen-seed (shared by all clients) with orthonormal columns/rows, R from --seed.
+  // A ~ U(−1/√n, 1/√n) as PEFT's kaiming_uniform(a=√5) draws it; B ~ N(0, 0.02²) stands in for a
+  // trained B. For LoRA-SB, B and A come from --frozen-seed (shared by all clients) with
+  // orthonormal columns/rows, R from --seed.
   std::mt19937_64 rng(args.seed), frozen_rng(args.frozen_seed);
   const double bound = 1.0 / std::sqrt(static_cast<double>(args.in_features));
   for (size_t i = 0; i < adapter->num_modules(); ++i) {
@@ -79,26 +83,33 @@ void Run(const RandomAdapterArgs& args) {
     }
   }
   ExitIfError(common::WritePeftAdapter(*adapter, args.out, {*dtype, false}));
-  std::printf("wrote %s: %zu modules, rank %d\n", args.out.c_str(), adapter->num_modules(), args.rank);
+  std::printf("wrote %s: %zu modules, rank %d\n", args.out.c_str(), adapter->num_modules(),
+              args.rank);
 }
 
 }  // namespace
 
 void AddRandomAdapterCommand(CLI::App& app) {
   auto args = std::make_shared<RandomAdapterArgs>();
-  CLI::App* cmd = app.add_subcommand("random-adapter", "Write a PEFT adapter with random factors (for trying out "
-                                                       "and benchmarking aggregation)");
+  CLI::App* cmd = app.add_subcommand("random-adapter",
+                                     "Write a PEFT adapter with random factors (for trying out "
+                                     "and benchmarking aggregation)");
   cmd->add_option("--out", args->out, "output adapter directory")->required();
   cmd->add_option("--layers", args->layers, "decoder layers")->capture_default_str();
-  cmd->add_option("--targets", args->targets, "adapted projections")->delimiter(',')->capture_default_str();
-  cmd->add_option("--in-features", args->in_features, "n of every adapted layer")->capture_default_str();
-  cmd->add_option("--out-features", args->out_features, "m of every adapted layer")->capture_default_str();
+  cmd->add_option("--targets", args->targets, "adapted projections")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--in-features", args->in_features, "n of every adapted layer")
+      ->capture_default_str();
+  cmd->add_option("--out-features", args->out_features, "m of every adapted layer")
+      ->capture_default_str();
   cmd->add_option("--rank", args->rank, "r")->capture_default_str();
   cmd->add_option("--alpha", args->alpha, "lora_alpha")->capture_default_str();
   cmd->add_flag("--rslora", args->rslora, "scaling alpha/sqrt(r) instead of alpha/r");
   cmd->add_flag("--lora-sb", args->lora_sb, "LoRA-SB adapter (B·R·A with orthonormal frozen B, A)");
   cmd->add_option("--seed", args->seed, "seed of the trained factors")->capture_default_str();
-  cmd->add_option("--frozen-seed", args->frozen_seed, "seed of LoRA-SB's frozen B and A (share it across clients)")
+  cmd->add_option("--frozen-seed", args->frozen_seed,
+                  "seed of LoRA-SB's frozen B and A (share it across clients)")
       ->capture_default_str();
   cmd->add_option("--base-model", args->base_model, "base_model_name_or_path to record");
   cmd->add_option("--dtype", args->dtype, "f32 | f16 | bf16")->capture_default_str();

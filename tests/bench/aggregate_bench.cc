@@ -1,22 +1,24 @@
-// aggregate_bench: times `fedlora aggregate` as whole processes (wall time and peak RSS of the child, from wait4)
-//   A. at Llama-7B q_proj/v_proj shapes: 32 layers × 2 modules of 4096×4096, r = 16, 10 clients, every method;
-//   B. LoRA-FAIR on one 1024×1024 module with 10 clients, next to lora_fair_dense (the paper's dense solver).
-// Inputs are made once with `fedlora random-adapter` under --work and reused. Prints Markdown tables.
+// aggregate_bench: times `fedlora aggregate` as whole processes (wall time and peak RSS of the
+// child, from wait4)
+//   A. at Llama-7B q_proj/v_proj shapes: 32 layers × 2 modules of 4096×4096, r = 16, 10 clients,
+//   every method; B. LoRA-FAIR on one 1024×1024 module with 10 clients, next to lora_fair_dense
+//   (the paper's dense solver).
+// Inputs are made once with `fedlora random-adapter` under --work and reused. Prints Markdown
+// tables.
 #include <fcntl.h>
 #include <spawn.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
-
-#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 extern char** environ;
 
@@ -82,8 +84,8 @@ std::vector<std::string> MakeClients(const Setup& s, const std::string& group, i
   for (int k = 0; k < clients; ++k) {
     const fs::path dir = s.work / group / ("client" + std::to_string(k));
     if (!fs::exists(dir)) {
-      std::vector<std::string> argv = {s.bin + "/fedlora", "random-adapter", "--out", dir.string(), "--seed",
-                                       std::to_string(k + 1)};
+      std::vector<std::string> argv = {s.bin + "/fedlora", "random-adapter", "--out",
+                                       dir.string(),       "--seed",         std::to_string(k + 1)};
       argv.insert(argv.end(), shape.begin(), shape.end());
       Spawn(argv, s.work / "log.txt");
     }
@@ -108,52 +110,71 @@ Run Measure(const Setup& s, std::vector<std::string> argv) {
 }
 
 void LlamaShapes(const Setup& s, int clients, int layers, int dim, int rank) {
-  const std::vector<std::string> shape = {"--layers", std::to_string(layers), "--targets", "q_proj,v_proj",
-                                          "--in-features", std::to_string(dim), "--out-features", std::to_string(dim),
-                                          "--rank", std::to_string(rank), "--alpha", std::to_string(2 * rank)};
+  const std::vector<std::string> shape = {
+      "--layers",      std::to_string(layers), "--targets",      "q_proj,v_proj",
+      "--in-features", std::to_string(dim),    "--out-features", std::to_string(dim),
+      "--rank",        std::to_string(rank),   "--alpha",        std::to_string(2 * rank)};
   std::vector<std::string> sb_shape = shape;
   sb_shape.insert(sb_shape.end(), {"--lora-sb", "--frozen-seed", "7"});
   const auto plain = MakeClients(s, "llama", clients, shape);
   const auto sb = MakeClients(s, "llama-sb", clients, sb_shape);
-  std::printf("\n### A. %d clients, %d layers x q_proj,v_proj (%dx%d), r = %d\n\n", clients, layers, dim, dim, rank);
-  std::printf("inputs: %.1f MB of LoRA adapters (f32), %.1f MB of LoRA-SB adapters\n\n", DirMegabytes(plain),
-              DirMegabytes(sb));
-  std::printf("| method | wall time (s) | peak RSS (MB) | output rank | max rel. error vs dW* |\n|---|---|---|---|---|\n");
+  std::printf("\n### A. %d clients, %d layers x q_proj,v_proj (%dx%d), r = %d\n\n", clients, layers,
+              dim, dim, rank);
+  std::printf("inputs: %.1f MB of LoRA adapters (f32), %.1f MB of LoRA-SB adapters\n\n",
+              DirMegabytes(plain), DirMegabytes(sb));
+  std::printf(
+      "| method | wall time (s) | peak RSS (MB) | output rank | max rel. error vs dW* "
+      "|\n|---|---|---|---|---|\n");
   for (const char* method : {"fedit", "flora", "lora-fair", "fed-sb"}) {
-    std::vector<std::string> argv = {s.bin + "/fedlora", "aggregate", "--method", method, "--force", "--json",
-                                     "--out", (s.work / ("out-" + std::string(method))).string()};
+    std::vector<std::string> argv = {s.bin + "/fedlora",
+                                     "aggregate",
+                                     "--method",
+                                     method,
+                                     "--force",
+                                     "--json",
+                                     "--out",
+                                     (s.work / ("out-" + std::string(method))).string()};
     const auto& in = std::string(method) == "fed-sb" ? sb : plain;
     argv.insert(argv.end(), in.begin(), in.end());
     Run r = Measure(s, argv);
-    auto report = nlohmann::json::parse(r.output.substr(r.output.rfind('{', r.output.rfind("\"method\""))));
-    std::printf("| %s | %.2f | %.0f | %d | %.2e |\n", method, r.seconds, r.max_rss_mb, report["rank"].get<int>(),
-                report["max_relative_error"].get<double>());
+    auto report =
+        nlohmann::json::parse(r.output.substr(r.output.rfind('{', r.output.rfind("\"method\""))));
+    std::printf("| %s | %.2f | %.0f | %d | %.2e |\n", method, r.seconds, r.max_rss_mb,
+                report["rank"].get<int>(), report["max_relative_error"].get<double>());
     std::fflush(stdout);
   }
 }
 
 void LoraFairVersusDense(const Setup& s, int clients, int dim, int rank) {
-  const std::vector<std::string> shape = {"--layers", "1", "--targets", "q_proj", "--in-features",
-                                          std::to_string(dim), "--out-features", std::to_string(dim),
-                                          "--rank", std::to_string(rank), "--alpha", std::to_string(2 * rank)};
+  const std::vector<std::string> shape = {"--layers",       "1",
+                                          "--targets",      "q_proj",
+                                          "--in-features",  std::to_string(dim),
+                                          "--out-features", std::to_string(dim),
+                                          "--rank",         std::to_string(rank),
+                                          "--alpha",        std::to_string(2 * rank)};
   const auto in = MakeClients(s, "fair", clients, shape);
-  std::vector<std::string> ours = {s.bin + "/fedlora", "aggregate", "--method", "lora-fair", "--force", "--json",
-                                   "--out", (s.work / "out-fair").string()};
+  std::vector<std::string> ours = {
+      s.bin + "/fedlora", "aggregate", "--method", "lora-fair",
+      "--force",          "--json",    "--out",    (s.work / "out-fair").string()};
   ours.insert(ours.end(), in.begin(), in.end());
   std::vector<std::string> dense = {s.bin + "/lora_fair_dense"};
   dense.insert(dense.end(), in.begin(), in.end());
   Run a = Measure(s, ours);
   Run b = Measure(s, dense);
-  auto report = nlohmann::json::parse(a.output.substr(a.output.rfind('{', a.output.rfind("\"method\""))));
+  auto report =
+      nlohmann::json::parse(a.output.substr(a.output.rfind('{', a.output.rfind("\"method\""))));
   const auto& m = report["modules"][0];
   const size_t at = b.output.find("objective ");
   const double dense_objective = std::stod(b.output.substr(at + 10));
-  std::printf("\n### B. LoRA-FAIR, one %dx%d module, %d clients, r = %d, lambda 0.01\n\n", dim, dim, clients, rank);
-  std::printf("| solver | wall time (s) | peak RSS (MB) | objective | iterations |\n|---|---|---|---|---|\n");
-  std::printf("| fedlora aggregate (low-rank L-BFGS) | %.3f | %.0f | %.9f | %d |\n", a.seconds, a.max_rss_mb,
-              m["objective"].get<double>(), m["iterations"].get<int>());
-  std::printf("| dense, paper-style (1000 GD steps, lr 0.01) | %.3f | %.0f | %.9f | 1000 |\n", b.seconds,
-              b.max_rss_mb, dense_objective);
+  std::printf("\n### B. LoRA-FAIR, one %dx%d module, %d clients, r = %d, lambda 0.01\n\n", dim, dim,
+              clients, rank);
+  std::printf(
+      "| solver | wall time (s) | peak RSS (MB) | objective | iterations "
+      "|\n|---|---|---|---|---|\n");
+  std::printf("| fedlora aggregate (low-rank L-BFGS) | %.3f | %.0f | %.9f | %d |\n", a.seconds,
+              a.max_rss_mb, m["objective"].get<double>(), m["iterations"].get<int>());
+  std::printf("| dense, paper-style (1000 GD steps, lr 0.01) | %.3f | %.0f | %.9f | 1000 |\n",
+              b.seconds, b.max_rss_mb, dense_objective);
   std::printf("| FedIT (dB = 0) | | | %.9f | |\n", m["fedit_objective"].get<double>());
   std::printf("\nspeed-up as whole processes: %.0fx\n", b.seconds / a.seconds);
 }
@@ -168,8 +189,10 @@ int main(int argc, char** argv) {
   int clients = 10, layers = 32, dim = 4096, rank = 16, fair_dim = 1024;
   bool skip_llama = false, skip_fair = false;
   app.add_option("--work", work, "where inputs are made and kept")->capture_default_str();
-  app.add_option("--bin", s.bin, "directory with fedlora and lora_fair_dense")->capture_default_str();
-  app.add_option("--repeat", s.repeat, "runs per measurement (best time, worst RSS)")->capture_default_str();
+  app.add_option("--bin", s.bin, "directory with fedlora and lora_fair_dense")
+      ->capture_default_str();
+  app.add_option("--repeat", s.repeat, "runs per measurement (best time, worst RSS)")
+      ->capture_default_str();
   app.add_option("--clients", clients)->capture_default_str();
   app.add_option("--layers", layers)->capture_default_str();
   app.add_option("--dim", dim)->capture_default_str();

@@ -1,13 +1,12 @@
-// lora_fair_dense: LoRA-FAIR solved the way the paper and its public re-implementations do it, as the peer that
-// fedlora's low-rank solver is measured against. It forms the dense ΔW* = Σ p_k s_k B_k A_k (m×n) and takes plain
-// gradient steps on ΔB (from 0, lr 0.01, 1000 steps by default) of [1 − cos(ΔW*, (B̄ + ΔB)·Ā)] + λ‖ΔB‖², every step
-// on dense m×n matrices in f32 (as PyTorch would), with Eigen's multithreaded GEMM.
-// It reads the same PEFT directories as `fedlora aggregate` (uniform weights) and prints, per module, the objective
-// it reached, evaluated in double.
+// lora_fair_dense: LoRA-FAIR solved the way the paper and its public re-implementations do it, as
+// the peer that fedlora's low-rank solver is measured against. It forms the dense ΔW* = Σ p_k s_k
+// B_k A_k (m×n) and takes plain gradient steps on ΔB (from 0, lr 0.01, 1000 steps by default) of [1
+// − cos(ΔW*, (B̄ + ΔB)·Ā)] + λ‖ΔB‖², every step on dense m×n matrices in f32 (as PyTorch would),
+// with Eigen's multithreaded GEMM. It reads the same PEFT directories as `fedlora aggregate`
+// (uniform weights) and prints, per module, the objective it reached, evaluated in double.
+#include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
-
-#include <CLI/CLI.hpp>
 
 #include "common/peft.h"
 
@@ -43,7 +42,8 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < clients[0].num_modules(); ++i) {
     const auto& mod = clients[0].module(i);
     MatrixF target = MatrixF::Zero(mod.out_features, mod.in_features);
-    MatrixF a_bar = MatrixF::Zero(mod.rank, mod.in_features), b_bar = MatrixF::Zero(mod.out_features, mod.rank);
+    MatrixF a_bar = MatrixF::Zero(mod.rank, mod.in_features),
+            b_bar = MatrixF::Zero(mod.out_features, mod.rank);
     for (const auto& c : clients) {
       const float s = static_cast<float>(c.module(i).scaling);
       target.noalias() += (p * s) * c.B(i) * c.A(i);
@@ -51,7 +51,8 @@ int main(int argc, char** argv) {
       b_bar += (p * s) * c.B(i);
     }
     const float target_norm = target.norm();
-    MatrixF delta_b = MatrixF::Zero(b_bar.rows(), b_bar.cols()), w(target.rows(), target.cols()), grad_w, grad_b;
+    MatrixF delta_b = MatrixF::Zero(b_bar.rows(), b_bar.cols()), w(target.rows(), target.cols()),
+            grad_w, grad_b;
     for (int step = 0; step < steps; ++step) {
       w.noalias() = (b_bar + delta_b) * a_bar;
       const float w_norm = w.norm();
@@ -67,6 +68,7 @@ int main(int argc, char** argv) {
                              lambda * delta_b.cast<double>().squaredNorm();
     std::printf("module %s objective %.9f\n", mod.name.c_str(), objective);
   }
-  std::printf("seconds %.3f\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  std::printf("seconds %.3f\n",
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   return 0;
 }

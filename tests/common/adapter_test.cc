@@ -24,21 +24,25 @@ TEST(AdapterTest, ModulesAreLaidOutBackToBackInOneBuffer) {
 }
 
 TEST(AdapterTest, CreateRefusesBadShapes) {
-  EXPECT_THAT(Adapter::Create({{"q", 0, 3, 4, 1.0, false}}).status().message(), HasSubstr("must all be positive"));
-  EXPECT_THAT(Adapter::Create({{"q", 1, 3, 4, 1.0, false}, {"q", 1, 3, 4, 1.0, false}}).status().message(),
-              HasSubstr("appears twice"));
+  EXPECT_THAT(Adapter::Create({{"q", 0, 3, 4, 1.0, false}}).status().message(),
+              HasSubstr("must all be positive"));
+  EXPECT_THAT(
+      Adapter::Create({{"q", 1, 3, 4, 1.0, false}, {"q", 1, 3, 4, 1.0, false}}).status().message(),
+      HasSubstr("appears twice"));
 }
 
 TEST(AdapterTest, DeltaNormEqualsTheDenseNorm) {
   Adapter a = testing::RandomAdapter({{"q", 3, 17, 11, 2.5}, {"v", 4, 9, 13, 0.5, true}}, 4);
-  for (size_t i = 0; i < 2; ++i) EXPECT_NEAR(a.DeltaNorm(i), testing::DenseDelta(a, i).norm(), 1e-9 * a.DeltaNorm(i));
+  for (size_t i = 0; i < 2; ++i)
+    EXPECT_NEAR(a.DeltaNorm(i), testing::DenseDelta(a, i).norm(), 1e-9 * a.DeltaNorm(i));
 }
 
 TEST(AdapterTest, CheckFiniteNamesModuleAndTensor) {
   Adapter a = testing::RandomAdapter({{"q", 3, 4, 5}, {"v", 2, 4, 5, 1.0, true}}, 4);
   EXPECT_TRUE(a.CheckFinite().ok());
   a.R(1)(1, 1) = -INFINITY;
-  EXPECT_THAT(a.CheckFinite().message(), HasSubstr("module v: lora_R holds a non-finite value (-inf)"));
+  EXPECT_THAT(a.CheckFinite().message(),
+              HasSubstr("module v: lora_R holds a non-finite value (-inf)"));
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// Every method's output is checked against its formula in ALGORITHMS.md, computed here independently with dense
-// double-precision products of the clients' factors (testing::DenseDelta), never with the code's own helpers.
+// Every method's output is checked against its formula in ALGORITHMS.md, computed here
+// independently with dense double-precision products of the clients' factors (testing::DenseDelta),
+// never with the code's own helpers.
 #include "common/aggregate.h"
 
 #include <gmock/gmock.h>
@@ -10,24 +11,27 @@
 namespace fedlora::common {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::DenseDelta;
+using ::testing::HasSubstr;
 using testing::RelativeDiff;
 
 const char* kQ = "model.layers.0.self_attn.q_proj";
 const char* kV = "model.layers.0.self_attn.v_proj";
 
-// Three clients with mixed ranks (4, 8, 2) and mixed scalings: alpha/r, rsLoRA alpha/sqrt(r), and another alpha.
+// Three clients with mixed ranks (4, 8, 2) and mixed scalings: alpha/r, rsLoRA alpha/sqrt(r), and
+// another alpha.
 std::vector<Adapter> MixedClients() {
   const double s0 = 8.0 / 4, s1 = 16.0 / std::sqrt(8.0), s2 = 3.0 / 2;
-  return {testing::RandomAdapter({{kQ, 4, 24, 20, s0}, {kV, 4, 24, 16, s0}}, 11),
-          testing::RandomAdapter({{kV, 8, 24, 16, s1}, {kQ, 8, 24, 20, s1}}, 12),  // other module order
-          testing::RandomAdapter({{kQ, 2, 24, 20, s2}, {kV, 2, 24, 16, s2}}, 13)};
+  return {
+      testing::RandomAdapter({{kQ, 4, 24, 20, s0}, {kV, 4, 24, 16, s0}}, 11),
+      testing::RandomAdapter({{kV, 8, 24, 16, s1}, {kQ, 8, 24, 20, s1}}, 12),  // other module order
+      testing::RandomAdapter({{kQ, 2, 24, 20, s2}, {kV, 2, 24, 16, s2}}, 13)};
 }
 const std::vector<double> kWeights = {1, 2, 3};  // p = 1/6, 2/6, 3/6
 
 // Σ_k p_k s_k B_k A_k for the named module, from dense products.
-MatrixD IdealDelta(const std::vector<Adapter>& clients, const std::vector<double>& p, const std::string& name) {
+MatrixD IdealDelta(const std::vector<Adapter>& clients, const std::vector<double>& p,
+                   const std::string& name) {
   MatrixD sum;
   for (size_t k = 0; k < clients.size(); ++k) {
     MatrixD d = p[k] * DenseDelta(clients[k], *clients[k].FindModule(name));
@@ -37,8 +41,8 @@ MatrixD IdealDelta(const std::vector<Adapter>& clients, const std::vector<double
 }
 
 // FedIT's zero-padded averages, written out element by element.
-void FedItFactors(const std::vector<Adapter>& clients, const std::vector<double>& p, const std::string& name,
-                  MatrixD* a_bar, MatrixD* b_bar) {
+void FedItFactors(const std::vector<Adapter>& clients, const std::vector<double>& p,
+                  const std::string& name, MatrixD* a_bar, MatrixD* b_bar) {
   int r_max = 0, n = 0, m = 0;
   for (const Adapter& c : clients) {
     const LoraModule& mod = c.module(*c.FindModule(name));
@@ -61,9 +65,11 @@ void FedItFactors(const std::vector<Adapter>& clients, const std::vector<double>
 std::vector<double> P() { return {1.0 / 6, 2.0 / 6, 3.0 / 6}; }
 
 TEST(AggregateTest, HandDerivedScalarCase) {
-  // Two rank-1 clients on a 1×1 layer: A1 = 2, B1 = 3 (s = 1); A2 = 4, B2 = 1 (s = 2), equal weights.
-  // ΔW* = ½·3·2 + ½·2·1·4 = 7. FedIT: Ā = 3, B̄ = ½·3 + ½·2 = 2.5, so 7.5 (error 0.5/7). FLoRA: exactly 7.
-  std::vector<Adapter> c = {*Adapter::Create({{"m", 1, 1, 1, 1.0, false}}), *Adapter::Create({{"m", 1, 1, 1, 2.0, false}})};
+  // Two rank-1 clients on a 1×1 layer: A1 = 2, B1 = 3 (s = 1); A2 = 4, B2 = 1 (s = 2), equal
+  // weights. ΔW* = ½·3·2 + ½·2·1·4 = 7. FedIT: Ā = 3, B̄ = ½·3 + ½·2 = 2.5, so 7.5 (error 0.5/7).
+  // FLoRA: exactly 7.
+  std::vector<Adapter> c = {*Adapter::Create({{"m", 1, 1, 1, 1.0, false}}),
+                            *Adapter::Create({{"m", 1, 1, 1, 2.0, false}})};
   c[0].A(0)(0, 0) = 2;
   c[0].B(0)(0, 0) = 3;
   c[1].A(0)(0, 0) = 4;
@@ -112,7 +118,9 @@ TEST(AggregateTest, FloraStackingIsExactForMixedRanksAndScalings) {
     EXPECT_LT(out->modules[i].relative_error, 1e-6);
     // Rows stacked in client order, A scaled by p_k: the second block is p_2·A_2 of client 1.
     const size_t j = *clients[1].FindModule(name);
-    EXPECT_LT(RelativeDiff(g.A(i).middleRows(4, 8).cast<double>(), P()[1] * clients[1].A(j).cast<double>()), 1e-6);
+    EXPECT_LT(RelativeDiff(g.A(i).middleRows(4, 8).cast<double>(),
+                           P()[1] * clients[1].A(j).cast<double>()),
+              1e-6);
   }
 }
 
@@ -127,8 +135,8 @@ TEST(AggregateTest, UniformWeightsWhenNoneAreGiven) {
 std::vector<Adapter> FedSbClients(const std::vector<double>& scalings) {
   std::vector<Adapter> c;
   for (size_t k = 0; k < scalings.size(); ++k) {
-    c.push_back(testing::RandomAdapter({{kQ, 6, 24, 20, scalings[k], true}, {kV, 6, 24, 16, scalings[k], true}},
-                                       100 + k));
+    c.push_back(testing::RandomAdapter(
+        {{kQ, 6, 24, 20, scalings[k], true}, {kV, 6, 24, 16, scalings[k], true}}, 100 + k));
     if (k > 0) {  // B and A are frozen and shared: copy them from client 0.
       for (size_t i = 0; i < 2; ++i) {
         c[k].A(i) = c[0].A(i);
@@ -164,10 +172,13 @@ TEST(AggregateTest, FedSbRefusesMixedRanksDifferentFrozenFactorsAndPlainLora) {
 
   std::vector<Adapter> ranks = {testing::RandomAdapter({{kQ, 4, 8, 8, 1.0, true}}, 1),
                                 testing::RandomAdapter({{kQ, 6, 8, 8, 1.0, true}}, 2)};
-  EXPECT_THAT(Aggregate(ranks, {}, {Method::kFedSb}).status().message(), HasSubstr("fed-sb needs equal ranks"));
+  EXPECT_THAT(Aggregate(ranks, {}, {Method::kFedSb}).status().message(),
+              HasSubstr("fed-sb needs equal ranks"));
 
-  std::vector<Adapter> plain = {testing::RandomAdapter({{kQ, 4, 8, 8}}, 1), testing::RandomAdapter({{kQ, 4, 8, 8}}, 2)};
-  EXPECT_THAT(Aggregate(plain, {}, {Method::kFedSb}).status().message(), HasSubstr("has no lora_R"));
+  std::vector<Adapter> plain = {testing::RandomAdapter({{kQ, 4, 8, 8}}, 1),
+                                testing::RandomAdapter({{kQ, 4, 8, 8}}, 2)};
+  EXPECT_THAT(Aggregate(plain, {}, {Method::kFedSb}).status().message(),
+              HasSubstr("has no lora_R"));
   EXPECT_THAT(Aggregate(FedSbClients({1.0, 1.0}), {}, {Method::kFlora}).status().message(),
               HasSubstr("use --method fed-sb"));
 }
@@ -212,12 +223,20 @@ TEST(AggregateTest, BadInputsAreRefusedWithAPreciseMessage) {
                                   testing::RandomAdapter({{kQ, 4, 8, 8}}, 2)};
   std::vector<Adapter> extra = {testing::RandomAdapter({{kQ, 4, 8, 8}}, 1),
                                 testing::RandomAdapter({{kQ, 4, 8, 8}, {kV, 4, 8, 8}}, 2)};
-  std::vector<Adapter> shape = {testing::RandomAdapter({{kQ, 4, 8, 8}}, 1), testing::RandomAdapter({{kQ, 4, 9, 8}}, 2)};
+  std::vector<Adapter> shape = {testing::RandomAdapter({{kQ, 4, 8, 8}}, 1),
+                                testing::RandomAdapter({{kQ, 4, 9, 8}}, 2)};
   const std::vector<BadInput> cases = {
-      {"NaN", nan, {}, "client 1 (site-b): module model.layers.0.self_attn.v_proj: lora_B holds a non-finite value"},
+      {"NaN",
+       nan,
+       {},
+       "client 1 (site-b): module model.layers.0.self_attn.v_proj: lora_B holds a non-finite "
+       "value"},
       {"Inf", inf, {}, "lora_A holds a non-finite value (inf)"},
       {"missing module", missing, {}, "client 1 has no module model.layers.0.self_attn.v_proj"},
-      {"extra module", extra, {}, "client 1 has module model.layers.0.self_attn.v_proj, which client 0 does not"},
+      {"extra module",
+       extra,
+       {},
+       "client 1 has module model.layers.0.self_attn.v_proj, which client 0 does not"},
       {"layer shape", shape, {}, "adapts a 8x8 layer"},
       {"weights count", MixedClients(), {1, 2}, "2 weights given for 3 adapters"},
       {"negative weight", MixedClients(), {1, -2, 3}, "weight 2 is -2"},
@@ -229,10 +248,12 @@ TEST(AggregateTest, BadInputsAreRefusedWithAPreciseMessage) {
       auto out = Aggregate(c.clients, c.weights, {method});
       ASSERT_FALSE(out.ok()) << c.what;
       EXPECT_TRUE(absl::IsInvalidArgument(out.status()));
-      EXPECT_THAT(out.status().message(), HasSubstr(c.message)) << c.what << " / " << MethodName(method);
+      EXPECT_THAT(out.status().message(), HasSubstr(c.message))
+          << c.what << " / " << MethodName(method);
     }
   }
-  EXPECT_THAT(ParseMethod("fedavg").status().message(), HasSubstr("expected fedit, flora, lora-fair or fed-sb"));
+  EXPECT_THAT(ParseMethod("fedavg").status().message(),
+              HasSubstr("expected fedit, flora, lora-fair or fed-sb"));
   for (Method m : kAllMethods) EXPECT_EQ(*ParseMethod(MethodName(m)), m);
 }
 

@@ -1,9 +1,9 @@
 #include "common/file_util.h"
 
-#include <fstream>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <fstream>
 
 #include "tests/test_util.h"
 
@@ -26,7 +26,7 @@ TEST(FileUtilTest, AtomicWriteReplacesOrLeavesTheOldFile) {
   });
   EXPECT_EQ(st.message(), "disk on fire");
   EXPECT_EQ(*ReadFileToString(dir / "f"), "one");  // the old content survives a failed write
-  EXPECT_EQ(CountEntries(dir.path()), 1u);          // and no temporary is left behind
+  EXPECT_EQ(CountEntries(dir.path()), 1u);         // and no temporary is left behind
 }
 
 TEST(FileUtilTest, FailedDirectoryBuildLeavesNothing) {
@@ -38,11 +38,15 @@ TEST(FileUtilTest, FailedDirectoryBuildLeavesNothing) {
   EXPECT_EQ(st.message(), "bad input");
   EXPECT_EQ(CountEntries(dir.path()), 0u);
   // Missing parents are made, as PEFT's save_pretrained does.
-  EXPECT_TRUE(BuildDirectoryAtomically(dir / "new" / "out", false, [](const fs::path&) { return absl::OkStatus(); }).ok());
+  EXPECT_TRUE(BuildDirectoryAtomically(dir / "new" / "out", false, [](const fs::path&) {
+                return absl::OkStatus();
+              }).ok());
   EXPECT_TRUE(fs::is_directory(dir / "new" / "out"));
   // A file where a parent should be is an error.
   std::ofstream(dir / "file") << "x";
-  EXPECT_FALSE(BuildDirectoryAtomically(dir / "file" / "out", false, [](const fs::path&) { return absl::OkStatus(); }).ok());
+  EXPECT_FALSE(BuildDirectoryAtomically(dir / "file" / "out", false, [](const fs::path&) {
+                 return absl::OkStatus();
+               }).ok());
 }
 
 TEST(FileUtilTest, MapsEmptyAndMissingFiles) {

@@ -1,11 +1,12 @@
-// LoRA-FAIR's solver, checked against the objective as the paper states it on dense m×n matrices: a dense gradient
-// (itself checked by finite differences), the closed-form optimum at λ = 0, the stationarity relation of
-// ALGORITHMS.md, and many-start dense gradient descent for the global optimum.
+// LoRA-FAIR's solver, checked against the objective as the paper states it on dense m×n matrices: a
+// dense gradient (itself checked by finite differences), the closed-form optimum at λ = 0, the
+// stationarity relation of ALGORITHMS.md, and many-start dense gradient descent for the global
+// optimum.
 #include "common/lora_fair.h"
 
-#include <random>
-
 #include <gtest/gtest.h>
+
+#include <random>
 
 namespace fedlora::common {
 namespace {
@@ -17,9 +18,11 @@ struct Dense {
 
   double Objective(const MatrixD& b) const {
     const MatrixD w = b * a_bar;
-    return 1 - (w.array() * target.array()).sum() / (w.norm() * target.norm()) + lambda * (b - b_bar).squaredNorm();
+    return 1 - (w.array() * target.array()).sum() / (w.norm() * target.norm()) +
+           lambda * (b - b_bar).squaredNorm();
   }
-  // d/dB of the objective: cos = ⟨D, W⟩/(‖D‖‖W‖) with W = B·Ā, so ∂cos/∂W = D/(‖D‖‖W‖) − cos·W/‖W‖², ∂W/∂B = ·Āᵀ.
+  // d/dB of the objective: cos = ⟨D, W⟩/(‖D‖‖W‖) with W = B·Ā, so ∂cos/∂W = D/(‖D‖‖W‖) −
+  // cos·W/‖W‖², ∂W/∂B = ·Āᵀ.
   MatrixD Gradient(const MatrixD& b) const {
     const MatrixD w = b * a_bar;
     const double cos = (w.array() * target.array()).sum() / (w.norm() * target.norm());
@@ -65,10 +68,12 @@ TEST(LoraFairTest, DenseGradientOfTheTestMatchesFiniteDifferences) {
       MatrixD hi = b, lo = b;
       hi(i, j) += 1e-6;
       lo(i, j) -= 1e-6;
-      EXPECT_NEAR((d.Objective(hi) - d.Objective(lo)) / 2e-6, g(i, j), 1e-7 * std::max(1.0, std::abs(g(i, j))));
+      EXPECT_NEAR((d.Objective(hi) - d.Objective(lo)) / 2e-6, g(i, j),
+                  1e-7 * std::max(1.0, std::abs(g(i, j))));
     }
   }
-  // And the low-rank objective and gradient of the library agree with the dense ones away from the optimum.
+  // And the low-rank objective and gradient of the library agree with the dense ones away from the
+  // optimum.
   MatrixD lg;
   EXPECT_NEAR(LoraFairObjective(d.LowRank(), d.lambda, b, &lg), d.Objective(b), 1e-12);
   EXPECT_LT((lg - g).norm(), 1e-10 * g.norm());
@@ -83,8 +88,10 @@ TEST(LoraFairTest, SolutionIsStationaryAndBeatsFedIt) {
       EXPECT_NEAR(s.objective, d.Objective(s.b), 1e-12);
       EXPECT_NEAR(s.fedit_objective, d.Objective(d.b_bar), 1e-12);
       EXPECT_LT(s.objective, s.fedit_objective);
-      // Stationary: the dense gradient vanishes, relative to the scale 1/‖B̄‖ of the objective's gradient.
-      EXPECT_LT(d.Gradient(s.b).norm() * d.b_bar.norm(), 1e-8) << "seed " << seed << " lambda " << lambda;
+      // Stationary: the dense gradient vanishes, relative to the scale 1/‖B̄‖ of the objective's
+      // gradient.
+      EXPECT_LT(d.Gradient(s.b).norm() * d.b_bar.norm(), 1e-8)
+          << "seed " << seed << " lambda " << lambda;
       // ALGORITHMS.md: B' = (β·G + 2λ·B̄)(α·S + 2λ·I)⁻¹ with β = 1/(N√v), α = u/(N v^{3/2}).
       const LoraFairProblem p = d.LowRank();
       const double n = d.target.norm(), w = (s.b * d.a_bar).norm();
@@ -134,7 +141,8 @@ TEST(LoraFairTest, ReachesTheGlobalOptimumFoundByManyStartDenseDescent) {
 }
 
 TEST(LoraFairTest, DegenerateProblemsKeepFedIt) {
-  // ΔW* = 0 (for instance every client's B is still 0): cos is 0 whatever B is, so ΔB = 0 is optimal.
+  // ΔW* = 0 (for instance every client's B is still 0): cos is 0 whatever B is, so ΔB = 0 is
+  // optimal.
   Dense d = MakeProblem(5, 4, 2, 2, 0.01, 11);
   LoraFairProblem p = d.LowRank();
   p.g.setZero();
@@ -143,19 +151,24 @@ TEST(LoraFairTest, DegenerateProblemsKeepFedIt) {
   EXPECT_TRUE(s.converged);
   EXPECT_EQ(s.b, p.b_bar);
   EXPECT_DOUBLE_EQ(s.objective, 1.0);
-  // B̄·Ā = 0 while ΔW* ≠ 0 (B̄ = 0, or B̄ in the null space of S): cos only sees B̄'s part in Ā's row space, which
-  // is 0, and the objective approaches its infimum 1 − max cos only as that part shrinks to 0. No minimiser exists:
-  // B̄ is kept and the solution says it did not converge.
+  // B̄·Ā = 0 while ΔW* ≠ 0 (B̄ = 0, or B̄ in the null space of S): cos only sees B̄'s part in Ā's row
+  // space, which is 0, and the objective approaches its infimum 1 − max cos only as that part
+  // shrinks to 0. No minimiser exists: B̄ is kept and the solution says it did not converge.
   Dense z = MakeProblem(5, 4, 2, 2, 0.01, 12);
   z.a_bar.row(1).setZero();
   z.b_bar.col(0).setZero();
   ASSERT_EQ((z.b_bar * z.a_bar).norm(), 0.0);
-  for (const Dense& d : {z, [] { Dense o = MakeProblem(5, 4, 2, 2, 0.01, 13); o.b_bar.setZero(); return o; }()}) {
+  for (const Dense& d : {z, [] {
+                           Dense o = MakeProblem(5, 4, 2, 2, 0.01, 13);
+                           o.b_bar.setZero();
+                           return o;
+                         }()}) {
     LoraFairSolution u = SolveLoraFair(d.LowRank(), {0.01});
     EXPECT_FALSE(u.converged);
     EXPECT_EQ(u.b, d.b_bar);
     EXPECT_DOUBLE_EQ(u.objective, 1.0);
-    // Points along the best direction, ever closer to 0, keep improving: the infimum is not attained.
+    // Points along the best direction, ever closer to 0, keep improving: the infimum is not
+    // attained.
     const MatrixD dir = d.LowRank().g;
     EXPECT_LT(d.Objective(1e-3 * dir), d.Objective(1e-1 * dir));
   }

@@ -1,9 +1,9 @@
 #include "common/peft.h"
 
-#include <fstream>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "common/file_util.h"
@@ -29,8 +29,10 @@ void MakePeftDir(const fs::path& dir, const std::string& config,
     for (int64_t d : shape) n *= d;
     storage.emplace_back(static_cast<size_t>(n), 0.5f);
   }
-  for (size_t i = 0; i < tensors.size(); ++i) out.push_back({tensors[i].first, tensors[i].second, storage[i]});
-  ASSERT_TRUE(WriteSafetensors(dir / kAdapterWeightsFile, out, DType::kF32, {{"format", "pt"}}).ok());
+  for (size_t i = 0; i < tensors.size(); ++i)
+    out.push_back({tensors[i].first, tensors[i].second, storage[i]});
+  ASSERT_TRUE(
+      WriteSafetensors(dir / kAdapterWeightsFile, out, DType::kF32, {{"format", "pt"}}).ok());
 }
 
 const char* kQ = "base_model.model.model.layers.0.self_attn.q_proj";
@@ -43,13 +45,16 @@ TEST(PeftTest, ScalingFollowsPeftRules) {
 
 TEST(PeftTest, ReadsRankAndAlphaPatternsAsPeftDoes) {
   testing::ScratchDir dir;
-  // q_proj gets rank 8 from rank_pattern (scaling 32/8); v_proj keeps r = 16 and gets alpha 4 (scaling 4/16).
+  // q_proj gets rank 8 from rank_pattern (scaling 32/8); v_proj keeps r = 16 and gets alpha 4
+  // (scaling 4/16).
   MakePeftDir(dir.path(),
               R"({"peft_type":"LORA","r":16,"lora_alpha":32,"use_rslora":false,
                   "base_model_name_or_path":"HuggingFaceTB/SmolLM2-135M",
                   "rank_pattern":{"q_proj":8},"alpha_pattern":{"v_proj":4}})",
-              {{std::string(kQ) + ".lora_A.weight", {8, 12}}, {std::string(kQ) + ".lora_B.weight", {10, 8}},
-               {std::string(kV) + ".lora_A.weight", {16, 12}}, {std::string(kV) + ".lora_B.weight", {6, 16}}});
+              {{std::string(kQ) + ".lora_A.weight", {8, 12}},
+               {std::string(kQ) + ".lora_B.weight", {10, 8}},
+               {std::string(kV) + ".lora_A.weight", {16, 12}},
+               {std::string(kV) + ".lora_B.weight", {6, 16}}});
   auto a = ReadPeftAdapter(dir.path());
   ASSERT_TRUE(a.ok()) << a.status();
   ASSERT_EQ(a->num_modules(), 2u);
@@ -68,8 +73,10 @@ TEST(PeftTest, ReadsRankAndAlphaPatternsAsPeftDoes) {
 
 TEST(PeftTest, ReadsRsLoraScaling) {
   testing::ScratchDir dir;
-  MakePeftDir(dir.path(), R"({"peft_type":"LORA","r":4,"lora_alpha":6,"use_rslora":true,"target_modules":"q_proj"})",
-              {{std::string(kQ) + ".lora_A.weight", {4, 3}}, {std::string(kQ) + ".lora_B.weight", {2, 4}}});
+  MakePeftDir(
+      dir.path(),
+      R"({"peft_type":"LORA","r":4,"lora_alpha":6,"use_rslora":true,"target_modules":"q_proj"})",
+      {{std::string(kQ) + ".lora_A.weight", {4, 3}}, {std::string(kQ) + ".lora_B.weight", {2, 4}}});
   auto a = ReadPeftAdapter(dir.path());
   ASSERT_TRUE(a.ok()) << a.status();
   EXPECT_DOUBLE_EQ(a->module(0).scaling, 3.0);  // 6 / sqrt(4)
@@ -98,11 +105,13 @@ TEST(PeftTest, WriteThenReadKeepsEveryModuleValueAndScaling) {
   auto config = nlohmann::json::parse(*ReadFileToString(dir / "out" / kAdapterConfigFile));
   EXPECT_EQ(config["peft_type"], "LORA");
   EXPECT_EQ(config["r"], 8);
-  EXPECT_EQ(config["target_modules"], (std::vector<std::string>{"down_proj", "q_proj", "up_proj", "v_proj"}));
+  EXPECT_EQ(config["target_modules"],
+            (std::vector<std::string>{"down_proj", "q_proj", "up_proj", "v_proj"}));
   EXPECT_EQ(config["rank_pattern"].size(), 1u);  // v_proj has rank 4
   auto file = SafetensorsFile::Open(dir / "out" / kAdapterWeightsFile);
   EXPECT_EQ(file->view().metadata().at("format"), "pt");
-  EXPECT_NE(file->view().Find("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"), nullptr);
+  EXPECT_NE(file->view().Find("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"),
+            nullptr);
 }
 
 TEST(PeftTest, WritesAndReadsLoraR) {
@@ -142,19 +151,37 @@ struct BadDir {
 
 TEST(PeftTest, BadDirectoriesSayWhatIsWrong) {
   const std::string ok = R"({"peft_type":"LORA","r":4,"lora_alpha":8})";
-  const std::string qa = std::string(kQ) + ".lora_A.weight", qb = std::string(kQ) + ".lora_B.weight";
+  const std::string qa = std::string(kQ) + ".lora_A.weight",
+                    qb = std::string(kQ) + ".lora_B.weight";
   const std::vector<BadDir> cases = {
       {"no config", "", {{qa, {4, 3}}, {qb, {2, 4}}}, "missing"},
       {"config not json", "{r:", {{qa, {4, 3}}, {qb, {2, 4}}}, "not valid JSON"},
-      {"not lora", R"({"peft_type":"IA3","r":4,"lora_alpha":8})", {{qa, {4, 3}}, {qb, {2, 4}}}, "LoRA adapters"},
-      {"dora", R"({"peft_type":"LORA","r":4,"lora_alpha":8,"use_dora":true})", {{qa, {4, 3}}, {qb, {2, 4}}}, "DoRA"},
-      {"r not positive", R"({"peft_type":"LORA","r":0,"lora_alpha":8})", {{qa, {4, 3}}, {qb, {2, 4}}}, "positive"},
-      {"config r differs", ok, {{qa, {8, 3}}, {qb, {2, 8}}}, "rank 8 but adapter_config.json says r = 4"},
+      {"not lora",
+       R"({"peft_type":"IA3","r":4,"lora_alpha":8})",
+       {{qa, {4, 3}}, {qb, {2, 4}}},
+       "LoRA adapters"},
+      {"dora",
+       R"({"peft_type":"LORA","r":4,"lora_alpha":8,"use_dora":true})",
+       {{qa, {4, 3}}, {qb, {2, 4}}},
+       "DoRA"},
+      {"r not positive",
+       R"({"peft_type":"LORA","r":0,"lora_alpha":8})",
+       {{qa, {4, 3}}, {qb, {2, 4}}},
+       "positive"},
+      {"config r differs",
+       ok,
+       {{qa, {8, 3}}, {qb, {2, 8}}},
+       "rank 8 but adapter_config.json says r = 4"},
       {"rank of B differs", ok, {{qa, {4, 3}}, {qb, {2, 5}}}, "expected lora_B [m, 4]"},
       {"A without B", ok, {{qa, {4, 3}}}, "has lora_A but no lora_B"},
       {"3-D tensor", ok, {{qa, {4, 3, 1}}, {qb, {2, 4}}}, "2-D"},
-      {"wrong R", ok, {{qa, {4, 3}}, {qb, {2, 4}}, {std::string(kQ) + ".lora_R.weight", {4, 3}}}, "expected [4,4]"},
-      {"foreign tensor", ok, {{qa, {4, 3}}, {qb, {2, 4}}, {"base_model.model.lm_head.weight", {2, 2}}},
+      {"wrong R",
+       ok,
+       {{qa, {4, 3}}, {qb, {2, 4}}, {std::string(kQ) + ".lora_R.weight", {4, 3}}},
+       "expected [4,4]"},
+      {"foreign tensor",
+       ok,
+       {{qa, {4, 3}}, {qb, {2, 4}}, {"base_model.model.lm_head.weight", {2, 2}}},
        "unexpected tensor 'base_model.model.lm_head.weight'"},
   };
   for (const BadDir& c : cases) {

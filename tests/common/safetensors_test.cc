@@ -1,10 +1,10 @@
 #include "common/safetensors.h"
 
-#include <cstring>
-#include <random>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
 
 #include "common/file_util.h"
 #include "tests/test_util.h"
@@ -26,14 +26,15 @@ std::string Floats(std::initializer_list<float> v) {
 }
 
 absl::Status ParseStatus(const std::string& bytes) {
-  auto view = SafetensorsView::Parse({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, "test.st");
+  auto view = SafetensorsView::Parse({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()},
+                                     "test.st");
   return view.status();
 }
 
 TEST(SafetensorsTest, HalfConversionsMatchIeeeBinary16) {
   EXPECT_EQ(FloatToHalfBits(1.0f), 0x3C00);
   EXPECT_EQ(FloatToHalfBits(-2.0f), 0xC000);
-  EXPECT_EQ(FloatToHalfBits(65504.0f), 0x7BFF);   // largest finite half
+  EXPECT_EQ(FloatToHalfBits(65504.0f), 0x7BFF);     // largest finite half
   EXPECT_EQ(FloatToHalfBits(1.0f / 3.0f), 0x3555);  // 0.333251953125, nearest
   EXPECT_EQ(FloatToHalfBits(INFINITY), 0x7C00);
   EXPECT_EQ(HalfBitsToFloat(0x0001), std::ldexp(1.0f, -24));  // smallest subnormal
@@ -42,10 +43,18 @@ TEST(SafetensorsTest, HalfConversionsMatchIeeeBinary16) {
 }
 
 TEST(SafetensorsTest, BFloat16ConversionsRoundToNearestEven) {
-  auto bits = [](float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; };
-  auto from = [](uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; };
+  auto bits = [](float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+  };
+  auto from = [](uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
   EXPECT_EQ(FloatToBFloat16Bits(1.0f), 0x3F80);
-  EXPECT_EQ(FloatToBFloat16Bits(3.14159265f), 0x4049);   // low half 0x0FDB rounds down
+  EXPECT_EQ(FloatToBFloat16Bits(3.14159265f), 0x4049);       // low half 0x0FDB rounds down
   EXPECT_EQ(FloatToBFloat16Bits(from(0x3F808000)), 0x3F80);  // exact tie, even stays
   EXPECT_EQ(FloatToBFloat16Bits(from(0x3F818000)), 0x3F82);  // exact tie, odd rounds up
   EXPECT_EQ(FloatToBFloat16Bits(from(0x3F808001)), 0x3F81);  // just above the tie
@@ -57,9 +66,11 @@ TEST(SafetensorsTest, ReadsAHandWrittenFile) {
       R"({"__metadata__":{"format":"pt"},"b":{"dtype":"BF16","shape":[2],"data_offsets":[12,16]},)"
       R"("a":{"dtype":"F32","shape":[1,3],"data_offsets":[0,12]}})";
   const uint16_t bf[2] = {0x3F80, 0xC000};  // 1, -2
-  std::string data = Floats({1.5f, -0.25f, 3.0f}) + std::string(reinterpret_cast<const char*>(bf), 4);
+  std::string data =
+      Floats({1.5f, -0.25f, 3.0f}) + std::string(reinterpret_cast<const char*>(bf), 4);
   std::string bytes = MakeFile(header, data);
-  auto view = SafetensorsView::Parse({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, "x");
+  auto view =
+      SafetensorsView::Parse({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, "x");
   ASSERT_TRUE(view.ok()) << view.status();
   ASSERT_EQ(view->tensors().size(), 2u);
   EXPECT_EQ(view->tensors()[0].name, "a");  // data order, not header order
@@ -128,8 +139,8 @@ struct BadFile {
 TEST(SafetensorsTest, EveryRuleOfTheFormatIsChecked) {
   const std::string f8 = Floats({1, 2});
   auto entry = [](const std::string& dtype, const std::string& shape, int b, int e) {
-    return "{\"dtype\":\"" + dtype + "\",\"shape\":" + shape + ",\"data_offsets\":[" + std::to_string(b) + "," +
-           std::to_string(e) + "]}";
+    return "{\"dtype\":\"" + dtype + "\",\"shape\":" + shape + ",\"data_offsets\":[" +
+           std::to_string(b) + "," + std::to_string(e) + "]}";
   };
   std::string huge_len(8, '\0');
   uint64_t big = 1u << 20;
@@ -140,27 +151,41 @@ TEST(SafetensorsTest, EveryRuleOfTheFormatIsChecked) {
       {"header longer than file", huge_len + "{}", "longer than the 2 bytes"},
       {"not json", MakeFile("{nope", f8), "not valid JSON"},
       {"header not an object", MakeFile("[1,2]", f8), "JSON object"},
-      {"unknown dtype", MakeFile("{\"a\":" + entry("Q7", "[2]", 0, 8) + "}", f8), "unknown dtype 'Q7'"},
-      {"unsupported dtype", MakeFile("{\"a\":" + entry("F64", "[1]", 0, 8) + "}", f8), "F64 is not supported"},
-      {"shape does not match bytes", MakeFile("{\"a\":" + entry("F32", "[3]", 0, 8) + "}", f8), "needs 12 bytes"},
-      {"negative dimension", MakeFile("{\"a\":" + entry("F32", "[-2]", 0, 8) + "}", f8), "non-negative"},
-      {"offsets past the data", MakeFile("{\"a\":" + entry("F32", "[4]", 0, 16) + "}", f8), "out of range"},
-      {"end before begin", MakeFile("{\"a\":" + entry("F32", "[0]", 8, 4) + "}", f8), "end before they begin"},
+      {"unknown dtype", MakeFile("{\"a\":" + entry("Q7", "[2]", 0, 8) + "}", f8),
+       "unknown dtype 'Q7'"},
+      {"unsupported dtype", MakeFile("{\"a\":" + entry("F64", "[1]", 0, 8) + "}", f8),
+       "F64 is not supported"},
+      {"shape does not match bytes", MakeFile("{\"a\":" + entry("F32", "[3]", 0, 8) + "}", f8),
+       "needs 12 bytes"},
+      {"negative dimension", MakeFile("{\"a\":" + entry("F32", "[-2]", 0, 8) + "}", f8),
+       "non-negative"},
+      {"offsets past the data", MakeFile("{\"a\":" + entry("F32", "[4]", 0, 16) + "}", f8),
+       "out of range"},
+      {"end before begin", MakeFile("{\"a\":" + entry("F32", "[0]", 8, 4) + "}", f8),
+       "end before they begin"},
       {"overlapping tensors",
-       MakeFile("{\"a\":" + entry("F32", "[2]", 0, 8) + ",\"b\":" + entry("F32", "[1]", 4, 8) + "}", f8),
+       MakeFile("{\"a\":" + entry("F32", "[2]", 0, 8) + ",\"b\":" + entry("F32", "[1]", 4, 8) + "}",
+                f8),
        "overlap"},
       {"gap between tensors",
-       MakeFile("{\"a\":" + entry("F32", "[1]", 0, 4) + ",\"b\":" + entry("F32", "[0]", 8, 8) + "}", f8), "gap"},
+       MakeFile("{\"a\":" + entry("F32", "[1]", 0, 4) + ",\"b\":" + entry("F32", "[0]", 8, 8) + "}",
+                f8),
+       "gap"},
       {"first tensor not at 0", MakeFile("{\"a\":" + entry("F32", "[1]", 4, 8) + "}", f8), "gap"},
-      {"trailing bytes", MakeFile("{\"a\":" + entry("F32", "[1]", 0, 4) + "}", f8), "trailing bytes"},
+      {"trailing bytes", MakeFile("{\"a\":" + entry("F32", "[1]", 0, 4) + "}", f8),
+       "trailing bytes"},
       {"duplicate name",
-       MakeFile("{\"a\":" + entry("F32", "[1]", 0, 4) + ",\"a\":" + entry("F32", "[1]", 4, 8) + "}", f8),
+       MakeFile("{\"a\":" + entry("F32", "[1]", 0, 4) + ",\"a\":" + entry("F32", "[1]", 4, 8) + "}",
+                f8),
        "'a' appears twice"},
-      {"metadata not strings", MakeFile("{\"__metadata__\":{\"k\":1},\"a\":" + entry("F32", "[2]", 0, 8) + "}", f8),
+      {"metadata not strings",
+       MakeFile("{\"__metadata__\":{\"k\":1},\"a\":" + entry("F32", "[2]", 0, 8) + "}", f8),
        "not a string"},
-      {"unexpected field", MakeFile("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8],\"x\":1}}", f8),
+      {"unexpected field",
+       MakeFile("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8],\"x\":1}}", f8),
        "unexpected field 'x'"},
-      {"missing offsets", MakeFile("{\"a\":{\"dtype\":\"F32\",\"shape\":[2]}}", f8), "data_offsets"},
+      {"missing offsets", MakeFile("{\"a\":{\"dtype\":\"F32\",\"shape\":[2]}}", f8),
+       "data_offsets"},
   };
   for (const BadFile& c : cases) {
     absl::Status st = ParseStatus(c.bytes);
@@ -170,8 +195,9 @@ TEST(SafetensorsTest, EveryRuleOfTheFormatIsChecked) {
   }
 }
 
-// Corrupting a valid file anywhere (flipped bytes, truncation) must give an error or a valid view, never a crash or
-// a read outside the buffer (run under -DFEDLORA_SANITIZE=ON to have ASan watch the reads).
+// Corrupting a valid file anywhere (flipped bytes, truncation) must give an error or a valid view,
+// never a crash or a read outside the buffer (run under -DFEDLORA_SANITIZE=ON to have ASan watch
+// the reads).
 TEST(SafetensorsTest, CorruptedFilesNeverCrash) {
   testing::ScratchDir dir;
   std::vector<float> x(24, 0.5f), y(8, -1.0f);
@@ -185,9 +211,11 @@ TEST(SafetensorsTest, CorruptedFilesNeverCrash) {
     if (trial % 3 == 0) {
       bytes.resize(rng() % bytes.size());
     } else {
-      for (int k = 0; k < 1 + trial % 4; ++k) bytes[rng() % bytes.size()] ^= static_cast<char>(1 + rng() % 255);
+      for (int k = 0; k < 1 + trial % 4; ++k)
+        bytes[rng() % bytes.size()] ^= static_cast<char>(1 + rng() % 255);
     }
-    auto view = SafetensorsView::Parse({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, "fuzz");
+    auto view = SafetensorsView::Parse(
+        {reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, "fuzz");
     if (!view.ok()) {
       ++rejected;
       continue;
@@ -197,7 +225,8 @@ TEST(SafetensorsTest, CorruptedFilesNeverCrash) {
       view->ReadF32(t, out);
     }
   }
-  EXPECT_GT(rejected, 1000);  // Truncations alone are a third of the trials and all must be rejected.
+  EXPECT_GT(rejected,
+            1000);  // Truncations alone are a third of the trials and all must be rejected.
 }
 
 }  // namespace

@@ -1,13 +1,12 @@
-// End-to-end tests of the `fedlora` program: real processes, real files. The expected aggregates are recomputed
-// here from the input directories with dense products.
+// End-to-end tests of the `fedlora` program: real processes, real files. The expected aggregates
+// are recomputed here from the input directories with dense products.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
 #include <sys/wait.h>
 
 #include <cstdio>
 #include <fstream>
 #include <set>
-
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
 
 #include "common/file_util.h"
 #include "common/peft.h"
@@ -62,7 +61,9 @@ class CliTest : public ::testing::Test {
 
 TEST_F(CliTest, AggregatesMixedRanksAndScalingsExactlyAsTheFormulas) {
   RandomAdapter("c0", "--rank 4 --alpha 8 --seed 1 --in-features 48 --out-features 40");
-  RandomAdapter("c1", "--rank 8 --alpha 16 --rslora --seed 2 --in-features 48 --out-features 40 --dtype bf16");
+  RandomAdapter(
+      "c1",
+      "--rank 8 --alpha 16 --rslora --seed 2 --in-features 48 --out-features 40 --dtype bf16");
   RandomAdapter("c2", "--rank 2 --alpha 3 --seed 3 --in-features 48 --out-features 40 --dtype f16");
   std::vector<common::Adapter> in;
   for (const char* c : {"c0", "c1", "c2"}) in.push_back(*common::ReadPeftAdapter(Dir(c)));
@@ -73,13 +74,14 @@ TEST_F(CliTest, AggregatesMixedRanksAndScalingsExactlyAsTheFormulas) {
   for (const char* method : {"fedit", "flora", "lora-fair"}) {
     const std::string out = Dir(std::string("out-") + method);
     // Weights are normalised: 10,20,30 is p = 1/6, 2/6, 3/6.
-    Result r = Fedlora(std::string("aggregate --method ") + method + " --weights 10,20,30 --out " + out + " " + inputs);
+    Result r = Fedlora(std::string("aggregate --method ") + method + " --weights 10,20,30 --out " +
+                       out + " " + inputs);
     ASSERT_EQ(r.exit_code, 0) << r.output;
     auto g = common::ReadPeftAdapter(out);  // also checks that config r matches the tensors
     ASSERT_TRUE(g.ok()) << g.status();
     for (size_t i = 0; i < g->num_modules(); ++i) {
-      testing::MatrixD ideal = testing::MatrixD::Zero(40, 48), a_bar = testing::MatrixD::Zero(8, 48),
-                       b_bar = testing::MatrixD::Zero(40, 8);
+      testing::MatrixD ideal = testing::MatrixD::Zero(40, 48),
+                       a_bar = testing::MatrixD::Zero(8, 48), b_bar = testing::MatrixD::Zero(40, 8);
       for (size_t k = 0; k < 3; ++k) {
         ideal += p[k] * testing::DenseDelta(in[k], i);
         const int r_k = in[k].module(i).rank;
@@ -105,13 +107,15 @@ TEST_F(CliTest, AggregatesMixedRanksAndScalingsExactlyAsTheFormulas) {
 TEST_F(CliTest, FedSbAggregatesLoraSbAdapters) {
   RandomAdapter("s0", "--lora-sb --rank 6 --alpha 6 --frozen-seed 5 --seed 1");
   RandomAdapter("s1", "--lora-sb --rank 6 --alpha 3 --frozen-seed 5 --seed 2");
-  Result r = Fedlora("aggregate --method fed-sb --out " + Dir("out") + " " + Dir("s0") + " " + Dir("s1"));
+  Result r =
+      Fedlora("aggregate --method fed-sb --out " + Dir("out") + " " + Dir("s0") + " " + Dir("s1"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto s0 = common::ReadPeftAdapter(Dir("s0")), s1 = common::ReadPeftAdapter(Dir("s1"));
   auto g = common::ReadPeftAdapter(Dir("out"));
   ASSERT_TRUE(g.ok()) << g.status();
   for (size_t i = 0; i < g->num_modules(); ++i) {
-    const testing::MatrixD ideal = 0.5 * testing::DenseDelta(*s0, i) + 0.5 * testing::DenseDelta(*s1, i);
+    const testing::MatrixD ideal =
+        0.5 * testing::DenseDelta(*s0, i) + 0.5 * testing::DenseDelta(*s1, i);
     EXPECT_LT(testing::RelativeDiff(testing::DenseDelta(*g, i), ideal), 1e-5);
   }
   // Different frozen B, A are refused.
@@ -120,7 +124,8 @@ TEST_F(CliTest, FedSbAggregatesLoraSbAdapters) {
                 "fed-sb needs the frozen B and A shared by all clients");
 }
 
-// Writes a safetensors file for a one-module adapter by hand, so the test controls every header byte.
+// Writes a safetensors file for a one-module adapter by hand, so the test controls every header
+// byte.
 void WriteRawAdapter(const fs::path& dir, const std::string& header, size_t data_bytes) {
   fs::create_directories(dir);
   std::ofstream(dir / common::kAdapterConfigFile) << R"({"peft_type":"LORA","r":2,"lora_alpha":2})";
@@ -148,38 +153,53 @@ TEST_F(CliTest, BadInputNeverProducesAnOutputAndSaysWhatIsWrong) {
   // Damaged safetensors files.
   const std::string weights = common::kAdapterWeightsFile;
   fs::copy(Dir("good2"), Dir("truncated"), fs::copy_options::recursive);
-  fs::resize_file(Dir("truncated") + "/" + weights, fs::file_size(Dir("truncated") + "/" + weights) - 100);
+  fs::resize_file(Dir("truncated") + "/" + weights,
+                  fs::file_size(Dir("truncated") + "/" + weights) - 100);
   fs::create_directories(Dir("shortheader"));
   fs::copy(Dir("good2") + "/" + common::kAdapterConfigFile, Dir("shortheader"));
-  std::ofstream(Dir("shortheader") + "/" + weights) << std::string("\xff\xff\x00\x00\x00\x00\x00\x00{}", 10);
-  const std::string a = R"("base_model.model.m.q_proj.lora_A.weight")", b = R"("base_model.model.m.q_proj.lora_B.weight")";
+  std::ofstream(Dir("shortheader") + "/" + weights)
+      << std::string("\xff\xff\x00\x00\x00\x00\x00\x00{}", 10);
+  const std::string a = R"("base_model.model.m.q_proj.lora_A.weight")",
+                    b = R"("base_model.model.m.q_proj.lora_B.weight")";
   WriteRawAdapter(scratch_ / "outofrange",
                   "{" + a + R"(:{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]},)" + b +
-                      R"(:{"dtype":"F32","shape":[4,2],"data_offsets":[32,64]}})", 48);
+                      R"(:{"dtype":"F32","shape":[4,2],"data_offsets":[32,64]}})",
+                  48);
   WriteRawAdapter(scratch_ / "overlap",
                   "{" + a + R"(:{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]},)" + b +
-                      R"(:{"dtype":"F32","shape":[4,2],"data_offsets":[16,48]}})", 48);
+                      R"(:{"dtype":"F32","shape":[4,2],"data_offsets":[16,48]}})",
+                  48);
   WriteRawAdapter(scratch_ / "dtype",
                   "{" + a + R"(:{"dtype":"Q4","shape":[2,4],"data_offsets":[0,32]},)" + b +
-                      R"(:{"dtype":"F32","shape":[4,2],"data_offsets":[32,64]}})", 64);
+                      R"(:{"dtype":"F32","shape":[4,2],"data_offsets":[32,64]}})",
+                  64);
   fs::copy(Dir("good2"), Dir("noconfig"), fs::copy_options::recursive);
   fs::remove(Dir("noconfig") + "/" + common::kAdapterConfigFile);
 
   ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("layers3"),
                 "has module model.layers.2.self_attn.q_proj, which client 0");
-  ExpectRefused("aggregate --method flora" + out + Dir("layers3") + " " + good, "has no module model.layers.2");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("wide"), "adapts a 64x64 layer");
-  ExpectRefused("aggregate --method lora-fair" + out + good + " " + Dir("nan"), "lora_B holds a non-finite value (nan)");
-  ExpectRefused("aggregate --method flora" + out + good + " " + Dir("inf"), "non-finite value (inf)");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("truncated"), "offsets out of range");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("shortheader"), "longer than the");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("outofrange"), "offsets out of range");
+  ExpectRefused("aggregate --method flora" + out + Dir("layers3") + " " + good,
+                "has no module model.layers.2");
+  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("wide"),
+                "adapts a 64x64 layer");
+  ExpectRefused("aggregate --method lora-fair" + out + good + " " + Dir("nan"),
+                "lora_B holds a non-finite value (nan)");
+  ExpectRefused("aggregate --method flora" + out + good + " " + Dir("inf"),
+                "non-finite value (inf)");
+  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("truncated"),
+                "offsets out of range");
+  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("shortheader"),
+                "longer than the");
+  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("outofrange"),
+                "offsets out of range");
   ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("overlap"), "overlap");
   ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("dtype"), "unknown dtype 'Q4'");
   ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("noconfig"), "missing");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("nothere"), "is not a directory");
+  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("nothere"),
+                "is not a directory");
   ExpectRefused("aggregate --method fedavg" + out + good, "unknown method 'fedavg'");
-  ExpectRefused("aggregate --method fedit --weights 1,2,3" + out + good, "3 weights given for 2 adapters");
+  ExpectRefused("aggregate --method fedit --weights 1,2,3" + out + good,
+                "3 weights given for 2 adapters");
   ExpectRefused("aggregate --method fedit --out " + Dir("good2") + " " + good, "already exists");
   ExpectRefused("aggregate --method fed-sb" + out + good, "has no lora_R");
 }
