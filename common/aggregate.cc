@@ -83,15 +83,17 @@ double RelativeError(const MatrixD& b, const MatrixD& a, const Stacked& target) 
   return std::sqrt(err_sq / target.norm_sq);
 }
 
-// Module output in double before it is written into the adapter.
+// The module's output in double, before it is written into the f32 adapter.
 struct ModuleOut {
   MatrixD a, b, r;  // r is empty unless Fed-SB
   ModuleReport report;
 };
 
-ModuleOut AggregateModule(Method method, std::span<const Adapter> clients,
-                          const std::vector<size_t>& index, const std::vector<double>& p,
-                          const LoraFairOptions& fair, bool split) {
+// Aggregates module `i` of `result` (`index[k]` is its index in client k), writes it into `result`,
+// and reports.
+ModuleReport AggregateModule(Method method, std::span<const Adapter> clients,
+                             const std::vector<size_t>& index, const std::vector<double>& p,
+                             const LoraFairOptions& fair, bool split, Adapter& result, size_t i) {
   Stacked target = Stack(clients, index, p, split);
   const int r_max = *std::max_element(target.rank.begin(), target.rank.end());
   ModuleOut out;
@@ -137,14 +139,17 @@ ModuleOut AggregateModule(Method method, std::span<const Adapter> clients,
       break;
     }
   }
-  out.report.rank = static_cast<int>(out.a.rows());
+  result.A(i) = out.a.cast<float>();
+  result.B(i) = out.b.cast<float>();
+  if (method == Method::kFedSb) result.R(i) = out.r.cast<float>();
+  out.report.name = result.module(i).name;
+  out.report.rank = result.module(i).rank;
   out.report.target_norm = std::sqrt(std::max(0.0, target.norm_sq));
-  // Measured on the f32 values that will be written, so the report covers their rounding too.
-  const MatrixD a32 = out.a.cast<float>().cast<double>();
-  MatrixD b32 = out.b.cast<float>().cast<double>();
-  if (method == Method::kFedSb) b32 = b32 * out.r.cast<float>().cast<double>();
-  out.report.relative_error = RelativeError(b32, a32, target);
-  return out;
+  // Measured on the f32 values written, so the report covers their rounding too.
+  MatrixD b32 = result.B(i).cast<double>();
+  if (method == Method::kFedSb) b32 = b32 * result.R(i).cast<double>();
+  out.report.relative_error = RelativeError(b32, result.A(i).cast<double>(), target);
+  return std::move(out.report);
 }
 
 }  // namespace
@@ -276,20 +281,20 @@ absl::StatusOr<AggregateResult> Aggregate(std::span<const Adapter> clients,
   }
   const Adapter& ref = clients[0];
   const size_t num_modules = ref.num_modules();
-  std::vector<ModuleOut> outs(num_modules);
-  // Modules are independent: one per thread. Eigen runs single-threaded inside each.
-  ParallelFor(num_modules, [&](size_t i) {
-    std::vector<size_t> index(clients.size());
-    for (size_t k = 0; k < clients.size(); ++k) index[k] = lookup[k].at(ref.module(i).name);
-    outs[i] =
-        AggregateModule(options.method, clients, index, p, options.lora_fair, num_modules == 1);
-    outs[i].report.name = ref.module(i).name;
-  });
-
+  // The output's layout is known before any arithmetic: rank r_max (fedit, lora-fair, fed-sb) or Σ
+  // r_k (flora).
+  std::vector<std::vector<size_t>> index(num_modules, std::vector<size_t>(clients.size()));
   std::vector<ModuleShape> shapes;
   for (size_t i = 0; i < num_modules; ++i) {
     ModuleShape s = ref.module(i);
-    s.rank = static_cast<int>(outs[i].a.rows());
+    int r_max = 0, r_sum = 0;
+    for (size_t k = 0; k < clients.size(); ++k) {
+      index[i][k] = lookup[k].at(s.name);
+      const int r = clients[k].module(index[i][k]).rank;
+      r_max = std::max(r_max, r);
+      r_sum += r;
+    }
+    s.rank = options.method == Method::kFlora ? r_sum : r_max;
     s.scaling = 1.0;
     s.has_r = options.method == Method::kFedSb;
     shapes.push_back(std::move(s));
@@ -297,12 +302,13 @@ absl::StatusOr<AggregateResult> Aggregate(std::span<const Adapter> clients,
   AggregateResult result;
   ASSIGN_OR_RETURN(result.adapter, Adapter::Create(shapes));
   result.adapter.base_model = ref.base_model;
-  for (size_t i = 0; i < num_modules; ++i) {
-    result.adapter.A(i) = outs[i].a.cast<float>();
-    result.adapter.B(i) = outs[i].b.cast<float>();
-    if (shapes[i].has_r) result.adapter.R(i) = outs[i].r.cast<float>();
-    result.modules.push_back(std::move(outs[i].report));
-  }
+  result.modules.resize(num_modules);
+  // Modules are independent: one per thread, each written straight into the output, so the
+  // temporaries in flight are a thread's one module. Eigen runs single-threaded inside each.
+  ParallelFor(num_modules, [&](size_t i) {
+    result.modules[i] = AggregateModule(options.method, clients, index[i], p, options.lora_fair,
+                                        num_modules == 1, result.adapter, i);
+  });
   return result;
 }
 

@@ -145,7 +145,12 @@ void LlamaShapes(const Setup& s, int clients, int layers, int dim, int rank) {
   }
 }
 
-void LoraFairVersusDense(const Setup& s, int clients, int dim, int rank) {
+double ParseObjective(const std::string& output) {
+  return std::stod(output.substr(output.find("objective ") + 10));
+}
+
+void LoraFairVersusDense(const Setup& s, int clients, int dim, int rank,
+                         const std::string& python) {
   const std::vector<std::string> shape = {"--layers",       "1",
                                           "--targets",      "q_proj",
                                           "--in-features",  std::to_string(dim),
@@ -164,8 +169,6 @@ void LoraFairVersusDense(const Setup& s, int clients, int dim, int rank) {
   auto report =
       nlohmann::json::parse(a.output.substr(a.output.rfind('{', a.output.rfind("\"method\""))));
   const auto& m = report["modules"][0];
-  const size_t at = b.output.find("objective ");
-  const double dense_objective = std::stod(b.output.substr(at + 10));
   std::printf("\n### B. LoRA-FAIR, one %dx%d module, %d clients, r = %d, lambda 0.01\n\n", dim, dim,
               clients, rank);
   std::printf(
@@ -173,10 +176,25 @@ void LoraFairVersusDense(const Setup& s, int clients, int dim, int rank) {
       "|\n|---|---|---|---|---|\n");
   std::printf("| fedlora aggregate (low-rank L-BFGS) | %.3f | %.0f | %.9f | %d |\n", a.seconds,
               a.max_rss_mb, m["objective"].get<double>(), m["iterations"].get<int>());
-  std::printf("| dense, paper-style (1000 GD steps, lr 0.01) | %.3f | %.0f | %.9f | 1000 |\n",
-              b.seconds, b.max_rss_mb, dense_objective);
+  std::printf(
+      "| dense C++ (Eigen f32, 2 threads; 1000 GD steps, lr 0.01) | %.3f | %.0f | %.9f | 1000 |\n",
+      b.seconds, b.max_rss_mb, ParseObjective(b.output));
+  Run c;
+  if (!python.empty()) {
+    // The paper's own way: PyTorch autograd + SGD. One run: it is slow.
+    std::vector<std::string> torch = {
+        python, std::string(FEDLORA_SOURCE_DIR) + "/tests/bench/lora_fair_torch.py"};
+    torch.insert(torch.end(), in.begin(), in.end());
+    c = Spawn(torch, s.work / "log.txt");
+    std::printf(
+        "| dense PyTorch (autograd + SGD, 2 threads; 1000 steps, lr 0.01) | %.3f | %.0f | %.9f | "
+        "1000 |\n",
+        c.seconds, c.max_rss_mb, ParseObjective(c.output));
+  }
   std::printf("| FedIT (dB = 0) | | | %.9f | |\n", m["fedit_objective"].get<double>());
-  std::printf("\nspeed-up as whole processes: %.0fx\n", b.seconds / a.seconds);
+  std::printf("\nspeed-up as whole processes: %.0fx over dense C++", b.seconds / a.seconds);
+  if (!python.empty()) std::printf(", %.0fx over PyTorch", c.seconds / a.seconds);
+  std::printf("\n");
 }
 
 }  // namespace
@@ -188,6 +206,7 @@ int main(int argc, char** argv) {
   std::string work = "out/bench";
   int clients = 10, layers = 32, dim = 4096, rank = 16, fair_dim = 1024;
   bool skip_llama = false, skip_fair = false;
+  std::string python;
   app.add_option("--work", work, "where inputs are made and kept")->capture_default_str();
   app.add_option("--bin", s.bin, "directory with fedlora and lora_fair_dense")
       ->capture_default_str();
@@ -200,11 +219,14 @@ int main(int argc, char** argv) {
   app.add_option("--fair-dim", fair_dim)->capture_default_str();
   app.add_flag("--skip-llama", skip_llama);
   app.add_flag("--skip-fair", skip_fair);
+  app.add_option("--torch-python", python,
+                 "a python with torch (e.g. /usr/bin/python3 with python3-torch) to also "
+                 "time the PyTorch peer");
   CLI11_PARSE(app, argc, argv);
   s.work = work;
   fs::create_directories(s.work);
   std::printf("machine: %ld cores\n", sysconf(_SC_NPROCESSORS_ONLN));
   if (!skip_llama) LlamaShapes(s, clients, layers, dim, rank);
-  if (!skip_fair) LoraFairVersusDense(s, clients, fair_dim, rank);
+  if (!skip_fair) LoraFairVersusDense(s, clients, fair_dim, rank, python);
   return 0;
 }
