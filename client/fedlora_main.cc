@@ -1,6 +1,6 @@
 // fedlora: the offline tool. Aggregates PEFT adapters with FedIT, FLoRA, LoRA-FAIR or Fed-SB,
-// inspects them, and writes random adapters for trying things out. `fedlora --help` and `fedlora
-// COMMAND --help` say more.
+// inspects them, computes privacy budgets, and writes random adapters for trying things out.
+// `fedlora --help` and `fedlora COMMAND --help` say more.
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   fedlora::client::AddAggregateCommand(app);
   fedlora::client::AddInspectCommand(app);
+  fedlora::client::AddPrivacyCommand(app);
   fedlora::client::AddRandomAdapterCommand(app);
   CLI11_PARSE(app, argc, argv);
   return 0;

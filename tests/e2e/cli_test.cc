@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 
 #include "common/file_util.h"
@@ -216,6 +217,26 @@ TEST_F(CliTest, InspectShowsModulesAndWhatCanBeAggregated) {
   Result bad = Fedlora("inspect " + Dir("nothere"));
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_THAT(bad.output, HasSubstr("is not a directory"));
+}
+
+TEST_F(CliTest, PrivacyComputesEpsilonAndTheNoiseForATarget) {
+  // The reference case of ALGORITHMS.md, through the program: ε = 7.32911117143 at order 3.9.
+  Result r =
+      Fedlora("privacy --noise-multiplier 1.5 --sample-rate 0.04 --steps 2250 --delta 1e-5 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  EXPECT_NEAR(j["epsilon"].get<double>(), 7.32911117143, 1e-9);
+  EXPECT_DOUBLE_EQ(j["order"].get<double>(), 3.9);
+  r = Fedlora("privacy --epsilon 8 --sample-rate 0.04 --steps 2250 --delta 1e-5 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  EXPECT_NEAR(j["noise_multiplier"].get<double>(), 1.416, 5e-4);
+  EXPECT_LE(j["epsilon"].get<double>(), 8.0);
+  r = Fedlora("privacy --sample-rate 0.04 --steps 10");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, HasSubstr("give exactly one of --noise-multiplier"));
+  r = Fedlora("privacy --noise-multiplier 1 --sample-rate 2 --steps 10");
+  EXPECT_THAT(r.output, HasSubstr("sample rate is 2"));
 }
 
 }  // namespace
