@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
@@ -150,8 +151,31 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
     return absl::NotFoundError(StrCat("missing ", weights.string(), hint));
   }
   ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(weights));
-  const SafetensorsView& view = file.view();
+  ASSIGN_OR_RETURN(
+      Adapter adapter,
+      AdapterFromSafetensors(
+          file.view(), weights.string(), [&](const ModuleShape& shape) -> absl::StatusOr<double> {
+            ASSIGN_OR_RETURN(std::optional<int> pattern_rank,
+                             MatchPattern(config.rank_pattern, shape.name, "rank_pattern"));
+            const int config_rank = pattern_rank.value_or(config.r);
+            if (config_rank != shape.rank) {
+              return absl::InvalidArgumentError(
+                  StrCat(weights.string(), ": module ", shape.name, ": tensors have rank ",
+                         shape.rank, " but ", kAdapterConfigFile, " says r = ", config_rank,
+                         pattern_rank ? " (rank_pattern)" : ""));
+            }
+            ASSIGN_OR_RETURN(std::optional<double> alpha,
+                             MatchPattern(config.alpha_pattern, shape.name, "alpha_pattern"));
+            return LoraScaling(alpha.value_or(config.lora_alpha), shape.rank, config.use_rslora);
+          }));
+  adapter.source = dir.string();
+  adapter.base_model = config.base_model;
+  return adapter;
+}
 
+absl::StatusOr<Adapter> AdapterFromSafetensors(
+    const SafetensorsView& view, const std::string& origin,
+    const std::function<absl::StatusOr<double>(const ModuleShape&)>& scaling) {
   // Group tensors by module; the module order is the file's data order of each module's first
   // tensor.
   struct Parts {
@@ -169,7 +193,7 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
     }
     if (kind < 0) {
       return absl::InvalidArgumentError(
-          StrCat(weights.string(), ": unexpected tensor '", t.name,
+          StrCat(origin, ": unexpected tensor '", t.name,
                  "'; a LoRA adapter holds base_model.model.<module>.lora_A.weight and "
                  ".lora_B.weight (and .lora_R.weight "
                  "for LoRA-SB); modules_to_save, DoRA and embedding adapters are not supported"));
@@ -179,14 +203,13 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
     if (!parts.count(module)) order.push_back(module);
     parts[module].t[kind] = &t;
   }
-  if (order.empty())
-    return absl::InvalidArgumentError(StrCat(weights.string(), ": holds no LoRA tensors"));
+  if (order.empty()) return absl::InvalidArgumentError(StrCat(origin, ": holds no LoRA tensors"));
 
   std::vector<ModuleShape> shapes;
   for (const std::string& name : order) {
     const Parts& p = parts[name];
     auto where = [&](std::string_view what) {
-      return absl::InvalidArgumentError(StrCat(weights.string(), ": module ", name, ": ", what));
+      return absl::InvalidArgumentError(StrCat(origin, ": module ", name, ": ", what));
     };
     if (p.t[0] == nullptr || p.t[1] == nullptr) {
       return where(
@@ -217,21 +240,11 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
     shape.in_features = static_cast<int>(a[1]);
     shape.out_features = static_cast<int>(b[0]);
     shape.has_r = p.t[2] != nullptr;
-    ASSIGN_OR_RETURN(std::optional<int> pattern_rank,
-                     MatchPattern(config.rank_pattern, name, "rank_pattern"));
-    const int config_rank = pattern_rank.value_or(config.r);
-    if (config_rank != shape.rank) {
-      return where(StrCat("tensors have rank ", shape.rank, " but ", kAdapterConfigFile,
-                          " says r = ", config_rank, pattern_rank ? " (rank_pattern)" : ""));
-    }
-    ASSIGN_OR_RETURN(std::optional<double> alpha,
-                     MatchPattern(config.alpha_pattern, name, "alpha_pattern"));
-    shape.scaling = LoraScaling(alpha.value_or(config.lora_alpha), shape.rank, config.use_rslora);
+    ASSIGN_OR_RETURN(shape.scaling, scaling(shape));
     shapes.push_back(std::move(shape));
   }
   ASSIGN_OR_RETURN(Adapter adapter, Adapter::Create(shapes));
-  adapter.source = dir.string();
-  adapter.base_model = config.base_model;
+  adapter.source = origin;
   for (size_t i = 0; i < order.size(); ++i) {
     const Parts& p = parts[order[i]];
     view.ReadF32(*p.t[0], {adapter.A(i).data(), static_cast<size_t>(adapter.A(i).size())});
@@ -240,6 +253,24 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
       view.ReadF32(*p.t[2], {adapter.R(i).data(), static_cast<size_t>(adapter.R(i).size())});
   }
   return adapter;
+}
+
+std::vector<TensorToWrite> AdapterTensors(const Adapter& adapter, AdapterParts parts) {
+  std::vector<TensorToWrite> tensors;
+  const auto span_of = [](const ConstMapF& x) {
+    return std::span<const float>(x.data(), static_cast<size_t>(x.size()));
+  };
+  for (size_t i = 0; i < adapter.num_modules(); ++i) {
+    const LoraModule& m = adapter.module(i);
+    const std::string base = StrCat(kPrefix, m.name);
+    if (parts == AdapterParts::kAll) {
+      tensors.push_back({base + ".lora_A.weight", {m.rank, m.in_features}, span_of(adapter.A(i))});
+      tensors.push_back({base + ".lora_B.weight", {m.out_features, m.rank}, span_of(adapter.B(i))});
+    }
+    if (m.has_r)
+      tensors.push_back({base + ".lora_R.weight", {m.rank, m.rank}, span_of(adapter.R(i))});
+  }
+  return tensors;
 }
 
 absl::Status WritePeftAdapter(const Adapter& adapter, const fs::path& dir,
@@ -279,18 +310,7 @@ absl::Status WritePeftAdapter(const Adapter& adapter, const fs::path& dir,
       {"modules_to_save", nullptr},
   };
 
-  std::vector<TensorToWrite> tensors;
-  for (size_t i = 0; i < adapter.num_modules(); ++i) {
-    const LoraModule& m = adapter.module(i);
-    const std::string base = StrCat(kPrefix, m.name);
-    const auto span_of = [](const ConstMapF& x) {
-      return std::span<const float>(x.data(), static_cast<size_t>(x.size()));
-    };
-    tensors.push_back({base + ".lora_A.weight", {m.rank, m.in_features}, span_of(adapter.A(i))});
-    tensors.push_back({base + ".lora_B.weight", {m.out_features, m.rank}, span_of(adapter.B(i))});
-    if (m.has_r)
-      tensors.push_back({base + ".lora_R.weight", {m.rank, m.rank}, span_of(adapter.R(i))});
-  }
+  const std::vector<TensorToWrite> tensors = AdapterTensors(adapter, AdapterParts::kAll);
   return BuildDirectoryAtomically(dir, options.overwrite, [&](const fs::path& tmp) -> absl::Status {
     const std::string text = config.dump(2) + "\n";
     RETURN_IF_ERROR(WriteFileSynced(tmp / kAdapterConfigFile, [&](std::FILE* out) {

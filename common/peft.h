@@ -13,6 +13,8 @@
 #define FEDLORA_COMMON_PEFT_H_
 
 #include <filesystem>
+#include <functional>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/adapter.h"
@@ -30,6 +32,18 @@ double LoraScaling(double alpha, int rank, bool use_rslora);
 // config. Values are converted to f32; non-finite values are read as they are (Adapter::CheckFinite
 // tells).
 absl::StatusOr<Adapter> ReadPeftAdapter(const std::filesystem::path& dir);
+
+// The adapter held by safetensors tensors named as PEFT names them; `scaling` gives each module's
+// scaling (and may refuse the module). `origin` names the bytes in errors. Used for PEFT files and
+// for fedlora's wire blobs.
+absl::StatusOr<Adapter> AdapterFromSafetensors(
+    const SafetensorsView& view, const std::string& origin,
+    const std::function<absl::StatusOr<double>(const ModuleShape&)>& scaling);
+
+enum class AdapterParts { kAll, kROnly };
+// The adapter's tensors under their PEFT names (views into its buffer): A, B and R, or only R (a
+// Fed-SB update).
+std::vector<TensorToWrite> AdapterTensors(const Adapter& adapter, AdapterParts parts);
 
 struct PeftWriteOptions {
   DType dtype = DType::kF32;  // Element type of the written tensors.
