@@ -47,6 +47,7 @@ class Adapter {
   const std::vector<LoraModule>& modules() const { return modules_; }
   const LoraModule& module(size_t i) const { return modules_[i]; }
   std::optional<size_t> FindModule(std::string_view name) const;
+  void set_scaling(size_t i, double scaling) { modules_[i].scaling = scaling; }
 
   MapF A(size_t i);  // r×n
   MapF B(size_t i);  // m×r

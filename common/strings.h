@@ -12,24 +12,22 @@
 
 #include "absl/strings/string_view.h"
 
-namespace fedlora::common {
-
-namespace internal {
-// absl::Status messages are absl::string_view, which fmt does not know.
-template <typename T>
-decltype(auto) Formattable(const T& x) {
-  if constexpr (std::is_same_v<T, absl::string_view>) {
-    return std::string_view(x.data(), x.size());
-  } else {
-    return (x);
+// absl::Status messages are absl::string_view (Debian's Abseil does not alias std::string_view):
+// let fmt, and so StrCat and spdlog, print them.
+template <>
+struct fmt::formatter<absl::string_view> : fmt::formatter<std::string_view> {
+  template <typename FormatContext>
+  auto format(absl::string_view s, FormatContext& ctx) const {
+    return fmt::formatter<std::string_view>::format(std::string_view(s.data(), s.size()), ctx);
   }
-}
-}  // namespace internal
+};
+
+namespace fedlora::common {
 
 template <typename... Args>
 std::string StrCat(const Args&... args) {
   std::string out;
-  (fmt::format_to(std::back_inserter(out), "{}", internal::Formattable(args)), ...);
+  (fmt::format_to(std::back_inserter(out), "{}", args), ...);
   return out;
 }
 

@@ -1,0 +1,771 @@
+#include "server/round_engine.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cmath>
+#include <future>
+#include <random>
+
+#include "common/aggregate.h"
+#include "common/blob.h"
+#include "common/peft.h"
+#include "common/status_macros.h"
+#include "common/strings.h"
+
+namespace fedlora::server {
+namespace {
+
+using common::Adapter;
+using common::Method;
+using common::StrCat;
+
+uint64_t Fnv1a(std::string_view s, uint64_t h = 1469598103934665603ull) {
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+bool IsSha256Hex(const std::string& s) {
+  return s.size() == 64 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+std::string JoinIds(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& s : v) out += (out.empty() ? "" : ",") + s;
+  return out;
+}
+
+int64_t UnixMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// The run's module table as adapter shapes of rank r (scaling 1).
+std::vector<common::ModuleShape> Shapes(const nlohmann::json& modules, int rank, bool has_r) {
+  std::vector<common::ModuleShape> shapes;
+  for (const auto& m : modules) {
+    shapes.push_back({m["name"].get<std::string>(), rank, m["in_features"].get<int>(),
+                      m["out_features"].get<int>(), 1.0, has_r});
+  }
+  return shapes;
+}
+
+// An m×k matrix with orthonormal columns drawn from `rng` (QR of a Gaussian matrix).
+common::MatrixD RandomOrthonormal(int m, int k, std::mt19937_64& rng) {
+  std::normal_distribution<double> normal;
+  common::MatrixD g(m, k);
+  for (double& x : g.reshaped()) x = normal(rng);
+  return Eigen::HouseholderQR<common::MatrixD>(g).householderQ() * common::MatrixD::Identity(m, k);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOptions& options) {
+  RETURN_IF_ERROR(options.Validate());
+  ASSIGN_OR_RETURN(StateStore store, StateStore::Open(options.state_dir));
+  std::unique_ptr<RoundEngine> engine(new RoundEngine(options, std::move(store)));
+  if (engine->store_.has_ledger()) {
+    const Ledger& l = engine->store_.ledger();
+    if (l.method != options.method) {
+      return absl::FailedPreconditionError(
+          StrCat("state directory ", options.state_dir, " holds a ", l.method,
+                 " run but method is ", options.method, "; use another state_dir for a new run"));
+    }
+    if (options.method == "fed-sb") {
+      ASSIGN_OR_RETURN(std::string bytes,
+                       engine->store_.ReadWholeBlob(l.versions.at(0).blobs.at(0).sha256));
+      ASSIGN_OR_RETURN(engine->frozen_, common::DecodeAdapter(bytes, "frozen blob"));
+    }
+    engine->round_ = engine->current_version() + 1;
+    if (engine->current_version() >= options.rounds) engine->phase_ = Phase::kDone;
+    spdlog::info("continuing run {} from {}: version {} of {} rounds", l.run_id, options.state_dir,
+                 engine->current_version(), options.rounds);
+  } else {
+    spdlog::info("new {} run in {}: waiting for {} clients", options.method, options.state_dir,
+                 options.min_clients);
+  }
+  engine->ticker_ = std::thread([e = engine.get()] {
+    std::unique_lock<std::mutex> lock(e->mu_);
+    while (!e->stopping_) {
+      e->ticker_cv_.wait_for(lock, std::chrono::milliseconds(50));
+      lock.unlock();
+      e->Tick();
+      lock.lock();
+    }
+  });
+  return engine;
+}
+
+RoundEngine::RoundEngine(const ServerOptions& options, StateStore store)
+    : options_(options), method_(options.ParsedMethod()), store_(std::move(store)) {}
+
+RoundEngine::~RoundEngine() {
+  Shutdown();
+  if (ticker_.joinable()) ticker_.join();
+}
+
+void RoundEngine::Shutdown() {
+  std::vector<std::pair<TaskCallback, v1::Task>> ready;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+    CollectReadyWaitersLocked(&ready, /*all=*/true);
+  }
+  ticker_cv_.notify_all();
+  Notify(ready);
+}
+
+int64_t RoundEngine::current_version() const {
+  return store_.ledger().versions.empty() ? -1 : store_.ledger().versions.back().version;
+}
+
+bool RoundEngine::done() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return phase_ == Phase::kDone;
+}
+
+absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
+  Ledger ledger;
+  std::mt19937_64 rng(options_.seed ^ 0x5eedf00dull);
+  ledger.run_id = fmt::format("{}-{:016x}", options_.method,
+                              Fnv1a(StrCat(options_.seed, first.base_model_sha256())));
+  ledger.method = options_.method;
+  ledger.base_model_sha256 = first.base_model_sha256();
+  for (const v1::ModuleSpec& m : first.modules()) {
+    bool wanted = options_.target_modules.empty();
+    for (const std::string& t : options_.target_modules)
+      wanted |= m.name().ends_with("." + t) || m.name() == t;
+    if (wanted) {
+      ledger.modules.push_back({{"name", m.name()},
+                                {"in_features", m.in_features()},
+                                {"out_features", m.out_features()}});
+    }
+  }
+  if (ledger.modules.empty()) {
+    return absl::InvalidArgumentError(StrCat("none of the client's ", first.modules_size(),
+                                             " modules matches target_modules ",
+                                             JoinIds(options_.target_modules)));
+  }
+  // Version 0, the state every client starts from.
+  Version v0{0, {}};
+  if (method_ == Method::kFedIt || method_ == Method::kLoraFair) {
+    // A ~ U(−1/√n, 1/√n) as PEFT's kaiming_uniform(a=√5), B = 0: the initial global adapter,
+    // scaling 1.
+    ASSIGN_OR_RETURN(Adapter init, Adapter::Create(Shapes(ledger.modules, options_.rank, false)));
+    for (size_t i = 0; i < init.num_modules(); ++i) {
+      std::uniform_real_distribution<float> uni(
+          -1.0f / std::sqrt(float(init.module(i).in_features)),
+          1.0f / std::sqrt(float(init.module(i).in_features)));
+      for (float& x : init.A(i).reshaped()) x = uni(rng);
+    }
+    const std::string bytes = common::EncodeAdapter(init);
+    ASSIGN_OR_RETURN(std::string sha, store_.PutBlob(bytes));
+    v0.blobs.push_back({sha, static_cast<int64_t>(bytes.size()), "adapter", 0});
+  } else if (method_ == Method::kFedSb) {
+    // Until LoRA-SB's gradient initialisation lands: B, A random orthonormal from the run's seed, R
+    // = 0.
+    ASSIGN_OR_RETURN(frozen_, Adapter::Create(Shapes(ledger.modules, options_.rank, true)));
+    for (size_t i = 0; i < frozen_.num_modules(); ++i) {
+      const auto& m = frozen_.module(i);
+      frozen_.B(i) = RandomOrthonormal(m.out_features, m.rank, rng).cast<float>();
+      frozen_.A(i) = RandomOrthonormal(m.in_features, m.rank, rng).transpose().cast<float>();
+    }
+    spdlog::info(
+        "fed-sb: frozen B and A are random orthonormal matrices drawn from the run's seed (R "
+        "starts at 0); "
+        "LoRA-SB's gradient-based initialisation is not used in this run");
+    const std::string bytes = common::EncodeAdapter(frozen_);
+    ASSIGN_OR_RETURN(std::string sha, store_.PutBlob(bytes));
+    v0.blobs.push_back({sha, static_cast<int64_t>(bytes.size()), "frozen", 0});
+  }
+  ledger.versions.push_back(std::move(v0));
+  RETURN_IF_ERROR(store_.SaveLedger(ledger));
+  round_ = 1;
+  spdlog::info("run {} created: base model {}, {} modules, rank {}", ledger.run_id,
+               ledger.base_model_sha256, ledger.modules.size(), options_.rank);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
+                                                   const v1::JoinRequest& request) {
+  std::vector<std::pair<TaskCallback, v1::Task>> ready;
+  v1::JoinResponse response;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!IsSha256Hex(request.base_model_sha256())) {
+      return absl::InvalidArgumentError(StrCat("base_model_sha256 '", request.base_model_sha256(),
+                                               "' is not a sha256 (64 lower-case hex digits)"));
+    }
+    if (request.num_examples() <= 0) {
+      return absl::InvalidArgumentError(
+          StrCat("num_examples is ", request.num_examples(), "; it must be positive"));
+    }
+    const std::string& expected =
+        store_.has_ledger() ? store_.ledger().base_model_sha256 : options_.base_model_sha256;
+    if (!expected.empty() && request.base_model_sha256() != expected) {
+      spdlog::warn("refused {}: base model {} differs from the run's {}", client,
+                   request.base_model_sha256(), expected);
+      return absl::FailedPreconditionError(StrCat(
+          "your base model's fingerprint ", request.base_model_sha256(), " differs from the run's ",
+          expected, "; hint: wrong base model? every client must hold the same weights"));
+    }
+    if (request.max_rank() < options_.rank) {
+      return absl::FailedPreconditionError(StrCat("the run trains rank ", options_.rank,
+                                                  " but your max_rank is ", request.max_rank()));
+    }
+    if (!store_.has_ledger()) RETURN_IF_ERROR(InitializeRunLocked(request));
+    for (const auto& m : store_.ledger().modules) {
+      const auto it = std::find_if(request.modules().begin(), request.modules().end(),
+                                   [&](const v1::ModuleSpec& s) { return s.name() == m["name"]; });
+      if (it == request.modules().end() || it->in_features() != m["in_features"] ||
+          it->out_features() != m["out_features"]) {
+        return absl::FailedPreconditionError(
+            StrCat("your model lacks module ", m["name"].get<std::string>(), " (",
+                   m["out_features"].get<int>(), "x", m["in_features"].get<int>(),
+                   ") of the run; hint: wrong base model?"));
+      }
+    }
+    ClientInfo& info = clients_[client];
+    const bool is_new = info.num_examples == 0;
+    info.num_examples = request.num_examples();
+    info.last_seen = Clock::now();
+    spdlog::info("{} {} ({} examples); {} clients joined", client, is_new ? "joined" : "re-joined",
+                 request.num_examples(), clients_.size());
+    if (phase_ == Phase::kWaitingForClients &&
+        static_cast<int>(clients_.size()) >= options_.min_clients) {
+      StartRoundLocked();
+    }
+    CollectReadyWaitersLocked(&ready, false);
+    response.set_run_id(store_.ledger().run_id);
+    response.set_method(options_.method);
+    response.set_rounds(options_.rounds);
+  }
+  Notify(ready);
+  return response;
+}
+
+void RoundEngine::StartRoundLocked() {
+  std::vector<std::string> ids;
+  for (const auto& [id, info] : clients_) ids.push_back(id);
+  std::seed_seq seq{static_cast<uint32_t>(options_.seed),
+                    static_cast<uint32_t>(options_.seed >> 32), static_cast<uint32_t>(round_),
+                    static_cast<uint32_t>(attempt_)};
+  std::mt19937_64 rng(seq);
+  std::shuffle(ids.begin(), ids.end(), rng);
+  const int n = static_cast<int>(ids.size());
+  const int k = std::clamp(static_cast<int>(std::ceil(options_.fraction * n)),
+                           std::min(options_.min_cohort, n), n);
+  cohort_.assign(ids.begin(), ids.begin() + k);
+  std::sort(cohort_.begin(), cohort_.end());
+  uploads_.clear();
+  rejected_.clear();
+  for (auto& [id, info] : clients_) info.bytes_down_this_round = 0;
+  round_started_ = Clock::now();
+  phase_ = Phase::kTraining;
+  spdlog::info("round {}{}: cohort of {} of {} clients: {}", round_,
+               attempt_ ? StrCat(" (attempt ", attempt_ + 1, ")") : "", k, n, JoinIds(cohort_));
+}
+
+std::vector<v1::BlobRef> RoundEngine::DownloadsLocked(int64_t have, int64_t target) const {
+  std::vector<v1::BlobRef> out;
+  auto add = [&](const BlobInfo& b) {
+    v1::BlobRef ref;
+    ref.set_sha256(b.sha256);
+    ref.set_size(b.size);
+    ref.set_kind(b.kind);
+    ref.set_version(b.version);
+    out.push_back(std::move(ref));
+  };
+  const auto& versions = store_.ledger().versions;
+  if (have >= target) return out;
+  switch (method_) {
+    case Method::kFedIt:
+    case Method::kLoraFair:
+      for (const BlobInfo& b : versions.at(target).blobs)
+        add(b);  // the latest global adapter is the whole state
+      break;
+    case Method::kFlora:
+      for (int64_t v = std::max<int64_t>(have, 0) + 1; v <= target; ++v) {
+        for (const BlobInfo& b : versions.at(v).blobs)
+          add(b);  // every round delta not yet merged, in order
+      }
+      break;
+    case Method::kFedSb:
+      if (have < 0) add(versions.at(0).blobs.at(0));         // the frozen B, A once
+      if (target > 0) add(versions.at(target).blobs.at(0));  // then only the latest R
+      break;
+  }
+  return out;
+}
+
+v1::Task RoundEngine::TaskForLocked(const std::string& client, int64_t have_version) {
+  v1::Task task;
+  task.set_method(options_.method);
+  task.set_round(round_);
+  task.set_state_version(current_version());
+  if (phase_ == Phase::kDone) {
+    task.set_kind(v1::Task::DONE);
+    task.set_round(current_version());
+    for (auto& b : DownloadsLocked(have_version, current_version()))
+      *task.add_downloads() = std::move(b);
+    return task;
+  }
+  const bool in_cohort = std::binary_search(cohort_.begin(), cohort_.end(), client);
+  const auto up = uploads_.find(client);
+  if (phase_ != Phase::kTraining || !in_cohort || (up != uploads_.end() && up->second.accepted)) {
+    task.set_kind(v1::Task::WAIT);
+    task.set_note(phase_ == Phase::kWaitingForClients
+                      ? StrCat("waiting for ", options_.min_clients, " clients to join, ",
+                               clients_.size(), " joined")
+                  : !in_cohort ? StrCat("not in round ", round_, "'s cohort")
+                               : StrCat("update for round ", round_,
+                                        " accepted; waiting for the round to close"));
+    return task;
+  }
+  task.set_kind(v1::Task::TRAIN);
+  for (auto& b : DownloadsLocked(have_version, current_version()))
+    *task.add_downloads() = std::move(b);
+  v1::TrainSettings* s = task.mutable_settings();
+  s->set_rank(options_.rank);
+  s->set_lora_alpha(options_.lora_alpha);
+  s->set_local_steps(options_.local_steps);
+  s->set_learning_rate(options_.learning_rate);
+  s->set_seed(Fnv1a(client, options_.seed * 1000003ull + static_cast<uint64_t>(round_)));
+  for (const auto& m : store_.ledger().modules) {
+    v1::ModuleSpec* spec = task.add_modules();
+    spec->set_name(m["name"].get<std::string>());
+    spec->set_in_features(m["in_features"].get<int>());
+    spec->set_out_features(m["out_features"].get<int>());
+  }
+  task.set_heartbeat_interval_ms(static_cast<int64_t>(options_.client_timeout_s * 1000 / 3));
+  return task;
+}
+
+void RoundEngine::GetTask(const std::string& client, const v1::GetTaskRequest& request,
+                          TaskCallback done) {
+  v1::Task task;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = clients_.find(client);
+    if (it == clients_.end()) {
+      mu_.unlock();
+      done(absl::FailedPreconditionError(StrCat(client, " has not joined; call Join first")));
+      mu_.lock();
+      return;
+    }
+    it->second.last_seen = Clock::now();
+    task = TaskForLocked(client, request.have_version());
+    const int64_t wait_ms = std::clamp<int64_t>(request.max_wait_ms(), 0, options_.max_wait_ms);
+    if (task.kind() == v1::Task::WAIT && wait_ms > 0 && !stopping_) {
+      waiters_.push_back({client, request.have_version(),
+                          Clock::now() + std::chrono::milliseconds(wait_ms), std::move(done)});
+      return;
+    }
+  }
+  done(std::move(task));
+}
+
+absl::StatusOr<v1::Task> RoundEngine::GetTaskBlocking(const std::string& client,
+                                                      const v1::GetTaskRequest& request) {
+  std::promise<absl::StatusOr<v1::Task>> promise;
+  GetTask(client, request, [&](absl::StatusOr<v1::Task> t) { promise.set_value(std::move(t)); });
+  return promise.get_future().get();
+}
+
+void RoundEngine::CollectReadyWaitersLocked(std::vector<std::pair<TaskCallback, v1::Task>>* ready,
+                                            bool all) {
+  const auto now = Clock::now();
+  std::vector<Waiter> still;
+  for (Waiter& w : waiters_) {
+    v1::Task task = TaskForLocked(w.client, w.have_version);
+    if (all || stopping_ || task.kind() != v1::Task::WAIT || now >= w.deadline) {
+      ready->emplace_back(std::move(w.done), std::move(task));
+    } else {
+      still.push_back(std::move(w));
+    }
+  }
+  waiters_ = std::move(still);
+}
+
+void RoundEngine::Notify(std::vector<std::pair<TaskCallback, v1::Task>>& ready) {
+  for (auto& [done, task] : ready) done(std::move(task));
+  ready.clear();
+}
+
+absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& client,
+                                                           const v1::DownloadRequest& request) {
+  std::lock_guard<std::mutex> lock(mu_);
+  bool known = false;
+  for (const Version& v : store_.ledger().versions) {
+    for (const BlobInfo& b : v.blobs) known |= b.sha256 == request.sha256();
+  }
+  if (!known)
+    return absl::NotFoundError(StrCat("no blob ", request.sha256(), " in this run's ledger"));
+  const int64_t max_bytes = request.max_bytes() > 0
+                                ? std::min(request.max_bytes(), options_.chunk_bytes)
+                                : options_.chunk_bytes;
+  ASSIGN_OR_RETURN(auto chunk, store_.ReadBlob(request.sha256(), request.offset(), max_bytes));
+  v1::DownloadResponse response;
+  response.set_offset(request.offset());
+  response.set_total_size(chunk.second);
+  *response.mutable_data() = std::move(chunk.first);
+  if (auto it = clients_.find(client); it != clients_.end()) {
+    it->second.last_seen = Clock::now();
+    it->second.bytes_down_this_round += static_cast<int64_t>(response.data().size());
+  }
+  return response;
+}
+
+absl::StatusOr<Adapter> RoundEngine::ValidateUpdateLocked(const std::string& client,
+                                                          const std::string& bytes) {
+  const std::string origin = StrCat("update of ", client, " for round ", round_);
+  Adapter update;
+  if (method_ == Method::kFedSb) {
+    ASSIGN_OR_RETURN(update, common::DecodeROnto(bytes, origin, frozen_));
+  } else {
+    ASSIGN_OR_RETURN(update, common::DecodeAdapter(bytes, origin));
+    const auto& modules = store_.ledger().modules;
+    for (const auto& m : modules) {
+      const std::string name = m["name"].get<std::string>();
+      const int n = m["in_features"].get<int>(), rows = m["out_features"].get<int>();
+      auto i = update.FindModule(name);
+      if (!i) return absl::InvalidArgumentError(StrCat(origin, ": module ", name, " is missing"));
+      const auto& u = update.module(*i);
+      if (u.rank != options_.rank || u.in_features != n) {
+        return absl::InvalidArgumentError(StrCat("module ", name, ": lora_A has shape [", u.rank,
+                                                 ",", u.in_features, "], task says [",
+                                                 options_.rank, ",", n, "]"));
+      }
+      if (u.out_features != rows) {
+        return absl::InvalidArgumentError(StrCat("module ", name, ": lora_B has shape [",
+                                                 u.out_features, ",", u.rank, "], task says [",
+                                                 rows, ",", options_.rank, "]"));
+      }
+      if (u.has_r)
+        return absl::InvalidArgumentError(
+            StrCat("module ", name, ": lora_R is not part of a ", options_.method, " update"));
+    }
+    if (update.num_modules() != modules.size()) {
+      return absl::InvalidArgumentError(
+          StrCat(origin, ": ", update.num_modules(), " modules, the task has ", modules.size()));
+    }
+  }
+  RETURN_IF_ERROR(update.CheckFinite());
+  return update;
+}
+
+absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client,
+                                                       const v1::UploadRequest& request) {
+  std::vector<std::pair<TaskCallback, v1::Task>> ready;
+  v1::UploadResponse response;
+  absl::Status status;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = clients_.find(client); it != clients_.end()) it->second.last_seen = Clock::now();
+    if (phase_ != Phase::kTraining) {
+      return absl::FailedPreconditionError(
+          StrCat("no round is open (upload for round ", request.round(), ")"));
+    }
+    if (request.round() != round_) {
+      return absl::FailedPreconditionError(
+          StrCat("upload for round ", request.round(), " but round ", round_, " is open"));
+    }
+    if (request.state_version() != current_version()) {
+      return absl::FailedPreconditionError(StrCat("update trained from version ",
+                                                  request.state_version(), " but round ", round_,
+                                                  " trains from version ", current_version()));
+    }
+    if (!std::binary_search(cohort_.begin(), cohort_.end(), client)) {
+      return absl::PermissionDeniedError(StrCat(client, " is not in round ", round_, "'s cohort"));
+    }
+    if (request.total_size() <= 0 || request.total_size() > options_.max_update_bytes) {
+      spdlog::warn("round {}: refused {}'s update of {} bytes (limit {})", round_, client,
+                   request.total_size(), options_.max_update_bytes);
+      return absl::ResourceExhaustedError(StrCat("update of ", request.total_size(),
+                                                 " bytes exceeds the limit of ",
+                                                 options_.max_update_bytes, " bytes"));
+    }
+    if (!IsSha256Hex(request.sha256())) {
+      return absl::InvalidArgumentError(
+          StrCat("sha256 '", request.sha256(), "' is not 64 lower-case hex digits"));
+    }
+    PendingUpload& up = uploads_[client];
+    if (up.accepted) {
+      if (up.sha256 != request.sha256()) {
+        return absl::AlreadyExistsError(StrCat("an update for round ", round_,
+                                               " was already accepted from ", client, " (sha256 ",
+                                               up.sha256, ")"));
+      }
+      response.set_received(up.total_size);  // an idempotent retry
+      response.set_accepted(true);
+      return response;
+    }
+    if (up.sha256 != request.sha256() || up.total_size != request.total_size()) {
+      up = PendingUpload{
+          request.sha256(), request.total_size(), {}, false, 0, {}, {}};  // a new upload
+    }
+    if (request.offset() == static_cast<int64_t>(up.data.size())) {
+      if (up.data.size() + request.data().size() > static_cast<size_t>(up.total_size)) {
+        uploads_.erase(client);
+        return absl::InvalidArgumentError(
+            StrCat("upload exceeds its announced size of ", request.total_size(), " bytes"));
+      }
+      up.data += request.data();
+    }
+    response.set_received(static_cast<int64_t>(up.data.size()));
+    if (static_cast<int64_t>(up.data.size()) < up.total_size)
+      return response;  // more to come (or resume here)
+
+    // Complete: verify and validate before it can reach the aggregate.
+    const std::string sha = common::Sha256Hex(up.data);
+    if (sha != up.sha256) {
+      status = absl::InvalidArgumentError(StrCat("checksum mismatch: the update's sha256 is ", sha,
+                                                 " but the upload announced ", up.sha256));
+    } else if (auto adapter = ValidateUpdateLocked(client, up.data); !adapter.ok()) {
+      status = adapter.status();
+    } else {
+      up.adapter = *std::move(adapter);
+      up.accepted = true;
+      up.num_examples =
+          request.num_examples() > 0 ? request.num_examples() : clients_[client].num_examples;
+      up.metrics = request.metrics();
+      up.data.clear();
+      up.data.shrink_to_fit();
+      response.set_accepted(true);
+      size_t arrived = 0;
+      for (const auto& [id, u] : uploads_) arrived += u.accepted;
+      spdlog::info(
+          "round {}: accepted {}'s update ({} bytes, loss {:.6g} -> {:.6g}); {} of {} arrived",
+          round_, client, up.total_size, up.metrics.loss_before(), up.metrics.loss_after(), arrived,
+          cohort_.size());
+      if (arrived == cohort_.size()) status = CloseRoundLocked(false);
+      CollectReadyWaitersLocked(&ready, false);
+    }
+    if (!response.accepted()) {
+      spdlog::warn("round {}: rejected {}'s update: {}", round_, client, status.message());
+      rejected_.push_back(client);
+      uploads_.erase(client);
+    }
+  }
+  Notify(ready);
+  if (!status.ok() && !response.accepted()) return status;
+  if (!status.ok()) spdlog::error("closing the round failed: {}", status.message());
+  return response;
+}
+
+v1::HeartbeatResponse RoundEngine::Heartbeat(const std::string& client,
+                                             const v1::HeartbeatRequest& request) {
+  std::lock_guard<std::mutex> lock(mu_);
+  v1::HeartbeatResponse response;
+  if (auto it = clients_.find(client); it != clients_.end()) it->second.last_seen = Clock::now();
+  response.set_still_wanted(phase_ == Phase::kTraining && request.round() == round_ &&
+                            std::binary_search(cohort_.begin(), cohort_.end(), client));
+  return response;
+}
+
+absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
+  std::vector<std::string> arrived;
+  for (const auto& [id, u] : uploads_) {
+    if (u.accepted) arrived.push_back(id);
+  }
+  const size_t quorum = static_cast<size_t>(std::ceil(options_.quorum * cohort_.size()));
+  if (arrived.size() < std::max<size_t>(quorum, 1)) {
+    if (!at_deadline) return absl::OkStatus();
+    spdlog::warn(
+        "round {}: {} of {} updates arrived, quorum is {}; retrying the round with a new cohort",
+        round_, arrived.size(), cohort_.size(), quorum);
+    ++attempt_;
+    StartRoundLocked();
+    return absl::OkStatus();
+  }
+  const auto start = Clock::now();
+  std::vector<Adapter>
+      updates;  // in client-id order (uploads_ is sorted), so the sums repeat exactly
+  std::vector<double> weights;
+  double loss_before = 0, loss_after = 0, examples = 0;
+  nlohmann::json bytes_up = nlohmann::json::object(), bytes_down = nlohmann::json::object();
+  for (const std::string& id : arrived) {
+    PendingUpload& u = uploads_[id];
+    updates.push_back(std::move(u.adapter));
+    weights.push_back(static_cast<double>(u.num_examples));
+    loss_before += u.num_examples * u.metrics.loss_before();
+    loss_after += u.num_examples * u.metrics.loss_after();
+    examples += u.num_examples;
+    bytes_up[id] = u.total_size;
+    clients_[id].rounds_contributed++;
+  }
+  for (const std::string& id : cohort_) bytes_down[id] = clients_[id].bytes_down_this_round;
+  common::AggregateOptions agg{method_, {}};
+  agg.lora_fair.lambda = options_.lora_fair_lambda;
+  ASSIGN_OR_RETURN(common::AggregateResult result, common::Aggregate(updates, weights, agg));
+  const std::string bytes =
+      common::EncodeAdapter(result.adapter, method_ == Method::kFedSb ? common::AdapterParts::kROnly
+                                                                      : common::AdapterParts::kAll);
+  ASSIGN_OR_RETURN(std::string sha, store_.PutBlob(bytes));
+  const char* kind = method_ == Method::kFlora   ? "delta"
+                     : method_ == Method::kFedSb ? "r"
+                                                 : "adapter";
+  Ledger ledger = store_.ledger();
+  ledger.versions.push_back({round_, {{sha, static_cast<int64_t>(bytes.size()), kind, round_}}});
+  RETURN_IF_ERROR(store_.SaveLedger(ledger));
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+
+  std::vector<std::string> dropped;
+  for (const std::string& id : cohort_) {
+    if (!std::binary_search(arrived.begin(), arrived.end(), id)) dropped.push_back(id);
+  }
+  nlohmann::json line = {{"round", round_},
+                         {"attempt", attempt_ + 1},
+                         {"version", round_},
+                         {"method", options_.method},
+                         {"cohort", cohort_},
+                         {"arrived", arrived},
+                         {"dropped", dropped},
+                         {"rejected", rejected_},
+                         {"bytes_up", bytes_up},
+                         {"bytes_down", bytes_down},
+                         {"mean_loss_before", loss_before / examples},
+                         {"mean_train_loss", loss_after / examples},
+                         {"aggregation_seconds", seconds},
+                         {"blob_bytes", bytes.size()}};
+  if (method_ == Method::kLoraFair) {
+    double objective = 0, fedit = 0;
+    for (const auto& m : result.modules) {
+      objective += m.lora_fair.objective / result.modules.size();
+      fedit += m.lora_fair.fedit_objective / result.modules.size();
+    }
+    line["lora_fair_objective"] = objective;
+    line["fedit_objective"] = fedit;
+  }
+  RETURN_IF_ERROR(store_.AppendMetrics(line));
+  spdlog::info(
+      "round {} closed: {} of {} updates{}; mean loss {:.6g} -> {:.6g}; aggregated in {:.3f} s; "
+      "version {}",
+      round_, arrived.size(), cohort_.size(),
+      dropped.empty() ? "" : StrCat(" (dropped: ", JoinIds(dropped), ")"), loss_before / examples,
+      loss_after / examples, seconds, round_);
+  uploads_.clear();
+  if (round_ >= options_.rounds) {
+    phase_ = Phase::kDone;
+    cohort_.clear();
+    RETURN_IF_ERROR(ExportLocked());
+    spdlog::info("run {} done after {} rounds", store_.ledger().run_id, options_.rounds);
+    return absl::OkStatus();
+  }
+  ++round_;
+  attempt_ = 0;
+  StartRoundLocked();
+  return absl::OkStatus();
+}
+
+absl::Status RoundEngine::ExportLocked() {
+  const std::filesystem::path dir = std::filesystem::path(options_.state_dir) / "export";
+  const auto& versions = store_.ledger().versions;
+  auto blob = [&](const BlobInfo& b) -> absl::StatusOr<Adapter> {
+    ASSIGN_OR_RETURN(std::string bytes, store_.ReadWholeBlob(b.sha256));
+    return common::DecodeAdapter(bytes, StrCat("blob ", b.sha256));
+  };
+  common::PeftWriteOptions write{common::DType::kF32, /*overwrite=*/true};
+  Adapter global;
+  switch (method_) {
+    case Method::kFedIt:
+    case Method::kLoraFair: {
+      ASSIGN_OR_RETURN(global, blob(versions.back().blobs.at(0)));
+      break;
+    }
+    case Method::kFedSb: {
+      ASSIGN_OR_RETURN(std::string bytes, store_.ReadWholeBlob(versions.back().blobs.at(0).sha256));
+      ASSIGN_OR_RETURN(global, common::DecodeROnto(bytes, "final R", frozen_));
+      RETURN_IF_ERROR(common::WritePeftAdapter(global.FoldR(), dir / "global-lora", write));
+      break;
+    }
+    case Method::kFlora: {
+      // The exact sum of every round's stacked delta: one adapter of rank Σ_t R_t.
+      std::vector<Adapter> deltas;
+      for (size_t v = 1; v < versions.size(); ++v) {
+        ASSIGN_OR_RETURN(Adapter d, blob(versions[v].blobs.at(0)));
+        deltas.push_back(std::move(d));
+      }
+      std::vector<common::ModuleShape> shapes;
+      for (size_t i = 0; i < deltas[0].num_modules(); ++i) {
+        common::ModuleShape s = deltas[0].module(i);
+        s.rank = 0;
+        for (const Adapter& d : deltas) s.rank += d.module(i).rank;
+        shapes.push_back(s);
+      }
+      ASSIGN_OR_RETURN(global, Adapter::Create(shapes));
+      for (size_t i = 0; i < shapes.size(); ++i) {
+        int row = 0;
+        for (const Adapter& d : deltas) {
+          const int r = d.module(i).rank;
+          global.A(i).middleRows(row, r) = d.A(i);
+          global.B(i).middleCols(row, r) = d.B(i);
+          row += r;
+        }
+      }
+      break;
+    }
+  }
+  global.base_model = store_.ledger().base_model_sha256;
+  RETURN_IF_ERROR(common::WritePeftAdapter(global, dir / "global", write));
+  spdlog::info("exported the global adapter to {}", (dir / "global").string());
+  return absl::OkStatus();
+}
+
+void RoundEngine::Tick() {
+  std::vector<std::pair<TaskCallback, v1::Task>> ready;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (phase_ == Phase::kTraining) {
+      const auto now = Clock::now();
+      const bool deadline =
+          now - round_started_ >= std::chrono::duration<double>(options_.round_deadline_s);
+      // Every member that has not delivered is silent past the timeout: waiting longer cannot help.
+      bool all_silent = true;
+      for (const std::string& id : cohort_) {
+        const auto up = uploads_.find(id);
+        if (up != uploads_.end() && up->second.accepted) continue;
+        all_silent &= now - clients_[id].last_seen >=
+                      std::chrono::duration<double>(options_.client_timeout_s);
+      }
+      if (deadline || all_silent) {
+        if (absl::Status st = CloseRoundLocked(/*at_deadline=*/true); !st.ok()) {
+          spdlog::error("closing round {} failed: {}", round_, st.message());
+        }
+      }
+    }
+    CollectReadyWaitersLocked(&ready, false);
+  }
+  Notify(ready);
+}
+
+v1::StatusResponse RoundEngine::GetStatus() {
+  std::lock_guard<std::mutex> lock(mu_);
+  v1::StatusResponse s;
+  s.set_run_id(store_.has_ledger() ? store_.ledger().run_id : "");
+  s.set_method(options_.method);
+  s.set_round(phase_ == Phase::kDone ? current_version() : round_);
+  s.set_rounds(options_.rounds);
+  s.set_state_version(current_version());
+  s.set_phase(phase_ == Phase::kDone       ? "done"
+              : phase_ == Phase::kTraining ? "training"
+                                           : "waiting for clients");
+  for (const auto& id : cohort_) s.add_cohort(id);
+  for (const auto& [id, u] : uploads_) {
+    if (u.accepted) s.add_arrived(id);
+  }
+  const auto now = Clock::now();
+  for (const auto& [id, info] : clients_) {
+    v1::ClientStatus* c = s.add_clients();
+    c->set_id(id);
+    c->set_num_examples(info.num_examples);
+    c->set_last_seen_unix_ms(
+        UnixMs() -
+        std::chrono::duration_cast<std::chrono::milliseconds>(now - info.last_seen).count());
+    c->set_rounds_contributed(info.rounds_contributed);
+  }
+  return s;
+}
+
+}  // namespace fedlora::server

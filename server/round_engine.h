@@ -1,0 +1,126 @@
+// The round engine: the coordinator's logic, with no gRPC in it (the service in
+// coordinator_service.h adapts it). Protobuf messages serve as its plain data types.
+//
+// A run: clients join (same base model as the first one); once `min_clients` have joined, round 1
+// starts with a cohort sampled from the run's seed. Cohort members get TRAIN tasks, upload their
+// updates (validated at the door), and the round closes when all have arrived, or at its deadline
+// with a quorum; a round without quorum is retried with a new cohort. Closing aggregates the
+// updates (in client-id order, so a run repeats exactly), stores the new version's blobs, and
+// rewrites the ledger atomically; a restarted coordinator continues from the last version.
+#ifndef FEDLORA_SERVER_ROUND_ENGINE_H_
+#define FEDLORA_SERVER_ROUND_ENGINE_H_
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/adapter.h"
+#include "fedlora/v1/coordinator.pb.h"
+#include "server/server_options.h"
+#include "server/state_store.h"
+
+namespace fedlora::server {
+
+namespace v1 = ::fedlora::v1;
+using Clock = std::chrono::steady_clock;
+
+class RoundEngine {
+ public:
+  // Opens the state directory (continuing its run if it has one) and starts the deadline ticker.
+  static absl::StatusOr<std::unique_ptr<RoundEngine>> Create(const ServerOptions& options);
+  ~RoundEngine();
+
+  absl::StatusOr<v1::JoinResponse> Join(const std::string& client, const v1::JoinRequest& request);
+
+  // Long poll: `done` is called exactly once, with a task as soon as there is one for the client,
+  // or WAIT after max_wait_ms. It may be called on this thread or on the ticker's; never under the
+  // engine's lock.
+  using TaskCallback = std::function<void(absl::StatusOr<v1::Task>)>;
+  void GetTask(const std::string& client, const v1::GetTaskRequest& request, TaskCallback done);
+  // Blocking form of GetTask, for tests.
+  absl::StatusOr<v1::Task> GetTaskBlocking(const std::string& client,
+                                           const v1::GetTaskRequest& request);
+
+  absl::StatusOr<v1::DownloadResponse> Download(const std::string& client,
+                                                const v1::DownloadRequest& request);
+  absl::StatusOr<v1::UploadResponse> Upload(const std::string& client,
+                                            const v1::UploadRequest& request);
+  v1::HeartbeatResponse Heartbeat(const std::string& client, const v1::HeartbeatRequest& request);
+  v1::StatusResponse GetStatus();
+
+  // Applies deadlines and client timeouts, and answers expired long polls (the ticker calls it
+  // every 50 ms).
+  void Tick();
+  bool done();
+  // Wakes every pending long poll (with WAIT) and stops the ticker; for shutdown.
+  void Shutdown();
+
+ private:
+  struct ClientInfo {
+    int64_t num_examples = 0;
+    Clock::time_point last_seen;
+    int64_t rounds_contributed = 0;
+    int64_t bytes_down_this_round = 0;
+  };
+  struct PendingUpload {
+    std::string sha256;
+    int64_t total_size = 0;
+    std::string data;
+    bool accepted = false;
+    int64_t num_examples = 0;
+    v1::TrainMetrics metrics;
+    common::Adapter adapter;  // decoded, once accepted
+  };
+  struct Waiter {
+    std::string client;
+    int64_t have_version;
+    Clock::time_point deadline;
+    TaskCallback done;
+  };
+  enum class Phase { kWaitingForClients, kTraining, kDone };
+
+  explicit RoundEngine(const ServerOptions& options, StateStore store);
+  int64_t current_version() const;  // latest version in the ledger
+  absl::Status InitializeRunLocked(const v1::JoinRequest& first);
+  void StartRoundLocked();
+  absl::Status CloseRoundLocked(bool at_deadline);
+  absl::Status ExportLocked();
+  // The task for `client` now (WAIT when there is none).
+  v1::Task TaskForLocked(const std::string& client, int64_t have_version);
+  std::vector<v1::BlobRef> DownloadsLocked(int64_t have_version, int64_t target_version) const;
+  absl::StatusOr<common::Adapter> ValidateUpdateLocked(const std::string& client,
+                                                       const std::string& bytes);
+  // Moves the waiters that can be answered into `ready` (to be called after unlocking).
+  void CollectReadyWaitersLocked(std::vector<std::pair<TaskCallback, v1::Task>>* ready, bool all);
+  void Notify(std::vector<std::pair<TaskCallback, v1::Task>>& ready);
+
+  const ServerOptions options_;
+  const common::Method method_;
+  std::mutex mu_;
+  StateStore store_;
+  Phase phase_ = Phase::kWaitingForClients;
+  std::map<std::string, ClientInfo> clients_;
+  int64_t round_ = 0;  // the round in progress (current_version() + 1 while training)
+  int attempt_ = 0;    // retries of this round without quorum
+  Clock::time_point round_started_;
+  std::vector<std::string> cohort_;
+  std::map<std::string, PendingUpload> uploads_;  // this round's, by client
+  std::vector<std::string> rejected_;             // this round's refused updates, by client
+  std::vector<Waiter> waiters_;
+  common::Adapter frozen_;  // Fed-SB's shared B, A (R = 0), once the run exists
+  bool stopping_ = false;
+  std::condition_variable ticker_cv_;
+  std::thread ticker_;
+};
+
+}  // namespace fedlora::server
+
+#endif  // FEDLORA_SERVER_ROUND_ENGINE_H_

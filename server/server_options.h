@@ -1,0 +1,58 @@
+// fedlora-server's options: every key of the TOML config file is also a flag (flags win).
+// Validate() says what is wrong with a combination before anything starts.
+#ifndef FEDLORA_SERVER_SERVER_OPTIONS_H_
+#define FEDLORA_SERVER_SERVER_OPTIONS_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "common/aggregate.h"
+
+namespace fedlora::server {
+
+struct ServerOptions {
+  // Run
+  std::string method = "fedit";  // fedit | flora | lora-fair | fed-sb
+  int rounds = 3;
+  uint64_t seed = 0;  // cohorts, initial factors, task seeds: a run with the same seed repeats
+  std::string state_dir = "fedlora-state";
+  // Cohorts and rounds
+  int min_clients = 2;    // joined clients needed before the first round starts
+  double fraction = 1.0;  // share of joined clients sampled into each cohort
+  int min_cohort = 1;     // at least this many per cohort (capped by the joined count)
+  double quorum = 1.0;    // share of the cohort whose updates close a round at its deadline
+  double round_deadline_s =
+      600;  // a round closes at this age with at least the quorum; retried without it
+  double client_timeout_s =
+      60;  // a cohort member silent this long (no heartbeat) is counted as dropped
+  // Training settings sent to clients
+  int rank = 8;
+  double lora_alpha = 16;
+  int local_steps = 20;
+  double learning_rate = 0.05;
+  std::vector<std::string>
+      target_modules;  // module name suffixes to adapt (e.g. q_proj); empty: all offered
+  std::string
+      base_model_sha256;  // the base model clients must hold; empty: pinned from the first client
+  double lora_fair_lambda = 0.01;
+  // Transport
+  std::string listen = "0.0.0.0:50051";
+  std::string tls_cert;   // PEM server certificate chain
+  std::string tls_key;    // PEM private key
+  std::string client_ca;  // PEM CA of client certificates: set → mutual TLS, client certs required
+  std::vector<std::string>
+      allowed_clients;    // client certificate common names admitted; empty: any the CA signed
+  bool insecure = false;  // plaintext, no client identity: for experiments on one machine only
+  int64_t chunk_bytes = 4 << 20;                // transfer chunk size
+  int64_t max_update_bytes = int64_t{1} << 30;  // an update larger than this is refused
+  int64_t max_wait_ms = 20000;                  // longest long-poll
+
+  absl::Status Validate() const;
+  common::Method ParsedMethod() const;  // after Validate()
+};
+
+}  // namespace fedlora::server
+
+#endif  // FEDLORA_SERVER_SERVER_OPTIONS_H_
