@@ -1,0 +1,100 @@
+#include "server/coordinator_service.h"
+
+#include <spdlog/spdlog.h>
+
+#include "common/strings.h"
+
+namespace fedlora::server {
+namespace {
+
+// Finishes `reactor` with `status`, or with the value (copied into `out`) when OK.
+template <typename T>
+grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, absl::StatusOr<T> result, T* out) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (result.ok()) {
+    *out = *std::move(result);
+    reactor->Finish(grpc::Status::OK);
+  } else {
+    reactor->Finish(ToGrpc(result.status()));
+  }
+  return reactor;
+}
+
+}  // namespace
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerContext* context) const {
+  if (!mutual_tls_) return common::StrCat("peer ", context->peer());
+  const auto auth = context->auth_context();
+  const auto names = auth ? auth->FindPropertyValues("x509_common_name") : std::vector<grpc::string_ref>{};
+  if (!auth || !auth->IsPeerAuthenticated() || names.empty()) {
+    return absl::UnauthenticatedError("a client certificate signed by the run's client CA is required");
+  }
+  std::string id(names[0].data(), names[0].size());
+  if (!allowed_.empty() && !allowed_.count(id)) {
+    spdlog::warn("refused {} ({}): not on the allow-list", id, context->peer());
+    return absl::PermissionDeniedError(common::StrCat("client identity '", id, "' is not on the allow-list"));
+  }
+  return id;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Join(grpc::CallbackServerContext* context,
+                                                   const v1::JoinRequest* request, v1::JoinResponse* response) {
+  auto id = Identify(context);
+  if (!id.ok()) return Reply<v1::JoinResponse>(context, id.status(), response);
+  return Reply(context, engine_->Join(*id, *request), response);
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::GetTask(grpc::CallbackServerContext* context,
+                                                      const v1::GetTaskRequest* request, v1::Task* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto id = Identify(context);
+  if (!id.ok()) {
+    reactor->Finish(ToGrpc(id.status()));
+    return reactor;
+  }
+  engine_->GetTask(*id, *request, [reactor, response](absl::StatusOr<v1::Task> task) {
+    if (!task.ok()) {
+      reactor->Finish(ToGrpc(task.status()));
+      return;
+    }
+    *response = *std::move(task);
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Download(grpc::CallbackServerContext* context,
+                                                       const v1::DownloadRequest* request,
+                                                       v1::DownloadResponse* response) {
+  auto id = Identify(context);
+  if (!id.ok()) return Reply<v1::DownloadResponse>(context, id.status(), response);
+  return Reply(context, engine_->Download(*id, *request), response);
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Upload(grpc::CallbackServerContext* context,
+                                                     const v1::UploadRequest* request, v1::UploadResponse* response) {
+  auto id = Identify(context);
+  if (!id.ok()) return Reply<v1::UploadResponse>(context, id.status(), response);
+  return Reply(context, engine_->Upload(*id, *request), response);
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerContext* context,
+                                                        const v1::HeartbeatRequest* request,
+                                                        v1::HeartbeatResponse* response) {
+  auto id = Identify(context);
+  if (!id.ok()) return Reply<v1::HeartbeatResponse>(context, id.status(), response);
+  return Reply<v1::HeartbeatResponse>(context, engine_->Heartbeat(*id, *request), response);
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::GetStatus(grpc::CallbackServerContext* context,
+                                                        const v1::StatusRequest*, v1::StatusResponse* response) {
+  auto id = Identify(context);
+  if (!id.ok()) return Reply<v1::StatusResponse>(context, id.status(), response);
+  return Reply<v1::StatusResponse>(context, engine_->GetStatus(), response);
+}
+
+}  // namespace fedlora::server
