@@ -9,7 +9,8 @@ namespace {
 
 // Finishes `reactor` with `status`, or with the value (copied into `out`) when OK.
 template <typename T>
-grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, absl::StatusOr<T> result, T* out) {
+grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, absl::StatusOr<T> result,
+                                T* out) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   if (result.ok()) {
     *out = *std::move(result);
@@ -26,30 +27,44 @@ grpc::Status ToGrpc(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
-absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerContext* context) const {
-  if (!mutual_tls_) return common::StrCat("peer ", context->peer());
+absl::StatusOr<std::string> CoordinatorService::Identify(
+    grpc::CallbackServerContext* context) const {
+  if (!mutual_tls_) {
+    // Without mutual TLS nothing authenticates a client: take the name it gives (plaintext
+    // experiments only).
+    const auto& metadata = context->client_metadata();
+    const auto it = metadata.find("x-fedlora-client-id");
+    if (it != metadata.end())
+      return "insecure:" + std::string(it->second.data(), it->second.size());
+    return common::StrCat("peer ", context->peer());
+  }
   const auto auth = context->auth_context();
-  const auto names = auth ? auth->FindPropertyValues("x509_common_name") : std::vector<grpc::string_ref>{};
+  const auto names =
+      auth ? auth->FindPropertyValues("x509_common_name") : std::vector<grpc::string_ref>{};
   if (!auth || !auth->IsPeerAuthenticated() || names.empty()) {
-    return absl::UnauthenticatedError("a client certificate signed by the run's client CA is required");
+    return absl::UnauthenticatedError(
+        "a client certificate signed by the run's client CA is required");
   }
   std::string id(names[0].data(), names[0].size());
   if (!allowed_.empty() && !allowed_.count(id)) {
     spdlog::warn("refused {} ({}): not on the allow-list", id, context->peer());
-    return absl::PermissionDeniedError(common::StrCat("client identity '", id, "' is not on the allow-list"));
+    return absl::PermissionDeniedError(
+        common::StrCat("client identity '", id, "' is not on the allow-list"));
   }
   return id;
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::Join(grpc::CallbackServerContext* context,
-                                                   const v1::JoinRequest* request, v1::JoinResponse* response) {
+                                                   const v1::JoinRequest* request,
+                                                   v1::JoinResponse* response) {
   auto id = Identify(context);
   if (!id.ok()) return Reply<v1::JoinResponse>(context, id.status(), response);
   return Reply(context, engine_->Join(*id, *request), response);
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::GetTask(grpc::CallbackServerContext* context,
-                                                      const v1::GetTaskRequest* request, v1::Task* response) {
+                                                      const v1::GetTaskRequest* request,
+                                                      v1::Task* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   auto id = Identify(context);
   if (!id.ok()) {
@@ -76,7 +91,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Download(grpc::CallbackServerConte
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::Upload(grpc::CallbackServerContext* context,
-                                                     const v1::UploadRequest* request, v1::UploadResponse* response) {
+                                                     const v1::UploadRequest* request,
+                                                     v1::UploadResponse* response) {
   auto id = Identify(context);
   if (!id.ok()) return Reply<v1::UploadResponse>(context, id.status(), response);
   return Reply(context, engine_->Upload(*id, *request), response);
@@ -91,7 +107,8 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::GetStatus(grpc::CallbackServerContext* context,
-                                                        const v1::StatusRequest*, v1::StatusResponse* response) {
+                                                        const v1::StatusRequest*,
+                                                        v1::StatusResponse* response) {
   auto id = Identify(context);
   if (!id.ok()) return Reply<v1::StatusResponse>(context, id.status(), response);
   return Reply<v1::StatusResponse>(context, engine_->GetStatus(), response);

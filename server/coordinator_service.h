@@ -1,6 +1,7 @@
-// The gRPC face of the round engine: a thin adapter, callback API. It names the caller (the common name of its
-// verified client certificate; "peer <address>" without mutual TLS), checks the allow-list, and turns absl
-// statuses into gRPC ones. Long polls hold no thread: the engine completes them.
+// The gRPC face of the round engine: a thin adapter, callback API. It names the caller (the common
+// name of its verified client certificate; "peer <address>" without mutual TLS), checks the
+// allow-list, and turns absl statuses into gRPC ones. Long polls hold no thread: the engine
+// completes them.
 #ifndef FEDLORA_SERVER_COORDINATOR_SERVICE_H_
 #define FEDLORA_SERVER_COORDINATOR_SERVICE_H_
 
@@ -17,17 +18,22 @@ class CoordinatorService final : public v1::Coordinator::CallbackService {
   CoordinatorService(RoundEngine* engine, bool mutual_tls, std::set<std::string> allowed)
       : engine_(engine), mutual_tls_(mutual_tls), allowed_(std::move(allowed)) {}
 
-  grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* context, const v1::JoinRequest* request,
+  grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* context,
+                                 const v1::JoinRequest* request,
                                  v1::JoinResponse* response) override;
-  grpc::ServerUnaryReactor* GetTask(grpc::CallbackServerContext* context, const v1::GetTaskRequest* request,
-                                    v1::Task* response) override;
-  grpc::ServerUnaryReactor* Download(grpc::CallbackServerContext* context, const v1::DownloadRequest* request,
+  grpc::ServerUnaryReactor* GetTask(grpc::CallbackServerContext* context,
+                                    const v1::GetTaskRequest* request, v1::Task* response) override;
+  grpc::ServerUnaryReactor* Download(grpc::CallbackServerContext* context,
+                                     const v1::DownloadRequest* request,
                                      v1::DownloadResponse* response) override;
-  grpc::ServerUnaryReactor* Upload(grpc::CallbackServerContext* context, const v1::UploadRequest* request,
+  grpc::ServerUnaryReactor* Upload(grpc::CallbackServerContext* context,
+                                   const v1::UploadRequest* request,
                                    v1::UploadResponse* response) override;
-  grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* context, const v1::HeartbeatRequest* request,
+  grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* context,
+                                      const v1::HeartbeatRequest* request,
                                       v1::HeartbeatResponse* response) override;
-  grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* context, const v1::StatusRequest* request,
+  grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* context,
+                                      const v1::StatusRequest* request,
                                       v1::StatusResponse* response) override;
 
  private:

@@ -1,16 +1,16 @@
-// fedlora-server: the coordinator daemon. Options come from a TOML file (--config; keys are the long flag names)
-// and flags, which win. It runs the configured rounds, survives restarts on the same --state-dir, exports the result
-// to <state-dir>/export, and exits after serving the final state (--linger-s).
+// fedlora-server: the coordinator daemon. Options come from a TOML file (--config; keys are the
+// long flag names) and flags, which win. It runs the configured rounds, survives restarts on the
+// same --state-dir, exports the result to <state-dir>/export, and exits after serving the final
+// state (--linger-s).
+#include <grpcpp/grpcpp.h>
 #include <signal.h>
+#include <spdlog/spdlog.h>
 
+#include <CLI/CLI.hpp>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <thread>
-
-#include <CLI/CLI.hpp>
-#include <grpcpp/grpcpp.h>
-#include <spdlog/spdlog.h>
 
 #include "common/file_util.h"
 #include "common/tls.h"
@@ -23,36 +23,49 @@ using fedlora::server::ServerOptions;
 void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& port_file) {
   app.add_option("--method", o.method, "fedit | flora | lora-fair | fed-sb")->capture_default_str();
   app.add_option("--rounds", o.rounds)->capture_default_str();
-  app.add_option("--seed", o.seed, "seed of cohorts, initial factors and task seeds")->capture_default_str();
-  app.add_option("--state-dir", o.state_dir, "ledger, blobs, metrics and exports; a restart continues from it")
+  app.add_option("--seed", o.seed, "seed of cohorts, initial factors and task seeds")
       ->capture_default_str();
-  app.add_option("--min-clients", o.min_clients, "joined clients needed before round 1")->capture_default_str();
-  app.add_option("--fraction", o.fraction, "share of joined clients in each cohort")->capture_default_str();
+  app.add_option("--state-dir", o.state_dir,
+                 "ledger, blobs, metrics and exports; a restart continues from it")
+      ->capture_default_str();
+  app.add_option("--min-clients", o.min_clients, "joined clients needed before round 1")
+      ->capture_default_str();
+  app.add_option("--fraction", o.fraction, "share of joined clients in each cohort")
+      ->capture_default_str();
   app.add_option("--min-cohort", o.min_cohort)->capture_default_str();
-  app.add_option("--quorum", o.quorum, "share of the cohort that closes a round at its deadline")->capture_default_str();
+  app.add_option("--quorum", o.quorum, "share of the cohort that closes a round at its deadline")
+      ->capture_default_str();
   app.add_option("--round-deadline-s", o.round_deadline_s)->capture_default_str();
-  app.add_option("--client-timeout-s", o.client_timeout_s, "silence after which a cohort member counts as dropped")
+  app.add_option("--client-timeout-s", o.client_timeout_s,
+                 "silence after which a cohort member counts as dropped")
       ->capture_default_str();
   app.add_option("--rank", o.rank)->capture_default_str();
   app.add_option("--lora-alpha", o.lora_alpha)->capture_default_str();
   app.add_option("--local-steps", o.local_steps)->capture_default_str();
   app.add_option("--learning-rate", o.learning_rate)->capture_default_str();
-  app.add_option("--target-modules", o.target_modules, "module name suffixes to adapt (default: all offered)")
+  app.add_option("--target-modules", o.target_modules,
+                 "module name suffixes to adapt (default: all offered)")
       ->delimiter(',');
-  app.add_option("--base-model-sha256", o.base_model_sha256, "required base model (default: the first client's)");
+  app.add_option("--base-model-sha256", o.base_model_sha256,
+                 "required base model (default: the first client's)");
   app.add_option("--lora-fair-lambda", o.lora_fair_lambda)->capture_default_str();
-  app.add_option("--listen", o.listen, "address:port (port 0 picks a free one)")->capture_default_str();
+  app.add_option("--listen", o.listen, "address:port (port 0 picks a free one)")
+      ->capture_default_str();
   app.add_option("--tls-cert", o.tls_cert, "PEM certificate chain of the server");
   app.add_option("--tls-key", o.tls_key, "PEM private key of the server");
   app.add_option("--client-ca", o.client_ca, "PEM CA of client certificates: enables mutual TLS");
-  app.add_option("--allowed-clients", o.allowed_clients, "client certificate common names admitted")->delimiter(',');
-  app.add_flag("--insecure", o.insecure, "plaintext without client identities (experiments on one machine only)");
+  app.add_option("--allowed-clients", o.allowed_clients, "client certificate common names admitted")
+      ->delimiter(',');
+  app.add_flag("--insecure", o.insecure,
+               "plaintext without client identities (experiments on one machine only)");
   app.add_option("--chunk-bytes", o.chunk_bytes)->capture_default_str();
   app.add_option("--max-update-bytes", o.max_update_bytes)->capture_default_str();
   app.add_option("--max-wait-ms", o.max_wait_ms, "longest long poll")->capture_default_str();
-  app.add_option("--linger-s", linger_s, "after the last round, keep serving the final state this long")
+  app.add_option("--linger-s", linger_s,
+                 "after the last round, keep serving the final state this long")
       ->capture_default_str();
-  app.add_option("--port-file", port_file, "write the port listened on to this file (for --listen ...:0)");
+  app.add_option("--port-file", port_file,
+                 "write the port listened on to this file (for --listen ...:0)");
 }
 
 }  // namespace
@@ -79,12 +92,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (options.insecure) {
-    spdlog::warn("--insecure: plaintext gRPC without client identities; anyone who can reach {} can join, read and "
-                 "submit. Use TLS with --client-ca outside experiments on one machine.", options.listen);
+    spdlog::warn(
+        "--insecure: plaintext gRPC without client identities; anyone who can reach {} can join, "
+        "read and "
+        "submit. Use TLS with --client-ca outside experiments on one machine.",
+        options.listen);
   }
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!options.insecure) {
-    auto tls = fedlora::common::ServerTlsCredentials(options.tls_cert, options.tls_key, options.client_ca);
+    auto tls =
+        fedlora::common::ServerTlsCredentials(options.tls_cert, options.tls_key, options.client_ca);
     if (!tls.ok()) {
       std::fprintf(stderr, "error: %s\n", std::string(tls.status().message()).c_str());
       return 2;
@@ -117,9 +134,12 @@ int main(int argc, char** argv) {
     return 1;
   }
   spdlog::info("listening on {} (port {}), {}", options.listen, port,
-               options.insecure ? "PLAINTEXT" : options.client_ca.empty() ? "TLS" : "mutual TLS");
+               options.insecure            ? "PLAINTEXT"
+               : options.client_ca.empty() ? "TLS"
+                                           : "mutual TLS");
   if (!port_file.empty()) {
-    if (auto st = fedlora::common::WriteFileAtomically(port_file, std::to_string(port) + "\n"); !st.ok()) {
+    if (auto st = fedlora::common::WriteFileAtomically(port_file, std::to_string(port) + "\n");
+        !st.ok()) {
       std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
       return 1;
     }
@@ -136,7 +156,8 @@ int main(int argc, char** argv) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     if ((*engine)->done()) {
       if (!done_at) done_at = std::chrono::steady_clock::now();
-      if (std::chrono::steady_clock::now() - *done_at >= std::chrono::duration<double>(linger_s)) stop = true;
+      if (std::chrono::steady_clock::now() - *done_at >= std::chrono::duration<double>(linger_s))
+        stop = true;
     }
   }
   (*engine)->Shutdown();

@@ -1,0 +1,117 @@
+// fedlora-client: a site's node. Joins the coordinator over TLS (mutual TLS with --cert/--key),
+// trains when selected, uploads its update, and catches up on whatever it missed. Exits 0 when the
+// run is done; SIGTERM stops it cleanly.
+#include <grpcpp/grpcpp.h>
+#include <signal.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <cstdio>
+#include <thread>
+
+#include "client/node.h"
+#include "common/tls.h"
+
+int main(int argc, char** argv) {
+  std::string coordinator = "localhost:50051", ca, cert, key, server_name, workload = "regression";
+  bool insecure = false;
+  fedlora::client::NodeOptions node;
+  fedlora::client::RegressionOptions regression;
+  CLI::App app{"fedlora-client: a client node of a federated LoRA fine-tuning run"};
+  app.set_config("--config", "", "TOML file of options (keys are the long flag names without --)");
+  app.add_option("--coordinator", coordinator, "address:port of fedlora-server")
+      ->capture_default_str();
+  app.add_option("--ca", ca, "PEM CA that signed the coordinator's certificate");
+  app.add_option("--cert", cert,
+                 "PEM client certificate (mutual TLS; its common name is this client's identity)");
+  app.add_option("--key", key, "PEM private key of --cert");
+  app.add_option("--tls-server-name", server_name,
+                 "expected name in the coordinator's certificate, if not the host");
+  app.add_flag("--insecure", insecure,
+               "plaintext (only against a coordinator started with --insecure)");
+  app.add_option(
+      "--id", node.id,
+      "client name, sent in the clear; only with --insecure (TLS names us by certificate)");
+  app.add_option("--workload", workload, "what to train: regression")->capture_default_str();
+  app.add_option("--base-seed", regression.base_seed,
+                 "regression: the base model (same for all clients)")
+      ->capture_default_str();
+  app.add_option("--data-seed", regression.data_seed, "regression: this client's data")
+      ->capture_default_str();
+  app.add_option("--layers", regression.layers)->capture_default_str();
+  app.add_option("--in-features", regression.in_features)->capture_default_str();
+  app.add_option("--out-features", regression.out_features)->capture_default_str();
+  app.add_option("--examples", regression.examples)->capture_default_str();
+  app.add_option("--heterogeneity", regression.heterogeneity,
+                 "regression: size of the client-specific target")
+      ->capture_default_str();
+  app.add_option("--out-dir", node.out_dir, "write the final state here when the run is done");
+  app.add_option("--chunk-bytes", node.chunk_bytes)->capture_default_str();
+  app.add_option("--max-retry-s", node.max_retry_s, "give up on a call after retrying this long")
+      ->capture_default_str();
+  app.add_option("--testing-exit-after-uploads", node.exit_after_uploads,
+                 "testing: die after N uploads");
+  app.add_option("--testing-die-mid-upload", node.die_mid_upload_fraction,
+                 "testing: die after sending this fraction of the first upload");
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_default_logger(spdlog::stderr_color_mt("client"));
+  spdlog::set_pattern(
+      fmt::format("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [{}] %v", node.id.empty() ? "client" : node.id));
+  if (workload != "regression") {
+    std::fprintf(stderr, "error: unknown workload '%s' (expected regression)\n", workload.c_str());
+    return 2;
+  }
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (insecure) {
+    spdlog::warn("--insecure: plaintext to {}; updates and identity travel unprotected",
+                 coordinator);
+  } else {
+    if (ca.empty()) {
+      std::fprintf(
+          stderr,
+          "error: TLS needs --ca (the CA of the coordinator's certificate), or --insecure\n");
+      return 2;
+    }
+    auto tls = fedlora::common::ClientTlsCredentials(ca, cert, key);
+    if (!tls.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(tls.status().message()).c_str());
+      return 2;
+    }
+    credentials = *tls;
+  }
+  grpc::ChannelArguments args;
+  const int max_message = static_cast<int>(node.chunk_bytes + (1 << 20));
+  args.SetMaxReceiveMessageSize(max_message);
+  args.SetMaxSendMessageSize(max_message);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
+  if (!server_name.empty()) args.SetSslTargetNameOverride(server_name);
+  auto channel = grpc::CreateCustomChannel(coordinator, credentials, args);
+
+  std::atomic<bool> stop{false};
+  std::thread waiter([&] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    if (!stop.exchange(true)) spdlog::info("signal {}: stopping after the current call", sig);
+  });
+  fedlora::client::Node client(channel, node, fedlora::client::RegressionWorkload(regression));
+  absl::Status status = client.Run(stop);
+  stop = true;
+  pthread_kill(waiter.native_handle(), SIGTERM);
+  waiter.join();
+  if (!status.ok() && !absl::IsCancelled(status)) {
+    std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

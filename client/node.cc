@@ -1,0 +1,296 @@
+#include "client/node.h"
+
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <random>
+#include <thread>
+
+#include "common/blob.h"
+#include "common/peft.h"
+#include "common/safetensors.h"
+#include "common/status_macros.h"
+#include "common/strings.h"
+
+namespace fedlora::client {
+namespace {
+
+using common::Adapter;
+using common::StrCat;
+
+absl::Status FromGrpc(const grpc::Status& s, std::string_view what) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      StrCat(what, ": ", s.error_message()));
+}
+
+bool Transient(const grpc::Status& s) {
+  return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+         s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
+}
+
+}  // namespace
+
+Node::Node(std::shared_ptr<grpc::Channel> channel, const NodeOptions& options,
+           RegressionWorkload workload)
+    : stub_(v1::Coordinator::NewStub(channel)), options_(options), workload_(std::move(workload)) {}
+
+grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,
+                         const std::atomic<bool>& stop) {
+  const auto start = std::chrono::steady_clock::now();
+  std::mt19937 jitter(std::random_device{}());
+  double backoff_s = 0.1;
+  for (;;) {
+    grpc::ClientContext context;
+    if (!options_.id.empty()) context.AddMetadata("x-fedlora-client-id", options_.id);
+    grpc::Status s = call(context);
+    if (s.ok() || !Transient(s) || stop) return s;
+    if (std::chrono::steady_clock::now() - start >
+        std::chrono::duration<double>(options_.max_retry_s))
+      return s;
+    spdlog::warn("{} ({}); retrying in {:.1f} s", s.error_message(),
+                 static_cast<int>(s.error_code()), backoff_s);
+    std::this_thread::sleep_for(std::chrono::duration<double>(
+        backoff_s * (0.5 + std::uniform_real_distribution<>(0, 1)(jitter))));
+    backoff_s = std::min(backoff_s * 2, 5.0);
+  }
+}
+
+absl::Status Node::JoinCoordinator(const std::atomic<bool>& stop) {
+  v1::JoinRequest request;
+  request.set_base_model_sha256(workload_.fingerprint());
+  request.set_max_rank(1 << 16);
+  request.set_num_examples(workload_.num_examples());
+  for (auto& m : workload_.modules()) *request.add_modules() = std::move(m);
+  v1::JoinResponse response;
+  grpc::Status s =
+      Retry([&](grpc::ClientContext& c) { return stub_->Join(&c, request, &response); }, stop);
+  RETURN_IF_ERROR(FromGrpc(s, "join"));
+  method_ = response.method();
+  spdlog::info("joined run {} ({}, {} rounds)", response.run_id(), response.method(),
+               response.rounds());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::string> Node::DownloadBlob(const v1::BlobRef& ref,
+                                               const std::atomic<bool>& stop) {
+  std::string data;
+  while (static_cast<int64_t>(data.size()) < ref.size()) {
+    v1::DownloadRequest request;
+    request.set_sha256(ref.sha256());
+    request.set_offset(
+        static_cast<int64_t>(data.size()));  // a retried chunk resumes from what we hold
+    request.set_max_bytes(options_.chunk_bytes);
+    v1::DownloadResponse response;
+    grpc::Status s = Retry(
+        [&](grpc::ClientContext& c) { return stub_->Download(&c, request, &response); }, stop);
+    RETURN_IF_ERROR(FromGrpc(s, StrCat("download of ", ref.sha256())));
+    if (response.data().empty())
+      return absl::DataLossError(StrCat("blob ", ref.sha256(), " ended early"));
+    data += response.data();
+  }
+  if (common::Sha256Hex(data) != ref.sha256()) {
+    return absl::DataLossError(
+        StrCat("blob ", ref.sha256(), " failed verification (sha256 mismatch)"));
+  }
+  return data;
+}
+
+absl::Status Node::Apply(const v1::Task& task) {
+  // Downloads arrive in apply order; all of them take us to task.state_version().
+  static const std::atomic<bool> kNoStop{false};
+  for (const v1::BlobRef& ref : task.downloads()) {
+    ASSIGN_OR_RETURN(std::string bytes, DownloadBlob(ref, kNoStop));
+    const std::string origin = StrCat(ref.kind(), " blob of version ", ref.version());
+    if (ref.kind() == "delta") {
+      ASSIGN_OR_RETURN(Adapter delta, common::DecodeAdapter(bytes, origin));
+      workload_.MergeIntoBase(delta);  // FLoRA: every round's delta, in order
+    } else if (ref.kind() == "r") {
+      ASSIGN_OR_RETURN(global_, common::DecodeROnto(bytes, origin, global_));
+    } else {
+      ASSIGN_OR_RETURN(global_, common::DecodeAdapter(bytes, origin));  // "adapter" or "frozen"
+    }
+    spdlog::info("applied {} ({} bytes)", origin, bytes.size());
+  }
+  have_version_ = task.state_version();
+  return absl::OkStatus();
+}
+
+absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
+  const auto start = std::chrono::steady_clock::now();
+  const v1::TrainSettings& s = task.settings();
+  const double scaling = s.lora_alpha() / s.rank();
+  std::vector<common::ModuleShape> shapes;
+  for (const v1::ModuleSpec& m : task.modules()) {
+    shapes.push_back(
+        {m.name(), s.rank(), m.in_features(), m.out_features(), scaling, method_ == "fed-sb"});
+  }
+  ASSIGN_OR_RETURN(Adapter adapter, Adapter::Create(shapes));
+  std::mt19937_64 rng(s.seed());
+  for (size_t i = 0; i < adapter.num_modules(); ++i) {
+    const auto g =
+        global_.num_modules() ? global_.FindModule(adapter.module(i).name) : std::nullopt;
+    if (method_ == "flora" || !g) {
+      // A fresh module: A ~ U(−1/√n, 1/√n) (PEFT's kaiming_uniform(a=√5)), B = 0.
+      const float bound = 1.0f / std::sqrt(static_cast<float>(adapter.module(i).in_features));
+      std::uniform_real_distribution<float> uni(-bound, bound);
+      for (float& x : adapter.A(i).reshaped()) x = uni(rng);
+    } else {
+      // From the global state (scaling 1): our scaling s is unfolded from B (or R).
+      const double s_global = global_.module(*g).scaling;
+      adapter.A(i) = global_.A(*g);
+      adapter.B(i) = global_.B(*g);
+      if (method_ == "fed-sb") {
+        adapter.R(i) = global_.R(*g) * static_cast<float>(s_global / scaling);
+      } else {
+        adapter.B(i) *= static_cast<float>(s_global / scaling);
+      }
+    }
+  }
+  v1::TrainMetrics metrics;
+  metrics.set_loss_before(workload_.Loss(adapter));
+  // Heartbeats while training, so the coordinator does not count us as dropped.
+  std::atomic<bool> training{true};
+  std::thread heartbeat([&] {
+    const auto interval =
+        std::chrono::milliseconds(std::max<int64_t>(task.heartbeat_interval_ms(), 100));
+    auto next = std::chrono::steady_clock::now() + interval;
+    while (training) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      if (std::chrono::steady_clock::now() < next) continue;
+      next += interval;
+      v1::HeartbeatRequest request;
+      request.set_round(task.round());
+      v1::HeartbeatResponse response;
+      grpc::ClientContext context;
+      if (!options_.id.empty()) context.AddMetadata("x-fedlora-client-id", options_.id);
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      stub_->Heartbeat(&context, request, &response);
+    }
+  });
+  metrics.set_loss_after(workload_.Train(adapter, s.local_steps(), s.learning_rate()));
+  training = false;
+  heartbeat.join();
+  metrics.set_steps(s.local_steps());
+  metrics.set_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  spdlog::info("round {}: trained {} steps, loss {:.6g} -> {:.6g}", task.round(), s.local_steps(),
+               metrics.loss_before(), metrics.loss_after());
+  const std::string bytes = common::EncodeAdapter(
+      adapter, method_ == "fed-sb" ? common::AdapterParts::kROnly : common::AdapterParts::kAll);
+  return UploadUpdate(task, bytes, metrics, stop);
+}
+
+absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
+                                const v1::TrainMetrics& metrics, const std::atomic<bool>& stop) {
+  const std::string sha = common::Sha256Hex(bytes);
+  int64_t offset = 0;
+  const int64_t die_at = options_.die_mid_upload_fraction >= 0
+                             ? static_cast<int64_t>(options_.die_mid_upload_fraction * bytes.size())
+                             : -1;
+  for (;;) {
+    if (die_at >= 0 && offset >= die_at) {
+      spdlog::warn("testing: exiting in the middle of an upload ({} of {} bytes sent)", offset,
+                   bytes.size());
+      std::_Exit(9);
+    }
+    v1::UploadRequest request;
+    request.set_round(task.round());
+    request.set_state_version(task.state_version());
+    request.set_sha256(sha);
+    request.set_total_size(static_cast<int64_t>(bytes.size()));
+    request.set_offset(offset);
+    const int64_t n = std::min<int64_t>(options_.chunk_bytes, bytes.size() - offset);
+    request.set_data(bytes.substr(static_cast<size_t>(offset), static_cast<size_t>(n)));
+    request.set_num_examples(workload_.num_examples());
+    *request.mutable_metrics() = metrics;
+    v1::UploadResponse response;
+    grpc::Status s =
+        Retry([&](grpc::ClientContext& c) { return stub_->Upload(&c, request, &response); }, stop);
+    RETURN_IF_ERROR(FromGrpc(s, StrCat("upload for round ", task.round())));
+    if (response.accepted()) break;
+    offset = response.received();  // resume where the coordinator stands (also after a lost answer)
+  }
+  ++uploads_;
+  spdlog::info("round {}: update accepted ({} bytes)", task.round(), bytes.size());
+  return absl::OkStatus();
+}
+
+absl::Status Node::WriteFinalState() const {
+  if (options_.out_dir.empty()) return absl::OkStatus();
+  std::filesystem::create_directories(options_.out_dir);
+  std::vector<common::TensorToWrite> tensors;
+  std::vector<std::vector<float>> storage;
+  for (size_t l = 0; l < workload_.base().size(); ++l) {
+    const Eigen::MatrixXf w = workload_.base()[l].cast<float>();
+    const common::MatrixF rm = w;  // row-major, as PyTorch stores it
+    storage.emplace_back(rm.data(), rm.data() + rm.size());
+  }
+  for (size_t l = 0; l < storage.size(); ++l) {
+    tensors.push_back({StrCat("model.layers.", l, ".self_attn.q_proj.weight"),
+                       {workload_.base()[l].rows(), workload_.base()[l].cols()},
+                       storage[l]});
+  }
+  RETURN_IF_ERROR(
+      common::WriteSafetensors(std::filesystem::path(options_.out_dir) / "base.safetensors",
+                               tensors, common::DType::kF32, {{"format", "pt"}}));
+  if (global_.num_modules() > 0) {
+    RETURN_IF_ERROR(common::WritePeftAdapter(
+        global_, std::filesystem::path(options_.out_dir) / "global", {common::DType::kF32, true}));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Node::Run(const std::atomic<bool>& stop) {
+  RETURN_IF_ERROR(JoinCoordinator(stop));
+  while (!stop) {
+    v1::GetTaskRequest request;
+    request.set_have_version(have_version_);
+    request.set_max_wait_ms(5000);
+    v1::Task task;
+    grpc::Status s = Retry(
+        [&](grpc::ClientContext& c) {
+          c.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+          return stub_->GetTask(&c, request, &task);
+        },
+        stop);
+    if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
+        s.error_message().find("Join first") != std::string::npos) {
+      RETURN_IF_ERROR(JoinCoordinator(stop));  // the coordinator restarted and forgot us
+      continue;
+    }
+    if (stop) break;
+    RETURN_IF_ERROR(FromGrpc(s, "get task"));
+    switch (task.kind()) {
+      case v1::Task::WAIT:
+        continue;
+      case v1::Task::DONE:
+        RETURN_IF_ERROR(Apply(task));
+        RETURN_IF_ERROR(WriteFinalState());
+        spdlog::info("run done at version {}; final loss on our data {:.6g}", have_version_,
+                     workload_.Loss(method_ == "flora" ? Adapter() : global_));
+        return absl::OkStatus();
+      case v1::Task::TRAIN: {
+        RETURN_IF_ERROR(Apply(task));
+        absl::Status trained = Train(task, stop);
+        if (!trained.ok()) {
+          // A refused update (the round moved on, or it failed validation) is logged; the node goes
+          // on.
+          spdlog::error("round {}: {}", task.round(), trained.message());
+          if (trained.code() == absl::StatusCode::kUnavailable) return trained;
+        }
+        if (options_.exit_after_uploads >= 0 && uploads_ >= options_.exit_after_uploads) {
+          spdlog::warn("testing: exiting after {} uploads", uploads_);
+          std::_Exit(9);
+        }
+        continue;
+      }
+      default:
+        return absl::InternalError(StrCat("unknown task kind ", static_cast<int>(task.kind())));
+    }
+  }
+  return absl::CancelledError("stopped");
+}
+
+}  // namespace fedlora::client

@@ -1,0 +1,65 @@
+// A client node: joins the coordinator, long-polls for tasks, brings its state up to the task's
+// version (only the blobs it lacks, each resumed from its offset after a broken transfer and
+// verified by sha256), trains, and uploads its update (resumable, idempotent). Transient failures
+// (UNAVAILABLE, DEADLINE_EXCEEDED) are retried with exponential backoff; a coordinator restart is
+// survived by re-joining.
+#ifndef FEDLORA_CLIENT_NODE_H_
+#define FEDLORA_CLIENT_NODE_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "client/regression_workload.h"
+#include "common/adapter.h"
+#include "fedlora/v1/coordinator.grpc.pb.h"
+
+namespace fedlora::client {
+
+struct NodeOptions {
+  std::string
+      id;  // used only with --insecure (sent as metadata); with TLS the certificate names us
+  int64_t chunk_bytes = 4 << 20;    // upload / download chunk size
+  double max_retry_s = 300;         // give up after retrying a call this long
+  std::string out_dir;              // where the final state is written on DONE (empty: nowhere)
+  int64_t exit_after_uploads = -1;  // testing: stop (as if killed) after this many uploads
+  double die_mid_upload_fraction =
+      -1;  // testing: exit(9) after sending this fraction of the next upload
+};
+
+class Node {
+ public:
+  Node(std::shared_ptr<grpc::Channel> channel, const NodeOptions& options,
+       RegressionWorkload workload);
+
+  // Runs until the coordinator says DONE (OK), `stop` is set (CANCELLED), or an error that retrying
+  // cannot fix.
+  absl::Status Run(const std::atomic<bool>& stop);
+
+ private:
+  absl::Status JoinCoordinator(const std::atomic<bool>& stop);
+  absl::Status Apply(const v1::Task& task);
+  absl::StatusOr<std::string> DownloadBlob(const v1::BlobRef& ref, const std::atomic<bool>& stop);
+  absl::Status Train(const v1::Task& task, const std::atomic<bool>& stop);
+  absl::Status UploadUpdate(const v1::Task& task, const std::string& bytes,
+                            const v1::TrainMetrics& metrics, const std::atomic<bool>& stop);
+  absl::Status WriteFinalState() const;
+  // Runs `call` (a gRPC call on a fresh context) until it succeeds, fails for good, or retrying
+  // runs out.
+  grpc::Status Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,
+                     const std::atomic<bool>& stop);
+
+  std::unique_ptr<v1::Coordinator::Stub> stub_;
+  NodeOptions options_;
+  RegressionWorkload workload_;
+  std::string method_;
+  int64_t have_version_ = -1;
+  common::Adapter
+      global_;  // the latest global adapter (fedit, lora-fair), or frozen B, A with R (fed-sb)
+  int64_t uploads_ = 0;
+};
+
+}  // namespace fedlora::client
+
+#endif  // FEDLORA_CLIENT_NODE_H_
