@@ -524,7 +524,10 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
                                                  " but the upload announced ", up.sha256));
     } else if (auto adapter = ValidateUpdateLocked(client, up.data); !adapter.ok()) {
       status = adapter.status();
+    } else if (auto stored = store_.PutBlob(up.data); !stored.ok()) {
+      status = stored.status();
     } else {
+      up.blob = *stored;
       up.adapter = *std::move(adapter);
       up.accepted = true;
       up.num_examples =
@@ -584,7 +587,8 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
       updates;  // in client-id order (uploads_ is sorted), so the sums repeat exactly
   std::vector<double> weights;
   double loss_before = 0, loss_after = 0, examples = 0;
-  nlohmann::json bytes_up = nlohmann::json::object(), bytes_down = nlohmann::json::object();
+  nlohmann::json bytes_up = nlohmann::json::object(), bytes_down = nlohmann::json::object(),
+                 update_blobs = nlohmann::json::object(), update_examples = nlohmann::json::object();
   for (const std::string& id : arrived) {
     PendingUpload& u = uploads_[id];
     updates.push_back(std::move(u.adapter));
@@ -593,6 +597,8 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
     loss_after += u.num_examples * u.metrics.loss_after();
     examples += u.num_examples;
     bytes_up[id] = u.total_size;
+    update_blobs[id] = u.blob;
+    update_examples[id] = u.num_examples;
     clients_[id].rounds_contributed++;
   }
   for (const std::string& id : cohort_) bytes_down[id] = clients_[id].bytes_down_this_round;
@@ -628,6 +634,9 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
                          {"mean_loss_before", loss_before / examples},
                          {"mean_train_loss", loss_after / examples},
                          {"aggregation_seconds", seconds},
+                         {"updates", update_blobs},
+                         {"examples", update_examples},
+                         {"global_blob", sha},
                          {"blob_bytes", bytes.size()}};
   if (method_ == Method::kLoraFair) {
     double objective = 0, fedit = 0;

@@ -76,6 +76,7 @@ class RoundEngine {
     std::string data;
     bool accepted = false;
     int64_t num_examples = 0;
+    std::string blob;  // the stored update's sha256, once accepted (for audit: named in the round's metrics)
     v1::TrainMetrics metrics;
     common::Adapter adapter;  // decoded, once accepted
   };
