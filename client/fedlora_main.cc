@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   fedlora::client::AddAggregateCommand(app);
   fedlora::client::AddInspectCommand(app);
   fedlora::client::AddPrivacyCommand(app);
+  fedlora::client::AddSummaryCommand(app);
   fedlora::client::AddRandomAdapterCommand(app);
   CLI11_PARSE(app, argc, argv);
   return 0;

@@ -4,6 +4,7 @@
 // state (--linger-s).
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -78,6 +79,7 @@ int main(int argc, char** argv) {
   app.set_config("--config", "", "TOML file of options (keys are the long flag names without --)");
   AddOptions(app, options, linger_s, port_file);
   CLI11_PARSE(app, argc, argv);
+  spdlog::set_default_logger(spdlog::stderr_color_mt("server"));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [server] %v");
 
   // SIGTERM and SIGINT end the daemon cleanly; they are handled by sigwait on a thread of our own.

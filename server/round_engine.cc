@@ -262,6 +262,7 @@ void RoundEngine::StartRoundLocked() {
   rejected_.clear();
   for (auto& [id, info] : clients_) info.bytes_down_this_round = 0;
   round_started_ = Clock::now();
+  if (!run_started_) run_started_ = round_started_;
   phase_ = Phase::kTraining;
   spdlog::info("round {}{}: cohort of {} of {} clients: {}", round_,
                attempt_ ? StrCat(" (attempt ", attempt_ + 1, ")") : "", k, n, JoinIds(cohort_));
@@ -588,7 +589,8 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   std::vector<double> weights;
   double loss_before = 0, loss_after = 0, examples = 0;
   nlohmann::json bytes_up = nlohmann::json::object(), bytes_down = nlohmann::json::object(),
-                 update_blobs = nlohmann::json::object(), update_examples = nlohmann::json::object();
+                 update_blobs = nlohmann::json::object(),
+                 update_examples = nlohmann::json::object();
   for (const std::string& id : arrived) {
     PendingUpload& u = uploads_[id];
     updates.push_back(std::move(u.adapter));
@@ -621,23 +623,25 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   for (const std::string& id : cohort_) {
     if (!std::binary_search(arrived.begin(), arrived.end(), id)) dropped.push_back(id);
   }
-  nlohmann::json line = {{"round", round_},
-                         {"attempt", attempt_ + 1},
-                         {"version", round_},
-                         {"method", options_.method},
-                         {"cohort", cohort_},
-                         {"arrived", arrived},
-                         {"dropped", dropped},
-                         {"rejected", rejected_},
-                         {"bytes_up", bytes_up},
-                         {"bytes_down", bytes_down},
-                         {"mean_loss_before", loss_before / examples},
-                         {"mean_train_loss", loss_after / examples},
-                         {"aggregation_seconds", seconds},
-                         {"updates", update_blobs},
-                         {"examples", update_examples},
-                         {"global_blob", sha},
-                         {"blob_bytes", bytes.size()}};
+  nlohmann::json line = {
+      {"round", round_},
+      {"attempt", attempt_ + 1},
+      {"version", round_},
+      {"method", options_.method},
+      {"cohort", cohort_},
+      {"arrived", arrived},
+      {"dropped", dropped},
+      {"rejected", rejected_},
+      {"bytes_up", bytes_up},
+      {"bytes_down", bytes_down},
+      {"mean_loss_before", loss_before / examples},
+      {"mean_train_loss", loss_after / examples},
+      {"aggregation_seconds", seconds},
+      {"elapsed_seconds", std::chrono::duration<double>(Clock::now() - *run_started_).count()},
+      {"updates", update_blobs},
+      {"examples", update_examples},
+      {"global_blob", sha},
+      {"blob_bytes", bytes.size()}};
   if (method_ == Method::kLoraFair) {
     double objective = 0, fedit = 0;
     for (const auto& m : result.modules) {

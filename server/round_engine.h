@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -76,7 +77,8 @@ class RoundEngine {
     std::string data;
     bool accepted = false;
     int64_t num_examples = 0;
-    std::string blob;  // the stored update's sha256, once accepted (for audit: named in the round's metrics)
+    std::string blob;  // the stored update's sha256, once accepted (for audit: named in the round's
+                       // metrics)
     v1::TrainMetrics metrics;
     common::Adapter adapter;  // decoded, once accepted
   };
@@ -112,6 +114,8 @@ class RoundEngine {
   int64_t round_ = 0;  // the round in progress (current_version() + 1 while training)
   int attempt_ = 0;    // retries of this round without quorum
   Clock::time_point round_started_;
+  std::optional<Clock::time_point>
+      run_started_;  // first round start in this process (for elapsed_seconds)
   std::vector<std::string> cohort_;
   std::map<std::string, PendingUpload> uploads_;  // this round's, by client
   std::vector<std::string> rejected_;             // this round's refused updates, by client

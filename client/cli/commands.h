@@ -13,6 +13,7 @@ namespace fedlora::client {
 void AddAggregateCommand(CLI::App& app);
 void AddInspectCommand(CLI::App& app);
 void AddPrivacyCommand(CLI::App& app);
+void AddSummaryCommand(CLI::App& app);
 void AddRandomAdapterCommand(CLI::App& app);
 
 // Prints `status` as "error: <message>" and ends the command with exit code 1; does nothing when

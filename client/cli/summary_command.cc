@@ -1,0 +1,62 @@
+// fedlora summary STATE_DIR... — one line per coordinator run, from its ledger and metrics.jsonl.
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "client/cli/commands.h"
+#include "common/strings.h"
+
+namespace fedlora::client {
+namespace {
+
+void Run(const std::vector<std::string>& dirs, const std::string& out) {
+  std::string table =
+      common::StrCat(fmt::format("{:<10} {:>6} {:>22} {:>16} {:>18} {:>20} {:>9}\n", "method",
+                                 "rounds", "global loss (first->last)", "last train loss",
+                                 "bytes up/client/rd", "bytes down/client/rd", "wall s"));
+  for (const std::string& dir : dirs) {
+    std::ifstream in(dir + "/metrics.jsonl");
+    if (!in) ExitIfError(absl::NotFoundError(common::StrCat("no metrics.jsonl in ", dir)));
+    std::vector<nlohmann::json> rounds;
+    for (std::string line; std::getline(in, line);) {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (j.is_discarded())
+        ExitIfError(absl::DataLossError(common::StrCat(dir, "/metrics.jsonl has a bad line")));
+      rounds.push_back(std::move(j));
+    }
+    if (rounds.empty())
+      ExitIfError(absl::NotFoundError(common::StrCat(dir, " has no closed round")));
+    double up = 0, down = 0, n = 0;
+    for (const auto& r : rounds) {
+      for (const auto& [id, b] : r["bytes_up"].items()) up += b.get<double>(), n += 1;
+      for (const auto& [id, b] : r["bytes_down"].items()) down += b.get<double>();
+    }
+    const auto& first = rounds.front();
+    const auto& last = rounds.back();
+    table += fmt::format("{:<10} {:>6} {:>22} {:>16.6f} {:>18.0f} {:>20.0f} {:>9.2f}\n",
+                         last["method"].get<std::string>(), rounds.size(),
+                         fmt::format("{:.4f} -> {:.4f}", first["mean_loss_before"].get<double>(),
+                                     last["mean_loss_before"].get<double>()),
+                         last["mean_train_loss"].get<double>(), up / n, down / n,
+                         last.value("elapsed_seconds", 0.0));
+  }
+  std::fputs(table.c_str(), stdout);
+  if (!out.empty()) {
+    std::ofstream(out) << table;
+  }
+}
+
+}  // namespace
+
+void AddSummaryCommand(CLI::App& app) {
+  auto dirs = std::make_shared<std::vector<std::string>>();
+  auto out = std::make_shared<std::string>();
+  CLI::App* cmd =
+      app.add_subcommand("summary", "Summarise coordinator runs from their state directories");
+  cmd->add_option("dirs", *dirs, "fedlora-server --state-dir directories")->required();
+  cmd->add_option("--out", *out, "also write the table to this file");
+  cmd->callback([dirs, out] { Run(*dirs, *out); });
+}
+
+}  // namespace fedlora::client
