@@ -3,13 +3,17 @@
 // with dense products, from the client updates the coordinator stored (named in its metrics), and
 // compared with the version it published.
 #include <gmock/gmock.h>
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
 
+#include "client/regression_workload.h"
 #include "common/blob.h"
 #include "common/file_util.h"
 #include "common/safetensors.h"
+#include "common/tls.h"
+#include "fedlora/v1/coordinator.grpc.pb.h"
 #include "tests/process.h"
 #include "tests/test_util.h"
 
@@ -271,6 +275,135 @@ TEST_F(FederationTest, RefusesWhoShouldNotBeLetIn) {
   testing::Wait(server, std::chrono::seconds(10));
   const std::string server_log = testing::ReadText(dir_ / "state.log");
   EXPECT_THAT(server_log, HasSubstr("refused client-4"));
+}
+
+}  // namespace
+}  // namespace fedlora
+
+namespace fedlora {
+namespace {
+
+// A client that speaks the protocol directly, to send what a correct node never would.
+class RawClient {
+ public:
+  RawClient(const std::string& port, const std::string& certs, const std::string& name) {
+    auto creds = common::ClientTlsCredentials(certs + "/ca.pem", certs + "/" + name + ".pem",
+                                              certs + "/" + name + ".key");
+    stub_ = v1::Coordinator::NewStub(grpc::CreateChannel("localhost:" + port, *creds));
+  }
+  grpc::Status Join(const client::RegressionWorkload& w) {
+    v1::JoinRequest request;
+    request.set_base_model_sha256(w.fingerprint());
+    request.set_max_rank(64);
+    request.set_num_examples(w.num_examples());
+    for (auto& m : w.modules()) *request.add_modules() = m;
+    v1::JoinResponse response;
+    grpc::ClientContext context;
+    return stub_->Join(&context, request, &response);
+  }
+  v1::Task Task() {
+    v1::GetTaskRequest request;
+    request.set_have_version(-1);
+    request.set_max_wait_ms(5000);
+    v1::Task task;
+    grpc::ClientContext context;
+    EXPECT_TRUE(stub_->GetTask(&context, request, &task).ok());
+    return task;
+  }
+  // Sends `bytes` as one chunk; `sha` and `size` default to the true ones.
+  grpc::Status Upload(const v1::Task& task, const std::string& bytes, v1::UploadResponse* response,
+                      std::optional<std::string> sha = {}, int64_t round_shift = 0,
+                      int64_t version_shift = 0, std::optional<int64_t> size = {}) {
+    v1::UploadRequest request;
+    request.set_round(task.round() + round_shift);
+    request.set_state_version(task.state_version() + version_shift);
+    request.set_sha256(sha.value_or(common::Sha256Hex(bytes)));
+    request.set_total_size(size.value_or(static_cast<int64_t>(bytes.size())));
+    request.set_offset(0);
+    request.set_data(bytes);
+    request.set_num_examples(100);
+    grpc::ClientContext context;
+    return stub_->Upload(&context, request, response);
+  }
+
+ private:
+  std::unique_ptr<v1::Coordinator::Stub> stub_;
+};
+
+common::Adapter Update(const v1::Task& task, int rank, float fill) {
+  std::vector<common::ModuleShape> shapes;
+  for (const auto& m : task.modules())
+    shapes.push_back({m.name(), rank, m.in_features(), m.out_features(), 2.0, false});
+  common::Adapter a = *common::Adapter::Create(shapes);
+  for (float& x : a.values()) x = fill;
+  return a;
+}
+
+TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
+  const pid_t server = StartServer("fedit", "state", {"--max-update-bytes", "20000"});
+  ASSERT_FALSE(port_.empty());
+  client::RegressionOptions opts;
+  opts.layers = 2;
+  opts.in_features = 24;
+  opts.out_features = 20;
+  const client::RegressionWorkload workload(opts);
+  RawClient c1(port_, (dir_ / "certs").string(), "client-1"),
+      c2(port_, (dir_ / "certs").string(), "client-2"),
+      c3(port_, (dir_ / "certs").string(), "client-3");
+  ASSERT_TRUE(c1.Join(workload).ok());
+  ASSERT_TRUE(c2.Join(workload).ok());
+  ASSERT_TRUE(c3.Join(workload).ok());  // min-clients 3: round 1 starts, cohort of all three
+  const v1::Task task = c1.Task();
+  ASSERT_EQ(task.kind(), v1::Task::TRAIN);
+  v1::UploadResponse r;
+  const std::string good = common::EncodeAdapter(Update(task, 4, 0.01f));
+
+  auto expect = [&](grpc::Status s, grpc::StatusCode code, const std::string& message) {
+    EXPECT_EQ(s.error_code(), code) << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr(message));
+  };
+  expect(c1.Upload(task, common::EncodeAdapter(Update(task, 8, 0.01f)), &r),
+         grpc::StatusCode::INVALID_ARGUMENT,
+         "module model.layers.0.self_attn.q_proj: lora_A has shape [8,24], task says [4,24]");
+  expect(c1.Upload(task, common::EncodeAdapter(Update(task, 4, NAN)), &r),
+         grpc::StatusCode::INVALID_ARGUMENT, "lora_A holds a non-finite value (nan)");
+  expect(c1.Upload(task, common::EncodeAdapter(Update(task, 4, INFINITY)), &r),
+         grpc::StatusCode::INVALID_ARGUMENT, "non-finite value (inf)");
+  expect(c1.Upload(task, good, &r, {}, 0, 0, 1 << 20), grpc::StatusCode::RESOURCE_EXHAUSTED,
+         "update of 1048576 bytes exceeds the limit of 20000 bytes");
+  expect(c1.Upload(task, good, &r, {}, 1), grpc::StatusCode::FAILED_PRECONDITION,
+         "upload for round 2 but round 1 is open");
+  expect(c1.Upload(task, good, &r, {}, 0, 1), grpc::StatusCode::FAILED_PRECONDITION,
+         "update trained from version 1 but round 1 trains from version 0");
+  expect(c1.Upload(task, good, &r, std::string(64, 'a')), grpc::StatusCode::INVALID_ARGUMENT,
+         "checksum mismatch: the update's sha256 is");
+  expect(c1.Upload(task, "not a safetensors file at all", &r), grpc::StatusCode::INVALID_ARGUMENT,
+         "invalid safetensors file");
+  // The correct update is accepted; retrying it is accepted again without counting twice; another
+  // is refused.
+  ASSERT_TRUE(c1.Upload(task, good, &r).ok());
+  EXPECT_TRUE(r.accepted());
+  ASSERT_TRUE(c1.Upload(task, good, &r).ok());
+  EXPECT_TRUE(r.accepted());
+  expect(c1.Upload(task, common::EncodeAdapter(Update(task, 4, 0.02f)), &r),
+         grpc::StatusCode::ALREADY_EXISTS,
+         "an update for round 1 was already accepted from client-1");
+  // The round goes on: the others deliver and it closes with all three, counting client-1 once.
+  const v1::Task t2 = c2.Task(), t3 = c3.Task();
+  ASSERT_TRUE(c2.Upload(t2, common::EncodeAdapter(Update(t2, 4, 0.03f)), &r).ok());
+  ASSERT_TRUE(c3.Upload(t3, common::EncodeAdapter(Update(t3, 4, 0.05f)), &r).ok());
+  const auto metrics = Metrics("state");
+  ASSERT_EQ(metrics.size(), 1u);
+  EXPECT_EQ(metrics[0]["arrived"].size(), 3u);
+  EXPECT_EQ(metrics[0]["rejected"].size(),
+            5u);  // the shape, NaN, Inf, checksum and garbage uploads
+  kill(server, SIGTERM);
+  testing::Wait(server, std::chrono::seconds(10));
+  const std::string log = testing::ReadText(dir_ / "state.log");
+  EXPECT_THAT(
+      log,
+      HasSubstr(
+          "rejected client-1's update: module model.layers.0.self_attn.q_proj: lora_A has shape"));
 }
 
 }  // namespace
