@@ -2,9 +2,12 @@
 // TLS and certificates made by deploy/make_certs.sh. Each round's aggregate is recomputed here,
 // with dense products, from the client updates the coordinator stored (named in its metrics), and
 // compared with the version it published.
+#include <arpa/inet.h>
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <nlohmann/json.hpp>
 
@@ -39,38 +42,40 @@ class FederationTest : public ::testing::Test {
   // Starts a coordinator for `method` on a free port; returns its pid and sets port_.
   pid_t StartServer(const std::string& method, const std::string& state,
                     std::vector<std::string> extra = {}) {
-    std::vector<std::string> argv = {kBin + "/fedlora-server",
-                                     "--method",
-                                     method,
-                                     "--rounds",
-                                     "3",
-                                     "--min-clients",
-                                     "3",
-                                     "--state-dir",
-                                     (dir_ / state).string(),
-                                     "--listen",
-                                     "127.0.0.1:0",
-                                     "--port-file",
-                                     (dir_ / (state + ".port")).string(),
-                                     "--tls-cert",
-                                     Cert("server.pem"),
-                                     "--tls-key",
-                                     Cert("server.key"),
-                                     "--client-ca",
-                                     Cert("ca.pem"),
-                                     "--linger-s",
-                                     "1",
-                                     "--rank",
-                                     "4",
-                                     "--lora-alpha",
-                                     "8",
-                                     "--local-steps",
-                                     "20",
-                                     "--learning-rate",
-                                     "0.1",
-                                     "--seed",
-                                     "11"};
-    argv.insert(argv.end(), extra.begin(), extra.end());
+    // Defaults, overridden by `extra` ("--flag", "value" pairs, or a lone "--flag").
+    std::vector<std::pair<std::string, std::string>> flags = {
+        {"--method", method},
+        {"--rounds", "3"},
+        {"--min-clients", "3"},
+        {"--state-dir", (dir_ / state).string()},
+        {"--listen", "127.0.0.1:0"},
+        {"--port-file", (dir_ / (state + ".port")).string()},
+        {"--tls-cert", Cert("server.pem")},
+        {"--tls-key", Cert("server.key")},
+        {"--client-ca", Cert("ca.pem")},
+        {"--linger-s", "1"},
+        {"--rank", "4"},
+        {"--lora-alpha", "8"},
+        {"--local-steps", "20"},
+        {"--learning-rate", "0.1"},
+        {"--seed", "11"}};
+    for (size_t i = 0; i < extra.size(); ++i) {
+      const bool has_value = i + 1 < extra.size() && !extra[i + 1].starts_with("--");
+      const std::string value = has_value ? extra[i + 1] : "";
+      auto it = std::find_if(flags.begin(), flags.end(),
+                             [&](const auto& f) { return f.first == extra[i]; });
+      if (it != flags.end()) {
+        it->second = value;
+      } else {
+        flags.emplace_back(extra[i], value);
+      }
+      if (has_value) ++i;
+    }
+    std::vector<std::string> argv = {kBin + "/fedlora-server"};
+    for (const auto& [flag, value] : flags) {
+      argv.push_back(flag);
+      if (!value.empty()) argv.push_back(value);
+    }
     fs::remove(dir_ / (state + ".port"));
     const pid_t pid = testing::Start(argv, dir_ / (state + ".log"));
     port_ = testing::WaitForFile(dir_ / (state + ".port"), std::chrono::seconds(10));
@@ -404,6 +409,104 @@ TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
       log,
       HasSubstr(
           "rejected client-1's update: module model.layers.0.self_attn.q_proj: lora_A has shape"));
+}
+
+}  // namespace
+}  // namespace fedlora
+
+namespace fedlora {
+namespace {
+
+int FreePort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  socklen_t len = sizeof addr;
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+std::vector<float> Tensors(const fs::path& file) {
+  std::vector<float> all;
+  auto f = common::SafetensorsFile::Open(file);
+  EXPECT_TRUE(f.ok()) << f.status();
+  if (!f.ok()) return all;
+  for (const auto& t : f->view().tensors()) {
+    std::vector<float> v(static_cast<size_t>(t.num_elements()));
+    f->view().ReadF32(t, v);
+    all.insert(all.end(), v.begin(), v.end());
+  }
+  return all;
+}
+
+TEST_F(FederationTest, ClientKilledMidUploadIsDroppedAndCatchesUpAfterRestart) {
+  const pid_t server =
+      StartServer("flora", "state",
+                  {"--quorum", "0.6", "--round-deadline-s", "20", "--client-timeout-s", "1.5",
+                   "--rank", "8", "--chunk-bytes", "1024"});
+  ASSERT_FALSE(port_.empty());
+  const pid_t c1 = StartClient(1, "run"), c2 = StartClient(2, "run");
+  // Client 3 dies (exit 9, like kill -9) half-way through its first upload, sent in 1 KiB chunks.
+  const pid_t dying =
+      StartClient(3, "run", {"--chunk-bytes", "1024", "--testing-die-mid-upload", "0.5"});
+  EXPECT_EQ(testing::Wait(dying, std::chrono::seconds(30)), 9);
+  // Round 1 closes with the quorum (2 of 3) once client 3 is silent; its partial upload is
+  // discarded.
+  for (int t = 0; t < 200 && Metrics("state").empty(); ++t)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto first = Metrics("state");
+  ASSERT_EQ(first.size(), 1u) << testing::ReadText(dir_ / "state.log");
+  EXPECT_EQ(first[0]["arrived"], nlohmann::json({"client-1", "client-2"}));
+  EXPECT_EQ(first[0]["dropped"], nlohmann::json({"client-3"}));
+  // Restarted, client 3 re-joins, downloads the deltas it lacks, and ends with everyone's merged
+  // base.
+  const pid_t back = StartClient(3, "run");
+  for (pid_t pid : {c1, c2, back}) EXPECT_EQ(testing::Wait(pid, std::chrono::seconds(60)), 0);
+  EXPECT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0);
+  const auto b1 = Tensors(dir_ / "run-out1" / "base.safetensors"),
+             b3 = Tensors(dir_ / "run-out3" / "base.safetensors");
+  ASSERT_EQ(b1.size(), b3.size());
+  double diff = 0;
+  for (size_t i = 0; i < b1.size(); ++i) diff = std::max(diff, std::abs(double(b1[i]) - b3[i]));
+  EXPECT_LT(diff, 1e-6);
+  EXPECT_THAT(testing::ReadText(dir_ / "state.log"), HasSubstr("client-3 re-joined"));
+}
+
+TEST_F(FederationTest, CoordinatorKilledMidRoundContinuesToTheSameResult) {
+  // The same seeded run twice: once uninterrupted, once with kill -9 of the coordinator during
+  // round 2 and a restart on its state directory (same address; the clients reconnect, re-join and
+  // redo the round).
+  std::vector<std::vector<float>> finals;
+  for (const std::string run : {"straight", "killed"}) {
+    port_ = std::to_string(FreePort());
+    auto server_argv = [&] { return std::vector<std::string>{"--listen", "127.0.0.1:" + port_}; };
+    pid_t server = StartServer("fedit", run, server_argv());
+    std::vector<pid_t> clients;
+    for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, run));
+    if (run == "killed") {
+      for (int t = 0; t < 400 && Metrics(run).empty(); ++t)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      ASSERT_EQ(Metrics(run).size(), 1u);
+      kill(server, SIGKILL);
+      testing::Wait(server, std::chrono::seconds(5));
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      server = StartServer("fedit", run, server_argv());
+      ASSERT_FALSE(port_.empty());
+    }
+    for (pid_t c : clients) EXPECT_EQ(testing::Wait(c, std::chrono::seconds(90)), 0);
+    EXPECT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0)
+        << testing::ReadText(dir_ / (run + ".log"));
+    EXPECT_EQ(Metrics(run).size(), 3u);
+    finals.push_back(Tensors(dir_ / run / "export" / "global" / "adapter_model.safetensors"));
+  }
+  EXPECT_THAT(testing::ReadText(dir_ / "killed.log"), HasSubstr("continuing run"));
+  ASSERT_EQ(finals[0].size(), finals[1].size());
+  EXPECT_EQ(
+      finals[0],
+      finals[1]);  // bit for bit: cohorts, task seeds, training and aggregation order are seeded
 }
 
 }  // namespace
