@@ -83,8 +83,16 @@ absl::StatusOr<std::string> Node::DownloadBlob(const v1::BlobRef& ref,
         static_cast<int64_t>(data.size()));  // a retried chunk resumes from what we hold
     request.set_max_bytes(options_.chunk_bytes);
     v1::DownloadResponse response;
+    int attempts = 0;
     grpc::Status s = Retry(
-        [&](grpc::ClientContext& c) { return stub_->Download(&c, request, &response); }, stop);
+        [&](grpc::ClientContext& c) {
+          if (attempts++ > 0) {
+            spdlog::info("resuming download of {} at offset {} of {}", ref.sha256(),
+                         request.offset(), ref.size());
+          }
+          return stub_->Download(&c, request, &response);
+        },
+        stop);
     RETURN_IF_ERROR(FromGrpc(s, StrCat("download of ", ref.sha256())));
     if (response.data().empty())
       return absl::DataLossError(StrCat("blob ", ref.sha256(), " ended early"));

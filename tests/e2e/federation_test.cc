@@ -7,6 +7,7 @@
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <nlohmann/json.hpp>
@@ -29,6 +30,31 @@ using testing::MatrixD;
 
 const std::string kBin = FEDLORA_BIN_DIR;
 const std::string kSource = FEDLORA_SOURCE_DIR;
+
+// argv of `program` with `defaults` ("--flag", value) overridden or extended by `extra` ("--flag",
+// "value" pairs, or a lone "--flag"): CLI11 refuses a repeated single-value flag.
+std::vector<std::string> WithFlags(const std::string& program,
+                                   std::vector<std::pair<std::string, std::string>> flags,
+                                   const std::vector<std::string>& extra) {
+  for (size_t i = 0; i < extra.size(); ++i) {
+    const bool has_value = i + 1 < extra.size() && !extra[i + 1].starts_with("--");
+    const std::string value = has_value ? extra[i + 1] : "";
+    auto it = std::find_if(flags.begin(), flags.end(),
+                           [&](const auto& f) { return f.first == extra[i]; });
+    if (it != flags.end()) {
+      it->second = value;
+    } else {
+      flags.emplace_back(extra[i], value);
+    }
+    if (has_value) ++i;
+  }
+  std::vector<std::string> argv = {program};
+  for (const auto& [flag, value] : flags) {
+    argv.push_back(flag);
+    if (!value.empty()) argv.push_back(value);
+  }
+  return argv;
+}
 
 class FederationTest : public ::testing::Test {
  protected:
@@ -59,23 +85,7 @@ class FederationTest : public ::testing::Test {
         {"--local-steps", "20"},
         {"--learning-rate", "0.1"},
         {"--seed", "11"}};
-    for (size_t i = 0; i < extra.size(); ++i) {
-      const bool has_value = i + 1 < extra.size() && !extra[i + 1].starts_with("--");
-      const std::string value = has_value ? extra[i + 1] : "";
-      auto it = std::find_if(flags.begin(), flags.end(),
-                             [&](const auto& f) { return f.first == extra[i]; });
-      if (it != flags.end()) {
-        it->second = value;
-      } else {
-        flags.emplace_back(extra[i], value);
-      }
-      if (has_value) ++i;
-    }
-    std::vector<std::string> argv = {kBin + "/fedlora-server"};
-    for (const auto& [flag, value] : flags) {
-      argv.push_back(flag);
-      if (!value.empty()) argv.push_back(value);
-    }
+    std::vector<std::string> argv = WithFlags(kBin + "/fedlora-server", flags, extra);
     fs::remove(dir_ / (state + ".port"));
     const pid_t pid = testing::Start(argv, dir_ / (state + ".log"));
     port_ = testing::WaitForFile(dir_ / (state + ".port"), std::chrono::seconds(10));
@@ -83,28 +93,20 @@ class FederationTest : public ::testing::Test {
     return pid;
   }
   pid_t StartClient(int i, const std::string& tag, std::vector<std::string> extra = {}) {
-    std::vector<std::string> argv = {kBin + "/fedlora-client",
-                                     "--coordinator",
-                                     "localhost:" + port_,
-                                     "--ca",
-                                     Cert("ca.pem"),
-                                     "--cert",
-                                     Cert("client-" + std::to_string(i) + ".pem"),
-                                     "--key",
-                                     Cert("client-" + std::to_string(i) + ".key"),
-                                     "--data-seed",
-                                     std::to_string(i),
-                                     "--examples",
-                                     std::to_string(100 * i + 50),
-                                     "--layers",
-                                     "2",
-                                     "--in-features",
-                                     "24",
-                                     "--out-features",
-                                     "20",
-                                     "--out-dir",
-                                     (dir_ / (tag + "-out" + std::to_string(i))).string()};
-    argv.insert(argv.end(), extra.begin(), extra.end());
+    const std::string n = std::to_string(i);
+    const std::vector<std::string> argv =
+        WithFlags(kBin + "/fedlora-client",
+                  {{"--coordinator", "localhost:" + port_},
+                   {"--ca", Cert("ca.pem")},
+                   {"--cert", Cert("client-" + n + ".pem")},
+                   {"--key", Cert("client-" + n + ".key")},
+                   {"--data-seed", n},
+                   {"--examples", std::to_string(100 * i + 50)},
+                   {"--layers", "2"},
+                   {"--in-features", "24"},
+                   {"--out-features", "20"},
+                   {"--out-dir", (dir_ / (tag + "-out" + n)).string()}},
+                  extra);
     return testing::Start(argv, dir_ / (tag + "-client" + std::to_string(i) + ".log"));
   }
   std::vector<nlohmann::json> Metrics(const std::string& state) const {
@@ -507,6 +509,121 @@ TEST_F(FederationTest, CoordinatorKilledMidRoundContinuesToTheSameResult) {
   EXPECT_EQ(
       finals[0],
       finals[1]);  // bit for bit: cohorts, task seeds, training and aggregation order are seeded
+}
+
+}  // namespace
+}  // namespace fedlora
+
+namespace fedlora {
+namespace {
+
+// A TCP proxy on loopback that forwards to `target_port` and, once, cuts a connection (both
+// directions) after `cut_after` bytes went from server to client: a real broken connection, under
+// TLS.
+class CuttingProxy {
+ public:
+  CuttingProxy(int target_port, int64_t cut_after)
+      : target_port_(target_port), cut_after_(cut_after) {
+    listener_ = socket(AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(listener_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(listener_, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+    listen(listener_, 16);
+    socklen_t len = sizeof addr;
+    getsockname(listener_, reinterpret_cast<sockaddr*>(&addr), &len);
+    port_ = ntohs(addr.sin_port);
+    thread_ = std::thread([this] { Accept(); });
+  }
+  ~CuttingProxy() {
+    stop_ = true;
+    shutdown(listener_, SHUT_RDWR);
+    close(listener_);
+    thread_.join();
+    for (auto& t : pumps_) t.join();
+  }
+  int port() const { return port_; }
+  bool cut() const { return cut_done_; }
+
+ private:
+  void Accept() {
+    while (!stop_) {
+      int client = accept(listener_, nullptr, nullptr);
+      if (client < 0) return;
+      int server = socket(AF_INET, SOCK_STREAM, 0);
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      addr.sin_port = htons(static_cast<uint16_t>(target_port_));
+      if (connect(server, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+        close(client);
+        close(server);
+        continue;
+      }
+      pumps_.emplace_back([this, client, server] { Pump(client, server); });
+    }
+  }
+  void Pump(int client, int server) {
+    char buf[16384];
+    pollfd fds[2] = {{client, POLLIN, 0}, {server, POLLIN, 0}};
+    while (!stop_) {
+      if (poll(fds, 2, 100) <= 0) continue;
+      for (int i = 0; i < 2; ++i) {
+        if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+        const ssize_t n = read(fds[i].fd, buf, sizeof buf);
+        if (n <= 0) goto done;
+        ssize_t send = n;
+        bool cut_here = false;
+        if (i == 1 && !cut_done_ && from_server_ + n > cut_after_ && !cut_done_.exchange(true)) {
+          send = cut_after_ -
+                 from_server_;  // forward up to the threshold exactly: the cut lands mid-message
+          cut_here = true;
+        }
+        if (i == 1) from_server_ += send;
+        if (send > 0 && write(fds[1 - i].fd, buf, static_cast<size_t>(send)) != send) goto done;
+        if (cut_here) goto done;
+      }
+    }
+  done:
+    shutdown(client, SHUT_RDWR);
+    shutdown(server, SHUT_RDWR);
+    close(client);
+    close(server);
+  }
+
+  int target_port_;
+  int64_t cut_after_;
+  int listener_ = -1;
+  int port_ = 0;
+  std::atomic<bool> stop_{false}, cut_done_{false};
+  std::atomic<int64_t> from_server_{0};
+  std::thread thread_;
+  std::vector<std::thread> pumps_;
+};
+
+TEST_F(FederationTest, DownloadBrokenMidwayResumesFromItsOffset) {
+  // FLoRA deltas of 4 layers × 64×64 at rank 3·8 are ~50 KB, served in 1 KiB chunks; the proxy cuts
+  // client 1's connection once 20 KB went its way, which is inside its first delta download.
+  const pid_t server = StartServer("flora", "state", {"--rank", "8", "--chunk-bytes", "1024"});
+  ASSERT_FALSE(port_.empty());
+  CuttingProxy proxy(std::stoi(port_), 20000);
+  const std::vector<std::string> shape = {"--layers",       "4",  "--in-features", "64",
+                                          "--out-features", "64", "--chunk-bytes", "1024"};
+  const std::string direct = port_;
+  port_ = std::to_string(proxy.port());
+  const pid_t c1 = StartClient(1, "run", shape);
+  port_ = direct;
+  const pid_t c2 = StartClient(2, "run", shape), c3 = StartClient(3, "run", shape);
+  for (pid_t c : {c1, c2, c3}) EXPECT_EQ(testing::Wait(c, std::chrono::seconds(90)), 0);
+  EXPECT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0);
+  EXPECT_TRUE(proxy.cut());
+  const std::string log = testing::ReadText(dir_ / "run-client1.log");
+  EXPECT_THAT(log,
+              ::testing::ContainsRegex("resuming download of [0-9a-f]+ at offset [1-9][0-9]* of"));
+  EXPECT_EQ(Tensors(dir_ / "run-out1" / "base.safetensors"),
+            Tensors(dir_ / "run-out2" / "base.safetensors"));
 }
 
 }  // namespace
