@@ -28,4 +28,6 @@ for i in $(seq 1 "$n"); do
   [[ -f client-$i.pem ]] || sign "client-$i" "client-$i" "extendedKeyUsage=clientAuth"
 done
 chmod 600 ca.key
+# In containers the certificates are made as root for a service user: CERT_OWNER=uid hands them over.
+if [[ -n ${CERT_OWNER:-} ]]; then chown -R "$CERT_OWNER" .; fi
 echo "certificates in $out: ca.pem, server.pem/.key, client-1..$n.pem/.key"
