@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <future>
 #include <random>
@@ -33,6 +34,15 @@ std::string JoinIds(const std::vector<std::string>& v) {
   std::string out;
   for (const auto& s : v) out += (out.empty() ? "" : ",") + s;
   return out;
+}
+
+// incoming/ file name of a client's update for a round (the identity made safe for a file name).
+std::string PartName(int64_t round, const std::string& client) {
+  std::string name = StrCat("round", round, "-");
+  for (char c : client) {
+    name.push_back(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '.' ? c : '_');
+  }
+  return name + "-" + fmt::format("{:016x}", Fnv1a(client));
 }
 
 int64_t UnixMs() {
@@ -258,8 +268,12 @@ void RoundEngine::StartRoundLocked() {
                            std::min(options_.min_cohort, n), n);
   cohort_.assign(ids.begin(), ids.begin() + k);
   std::sort(cohort_.begin(), cohort_.end());
+  for (const auto& [id, u] : uploads_) {
+    if (!u.accepted) store_.DropPart(PartName(round_, id));
+  }
   uploads_.clear();
   rejected_.clear();
+  sums_ = RunningSums{};
   for (auto& [id, info] : clients_) info.bytes_down_this_round = 0;
   round_started_ = Clock::now();
   if (!run_started_) run_started_ = round_started_;
@@ -419,7 +433,7 @@ absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& cl
 }
 
 absl::StatusOr<Adapter> RoundEngine::ValidateUpdateLocked(const std::string& client,
-                                                          const std::string& bytes) {
+                                                          std::string_view bytes) {
   const std::string origin = StrCat("update of ", client, " for round ", round_);
   Adapter update;
   if (method_ == Method::kFedSb) {
@@ -502,40 +516,47 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
       response.set_accepted(true);
       return response;
     }
+    const std::string part = PartName(round_, client);
     if (up.sha256 != request.sha256() || up.total_size != request.total_size()) {
-      up = PendingUpload{
-          request.sha256(), request.total_size(), {}, false, 0, {}, {}};  // a new upload
+      up = PendingUpload{request.sha256(), request.total_size()};  // a new upload
     }
-    if (request.offset() == static_cast<int64_t>(up.data.size())) {
-      if (up.data.size() + request.data().size() > static_cast<size_t>(up.total_size)) {
+    if (request.offset() == up.received) {
+      if (up.received + static_cast<int64_t>(request.data().size()) > up.total_size) {
         uploads_.erase(client);
+        store_.DropPart(part);
         return absl::InvalidArgumentError(
             StrCat("upload exceeds its announced size of ", request.total_size(), " bytes"));
       }
-      up.data += request.data();
+      RETURN_IF_ERROR(store_.WritePart(part, up.received, request.data()));
+      up.received += static_cast<int64_t>(request.data().size());
     }
-    response.set_received(static_cast<int64_t>(up.data.size()));
-    if (static_cast<int64_t>(up.data.size()) < up.total_size)
-      return response;  // more to come (or resume here)
+    response.set_received(up.received);
+    if (up.received < up.total_size) return response;  // more to come (or resume from here)
 
     // Complete: verify and validate before it can reach the aggregate.
-    const std::string sha = common::Sha256Hex(up.data);
+    auto mapped = store_.MapPart(part);
+    if (!mapped.ok()) return mapped.status();
+    const std::string_view bytes(reinterpret_cast<const char*>(mapped->bytes().data()),
+                                 mapped->bytes().size());
+    const std::string sha = common::Sha256Hex(bytes);
     if (sha != up.sha256) {
       status = absl::InvalidArgumentError(StrCat("checksum mismatch: the update's sha256 is ", sha,
                                                  " but the upload announced ", up.sha256));
-    } else if (auto adapter = ValidateUpdateLocked(client, up.data); !adapter.ok()) {
+    } else if (auto adapter = ValidateUpdateLocked(client, bytes); !adapter.ok()) {
       status = adapter.status();
-    } else if (auto stored = store_.PutBlob(up.data); !stored.ok()) {
-      status = stored.status();
+    } else if (absl::Status adopted = store_.AdoptPart(part, sha); !adopted.ok()) {
+      status = adopted;
     } else {
-      up.blob = *stored;
-      up.adapter = *std::move(adapter);
+      up.blob = sha;
       up.accepted = true;
       up.num_examples =
           request.num_examples() > 0 ? request.num_examples() : clients_[client].num_examples;
       up.metrics = request.metrics();
-      up.data.clear();
-      up.data.shrink_to_fit();
+      if (streaming()) {
+        FoldLocked(*adapter, static_cast<double>(up.num_examples));
+      } else {
+        up.adapter = *std::move(adapter);
+      }
       response.set_accepted(true);
       size_t arrived = 0;
       for (const auto& [id, u] : uploads_) arrived += u.accepted;
@@ -550,6 +571,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
       spdlog::warn("round {}: rejected {}'s update: {}", round_, client, status.message());
       rejected_.push_back(client);
       uploads_.erase(client);
+      store_.DropPart(part);
     }
   }
   Notify(ready);
@@ -566,6 +588,57 @@ v1::HeartbeatResponse RoundEngine::Heartbeat(const std::string& client,
   response.set_still_wanted(phase_ == Phase::kTraining && request.round() == round_ &&
                             std::binary_search(cohort_.begin(), cohort_.end(), client));
   return response;
+}
+
+bool RoundEngine::streaming() const {
+  return method_ == Method::kFedIt || method_ == Method::kFedSb;
+}
+
+void RoundEngine::FoldLocked(const Adapter& update, double weight) {
+  const auto& modules = store_.ledger().modules;
+  if (sums_.weight == 0) {
+    sums_.a.assign(modules.size(), common::MatrixD());
+    sums_.b.assign(modules.size(), common::MatrixD());
+    sums_.r.assign(modules.size(), common::MatrixD());
+  }
+  auto add = [](common::MatrixD& sum, const common::MatrixD& x) {
+    if (sum.size() == 0) {
+      sum = x;
+    } else {
+      sum += x;
+    }
+  };
+  for (size_t i = 0; i < modules.size(); ++i) {
+    const size_t j =
+        *update.FindModule(modules[i]["name"].get<std::string>());  // validated: present
+    const double s = update.module(j).scaling;
+    if (method_ == Method::kFedSb) {
+      add(sums_.r[i], weight * s * update.R(j).cast<double>());
+    } else {
+      add(sums_.a[i], weight * update.A(j).cast<double>());
+      add(sums_.b[i], weight * s * update.B(j).cast<double>());
+    }
+  }
+  sums_.weight += weight;
+}
+
+absl::StatusOr<Adapter> RoundEngine::SumsToAdapterLocked() const {
+  Adapter out;
+  if (method_ == Method::kFedSb) {
+    out = frozen_;
+  } else {
+    ASSIGN_OR_RETURN(out, Adapter::Create(Shapes(store_.ledger().modules, options_.rank, false)));
+  }
+  for (size_t i = 0; i < out.num_modules(); ++i) {
+    out.set_scaling(i, 1.0);
+    if (method_ == Method::kFedSb) {
+      out.R(i) = (sums_.r[i] / sums_.weight).cast<float>();
+    } else {
+      out.A(i) = (sums_.a[i] / sums_.weight).cast<float>();
+      out.B(i) = (sums_.b[i] / sums_.weight).cast<float>();
+    }
+  }
+  return out;
 }
 
 absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
@@ -593,7 +666,7 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
                  update_examples = nlohmann::json::object();
   for (const std::string& id : arrived) {
     PendingUpload& u = uploads_[id];
-    updates.push_back(std::move(u.adapter));
+    if (!streaming()) updates.push_back(std::move(u.adapter));
     weights.push_back(static_cast<double>(u.num_examples));
     loss_before += u.num_examples * u.metrics.loss_before();
     loss_after += u.num_examples * u.metrics.loss_after();
@@ -604,9 +677,16 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
     clients_[id].rounds_contributed++;
   }
   for (const std::string& id : cohort_) bytes_down[id] = clients_[id].bytes_down_this_round;
-  common::AggregateOptions agg{method_, {}};
-  agg.lora_fair.lambda = options_.lora_fair_lambda;
-  ASSIGN_OR_RETURN(common::AggregateResult result, common::Aggregate(updates, weights, agg));
+  // FedIT and Fed-SB were summed as updates arrived; FLoRA and LoRA-FAIR need every client's
+  // factors.
+  common::AggregateResult result;
+  if (streaming()) {
+    ASSIGN_OR_RETURN(result.adapter, SumsToAdapterLocked());
+  } else {
+    common::AggregateOptions agg{method_, {}};
+    agg.lora_fair.lambda = options_.lora_fair_lambda;
+    ASSIGN_OR_RETURN(result, common::Aggregate(updates, weights, agg));
+  }
   const std::string bytes =
       common::EncodeAdapter(result.adapter, method_ == Method::kFedSb ? common::AdapterParts::kROnly
                                                                       : common::AdapterParts::kAll);

@@ -74,13 +74,20 @@ class RoundEngine {
   struct PendingUpload {
     std::string sha256;
     int64_t total_size = 0;
-    std::string data;
+    int64_t received = 0;  // bytes spooled to the store's incoming/ file
     bool accepted = false;
     int64_t num_examples = 0;
     std::string blob;  // the stored update's sha256, once accepted (for audit: named in the round's
                        // metrics)
     v1::TrainMetrics metrics;
-    common::Adapter adapter;  // decoded, once accepted
+    common::Adapter
+        adapter;  // decoded, once accepted (flora, lora-fair; fedit and fed-sb fold it into sums_)
+  };
+  // FedIT and Fed-SB aggregate as updates arrive, so memory does not grow with the cohort: Σ n_k
+  // A_k and Σ n_k s_k B_k (fedit), Σ n_k s_k R_k (fed-sb), per module, in double.
+  struct RunningSums {
+    std::vector<common::MatrixD> a, b, r;
+    double weight = 0;
   };
   struct Waiter {
     std::string client;
@@ -100,7 +107,10 @@ class RoundEngine {
   v1::Task TaskForLocked(const std::string& client, int64_t have_version);
   std::vector<v1::BlobRef> DownloadsLocked(int64_t have_version, int64_t target_version) const;
   absl::StatusOr<common::Adapter> ValidateUpdateLocked(const std::string& client,
-                                                       const std::string& bytes);
+                                                       std::string_view bytes);
+  bool streaming() const;  // fedit and fed-sb aggregate into sums_ as updates arrive
+  void FoldLocked(const common::Adapter& update, double weight);
+  absl::StatusOr<common::Adapter> SumsToAdapterLocked() const;
   // Moves the waiters that can be answered into `ready` (to be called after unlocking).
   void CollectReadyWaitersLocked(std::vector<std::pair<TaskCallback, v1::Task>>* ready, bool all);
   void Notify(std::vector<std::pair<TaskCallback, v1::Task>>& ready);
@@ -119,6 +129,7 @@ class RoundEngine {
   std::vector<std::string> cohort_;
   std::map<std::string, PendingUpload> uploads_;  // this round's, by client
   std::vector<std::string> rejected_;             // this round's refused updates, by client
+  RunningSums sums_;
   std::vector<Waiter> waiters_;
   common::Adapter frozen_;  // Fed-SB's shared B, A (R = 0), once the run exists
   bool stopping_ = false;

@@ -66,6 +66,9 @@ absl::StatusOr<Ledger> FromJson(const nlohmann::json& j, const std::string& orig
 absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir) {
   std::error_code ec;
   fs::create_directories(dir / "blobs", ec);
+  fs::remove_all(dir / "incoming",
+                 ec);  // partial uploads of a previous process: the round is redone
+  fs::create_directories(dir / "incoming", ec);
   if (ec)
     return absl::FailedPreconditionError(
         StrCat("cannot create state directory ", dir.string(), ": ", ec.message()));
@@ -132,6 +135,38 @@ absl::StatusOr<std::pair<std::string, int64_t>> StateStore::ReadBlob(const std::
 absl::StatusOr<std::string> StateStore::ReadWholeBlob(const std::string& sha256) const {
   ASSIGN_OR_RETURN(auto chunk, ReadBlob(sha256, 0, INT64_MAX));
   return std::move(chunk.first);
+}
+
+absl::Status StateStore::WritePart(const std::string& name, int64_t offset, std::string_view data) {
+  const fs::path path = dir_ / "incoming" / name;
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (offset == 0 ? O_TRUNC : 0), 0600);
+  if (fd < 0)
+    return absl::InternalError(StrCat("cannot open ", path.string(), ": ", std::strerror(errno)));
+  const ssize_t n = ::pwrite(fd, data.data(), data.size(), offset);
+  ::close(fd);
+  if (n != static_cast<ssize_t>(data.size())) {
+    return absl::InternalError(StrCat("cannot write ", path.string(), ": ", std::strerror(errno)));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<common::MappedFile> StateStore::MapPart(const std::string& name) const {
+  return common::MappedFile::Open(dir_ / "incoming" / name);
+}
+
+absl::Status StateStore::AdoptPart(const std::string& name, const std::string& sha256) {
+  const fs::path part = dir_ / "incoming" / name, blob = dir_ / "blobs" / sha256;
+  RETURN_IF_ERROR(common::SyncPath(part));
+  if (::rename(part.c_str(), blob.c_str()) != 0) {
+    return absl::InternalError(
+        StrCat("cannot move ", part.string(), " to ", blob.string(), ": ", std::strerror(errno)));
+  }
+  return common::SyncPath(dir_ / "blobs");
+}
+
+void StateStore::DropPart(const std::string& name) {
+  std::error_code ec;
+  fs::remove(dir_ / "incoming" / name, ec);
 }
 
 absl::Status StateStore::SaveLedger(const Ledger& ledger) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/file_util.h"
 
 namespace fedlora::server {
 
@@ -53,6 +54,14 @@ class StateStore {
 
   // Replaces the ledger on disk atomically, then in memory.
   absl::Status SaveLedger(const Ledger& ledger);
+  // Partial uploads, spooled to incoming/<name> so memory does not grow with the cohort. Writes
+  // `data` at `offset` (offset 0 starts the file afresh).
+  absl::Status WritePart(const std::string& name, int64_t offset, std::string_view data);
+  absl::StatusOr<common::MappedFile> MapPart(const std::string& name) const;
+  // Moves a complete, verified part into blobs/<sha256> (fsynced, renamed: no copy).
+  absl::Status AdoptPart(const std::string& name, const std::string& sha256);
+  void DropPart(const std::string& name);
+
   // Adds one line to metrics.jsonl (rewritten atomically, so a crash never leaves half a line).
   absl::Status AppendMetrics(const nlohmann::json& line);
   const std::vector<std::string>& metrics_lines() const { return metrics_; }
