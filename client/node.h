@@ -20,7 +20,7 @@ namespace fedlora::client {
 struct NodeOptions {
   std::string
       id;  // used only with --insecure (sent as metadata); with TLS the certificate names us
-  int64_t chunk_bytes = 4 << 20;    // upload / download chunk size
+  int64_t chunk_bytes = 1 << 20;    // upload / download chunk size (at most the coordinator's)
   double max_retry_s = 300;         // give up after retrying a call this long
   std::string out_dir;              // where the final state is written on DONE (empty: nowhere)
   int64_t exit_after_uploads = -1;  // testing: stop (as if killed) after this many uploads

@@ -45,7 +45,8 @@ struct ServerOptions {
   std::vector<std::string>
       allowed_clients;    // client certificate common names admitted; empty: any the CA signed
   bool insecure = false;  // plaintext, no client identity: for experiments on one machine only
-  int64_t chunk_bytes = 4 << 20;                // transfer chunk size
+  int64_t chunk_bytes =
+      1 << 20;  // transfer chunk size: what each concurrent transfer holds in memory
   int64_t max_update_bytes = int64_t{1} << 30;  // an update larger than this is refused
   int64_t max_wait_ms = 20000;                  // longest long-poll
 
