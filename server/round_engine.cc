@@ -10,6 +10,8 @@
 
 #include "common/aggregate.h"
 #include "common/blob.h"
+#include "common/file_util.h"
+#include "common/low_rank.h"
 #include "common/peft.h"
 #include "common/status_macros.h"
 #include "common/strings.h"
@@ -802,6 +804,41 @@ absl::Status RoundEngine::ExportLocked() {
   }
   global.base_model = store_.ledger().base_model_sha256;
   RETURN_IF_ERROR(common::WritePeftAdapter(global, dir / "global", write));
+  if (method_ == Method::kFlora) {
+    // Also at the run's rank: the truncated SVD of each module's summed delta, and the energy it
+    // keeps.
+    std::vector<common::ModuleShape> shapes;
+    std::vector<common::TruncatedProduct> cuts;
+    nlohmann::json energy = nlohmann::json::object();
+    double min_energy = 1;
+    for (size_t i = 0; i < global.num_modules(); ++i) {
+      cuts.push_back(common::TruncateProduct(global.B(i).cast<double>(), global.A(i).cast<double>(),
+                                             options_.rank));
+      common::ModuleShape s = global.module(i);
+      s.rank = static_cast<int>(cuts.back().a.rows());
+      shapes.push_back(s);
+      energy[s.name] = cuts.back().retained_energy;
+      min_energy = std::min(min_energy, cuts.back().retained_energy);
+    }
+    ASSIGN_OR_RETURN(Adapter truncated, Adapter::Create(shapes));
+    truncated.base_model = global.base_model;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      truncated.A(i) = cuts[i].a.cast<float>();
+      truncated.B(i) = cuts[i].b.cast<float>();
+    }
+    const std::string name = StrCat("global-rank", options_.rank);
+    RETURN_IF_ERROR(common::WritePeftAdapter(truncated, dir / name, write));
+    RETURN_IF_ERROR(common::WriteFileAtomically(
+        dir / "retained_energy.json",
+        nlohmann::json({{"rank", options_.rank}, {"min", min_energy}, {"modules", energy}})
+                .dump(2) +
+            "\n"));
+    spdlog::info(
+        "exported the rank-{} truncation of the summed deltas to {} (retained energy: min {:.6f} "
+        "over "
+        "modules)",
+        options_.rank, (dir / name).string(), min_energy);
+  }
   spdlog::info("exported the global adapter to {}", (dir / "global").string());
   return absl::OkStatus();
 }

@@ -15,6 +15,7 @@
 #include "client/regression_workload.h"
 #include "common/blob.h"
 #include "common/file_util.h"
+#include "common/peft.h"
 #include "common/safetensors.h"
 #include "common/tls.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
@@ -199,6 +200,25 @@ TEST_P(EveryMethod, AggregatesAreTheFormulaOfWhatClientsUploaded) {
   }
   EXPECT_LT(last_loss, first_loss);  // the global model improves on the clients' data
   EXPECT_TRUE(fs::exists(dir_ / "state" / "export" / "global" / "adapter_model.safetensors"));
+  if (method == "flora") {
+    // The rank-r export is the truncated SVD of the summed deltas: its dense error is the dropped
+    // energy.
+    const auto global = common::ReadPeftAdapter(dir_ / "state" / "export" / "global");
+    const auto cut = common::ReadPeftAdapter(dir_ / "state" / "export" / "global-rank4");
+    const auto energy = nlohmann::json::parse(
+        testing::ReadText(dir_ / "state" / "export" / "retained_energy.json"));
+    ASSERT_TRUE(global.ok() && cut.ok()) << global.status() << cut.status();
+    EXPECT_EQ(global->module(0).rank, 3 * 3 * 4);  // 3 rounds × 3 clients × rank 4
+    for (size_t i = 0; i < cut->num_modules(); ++i) {
+      EXPECT_EQ(cut->module(i).rank, 4);
+      const MatrixD full = testing::DenseDelta(*global, i), approx = testing::DenseDelta(*cut, i);
+      const double kept = energy["modules"][cut->module(i).name].get<double>();
+      EXPECT_GT(kept, 0.0);
+      EXPECT_LE(kept, 1.0);
+      EXPECT_NEAR((full - approx).squaredNorm(), (1 - kept) * full.squaredNorm(),
+                  1e-5 * full.squaredNorm());
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, EveryMethod,
