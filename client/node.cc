@@ -7,6 +7,7 @@
 #include <random>
 #include <thread>
 
+#include "client/upload.h"
 #include "common/blob.h"
 #include "common/peft.h"
 #include "common/safetensors.h"
@@ -192,34 +193,25 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
 
 absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
                                 const v1::TrainMetrics& metrics, const std::atomic<bool>& stop) {
-  const std::string sha = common::Sha256Hex(bytes);
-  int64_t offset = 0;
-  const int64_t die_at = options_.die_mid_upload_fraction >= 0
-                             ? static_cast<int64_t>(options_.die_mid_upload_fraction * bytes.size())
-                             : -1;
-  for (;;) {
-    if (die_at >= 0 && offset >= die_at) {
-      spdlog::warn("testing: exiting in the middle of an upload ({} of {} bytes sent)", offset,
-                   bytes.size());
-      std::_Exit(9);
-    }
-    v1::UploadRequest request;
-    request.set_round(task.round());
-    request.set_state_version(task.state_version());
-    request.set_sha256(sha);
-    request.set_total_size(static_cast<int64_t>(bytes.size()));
-    request.set_offset(offset);
-    const int64_t n = std::min<int64_t>(options_.chunk_bytes, bytes.size() - offset);
-    request.set_data(bytes.substr(static_cast<size_t>(offset), static_cast<size_t>(n)));
-    request.set_num_examples(workload_.num_examples());
-    *request.mutable_metrics() = metrics;
-    v1::UploadResponse response;
-    grpc::Status s =
-        Retry([&](grpc::ClientContext& c) { return stub_->Upload(&c, request, &response); }, stop);
-    RETURN_IF_ERROR(FromGrpc(s, StrCat("upload for round ", task.round())));
-    if (response.accepted()) break;
-    offset = response.received();  // resume where the coordinator stands (also after a lost answer)
+  v1::UploadRequest header;
+  header.set_round(task.round());
+  header.set_state_version(task.state_version());
+  header.set_sha256(common::Sha256Hex(bytes));
+  header.set_total_size(static_cast<int64_t>(bytes.size()));
+  header.set_num_examples(workload_.num_examples());
+  *header.mutable_metrics() = metrics;
+  UploadSettings settings;
+  settings.chunk_bytes = options_.chunk_bytes;
+  if (options_.die_mid_upload_fraction >= 0) {
+    settings.die_after_bytes =
+        static_cast<int64_t>(options_.die_mid_upload_fraction * bytes.size());
+    settings.window = 1;  // testing: die at a known point
   }
+  grpc::Status s = UploadInChunks(
+      header, bytes, settings, [&](const v1::UploadRequest& r, v1::UploadResponse* out) {
+        return Retry([&](grpc::ClientContext& c) { return stub_->Upload(&c, r, out); }, stop);
+      });
+  RETURN_IF_ERROR(FromGrpc(s, StrCat("upload for round ", task.round())));
   ++uploads_;
   spdlog::info("round {}: update accepted ({} bytes)", task.round(), bytes.size());
   return absl::OkStatus();

@@ -521,21 +521,29 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
     const std::string part = PartName(round_, client);
     if (up.sha256 != request.sha256() || up.total_size != request.total_size()) {
       up = PendingUpload{request.sha256(), request.total_size()};  // a new upload
+      RETURN_IF_ERROR(store_.StartPart(part));
     }
-    if (request.offset() == up.received) {
-      if (up.received + static_cast<int64_t>(request.data().size()) > up.total_size) {
-        uploads_.erase(client);
-        store_.DropPart(part);
-        return absl::InvalidArgumentError(
-            StrCat("upload exceeds its announced size of ", request.total_size(), " bytes"));
-      }
-      RETURN_IF_ERROR(store_.WritePart(part, up.received, request.data()));
-      up.received += static_cast<int64_t>(request.data().size());
+    // Chunks may arrive in any order (clients keep several in flight); `received` is the contiguous
+    // prefix.
+    const int64_t begin = request.offset(),
+                  end = begin + static_cast<int64_t>(request.data().size());
+    if (begin < 0 || end > up.total_size) {
+      uploads_.erase(client);
+      store_.DropPart(part);
+      return absl::InvalidArgumentError(StrCat("chunk [", begin, ", ", end,
+                                               ") is outside the announced size of ",
+                                               request.total_size(), " bytes"));
+    }
+    if (end > begin) {
+      RETURN_IF_ERROR(store_.WritePart(part, begin, request.data()));
+      up.ranges.AddRange(begin, end);
+      up.received = up.ranges.Prefix();
     }
     response.set_received(up.received);
     if (up.received < up.total_size) return response;  // more to come (or resume from here)
 
     // Complete: verify and validate before it can reach the aggregate.
+    const auto verify_start = Clock::now();
     auto mapped = store_.MapPart(part);
     if (!mapped.ok()) return mapped.status();
     const std::string_view bytes(reinterpret_cast<const char*>(mapped->bytes().data()),
@@ -560,6 +568,9 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
         up.adapter = *std::move(adapter);
       }
       response.set_accepted(true);
+      spdlog::info("round {}: {}'s update of {} bytes verified and validated in {:.3f} s", round_,
+                   client, up.total_size,
+                   std::chrono::duration<double>(Clock::now() - verify_start).count());
       size_t arrived = 0;
       for (const auto& [id, u] : uploads_) arrived += u.accepted;
       spdlog::info(

@@ -33,6 +33,32 @@ namespace fedlora::server {
 namespace v1 = ::fedlora::v1;
 using Clock = std::chrono::steady_clock;
 
+// The byte ranges of an upload received so far, merged.
+class ByteRanges {
+ public:
+  void AddRange(int64_t begin, int64_t end) {
+    auto it = ranges_.upper_bound(begin);
+    if (it != ranges_.begin() && std::prev(it)->second >= begin) {
+      --it;
+      begin = it->first;
+      end = std::max(end, it->second);
+      it = ranges_.erase(it);
+    }
+    while (it != ranges_.end() && it->first <= end) {
+      end = std::max(end, it->second);
+      it = ranges_.erase(it);
+    }
+    ranges_[begin] = end;
+  }
+  // Length of the range starting at 0 (0 when there is none).
+  int64_t Prefix() const {
+    return !ranges_.empty() && ranges_.begin()->first == 0 ? ranges_.begin()->second : 0;
+  }
+
+ private:
+  std::map<int64_t, int64_t> ranges_;  // begin → end, disjoint and not touching
+};
+
 class RoundEngine {
  public:
   // Opens the state directory (continuing its run if it has one) and starts the deadline ticker.
@@ -74,7 +100,8 @@ class RoundEngine {
   struct PendingUpload {
     std::string sha256;
     int64_t total_size = 0;
-    int64_t received = 0;  // bytes spooled to the store's incoming/ file
+    int64_t received = 0;  // contiguous bytes from 0 spooled to the store's incoming/ file
+    ByteRanges ranges;     // every chunk received so far (they may arrive out of order)
     bool accepted = false;
     int64_t num_examples = 0;
     std::string blob;  // the stored update's sha256, once accepted (for audit: named in the round's

@@ -139,7 +139,7 @@ absl::StatusOr<std::string> StateStore::ReadWholeBlob(const std::string& sha256)
 
 absl::Status StateStore::WritePart(const std::string& name, int64_t offset, std::string_view data) {
   const fs::path path = dir_ / "incoming" / name;
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC | (offset == 0 ? O_TRUNC : 0), 0600);
+  int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
   if (fd < 0)
     return absl::InternalError(StrCat("cannot open ", path.string(), ": ", std::strerror(errno)));
   const ssize_t n = ::pwrite(fd, data.data(), data.size(), offset);
@@ -147,6 +147,15 @@ absl::Status StateStore::WritePart(const std::string& name, int64_t offset, std:
   if (n != static_cast<ssize_t>(data.size())) {
     return absl::InternalError(StrCat("cannot write ", path.string(), ": ", std::strerror(errno)));
   }
+  return absl::OkStatus();
+}
+
+absl::Status StateStore::StartPart(const std::string& name) {
+  const fs::path path = dir_ / "incoming" / name;
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0)
+    return absl::InternalError(StrCat("cannot create ", path.string(), ": ", std::strerror(errno)));
+  ::close(fd);
   return absl::OkStatus();
 }
 
