@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "client/node.h"
+#include "common/signals.h"
 #include "common/tls.h"
 
 int main(int argc, char** argv) {
@@ -63,11 +64,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: unknown workload '%s' (expected regression)\n", workload.c_str());
     return 2;
   }
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  fedlora::common::StopOnSignals signals;  // before any thread starts
 
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (insecure) {
@@ -98,17 +95,8 @@ int main(int argc, char** argv) {
   if (!server_name.empty()) args.SetSslTargetNameOverride(server_name);
   auto channel = grpc::CreateCustomChannel(coordinator, credentials, args);
 
-  std::atomic<bool> stop{false};
-  std::thread waiter([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    if (!stop.exchange(true)) spdlog::info("signal {}: stopping after the current call", sig);
-  });
   fedlora::client::Node client(channel, node, fedlora::client::RegressionWorkload(regression));
-  absl::Status status = client.Run(stop);
-  stop = true;
-  pthread_kill(waiter.native_handle(), SIGTERM);
-  waiter.join();
+  absl::Status status = client.Run(signals.stop());
   if (!status.ok() && !absl::IsCancelled(status)) {
     std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());
     return 1;

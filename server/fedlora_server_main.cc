@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "common/file_util.h"
+#include "common/signals.h"
 #include "common/tls.h"
 #include "server/coordinator_service.h"
 
@@ -82,12 +83,7 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("server"));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [server] %v");
 
-  // SIGTERM and SIGINT end the daemon cleanly; they are handled by sigwait on a thread of our own.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  fedlora::common::StopOnSignals signals;  // before any thread starts
 
   if (absl::Status st = options.Validate(); !st.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
@@ -147,24 +143,16 @@ int main(int argc, char** argv) {
     }
   }
 
-  std::atomic<bool> stop{false};
-  std::thread waiter([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    if (!stop.exchange(true)) spdlog::info("signal {}: shutting down", sig);
-  });
   std::optional<std::chrono::steady_clock::time_point> done_at;
-  while (!stop) {
+  while (!signals.stop()) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     if ((*engine)->done()) {
       if (!done_at) done_at = std::chrono::steady_clock::now();
       if (std::chrono::steady_clock::now() - *done_at >= std::chrono::duration<double>(linger_s))
-        stop = true;
+        signals.RequestStop();
     }
   }
   (*engine)->Shutdown();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  pthread_kill(waiter.native_handle(), SIGTERM);  // release sigwait if no signal came
-  waiter.join();
   return (*engine)->done() ? 0 : 3;
 }
