@@ -69,6 +69,10 @@ absl::Status Node::JoinCoordinator(const std::atomic<bool>& stop) {
       Retry([&](grpc::ClientContext& c) { return stub_->Join(&c, request, &response); }, stop);
   RETURN_IF_ERROR(FromGrpc(s, "join"));
   method_ = response.method();
+  if (response.max_chunk_bytes() > 0 && response.max_chunk_bytes() < options_.chunk_bytes) {
+    spdlog::info("using the coordinator's chunk size of {} bytes", response.max_chunk_bytes());
+    options_.chunk_bytes = response.max_chunk_bytes();
+  }
   spdlog::info("joined run {} ({}, {} rounds)", response.run_id(), response.method(),
                response.rounds());
   return absl::OkStatus();

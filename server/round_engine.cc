@@ -252,6 +252,7 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
     response.set_run_id(store_.ledger().run_id);
     response.set_method(options_.method);
     response.set_rounds(options_.rounds);
+    response.set_max_chunk_bytes(options_.chunk_bytes);
   }
   Notify(ready);
   return response;
