@@ -11,7 +11,9 @@
 #include <cstdio>
 #include <thread>
 
+#include "client/command_workload.h"
 #include "client/node.h"
+#include "client/regression_workload.h"
 #include "common/signals.h"
 #include "common/tls.h"
 
@@ -35,7 +37,20 @@ int main(int argc, char** argv) {
   app.add_option(
       "--id", node.id,
       "client name, sent in the clear; only with --insecure (TLS names us by certificate)");
-  app.add_option("--workload", workload, "what to train: regression")->capture_default_str();
+  app.add_option("--workload", workload, "what to train: regression | command")
+      ->capture_default_str();
+  fedlora::client::CommandOptions command;
+  std::string module_list;
+  app.add_option(
+      "--train-command", command.command,
+      "command: the site's training program (see client/command_workload.h for its contract)");
+  app.add_option("--base-model-sha256", command.base_model_sha256,
+                 "command: fingerprint of the site's base model");
+  app.add_option("--modules", module_list,
+                 "command: adaptable layers, name:in_features:out_features,...");
+  app.add_option("--work-dir", command.work_dir,
+                 "command: where tasks and the program's outputs go")
+      ->capture_default_str();
   app.add_option("--base-seed", regression.base_seed,
                  "regression: the base model (same for all clients)")
       ->capture_default_str();
@@ -60,8 +75,25 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("client"));
   spdlog::set_pattern(
       fmt::format("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [{}] %v", node.id.empty() ? "client" : node.id));
-  if (workload != "regression") {
-    std::fprintf(stderr, "error: unknown workload '%s' (expected regression)\n", workload.c_str());
+  std::unique_ptr<fedlora::client::Workload> trainer;
+  if (workload == "regression") {
+    trainer = std::make_unique<fedlora::client::RegressionWorkload>(regression);
+  } else if (workload == "command") {
+    auto modules = fedlora::client::ParseModuleList(module_list);
+    if (command.command.empty() || command.base_model_sha256.empty() || !modules.ok()) {
+      std::fprintf(stderr,
+                   "error: the command workload needs --train-command, --base-model-sha256 and "
+                   "--modules%s%s\n",
+                   modules.ok() ? "" : ": ",
+                   modules.ok() ? "" : std::string(modules.status().message()).c_str());
+      return 2;
+    }
+    command.modules = *modules;
+    command.examples = regression.examples;
+    trainer = std::make_unique<fedlora::client::CommandWorkload>(command);
+  } else {
+    std::fprintf(stderr, "error: unknown workload '%s' (expected regression or command)\n",
+                 workload.c_str());
     return 2;
   }
   fedlora::common::StopOnSignals signals;  // before any thread starts
@@ -95,7 +127,7 @@ int main(int argc, char** argv) {
   if (!server_name.empty()) args.SetSslTargetNameOverride(server_name);
   auto channel = grpc::CreateCustomChannel(coordinator, credentials, args);
 
-  fedlora::client::Node client(channel, node, fedlora::client::RegressionWorkload(regression));
+  fedlora::client::Node client(channel, node, std::move(trainer));
   absl::Status status = client.Run(signals.stop());
   if (!status.ok() && !absl::IsCancelled(status)) {
     std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());

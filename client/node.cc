@@ -34,7 +34,7 @@ bool Transient(const grpc::Status& s) {
 }  // namespace
 
 Node::Node(std::shared_ptr<grpc::Channel> channel, const NodeOptions& options,
-           RegressionWorkload workload)
+           std::unique_ptr<Workload> workload)
     : stub_(v1::Coordinator::NewStub(channel)), options_(options), workload_(std::move(workload)) {}
 
 grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,
@@ -60,10 +60,10 @@ grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>
 
 absl::Status Node::JoinCoordinator(const std::atomic<bool>& stop) {
   v1::JoinRequest request;
-  request.set_base_model_sha256(workload_.fingerprint());
+  request.set_base_model_sha256(workload_->fingerprint());
   request.set_max_rank(1 << 16);
-  request.set_num_examples(workload_.num_examples());
-  for (auto& m : workload_.modules()) *request.add_modules() = std::move(m);
+  request.set_num_examples(workload_->num_examples());
+  for (auto& m : workload_->modules()) *request.add_modules() = std::move(m);
   v1::JoinResponse response;
   grpc::Status s =
       Retry([&](grpc::ClientContext& c) { return stub_->Join(&c, request, &response); }, stop);
@@ -118,7 +118,7 @@ absl::Status Node::Apply(const v1::Task& task) {
     const std::string origin = StrCat(ref.kind(), " blob of version ", ref.version());
     if (ref.kind() == "delta") {
       ASSIGN_OR_RETURN(Adapter delta, common::DecodeAdapter(bytes, origin));
-      workload_.MergeIntoBase(delta);  // FLoRA: every round's delta, in order
+      RETURN_IF_ERROR(workload_->MergeIntoBase(delta));  // FLoRA: every round's delta, in order
     } else if (ref.kind() == "r") {
       ASSIGN_OR_RETURN(global_, common::DecodeROnto(bytes, origin, global_));
     } else {
@@ -161,8 +161,6 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
       }
     }
   }
-  v1::TrainMetrics metrics;
-  metrics.set_loss_before(workload_.Loss(adapter));
   // Heartbeats while training, so the coordinator does not count us as dropped.
   std::atomic<bool> training{true};
   std::thread heartbeat([&] {
@@ -182,10 +180,11 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
       stub_->Heartbeat(&context, request, &response);
     }
   });
-  metrics.set_loss_after(workload_.Train(adapter, s.local_steps(), s.learning_rate()));
+  absl::StatusOr<v1::TrainMetrics> trained = workload_->Train(task, adapter);
   training = false;
   heartbeat.join();
-  metrics.set_steps(s.local_steps());
+  RETURN_IF_ERROR(trained.status());
+  v1::TrainMetrics metrics = *trained;
   metrics.set_seconds(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   spdlog::info("round {}: trained {} steps, loss {:.6g} -> {:.6g}", task.round(), s.local_steps(),
@@ -202,7 +201,7 @@ absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
   header.set_state_version(task.state_version());
   header.set_sha256(common::Sha256Hex(bytes));
   header.set_total_size(static_cast<int64_t>(bytes.size()));
-  header.set_num_examples(workload_.num_examples());
+  header.set_num_examples(workload_->num_examples());
   *header.mutable_metrics() = metrics;
   UploadSettings settings;
   settings.chunk_bytes = options_.chunk_bytes;
@@ -223,25 +222,11 @@ absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
 
 absl::Status Node::WriteFinalState() const {
   if (options_.out_dir.empty()) return absl::OkStatus();
-  std::filesystem::create_directories(options_.out_dir);
-  std::vector<common::TensorToWrite> tensors;
-  std::vector<std::vector<float>> storage;
-  for (size_t l = 0; l < workload_.base().size(); ++l) {
-    const Eigen::MatrixXf w = workload_.base()[l].cast<float>();
-    const common::MatrixF rm = w;  // row-major, as PyTorch stores it
-    storage.emplace_back(rm.data(), rm.data() + rm.size());
-  }
-  for (size_t l = 0; l < storage.size(); ++l) {
-    tensors.push_back({StrCat("model.layers.", l, ".self_attn.q_proj.weight"),
-                       {workload_.base()[l].rows(), workload_.base()[l].cols()},
-                       storage[l]});
-  }
-  RETURN_IF_ERROR(
-      common::WriteSafetensors(std::filesystem::path(options_.out_dir) / "base.safetensors",
-                               tensors, common::DType::kF32, {{"format", "pt"}}));
+  const std::filesystem::path dir = options_.out_dir;
+  std::filesystem::create_directories(dir);
+  RETURN_IF_ERROR(workload_->WriteFinalState(dir));
   if (global_.num_modules() > 0) {
-    RETURN_IF_ERROR(common::WritePeftAdapter(
-        global_, std::filesystem::path(options_.out_dir) / "global", {common::DType::kF32, true}));
+    RETURN_IF_ERROR(common::WritePeftAdapter(global_, dir / "global", {common::DType::kF32, true}));
   }
   return absl::OkStatus();
 }
@@ -272,18 +257,21 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
       case v1::Task::DONE:
         RETURN_IF_ERROR(Apply(task));
         RETURN_IF_ERROR(WriteFinalState());
-        spdlog::info("run done at version {}; final loss on our data {:.6g}", have_version_,
-                     workload_.Loss(method_ == "flora" ? Adapter() : global_));
+        spdlog::info("run done at version {}", have_version_);
         return absl::OkStatus();
       case v1::Task::TRAIN: {
         RETURN_IF_ERROR(Apply(task));
         absl::Status trained = Train(task, stop);
         if (!trained.ok()) {
-          // A refused update (the round moved on, or it failed validation) is logged; the node goes
-          // on.
+          // A failed training or a refused update: back off, and give up after three in a row (a
+          // deterministic failure would otherwise repeat forever; the coordinator counts this
+          // client as dropped).
           spdlog::error("round {}: {}", task.round(), trained.message());
-          if (trained.code() == absl::StatusCode::kUnavailable) return trained;
+          if (++failures_ >= 3) return trained;
+          std::this_thread::sleep_for(std::chrono::seconds(1 << failures_));
+          continue;
         }
+        failures_ = 0;
         if (options_.exit_after_uploads >= 0 && uploads_ >= options_.exit_after_uploads) {
           spdlog::warn("testing: exiting after {} uploads", uploads_);
           std::_Exit(9);

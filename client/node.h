@@ -11,7 +11,7 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "client/regression_workload.h"
+#include "client/workload.h"
 #include "common/adapter.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 
@@ -31,7 +31,7 @@ struct NodeOptions {
 class Node {
  public:
   Node(std::shared_ptr<grpc::Channel> channel, const NodeOptions& options,
-       RegressionWorkload workload);
+       std::unique_ptr<Workload> workload);
 
   // Runs until the coordinator says DONE (OK), `stop` is set (CANCELLED), or an error that retrying
   // cannot fix.
@@ -52,12 +52,13 @@ class Node {
 
   std::unique_ptr<v1::Coordinator::Stub> stub_;
   NodeOptions options_;
-  RegressionWorkload workload_;
+  std::unique_ptr<Workload> workload_;
   std::string method_;
   int64_t have_version_ = -1;
   common::Adapter
       global_;  // the latest global adapter (fedit, lora-fair), or frozen B, A with R (fed-sb)
   int64_t uploads_ = 0;
+  int failures_ = 0;  // consecutive failed tasks
 };
 
 }  // namespace fedlora::client

@@ -3,6 +3,7 @@
 #include <random>
 
 #include "common/blob.h"
+#include "common/safetensors.h"
 #include "common/strings.h"
 
 namespace fedlora::client {
@@ -83,7 +84,7 @@ double RegressionWorkload::Loss(const common::Adapter& adapter) const {
   return loss;
 }
 
-double RegressionWorkload::Train(common::Adapter& adapter, int steps, double lr) const {
+double RegressionWorkload::Descend(common::Adapter& adapter, int steps, double lr) const {
   MatrixD g;
   for (int step = 0; step < steps; ++step) {
     for (size_t l = 0; l < base_.size(); ++l) {
@@ -104,11 +105,36 @@ double RegressionWorkload::Train(common::Adapter& adapter, int steps, double lr)
   return Loss(adapter);
 }
 
-void RegressionWorkload::MergeIntoBase(const common::Adapter& delta) {
+absl::Status RegressionWorkload::MergeIntoBase(const common::Adapter& delta) {
   for (size_t l = 0; l < base_.size(); ++l) {
     const size_t i = *delta.FindModule(ModuleName(static_cast<int>(l)));
     base_[l] += delta.module(i).scaling * delta.B(i).cast<double>() * delta.A(i).cast<double>();
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::TrainMetrics> RegressionWorkload::Train(const v1::Task& task,
+                                                           common::Adapter& adapter) {
+  v1::TrainMetrics metrics;
+  metrics.set_loss_before(Loss(adapter));
+  metrics.set_loss_after(
+      Descend(adapter, task.settings().local_steps(), task.settings().learning_rate()));
+  metrics.set_steps(task.settings().local_steps());
+  return metrics;
+}
+
+absl::Status RegressionWorkload::WriteFinalState(const std::filesystem::path& dir) const {
+  std::vector<common::MatrixF> rows;  // row-major f32, as PyTorch stores weights
+  std::vector<common::TensorToWrite> tensors;
+  for (const MatrixD& w : base_) rows.push_back(w.cast<float>());
+  for (size_t l = 0; l < rows.size(); ++l) {
+    tensors.push_back(
+        {common::StrCat(ModuleName(static_cast<int>(l)), ".weight"),
+         {rows[l].rows(), rows[l].cols()},
+         std::span<const float>(rows[l].data(), static_cast<size_t>(rows[l].size()))});
+  }
+  return common::WriteSafetensors(dir / "base.safetensors", tensors, common::DType::kF32,
+                                  {{"format", "pt"}});
 }
 
 }  // namespace fedlora::client

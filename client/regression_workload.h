@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "client/workload.h"
 #include "common/adapter.h"
 #include "fedlora/v1/coordinator.pb.h"
 
@@ -30,22 +31,25 @@ struct RegressionOptions {
   double heterogeneity = 1.0;  // size of the client-specific part of the target
 };
 
-class RegressionWorkload {
+class RegressionWorkload final : public Workload {
  public:
   explicit RegressionWorkload(const RegressionOptions& options);
 
-  std::string fingerprint() const { return fingerprint_; }
-  int64_t num_examples() const { return options_.examples; }
-  std::vector<v1::ModuleSpec> modules() const;
+  std::string fingerprint() const override { return fingerprint_; }
+  int64_t num_examples() const override { return options_.examples; }
+  std::vector<v1::ModuleSpec> modules() const override;
+  // Full-batch gradient descent for the task's local_steps at its learning_rate.
+  absl::StatusOr<v1::TrainMetrics> Train(const v1::Task& task, common::Adapter& adapter) override;
+  absl::Status MergeIntoBase(const common::Adapter& delta) override;
+  // base.safetensors: W_base per layer (W0 plus every merged FLoRA delta).
+  absl::Status WriteFinalState(const std::filesystem::path& dir) const override;
 
   // Mean squared error of W_base + s·B·A (or s·B·R·A) on this client's data; `adapter` may be empty
   // (base only).
   double Loss(const common::Adapter& adapter) const;
   // `steps` of gradient descent on A and B (or on R only, for has_r modules), in place; returns the
   // final loss.
-  double Train(common::Adapter& adapter, int steps, double learning_rate) const;
-  // FLoRA: W_base ← W_base + B·A·s for every module of `delta`.
-  void MergeIntoBase(const common::Adapter& delta);
+  double Descend(common::Adapter& adapter, int steps, double learning_rate) const;
   const std::vector<common::MatrixD>& base() const { return base_; }
 
  private:

@@ -656,3 +656,47 @@ TEST_F(FederationTest, DownloadBrokenMidwayResumesFromItsOffset) {
 
 }  // namespace
 }  // namespace fedlora
+
+namespace fedlora {
+namespace {
+
+TEST_F(FederationTest, CommandWorkloadRunsTheSitesOwnTrainer) {
+  // The site's "trainer" hands back its start adapter: FedIT's next global must then be the initial
+  // one.
+  const std::string trainer =
+      R"(cp "$FEDLORA_START_DIR"/* "$FEDLORA_OUT_DIR"/ && grep -q '"method": "fedit"' )"
+      R"("$FEDLORA_TASK_JSON" && echo '{"loss_before": 1.5, "loss_after": 0.5}' > )"
+      R"("$FEDLORA_OUT_DIR/metrics.json")";
+  const pid_t server = StartServer("fedit", "state", {"--rounds", "1"});
+  ASSERT_FALSE(port_.empty());
+  std::vector<pid_t> clients;
+  for (int i = 1; i <= 3; ++i) {
+    clients.push_back(
+        StartClient(i, "run",
+                    {"--workload", "command", "--train-command", trainer, "--base-model-sha256",
+                     std::string(64, 'c'), "--modules", "m.q_proj:24:20,m.v_proj:24:8",
+                     "--work-dir", (dir_ / ("work" + std::to_string(i))).string()}));
+  }
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(60)), 0)
+        << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
+  }
+  EXPECT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0);
+  const auto metrics = Metrics("state");
+  ASSERT_EQ(metrics.size(), 1u);
+  EXPECT_EQ(metrics[0]["arrived"].size(), 3u);
+  EXPECT_DOUBLE_EQ(metrics[0]["mean_train_loss"].get<double>(), 0.5);
+  const auto ledger = nlohmann::json::parse(testing::ReadText(dir_ / "state" / "ledger.json"));
+  const auto v0 =
+      common::DecodeAdapter(Blob("state", ledger["versions"][0]["blobs"][0]["sha256"]), "v0");
+  const auto v1 = common::DecodeAdapter(Blob("state", metrics[0]["global_blob"]), "v1");
+  ASSERT_TRUE(v0.ok() && v1.ok());
+  ASSERT_EQ(v0->num_modules(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_LT(testing::RelativeDiff(v1->A(i).cast<double>(), v0->A(i).cast<double>()), 1e-6);
+    EXPECT_EQ(v1->B(i).norm(), 0.0f);
+  }
+}
+
+}  // namespace
+}  // namespace fedlora
