@@ -110,11 +110,10 @@ absl::StatusOr<std::string> Node::DownloadBlob(const v1::BlobRef& ref,
   return data;
 }
 
-absl::Status Node::Apply(const v1::Task& task) {
+absl::Status Node::Apply(const v1::Task& task, const std::atomic<bool>& stop) {
   // Downloads arrive in apply order; all of them take us to task.state_version().
-  static const std::atomic<bool> kNoStop{false};
   for (const v1::BlobRef& ref : task.downloads()) {
-    ASSIGN_OR_RETURN(std::string bytes, DownloadBlob(ref, kNoStop));
+    ASSIGN_OR_RETURN(std::string bytes, DownloadBlob(ref, stop));
     const std::string origin = StrCat(ref.kind(), " blob of version ", ref.version());
     if (ref.kind() == "delta") {
       ASSIGN_OR_RETURN(Adapter delta, common::DecodeAdapter(bytes, origin));
@@ -255,12 +254,12 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
       case v1::Task::WAIT:
         continue;
       case v1::Task::DONE:
-        RETURN_IF_ERROR(Apply(task));
+        RETURN_IF_ERROR(Apply(task, stop));
         RETURN_IF_ERROR(WriteFinalState());
         spdlog::info("run done at version {}", have_version_);
         return absl::OkStatus();
       case v1::Task::TRAIN: {
-        RETURN_IF_ERROR(Apply(task));
+        RETURN_IF_ERROR(Apply(task, stop));
         absl::Status trained = Train(task, stop);
         if (!trained.ok()) {
           // A failed training or a refused update: back off, and give up after three in a row (a

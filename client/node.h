@@ -39,7 +39,7 @@ class Node {
 
  private:
   absl::Status JoinCoordinator(const std::atomic<bool>& stop);
-  absl::Status Apply(const v1::Task& task);
+  absl::Status Apply(const v1::Task& task, const std::atomic<bool>& stop);
   absl::StatusOr<std::string> DownloadBlob(const v1::BlobRef& ref, const std::atomic<bool>& stop);
   absl::Status Train(const v1::Task& task, const std::atomic<bool>& stop);
   absl::Status UploadUpdate(const v1::Task& task, const std::string& bytes,

@@ -55,6 +55,10 @@ std::string Sha256Hex(std::string_view bytes) {
   return out;
 }
 
+bool IsSha256Hex(std::string_view s) {
+  return s.size() == 64 && s.find_first_not_of("0123456789abcdef") == std::string_view::npos;
+}
+
 std::string EncodeAdapter(const Adapter& adapter, AdapterParts parts) {
   nlohmann::json scalings = nlohmann::json::object();
   for (const LoraModule& m : adapter.modules()) scalings[m.name] = m.scaling;

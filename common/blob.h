@@ -14,6 +14,8 @@
 namespace fedlora::common {
 
 std::string Sha256Hex(std::string_view bytes);
+// 64 lower-case hex digits, as Sha256Hex writes them.
+bool IsSha256Hex(std::string_view s);
 
 // The adapter (all tensors, or only R) as safetensors bytes (f32).
 std::string EncodeAdapter(const Adapter& adapter, AdapterParts parts = AdapterParts::kAll);

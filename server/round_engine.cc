@@ -28,10 +28,6 @@ uint64_t Fnv1a(std::string_view s, uint64_t h = 1469598103934665603ull) {
   return h;
 }
 
-bool IsSha256Hex(const std::string& s) {
-  return s.size() == 64 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
-}
-
 std::string JoinIds(const std::vector<std::string>& v) {
   std::string out;
   for (const auto& s : v) out += (out.empty() ? "" : ",") + s;
@@ -205,7 +201,7 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
   v1::JoinResponse response;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!IsSha256Hex(request.base_model_sha256())) {
+    if (!common::IsSha256Hex(request.base_model_sha256())) {
       return absl::InvalidArgumentError(StrCat("base_model_sha256 '", request.base_model_sha256(),
                                                "' is not a sha256 (64 lower-case hex digits)"));
     }
@@ -362,26 +358,24 @@ v1::Task RoundEngine::TaskForLocked(const std::string& client, int64_t have_vers
 
 void RoundEngine::GetTask(const std::string& client, const v1::GetTaskRequest& request,
                           TaskCallback done) {
-  v1::Task task;
+  absl::StatusOr<v1::Task> task;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = clients_.find(client);
     if (it == clients_.end()) {
-      mu_.unlock();
-      done(absl::FailedPreconditionError(StrCat(client, " has not joined; call Join first")));
-      mu_.lock();
-      return;
-    }
-    it->second.last_seen = Clock::now();
-    task = TaskForLocked(client, request.have_version());
-    const int64_t wait_ms = std::clamp<int64_t>(request.max_wait_ms(), 0, options_.max_wait_ms);
-    if (task.kind() == v1::Task::WAIT && wait_ms > 0 && !stopping_) {
-      waiters_.push_back({client, request.have_version(),
-                          Clock::now() + std::chrono::milliseconds(wait_ms), std::move(done)});
-      return;
+      task = absl::FailedPreconditionError(StrCat(client, " has not joined; call Join first"));
+    } else {
+      it->second.last_seen = Clock::now();
+      task = TaskForLocked(client, request.have_version());
+      const int64_t wait_ms = std::clamp<int64_t>(request.max_wait_ms(), 0, options_.max_wait_ms);
+      if (task->kind() == v1::Task::WAIT && wait_ms > 0 && !stopping_) {
+        waiters_.push_back({client, request.have_version(),
+                            Clock::now() + std::chrono::milliseconds(wait_ms), std::move(done)});
+        return;
+      }
     }
   }
-  done(std::move(task));
+  done(std::move(task));  // never under the lock
 }
 
 absl::StatusOr<v1::Task> RoundEngine::GetTaskBlocking(const std::string& client,
@@ -504,7 +498,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
                                                  " bytes exceeds the limit of ",
                                                  options_.max_update_bytes, " bytes"));
     }
-    if (!IsSha256Hex(request.sha256())) {
+    if (!common::IsSha256Hex(request.sha256())) {
       return absl::InvalidArgumentError(
           StrCat("sha256 '", request.sha256(), "' is not 64 lower-case hex digits"));
     }

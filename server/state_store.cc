@@ -17,10 +17,6 @@ using common::StrCat;
 
 namespace {
 
-bool IsSha256Hex(const std::string& s) {
-  return s.size() == 64 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
-}
-
 nlohmann::json ToJson(const Ledger& l) {
   nlohmann::json versions = nlohmann::json::array();
   for (const Version& v : l.versions) {
@@ -110,7 +106,7 @@ absl::StatusOr<std::string> StateStore::PutBlob(std::string_view bytes) {
 absl::StatusOr<std::pair<std::string, int64_t>> StateStore::ReadBlob(const std::string& sha256,
                                                                      int64_t offset,
                                                                      int64_t max_bytes) const {
-  if (!IsSha256Hex(sha256))
+  if (!common::IsSha256Hex(sha256))
     return absl::InvalidArgumentError(StrCat("'", sha256, "' is not a sha256 (64 hex digits)"));
   const fs::path path = dir_ / "blobs" / sha256;
   std::error_code ec;

@@ -20,7 +20,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-extern char** environ;
+#include "tests/process.h"
 
 namespace {
 
@@ -32,19 +32,14 @@ struct Run {
   std::string output;
 };
 
-// Runs argv to completion with stdout and stderr captured; exits the benchmark if it fails.
+// Runs argv to completion with stdout and stderr captured (testing::Start), timing it and reading
+// the child's peak RSS from wait4; exits the benchmark if it fails.
 Run Spawn(const std::vector<std::string>& argv, const fs::path& log) {
-  std::vector<char*> args;
-  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  fs::remove(log);
   const auto start = std::chrono::steady_clock::now();
-  pid_t pid;
-  if (posix_spawn(&pid, args[0], &actions, nullptr, args.data(), environ) != 0) {
-    std::fprintf(stderr, "cannot start %s\n", args[0]);
+  const pid_t pid = fedlora::testing::Start(argv, log);
+  if (pid < 0) {
+    std::fprintf(stderr, "cannot start %s\n", argv[0].c_str());
     std::exit(1);
   }
   int status;
@@ -53,10 +48,7 @@ Run Spawn(const std::vector<std::string>& argv, const fs::path& log) {
   Run run;
   run.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   run.max_rss_mb = usage.ru_maxrss / 1024.0;
-  posix_spawn_file_actions_destroy(&actions);
-  std::stringstream text;
-  text << std::ifstream(log).rdbuf();
-  run.output = text.str();
+  run.output = fedlora::testing::ReadText(log);
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     std::fprintf(stderr, "command failed: %s\n%s\n", argv[0].c_str(), run.output.c_str());
     std::exit(1);
