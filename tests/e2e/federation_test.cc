@@ -88,7 +88,7 @@ class FederationTest : public ::testing::Test {
         {"--seed", "11"}};
     std::vector<std::string> argv = WithFlags(kBin + "/fedlora-server", flags, extra);
     fs::remove(dir_ / (state + ".port"));
-    const pid_t pid = testing::Start(argv, dir_ / (state + ".log"));
+    const pid_t pid = Track(testing::Start(argv, dir_ / (state + ".log")));
     port_ = testing::WaitForFile(dir_ / (state + ".port"), std::chrono::seconds(10));
     while (!port_.empty() && port_.back() == '\n') port_.pop_back();
     return pid;
@@ -108,7 +108,7 @@ class FederationTest : public ::testing::Test {
                    {"--out-features", "20"},
                    {"--out-dir", (dir_ / (tag + "-out" + n)).string()}},
                   extra);
-    return testing::Start(argv, dir_ / (tag + "-client" + std::to_string(i) + ".log"));
+    return Track(testing::Start(argv, dir_ / (tag + "-client" + std::to_string(i) + ".log")));
   }
   std::vector<nlohmann::json> Metrics(const std::string& state) const {
     std::vector<nlohmann::json> lines;
@@ -120,8 +120,23 @@ class FederationTest : public ::testing::Test {
     return testing::ReadText(dir_ / state / "blobs" / sha);
   }
 
+  // Every process a test started is killed and reaped here, so a failed assertion never leaves one running.
+  void TearDown() override {
+    for (pid_t pid : started_) {
+      if (kill(pid, 0) == 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, nullptr, 0);
+      }
+    }
+  }
+  pid_t Track(pid_t pid) {
+    started_.push_back(pid);
+    return pid;
+  }
+
   testing::ScratchDir dir_;
   std::string port_;
+  std::vector<pid_t> started_;
 };
 
 // Runs a whole federation of 3 clients × 3 rounds and checks every round's aggregate against its
@@ -270,7 +285,7 @@ TEST_F(FederationTest, RefusesWhoShouldNotBeLetIn) {
     std::vector<std::string> argv = {kBin + "/fedlora-client", "--coordinator",
                                      "localhost:" + port_, "--max-retry-s", "2"};
     argv.insert(argv.end(), args.begin(), args.end());
-    const pid_t pid = testing::Start(argv, dir_ / (tag + ".log"));
+    const pid_t pid = Track(testing::Start(argv, dir_ / (tag + ".log")));
     const int code = testing::Wait(pid, std::chrono::seconds(30));
     return std::make_pair(code, testing::ReadText(dir_ / (tag + ".log")));
   };
