@@ -81,6 +81,7 @@ class Client {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(64 << 20);
     args.SetMaxSendMessageSize(64 << 20);
+    for (const auto& [key, value] : fedlora::common::TransportChannelArgs()) args.SetInt(key, value);
     stub_ = v1::Coordinator::NewStub(grpc::CreateCustomChannel("localhost:" + port, *creds, args));
   }
   void Join(int modules, int n, int m) {
