@@ -51,10 +51,10 @@ std::vector<TensorToWrite> LlamaWeights::Tensors() const {
   return out;
 }
 
-LlamaWeights LlamaWeights::Random(const LlamaConfig& config, uint64_t seed) {
+LlamaWeights LlamaWeights::Random(const LlamaConfig& config, uint64_t seed, float std) {
   LlamaWeights w(config);
   std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 0.02f);
+  std::normal_distribution<float> normal(0.0f, std);
   for (const Entry& e : w.table_) {
     size_t n = 1;
     for (int64_t d : e.shape) n *= static_cast<size_t>(d);
@@ -164,7 +164,7 @@ class LlamaRunner::Impl {
 
   absl::Status Init();
   absl::StatusOr<LossSum> Run(const TokenBatch& batch, bool backward, float scale,
-                              std::span<float> grads);
+                              std::span<float> grads, const std::vector<float*>* dense = nullptr);
 
  private:
   // Per-layer saved activations; rows are tokens (n = b·T + t).
@@ -236,7 +236,8 @@ class LlamaRunner::Impl {
   // Current batch shape.
   int B_ = 0, T_ = 0;
   int64_t N_ = 0;
-  float* grads_ = nullptr;
+  float* grads_ = nullptr;                      // adapter gradients, or null
+  const std::vector<float*>* dense_ = nullptr;  // weight gradients per linear, or null
 
   std::vector<float> acts_;    // all saved activations
   std::vector<Layer> layers_;  // L slots when training, else 1
@@ -431,6 +432,10 @@ void LlamaRunner::Impl::LinearBackward(int l, LinearKind k, const float* x, cons
                                        float* dx, bool accumulate) {
   const int64_t in = LinearIn(c_, k), out = LinearOut(c_, k);
   MatMulNN(dy, w_.linear(l, k), dx, N_, out, in, accumulate);
+  if (dense_ != nullptr) {
+    if (float* g = (*dense_)[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)])
+      MatMulTN(dy, x, g, N_, out, in, 1.0f);
+  }
   Lora* lo = lora(l, k);
   if (lo == nullptr) return;
   const LoraModule& m = adapter_->module(lo->module);
@@ -444,10 +449,10 @@ void LlamaRunner::Impl::LinearBackward(int l, LinearKind k, const float* x, cons
   Map(du, N_, r) *= s;
   if (m.has_r) {
     // v = u·Rᵀ: dR += dvᵀ·u, du = dv·R.
-    MatMulTN(du, lo->u.data(), grads_ + m.r_offset, N_, r, r, 1.0f);
+    if (grads_ != nullptr) MatMulTN(du, lo->u.data(), grads_ + m.r_offset, N_, r, r, 1.0f);
     MatMulNN(du, adapter_->values().data() + m.r_offset, du2_.data(), N_, r, r, false);
     du = du2_.data();
-  } else {
+  } else if (grads_ != nullptr) {
     // y += s·u·Bᵀ: dB += s·dyᵀ·u; u = x·Aᵀ: dA += duᵀ·x.
     MatMulTN(dy, lo->u.data(), grads_ + m.b_offset, N_, out, r, s);
     MatMulTN(du, x, grads_ + m.a_offset, N_, r, in, 1.0f);
@@ -618,7 +623,8 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
 }
 
 absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool backward, float scale,
-                                               std::span<float> grads) {
+                                               std::span<float> grads,
+                                               const std::vector<float*>* dense) {
   if (batch.batch <= 0 || batch.batch > opt_.max_batch || batch.seq < 2 || batch.seq > opt_.max_seq)
     return absl::InvalidArgumentError(StrCat("batch of ", batch.batch, "×", batch.seq,
                                              " tokens; this runner takes up to ", opt_.max_batch,
@@ -639,15 +645,22 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
   if (backward) {
     if (!opt_.training)
       return absl::FailedPreconditionError("runner was created without training workspace");
-    if (adapter_ == nullptr || grads.size() != adapter_->values().size())
+    if (dense != nullptr) {
+      if (dense->size() != static_cast<size_t>(c_.num_hidden_layers) * kNumLinearKinds)
+        return absl::InvalidArgumentError(StrCat("weight gradients for ", dense->size(),
+                                                 " linears, the model has ",
+                                                 c_.num_hidden_layers * kNumLinearKinds));
+    } else if (adapter_ == nullptr || grads.size() != adapter_->values().size()) {
       return absl::InvalidArgumentError(
           StrCat("gradient buffer holds ", grads.size(), " floats, the adapter ",
                  adapter_ == nullptr ? 0 : adapter_->values().size()));
+    }
   }
   B_ = batch.batch;
   T_ = batch.seq;
   N_ = static_cast<int64_t>(n);
-  grads_ = grads.data();
+  grads_ = dense != nullptr ? nullptr : grads.data();
+  dense_ = dense;
   const int L = c_.num_hidden_layers, H = c_.hidden_size, I = c_.intermediate_size;
 
   // Embedding.
@@ -734,6 +747,11 @@ absl::StatusOr<LossSum> LlamaRunner::Forward(const TokenBatch& batch) {
 absl::StatusOr<LossSum> LlamaRunner::ForwardBackward(const TokenBatch& batch, float scale,
                                                      std::span<float> grads) {
   return impl_->Run(batch, true, scale, grads);
+}
+
+absl::StatusOr<LossSum> LlamaRunner::WeightGradients(const TokenBatch& batch, float scale,
+                                                     const std::vector<float*>& dense) {
+  return impl_->Run(batch, true, scale, {}, &dense);
 }
 
 }  // namespace fedlora::common

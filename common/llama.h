@@ -42,8 +42,8 @@ class LlamaWeights {
   static absl::StatusOr<LlamaWeights> Read(const std::filesystem::path& dir);
 
   // A randomly initialised model as transformers initialises one: linears and embeddings
-  // N(0, 0.02²), norms 1. Deterministic in `seed`.
-  static LlamaWeights Random(const LlamaConfig& config, uint64_t seed);
+  // N(0, std²) (transformers' initializer_range, 0.02), norms 1. Deterministic in `seed`.
+  static LlamaWeights Random(const LlamaConfig& config, uint64_t seed, float std = 0.02f);
 
   // The tensors under their Hugging Face names (views into this object).
   std::vector<TensorToWrite> Tensors() const;
@@ -121,6 +121,12 @@ class LlamaRunner {
   // adapter->values(); other entries are left alone.
   absl::StatusOr<LossSum> ForwardBackward(const TokenBatch& batch, float scale,
                                           std::span<float> grads);
+
+  // Forward, then backward to the frozen weights of the given linears: adds scale·∂(Σ CE)/∂W
+  // ([out, in]) to dense[l·7 + kind] where that pointer is set. For LoRA-SB's initialisation,
+  // which needs the gradient with respect to W0; the adapter, if any, gets no gradient.
+  absl::StatusOr<LossSum> WeightGradients(const TokenBatch& batch, float scale,
+                                          const std::vector<float*>& dense);
 
   class Impl;
 

@@ -311,6 +311,40 @@ TEST_P(LlamaTest, AdapterGradientsMatchFiniteDifferences) {
   }
 }
 
+TEST(LlamaRunnerTest, WeightGradientsMatchFiniteDifferences) {
+  const LlamaConfig c = TinyConfig(false, 4, 2);
+  fedlora::testing::ScratchDir tmp;
+  auto ref_weights = WriteModel(tmp.path() / "model", c, 31);
+  const LlamaWeights weights = *LlamaWeights::Read(tmp.path() / "model");
+  const Adapter adapter = RandomAdapter(c, 2, false, 4);  // gradients also flow through LoRA
+  const TokenBatch batch = RandomBatch(c, 2, 6, 8);
+  auto runner =
+      *LlamaRunner::Create(&weights, &adapter, {.max_batch = 2, .max_seq = 6, .training = true});
+  const Vec params(adapter.values().begin(), adapter.values().end());
+  for (auto [layer, kind] : {std::pair{0, LinearKind::kK}, std::pair{1, LinearKind::kDown}}) {
+    const int out = LinearOut(c, kind), in = LinearIn(c, kind);
+    std::vector<float> g(static_cast<size_t>(out) * in, 0.0f);
+    std::vector<float*> dense(c.num_hidden_layers * kNumLinearKinds, nullptr);
+    dense[layer * kNumLinearKinds + static_cast<int>(kind)] = g.data();
+    ASSERT_TRUE(runner->WeightGradients(batch, 1.0f, dense).ok());
+    Reference ref{c, ref_weights, &adapter, &params};
+    Vec& W = ref.w[LinearPath(layer, kind) + ".weight"];
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < W.size(); i += 5) {
+      const double saved = W[i];
+      W[i] = saved + 1e-5;
+      const double up = ref.Loss(batch);
+      W[i] = saved - 1e-5;
+      const double down = ref.Loss(batch);
+      W[i] = saved;
+      const double numeric = (up - down) / 2e-5;
+      diff += (g[i] - numeric) * (g[i] - numeric);
+      norm += numeric * numeric;
+    }
+    EXPECT_LE(std::sqrt(diff), 1e-3 * std::sqrt(norm)) << LinearPath(layer, kind);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Variants, LlamaTest,
                          ::testing::Values(Case{false, 4, 2, false},  // GQA, untied
                                            Case{true, 4, 2, false},   // GQA, tied

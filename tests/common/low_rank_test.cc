@@ -1,9 +1,9 @@
 #include "common/low_rank.h"
 
-#include <random>
+#include <gtest/gtest.h>
 
 #include <Eigen/SVD>
-#include <gtest/gtest.h>
+#include <random>
 
 namespace fedlora::common {
 namespace {
@@ -24,7 +24,8 @@ TEST(LowRankTest, MatchesTheDenseSvdAndEckartYoung) {
     const TruncatedProduct t = TruncateProduct(u, v, k);
     const int p = std::min({r, m, n});
     ASSERT_EQ(t.singular.size(), p);
-    for (int i = 0; i < p; ++i) EXPECT_NEAR(t.singular(i), svd.singularValues()(i), 1e-9 * svd.singularValues()(0));
+    for (int i = 0; i < p; ++i)
+      EXPECT_NEAR(t.singular(i), svd.singularValues()(i), 1e-9 * svd.singularValues()(0));
     // Eckart–Young: the rank-k error is the energy of the dropped singular values.
     const double dropped = svd.singularValues().tail(svd.singularValues().size() - k).squaredNorm();
     EXPECT_NEAR((dense - t.b * t.a).squaredNorm(), dropped, 1e-9 * dense.squaredNorm());

@@ -1,0 +1,97 @@
+// Local fine-tuning of a Llama model's adapter: LoRA (A and B trained) or LoRA-SB (only R), with
+// AdamW, a warmup + linear/cosine schedule, gradient accumulation and gradient-norm clipping.
+//
+// Parameters, gradients and both Adam moments share the adapter's layout (one buffer each, carved
+// by the adapter's module table), and the optimiser walks the trainable ranges of that table; the
+// runner's workspace is allocated once, so a step allocates nothing.
+#ifndef FEDLORA_COMMON_TRAINER_H_
+#define FEDLORA_COMMON_TRAINER_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/adapter.h"
+#include "common/dataset.h"
+#include "common/llama.h"
+
+namespace fedlora::common {
+
+struct LoraSpec {
+  int rank = 16;
+  double alpha = 32;  // scaling alpha / rank (alpha / √rank with rsLoRA)
+  bool use_rslora = false;
+  std::vector<LinearKind> targets = {LinearKind::kQ, LinearKind::kV};
+  bool lora_sb = false;  // B·R·A with only R trained; LoRA-SB uses alpha = rank (scaling 1)
+};
+
+// A fresh LoRA adapter on every target linear of every layer, initialised as PEFT does: A from
+// kaiming_uniform(a=√5), i.e. U(−1/√in, 1/√in), and B = 0, so the model starts unchanged.
+// Deterministic in `seed`. For LoRA-SB, B, A and R are zero until InitLoraSb sets them.
+absl::StatusOr<Adapter> NewAdapter(const LlamaConfig& config, const LoraSpec& spec, uint64_t seed,
+                                   const std::string& base_model);
+
+// LoRA-SB's initialisation (Ponkshe et al. 2024, as ../shared/ALGORITHMS.md states it): G, the
+// gradient of the mean loss over `examples` with respect to each adapted W0, stands for the first
+// optimiser step ΔW = −lr·sign(G); with ΔW ≈ U·S·Vᵀ truncated to rank r, B = U_r, A = V_rᵀ and
+// R = diag(S_r), so the model starts at W0 + trunc_r(ΔW) and only R is trained from there.
+absl::Status InitLoraSb(const LlamaWeights& weights, const std::vector<Example>& examples,
+                        double lr, int batch, int threads, Adapter& adapter);
+
+enum class Schedule { kConstant, kLinear, kCosine };
+
+struct TrainOptions {
+  int batch = 4;       // examples per micro-batch
+  int grad_accum = 1;  // micro-batches per optimiser step
+  int64_t steps = 0;   // optimiser steps; when 0, `epochs` decides
+  double epochs = 0;   // passes over the data
+  double lr = 2e-4;    // peak learning rate
+  double weight_decay = 0.0;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double adam_eps = 1e-8;
+  Schedule schedule = Schedule::kLinear;
+  double warmup_ratio = 0.0;   // fraction of the steps with a linear warmup from 0
+  double max_grad_norm = 1.0;  // clip the global L2 norm of the gradient; 0 turns it off
+  uint64_t seed = 0;           // data order
+  int threads = 0;             // 0: the machine's cores
+};
+
+struct StepReport {
+  int64_t step = 0;  // 1-based
+  int64_t steps = 0;
+  double loss = 0;       // mean cross-entropy of this step's target tokens
+  double lr = 0;         // learning rate used
+  double grad_norm = 0;  // before clipping
+  int64_t tokens = 0;    // input tokens of this step (padding excluded)
+  double seconds = 0;    // since training started
+};
+
+struct TrainResult {
+  int64_t steps = 0;
+  int64_t examples_seen = 0;
+  int64_t tokens = 0;  // input tokens processed (padding excluded)
+  double first_loss = 0;
+  double final_loss = 0;  // mean loss of the last step
+  double seconds = 0;
+  double tokens_per_second() const { return seconds > 0 ? tokens / seconds : 0; }
+};
+
+// Trains `adapter` in place on `examples`. `on_step` (optional) sees every step.
+absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector<Example>& examples,
+                                  const TrainOptions& options, Adapter& adapter,
+                                  const std::function<void(const StepReport&)>& on_step = {});
+
+// Token-weighted mean cross-entropy of `examples` under the model and adapter (null: base model).
+absl::StatusOr<LossSum> Evaluate(const LlamaWeights& weights, const Adapter* adapter,
+                                 const std::vector<Example>& examples, int batch, int threads);
+
+// The learning-rate multiplier of optimiser step `step` (0-based) of `total`, as Hugging Face's
+// get_{constant,linear,cosine}_schedule_with_warmup compute it.
+double ScheduleFactor(Schedule schedule, int64_t step, int64_t total, int64_t warmup);
+
+}  // namespace fedlora::common
+
+#endif  // FEDLORA_COMMON_TRAINER_H_
