@@ -1,5 +1,6 @@
 // fedlora: the offline tool. Aggregates PEFT adapters with FedIT, FLoRA, LoRA-FAIR or Fed-SB,
-// inspects them, computes privacy budgets, and writes random adapters for trying things out.
+// inspects them, computes privacy budgets, writes random adapters for trying things out, and
+// evaluates and trains adapters of Llama-family models (eval, train, init-model).
 // `fedlora --help` and `fedlora COMMAND --help` say more.
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -29,6 +30,7 @@ int main(int argc, char** argv) {
   fedlora::client::AddPrivacyCommand(app);
   fedlora::client::AddSummaryCommand(app);
   fedlora::client::AddRandomAdapterCommand(app);
+  fedlora::client::AddLlmCommands(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

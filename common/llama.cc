@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "common/eigen_types.h"
+#include "common/file_util.h"
 #include "common/status_macros.h"
 #include "common/strings.h"
 
@@ -127,6 +128,54 @@ absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir
       return absl::InvalidArgumentError(
           StrCat("model in ", dir.string(), " has NaN or Inf weights"));
   return w;
+}
+
+absl::Status LlamaWeights::Merge(const Adapter& adapter) {
+  std::vector<std::pair<size_t, float*>> targets;  // module, its weight
+  for (size_t i = 0; i < adapter.num_modules(); ++i) {
+    const LoraModule& m = adapter.module(i);
+    float* w = nullptr;
+    for (int l = 0; l < config_.num_hidden_layers && w == nullptr; ++l)
+      for (int k = 0; k < kNumLinearKinds && w == nullptr; ++k) {
+        const LinearKind kind = static_cast<LinearKind>(k);
+        if (m.name != LinearPath(l, kind)) continue;
+        if (m.out_features != LinearOut(config_, kind) || m.in_features != LinearIn(config_, kind))
+          return absl::InvalidArgumentError(
+              StrCat("adapter module ", m.name, " is [", m.out_features, ", ", m.in_features,
+                     "], the model's linear [", LinearOut(config_, kind), ", ",
+                     LinearIn(config_, kind), "] (hint: adapter of another base model?)"));
+        w = mutable_linear(l, kind);
+      }
+    if (w == nullptr)
+      return absl::InvalidArgumentError(
+          StrCat("adapter module ", m.name, " is not a linear layer of this model"));
+    targets.push_back({i, w});
+  }
+  for (const auto& [i, w] : targets) {
+    const LoraModule& m = adapter.module(i);
+    MatrixD b = adapter.B(i).cast<double>() * m.scaling;
+    if (m.has_r) b = b * adapter.R(i).cast<double>();
+    MapF W(w, m.out_features, m.in_features);
+    W = (W.cast<double>() + b * adapter.A(i).cast<double>()).cast<float>();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaWeights::WriteInto(const std::filesystem::path& dir, DType dtype) const {
+  nlohmann::json json = LlamaConfigJson(config_);
+  json["torch_dtype"] = dtype == DType::kBF16  ? "bfloat16"
+                        : dtype == DType::kF16 ? "float16"
+                                               : "float32";
+  const std::string config = json.dump(2) + "\n";
+  RETURN_IF_ERROR(WriteFileSynced(dir / kModelConfigFile, [&](std::FILE* f) {
+    return std::fwrite(config.data(), 1, config.size(), f) == config.size()
+               ? absl::OkStatus()
+               : absl::DataLossError(StrCat("short write of ", (dir / kModelConfigFile).string()));
+  }));
+  const std::vector<TensorToWrite> tensors = Tensors();
+  return WriteFileSynced(dir / kModelWeightsFile, [&](std::FILE* f) {
+    return WriteSafetensors(f, tensors, dtype, {{"format", "pt"}});
+  });
 }
 
 int64_t TokenBatch::TargetCount() const {

@@ -45,6 +45,13 @@ class LlamaWeights {
   // N(0, std²) (transformers' initializer_range, 0.02), norms 1. Deterministic in `seed`.
   static LlamaWeights Random(const LlamaConfig& config, uint64_t seed, float std = 0.02f);
 
+  // Folds an adapter into the weights: W ← W + s·B·A (s·B·R·A for LoRA-SB), in float64. Refuses
+  // an adapter whose modules are not linears of this model, and changes nothing then.
+  absl::Status Merge(const Adapter& adapter);
+
+  // Writes config.json and model.safetensors into `dir` (which must exist), each fsynced.
+  absl::Status WriteInto(const std::filesystem::path& dir, DType dtype) const;
+
   // The tensors under their Hugging Face names (views into this object).
   std::vector<TensorToWrite> Tensors() const;
 
@@ -61,6 +68,7 @@ class LlamaWeights {
     return config_.tie_word_embeddings ? embed() : at(2 + 9 * config_.num_hidden_layers);
   }
   size_t num_parameters() const { return buffer_.size(); }
+  float* mutable_linear(int l, LinearKind k) { return const_cast<float*>(linear(l, k)); }
 
  private:
   struct Entry {

@@ -52,6 +52,23 @@ absl::StatusOr<std::vector<size_t>> ModuleSlots(const LlamaConfig& c, const Adap
 
 }  // namespace
 
+absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir) {
+  ASSIGN_OR_RETURN(LlamaWeights weights, LlamaWeights::Read(dir));
+  Model model{std::move(weights), nullptr, {}, dir.string()};
+  const LlamaConfig& c = model.weights.config();
+  if (std::filesystem::exists(dir / kTokenizerFile)) {
+    ASSIGN_OR_RETURN(Tokenizer tokenizer, Tokenizer::Read(dir));
+    if (tokenizer.vocab_size() > c.vocab_size)
+      return absl::InvalidArgumentError(StrCat(
+          (dir / kTokenizerFile).string(), " has ids up to ", tokenizer.vocab_size() - 1,
+          " but config.json's vocab_size is ", c.vocab_size, " (tokenizer of another model?)"));
+    model.tokenizer = std::make_unique<Tokenizer>(std::move(tokenizer));
+  }
+  model.tokens = {model.tokenizer.get(), model.tokenizer ? model.tokenizer->bos_id() : -1,
+                  c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0], c.vocab_size};
+  return model;
+}
+
 double ScheduleFactor(Schedule schedule, int64_t step, int64_t total, int64_t warmup) {
   if (step < warmup)
     return static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup));

@@ -8,7 +8,9 @@
 #define FEDLORA_COMMON_TRAINER_H_
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -18,6 +20,17 @@
 #include "common/llama.h"
 
 namespace fedlora::common {
+
+// A model directory: weights, and the tokenizer and token conventions its data is read with.
+struct Model {
+  LlamaWeights weights;
+  std::unique_ptr<Tokenizer> tokenizer;  // null when the directory has no tokenizer.json
+  Tokens tokens;                         // BOS from the tokenizer, EOS from config.json
+  std::string path;
+};
+// Reads config.json, the weights and tokenizer.json (optional: only pre-tokenised data works
+// without it). A tokenizer with ids beyond the model's vocab_size is refused.
+absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir);
 
 struct LoraSpec {
   int rank = 16;

@@ -15,6 +15,8 @@ void AddInspectCommand(CLI::App& app);
 void AddPrivacyCommand(CLI::App& app);
 void AddSummaryCommand(CLI::App& app);
 void AddRandomAdapterCommand(CLI::App& app);
+// eval, train and init-model.
+void AddLlmCommands(CLI::App& app);
 
 // Prints `status` as "error: <message>" and ends the command with exit code 1; does nothing when
 // OK.

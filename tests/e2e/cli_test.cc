@@ -239,5 +239,92 @@ TEST_F(CliTest, PrivacyComputesEpsilonAndTheNoiseForATarget) {
   EXPECT_THAT(r.output, HasSubstr("sample rate is 2"));
 }
 
+// Instruction records with a learnable answer: the word that names a number's remainder mod 3.
+void WriteRuleData(const fs::path& path, int first, int count) {
+  static const char* kNames[] = {"zero", "one", "two"};
+  std::ofstream out(path);
+  for (int i = first; i < first + count; ++i)
+    out << nlohmann::json({{"instruction", "What is " + std::to_string(i) + " modulo 3?"},
+                           {"input", ""},
+                           {"output", std::string("It is ") + kNames[i % 3] + "."}})
+               .dump()
+        << "\n";
+}
+
+nlohmann::json LastJson(const Result& r) {
+  return nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+}
+
+TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
+  WriteRuleData(scratch_ / "train.jsonl", 0, 96);
+  WriteRuleData(scratch_ / "test.jsonl", 1000, 24);
+  Result r =
+      Fedlora("init-model --preset tiny --seed 3 --init-std 0.1 --merges 40 --tokenizer-corpus " +
+              Dir("train.jsonl") + " --out " + Dir("model"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})
+    EXPECT_TRUE(fs::exists(scratch_ / "model" / f)) << f;
+
+  r = Fedlora("eval --model " + Dir("model") + " --data " + Dir("test.jsonl") + " --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const double base = LastJson(r)["loss"];
+  const int64_t tokens = LastJson(r)["tokens"];
+
+  for (const std::string method : {"lora", "lora-sb"}) {
+    SCOPED_TRACE(method);
+    const std::string out = Dir("adapter-" + method);
+    r = Fedlora(
+        "train --model " + Dir("model") + " --data " + Dir("train.jsonl") + " --eval-data " +
+        Dir("test.jsonl") + " --out " + out + " --method " + method +
+        " --rank 4 --targets q_proj,v_proj,up_proj,down_proj --batch 8 --seq 256 --epochs 4 "
+        "--lr 1e-2 --json");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const nlohmann::json train = LastJson(r);
+    EXPECT_GT(train["tokens_per_second"].get<double>(), 0);
+    EXPECT_EQ(train["steps"], 48);  // 96 records / 8 × 4 epochs
+    EXPECT_NEAR(train["eval_loss_before"].get<double>(),
+                method == "lora" ? base : train["eval_loss_before"].get<double>(), 1e-9);
+    EXPECT_LT(train["eval_loss"].get<double>(), 0.7 * base) << r.output;
+
+    // The written adapter gives the loss training measured, and folding its delta into the
+    // weights gives the same loss again.
+    r = Fedlora("eval --model " + Dir("model") + " --adapter " + out + " --data " +
+                Dir("test.jsonl") + " --json");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NEAR(LastJson(r)["loss"].get<double>(), train["eval_loss"].get<double>(), 1e-9);
+    EXPECT_EQ(LastJson(r)["tokens"], tokens);
+    r = Fedlora("merge --model " + Dir("model") + " --adapter " + out + " --out " +
+                Dir("merged-" + method));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    r = Fedlora("eval --model " + Dir("merged-" + method) + " --data " + Dir("test.jsonl") +
+                " --json");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NEAR(LastJson(r)["loss"].get<double>(), train["eval_loss"].get<double>(),
+                1e-5 * train["eval_loss"].get<double>());
+  }
+  auto adapter = common::ReadPeftAdapter(scratch_ / "adapter-lora-sb");
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  EXPECT_TRUE(adapter->module(0).has_r);
+
+  // Refusals leave nothing behind and say what is wrong.
+  std::ofstream(scratch_ / "bad.jsonl") << "{\"text\": \"fine\"}\n{\"prompt\": 1}\n";
+  ExpectRefused("eval --model " + Dir("model") + " --data " + Dir("bad.jsonl"),
+                "bad.jsonl:2: expected");
+  RandomAdapter("other", "--layers 1 --rank 2 --in-features 32 --out-features 32");
+  ExpectRefused("eval --model " + Dir("model") + " --adapter " + Dir("other") + " --data " +
+                    Dir("test.jsonl"),
+                "another base model");
+  ExpectRefused("train --model " + Dir("model") + " --data " + Dir("train.jsonl") + " --out " +
+                    Dir("adapter-lora") + " --steps 1",
+                "exists");
+  ExpectRefused(
+      "merge --model " + Dir("model") + " --adapter " + Dir("other") + " --out " + Dir("m2"),
+      "another base model");
+  r = Fedlora("init-model --preset huge --out " + Dir("m3"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, HasSubstr("huge not in {tiny,smollm2-135m}"));
+  EXPECT_FALSE(fs::exists(scratch_ / "m3"));
+}
+
 }  // namespace
 }  // namespace fedlora
