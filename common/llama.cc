@@ -1,5 +1,7 @@
 #include "common/llama.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <fstream>
@@ -301,10 +303,13 @@ class LlamaRunner::Impl {
   std::vector<float> cos_, sin_;             // [max_seq, D/2]
   std::vector<std::vector<float>> scratch_;  // per thread: attention dP, head logits
   std::vector<int64_t> head_rows_;           // rows that carry a target
-  static constexpr int kHeadChunk = 32;      // rows of logits per work item
+  static constexpr int kHeadChunk = 256;     // most rows of logits per work item
 };
 
 absl::Status LlamaRunner::Impl::Init() {
+  // GEMMs run on OpenBLAS, one thread per call: the pool splits every product itself, and
+  // OpenBLAS's own threads would compete with the pool's for the same cores.
+  openblas_set_num_threads(1);
   if (opt_.max_batch <= 0 || opt_.max_seq <= 1)
     return absl::InvalidArgumentError(StrCat("batch must be ≥ 1 and sequence length ≥ 2, got ",
                                              opt_.max_batch, " and ", opt_.max_seq));
@@ -418,12 +423,8 @@ void LlamaRunner::Impl::MatMulNT(const float* x, const float* wt, float* y, int6
   pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
     const int64_t r0 = split.begin(i), rn = split.size(i);
     if (rn == 0) return;
-    MapF Y = Map(y + r0 * m, rn, m);
-    ConstMapF X = CMap(x + r0 * n, rn, n), W = CMap(wt, m, n);
-    if (accumulate)
-      Y.noalias() += alpha * X * W.transpose();
-    else
-      Y.noalias() = alpha * X * W.transpose();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rn, m, n, alpha, x + r0 * n, n, wt, n,
+                accumulate ? 1.0f : 0.0f, y + r0 * m, m);
   });
 }
 
@@ -433,12 +434,8 @@ void LlamaRunner::Impl::MatMulNN(const float* x, const float* w, float* y, int64
   pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
     const int64_t r0 = split.begin(i), rn = split.size(i);
     if (rn == 0) return;
-    MapF Y = Map(y + r0 * n, rn, n);
-    ConstMapF X = CMap(x + r0 * m, rn, m), W = CMap(w, m, n);
-    if (accumulate)
-      Y.noalias() += X * W;
-    else
-      Y.noalias() = X * W;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rn, n, m, 1.0f, x + r0 * m, m, w, n,
+                accumulate ? 1.0f : 0.0f, y + r0 * n, n);
   });
 }
 
@@ -449,12 +446,12 @@ void LlamaRunner::Impl::MatMulTN(const float* x, const float* y, float* g, int64
   pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
     const int64_t c0 = split.begin(i), cn = split.size(i);
     if (cn == 0) return;
-    MapF G = Map(g, a, b);
-    ConstMapF X = CMap(x, n_rows, a), Y = CMap(y, n_rows, b);
-    if (split_a)
-      G.middleRows(c0, cn).noalias() += alpha * X.middleCols(c0, cn).transpose() * Y;
-    else
-      G.middleCols(c0, cn).noalias() += alpha * X.transpose() * Y.middleCols(c0, cn);
+    if (split_a)  // rows c0.. of G = columns c0.. of X, transposed, times Y
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cn, b, n_rows, alpha, x + c0, a, y, b,
+                  1.0f, g + c0 * b, b);
+    else  // columns c0.. of G
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, a, cn, n_rows, alpha, x, a, y + c0, b,
+                  1.0f, g + c0, b);
   });
 }
 
@@ -576,14 +573,11 @@ void LlamaRunner::Impl::AttentionForward(Layer& L) {
     MapF P = Map(L.p + (static_cast<int64_t>(b) * Hq + h) * T * T, T, T);
     P.noalias() = (Qh * K.transpose()) * inv_sqrt_d;
     for (int i = 0; i < T; ++i) {  // causal softmax over j ≤ i
-      float* row = P.data() + static_cast<int64_t>(i) * T;
-      float mx = row[0];
-      for (int j = 1; j <= i; ++j) mx = std::max(mx, row[j]);
-      double sum = 0;
-      for (int j = 0; j <= i; ++j) sum += (row[j] = std::exp(row[j] - mx));
-      const float inv = static_cast<float>(1.0 / sum);
-      for (int j = 0; j <= i; ++j) row[j] *= inv;
-      for (int j = i + 1; j < T; ++j) row[j] = 0.0f;
+      Eigen::Map<Eigen::ArrayXf> row(P.data() + static_cast<int64_t>(i) * T, i + 1);
+      row = (row - row.maxCoeff()).exp();
+      row /= row.sum();
+      std::fill(P.data() + static_cast<int64_t>(i) * T + i + 1, P.data() + (i + 1) * int64_t{T},
+                0.0f);
     }
     StridedMapF O(L.att + row0 * Q + h * D, T, D, Eigen::OuterStride<>(Q));
     O.noalias() = P * Vg;
@@ -635,33 +629,35 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
     if (n % T_ != T_ - 1 && labels[n + 1] != -100) head_rows_.push_back(n);
   if (backward) Map(dhf, N_, H).setZero();
   const int64_t rows = static_cast<int64_t>(head_rows_.size());
-  const size_t chunks = static_cast<size_t>((rows + kHeadChunk - 1) / kHeadChunk);
+  // Large chunks: each product streams the whole [V, H] head through the cache, so the fewer the
+  // better, as long as every thread gets one.
+  const int64_t chunk_rows =
+      std::clamp<int64_t>((rows + pool_.size() - 1) / pool_.size(), 32, kHeadChunk);
+  const size_t chunks = static_cast<size_t>((rows + chunk_rows - 1) / chunk_rows);
   std::vector<double> loss(static_cast<size_t>(pool_.size()), 0.0);
   const float* E = w_.lm_head();
   pool_.For(chunks, [&](size_t chunk, int thread) {
-    const int64_t r0 = static_cast<int64_t>(chunk) * kHeadChunk;
-    const int64_t rn = std::min<int64_t>(kHeadChunk, rows - r0);
+    const int64_t r0 = static_cast<int64_t>(chunk) * chunk_rows;
+    const int64_t rn = std::min<int64_t>(chunk_rows, rows - r0);
     float* logits = scratch_[static_cast<size_t>(thread)].data();  // [rn, V]
     float* hc = logits + static_cast<int64_t>(kHeadChunk) * V;     // [rn, H]
     for (int64_t i = 0; i < rn; ++i) std::copy_n(hf + head_rows_[r0 + i] * H, H, hc + i * H);
-    MapF Lg = Map(logits, rn, V);
-    Lg.noalias() = CMap(hc, rn, H) * CMap(E, V, H).transpose();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rn, V, H, 1.0f, hc, H, E, H, 0.0f, logits,
+                V);
     for (int64_t i = 0; i < rn; ++i) {
-      float* row = logits + i * V;
+      Eigen::Map<Eigen::ArrayXf> row(logits + i * V, V);
       const int32_t target = labels[head_rows_[r0 + i] + 1];
-      const float mx = *std::max_element(row, row + V);
-      double sum = 0;
-      for (int j = 0; j < V; ++j) sum += std::exp(static_cast<double>(row[j] - mx));
-      const double lse = mx + std::log(sum);
-      loss[static_cast<size_t>(thread)] += lse - row[target];
+      const float mx = row.maxCoeff();
+      const float lse = mx + std::log((row - mx).exp().sum());
+      loss[static_cast<size_t>(thread)] += static_cast<double>(lse) - row(target);
       if (backward) {  // ∂CE/∂logits = softmax − onehot
-        for (int j = 0; j < V; ++j) row[j] = scale * static_cast<float>(std::exp(row[j] - lse));
-        row[target] -= scale;
+        row = (row - lse).exp() * scale;
+        row(target) -= scale;
       }
     }
     if (backward) {
-      MapF dHc = Map(hc, rn, H);
-      dHc.noalias() = Lg * CMap(E, V, H);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rn, H, V, 1.0f, logits, V, E, H, 0.0f,
+                  hc, H);
       for (int64_t i = 0; i < rn; ++i) std::copy_n(hc + i * H, H, dhf + head_rows_[r0 + i] * H);
     }
   });
@@ -732,10 +728,9 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
     LinearForward(l, LinearKind::kGate, Ls.h2, Ls.gate);
     LinearForward(l, LinearKind::kUp, Ls.h2, Ls.up);
     Parallel(N_ * I, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        const float z = Ls.gate[j];
-        Ls.act[j] = z / (1.0f + std::exp(-z)) * Ls.up[j];
-      }
+      Eigen::Map<const Eigen::ArrayXf> z(Ls.gate + begin, end - begin),
+          up(Ls.up + begin, end - begin);
+      Eigen::Map<Eigen::ArrayXf>(Ls.act + begin, end - begin) = z / (1.0f + (-z).exp()) * up;
     });
     float* out = (opt_.training && l + 1 < L) ? layers_[l + 1].x : x_out_;
     LinearForward(l, LinearKind::kDown, Ls.act, out);
@@ -754,11 +749,13 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
     // MLP: out = x2 + down(silu(gate)·up).
     LinearBackward(l, LinearKind::kDown, Ls.act, dres_, dact_, false);
     Parallel(N_ * I, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        const float z = Ls.gate[j], sig = 1.0f / (1.0f + std::exp(-z));
-        dup_[j] = dact_[j] * z * sig;
-        dgate_[j] = dact_[j] * Ls.up[j] * sig * (1.0f + z * (1.0f - sig));
-      }
+      const int64_t n = end - begin;
+      Eigen::Map<const Eigen::ArrayXf> z(Ls.gate + begin, n), up(Ls.up + begin, n),
+          dact(dact_ + begin, n);
+      Eigen::Map<Eigen::ArrayXf> sig(dgate_ + begin, n), dup(dup_ + begin, n);
+      sig = 1.0f / (1.0f + (-z).exp());
+      dup = dact * z * sig;
+      sig = dact * up * sig * (1.0f + z * (1.0f - sig));  // now ∂/∂gate
     });
     LinearBackward(l, LinearKind::kGate, Ls.h2, dgate_, dh_, false);
     LinearBackward(l, LinearKind::kUp, Ls.h2, dup_, dh_, true);

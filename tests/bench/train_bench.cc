@@ -1,0 +1,176 @@
+// train_bench: training throughput of fedlora's trainer on a SmolLM2-135M-shaped model (random
+// weights; 30 layers, hidden 576, 9 query / 3 kv heads, vocab 49152, tied head), batch 4,
+// sequences of 128 and 256 tokens, LoRA r = 16 on q,v and on all seven linears — next to this
+// machine's fp32 GEMM peak (Eigen, the same row split over the same threads the trainer uses) and,
+// with --torch-python, PyTorch training the same model the same way in the same run
+// (tests/bench/train_torch.py). Prints a Markdown table.
+//
+// FLOPs counted per step, as the trainer computes them: frozen linears 2·N·P forward and 2·N·P for
+// the input gradient (no weight gradient), the LM head 4·N'·V·H over the N' positions with a
+// target, attention 12·B·Hq·T²·D (full T×T products, forward and backward), LoRA
+// 6·N·r·(in + out) per module.
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "common/parallel.h"
+#include "common/trainer.h"
+
+namespace {
+
+using namespace fedlora::common;
+
+LlamaConfig Smollm2() {
+  LlamaConfig c;
+  c.hidden_size = 576;
+  c.intermediate_size = 1536;
+  c.num_hidden_layers = 30;
+  c.num_attention_heads = 9;
+  c.num_key_value_heads = 3;
+  c.head_dim = 64;
+  c.vocab_size = 49152;
+  c.max_position_embeddings = 8192;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 100000;
+  c.tie_word_embeddings = true;
+  return c;
+}
+
+double StepFlops(const LlamaConfig& c, const Adapter& a, int B, int T) {
+  const double N = static_cast<double>(B) * T, Nt = static_cast<double>(B) * (T - 1);
+  double linear = 0;
+  for (int k = 0; k < kNumLinearKinds; ++k)
+    linear += static_cast<double>(LinearIn(c, static_cast<LinearKind>(k))) *
+              LinearOut(c, static_cast<LinearKind>(k));
+  linear *= c.num_hidden_layers;
+  double lora = 0;
+  for (const LoraModule& m : a.modules())
+    lora += 6.0 * N * m.rank * (m.in_features + m.out_features);
+  const double attention = 12.0 * B * c.num_attention_heads * T * static_cast<double>(T) *
+                           c.head_dim * c.num_hidden_layers;
+  return 4.0 * N * linear + 4.0 * Nt * c.vocab_size * c.hidden_size + attention + lora;
+}
+
+// GFLOP/s of an m×k by k×n sgemm (row-major, as the trainer's), rows split over `threads`.
+double GemmPeak(int m, int k, int n, int threads) {
+  MatrixF a = MatrixF::Random(m, k), b = MatrixF::Random(n, k), c(m, n);
+  ThreadPool pool(threads);
+  auto run = [&] {
+    pool.For(static_cast<size_t>(threads), [&](size_t i, int) {
+      const int64_t r0 = m * static_cast<int64_t>(i) / threads,
+                    r1 = m * static_cast<int64_t>(i + 1) / threads;
+      c.middleRows(r0, r1 - r0).noalias() = a.middleRows(r0, r1 - r0) * b.transpose();
+    });
+  };
+  run();
+  const int reps = 10;
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < reps; ++i) run();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return 2.0 * m * k * n * reps / s / 1e9;
+}
+
+struct Figure {
+  double tokens_per_second = 0;
+  double gflops = 0;
+  double loss = 0;
+};
+
+Figure Measure(const LlamaWeights& w, const std::vector<LinearKind>& targets, int B, int T,
+               int steps, int threads) {
+  Adapter adapter = *NewAdapter(w.config(), {.rank = 16, .alpha = 32, .targets = targets}, 1, "");
+  std::mt19937_64 rng(7);
+  std::vector<Example> data(static_cast<size_t>(B) * (steps + 1));
+  for (Example& e : data) {
+    for (int t = 0; t < T; ++t)
+      e.input_ids.push_back(static_cast<int32_t>(rng() % w.config().vocab_size));
+    e.labels = e.input_ids;
+  }
+  std::vector<double> at;  // seconds at the end of each step
+  Figure f;
+  auto result = Train(w, data, {.batch = B, .steps = steps + 1, .lr = 1e-4, .threads = threads},
+                      adapter, [&](const StepReport& r) {
+                        at.push_back(r.seconds);
+                        f.loss = r.loss;
+                      });
+  if (!result.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(result.status().message()).c_str());
+    std::exit(1);
+  }
+  const double seconds = at.back() - at.front();  // the first step warms up
+  f.tokens_per_second = static_cast<double>(B) * T * steps / seconds;
+  f.gflops = StepFlops(w.config(), adapter, B, T) * steps / seconds / 1e9;
+  return f;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"train_bench: trainer throughput on a SmolLM2-135M-shaped model"};
+  std::string torch_python;
+  int steps = 3, threads = 2, only_seq = 0;
+  app.add_option("--torch-python", torch_python, "python with torch, to run train_torch.py too");
+  app.add_option("--steps", steps, "measured steps per case (after one warm-up step)")
+      ->capture_default_str();
+  app.add_option("--threads", threads, "threads for fedlora and PyTorch")->capture_default_str();
+  app.add_option("--seq", only_seq, "measure only this sequence length");
+  CLI11_PARSE(app, argc, argv);
+
+  const LlamaConfig c = Smollm2();
+  const LlamaWeights w = LlamaWeights::Random(c, 1);
+  std::printf(
+      "## Trainer throughput, SmolLM2-135M shape (%zu parameters), batch 4, LoRA r 16, %d "
+      "threads\n\n",
+      w.num_parameters(), threads);
+  std::printf(
+      "fp32 GEMM peak on this machine (Eigen, rows split over %d threads): %.0f GFLOP/s at 2048³, "
+      "%.0f GFLOP/s at 1024×576×1536 (one of the trainer's shapes); 1 thread: %.0f GFLOP/s at "
+      "2048³\n\n",
+      threads, GemmPeak(2048, 2048, 2048, threads), GemmPeak(1024, 576, 1536, threads),
+      GemmPeak(2048, 2048, 2048, 1));
+  std::printf(
+      "| seq | targets | fedlora tokens/s | fedlora GFLOP/s | PyTorch tokens/s | ratio "
+      "|\n|---|---|---|---|---|---|\n");
+  const std::vector<std::pair<std::string, std::vector<LinearKind>>> cases = {
+      {"q,v", {LinearKind::kQ, LinearKind::kV}},
+      {"all 7",
+       {LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO, LinearKind::kGate,
+        LinearKind::kUp, LinearKind::kDown}}};
+  for (int T : {128, 256}) {
+    if (only_seq != 0 && T != only_seq) continue;
+    for (const auto& [name, targets] : cases) {
+      const Figure f = Measure(w, targets, 4, T, steps, threads);
+      std::string torch = "—", ratio = "—";
+      if (!torch_python.empty()) {
+        const std::string cmd = torch_python + " " + FEDLORA_SOURCE_DIR +
+                                "/tests/bench/train_torch.py --seq " + std::to_string(T) +
+                                " --targets " + (name == "q,v" ? "qv" : "all") + " --steps " +
+                                std::to_string(steps) + " --threads " + std::to_string(threads);
+        std::FILE* pipe = popen(cmd.c_str(), "r");
+        std::string out;
+        char buf[4096];
+        size_t n;
+        while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) out.append(buf, n);
+        pclose(pipe);
+        const size_t brace = out.rfind('{');
+        if (brace != std::string::npos) {
+          const double tps = nlohmann::json::parse(out.substr(brace))["tokens_per_second"];
+          char b1[64], b2[64];
+          std::snprintf(b1, sizeof b1, "%.0f", tps);
+          std::snprintf(b2, sizeof b2, "%.2f×", f.tokens_per_second / tps);
+          torch = b1;
+          ratio = b2;
+        } else {
+          torch = "failed";
+          std::fprintf(stderr, "%s\n", out.c_str());
+        }
+      }
+      std::printf("| %d | %s | %.0f | %.0f | %s | %s |\n", T, name.c_str(), f.tokens_per_second,
+                  f.gflops, torch.c_str(), ratio.c_str());
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
