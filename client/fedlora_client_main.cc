@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "client/command_workload.h"
+#include "client/llm_workload.h"
 #include "client/node.h"
 #include "client/regression_workload.h"
 #include "common/signals.h"
@@ -37,8 +38,20 @@ int main(int argc, char** argv) {
   app.add_option(
       "--id", node.id,
       "client name, sent in the clear; only with --insecure (TLS names us by certificate)");
-  app.add_option("--workload", workload, "what to train: regression | command")
+  app.add_option("--workload", workload, "what to train: regression | command | llm")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"regression", "command", "llm"}));
+  fedlora::client::LlmOptions llm;
+  app.add_option("--model", llm.model_dir, "llm: the site's Hugging Face model directory");
+  app.add_option("--data", llm.data, "llm: the site's training JSONL");
+  app.add_option("--max-length", llm.max_length, "llm: tokens per record")->capture_default_str();
+  app.add_option("--batch", llm.batch, "llm: records per micro-batch")->capture_default_str();
+  app.add_option("--grad-accum", llm.grad_accum, "llm: micro-batches per optimiser step")
       ->capture_default_str();
+  app.add_option("--eval-examples", llm.eval_examples,
+                 "llm: records whose loss is reported before and after each round")
+      ->capture_default_str();
+  app.add_option("--threads", llm.threads, "llm: threads (0: all cores)")->capture_default_str();
   fedlora::client::CommandOptions command;
   std::string module_list;
   app.add_option(
@@ -92,9 +105,16 @@ int main(int argc, char** argv) {
     command.examples = regression.examples;
     trainer = std::make_unique<fedlora::client::CommandWorkload>(command);
   } else {
-    std::fprintf(stderr, "error: unknown workload '%s' (expected regression or command)\n",
-                 workload.c_str());
-    return 2;
+    if (llm.model_dir.empty() || llm.data.empty()) {
+      std::fprintf(stderr, "error: the llm workload needs --model DIR and --data FILE\n");
+      return 2;
+    }
+    auto created = fedlora::client::LlmWorkload::Create(llm);
+    if (!created.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(created.status().message()).c_str());
+      return 2;
+    }
+    trainer = std::move(*created);
   }
   fedlora::common::StopOnSignals signals;  // before any thread starts
 

@@ -1,6 +1,6 @@
 // What a node trains: the interface between the node (join, catch up, upload) and a site's
-// training. Built in: `regression` (regression_workload.h) and `command` (command_workload.h, an
-// external program); the LLM trainer will be the third.
+// training. Built in: `regression` (regression_workload.h), `command` (command_workload.h, an
+// external program) and `llm` (llm_workload.h, the built-in trainer).
 #ifndef FEDLORA_CLIENT_WORKLOAD_H_
 #define FEDLORA_CLIENT_WORKLOAD_H_
 

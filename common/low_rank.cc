@@ -1,9 +1,8 @@
 #include "common/low_rank.h"
 
-#include <algorithm>
-
 #include <Eigen/QR>
 #include <Eigen/SVD>
+#include <algorithm>
 
 namespace fedlora::common {
 
@@ -18,7 +17,8 @@ TruncatedProduct TruncateProduct(const MatrixD& u, const MatrixD& v, int k) {
   const Eigen::MatrixXd qv = qr_v.householderQ() * Eigen::MatrixXd::Identity(n, pv);
   const Eigen::MatrixXd ru = qr_u.matrixQR().topRows(pu).triangularView<Eigen::Upper>();
   const Eigen::MatrixXd rv = qr_v.matrixQR().topRows(pv).triangularView<Eigen::Upper>();
-  Eigen::BDCSVD<Eigen::MatrixXd> svd(ru * rv.transpose(), Eigen::ComputeThinU | Eigen::ComputeThinV);
+  Eigen::BDCSVD<Eigen::MatrixXd> svd(ru * rv.transpose(),
+                                     Eigen::ComputeThinU | Eigen::ComputeThinV);
   TruncatedProduct out;
   out.singular = svd.singularValues().head(p);
   const Eigen::VectorXd sigma = svd.singularValues().head(k);

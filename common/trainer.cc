@@ -1,5 +1,7 @@
 #include "common/trainer.h"
 
+#include <openssl/evp.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -67,6 +69,24 @@ absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir) {
   model.tokens = {model.tokenizer.get(), model.tokenizer ? model.tokenizer->bos_id() : -1,
                   c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0], c.vocab_size};
   return model;
+}
+
+std::string WeightsFingerprint(const LlamaWeights& weights) {
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  for (const TensorToWrite& t : weights.Tensors())
+    EVP_DigestUpdate(ctx, t.data.data(), t.data.size_bytes());
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(ctx, digest, &length);
+  EVP_MD_CTX_free(ctx);
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) {
+    hex += kHex[digest[i] >> 4];
+    hex += kHex[digest[i] & 15];
+  }
+  return hex;
 }
 
 double ScheduleFactor(Schedule schedule, int64_t step, int64_t total, int64_t warmup) {

@@ -32,6 +32,11 @@ struct Model {
 // without it). A tokenizer with ids beyond the model's vocab_size is refused.
 absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir);
 
+// sha256 (hex) of the weights' f32 values in tensor order: the base-model fingerprint clients of
+// the llm workload send, equal for every copy of a checkpoint whatever its storage dtype or
+// sharding.
+std::string WeightsFingerprint(const LlamaWeights& weights);
+
 struct LoraSpec {
   int rank = 16;
   double alpha = 32;  // scaling alpha / rank (alpha / √rank with rsLoRA)

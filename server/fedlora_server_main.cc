@@ -51,6 +51,12 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
   app.add_option("--base-model-sha256", o.base_model_sha256,
                  "required base model (default: the first client's)");
   app.add_option("--lora-fair-lambda", o.lora_fair_lambda)->capture_default_str();
+  app.add_option("--base-model-dir", o.base_model_dir,
+                 "the base model (Hugging Face directory): pins the run to it, evaluates "
+                 "--eval-data each round, exports merged weights");
+  app.add_option("--eval-data", o.eval_data, "held-out JSONL evaluated after every round");
+  app.add_option("--eval-max-length", o.eval_max_length, "tokens per held-out record")
+      ->capture_default_str();
   app.add_option("--listen", o.listen, "address:port (port 0 picks a free one)")
       ->capture_default_str();
   app.add_option("--tls-cert", o.tls_cert, "PEM certificate chain of the server");

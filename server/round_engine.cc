@@ -69,10 +69,32 @@ common::MatrixD RandomOrthonormal(int m, int k, std::mt19937_64& rng) {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOptions& options) {
-  RETURN_IF_ERROR(options.Validate());
+absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOptions& given) {
+  RETURN_IF_ERROR(given.Validate());
+  ServerOptions options = given;
+  std::unique_ptr<common::Model> base;
+  if (!options.base_model_dir.empty()) {
+    ASSIGN_OR_RETURN(common::Model model, common::LoadModel(options.base_model_dir));
+    base = std::make_unique<common::Model>(std::move(model));
+    const std::string fingerprint = common::WeightsFingerprint(base->weights);
+    if (!options.base_model_sha256.empty() && options.base_model_sha256 != fingerprint)
+      return absl::InvalidArgumentError(
+          StrCat("base_model_dir ", options.base_model_dir, " has fingerprint ", fingerprint,
+                 " but base_model_sha256 is ", options.base_model_sha256));
+    options.base_model_sha256 = fingerprint;  // clients must hold this model
+    spdlog::info("base model {}: {} parameters, fingerprint {}", options.base_model_dir,
+                 base->weights.num_parameters(), fingerprint);
+  }
   ASSIGN_OR_RETURN(StateStore store, StateStore::Open(options.state_dir));
   std::unique_ptr<RoundEngine> engine(new RoundEngine(options, std::move(store)));
+  if (base) {
+    if (!options.eval_data.empty()) {
+      ASSIGN_OR_RETURN(engine->eval_examples_, common::ReadExamples(options.eval_data, base->tokens,
+                                                                    options.eval_max_length));
+    }
+    if (engine->method_ == Method::kFlora) engine->flora_merged_ = base->weights;
+    engine->base_ = std::move(base);
+  }
   if (engine->store_.has_ledger()) {
     const Ledger& l = engine->store_.ledger();
     if (l.method != options.method) {
@@ -84,6 +106,19 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOpt
       ASSIGN_OR_RETURN(std::string bytes,
                        engine->store_.ReadWholeBlob(l.versions.at(0).blobs.at(0).sha256));
       ASSIGN_OR_RETURN(engine->frozen_, common::DecodeAdapter(bytes, "frozen blob"));
+    }
+    if (engine->base_ && l.base_model_sha256 != options.base_model_sha256) {
+      return absl::FailedPreconditionError(
+          StrCat("state directory ", options.state_dir, " holds a run on base model ",
+                 l.base_model_sha256, " but base_model_dir is ", options.base_model_sha256));
+    }
+    if (engine->flora_merged_) {  // what the clients hold: every completed round's delta merged
+      for (size_t v = 1; v < l.versions.size(); ++v) {
+        ASSIGN_OR_RETURN(std::string bytes,
+                         engine->store_.ReadWholeBlob(l.versions[v].blobs.at(0).sha256));
+        ASSIGN_OR_RETURN(Adapter delta, common::DecodeAdapter(bytes, "FLoRA delta"));
+        RETURN_IF_ERROR(engine->flora_merged_->Merge(delta));
+      }
     }
     engine->round_ = engine->current_version() + 1;
     if (engine->current_version() >= options.rounds) engine->phase_ = Phase::kDone;
@@ -190,8 +225,11 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
   ledger.versions.push_back(std::move(v0));
   RETURN_IF_ERROR(store_.SaveLedger(ledger));
   round_ = 1;
-  spdlog::info("run {} created: base model {}, {} modules, rank {}", ledger.run_id,
-               ledger.base_model_sha256, ledger.modules.size(), options_.rank);
+  spdlog::info(
+      "run {} created: base model {}, {} modules, rank {}, lora_alpha {}, {} local steps at "
+      "learning rate {}",
+      ledger.run_id, ledger.base_model_sha256, ledger.modules.size(), options_.rank,
+      options_.lora_alpha, options_.local_steps, options_.learning_rate);
   return absl::OkStatus();
 }
 
@@ -706,6 +744,17 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   ledger.versions.push_back({round_, {{sha, static_cast<int64_t>(bytes.size()), kind, round_}}});
   RETURN_IF_ERROR(store_.SaveLedger(ledger));
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (flora_merged_) RETURN_IF_ERROR(flora_merged_->Merge(result.adapter));
+  std::optional<double> eval_loss;
+  if (!eval_examples_.empty()) {
+    // The global model: the base with the new adapter (LoRA-SB's frozen B, A carry the averaged R),
+    // or for FLoRA the base with every round's delta merged.
+    ASSIGN_OR_RETURN(common::LossSum l,
+                     common::Evaluate(flora_merged_ ? *flora_merged_ : base_->weights,
+                                      flora_merged_ ? nullptr : &result.adapter, eval_examples_,
+                                      /*batch=*/8, /*threads=*/0));
+    eval_loss = l.tokens > 0 ? l.sum / static_cast<double>(l.tokens) : 0.0;
+  }
 
   std::vector<std::string> dropped;
   for (const std::string& id : cohort_) {
@@ -730,6 +779,7 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
       {"examples", update_examples},
       {"global_blob", sha},
       {"blob_bytes", bytes.size()}};
+  if (eval_loss) line["eval_loss"] = *eval_loss;
   if (method_ == Method::kLoraFair) {
     double objective = 0, fedit = 0;
     for (const auto& m : result.modules) {
@@ -746,6 +796,9 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
       round_, arrived.size(), cohort_.size(),
       dropped.empty() ? "" : StrCat(" (dropped: ", JoinIds(dropped), ")"), loss_before / examples,
       loss_after / examples, seconds, round_);
+  if (eval_loss)
+    spdlog::info("round {}: held-out loss of the global model {:.6f} over {} records", round_,
+                 *eval_loss, eval_examples_.size());
   uploads_.clear();
   if (round_ >= options_.rounds) {
     phase_ = Phase::kDone;
@@ -810,6 +863,22 @@ absl::Status RoundEngine::ExportLocked() {
   }
   global.base_model = store_.ledger().base_model_sha256;
   RETURN_IF_ERROR(common::WritePeftAdapter(global, dir / "global", write));
+  if (base_) {  // the base model with the run's result folded in
+    common::LlamaWeights merged = flora_merged_ ? *flora_merged_ : base_->weights;
+    if (!flora_merged_) RETURN_IF_ERROR(merged.Merge(global));
+    const std::filesystem::path tokenizer =
+        std::filesystem::path(options_.base_model_dir) / common::kTokenizerFile;
+    RETURN_IF_ERROR(common::BuildDirectoryAtomically(
+        dir / "merged", /*overwrite=*/true, [&](const std::filesystem::path& out) -> absl::Status {
+          RETURN_IF_ERROR(merged.WriteInto(out, common::DType::kF32));
+          std::error_code ec;
+          if (std::filesystem::exists(tokenizer))
+            std::filesystem::copy_file(tokenizer, out / common::kTokenizerFile, ec);
+          return ec ? absl::InternalError(
+                          StrCat("cannot copy ", tokenizer.string(), ": ", ec.message()))
+                    : absl::OkStatus();
+        }));
+  }
   if (method_ == Method::kFlora) {
     // Also at the run's rank: the truncated SVD of each module's summed delta, and the energy it
     // keeps.

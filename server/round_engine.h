@@ -24,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/adapter.h"
+#include "common/trainer.h"
 #include "fedlora/v1/coordinator.pb.h"
 #include "server/server_options.h"
 #include "server/state_store.h"
@@ -159,6 +160,11 @@ class RoundEngine {
   RunningSums sums_;
   std::vector<Waiter> waiters_;
   common::Adapter frozen_;  // Fed-SB's shared B, A (R = 0), once the run exists
+  // With options_.base_model_dir: the base model and held-out data, and for FLoRA the base with
+  // every completed round's delta merged (what the clients hold).
+  std::unique_ptr<common::Model> base_;
+  std::vector<common::Example> eval_examples_;
+  std::optional<common::LlamaWeights> flora_merged_;
   bool stopping_ = false;
   std::condition_variable ticker_cv_;
   std::thread ticker_;

@@ -21,6 +21,9 @@ absl::Status ServerOptions::Validate() const {
   if (rank < 1) return bad("rank is ", rank, "; it must be at least 1");
   if (local_steps < 1) return bad("local_steps is ", local_steps, "; it must be at least 1");
   if (!(learning_rate > 0)) return bad("learning_rate is ", learning_rate, "; it must be > 0");
+  if (!eval_data.empty() && base_model_dir.empty())
+    return bad("eval_data ", eval_data, " needs base_model_dir (the model to evaluate it with)");
+  if (eval_max_length < 2) return bad("eval_max_length is ", eval_max_length, "; it must be >= 2");
   if (!(lora_fair_lambda >= 0))
     return bad("lora_fair_lambda is ", lora_fair_lambda, "; it must be >= 0");
   if (chunk_bytes < 1024 || chunk_bytes > (64 << 20))

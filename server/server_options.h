@@ -37,6 +37,12 @@ struct ServerOptions {
   std::string
       base_model_sha256;  // the base model clients must hold; empty: pinned from the first client
   double lora_fair_lambda = 0.01;
+  // The base model's Hugging Face directory (llm workload). With it the coordinator pins the run to
+  // its fingerprint, evaluates the global model on eval_data after every round (eval_loss in the
+  // metrics) and exports merged weights (export/merged).
+  std::string base_model_dir;
+  std::string eval_data;      // held-out JSONL; needs base_model_dir
+  int eval_max_length = 256;  // tokens per held-out record
   // Transport
   std::string listen = "0.0.0.0:50051";
   std::string tls_cert;   // PEM server certificate chain

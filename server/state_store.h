@@ -55,7 +55,8 @@ class StateStore {
   // Replaces the ledger on disk atomically, then in memory.
   absl::Status SaveLedger(const Ledger& ledger);
   // Partial uploads, spooled to incoming/<name> so memory does not grow with the cohort. StartPart
-  // creates (or empties) the file; WritePart writes `data` at `offset` in it (chunks may come in any order).
+  // creates (or empties) the file; WritePart writes `data` at `offset` in it (chunks may come in
+  // any order).
   absl::Status StartPart(const std::string& name);
   absl::Status WritePart(const std::string& name, int64_t offset, std::string_view data);
   absl::StatusOr<common::MappedFile> MapPart(const std::string& name) const;
