@@ -307,9 +307,6 @@ class LlamaRunner::Impl {
 };
 
 absl::Status LlamaRunner::Impl::Init() {
-  // GEMMs run on OpenBLAS, one thread per call: the pool splits every product itself, and
-  // OpenBLAS's own threads would compete with the pool's for the same cores.
-  openblas_set_num_threads(1);
   if (opt_.max_batch <= 0 || opt_.max_seq <= 1)
     return absl::InvalidArgumentError(StrCat("batch must be ≥ 1 and sequence length ≥ 2, got ",
                                              opt_.max_batch, " and ", opt_.max_seq));
@@ -634,7 +631,7 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
   const int64_t chunk_rows =
       std::clamp<int64_t>((rows + pool_.size() - 1) / pool_.size(), 32, kHeadChunk);
   const size_t chunks = static_cast<size_t>((rows + chunk_rows - 1) / chunk_rows);
-  std::vector<double> loss(static_cast<size_t>(pool_.size()), 0.0);
+  std::vector<double> loss(chunks, 0.0);  // per chunk, summed in order: the same every run
   const float* E = w_.lm_head();
   pool_.For(chunks, [&](size_t chunk, int thread) {
     const int64_t r0 = static_cast<int64_t>(chunk) * chunk_rows;
@@ -649,7 +646,7 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
       const int32_t target = labels[head_rows_[r0 + i] + 1];
       const float mx = row.maxCoeff();
       const float lse = mx + std::log((row - mx).exp().sum());
-      loss[static_cast<size_t>(thread)] += static_cast<double>(lse) - row(target);
+      loss[chunk] += static_cast<double>(lse) - row(target);
       if (backward) {  // ∂CE/∂logits = softmax − onehot
         row = (row - lse).exp() * scale;
         row(target) -= scale;

@@ -291,7 +291,8 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
     r = Fedlora("eval --model " + Dir("model") + " --adapter " + out + " --data " +
                 Dir("test.jsonl") + " --json");
     ASSERT_EQ(r.exit_code, 0) << r.output;
-    EXPECT_NEAR(LastJson(r)["loss"].get<double>(), train["eval_loss"].get<double>(), 1e-9);
+    // Equal up to float rounding (the products of a batch round differently with its padding).
+    EXPECT_NEAR(LastJson(r)["loss"].get<double>(), train["eval_loss"].get<double>(), 1e-6);
     EXPECT_EQ(LastJson(r)["tokens"], tokens);
     r = Fedlora("merge --model " + Dir("model") + " --adapter " + out + " --out " +
                 Dir("merged-" + method));
