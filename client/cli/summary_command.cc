@@ -1,16 +1,21 @@
-// fedlora summary STATE_DIR... — one line per coordinator run, from its ledger and metrics.jsonl.
+// fedlora summary STATE_DIR... — one line per coordinator run, from its metrics.jsonl: the global
+// model's loss (held-out, when the coordinator evaluated one; else on the clients' data) at the
+// first and last round, the last mean training loss, bytes per client per round and wall time;
+// then, for runs with held-out loss, that loss round by round.
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "client/cli/commands.h"
+#include "common/file_util.h"
 #include "common/strings.h"
 
 namespace fedlora::client {
 namespace {
 
 void Run(const std::vector<std::string>& dirs, const std::string& out) {
+  std::string by_round;
   std::string table =
       common::StrCat(fmt::format("{:<10} {:>6} {:>22} {:>16} {:>18} {:>20} {:>9}\n", "method",
                                  "rounds", "global loss (first->last)", "last train loss",
@@ -34,17 +39,26 @@ void Run(const std::vector<std::string>& dirs, const std::string& out) {
     }
     const auto& first = rounds.front();
     const auto& last = rounds.back();
+    // Held-out loss after the first and last round, or the global model's loss on the clients'
+    // data at the start of the first and last round.
+    const bool held_out = last.contains("eval_loss");
+    const char* key = held_out ? "eval_loss" : "mean_loss_before";
     table += fmt::format("{:<10} {:>6} {:>22} {:>16.6f} {:>18.0f} {:>20.0f} {:>9.2f}\n",
                          last["method"].get<std::string>(), rounds.size(),
-                         fmt::format("{:.4f} -> {:.4f}", first["mean_loss_before"].get<double>(),
-                                     last["mean_loss_before"].get<double>()),
+                         fmt::format("{:.4f} -> {:.4f}{}", first[key].get<double>(),
+                                     last[key].get<double>(), held_out ? " *" : ""),
                          last["mean_train_loss"].get<double>(), up / n, down / n,
                          last.value("elapsed_seconds", 0.0));
+    if (held_out) {
+      by_round += fmt::format("{:<10}", last["method"].get<std::string>());
+      for (const auto& r : rounds) by_round += fmt::format(" {:.4f}", r.value("eval_loss", 0.0));
+      by_round += "\n";
+    }
   }
+  if (!by_round.empty())
+    table += "\n* held-out loss of the global model after the round; by round:\n" + by_round;
   std::fputs(table.c_str(), stdout);
-  if (!out.empty()) {
-    std::ofstream(out) << table;
-  }
+  if (!out.empty()) ExitIfError(common::WriteFileAtomically(out, table));
 }
 
 }  // namespace
