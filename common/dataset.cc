@@ -138,10 +138,16 @@ absl::StatusOr<std::vector<Example>> ReadExamples(const std::filesystem::path& p
 TokenBatch MakeBatch(const std::vector<Example>& examples, const std::vector<size_t>& order,
                      size_t first, size_t count, int32_t pad_id) {
   TokenBatch b;
+  FillBatch(examples, order, first, count, pad_id, b);
+  return b;
+}
+
+void FillBatch(const std::vector<Example>& examples, const std::vector<size_t>& order, size_t first,
+               size_t count, int32_t pad_id, TokenBatch& b) {
   b.batch = static_cast<int>(count);
+  b.seq = 2;
   for (size_t i = 0; i < count; ++i)
     b.seq = std::max(b.seq, static_cast<int>(examples[order[first + i]].input_ids.size()));
-  b.seq = std::max(b.seq, 2);
   b.input_ids.assign(count * b.seq, pad_id);
   b.labels.assign(count * b.seq, -100);
   for (size_t i = 0; i < count; ++i) {
@@ -149,7 +155,6 @@ TokenBatch MakeBatch(const std::vector<Example>& examples, const std::vector<siz
     std::copy(ex.input_ids.begin(), ex.input_ids.end(), b.input_ids.begin() + i * b.seq);
     std::copy(ex.labels.begin(), ex.labels.end(), b.labels.begin() + i * b.seq);
   }
-  return b;
 }
 
 }  // namespace fedlora::common

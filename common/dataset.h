@@ -59,6 +59,9 @@ absl::StatusOr<std::vector<Example>> ReadExamples(const std::filesystem::path& p
 // that of its longest example. Padding takes `pad_id` with label -100.
 TokenBatch MakeBatch(const std::vector<Example>& examples, const std::vector<size_t>& order,
                      size_t first, size_t count, int32_t pad_id);
+// The same into `batch`, reusing its buffers (no allocation once they are large enough).
+void FillBatch(const std::vector<Example>& examples, const std::vector<size_t>& order, size_t first,
+               size_t count, int32_t pad_id, TokenBatch& batch);
 
 }  // namespace fedlora::common
 

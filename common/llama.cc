@@ -192,9 +192,6 @@ int64_t TokenBatch::TargetCount() const {
 
 namespace {
 
-using StridedMapF = Eigen::Map<MatrixF, 0, Eigen::OuterStride<>>;
-using ConstStridedMapF = Eigen::Map<const MatrixF, 0, Eigen::OuterStride<>>;
-
 ConstMapF CMap(const float* p, int64_t rows, int64_t cols) { return ConstMapF(p, rows, cols); }
 MapF Map(float* p, int64_t rows, int64_t cols) { return MapF(p, rows, cols); }
 
@@ -303,6 +300,7 @@ class LlamaRunner::Impl {
   std::vector<float> cos_, sin_;             // [max_seq, D/2]
   std::vector<std::vector<float>> scratch_;  // per thread: attention dP, head logits
   std::vector<int64_t> head_rows_;           // rows that carry a target
+  std::vector<double> head_loss_;            // loss per head chunk
   static constexpr int kHeadChunk = 256;     // most rows of logits per work item
 };
 
@@ -408,6 +406,8 @@ absl::Status LlamaRunner::Impl::Init() {
       cos_[t * (D / 2) + i] = static_cast<float>(std::cos(static_cast<double>(t) * inv_freq));
       sin_[t * (D / 2) + i] = static_cast<float>(std::sin(static_cast<double>(t) * inv_freq));
     }
+  head_rows_.reserve(static_cast<size_t>(N));
+  head_loss_.reserve(static_cast<size_t>(N / 32 + 1));
   scratch_.resize(static_cast<size_t>(pool_.size()));
   for (auto& s : scratch_)
     s.resize(std::max(static_cast<size_t>(T * T), static_cast<size_t>(kHeadChunk) * (V + H)));
@@ -557,6 +557,16 @@ void LlamaRunner::Impl::Rope(float* x, int heads, bool inverse) {
   });
 }
 
+// Attention products run on sgemm with leading dimensions: a head is a column block of the [N, ·]
+// activations. Row-major C = op(A)·op(B) as cblas_sgemm(RowMajor, ...).
+namespace {
+void Gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
+          const float* b, int ldb, float beta, float* c, int ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
+              k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+}  // namespace
+
 void LlamaRunner::Impl::AttentionForward(Layer& L) {
   const int D = c_.head_dim, Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
   const int Q = c_.q_dim(), KV = c_.kv_dim(), group = Hq / Hkv, T = T_;
@@ -564,20 +574,18 @@ void LlamaRunner::Impl::AttentionForward(Layer& L) {
   pool_.For(static_cast<size_t>(B_) * Hq, [&](size_t item, int) {
     const int b = static_cast<int>(item) / Hq, h = static_cast<int>(item) % Hq, g = h / group;
     const int64_t row0 = static_cast<int64_t>(b) * T;
-    ConstStridedMapF Qh(L.q + row0 * Q + h * D, T, D, Eigen::OuterStride<>(Q));
-    ConstStridedMapF K(L.k + row0 * KV + g * D, T, D, Eigen::OuterStride<>(KV));
-    ConstStridedMapF Vg(L.v + row0 * KV + g * D, T, D, Eigen::OuterStride<>(KV));
-    MapF P = Map(L.p + (static_cast<int64_t>(b) * Hq + h) * T * T, T, T);
-    P.noalias() = (Qh * K.transpose()) * inv_sqrt_d;
+    const float* Qh = L.q + row0 * Q + h * D;  // [T, D], row stride Q
+    const float* K = L.k + row0 * KV + g * D;  // [T, D], row stride KV
+    const float* Vg = L.v + row0 * KV + g * D;
+    float* P = L.p + (static_cast<int64_t>(b) * Hq + h) * T * T;  // [T, T]
+    Gemm(false, true, T, T, D, inv_sqrt_d, Qh, Q, K, KV, 0.0f, P, T);
     for (int i = 0; i < T; ++i) {  // causal softmax over j ≤ i
-      Eigen::Map<Eigen::ArrayXf> row(P.data() + static_cast<int64_t>(i) * T, i + 1);
+      Eigen::Map<Eigen::ArrayXf> row(P + static_cast<int64_t>(i) * T, i + 1);
       row = (row - row.maxCoeff()).exp();
       row /= row.sum();
-      std::fill(P.data() + static_cast<int64_t>(i) * T + i + 1, P.data() + (i + 1) * int64_t{T},
-                0.0f);
+      std::fill(P + static_cast<int64_t>(i) * T + i + 1, P + (i + 1) * int64_t{T}, 0.0f);
     }
-    StridedMapF O(L.att + row0 * Q + h * D, T, D, Eigen::OuterStride<>(Q));
-    O.noalias() = P * Vg;
+    Gemm(false, false, T, D, T, 1.0f, P, T, Vg, KV, 0.0f, L.att + row0 * Q + h * D, Q);
   });
 }
 
@@ -590,30 +598,31 @@ void LlamaRunner::Impl::AttentionBackward(Layer& L, const float* datt, float* dq
   pool_.For(static_cast<size_t>(B_) * Hkv, [&](size_t item, int thread) {
     const int b = static_cast<int>(item) / Hkv, g = static_cast<int>(item) % Hkv;
     const int64_t row0 = static_cast<int64_t>(b) * T;
-    ConstStridedMapF K(L.k + row0 * KV + g * D, T, D, Eigen::OuterStride<>(KV));
-    ConstStridedMapF Vg(L.v + row0 * KV + g * D, T, D, Eigen::OuterStride<>(KV));
-    StridedMapF dK(dk + row0 * KV + g * D, T, D, Eigen::OuterStride<>(KV));
-    StridedMapF dV(dv + row0 * KV + g * D, T, D, Eigen::OuterStride<>(KV));
-    dK.setZero();
-    dV.setZero();
-    MapF dP = Map(scratch_[static_cast<size_t>(thread)].data(), T, T);
+    const float* K = L.k + row0 * KV + g * D;
+    const float* Vg = L.v + row0 * KV + g * D;
+    float* dK = dk + row0 * KV + g * D;
+    float* dV = dv + row0 * KV + g * D;
+    for (int t = 0; t < T; ++t) {
+      std::fill_n(dK + static_cast<int64_t>(t) * KV, D, 0.0f);
+      std::fill_n(dV + static_cast<int64_t>(t) * KV, D, 0.0f);
+    }
+    float* dP = scratch_[static_cast<size_t>(thread)].data();  // [T, T]
     for (int h = g * group; h < (g + 1) * group; ++h) {
-      ConstMapF P = CMap(L.p + (static_cast<int64_t>(b) * Hq + h) * T * T, T, T);
-      ConstStridedMapF dO(datt + row0 * Q + h * D, T, D, Eigen::OuterStride<>(Q));
-      ConstStridedMapF Qh(L.q + row0 * Q + h * D, T, D, Eigen::OuterStride<>(Q));
-      StridedMapF dQ(dq + row0 * Q + h * D, T, D, Eigen::OuterStride<>(Q));
-      dV.noalias() += P.transpose() * dO;
-      dP.noalias() = dO * Vg.transpose();
+      const float* P = L.p + (static_cast<int64_t>(b) * Hq + h) * T * T;
+      const float* dO = datt + row0 * Q + h * D;
+      const float* Qh = L.q + row0 * Q + h * D;
+      Gemm(true, false, T, D, T, 1.0f, P, T, dO, Q, 1.0f, dV, KV);     // dV += Pᵀ·dO
+      Gemm(false, true, T, T, D, 1.0f, dO, Q, Vg, KV, 0.0f, dP, T);    // dP = dO·Vᵀ
       for (int i = 0; i < T; ++i) {  // softmax backward: dS = P∘(dP − Σ_j P·dP), scaled
-        const float* pr = P.data() + static_cast<int64_t>(i) * T;
-        float* dr = dP.data() + static_cast<int64_t>(i) * T;
+        const float* pr = P + static_cast<int64_t>(i) * T;
+        float* dr = dP + static_cast<int64_t>(i) * T;
         double dot = 0;
         for (int j = 0; j <= i; ++j) dot += static_cast<double>(pr[j]) * dr[j];
         for (int j = 0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<float>(dot)) * inv_sqrt_d;
         for (int j = i + 1; j < T; ++j) dr[j] = 0.0f;
       }
-      dQ.noalias() = dP * K;
-      dK.noalias() += dP.transpose() * Qh;
+      Gemm(false, false, T, D, T, 1.0f, dP, T, K, KV, 0.0f, dq + row0 * Q + h * D, Q);  // dQ = dS·K
+      Gemm(true, false, T, D, T, 1.0f, dP, T, Qh, Q, 1.0f, dK, KV);  // dK += dSᵀ·Q
     }
   });
 }
@@ -631,7 +640,8 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
   const int64_t chunk_rows =
       std::clamp<int64_t>((rows + pool_.size() - 1) / pool_.size(), 32, kHeadChunk);
   const size_t chunks = static_cast<size_t>((rows + chunk_rows - 1) / chunk_rows);
-  std::vector<double> loss(chunks, 0.0);  // per chunk, summed in order: the same every run
+  std::vector<double>& loss = head_loss_;  // per chunk, summed in order: the same every run
+  loss.assign(chunks, 0.0);
   const float* E = w_.lm_head();
   pool_.For(chunks, [&](size_t chunk, int thread) {
     const int64_t r0 = static_cast<int64_t>(chunk) * chunk_rows;

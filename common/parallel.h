@@ -13,7 +13,6 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -50,17 +49,23 @@ class ThreadPool {
 
   // Runs fn(i, thread) for every i in [0, n) on the pool's threads and the caller, and returns
   // when all are done; `thread` in [0, size()) tells which thread runs it (for per-thread scratch).
-  // Not reentrant: fn must not call For.
-  void For(size_t n, const std::function<void(size_t, int)>& fn);
+  // Not reentrant: fn must not call For. Allocates nothing (fn is called through a pointer, not
+  // copied into a std::function), so training steps can use it freely.
+  template <typename Fn>
+  void For(size_t n, Fn&& fn) {
+    Dispatch(n, &fn, [](void* f, size_t i, int thread) { (*static_cast<Fn*>(f))(i, thread); });
+  }
 
  private:
   void Work(int thread);
   void RunItems(int thread);
+  void Dispatch(size_t n, void* fn, void (*call)(void*, size_t, int));
 
   std::mutex mu_;
   std::condition_variable wake_;
   std::condition_variable done_;
-  const std::function<void(size_t, int)>* fn_ = nullptr;  // guarded by mu_ (read after waking)
+  void* fn_ = nullptr;                             // the callable of the current For
+  void (*call_)(void*, size_t, int) = nullptr;    // and how to call it
   size_t n_ = 0;
   std::atomic<size_t> next_{0};
   uint64_t generation_ = 0;  // bumped by every For
@@ -84,17 +89,18 @@ inline ThreadPool::~ThreadPool() {
 }
 
 inline void ThreadPool::RunItems(int thread) {
-  for (size_t i = next_++; i < n_; i = next_++) (*fn_)(i, thread);
+  for (size_t i = next_++; i < n_; i = next_++) call_(fn_, i, thread);
 }
 
-inline void ThreadPool::For(size_t n, const std::function<void(size_t, int)>& fn) {
+inline void ThreadPool::Dispatch(size_t n, void* fn, void (*call)(void*, size_t, int)) {
   if (workers_.empty() || n <= 1) {
-    for (size_t i = 0; i < n; ++i) fn(i, 0);
+    for (size_t i = 0; i < n; ++i) call(fn, i, 0);
     return;
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    fn_ = &fn;
+    fn_ = fn;
+    call_ = call;
     n_ = n;
     next_ = 0;
     pending_ = static_cast<int>(workers_.size());

@@ -208,12 +208,15 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
   std::mt19937_64 rng(o.seed);
   std::shuffle(order.begin(), order.end(), rng);
   size_t cursor = 0;
-  std::vector<TokenBatch> micro;
+  std::vector<TokenBatch> micro(static_cast<size_t>(o.grad_accum));
+  for (TokenBatch& b : micro) {  // the largest batch, so that no step allocates
+    b.input_ids.reserve(static_cast<size_t>(o.batch) * LongestExample(examples));
+    b.labels.reserve(b.input_ids.capacity());
+  }
 
   TrainResult result;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t step = 0; step < total; ++step) {
-    micro.clear();
     int64_t targets = 0, tokens = 0;
     for (int a = 0; a < o.grad_accum; ++a) {
       if (cursor == order.size()) {  // next epoch
@@ -221,11 +224,11 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
         cursor = 0;
       }
       const size_t count = std::min(static_cast<size_t>(o.batch), order.size() - cursor);
-      micro.push_back(MakeBatch(examples, order, cursor, count, 0));
+      FillBatch(examples, order, cursor, count, 0, micro[a]);
       for (size_t i = cursor; i < cursor + count; ++i)
         tokens += static_cast<int64_t>(examples[order[i]].input_ids.size());
       cursor += count;
-      targets += micro.back().TargetCount();
+      targets += micro[a].TargetCount();
       result.examples_seen += static_cast<int64_t>(count);
     }
     for (const auto& [b, e] : ranges) std::fill(grads.begin() + b, grads.begin() + e, 0.0f);

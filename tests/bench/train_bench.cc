@@ -1,7 +1,7 @@
 // train_bench: training throughput of fedlora's trainer on a SmolLM2-135M-shaped model (random
 // weights; 30 layers, hidden 576, 9 query / 3 kv heads, vocab 49152, tied head), batch 4,
 // sequences of 128 and 256 tokens, LoRA r = 16 on q,v and on all seven linears — next to this
-// machine's fp32 GEMM peak (Eigen, the same row split over the same threads the trainer uses) and,
+// machine's fp32 GEMM peak (OpenBLAS and Eigen, split over threads as the trainer splits) and,
 // with --torch-python, PyTorch training the same model the same way in the same run
 // (tests/bench/train_torch.py). Prints a Markdown table.
 //
@@ -9,6 +9,8 @@
 // the input gradient (no weight gradient), the LM head 4·N'·V·H over the N' positions with a
 // target, attention 12·B·Hq·T²·D (full T×T products, forward and backward), LoRA
 // 6·N·r·(in + out) per module.
+#include <cblas.h>
+
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
@@ -53,15 +55,20 @@ double StepFlops(const LlamaConfig& c, const Adapter& a, int B, int T) {
   return 4.0 * N * linear + 4.0 * Nt * c.vocab_size * c.hidden_size + attention + lora;
 }
 
-// GFLOP/s of an m×k by k×n sgemm (row-major, as the trainer's), rows split over `threads`.
-double GemmPeak(int m, int k, int n, int threads) {
+// GFLOP/s of C = A·Bᵀ (row-major, m×k by n×k, as the trainer's products), rows split over
+// `threads`: with OpenBLAS's sgemm, which the trainer uses, or with Eigen's.
+double GemmPeak(int m, int k, int n, int threads, bool openblas) {
   MatrixF a = MatrixF::Random(m, k), b = MatrixF::Random(n, k), c(m, n);
   ThreadPool pool(threads);
   auto run = [&] {
     pool.For(static_cast<size_t>(threads), [&](size_t i, int) {
-      const int64_t r0 = m * static_cast<int64_t>(i) / threads,
-                    r1 = m * static_cast<int64_t>(i + 1) / threads;
-      c.middleRows(r0, r1 - r0).noalias() = a.middleRows(r0, r1 - r0) * b.transpose();
+      const int64_t r0 = m * static_cast<int64_t>(i) / threads;
+      const int64_t rn = m * static_cast<int64_t>(i + 1) / threads - r0;
+      if (openblas)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rn, n, k, 1.0f, a.data() + r0 * k, k,
+                    b.data(), k, 0.0f, c.data() + r0 * n, n);
+      else
+        c.middleRows(r0, rn).noalias() = a.middleRows(r0, rn) * b.transpose();
     });
   };
   run();
@@ -125,11 +132,12 @@ int main(int argc, char** argv) {
       "threads\n\n",
       w.num_parameters(), threads);
   std::printf(
-      "fp32 GEMM peak on this machine (Eigen, rows split over %d threads): %.0f GFLOP/s at 2048³, "
-      "%.0f GFLOP/s at 1024×576×1536 (one of the trainer's shapes); 1 thread: %.0f GFLOP/s at "
-      "2048³\n\n",
-      threads, GemmPeak(2048, 2048, 2048, threads), GemmPeak(1024, 576, 1536, threads),
-      GemmPeak(2048, 2048, 2048, 1));
+      "fp32 GEMM on this machine, C = A·Bᵀ, rows split over %d threads (GFLOP/s): OpenBLAS (serial "
+      "sgemm, the trainer's) %.0f at 2048³ and %.0f at 1024×576×1536 (a trainer shape), %.0f on 1 "
+      "thread; Eigen %.0f at 2048³\n\n",
+      threads, GemmPeak(2048, 2048, 2048, threads, true), GemmPeak(1024, 576, 1536, threads, true),
+      GemmPeak(2048, 2048, 2048, 1, true), GemmPeak(2048, 2048, 2048, threads, false));
+  std::fflush(stdout);
   std::printf(
       "| seq | targets | fedlora tokens/s | fedlora GFLOP/s | PyTorch tokens/s | ratio "
       "|\n|---|---|---|---|---|---|\n");
@@ -146,10 +154,11 @@ int main(int argc, char** argv) {
       if (!torch_python.empty()) {
         // OpenBLAS single-threaded under torch's 2 intra-op threads is PyTorch's fastest setting
         // here (113 tokens/s against 65 with OpenBLAS's own 2 threads at seq 128, q,v).
-        const std::string cmd = "OPENBLAS_NUM_THREADS=1 " + torch_python + " " + FEDLORA_SOURCE_DIR +
-                                "/tests/bench/train_torch.py --seq " + std::to_string(T) +
-                                " --targets " + (name == "q,v" ? "qv" : "all") + " --steps " +
-                                std::to_string(steps) + " --threads " + std::to_string(threads);
+        const std::string cmd = "OPENBLAS_NUM_THREADS=1 " + torch_python + " " +
+                                FEDLORA_SOURCE_DIR + "/tests/bench/train_torch.py --seq " +
+                                std::to_string(T) + " --targets " + (name == "q,v" ? "qv" : "all") +
+                                " --steps " + std::to_string(steps) + " --threads " +
+                                std::to_string(threads);
         std::FILE* pipe = popen(cmd.c_str(), "r");
         std::string out;
         char buf[4096];
