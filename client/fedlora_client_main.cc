@@ -116,7 +116,7 @@ int main(int argc, char** argv) {
     }
     trainer = std::move(*created);
   }
-  fedlora::common::StopOnSignals signals;  // before any thread starts
+  fedlora::common::StopOnSignals signals;
 
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (insecure) {

@@ -95,10 +95,10 @@ absl::StatusOr<Example> ParseExample(const nlohmann::json& record, const Tokens&
             StrCat(where, ": an instruction record needs \"output\""));
       append(InstructionPrompt(*instruction, *input), false);
       append(*output, true);
-    }
-    if (tokens.eos >= 0) {
-      ex.input_ids.push_back(tokens.eos);
-      ex.labels.push_back(tokens.eos);
+      if (tokens.eos >= 0) {  // the response ends: the model learns to stop
+        ex.input_ids.push_back(tokens.eos);
+        ex.labels.push_back(tokens.eos);
+      }
     }
   } else {
     std::string keys;

@@ -305,6 +305,9 @@ class LlamaRunner::Impl {
 };
 
 absl::Status LlamaRunner::Impl::Init() {
+  // One OpenBLAS thread per call: the pool splits every product itself, and OpenBLAS's own
+  // threads would compete with the pool's for the same cores.
+  openblas_set_num_threads(1);
   if (opt_.max_batch <= 0 || opt_.max_seq <= 1)
     return absl::InvalidArgumentError(StrCat("batch must be ≥ 1 and sequence length ≥ 2, got ",
                                              opt_.max_batch, " and ", opt_.max_seq));

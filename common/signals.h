@@ -1,14 +1,19 @@
-// Clean shutdown on SIGTERM / SIGINT for the daemons. Construct it in main before starting any
-// thread: it blocks both signals for the process and waits for them on a thread of its own; stop()
-// becomes true at the first one.
+// Clean shutdown on SIGTERM / SIGINT for the daemons: stop() becomes true at the first one.
+//
+// A handler (not a blocked mask and sigwait) takes the signal, so it works whichever thread the
+// kernel picks — including threads that libraries start before main (OpenBLAS starts its own when
+// it loads). The handler only stores the flag and writes the signal number to a pipe, both
+// async-signal-safe; a thread of this object reads the pipe and logs. One instance per process.
 #ifndef FEDLORA_COMMON_SIGNALS_H_
 #define FEDLORA_COMMON_SIGNALS_H_
 
-#include <pthread.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <thread>
 
 namespace fedlora::common {
@@ -16,20 +21,32 @@ namespace fedlora::common {
 class StopOnSignals {
  public:
   StopOnSignals() {
-    sigemptyset(&signals_);
-    sigaddset(&signals_, SIGTERM);
-    sigaddset(&signals_, SIGINT);
-    pthread_sigmask(SIG_BLOCK, &signals_, nullptr);
+    if (pipe2(pipe_, O_CLOEXEC) != 0) pipe_[0] = pipe_[1] = -1;
+    write_fd_ = pipe_[1];
+    stop_flag_ = &stop_;
+    struct sigaction action = {};
+    action.sa_handler = &Handle;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    sigaction(SIGTERM, &action, &old_term_);
+    sigaction(SIGINT, &action, &old_int_);
     waiter_ = std::thread([this] {
-      int sig = 0;
-      sigwait(&signals_, &sig);
-      if (!stop_.exchange(true)) spdlog::info("signal {}: shutting down", sig);
+      char sig = 0;
+      while (pipe_[0] >= 0 && read(pipe_[0], &sig, 1) < 0 && errno == EINTR) {
+      }
+      if (sig != 0) spdlog::info("signal {}: shutting down", static_cast<int>(sig));
     });
   }
   ~StopOnSignals() {
-    stop_ = true;
-    pthread_kill(waiter_.native_handle(), SIGTERM);  // releases sigwait when no signal came
+    sigaction(SIGTERM, &old_term_, nullptr);
+    sigaction(SIGINT, &old_int_, nullptr);
+    const char zero = 0;  // releases the waiter when no signal came
+    if (pipe_[1] >= 0) (void)!write(pipe_[1], &zero, 1);
     waiter_.join();
+    stop_flag_ = nullptr;
+    write_fd_ = -1;
+    for (int fd : pipe_)
+      if (fd >= 0) close(fd);
   }
   StopOnSignals(const StopOnSignals&) = delete;
   StopOnSignals& operator=(const StopOnSignals&) = delete;
@@ -38,8 +55,20 @@ class StopOnSignals {
   void RequestStop() { stop_ = true; }
 
  private:
-  sigset_t signals_;
+  static void Handle(int sig) {
+    if (std::atomic<bool>* stop = stop_flag_.load()) {
+      if (stop->exchange(true)) return;  // logged once
+    }
+    const int fd = write_fd_.load();
+    const char c = static_cast<char>(sig);
+    if (fd >= 0) (void)!write(fd, &c, 1);
+  }
+
+  static inline std::atomic<std::atomic<bool>*> stop_flag_{nullptr};
+  static inline std::atomic<int> write_fd_{-1};
+  int pipe_[2] = {-1, -1};
   std::atomic<bool> stop_{false};
+  struct sigaction old_term_ = {}, old_int_ = {};
   std::thread waiter_;
 };
 

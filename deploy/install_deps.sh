@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config git openssl ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libeigen3-dev libssl-dev libspdlog-dev libfmt-dev libabsl-dev
-  nlohmann-json3-dev libcli11-dev libpcre2-dev libopenblas-serial-dev docker-compose
+  nlohmann-json3-dev libcli11-dev libpcre2-dev libopenblas-pthread-dev docker-compose
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

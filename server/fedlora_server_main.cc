@@ -89,7 +89,7 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("server"));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [server] %v");
 
-  fedlora::common::StopOnSignals signals;  // before any thread starts
+  fedlora::common::StopOnSignals signals;
 
   if (absl::Status st = options.Validate(); !st.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());

@@ -50,7 +50,7 @@ TEST(DatasetTest, TextAndPreTokenisedRecords) {
   const Tokens tokens{&tok, -1, 257, tok.vocab_size()};
   auto text = ParseExample({{"text", "abc"}}, tokens, 1000, "f:1");
   ASSERT_TRUE(text.ok());
-  EXPECT_EQ(text->input_ids, (Ids{'a', 'b', 'c', 257}));
+  EXPECT_EQ(text->input_ids, (Ids{'a', 'b', 'c'}));  // as the tokenizer has it: no EOS
   EXPECT_EQ(text->labels, text->input_ids);
   auto pre =
       ParseExample({{"input_ids", {5, 6, 7}}, {"labels", {-100, 6, 7}}}, tokens, 1000, "f:1");
