@@ -1,14 +1,17 @@
 #include "common/trainer.h"
 
 #include <openssl/evp.h>
+#include <openssl/rand.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <numbers>
+#include <optional>
 #include <random>
 
 #include "absl/status/status.h"
+#include "common/dp.h"
 #include "common/parallel.h"
 #include "common/peft.h"
 #include "common/status_macros.h"
@@ -187,8 +190,32 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
                "warmup_ratio in [0, 1) and max_grad_norm ≥ 0; got batch ", o.batch, ", grad_accum ",
                o.grad_accum, ", steps ", o.steps, ", epochs ", o.epochs, ", lr ", o.lr,
                ", warmup_ratio ", o.warmup_ratio, ", max_grad_norm ", o.max_grad_norm));
+  const bool dp = o.dp.noise_multiplier >= 0;
+  const double q =
+      dp ? (o.dp.sample_rate > 0 ? o.dp.sample_rate
+                                 : std::min(1.0, static_cast<double>(o.batch) /
+                                                     static_cast<double>(examples.size())))
+         : 0.0;
+  if (dp && (!(o.dp.clip > 0) || q > 1))
+    return absl::InvalidArgumentError(StrCat(
+        "DP-SGD needs a clip norm > 0 and a sample rate in (0, 1]; got ", o.dp.clip, " and ", q));
+  std::optional<GaussianNoise> noise;
+  std::mt19937_64 sampler;
+  if (dp) {
+    if (o.dp.test_seed != 0) {
+      noise.emplace(GaussianNoise::ForTestingOnly(o.dp.test_seed));
+      sampler.seed(o.dp.test_seed);
+    } else {
+      ASSIGN_OR_RETURN(GaussianNoise secure, GaussianNoise::Secure());
+      noise.emplace(std::move(secure));
+      uint64_t seed = 0;
+      if (RAND_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed) != 1)
+        return absl::InternalError("RAND_bytes failed to seed DP-SGD's sampling");
+      sampler.seed(seed);
+    }
+  }
   ASSIGN_OR_RETURN(auto runner, LlamaRunner::Create(&weights, &adapter,
-                                                    {.max_batch = o.batch,
+                                                    {.max_batch = dp ? 1 : o.batch,
                                                      .max_seq = LongestExample(examples),
                                                      .training = true,
                                                      .threads = o.threads}));
@@ -202,6 +229,10 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
   const auto ranges = TrainableRanges(adapter);
   std::span<float> params = adapter.values();
   std::vector<float> grads(params.size(), 0.0f), m(params.size(), 0.0f), v(params.size(), 0.0f);
+  std::vector<float> sample_grad(dp ? params.size() : 0, 0.0f);  // DP-SGD: one example's gradient
+  std::vector<size_t> identity(examples.size()), sampled;
+  for (size_t i = 0; i < identity.size(); ++i) identity[i] = i;
+  sampled.reserve(examples.size());
 
   std::vector<size_t> order(examples.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -218,36 +249,74 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
   const auto start = std::chrono::steady_clock::now();
   for (int64_t step = 0; step < total; ++step) {
     int64_t targets = 0, tokens = 0;
-    for (int a = 0; a < o.grad_accum; ++a) {
-      if (cursor == order.size()) {  // next epoch
-        std::shuffle(order.begin(), order.end(), rng);
-        cursor = 0;
-      }
-      const size_t count = std::min(static_cast<size_t>(o.batch), order.size() - cursor);
-      FillBatch(examples, order, cursor, count, 0, micro[a]);
-      for (size_t i = cursor; i < cursor + count; ++i)
-        tokens += static_cast<int64_t>(examples[order[i]].input_ids.size());
-      cursor += count;
-      targets += micro[a].TargetCount();
-      result.examples_seen += static_cast<int64_t>(count);
-    }
-    for (const auto& [b, e] : ranges) std::fill(grads.begin() + b, grads.begin() + e, 0.0f);
     LossSum loss;
-    const float scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
-    for (const TokenBatch& batch : micro) {
-      ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(batch, scale, grads));
-      loss.sum += l.sum;
-      loss.tokens += l.tokens;
+    double norm = 0;
+    if (dp) {
+      // DP-SGD: a Poisson sample, per-example gradients clipped and summed, then noise.
+      sampled.clear();
+      std::bernoulli_distribution pick(q);
+      for (size_t i = 0; i < examples.size(); ++i)
+        if (pick(sampler)) sampled.push_back(i);
+      for (const auto& [b, e] : ranges) std::fill(grads.begin() + b, grads.begin() + e, 0.0f);
+      for (size_t i : sampled) {
+        FillBatch(examples, identity, i, 1, 0, micro[0]);
+        const int64_t n = micro[0].TargetCount();
+        tokens += static_cast<int64_t>(examples[i].input_ids.size());
+        if (n == 0) continue;
+        for (const auto& [b, e] : ranges)
+          std::fill(sample_grad.begin() + b, sample_grad.begin() + e, 0.0f);
+        ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(micro[0], 1.0f / static_cast<float>(n),
+                                                            sample_grad));
+        loss.sum += l.sum;
+        loss.tokens += l.tokens;
+        double norm2 = 0;
+        for (const auto& [b, e] : ranges)
+          for (size_t j = b; j < e; ++j)
+            norm2 += static_cast<double>(sample_grad[j]) * sample_grad[j];
+        const float factor =
+            static_cast<float>(std::min(1.0, o.dp.clip / (std::sqrt(norm2) + 1e-6)));
+        for (const auto& [b, e] : ranges)
+          for (size_t j = b; j < e; ++j) grads[j] += factor * sample_grad[j];
+      }
+      result.examples_seen += static_cast<int64_t>(sampled.size());
+      const float inv_expected =
+          static_cast<float>(1.0 / (q * static_cast<double>(examples.size())));
+      for (const auto& [b, e] : ranges) {
+        std::span<float> g(grads.data() + b, e - b);
+        noise->Add(g, o.dp.noise_multiplier * o.dp.clip);
+        for (float& x : g) x *= inv_expected;
+      }
+    } else {
+      for (int a = 0; a < o.grad_accum; ++a) {
+        if (cursor == order.size()) {  // next epoch
+          std::shuffle(order.begin(), order.end(), rng);
+          cursor = 0;
+        }
+        const size_t count = std::min(static_cast<size_t>(o.batch), order.size() - cursor);
+        FillBatch(examples, order, cursor, count, 0, micro[a]);
+        for (size_t i = cursor; i < cursor + count; ++i)
+          tokens += static_cast<int64_t>(examples[order[i]].input_ids.size());
+        cursor += count;
+        targets += micro[a].TargetCount();
+        result.examples_seen += static_cast<int64_t>(count);
+      }
+      for (const auto& [b, e] : ranges) std::fill(grads.begin() + b, grads.begin() + e, 0.0f);
+      const float scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
+      for (const TokenBatch& batch : micro) {
+        ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(batch, scale, grads));
+        loss.sum += l.sum;
+        loss.tokens += l.tokens;
+      }
     }
     double norm2 = 0;
     for (const auto& [b, e] : ranges)
       for (size_t i = b; i < e; ++i) norm2 += static_cast<double>(grads[i]) * grads[i];
-    const double norm = std::sqrt(norm2);
+    norm = std::sqrt(norm2);
     if (!std::isfinite(norm))
       return absl::InternalError(StrCat("gradient is not finite at step ", step + 1,
                                         " (learning rate ", o.lr,
                                         " too high?); the adapter is left as it was"));
-    const float clip = (o.max_grad_norm > 0 && norm > o.max_grad_norm)
+    const float clip = (!dp && o.max_grad_norm > 0 && norm > o.max_grad_norm)
                            ? static_cast<float>(o.max_grad_norm / (norm + 1e-6))
                            : 1.0f;
     // AdamW as torch.optim.AdamW: decoupled weight decay, then the bias-corrected Adam step.
@@ -274,6 +343,7 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (on_step) on_step({step + 1, total, step_loss, lr, norm, tokens, result.seconds});
   }
+  result.dp_sample_rate = q;
   return result;
 }
 

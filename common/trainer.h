@@ -75,6 +75,21 @@ struct TrainOptions {
   double max_grad_norm = 1.0;  // clip the global L2 norm of the gradient; 0 turns it off
   uint64_t seed = 0;           // data order
   int threads = 0;             // 0: the machine's cores
+
+  // DP-SGD (Abadi et al. 2016, as Opacus computes it; ../shared/ALGORITHMS.md), on when
+  // noise_multiplier ≥ 0. Each step draws a Poisson sample (every example independently with
+  // probability sample_rate), takes each sampled example's gradient of its mean token loss, clips
+  // it to L2 norm clip (flat over all trainable tensors, factor min(1, C/(‖g‖ + 1e-6))), sums, adds
+  // N(0, (noise_multiplier·C)²) to every trainable coordinate and divides by the expected batch
+  // size sample_rate·n. `batch`, `grad_accum` and `max_grad_norm` do not apply. Noise comes from
+  // OpenSSL's RAND_bytes, and so does the sampling; a non-zero test_seed makes both repeatable, for
+  // tests only.
+  struct DpSgd {
+    double noise_multiplier = -1;  // σ; < 0: DP-SGD off
+    double clip = 1.0;             // C
+    double sample_rate = 0;        // q; 0: batch / number of examples
+    uint64_t test_seed = 0;
+  } dp;
 };
 
 struct StepReport {
@@ -94,6 +109,7 @@ struct TrainResult {
   double first_loss = 0;
   double final_loss = 0;  // mean loss of the last step
   double seconds = 0;
+  double dp_sample_rate = 0;  // q used by DP-SGD (0 without it): ε = EpsilonFor(q, σ, steps, δ)
   double tokens_per_second() const { return seconds > 0 ? tokens / seconds : 0; }
 };
 

@@ -15,6 +15,7 @@
 #include "client/cli/commands.h"
 #include "common/file_util.h"
 #include "common/peft.h"
+#include "common/privacy_accountant.h"
 #include "common/status_macros.h"
 #include "common/strings.h"
 #include "common/synthetic_data.h"
@@ -95,6 +96,8 @@ struct TrainArgs {
   bool overwrite = false;
   bool json = false;
   std::string schedule = "linear";
+  double dp_delta = 1e-5;
+  double target_epsilon = -1;  // DP-SGD: pick the noise multiplier that spends this budget
   common::TrainOptions options;
 };
 
@@ -111,6 +114,21 @@ void RunTrain(TrainArgs a) {
   a.options.schedule = a.schedule == "cosine"     ? common::Schedule::kCosine
                        : a.schedule == "constant" ? common::Schedule::kConstant
                                                   : common::Schedule::kLinear;
+  if (a.target_epsilon > 0) {  // DP-SGD at a budget: the smallest σ that meets it
+    const double q = a.options.dp.sample_rate > 0
+                         ? a.options.dp.sample_rate
+                         : std::min(1.0, static_cast<double>(a.options.batch) / examples.size());
+    if (a.options.steps <= 0)
+      ExitIfError(
+          absl::InvalidArgumentError("--target-epsilon needs --steps (the budget counts them)"));
+    auto sigma = common::NoiseMultiplierFor(a.target_epsilon, q,
+                                            static_cast<double>(a.options.steps), a.dp_delta);
+    ExitIfError(sigma.status());
+    a.options.dp.noise_multiplier = *sigma;
+    spdlog::info(
+        "DP-SGD: noise multiplier {:.4f} spends epsilon {} at delta {} over {} steps, q {:.4g}",
+        *sigma, a.target_epsilon, a.dp_delta, a.options.steps, q);
+  }
   auto adapter = common::NewAdapter(model.weights.config(), spec, a.options.seed, a.model);
   ExitIfError(adapter.status());
   if (spec.lora_sb) {
@@ -155,6 +173,20 @@ void RunTrain(TrainArgs a) {
                             {"seconds", result->seconds},
                             {"tokens_per_second", result->tokens_per_second()},
                             {"adapter", a.out}};
+  if (a.options.dp.noise_multiplier >= 0) {
+    auto spent = common::EpsilonFor(result->dp_sample_rate, a.options.dp.noise_multiplier,
+                                    static_cast<double>(result->steps), a.dp_delta);
+    ExitIfError(spent.status());
+    summary["epsilon"] = spent->epsilon;
+    summary["delta"] = a.dp_delta;
+    summary["noise_multiplier"] = a.options.dp.noise_multiplier;
+    summary["sample_rate"] = result->dp_sample_rate;
+    std::printf(
+        "DP-SGD: epsilon %.4f at delta %g (noise multiplier %.4f, clip %g, sample rate %.4g, "
+        "%lld steps; best RDP order %g)\n",
+        spent->epsilon, a.dp_delta, a.options.dp.noise_multiplier, a.options.dp.clip,
+        result->dp_sample_rate, static_cast<long long>(result->steps), spent->order);
+  }
   std::printf("trained %lld steps in %.2f s (%.1f tokens/s): loss %.6f -> %.6f; adapter in %s\n",
               static_cast<long long>(result->steps), result->seconds, result->tokens_per_second(),
               result->first_loss, result->final_loss, a.out.c_str());
@@ -460,8 +492,20 @@ void AddLlmCommands(CLI::App& app) {
         ->capture_default_str();
     cmd->add_option("--threads", a->options.threads, "threads (0: all cores)")
         ->capture_default_str();
-    cmd->add_flag("--json", a->json,
-                  "end with a JSON line: tokens_per_second, final_loss, steps, tokens, seconds");
+    cmd->add_option("--dp-noise-multiplier", a->options.dp.noise_multiplier,
+                    "DP-SGD: noise stddev / clip (per-example clipping, Poisson sampling)");
+    cmd->add_option("--dp-clip", a->options.dp.clip, "DP-SGD: per-example L2 clip norm")
+        ->capture_default_str();
+    cmd->add_option("--dp-sample-rate", a->options.dp.sample_rate,
+                    "DP-SGD: Poisson sampling rate (default batch / records)");
+    cmd->add_option("--dp-delta", a->dp_delta, "DP-SGD: delta of the reported epsilon")
+        ->capture_default_str();
+    cmd->add_option("--target-epsilon", a->target_epsilon,
+                    "DP-SGD: choose the noise multiplier that spends this epsilon over --steps");
+    cmd->add_flag(
+        "--json", a->json,
+        "end with a JSON line: tokens_per_second, final_loss, steps, tokens, seconds (and "
+        "epsilon with DP-SGD)");
     cmd->callback([a] {
       if (a->options.steps <= 0 && !(a->options.epochs > 0))
         ExitIfError(absl::InvalidArgumentError("give --steps N or --epochs E"));

@@ -176,5 +176,103 @@ TEST(TrainerTest, TwoThreadedRunsAgree) {
   EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm));
 }
 
+// DP-SGD against Opacus' formula, computed here from per-example gradients taken apart from the
+// trainer: g = (Σ_i min(1, C/(‖g_i‖ + 1e-6))·g_i + N(0, (σC)²)) / (q·n). Adam's first step is
+// −lr·g/(|g| + ε), which gives g back; a large ε and lr keep that step well above float rounding.
+class DpSgdTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    adapter_ = *NewAdapter(
+        c_, {.rank = 2, .alpha = 4, .targets = {LinearKind::kV, LinearKind::kUp}}, 3, "");
+    for (size_t i = 0; i < adapter_.num_modules(); ++i) adapter_.B(i).setConstant(0.05f);
+    start_.assign(adapter_.values().begin(), adapter_.values().end());
+  }
+  // Σ_i factor_i·g_i over all examples, with factor_i from clip C.
+  std::vector<double> ClippedSum(double clip) {
+    auto runner =
+        *LlamaRunner::Create(&w_, &adapter_, {.max_batch = 1, .max_seq = 9, .training = true});
+    std::vector<double> sum(start_.size(), 0.0);
+    for (size_t i = 0; i < data_.size(); ++i) {
+      std::vector<float> g(start_.size(), 0.0f);
+      const TokenBatch b = MakeBatch(data_, {i}, 0, 1, 0);
+      EXPECT_TRUE(runner->ForwardBackward(b, 1.0f / b.TargetCount(), g).ok());
+      double norm = 0;
+      for (float x : g) norm += static_cast<double>(x) * x;
+      const double factor = std::min(1.0, clip / (std::sqrt(norm) + 1e-6));
+      for (size_t j = 0; j < g.size(); ++j) sum[j] += factor * g[j];
+    }
+    return sum;
+  }
+  // The per-coordinate gradient the trainer used in its single step, recovered from the update.
+  std::vector<double> StepGradient(const TrainOptions& o) {
+    std::vector<double> g(start_.size());
+    for (size_t j = 0; j < g.size(); ++j) {
+      const double delta = adapter_.values()[j] - start_[j];
+      // delta = −lr·g/(|g| + ε)  ⇒  g = −delta·ε/(lr − |delta|)·sign
+      g[j] = -delta * o.adam_eps / (o.lr - std::abs(delta));
+    }
+    return g;
+  }
+  const LlamaConfig c_ = Tiny(17);
+  const LlamaWeights w_ = LlamaWeights::Random(c_, 8, 0.15f);
+  const std::vector<Example> data_ = RuleData(6, 9, 2);
+  Adapter adapter_;
+  std::vector<float> start_;
+};
+
+TEST_F(DpSgdTest, WithoutNoiseIsTheMeanOfClippedPerExampleGradients) {
+  for (double clip : {1e9, 0.05}) {  // no clipping, then every example clipped
+    SetUp();
+    const std::vector<double> sum = ClippedSum(clip);
+    const TrainOptions o{
+        .steps = 1,
+        .lr = 1.0,
+        .adam_eps = 10,
+        .schedule = Schedule::kConstant,
+        .dp = {.noise_multiplier = 0, .clip = clip, .sample_rate = 1.0, .test_seed = 1}};
+    ASSERT_TRUE(Train(w_, data_, o, adapter_).ok());
+    const std::vector<double> got = StepGradient(o);
+    double diff = 0, norm = 0;
+    for (size_t j = 0; j < got.size(); ++j) {
+      const double expected = sum[j] / data_.size();  // q·n = 6
+      diff += (got[j] - expected) * (got[j] - expected);
+      norm += expected * expected;
+    }
+    EXPECT_GT(norm, 0);
+    EXPECT_LE(std::sqrt(diff), 1e-3 * std::sqrt(norm)) << "clip " << clip;
+  }
+}
+
+TEST_F(DpSgdTest, NoiseHasStddevSigmaCOverTheExpectedBatch) {
+  // σ large: the step is noise, N(0, (σC/(q·n))²) per coordinate, around the clipped mean.
+  const double sigma = 50, clip = 1, q = 0.5;
+  const TrainOptions o{
+      .steps = 1,
+      .lr = 1e3,
+      .adam_eps = 1e6,
+      .schedule = Schedule::kConstant,
+      .dp = {.noise_multiplier = sigma, .clip = clip, .sample_rate = q, .test_seed = 7}};
+  ASSERT_TRUE(Train(w_, data_, o, adapter_).ok());
+  const std::vector<double> g = StepGradient(o);
+  double mean = 0, var = 0;
+  for (double x : g) mean += x / g.size();
+  for (double x : g) var += (x - mean) * (x - mean) / (g.size() - 1);
+  const double expected = sigma * clip / (q * data_.size());
+  // n ≈ 600 coordinates: the sample stddev is within ±12% of σ with overwhelming probability; the
+  // clipped gradient (norm ≤ n·C / (q·n) = 2 over all coordinates) is negligible next to it.
+  EXPECT_NEAR(std::sqrt(var), expected, 0.12 * expected) << g.size() << " coordinates";
+  EXPECT_NEAR(mean, 0, 4 * expected / std::sqrt(static_cast<double>(g.size())));
+}
+
+TEST_F(DpSgdTest, SecureNoiseDiffersBetweenRuns) {
+  TrainOptions o{
+      .steps = 1, .lr = 1e-3, .dp = {.noise_multiplier = 1, .clip = 1, .sample_rate = 1}};
+  ASSERT_TRUE(Train(w_, data_, o, adapter_).ok());
+  const std::vector<float> first(adapter_.values().begin(), adapter_.values().end());
+  SetUp();
+  ASSERT_TRUE(Train(w_, data_, o, adapter_).ok());
+  EXPECT_NE(first, std::vector<float>(adapter_.values().begin(), adapter_.values().end()));
+}
+
 }  // namespace
 }  // namespace fedlora::common

@@ -303,6 +303,19 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
     EXPECT_NEAR(LastJson(r)["loss"].get<double>(), train["eval_loss"].get<double>(),
                 1e-5 * train["eval_loss"].get<double>());
   }
+  // DP-SGD at a budget: the run spends (to the solver's precision) the ε asked for and still
+  // learns.
+  r = Fedlora("train --model " + Dir("model") + " --data " + Dir("train.jsonl") + " --eval-data " +
+              Dir("test.jsonl") + " --out " + Dir("adapter-dp") +
+              " --rank 4 --targets q_proj,v_proj --batch 8 --seq 256 --steps 24 --lr 1e-2 "
+              "--target-epsilon 4 --dp-clip 1 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const nlohmann::json dp = LastJson(r);
+  EXPECT_LE(dp["epsilon"].get<double>(), 4.0);
+  EXPECT_GT(dp["epsilon"].get<double>(), 3.99);
+  EXPECT_DOUBLE_EQ(dp["sample_rate"].get<double>(), 8.0 / 96);
+  EXPECT_LT(dp["eval_loss"].get<double>(), dp["eval_loss_before"].get<double>());
+
   auto adapter = common::ReadPeftAdapter(scratch_ / "adapter-lora-sb");
   ASSERT_TRUE(adapter.ok()) << adapter.status();
   EXPECT_TRUE(adapter->module(0).has_r);
