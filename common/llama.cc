@@ -133,26 +133,11 @@ absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir
 }
 
 absl::Status LlamaWeights::Merge(const Adapter& adapter) {
+  ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(config_, adapter));
   std::vector<std::pair<size_t, float*>> targets;  // module, its weight
-  for (size_t i = 0; i < adapter.num_modules(); ++i) {
-    const LoraModule& m = adapter.module(i);
-    float* w = nullptr;
-    for (int l = 0; l < config_.num_hidden_layers && w == nullptr; ++l)
-      for (int k = 0; k < kNumLinearKinds && w == nullptr; ++k) {
-        const LinearKind kind = static_cast<LinearKind>(k);
-        if (m.name != LinearPath(l, kind)) continue;
-        if (m.out_features != LinearOut(config_, kind) || m.in_features != LinearIn(config_, kind))
-          return absl::InvalidArgumentError(
-              StrCat("adapter module ", m.name, " is [", m.out_features, ", ", m.in_features,
-                     "], the model's linear [", LinearOut(config_, kind), ", ",
-                     LinearIn(config_, kind), "] (hint: adapter of another base model?)"));
-        w = mutable_linear(l, kind);
-      }
-    if (w == nullptr)
-      return absl::InvalidArgumentError(
-          StrCat("adapter module ", m.name, " is not a linear layer of this model"));
-    targets.push_back({i, w});
-  }
+  for (size_t i = 0; i < slots.size(); ++i)
+    targets.push_back({i, mutable_linear(static_cast<int>(slots[i] / kNumLinearKinds),
+                                         static_cast<LinearKind>(slots[i] % kNumLinearKinds))});
   for (const auto& [i, w] : targets) {
     const LoraModule& m = adapter.module(i);
     MatrixD b = adapter.B(i).cast<double>() * m.scaling;
@@ -324,30 +309,14 @@ absl::Status LlamaRunner::Impl::Init() {
   lora_.resize(static_cast<size_t>(L) * kNumLinearKinds);
   int max_rank = 0;
   if (adapter_ != nullptr) {
-    for (size_t i = 0; i < adapter_->num_modules(); ++i) {
+    ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(c_, *adapter_));
+    for (size_t i = 0; i < slots.size(); ++i) {
       const LoraModule& m = adapter_->module(i);
-      bool matched = false;
-      for (int l = 0; l < L && !matched; ++l)
-        for (int k = 0; k < kNumLinearKinds && !matched; ++k) {
-          const LinearKind kind = static_cast<LinearKind>(k);
-          if (m.name != LinearPath(l, kind)) continue;
-          if (m.out_features != LinearOut(c_, kind) || m.in_features != LinearIn(c_, kind))
-            return absl::InvalidArgumentError(
-                StrCat("adapter module ", m.name, " is [", m.out_features, ", ", m.in_features,
-                       "] but the model's linear is [", LinearOut(c_, kind), ", ",
-                       LinearIn(c_, kind), "] (hint: adapter trained on another base model?)"));
-          Lora& x = lora_[static_cast<size_t>(l) * kNumLinearKinds + k];
-          x.module = static_cast<int>(i);
-          x.u.assign(static_cast<size_t>(N) * m.rank, 0.0f);
-          if (m.has_r) x.v.assign(static_cast<size_t>(N) * m.rank, 0.0f);
-          max_rank = std::max(max_rank, m.rank);
-          matched = true;
-        }
-      if (!matched)
-        return absl::InvalidArgumentError(
-            StrCat("adapter module ", m.name, " is not a linear layer of this model (", L,
-                   " layers; expected model.layers.<l>.self_attn.{q,k,v,o}_proj or "
-                   "model.layers.<l>.mlp.{gate,up,down}_proj; hint: another base model?)"));
+      Lora& x = lora_[slots[i]];
+      x.module = static_cast<int>(i);
+      x.u.assign(static_cast<size_t>(N) * m.rank, 0.0f);
+      if (m.has_r) x.v.assign(static_cast<size_t>(N) * m.rank, 0.0f);
+      max_rank = std::max(max_rank, m.rank);
     }
   }
 
@@ -614,8 +583,8 @@ void LlamaRunner::Impl::AttentionBackward(Layer& L, const float* datt, float* dq
       const float* P = L.p + (static_cast<int64_t>(b) * Hq + h) * T * T;
       const float* dO = datt + row0 * Q + h * D;
       const float* Qh = L.q + row0 * Q + h * D;
-      Gemm(true, false, T, D, T, 1.0f, P, T, dO, Q, 1.0f, dV, KV);     // dV += Pᵀ·dO
-      Gemm(false, true, T, T, D, 1.0f, dO, Q, Vg, KV, 0.0f, dP, T);    // dP = dO·Vᵀ
+      Gemm(true, false, T, D, T, 1.0f, P, T, dO, Q, 1.0f, dV, KV);   // dV += Pᵀ·dO
+      Gemm(false, true, T, T, D, 1.0f, dO, Q, Vg, KV, 0.0f, dP, T);  // dP = dO·Vᵀ
       for (int i = 0; i < T; ++i) {  // softmax backward: dS = P∘(dP − Σ_j P·dP), scaled
         const float* pr = P + static_cast<int64_t>(i) * T;
         float* dr = dP + static_cast<int64_t>(i) * T;

@@ -202,4 +202,61 @@ int LinearIn(const LlamaConfig& c, LinearKind kind) {
   }
 }
 
+absl::StatusOr<std::vector<size_t>> AdapterSlots(const LlamaConfig& c, const Adapter& adapter) {
+  std::vector<size_t> slots;
+  for (const LoraModule& m : adapter.modules()) {
+    bool found = false;
+    for (int l = 0; l < c.num_hidden_layers && !found; ++l)
+      for (int k = 0; k < kNumLinearKinds && !found; ++k) {
+        const LinearKind kind = static_cast<LinearKind>(k);
+        if (m.name != LinearPath(l, kind)) continue;
+        if (m.out_features != LinearOut(c, kind) || m.in_features != LinearIn(c, kind))
+          return absl::InvalidArgumentError(
+              StrCat("adapter module ", m.name, " is [", m.out_features, ", ", m.in_features,
+                     "] but the model's linear is [", LinearOut(c, kind), ", ", LinearIn(c, kind),
+                     "] (hint: adapter trained on another base model?)"));
+        slots.push_back(static_cast<size_t>(l) * kNumLinearKinds + k);
+        found = true;
+      }
+    if (!found)
+      return absl::InvalidArgumentError(StrCat(
+          "adapter module ", m.name, " is not a linear layer of this model (", c.num_hidden_layers,
+          " layers; expected model.layers.<l>.self_attn.{q,k,v,o}_proj ",
+          "or model.layers.<l>.mlp.{gate,up,down}_proj; hint: adapter trained on another ",
+          "base model?)"));
+  }
+  return slots;
+}
+
+absl::StatusOr<LlamaConfig> LlamaPreset(const std::string& name) {
+  LlamaConfig c;
+  c.rms_norm_eps = 1e-5;
+  c.tie_word_embeddings = true;
+  if (name == "tiny") {
+    c.hidden_size = 64;
+    c.intermediate_size = 192;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    c.head_dim = 16;
+    c.max_position_embeddings = 1024;
+    c.rope_theta = 10000;
+    return c;
+  }
+  if (name == "smollm2-135m") {
+    c.hidden_size = 576;
+    c.intermediate_size = 1536;
+    c.num_hidden_layers = 30;
+    c.num_attention_heads = 9;
+    c.num_key_value_heads = 3;
+    c.head_dim = 64;
+    c.vocab_size = 49152;
+    c.max_position_embeddings = 8192;
+    c.rope_theta = 100000;
+    return c;
+  }
+  return absl::InvalidArgumentError(
+      StrCat("unknown preset \"", name, "\"; expected tiny or smollm2-135m"));
+}
+
 }  // namespace fedlora::common

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/adapter.h"
 
 namespace fedlora::common {
 
@@ -56,6 +57,14 @@ absl::StatusOr<LinearKind> ParseLinearKind(const std::string& name);
 // [out, in] of the linear's weight.
 int LinearOut(const LlamaConfig& config, LinearKind kind);
 int LinearIn(const LlamaConfig& config, LinearKind kind);
+
+// Where each module of `adapter` sits in the model, as layer·7 + kind, in the adapter's order. A
+// module that is not a linear of this model, or has another shape, is refused with both shapes.
+absl::StatusOr<std::vector<size_t>> AdapterSlots(const LlamaConfig& config, const Adapter& adapter);
+
+// The architecture of a preset: "tiny" (2 layers of width 64; vocab_size 0, for the tokenizer to
+// decide) or "smollm2-135m" (HuggingFaceTB/SmolLM2-135M's config.json). The error lists both.
+absl::StatusOr<LlamaConfig> LlamaPreset(const std::string& name);
 
 }  // namespace fedlora::common
 

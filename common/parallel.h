@@ -64,8 +64,8 @@ class ThreadPool {
   std::mutex mu_;
   std::condition_variable wake_;
   std::condition_variable done_;
-  void* fn_ = nullptr;                             // the callable of the current For
-  void (*call_)(void*, size_t, int) = nullptr;    // and how to call it
+  void* fn_ = nullptr;                          // the callable of the current For
+  void (*call_)(void*, size_t, int) = nullptr;  // and how to call it
   size_t n_ = 0;
   std::atomic<size_t> next_{0};
   uint64_t generation_ = 0;  // bumped by every For

@@ -38,23 +38,6 @@ std::vector<std::pair<size_t, size_t>> TrainableRanges(const Adapter& adapter) {
   return ranges;
 }
 
-// (layer, kind) of each adapter module, as an index l·7 + kind.
-absl::StatusOr<std::vector<size_t>> ModuleSlots(const LlamaConfig& c, const Adapter& adapter) {
-  std::vector<size_t> slots;
-  for (const LoraModule& m : adapter.modules()) {
-    bool found = false;
-    for (int l = 0; l < c.num_hidden_layers && !found; ++l)
-      for (int k = 0; k < kNumLinearKinds && !found; ++k)
-        if (m.name == LinearPath(l, static_cast<LinearKind>(k))) {
-          slots.push_back(static_cast<size_t>(l) * kNumLinearKinds + k);
-          found = true;
-        }
-    if (!found)
-      return absl::InvalidArgumentError(StrCat("adapter module ", m.name, " is not in the model"));
-  }
-  return slots;
-}
-
 }  // namespace
 
 absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir) {
@@ -141,7 +124,7 @@ absl::StatusOr<Adapter> NewAdapter(const LlamaConfig& config, const LoraSpec& sp
 absl::Status InitLoraSb(const LlamaWeights& weights, const std::vector<Example>& examples,
                         double lr, int batch, int threads, Adapter& adapter) {
   const LlamaConfig& c = weights.config();
-  ASSIGN_OR_RETURN(std::vector<size_t> slots, ModuleSlots(c, adapter));
+  ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(c, adapter));
   ASSIGN_OR_RETURN(auto runner, LlamaRunner::Create(&weights, nullptr,
                                                     {.max_batch = batch,
                                                      .max_seq = LongestExample(examples),

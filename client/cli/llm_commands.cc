@@ -209,37 +209,6 @@ struct InitArgs {
   bool overwrite = false;
 };
 
-const std::map<std::string, common::LlamaConfig>& Presets() {
-  static const std::map<std::string, common::LlamaConfig> presets = [] {
-    common::LlamaConfig tiny;
-    tiny.hidden_size = 64;
-    tiny.intermediate_size = 192;
-    tiny.num_hidden_layers = 2;
-    tiny.num_attention_heads = 4;
-    tiny.num_key_value_heads = 2;
-    tiny.head_dim = 16;
-    tiny.max_position_embeddings = 1024;
-    tiny.rms_norm_eps = 1e-5;
-    tiny.rope_theta = 10000;
-    tiny.tie_word_embeddings = true;
-    // SmolLM2-135M's config.json (HuggingFaceTB/SmolLM2-135M).
-    common::LlamaConfig smol;
-    smol.hidden_size = 576;
-    smol.intermediate_size = 1536;
-    smol.num_hidden_layers = 30;
-    smol.num_attention_heads = 9;
-    smol.num_key_value_heads = 3;
-    smol.head_dim = 64;
-    smol.vocab_size = 49152;
-    smol.max_position_embeddings = 8192;
-    smol.rms_norm_eps = 1e-5;
-    smol.rope_theta = 100000;
-    smol.tie_word_embeddings = true;
-    return std::map<std::string, common::LlamaConfig>{{"tiny", tiny}, {"smollm2-135m", smol}};
-  }();
-  return presets;
-}
-
 // The strings of a JSONL corpus: every text, instruction, input and output field.
 std::vector<std::string> CorpusTexts(const std::string& path) {
   std::vector<std::string> texts;
@@ -259,11 +228,9 @@ std::vector<std::string> CorpusTexts(const std::string& path) {
 }
 
 void RunInitModel(const InitArgs& a) {
-  auto preset = Presets().find(a.preset);
-  if (preset == Presets().end())
-    ExitIfError(absl::InvalidArgumentError("unknown preset " + a.preset +
-                                           "; expected tiny or smollm2-135m"));
-  common::LlamaConfig config = preset->second;
+  auto preset = common::LlamaPreset(a.preset);
+  ExitIfError(preset.status());
+  common::LlamaConfig config = *preset;
   const nlohmann::json tokenizer_json = common::TrainByteLevelTokenizer(
       a.corpus.empty() ? std::vector<std::string>{} : CorpusTexts(a.corpus), a.merges,
       {"<|endoftext|>", "<|im_start|>", "<|im_end|>"});

@@ -24,22 +24,6 @@ namespace {
 
 using namespace fedlora::common;
 
-LlamaConfig Smollm2() {
-  LlamaConfig c;
-  c.hidden_size = 576;
-  c.intermediate_size = 1536;
-  c.num_hidden_layers = 30;
-  c.num_attention_heads = 9;
-  c.num_key_value_heads = 3;
-  c.head_dim = 64;
-  c.vocab_size = 49152;
-  c.max_position_embeddings = 8192;
-  c.rms_norm_eps = 1e-5;
-  c.rope_theta = 100000;
-  c.tie_word_embeddings = true;
-  return c;
-}
-
 double StepFlops(const LlamaConfig& c, const Adapter& a, int B, int T) {
   const double N = static_cast<double>(B) * T, Nt = static_cast<double>(B) * (T - 1);
   double linear = 0;
@@ -126,7 +110,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   openblas_set_num_threads(1);  // as the trainer runs it: one OpenBLAS thread per call
-  const LlamaConfig c = Smollm2();
+  const LlamaConfig c = *LlamaPreset("smollm2-135m");
   const LlamaWeights w = LlamaWeights::Random(c, 1);
   std::printf(
       "## Trainer throughput, SmolLM2-135M shape (%zu parameters), batch 4, LoRA r 16, %d "
