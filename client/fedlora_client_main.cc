@@ -52,6 +52,19 @@ int main(int argc, char** argv) {
                  "llm: records whose loss is reported before and after each round")
       ->capture_default_str();
   app.add_option("--threads", llm.threads, "llm: threads (0: all cores)")->capture_default_str();
+  app.add_option("--dp-noise-multiplier", llm.dp.noise_multiplier,
+                 "llm: DP-SGD noise stddev / clip (per-example clipping, Poisson sampling)");
+  app.add_option("--dp-clip", llm.dp.clip, "llm: DP-SGD per-example clip norm")
+      ->capture_default_str();
+  app.add_option("--dp-sample-rate", llm.dp.sample_rate,
+                 "llm: DP-SGD sampling rate (default batch / records)");
+  app.add_option("--dp-delta", llm.dp_delta, "llm: delta of the epsilon reported")
+      ->capture_default_str();
+  app.add_option(
+      "--target-epsilon", llm.target_epsilon,
+      "llm: decline rounds (and leave the run) once the next one would pass this epsilon");
+  app.add_option("--privacy-ledger", llm.privacy_ledger, "llm: where DP-SGD's spending is kept")
+      ->capture_default_str();
   fedlora::client::CommandOptions command;
   std::string module_list;
   app.add_option(

@@ -26,6 +26,13 @@ struct LlmOptions {
   int grad_accum = 1;      // micro-batches per optimiser step
   int eval_examples = 64;  // records whose loss is reported before and after training
   int threads = 0;         // 0: all cores
+  // DP-SGD (common/trainer.h) when dp.noise_multiplier ≥ 0. The client keeps a ledger of what it
+  // spent (privacy_ledger, a JSON file rewritten atomically after every round), reports ε each
+  // round, and declines a round that would take it past target_epsilon (> 0).
+  common::TrainOptions::DpSgd dp;
+  double dp_delta = 1e-5;
+  double target_epsilon = 0;
+  std::string privacy_ledger = "fedlora-privacy.json";
 };
 
 class LlmWorkload final : public Workload {
@@ -35,6 +42,8 @@ class LlmWorkload final : public Workload {
   std::string fingerprint() const override { return fingerprint_; }
   int64_t num_examples() const override { return static_cast<int64_t>(examples_.size()); }
   std::vector<v1::ModuleSpec> modules() const override;
+  // With DP-SGD, RESOURCE_EXHAUSTED when the round would spend more than target_epsilon (the
+  // node then declines it and leaves the run).
   absl::StatusOr<v1::TrainMetrics> Train(const v1::Task& task, common::Adapter& adapter) override;
   absl::Status MergeIntoBase(const common::Adapter& delta) override;
   // The model with every merged FLoRA delta folded in: config.json, model.safetensors and the

@@ -261,6 +261,10 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
       case v1::Task::TRAIN: {
         RETURN_IF_ERROR(Apply(task, stop));
         absl::Status trained = Train(task, stop);
+        if (absl::IsResourceExhausted(trained)) {  // the site's privacy budget is spent
+          spdlog::warn("round {}: {}; leaving the run", task.round(), trained.message());
+          return trained;
+        }
         if (!trained.ok()) {
           // A failed training or a refused update: back off, and give up after three in a row (a
           // deterministic failure would otherwise repeat forever; the coordinator counts this

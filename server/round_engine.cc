@@ -709,7 +709,8 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   double loss_before = 0, loss_after = 0, examples = 0;
   nlohmann::json bytes_up = nlohmann::json::object(), bytes_down = nlohmann::json::object(),
                  update_blobs = nlohmann::json::object(),
-                 update_examples = nlohmann::json::object();
+                 update_examples = nlohmann::json::object(),
+                 dp_epsilon = nlohmann::json::object();  // DP-SGD clients' spent budgets
   for (const std::string& id : arrived) {
     PendingUpload& u = uploads_[id];
     if (!streaming()) updates.push_back(std::move(u.adapter));
@@ -720,6 +721,7 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
     bytes_up[id] = u.total_size;
     update_blobs[id] = u.blob;
     update_examples[id] = u.num_examples;
+    if (u.metrics.dp_epsilon() > 0) dp_epsilon[id] = u.metrics.dp_epsilon();
     clients_[id].rounds_contributed++;
   }
   for (const std::string& id : cohort_) bytes_down[id] = clients_[id].bytes_down_this_round;
@@ -780,6 +782,10 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
       {"global_blob", sha},
       {"blob_bytes", bytes.size()}};
   if (eval_loss) line["eval_loss"] = *eval_loss;
+  if (!dp_epsilon.empty()) {
+    line["dp_epsilon"] = dp_epsilon;
+    spdlog::info("round {}: DP-SGD epsilon spent by clients: {}", round_, dp_epsilon.dump());
+  }
   if (method_ == Method::kLoraFair) {
     double objective = 0, fedit = 0;
     for (const auto& m : result.modules) {

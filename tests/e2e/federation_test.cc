@@ -16,6 +16,7 @@
 #include "common/blob.h"
 #include "common/file_util.h"
 #include "common/peft.h"
+#include "common/privacy_accountant.h"
 #include "common/safetensors.h"
 #include "common/tls.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
@@ -717,7 +718,7 @@ TEST_F(FederationTest, CommandWorkloadRunsTheSitesOwnTrainer) {
 // The llm workload end to end: a tiny Llama made by `fedlora init-model`, a non-IID synthetic
 // instruction dataset from `fedlora make-data`, 3 clients fine-tuning over mutual TLS, and the
 // coordinator evaluating the global model on held-out data every round.
-class LlmFederation : public FederationTest, public ::testing::WithParamInterface<std::string> {
+class LlmFixture : public FederationTest {
  protected:
   // Runs the offline tool; returns its last JSON line when it prints one.
   nlohmann::json Fedlora(const std::string& args) {
@@ -733,6 +734,8 @@ class LlmFederation : public FederationTest, public ::testing::WithParamInterfac
                    (dir_ / "data" / "test.jsonl").string() + " --json")["loss"];
   }
 };
+
+class LlmFederation : public LlmFixture, public ::testing::WithParamInterface<std::string> {};
 
 TEST_P(LlmFederation, ClientsFineTuneATinyModelAndHeldOutLossFalls) {
   const std::string method = GetParam();
@@ -784,6 +787,67 @@ INSTANTIATE_TEST_SUITE_P(Methods, LlmFederation,
                            std::erase(name, '-');
                            return name;
                          });
+
+// DP-SGD on the clients: each reports the ε its ledger has spent, the coordinator records it per
+// round, and a client whose next round would pass its target declines it and leaves.
+TEST_F(LlmFixture, DpSgdClientsReportEpsilonAndStopAtTheirTarget) {
+  const fs::path data = dir_ / "data", model = dir_ / "model";
+  Fedlora("make-data --out " + data.string() +
+          " --clients 3 --records 48 --test-records 12 --alpha 0.5 --seed 1");
+  Fedlora("init-model --preset tiny --seed 2 --init-std 0.1 --out " + model.string());
+  const double q = 8.0 / 48, sigma = 1.0, delta = 1e-5;
+  const double eps1 = common::EpsilonFor(q, sigma, 6, delta)->epsilon;
+  const double eps2 = common::EpsilonFor(q, sigma, 12, delta)->epsilon;
+  const pid_t server =
+      StartServer("fedit", "state",
+                  {"--rounds", "2", "--local-steps", "6", "--learning-rate", "0.01", "--quorum",
+                   "0.6", "--round-deadline-s", "8", "--target-modules", "q_proj,v_proj"});
+  ASSERT_FALSE(port_.empty()) << testing::ReadText(dir_ / "state.log");
+  std::vector<pid_t> clients;
+  for (int i = 1; i <= 3; ++i) {
+    std::vector<std::string> flags = {"--workload",
+                                      "llm",
+                                      "--model",
+                                      model.string(),
+                                      "--data",
+                                      (data / ("client-" + std::to_string(i) + ".jsonl")).string(),
+                                      "--batch",
+                                      "8",
+                                      "--eval-examples",
+                                      "8",
+                                      "--dp-noise-multiplier",
+                                      "1",
+                                      "--dp-clip",
+                                      "1",
+                                      "--privacy-ledger",
+                                      (dir_ / ("ledger-" + std::to_string(i) + ".json")).string()};
+    if (i == 3) {  // room for one round, not two
+      flags.push_back("--target-epsilon");
+      flags.push_back(std::to_string((eps1 + eps2) / 2));
+    }
+    clients.push_back(StartClient(i, "run", flags));
+  }
+  for (int i = 0; i < 2; ++i)
+    EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(120)), 0)
+        << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
+  EXPECT_NE(testing::Wait(clients[2], std::chrono::seconds(60)), 0);
+  ASSERT_EQ(testing::Wait(server, std::chrono::seconds(60)), 0)
+      << testing::ReadText(dir_ / "state.log");
+
+  const auto metrics = Metrics("state");
+  ASSERT_EQ(metrics.size(), 2u);
+  ASSERT_EQ(metrics[0]["dp_epsilon"].size(), 3u) << metrics[0].dump();
+  for (const auto& [id, eps] : metrics[0]["dp_epsilon"].items())
+    EXPECT_NEAR(eps.get<double>(), eps1, 1e-9 * eps1) << id;
+  EXPECT_EQ(metrics[1]["arrived"].size(), 2u);
+  ASSERT_EQ(metrics[1]["dp_epsilon"].size(), 2u) << metrics[1].dump();
+  for (const auto& [id, eps] : metrics[1]["dp_epsilon"].items())
+    EXPECT_NEAR(eps.get<double>(), eps2, 1e-9 * eps2) << id;
+  EXPECT_THAT(testing::ReadText(dir_ / "run-client3.log"),
+              HasSubstr("privacy budget: round 2 would bring epsilon to"));
+  const auto ledger = nlohmann::json::parse(testing::ReadText(dir_ / "ledger-3.json"));
+  EXPECT_EQ(ledger["rounds"].size(), 1u);
+}
 
 }  // namespace
 }  // namespace fedlora
