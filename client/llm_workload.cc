@@ -121,17 +121,18 @@ absl::Status LlmWorkload::MergeIntoBase(const common::Adapter& delta) {
 }
 
 absl::Status LlmWorkload::WriteFinalState(const std::filesystem::path& dir) const {
-  RETURN_IF_ERROR(model_.weights.WriteInto(dir, common::DType::kF32));
   const std::filesystem::path tokenizer =
       std::filesystem::path(options_.model_dir) / common::kTokenizerFile;
-  if (!std::filesystem::exists(tokenizer)) return absl::OkStatus();
-  std::error_code ec;
-  std::filesystem::copy_file(tokenizer, dir / common::kTokenizerFile,
-                             std::filesystem::copy_options::overwrite_existing, ec);
-  if (ec)
-    return absl::InternalError(
-        common::StrCat("cannot copy ", tokenizer.string(), ": ", ec.message()));
-  return absl::OkStatus();
+  return common::BuildDirectoryAtomically(
+      dir / "model", /*overwrite=*/true, [&](const std::filesystem::path& out) -> absl::Status {
+        RETURN_IF_ERROR(model_.weights.WriteInto(out, common::DType::kF32));
+        std::error_code ec;
+        if (std::filesystem::exists(tokenizer))
+          std::filesystem::copy_file(tokenizer, out / common::kTokenizerFile, ec);
+        return ec ? absl::InternalError(
+                        common::StrCat("cannot copy ", tokenizer.string(), ": ", ec.message()))
+                  : absl::OkStatus();
+      });
 }
 
 }  // namespace fedlora::client

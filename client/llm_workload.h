@@ -46,8 +46,8 @@ class LlmWorkload final : public Workload {
   // node then declines it and leaves the run).
   absl::StatusOr<v1::TrainMetrics> Train(const v1::Task& task, common::Adapter& adapter) override;
   absl::Status MergeIntoBase(const common::Adapter& delta) override;
-  // The model with every merged FLoRA delta folded in: config.json, model.safetensors and the
-  // tokenizer.
+  // <dir>/model, written atomically: the model with every merged FLoRA delta folded in
+  // (config.json, model.safetensors and the tokenizer).
   absl::Status WriteFinalState(const std::filesystem::path& dir) const override;
 
  private:

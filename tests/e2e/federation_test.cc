@@ -776,7 +776,7 @@ TEST_P(LlmFederation, ClientsFineTuneATinyModelAndHeldOutLossFalls) {
   // on the base with the global adapter.
   EXPECT_NEAR(EvalLoss(dir_ / "state" / "export" / "merged"), final_loss, 1e-5 * final_loss);
   if (method == "flora") {  // each client holds the same merged base
-    EXPECT_NEAR(EvalLoss(dir_ / "run-out1"), final_loss, 1e-5 * final_loss);
+    EXPECT_NEAR(EvalLoss(dir_ / "run-out1" / "model"), final_loss, 1e-5 * final_loss);
   }
 }
 
