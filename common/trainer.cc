@@ -26,9 +26,22 @@ int LongestExample(const std::vector<Example>& examples) {
   return static_cast<int>(longest);
 }
 
+using Ranges = std::vector<std::pair<size_t, size_t>>;
+
+void ZeroRanges(const Ranges& ranges, std::vector<float>& v) {
+  for (const auto& [b, e] : ranges) std::fill(v.begin() + b, v.begin() + e, 0.0f);
+}
+
+double SquaredNorm(const Ranges& ranges, const std::vector<float>& v) {
+  double sum = 0;
+  for (const auto& [b, e] : ranges)
+    for (size_t i = b; i < e; ++i) sum += static_cast<double>(v[i]) * v[i];
+  return sum;
+}
+
 // [begin, end) ranges of the adapter's buffer that training updates.
-std::vector<std::pair<size_t, size_t>> TrainableRanges(const Adapter& adapter) {
-  std::vector<std::pair<size_t, size_t>> ranges;
+Ranges TrainableRanges(const Adapter& adapter) {
+  Ranges ranges;
   for (const LoraModule& m : adapter.modules()) {
     if (m.has_r)
       ranges.push_back({m.r_offset, m.r_offset + static_cast<size_t>(m.rank) * m.rank});
@@ -240,24 +253,19 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
       std::bernoulli_distribution pick(q);
       for (size_t i = 0; i < examples.size(); ++i)
         if (pick(sampler)) sampled.push_back(i);
-      for (const auto& [b, e] : ranges) std::fill(grads.begin() + b, grads.begin() + e, 0.0f);
+      ZeroRanges(ranges, grads);
       for (size_t i : sampled) {
         FillBatch(examples, identity, i, 1, 0, micro[0]);
         const int64_t n = micro[0].TargetCount();
         tokens += static_cast<int64_t>(examples[i].input_ids.size());
         if (n == 0) continue;
-        for (const auto& [b, e] : ranges)
-          std::fill(sample_grad.begin() + b, sample_grad.begin() + e, 0.0f);
+        ZeroRanges(ranges, sample_grad);
         ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(micro[0], 1.0f / static_cast<float>(n),
                                                             sample_grad));
         loss.sum += l.sum;
         loss.tokens += l.tokens;
-        double norm2 = 0;
-        for (const auto& [b, e] : ranges)
-          for (size_t j = b; j < e; ++j)
-            norm2 += static_cast<double>(sample_grad[j]) * sample_grad[j];
-        const float factor =
-            static_cast<float>(std::min(1.0, o.dp.clip / (std::sqrt(norm2) + 1e-6)));
+        const float factor = static_cast<float>(
+            std::min(1.0, o.dp.clip / (std::sqrt(SquaredNorm(ranges, sample_grad)) + 1e-6)));
         for (const auto& [b, e] : ranges)
           for (size_t j = b; j < e; ++j) grads[j] += factor * sample_grad[j];
       }
@@ -283,7 +291,7 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
         targets += micro[a].TargetCount();
         result.examples_seen += static_cast<int64_t>(count);
       }
-      for (const auto& [b, e] : ranges) std::fill(grads.begin() + b, grads.begin() + e, 0.0f);
+      ZeroRanges(ranges, grads);
       const float scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
       for (const TokenBatch& batch : micro) {
         ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(batch, scale, grads));
@@ -291,14 +299,11 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
         loss.tokens += l.tokens;
       }
     }
-    double norm2 = 0;
-    for (const auto& [b, e] : ranges)
-      for (size_t i = b; i < e; ++i) norm2 += static_cast<double>(grads[i]) * grads[i];
-    norm = std::sqrt(norm2);
+    norm = std::sqrt(SquaredNorm(ranges, grads));
     if (!std::isfinite(norm))
       return absl::InternalError(StrCat("gradient is not finite at step ", step + 1,
                                         " (learning rate ", o.lr,
-                                        " too high?); the adapter is left as it was"));
+                                        " too high?); training stopped before applying it"));
     const float clip = (!dp && o.max_grad_norm > 0 && norm > o.max_grad_norm)
                            ? static_cast<float>(o.max_grad_norm / (norm + 1e-6))
                            : 1.0f;
