@@ -52,7 +52,7 @@ std::vector<common::Example> ReadDataOrExit(const common::Model& model, const st
 
 struct EvalArgs {
   std::string model, adapter, data;
-  int max_length = 1024;
+  int max_length = 0;  // 0: the model's max_position_embeddings
   int batch = 8;
   int threads = 0;
   bool json = false;
@@ -66,7 +66,9 @@ void RunEval(const EvalArgs& a) {
     ExitIfError(read.status());
     adapter = std::move(*read);
   }
-  const auto examples = ReadDataOrExit(model, a.data, a.max_length);
+  const int max_length =
+      a.max_length > 0 ? a.max_length : model.weights.config().max_position_embeddings;
+  const auto examples = ReadDataOrExit(model, a.data, max_length);
   auto loss =
       common::Evaluate(model.weights, adapter ? &*adapter : nullptr, examples, a.batch, a.threads);
   ExitIfError(loss.status());
@@ -401,8 +403,9 @@ void AddLlmCommands(CLI::App& app) {
     cmd->add_option("--adapter", a->adapter, "PEFT adapter directory (default: the base model)");
     cmd->add_option("--data", a->data, "JSONL file (instruction, text or input_ids records)")
         ->required();
-    cmd->add_option("--max-length", a->max_length, "truncate records to this many tokens")
-        ->capture_default_str()
+    cmd->add_option("--max-length", a->max_length,
+                    "truncate records to this many tokens (default: the model's "
+                    "max_position_embeddings)")
         ->check(CLI::Range(2, 1 << 20));
     cmd->add_option("--batch", a->batch, "records per forward pass")
         ->capture_default_str()
