@@ -121,18 +121,8 @@ absl::Status LlmWorkload::MergeIntoBase(const common::Adapter& delta) {
 }
 
 absl::Status LlmWorkload::WriteFinalState(const std::filesystem::path& dir) const {
-  const std::filesystem::path tokenizer =
-      std::filesystem::path(options_.model_dir) / common::kTokenizerFile;
-  return common::BuildDirectoryAtomically(
-      dir / "model", /*overwrite=*/true, [&](const std::filesystem::path& out) -> absl::Status {
-        RETURN_IF_ERROR(model_.weights.WriteInto(out, common::DType::kF32));
-        std::error_code ec;
-        if (std::filesystem::exists(tokenizer))
-          std::filesystem::copy_file(tokenizer, out / common::kTokenizerFile, ec);
-        return ec ? absl::InternalError(
-                        common::StrCat("cannot copy ", tokenizer.string(), ": ", ec.message()))
-                  : absl::OkStatus();
-      });
+  return model_.weights.WriteModelDirectory(dir / "model", options_.model_dir, common::DType::kF32,
+                                            /*overwrite=*/true);
 }
 
 }  // namespace fedlora::client

@@ -1,5 +1,6 @@
 #include "common/blob.h"
 
+#include <openssl/evp.h>
 #include <openssl/sha.h>
 
 #include <cstdio>
@@ -43,9 +44,15 @@ absl::StatusOr<double> ScalingOf(const nlohmann::json& scalings, const std::stri
 
 }  // namespace
 
-std::string Sha256Hex(std::string_view bytes) {
+std::string Sha256Hex(std::string_view bytes) { return Sha256Hex(std::span(&bytes, 1)); }
+
+std::string Sha256Hex(std::span<const std::string_view> pieces) {
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  for (std::string_view p : pieces) EVP_DigestUpdate(ctx, p.data(), p.size());
   uint8_t digest[SHA256_DIGEST_LENGTH];
-  SHA256(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), digest);
+  EVP_DigestFinal_ex(ctx, digest, nullptr);
+  EVP_MD_CTX_free(ctx);
   static const char kHex[] = "0123456789abcdef";
   std::string out;
   for (uint8_t b : digest) {

@@ -4,6 +4,7 @@
 #ifndef FEDLORA_COMMON_BLOB_H_
 #define FEDLORA_COMMON_BLOB_H_
 
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -14,6 +15,8 @@
 namespace fedlora::common {
 
 std::string Sha256Hex(std::string_view bytes);
+// The sha256 of the pieces' bytes, concatenated in order.
+std::string Sha256Hex(std::span<const std::string_view> pieces);
 // 64 lower-case hex digits, as Sha256Hex writes them.
 bool IsSha256Hex(std::string_view s);
 

@@ -116,6 +116,12 @@ absl::StatusOr<Example> ParseExample(const nlohmann::json& record, const Tokens&
   return ex;
 }
 
+int64_t TargetCount(const Example& e) {
+  return e.labels.empty() ? 0 : std::count_if(e.labels.begin() + 1, e.labels.end(), [](int32_t l) {
+    return l != -100;
+  });
+}
+
 absl::StatusOr<std::vector<Example>> ReadExamples(const std::filesystem::path& path,
                                                   const Tokens& tokens, int max_length) {
   std::ifstream in(path);

@@ -44,6 +44,10 @@ struct Tokens {
   int32_t vocab_size = 0;                // ids of pre-tokenised records must be below it
 };
 
+// Positions of `example` that carry a loss term (labels[t] for t ≥ 1 that are not -100), as
+// TokenBatch::TargetCount counts them.
+int64_t TargetCount(const Example& example);
+
 // The prompt of an instruction record (the template above, without the response).
 std::string InstructionPrompt(const std::string& instruction, const std::string& input);
 

@@ -141,13 +141,22 @@ absl::Status WriteFileAtomically(const fs::path& path,
   return SyncPath(ParentOf(path));
 }
 
-absl::Status WriteFileAtomically(const fs::path& path, std::string_view content) {
-  return WriteFileAtomically(path, [&](std::FILE* out) {
-    if (std::fwrite(content.data(), 1, content.size(), out) != content.size()) {
+namespace {
+std::function<absl::Status(std::FILE*)> WriteAll(const fs::path& path, std::string_view content) {
+  return [path, content](std::FILE* out) {
+    if (std::fwrite(content.data(), 1, content.size(), out) != content.size())
       return ErrnoError("cannot write", path, errno);
-    }
     return absl::OkStatus();
-  });
+  };
+}
+}  // namespace
+
+absl::Status WriteFileSynced(const fs::path& path, std::string_view content) {
+  return WriteFileSynced(path, WriteAll(path, content));
+}
+
+absl::Status WriteFileAtomically(const fs::path& path, std::string_view content) {
+  return WriteFileAtomically(path, WriteAll(path, content));
 }
 
 absl::Status BuildDirectoryAtomically(const fs::path& dir, bool overwrite,

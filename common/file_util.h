@@ -48,6 +48,7 @@ absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_
 // nothing.
 absl::Status WriteFileSynced(const std::filesystem::path& path,
                              const std::function<absl::Status(std::FILE*)>& write);
+absl::Status WriteFileSynced(const std::filesystem::path& path, std::string_view content);
 
 // Builds a directory atomically: `fill` writes into a fresh temporary directory beside `dir`, which
 // is then renamed to `dir` (missing parent directories are created first). If `dir` exists it is

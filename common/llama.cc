@@ -136,8 +136,8 @@ absl::Status LlamaWeights::Merge(const Adapter& adapter) {
   ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(config_, adapter));
   std::vector<std::pair<size_t, float*>> targets;  // module, its weight
   for (size_t i = 0; i < slots.size(); ++i)
-    targets.push_back({i, mutable_linear(static_cast<int>(slots[i] / kNumLinearKinds),
-                                         static_cast<LinearKind>(slots[i] % kNumLinearKinds))});
+    targets.push_back({i, at(LinearEntry(static_cast<int>(slots[i] / kNumLinearKinds),
+                                         static_cast<LinearKind>(slots[i] % kNumLinearKinds)))});
   for (const auto& [i, w] : targets) {
     const LoraModule& m = adapter.module(i);
     MatrixD b = adapter.B(i).cast<double>() * m.scaling;
@@ -153,15 +153,30 @@ absl::Status LlamaWeights::WriteInto(const std::filesystem::path& dir, DType dty
   json["torch_dtype"] = dtype == DType::kBF16  ? "bfloat16"
                         : dtype == DType::kF16 ? "float16"
                                                : "float32";
-  const std::string config = json.dump(2) + "\n";
-  RETURN_IF_ERROR(WriteFileSynced(dir / kModelConfigFile, [&](std::FILE* f) {
-    return std::fwrite(config.data(), 1, config.size(), f) == config.size()
-               ? absl::OkStatus()
-               : absl::DataLossError(StrCat("short write of ", (dir / kModelConfigFile).string()));
-  }));
+  RETURN_IF_ERROR(WriteFileSynced(dir / kModelConfigFile, json.dump(2) + "\n"));
   const std::vector<TensorToWrite> tensors = Tensors();
   return WriteFileSynced(dir / kModelWeightsFile, [&](std::FILE* f) {
     return WriteSafetensors(f, tensors, dtype, {{"format", "pt"}});
+  });
+}
+
+absl::Status LlamaWeights::WriteModelDirectory(const std::filesystem::path& dir,
+                                               const std::filesystem::path& companion_dir,
+                                               DType dtype, bool overwrite) const {
+  return BuildDirectoryAtomically(dir, overwrite, [&](const std::filesystem::path& out) {
+    RETURN_IF_ERROR(WriteInto(out, dtype));
+    for (const auto& entry : std::filesystem::directory_iterator(companion_dir)) {
+      const std::string name = entry.path().filename().string();
+      if (!entry.is_regular_file() || name == kModelConfigFile || name == kModelIndexFile ||
+          name.ends_with(".safetensors"))
+        continue;
+      std::error_code ec;
+      std::filesystem::copy_file(entry.path(), out / name, ec);
+      if (ec)
+        return absl::InternalError(
+            StrCat("cannot copy ", entry.path().string(), ": ", ec.message()));
+    }
+    return absl::OkStatus();
   });
 }
 

@@ -52,23 +52,25 @@ class LlamaWeights {
   // Writes config.json and model.safetensors into `dir` (which must exist), each fsynced.
   absl::Status WriteInto(const std::filesystem::path& dir, DType dtype) const;
 
+  // Writes a whole model directory atomically: these weights, plus every other file of
+  // `companion_dir` (tokenizer.json, generation_config.json, ...) but its weights and config.
+  absl::Status WriteModelDirectory(const std::filesystem::path& dir,
+                                   const std::filesystem::path& companion_dir, DType dtype,
+                                   bool overwrite) const;
+
   // The tensors under their Hugging Face names (views into this object).
   std::vector<TensorToWrite> Tensors() const;
 
   const LlamaConfig& config() const { return config_; }
-  const float* embed() const { return at(0); }                    // [V, H]
-  const float* input_norm(int l) const { return at(1 + 9 * l); }  // [H]
-  const float* linear(int l, LinearKind k) const {                // [out, in]
-    const int i = static_cast<int>(k);
-    return at(1 + 9 * l + (i < 4 ? 1 + i : 2 + i));
-  }
+  const float* embed() const { return at(0); }                                       // [V, H]
+  const float* input_norm(int l) const { return at(1 + 9 * l); }                     // [H]
+  const float* linear(int l, LinearKind k) const { return at(LinearEntry(l, k)); }   // [out, in]
   const float* post_norm(int l) const { return at(1 + 9 * l + 5); }                  // [H]
   const float* final_norm() const { return at(1 + 9 * config_.num_hidden_layers); }  // [H]
   const float* lm_head() const {                                                     // [V, H]
     return config_.tie_word_embeddings ? embed() : at(2 + 9 * config_.num_hidden_layers);
   }
   size_t num_parameters() const { return buffer_.size(); }
-  float* mutable_linear(int l, LinearKind k) { return const_cast<float*>(linear(l, k)); }
 
  private:
   struct Entry {
@@ -77,6 +79,11 @@ class LlamaWeights {
     size_t offset = 0;  // in floats
   };
   explicit LlamaWeights(const LlamaConfig& config);
+  // The table entry of layer l's linear k (9 entries per layer, after the embedding).
+  static int LinearEntry(int l, LinearKind k) {
+    const int i = static_cast<int>(k);
+    return 1 + 9 * l + (i < 4 ? 1 + i : 2 + i);
+  }
   const float* at(int entry) const { return buffer_.data() + table_[entry].offset; }
   float* at(int entry) { return buffer_.data() + table_[entry].offset; }
 

@@ -313,11 +313,7 @@ absl::Status WritePeftAdapter(const Adapter& adapter, const fs::path& dir,
   const std::vector<TensorToWrite> tensors = AdapterTensors(adapter, AdapterParts::kAll);
   return BuildDirectoryAtomically(dir, options.overwrite, [&](const fs::path& tmp) -> absl::Status {
     const std::string text = config.dump(2) + "\n";
-    RETURN_IF_ERROR(WriteFileSynced(tmp / kAdapterConfigFile, [&](std::FILE* out) {
-      return std::fwrite(text.data(), 1, text.size(), out) == text.size()
-                 ? absl::OkStatus()
-                 : absl::InternalError(StrCat("cannot write ", kAdapterConfigFile));
-    }));
+    RETURN_IF_ERROR(WriteFileSynced(tmp / kAdapterConfigFile, text));
     return WriteFileSynced(tmp / kAdapterWeightsFile, [&](std::FILE* out) {
       return WriteSafetensors(out, tensors, options.dtype, {{"format", "pt"}});
     });

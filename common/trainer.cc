@@ -1,6 +1,5 @@
 #include "common/trainer.h"
 
-#include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include <algorithm>
@@ -11,6 +10,7 @@
 #include <random>
 
 #include "absl/status/status.h"
+#include "common/blob.h"
 #include "common/dp.h"
 #include "common/parallel.h"
 #include "common/peft.h"
@@ -71,21 +71,10 @@ absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir) {
 }
 
 std::string WeightsFingerprint(const LlamaWeights& weights) {
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  std::vector<std::string_view> pieces;
   for (const TensorToWrite& t : weights.Tensors())
-    EVP_DigestUpdate(ctx, t.data.data(), t.data.size_bytes());
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  EVP_DigestFinal_ex(ctx, digest, &length);
-  EVP_MD_CTX_free(ctx);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string hex;
-  for (unsigned int i = 0; i < length; ++i) {
-    hex += kHex[digest[i] >> 4];
-    hex += kHex[digest[i] & 15];
-  }
-  return hex;
+    pieces.emplace_back(reinterpret_cast<const char*>(t.data.data()), t.data.size_bytes());
+  return Sha256Hex(pieces);
 }
 
 double ScheduleFactor(Schedule schedule, int64_t step, int64_t total, int64_t warmup) {
@@ -152,7 +141,7 @@ absl::Status InitLoraSb(const LlamaWeights& weights, const std::vector<Example>&
   std::vector<size_t> order(examples.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   int64_t targets = 0;
-  for (const Example& e : examples) targets += MakeBatch({e}, {0}, 0, 1, 0).TargetCount();
+  for (const Example& e : examples) targets += TargetCount(e);
   if (targets == 0)
     return absl::InvalidArgumentError("LoRA-SB initialisation data has no target tokens");
   for (size_t first = 0; first < examples.size(); first += static_cast<size_t>(batch)) {
@@ -255,10 +244,10 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
         if (pick(sampler)) sampled.push_back(i);
       ZeroRanges(ranges, grads);
       for (size_t i : sampled) {
-        FillBatch(examples, identity, i, 1, 0, micro[0]);
-        const int64_t n = micro[0].TargetCount();
+        const int64_t n = TargetCount(examples[i]);
         tokens += static_cast<int64_t>(examples[i].input_ids.size());
         if (n == 0) continue;
+        FillBatch(examples, identity, i, 1, 0, micro[0]);
         ZeroRanges(ranges, sample_grad);
         ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(micro[0], 1.0f / static_cast<float>(n),
                                                             sample_grad));

@@ -872,18 +872,8 @@ absl::Status RoundEngine::ExportLocked() {
   if (base_) {  // the base model with the run's result folded in
     common::LlamaWeights merged = flora_merged_ ? *flora_merged_ : base_->weights;
     if (!flora_merged_) RETURN_IF_ERROR(merged.Merge(global));
-    const std::filesystem::path tokenizer =
-        std::filesystem::path(options_.base_model_dir) / common::kTokenizerFile;
-    RETURN_IF_ERROR(common::BuildDirectoryAtomically(
-        dir / "merged", /*overwrite=*/true, [&](const std::filesystem::path& out) -> absl::Status {
-          RETURN_IF_ERROR(merged.WriteInto(out, common::DType::kF32));
-          std::error_code ec;
-          if (std::filesystem::exists(tokenizer))
-            std::filesystem::copy_file(tokenizer, out / common::kTokenizerFile, ec);
-          return ec ? absl::InternalError(
-                          StrCat("cannot copy ", tokenizer.string(), ": ", ec.message()))
-                    : absl::OkStatus();
-        }));
+    RETURN_IF_ERROR(merged.WriteModelDirectory(dir / "merged", options_.base_model_dir,
+                                               common::DType::kF32, /*overwrite=*/true));
   }
   if (method_ == Method::kFlora) {
     // Also at the run's rank: the truncated SVD of each module's summed delta, and the energy it

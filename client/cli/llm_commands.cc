@@ -37,9 +37,7 @@ std::vector<common::Example> ReadDataOrExit(const common::Model& model, const st
   auto examples = common::ReadExamples(path, model.tokens, max_length);
   ExitIfError(examples.status());
   size_t without_targets = 0;
-  for (const common::Example& e : *examples)
-    without_targets +=
-        std::all_of(e.labels.begin() + 1, e.labels.end(), [](int32_t l) { return l == -100; });
+  for (const common::Example& e : *examples) without_targets += common::TargetCount(e) == 0;
   if (without_targets > 0)
     spdlog::warn(
         "{} of {} records of {} have no target tokens within {} tokens (a longer maximum length "
@@ -250,12 +248,7 @@ void RunInitModel(const InitArgs& a) {
   ExitIfError(common::BuildDirectoryAtomically(
       a.out, a.overwrite, [&](const std::filesystem::path& dir) -> absl::Status {
         RETURN_IF_ERROR(weights.WriteInto(dir, common::DType::kF32));
-        const std::string tokenizer = tokenizer_json.dump(2) + "\n";
-        return common::WriteFileSynced(dir / common::kTokenizerFile, [&](std::FILE* f) {
-          return std::fwrite(tokenizer.data(), 1, tokenizer.size(), f) == tokenizer.size()
-                     ? absl::OkStatus()
-                     : absl::DataLossError("short write of tokenizer.json");
-        });
+        return common::WriteFileSynced(dir / common::kTokenizerFile, tokenizer_json.dump(2) + "\n");
       }));
   std::printf("wrote %s: %s preset, %zu parameters, vocabulary %d (%d merges)\n", a.out.c_str(),
               a.preset.c_str(), weights.num_parameters(), config.vocab_size, a.merges);
@@ -277,23 +270,8 @@ void RunMerge(const MergeArgs& a) {
   const common::DType dtype = a.dtype == "bf16"  ? common::DType::kBF16
                               : a.dtype == "f16" ? common::DType::kF16
                                                  : common::DType::kF32;
-  ExitIfError(common::BuildDirectoryAtomically(
-      a.out, a.overwrite, [&](const std::filesystem::path& dir) -> absl::Status {
-        RETURN_IF_ERROR(weights->WriteInto(dir, dtype));
-        // The tokenizer and any other files of the model travel along; the weights do not.
-        for (const auto& entry : std::filesystem::directory_iterator(a.model)) {
-          const std::string name = entry.path().filename().string();
-          if (!entry.is_regular_file() || name == common::kModelConfigFile ||
-              name == common::kModelIndexFile || name.ends_with(".safetensors"))
-            continue;
-          std::error_code ec;
-          std::filesystem::copy_file(entry.path(), dir / name, ec);
-          if (ec)
-            return absl::InternalError(
-                common::StrCat("cannot copy ", entry.path().string(), ": ", ec.message()));
-        }
-        return absl::OkStatus();
-      }));
+  // The tokenizer and any other files of the model travel along.
+  ExitIfError(weights->WriteModelDirectory(a.out, a.model, dtype, a.overwrite));
   std::printf("wrote %s: %s with %zu adapter modules merged\n", a.out.c_str(), a.model.c_str(),
               adapter->num_modules());
 }
@@ -331,16 +309,10 @@ void RunMakeData(const MakeDataArgs& a) {
     test += common::SyntheticRecord(i % common::kSyntheticCategories, rng).dump() + "\n";
   ExitIfError(common::BuildDirectoryAtomically(
       a.out, a.overwrite, [&](const std::filesystem::path& dir) -> absl::Status {
-        auto write = [&](const std::string& name, const std::string& content) {
-          return common::WriteFileSynced(dir / name, [&](std::FILE* f) {
-            return std::fwrite(content.data(), 1, content.size(), f) == content.size()
-                       ? absl::OkStatus()
-                       : absl::DataLossError("short write of " + name);
-          });
-        };
         for (int k = 0; k < a.clients; ++k)
-          RETURN_IF_ERROR(write(common::StrCat("client-", k + 1, ".jsonl"), files[k]));
-        return write("test.jsonl", test);
+          RETURN_IF_ERROR(
+              common::WriteFileSynced(dir / common::StrCat("client-", k + 1, ".jsonl"), files[k]));
+        return common::WriteFileSynced(dir / "test.jsonl", test);
       }));
   std::printf(
       "wrote %s: %d clients × %d records (Dirichlet α = %g over %d categories), %d test records\n",
