@@ -119,7 +119,14 @@ absl::StatusOr<AdaptiveClipper> AdaptiveClipper::Create(const AdaptiveClipOption
 }
 
 absl::StatusOr<double> AdaptiveClipper::UpdateNoiseMultiplier(double z) const {
-  if (count_stddev_ == 0) return z;
+  if (z == 0) return 0.0;
+  if (count_stddev_ == 0) {
+    return absl::InvalidArgumentError(
+        StrCat("noise multiplier ", z,
+               " asks for privacy but the clipped-count noise sigma_b is 0: the count of unclipped "
+               "updates would be released as it is; set it > ",
+               z / 2));
+  }
   const double rest = 1.0 / (z * z) - 1.0 / (4 * count_stddev_ * count_stddev_);
   if (!(rest > 0)) {
     return absl::InvalidArgumentError(StrCat(

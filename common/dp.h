@@ -75,8 +75,9 @@ class AdaptiveClipper {
   double clip() const { return clip_; }
   double count_stddev() const { return count_stddev_; }
 
-  // z_Δ for the update noise given the round's total noise multiplier z. INVALID_ARGUMENT when z is
-  // too small for the count noise (z ≥ 2σ_b is needed).
+  // z_Δ for the update noise given the round's total noise multiplier z: 1/z² = 1/z_Δ² + 1/(2σ_b)²,
+  // as the count has sensitivity ½. INVALID_ARGUMENT when z ≥ 2σ_b (the count's noise alone would
+  // spend the budget) or when σ_b = 0 and z > 0 (the count would go out without noise).
   absl::StatusOr<double> UpdateNoiseMultiplier(double z) const;
 
   // Moves C from this round's update norms (the norms before clipping).

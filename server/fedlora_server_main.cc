@@ -57,6 +57,23 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
   app.add_option("--eval-data", o.eval_data, "held-out JSONL evaluated after every round");
   app.add_option("--eval-max-length", o.eval_max_length, "tokens per held-out record")
       ->capture_default_str();
+  app.add_option("--dp-clip", o.dp_clip,
+                 "client-level DP: bound on each client's update (flat L2 of its change); 0: off")
+      ->capture_default_str();
+  app.add_option("--dp-noise-multiplier", o.dp_noise_multiplier,
+                 "client-level DP: noise stddev / clip of each round")
+      ->capture_default_str();
+  app.add_flag("--dp-adaptive-clip", o.dp_adaptive_clip,
+               "client-level DP: the clip follows a quantile of the update norms (Andrew et al.)");
+  app.add_option("--dp-target-quantile", o.dp_target_quantile)->capture_default_str();
+  app.add_option("--dp-clip-learning-rate", o.dp_clip_learning_rate)->capture_default_str();
+  app.add_option("--dp-count-stddev", o.dp_count_stddev,
+                 "noise of the unclipped count (adaptive clipping); < 0: cohort / 20")
+      ->capture_default_str();
+  app.add_option("--dp-delta", o.dp_delta)->capture_default_str();
+  app.add_option("--dp-target-epsilon", o.dp_target_epsilon,
+                 "client-level DP: end the run before a round would spend more")
+      ->capture_default_str();
   app.add_option("--listen", o.listen, "address:port (port 0 picks a free one)")
       ->capture_default_str();
   app.add_option("--tls-cert", o.tls_cert, "PEM certificate chain of the server");

@@ -67,6 +67,16 @@ common::MatrixD RandomOrthonormal(int m, int k, std::mt19937_64& rng) {
   return Eigen::HouseholderQR<common::MatrixD>(g).householderQ() * common::MatrixD::Identity(m, k);
 }
 
+// ε for δ of a client-level DP history: [{"q", "z", "steps"} per round].
+absl::StatusOr<common::PrivacySpent> ClientDpSpent(const nlohmann::json& rounds, double delta) {
+  common::RdpAccountant accountant;
+  for (const auto& r : rounds) {
+    RETURN_IF_ERROR(accountant.AddSteps(r.at("q").get<double>(), r.at("z").get<double>(),
+                                        r.at("steps").get<double>()));
+  }
+  return accountant.Spent(delta);
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOptions& given) {
@@ -95,8 +105,27 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOpt
     if (engine->method_ == Method::kFlora) engine->flora_merged_ = base->weights;
     engine->base_ = std::move(base);
   }
+  if (options.client_dp()) {
+    ASSIGN_OR_RETURN(engine->noise_, common::GaussianNoise::Secure());
+    spdlog::info(
+        "client-level DP: updates clipped to {} ({}), noise multiplier {}, delta {}{}; every "
+        "client weighs the same and the divisor is the cohort drawn",
+        options.dp_clip, options.dp_adaptive_clip ? "adaptive, initial" : "fixed",
+        options.dp_noise_multiplier, options.dp_delta,
+        options.dp_target_epsilon > 0 ? StrCat(", target epsilon ", options.dp_target_epsilon)
+                                      : "");
+    if (options.dp_noise_multiplier == 0)
+      spdlog::warn("client-level DP without noise: updates are clipped, but epsilon is infinite");
+  }
   if (engine->store_.has_ledger()) {
     const Ledger& l = engine->store_.ledger();
+    const bool dp_run = l.client_dp.contains("rounds");
+    if (l.versions.size() > 1 && dp_run != options.client_dp()) {
+      return absl::FailedPreconditionError(StrCat(
+          "state directory ", options.state_dir,
+          dp_run ? " holds a run with" : " holds a run without",
+          " client-level DP; continue it with the same dp settings or use another state_dir"));
+    }
     if (l.method != options.method) {
       return absl::FailedPreconditionError(
           StrCat("state directory ", options.state_dir, " holds a ", l.method,
@@ -312,6 +341,22 @@ void RoundEngine::StartRoundLocked() {
   rejected_.clear();
   sums_ = RunningSums{};
   for (auto& [id, info] : clients_) info.bytes_down_this_round = 0;
+  if (options_.client_dp()) {
+    absl::StatusOr<bool> started = StartClientDpRoundLocked();
+    if (!started.ok() || !*started) {
+      if (!started.ok())
+        spdlog::error("round {} cannot start: {}", round_, started.status().message());
+      phase_ = Phase::kDone;
+      cohort_.clear();
+      if (current_version() >= 1) {
+        if (absl::Status st = ExportLocked(); !st.ok())
+          spdlog::error("export failed: {}", st.message());
+      }
+      spdlog::info("run {} ended at version {} of {} rounds", store_.ledger().run_id,
+                   current_version(), options_.rounds);
+      return;
+    }
+  }
   round_started_ = Clock::now();
   if (!run_started_) run_started_ = round_started_;
   phase_ = Phase::kTraining;
@@ -595,10 +640,12 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
       up.num_examples =
           request.num_examples() > 0 ? request.num_examples() : clients_[client].num_examples;
       up.metrics = request.metrics();
-      if (streaming()) {
-        FoldLocked(*adapter, static_cast<double>(up.num_examples));
-      } else {
+      if (!streaming()) {
         up.adapter = *std::move(adapter);
+      } else if (options_.client_dp()) {
+        dp_round_->Add(*adapter).IgnoreError();  // validated against the run's modules above
+      } else {
+        FoldLocked(*adapter, static_cast<double>(up.num_examples));
       }
       response.set_accepted(true);
       spdlog::info("round {}: {}'s update of {} bytes verified and validated in {:.3f} s", round_,
@@ -728,7 +775,11 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   // FedIT and Fed-SB were summed as updates arrived; FLoRA and LoRA-FAIR need every client's
   // factors.
   common::AggregateResult result;
-  if (streaming()) {
+  Ledger ledger = store_.ledger();
+  nlohmann::json client_dp;  // this round's privacy figures
+  if (options_.client_dp()) {
+    ASSIGN_OR_RETURN(result, FinishClientDpRoundLocked(std::move(updates), &ledger, &client_dp));
+  } else if (streaming()) {
     ASSIGN_OR_RETURN(result.adapter, SumsToAdapterLocked());
   } else {
     common::AggregateOptions agg{method_, {}};
@@ -742,7 +793,6 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   const char* kind = method_ == Method::kFlora   ? "delta"
                      : method_ == Method::kFedSb ? "r"
                                                  : "adapter";
-  Ledger ledger = store_.ledger();
   ledger.versions.push_back({round_, {{sha, static_cast<int64_t>(bytes.size()), kind, round_}}});
   RETURN_IF_ERROR(store_.SaveLedger(ledger));
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
@@ -782,6 +832,15 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
       {"global_blob", sha},
       {"blob_bytes", bytes.size()}};
   if (eval_loss) line["eval_loss"] = *eval_loss;
+  if (!client_dp.empty()) {
+    line["client_dp"] = client_dp;
+    spdlog::info(
+        "round {}: client-level DP spent epsilon {:.4f} at delta {} (order {}; q {:.4g}, noise "
+        "multiplier {}, clip {:.6g}, next clip {:.6g})",
+        round_, client_dp["epsilon"].get<double>(), options_.dp_delta, client_dp["order"].dump(),
+        dp_sample_rate_, options_.dp_noise_multiplier, client_dp["clip"].get<double>(),
+        client_dp["next_clip"].get<double>());
+  }
   if (!dp_epsilon.empty()) {
     line["dp_epsilon"] = dp_epsilon;
     spdlog::info("round {}: DP-SGD epsilon spent by clients: {}", round_, dp_epsilon.dump());
@@ -819,6 +878,100 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   return absl::OkStatus();
 }
 
+int RoundEngine::ClientDpStepsPerRound() const { return method_ == Method::kLoraFair ? 2 : 1; }
+
+absl::StatusOr<bool> RoundEngine::StartClientDpRoundLocked() {
+  const Ledger& ledger = store_.ledger();
+  const double expected = static_cast<double>(cohort_.size());
+  dp_sample_rate_ = expected / static_cast<double>(clients_.size());
+  if (options_.dp_target_epsilon > 0) {
+    nlohmann::json rounds = ledger.client_dp.value("rounds", nlohmann::json::array());
+    rounds.push_back({{"q", dp_sample_rate_},
+                      {"z", options_.dp_noise_multiplier},
+                      {"steps", ClientDpStepsPerRound()}});
+    ASSIGN_OR_RETURN(common::PrivacySpent next, ClientDpSpent(rounds, options_.dp_delta));
+    if (next.epsilon > options_.dp_target_epsilon) {
+      spdlog::warn(
+          "client-level DP: round {} (q {:.4g}) would take epsilon to {:.4f} at delta {}, past the "
+          "target {}; no more rounds are run",
+          round_, dp_sample_rate_, next.epsilon, options_.dp_delta, options_.dp_target_epsilon);
+      return false;
+    }
+  }
+  const double clip = ledger.client_dp.value("clip", options_.dp_clip);
+  if (options_
+          .dp_adaptive_clip) {  // refuse now, not at the close, a budget the count noise exceeds
+    ASSIGN_OR_RETURN(
+        common::AdaptiveClipper clipper,
+        common::AdaptiveClipper::Create({clip, options_.dp_target_quantile,
+                                         options_.dp_clip_learning_rate, options_.dp_count_stddev},
+                                        expected));
+    RETURN_IF_ERROR(clipper.UpdateNoiseMultiplier(options_.dp_noise_multiplier).status());
+  }
+  ASSIGN_OR_RETURN(Adapter start, GlobalStateLocked());
+  if (method_ == Method::kLoraFair) dp_start_ = start;
+  dp_round_.emplace(std::move(start), clip, expected);
+  return true;
+}
+
+absl::StatusOr<common::AggregateResult> RoundEngine::FinishClientDpRoundLocked(
+    std::vector<Adapter> updates, Ledger* ledger, nlohmann::json* metrics) {
+  common::ClientDpRound& round = *dp_round_;
+  for (const Adapter& u : updates) RETURN_IF_ERROR(round.Add(u).status());  // lora-fair
+  const double expected = static_cast<double>(cohort_.size()), clip = round.clip();
+  const double z = options_.dp_noise_multiplier;
+  double z_update = z;
+  std::optional<common::AdaptiveClipper> clipper;
+  if (options_.dp_adaptive_clip) {
+    ASSIGN_OR_RETURN(clipper, common::AdaptiveClipper::Create(
+                                  {clip, options_.dp_target_quantile,
+                                   options_.dp_clip_learning_rate, options_.dp_count_stddev},
+                                  expected));
+    ASSIGN_OR_RETURN(z_update, clipper->UpdateNoiseMultiplier(z));
+  }
+  const std::vector<double> norms = round.norms();
+  common::AggregateResult result;
+  result.adapter = std::move(round).Finish(z_update, *noise_);
+  dp_round_.reset();
+  if (method_ == Method::kLoraFair) {
+    ASSIGN_OR_RETURN(
+        std::vector<common::LoraFairSolution> solutions,
+        common::PrivateLoraFairCorrection(updates, dp_start_, result.adapter, clip, z, expected,
+                                          *noise_, {.lambda = options_.lora_fair_lambda}));
+    for (size_t i = 0; i < solutions.size(); ++i) {
+      result.modules.push_back({.name = result.adapter.module(i).name,
+                                .rank = result.adapter.module(i).rank,
+                                .lora_fair = std::move(solutions[i])});
+    }
+  }
+  if (clipper) clipper->Update(norms, *noise_);  // norms stay here: they are not private
+  const double next_clip = clipper ? clipper->clip() : clip;
+  ledger->client_dp["clip"] = next_clip;
+  ledger->client_dp["rounds"].push_back(
+      {{"q", dp_sample_rate_}, {"z", z}, {"steps", ClientDpStepsPerRound()}});
+  ASSIGN_OR_RETURN(common::PrivacySpent spent,
+                   ClientDpSpent(ledger->client_dp["rounds"], options_.dp_delta));
+  *metrics = {{"epsilon", spent.epsilon},
+              {"delta", options_.dp_delta},
+              {"order", spent.order},
+              {"sample_rate", dp_sample_rate_},
+              {"expected_clients", expected},
+              {"noise_multiplier", z},
+              {"update_noise_multiplier", z_update},
+              {"clip", clip},
+              {"next_clip", next_clip}};
+  return result;
+}
+
+absl::StatusOr<Adapter> RoundEngine::GlobalStateLocked() const {
+  const BlobInfo& latest = store_.ledger().versions.back().blobs.at(0);
+  if (method_ == Method::kFedSb && latest.kind == "frozen") return frozen_;  // R = 0
+  ASSIGN_OR_RETURN(std::string bytes, store_.ReadWholeBlob(latest.sha256));
+  const std::string origin = StrCat("blob ", latest.sha256);
+  if (method_ == Method::kFedSb) return common::DecodeROnto(bytes, origin, frozen_);
+  return common::DecodeAdapter(bytes, origin);
+}
+
 absl::Status RoundEngine::ExportLocked() {
   const std::filesystem::path dir = std::filesystem::path(options_.state_dir) / "export";
   const auto& versions = store_.ledger().versions;
@@ -831,12 +984,11 @@ absl::Status RoundEngine::ExportLocked() {
   switch (method_) {
     case Method::kFedIt:
     case Method::kLoraFair: {
-      ASSIGN_OR_RETURN(global, blob(versions.back().blobs.at(0)));
+      ASSIGN_OR_RETURN(global, GlobalStateLocked());
       break;
     }
     case Method::kFedSb: {
-      ASSIGN_OR_RETURN(std::string bytes, store_.ReadWholeBlob(versions.back().blobs.at(0).sha256));
-      ASSIGN_OR_RETURN(global, common::DecodeROnto(bytes, "final R", frozen_));
+      ASSIGN_OR_RETURN(global, GlobalStateLocked());
       RETURN_IF_ERROR(common::WritePeftAdapter(global.FoldR(), dir / "global-lora", write));
       break;
     }

@@ -24,6 +24,9 @@
 
 #include "absl/status/statusor.h"
 #include "common/adapter.h"
+#include "common/aggregate.h"
+#include "common/client_dp.h"
+#include "common/privacy_accountant.h"
 #include "common/trainer.h"
 #include "fedlora/v1/coordinator.pb.h"
 #include "server/server_options.h"
@@ -137,6 +140,15 @@ class RoundEngine {
   absl::StatusOr<common::Adapter> ValidateUpdateLocked(const std::string& client,
                                                        std::string_view bytes);
   bool streaming() const;  // fedit and fed-sb aggregate into sums_ as updates arrive
+  // The global adapter of the latest version (Fed-SB: the frozen B, A with the latest R).
+  absl::StatusOr<common::Adapter> GlobalStateLocked() const;
+  // Client-level DP: false when this round would take ε past the target (the run ends); otherwise
+  // starts the round's clipped sum.
+  absl::StatusOr<bool> StartClientDpRoundLocked();
+  int ClientDpStepsPerRound() const;  // Gaussian mechanisms per round: 2 for LoRA-FAIR, else 1
+  // Releases the round's private aggregate; adds its entry to ledger->client_dp and to `metrics`.
+  absl::StatusOr<common::AggregateResult> FinishClientDpRoundLocked(
+      std::vector<common::Adapter> updates, Ledger* ledger, nlohmann::json* metrics);
   void FoldLocked(const common::Adapter& update, double weight);
   absl::StatusOr<common::Adapter> SumsToAdapterLocked() const;
   // Moves the waiters that can be answered into `ready` (to be called after unlocking).
@@ -165,6 +177,12 @@ class RoundEngine {
   std::unique_ptr<common::Model> base_;
   std::vector<common::Example> eval_examples_;
   std::optional<common::LlamaWeights> flora_merged_;
+  // Client-level DP (options_.client_dp()): the round's clipped sum over its starting state, the
+  // start itself for LoRA-FAIR's second mechanism, the sampling rate, and the noise source.
+  std::optional<common::ClientDpRound> dp_round_;
+  common::Adapter dp_start_;
+  double dp_sample_rate_ = 0;
+  std::optional<common::GaussianNoise> noise_;
   bool stopping_ = false;
   std::condition_variable ticker_cv_;
   std::thread ticker_;

@@ -26,6 +26,37 @@ absl::Status ServerOptions::Validate() const {
   if (eval_max_length < 2) return bad("eval_max_length is ", eval_max_length, "; it must be >= 2");
   if (!(lora_fair_lambda >= 0))
     return bad("lora_fair_lambda is ", lora_fair_lambda, "; it must be >= 0");
+  if (!(dp_clip >= 0)) return bad("dp_clip is ", dp_clip, "; it must be >= 0 (0: off)");
+  if (!(dp_noise_multiplier >= 0))
+    return bad("dp_noise_multiplier is ", dp_noise_multiplier, "; it must be >= 0");
+  if (!client_dp() && (dp_noise_multiplier > 0 || dp_adaptive_clip || dp_target_epsilon > 0)) {
+    return bad(
+        "client-level DP needs dp_clip > 0 (the bound on each client's update, the initial one "
+        "with dp_adaptive_clip)");
+  }
+  if (client_dp() && ParsedMethod() == common::Method::kFlora) {
+    return bad(
+        "flora cannot run with client-level DP: the coordinator needs each client's own factors "
+        "to stack them, so no sum can be noised. Use DP-SGD on the clients instead "
+        "(fedlora-client --dp-noise-multiplier, --dp-max-grad-norm)");
+  }
+  if (!(dp_delta > 0 && dp_delta < 1))
+    return bad("dp_delta is ", dp_delta, "; it must be in (0, 1)");
+  if (!(dp_target_epsilon >= 0))
+    return bad("dp_target_epsilon is ", dp_target_epsilon, "; it must be >= 0 (0: none)");
+  if (dp_target_epsilon > 0 && dp_noise_multiplier == 0) {
+    return bad("dp_target_epsilon needs dp_noise_multiplier > 0: without noise ε is infinite");
+  }
+  if (!(dp_target_quantile >= 0 && dp_target_quantile <= 1))
+    return bad("dp_target_quantile is ", dp_target_quantile, "; it must be in [0, 1]");
+  if (!(dp_clip_learning_rate >= 0))
+    return bad("dp_clip_learning_rate is ", dp_clip_learning_rate, "; it must be >= 0");
+  if (dp_adaptive_clip && dp_noise_multiplier > 0 && dp_count_stddev >= 0 &&
+      dp_noise_multiplier >= 2 * dp_count_stddev) {
+    return bad("dp_noise_multiplier ", dp_noise_multiplier,
+               " must be below 2*dp_count_stddev = ", 2 * dp_count_stddev,
+               ": the noised count of unclipped updates takes its share of the round's budget");
+  }
   if (chunk_bytes < 1024 || chunk_bytes > (64 << 20))
     return bad("chunk_bytes is ", chunk_bytes, "; use 1 KiB to 64 MiB");
   if (!insecure && (tls_cert.empty() || tls_key.empty())) {

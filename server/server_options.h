@@ -43,6 +43,19 @@ struct ServerOptions {
   std::string base_model_dir;
   std::string eval_data;      // held-out JSONL; needs base_model_dir
   int eval_max_length = 256;  // tokens per held-out record
+  // Client-level differential privacy (DP-FedAvg, McMahan et al. 2018; fedit, lora-fair, fed-sb):
+  // each client's change of the trained factors is clipped to dp_clip (flat L2 over all modules),
+  // the sums get Gaussian noise of stddev dp_noise_multiplier·clip, and the divisor is the cohort
+  // drawn, not the count that arrived. Off while dp_clip is 0. ε for dp_delta is reported after
+  // every round, with the sampling rate q = cohort / joined clients.
+  double dp_clip = 0;               // S; with dp_adaptive_clip, the initial C
+  double dp_noise_multiplier = 0;   // z of each round as a whole (0: clipping only, not private)
+  bool dp_adaptive_clip = false;    // Andrew et al. 2021: C follows a quantile of the update norms
+  double dp_target_quantile = 0.5;  // γ, the share of updates meant to end up unclipped
+  double dp_clip_learning_rate = 0.2;  // η_C of C ← C·exp(−η_C (b̄ − γ))
+  double dp_count_stddev = -1;         // σ_b of the noised unclipped count; < 0: cohort size / 20
+  double dp_delta = 1e-5;
+  double dp_target_epsilon = 0;  // > 0: the run ends before a round would take ε past this
   // Transport
   std::string listen = "0.0.0.0:50051";
   std::string tls_cert;   // PEM server certificate chain
@@ -56,6 +69,7 @@ struct ServerOptions {
   int64_t max_update_bytes = int64_t{1} << 30;  // an update larger than this is refused
   int64_t max_wait_ms = 20000;                  // longest long-poll
 
+  bool client_dp() const { return dp_clip > 0; }
   absl::Status Validate() const;
   common::Method ParsedMethod() const;  // after Validate()
 };

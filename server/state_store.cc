@@ -29,7 +29,8 @@ nlohmann::json ToJson(const Ledger& l) {
   }
   return {{"format", "fedlora-ledger-1"}, {"run_id", l.run_id},
           {"method", l.method},           {"base_model_sha256", l.base_model_sha256},
-          {"modules", l.modules},         {"versions", versions}};
+          {"modules", l.modules},         {"versions", versions},
+          {"client_dp", l.client_dp}};
 }
 
 absl::StatusOr<Ledger> FromJson(const nlohmann::json& j, const std::string& origin) {
@@ -43,6 +44,7 @@ absl::StatusOr<Ledger> FromJson(const nlohmann::json& j, const std::string& orig
     l.method = j.at("method").get<std::string>();
     l.base_model_sha256 = j.at("base_model_sha256").get<std::string>();
     l.modules = j.at("modules");
+    l.client_dp = j.value("client_dp", nlohmann::json::object());
     for (const auto& v : j.at("versions")) {
       Version version{v.at("version").get<int64_t>(), {}};
       for (const auto& b : v.at("blobs")) {
