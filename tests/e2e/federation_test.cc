@@ -246,6 +246,157 @@ INSTANTIATE_TEST_SUITE_P(Methods, EveryMethod,
                            return name;
                          });
 
+// Client-level DP over the coordinator: each round's published state is recomputed here from the
+// stored updates (Δ_k against the previous version, flat clipping, the cohort as divisor), and what
+// is left over must be Gaussian noise of stddev z·S/m; ε per round is the accountant's for q = 1.
+class ClientLevelDp : public FederationTest, public ::testing::WithParamInterface<std::string> {
+ protected:
+  // The previous state, the metrics line's updates and its published state.
+  struct Round {
+    common::Adapter start, global;
+    std::vector<common::Adapter> updates;
+  };
+  std::vector<Round> Rounds(const std::string& method) {
+    const auto ledger = nlohmann::json::parse(testing::ReadText(dir_ / "state" / "ledger.json"));
+    const std::string v0 = Blob("state", ledger["versions"][0]["blobs"][0]["sha256"]);
+    const common::Adapter zero = *common::DecodeAdapter(v0, "version 0");  // Fed-SB: frozen, R = 0
+    auto decode = [&](const std::string& bytes) {
+      return method == "fed-sb" ? *common::DecodeROnto(bytes, "blob", zero)
+                                : *common::DecodeAdapter(bytes, "blob");
+    };
+    std::vector<Round> rounds;
+    common::Adapter start = zero;
+    for (const auto& m : Metrics("state")) {
+      Round r{start, decode(Blob("state", m["global_blob"])), {}};
+      for (const auto& [id, sha] : m["updates"].items())
+        r.updates.push_back(decode(Blob("state", sha)));
+      start = r.global;
+      rounds.push_back(std::move(r));
+    }
+    return rounds;
+  }
+  // Δ of an update against the round's start, flat: (A − A0, s·B − B0) per module, or s·R − R0.
+  // With `a_only`, only the A parts (LoRA-FAIR corrects B afterwards).
+  static Eigen::VectorXd Delta(const common::Adapter& u, const common::Adapter& start,
+                               bool a_only = false) {
+    std::vector<double> out;
+    auto put = [&](const MatrixD& d) { out.insert(out.end(), d.data(), d.data() + d.size()); };
+    for (size_t i = 0; i < u.num_modules(); ++i) {
+      const double s = u.module(i).scaling;
+      if (u.module(i).has_r) {
+        put(s * u.R(i).cast<double>() - start.R(i).cast<double>());
+        continue;
+      }
+      put(u.A(i).cast<double>() - start.A(i).cast<double>());
+      if (!a_only) put(s * u.B(i).cast<double>() - start.B(i).cast<double>());
+    }
+    return Eigen::Map<Eigen::VectorXd>(out.data(), static_cast<Eigen::Index>(out.size()));
+  }
+  void RunFederation(const std::string& method, std::vector<std::string> server_flags) {
+    const pid_t server = StartServer(method, "state", std::move(server_flags));
+    ASSERT_FALSE(port_.empty()) << testing::ReadText(dir_ / "state.log");
+    std::vector<pid_t> clients;
+    for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, "run"));
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(60)), 0)
+          << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
+    }
+    ASSERT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0)
+        << testing::ReadText(dir_ / "state.log");
+  }
+};
+
+TEST_P(ClientLevelDp, RoundsAreTheClippedNoisedMeanAndStopAtTheTargetEpsilon) {
+  const std::string method = GetParam();
+  // Round 1 starts from the same state every time, so its update norms repeat: these clips fall
+  // between them (fedit, lora-fair 1.96–2.52; fed-sb 1.127–1.164).
+  const double clip = method == "fed-sb" ? 1.15 : 2.2;
+  const double z = 0.8, delta = 1e-5, steps = method == "lora-fair" ? 2 : 1;
+  auto epsilon = [&](int rounds) {
+    return common::EpsilonFor(1.0, z, steps * rounds, delta)->epsilon;
+  };
+  const double target = (epsilon(2) + epsilon(3)) / 2;  // two of the four rounds fit
+  RunFederation(method,
+                {"--rounds", "4", "--dp-clip", std::to_string(clip), "--dp-noise-multiplier",
+                 std::to_string(z), "--dp-target-epsilon", std::to_string(target)});
+  const auto metrics = Metrics("state");
+  ASSERT_EQ(metrics.size(), 2u) << testing::ReadText(dir_ / "state.log");
+  EXPECT_THAT(testing::ReadText(dir_ / "state.log"), HasSubstr("no more rounds are run"));
+  const std::vector<Round> rounds = Rounds(method);
+  double sq = 0, n = 0;
+  int clipped = 0, unclipped = 0;
+  for (size_t t = 0; t < rounds.size(); ++t) {
+    const nlohmann::json& dp = metrics[t]["client_dp"];
+    EXPECT_NEAR(dp["epsilon"].get<double>(), epsilon(static_cast<int>(t) + 1),
+                1e-9 * epsilon(static_cast<int>(t) + 1));
+    EXPECT_EQ(dp["sample_rate"].get<double>(), 1.0);
+    EXPECT_EQ(dp["clip"].get<double>(), clip);
+    const Round& r = rounds[t];
+    // Clipping is decided on the whole Δ (A and B); LoRA-FAIR's published B is corrected, so only
+    // its A is compared.
+    const bool a_only = method == "lora-fair";
+    Eigen::VectorXd sum = Eigen::VectorXd::Zero(Delta(r.start, r.start, a_only).size());
+    for (const common::Adapter& u : r.updates) {
+      const double norm = Delta(u, r.start).norm();
+      (norm > clip ? clipped : unclipped)++;
+      sum += std::min(1.0, clip / (norm + 1e-6)) * Delta(u, r.start, a_only);
+    }
+    const Eigen::VectorXd noise = (Delta(r.global, r.start, a_only) - sum / 3) / (z * clip / 3);
+    sq += noise.squaredNorm();
+    n += static_cast<double>(noise.size());
+  }
+  EXPECT_GT(clipped, 0);
+  EXPECT_GT(unclipped, 0);
+  // The standardised leftover has mean square 1 (5-sigma bounds: χ²_n/n ~ N(1, 2/n)).
+  EXPECT_LT(std::abs(sq / n - 1), 5 * std::sqrt(2 / n)) << "n = " << n;
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, ClientLevelDp, ::testing::Values("fedit", "lora-fair", "fed-sb"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
+
+// Adaptive clipping without noise (z = 0, σ_b = 0) is deterministic: every round is the clipped
+// mean at the round's C, and C moves by C·exp(−η(b̄ − γ)) with b̄ the share of updates within C.
+TEST_F(ClientLevelDp, AdaptiveClipFollowsTheQuantileOfTheUpdateNorms) {
+  const double c0 = 1.0, eta = 0.3, gamma = 0.5;
+  RunFederation("fedit",
+                {"--dp-clip", std::to_string(c0), "--dp-adaptive-clip", "--dp-clip-learning-rate",
+                 std::to_string(eta), "--dp-count-stddev", "0"});
+  const auto metrics = Metrics("state");
+  ASSERT_EQ(metrics.size(), 3u);
+  const std::vector<Round> rounds = Rounds("fedit");
+  double clip = c0;
+  for (size_t t = 0; t < rounds.size(); ++t) {
+    const nlohmann::json& dp = metrics[t]["client_dp"];
+    EXPECT_NEAR(dp["clip"].get<double>(), clip, 1e-12 * clip);
+    Eigen::VectorXd sum = Eigen::VectorXd::Zero(Delta(rounds[t].start, rounds[t].start).size());
+    double within = 0;
+    for (const common::Adapter& u : rounds[t].updates) {
+      const double norm = Delta(u, rounds[t].start).norm();
+      within += norm <= clip;
+      sum += std::min(1.0, clip / (norm + 1e-6)) * Delta(u, rounds[t].start);
+    }
+    EXPECT_LT((Delta(rounds[t].global, rounds[t].start) - sum / 3).norm(), 1e-5 * sum.norm() / 3);
+    clip *= std::exp(-eta * (within / 3 - gamma));
+    EXPECT_NEAR(dp["next_clip"].get<double>(), clip, 1e-12 * clip);
+    EXPECT_TRUE(dp["epsilon"].is_null());  // no noise: ε is infinite, which JSON writes as null
+  }
+}
+
+TEST_F(FederationTest, FloraWithClientLevelDpIsRefusedWithTheReason) {
+  const std::vector<std::string> argv = {
+      kBin + "/fedlora-server", "--method", "flora", "--insecure", "--dp-clip", "1", "--state-dir",
+      (dir_ / "state").string()};
+  const pid_t pid = Track(testing::Start(argv, dir_ / "flora.log"));
+  EXPECT_NE(testing::Wait(pid, std::chrono::seconds(10)), 0);
+  EXPECT_THAT(testing::ReadText(dir_ / "flora.log"),
+              HasSubstr("the coordinator needs each client's own factors"));
+  EXPECT_THAT(testing::ReadText(dir_ / "flora.log"), HasSubstr("DP-SGD"));
+}
+
 TEST_F(FederationTest, FloraClientsEndWithTheSameMergedBase) {
   const pid_t server = StartServer("flora", "state");
   std::vector<pid_t> clients;
