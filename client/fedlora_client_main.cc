@@ -52,18 +52,19 @@ int main(int argc, char** argv) {
                  "llm: records whose loss is reported before and after each round")
       ->capture_default_str();
   app.add_option("--threads", llm.threads, "llm: threads (0: all cores)")->capture_default_str();
-  app.add_option("--dp-noise-multiplier", llm.dp.noise_multiplier,
-                 "llm: DP-SGD noise stddev / clip (per-example clipping, Poisson sampling)");
-  app.add_option("--dp-clip", llm.dp.clip, "llm: DP-SGD per-example clip norm")
+  fedlora::client::DpSgdSettings privacy;
+  app.add_option("--dp-noise-multiplier", privacy.dp.noise_multiplier,
+                 "regression, llm: DP-SGD noise stddev / clip (per-example clipping, Poisson "
+                 "sampling); off when not given");
+  app.add_option("--dp-clip", privacy.dp.clip, "DP-SGD per-example clip norm")
       ->capture_default_str();
-  app.add_option("--dp-sample-rate", llm.dp.sample_rate,
-                 "llm: DP-SGD sampling rate (default batch / records)");
-  app.add_option("--dp-delta", llm.dp_delta, "llm: delta of the epsilon reported")
+  app.add_option("--dp-sample-rate", privacy.dp.sample_rate,
+                 "DP-SGD sampling rate (llm default: batch / records; regression default: 0.1)");
+  app.add_option("--dp-delta", privacy.delta, "delta of the epsilon reported")
       ->capture_default_str();
-  app.add_option(
-      "--target-epsilon", llm.target_epsilon,
-      "llm: decline rounds (and leave the run) once the next one would pass this epsilon");
-  app.add_option("--privacy-ledger", llm.privacy_ledger, "llm: where DP-SGD's spending is kept")
+  app.add_option("--target-epsilon", privacy.target_epsilon,
+                 "DP-SGD: decline rounds (and leave the run) once the next one would pass this");
+  app.add_option("--privacy-ledger", privacy.ledger, "where DP-SGD's spending is kept")
       ->capture_default_str();
   fedlora::client::CommandOptions command;
   std::string module_list;
@@ -103,6 +104,7 @@ int main(int argc, char** argv) {
       fmt::format("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [{}] %v", node.id.empty() ? "client" : node.id));
   std::unique_ptr<fedlora::client::Workload> trainer;
   if (workload == "regression") {
+    regression.privacy = privacy;
     trainer = std::make_unique<fedlora::client::RegressionWorkload>(regression);
   } else if (workload == "command") {
     auto modules = fedlora::client::ParseModuleList(module_list);
@@ -122,6 +124,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "error: the llm workload needs --model DIR and --data FILE\n");
       return 2;
     }
+    llm.privacy = privacy;
     auto created = fedlora::client::LlmWorkload::Create(llm);
     if (!created.ok()) {
       std::fprintf(stderr, "error: %s\n", std::string(created.status().message()).c_str());

@@ -3,11 +3,8 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
-#include <fstream>
-#include <nlohmann/json.hpp>
+#include <optional>
 
-#include "common/file_util.h"
-#include "common/privacy_accountant.h"
 #include "common/status_macros.h"
 #include "common/strings.h"
 
@@ -61,49 +58,21 @@ absl::StatusOr<v1::TrainMetrics> LlmWorkload::Train(const v1::Task& task,
   o.schedule = common::Schedule::kConstant;  // each round continues one run; no per-round decay
   o.seed = task.settings().seed();
   o.threads = options_.threads;
-  // DP-SGD: what this round would add to the client's ledger, and whether the budget allows it.
-  nlohmann::json ledger = {{"delta", options_.dp_delta}, {"rounds", nlohmann::json::array()}};
-  common::RdpAccountant accountant;
-  const bool dp = options_.dp.noise_multiplier >= 0;
-  if (dp) {
-    o.dp = options_.dp;
+  // DP-SGD: the client's ledger says whether its budget allows this round.
+  std::optional<PrivacyLedger> ledger;
+  if (options_.privacy.enabled()) {
+    o.dp = options_.privacy.dp;
     if (o.dp.sample_rate <= 0)
       o.dp.sample_rate = std::min(1.0, static_cast<double>(o.batch) / examples_.size());
-    if (std::filesystem::exists(options_.privacy_ledger)) {
-      std::ifstream in(options_.privacy_ledger);
-      ledger = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-      if (ledger.is_discarded() || !ledger.contains("rounds") || !ledger["rounds"].is_array())
-        return absl::DataLossError(common::StrCat("privacy ledger ", options_.privacy_ledger,
-                                                  " is not a fedlora ledger; refusing to train "
-                                                  "without knowing what was spent"));
-      for (const auto& r : ledger["rounds"])
-        RETURN_IF_ERROR(
-            accountant.AddSteps(r.value("q", 1.0), r.value("sigma", 0.0), r.value("steps", 0.0)));
-    }
-    RETURN_IF_ERROR(
-        accountant.AddSteps(o.dp.sample_rate, o.dp.noise_multiplier, static_cast<double>(o.steps)));
-    ASSIGN_OR_RETURN(common::PrivacySpent next, accountant.Spent(options_.dp_delta));
-    if (options_.target_epsilon > 0 && next.epsilon > options_.target_epsilon)
-      return absl::ResourceExhaustedError(
-          common::StrCat("privacy budget: round ", task.round(), " would bring epsilon to ",
-                         next.epsilon, " (delta ", options_.dp_delta, "), past the target ",
-                         options_.target_epsilon, "; declining it"));
+    ASSIGN_OR_RETURN(ledger, PrivacyLedger::Load(options_.privacy));
+    RETURN_IF_ERROR(ledger->Admit(task.round(), o.dp.sample_rate, o.steps));
   }
   ASSIGN_OR_RETURN(common::TrainResult result,
                    common::Train(model_.weights, examples_, o, adapter));
-  if (dp) {
-    ledger["rounds"].push_back({{"round", task.round()},
-                                {"q", o.dp.sample_rate},
-                                {"sigma", o.dp.noise_multiplier},
-                                {"steps", result.steps}});
-    RETURN_IF_ERROR(common::WriteFileAtomically(options_.privacy_ledger, ledger.dump(2) + "\n"));
-    ASSIGN_OR_RETURN(common::PrivacySpent spent, accountant.Spent(options_.dp_delta));
-    metrics.set_dp_epsilon(spent.epsilon);
-    metrics.set_dp_delta(options_.dp_delta);
-    spdlog::info(
-        "round {}: DP-SGD spent epsilon {:.4f} (delta {}) over {} rounds (sigma {:.4g}, q {:.4g})",
-        task.round(), spent.epsilon, options_.dp_delta, ledger["rounds"].size(),
-        o.dp.noise_multiplier, o.dp.sample_rate);
+  if (ledger) {
+    ASSIGN_OR_RETURN(common::PrivacySpent spent,
+                     ledger->Record(task.round(), o.dp.sample_rate, result.steps));
+    ReportPrivacy(task.round(), spent, options_.privacy, o.dp.sample_rate, metrics);
   }
   ASSIGN_OR_RETURN(double after, mean());
   metrics.set_loss_before(before);

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "client/privacy_ledger.h"
 #include "client/workload.h"
 #include "common/trainer.h"
 
@@ -26,13 +27,8 @@ struct LlmOptions {
   int grad_accum = 1;      // micro-batches per optimiser step
   int eval_examples = 64;  // records whose loss is reported before and after training
   int threads = 0;         // 0: all cores
-  // DP-SGD (common/trainer.h) when dp.noise_multiplier ≥ 0. The client keeps a ledger of what it
-  // spent (privacy_ledger, a JSON file rewritten atomically after every round), reports ε each
-  // round, and declines a round that would take it past target_epsilon (> 0).
-  common::TrainOptions::DpSgd dp;
-  double dp_delta = 1e-5;
-  double target_epsilon = 0;
-  std::string privacy_ledger = "fedlora-privacy.json";
+  // DP-SGD (common/trainer.h), with the client's own ledger (privacy_ledger.h).
+  DpSgdSettings privacy;
 };
 
 class LlmWorkload final : public Workload {

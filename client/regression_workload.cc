@@ -1,9 +1,12 @@
 #include "client/regression_workload.h"
 
+#include <openssl/rand.h>
+
 #include <random>
 
 #include "common/blob.h"
 #include "common/safetensors.h"
+#include "common/status_macros.h"
 #include "common/strings.h"
 
 namespace fedlora::client {
@@ -25,6 +28,8 @@ std::string ModuleName(int layer) {
 }  // namespace
 
 RegressionWorkload::RegressionWorkload(const RegressionOptions& o) : options_(o) {
+  if (options_.privacy.enabled() && options_.privacy.dp.sample_rate <= 0)
+    options_.privacy.dp.sample_rate = 0.1;
   const int n = o.in_features, m = o.out_features;
   std::mt19937_64 base_rng(o.base_seed), data_rng(o.data_seed * 7919 + 17);
   std::string weights;
@@ -105,6 +110,68 @@ double RegressionWorkload::Descend(common::Adapter& adapter, int steps, double l
   return Loss(adapter);
 }
 
+double RegressionWorkload::DescendPrivately(common::Adapter& adapter, int steps, double lr,
+                                            common::GaussianNoise& noise,
+                                            std::mt19937_64& sampler) const {
+  const common::TrainOptions::DpSgd& dp = options_.privacy.dp;
+  const double q = dp.sample_rate;
+  const double expected = q * static_cast<double>(options_.examples);
+  std::bernoulli_distribution pick(q);
+  std::vector<Eigen::Index> sample;
+  // Example i's loss is Σ_l ‖r_i‖²/m over the layers (Descend steps each layer on its own mean), so
+  // per layer, over the sampled rows: U = ∂ℓ_i/∂ŷ_i (rows u_i = 2 r_i/m), P = U·B (rows Bᵀu_i),
+  // Q = X·Aᵀ (rows A·x_i). Example i's gradient of layer l is the outer product u_i x_iᵀ through
+  // the factors: A: s·Bᵀu_i x_iᵀ, B: s·u_i (A x_i)ᵀ, R: s·Bᵀu_i (A x_i)ᵀ, whose norms are products.
+  std::vector<MatrixD> x(base_.size()), u(base_.size()), p(base_.size()), qa(base_.size());
+  for (int step = 0; step < steps; ++step) {
+    sample.clear();
+    for (Eigen::Index i = 0; i < options_.examples; ++i)
+      if (pick(sampler)) sample.push_back(i);
+    const Eigen::Index k = static_cast<Eigen::Index>(sample.size());
+    Eigen::VectorXd norm_sq = Eigen::VectorXd::Zero(k);
+    for (size_t l = 0; l < base_.size(); ++l) {
+      const size_t i = *adapter.FindModule(ModuleName(static_cast<int>(l)));
+      const double s = adapter.module(i).scaling;
+      MatrixD b = adapter.B(i).cast<double>();
+      if (adapter.module(i).has_r) b = b * adapter.R(i).cast<double>();
+      const MatrixD w = base_[l] + s * b * adapter.A(i).cast<double>();
+      x[l] = inputs_[l](sample, Eigen::placeholders::all);
+      u[l] = (x[l] * w.transpose() - targets_[l](sample, Eigen::placeholders::all)) *
+             (2.0 / static_cast<double>(w.rows()));
+      p[l] = u[l] * adapter.B(i).cast<double>();
+      qa[l] = x[l] * adapter.A(i).cast<double>().transpose();
+      const Eigen::VectorXd pn = p[l].rowwise().squaredNorm(), qn = qa[l].rowwise().squaredNorm();
+      if (adapter.module(i).has_r) {
+        norm_sq += s * s * pn.cwiseProduct(qn);
+      } else {
+        norm_sq += s * s *
+                   (pn.cwiseProduct(x[l].rowwise().squaredNorm()) +
+                    u[l].rowwise().squaredNorm().cwiseProduct(qn));
+      }
+    }
+    const Eigen::VectorXd factor =
+        (dp.clip / (norm_sq.array().sqrt() + 1e-6)).min(1.0).matrix();  // Opacus' clip factor
+    auto noised_mean = [&](MatrixD sum) {  // (Σ clipped + N(0, (σC)²)) / (q·N)
+      for (double& v : sum.reshaped()) v += dp.noise_multiplier * dp.clip * noise.Sample();
+      return MatrixD(sum / expected);
+    };
+    for (size_t l = 0; l < base_.size(); ++l) {
+      const size_t i = *adapter.FindModule(ModuleName(static_cast<int>(l)));
+      const double s = adapter.module(i).scaling;
+      const MatrixD pf = factor.asDiagonal() * p[l];
+      if (adapter.module(i).has_r) {
+        adapter.R(i) -= (lr * noised_mean(s * pf.transpose() * qa[l])).cast<float>();
+      } else {
+        const MatrixD ga = noised_mean(s * pf.transpose() * x[l]);
+        const MatrixD gb = noised_mean(s * (factor.asDiagonal() * u[l]).transpose() * qa[l]);
+        adapter.A(i) -= (lr * ga).cast<float>();
+        adapter.B(i) -= (lr * gb).cast<float>();
+      }
+    }
+  }
+  return Loss(adapter);
+}
+
 absl::Status RegressionWorkload::MergeIntoBase(const common::Adapter& delta) {
   for (size_t l = 0; l < base_.size(); ++l) {
     const size_t i = *delta.FindModule(ModuleName(static_cast<int>(l)));
@@ -117,8 +184,23 @@ absl::StatusOr<v1::TrainMetrics> RegressionWorkload::Train(const v1::Task& task,
                                                            common::Adapter& adapter) {
   v1::TrainMetrics metrics;
   metrics.set_loss_before(Loss(adapter));
-  metrics.set_loss_after(
-      Descend(adapter, task.settings().local_steps(), task.settings().learning_rate()));
+  const int steps = task.settings().local_steps();
+  if (!options_.privacy.enabled()) {
+    metrics.set_loss_after(Descend(adapter, steps, task.settings().learning_rate()));
+  } else {
+    const double q = options_.privacy.dp.sample_rate;
+    ASSIGN_OR_RETURN(PrivacyLedger ledger, PrivacyLedger::Load(options_.privacy));
+    RETURN_IF_ERROR(ledger.Admit(task.round(), q, steps));
+    ASSIGN_OR_RETURN(common::GaussianNoise noise, common::GaussianNoise::Secure());
+    uint64_t seed = 0;
+    if (RAND_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed) != 1)
+      return absl::InternalError("RAND_bytes failed to seed DP-SGD's sampling");
+    std::mt19937_64 sampler(seed);
+    metrics.set_loss_after(
+        DescendPrivately(adapter, steps, task.settings().learning_rate(), noise, sampler));
+    ASSIGN_OR_RETURN(common::PrivacySpent spent, ledger.Record(task.round(), q, steps));
+    ReportPrivacy(task.round(), spent, options_.privacy, q, metrics);
+  }
   metrics.set_steps(task.settings().local_steps());
   return metrics;
 }

@@ -11,12 +11,15 @@
 #ifndef FEDLORA_CLIENT_REGRESSION_WORKLOAD_H_
 #define FEDLORA_CLIENT_REGRESSION_WORKLOAD_H_
 
+#include <random>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "client/privacy_ledger.h"
 #include "client/workload.h"
 #include "common/adapter.h"
+#include "common/dp.h"
 #include "fedlora/v1/coordinator.pb.h"
 
 namespace fedlora::client {
@@ -29,6 +32,10 @@ struct RegressionOptions {
   int out_features = 32;  // m
   int64_t examples = 256;
   double heterogeneity = 1.0;  // size of the client-specific part of the target
+  // DP-SGD instead of full-batch descent: each step a Poisson sample at rate q (default 0.1), each
+  // example's gradient of the trained factors over all layers clipped flat to C, noise N(0, (σC)²)
+  // on the sum, divided by the expected sample q·N.
+  DpSgdSettings privacy;
 };
 
 class RegressionWorkload final : public Workload {
@@ -50,6 +57,10 @@ class RegressionWorkload final : public Workload {
   // `steps` of gradient descent on A and B (or on R only, for has_r modules), in place; returns the
   // final loss.
   double Descend(common::Adapter& adapter, int steps, double learning_rate) const;
+  // `steps` of DP-SGD (options().privacy) in place, with noise and sampling from `noise` and
+  // `sampler`; returns the final loss.
+  double DescendPrivately(common::Adapter& adapter, int steps, double learning_rate,
+                          common::GaussianNoise& noise, std::mt19937_64& sampler) const;
   const std::vector<common::MatrixD>& base() const { return base_; }
 
  private:

@@ -1,0 +1,65 @@
+#include "client/privacy_ledger.h"
+
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+
+#include "common/file_util.h"
+#include "common/status_macros.h"
+#include "common/strings.h"
+
+namespace fedlora::client {
+
+using common::StrCat;
+
+absl::StatusOr<PrivacyLedger> PrivacyLedger::Load(const DpSgdSettings& settings) {
+  nlohmann::json json = {{"delta", settings.delta}, {"rounds", nlohmann::json::array()}};
+  if (std::filesystem::exists(settings.ledger)) {
+    ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(settings.ledger));
+    json = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (json.is_discarded() || !json.contains("rounds") || !json["rounds"].is_array()) {
+      return absl::DataLossError(StrCat("privacy ledger ", settings.ledger,
+                                        " is not a fedlora ledger; refusing to train without "
+                                        "knowing what was spent"));
+    }
+  }
+  return PrivacyLedger(settings, std::move(json));
+}
+
+absl::StatusOr<common::PrivacySpent> PrivacyLedger::SpentWith(double q, int64_t steps) const {
+  common::RdpAccountant accountant;
+  for (const auto& r : json_["rounds"]) {
+    RETURN_IF_ERROR(
+        accountant.AddSteps(r.value("q", 1.0), r.value("sigma", 0.0), r.value("steps", 0.0)));
+  }
+  RETURN_IF_ERROR(
+      accountant.AddSteps(q, settings_.dp.noise_multiplier, static_cast<double>(steps)));
+  return accountant.Spent(settings_.delta);
+}
+
+absl::Status PrivacyLedger::Admit(int64_t round, double q, int64_t steps) const {
+  if (!(settings_.target_epsilon > 0)) return absl::OkStatus();
+  ASSIGN_OR_RETURN(common::PrivacySpent next, SpentWith(q, steps));
+  if (next.epsilon <= settings_.target_epsilon) return absl::OkStatus();
+  return absl::ResourceExhaustedError(
+      StrCat("privacy budget: round ", round, " would bring epsilon to ", next.epsilon, " (delta ",
+             settings_.delta, "), past the target ", settings_.target_epsilon, "; declining it"));
+}
+
+absl::StatusOr<common::PrivacySpent> PrivacyLedger::Record(int64_t round, double q, int64_t steps) {
+  ASSIGN_OR_RETURN(common::PrivacySpent spent, SpentWith(q, steps));
+  json_["rounds"].push_back(
+      {{"round", round}, {"q", q}, {"sigma", settings_.dp.noise_multiplier}, {"steps", steps}});
+  RETURN_IF_ERROR(common::WriteFileAtomically(settings_.ledger, json_.dump(2) + "\n"));
+  return spent;
+}
+
+void ReportPrivacy(int64_t round, const common::PrivacySpent& spent, const DpSgdSettings& settings,
+                   double q, v1::TrainMetrics& metrics) {
+  metrics.set_dp_epsilon(spent.epsilon);
+  metrics.set_dp_delta(settings.delta);
+  spdlog::info("round {}: DP-SGD spent epsilon {:.4f} (delta {}) in all (sigma {:.4g}, q {:.4g})",
+               round, spent.epsilon, settings.delta, settings.dp.noise_multiplier, q);
+}
+
+}  // namespace fedlora::client

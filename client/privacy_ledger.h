@@ -1,0 +1,54 @@
+// A client's own DP-SGD spending across the rounds it took part in (ALGORITHMS.md: a client's
+// privacy composes over its rounds, steps = local steps × rounds). The ledger is a JSON file
+// rewritten atomically after every round, so a restarted client still knows what it has spent;
+// a round that would take ε past the target is declined before any training.
+#ifndef FEDLORA_CLIENT_PRIVACY_LEDGER_H_
+#define FEDLORA_CLIENT_PRIVACY_LEDGER_H_
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/privacy_accountant.h"
+#include "common/trainer.h"
+#include "fedlora/v1/coordinator.pb.h"
+
+namespace fedlora::client {
+
+// DP-SGD settings of a workload: on when dp.noise_multiplier ≥ 0.
+struct DpSgdSettings {
+  common::TrainOptions::DpSgd dp;
+  double delta = 1e-5;
+  double target_epsilon = 0;  // > 0: decline (and leave the run) before passing it
+  std::string ledger = "fedlora-privacy.json";
+  bool enabled() const { return dp.noise_multiplier >= 0; }
+};
+
+class PrivacyLedger {
+ public:
+  // Reads `settings.ledger` if it exists (DATA_LOSS when it is not a ledger: training without
+  // knowing what was spent would be wrong).
+  static absl::StatusOr<PrivacyLedger> Load(const DpSgdSettings& settings);
+
+  // RESOURCE_EXHAUSTED, saying so, when `steps` more steps at rate q would pass the target.
+  absl::Status Admit(int64_t round, double q, int64_t steps) const;
+  // Adds the round, rewrites the file and returns ε spent in all.
+  absl::StatusOr<common::PrivacySpent> Record(int64_t round, double q, int64_t steps);
+
+ private:
+  PrivacyLedger(DpSgdSettings settings, nlohmann::json json)
+      : settings_(std::move(settings)), json_(std::move(json)) {}
+  absl::StatusOr<common::PrivacySpent> SpentWith(double q, int64_t steps) const;
+
+  DpSgdSettings settings_;
+  nlohmann::json json_;  // {"delta", "rounds": [{"round", "q", "sigma", "steps"}]}
+};
+
+// Puts ε and δ into the round's metrics and says what was spent in the log.
+void ReportPrivacy(int64_t round, const common::PrivacySpent& spent, const DpSgdSettings& settings,
+                   double q, v1::TrainMetrics& metrics);
+
+}  // namespace fedlora::client
+
+#endif  // FEDLORA_CLIENT_PRIVACY_LEDGER_H_
