@@ -263,7 +263,19 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
         absl::Status trained = Train(task, stop);
         if (absl::IsResourceExhausted(trained)) {  // the site's privacy budget is spent
           spdlog::warn("round {}: {}; leaving the run", task.round(), trained.message());
-          return trained;
+          v1::LeaveRequest leave;
+          leave.set_round(task.round());
+          leave.set_reason(std::string(trained.message()));
+          v1::LeaveResponse left;
+          grpc::ClientContext context;
+          if (!options_.id.empty()) context.AddMetadata("x-fedlora-client-id", options_.id);
+          context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+          if (grpc::Status s = stub_->Leave(&context, leave, &left); !s.ok()) {
+            spdlog::warn(
+                "could not tell the coordinator ({}); it will count this client as dropped",
+                s.error_message());
+          }
+          return absl::OkStatus();
         }
         if (!trained.ok()) {
           // A failed training or a refused update: back off, and give up after three in a row (a

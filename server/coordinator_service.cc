@@ -114,4 +114,12 @@ grpc::ServerUnaryReactor* CoordinatorService::GetStatus(grpc::CallbackServerCont
   return Reply<v1::StatusResponse>(context, engine_->GetStatus(), response);
 }
 
+grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext* context,
+                                                    const v1::LeaveRequest* request,
+                                                    v1::LeaveResponse* response) {
+  auto id = Identify(context);
+  if (!id.ok()) return Reply<v1::LeaveResponse>(context, id.status(), response);
+  return Reply(context, engine_->Leave(*id, *request), response);
+}
+
 }  // namespace fedlora::server

@@ -305,6 +305,7 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
     const bool is_new = info.num_examples == 0;
     info.num_examples = request.num_examples();
     info.last_seen = Clock::now();
+    info.left.clear();
     spdlog::info("{} {} ({} examples); {} clients joined", client, is_new ? "joined" : "re-joined",
                  request.num_examples(), clients_.size());
     if (phase_ == Phase::kWaitingForClients &&
@@ -322,8 +323,10 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
 }
 
 void RoundEngine::StartRoundLocked() {
-  std::vector<std::string> ids;
-  for (const auto& [id, info] : clients_) ids.push_back(id);
+  std::vector<std::string> ids;  // the clients taking part
+  for (const auto& [id, info] : clients_) {
+    if (info.left.empty()) ids.push_back(id);
+  }
   std::seed_seq seq{static_cast<uint32_t>(options_.seed),
                     static_cast<uint32_t>(options_.seed >> 32), static_cast<uint32_t>(round_),
                     static_cast<uint32_t>(attempt_)};
@@ -339,10 +342,17 @@ void RoundEngine::StartRoundLocked() {
   }
   uploads_.clear();
   rejected_.clear();
+  declined_.clear();
   sums_ = RunningSums{};
   for (auto& [id, info] : clients_) info.bytes_down_this_round = 0;
-  if (options_.client_dp()) {
-    absl::StatusOr<bool> started = StartClientDpRoundLocked();
+  absl::StatusOr<bool> started = true;
+  if (ids.empty()) {
+    spdlog::warn("round {}: every client has left the run", round_);
+    started = false;
+  } else if (options_.client_dp()) {
+    started = StartClientDpRoundLocked(ids.size());
+  }
+  {
     if (!started.ok() || !*started) {
       if (!started.ok())
         spdlog::error("round {} cannot start: {}", round_, started.status().message());
@@ -657,7 +667,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
           "round {}: accepted {}'s update ({} bytes, loss {:.6g} -> {:.6g}); {} of {} arrived",
           round_, client, up.total_size, up.metrics.loss_before(), up.metrics.loss_after(), arrived,
           cohort_.size());
-      if (arrived == cohort_.size()) status = CloseRoundLocked(false);
+      if (arrived + declined_.size() == cohort_.size()) status = CloseRoundLocked(false);
       CollectReadyWaitersLocked(&ready, false);
     }
     if (!response.accepted()) {
@@ -739,7 +749,9 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   for (const auto& [id, u] : uploads_) {
     if (u.accepted) arrived.push_back(id);
   }
-  const size_t quorum = static_cast<size_t>(std::ceil(options_.quorum * cohort_.size()));
+  // Members that declined their task are not waited for, and not counted in the quorum.
+  const size_t quorum =
+      static_cast<size_t>(std::ceil(options_.quorum * (cohort_.size() - declined_.size())));
   if (arrived.size() < std::max<size_t>(quorum, 1)) {
     if (!at_deadline) return absl::OkStatus();
     spdlog::warn(
@@ -810,7 +822,8 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
 
   std::vector<std::string> dropped;
   for (const std::string& id : cohort_) {
-    if (!std::binary_search(arrived.begin(), arrived.end(), id)) dropped.push_back(id);
+    if (!std::binary_search(arrived.begin(), arrived.end(), id) && !declined_.contains(id))
+      dropped.push_back(id);
   }
   nlohmann::json line = {
       {"round", round_},
@@ -821,6 +834,7 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
       {"arrived", arrived},
       {"dropped", dropped},
       {"rejected", rejected_},
+      {"declined", declined_},
       {"bytes_up", bytes_up},
       {"bytes_down", bytes_down},
       {"mean_loss_before", loss_before / examples},
@@ -880,10 +894,10 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
 
 int RoundEngine::ClientDpStepsPerRound() const { return method_ == Method::kLoraFair ? 2 : 1; }
 
-absl::StatusOr<bool> RoundEngine::StartClientDpRoundLocked() {
+absl::StatusOr<bool> RoundEngine::StartClientDpRoundLocked(size_t population) {
   const Ledger& ledger = store_.ledger();
   const double expected = static_cast<double>(cohort_.size());
-  dp_sample_rate_ = expected / static_cast<double>(clients_.size());
+  dp_sample_rate_ = expected / static_cast<double>(population);
   if (options_.dp_target_epsilon > 0) {
     nlohmann::json rounds = ledger.client_dp.value("rounds", nlohmann::json::array());
     rounds.push_back({{"q", dp_sample_rate_},
@@ -1078,7 +1092,7 @@ void RoundEngine::Tick() {
       bool all_silent = true;
       for (const std::string& id : cohort_) {
         const auto up = uploads_.find(id);
-        if (up != uploads_.end() && up->second.accepted) continue;
+        if ((up != uploads_.end() && up->second.accepted) || declined_.contains(id)) continue;
         all_silent &= now - clients_[id].last_seen >=
                       std::chrono::duration<double>(options_.client_timeout_s);
       }
@@ -1091,6 +1105,38 @@ void RoundEngine::Tick() {
     CollectReadyWaitersLocked(&ready, false);
   }
   Notify(ready);
+}
+
+absl::StatusOr<v1::LeaveResponse> RoundEngine::Leave(const std::string& client,
+                                                     const v1::LeaveRequest& request) {
+  std::vector<std::pair<TaskCallback, v1::Task>> ready;
+  absl::Status status;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = clients_.find(client);
+    if (it == clients_.end())
+      return absl::FailedPreconditionError(
+          StrCat(client, " has not joined; there is nothing to leave"));
+    it->second.left = request.reason().empty() ? "no reason given" : request.reason();
+    spdlog::warn("{} left the run: {}", client, it->second.left);
+    const auto up = uploads_.find(client);
+    if (phase_ == Phase::kTraining && request.round() == round_ &&
+        std::binary_search(cohort_.begin(), cohort_.end(), client) &&
+        (up == uploads_.end() || !up->second.accepted)) {
+      declined_[client] = it->second.left;
+      if (up != uploads_.end()) store_.DropPart(PartName(round_, client));
+      uploads_.erase(client);
+      size_t arrived = 0;
+      for (const auto& [id, u] : uploads_) arrived += u.accepted;
+      // Nobody left to wait for: close the round now (or retry it without quorum).
+      if (arrived + declined_.size() == cohort_.size())
+        status = CloseRoundLocked(/*at_deadline=*/true);
+    }
+    CollectReadyWaitersLocked(&ready, false);
+  }
+  Notify(ready);
+  if (!status.ok()) spdlog::error("closing the round failed: {}", status.message());
+  return v1::LeaveResponse();
 }
 
 v1::StatusResponse RoundEngine::GetStatus() {

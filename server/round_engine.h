@@ -86,6 +86,10 @@ class RoundEngine {
                                             const v1::UploadRequest& request);
   v1::HeartbeatResponse Heartbeat(const std::string& client, const v1::HeartbeatRequest& request);
   v1::StatusResponse GetStatus();
+  // The client leaves the run (declining this round's task if it has one): the round stops waiting
+  // for it and later cohorts leave it out, until it joins again.
+  absl::StatusOr<v1::LeaveResponse> Leave(const std::string& client,
+                                          const v1::LeaveRequest& request);
 
   // Applies deadlines and client timeouts, and answers expired long polls (the ticker calls it
   // every 50 ms).
@@ -100,6 +104,7 @@ class RoundEngine {
     Clock::time_point last_seen;
     int64_t rounds_contributed = 0;
     int64_t bytes_down_this_round = 0;
+    std::string left;  // why the client left the run; empty while it takes part
   };
   struct PendingUpload {
     std::string sha256;
@@ -143,8 +148,8 @@ class RoundEngine {
   // The global adapter of the latest version (Fed-SB: the frozen B, A with the latest R).
   absl::StatusOr<common::Adapter> GlobalStateLocked() const;
   // Client-level DP: false when this round would take ε past the target (the run ends); otherwise
-  // starts the round's clipped sum.
-  absl::StatusOr<bool> StartClientDpRoundLocked();
+  // starts the round's clipped sum. q = cohort / population (the clients taking part).
+  absl::StatusOr<bool> StartClientDpRoundLocked(size_t population);
   int ClientDpStepsPerRound() const;  // Gaussian mechanisms per round: 2 for LoRA-FAIR, else 1
   // Releases the round's private aggregate; adds its entry to ledger->client_dp and to `metrics`.
   absl::StatusOr<common::AggregateResult> FinishClientDpRoundLocked(
@@ -169,6 +174,7 @@ class RoundEngine {
   std::vector<std::string> cohort_;
   std::map<std::string, PendingUpload> uploads_;  // this round's, by client
   std::vector<std::string> rejected_;             // this round's refused updates, by client
+  std::map<std::string, std::string> declined_;   // this round's declined tasks: client → reason
   RunningSums sums_;
   std::vector<Waiter> waiters_;
   common::Adapter frozen_;  // Fed-SB's shared B, A (R = 0), once the run exists
