@@ -1,7 +1,7 @@
 // fedlora summary STATE_DIR... — one line per coordinator run, from its metrics.jsonl: the global
 // model's loss (held-out, when the coordinator evaluated one; else on the clients' data) at the
 // first and last round, the last mean training loss, bytes per client per round and wall time;
-// then, for runs with held-out loss, that loss round by round.
+// then, for runs with held-out loss, that loss round by round, and for private runs the ε spent.
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -15,7 +15,7 @@ namespace fedlora::client {
 namespace {
 
 void Run(const std::vector<std::string>& dirs, const std::string& out) {
-  std::string by_round;
+  std::string by_round, privacy;
   std::string table =
       common::StrCat(fmt::format("{:<10} {:>6} {:>22} {:>16} {:>18} {:>20} {:>9}\n", "method",
                                  "rounds", "global loss (first->last)", "last train loss",
@@ -49,6 +49,23 @@ void Run(const std::vector<std::string>& dirs, const std::string& out) {
                                      last[key].get<double>(), held_out ? " *" : ""),
                          last["mean_train_loss"].get<double>(), up / n, down / n,
                          last.value("elapsed_seconds", 0.0));
+    // Privacy spent by the end: the coordinator's client-level ε, the most a DP-SGD client spent.
+    std::string spent;
+    if (last.contains("client_dp")) {
+      const auto& dp = last["client_dp"];
+      spent += dp["epsilon"].is_null()
+                   ? std::string(" client-level: no noise (epsilon infinite)")
+                   : fmt::format(" client-level epsilon {:.4f} at delta {}",
+                                 dp["epsilon"].get<double>(), dp["delta"].get<double>());
+    }
+    double dp_sgd = 0;
+    for (const auto& r : rounds) {
+      if (!r.contains("dp_epsilon")) continue;
+      for (const auto& [id, e] : r["dp_epsilon"].items()) dp_sgd = std::max(dp_sgd, e.get<double>());
+    }
+    if (dp_sgd > 0) spent += fmt::format(" DP-SGD: most spent by a client epsilon {:.4f}", dp_sgd);
+    if (!spent.empty())
+      privacy += fmt::format("{:<10}{}\n", last["method"].get<std::string>(), spent);
     if (held_out) {
       by_round += fmt::format("{:<10}", last["method"].get<std::string>());
       for (const auto& r : rounds) by_round += fmt::format(" {:.4f}", r.value("eval_loss", 0.0));
@@ -57,6 +74,7 @@ void Run(const std::vector<std::string>& dirs, const std::string& out) {
   }
   if (!by_round.empty())
     table += "\n* held-out loss of the global model after the round; by round:\n" + by_round;
+  if (!privacy.empty()) table += "\nprivacy spent by the last round:\n" + privacy;
   std::fputs(table.c_str(), stdout);
   if (!out.empty()) ExitIfError(common::WriteFileAtomically(out, table));
 }

@@ -3,6 +3,7 @@
 // with dense products, from the client updates the coordinator stored (named in its metrics), and
 // compared with the version it published.
 #include <arpa/inet.h>
+#include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -349,6 +350,13 @@ TEST_P(ClientLevelDp, RoundsAreTheClippedNoisedMeanAndStopAtTheTargetEpsilon) {
   EXPECT_GT(unclipped, 0);
   // The standardised leftover has mean square 1 (5-sigma bounds: χ²_n/n ~ N(1, 2/n)).
   EXPECT_LT(std::abs(sq / n - 1), 5 * std::sqrt(2 / n)) << "n = " << n;
+  // The operator's summary says what was spent.
+  const std::string summary = (dir_ / "summary.txt").string();
+  ASSERT_EQ(std::system(
+                (kBin + "/fedlora summary " + (dir_ / "state").string() + " > " + summary).c_str()),
+            0);
+  EXPECT_THAT(testing::ReadText(summary),
+              HasSubstr(fmt::format("client-level epsilon {:.4f} at delta 1e-05", epsilon(2))));
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, ClientLevelDp, ::testing::Values("fedit", "lora-fair", "fed-sb"),
