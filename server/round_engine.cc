@@ -704,12 +704,9 @@ void RoundEngine::FoldLocked(const Adapter& update, double weight) {
     sums_.b.assign(modules.size(), common::MatrixD());
     sums_.r.assign(modules.size(), common::MatrixD());
   }
-  auto add = [](common::MatrixD& sum, const common::MatrixD& x) {
-    if (sum.size() == 0) {
-      sum = x;
-    } else {
-      sum += x;
-    }
+  auto add = [](common::MatrixD& sum, const auto& x) {  // x: an expression, never materialised
+    if (sum.size() == 0) sum.setZero(x.rows(), x.cols());
+    sum.noalias() += x;
   };
   for (size_t i = 0; i < modules.size(); ++i) {
     const size_t j =
