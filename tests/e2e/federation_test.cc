@@ -394,6 +394,53 @@ TEST_F(ClientLevelDp, AdaptiveClipFollowsTheQuantileOfTheUpdateNorms) {
   }
 }
 
+int FreePort();  // below
+
+// kill -9 of the coordinator mid-run: restarted on its state directory, it goes on counting the
+// privacy already spent and carries the adaptive clip over.
+TEST_F(ClientLevelDp, ARestartedCoordinatorKeepsCountingAndKeepsItsClip) {
+  port_ = std::to_string(FreePort());
+  const double z = 0.5;
+  const std::vector<std::string> flags = {"--listen",
+                                          "127.0.0.1:" + port_,
+                                          "--rounds",
+                                          "4",
+                                          "--local-steps",
+                                          "300",
+                                          "--dp-clip",
+                                          "1",
+                                          "--dp-noise-multiplier",
+                                          std::to_string(z),
+                                          "--dp-adaptive-clip",
+                                          "--dp-count-stddev",
+                                          "1"};
+  pid_t server = StartServer("fed-sb", "state", flags);
+  std::vector<pid_t> clients;
+  for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, "run"));
+  for (int t = 0; t < 1000 && Metrics("state").empty(); ++t)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_LT(Metrics("state").size(), 4u) << "the run ended before the coordinator could be killed";
+  kill(server, SIGKILL);
+  testing::Wait(server, std::chrono::seconds(5));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  server = StartServer("fed-sb", "state", flags);
+  ASSERT_FALSE(port_.empty());
+  for (pid_t c : clients) EXPECT_EQ(testing::Wait(c, std::chrono::seconds(90)), 0);
+  ASSERT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0)
+      << testing::ReadText(dir_ / "state.log");
+  EXPECT_THAT(testing::ReadText(dir_ / "state.log"), HasSubstr("continuing run"));
+  const auto metrics = Metrics("state");
+  ASSERT_EQ(metrics.size(), 4u);
+  for (size_t t = 0; t < metrics.size(); ++t) {
+    const nlohmann::json& dp = metrics[t]["client_dp"];
+    const double want = common::EpsilonFor(1.0, z, static_cast<double>(t + 1), 1e-5)->epsilon;
+    EXPECT_NEAR(dp["epsilon"].get<double>(), want, 1e-9 * want) << "round " << t + 1;
+    if (t > 0) {
+      EXPECT_EQ(dp["clip"], metrics[t - 1]["client_dp"]["next_clip"]) << "round " << t + 1;
+    }
+  }
+}
+
 TEST_F(FederationTest, FloraWithClientLevelDpIsRefusedWithTheReason) {
   const std::vector<std::string> argv = {
       kBin + "/fedlora-server", "--method", "flora", "--insecure", "--dp-clip", "1", "--state-dir",
