@@ -70,9 +70,7 @@ absl::StatusOr<v1::TrainMetrics> LlmWorkload::Train(const v1::Task& task,
   ASSIGN_OR_RETURN(common::TrainResult result,
                    common::Train(model_.weights, examples_, o, adapter));
   if (ledger) {
-    ASSIGN_OR_RETURN(common::PrivacySpent spent,
-                     ledger->Record(task.round(), o.dp.sample_rate, result.steps));
-    ReportPrivacy(task.round(), spent, options_.privacy, o.dp.sample_rate, metrics);
+    RETURN_IF_ERROR(ledger->Record(task.round(), o.dp.sample_rate, result.steps, metrics));
   }
   ASSIGN_OR_RETURN(double after, mean());
   metrics.set_loss_before(before);

@@ -46,20 +46,17 @@ absl::Status PrivacyLedger::Admit(int64_t round, double q, int64_t steps) const 
              settings_.delta, "), past the target ", settings_.target_epsilon, "; declining it"));
 }
 
-absl::StatusOr<common::PrivacySpent> PrivacyLedger::Record(int64_t round, double q, int64_t steps) {
+absl::Status PrivacyLedger::Record(int64_t round, double q, int64_t steps,
+                                   v1::TrainMetrics& metrics) {
   ASSIGN_OR_RETURN(common::PrivacySpent spent, SpentWith(q, steps));
   json_["rounds"].push_back(
       {{"round", round}, {"q", q}, {"sigma", settings_.dp.noise_multiplier}, {"steps", steps}});
   RETURN_IF_ERROR(common::WriteFileAtomically(settings_.ledger, json_.dump(2) + "\n"));
-  return spent;
-}
-
-void ReportPrivacy(int64_t round, const common::PrivacySpent& spent, const DpSgdSettings& settings,
-                   double q, v1::TrainMetrics& metrics) {
   metrics.set_dp_epsilon(spent.epsilon);
-  metrics.set_dp_delta(settings.delta);
+  metrics.set_dp_delta(settings_.delta);
   spdlog::info("round {}: DP-SGD spent epsilon {:.4f} (delta {}) in all (sigma {:.4g}, q {:.4g})",
-               round, spent.epsilon, settings.delta, settings.dp.noise_multiplier, q);
+               round, spent.epsilon, settings_.delta, settings_.dp.noise_multiplier, q);
+  return absl::OkStatus();
 }
 
 }  // namespace fedlora::client

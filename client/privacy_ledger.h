@@ -33,8 +33,8 @@ class PrivacyLedger {
 
   // RESOURCE_EXHAUSTED, saying so, when `steps` more steps at rate q would pass the target.
   absl::Status Admit(int64_t round, double q, int64_t steps) const;
-  // Adds the round, rewrites the file and returns ε spent in all.
-  absl::StatusOr<common::PrivacySpent> Record(int64_t round, double q, int64_t steps);
+  // Adds the round, rewrites the file, and puts ε spent in all (and δ) into `metrics` and the log.
+  absl::Status Record(int64_t round, double q, int64_t steps, v1::TrainMetrics& metrics);
 
  private:
   PrivacyLedger(DpSgdSettings settings, nlohmann::json json)
@@ -44,10 +44,6 @@ class PrivacyLedger {
   DpSgdSettings settings_;
   nlohmann::json json_;  // {"delta", "rounds": [{"round", "q", "sigma", "steps"}]}
 };
-
-// Puts ε and δ into the round's metrics and says what was spent in the log.
-void ReportPrivacy(int64_t round, const common::PrivacySpent& spent, const DpSgdSettings& settings,
-                   double q, v1::TrainMetrics& metrics);
 
 }  // namespace fedlora::client
 

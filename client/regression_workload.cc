@@ -198,8 +198,7 @@ absl::StatusOr<v1::TrainMetrics> RegressionWorkload::Train(const v1::Task& task,
     std::mt19937_64 sampler(seed);
     metrics.set_loss_after(
         DescendPrivately(adapter, steps, task.settings().learning_rate(), noise, sampler));
-    ASSIGN_OR_RETURN(common::PrivacySpent spent, ledger.Record(task.round(), q, steps));
-    ReportPrivacy(task.round(), spent, options_.privacy, q, metrics);
+    RETURN_IF_ERROR(ledger.Record(task.round(), q, steps, metrics));
   }
   metrics.set_steps(task.settings().local_steps());
   return metrics;

@@ -352,20 +352,18 @@ void RoundEngine::StartRoundLocked() {
   } else if (options_.client_dp()) {
     started = StartClientDpRoundLocked(ids.size());
   }
-  {
-    if (!started.ok() || !*started) {
-      if (!started.ok())
-        spdlog::error("round {} cannot start: {}", round_, started.status().message());
-      phase_ = Phase::kDone;
-      cohort_.clear();
-      if (current_version() >= 1) {
-        if (absl::Status st = ExportLocked(); !st.ok())
-          spdlog::error("export failed: {}", st.message());
-      }
-      spdlog::info("run {} ended at version {} of {} rounds", store_.ledger().run_id,
-                   current_version(), options_.rounds);
-      return;
+  if (!started.ok() || !*started) {  // the run ends here
+    if (!started.ok())
+      spdlog::error("round {} cannot start: {}", round_, started.status().message());
+    phase_ = Phase::kDone;
+    cohort_.clear();
+    if (current_version() >= 1) {
+      if (absl::Status st = ExportLocked(); !st.ok())
+        spdlog::error("export failed: {}", st.message());
     }
+    spdlog::info("run {} ended at version {} of {} rounds", store_.ledger().run_id,
+                 current_version(), options_.rounds);
+    return;
   }
   round_started_ = Clock::now();
   if (!run_started_) run_started_ = round_started_;
@@ -891,6 +889,17 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
 
 int RoundEngine::ClientDpStepsPerRound() const { return method_ == Method::kLoraFair ? 2 : 1; }
 
+absl::StatusOr<common::AdaptiveClipper> RoundEngine::AdaptiveClipperFor(double clip,
+                                                                        double expected) const {
+  ASSIGN_OR_RETURN(
+      common::AdaptiveClipper clipper,
+      common::AdaptiveClipper::Create({clip, options_.dp_target_quantile,
+                                       options_.dp_clip_learning_rate, options_.dp_count_stddev},
+                                      expected));
+  RETURN_IF_ERROR(clipper.UpdateNoiseMultiplier(options_.dp_noise_multiplier).status());
+  return clipper;
+}
+
 absl::StatusOr<bool> RoundEngine::StartClientDpRoundLocked(size_t population) {
   const Ledger& ledger = store_.ledger();
   const double expected = static_cast<double>(cohort_.size());
@@ -910,15 +919,8 @@ absl::StatusOr<bool> RoundEngine::StartClientDpRoundLocked(size_t population) {
     }
   }
   const double clip = ledger.client_dp.value("clip", options_.dp_clip);
-  if (options_
-          .dp_adaptive_clip) {  // refuse now, not at the close, a budget the count noise exceeds
-    ASSIGN_OR_RETURN(
-        common::AdaptiveClipper clipper,
-        common::AdaptiveClipper::Create({clip, options_.dp_target_quantile,
-                                         options_.dp_clip_learning_rate, options_.dp_count_stddev},
-                                        expected));
-    RETURN_IF_ERROR(clipper.UpdateNoiseMultiplier(options_.dp_noise_multiplier).status());
-  }
+  // Refuse now, not at the close, a budget the count's noise would exceed.
+  if (options_.dp_adaptive_clip) RETURN_IF_ERROR(AdaptiveClipperFor(clip, expected).status());
   ASSIGN_OR_RETURN(Adapter start, GlobalStateLocked());
   if (method_ == Method::kLoraFair) dp_start_ = start;
   dp_round_.emplace(std::move(start), clip, expected);
@@ -934,10 +936,7 @@ absl::StatusOr<common::AggregateResult> RoundEngine::FinishClientDpRoundLocked(
   double z_update = z;
   std::optional<common::AdaptiveClipper> clipper;
   if (options_.dp_adaptive_clip) {
-    ASSIGN_OR_RETURN(clipper, common::AdaptiveClipper::Create(
-                                  {clip, options_.dp_target_quantile,
-                                   options_.dp_clip_learning_rate, options_.dp_count_stddev},
-                                  expected));
+    ASSIGN_OR_RETURN(clipper, AdaptiveClipperFor(clip, expected));
     ASSIGN_OR_RETURN(z_update, clipper->UpdateNoiseMultiplier(z));
   }
   const std::vector<double> norms = round.norms();

@@ -151,6 +151,9 @@ class RoundEngine {
   // starts the round's clipped sum. q = cohort / population (the clients taking part).
   absl::StatusOr<bool> StartClientDpRoundLocked(size_t population);
   int ClientDpStepsPerRound() const;  // Gaussian mechanisms per round: 2 for LoRA-FAIR, else 1
+  // The round's adaptive clipper at C = clip with m = expected clients; INVALID_ARGUMENT when the
+  // count's noise leaves nothing of the round's noise multiplier for the update.
+  absl::StatusOr<common::AdaptiveClipper> AdaptiveClipperFor(double clip, double expected) const;
   // Releases the round's private aggregate; adds its entry to ledger->client_dp and to `metrics`.
   absl::StatusOr<common::AggregateResult> FinishClientDpRoundLocked(
       std::vector<common::Adapter> updates, Ledger* ledger, nlohmann::json* metrics);

@@ -118,6 +118,19 @@ class FederationTest : public ::testing::Test {
     for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
     return lines;
   }
+  // A coordinator for `method` ("state") and clients 1–3 ("run"), until all of them exit.
+  void RunFederation(const std::string& method, std::vector<std::string> server_flags) {
+    const pid_t server = StartServer(method, "state", std::move(server_flags));
+    ASSERT_FALSE(port_.empty()) << testing::ReadText(dir_ / "state.log");
+    std::vector<pid_t> clients;
+    for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, "run"));
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(60)), 0)
+          << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
+    }
+    ASSERT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0)
+        << testing::ReadText(dir_ / "state.log");
+  }
   std::string Blob(const std::string& state, const std::string& sha) const {
     return testing::ReadText(dir_ / state / "blobs" / sha);
   }
@@ -148,16 +161,7 @@ class EveryMethod : public FederationTest, public ::testing::WithParamInterface<
 
 TEST_P(EveryMethod, AggregatesAreTheFormulaOfWhatClientsUploaded) {
   const std::string method = GetParam();
-  const pid_t server = StartServer(method, "state");
-  ASSERT_FALSE(port_.empty()) << testing::ReadText(dir_ / "state.log");
-  std::vector<pid_t> clients;
-  for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, "run"));
-  for (int i = 0; i < 3; ++i) {
-    EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(60)), 0)
-        << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
-  }
-  ASSERT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0)
-      << testing::ReadText(dir_ / "state.log");
+  RunFederation(method, {});
 
   const auto metrics = Metrics("state");
   ASSERT_EQ(metrics.size(), 3u);
@@ -292,18 +296,6 @@ class ClientLevelDp : public FederationTest, public ::testing::WithParamInterfac
       if (!a_only) put(s * u.B(i).cast<double>() - start.B(i).cast<double>());
     }
     return Eigen::Map<Eigen::VectorXd>(out.data(), static_cast<Eigen::Index>(out.size()));
-  }
-  void RunFederation(const std::string& method, std::vector<std::string> server_flags) {
-    const pid_t server = StartServer(method, "state", std::move(server_flags));
-    ASSERT_FALSE(port_.empty()) << testing::ReadText(dir_ / "state.log");
-    std::vector<pid_t> clients;
-    for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, "run"));
-    for (int i = 0; i < 3; ++i) {
-      EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(60)), 0)
-          << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
-    }
-    ASSERT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0)
-        << testing::ReadText(dir_ / "state.log");
   }
 };
 
