@@ -102,6 +102,18 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("client"));
   spdlog::set_pattern(
       fmt::format("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [{}] %v", node.id.empty() ? "client" : node.id));
+  const char* dp_error =
+      privacy.target_epsilon > 0 && !privacy.enabled()
+          ? "--target-epsilon needs DP-SGD (--dp-noise-multiplier)"
+      : privacy.enabled() && !(privacy.dp.clip > 0) ? "--dp-clip must be > 0"
+      : privacy.enabled() && workload == "command"
+          ? "DP-SGD runs in the built-in trainers (--workload llm or regression); a command "
+            "workload's program must do its own"
+          : nullptr;
+  if (dp_error) {
+    std::fprintf(stderr, "error: %s\n", dp_error);
+    return 2;
+  }
   std::unique_ptr<fedlora::client::Workload> trainer;
   if (workload == "regression") {
     regression.privacy = privacy;

@@ -433,6 +433,21 @@ TEST_F(ClientLevelDp, ARestartedCoordinatorKeepsCountingAndKeepsItsClip) {
   }
 }
 
+TEST_F(FederationTest, ClientRefusesDpSettingsItCannotHonour) {
+  auto client = [&](const std::string& tag, std::vector<std::string> args) {
+    args.insert(args.begin(), {kBin + "/fedlora-client", "--insecure"});
+    const pid_t pid = Track(testing::Start(args, dir_ / (tag + ".log")));
+    EXPECT_EQ(testing::Wait(pid, std::chrono::seconds(10)), 2) << tag;
+    return testing::ReadText(dir_ / (tag + ".log"));
+  };
+  EXPECT_THAT(client("command", {"--workload", "command", "--dp-noise-multiplier", "1"}),
+              HasSubstr("a command workload's program must do its own"));
+  EXPECT_THAT(client("target", {"--target-epsilon", "3"}),
+              HasSubstr("--target-epsilon needs DP-SGD (--dp-noise-multiplier)"));
+  EXPECT_THAT(client("clip", {"--dp-noise-multiplier", "1", "--dp-clip", "0"}),
+              HasSubstr("--dp-clip must be > 0"));
+}
+
 TEST_F(FederationTest, FloraWithClientLevelDpIsRefusedWithTheReason) {
   const std::vector<std::string> argv = {
       kBin + "/fedlora-server", "--method", "flora", "--insecure", "--dp-clip", "1", "--state-dir",
