@@ -1,12 +1,11 @@
 // transfer_bench: the coordinator's transport, measured through fedlora-server and the real
 // protocol over mutual TLS on loopback.
 //   A. Upload throughput of one ~100 MB adapter (4 modules of 4096×4096 at rank 768), in 4 MiB
-//   chunks, until the
-//      coordinator has verified (sha256) and validated it — next to `openssl speed -evp
-//      aes-128-gcm` at 16 KiB.
+//      chunks, until the coordinator has verified (sha256) and validated it, next to `openssl
+//      speed -evp aes-128-gcm` at 16 KiB. Environment: WINDOW (chunks in flight), CHUNK_MIB,
+//      PLAINTEXT=1 (no TLS, to see what it costs), SKIP_RSS=1 (part A only).
 //   B. Coordinator peak RSS (VmHWM) while 64 clients upload at once: fedit and fed-sb (summed as
-//   they arrive),
-//      next to flora (which must keep every client's factors).
+//      they arrive), next to flora (which must keep every client's factors).
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
 
@@ -36,6 +35,9 @@ struct Setup {
   fs::path work;
 };
 
+// PLAINTEXT=1: the same bench without TLS (coordinator --insecure), to see what TLS costs.
+bool Plaintext() { return std::getenv("PLAINTEXT") != nullptr; }
+
 pid_t StartServer(const Setup& s, const std::string& name, std::vector<std::string> flags,
                   std::string* port) {
   const fs::path state = s.work / name, port_file = s.work / (name + ".port");
@@ -49,12 +51,6 @@ pid_t StartServer(const Setup& s, const std::string& name, std::vector<std::stri
                                    "127.0.0.1:0",
                                    "--port-file",
                                    port_file.string(),
-                                   "--tls-cert",
-                                   (s.work / "certs/server.pem").string(),
-                                   "--tls-key",
-                                   (s.work / "certs/server.key").string(),
-                                   "--client-ca",
-                                   (s.work / "certs/ca.pem").string(),
                                    "--round-deadline-s",
                                    "600",
                                    "--chunk-bytes",
@@ -62,6 +58,13 @@ pid_t StartServer(const Setup& s, const std::string& name, std::vector<std::stri
                                    "--max-update-bytes",
                                    std::to_string(512 << 20)};
   argv.insert(argv.end(), flags.begin(), flags.end());
+  if (Plaintext()) {
+    argv.push_back("--insecure");
+  } else {
+    for (const char* f : {"--tls-cert", "server.pem", "--tls-key", "server.key", "--client-ca"})
+      argv.push_back(f[0] == '-' ? f : (s.work / "certs" / f).string());
+    argv.push_back((s.work / "certs/ca.pem").string());
+  }
   const pid_t pid = fedlora::testing::Start(argv, s.work / (name + ".log"));
   *port = fedlora::testing::WaitForFile(port_file, std::chrono::seconds(20));
   while (!port->empty() && port->back() == '\n') port->pop_back();
@@ -78,13 +81,17 @@ class Client {
  public:
   Client(const Setup& s, const std::string& port, int i) {
     const std::string certs = (s.work / "certs").string(), name = "client-" + std::to_string(i);
-    auto creds = fedlora::common::ClientTlsCredentials(
-        certs + "/ca.pem", certs + "/" + name + ".pem", certs + "/" + name + ".key");
+    id_ = name;  // without TLS the coordinator takes the caller's word for its name
+    auto creds = Plaintext() ? grpc::InsecureChannelCredentials()
+                             : *fedlora::common::ClientTlsCredentials(certs + "/ca.pem",
+                                                                      certs + "/" + name + ".pem",
+                                                                      certs + "/" + name + ".key");
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(64 << 20);
     args.SetMaxSendMessageSize(64 << 20);
-    for (const auto& [key, value] : fedlora::common::TransportChannelArgs()) args.SetInt(key, value);
-    stub_ = v1::Coordinator::NewStub(grpc::CreateCustomChannel("localhost:" + port, *creds, args));
+    for (const auto& [key, value] : fedlora::common::TransportChannelArgs())
+      args.SetInt(key, value);
+    stub_ = v1::Coordinator::NewStub(grpc::CreateCustomChannel("localhost:" + port, creds, args));
   }
   void Join(int modules, int n, int m) {
     v1::JoinRequest request;
@@ -99,6 +106,7 @@ class Client {
     }
     v1::JoinResponse response;
     grpc::ClientContext context;
+    Name(context);
     Check(stub_->Join(&context, request, &response), "join");
   }
   v1::Task Task() {
@@ -108,6 +116,7 @@ class Client {
       request.set_max_wait_ms(10000);
       v1::Task task;
       grpc::ClientContext context;
+      Name(context);
       Check(stub_->GetTask(&context, request, &task), "task");
       if (task.kind() == v1::Task::TRAIN) return task;
     }
@@ -128,6 +137,7 @@ class Client {
     Check(fedlora::client::UploadInChunks(header, bytes, settings,
                                           [&](const v1::UploadRequest& r, v1::UploadResponse* out) {
                                             grpc::ClientContext context;
+                                            Name(context);
                                             return stub_->Upload(&context, r, out);
                                           }),
           "upload");
@@ -140,7 +150,11 @@ class Client {
       std::exit(1);
     }
   }
+  void Name(grpc::ClientContext& context) const {
+    if (Plaintext()) context.AddMetadata("x-fedlora-client-id", id_);
+  }
   std::unique_ptr<v1::Coordinator::Stub> stub_;
+  std::string id_;
 };
 
 // A random update for `task` (rank from the task), as a client would upload it.
