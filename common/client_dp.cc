@@ -92,14 +92,17 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
     double noise_multiplier, double expected_clients, GaussianNoise& noise,
     const LoraFairOptions& options) {
   const size_t modules = global.num_modules();
-  std::vector<MatrixD> a_bar(modules), base(modules);  // Ā and B_0 A_0 Āᵀ per module
-  double a_norm = 0;                                   // max_i ‖Ā_i‖₂
+  // Per module: Ā, B_0 A_0 Āᵀ, and S = ĀĀᵀ in its eigenbasis (‖Ā‖₂² is S's largest eigenvalue).
+  std::vector<MatrixD> a_bar(modules), base(modules);
+  std::vector<Eigen::SelfAdjointEigenSolver<MatrixD>> eig(modules);
+  double a_norm_sq = 0;
   for (size_t i = 0; i < modules; ++i) {
     a_bar[i] = global.A(i).cast<double>();
     base[i] = start.B(i).cast<double>() * (start.A(i).cast<double>() * a_bar[i].transpose());
-    a_norm = std::max(a_norm, Eigen::JacobiSVD<MatrixD>(a_bar[i]).singularValues()(0));
+    eig[i].compute(a_bar[i] * a_bar[i].transpose());
+    a_norm_sq = std::max(a_norm_sq, eig[i].eigenvalues().maxCoeff());
   }
-  const double clip_g = clip * a_norm;
+  const double clip_g = clip * std::sqrt(a_norm_sq);  // c_k's clip: S·max_i ‖Ā_i‖₂
   std::vector<MatrixD> sum(modules);
   for (size_t i = 0; i < modules; ++i) sum[i] = MatrixD::Zero(base[i].rows(), base[i].cols());
   std::vector<MatrixD> c(modules);
@@ -122,12 +125,11 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
     problem.g = base[i] + sum[i] / expected_clients;
     problem.s = a_bar[i] * a_bar[i].transpose();
     problem.b_bar = global.B(i).cast<double>();
-    // ‖Ĝ S^{+½}‖² = tr(Ĝ S⁺ Ĝᵀ), S⁺ from the eigendecomposition (eigenvalues below r·ε·max
+    // ‖Ĝ S^{+½}‖² = tr(Ĝ S⁺ Ĝᵀ), S⁺ from the eigendecomposition (eigenvalues below r·1e-12·max
     // dropped).
-    Eigen::SelfAdjointEigenSolver<MatrixD> eig(problem.s);
-    const Eigen::VectorXd& l = eig.eigenvalues();
+    const Eigen::VectorXd& l = eig[i].eigenvalues();
     const double floor = l.size() * 1e-12 * std::max(l.maxCoeff(), 0.0);
-    const MatrixD gv = problem.g * eig.eigenvectors();
+    const MatrixD gv = problem.g * eig[i].eigenvectors();
     for (Eigen::Index k = 0; k < l.size(); ++k) {
       if (l(k) > floor) problem.target_norm_sq += gv.col(k).squaredNorm() / l(k);
     }
