@@ -119,11 +119,17 @@ class FederationTest : public ::testing::Test {
     return lines;
   }
   // A coordinator for `method` ("state") and clients 1–3 ("run"), until all of them exit.
-  void RunFederation(const std::string& method, std::vector<std::string> server_flags) {
+  void RunFederation(const std::string& method, std::vector<std::string> server_flags,
+                     const std::vector<std::string>& client_flags = {}) {
     const pid_t server = StartServer(method, "state", std::move(server_flags));
     ASSERT_FALSE(port_.empty()) << testing::ReadText(dir_ / "state.log");
     std::vector<pid_t> clients;
-    for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, "run"));
+    for (int i = 1; i <= 3; ++i) {
+      std::vector<std::string> flags = client_flags;
+      flags.insert(flags.end(), {"--privacy-ledger",
+                                 (dir_ / ("ledger-" + std::to_string(i) + ".json")).string()});
+      clients.push_back(StartClient(i, "run", flags));
+    }
     for (int i = 0; i < 3; ++i) {
       EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(60)), 0)
           << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
@@ -431,6 +437,25 @@ TEST_F(ClientLevelDp, ARestartedCoordinatorKeepsCountingAndKeepsItsClip) {
       EXPECT_EQ(dp["clip"], metrics[t - 1]["client_dp"]["next_clip"]) << "round " << t + 1;
     }
   }
+}
+
+// The regression workload's DP-SGD over the coordinator: every client reports the accountant's ε
+// for q and local steps × rounds, and the global model still improves.
+TEST_F(FederationTest, RegressionClientsRunDpSgdAndReportEpsilonEachRound) {
+  const double q = 0.2, sigma = 1.0;
+  RunFederation("fedit", {},
+                {"--dp-noise-multiplier", "1", "--dp-clip", "1", "--dp-sample-rate", "0.2"});
+  const auto metrics = Metrics("state");
+  ASSERT_EQ(metrics.size(), 3u);
+  for (size_t t = 0; t < metrics.size(); ++t) {
+    const double want = common::EpsilonFor(q, sigma, 20.0 * (t + 1), 1e-5)->epsilon;
+    ASSERT_EQ(metrics[t]["dp_epsilon"].size(), 3u) << metrics[t].dump();
+    for (const auto& [id, eps] : metrics[t]["dp_epsilon"].items())
+      EXPECT_NEAR(eps.get<double>(), want, 1e-9 * want) << id << " round " << t + 1;
+  }
+  EXPECT_LT(metrics.back()["mean_loss_before"].get<double>(),
+            metrics.front()["mean_loss_before"].get<double>());
+  EXPECT_THAT(testing::ReadText(dir_ / "run-client1.log"), HasSubstr("DP-SGD spent epsilon"));
 }
 
 TEST_F(FederationTest, ClientRefusesDpSettingsItCannotHonour) {
