@@ -37,6 +37,10 @@ Node::Node(std::shared_ptr<grpc::Channel> channel, const NodeOptions& options,
            std::unique_ptr<Workload> workload)
     : stub_(v1::Coordinator::NewStub(channel)), options_(options), workload_(std::move(workload)) {}
 
+void Node::Identify(grpc::ClientContext& context) const {
+  if (!options_.id.empty()) context.AddMetadata("x-fedlora-client-id", options_.id);
+}
+
 grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,
                          const std::atomic<bool>& stop) {
   const auto start = std::chrono::steady_clock::now();
@@ -44,7 +48,7 @@ grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>
   double backoff_s = 0.1;
   for (;;) {
     grpc::ClientContext context;
-    if (!options_.id.empty()) context.AddMetadata("x-fedlora-client-id", options_.id);
+    Identify(context);
     grpc::Status s = call(context);
     if (s.ok() || !Transient(s) || stop) return s;
     if (std::chrono::steady_clock::now() - start >
@@ -174,7 +178,7 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
       request.set_round(task.round());
       v1::HeartbeatResponse response;
       grpc::ClientContext context;
-      if (!options_.id.empty()) context.AddMetadata("x-fedlora-client-id", options_.id);
+      Identify(context);
       context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
       stub_->Heartbeat(&context, request, &response);
     }
@@ -268,7 +272,7 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
           leave.set_reason(std::string(trained.message()));
           v1::LeaveResponse left;
           grpc::ClientContext context;
-          if (!options_.id.empty()) context.AddMetadata("x-fedlora-client-id", options_.id);
+          Identify(context);
           context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
           if (grpc::Status s = stub_->Leave(&context, leave, &left); !s.ok()) {
             spdlog::warn(

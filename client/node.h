@@ -45,6 +45,8 @@ class Node {
   absl::Status UploadUpdate(const v1::Task& task, const std::string& bytes,
                             const v1::TrainMetrics& metrics, const std::atomic<bool>& stop);
   absl::Status WriteFinalState() const;
+  // Names this client on `context` when there is no certificate to (--insecure with --id).
+  void Identify(grpc::ClientContext& context) const;
   // Runs `call` (a gRPC call on a fresh context) until it succeeds, fails for good, or retrying
   // runs out.
   grpc::Status Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,

@@ -26,20 +26,19 @@ absl::StatusOr<PrivacyLedger> PrivacyLedger::Load(const DpSgdSettings& settings)
   return PrivacyLedger(settings, std::move(json));
 }
 
-absl::StatusOr<common::PrivacySpent> PrivacyLedger::SpentWith(double q, int64_t steps) const {
-  common::RdpAccountant accountant;
-  for (const auto& r : json_["rounds"]) {
-    RETURN_IF_ERROR(
-        accountant.AddSteps(r.value("q", 1.0), r.value("sigma", 0.0), r.value("steps", 0.0)));
-  }
-  RETURN_IF_ERROR(
-      accountant.AddSteps(q, settings_.dp.noise_multiplier, static_cast<double>(steps)));
-  return accountant.Spent(settings_.delta);
+nlohmann::json PrivacyLedger::Entry(int64_t round, double q, int64_t steps) const {
+  return {{"round", round}, {"q", q}, {"sigma", settings_.dp.noise_multiplier}, {"steps", steps}};
+}
+
+absl::StatusOr<common::PrivacySpent> PrivacyLedger::SpentWith(const nlohmann::json& entry) const {
+  nlohmann::json rounds = json_["rounds"];
+  rounds.push_back(entry);
+  return common::SpentOver(rounds, settings_.delta);
 }
 
 absl::Status PrivacyLedger::Admit(int64_t round, double q, int64_t steps) const {
   if (!(settings_.target_epsilon > 0)) return absl::OkStatus();
-  ASSIGN_OR_RETURN(common::PrivacySpent next, SpentWith(q, steps));
+  ASSIGN_OR_RETURN(common::PrivacySpent next, SpentWith(Entry(round, q, steps)));
   if (next.epsilon <= settings_.target_epsilon) return absl::OkStatus();
   return absl::ResourceExhaustedError(
       StrCat("privacy budget: round ", round, " would bring epsilon to ", next.epsilon, " (delta ",
@@ -48,9 +47,9 @@ absl::Status PrivacyLedger::Admit(int64_t round, double q, int64_t steps) const 
 
 absl::Status PrivacyLedger::Record(int64_t round, double q, int64_t steps,
                                    v1::TrainMetrics& metrics) {
-  ASSIGN_OR_RETURN(common::PrivacySpent spent, SpentWith(q, steps));
-  json_["rounds"].push_back(
-      {{"round", round}, {"q", q}, {"sigma", settings_.dp.noise_multiplier}, {"steps", steps}});
+  const nlohmann::json entry = Entry(round, q, steps);
+  ASSIGN_OR_RETURN(common::PrivacySpent spent, SpentWith(entry));
+  json_["rounds"].push_back(entry);
   RETURN_IF_ERROR(common::WriteFileAtomically(settings_.ledger, json_.dump(2) + "\n"));
   metrics.set_dp_epsilon(spent.epsilon);
   metrics.set_dp_delta(settings_.delta);

@@ -39,7 +39,9 @@ class PrivacyLedger {
  private:
   PrivacyLedger(DpSgdSettings settings, nlohmann::json json)
       : settings_(std::move(settings)), json_(std::move(json)) {}
-  absl::StatusOr<common::PrivacySpent> SpentWith(double q, int64_t steps) const;
+  nlohmann::json Entry(int64_t round, double q, int64_t steps) const;  // one round's record
+  // ε of everything recorded plus `entry`.
+  absl::StatusOr<common::PrivacySpent> SpentWith(const nlohmann::json& entry) const;
 
   DpSgdSettings settings_;
   nlohmann::json json_;  // {"delta", "rounds": [{"round", "q", "sigma", "steps"}]}

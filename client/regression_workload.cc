@@ -1,7 +1,5 @@
 #include "client/regression_workload.h"
 
-#include <openssl/rand.h>
-
 #include <random>
 
 #include "common/blob.h"
@@ -150,7 +148,7 @@ double RegressionWorkload::DescendPrivately(common::Adapter& adapter, int steps,
       }
     }
     const Eigen::VectorXd factor =
-        (dp.clip / (norm_sq.array().sqrt() + 1e-6)).min(1.0).matrix();  // Opacus' clip factor
+        norm_sq.unaryExpr([&](double n2) { return common::ClipFactor(std::sqrt(n2), dp.clip); });
     auto noised_mean = [&](MatrixD sum) {  // (Σ clipped + N(0, (σC)²)) / (q·N)
       for (double& v : sum.reshaped()) v += dp.noise_multiplier * dp.clip * noise.Sample();
       return MatrixD(sum / expected);
@@ -192,9 +190,7 @@ absl::StatusOr<v1::TrainMetrics> RegressionWorkload::Train(const v1::Task& task,
     ASSIGN_OR_RETURN(PrivacyLedger ledger, PrivacyLedger::Load(options_.privacy));
     RETURN_IF_ERROR(ledger.Admit(task.round(), q, steps));
     ASSIGN_OR_RETURN(common::GaussianNoise noise, common::GaussianNoise::Secure());
-    uint64_t seed = 0;
-    if (RAND_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed) != 1)
-      return absl::InternalError("RAND_bytes failed to seed DP-SGD's sampling");
+    ASSIGN_OR_RETURN(const uint64_t seed, common::SecureSeed());
     std::mt19937_64 sampler(seed);
     metrics.set_loss_after(
         DescendPrivately(adapter, steps, task.settings().learning_rate(), noise, sampler));

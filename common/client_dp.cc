@@ -74,17 +74,18 @@ absl::StatusOr<double> ClientDpRound::Add(const Adapter& update) {
   return norm;
 }
 
-Adapter ClientDpRound::Finish(double noise_multiplier, GaussianNoise& noise) && {
+Adapter ClientDpRound::Finish(double noise_multiplier, GaussianNoise& noise) const {
   const double stddev = noise_multiplier * clip_;
+  Adapter out = start_;
   size_t k = 0;
-  for (std::span<float> values : TrainableValues(start_)) {
+  for (std::span<float> values : TrainableValues(out)) {
     for (float& x : values) {
       const double noised = sum_[k++] + (stddev > 0 ? stddev * noise.Sample() : 0.0);
       x = static_cast<float>(x + noised / expected_clients_);
     }
   }
-  for (size_t i = 0; i < start_.num_modules(); ++i) start_.set_scaling(i, 1.0);
-  return std::move(start_);
+  for (size_t i = 0; i < out.num_modules(); ++i) out.set_scaling(i, 1.0);
+  return out;
 }
 
 absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
@@ -115,7 +116,7 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
              base[i];
       norm_sq += c[i].squaredNorm();
     }
-    const double factor = std::min(1.0, clip_g / (std::sqrt(norm_sq) + 1e-6));
+    const double factor = ClipFactor(std::sqrt(norm_sq), clip_g);
     for (size_t i = 0; i < modules; ++i) sum[i] += factor * c[i];
   }
   std::vector<LoraFairSolution> solutions;

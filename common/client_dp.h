@@ -41,9 +41,11 @@ class ClientDpRound {
 
   // start + (Σ clip(Δ_k) + N(0, (z·S)²))/m, every module at scaling 1. z = 0 gives the clipped mean
   // without noise (for tests; not private).
-  Adapter Finish(double noise_multiplier, GaussianNoise& noise) &&;
+  Adapter Finish(double noise_multiplier, GaussianNoise& noise) const;
 
+  const Adapter& start() const { return start_; }
   double clip() const { return clip_; }
+  double expected_clients() const { return expected_clients_; }
   const std::vector<double>& norms() const { return norms_; }  // per Add, before clipping
 
  private:

@@ -81,6 +81,13 @@ void GaussianNoise::Add(std::span<float> values, double stddev) {
   for (float& v : values) v += static_cast<float>(stddev * Sample());
 }
 
+absl::StatusOr<uint64_t> SecureSeed() {
+  uint64_t seed = 0;
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed) != 1)
+    return absl::InternalError("OpenSSL's RAND_bytes could not provide a seed for DP sampling");
+  return seed;
+}
+
 double FlatL2Norm(std::span<const std::span<float>> tensors) {
   double sum = 0;
   for (std::span<float> t : tensors) {
@@ -91,7 +98,7 @@ double FlatL2Norm(std::span<const std::span<float>> tensors) {
 
 double ClipFlatL2(std::span<const std::span<float>> tensors, double max_norm) {
   const double norm = FlatL2Norm(tensors);
-  const double factor = std::min(1.0, max_norm / (norm + 1e-6));
+  const double factor = ClipFactor(norm, max_norm);
   if (factor < 1.0) {
     for (std::span<float> t : tensors) {
       for (float& v : t) v = static_cast<float>(v * factor);

@@ -4,6 +4,7 @@
 #ifndef FEDLORA_COMMON_DP_H_
 #define FEDLORA_COMMON_DP_H_
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <memory>
@@ -45,11 +46,21 @@ class GaussianNoise {
   bool has_spare_ = false;
 };
 
+// Opacus' clipping factor min(1, C/(‖g‖ + 1e-6)): what scales a vector of norm `norm` to at most
+// `max_norm`. Every flat clipping in fedlora uses it.
+inline double ClipFactor(double norm, double max_norm) {
+  return std::min(1.0, max_norm / (norm + 1e-6));
+}
+
+// A 64-bit seed from OpenSSL's RAND_bytes, for DP-SGD's Poisson sampling (which must be as secret
+// as the noise).
+absl::StatusOr<uint64_t> SecureSeed();
+
 // ‖·‖₂ over all the values of all the spans, as one flat vector.
 double FlatL2Norm(std::span<const std::span<float>> tensors);
 
-// Scales all the values by min(1, C/(‖·‖ + 1e-6)) (Opacus' per-sample factor) so their flat norm is
-// at most C; returns the norm before clipping.
+// Scales all the values by ClipFactor so their flat norm is at most C; returns the norm before
+// clipping.
 double ClipFlatL2(std::span<const std::span<float>> tensors, double max_norm);
 
 // Adaptive clipping of client updates (Andrew et al. 2021, "Differentially private learning with

@@ -138,6 +138,21 @@ absl::StatusOr<PrivacySpent> RdpAccountant::Spent(double delta) const {
   return best;
 }
 
+absl::StatusOr<PrivacySpent> SpentOver(const nlohmann::json& history, double delta) {
+  RdpAccountant accountant;
+  for (size_t i = 0; i < history.size(); ++i) {
+    const nlohmann::json& r = history[i];
+    if (!r.is_object() || !r.contains("q") || !r["q"].is_number() || !r.contains("sigma") ||
+        !r["sigma"].is_number() || !r.contains("steps") || !r["steps"].is_number()) {
+      return absl::InvalidArgumentError(StrCat("privacy history entry ", i, " is ", r.dump(),
+                                               "; expected numbers q, sigma and steps"));
+    }
+    RETURN_IF_ERROR(accountant.AddSteps(r["q"].get<double>(), r["sigma"].get<double>(),
+                                        r["steps"].get<double>()));
+  }
+  return accountant.Spent(delta);
+}
+
 absl::StatusOr<PrivacySpent> EpsilonFor(double q, double sigma, double steps, double delta) {
   RdpAccountant accountant;
   RETURN_IF_ERROR(accountant.AddSteps(q, sigma, steps));

@@ -8,6 +8,7 @@
 #ifndef FEDLORA_COMMON_PRIVACY_ACCOUNTANT_H_
 #define FEDLORA_COMMON_PRIVACY_ACCOUNTANT_H_
 
+#include <nlohmann/json.hpp>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -44,6 +45,11 @@ class RdpAccountant {
   std::vector<double> orders_;
   std::vector<double> rdp_;
 };
+
+// ε for δ of a ledger's history, a JSON array of {"q", "sigma", "steps"} (one entry per round;
+// other keys are ignored). INVALID_ARGUMENT, naming the entry, when one lacks a key or has a bad
+// value.
+absl::StatusOr<PrivacySpent> SpentOver(const nlohmann::json& history, double delta);
 
 // ε of `steps` steps at (q, σ) for δ.
 absl::StatusOr<PrivacySpent> EpsilonFor(double q, double sigma, double steps, double delta);

@@ -1,7 +1,5 @@
 #include "common/trainer.h"
 
-#include <openssl/rand.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -193,9 +191,7 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
     } else {
       ASSIGN_OR_RETURN(GaussianNoise secure, GaussianNoise::Secure());
       noise.emplace(std::move(secure));
-      uint64_t seed = 0;
-      if (RAND_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed) != 1)
-        return absl::InternalError("RAND_bytes failed to seed DP-SGD's sampling");
+      ASSIGN_OR_RETURN(const uint64_t seed, SecureSeed());
       sampler.seed(seed);
     }
   }
@@ -253,8 +249,8 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
                                                             sample_grad));
         loss.sum += l.sum;
         loss.tokens += l.tokens;
-        const float factor = static_cast<float>(
-            std::min(1.0, o.dp.clip / (std::sqrt(SquaredNorm(ranges, sample_grad)) + 1e-6)));
+        const float factor =
+            static_cast<float>(ClipFactor(std::sqrt(SquaredNorm(ranges, sample_grad)), o.dp.clip));
         for (const auto& [b, e] : ranges)
           for (size_t j = b; j < e; ++j) grads[j] += factor * sample_grad[j];
       }

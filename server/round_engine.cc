@@ -67,16 +67,6 @@ common::MatrixD RandomOrthonormal(int m, int k, std::mt19937_64& rng) {
   return Eigen::HouseholderQR<common::MatrixD>(g).householderQ() * common::MatrixD::Identity(m, k);
 }
 
-// ε for δ of a client-level DP history: [{"q", "z", "steps"} per round].
-absl::StatusOr<common::PrivacySpent> ClientDpSpent(const nlohmann::json& rounds, double delta) {
-  common::RdpAccountant accountant;
-  for (const auto& r : rounds) {
-    RETURN_IF_ERROR(accountant.AddSteps(r.at("q").get<double>(), r.at("z").get<double>(),
-                                        r.at("steps").get<double>()));
-  }
-  return accountant.Spent(delta);
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOptions& given) {
@@ -887,7 +877,12 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   return absl::OkStatus();
 }
 
-int RoundEngine::ClientDpStepsPerRound() const { return method_ == Method::kLoraFair ? 2 : 1; }
+nlohmann::json RoundEngine::ClientDpRoundEntry() const {
+  // LoRA-FAIR's correction is a second Gaussian mechanism in the round.
+  return {{"q", dp_sample_rate_},
+          {"sigma", options_.dp_noise_multiplier},
+          {"steps", method_ == Method::kLoraFair ? 2 : 1}};
+}
 
 absl::StatusOr<common::AdaptiveClipper> RoundEngine::AdaptiveClipperFor(double clip,
                                                                         double expected) const {
@@ -906,10 +901,8 @@ absl::StatusOr<bool> RoundEngine::StartClientDpRoundLocked(size_t population) {
   dp_sample_rate_ = expected / static_cast<double>(population);
   if (options_.dp_target_epsilon > 0) {
     nlohmann::json rounds = ledger.client_dp.value("rounds", nlohmann::json::array());
-    rounds.push_back({{"q", dp_sample_rate_},
-                      {"z", options_.dp_noise_multiplier},
-                      {"steps", ClientDpStepsPerRound()}});
-    ASSIGN_OR_RETURN(common::PrivacySpent next, ClientDpSpent(rounds, options_.dp_delta));
+    rounds.push_back(ClientDpRoundEntry());
+    ASSIGN_OR_RETURN(common::PrivacySpent next, common::SpentOver(rounds, options_.dp_delta));
     if (next.epsilon > options_.dp_target_epsilon) {
       spdlog::warn(
           "client-level DP: round {} (q {:.4g}) would take epsilon to {:.4f} at delta {}, past the "
@@ -922,7 +915,6 @@ absl::StatusOr<bool> RoundEngine::StartClientDpRoundLocked(size_t population) {
   // Refuse now, not at the close, a budget the count's noise would exceed.
   if (options_.dp_adaptive_clip) RETURN_IF_ERROR(AdaptiveClipperFor(clip, expected).status());
   ASSIGN_OR_RETURN(Adapter start, GlobalStateLocked());
-  if (method_ == Method::kLoraFair) dp_start_ = start;
   dp_round_.emplace(std::move(start), clip, expected);
   return true;
 }
@@ -931,7 +923,7 @@ absl::StatusOr<common::AggregateResult> RoundEngine::FinishClientDpRoundLocked(
     std::vector<Adapter> updates, Ledger* ledger, nlohmann::json* metrics) {
   common::ClientDpRound& round = *dp_round_;
   for (const Adapter& u : updates) RETURN_IF_ERROR(round.Add(u).status());  // lora-fair
-  const double expected = static_cast<double>(cohort_.size()), clip = round.clip();
+  const double expected = round.expected_clients(), clip = round.clip();
   const double z = options_.dp_noise_multiplier;
   double z_update = z;
   std::optional<common::AdaptiveClipper> clipper;
@@ -939,14 +931,12 @@ absl::StatusOr<common::AggregateResult> RoundEngine::FinishClientDpRoundLocked(
     ASSIGN_OR_RETURN(clipper, AdaptiveClipperFor(clip, expected));
     ASSIGN_OR_RETURN(z_update, clipper->UpdateNoiseMultiplier(z));
   }
-  const std::vector<double> norms = round.norms();
   common::AggregateResult result;
-  result.adapter = std::move(round).Finish(z_update, *noise_);
-  dp_round_.reset();
+  result.adapter = round.Finish(z_update, *noise_);
   if (method_ == Method::kLoraFair) {
     ASSIGN_OR_RETURN(
         std::vector<common::LoraFairSolution> solutions,
-        common::PrivateLoraFairCorrection(updates, dp_start_, result.adapter, clip, z, expected,
+        common::PrivateLoraFairCorrection(updates, round.start(), result.adapter, clip, z, expected,
                                           *noise_, {.lambda = options_.lora_fair_lambda}));
     for (size_t i = 0; i < solutions.size(); ++i) {
       result.modules.push_back({.name = result.adapter.module(i).name,
@@ -954,13 +944,13 @@ absl::StatusOr<common::AggregateResult> RoundEngine::FinishClientDpRoundLocked(
                                 .lora_fair = std::move(solutions[i])});
     }
   }
-  if (clipper) clipper->Update(norms, *noise_);  // norms stay here: they are not private
+  if (clipper) clipper->Update(round.norms(), *noise_);  // norms stay here: they are not private
+  dp_round_.reset();
   const double next_clip = clipper ? clipper->clip() : clip;
   ledger->client_dp["clip"] = next_clip;
-  ledger->client_dp["rounds"].push_back(
-      {{"q", dp_sample_rate_}, {"z", z}, {"steps", ClientDpStepsPerRound()}});
+  ledger->client_dp["rounds"].push_back(ClientDpRoundEntry());
   ASSIGN_OR_RETURN(common::PrivacySpent spent,
-                   ClientDpSpent(ledger->client_dp["rounds"], options_.dp_delta));
+                   common::SpentOver(ledger->client_dp["rounds"], options_.dp_delta));
   *metrics = {{"epsilon", spent.epsilon},
               {"delta", options_.dp_delta},
               {"order", spent.order},

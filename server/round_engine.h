@@ -150,7 +150,8 @@ class RoundEngine {
   // Client-level DP: false when this round would take ε past the target (the run ends); otherwise
   // starts the round's clipped sum. q = cohort / population (the clients taking part).
   absl::StatusOr<bool> StartClientDpRoundLocked(size_t population);
-  int ClientDpStepsPerRound() const;  // Gaussian mechanisms per round: 2 for LoRA-FAIR, else 1
+  // This round in the privacy history: {q, sigma, steps}, with 2 Gaussian mechanisms for LoRA-FAIR.
+  nlohmann::json ClientDpRoundEntry() const;
   // The round's adaptive clipper at C = clip with m = expected clients; INVALID_ARGUMENT when the
   // count's noise leaves nothing of the round's noise multiplier for the update.
   absl::StatusOr<common::AdaptiveClipper> AdaptiveClipperFor(double clip, double expected) const;
@@ -187,9 +188,8 @@ class RoundEngine {
   std::vector<common::Example> eval_examples_;
   std::optional<common::LlamaWeights> flora_merged_;
   // Client-level DP (options_.client_dp()): the round's clipped sum over its starting state, the
-  // start itself for LoRA-FAIR's second mechanism, the sampling rate, and the noise source.
+  // sampling rate, and the noise source.
   std::optional<common::ClientDpRound> dp_round_;
-  common::Adapter dp_start_;
   double dp_sample_rate_ = 0;
   std::optional<common::GaussianNoise> noise_;
   bool stopping_ = false;

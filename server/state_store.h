@@ -35,8 +35,8 @@ struct Ledger {
   std::string base_model_sha256;                     // pinned at the first join when not configured
   nlohmann::json modules = nlohmann::json::array();  // [{name, in_features, out_features}]
   std::vector<Version> versions;
-  // Client-level DP: {"clip": C for the next round, "rounds": [{"q", "z", "steps"} per closed
-  // round]}; empty without it.
+  // Client-level DP: {"clip": C for the next round, "rounds": [{"q", "sigma", "steps"} per closed
+  // round]} (common::SpentOver's history); empty without it.
   nlohmann::json client_dp = nlohmann::json::object();
 };
 

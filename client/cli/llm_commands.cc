@@ -1,16 +1,16 @@
 // The trainer's commands of the offline `fedlora` tool:
 //   fedlora eval       — mean cross-entropy of a JSONL file under a model (and an adapter)
 //   fedlora train      — a centralised LoRA / LoRA-SB fine-tuning run that writes a PEFT adapter
+//   fedlora merge      — a model with an adapter folded into its weights
 //   fedlora init-model — a randomly initialised Llama checkpoint in the Hugging Face layout
+//   fedlora make-data  — a synthetic instruction dataset split non-IID across clients
 #include <spdlog/spdlog.h>
 
 #include <cmath>
 #include <cstdio>
 #include <fstream>
-#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
-#include <sstream>
 
 #include "client/cli/commands.h"
 #include "common/file_util.h"
@@ -267,11 +267,10 @@ void RunMerge(const MergeArgs& a) {
   auto adapter = common::ReadPeftAdapter(a.adapter);
   ExitIfError(adapter.status());
   ExitIfError(weights->Merge(*adapter));
-  const common::DType dtype = a.dtype == "bf16"  ? common::DType::kBF16
-                              : a.dtype == "f16" ? common::DType::kF16
-                                                 : common::DType::kF32;
+  auto dtype = common::ParseDType(a.dtype);
+  ExitIfError(dtype.status());
   // The tokenizer and any other files of the model travel along.
-  ExitIfError(weights->WriteModelDirectory(a.out, a.model, dtype, a.overwrite));
+  ExitIfError(weights->WriteModelDirectory(a.out, a.model, *dtype, a.overwrite));
   std::printf("wrote %s: %s with %zu adapter modules merged\n", a.out.c_str(), a.model.c_str(),
               adapter->num_modules());
 }

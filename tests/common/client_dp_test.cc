@@ -60,7 +60,7 @@ TEST(ClientDpRoundTest, ClipsEachUpdateFlatAndDividesByTheCohortDrawn) {
   EXPECT_LT(round.norms()[0], clip);
   EXPECT_GT(round.norms()[1], clip);
   GaussianNoise noise = GaussianNoise::ForTestingOnly(1);
-  const Adapter out = std::move(round).Finish(/*noise_multiplier=*/0, noise);
+  const Adapter out = round.Finish(/*noise_multiplier=*/0, noise);
   for (size_t i = 0; i < 2; ++i) {
     EXPECT_EQ(out.module(i).scaling, 1.0);
     const Eigen::VectorXd got = Delta(out, start, i);
@@ -78,7 +78,7 @@ TEST(ClientDpRoundTest, FedSbClipsAndNoisesOnlyR) {
   const Eigen::VectorXd delta = Delta(update, start, 0);
   EXPECT_NEAR(*round.Add(update), delta.norm(), 1e-5 * delta.norm());
   GaussianNoise noise = GaussianNoise::ForTestingOnly(2);
-  const Adapter out = std::move(round).Finish(0, noise);
+  const Adapter out = round.Finish(0, noise);
   const Eigen::VectorXd got = Delta(out, start, 0);
   EXPECT_LT((got - delta / (delta.norm() + 1e-6) / 2).norm(), 1e-6);
   // B and A are frozen: untouched.
@@ -94,7 +94,7 @@ TEST(ClientDpRoundTest, NoiseIsGaussianWithStddevZTimesClipOverM) {
   ClientDpRound round(start, clip, m);
   ASSERT_TRUE(round.Add(start).ok());  // Δ = 0: what remains is the noise
   GaussianNoise noise = GaussianNoise::ForTestingOnly(3);
-  const Adapter out = std::move(round).Finish(z, noise);
+  const Adapter out = round.Finish(z, noise);
   double sum = 0, sq = 0, n = 0;
   for (size_t i = 0; i < out.num_modules(); ++i) {
     const Eigen::VectorXd d = Delta(out, start, i) / (z * clip / m);
@@ -133,7 +133,7 @@ TEST(PrivateLoraFairTest, EqualsLoraFairWhenNothingIsClippedOrNoised) {
   ClientDpRound round(start, /*clip=*/1e6, /*expected_clients=*/3);
   for (const Adapter& c : clients) ASSERT_TRUE(round.Add(c).ok());
   GaussianNoise noise = GaussianNoise::ForTestingOnly(4);
-  Adapter global = std::move(round).Finish(0, noise);
+  Adapter global = round.Finish(0, noise);
   const LoraFairOptions options{.lambda = 0.01};
   auto solutions = PrivateLoraFairCorrection(clients, start, global, 1e6, 0, 3, noise, options);
   ASSERT_TRUE(solutions.ok()) << solutions.status();
