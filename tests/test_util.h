@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/adapter.h"
+#include "common/llama_config.h"
 
 namespace fedlora::testing {
 
@@ -61,6 +62,21 @@ inline Adapter RandomAdapter(const std::vector<ModuleSpec>& specs, uint64_t seed
     }
   }
   return a;
+}
+
+// A Llama config small enough for training tests: width 32, 2 layers, GQA 4:2, head_dim 8.
+inline common::LlamaConfig TinyLlama(int vocab, bool tied = true) {
+  common::LlamaConfig c;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.vocab_size = vocab;
+  c.max_position_embeddings = 128;
+  c.tie_word_embeddings = tied;
+  return c;
 }
 
 // The dense m×n effective delta s·B·A (or s·B·R·A) of module i, in double.

@@ -8,6 +8,7 @@
 #include <random>
 
 #include "common/trainer.h"
+#include "tests/test_util.h"
 
 namespace {
 std::atomic<int64_t> allocations{0};
@@ -34,15 +35,7 @@ TEST(AllocationTest, TrainingStepsAllocateNothing) {
 #ifdef __SANITIZE_ADDRESS__
   GTEST_SKIP() << "operator new is AddressSanitizer's in this build";
 #endif
-  LlamaConfig c;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.vocab_size = 50;
-  c.max_position_embeddings = 64;
+  const LlamaConfig c = testing::TinyLlama(50, /*tied=*/false);
   const LlamaWeights w = LlamaWeights::Random(c, 1);
   std::mt19937_64 rng(3);
   std::vector<Example> data(40);

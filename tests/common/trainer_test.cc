@@ -7,22 +7,10 @@
 #include <cmath>
 #include <random>
 
+#include "tests/test_util.h"
+
 namespace fedlora::common {
 namespace {
-
-LlamaConfig Tiny(int vocab) {
-  LlamaConfig c;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.vocab_size = vocab;
-  c.max_position_embeddings = 128;
-  c.tie_word_embeddings = true;
-  return c;
-}
 
 // Sequences following a fixed rule (next = 3·current + 1 mod 17, from a random start): learnable.
 std::vector<Example> RuleData(int n, int len, uint64_t seed) {
@@ -51,7 +39,7 @@ TEST(ScheduleTest, MatchesHuggingFaceSchedules) {
 }
 
 TEST(TrainerTest, FirstStepIsDecoupledAdamW) {
-  const LlamaConfig c = Tiny(17);
+  const LlamaConfig c = testing::TinyLlama(17);
   const LlamaWeights w = LlamaWeights::Random(c, 1);
   Adapter adapter = *NewAdapter(
       c, {.rank = 2, .alpha = 4, .targets = {LinearKind::kQ, LinearKind::kDown}}, 3, "");
@@ -85,7 +73,7 @@ TEST(TrainerTest, FirstStepIsDecoupledAdamW) {
 }
 
 TEST(TrainerTest, TrainingLowersHeldOutLoss) {
-  const LlamaConfig c = Tiny(17);
+  const LlamaConfig c = testing::TinyLlama(17);
   // Initialised wider than transformers' 0.02, so that the frozen head can express a peaked
   // distribution (with 0.02 the logits of a 32-wide model stay within ±0.7).
   const LlamaWeights w = LlamaWeights::Random(c, 2, 0.15f);
@@ -112,7 +100,7 @@ TEST(TrainerTest, TrainingLowersHeldOutLoss) {
 }
 
 TEST(TrainerTest, LoraSbInitialisationIsTheTruncatedFirstStep) {
-  const LlamaConfig c = Tiny(17);
+  const LlamaConfig c = testing::TinyLlama(17);
   const LlamaWeights w = LlamaWeights::Random(c, 4);
   const int r = 3;
   Adapter adapter = *NewAdapter(
@@ -157,7 +145,7 @@ TEST(TrainerTest, LoraSbInitialisationIsTheTruncatedFirstStep) {
 // and then wrong and two runs of `fedlora train` ended 0.4% apart; this test is too small to hit
 // that race reliably, so it guards determinism in general.
 TEST(TrainerTest, TwoThreadedRunsAgree) {
-  const LlamaConfig c = Tiny(17);
+  const LlamaConfig c = testing::TinyLlama(17);
   const LlamaWeights w = LlamaWeights::Random(c, 5, 0.15f);
   const std::vector<Example> train = RuleData(96, 24, 4);
   std::vector<std::vector<float>> results;
@@ -215,7 +203,7 @@ class DpSgdTest : public ::testing::Test {
     }
     return g;
   }
-  const LlamaConfig c_ = Tiny(17);
+  const LlamaConfig c_ = testing::TinyLlama(17);
   const LlamaWeights w_ = LlamaWeights::Random(c_, 8, 0.15f);
   const std::vector<Example> data_ = RuleData(6, 9, 2);
   Adapter adapter_;

@@ -11,6 +11,7 @@
 #include <poll.h>
 #include <sys/socket.h>
 
+#include <functional>
 #include <nlohmann/json.hpp>
 
 #include "client/regression_workload.h"
@@ -108,7 +109,8 @@ class FederationTest : public ::testing::Test {
                    {"--layers", "2"},
                    {"--in-features", "24"},
                    {"--out-features", "20"},
-                   {"--out-dir", (dir_ / (tag + "-out" + n)).string()}},
+                   {"--out-dir", (dir_ / (tag + "-out" + n)).string()},
+                   {"--privacy-ledger", (dir_ / (tag + "-ledger" + n + ".json")).string()}},
                   extra);
     return Track(testing::Start(argv, dir_ / (tag + "-client" + std::to_string(i) + ".log")));
   }
@@ -118,23 +120,22 @@ class FederationTest : public ::testing::Test {
     for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
     return lines;
   }
-  // A coordinator for `method` ("state") and clients 1–3 ("run"), until all of them exit.
+  // A coordinator for `method` ("state") and clients 1–3 ("run", each with client_flags(i)), until
+  // all of them exit; every one must exit 0.
+  using ClientFlags = std::function<std::vector<std::string>(int)>;
   void RunFederation(const std::string& method, std::vector<std::string> server_flags,
-                     const std::vector<std::string>& client_flags = {}) {
+                     const ClientFlags& client_flags = nullptr) {
     const pid_t server = StartServer(method, "state", std::move(server_flags));
     ASSERT_FALSE(port_.empty()) << testing::ReadText(dir_ / "state.log");
     std::vector<pid_t> clients;
-    for (int i = 1; i <= 3; ++i) {
-      std::vector<std::string> flags = client_flags;
-      flags.insert(flags.end(), {"--privacy-ledger",
-                                 (dir_ / ("ledger-" + std::to_string(i) + ".json")).string()});
-      clients.push_back(StartClient(i, "run", flags));
-    }
+    for (int i = 1; i <= 3; ++i)
+      clients.push_back(
+          StartClient(i, "run", client_flags ? client_flags(i) : std::vector<std::string>{}));
     for (int i = 0; i < 3; ++i) {
-      EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(60)), 0)
+      EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(120)), 0)
           << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
     }
-    ASSERT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0)
+    ASSERT_EQ(testing::Wait(server, std::chrono::seconds(60)), 0)
         << testing::ReadText(dir_ / "state.log");
   }
   std::string Blob(const std::string& state, const std::string& sha) const {
@@ -443,8 +444,10 @@ TEST_F(ClientLevelDp, ARestartedCoordinatorKeepsCountingAndKeepsItsClip) {
 // for q and local steps × rounds, and the global model still improves.
 TEST_F(FederationTest, RegressionClientsRunDpSgdAndReportEpsilonEachRound) {
   const double q = 0.2, sigma = 1.0;
-  RunFederation("fedit", {},
-                {"--dp-noise-multiplier", "1", "--dp-clip", "1", "--dp-sample-rate", "0.2"});
+  RunFederation("fedit", {}, [](int) {
+    return std::vector<std::string>{"--dp-noise-multiplier", "1",  "--dp-clip", "1",
+                                    "--dp-sample-rate",      "0.2"};
+  });
   const auto metrics = Metrics("state");
   ASSERT_EQ(metrics.size(), 3u);
   for (size_t t = 0; t < metrics.size(); ++t) {
@@ -485,11 +488,7 @@ TEST_F(FederationTest, FloraWithClientLevelDpIsRefusedWithTheReason) {
 }
 
 TEST_F(FederationTest, FloraClientsEndWithTheSameMergedBase) {
-  const pid_t server = StartServer("flora", "state");
-  std::vector<pid_t> clients;
-  for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, "run"));
-  for (pid_t c : clients) EXPECT_EQ(testing::Wait(c, std::chrono::seconds(60)), 0);
-  ASSERT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0);
+  RunFederation("flora", {});
   std::vector<std::vector<float>> bases;
   for (int i = 1; i <= 3; ++i) {
     auto file =
@@ -922,21 +921,14 @@ TEST_F(FederationTest, CommandWorkloadRunsTheSitesOwnTrainer) {
       R"(cp "$FEDLORA_START_DIR"/* "$FEDLORA_OUT_DIR"/ && grep -q '"method": "fedit"' )"
       R"("$FEDLORA_TASK_JSON" && echo '{"loss_before": 1.5, "loss_after": 0.5}' > )"
       R"("$FEDLORA_OUT_DIR/metrics.json")";
-  const pid_t server = StartServer("fedit", "state", {"--rounds", "1"});
-  ASSERT_FALSE(port_.empty());
-  std::vector<pid_t> clients;
-  for (int i = 1; i <= 3; ++i) {
-    clients.push_back(
-        StartClient(i, "run",
-                    {"--workload", "command", "--train-command", trainer, "--base-model-sha256",
-                     std::string(64, 'c'), "--modules", "m.q_proj:24:20,m.v_proj:24:8",
-                     "--work-dir", (dir_ / ("work" + std::to_string(i))).string()}));
-  }
-  for (int i = 0; i < 3; ++i) {
-    EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(60)), 0)
-        << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
-  }
-  EXPECT_EQ(testing::Wait(server, std::chrono::seconds(30)), 0);
+  RunFederation("fedit", {"--rounds", "1"}, [&](int i) {
+    return std::vector<std::string>{
+        "--workload",          "command",
+        "--train-command",     trainer,
+        "--base-model-sha256", std::string(64, 'c'),
+        "--modules",           "m.q_proj:24:20,m.v_proj:24:8",
+        "--work-dir",          (dir_ / ("work" + std::to_string(i))).string()};
+  });
   const auto metrics = Metrics("state");
   ASSERT_EQ(metrics.size(), 1u);
   EXPECT_EQ(metrics[0]["arrived"].size(), 3u);
@@ -984,25 +976,21 @@ TEST_P(LlmFederation, ClientsFineTuneATinyModelAndHeldOutLossFalls) {
           (data / "client-1.jsonl").string() + " --out " + model.string());
   const double base_loss = EvalLoss(model);
 
-  const pid_t server = StartServer(
-      method, "state",
+  RunFederation(
+      method,
       {"--rounds", "2", "--base-model-dir", model.string(), "--eval-data",
        (data / "test.jsonl").string(), "--target-modules", "q_proj,v_proj,up_proj,down_proj",
        "--local-steps", "6",
        // Fed-SB trains only R (r² values per module) in a random subspace: it wants a larger step.
-       "--learning-rate", method == "fed-sb" ? "0.1" : "0.01"});
-  ASSERT_FALSE(port_.empty()) << testing::ReadText(dir_ / "state.log");
-  std::vector<pid_t> clients;
-  for (int i = 1; i <= 3; ++i)
-    clients.push_back(StartClient(i, "run",
-                                  {"--workload", "llm", "--model", model.string(), "--data",
-                                   (data / ("client-" + std::to_string(i) + ".jsonl")).string(),
-                                   "--batch", "8", "--eval-examples", "16"}));
-  for (int i = 0; i < 3; ++i)
-    EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(120)), 0)
-        << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
-  ASSERT_EQ(testing::Wait(server, std::chrono::seconds(60)), 0)
-      << testing::ReadText(dir_ / "state.log");
+       "--learning-rate", method == "fed-sb" ? "0.1" : "0.01"},
+      [&](int i) {
+        return std::vector<std::string>{
+            "--workload",      "llm",
+            "--model",         model.string(),
+            "--data",          (data / ("client-" + std::to_string(i) + ".jsonl")).string(),
+            "--batch",         "8",
+            "--eval-examples", "16"};
+      });
 
   const auto metrics = Metrics("state");
   ASSERT_EQ(metrics.size(), 2u);
@@ -1036,41 +1024,32 @@ TEST_F(LlmFixture, DpSgdClientsReportEpsilonAndStopAtTheirTarget) {
   const double q = 8.0 / 48, sigma = 1.0, delta = 1e-5;
   const double eps1 = common::EpsilonFor(q, sigma, 6, delta)->epsilon;
   const double eps2 = common::EpsilonFor(q, sigma, 12, delta)->epsilon;
-  const pid_t server = StartServer("fedit", "state",
-                                   {"--rounds", "2", "--local-steps", "6", "--learning-rate",
-                                    "0.01", "--target-modules", "q_proj,v_proj"});
-  ASSERT_FALSE(port_.empty()) << testing::ReadText(dir_ / "state.log");
-  std::vector<pid_t> clients;
-  for (int i = 1; i <= 3; ++i) {
-    std::vector<std::string> flags = {"--workload",
-                                      "llm",
-                                      "--model",
-                                      model.string(),
-                                      "--data",
-                                      (data / ("client-" + std::to_string(i) + ".jsonl")).string(),
-                                      "--batch",
-                                      "8",
-                                      "--eval-examples",
-                                      "8",
-                                      "--dp-noise-multiplier",
-                                      "1",
-                                      "--dp-clip",
-                                      "1",
-                                      "--privacy-ledger",
-                                      (dir_ / ("ledger-" + std::to_string(i) + ".json")).string()};
-    if (i == 3) {  // room for one round, not two
-      flags.push_back("--target-epsilon");
-      flags.push_back(std::to_string((eps1 + eps2) / 2));
-    }
-    clients.push_back(StartClient(i, "run", flags));
-  }
-  // Client 3 declines round 2 and leaves (exit 0: a spent budget is not a failure); the round
-  // closes with the other two at once, not at a deadline.
-  for (int i = 0; i < 3; ++i)
-    EXPECT_EQ(testing::Wait(clients[i], std::chrono::seconds(120)), 0)
-        << testing::ReadText(dir_ / ("run-client" + std::to_string(i + 1) + ".log"));
-  ASSERT_EQ(testing::Wait(server, std::chrono::seconds(60)), 0)
-      << testing::ReadText(dir_ / "state.log");
+  // Client 3 has room for one round, not two: it declines round 2 and leaves (exit 0: a spent
+  // budget is not a failure), and the round closes with the other two at once, not at a deadline.
+  RunFederation(
+      "fedit",
+      {"--rounds", "2", "--local-steps", "6", "--learning-rate", "0.01", "--target-modules",
+       "q_proj,v_proj"},
+      [&](int i) {
+        std::vector<std::string> flags = {
+            "--workload",
+            "llm",
+            "--model",
+            model.string(),
+            "--data",
+            (data / ("client-" + std::to_string(i) + ".jsonl")).string(),
+            "--batch",
+            "8",
+            "--eval-examples",
+            "8",
+            "--dp-noise-multiplier",
+            "1",
+            "--dp-clip",
+            "1"};
+        if (i == 3)
+          flags.insert(flags.end(), {"--target-epsilon", std::to_string((eps1 + eps2) / 2)});
+        return flags;
+      });
 
   const auto metrics = Metrics("state");
   ASSERT_EQ(metrics.size(), 2u);
@@ -1087,7 +1066,7 @@ TEST_F(LlmFixture, DpSgdClientsReportEpsilonAndStopAtTheirTarget) {
     EXPECT_NEAR(eps.get<double>(), eps2, 1e-9 * eps2) << id;
   EXPECT_THAT(testing::ReadText(dir_ / "run-client3.log"),
               HasSubstr("privacy budget: round 2 would bring epsilon to"));
-  const auto ledger = nlohmann::json::parse(testing::ReadText(dir_ / "ledger-3.json"));
+  const auto ledger = nlohmann::json::parse(testing::ReadText(dir_ / "run-ledger3.json"));
   EXPECT_EQ(ledger["rounds"].size(), 1u);
 }
 
