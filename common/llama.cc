@@ -195,6 +195,14 @@ namespace {
 ConstMapF CMap(const float* p, int64_t rows, int64_t cols) { return ConstMapF(p, rows, cols); }
 MapF Map(float* p, int64_t rows, int64_t cols) { return MapF(p, rows, cols); }
 
+// Row-major C = alpha·op(A)·op(B) + beta·C (op transposes when ta / tb), on OpenBLAS.
+void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
 // Contiguous row blocks of [0, rows) for the pool's threads.
 struct RowSplit {
   int64_t rows;
@@ -407,8 +415,8 @@ void LlamaRunner::Impl::MatMulNT(const float* x, const float* wt, float* y, int6
   pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
     const int64_t r0 = split.begin(i), rn = split.size(i);
     if (rn == 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rn, m, n, alpha, x + r0 * n, n, wt, n,
-                accumulate ? 1.0f : 0.0f, y + r0 * m, m);
+    Gemm(false, true, rn, m, n, alpha, x + r0 * n, n, wt, n, accumulate ? 1.0f : 0.0f, y + r0 * m,
+         m);
   });
 }
 
@@ -418,8 +426,8 @@ void LlamaRunner::Impl::MatMulNN(const float* x, const float* w, float* y, int64
   pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
     const int64_t r0 = split.begin(i), rn = split.size(i);
     if (rn == 0) return;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rn, n, m, 1.0f, x + r0 * m, m, w, n,
-                accumulate ? 1.0f : 0.0f, y + r0 * n, n);
+    Gemm(false, false, rn, n, m, 1.0f, x + r0 * m, m, w, n, accumulate ? 1.0f : 0.0f, y + r0 * n,
+         n);
   });
 }
 
@@ -431,11 +439,9 @@ void LlamaRunner::Impl::MatMulTN(const float* x, const float* y, float* g, int64
     const int64_t c0 = split.begin(i), cn = split.size(i);
     if (cn == 0) return;
     if (split_a)  // rows c0.. of G = columns c0.. of X, transposed, times Y
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, cn, b, n_rows, alpha, x + c0, a, y, b,
-                  1.0f, g + c0 * b, b);
+      Gemm(true, false, cn, b, n_rows, alpha, x + c0, a, y, b, 1.0f, g + c0 * b, b);
     else  // columns c0.. of G
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, a, cn, n_rows, alpha, x, a, y + c0, b,
-                  1.0f, g + c0, b);
+      Gemm(true, false, a, cn, n_rows, alpha, x, a, y + c0, b, 1.0f, g + c0, b);
   });
 }
 
@@ -545,15 +551,7 @@ void LlamaRunner::Impl::Rope(float* x, int heads, bool inverse) {
 }
 
 // Attention products run on sgemm with leading dimensions: a head is a column block of the [N, ·]
-// activations. Row-major C = op(A)·op(B) as cblas_sgemm(RowMajor, ...).
-namespace {
-void Gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda,
-          const float* b, int ldb, float beta, float* c, int ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n,
-              k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-}  // namespace
-
+// activations.
 void LlamaRunner::Impl::AttentionForward(Layer& L) {
   const int D = c_.head_dim, Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
   const int Q = c_.q_dim(), KV = c_.kv_dim(), group = Hq / Hkv, T = T_;
@@ -636,8 +634,7 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
     float* logits = scratch_[static_cast<size_t>(thread)].data();  // [rn, V]
     float* hc = logits + static_cast<int64_t>(kHeadChunk) * V;     // [rn, H]
     for (int64_t i = 0; i < rn; ++i) std::copy_n(hf + head_rows_[r0 + i] * H, H, hc + i * H);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rn, V, H, 1.0f, hc, H, E, H, 0.0f, logits,
-                V);
+    Gemm(false, true, rn, V, H, 1.0f, hc, H, E, H, 0.0f, logits, V);
     for (int64_t i = 0; i < rn; ++i) {
       Eigen::Map<Eigen::ArrayXf> row(logits + i * V, V);
       const int32_t target = labels[head_rows_[r0 + i] + 1];
@@ -650,8 +647,7 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
       }
     }
     if (backward) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rn, H, V, 1.0f, logits, V, E, H, 0.0f,
-                  hc, H);
+      Gemm(false, false, rn, H, V, 1.0f, logits, V, E, H, 0.0f, hc, H);
       for (int64_t i = 0; i < rn; ++i) std::copy_n(hc + i * H, H, dhf + head_rows_[r0 + i] * H);
     }
   });
