@@ -12,6 +12,7 @@
 #include "common/blob.h"
 #include "common/file_util.h"
 #include "common/low_rank.h"
+#include "common/parallel.h"
 #include "common/peft.h"
 #include "common/status_macros.h"
 #include "common/strings.h"
@@ -510,15 +511,14 @@ absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& cl
   return response;
 }
 
-absl::StatusOr<Adapter> RoundEngine::ValidateUpdateLocked(const std::string& client,
-                                                          std::string_view bytes) {
-  const std::string origin = StrCat("update of ", client, " for round ", round_);
+absl::StatusOr<Adapter> RoundEngine::ValidateUpdate(const std::string& origin,
+                                                    const nlohmann::json& modules,
+                                                    std::string_view bytes) const {
   Adapter update;
   if (method_ == Method::kFedSb) {
     ASSIGN_OR_RETURN(update, common::DecodeROnto(bytes, origin, frozen_));
   } else {
     ASSIGN_OR_RETURN(update, common::DecodeAdapter(bytes, origin));
-    const auto& modules = store_.ledger().modules;
     for (const auto& m : modules) {
       const std::string name = m["name"].get<std::string>();
       const int n = m["in_features"].get<int>(), rows = m["out_features"].get<int>();
@@ -550,9 +550,8 @@ absl::StatusOr<Adapter> RoundEngine::ValidateUpdateLocked(const std::string& cli
 
 absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client,
                                                        const v1::UploadRequest& request) {
-  std::vector<std::pair<TaskCallback, v1::Task>> ready;
   v1::UploadResponse response;
-  absl::Status status;
+  nlohmann::json modules;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (auto it = clients_.find(client); it != clients_.end()) it->second.last_seen = Clock::now();
@@ -584,6 +583,10 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
           StrCat("sha256 '", request.sha256(), "' is not 64 lower-case hex digits"));
     }
     PendingUpload& up = uploads_[client];
+    if (up.verifying) {  // its part file must not change until FinishUpload is done with it
+      return absl::UnavailableError(
+          StrCat(client, "'s update for round ", round_, " is being verified; retry"));
+    }
     if (up.accepted) {
       if (up.sha256 != request.sha256()) {
         return absl::AlreadyExistsError(StrCat("an update for round ", round_,
@@ -618,22 +621,52 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
     response.set_received(up.received);
     if (up.received < up.total_size) return response;  // more to come (or resume from here)
 
-    // Complete: verify and validate before it can reach the aggregate.
-    const auto verify_start = Clock::now();
-    auto mapped = store_.MapPart(part);
-    if (!mapped.ok()) return mapped.status();
-    const std::string_view bytes(reinterpret_cast<const char*>(mapped->bytes().data()),
-                                 mapped->bytes().size());
-    const std::string sha = common::Sha256Hex(bytes);
-    if (sha != up.sha256) {
-      status = absl::InvalidArgumentError(StrCat("checksum mismatch: the update's sha256 is ", sha,
-                                                 " but the upload announced ", up.sha256));
-    } else if (auto adapter = ValidateUpdateLocked(client, bytes); !adapter.ok()) {
+    up.verifying = true;
+    modules = store_.ledger().modules;
+  }
+  return FinishUpload(client, request, modules);
+}
+
+absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& client,
+                                                             const v1::UploadRequest& request,
+                                                             const nlohmann::json& modules) {
+  // Verify and validate before it can reach the aggregate, without holding mu_: hashing and
+  // checking a 100 MB update takes a few tenths of a second that other clients need not wait for.
+  const auto verify_start = Clock::now();
+  const std::string part = PartName(request.round(), client);
+  absl::StatusOr<Adapter> adapter = [&]() -> absl::StatusOr<Adapter> {
+    ASSIGN_OR_RETURN(common::MappedFile mapped, store_.MapPart(part));
+    const std::string_view bytes(reinterpret_cast<const char*>(mapped.bytes().data()),
+                                 mapped.bytes().size());
+    if (const std::string sha = common::Sha256Hex(bytes); sha != request.sha256()) {
+      return absl::InvalidArgumentError(StrCat("checksum mismatch: the update's sha256 is ", sha,
+                                               " but the upload announced ", request.sha256()));
+    }
+    ASSIGN_OR_RETURN(Adapter update,
+                     ValidateUpdate(StrCat("update of ", client, " for round ", request.round()),
+                                    modules, bytes));
+    RETURN_IF_ERROR(store_.SyncPart(part));
+    return update;
+  }();
+
+  std::vector<std::pair<TaskCallback, v1::Task>> ready;
+  v1::UploadResponse response;
+  absl::Status status;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto it = uploads_.find(client);
+    if (phase_ != Phase::kTraining || round_ != request.round() || it == uploads_.end() ||
+        !it->second.verifying) {
+      return absl::FailedPreconditionError(StrCat("round ", request.round(), " ended while ",
+                                                  client, "'s update was being verified"));
+    }
+    PendingUpload& up = it->second;
+    up.verifying = false;
+    if (adapter.ok()) status = store_.AdoptPart(part, up.sha256);
+    if (!adapter.ok()) {
       status = adapter.status();
-    } else if (absl::Status adopted = store_.AdoptPart(part, sha); !adopted.ok()) {
-      status = adopted;
-    } else {
-      up.blob = sha;
+    } else if (status.ok()) {
+      up.blob = up.sha256;
       up.accepted = true;
       up.num_examples =
           request.num_examples() > 0 ? request.num_examples() : clients_[client].num_examples;
@@ -645,9 +678,10 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
       } else {
         FoldLocked(*adapter, static_cast<double>(up.num_examples));
       }
+      response.set_received(up.total_size);
       response.set_accepted(true);
-      spdlog::info("round {}: {}'s update of {} bytes verified and validated in {:.3f} s", round_,
-                   client, up.total_size,
+      spdlog::info("round {}: {}'s update of {} bytes verified, validated and folded in {:.3f} s",
+                   round_, client, up.total_size,
                    std::chrono::duration<double>(Clock::now() - verify_start).count());
       size_t arrived = 0;
       for (const auto& [id, u] : uploads_) arrived += u.accepted;
@@ -693,10 +727,14 @@ void RoundEngine::FoldLocked(const Adapter& update, double weight) {
     sums_.r.assign(modules.size(), common::MatrixD());
   }
   auto add = [](common::MatrixD& sum, const auto& x) {  // x: an expression, never materialised
-    if (sum.size() == 0) sum.setZero(x.rows(), x.cols());
-    sum.noalias() += x;
+    if (sum.size() == 0) {
+      sum = x;  // the first update: one pass, not zeros and then a sum
+    } else {
+      sum.noalias() += x;
+    }
   };
-  for (size_t i = 0; i < modules.size(); ++i) {
+  // Modules are independent: fold them on every core (mu_ is held, so the fold is kept short).
+  common::ParallelFor(modules.size(), [&](size_t i) {
     const size_t j =
         *update.FindModule(modules[i]["name"].get<std::string>());  // validated: present
     const double s = update.module(j).scaling;
@@ -706,7 +744,7 @@ void RoundEngine::FoldLocked(const Adapter& update, double weight) {
       add(sums_.a[i], weight * update.A(j).cast<double>());
       add(sums_.b[i], weight * s * update.B(j).cast<double>());
     }
-  }
+  });
   sums_.weight += weight;
 }
 

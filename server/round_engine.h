@@ -109,8 +109,9 @@ class RoundEngine {
   struct PendingUpload {
     std::string sha256;
     int64_t total_size = 0;
-    int64_t received = 0;  // contiguous bytes from 0 spooled to the store's incoming/ file
-    ByteRanges ranges;     // every chunk received so far (they may arrive out of order)
+    int64_t received = 0;    // contiguous bytes from 0 spooled to the store's incoming/ file
+    ByteRanges ranges;       // every chunk received so far (they may arrive out of order)
+    bool verifying = false;  // complete, and being checked outside mu_ (FinishUpload)
     bool accepted = false;
     int64_t num_examples = 0;
     std::string blob;  // the stored update's sha256, once accepted (for audit: named in the round's
@@ -142,8 +143,16 @@ class RoundEngine {
   // The task for `client` now (WAIT when there is none).
   v1::Task TaskForLocked(const std::string& client, int64_t have_version);
   std::vector<v1::BlobRef> DownloadsLocked(int64_t have_version, int64_t target_version) const;
-  absl::StatusOr<common::Adapter> ValidateUpdateLocked(const std::string& client,
-                                                       std::string_view bytes);
+  // Checks a complete update against the run (called without mu_: `modules` is the ledger's, copied
+  // under it; frozen_ does not change while a round is open).
+  absl::StatusOr<common::Adapter> ValidateUpdate(const std::string& origin,
+                                                 const nlohmann::json& modules,
+                                                 std::string_view bytes) const;
+  // The last chunk of `client`'s upload has arrived (marked verifying under mu_): checks its sha256
+  // and contents and syncs it without holding mu_, then accepts (folds) or rejects it under mu_.
+  absl::StatusOr<v1::UploadResponse> FinishUpload(const std::string& client,
+                                                  const v1::UploadRequest& request,
+                                                  const nlohmann::json& modules);
   bool streaming() const;  // fedit and fed-sb aggregate into sums_ as updates arrive
   // The global adapter of the latest version (Fed-SB: the frozen B, A with the latest R).
   absl::StatusOr<common::Adapter> GlobalStateLocked() const;

@@ -161,9 +161,12 @@ absl::StatusOr<common::MappedFile> StateStore::MapPart(const std::string& name) 
   return common::MappedFile::Open(dir_ / "incoming" / name);
 }
 
+absl::Status StateStore::SyncPart(const std::string& name) const {
+  return common::SyncPath(dir_ / "incoming" / name);
+}
+
 absl::Status StateStore::AdoptPart(const std::string& name, const std::string& sha256) {
   const fs::path part = dir_ / "incoming" / name, blob = dir_ / "blobs" / sha256;
-  RETURN_IF_ERROR(common::SyncPath(part));
   if (::rename(part.c_str(), blob.c_str()) != 0) {
     return absl::InternalError(
         StrCat("cannot move ", part.string(), " to ", blob.string(), ": ", std::strerror(errno)));

@@ -62,8 +62,12 @@ class StateStore {
   // any order).
   absl::Status StartPart(const std::string& name);
   absl::Status WritePart(const std::string& name, int64_t offset, std::string_view data);
+  // MapPart and SyncPart (fsync) only read the file: they are safe without the engine's lock while
+  // no chunk is written to it.
   absl::StatusOr<common::MappedFile> MapPart(const std::string& name) const;
-  // Moves a complete, verified part into blobs/<sha256> (fsynced, renamed: no copy).
+  absl::Status SyncPart(const std::string& name) const;
+  // Moves a complete, verified and synced part into blobs/<sha256> (renamed, not copied; the rename
+  // is synced).
   absl::Status AdoptPart(const std::string& name, const std::string& sha256);
   void DropPart(const std::string& name);
 
