@@ -6,7 +6,13 @@
 //      PLAINTEXT=1 (no TLS, to see what it costs), SKIP_RSS=1 (part A only).
 //   B. Coordinator peak RSS (VmHWM) while 64 clients upload at once: fedit and fed-sb (summed as
 //      they arrive), next to flora (which must keep every client's factors).
+#include <arpa/inet.h>
+#include <fcntl.h>
 #include <grpcpp/grpcpp.h>
+#include <netinet/in.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -80,13 +86,13 @@ double PeakRssMb(pid_t pid) {
 
 class Client {
  public:
-  Client(const Setup& s, const std::string& port, int i) {
+  Client(const Setup& s, const std::string& port, int i, bool tls = !Plaintext()) {
     const std::string certs = (s.work / "certs").string(), name = "client-" + std::to_string(i);
     id_ = name;  // without TLS the coordinator takes the caller's word for its name
-    auto creds = Plaintext() ? grpc::InsecureChannelCredentials()
-                             : *fedlora::common::ClientTlsCredentials(certs + "/ca.pem",
-                                                                      certs + "/" + name + ".pem",
-                                                                      certs + "/" + name + ".key");
+    auto creds =
+        !tls ? grpc::InsecureChannelCredentials()
+             : *fedlora::common::ClientTlsCredentials(
+                   certs + "/ca.pem", certs + "/" + name + ".pem", certs + "/" + name + ".key");
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(64 << 20);
     args.SetMaxSendMessageSize(64 << 20);
@@ -140,6 +146,9 @@ class Client {
     header.set_round(task.round());
     header.set_state_version(task.state_version());
     header.set_sha256(fedlora::common::Sha256Hex(bytes));
+    Send(header, bytes, chunk);
+  }
+  void Send(v1::UploadRequest header, const std::string& bytes, size_t chunk = 4 << 20) {
     header.set_total_size(static_cast<int64_t>(bytes.size()));
     fedlora::client::UploadSettings settings;
     settings.chunk_bytes = static_cast<int64_t>(chunk);
@@ -184,7 +193,19 @@ std::string RandomUpdate(const v1::Task& task, bool r_only, uint64_t seed) {
       a, r_only ? fedlora::common::AdapterParts::kROnly : fedlora::common::AdapterParts::kAll);
 }
 
-void Throughput(const Setup& s) {
+// User + system seconds of a process so far.
+double CpuSeconds(pid_t pid) {
+  const std::string stat = fedlora::testing::ReadText("/proc/" + std::to_string(pid) + "/stat");
+  std::istringstream in(stat.substr(stat.rfind(')') + 2));
+  std::string field;
+  double ticks = 0;
+  for (int i = 3; i <= 15 && in >> field; ++i)
+    if (i == 14 || i == 15) ticks += std::stod(field);
+  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// Returns the update it sent.
+std::string Throughput(const Setup& s) {
   std::string port;
   const pid_t server = StartServer(
       s, "throughput", {"--method", "fedit", "--min-clients", "2", "--rank", "768"}, &port);
@@ -194,16 +215,7 @@ void Throughput(const Setup& s) {
           4096);  // a second member keeps the round open, so the timing is the upload alone
   const v1::Task task = c1.Task();
   const std::string bytes = RandomUpdate(task, false, 1);
-  auto cpu = [](pid_t pid) {  // user + system seconds of a process
-    const std::string stat = fedlora::testing::ReadText("/proc/" + std::to_string(pid) + "/stat");
-    std::istringstream in(stat.substr(stat.rfind(')') + 2));
-    std::string field;
-    double ticks = 0;
-    for (int i = 3; i <= 15 && in >> field; ++i)
-      if (i == 14 || i == 15) ticks += std::stod(field);
-    return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
-  };
-  const double server_cpu = cpu(server), client_cpu = cpu(getpid());
+  const double server_cpu = CpuSeconds(server), client_cpu = CpuSeconds(getpid());
   // Meanwhile the other member heartbeats every 10 ms: how long does the coordinator keep it
   // waiting?
   std::atomic<bool> uploading = true;
@@ -217,7 +229,8 @@ void Throughput(const Setup& s) {
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   uploading = false;
   heartbeats.join();
-  const double server_busy = cpu(server) - server_cpu, client_busy = cpu(getpid()) - client_cpu;
+  const double server_busy = CpuSeconds(server) - server_cpu,
+               client_busy = CpuSeconds(getpid()) - client_cpu;
   const auto hash_start = Clock::now();
   const std::string sha = fedlora::common::Sha256Hex(bytes);  // what the client does first
   const double hash_seconds = std::chrono::duration<double>(Clock::now() - hash_start).count();
@@ -244,6 +257,196 @@ void Throughput(const Setup& s) {
   std::printf(
       "The longest heartbeat of another client (one every 10 ms) during the upload: %.3f s.\n",
       longest_heartbeat);
+  return bytes;
+}
+
+// C. The ceiling: the same 100 MB in the same chunks through the transport alone, to servers that
+// keep nothing, so that part A can be read against what this machine allows at all.
+
+// A Coordinator whose Upload only acknowledges each chunk: what gRPC itself costs per byte.
+class DiscardingCoordinator final : public v1::Coordinator::CallbackService {
+  grpc::ServerUnaryReactor* Upload(grpc::CallbackServerContext* context,
+                                   const v1::UploadRequest* request,
+                                   v1::UploadResponse* response) override {
+    const int64_t end = request->offset() + static_cast<int64_t>(request->data().size());
+    response->set_received(end);
+    response->set_accepted(end == request->total_size());
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+};
+
+void WritePort(const fs::path& port_file, int port) {
+  const fs::path tmp = port_file.string() + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "w");
+  std::fprintf(f, "%d\n", port);
+  std::fclose(f);
+  fs::rename(tmp, port_file);
+}
+
+// Child process: `--serve grpc-tls|grpc-plain`.
+int ServeDiscarding(const Setup& s, bool tls, const fs::path& port_file) {
+  const std::string certs = (s.work / "certs").string();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(
+      "127.0.0.1:0",
+      tls ? *fedlora::common::ServerTlsCredentials(certs + "/server.pem", certs + "/server.key",
+                                                   certs + "/ca.pem")
+          : grpc::InsecureServerCredentials(),
+      &port);
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  for (const auto& [key, value] : fedlora::common::TransportChannelArgs())
+    builder.AddChannelArgument(key, value);
+  DiscardingCoordinator service;
+  builder.RegisterService(&service);
+  const std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server) return 1;
+  WritePort(port_file, port);
+  server->Wait();
+  return 0;
+}
+
+// Mutual TLS 1.3 with OpenSSL alone, set up as the coordinator's certificates are.
+SSL_CTX* RawTlsContext(const Setup& s, bool server) {
+  const std::string certs = (s.work / "certs").string(), name = server ? "server" : "client-1";
+  SSL_CTX* ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+  if (SSL_CTX_use_certificate_chain_file(ctx, (certs + "/" + name + ".pem").c_str()) != 1 ||
+      SSL_CTX_use_PrivateKey_file(ctx, (certs + "/" + name + ".key").c_str(), SSL_FILETYPE_PEM) !=
+          1 ||
+      SSL_CTX_load_verify_locations(ctx, (certs + "/ca.pem").c_str(), nullptr) != 1) {
+    ERR_print_errors_fp(stderr);
+    std::exit(1);
+  }
+  SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, nullptr);
+  return ctx;
+}
+
+// Child process: `--serve raw-tls`. Per connection: an 8-byte size, then that many bytes, spooled
+// to a file as the coordinator spools an upload, and a one-byte acknowledgement.
+int ServeRawTls(const Setup& s, const fs::path& port_file) {
+  SSL_CTX* ctx = RawTlsContext(s, true);
+  const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t length = sizeof address;
+  if (::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+      ::listen(listener, 4) != 0 ||
+      ::getsockname(listener, reinterpret_cast<sockaddr*>(&address), &length) != 0) {
+    return 1;
+  }
+  WritePort(port_file, ntohs(address.sin_port));
+  std::vector<char> buffer(4 << 20);
+  for (;;) {
+    SSL* ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, ::accept(listener, nullptr, nullptr));
+    uint64_t size = 0;
+    if (SSL_accept(ssl) == 1 && SSL_read(ssl, &size, sizeof size) == sizeof size) {
+      const int out = ::open((s.work / "raw-tls.part").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+      uint64_t got = 0;
+      for (int n; got < size && (n = SSL_read(ssl, buffer.data(), buffer.size())) > 0; got += n) {
+        if (::pwrite(out, buffer.data(), n, static_cast<off_t>(got)) != n) return 1;
+      }
+      ::close(out);
+      SSL_write(ssl, "k", 1);
+    }
+    ::close(SSL_get_fd(ssl));
+    SSL_free(ssl);
+  }
+}
+
+// One upload of `bytes` to ServeRawTls at `port` (after the handshake, which is not timed).
+double RawTlsUpload(SSL_CTX* ctx, const std::string& port, const std::string& bytes) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = htons(static_cast<uint16_t>(std::stoi(port)));
+  SSL* ssl = SSL_new(ctx);
+  SSL_set_fd(ssl, fd);
+  SSL_set_tlsext_host_name(ssl, "localhost");
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+      SSL_connect(ssl) != 1) {
+    ERR_print_errors_fp(stderr);
+    std::exit(1);
+  }
+  const auto start = Clock::now();
+  const uint64_t size = bytes.size();
+  bool ok = SSL_write(ssl, &size, sizeof size) == sizeof size;
+  for (size_t at = 0; ok && at < bytes.size(); at += 4 << 20) {
+    const int n = static_cast<int>(std::min<size_t>(4 << 20, bytes.size() - at));
+    ok = SSL_write(ssl, bytes.data() + at, n) == n;
+  }
+  char ack = 0;
+  ok = ok && SSL_read(ssl, &ack, 1) == 1;
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  SSL_free(ssl);
+  ::close(fd);
+  if (!ok) {
+    std::fprintf(stderr, "raw TLS upload failed\n");
+    std::exit(1);
+  }
+  return seconds;
+}
+
+void Ceiling(const Setup& s, const std::string& bytes, double aes_mb_per_s) {
+  std::printf(
+      "\n### C. The ceiling: the same %.1f MB through the transport alone (gRPC: 4 MiB chunks, 4 "
+      "in flight, as in A, to a service that acknowledges and drops them; OpenSSL: 4 MiB writes on "
+      "one TLS 1.3 connection, spooled to a file as the coordinator spools). Three runs each, "
+      "after "
+      "the connection is up.\n\n",
+      bytes.size() / 1e6);
+  std::printf("| transport | MB/s | CPU s per 100 MB, both ends |\n|---|---|---|\n");
+  const std::string self = fs::read_symlink("/proc/self/exe").string();
+  for (const std::string mode : {"grpc-tls", "grpc-plain", "raw-tls"}) {
+    const fs::path port_file = s.work / (mode + ".port");
+    fs::remove(port_file);
+    const pid_t server = fedlora::testing::Start(
+        {self, "--work", s.work.string(), "--serve", mode, "--port-file", port_file.string()},
+        s.work / (mode + ".log"));
+    std::string port = fedlora::testing::WaitForFile(port_file, std::chrono::seconds(20));
+    while (!port.empty() && port.back() == '\n') port.pop_back();
+    std::unique_ptr<Client> client;
+    SSL_CTX* ctx = nullptr;
+    if (mode == "raw-tls") {
+      ctx = RawTlsContext(s, false);
+    } else {
+      client = std::make_unique<Client>(s, port, 1, mode == "grpc-tls");
+      client->Send({}, "warm-up");  // the connection and its handshake, untimed
+    }
+    double lo = 1e30, hi = 0, cpu = 0;
+    for (int run = 0; run < 3; ++run) {
+      const double cpu0 = CpuSeconds(server) + CpuSeconds(getpid());
+      double seconds = 0;
+      if (ctx != nullptr) {
+        seconds = RawTlsUpload(ctx, port, bytes);
+      } else {
+        const auto start = Clock::now();
+        client->Send({}, bytes);
+        seconds = std::chrono::duration<double>(Clock::now() - start).count();
+      }
+      cpu += (CpuSeconds(server) + CpuSeconds(getpid()) - cpu0) / 3;
+      lo = std::min(lo, bytes.size() / 1e6 / seconds);
+      hi = std::max(hi, bytes.size() / 1e6 / seconds);
+    }
+    if (ctx != nullptr) SSL_CTX_free(ctx);
+    kill(server, SIGTERM);
+    fedlora::testing::Wait(server, std::chrono::seconds(20));
+    std::printf("| %s | %.0f-%.0f | %.3f |\n",
+                mode == "grpc-tls"     ? "gRPC over mutual TLS (as fedlora)"
+                : mode == "grpc-plain" ? "gRPC without TLS"
+                                       : "OpenSSL mutual TLS socket, no gRPC",
+                lo, hi, cpu * 100e6 / bytes.size());
+  }
+  const double goal = aes_mb_per_s / 4;
+  std::printf(
+      "\n25%% of AES-GCM is %.0f MB/s: 100 MB in %.3f s. On %ld cores that allows at most %.3f "
+      "CPU seconds per 100 MB for both ends together.\n",
+      goal, 100 / goal, sysconf(_SC_NPROCESSORS_ONLN),
+      static_cast<double>(sysconf(_SC_NPROCESSORS_ONLN)) * 100 / goal);
 }
 
 void SixtyFourClients(const Setup& s, const std::string& method) {
@@ -290,10 +493,14 @@ int main(int argc, char** argv) {
   Setup s;
   s.bin = FEDLORA_BIN_DIR;
   s.source = FEDLORA_SOURCE_DIR;
-  std::string work = "out/transfer-bench";
+  std::string work = "out/transfer-bench", serve, port_file;
   app.add_option("--work", work)->capture_default_str();
+  app.add_option("--serve", serve, "internal: run part C's server (grpc-tls, grpc-plain, raw-tls)");
+  app.add_option("--port-file", port_file, "internal: where --serve writes its port");
   CLI11_PARSE(app, argc, argv);
   s.work = fs::absolute(work);
+  if (serve == "raw-tls") return ServeRawTls(s, port_file);
+  if (!serve.empty()) return ServeDiscarding(s, serve == "grpc-tls", port_file);
   fs::create_directories(s.work);
   if (std::system(("bash " + s.source + "/deploy/make_certs.sh " + (s.work / "certs").string() +
                    " 64 > /dev/null")
@@ -306,7 +513,7 @@ int main(int argc, char** argv) {
       "awk '{v=$NF; sub(/k$/,\"\",v); printf \"%.0f\", v/1000}' > " +
       (s.work / "openssl.txt").string();
   if (std::system(cmd.c_str()) != 0) return 1;
-  Throughput(s);
+  const std::string update = Throughput(s);
   std::printf(
       "\n### B. Coordinator peak RSS, 64 clients uploading at once (8 modules of 1024x1024, rank "
       "64, 1 MiB chunks)\n\n");
@@ -316,5 +523,6 @@ int main(int argc, char** argv) {
   if (std::getenv("SKIP_RSS") == nullptr) {
     for (const std::string method : {"fedit", "fed-sb", "flora"}) SixtyFourClients(s, method);
   }
+  Ceiling(s, update, std::stod(fedlora::testing::ReadText(s.work / "openssl.txt")));
   return 0;
 }
