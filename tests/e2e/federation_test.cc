@@ -687,6 +687,77 @@ TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
           "rejected client-1's update: module model.layers.0.self_attn.q_proj: lora_A has shape"));
 }
 
+// A client that retries its last chunk while the coordinator is still checking it (verification
+// runs outside the engine's lock) is told to retry, never counted twice, and the round's aggregate
+// is the plain FedIT mean of the two updates.
+TEST_F(FederationTest, ConcurrentRetriesOfAnUpdateAreAcceptedOnce) {
+  const pid_t server =
+      StartServer("fedit", "state",
+                  {"--min-clients", "2", "--rounds", "1", "--rank", "64", "--chunk-bytes",
+                   std::to_string(8 << 20), "--max-update-bytes", std::to_string(16 << 20)});
+  ASSERT_FALSE(port_.empty());
+  client::RegressionOptions opts;
+  opts.layers = 4;
+  opts.in_features = 1024;
+  opts.out_features = 1024;
+  opts.examples = 16;
+  const client::RegressionWorkload workload(opts);
+  RawClient c1(port_, (dir_ / "certs").string(), "client-1"),
+      c2(port_, (dir_ / "certs").string(), "client-2");
+  ASSERT_TRUE(c1.Join(workload).ok());
+  ASSERT_TRUE(c2.Join(workload).ok());
+  const v1::Task task = c1.Task();
+  ASSERT_EQ(task.kind(), v1::Task::TRAIN);
+  const common::Adapter u1 = Update(task, 64, 0.01f), u2 = Update(task, 64, 0.03f);
+  const std::string bytes = common::EncodeAdapter(u1);  // 2 MB: its checks take a few ms
+
+  // The same whole update, as one chunk, from four threads at once.
+  std::vector<grpc::Status> statuses(4);
+  std::vector<v1::UploadResponse> responses(4);
+  std::vector<std::thread> threads;
+  for (size_t t = 0; t < statuses.size(); ++t)
+    threads.emplace_back([&, t] { statuses[t] = c1.Upload(task, bytes, &responses[t]); });
+  for (std::thread& t : threads) t.join();
+  int accepted = 0;
+  for (size_t t = 0; t < statuses.size(); ++t) {
+    if (statuses[t].ok()) {
+      EXPECT_TRUE(responses[t].accepted());
+      accepted += responses[t].accepted();
+    } else {
+      EXPECT_EQ(statuses[t].error_code(), grpc::StatusCode::UNAVAILABLE);
+      EXPECT_THAT(statuses[t].error_message(),
+                  HasSubstr("client-1's update for round 1 is being verified; retry"));
+    }
+  }
+  EXPECT_GE(accepted, 1);
+  v1::UploadResponse r;
+  ASSERT_TRUE(c1.Upload(task, bytes, &r).ok());  // a retry after the checks: accepted again
+  EXPECT_TRUE(r.accepted());
+  ASSERT_TRUE(c2.Upload(c2.Task(), common::EncodeAdapter(u2), &r).ok());
+
+  const auto metrics = Metrics("state");
+  ASSERT_EQ(metrics.size(), 1u);
+  EXPECT_EQ(metrics[0]["arrived"].size(), 2u);
+  EXPECT_EQ(metrics[0]["rejected"].size(), 0u);
+  // Equal example counts: the aggregate is B̄·Ā with plain means. Folding client-1 twice would
+  // weigh it 2:1.
+  const common::Adapter global =
+      *common::DecodeAdapter(Blob("state", metrics[0]["global_blob"]), "global");
+  for (size_t i = 0; i < global.num_modules(); ++i) {
+    const MatrixD a_bar = (u1.A(i).cast<double>() + u2.A(i).cast<double>()) / 2,
+                  b_bar =
+                      u1.module(i).scaling * (u1.B(i).cast<double>() + u2.B(i).cast<double>()) / 2;
+    EXPECT_LT(testing::RelativeDiff(testing::DenseDelta(global, i), b_bar * a_bar), 1e-5);
+  }
+  kill(server, SIGTERM);
+  testing::Wait(server, std::chrono::seconds(10));
+  const std::string log = testing::ReadText(dir_ / "state.log");
+  size_t acceptances = 0;
+  for (size_t at = 0; (at = log.find("accepted client-1's update", at)) != std::string::npos; ++at)
+    ++acceptances;
+  EXPECT_EQ(acceptances, 1u);
+}
+
 }  // namespace
 }  // namespace fedlora
 
