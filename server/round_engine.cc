@@ -313,6 +313,13 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
   return response;
 }
 
+void RoundEngine::ClearUploadsLocked() {
+  for (const auto& [id, u] : uploads_) {
+    if (!u.accepted) store_.DropPart(PartName(round_, id));
+  }
+  uploads_.clear();
+}
+
 void RoundEngine::StartRoundLocked() {
   std::vector<std::string> ids;  // the clients taking part
   for (const auto& [id, info] : clients_) {
@@ -328,10 +335,7 @@ void RoundEngine::StartRoundLocked() {
                            std::min(options_.min_cohort, n), n);
   cohort_.assign(ids.begin(), ids.begin() + k);
   std::sort(cohort_.begin(), cohort_.end());
-  for (const auto& [id, u] : uploads_) {
-    if (!u.accepted) store_.DropPart(PartName(round_, id));
-  }
-  uploads_.clear();
+  ClearUploadsLocked();
   rejected_.clear();
   declined_.clear();
   sums_ = RunningSums{};
@@ -901,7 +905,7 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
   if (eval_loss)
     spdlog::info("round {}: held-out loss of the global model {:.6f} over {} records", round_,
                  *eval_loss, eval_examples_.size());
-  uploads_.clear();
+  ClearUploadsLocked();
   if (round_ >= options_.rounds) {
     phase_ = Phase::kDone;
     cohort_.clear();
@@ -1120,7 +1124,11 @@ void RoundEngine::Tick() {
         all_silent &= now - clients_[id].last_seen >=
                       std::chrono::duration<double>(options_.client_timeout_s);
       }
-      if (deadline || all_silent) {
+      // An update whose last chunk has arrived is not cut off while it is checked (a fraction of a
+      // second per 100 MB): the round closes at the next tick after.
+      const bool verifying = std::any_of(uploads_.begin(), uploads_.end(),
+                                         [](const auto& entry) { return entry.second.verifying; });
+      if ((deadline || all_silent) && !verifying) {
         if (absl::Status st = CloseRoundLocked(/*at_deadline=*/true); !st.ok()) {
           spdlog::error("closing round {} failed: {}", round_, st.message());
         }

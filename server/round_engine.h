@@ -138,6 +138,9 @@ class RoundEngine {
   int64_t current_version() const;  // latest version in the ledger
   absl::Status InitializeRunLocked(const v1::JoinRequest& first);
   void StartRoundLocked();
+  // Forgets this round's uploads and deletes the partial ones' files from incoming/ (a dropped
+  // client's, or one still being verified when the round ended).
+  void ClearUploadsLocked();
   absl::Status CloseRoundLocked(bool at_deadline);
   absl::Status ExportLocked();
   // The task for `client` now (WAIT when there is none).

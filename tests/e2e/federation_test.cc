@@ -31,6 +31,7 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 using testing::MatrixD;
+using ::testing::Not;
 
 const std::string kBin = FEDLORA_BIN_DIR;
 const std::string kSource = FEDLORA_SOURCE_DIR;
@@ -808,6 +809,9 @@ TEST_F(FederationTest, ClientKilledMidUploadIsDroppedAndCatchesUpAfterRestart) {
   ASSERT_EQ(first.size(), 1u) << testing::ReadText(dir_ / "state.log");
   EXPECT_EQ(first[0]["arrived"], nlohmann::json({"client-1", "client-2"}));
   EXPECT_EQ(first[0]["dropped"], nlohmann::json({"client-3"}));
+  // ... and deleted: nothing of round 1 is left in incoming/.
+  for (const auto& entry : fs::directory_iterator(dir_ / "state" / "incoming"))
+    EXPECT_THAT(entry.path().filename().string(), Not(HasSubstr("round1-")));
   // Restarted, client 3 re-joins, downloads the deltas it lacks, and ends with everyone's merged
   // base.
   const pid_t back = StartClient(3, "run");
