@@ -72,6 +72,30 @@ class StopOnSignals {
   std::thread waiter_;
 };
 
+// A flag that a signal raises and a main loop takes (the coordinator's export on SIGUSR1). The
+// handler only stores to an atomic; the signal's previous action comes back at destruction.
+class FlagOnSignal {
+ public:
+  explicit FlagOnSignal(int sig) : sig_(sig) {
+    struct sigaction action = {};
+    action.sa_handler = [](int s) { raised_[s] = true; };
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = SA_RESTART;
+    sigaction(sig_, &action, &old_);
+  }
+  ~FlagOnSignal() { sigaction(sig_, &old_, nullptr); }
+  FlagOnSignal(const FlagOnSignal&) = delete;
+  FlagOnSignal& operator=(const FlagOnSignal&) = delete;
+
+  // True once per arrival (arrivals between two calls count once).
+  bool Take() { return raised_[sig_].exchange(false); }
+
+ private:
+  static inline std::atomic<bool> raised_[NSIG];
+  const int sig_;
+  struct sigaction old_ = {};
+};
+
 }  // namespace fedlora::common
 
 #endif  // FEDLORA_COMMON_SIGNALS_H_

@@ -1,7 +1,7 @@
 // fedlora-server: the coordinator daemon. Options come from a TOML file (--config; keys are the
 // long flag names) and flags, which win. It runs the configured rounds, survives restarts on the
-// same --state-dir, exports the result to <state-dir>/export, and exits after serving the final
-// state (--linger-s).
+// same --state-dir, exports the result to <state-dir>/export (the latest version at any time on
+// SIGUSR1), and exits after serving the final state (--linger-s).
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -107,6 +107,7 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [server] %v");
 
   fedlora::common::StopOnSignals signals;
+  fedlora::common::FlagOnSignal export_request(SIGUSR1);
 
   if (absl::Status st = options.Validate(); !st.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
@@ -171,6 +172,11 @@ int main(int argc, char** argv) {
   std::optional<std::chrono::steady_clock::time_point> done_at;
   while (!signals.stop()) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (export_request.Take()) {
+      spdlog::info("SIGUSR1: exporting the latest version");
+      if (absl::Status st = (*engine)->ExportNow(); !st.ok())
+        spdlog::warn("export on request: {}", std::string(st.message()));
+    }
     if ((*engine)->done()) {
       if (!done_at) done_at = std::chrono::steady_clock::now();
       if (std::chrono::steady_clock::now() - *done_at >= std::chrono::duration<double>(linger_s))

@@ -1014,6 +1014,15 @@ absl::StatusOr<Adapter> RoundEngine::GlobalStateLocked() const {
   return common::DecodeAdapter(bytes, origin);
 }
 
+absl::Status RoundEngine::ExportNow() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (current_version() < 1) {
+    return absl::FailedPreconditionError(
+        "no round has completed yet, so there is no global state to export");
+  }
+  return ExportLocked();
+}
+
 absl::Status RoundEngine::ExportLocked() {
   const std::filesystem::path dir = std::filesystem::path(options_.state_dir) / "export";
   const auto& versions = store_.ledger().versions;
@@ -1104,7 +1113,16 @@ absl::Status RoundEngine::ExportLocked() {
         "modules)",
         options_.rank, (dir / name).string(), min_energy);
   }
-  spdlog::info("exported the global adapter to {}", (dir / "global").string());
+  // Which state the export holds (an export on demand is of a run still in progress).
+  RETURN_IF_ERROR(common::WriteFileAtomically(dir / "version.json",
+                                              nlohmann::json({{"run_id", store_.ledger().run_id},
+                                                              {"method", options_.method},
+                                                              {"version", current_version()},
+                                                              {"rounds", options_.rounds}})
+                                                      .dump(2) +
+                                                  "\n"));
+  spdlog::info("exported version {} of {} rounds: the global adapter is in {}", current_version(),
+               options_.rounds, (dir / "global").string());
   return absl::OkStatus();
 }
 

@@ -82,6 +82,9 @@ class RoundEngine {
 
   absl::StatusOr<v1::DownloadResponse> Download(const std::string& client,
                                                 const v1::DownloadRequest& request);
+  // Writes the latest version's exports to <state-dir>/export now (operators: SIGUSR1), as the end
+  // of the run does; FailedPrecondition before the first round has completed.
+  absl::Status ExportNow();
   absl::StatusOr<v1::UploadResponse> Upload(const std::string& client,
                                             const v1::UploadRequest& request);
   v1::HeartbeatResponse Heartbeat(const std::string& client, const v1::HeartbeatRequest& request);

@@ -688,6 +688,54 @@ TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
           "rejected client-1's update: module model.layers.0.self_attn.q_proj: lora_A has shape"));
 }
 
+// SIGUSR1 exports the latest version of a run in progress, as the end of the run would; before the
+// first round has completed it says there is nothing to export and the coordinator goes on.
+TEST_F(FederationTest, ExportsTheLatestVersionOnSigusr1) {
+  const pid_t server = StartServer("fedit", "state", {"--min-clients", "2", "--rounds", "2"});
+  ASSERT_FALSE(port_.empty());
+  auto log_has = [&](const std::string& text) {
+    for (int t = 0; t < 200; ++t) {
+      if (testing::ReadText(dir_ / "state.log").find(text) != std::string::npos) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  };
+  kill(server, SIGUSR1);
+  EXPECT_TRUE(log_has("export on request: no round has completed yet"));
+
+  const client::RegressionWorkload workload(client::RegressionOptions{});
+  RawClient c1(port_, (dir_ / "certs").string(), "client-1"),
+      c2(port_, (dir_ / "certs").string(), "client-2");
+  ASSERT_TRUE(c1.Join(workload).ok());
+  ASSERT_TRUE(c2.Join(workload).ok());
+  const v1::Task task = c1.Task();
+  ASSERT_EQ(task.kind(), v1::Task::TRAIN);
+  const common::Adapter u1 = Update(task, 4, 0.01f), u2 = Update(task, 4, 0.03f);
+  v1::UploadResponse r;
+  ASSERT_TRUE(c1.Upload(task, common::EncodeAdapter(u1), &r).ok());
+  ASSERT_TRUE(c2.Upload(c2.Task(), common::EncodeAdapter(u2), &r).ok());
+  ASSERT_EQ(Metrics("state").size(), 1u);  // round 1 closed; round 2 waits for its uploads
+
+  kill(server, SIGUSR1);
+  ASSERT_TRUE(log_has("exported version 1 of 2 rounds"));
+  const auto version =
+      nlohmann::json::parse(testing::ReadText(dir_ / "state" / "export" / "version.json"));
+  EXPECT_EQ(version["version"], 1);
+  EXPECT_EQ(version["rounds"], 2);
+  EXPECT_EQ(version["method"], "fedit");
+  // Equal example counts: the exported adapter is B̄·Ā of the two uploads' plain means.
+  const auto exported = common::ReadPeftAdapter(dir_ / "state" / "export" / "global");
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  for (size_t i = 0; i < exported->num_modules(); ++i) {
+    const MatrixD a_bar = (u1.A(i).cast<double>() + u2.A(i).cast<double>()) / 2,
+                  b_bar =
+                      u1.module(i).scaling * (u1.B(i).cast<double>() + u2.B(i).cast<double>()) / 2;
+    EXPECT_LT(testing::RelativeDiff(testing::DenseDelta(*exported, i), b_bar * a_bar), 1e-5);
+  }
+  kill(server, SIGTERM);
+  EXPECT_EQ(testing::Wait(server, std::chrono::seconds(10)), 3);  // stopped before its last round
+}
+
 // A client that retries its last chunk while the coordinator is still checking it (verification
 // runs outside the engine's lock) is told to retry, never counted twice, and the round's aggregate
 // is the plain FedIT mean of the two updates.
