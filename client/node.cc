@@ -217,6 +217,11 @@ absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
       header, bytes, settings, [&](const v1::UploadRequest& r, v1::UploadResponse* out) {
         return Retry([&](grpc::ClientContext& c) { return stub_->Upload(&c, r, out); }, stop);
       });
+  if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {
+    // The coordinator moved on (the round closed, or a new state version) while this client
+    // trained: the task is stale, not failed.
+    return absl::AbortedError(StrCat("round ", task.round(), ": ", s.error_message()));
+  }
   RETURN_IF_ERROR(FromGrpc(s, StrCat("upload for round ", task.round())));
   ++uploads_;
   spdlog::info("round {}: update accepted ({} bytes)", task.round(), bytes.size());
@@ -280,6 +285,10 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
                 s.error_message());
           }
           return absl::OkStatus();
+        }
+        if (absl::IsAborted(trained)) {  // too late for its round: take the next task
+          spdlog::warn("{}; asking for the next task", trained.message());
+          continue;
         }
         if (!trained.ok()) {
           // A failed training or a refused update: back off, and give up after three in a row (a

@@ -559,6 +559,16 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (auto it = clients_.find(client); it != clients_.end()) it->second.last_seen = Clock::now();
+    // Late: its round closed (at its deadline, or with quorum) before the update came.
+    if (request.round() < round_ || (phase_ == Phase::kDone && request.round() == round_)) {
+      if (late_.emplace(client, request.round()).second) {
+        spdlog::warn("{}'s update for round {} came after that round closed; not counted (late)",
+                     client, request.round());
+      }
+      return absl::FailedPreconditionError(
+          StrCat("round ", request.round(), " closed before this update arrived (late)",
+                 phase_ == Phase::kTraining ? StrCat("; round ", round_, " is open") : ""));
+    }
     if (phase_ != Phase::kTraining) {
       return absl::FailedPreconditionError(
           StrCat("no round is open (upload for round ", request.round(), ")"));
@@ -862,6 +872,7 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
       {"dropped", dropped},
       {"rejected", rejected_},
       {"declined", declined_},
+      {"late", late_},
       {"bytes_up", bytes_up},
       {"bytes_down", bytes_down},
       {"mean_loss_before", loss_before / examples},
@@ -896,6 +907,7 @@ absl::Status RoundEngine::CloseRoundLocked(bool at_deadline) {
     line["fedit_objective"] = fedit;
   }
   RETURN_IF_ERROR(store_.AppendMetrics(line));
+  late_.clear();
   spdlog::info(
       "round {} closed: {} of {} updates{}; mean loss {:.6g} -> {:.6g}; aggregated in {:.3f} s; "
       "version {}",

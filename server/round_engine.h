@@ -193,6 +193,9 @@ class RoundEngine {
   std::vector<std::string> cohort_;
   std::map<std::string, PendingUpload> uploads_;  // this round's, by client
   std::vector<std::string> rejected_;             // this round's refused updates, by client
+  // Updates for a round that had already closed, received since the last metrics line: client →
+  // the round the update was for.
+  std::map<std::string, int64_t> late_;
   std::map<std::string, std::string> declined_;   // this round's declined tasks: client → reason
   RunningSums sums_;
   std::vector<Waiter> waiters_;

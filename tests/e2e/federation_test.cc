@@ -688,6 +688,54 @@ TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
           "rejected client-1's update: module model.layers.0.self_attn.q_proj: lora_A has shape"));
 }
 
+// An update for a round that has closed is refused as late, named in the next metrics line, and
+// not counted; the client takes part in the next round as usual.
+TEST_F(FederationTest, LateUpdatesAreRecordedAndNotCounted) {
+  const pid_t server = StartServer("fedit", "state",
+                                   {"--min-clients", "3", "--rounds", "2", "--quorum", "0.6",
+                                    "--round-deadline-s", "1", "--client-timeout-s", "60"});
+  ASSERT_FALSE(port_.empty());
+  const client::RegressionWorkload workload(client::RegressionOptions{});
+  std::vector<std::unique_ptr<RawClient>> clients;
+  for (int i = 1; i <= 3; ++i) {
+    clients.push_back(std::make_unique<RawClient>(port_, (dir_ / "certs").string(),
+                                                  "client-" + std::to_string(i)));
+    ASSERT_TRUE(clients.back()->Join(workload).ok());
+  }
+  std::vector<v1::Task> tasks;
+  for (auto& c : clients) tasks.push_back(c->Task());
+  v1::UploadResponse r;
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(
+        clients[i]->Upload(tasks[i], common::EncodeAdapter(Update(tasks[i], 4, 0.01f)), &r).ok());
+  }
+  // Round 1 closes at its deadline with 2 of 3; client-3's update comes after.
+  for (int t = 0; t < 200 && Metrics("state").empty(); ++t)
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_EQ(Metrics("state").size(), 1u);
+  const grpc::Status late =
+      clients[2]->Upload(tasks[2], common::EncodeAdapter(Update(tasks[2], 4, 0.05f)), &r);
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(late.error_message(),
+              HasSubstr("round 1 closed before this update arrived (late); round 2 is open"));
+  // Round 2 with everyone.
+  for (auto& c : clients) {
+    const v1::Task task = c->Task();
+    ASSERT_EQ(task.round(), 2);
+    ASSERT_TRUE(c->Upload(task, common::EncodeAdapter(Update(task, 4, 0.02f)), &r).ok());
+  }
+  const auto metrics = Metrics("state");
+  ASSERT_EQ(metrics.size(), 2u);
+  EXPECT_EQ(metrics[0]["dropped"], nlohmann::json({"client-3"}));
+  EXPECT_EQ(metrics[0]["late"], nlohmann::json::object());
+  EXPECT_EQ(metrics[1]["late"], nlohmann::json({{"client-3", 1}}));
+  EXPECT_EQ(metrics[1]["arrived"].size(), 3u);
+  EXPECT_EQ(testing::Wait(server, std::chrono::seconds(20)), 0);
+  EXPECT_THAT(testing::ReadText(dir_ / "state.log"),
+              HasSubstr("client-3's update for round 1 came after that round closed; not counted "
+                        "(late)"));
+}
+
 // SIGUSR1 exports the latest version of a run in progress, as the end of the run would; before the
 // first round has completed it says there is nothing to export and the coordinator goes on.
 TEST_F(FederationTest, ExportsTheLatestVersionOnSigusr1) {
