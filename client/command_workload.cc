@@ -100,16 +100,29 @@ absl::StatusOr<v1::TrainMetrics> CommandWorkload::Train(const v1::Task& task,
       adapter.B(i) = trained.B(*j) * ratio;
     }
   }
-  auto text = common::ReadFileToString(out / "metrics.json");
-  if (!text.ok())
+  const fs::path metrics_file = out / "metrics.json";
+  auto text = common::ReadFileToString(metrics_file);
+  if (!text.ok()) {
     return absl::InvalidArgumentError(
-        StrCat("the training command wrote no ", (out / "metrics.json").string()));
+        StrCat("the training command wrote no ", metrics_file.string()));
+  }
   const nlohmann::json metrics = nlohmann::json::parse(*text, nullptr, false);
-  if (!metrics.is_object() || !metrics.contains("loss_before") || !metrics.contains("loss_after") ||
-      !metrics["loss_before"].is_number() || !metrics["loss_after"].is_number()) {
+  auto bad = [&](std::string_view what) {
     return absl::InvalidArgumentError(
-        StrCat((out / "metrics.json").string(),
-               " must be {\"loss_before\": number, \"loss_after\": number}"));
+        StrCat(metrics_file.string(), ": ", what,
+               " (expected {\"loss_before\": number, \"loss_after\": number[, \"num_examples\": "
+               "positive integer]}; it holds: ",
+               text->substr(0, 200), ")"));
+  };
+  if (!metrics.is_object()) return bad("not a JSON object");
+  for (const char* key : {"loss_before", "loss_after"}) {
+    if (!metrics.contains(key) || !metrics[key].is_number())
+      return bad(StrCat("\"", key, "\" is missing or not a number"));
+  }
+  if (metrics.contains("num_examples")) {
+    if (!metrics["num_examples"].is_number_integer() || metrics["num_examples"].get<int64_t>() <= 0)
+      return bad("\"num_examples\" is not a positive integer");
+    examples_ = metrics["num_examples"].get<int64_t>();  // this round's weight
   }
   v1::TrainMetrics result;
   result.set_loss_before(metrics["loss_before"].get<double>());

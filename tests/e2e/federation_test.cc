@@ -1087,15 +1087,17 @@ namespace {
 
 TEST_F(FederationTest, CommandWorkloadRunsTheSitesOwnTrainer) {
   // The site's "trainer" hands back its start adapter: FedIT's next global must then be the initial
-  // one.
-  const std::string trainer =
-      R"(cp "$FEDLORA_START_DIR"/* "$FEDLORA_OUT_DIR"/ && grep -q '"method": "fedit"' )"
-      R"("$FEDLORA_TASK_JSON" && echo '{"loss_before": 1.5, "loss_after": 0.5}' > )"
-      R"("$FEDLORA_OUT_DIR/metrics.json")";
+  // one. Client i reports a loss before training of i on 10·i examples this round.
+  auto trainer = [](int i) {
+    return R"(cp "$FEDLORA_START_DIR"/* "$FEDLORA_OUT_DIR"/ && grep -q '"method": "fedit"' )"
+           R"("$FEDLORA_TASK_JSON" && echo '{"loss_before": )" +
+           std::to_string(i) + R"(, "loss_after": 0.5, "num_examples": )" + std::to_string(10 * i) +
+           R"(}' > "$FEDLORA_OUT_DIR/metrics.json")";
+  };
   RunFederation("fedit", {"--rounds", "1"}, [&](int i) {
     return std::vector<std::string>{
         "--workload",          "command",
-        "--train-command",     trainer,
+        "--train-command",     trainer(i),
         "--base-model-sha256", std::string(64, 'c'),
         "--modules",           "m.q_proj:24:20,m.v_proj:24:8",
         "--work-dir",          (dir_ / ("work" + std::to_string(i))).string()};
@@ -1104,6 +1106,10 @@ TEST_F(FederationTest, CommandWorkloadRunsTheSitesOwnTrainer) {
   ASSERT_EQ(metrics.size(), 1u);
   EXPECT_EQ(metrics[0]["arrived"].size(), 3u);
   EXPECT_DOUBLE_EQ(metrics[0]["mean_train_loss"].get<double>(), 0.5);
+  // The counts the program reported are the round's weights: (10·1 + 20·2 + 30·3) / 60.
+  EXPECT_EQ(metrics[0]["examples"],
+            nlohmann::json({{"client-1", 10}, {"client-2", 20}, {"client-3", 30}}));
+  EXPECT_NEAR(metrics[0]["mean_loss_before"].get<double>(), 140.0 / 60.0, 1e-12);
   const auto ledger = nlohmann::json::parse(testing::ReadText(dir_ / "state" / "ledger.json"));
   const auto v0 =
       common::DecodeAdapter(Blob("state", ledger["versions"][0]["blobs"][0]["sha256"]), "v0");
