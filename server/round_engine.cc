@@ -652,14 +652,19 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
     ASSIGN_OR_RETURN(common::MappedFile mapped, store_.MapPart(part));
     const std::string_view bytes(reinterpret_cast<const char*>(mapped.bytes().data()),
                                  mapped.bytes().size());
-    if (const std::string sha = common::Sha256Hex(bytes); sha != request.sha256()) {
+    // Hashing and syncing run beside the decoding and checks (another core).
+    auto hashed = std::async(std::launch::async, [&]() -> absl::StatusOr<std::string> {
+      std::string sha = common::Sha256Hex(bytes);
+      RETURN_IF_ERROR(store_.SyncPart(part));
+      return sha;
+    });
+    absl::StatusOr<Adapter> update = ValidateUpdate(
+        StrCat("update of ", client, " for round ", request.round()), modules, bytes);
+    ASSIGN_OR_RETURN(const std::string sha, hashed.get());
+    if (sha != request.sha256()) {  // first: a damaged transfer explains any other finding
       return absl::InvalidArgumentError(StrCat("checksum mismatch: the update's sha256 is ", sha,
                                                " but the upload announced ", request.sha256()));
     }
-    ASSIGN_OR_RETURN(Adapter update,
-                     ValidateUpdate(StrCat("update of ", client, " for round ", request.round()),
-                                    modules, bytes));
-    RETURN_IF_ERROR(store_.SyncPart(part));
     return update;
   }();
 
