@@ -1,6 +1,7 @@
 // fedlora-client: a site's node. Joins the coordinator over TLS (mutual TLS with --cert/--key),
 // trains when selected, uploads its update, and catches up on whatever it missed. Exits 0 when the
 // run is done; SIGTERM stops it cleanly.
+#include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -17,6 +18,56 @@
 #include "client/regression_workload.h"
 #include "common/signals.h"
 #include "common/tls.h"
+#include "fedlora/v1/coordinator.grpc.pb.h"
+
+namespace {
+
+// --status: the run as the coordinator sees it, for operators (any identity it accepts may ask).
+int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string& insecure_id,
+                bool json) {
+  grpc::ClientContext context;
+  if (!insecure_id.empty()) context.AddMetadata("x-fedlora-client-id", insecure_id);
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  fedlora::v1::StatusResponse s;
+  if (grpc::Status st = fedlora::v1::Coordinator::NewStub(channel)->GetStatus(
+          &context, fedlora::v1::StatusRequest(), &s);
+      !st.ok()) {
+    std::fprintf(stderr, "error: the coordinator's status: %s\n", st.error_message().c_str());
+    return 1;
+  }
+  if (json) {
+    std::string out;
+    google::protobuf::util::JsonPrintOptions options;
+    options.add_whitespace = true;
+    options.always_print_primitive_fields = true;
+    options.preserve_proto_field_names = true;
+    if (!google::protobuf::util::MessageToJsonString(s, &out, options).ok()) return 1;
+    std::fputs(out.c_str(), stdout);
+    return 0;
+  }
+  auto join = [](const auto& ids) {
+    std::string out;
+    for (const std::string& id : ids) out += (out.empty() ? "" : ", ") + id;
+    return out.empty() ? std::string("-") : out;
+  };
+  std::printf("run %s (%s): %s, round %lld of %lld, state version %lld\n", s.run_id().c_str(),
+              s.method().c_str(), s.phase().c_str(), static_cast<long long>(s.round()),
+              static_cast<long long>(s.rounds()), static_cast<long long>(s.state_version()));
+  std::printf("cohort: %s\narrived: %s\n", join(s.cohort()).c_str(), join(s.arrived()).c_str());
+  std::printf("%-24s %10s %8s %14s\n", "client", "examples", "rounds", "last seen");
+  const int64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count();
+  for (const auto& c : s.clients()) {
+    std::printf("%-24s %10lld %8lld %12.1fs ago\n", c.id().c_str(),
+                static_cast<long long>(c.num_examples()),
+                static_cast<long long>(c.rounds_contributed()),
+                static_cast<double>(now_ms - c.last_seen_unix_ms()) / 1000.0);
+  }
+  return 0;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   std::string coordinator = "localhost:50051", ca, cert, key, server_name, workload = "regression";
@@ -98,6 +149,10 @@ int main(int argc, char** argv) {
                  "testing: die after N uploads");
   app.add_option("--testing-die-mid-upload", node.die_mid_upload_fraction,
                  "testing: die after sending this fraction of the first upload");
+  bool show_status = false, status_json = false;
+  app.add_flag("--status", show_status,
+               "print the coordinator's view of the run (round, phase, cohort, clients) and exit");
+  app.add_flag("--status-json", status_json, "the same as JSON");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_default_logger(spdlog::stderr_color_mt("client"));
   spdlog::set_pattern(
@@ -114,38 +169,6 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: %s\n", dp_error);
     return 2;
   }
-  std::unique_ptr<fedlora::client::Workload> trainer;
-  if (workload == "regression") {
-    regression.privacy = privacy;
-    trainer = std::make_unique<fedlora::client::RegressionWorkload>(regression);
-  } else if (workload == "command") {
-    auto modules = fedlora::client::ParseModuleList(module_list);
-    if (command.command.empty() || command.base_model_sha256.empty() || !modules.ok()) {
-      std::fprintf(stderr,
-                   "error: the command workload needs --train-command, --base-model-sha256 and "
-                   "--modules%s%s\n",
-                   modules.ok() ? "" : ": ",
-                   modules.ok() ? "" : std::string(modules.status().message()).c_str());
-      return 2;
-    }
-    command.modules = *modules;
-    command.examples = regression.examples;
-    trainer = std::make_unique<fedlora::client::CommandWorkload>(command);
-  } else {
-    if (llm.model_dir.empty() || llm.data.empty()) {
-      std::fprintf(stderr, "error: the llm workload needs --model DIR and --data FILE\n");
-      return 2;
-    }
-    llm.privacy = privacy;
-    auto created = fedlora::client::LlmWorkload::Create(llm);
-    if (!created.ok()) {
-      std::fprintf(stderr, "error: %s\n", std::string(created.status().message()).c_str());
-      return 2;
-    }
-    trainer = std::move(*created);
-  }
-  fedlora::common::StopOnSignals signals;
-
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (insecure) {
     spdlog::warn("--insecure: plaintext to {}; updates and identity travel unprotected",
@@ -178,6 +201,39 @@ int main(int argc, char** argv) {
   for (const auto& [key, value] : fedlora::common::TransportChannelArgs()) args.SetInt(key, value);
   if (!server_name.empty()) args.SetSslTargetNameOverride(server_name);
   auto channel = grpc::CreateCustomChannel(coordinator, credentials, args);
+  if (show_status || status_json) return PrintStatus(channel, insecure ? node.id : "", status_json);
+
+  std::unique_ptr<fedlora::client::Workload> trainer;
+  if (workload == "regression") {
+    regression.privacy = privacy;
+    trainer = std::make_unique<fedlora::client::RegressionWorkload>(regression);
+  } else if (workload == "command") {
+    auto modules = fedlora::client::ParseModuleList(module_list);
+    if (command.command.empty() || command.base_model_sha256.empty() || !modules.ok()) {
+      std::fprintf(stderr,
+                   "error: the command workload needs --train-command, --base-model-sha256 and "
+                   "--modules%s%s\n",
+                   modules.ok() ? "" : ": ",
+                   modules.ok() ? "" : std::string(modules.status().message()).c_str());
+      return 2;
+    }
+    command.modules = *modules;
+    command.examples = regression.examples;
+    trainer = std::make_unique<fedlora::client::CommandWorkload>(command);
+  } else {
+    if (llm.model_dir.empty() || llm.data.empty()) {
+      std::fprintf(stderr, "error: the llm workload needs --model DIR and --data FILE\n");
+      return 2;
+    }
+    llm.privacy = privacy;
+    auto created = fedlora::client::LlmWorkload::Create(llm);
+    if (!created.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(created.status().message()).c_str());
+      return 2;
+    }
+    trainer = std::move(*created);
+  }
+  fedlora::common::StopOnSignals signals;
 
   fedlora::client::Node client(channel, node, std::move(trainer));
   absl::Status status = client.Run(signals.stop());

@@ -737,8 +737,9 @@ TEST_F(FederationTest, LateUpdatesAreRecordedAndNotCounted) {
 }
 
 // SIGUSR1 exports the latest version of a run in progress, as the end of the run would; before the
-// first round has completed it says there is nothing to export and the coordinator goes on.
-TEST_F(FederationTest, ExportsTheLatestVersionOnSigusr1) {
+// first round has completed it says there is nothing to export and the coordinator goes on. Then
+// `fedlora-client --status` shows an operator the run in progress.
+TEST_F(FederationTest, ExportsOnSigusr1AndReportsStatusMidRun) {
   const pid_t server = StartServer("fedit", "state", {"--min-clients", "2", "--rounds", "2"});
   ASSERT_FALSE(port_.empty());
   auto log_has = [&](const std::string& text) {
@@ -780,6 +781,31 @@ TEST_F(FederationTest, ExportsTheLatestVersionOnSigusr1) {
                       u1.module(i).scaling * (u1.B(i).cast<double>() + u2.B(i).cast<double>()) / 2;
     EXPECT_LT(testing::RelativeDiff(testing::DenseDelta(*exported, i), b_bar * a_bar), 1e-5);
   }
+
+  // An operator asks how the run is going, over the same mutual TLS (any accepted identity may).
+  auto status = [&](const std::string& flag) {
+    const fs::path out = dir_ / ("status" + flag + ".txt");
+    const pid_t pid = testing::Start(
+        {kBin + "/fedlora-client", "--coordinator", "localhost:" + port_, "--ca", Cert("ca.pem"),
+         "--cert", Cert("client-1.pem"), "--key", Cert("client-1.key"), flag},
+        out);
+    EXPECT_EQ(testing::Wait(pid, std::chrono::seconds(20)), 0);
+    return testing::ReadText(out);
+  };
+  const auto json = nlohmann::json::parse(status("--status-json"), nullptr, false);
+  ASSERT_FALSE(json.is_discarded());
+  EXPECT_EQ(json["phase"], "training");
+  EXPECT_EQ(json["round"], "2");  // int64 fields are strings in protobuf's JSON mapping
+  EXPECT_EQ(json["state_version"], "1");
+  EXPECT_EQ(json["cohort"], nlohmann::json({"client-1", "client-2"}));
+  EXPECT_EQ(json["arrived"], nlohmann::json::array());
+  ASSERT_EQ(json["clients"].size(), 2u);
+  EXPECT_EQ(json["clients"][1]["id"], "client-2");
+  EXPECT_EQ(json["clients"][1]["rounds_contributed"], "1");
+  const std::string text = status("--status");
+  EXPECT_THAT(text, HasSubstr("(fedit): training, round 2 of 2, state version 1"));
+  EXPECT_THAT(text, HasSubstr("cohort: client-1, client-2\narrived: -"));
+
   kill(server, SIGTERM);
   EXPECT_EQ(testing::Wait(server, std::chrono::seconds(10)), 3);  // stopped before its last round
 }
