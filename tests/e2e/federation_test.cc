@@ -167,6 +167,19 @@ class FederationTest : public ::testing::Test {
 // formula.
 class EveryMethod : public FederationTest, public ::testing::WithParamInterface<std::string> {};
 
+// FedIT of two updates with equal example counts: every module of `global` is B̄·Ā of their plain
+// means.
+void ExpectPlainFedItMean(const common::Adapter& global, const common::Adapter& u1,
+                          const common::Adapter& u2) {
+  ASSERT_EQ(global.num_modules(), u1.num_modules());
+  for (size_t i = 0; i < global.num_modules(); ++i) {
+    const MatrixD a_bar = (u1.A(i).cast<double>() + u2.A(i).cast<double>()) / 2,
+                  b_bar =
+                      u1.module(i).scaling * (u1.B(i).cast<double>() + u2.B(i).cast<double>()) / 2;
+    EXPECT_LT(testing::RelativeDiff(testing::DenseDelta(global, i), b_bar * a_bar), 1e-5);
+  }
+}
+
 TEST_P(EveryMethod, AggregatesAreTheFormulaOfWhatClientsUploaded) {
   const std::string method = GetParam();
   RunFederation(method, {});
@@ -612,6 +625,17 @@ class RawClient {
   std::unique_ptr<v1::Coordinator::Stub> stub_;
 };
 
+// client-1 and client-2, joined with `workload` (a coordinator with --min-clients 2 then opens
+// round 1).
+std::pair<RawClient, RawClient> JoinTwo(const std::string& port, const fs::path& certs,
+                                        const client::RegressionWorkload& workload) {
+  std::pair<RawClient, RawClient> clients{RawClient(port, certs.string(), "client-1"),
+                                          RawClient(port, certs.string(), "client-2")};
+  EXPECT_TRUE(clients.first.Join(workload).ok());
+  EXPECT_TRUE(clients.second.Join(workload).ok());
+  return clients;
+}
+
 common::Adapter Update(const v1::Task& task, int rank, float fill) {
   std::vector<common::ModuleShape> shapes;
   for (const auto& m : task.modules())
@@ -752,11 +776,7 @@ TEST_F(FederationTest, ExportsOnSigusr1AndReportsStatusMidRun) {
   kill(server, SIGUSR1);
   EXPECT_TRUE(log_has("export on request: no round has completed yet"));
 
-  const client::RegressionWorkload workload(client::RegressionOptions{});
-  RawClient c1(port_, (dir_ / "certs").string(), "client-1"),
-      c2(port_, (dir_ / "certs").string(), "client-2");
-  ASSERT_TRUE(c1.Join(workload).ok());
-  ASSERT_TRUE(c2.Join(workload).ok());
+  auto [c1, c2] = JoinTwo(port_, dir_ / "certs", client::RegressionWorkload({}));
   const v1::Task task = c1.Task();
   ASSERT_EQ(task.kind(), v1::Task::TRAIN);
   const common::Adapter u1 = Update(task, 4, 0.01f), u2 = Update(task, 4, 0.03f);
@@ -775,12 +795,7 @@ TEST_F(FederationTest, ExportsOnSigusr1AndReportsStatusMidRun) {
   // Equal example counts: the exported adapter is B̄·Ā of the two uploads' plain means.
   const auto exported = common::ReadPeftAdapter(dir_ / "state" / "export" / "global");
   ASSERT_TRUE(exported.ok()) << exported.status();
-  for (size_t i = 0; i < exported->num_modules(); ++i) {
-    const MatrixD a_bar = (u1.A(i).cast<double>() + u2.A(i).cast<double>()) / 2,
-                  b_bar =
-                      u1.module(i).scaling * (u1.B(i).cast<double>() + u2.B(i).cast<double>()) / 2;
-    EXPECT_LT(testing::RelativeDiff(testing::DenseDelta(*exported, i), b_bar * a_bar), 1e-5);
-  }
+  ExpectPlainFedItMean(*exported, u1, u2);
 
   // An operator asks how the run is going, over the same mutual TLS (any accepted identity may).
   auto status = [&](const std::string& flag) {
@@ -824,11 +839,7 @@ TEST_F(FederationTest, ConcurrentRetriesOfAnUpdateAreAcceptedOnce) {
   opts.in_features = 1024;
   opts.out_features = 1024;
   opts.examples = 16;
-  const client::RegressionWorkload workload(opts);
-  RawClient c1(port_, (dir_ / "certs").string(), "client-1"),
-      c2(port_, (dir_ / "certs").string(), "client-2");
-  ASSERT_TRUE(c1.Join(workload).ok());
-  ASSERT_TRUE(c2.Join(workload).ok());
+  auto [c1, c2] = JoinTwo(port_, dir_ / "certs", client::RegressionWorkload(opts));
   const v1::Task task = c1.Task();
   ASSERT_EQ(task.kind(), v1::Task::TRAIN);
   const common::Adapter u1 = Update(task, 64, 0.01f), u2 = Update(task, 64, 0.03f);
@@ -866,12 +877,7 @@ TEST_F(FederationTest, ConcurrentRetriesOfAnUpdateAreAcceptedOnce) {
   // weigh it 2:1.
   const common::Adapter global =
       *common::DecodeAdapter(Blob("state", metrics[0]["global_blob"]), "global");
-  for (size_t i = 0; i < global.num_modules(); ++i) {
-    const MatrixD a_bar = (u1.A(i).cast<double>() + u2.A(i).cast<double>()) / 2,
-                  b_bar =
-                      u1.module(i).scaling * (u1.B(i).cast<double>() + u2.B(i).cast<double>()) / 2;
-    EXPECT_LT(testing::RelativeDiff(testing::DenseDelta(global, i), b_bar * a_bar), 1e-5);
-  }
+  ExpectPlainFedItMean(global, u1, u2);
   kill(server, SIGTERM);
   testing::Wait(server, std::chrono::seconds(10));
   const std::string log = testing::ReadText(dir_ / "state.log");
