@@ -20,15 +20,21 @@ extern char** environ;
 
 namespace fedlora::testing {
 
-// Starts argv[0] with stdout and stderr going to `log`; returns its pid (or -1).
-inline pid_t Start(const std::vector<std::string>& argv, const std::filesystem::path& log) {
+// Starts argv[0] with stdout and stderr going to `log` (stderr to `err` instead, when given);
+// returns its pid (or -1).
+inline pid_t Start(const std::vector<std::string>& argv, const std::filesystem::path& log,
+                   const std::filesystem::path& err = {}) {
   std::vector<char*> args;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  if (err.empty()) {
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  } else {
+    posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  }
   pid_t pid = -1;
   if (posix_spawn(&pid, args[0], &actions, nullptr, args.data(), environ) != 0) pid = -1;
   posix_spawn_file_actions_destroy(&actions);

@@ -803,7 +803,7 @@ TEST_F(FederationTest, ExportsOnSigusr1AndReportsStatusMidRun) {
     const pid_t pid = testing::Start(
         {kBin + "/fedlora-client", "--coordinator", "localhost:" + port_, "--ca", Cert("ca.pem"),
          "--cert", Cert("client-1.pem"), "--key", Cert("client-1.key"), flag},
-        out);
+        out, dir_ / ("status" + flag + ".err"));  // stdout alone: the JSON
     EXPECT_EQ(testing::Wait(pid, std::chrono::seconds(20)), 0);
     return testing::ReadText(out);
   };
