@@ -676,8 +676,9 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
     const auto it = uploads_.find(client);
     if (phase_ != Phase::kTraining || round_ != request.round() || it == uploads_.end() ||
         !it->second.verifying) {
-      return absl::FailedPreconditionError(StrCat("round ", request.round(), " ended while ",
-                                                  client, "'s update was being verified"));
+      return absl::FailedPreconditionError(
+          StrCat("round ", request.round(), " stopped waiting for ", client,
+                 "'s update while it was verified (the run ended, or the client left)"));
     }
     PendingUpload& up = it->second;
     up.verifying = false;
