@@ -26,7 +26,7 @@ namespace {
 int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string& insecure_id,
                 bool json) {
   grpc::ClientContext context;
-  if (!insecure_id.empty()) context.AddMetadata("x-fedlora-client-id", insecure_id);
+  if (!insecure_id.empty()) context.AddMetadata(fedlora::common::kClientIdMetadata, insecure_id);
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   fedlora::v1::StatusResponse s;
   if (grpc::Status st = fedlora::v1::Coordinator::NewStub(channel)->GetStatus(

@@ -13,6 +13,7 @@
 #include "common/safetensors.h"
 #include "common/status_macros.h"
 #include "common/strings.h"
+#include "common/tls.h"
 
 namespace fedlora::client {
 namespace {
@@ -38,7 +39,7 @@ Node::Node(std::shared_ptr<grpc::Channel> channel, const NodeOptions& options,
     : stub_(v1::Coordinator::NewStub(channel)), options_(options), workload_(std::move(workload)) {}
 
 void Node::Identify(grpc::ClientContext& context) const {
-  if (!options_.id.empty()) context.AddMetadata("x-fedlora-client-id", options_.id);
+  if (!options_.id.empty()) context.AddMetadata(common::kClientIdMetadata, options_.id);
 }
 
 grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,

@@ -94,13 +94,14 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
     const LoraFairOptions& options) {
   const size_t modules = global.num_modules();
   // Per module: Ā, B_0 A_0 Āᵀ, and S = ĀĀᵀ in its eigenbasis (‖Ā‖₂² is S's largest eigenvalue).
-  std::vector<MatrixD> a_bar(modules), base(modules);
+  std::vector<MatrixD> a_bar(modules), base(modules), s(modules);
   std::vector<Eigen::SelfAdjointEigenSolver<MatrixD>> eig(modules);
   double a_norm_sq = 0;
   for (size_t i = 0; i < modules; ++i) {
     a_bar[i] = global.A(i).cast<double>();
     base[i] = start.B(i).cast<double>() * (start.A(i).cast<double>() * a_bar[i].transpose());
-    eig[i].compute(a_bar[i] * a_bar[i].transpose());
+    s[i] = a_bar[i] * a_bar[i].transpose();
+    eig[i].compute(s[i]);
     a_norm_sq = std::max(a_norm_sq, eig[i].eigenvalues().maxCoeff());
   }
   const double clip_g = clip * std::sqrt(a_norm_sq);  // c_k's clip: S·max_i ‖Ā_i‖₂
@@ -124,7 +125,7 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
     for (double& x : sum[i].reshaped()) x += noise_multiplier * clip_g * noise.Sample();
     LoraFairProblem problem;
     problem.g = base[i] + sum[i] / expected_clients;
-    problem.s = a_bar[i] * a_bar[i].transpose();
+    problem.s = std::move(s[i]);
     problem.b_bar = global.B(i).cast<double>();
     // ‖Ĝ S^{+½}‖² = tr(Ĝ S⁺ Ĝᵀ), S⁺ from the eigendecomposition (eigenvalues below r·1e-12·max
     // dropped).

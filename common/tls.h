@@ -15,6 +15,10 @@
 
 namespace fedlora::common {
 
+// The gRPC metadata key that names a client without mutual TLS (--insecure experiments only: the
+// coordinator takes the caller's word for it). With mutual TLS the certificate names the client.
+inline constexpr char kClientIdMetadata[] = "x-fedlora-client-id";
+
 // Server: certificate chain and key; with `client_ca`, mutual TLS (clients must present a
 // certificate it signed).
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/strings.h"
+#include "common/tls.h"
 
 namespace fedlora::server {
 namespace {
@@ -33,7 +34,7 @@ absl::StatusOr<std::string> CoordinatorService::Identify(
     // Without mutual TLS nothing authenticates a client: take the name it gives (plaintext
     // experiments only).
     const auto& metadata = context->client_metadata();
-    const auto it = metadata.find("x-fedlora-client-id");
+    const auto it = metadata.find(common::kClientIdMetadata);
     if (it != metadata.end())
       return "insecure:" + std::string(it->second.data(), it->second.size());
     return common::StrCat("peer ", context->peer());

@@ -320,6 +320,24 @@ void RoundEngine::ClearUploadsLocked() {
   uploads_.clear();
 }
 
+void RoundEngine::DropUploadLocked(const std::string& client) {
+  if (uploads_.erase(client) > 0) store_.DropPart(PartName(round_, client));
+}
+
+size_t RoundEngine::ArrivedLocked() const {
+  return static_cast<size_t>(std::count_if(
+      uploads_.begin(), uploads_.end(), [](const auto& entry) { return entry.second.accepted; }));
+}
+
+bool RoundEngine::AnsweredLocked(const std::string& client) const {
+  const auto up = uploads_.find(client);
+  return (up != uploads_.end() && up->second.accepted) || declined_.contains(client);
+}
+
+bool RoundEngine::EveryMemberAnsweredLocked() const {
+  return ArrivedLocked() + declined_.size() == cohort_.size();
+}
+
 void RoundEngine::StartRoundLocked() {
   std::vector<std::string> ids;  // the clients taking part
   for (const auto& [id, info] : clients_) {
@@ -621,8 +639,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
     const int64_t begin = request.offset(),
                   end = begin + static_cast<int64_t>(request.data().size());
     if (begin < 0 || end > up.total_size) {
-      uploads_.erase(client);
-      store_.DropPart(part);
+      DropUploadLocked(client);
       return absl::InvalidArgumentError(StrCat("chunk [", begin, ", ", end,
                                                ") is outside the announced size of ",
                                                request.total_size(), " bytes"));
@@ -682,10 +699,13 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
     }
     PendingUpload& up = it->second;
     up.verifying = false;
-    if (adapter.ok()) status = store_.AdoptPart(part, up.sha256);
+    if (adapter.ok()) {
+      if (absl::Status adopted = store_.AdoptPart(part, up.sha256); !adopted.ok())
+        adapter = adopted;
+    }
     if (!adapter.ok()) {
       status = adapter.status();
-    } else if (status.ok()) {
+    } else {
       up.blob = up.sha256;
       up.accepted = true;
       up.num_examples =
@@ -703,20 +723,17 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
       spdlog::info("round {}: {}'s update of {} bytes verified, validated and folded in {:.3f} s",
                    round_, client, up.total_size,
                    std::chrono::duration<double>(Clock::now() - verify_start).count());
-      size_t arrived = 0;
-      for (const auto& [id, u] : uploads_) arrived += u.accepted;
       spdlog::info(
           "round {}: accepted {}'s update ({} bytes, loss {:.6g} -> {:.6g}); {} of {} arrived",
-          round_, client, up.total_size, up.metrics.loss_before(), up.metrics.loss_after(), arrived,
-          cohort_.size());
-      if (arrived + declined_.size() == cohort_.size()) status = CloseRoundLocked(false);
+          round_, client, up.total_size, up.metrics.loss_before(), up.metrics.loss_after(),
+          ArrivedLocked(), cohort_.size());
+      if (EveryMemberAnsweredLocked()) status = CloseRoundLocked(false);
       CollectReadyWaitersLocked(&ready, false);
     }
     if (!response.accepted()) {
       spdlog::warn("round {}: rejected {}'s update: {}", round_, client, status.message());
       rejected_.push_back(client);
-      uploads_.erase(client);
-      store_.DropPart(part);
+      DropUploadLocked(client);
     }
   }
   Notify(ready);
@@ -753,18 +770,26 @@ void RoundEngine::FoldLocked(const Adapter& update, double weight) {
       sum.noalias() += x;
     }
   };
-  // Modules are independent: fold them on every core (mu_ is held, so the fold is kept short).
-  common::ParallelFor(modules.size(), [&](size_t i) {
-    const size_t j =
-        *update.FindModule(modules[i]["name"].get<std::string>());  // validated: present
-    const double s = update.module(j).scaling;
-    if (method_ == Method::kFedSb) {
-      add(sums_.r[i], weight * s * update.R(j).cast<double>());
-    } else {
-      add(sums_.a[i], weight * update.A(j).cast<double>());
-      add(sums_.b[i], weight * s * update.B(j).cast<double>());
-    }
-  });
+  // Modules are independent: a large update folds them on every core (mu_ is held, so the fold is
+  // kept short); a small one (Fed-SB's R) is not worth starting threads for.
+  size_t folded = 0;  // values added
+  for (const common::LoraModule& m : update.modules())
+    folded += method_ == Method::kFedSb ? static_cast<size_t>(m.rank) * m.rank : m.size();
+  const size_t threads = folded >= (size_t{1} << 20) ? 0 : 1;
+  common::ParallelFor(
+      modules.size(),
+      [&](size_t i) {
+        const size_t j =
+            *update.FindModule(modules[i]["name"].get<std::string>());  // validated: present
+        const double s = update.module(j).scaling;
+        if (method_ == Method::kFedSb) {
+          add(sums_.r[i], weight * s * update.R(j).cast<double>());
+        } else {
+          add(sums_.a[i], weight * update.A(j).cast<double>());
+          add(sums_.b[i], weight * s * update.B(j).cast<double>());
+        }
+      },
+      threads);
   sums_.weight += weight;
 }
 
@@ -1155,8 +1180,7 @@ void RoundEngine::Tick() {
       // Every member that has not delivered is silent past the timeout: waiting longer cannot help.
       bool all_silent = true;
       for (const std::string& id : cohort_) {
-        const auto up = uploads_.find(id);
-        if ((up != uploads_.end() && up->second.accepted) || declined_.contains(id)) continue;
+        if (AnsweredLocked(id)) continue;
         all_silent &= now - clients_[id].last_seen >=
                       std::chrono::duration<double>(options_.client_timeout_s);
       }
@@ -1187,18 +1211,12 @@ absl::StatusOr<v1::LeaveResponse> RoundEngine::Leave(const std::string& client,
           StrCat(client, " has not joined; there is nothing to leave"));
     it->second.left = request.reason().empty() ? "no reason given" : request.reason();
     spdlog::warn("{} left the run: {}", client, it->second.left);
-    const auto up = uploads_.find(client);
     if (phase_ == Phase::kTraining && request.round() == round_ &&
-        std::binary_search(cohort_.begin(), cohort_.end(), client) &&
-        (up == uploads_.end() || !up->second.accepted)) {
+        std::binary_search(cohort_.begin(), cohort_.end(), client) && !AnsweredLocked(client)) {
       declined_[client] = it->second.left;
-      if (up != uploads_.end()) store_.DropPart(PartName(round_, client));
-      uploads_.erase(client);
-      size_t arrived = 0;
-      for (const auto& [id, u] : uploads_) arrived += u.accepted;
+      DropUploadLocked(client);
       // Nobody left to wait for: close the round now (or retry it without quorum).
-      if (arrived + declined_.size() == cohort_.size())
-        status = CloseRoundLocked(/*at_deadline=*/true);
+      if (EveryMemberAnsweredLocked()) status = CloseRoundLocked(/*at_deadline=*/true);
     }
     CollectReadyWaitersLocked(&ready, false);
   }

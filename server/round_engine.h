@@ -144,6 +144,12 @@ class RoundEngine {
   // Forgets this round's uploads and deletes the partial ones' files from incoming/ (a dropped
   // client's, or one still being verified when the round ended).
   void ClearUploadsLocked();
+  // Forgets `client`'s upload of this round, if any, and deletes its file from incoming/.
+  void DropUploadLocked(const std::string& client);
+  size_t ArrivedLocked() const;  // cohort members whose updates were accepted
+  // `client` has delivered its update, or declined its task: the round no longer waits for it.
+  bool AnsweredLocked(const std::string& client) const;
+  bool EveryMemberAnsweredLocked() const;
   absl::Status CloseRoundLocked(bool at_deadline);
   absl::Status ExportLocked();
   // The task for `client` now (WAIT when there is none).
@@ -196,7 +202,7 @@ class RoundEngine {
   // Updates for a round that had already closed, received since the last metrics line: client →
   // the round the update was for.
   std::map<std::string, int64_t> late_;
-  std::map<std::string, std::string> declined_;   // this round's declined tasks: client → reason
+  std::map<std::string, std::string> declined_;  // this round's declined tasks: client → reason
   RunningSums sums_;
   std::vector<Waiter> waiters_;
   common::Adapter frozen_;  // Fed-SB's shared B, A (R = 0), once the run exists

@@ -38,7 +38,7 @@ absl::Status ServerOptions::Validate() const {
     return bad(
         "flora cannot run with client-level DP: the coordinator needs each client's own factors "
         "to stack them, so no sum can be noised. Use DP-SGD on the clients instead "
-        "(fedlora-client --dp-noise-multiplier, --dp-max-grad-norm)");
+        "(fedlora-client --dp-noise-multiplier, --dp-clip)");
   }
   if (!(dp_delta > 0 && dp_delta < 1))
     return bad("dp_delta is ", dp_delta, "; it must be in (0, 1)");

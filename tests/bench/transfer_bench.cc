@@ -27,6 +27,7 @@
 
 #include "client/upload.h"
 #include "common/blob.h"
+#include "common/file_util.h"
 #include "common/tls.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 #include "tests/process.h"
@@ -44,6 +45,13 @@ struct Setup {
 
 // PLAINTEXT=1: the same bench without TLS (coordinator --insecure), to see what TLS costs.
 bool Plaintext() { return std::getenv("PLAINTEXT") != nullptr; }
+
+// The port a server wrote to `port_file` (empty when none came within 20 s).
+std::string ReadPort(const fs::path& port_file) {
+  std::string port = fedlora::testing::WaitForFile(port_file, std::chrono::seconds(20));
+  while (!port.empty() && port.back() == '\n') port.pop_back();
+  return port;
+}
 
 pid_t StartServer(const Setup& s, const std::string& name, std::vector<std::string> flags,
                   std::string* port) {
@@ -73,8 +81,7 @@ pid_t StartServer(const Setup& s, const std::string& name, std::vector<std::stri
     argv.push_back((s.work / "certs/ca.pem").string());
   }
   const pid_t pid = fedlora::testing::Start(argv, s.work / (name + ".log"));
-  *port = fedlora::testing::WaitForFile(port_file, std::chrono::seconds(20));
-  while (!port->empty() && port->back() == '\n') port->pop_back();
+  *port = ReadPort(port_file);
   return pid;
 }
 
@@ -172,7 +179,7 @@ class Client {
     }
   }
   void Name(grpc::ClientContext& context) const {
-    if (Plaintext()) context.AddMetadata("x-fedlora-client-id", id_);
+    if (Plaintext()) context.AddMetadata(fedlora::common::kClientIdMetadata, id_);
   }
   std::unique_ptr<v1::Coordinator::Stub> stub_;
   std::string id_;
@@ -278,11 +285,17 @@ class DiscardingCoordinator final : public v1::Coordinator::CallbackService {
 };
 
 void WritePort(const fs::path& port_file, int port) {
-  const fs::path tmp = port_file.string() + ".tmp";
-  std::FILE* f = std::fopen(tmp.c_str(), "w");
-  std::fprintf(f, "%d\n", port);
-  std::fclose(f);
-  fs::rename(tmp, port_file);
+  if (!fedlora::common::WriteFileAtomically(port_file, std::to_string(port) + "\n").ok())
+    std::exit(1);
+}
+
+// 127.0.0.1:port (0: any free port).
+sockaddr_in Loopback(uint16_t port) {
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = htons(port);
+  return address;
 }
 
 // Child process: `--serve grpc-tls|grpc-plain`.
@@ -328,9 +341,7 @@ SSL_CTX* RawTlsContext(const Setup& s, bool server) {
 int ServeRawTls(const Setup& s, const fs::path& port_file) {
   SSL_CTX* ctx = RawTlsContext(s, true);
   const int listener = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  sockaddr_in address = Loopback(0);
   socklen_t length = sizeof address;
   if (::bind(listener, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
       ::listen(listener, 4) != 0 ||
@@ -360,14 +371,11 @@ int ServeRawTls(const Setup& s, const fs::path& port_file) {
 // One upload of `bytes` to ServeRawTls at `port` (after the handshake, which is not timed).
 double RawTlsUpload(SSL_CTX* ctx, const std::string& port, const std::string& bytes) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  address.sin_port = htons(static_cast<uint16_t>(std::stoi(port)));
+  const sockaddr_in address = Loopback(static_cast<uint16_t>(std::stoi(port)));
   SSL* ssl = SSL_new(ctx);
   SSL_set_fd(ssl, fd);
   SSL_set_tlsext_host_name(ssl, "localhost");
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0 ||
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address) != 0 ||
       SSL_connect(ssl) != 1) {
     ERR_print_errors_fp(stderr);
     std::exit(1);
@@ -407,8 +415,7 @@ void Ceiling(const Setup& s, const std::string& bytes, double aes_mb_per_s) {
     const pid_t server = fedlora::testing::Start(
         {self, "--work", s.work.string(), "--serve", mode, "--port-file", port_file.string()},
         s.work / (mode + ".log"));
-    std::string port = fedlora::testing::WaitForFile(port_file, std::chrono::seconds(20));
-    while (!port.empty() && port.back() == '\n') port.pop_back();
+    const std::string port = ReadPort(port_file);
     std::unique_ptr<Client> client;
     SSL_CTX* ctx = nullptr;
     if (mode == "raw-tls") {
