@@ -605,20 +605,27 @@ class RawClient {
     EXPECT_TRUE(stub_->GetTask(&context, request, &task).ok());
     return task;
   }
-  // Sends `bytes` as one chunk; `sha` and `size` default to the true ones.
+  // Sends `bytes` as one chunk at `offset`; `sha` and `size` default to those of `bytes`.
   grpc::Status Upload(const v1::Task& task, const std::string& bytes, v1::UploadResponse* response,
                       std::optional<std::string> sha = {}, int64_t round_shift = 0,
-                      int64_t version_shift = 0, std::optional<int64_t> size = {}) {
+                      int64_t version_shift = 0, std::optional<int64_t> size = {},
+                      int64_t offset = 0) {
     v1::UploadRequest request;
     request.set_round(task.round() + round_shift);
     request.set_state_version(task.state_version() + version_shift);
     request.set_sha256(sha.value_or(common::Sha256Hex(bytes)));
     request.set_total_size(size.value_or(static_cast<int64_t>(bytes.size())));
-    request.set_offset(0);
+    request.set_offset(offset);
     request.set_data(bytes);
     request.set_num_examples(100);
     grpc::ClientContext context;
     return stub_->Upload(&context, request, response);
+  }
+  // Bytes [offset, offset + length) of the update `whole`, as one chunk of it.
+  grpc::Status UploadPart(const v1::Task& task, const std::string& whole, size_t offset,
+                          size_t length, v1::UploadResponse* response) {
+    return Upload(task, whole.substr(offset, length), response, common::Sha256Hex(whole), 0, 0,
+                  static_cast<int64_t>(whole.size()), static_cast<int64_t>(offset));
   }
 
  private:
@@ -844,13 +851,19 @@ TEST_F(FederationTest, ConcurrentRetriesOfAnUpdateAreAcceptedOnce) {
   ASSERT_EQ(task.kind(), v1::Task::TRAIN);
   const common::Adapter u1 = Update(task, 64, 0.01f), u2 = Update(task, 64, 0.03f);
   const std::string bytes = common::EncodeAdapter(u1);  // 2 MB: its checks take a few ms
-
-  // The same whole update, as one chunk, from four threads at once.
-  std::vector<grpc::Status> statuses(4);
-  std::vector<v1::UploadResponse> responses(4);
+  // All but its last KiB first; then that KiB from eight threads at once. The first to arrive
+  // completes the update, and the others, a KiB each, arrive while its 2 MB are being checked.
+  const size_t head = bytes.size() - 1024;
+  v1::UploadResponse r;
+  ASSERT_TRUE(c1.UploadPart(task, bytes, 0, head, &r).ok());
+  ASSERT_EQ(r.received(), static_cast<int64_t>(head));
+  std::vector<grpc::Status> statuses(8);
+  std::vector<v1::UploadResponse> responses(8);
   std::vector<std::thread> threads;
-  for (size_t t = 0; t < statuses.size(); ++t)
-    threads.emplace_back([&, t] { statuses[t] = c1.Upload(task, bytes, &responses[t]); });
+  for (size_t t = 0; t < statuses.size(); ++t) {
+    threads.emplace_back(
+        [&, t] { statuses[t] = c1.UploadPart(task, bytes, head, 1024, &responses[t]); });
+  }
   for (std::thread& t : threads) t.join();
   int accepted = 0;
   for (size_t t = 0; t < statuses.size(); ++t) {
@@ -864,7 +877,6 @@ TEST_F(FederationTest, ConcurrentRetriesOfAnUpdateAreAcceptedOnce) {
     }
   }
   EXPECT_GE(accepted, 1);
-  v1::UploadResponse r;
   ASSERT_TRUE(c1.Upload(task, bytes, &r).ok());  // a retry after the checks: accepted again
   EXPECT_TRUE(r.accepted());
   ASSERT_TRUE(c2.Upload(c2.Task(), common::EncodeAdapter(u2), &r).ok());
