@@ -12,12 +12,12 @@
 #include <cstdio>
 #include <thread>
 
-#include "client/command_workload.h"
-#include "client/llm_workload.h"
+#include "client/workloads/command_workload.h"
+#include "client/workloads/llm_workload.h"
 #include "client/node.h"
-#include "client/regression_workload.h"
-#include "common/signals.h"
-#include "common/tls.h"
+#include "client/workloads/regression_workload.h"
+#include "common/base/signals.h"
+#include "common/net/tls.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 
 namespace {

@@ -8,12 +8,12 @@
 #include <thread>
 
 #include "client/upload.h"
-#include "common/blob.h"
-#include "common/peft.h"
-#include "common/safetensors.h"
-#include "common/status_macros.h"
-#include "common/strings.h"
-#include "common/tls.h"
+#include "common/tensor/blob.h"
+#include "common/tensor/peft.h"
+#include "common/tensor/safetensors.h"
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "common/net/tls.h"
 
 namespace fedlora::client {
 namespace {
@@ -149,10 +149,7 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
     const auto g =
         global_.num_modules() ? global_.FindModule(adapter.module(i).name) : std::nullopt;
     if (method_ == "flora" || !g) {
-      // A fresh module: A ~ U(−1/√n, 1/√n) (PEFT's kaiming_uniform(a=√5)), B = 0.
-      const float bound = 1.0f / std::sqrt(static_cast<float>(adapter.module(i).in_features));
-      std::uniform_real_distribution<float> uni(-bound, bound);
-      for (float& x : adapter.A(i).reshaped()) x = uni(rng);
+      common::InitLoraA(adapter.A(i), rng);  // a fresh module, as PEFT starts one
     } else {
       // From the global state (scaling 1): our scaling s is unfolded from B (or R).
       const double s_global = global_.module(*g).scaling;

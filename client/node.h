@@ -11,8 +11,8 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "client/workload.h"
-#include "common/adapter.h"
+#include "client/workloads/workload.h"
+#include "common/tensor/adapter.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 
 namespace fedlora::client {

@@ -4,34 +4,40 @@
 
 #include <filesystem>
 
-#include "common/file_util.h"
-#include "common/status_macros.h"
-#include "common/strings.h"
+#include "common/base/file_util.h"
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
 
 namespace fedlora::client {
 
 using common::StrCat;
 
 absl::StatusOr<PrivacyLedger> PrivacyLedger::Load(const DpSgdSettings& settings) {
-  nlohmann::json json = {{"delta", settings.delta}, {"rounds", nlohmann::json::array()}};
+  common::PrivacyHistory rounds;
   if (std::filesystem::exists(settings.ledger)) {
     ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(settings.ledger));
-    json = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (json.is_discarded() || !json.contains("rounds") || !json["rounds"].is_array()) {
+    const nlohmann::json json = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    absl::StatusOr<common::PrivacyHistory> read =
+        json.is_object() && json.contains("rounds")
+            ? common::PrivacyHistoryFromJson(json["rounds"], settings.ledger)
+            : absl::InvalidArgumentError("no \"rounds\"");
+    if (!read.ok()) {
       return absl::DataLossError(StrCat("privacy ledger ", settings.ledger,
-                                        " is not a fedlora ledger; refusing to train without "
-                                        "knowing what was spent"));
+                                        " is not a fedlora ledger (", read.status().message(),
+                                        "); refusing to train without knowing what was spent"));
     }
+    rounds = *std::move(read);
   }
-  return PrivacyLedger(settings, std::move(json));
+  return PrivacyLedger(settings, std::move(rounds));
 }
 
-nlohmann::json PrivacyLedger::Entry(int64_t round, double q, int64_t steps) const {
-  return {{"round", round}, {"q", q}, {"sigma", settings_.dp.noise_multiplier}, {"steps", steps}};
+common::PrivacyRound PrivacyLedger::Entry(int64_t round, double q, int64_t steps) const {
+  return {round, q, settings_.dp.noise_multiplier, static_cast<double>(steps)};
 }
 
-absl::StatusOr<common::PrivacySpent> PrivacyLedger::SpentWith(const nlohmann::json& entry) const {
-  nlohmann::json rounds = json_["rounds"];
+absl::StatusOr<common::PrivacySpent> PrivacyLedger::SpentWith(
+    const common::PrivacyRound& entry) const {
+  common::PrivacyHistory rounds = rounds_;
   rounds.push_back(entry);
   return common::SpentOver(rounds, settings_.delta);
 }
@@ -47,10 +53,15 @@ absl::Status PrivacyLedger::Admit(int64_t round, double q, int64_t steps) const 
 
 absl::Status PrivacyLedger::Record(int64_t round, double q, int64_t steps,
                                    v1::TrainMetrics& metrics) {
-  const nlohmann::json entry = Entry(round, q, steps);
+  const common::PrivacyRound entry = Entry(round, q, steps);
   ASSIGN_OR_RETURN(common::PrivacySpent spent, SpentWith(entry));
-  json_["rounds"].push_back(entry);
-  RETURN_IF_ERROR(common::WriteFileAtomically(settings_.ledger, json_.dump(2) + "\n"));
+  common::PrivacyHistory rounds = rounds_;
+  rounds.push_back(entry);
+  const nlohmann::json json = {{"delta", settings_.delta},
+                               {"rounds", common::PrivacyHistoryToJson(rounds)}};
+  // The file first: memory follows only what is on disk, so a failed write loses nothing.
+  RETURN_IF_ERROR(common::WriteFileAtomically(settings_.ledger, json.dump(2) + "\n"));
+  rounds_ = std::move(rounds);
   metrics.set_dp_epsilon(spent.epsilon);
   metrics.set_dp_delta(settings_.delta);
   spdlog::info("round {}: DP-SGD spent epsilon {:.4f} (delta {}) in all (sigma {:.4g}, q {:.4g})",

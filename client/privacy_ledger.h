@@ -10,8 +10,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "common/privacy_accountant.h"
-#include "common/trainer.h"
+#include "common/privacy/privacy_accountant.h"
+#include "common/llm/trainer.h"
 #include "fedlora/v1/coordinator.pb.h"
 
 namespace fedlora::client {
@@ -37,14 +37,15 @@ class PrivacyLedger {
   absl::Status Record(int64_t round, double q, int64_t steps, v1::TrainMetrics& metrics);
 
  private:
-  PrivacyLedger(DpSgdSettings settings, nlohmann::json json)
-      : settings_(std::move(settings)), json_(std::move(json)) {}
-  nlohmann::json Entry(int64_t round, double q, int64_t steps) const;  // one round's record
+  PrivacyLedger(DpSgdSettings settings, common::PrivacyHistory rounds)
+      : settings_(std::move(settings)), rounds_(std::move(rounds)) {}
+  common::PrivacyRound Entry(int64_t round, double q, int64_t steps) const;  // one round's record
   // ε of everything recorded plus `entry`.
-  absl::StatusOr<common::PrivacySpent> SpentWith(const nlohmann::json& entry) const;
+  absl::StatusOr<common::PrivacySpent> SpentWith(const common::PrivacyRound& entry) const;
 
   DpSgdSettings settings_;
-  nlohmann::json json_;  // {"delta", "rounds": [{"round", "q", "sigma", "steps"}]}
+  // On disk: {"delta", "rounds": [{"round", "q", "sigma", "steps"}]}.
+  common::PrivacyHistory rounds_;
 };
 
 }  // namespace fedlora::client

@@ -2,8 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
-#include "common/strings.h"
-#include "common/tls.h"
+#include "common/base/strings.h"
+#include "common/net/tls.h"
 
 namespace fedlora::server {
 namespace {

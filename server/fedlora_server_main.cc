@@ -13,10 +13,11 @@
 #include <cstdio>
 #include <thread>
 
-#include "common/file_util.h"
-#include "common/signals.h"
-#include "common/tls.h"
+#include "common/base/file_util.h"
+#include "common/base/signals.h"
+#include "common/net/tls.h"
 #include "server/coordinator_service.h"
+#include "server/ticker.h"
 
 namespace {
 
@@ -86,6 +87,9 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
   app.add_option("--chunk-bytes", o.chunk_bytes)->capture_default_str();
   app.add_option("--max-update-bytes", o.max_update_bytes)->capture_default_str();
   app.add_option("--max-wait-ms", o.max_wait_ms, "longest long poll")->capture_default_str();
+  app.add_option("--give-up-after-s", o.give_up_after_s,
+                 "a round's commit (or its metrics or export) failing this long stops the server")
+      ->capture_default_str();
   app.add_option("--linger-s", linger_s,
                  "after the last round, keep serving the final state this long")
       ->capture_default_str();
@@ -135,6 +139,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: %s\n", std::string(engine.status().message()).c_str());
     return 1;
   }
+  fedlora::server::Ticker ticker(engine->get());
   fedlora::server::CoordinatorService service(
       engine->get(), !options.client_ca.empty(),
       std::set<std::string>(options.allowed_clients.begin(), options.allowed_clients.end()));
@@ -177,13 +182,20 @@ int main(int argc, char** argv) {
       if (absl::Status st = (*engine)->ExportNow(); !st.ok())
         spdlog::warn("export on request: {}", std::string(st.message()));
     }
+    if (absl::Status failed = (*engine)->failed(); !failed.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(failed.message()).c_str());
+      signals.RequestStop();
+      break;
+    }
     if ((*engine)->done()) {
       if (!done_at) done_at = std::chrono::steady_clock::now();
       if (std::chrono::steady_clock::now() - *done_at >= std::chrono::duration<double>(linger_s))
         signals.RequestStop();
     }
   }
+  ticker.Stop();
   (*engine)->Shutdown();
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  if (!(*engine)->failed().ok()) return 4;
   return (*engine)->done() ? 0 : 3;
 }

@@ -1,6 +1,6 @@
 #include "server/server_options.h"
 
-#include "common/strings.h"
+#include "common/base/strings.h"
 
 namespace fedlora::server {
 using common::StrCat;
@@ -57,6 +57,8 @@ absl::Status ServerOptions::Validate() const {
                " must be below 2*dp_count_stddev = ", 2 * dp_count_stddev,
                ": the noised count of unclipped updates takes its share of the round's budget");
   }
+  if (!(give_up_after_s > 0))
+    return bad("give_up_after_s is ", give_up_after_s, "; it must be > 0");
   if (chunk_bytes < 1024 || chunk_bytes > (64 << 20))
     return bad("chunk_bytes is ", chunk_bytes, "; use 1 KiB to 64 MiB");
   if (!insecure && (tls_cert.empty() || tls_key.empty())) {

@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "common/aggregate.h"
+#include "common/aggregation/aggregate.h"
 
 namespace fedlora::server {
 
@@ -68,6 +68,10 @@ struct ServerOptions {
       1 << 20;  // transfer chunk size: what each concurrent transfer holds in memory
   int64_t max_update_bytes = int64_t{1} << 30;  // an update larger than this is refused
   int64_t max_wait_ms = 20000;                  // longest long-poll
+  // A round's commit, or what follows it (evaluation, metrics line, export), that keeps failing —
+  // a full disk, say — is retried with backoff (0.5 s doubling to 30 s) for this long; then the
+  // coordinator stops with an error that says what to fix. Nothing is lost either way.
+  double give_up_after_s = 600;
 
   bool client_dp() const { return dp_clip > 0; }
   absl::Status Validate() const;

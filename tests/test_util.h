@@ -12,31 +12,14 @@
 #include <string>
 #include <vector>
 
-#include "common/adapter.h"
-#include "common/llama_config.h"
+#include "common/tensor/adapter.h"
+#include "tests/scratch_dir.h"
+#include "common/llm/llama_config.h"
 
 namespace fedlora::testing {
 
 using common::Adapter;
 using common::MatrixD;
-
-// A fresh directory under the system temp dir, removed at destruction.
-class ScratchDir {
- public:
-  ScratchDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "fedlora-test-XXXXXX").string();
-    path_ = ::mkdtemp(tmpl.data());
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::filesystem::path& path() const { return path_; }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  std::filesystem::path path_;
-};
 
 struct ModuleSpec {
   std::string name;

@@ -8,7 +8,7 @@
 #include <chrono>
 #include <cstdio>
 
-#include "common/peft.h"
+#include "common/tensor/peft.h"
 
 namespace {
 

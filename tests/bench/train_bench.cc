@@ -17,8 +17,8 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
-#include "common/parallel.h"
-#include "common/trainer.h"
+#include "common/base/parallel.h"
+#include "common/llm/trainer.h"
 
 namespace {
 

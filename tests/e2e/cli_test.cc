@@ -9,8 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "common/file_util.h"
-#include "common/peft.h"
+#include "common/base/file_util.h"
+#include "common/tensor/peft.h"
 #include "tests/test_util.h"
 
 namespace fedlora {

@@ -14,13 +14,13 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 
-#include "client/regression_workload.h"
-#include "common/blob.h"
-#include "common/file_util.h"
-#include "common/peft.h"
-#include "common/privacy_accountant.h"
-#include "common/safetensors.h"
-#include "common/tls.h"
+#include "client/workloads/regression_workload.h"
+#include "common/tensor/blob.h"
+#include "common/base/file_util.h"
+#include "common/tensor/peft.h"
+#include "common/privacy/privacy_accountant.h"
+#include "common/tensor/safetensors.h"
+#include "common/net/tls.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 #include "tests/process.h"
 #include "tests/test_util.h"

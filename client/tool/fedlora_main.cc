@@ -1,0 +1,36 @@
+// fedlora: the offline tool. Aggregates PEFT adapters with FedIT, FLoRA, LoRA-FAIR or Fed-SB,
+// inspects them, computes privacy budgets, writes random adapters for trying things out, and
+// evaluates and trains adapters of Llama-family models (eval, train, init-model).
+// `fedlora --help` and `fedlora COMMAND --help` say more.
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+
+#include "client/tool/commands.h"
+
+namespace fedlora::tool {
+
+void ExitIfError(const absl::Status& status) {
+  if (status.ok()) return;
+  std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());
+  throw CLI::RuntimeError(1);
+}
+
+}  // namespace fedlora::tool
+
+int main(int argc, char** argv) {
+  // Logs go to stderr; stdout carries only the commands' results, so it can be piped.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("fedlora"));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
+  CLI::App app{"fedlora: federated LoRA fine-tuning, offline tools"};
+  app.require_subcommand(1);
+  fedlora::tool::AddAggregateCommand(app);
+  fedlora::tool::AddInspectCommand(app);
+  fedlora::tool::AddPrivacyCommand(app);
+  fedlora::tool::AddSummaryCommand(app);
+  fedlora::tool::AddRandomAdapterCommand(app);
+  fedlora::tool::AddLlmCommands(app);
+  CLI11_PARSE(app, argc, argv);
+  return 0;
+}

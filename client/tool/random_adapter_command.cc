@@ -1,0 +1,110 @@
+// fedlora random-adapter — writes a PEFT adapter with random factors, shaped like a Llama-family
+// model's attention and MLP projections, for trying out and benchmarking aggregation without
+// training anything.
+#include <cmath>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "client/tool/commands.h"
+#include "common/tensor/peft.h"
+#include "common/base/strings.h"
+
+namespace fedlora::tool {
+namespace {
+
+struct RandomAdapterArgs {
+  std::string out;
+  int layers = 2;
+  std::vector<std::string> targets = {"q_proj", "v_proj"};
+  int in_features = 64;
+  int out_features = 64;
+  int rank = 8;
+  double alpha = 16;
+  bool rslora = false;
+  bool lora_sb = false;
+  uint64_t seed = 1;
+  uint64_t frozen_seed = 0;
+  std::string base_model;
+  std::string dtype = "f32";
+};
+
+void Run(const RandomAdapterArgs& args) {
+  auto dtype = common::ParseDType(args.dtype);
+  ExitIfError(dtype.status());
+  const std::set<std::string> attention = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  const std::set<std::string> mlp = {"gate_proj", "up_proj", "down_proj"};
+  std::vector<common::ModuleShape> shapes;
+  for (int layer = 0; layer < args.layers; ++layer) {
+    for (const std::string& t : args.targets) {
+      if (!attention.count(t) && !mlp.count(t)) {
+        ExitIfError(absl::InvalidArgumentError(common::StrCat(
+            "unknown target module '", t,
+            "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")));
+      }
+      common::ModuleShape s;
+      s.name =
+          common::StrCat("model.layers.", layer, attention.count(t) ? ".self_attn." : ".mlp.", t);
+      s.rank = args.rank;
+      s.in_features = args.in_features;
+      s.out_features = args.out_features;
+      s.scaling = common::LoraScaling(args.alpha, args.rank, args.rslora);
+      s.has_r = args.lora_sb;
+      shapes.push_back(std::move(s));
+    }
+  }
+  auto adapter = common::Adapter::Create(shapes);
+  ExitIfError(adapter.status());
+  adapter->base_model = args.base_model;
+  // A ~ U(−1/√n, 1/√n) as PEFT's kaiming_uniform(a=√5) draws it; B ~ N(0, 0.02²) stands in for a
+  // trained B. For LoRA-SB, B and A come from --frozen-seed (shared by all clients) with
+  // orthonormal columns/rows, R from --seed.
+  std::mt19937_64 rng(args.seed), frozen_rng(args.frozen_seed);
+  for (size_t i = 0; i < adapter->num_modules(); ++i) {
+    std::normal_distribution<float> normal(0.0f, 0.02f);
+    if (args.lora_sb) {
+      adapter->B(i) = common::RandomOrthonormal(args.out_features, args.rank, frozen_rng).cast<float>();
+      adapter->A(i) =
+          common::RandomOrthonormal(args.in_features, args.rank, frozen_rng).transpose().cast<float>();
+      for (float& x : adapter->R(i).reshaped()) x = normal(rng);
+    } else {
+      common::InitLoraA(adapter->A(i), rng);
+      for (float& x : adapter->B(i).reshaped()) x = normal(rng);
+    }
+  }
+  ExitIfError(common::WritePeftAdapter(*adapter, args.out, {*dtype, false}));
+  std::printf("wrote %s: %zu modules, rank %d\n", args.out.c_str(), adapter->num_modules(),
+              args.rank);
+}
+
+}  // namespace
+
+void AddRandomAdapterCommand(CLI::App& app) {
+  auto args = std::make_shared<RandomAdapterArgs>();
+  CLI::App* cmd = app.add_subcommand("random-adapter",
+                                     "Write a PEFT adapter with random factors (for trying out "
+                                     "and benchmarking aggregation)");
+  cmd->add_option("--out", args->out, "output adapter directory")->required();
+  cmd->add_option("--layers", args->layers, "decoder layers")->capture_default_str();
+  cmd->add_option("--targets", args->targets, "adapted projections")
+      ->delimiter(',')
+      ->capture_default_str();
+  cmd->add_option("--in-features", args->in_features, "n of every adapted layer")
+      ->capture_default_str();
+  cmd->add_option("--out-features", args->out_features, "m of every adapted layer")
+      ->capture_default_str();
+  cmd->add_option("--rank", args->rank, "r")->capture_default_str();
+  cmd->add_option("--alpha", args->alpha, "lora_alpha")->capture_default_str();
+  cmd->add_flag("--rslora", args->rslora, "scaling alpha/sqrt(r) instead of alpha/r");
+  cmd->add_flag("--lora-sb", args->lora_sb, "LoRA-SB adapter (B·R·A with orthonormal frozen B, A)");
+  cmd->add_option("--seed", args->seed, "seed of the trained factors")->capture_default_str();
+  cmd->add_option("--frozen-seed", args->frozen_seed,
+                  "seed of LoRA-SB's frozen B and A (share it across clients)")
+      ->capture_default_str();
+  cmd->add_option("--base-model", args->base_model, "base_model_name_or_path to record");
+  cmd->add_option("--dtype", args->dtype, "f32 | f16 | bf16")->capture_default_str();
+  cmd->callback([args] { Run(*args); });
+}
+
+}  // namespace fedlora::tool

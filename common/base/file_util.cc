@@ -1,0 +1,148 @@
+#include "common/base/file_util.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <system_error>
+
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+
+namespace fedlora::common {
+namespace fs = std::filesystem;
+
+namespace {
+
+// The parent directory to create temporaries in ("." for a bare file name).
+fs::path ParentOf(const fs::path& path) {
+  fs::path parent = path.parent_path();
+  return parent.empty() ? fs::path(".") : parent;
+}
+
+}  // namespace
+
+absl::StatusOr<MappedFile> MappedFile::Open(const fs::path& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoError("cannot open", path, errno);
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    int err = errno;
+    ::close(fd);
+    return ErrnoError("cannot stat", path, err);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(StrCat(path.string(), " is not a regular file"));
+  }
+  size_t size = static_cast<size_t>(st.st_size);
+  if (size == 0) {
+    ::close(fd);
+    return MappedFile(nullptr, 0);
+  }
+  void* data = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  int err = errno;
+  ::close(fd);
+  if (data == MAP_FAILED) return ErrnoError("cannot map", path, err);
+  return MappedFile(static_cast<const uint8_t*>(data), size);
+}
+
+MappedFile::MappedFile(MappedFile&& other) noexcept : data_(other.data_), size_(other.size_) {
+  other.data_ = nullptr;
+  other.size_ = 0;
+}
+
+MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
+  if (this != &other) {
+    if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+    data_ = other.data_;
+    size_ = other.size_;
+    other.data_ = nullptr;
+    other.size_ = 0;
+  }
+  return *this;
+}
+
+MappedFile::~MappedFile() {
+  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+absl::StatusOr<std::string> ReadFileToString(const fs::path& path) {
+  ASSIGN_OR_RETURN(MappedFile file, MappedFile::Open(path));
+  auto bytes = file.bytes();
+  return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+}
+
+namespace {
+Env::WriteFn WriteAll(const fs::path& path, std::string_view content) {
+  return [path, content](std::FILE* out) {
+    if (std::fwrite(content.data(), 1, content.size(), out) != content.size())
+      return ErrnoError("cannot write", path, errno);
+    return absl::OkStatus();
+  };
+}
+}  // namespace
+
+absl::Status WriteFileSynced(const fs::path& path, const Env::WriteFn& write, Env* env) {
+  return env->WriteFile(path, write);
+}
+
+absl::Status WriteFileSynced(const fs::path& path, std::string_view content, Env* env) {
+  return env->WriteFile(path, WriteAll(path, content));
+}
+
+absl::Status WriteFileAtomically(const fs::path& path, const Env::WriteFn& write, Env* env) {
+  const fs::path tmp = TempPathFor(path);
+  RETURN_IF_ERROR(env->WriteFile(tmp, write));  // removes tmp on failure
+  if (absl::Status st = env->Rename(tmp, path); !st.ok()) {
+    env->RemoveAll(tmp).IgnoreError();
+    return st;
+  }
+  return env->Sync(ParentOf(path));
+}
+
+absl::Status WriteFileAtomically(const fs::path& path, std::string_view content, Env* env) {
+  return WriteFileAtomically(path, WriteAll(path, content), env);
+}
+
+absl::Status BuildDirectoryAtomically(const fs::path& dir, bool overwrite,
+                                      const std::function<absl::Status(const fs::path&)>& fill,
+                                      Env* env) {
+  std::error_code ec;
+  const bool exists = fs::symlink_status(dir, ec).type() != fs::file_type::not_found;
+  if (exists && !overwrite) {
+    return absl::AlreadyExistsError(
+        StrCat("output ", dir.string(), " already exists; choose a new path or allow overwriting"));
+  }
+  if (exists && !fs::is_directory(dir)) {
+    return absl::FailedPreconditionError(
+        StrCat("output ", dir.string(), " exists and is not a directory; refusing to replace it"));
+  }
+  const fs::path parent = ParentOf(dir);
+  if (absl::Status st = env->CreateDirectories(parent); !st.ok()) {
+    return absl::Status(st.code(), StrCat("cannot create the parent directory of ", dir.string(),
+                                          ": ", st.message()));
+  }
+  const fs::path tmp = TempPathFor(dir);
+  RETURN_IF_ERROR(env->CreateDirectories(tmp));
+  auto cleanup = [&](absl::Status status) {
+    env->RemoveAll(tmp).IgnoreError();
+    return status;
+  };
+  if (absl::Status st = fill(tmp); !st.ok()) return cleanup(st);
+  if (absl::Status st = env->Sync(tmp); !st.ok()) return cleanup(st);
+  if (exists) {
+    // Swap the finished directory with the old one in one step, then remove the old one.
+    if (absl::Status st = env->Exchange(tmp, dir); !st.ok()) return cleanup(st);
+    env->RemoveAll(tmp).IgnoreError();
+  } else if (absl::Status st = env->Rename(tmp, dir); !st.ok()) {
+    return cleanup(st);
+  }
+  return env->Sync(parent);
+}
+
+}  // namespace fedlora::common

@@ -1,0 +1,166 @@
+#include "common/llm/dataset.h"
+
+#include <algorithm>
+#include <fstream>
+
+#include "absl/status/status.h"
+#include "common/base/strings.h"
+
+namespace fedlora::common {
+
+std::string InstructionPrompt(const std::string& instruction, const std::string& input) {
+  if (input.empty())
+    return StrCat(
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\n",
+        instruction, "\n\n### Response:\n");
+  return StrCat(
+      "Below is an instruction that describes a task, paired with an input that provides further "
+      "context. Write a response that appropriately completes the request.\n\n### Instruction:\n",
+      instruction, "\n\n### Input:\n", input, "\n\n### Response:\n");
+}
+
+namespace {
+
+absl::StatusOr<std::vector<int32_t>> IdList(const nlohmann::json& v, const char* key,
+                                            const Tokens& tokens, bool allow_ignore,
+                                            const std::string& where) {
+  if (!v.is_array())
+    return absl::InvalidArgumentError(StrCat(where, ": \"", key, "\" must be an array of ints"));
+  std::vector<int32_t> out;
+  for (const nlohmann::json& x : v) {
+    const bool ok =
+        x.is_number_integer() && ((x.get<int64_t>() >= 0 && x.get<int64_t>() < tokens.vocab_size) ||
+                                  (allow_ignore && x.get<int64_t>() == -100));
+    if (!ok)
+      return absl::InvalidArgumentError(StrCat(where, ": \"", key, "\" holds ", x.dump(),
+                                               ", expected a token id in [0, ", tokens.vocab_size,
+                                               ")", allow_ignore ? " or -100" : ""));
+    out.push_back(x.get<int32_t>());
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<Example> ParseExample(const nlohmann::json& record, const Tokens& tokens,
+                                     int max_length, const std::string& where) {
+  if (!record.is_object())
+    return absl::InvalidArgumentError(StrCat(where, ": expected a JSON object"));
+  auto string_field = [&](const char* key) -> absl::StatusOr<std::string> {
+    if (!record.contains(key) || record[key].is_null()) return std::string();
+    if (!record[key].is_string())
+      return absl::InvalidArgumentError(StrCat(where, ": \"", key, "\" must be a string"));
+    return record[key].get<std::string>();
+  };
+  Example ex;
+  if (record.contains("input_ids")) {
+    auto ids = IdList(record["input_ids"], "input_ids", tokens, false, where);
+    if (!ids.ok()) return ids.status();
+    ex.input_ids = std::move(*ids);
+    if (record.contains("labels")) {
+      auto labels = IdList(record["labels"], "labels", tokens, true, where);
+      if (!labels.ok()) return labels.status();
+      if (labels->size() != ex.input_ids.size())
+        return absl::InvalidArgumentError(
+            StrCat(where, ": ", labels->size(), " labels for ", ex.input_ids.size(), " input_ids"));
+      ex.labels = std::move(*labels);
+    } else {
+      ex.labels = ex.input_ids;
+    }
+  } else if (record.contains("text") || record.contains("instruction")) {
+    if (tokens.tokenizer == nullptr)
+      return absl::FailedPreconditionError(StrCat(where, ": text needs a tokenizer"));
+    auto append = [&](const std::string& text, bool trained) {
+      for (int32_t id : tokens.tokenizer->Encode(text)) {
+        ex.input_ids.push_back(id);
+        ex.labels.push_back(trained ? id : -100);
+      }
+    };
+    if (tokens.bos >= 0) {
+      ex.input_ids.push_back(tokens.bos);
+      ex.labels.push_back(-100);  // never a target: nothing precedes it
+    }
+    if (record.contains("text")) {
+      auto text = string_field("text");
+      if (!text.ok()) return text.status();
+      append(*text, true);
+    } else {
+      auto instruction = string_field("instruction"), input = string_field("input"),
+           output = string_field("output");
+      for (const auto* f : {&instruction, &input, &output})
+        if (!f->ok()) return f->status();
+      if (!record.contains("output"))
+        return absl::InvalidArgumentError(
+            StrCat(where, ": an instruction record needs \"output\""));
+      append(InstructionPrompt(*instruction, *input), false);
+      append(*output, true);
+      if (tokens.eos >= 0) {  // the response ends: the model learns to stop
+        ex.input_ids.push_back(tokens.eos);
+        ex.labels.push_back(tokens.eos);
+      }
+    }
+  } else {
+    std::string keys;
+    for (const auto& [k, v] : record.items()) keys += (keys.empty() ? "" : ", ") + k;
+    return absl::InvalidArgumentError(
+        StrCat(where, ": expected {\"instruction\", \"input\", \"output\"}, {\"text\"} or ",
+               "{\"input_ids\", \"labels\"}, got keys [", keys, "]"));
+  }
+  if (ex.input_ids.empty())
+    return absl::InvalidArgumentError(StrCat(where, ": the record has no tokens"));
+  if (static_cast<int>(ex.input_ids.size()) > max_length) {
+    ex.input_ids.resize(static_cast<size_t>(max_length));
+    ex.labels.resize(static_cast<size_t>(max_length));
+  }
+  return ex;
+}
+
+int64_t TargetCount(const Example& e) {
+  return e.labels.empty() ? 0 : std::count_if(e.labels.begin() + 1, e.labels.end(), [](int32_t l) {
+    return l != -100;
+  });
+}
+
+absl::StatusOr<std::vector<Example>> ReadExamples(const std::filesystem::path& path,
+                                                  const Tokens& tokens, int max_length) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(StrCat("cannot read data file ", path.string()));
+  std::vector<Example> out;
+  std::string line;
+  for (int number = 1; std::getline(in, line); ++number) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = StrCat(path.string(), ":", number);
+    nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (record.is_discarded()) return absl::InvalidArgumentError(StrCat(where, ": not valid JSON"));
+    auto ex = ParseExample(record, tokens, max_length, where);
+    if (!ex.ok()) return ex.status();
+    out.push_back(std::move(*ex));
+  }
+  if (out.empty()) return absl::InvalidArgumentError(StrCat(path.string(), ": no records"));
+  return out;
+}
+
+TokenBatch MakeBatch(const std::vector<Example>& examples, const std::vector<size_t>& order,
+                     size_t first, size_t count, int32_t pad_id) {
+  TokenBatch b;
+  FillBatch(examples, order, first, count, pad_id, b);
+  return b;
+}
+
+void FillBatch(const std::vector<Example>& examples, const std::vector<size_t>& order, size_t first,
+               size_t count, int32_t pad_id, TokenBatch& b) {
+  b.batch = static_cast<int>(count);
+  b.seq = 2;
+  for (size_t i = 0; i < count; ++i)
+    b.seq = std::max(b.seq, static_cast<int>(examples[order[first + i]].input_ids.size()));
+  b.input_ids.assign(count * b.seq, pad_id);
+  b.labels.assign(count * b.seq, -100);
+  for (size_t i = 0; i < count; ++i) {
+    const Example& ex = examples[order[first + i]];
+    std::copy(ex.input_ids.begin(), ex.input_ids.end(), b.input_ids.begin() + i * b.seq);
+    std::copy(ex.labels.begin(), ex.labels.end(), b.labels.begin() + i * b.seq);
+  }
+}
+
+}  // namespace fedlora::common

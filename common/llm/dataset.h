@@ -1,0 +1,73 @@
+// Training and evaluation data from JSONL, one record per line, in one of three forms:
+//   {"instruction", "input" (optional), "output"}  — the prompt template below; loss on the
+//   response
+//   {"text"}                                        — loss on every token
+//   {"input_ids" [, "labels"]}                      — pre-tokenised; labels default to input_ids
+//   and
+//                                                     -100 marks positions without loss, as in
+//                                                     Hugging Face
+// Labels follow Hugging Face's causal-LM convention: position t is trained to predict labels[t+1].
+//
+// The prompt template is Alpaca's, which the LLM-Adapters commonsense data (the Fed-SB and LoRA-SB
+// papers' benchmark) is trained with:
+//   "Below is an instruction that describes a task[, paired with an input that provides further
+//   context]. Write a response that appropriately completes the request.\n\n### Instruction:\n
+//   {instruction}\n\n[### Input:\n{input}\n\n]### Response:\n" then {output} and EOS.
+// Text and instruction records start with the tokenizer's BOS when its post-processor adds one, so
+// a text record is tokenised exactly as the Hugging Face tokenizer does it; an instruction record
+// ends with the model's first eos_token_id when config.json has one. Pre-tokenised records are
+// taken as they are. Records longer than the maximum length are truncated at the end.
+#ifndef FEDLORA_COMMON_LLM_DATASET_H_
+#define FEDLORA_COMMON_LLM_DATASET_H_
+
+#include <cstdint>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/llm/llama.h"
+#include "common/llm/tokenizer.h"
+
+namespace fedlora::common {
+
+struct Example {
+  std::vector<int32_t> input_ids;
+  std::vector<int32_t> labels;  // same length; -100 = no loss
+};
+
+struct Tokens {
+  const Tokenizer* tokenizer = nullptr;  // needed for text and instruction records
+  int32_t bos = -1;                      // starts text and instruction records when ≥ 0
+  int32_t eos = -1;                      // ends instruction records when ≥ 0
+  int32_t vocab_size = 0;                // ids of pre-tokenised records must be below it
+};
+
+// Positions of `example` that carry a loss term (labels[t] for t ≥ 1 that are not -100), as
+// TokenBatch::TargetCount counts them.
+int64_t TargetCount(const Example& example);
+
+// The prompt of an instruction record (the template above, without the response).
+std::string InstructionPrompt(const std::string& instruction, const std::string& input);
+
+// One record; `where` ("file:line") prefixes errors.
+absl::StatusOr<Example> ParseExample(const nlohmann::json& record, const Tokens& tokens,
+                                     int max_length, const std::string& where);
+
+// Every record of a JSONL file (blank lines skipped). A bad line fails the whole read with its
+// line number.
+absl::StatusOr<std::vector<Example>> ReadExamples(const std::filesystem::path& path,
+                                                  const Tokens& tokens, int max_length);
+
+// Packs examples [first, first + count) of `order` into one right-padded batch whose length is
+// that of its longest example. Padding takes `pad_id` with label -100.
+TokenBatch MakeBatch(const std::vector<Example>& examples, const std::vector<size_t>& order,
+                     size_t first, size_t count, int32_t pad_id);
+// The same into `batch`, reusing its buffers (no allocation once they are large enough).
+void FillBatch(const std::vector<Example>& examples, const std::vector<size_t>& order, size_t first,
+               size_t count, int32_t pad_id, TokenBatch& batch);
+
+}  // namespace fedlora::common
+
+#endif  // FEDLORA_COMMON_LLM_DATASET_H_

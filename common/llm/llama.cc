@@ -1,0 +1,794 @@
+#include "common/llm/llama.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+
+#include "absl/status/status.h"
+#include "common/tensor/eigen_types.h"
+#include "common/base/file_util.h"
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+
+namespace fedlora::common {
+
+// ---------------------------------------------------------------------------------------------
+// Weights
+
+LlamaWeights::LlamaWeights(const LlamaConfig& c) : config_(c) {
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  size_t offset = 0;
+  auto add = [&](std::string name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    table_.push_back({std::move(name), std::move(shape), offset});
+    offset += static_cast<size_t>(n);
+  };
+  add("model.embed_tokens.weight", {V, H});
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = StrCat("model.layers.", l, ".");
+    add(p + "input_layernorm.weight", {H});
+    for (LinearKind k : {LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO})
+      add(LinearPath(l, k) + ".weight", {LinearOut(c, k), LinearIn(c, k)});
+    add(p + "post_attention_layernorm.weight", {H});
+    for (LinearKind k : {LinearKind::kGate, LinearKind::kUp, LinearKind::kDown})
+      add(LinearPath(l, k) + ".weight", {LinearOut(c, k), LinearIn(c, k)});
+  }
+  add("model.norm.weight", {H});
+  if (!c.tie_word_embeddings) add("lm_head.weight", {V, H});
+  buffer_.assign(offset, 0.0f);
+}
+
+std::vector<TensorToWrite> LlamaWeights::Tensors() const {
+  std::vector<TensorToWrite> out;
+  for (const Entry& e : table_) {
+    size_t n = 1;
+    for (int64_t d : e.shape) n *= static_cast<size_t>(d);
+    out.push_back({e.name, e.shape, std::span<const float>(buffer_.data() + e.offset, n)});
+  }
+  return out;
+}
+
+LlamaWeights LlamaWeights::Random(const LlamaConfig& config, uint64_t seed, float std) {
+  LlamaWeights w(config);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, std);
+  for (const Entry& e : w.table_) {
+    size_t n = 1;
+    for (int64_t d : e.shape) n *= static_cast<size_t>(d);
+    float* p = w.buffer_.data() + e.offset;
+    const bool norm = e.shape.size() == 1;
+    for (size_t i = 0; i < n; ++i) p[i] = norm ? 1.0f : normal(rng);
+  }
+  return w;
+}
+
+absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir) {
+  ASSIGN_OR_RETURN(LlamaConfig config, ReadLlamaConfig(dir));
+  LlamaWeights w(config);
+
+  // Which file holds each tensor.
+  std::vector<std::filesystem::path> files;
+  if (std::filesystem::exists(dir / kModelWeightsFile)) {
+    files.push_back(dir / kModelWeightsFile);
+  } else if (std::filesystem::exists(dir / kModelIndexFile)) {
+    std::ifstream in(dir / kModelIndexFile);
+    nlohmann::json index = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (index.is_discarded() || !index.contains("weight_map") || !index["weight_map"].is_object())
+      return absl::InvalidArgumentError(
+          StrCat((dir / kModelIndexFile).string(), ": expected a JSON object with \"weight_map\""));
+    std::set<std::string> shards;
+    for (const auto& [name, file] : index["weight_map"].items()) {
+      if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos)
+        return absl::InvalidArgumentError(StrCat((dir / kModelIndexFile).string(), ": tensor ",
+                                                 name, " maps to ", file.dump(),
+                                                 ", expected a file name in the directory"));
+      shards.insert(file.get<std::string>());
+    }
+    for (const std::string& s : shards) files.push_back(dir / s);
+  } else {
+    return absl::NotFoundError(
+        StrCat("no ", kModelWeightsFile, " or ", kModelIndexFile, " in ", dir.string()));
+  }
+
+  std::map<std::string, const Entry*> expected;
+  for (const Entry& e : w.table_) expected[e.name] = &e;
+  std::set<std::string> found;
+  for (const std::filesystem::path& file : files) {
+    ASSIGN_OR_RETURN(SafetensorsFile st, SafetensorsFile::Open(file));
+    for (const TensorInfo& t : st.view().tensors()) {
+      auto it = expected.find(t.name);
+      if (it == expected.end()) {
+        if (t.name == "lm_head.weight" && config.tie_word_embeddings) continue;  // tied copy
+        if (t.name.ends_with("rotary_emb.inv_freq")) continue;  // recomputed from rope_theta
+        return absl::InvalidArgumentError(StrCat(
+            file.string(), ": unexpected tensor ", t.name, " ", ShapeString(t.shape),
+            t.name.ends_with(".bias") ? " (biases are not part of the Llama architecture)"
+                                      : " (not part of a Llama checkpoint with this config.json)"));
+      }
+      const Entry& e = *it->second;
+      if (t.shape != e.shape)
+        return absl::InvalidArgumentError(StrCat(file.string(), ": tensor ", t.name, " has shape ",
+                                                 ShapeString(t.shape), ", config.json implies ",
+                                                 ShapeString(e.shape)));
+      st.view().ReadF32(
+          t, std::span<float>(w.buffer_.data() + e.offset, static_cast<size_t>(t.num_elements())));
+      found.insert(t.name);
+    }
+  }
+  for (const Entry& e : w.table_)
+    if (!found.contains(e.name))
+      return absl::InvalidArgumentError(
+          StrCat("model in ", dir.string(), " has no tensor ", e.name, " ", ShapeString(e.shape)));
+  for (float v : w.buffer_)
+    if (!std::isfinite(v))
+      return absl::InvalidArgumentError(
+          StrCat("model in ", dir.string(), " has NaN or Inf weights"));
+  return w;
+}
+
+absl::Status LlamaWeights::Merge(const Adapter& adapter) {
+  ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(config_, adapter));
+  std::vector<std::pair<size_t, float*>> targets;  // module, its weight
+  for (size_t i = 0; i < slots.size(); ++i)
+    targets.push_back({i, at(LinearEntry(static_cast<int>(slots[i] / kNumLinearKinds),
+                                         static_cast<LinearKind>(slots[i] % kNumLinearKinds)))});
+  for (const auto& [i, w] : targets) {
+    const LoraModule& m = adapter.module(i);
+    MatrixD b = adapter.B(i).cast<double>() * m.scaling;
+    if (m.has_r) b = b * adapter.R(i).cast<double>();
+    MapF W(w, m.out_features, m.in_features);
+    W = (W.cast<double>() + b * adapter.A(i).cast<double>()).cast<float>();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaWeights::WriteInto(const std::filesystem::path& dir, DType dtype,
+                                     Env* env) const {
+  nlohmann::json json = LlamaConfigJson(config_);
+  json["torch_dtype"] = dtype == DType::kBF16  ? "bfloat16"
+                        : dtype == DType::kF16 ? "float16"
+                                               : "float32";
+  RETURN_IF_ERROR(WriteFileSynced(dir / kModelConfigFile, json.dump(2) + "\n", env));
+  const std::vector<TensorToWrite> tensors = Tensors();
+  return WriteFileSynced(
+      dir / kModelWeightsFile,
+      [&](std::FILE* f) { return WriteSafetensors(f, tensors, dtype, {{"format", "pt"}}); }, env);
+}
+
+absl::Status LlamaWeights::WriteModelDirectory(const std::filesystem::path& dir,
+                                               const std::filesystem::path& companion_dir,
+                                               DType dtype, bool overwrite, Env* env) const {
+  return BuildDirectoryAtomically(
+      dir, overwrite,
+      [&](const std::filesystem::path& out) -> absl::Status {
+    RETURN_IF_ERROR(WriteInto(out, dtype, env));
+    for (const auto& entry : std::filesystem::directory_iterator(companion_dir)) {
+      const std::string name = entry.path().filename().string();
+      if (!entry.is_regular_file() || name == kModelConfigFile || name == kModelIndexFile ||
+          name.ends_with(".safetensors"))
+        continue;
+      ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(entry.path()));
+      RETURN_IF_ERROR(WriteFileSynced(out / name, bytes, env));
+    }
+    return absl::OkStatus();
+      },
+      env);
+}
+
+int64_t TokenBatch::TargetCount() const {
+  int64_t n = 0;
+  for (int b = 0; b < batch; ++b)
+    for (int t = 1; t < seq; ++t) n += labels[static_cast<size_t>(b) * seq + t] != -100;
+  return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The runner
+
+namespace {
+
+ConstMapF CMap(const float* p, int64_t rows, int64_t cols) { return ConstMapF(p, rows, cols); }
+MapF Map(float* p, int64_t rows, int64_t cols) { return MapF(p, rows, cols); }
+
+// Row-major C = alpha·op(A)·op(B) + beta·C (op transposes when ta / tb), on OpenBLAS.
+void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
+              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
+}
+
+// Contiguous row blocks of [0, rows) for the pool's threads.
+struct RowSplit {
+  int64_t rows;
+  int parts;
+  int64_t begin(size_t i) const { return rows * static_cast<int64_t>(i) / parts; }
+  int64_t size(size_t i) const { return begin(i + 1) - begin(i); }
+};
+
+}  // namespace
+
+class LlamaRunner::Impl {
+ public:
+  Impl(const LlamaWeights* w, const Adapter* adapter, const Options& o)
+      : w_(*w), c_(w->config()), adapter_(adapter), opt_(o), pool_(o.threads) {}
+
+  absl::Status Init();
+  absl::StatusOr<LossSum> Run(const TokenBatch& batch, bool backward, float scale,
+                              std::span<float> grads, const std::vector<float*>* dense = nullptr);
+
+ private:
+  // Per-layer saved activations; rows are tokens (n = b·T + t).
+  struct Layer {
+    float* x;     // [N, H] layer input (residual stream)
+    float* rms1;  // [N]    1/rms of x
+    float* h1;    // [N, H] attention-norm output
+    float* q;     // [N, Hq·D] after RoPE
+    float* k;     // [N, Hkv·D] after RoPE
+    float* v;     // [N, Hkv·D]
+    float* p;     // [B, Hq, T, T] attention probabilities
+    float* att;   // [N, Hq·D] attention output (before o_proj)
+    float* x2;    // [N, H] residual after attention
+    float* rms2;  // [N]
+    float* h2;    // [N, H] MLP-norm output
+    float* gate;  // [N, I]
+    float* up;    // [N, I]
+    float* act;   // [N, I] silu(gate)·up
+  };
+  struct Lora {  // per adapted linear
+    int module = -1;
+    std::vector<float> u;  // [N, r]  x·Aᵀ
+    std::vector<float> v;  // [N, r]  u·Rᵀ (LoRA-SB only)
+  };
+
+  Lora* lora(int l, LinearKind k) {
+    Lora& x = lora_[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)];
+    return x.module >= 0 ? &x : nullptr;
+  }
+
+  // fn(begin, end) over contiguous parts of [0, total), one per thread.
+  template <typename Fn>
+  void Parallel(int64_t total, Fn&& fn) {
+    const RowSplit split{total, pool_.size()};
+    pool_.For(static_cast<size_t>(split.parts),
+              [&](size_t i, int) { fn(split.begin(i), split.begin(i + 1)); });
+  }
+
+  // Y (+)= alpha·X·Wᵀ. X [N, n], W [m, n], Y [N, m]; rows split across threads.
+  void MatMulNT(const float* x, const float* wt, float* y, int64_t n_rows, int64_t n, int64_t m,
+                float alpha, bool accumulate);
+  // Y (+)= X·W. X [N, m], W [m, n], Y [N, n].
+  void MatMulNN(const float* x, const float* w, float* y, int64_t n_rows, int64_t m, int64_t n,
+                bool accumulate);
+  // G += alpha·Xᵀ·Y. X [N, a], Y [N, b], G [a, b]; the larger of a and b is split across threads.
+  void MatMulTN(const float* x, const float* y, float* g, int64_t n_rows, int64_t a, int64_t b,
+                float alpha);
+
+  void LinearForward(int l, LinearKind k, const float* x, float* y);
+  // dx (+)= ∂/∂x, and the adapter's gradients into grads_.
+  void LinearBackward(int l, LinearKind k, const float* x, const float* dy, float* dx,
+                      bool accumulate);
+
+  void RmsNormForward(const float* x, const float* g, float* rms, float* y);
+  // dx += ∂/∂x of y = x·rms·g given dy.
+  void RmsNormBackward(const float* x, const float* g, const float* rms, const float* dy,
+                       float* dx);
+  void Rope(float* x, int heads, bool inverse);
+  void AttentionForward(Layer& L);
+  void AttentionBackward(Layer& L, const float* datt, float* dq, float* dk, float* dv);
+  LossSum Head(const float* hf, const int32_t* labels, bool backward, float scale, float* dhf);
+
+  const LlamaWeights& w_;
+  const LlamaConfig& c_;
+  const Adapter* adapter_;
+  Options opt_;
+  ThreadPool pool_;
+
+  // Current batch shape.
+  int B_ = 0, T_ = 0;
+  int64_t N_ = 0;
+  float* grads_ = nullptr;                      // adapter gradients, or null
+  const std::vector<float*>* dense_ = nullptr;  // weight gradients per linear, or null
+
+  std::vector<float> acts_;    // all saved activations
+  std::vector<Layer> layers_;  // L slots when training, else 1
+  float* x_out_ = nullptr;     // [N, H] output of the last layer
+  float* rmsf_ = nullptr;      // [N]
+  float* hf_ = nullptr;        // [N, H] final-norm output
+  // Backward scratch.
+  float *dres_ = nullptr, *dh_ = nullptr, *dq_ = nullptr, *dk_ = nullptr, *dv_ = nullptr,
+        *datt_ = nullptr, *dgate_ = nullptr, *dup_ = nullptr, *dact_ = nullptr;
+  std::vector<float> du_, du2_;              // [N, max r]
+  std::vector<Lora> lora_;                   // [L·7]
+  std::vector<float> cos_, sin_;             // [max_seq, D/2]
+  std::vector<std::vector<float>> scratch_;  // per thread: attention dP, head logits
+  std::vector<int64_t> head_rows_;           // rows that carry a target
+  std::vector<double> head_loss_;            // loss per head chunk
+  static constexpr int kHeadChunk = 256;     // most rows of logits per work item
+};
+
+absl::Status LlamaRunner::Impl::Init() {
+  // One OpenBLAS thread per call: the pool splits every product itself, and OpenBLAS's own
+  // threads would compete with the pool's for the same cores.
+  openblas_set_num_threads(1);
+  if (opt_.max_batch <= 0 || opt_.max_seq <= 1)
+    return absl::InvalidArgumentError(StrCat("batch must be ≥ 1 and sequence length ≥ 2, got ",
+                                             opt_.max_batch, " and ", opt_.max_seq));
+  if (opt_.max_seq > c_.max_position_embeddings)
+    return absl::InvalidArgumentError(StrCat("sequence length ", opt_.max_seq,
+                                             " exceeds the model's max_position_embeddings ",
+                                             c_.max_position_embeddings));
+  const int L = c_.num_hidden_layers, H = c_.hidden_size, I = c_.intermediate_size;
+  const int Q = c_.q_dim(), KV = c_.kv_dim(), D = c_.head_dim, V = c_.vocab_size;
+  const int64_t N = static_cast<int64_t>(opt_.max_batch) * opt_.max_seq;
+  const int64_t T = opt_.max_seq;
+
+  // LoRA modules onto the model's linears.
+  lora_.resize(static_cast<size_t>(L) * kNumLinearKinds);
+  int max_rank = 0;
+  if (adapter_ != nullptr) {
+    ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(c_, *adapter_));
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const LoraModule& m = adapter_->module(i);
+      Lora& x = lora_[slots[i]];
+      x.module = static_cast<int>(i);
+      x.u.assign(static_cast<size_t>(N) * m.rank, 0.0f);
+      if (m.has_r) x.v.assign(static_cast<size_t>(N) * m.rank, 0.0f);
+      max_rank = std::max(max_rank, m.rank);
+    }
+  }
+
+  // Workspace.
+  const int slots = opt_.training ? L : 1;
+  const size_t per_layer = static_cast<size_t>(N) * (4 * H + Q + 2 * KV + Q + 3 * I + 2) +
+                           static_cast<size_t>(opt_.max_batch) * c_.num_attention_heads * T * T;
+  const size_t tail = static_cast<size_t>(N) * (2 * H + 1);
+  const size_t grads =
+      opt_.training ? static_cast<size_t>(N) * (2 * H + 2 * Q + 2 * KV + 3 * I) : 0;
+  acts_.assign(slots * per_layer + tail + grads, 0.0f);
+  float* p = acts_.data();
+  auto take = [&](int64_t n) {
+    float* r = p;
+    p += n;
+    return r;
+  };
+  for (int s = 0; s < slots; ++s) {
+    Layer Ls;
+    Ls.x = take(N * H);
+    Ls.rms1 = take(N);
+    Ls.h1 = take(N * H);
+    Ls.q = take(N * Q);
+    Ls.k = take(N * KV);
+    Ls.v = take(N * KV);
+    Ls.p = take(static_cast<int64_t>(opt_.max_batch) * c_.num_attention_heads * T * T);
+    Ls.att = take(N * Q);
+    Ls.x2 = take(N * H);
+    Ls.rms2 = take(N);
+    Ls.h2 = take(N * H);
+    Ls.gate = take(N * I);
+    Ls.up = take(N * I);
+    Ls.act = take(N * I);
+    layers_.push_back(Ls);
+  }
+  x_out_ = take(N * H);
+  rmsf_ = take(N);
+  hf_ = take(N * H);
+  if (opt_.training) {
+    dres_ = take(N * H);
+    dh_ = take(N * H);
+    dq_ = take(N * Q);
+    datt_ = take(N * Q);
+    dk_ = take(N * KV);
+    dv_ = take(N * KV);
+    dgate_ = take(N * I);
+    dup_ = take(N * I);
+    dact_ = take(N * I);
+    du_.assign(static_cast<size_t>(N) * std::max(max_rank, 1), 0.0f);
+    du2_.assign(du_.size(), 0.0f);
+  }
+
+  // RoPE tables: inv_freq_i = θ^(-2i/D), angle = position · inv_freq_i.
+  cos_.resize(static_cast<size_t>(T) * D / 2);
+  sin_.resize(cos_.size());
+  for (int64_t t = 0; t < T; ++t)
+    for (int i = 0; i < D / 2; ++i) {
+      const double inv_freq = std::pow(c_.rope_theta, -2.0 * i / D);
+      cos_[t * (D / 2) + i] = static_cast<float>(std::cos(static_cast<double>(t) * inv_freq));
+      sin_[t * (D / 2) + i] = static_cast<float>(std::sin(static_cast<double>(t) * inv_freq));
+    }
+  head_rows_.reserve(static_cast<size_t>(N));
+  head_loss_.reserve(static_cast<size_t>(N / 32 + 1));
+  scratch_.resize(static_cast<size_t>(pool_.size()));
+  for (auto& s : scratch_)
+    s.resize(std::max(static_cast<size_t>(T * T), static_cast<size_t>(kHeadChunk) * (V + H)));
+  return absl::OkStatus();
+}
+
+void LlamaRunner::Impl::MatMulNT(const float* x, const float* wt, float* y, int64_t n_rows,
+                                 int64_t n, int64_t m, float alpha, bool accumulate) {
+  const RowSplit split{n_rows, n_rows >= 64 ? pool_.size() : 1};
+  pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
+    const int64_t r0 = split.begin(i), rn = split.size(i);
+    if (rn == 0) return;
+    Gemm(false, true, rn, m, n, alpha, x + r0 * n, n, wt, n, accumulate ? 1.0f : 0.0f, y + r0 * m,
+         m);
+  });
+}
+
+void LlamaRunner::Impl::MatMulNN(const float* x, const float* w, float* y, int64_t n_rows,
+                                 int64_t m, int64_t n, bool accumulate) {
+  const RowSplit split{n_rows, n_rows >= 64 ? pool_.size() : 1};
+  pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
+    const int64_t r0 = split.begin(i), rn = split.size(i);
+    if (rn == 0) return;
+    Gemm(false, false, rn, n, m, 1.0f, x + r0 * m, m, w, n, accumulate ? 1.0f : 0.0f, y + r0 * n,
+         n);
+  });
+}
+
+void LlamaRunner::Impl::MatMulTN(const float* x, const float* y, float* g, int64_t n_rows,
+                                 int64_t a, int64_t b, float alpha) {
+  const bool split_a = a >= b;
+  const RowSplit split{split_a ? a : b, (split_a ? a : b) >= 64 ? pool_.size() : 1};
+  pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
+    const int64_t c0 = split.begin(i), cn = split.size(i);
+    if (cn == 0) return;
+    if (split_a)  // rows c0.. of G = columns c0.. of X, transposed, times Y
+      Gemm(true, false, cn, b, n_rows, alpha, x + c0, a, y, b, 1.0f, g + c0 * b, b);
+    else  // columns c0.. of G
+      Gemm(true, false, a, cn, n_rows, alpha, x, a, y + c0, b, 1.0f, g + c0, b);
+  });
+}
+
+void LlamaRunner::Impl::LinearForward(int l, LinearKind k, const float* x, float* y) {
+  const int64_t in = LinearIn(c_, k), out = LinearOut(c_, k);
+  MatMulNT(x, w_.linear(l, k), y, N_, in, out, 1.0f, false);
+  Lora* lo = lora(l, k);
+  if (lo == nullptr) return;
+  const LoraModule& m = adapter_->module(lo->module);
+  const float s = static_cast<float>(m.scaling);
+  const float* A = adapter_->values().data() + m.a_offset;   // [r, in]
+  const float* Bm = adapter_->values().data() + m.b_offset;  // [out, r]
+  MatMulNT(x, A, lo->u.data(), N_, in, m.rank, 1.0f, false);
+  const float* u = lo->u.data();
+  if (m.has_r) {
+    MatMulNT(u, adapter_->values().data() + m.r_offset, lo->v.data(), N_, m.rank, m.rank, 1.0f,
+             false);
+    u = lo->v.data();
+  }
+  MatMulNT(u, Bm, y, N_, m.rank, out, s, true);
+}
+
+void LlamaRunner::Impl::LinearBackward(int l, LinearKind k, const float* x, const float* dy,
+                                       float* dx, bool accumulate) {
+  const int64_t in = LinearIn(c_, k), out = LinearOut(c_, k);
+  MatMulNN(dy, w_.linear(l, k), dx, N_, out, in, accumulate);
+  if (dense_ != nullptr) {
+    if (float* g = (*dense_)[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)])
+      MatMulTN(dy, x, g, N_, out, in, 1.0f);
+  }
+  Lora* lo = lora(l, k);
+  if (lo == nullptr) return;
+  const LoraModule& m = adapter_->module(lo->module);
+  const float s = static_cast<float>(m.scaling);
+  const int64_t r = m.rank;
+  const float* A = adapter_->values().data() + m.a_offset;
+  const float* Bm = adapter_->values().data() + m.b_offset;
+  float* du = du_.data();
+  // dv = s·dy·B ([N, r]): the gradient at B's input.
+  MatMulNN(dy, Bm, du, N_, out, r, false);
+  Map(du, N_, r) *= s;
+  if (m.has_r) {
+    // v = u·Rᵀ: dR += dvᵀ·u, du = dv·R.
+    if (grads_ != nullptr) MatMulTN(du, lo->u.data(), grads_ + m.r_offset, N_, r, r, 1.0f);
+    MatMulNN(du, adapter_->values().data() + m.r_offset, du2_.data(), N_, r, r, false);
+    du = du2_.data();
+  } else if (grads_ != nullptr) {
+    // y += s·u·Bᵀ: dB += s·dyᵀ·u; u = x·Aᵀ: dA += duᵀ·x.
+    MatMulTN(dy, lo->u.data(), grads_ + m.b_offset, N_, out, r, s);
+    MatMulTN(du, x, grads_ + m.a_offset, N_, r, in, 1.0f);
+  }
+  MatMulNN(du, A, dx, N_, r, in, true);
+}
+
+void LlamaRunner::Impl::RmsNormForward(const float* x, const float* g, float* rms, float* y) {
+  const int H = c_.hidden_size;
+  Parallel(N_, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float* xr = x + n * H;
+      double ss = 0;
+      for (int j = 0; j < H; ++j) ss += static_cast<double>(xr[j]) * xr[j];
+      const float inv = static_cast<float>(1.0 / std::sqrt(ss / H + c_.rms_norm_eps));
+      rms[n] = inv;
+      float* yr = y + n * H;
+      for (int j = 0; j < H; ++j) yr[j] = xr[j] * inv * g[j];
+    }
+  });
+}
+
+void LlamaRunner::Impl::RmsNormBackward(const float* x, const float* g, const float* rms,
+                                        const float* dy, float* dx) {
+  // y_j = x_j·ρ·g_j with ρ = (mean(x²)+eps)^(-1/2):
+  // ∂/∂x_j = ρ·g_j·dy_j − x_j·ρ³/H·Σ_k g_k·dy_k·x_k.
+  const int H = c_.hidden_size;
+  Parallel(N_, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float *xr = x + n * H, *dyr = dy + n * H;
+      double dot = 0;
+      for (int j = 0; j < H; ++j) dot += static_cast<double>(g[j]) * dyr[j] * xr[j];
+      const float rho = rms[n];
+      const float coef = static_cast<float>(dot * rho * rho * rho / H);
+      float* dxr = dx + n * H;
+      for (int j = 0; j < H; ++j) dxr[j] += rho * g[j] * dyr[j] - xr[j] * coef;
+    }
+  });
+}
+
+void LlamaRunner::Impl::Rope(float* x, int heads, bool inverse) {
+  // rotate_half: (x1, x2) -> (x1·cos − x2·sin, x2·cos + x1·sin) on the two halves of each head.
+  // The inverse (transpose) rotation carries gradients back.
+  const int D = c_.head_dim, half = D / 2, width = heads * D;
+  const float sign = inverse ? -1.0f : 1.0f;
+  Parallel(N_, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t t = n % T_;
+      const float *cs = cos_.data() + t * half, *sn = sin_.data() + t * half;
+      for (int h = 0; h < heads; ++h) {
+        float* xh = x + n * width + h * D;
+        for (int j = 0; j < half; ++j) {
+          const float x1 = xh[j], x2 = xh[j + half], s = sign * sn[j];
+          xh[j] = x1 * cs[j] - x2 * s;
+          xh[j + half] = x2 * cs[j] + x1 * s;
+        }
+      }
+    }
+  });
+}
+
+// Attention products run on sgemm with leading dimensions: a head is a column block of the [N, ·]
+// activations.
+void LlamaRunner::Impl::AttentionForward(Layer& L) {
+  const int D = c_.head_dim, Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
+  const int Q = c_.q_dim(), KV = c_.kv_dim(), group = Hq / Hkv, T = T_;
+  const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(D));
+  pool_.For(static_cast<size_t>(B_) * Hq, [&](size_t item, int) {
+    const int b = static_cast<int>(item) / Hq, h = static_cast<int>(item) % Hq, g = h / group;
+    const int64_t row0 = static_cast<int64_t>(b) * T;
+    const float* Qh = L.q + row0 * Q + h * D;  // [T, D], row stride Q
+    const float* K = L.k + row0 * KV + g * D;  // [T, D], row stride KV
+    const float* Vg = L.v + row0 * KV + g * D;
+    float* P = L.p + (static_cast<int64_t>(b) * Hq + h) * T * T;  // [T, T]
+    Gemm(false, true, T, T, D, inv_sqrt_d, Qh, Q, K, KV, 0.0f, P, T);
+    for (int i = 0; i < T; ++i) {  // causal softmax over j ≤ i
+      Eigen::Map<Eigen::ArrayXf> row(P + static_cast<int64_t>(i) * T, i + 1);
+      row = (row - row.maxCoeff()).exp();
+      row /= row.sum();
+      std::fill(P + static_cast<int64_t>(i) * T + i + 1, P + (i + 1) * int64_t{T}, 0.0f);
+    }
+    Gemm(false, false, T, D, T, 1.0f, P, T, Vg, KV, 0.0f, L.att + row0 * Q + h * D, Q);
+  });
+}
+
+void LlamaRunner::Impl::AttentionBackward(Layer& L, const float* datt, float* dq, float* dk,
+                                          float* dv) {
+  const int D = c_.head_dim, Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
+  const int Q = c_.q_dim(), KV = c_.kv_dim(), group = Hq / Hkv, T = T_;
+  const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(D));
+  // One item per (sequence, kv head): the query heads sharing a kv head all add into its dK, dV.
+  pool_.For(static_cast<size_t>(B_) * Hkv, [&](size_t item, int thread) {
+    const int b = static_cast<int>(item) / Hkv, g = static_cast<int>(item) % Hkv;
+    const int64_t row0 = static_cast<int64_t>(b) * T;
+    const float* K = L.k + row0 * KV + g * D;
+    const float* Vg = L.v + row0 * KV + g * D;
+    float* dK = dk + row0 * KV + g * D;
+    float* dV = dv + row0 * KV + g * D;
+    for (int t = 0; t < T; ++t) {
+      std::fill_n(dK + static_cast<int64_t>(t) * KV, D, 0.0f);
+      std::fill_n(dV + static_cast<int64_t>(t) * KV, D, 0.0f);
+    }
+    float* dP = scratch_[static_cast<size_t>(thread)].data();  // [T, T]
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      const float* P = L.p + (static_cast<int64_t>(b) * Hq + h) * T * T;
+      const float* dO = datt + row0 * Q + h * D;
+      const float* Qh = L.q + row0 * Q + h * D;
+      Gemm(true, false, T, D, T, 1.0f, P, T, dO, Q, 1.0f, dV, KV);   // dV += Pᵀ·dO
+      Gemm(false, true, T, T, D, 1.0f, dO, Q, Vg, KV, 0.0f, dP, T);  // dP = dO·Vᵀ
+      for (int i = 0; i < T; ++i) {  // softmax backward: dS = P∘(dP − Σ_j P·dP), scaled
+        const float* pr = P + static_cast<int64_t>(i) * T;
+        float* dr = dP + static_cast<int64_t>(i) * T;
+        double dot = 0;
+        for (int j = 0; j <= i; ++j) dot += static_cast<double>(pr[j]) * dr[j];
+        for (int j = 0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<float>(dot)) * inv_sqrt_d;
+        for (int j = i + 1; j < T; ++j) dr[j] = 0.0f;
+      }
+      Gemm(false, false, T, D, T, 1.0f, dP, T, K, KV, 0.0f, dq + row0 * Q + h * D, Q);  // dQ = dS·K
+      Gemm(true, false, T, D, T, 1.0f, dP, T, Qh, Q, 1.0f, dK, KV);  // dK += dSᵀ·Q
+    }
+  });
+}
+
+LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool backward, float scale,
+                                float* dhf) {
+  const int H = c_.hidden_size, V = c_.vocab_size;
+  head_rows_.clear();
+  for (int64_t n = 0; n < N_; ++n)
+    if (n % T_ != T_ - 1 && labels[n + 1] != -100) head_rows_.push_back(n);
+  if (backward) Map(dhf, N_, H).setZero();
+  const int64_t rows = static_cast<int64_t>(head_rows_.size());
+  // Large chunks: each product streams the whole [V, H] head through the cache, so the fewer the
+  // better, as long as every thread gets one.
+  const int64_t chunk_rows =
+      std::clamp<int64_t>((rows + pool_.size() - 1) / pool_.size(), 32, kHeadChunk);
+  const size_t chunks = static_cast<size_t>((rows + chunk_rows - 1) / chunk_rows);
+  std::vector<double>& loss = head_loss_;  // per chunk, summed in order: the same every run
+  loss.assign(chunks, 0.0);
+  const float* E = w_.lm_head();
+  pool_.For(chunks, [&](size_t chunk, int thread) {
+    const int64_t r0 = static_cast<int64_t>(chunk) * chunk_rows;
+    const int64_t rn = std::min<int64_t>(chunk_rows, rows - r0);
+    float* logits = scratch_[static_cast<size_t>(thread)].data();  // [rn, V]
+    float* hc = logits + static_cast<int64_t>(kHeadChunk) * V;     // [rn, H]
+    for (int64_t i = 0; i < rn; ++i) std::copy_n(hf + head_rows_[r0 + i] * H, H, hc + i * H);
+    Gemm(false, true, rn, V, H, 1.0f, hc, H, E, H, 0.0f, logits, V);
+    for (int64_t i = 0; i < rn; ++i) {
+      Eigen::Map<Eigen::ArrayXf> row(logits + i * V, V);
+      const int32_t target = labels[head_rows_[r0 + i] + 1];
+      const float mx = row.maxCoeff();
+      const float lse = mx + std::log((row - mx).exp().sum());
+      loss[chunk] += static_cast<double>(lse) - row(target);
+      if (backward) {  // ∂CE/∂logits = softmax − onehot
+        row = (row - lse).exp() * scale;
+        row(target) -= scale;
+      }
+    }
+    if (backward) {
+      Gemm(false, false, rn, H, V, 1.0f, logits, V, E, H, 0.0f, hc, H);
+      for (int64_t i = 0; i < rn; ++i) std::copy_n(hc + i * H, H, dhf + head_rows_[r0 + i] * H);
+    }
+  });
+  LossSum out;
+  for (double l : loss) out.sum += l;
+  out.tokens = rows;
+  return out;
+}
+
+absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool backward, float scale,
+                                               std::span<float> grads,
+                                               const std::vector<float*>* dense) {
+  if (batch.batch <= 0 || batch.batch > opt_.max_batch || batch.seq < 2 || batch.seq > opt_.max_seq)
+    return absl::InvalidArgumentError(StrCat("batch of ", batch.batch, "×", batch.seq,
+                                             " tokens; this runner takes up to ", opt_.max_batch,
+                                             "×", opt_.max_seq, " (sequence ≥ 2)"));
+  const size_t n = static_cast<size_t>(batch.batch) * batch.seq;
+  if (batch.input_ids.size() != n || batch.labels.size() != n)
+    return absl::InvalidArgumentError(StrCat("batch holds ", batch.input_ids.size(), " ids and ",
+                                             batch.labels.size(), " labels, expected ", n));
+  for (size_t i = 0; i < n; ++i) {
+    if (batch.input_ids[i] < 0 || batch.input_ids[i] >= c_.vocab_size)
+      return absl::InvalidArgumentError(StrCat("token id ", batch.input_ids[i], " at position ", i,
+                                               " is outside the vocabulary [0, ", c_.vocab_size,
+                                               ")"));
+    if (batch.labels[i] != -100 && (batch.labels[i] < 0 || batch.labels[i] >= c_.vocab_size))
+      return absl::InvalidArgumentError(
+          StrCat("label ", batch.labels[i], " at position ", i, " is neither -100 nor a token id"));
+  }
+  if (backward) {
+    if (!opt_.training)
+      return absl::FailedPreconditionError("runner was created without training workspace");
+    if (dense != nullptr) {
+      if (dense->size() != static_cast<size_t>(c_.num_hidden_layers) * kNumLinearKinds)
+        return absl::InvalidArgumentError(StrCat("weight gradients for ", dense->size(),
+                                                 " linears, the model has ",
+                                                 c_.num_hidden_layers * kNumLinearKinds));
+    } else if (adapter_ == nullptr || grads.size() != adapter_->values().size()) {
+      return absl::InvalidArgumentError(
+          StrCat("gradient buffer holds ", grads.size(), " floats, the adapter ",
+                 adapter_ == nullptr ? 0 : adapter_->values().size()));
+    }
+  }
+  B_ = batch.batch;
+  T_ = batch.seq;
+  N_ = static_cast<int64_t>(n);
+  grads_ = dense != nullptr ? nullptr : grads.data();
+  dense_ = dense;
+  const int L = c_.num_hidden_layers, H = c_.hidden_size, I = c_.intermediate_size;
+
+  // Embedding.
+  for (size_t i = 0; i < n; ++i)
+    std::copy_n(w_.embed() + static_cast<int64_t>(batch.input_ids[i]) * H, H,
+                layers_[0].x + static_cast<int64_t>(i) * H);
+
+  for (int l = 0; l < L; ++l) {
+    Layer& Ls = layers_[opt_.training ? l : 0];
+    RmsNormForward(Ls.x, w_.input_norm(l), Ls.rms1, Ls.h1);
+    LinearForward(l, LinearKind::kQ, Ls.h1, Ls.q);
+    LinearForward(l, LinearKind::kK, Ls.h1, Ls.k);
+    LinearForward(l, LinearKind::kV, Ls.h1, Ls.v);
+    Rope(Ls.q, c_.num_attention_heads, false);
+    Rope(Ls.k, c_.num_key_value_heads, false);
+    AttentionForward(Ls);
+    LinearForward(l, LinearKind::kO, Ls.att, Ls.x2);
+    Map(Ls.x2, N_, H) += CMap(Ls.x, N_, H);
+    RmsNormForward(Ls.x2, w_.post_norm(l), Ls.rms2, Ls.h2);
+    LinearForward(l, LinearKind::kGate, Ls.h2, Ls.gate);
+    LinearForward(l, LinearKind::kUp, Ls.h2, Ls.up);
+    Parallel(N_ * I, [&](int64_t begin, int64_t end) {
+      Eigen::Map<const Eigen::ArrayXf> z(Ls.gate + begin, end - begin),
+          up(Ls.up + begin, end - begin);
+      Eigen::Map<Eigen::ArrayXf>(Ls.act + begin, end - begin) = z / (1.0f + (-z).exp()) * up;
+    });
+    float* out = (opt_.training && l + 1 < L) ? layers_[l + 1].x : x_out_;
+    LinearForward(l, LinearKind::kDown, Ls.act, out);
+    Map(out, N_, H) += CMap(Ls.x2, N_, H);
+    if (!opt_.training && l + 1 < L) std::copy_n(x_out_, N_ * H, layers_[0].x);
+  }
+  RmsNormForward(x_out_, w_.final_norm(), rmsf_, hf_);
+  LossSum loss = Head(hf_, batch.labels.data(), backward, scale, dh_);
+  if (!backward) return loss;
+
+  // Backward: dres_ carries ∂/∂(residual stream) from the head down to layer 0.
+  Map(dres_, N_, H).setZero();
+  RmsNormBackward(x_out_, w_.final_norm(), rmsf_, dh_, dres_);
+  for (int l = L - 1; l >= 0; --l) {
+    Layer& Ls = layers_[l];
+    // MLP: out = x2 + down(silu(gate)·up).
+    LinearBackward(l, LinearKind::kDown, Ls.act, dres_, dact_, false);
+    Parallel(N_ * I, [&](int64_t begin, int64_t end) {
+      const int64_t n = end - begin;
+      Eigen::Map<const Eigen::ArrayXf> z(Ls.gate + begin, n), up(Ls.up + begin, n),
+          dact(dact_ + begin, n);
+      Eigen::Map<Eigen::ArrayXf> sig(dgate_ + begin, n), dup(dup_ + begin, n);
+      sig = 1.0f / (1.0f + (-z).exp());
+      dup = dact * z * sig;
+      sig = dact * up * sig * (1.0f + z * (1.0f - sig));  // now ∂/∂gate
+    });
+    LinearBackward(l, LinearKind::kGate, Ls.h2, dgate_, dh_, false);
+    LinearBackward(l, LinearKind::kUp, Ls.h2, dup_, dh_, true);
+    RmsNormBackward(Ls.x2, w_.post_norm(l), Ls.rms2, dh_, dres_);
+    // Attention: x2 = x + o(attention(rope(q), rope(k), v)).
+    LinearBackward(l, LinearKind::kO, Ls.att, dres_, datt_, false);
+    AttentionBackward(Ls, datt_, dq_, dk_, dv_);
+    Rope(dq_, c_.num_attention_heads, true);
+    Rope(dk_, c_.num_key_value_heads, true);
+    LinearBackward(l, LinearKind::kQ, Ls.h1, dq_, dh_, false);
+    LinearBackward(l, LinearKind::kK, Ls.h1, dk_, dh_, true);
+    LinearBackward(l, LinearKind::kV, Ls.h1, dv_, dh_, true);
+    RmsNormBackward(Ls.x, w_.input_norm(l), Ls.rms1, dh_, dres_);
+  }
+  return loss;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+LlamaRunner::LlamaRunner(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+LlamaRunner::~LlamaRunner() = default;
+
+absl::StatusOr<std::unique_ptr<LlamaRunner>> LlamaRunner::Create(const LlamaWeights* weights,
+                                                                 const Adapter* adapter,
+                                                                 const Options& options) {
+  auto impl = std::make_unique<Impl>(weights, adapter, options);
+  RETURN_IF_ERROR(impl->Init());
+  return std::unique_ptr<LlamaRunner>(new LlamaRunner(std::move(impl)));
+}
+
+absl::StatusOr<LossSum> LlamaRunner::Forward(const TokenBatch& batch) {
+  return impl_->Run(batch, false, 0.0f, {});
+}
+
+absl::StatusOr<LossSum> LlamaRunner::ForwardBackward(const TokenBatch& batch, float scale,
+                                                     std::span<float> grads) {
+  return impl_->Run(batch, true, scale, grads);
+}
+
+absl::StatusOr<LossSum> LlamaRunner::WeightGradients(const TokenBatch& batch, float scale,
+                                                     const std::vector<float*>& dense) {
+  return impl_->Run(batch, true, scale, {}, &dense);
+}
+
+}  // namespace fedlora::common

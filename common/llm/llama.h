@@ -1,0 +1,157 @@
+// A Llama-family decoder with LoRA / LoRA-SB adapters: weights, forward, and backward to the
+// adapter's parameters, on the CPU in f32.
+//
+// In the shape of llm.c's train_gpt2.c: the frozen weights live in one buffer carved by a table
+// (PyTorch's [out, in] layout, row-major); activations live in one workspace allocated once for the
+// largest batch, so a training step allocates nothing; each *Forward has its *Backward, which reads
+// as the forward in reverse. Only the adapter is trained: no gradient is formed for a frozen
+// weight.
+//
+// The forward is Hugging Face's LlamaForCausalLM (transformers 4.4x) exactly: RMSNorm
+// x·rsqrt(mean(x²)+eps)·g; rotary embeddings in the rotate_half convention with
+// inv_freq_i = θ^(-2i/D); causal grouped-query attention with scores scaled by 1/√D; SwiGLU
+// down(silu(gate(x))·up(x)); LM head tied to embed_tokens or separate. A LoRA module adds
+// s·B·A·x to its linear (s·B·R·A·x for LoRA-SB).
+#ifndef FEDLORA_COMMON_LLM_LLAMA_H_
+#define FEDLORA_COMMON_LLM_LLAMA_H_
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/tensor/adapter.h"
+#include "common/base/env.h"
+#include "common/llm/llama_config.h"
+#include "common/base/parallel.h"
+#include "common/tensor/safetensors.h"
+
+namespace fedlora::common {
+
+inline constexpr char kModelWeightsFile[] = "model.safetensors";
+inline constexpr char kModelIndexFile[] = "model.safetensors.index.json";
+
+// The frozen weights of a checkpoint.
+class LlamaWeights {
+ public:
+  // Reads <dir>/config.json and the weights from model.safetensors or the shards listed in
+  // model.safetensors.index.json (F32, F16 or BF16; converted to f32). Every tensor is checked
+  // against the config; a missing, misshapen or unexpected tensor (e.g. a bias) is refused by name.
+  static absl::StatusOr<LlamaWeights> Read(const std::filesystem::path& dir);
+
+  // A randomly initialised model as transformers initialises one: linears and embeddings
+  // N(0, std²) (transformers' initializer_range, 0.02), norms 1. Deterministic in `seed`.
+  static LlamaWeights Random(const LlamaConfig& config, uint64_t seed, float std = 0.02f);
+
+  // Folds an adapter into the weights: W ← W + s·B·A (s·B·R·A for LoRA-SB), in float64. Refuses
+  // an adapter whose modules are not linears of this model, and changes nothing then.
+  absl::Status Merge(const Adapter& adapter);
+
+  // Writes config.json and model.safetensors into `dir` (which must exist), each fsynced.
+  absl::Status WriteInto(const std::filesystem::path& dir, DType dtype,
+                         Env* env = Env::Default()) const;
+
+  // Writes a whole model directory atomically: these weights, plus every other file of
+  // `companion_dir` (tokenizer.json, generation_config.json, ...) but its weights and config.
+  absl::Status WriteModelDirectory(const std::filesystem::path& dir,
+                                   const std::filesystem::path& companion_dir, DType dtype,
+                                   bool overwrite, Env* env = Env::Default()) const;
+
+  // The tensors under their Hugging Face names (views into this object).
+  std::vector<TensorToWrite> Tensors() const;
+
+  const LlamaConfig& config() const { return config_; }
+  const float* embed() const { return at(0); }                                       // [V, H]
+  const float* input_norm(int l) const { return at(1 + 9 * l); }                     // [H]
+  const float* linear(int l, LinearKind k) const { return at(LinearEntry(l, k)); }   // [out, in]
+  const float* post_norm(int l) const { return at(1 + 9 * l + 5); }                  // [H]
+  const float* final_norm() const { return at(1 + 9 * config_.num_hidden_layers); }  // [H]
+  const float* lm_head() const {                                                     // [V, H]
+    return config_.tie_word_embeddings ? embed() : at(2 + 9 * config_.num_hidden_layers);
+  }
+  size_t num_parameters() const { return buffer_.size(); }
+
+ private:
+  struct Entry {
+    std::string name;
+    std::vector<int64_t> shape;
+    size_t offset = 0;  // in floats
+  };
+  explicit LlamaWeights(const LlamaConfig& config);
+  // The table entry of layer l's linear k (9 entries per layer, after the embedding).
+  static int LinearEntry(int l, LinearKind k) {
+    const int i = static_cast<int>(k);
+    return 1 + 9 * l + (i < 4 ? 1 + i : 2 + i);
+  }
+  const float* at(int entry) const { return buffer_.data() + table_[entry].offset; }
+  float* at(int entry) { return buffer_.data() + table_[entry].offset; }
+
+  LlamaConfig config_;
+  std::vector<Entry> table_;  // embed, 9 per layer (in Tensors() order), final norm, [lm_head]
+  std::vector<float> buffer_;
+};
+
+// One batch of token sequences, right-padded to a common length.
+struct TokenBatch {
+  int batch = 0;
+  int seq = 0;
+  std::vector<int32_t> input_ids;  // [batch, seq]
+  // [batch, seq]; -100 marks a position without loss. As in Hugging Face, position t is trained to
+  // predict labels[t+1] (the shift happens inside the model).
+  std::vector<int32_t> labels;
+
+  // Positions that carry a loss term.
+  int64_t TargetCount() const;
+};
+
+struct LossSum {
+  double sum = 0;      // Σ cross-entropy (nats) over target tokens
+  int64_t tokens = 0;  // number of target tokens
+};
+
+// Runs a model (and optionally an adapter) on batches up to a fixed size. Holds the workspace, so
+// one runner serves a whole training run without allocating.
+class LlamaRunner {
+ public:
+  struct Options {
+    int max_batch = 1;
+    int max_seq = 128;
+    bool training = false;  // keep every layer's activations for ForwardBackward
+    int threads = 0;        // 0: the machine's cores
+  };
+
+  // `weights` and `adapter` (null for the base model) must outlive the runner. Every adapter module
+  // must name a linear of the model ("model.layers.<l>.self_attn.q_proj" etc.) with its shape.
+  static absl::StatusOr<std::unique_ptr<LlamaRunner>> Create(const LlamaWeights* weights,
+                                                             const Adapter* adapter,
+                                                             const Options& options);
+  ~LlamaRunner();
+
+  // The summed cross-entropy of the batch's targets.
+  absl::StatusOr<LossSum> Forward(const TokenBatch& batch);
+
+  // Forward, then backward: adds scale·∂(Σ cross-entropy)/∂θ to `grads` for the adapter's
+  // trainable parameters (A and B of LoRA modules, R of LoRA-SB modules), laid out as
+  // adapter->values(); other entries are left alone.
+  absl::StatusOr<LossSum> ForwardBackward(const TokenBatch& batch, float scale,
+                                          std::span<float> grads);
+
+  // Forward, then backward to the frozen weights of the given linears: adds scale·∂(Σ CE)/∂W
+  // ([out, in]) to dense[l·7 + kind] where that pointer is set. For LoRA-SB's initialisation,
+  // which needs the gradient with respect to W0; the adapter, if any, gets no gradient.
+  absl::StatusOr<LossSum> WeightGradients(const TokenBatch& batch, float scale,
+                                          const std::vector<float*>& dense);
+
+  class Impl;
+
+ private:
+  explicit LlamaRunner(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fedlora::common
+
+#endif  // FEDLORA_COMMON_LLM_LLAMA_H_

@@ -1,0 +1,337 @@
+#include "common/llm/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numbers>
+#include <optional>
+#include <random>
+
+#include "absl/status/status.h"
+#include "common/tensor/blob.h"
+#include "common/privacy/dp.h"
+#include "common/base/parallel.h"
+#include "common/tensor/peft.h"
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+
+namespace fedlora::common {
+namespace {
+
+int LongestExample(const std::vector<Example>& examples) {
+  size_t longest = 2;
+  for (const Example& e : examples) longest = std::max(longest, e.input_ids.size());
+  return static_cast<int>(longest);
+}
+
+using Ranges = std::vector<std::pair<size_t, size_t>>;
+
+void ZeroRanges(const Ranges& ranges, std::vector<float>& v) {
+  for (const auto& [b, e] : ranges) std::fill(v.begin() + b, v.begin() + e, 0.0f);
+}
+
+double SquaredNorm(const Ranges& ranges, const std::vector<float>& v) {
+  double sum = 0;
+  for (const auto& [b, e] : ranges)
+    for (size_t i = b; i < e; ++i) sum += static_cast<double>(v[i]) * v[i];
+  return sum;
+}
+
+// [begin, end) ranges of the adapter's buffer that training updates.
+Ranges TrainableRanges(const Adapter& adapter) {
+  Ranges ranges;
+  for (const LoraModule& m : adapter.modules()) {
+    if (m.has_r)
+      ranges.push_back({m.r_offset, m.r_offset + static_cast<size_t>(m.rank) * m.rank});
+    else  // A then B, back to back
+      ranges.push_back({m.a_offset, m.b_offset + static_cast<size_t>(m.out_features) * m.rank});
+  }
+  return ranges;
+}
+
+}  // namespace
+
+absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir) {
+  ASSIGN_OR_RETURN(LlamaWeights weights, LlamaWeights::Read(dir));
+  Model model{std::move(weights), nullptr, {}, dir.string()};
+  const LlamaConfig& c = model.weights.config();
+  if (std::filesystem::exists(dir / kTokenizerFile)) {
+    ASSIGN_OR_RETURN(Tokenizer tokenizer, Tokenizer::Read(dir));
+    if (tokenizer.vocab_size() > c.vocab_size)
+      return absl::InvalidArgumentError(StrCat(
+          (dir / kTokenizerFile).string(), " has ids up to ", tokenizer.vocab_size() - 1,
+          " but config.json's vocab_size is ", c.vocab_size, " (tokenizer of another model?)"));
+    model.tokenizer = std::make_unique<Tokenizer>(std::move(tokenizer));
+  }
+  model.tokens = {model.tokenizer.get(), model.tokenizer ? model.tokenizer->bos_id() : -1,
+                  c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0], c.vocab_size};
+  return model;
+}
+
+std::string WeightsFingerprint(const LlamaWeights& weights) {
+  std::vector<std::string_view> pieces;
+  for (const TensorToWrite& t : weights.Tensors())
+    pieces.emplace_back(reinterpret_cast<const char*>(t.data.data()), t.data.size_bytes());
+  return Sha256Hex(pieces);
+}
+
+double ScheduleFactor(Schedule schedule, int64_t step, int64_t total, int64_t warmup) {
+  if (step < warmup)
+    return static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup));
+  const double progress = static_cast<double>(step - warmup) /
+                          static_cast<double>(std::max<int64_t>(1, total - warmup));
+  switch (schedule) {
+    case Schedule::kConstant:
+      return 1.0;
+    case Schedule::kLinear:
+      return std::max(0.0, 1.0 - progress);
+    case Schedule::kCosine:
+      return std::max(0.0, 0.5 * (1.0 + std::cos(std::numbers::pi * progress)));
+  }
+  return 1.0;
+}
+
+absl::StatusOr<Adapter> NewAdapter(const LlamaConfig& config, const LoraSpec& spec, uint64_t seed,
+                                   const std::string& base_model) {
+  if (spec.rank <= 0 || spec.targets.empty() || !(spec.alpha > 0))
+    return absl::InvalidArgumentError(
+        StrCat("LoRA needs a positive rank and alpha and at least one target, got rank ", spec.rank,
+               ", alpha ", spec.alpha, ", ", spec.targets.size(), " targets"));
+  std::vector<ModuleShape> shapes;
+  const double scaling = LoraScaling(spec.alpha, spec.rank, spec.use_rslora);
+  for (int l = 0; l < config.num_hidden_layers; ++l)
+    for (LinearKind k : spec.targets) {
+      const int in = LinearIn(config, k), out = LinearOut(config, k);
+      if (spec.rank > std::min(in, out))
+        return absl::InvalidArgumentError(
+            StrCat("rank ", spec.rank, " exceeds ", LinearName(k), "'s [", out, ", ", in, "]"));
+      shapes.push_back({LinearPath(l, k), spec.rank, in, out, scaling, spec.lora_sb});
+    }
+  ASSIGN_OR_RETURN(Adapter adapter, Adapter::Create(shapes));
+  adapter.base_model = base_model;
+  if (!spec.lora_sb) {
+    std::mt19937_64 rng(seed);
+    for (size_t i = 0; i < adapter.num_modules(); ++i) InitLoraA(adapter.A(i), rng);
+  }
+  return adapter;
+}
+
+absl::Status InitLoraSb(const LlamaWeights& weights, const std::vector<Example>& examples,
+                        double lr, int batch, int threads, Adapter& adapter) {
+  const LlamaConfig& c = weights.config();
+  ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(c, adapter));
+  ASSIGN_OR_RETURN(auto runner, LlamaRunner::Create(&weights, nullptr,
+                                                    {.max_batch = batch,
+                                                     .max_seq = LongestExample(examples),
+                                                     .training = true,
+                                                     .threads = threads}));
+  std::vector<MatrixF> grads(adapter.num_modules());
+  std::vector<float*> dense(static_cast<size_t>(c.num_hidden_layers) * kNumLinearKinds, nullptr);
+  for (size_t i = 0; i < adapter.num_modules(); ++i) {
+    grads[i] = MatrixF::Zero(adapter.module(i).out_features, adapter.module(i).in_features);
+    dense[slots[i]] = grads[i].data();
+  }
+  std::vector<size_t> order(examples.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  int64_t targets = 0;
+  for (const Example& e : examples) targets += TargetCount(e);
+  if (targets == 0)
+    return absl::InvalidArgumentError("LoRA-SB initialisation data has no target tokens");
+  for (size_t first = 0; first < examples.size(); first += static_cast<size_t>(batch)) {
+    const size_t count = std::min(static_cast<size_t>(batch), examples.size() - first);
+    RETURN_IF_ERROR(runner
+                        ->WeightGradients(MakeBatch(examples, order, first, count, 0),
+                                          1.0f / static_cast<float>(targets), dense)
+                        .status());
+  }
+  ParallelFor(adapter.num_modules(), [&](size_t i) {
+    const LoraModule& m = adapter.module(i);
+    const MatrixF delta = grads[i].unaryExpr(
+        [&](float g) { return static_cast<float>(-lr) * static_cast<float>((g > 0) - (g < 0)); });
+    Eigen::BDCSVD<MatrixF> svd(delta, Eigen::ComputeThinU | Eigen::ComputeThinV);
+    adapter.B(i) = svd.matrixU().leftCols(m.rank);
+    adapter.A(i) = svd.matrixV().leftCols(m.rank).transpose();
+    adapter.R(i).setZero();
+    adapter.R(i).diagonal() = svd.singularValues().head(m.rank) / static_cast<float>(m.scaling);
+  });
+  return absl::OkStatus();
+}
+
+absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector<Example>& examples,
+                                  const TrainOptions& o, Adapter& adapter,
+                                  const std::function<void(const StepReport&)>& on_step) {
+  if (examples.empty()) return absl::InvalidArgumentError("no training examples");
+  if (o.batch <= 0 || o.grad_accum <= 0 || (o.steps <= 0 && !(o.epochs > 0)) || !(o.lr > 0) ||
+      o.warmup_ratio < 0 || o.warmup_ratio >= 1 || o.max_grad_norm < 0)
+    return absl::InvalidArgumentError(
+        StrCat("training needs batch ≥ 1, grad_accum ≥ 1, steps or epochs > 0, lr > 0, ",
+               "warmup_ratio in [0, 1) and max_grad_norm ≥ 0; got batch ", o.batch, ", grad_accum ",
+               o.grad_accum, ", steps ", o.steps, ", epochs ", o.epochs, ", lr ", o.lr,
+               ", warmup_ratio ", o.warmup_ratio, ", max_grad_norm ", o.max_grad_norm));
+  const bool dp = o.dp.noise_multiplier >= 0;
+  const double q =
+      dp ? (o.dp.sample_rate > 0 ? o.dp.sample_rate
+                                 : std::min(1.0, static_cast<double>(o.batch) /
+                                                     static_cast<double>(examples.size())))
+         : 0.0;
+  if (dp && (!(o.dp.clip > 0) || q > 1))
+    return absl::InvalidArgumentError(StrCat(
+        "DP-SGD needs a clip norm > 0 and a sample rate in (0, 1]; got ", o.dp.clip, " and ", q));
+  std::optional<GaussianNoise> noise;
+  std::mt19937_64 sampler;
+  if (dp) {
+    if (o.dp.test_seed != 0) {
+      noise.emplace(GaussianNoise::ForTestingOnly(o.dp.test_seed));
+      sampler.seed(o.dp.test_seed);
+    } else {
+      ASSIGN_OR_RETURN(GaussianNoise secure, GaussianNoise::Secure());
+      noise.emplace(std::move(secure));
+      ASSIGN_OR_RETURN(const uint64_t seed, SecureSeed());
+      sampler.seed(seed);
+    }
+  }
+  ASSIGN_OR_RETURN(auto runner, LlamaRunner::Create(&weights, &adapter,
+                                                    {.max_batch = dp ? 1 : o.batch,
+                                                     .max_seq = LongestExample(examples),
+                                                     .training = true,
+                                                     .threads = o.threads}));
+  const size_t per_step = static_cast<size_t>(o.batch) * o.grad_accum;
+  const int64_t steps_per_epoch = static_cast<int64_t>((examples.size() + per_step - 1) / per_step);
+  const int64_t total =
+      o.steps > 0
+          ? o.steps
+          : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(o.epochs * steps_per_epoch)));
+  const int64_t warmup = static_cast<int64_t>(std::ceil(o.warmup_ratio * total));
+  const auto ranges = TrainableRanges(adapter);
+  std::span<float> params = adapter.values();
+  std::vector<float> grads(params.size(), 0.0f), m(params.size(), 0.0f), v(params.size(), 0.0f);
+  std::vector<float> sample_grad(dp ? params.size() : 0, 0.0f);  // DP-SGD: one example's gradient
+  std::vector<size_t> identity(examples.size()), sampled;
+  for (size_t i = 0; i < identity.size(); ++i) identity[i] = i;
+  sampled.reserve(examples.size());
+
+  std::vector<size_t> order(examples.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::mt19937_64 rng(o.seed);
+  std::shuffle(order.begin(), order.end(), rng);
+  size_t cursor = 0;
+  std::vector<TokenBatch> micro(static_cast<size_t>(o.grad_accum));
+  for (TokenBatch& b : micro) {  // the largest batch, so that no step allocates
+    b.input_ids.reserve(static_cast<size_t>(o.batch) * LongestExample(examples));
+    b.labels.reserve(b.input_ids.capacity());
+  }
+
+  TrainResult result;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t step = 0; step < total; ++step) {
+    int64_t targets = 0, tokens = 0;
+    LossSum loss;
+    double norm = 0;
+    if (dp) {
+      // DP-SGD: a Poisson sample, per-example gradients clipped and summed, then noise.
+      sampled.clear();
+      std::bernoulli_distribution pick(q);
+      for (size_t i = 0; i < examples.size(); ++i)
+        if (pick(sampler)) sampled.push_back(i);
+      ZeroRanges(ranges, grads);
+      for (size_t i : sampled) {
+        const int64_t n = TargetCount(examples[i]);
+        tokens += static_cast<int64_t>(examples[i].input_ids.size());
+        if (n == 0) continue;
+        FillBatch(examples, identity, i, 1, 0, micro[0]);
+        ZeroRanges(ranges, sample_grad);
+        ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(micro[0], 1.0f / static_cast<float>(n),
+                                                            sample_grad));
+        loss.sum += l.sum;
+        loss.tokens += l.tokens;
+        const float factor =
+            static_cast<float>(ClipFactor(std::sqrt(SquaredNorm(ranges, sample_grad)), o.dp.clip));
+        for (const auto& [b, e] : ranges)
+          for (size_t j = b; j < e; ++j) grads[j] += factor * sample_grad[j];
+      }
+      result.examples_seen += static_cast<int64_t>(sampled.size());
+      const float inv_expected =
+          static_cast<float>(1.0 / (q * static_cast<double>(examples.size())));
+      for (const auto& [b, e] : ranges) {
+        std::span<float> g(grads.data() + b, e - b);
+        noise->Add(g, o.dp.noise_multiplier * o.dp.clip);
+        for (float& x : g) x *= inv_expected;
+      }
+    } else {
+      for (int a = 0; a < o.grad_accum; ++a) {
+        if (cursor == order.size()) {  // next epoch
+          std::shuffle(order.begin(), order.end(), rng);
+          cursor = 0;
+        }
+        const size_t count = std::min(static_cast<size_t>(o.batch), order.size() - cursor);
+        FillBatch(examples, order, cursor, count, 0, micro[a]);
+        for (size_t i = cursor; i < cursor + count; ++i)
+          tokens += static_cast<int64_t>(examples[order[i]].input_ids.size());
+        cursor += count;
+        targets += micro[a].TargetCount();
+        result.examples_seen += static_cast<int64_t>(count);
+      }
+      ZeroRanges(ranges, grads);
+      const float scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
+      for (const TokenBatch& batch : micro) {
+        ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(batch, scale, grads));
+        loss.sum += l.sum;
+        loss.tokens += l.tokens;
+      }
+    }
+    norm = std::sqrt(SquaredNorm(ranges, grads));
+    if (!std::isfinite(norm))
+      return absl::InternalError(StrCat("gradient is not finite at step ", step + 1,
+                                        " (learning rate ", o.lr,
+                                        " too high?); training stopped before applying it"));
+    const float clip = (!dp && o.max_grad_norm > 0 && norm > o.max_grad_norm)
+                           ? static_cast<float>(o.max_grad_norm / (norm + 1e-6))
+                           : 1.0f;
+    // AdamW as torch.optim.AdamW: decoupled weight decay, then the bias-corrected Adam step.
+    const double lr = o.lr * ScheduleFactor(o.schedule, step, total, warmup);
+    const double t = static_cast<double>(step + 1);
+    const float decay = static_cast<float>(1.0 - lr * o.weight_decay);
+    const float b1 = static_cast<float>(o.beta1), b2 = static_cast<float>(o.beta2);
+    const float step_size = static_cast<float>(lr / (1.0 - std::pow(o.beta1, t)));
+    const float bias2 = static_cast<float>(std::sqrt(1.0 - std::pow(o.beta2, t)));
+    const float eps = static_cast<float>(o.adam_eps);
+    for (const auto& [b, e] : ranges)
+      for (size_t i = b; i < e; ++i) {
+        const float g = grads[i] * clip;
+        m[i] = b1 * m[i] + (1.0f - b1) * g;
+        v[i] = b2 * v[i] + (1.0f - b2) * g * g;
+        params[i] = params[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bias2 + eps);
+      }
+    const double step_loss = loss.tokens > 0 ? loss.sum / static_cast<double>(loss.tokens) : 0.0;
+    if (step == 0) result.first_loss = step_loss;
+    result.final_loss = step_loss;
+    result.tokens += tokens;
+    result.steps = step + 1;
+    result.seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (on_step) on_step({step + 1, total, step_loss, lr, norm, tokens, result.seconds});
+  }
+  result.dp_sample_rate = q;
+  return result;
+}
+
+absl::StatusOr<LossSum> Evaluate(const LlamaWeights& weights, const Adapter* adapter,
+                                 const std::vector<Example>& examples, int batch, int threads) {
+  if (examples.empty()) return absl::InvalidArgumentError("no evaluation examples");
+  ASSIGN_OR_RETURN(auto runner, LlamaRunner::Create(&weights, adapter,
+                                                    {.max_batch = batch,
+                                                     .max_seq = LongestExample(examples),
+                                                     .threads = threads}));
+  std::vector<size_t> order(examples.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  LossSum total;
+  for (size_t first = 0; first < examples.size(); first += static_cast<size_t>(batch)) {
+    const size_t count = std::min(static_cast<size_t>(batch), examples.size() - first);
+    ASSIGN_OR_RETURN(LossSum l, runner->Forward(MakeBatch(examples, order, first, count, 0)));
+    total.sum += l.sum;
+    total.tokens += l.tokens;
+  }
+  return total;
+}
+
+}  // namespace fedlora::common

@@ -1,0 +1,146 @@
+#include "common/privacy/client_dp.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+
+namespace fedlora::common {
+namespace {
+
+std::span<float> Span(MapF m) { return {m.data(), static_cast<size_t>(m.size())}; }
+
+// `update`'s module named as `start`'s module i, with the same shape; scalings may differ.
+absl::StatusOr<size_t> Matching(const Adapter& update, const Adapter& start, size_t i) {
+  const LoraModule& want = start.module(i);
+  const std::optional<size_t> j = update.FindModule(want.name);
+  if (!j) return absl::InvalidArgumentError(StrCat("the update lacks module ", want.name));
+  const LoraModule& got = update.module(*j);
+  if (got.rank != want.rank || got.in_features != want.in_features ||
+      got.out_features != want.out_features || got.has_r != want.has_r) {
+    return absl::InvalidArgumentError(StrCat(
+        "module ", want.name, " has rank ", got.rank, ", ", got.out_features, "x", got.in_features,
+        got.has_r ? " with R" : "", "; the round's state has rank ", want.rank, ", ",
+        want.out_features, "x", want.in_features, want.has_r ? " with R" : ""));
+  }
+  return *j;
+}
+
+}  // namespace
+
+std::vector<std::span<float>> TrainableValues(Adapter& adapter) {
+  std::vector<std::span<float>> out;
+  for (size_t i = 0; i < adapter.num_modules(); ++i) {
+    if (adapter.module(i).has_r) {
+      out.push_back(Span(adapter.R(i)));
+    } else {
+      out.push_back(Span(adapter.A(i)));
+      out.push_back(Span(adapter.B(i)));
+    }
+  }
+  return out;
+}
+
+ClientDpRound::ClientDpRound(Adapter start, double clip, double expected_clients)
+    : start_(std::move(start)), clip_(clip), expected_clients_(expected_clients) {
+  size_t n = 0;
+  for (std::span<float> s : TrainableValues(start_)) n += s.size();
+  sum_.assign(n, 0.0);
+  delta_.resize(n);
+}
+
+absl::StatusOr<double> ClientDpRound::Add(const Adapter& update) {
+  // Δ_k in the layout of TrainableValues(start_): s·R − R0, or A − A0 then s·B − B0.
+  size_t at = 0;
+  auto put = [&](const auto& expr) {
+    Eigen::Map<MatrixF>(delta_.data() + at, expr.rows(), expr.cols()) = expr;
+    at += static_cast<size_t>(expr.size());
+  };
+  for (size_t i = 0; i < start_.num_modules(); ++i) {
+    ASSIGN_OR_RETURN(const size_t j, Matching(update, start_, i));
+    const float s = static_cast<float>(update.module(j).scaling);
+    if (start_.module(i).has_r) {
+      put(s * update.R(j) - start_.R(i));
+    } else {
+      put(update.A(j) - start_.A(i));
+      put(s * update.B(j) - start_.B(i));
+    }
+  }
+  const std::span<float> delta(delta_);
+  const double norm = ClipFlatL2(std::span<const std::span<float>>(&delta, 1), clip_);
+  for (size_t k = 0; k < sum_.size(); ++k) sum_[k] += delta_[k];
+  norms_.push_back(norm);
+  return norm;
+}
+
+Adapter ClientDpRound::Finish(double noise_multiplier, GaussianNoise& noise) const {
+  const double stddev = noise_multiplier * clip_;
+  Adapter out = start_;
+  size_t k = 0;
+  for (std::span<float> values : TrainableValues(out)) {
+    for (float& x : values) {
+      const double noised = sum_[k++] + (stddev > 0 ? stddev * noise.Sample() : 0.0);
+      x = static_cast<float>(x + noised / expected_clients_);
+    }
+  }
+  for (size_t i = 0; i < out.num_modules(); ++i) out.set_scaling(i, 1.0);
+  return out;
+}
+
+absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
+    std::span<const Adapter> updates, const Adapter& start, Adapter& global, double clip,
+    double noise_multiplier, double expected_clients, GaussianNoise& noise,
+    const LoraFairOptions& options) {
+  const size_t modules = global.num_modules();
+  // Per module: Ā, B_0 A_0 Āᵀ, and S = ĀĀᵀ in its eigenbasis (‖Ā‖₂² is S's largest eigenvalue).
+  std::vector<MatrixD> a_bar(modules), base(modules), s(modules);
+  std::vector<Eigen::SelfAdjointEigenSolver<MatrixD>> eig(modules);
+  double a_norm_sq = 0;
+  for (size_t i = 0; i < modules; ++i) {
+    a_bar[i] = global.A(i).cast<double>();
+    base[i] = start.B(i).cast<double>() * (start.A(i).cast<double>() * a_bar[i].transpose());
+    s[i] = a_bar[i] * a_bar[i].transpose();
+    eig[i].compute(s[i]);
+    a_norm_sq = std::max(a_norm_sq, eig[i].eigenvalues().maxCoeff());
+  }
+  const double clip_g = clip * std::sqrt(a_norm_sq);  // c_k's clip: S·max_i ‖Ā_i‖₂
+  std::vector<MatrixD> sum(modules);
+  for (size_t i = 0; i < modules; ++i) sum[i] = MatrixD::Zero(base[i].rows(), base[i].cols());
+  std::vector<MatrixD> c(modules);
+  for (const Adapter& u : updates) {
+    double norm_sq = 0;
+    for (size_t i = 0; i < modules; ++i) {
+      ASSIGN_OR_RETURN(const size_t j, Matching(u, start, i));
+      c[i] = u.module(j).scaling * u.B(j).cast<double>() *
+                 (u.A(j).cast<double>() * a_bar[i].transpose()) -
+             base[i];
+      norm_sq += c[i].squaredNorm();
+    }
+    const double factor = ClipFactor(std::sqrt(norm_sq), clip_g);
+    for (size_t i = 0; i < modules; ++i) sum[i] += factor * c[i];
+  }
+  std::vector<LoraFairSolution> solutions;
+  for (size_t i = 0; i < modules; ++i) {
+    for (double& x : sum[i].reshaped()) x += noise_multiplier * clip_g * noise.Sample();
+    LoraFairProblem problem;
+    problem.g = base[i] + sum[i] / expected_clients;
+    problem.s = std::move(s[i]);
+    problem.b_bar = global.B(i).cast<double>();
+    // ‖Ĝ S^{+½}‖² = tr(Ĝ S⁺ Ĝᵀ), S⁺ from the eigendecomposition (eigenvalues below r·1e-12·max
+    // dropped).
+    const Eigen::VectorXd& l = eig[i].eigenvalues();
+    const double floor = l.size() * 1e-12 * std::max(l.maxCoeff(), 0.0);
+    const MatrixD gv = problem.g * eig[i].eigenvectors();
+    for (Eigen::Index k = 0; k < l.size(); ++k) {
+      if (l(k) > floor) problem.target_norm_sq += gv.col(k).squaredNorm() / l(k);
+    }
+    LoraFairSolution solution = SolveLoraFair(problem, options);
+    global.B(i) = solution.b.cast<float>();
+    solution.b.resize(0, 0);
+    solutions.push_back(std::move(solution));
+  }
+  return solutions;
+}
+
+}  // namespace fedlora::common

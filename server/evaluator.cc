@@ -1,0 +1,79 @@
+#include "server/evaluator.h"
+
+#include <spdlog/spdlog.h>
+
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "common/tensor/blob.h"
+
+namespace fedlora::server {
+
+using common::StrCat;
+
+absl::StatusOr<std::unique_ptr<Evaluator>> Evaluator::Load(const ServerOptions& options) {
+  std::unique_ptr<Evaluator> e(new Evaluator);
+  ASSIGN_OR_RETURN(common::Model model, common::LoadModel(options.base_model_dir));
+  e->base_ = std::make_unique<common::Model>(std::move(model));
+  e->fingerprint_ = common::WeightsFingerprint(e->base_->weights);
+  if (!options.base_model_sha256.empty() && options.base_model_sha256 != e->fingerprint_) {
+    return absl::InvalidArgumentError(
+        StrCat("base_model_dir ", options.base_model_dir, " has fingerprint ", e->fingerprint_,
+               " but base_model_sha256 is ", options.base_model_sha256));
+  }
+  spdlog::info("base model {}: {} parameters, fingerprint {}", options.base_model_dir,
+               e->base_->weights.num_parameters(), e->fingerprint_);
+  if (!options.eval_data.empty()) {
+    ASSIGN_OR_RETURN(e->eval_examples_, common::ReadExamples(options.eval_data, e->base_->tokens,
+                                                             options.eval_max_length));
+  }
+  e->flora_ = options.ParsedMethod() == common::Method::kFlora;
+  if (e->flora_) e->flora_merged_ = e->base_->weights;
+  return e;
+}
+
+absl::Status Evaluator::MergeFloraUpTo(const StateStore& store, int64_t version) {
+  if (!flora_) return absl::OkStatus();
+  for (; flora_version_ < version; ++flora_version_) {
+    const BlobRef& delta_blob = store.ledger().at(flora_version_ + 1).blobs.at(0);
+    ASSIGN_OR_RETURN(std::string bytes, store.ReadWholeBlob(delta_blob.sha256));
+    ASSIGN_OR_RETURN(common::Adapter delta,
+                     common::DecodeAdapter(bytes, StrCat("FLoRA delta of version ",
+                                                         flora_version_ + 1)));
+    RETURN_IF_ERROR(flora_merged_->Merge(delta));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<double>> Evaluator::Evaluate(const StateStore& store,
+                                                          int64_t version,
+                                                          const common::Adapter& global) {
+  if (eval_examples_.empty()) return std::nullopt;
+  if (flora_) {
+    if (flora_version_ > version) return std::nullopt;
+    RETURN_IF_ERROR(MergeFloraUpTo(store, version));
+  }
+  // The global model: the base with the adapter (LoRA-SB's frozen B, A carry the averaged R), or
+  // for FLoRA the base with every round's delta merged.
+  ASSIGN_OR_RETURN(common::LossSum l,
+                   common::Evaluate(flora_ ? *flora_merged_ : base_->weights,
+                                    flora_ ? nullptr : &global, eval_examples_,
+                                    /*batch=*/8, /*threads=*/0));
+  return l.tokens > 0 ? l.sum / static_cast<double>(l.tokens) : 0.0;
+}
+
+absl::StatusOr<common::LlamaWeights> Evaluator::Merged(const StateStore& store, int64_t version,
+                                                       const common::Adapter& global) {
+  if (flora_) {
+    RETURN_IF_ERROR(MergeFloraUpTo(store, version));
+    if (flora_version_ != version) {
+      return absl::FailedPreconditionError(
+          StrCat("the merged FLoRA weights are at version ", flora_version_, ", not ", version));
+    }
+    return *flora_merged_;
+  }
+  common::LlamaWeights merged = base_->weights;
+  RETURN_IF_ERROR(merged.Merge(global));
+  return merged;
+}
+
+}  // namespace fedlora::server

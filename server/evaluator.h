@@ -1,0 +1,56 @@
+// The base model on the coordinator (with --base-model-dir): the held-out loss of the global model
+// after each round (with --eval-data), and the weights the merged export writes. For FLoRA it keeps
+// the base with every round's delta merged, as the clients hold it, one version at a time.
+#ifndef FEDLORA_SERVER_EVALUATOR_H_
+#define FEDLORA_SERVER_EVALUATOR_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/llm/dataset.h"
+#include "common/llm/trainer.h"
+#include "server/server_options.h"
+#include "server/state_store.h"
+
+namespace fedlora::server {
+
+class Evaluator {
+ public:
+  // Loads the base model of options.base_model_dir and the held-out records of eval_data, and
+  // checks the model against options.base_model_sha256 when that is set.
+  static absl::StatusOr<std::unique_ptr<Evaluator>> Load(const ServerOptions& options);
+
+  const std::string& fingerprint() const { return fingerprint_; }
+
+  // FLoRA: merges the deltas of the versions after the merged one, up to `version` (a no-op for
+  // other methods and when already there).
+  absl::Status MergeFloraUpTo(const StateStore& store, int64_t version);
+
+  // The token-weighted mean loss of the global model of `version` over the held-out records: the
+  // base with `global` (its latest adapter; ignored for FLoRA, whose deltas are merged up to
+  // `version` first). nullopt without held-out records, or when FLoRA's merged weights are past
+  // `version` (an older version cannot be evaluated again).
+  absl::StatusOr<std::optional<double>> Evaluate(const StateStore& store, int64_t version,
+                                                 const common::Adapter& global);
+
+  // The base with `global` merged (FLoRA: the merged base up to `version`).
+  absl::StatusOr<common::LlamaWeights> Merged(const StateStore& store, int64_t version,
+                                              const common::Adapter& global);
+
+ private:
+  Evaluator() = default;
+
+  bool flora_ = false;
+  std::string fingerprint_;
+  std::unique_ptr<common::Model> base_;
+  std::vector<common::Example> eval_examples_;
+  std::optional<common::LlamaWeights> flora_merged_;  // FLoRA: base + Σ deltas of 1..flora_version_
+  int64_t flora_version_ = 0;
+};
+
+}  // namespace fedlora::server
+
+#endif  // FEDLORA_SERVER_EVALUATOR_H_

@@ -1,0 +1,47 @@
+#include "server/update_validator.h"
+
+#include <future>
+
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "common/tensor/blob.h"
+
+namespace fedlora::server {
+
+using common::StrCat;
+
+absl::StatusOr<common::Adapter> UpdateValidator::Decode(std::string_view bytes,
+                                                        const std::string& origin) const {
+  common::Adapter update;
+  if (method_ == common::Method::kFedSb) {
+    ASSIGN_OR_RETURN(update, common::DecodeROnto(bytes, origin, frozen_));
+    RETURN_IF_ERROR(update.CheckFinite());
+    return update;
+  }
+  ASSIGN_OR_RETURN(update, common::DecodeAdapter(bytes, origin));
+  RETURN_IF_ERROR(common::CheckShapes(update, shapes_, origin));
+  return update;
+}
+
+absl::StatusOr<common::Adapter> UpdateValidator::Verify(const StateStore& store,
+                                                        const std::string& part,
+                                                        const std::string& sha256,
+                                                        const std::string& origin) const {
+  ASSIGN_OR_RETURN(common::MappedFile mapped, store.MapPart(part));
+  const std::string_view bytes(reinterpret_cast<const char*>(mapped.bytes().data()),
+                               mapped.bytes().size());
+  auto hashed = std::async(std::launch::async, [&]() -> absl::StatusOr<std::string> {
+    std::string sha = common::Sha256Hex(bytes);
+    RETURN_IF_ERROR(store.SyncPart(part));
+    return sha;
+  });
+  absl::StatusOr<common::Adapter> update = Decode(bytes, origin);
+  ASSIGN_OR_RETURN(const std::string sha, hashed.get());
+  if (sha != sha256) {
+    return absl::InvalidArgumentError(StrCat("checksum mismatch: the update's sha256 is ", sha,
+                                             " but the upload announced ", sha256));
+  }
+  return update;
+}
+
+}  // namespace fedlora::server

@@ -1,0 +1,44 @@
+// The one check every update passes before it can reach the aggregate: its bytes match the sha256
+// the client announced, decode as a safetensors adapter, hold exactly the task's modules at the
+// run's rank (for fed-sb: exactly one [r, r] lora_R per module) and only finite values.
+#ifndef FEDLORA_SERVER_UPDATE_VALIDATOR_H_
+#define FEDLORA_SERVER_UPDATE_VALIDATOR_H_
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/aggregation/aggregate.h"
+#include "server/state_store.h"
+
+namespace fedlora::server {
+
+class UpdateValidator {
+ public:
+  UpdateValidator() = default;
+  // `shapes`: the task's modules at the run's rank; `frozen`: Fed-SB's shared B and A.
+  UpdateValidator(common::Method method, std::vector<common::ModuleShape> shapes,
+                  common::Adapter frozen)
+      : method_(method), shapes_(std::move(shapes)), frozen_(std::move(frozen)) {}
+
+  // The update in `bytes`, decoded and checked; INVALID_ARGUMENT naming `origin`, the module and
+  // both shapes otherwise.
+  absl::StatusOr<common::Adapter> Decode(std::string_view bytes, const std::string& origin) const;
+
+  // A complete upload in the store's part file `part`: hashed and synced on one core while it is
+  // decoded and checked on another. A checksum mismatch is the error reported when there is one
+  // (a damaged transfer explains any other finding). Safe without the engine's lock.
+  absl::StatusOr<common::Adapter> Verify(const StateStore& store, const std::string& part,
+                                         const std::string& sha256,
+                                         const std::string& origin) const;
+
+ private:
+  common::Method method_ = common::Method::kFedIt;
+  std::vector<common::ModuleShape> shapes_;
+  common::Adapter frozen_;
+};
+
+}  // namespace fedlora::server
+
+#endif  // FEDLORA_SERVER_UPDATE_VALIDATOR_H_

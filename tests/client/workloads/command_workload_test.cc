@@ -1,0 +1,79 @@
+// The command workload's contract with a site's training program (client/command_workload.h): what
+// its metrics.json may say, and the precise refusal of what it must not.
+#include "client/workloads/command_workload.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "tests/test_util.h"
+
+namespace fedlora::client {
+namespace {
+
+using ::testing::HasSubstr;
+
+class CommandWorkloadTest : public ::testing::Test {
+ protected:
+  // A "trainer" that hands back its start adapter and writes `metrics` as its metrics.json.
+  CommandWorkload WithMetrics(const std::string& metrics) {
+    CommandOptions o;
+    o.command = "cp \"$FEDLORA_START_DIR\"/* \"$FEDLORA_OUT_DIR\"/ && echo '" + metrics +
+                "' > \"$FEDLORA_OUT_DIR/metrics.json\"";
+    o.base_model_sha256 = std::string(64, 'c');
+    o.modules = *ParseModuleList("m.q_proj:6:5");
+    o.examples = 40;
+    o.work_dir = dir_ / "work";
+    return CommandWorkload(o);
+  }
+  absl::StatusOr<v1::TrainMetrics> Train(CommandWorkload& w) {
+    v1::Task task;
+    task.set_round(1);
+    task.set_method("fedit");
+    task.mutable_settings()->set_rank(2);
+    task.mutable_settings()->set_local_steps(3);
+    *task.add_modules() = w.modules()[0];
+    common::Adapter adapter = testing::RandomAdapter({{"m.q_proj", 2, 6, 5}}, 1);
+    return w.Train(task, adapter);
+  }
+  testing::ScratchDir dir_;
+};
+
+TEST_F(CommandWorkloadTest, NumExamplesFromMetricsIsTheRoundsWeight) {
+  CommandWorkload w = WithMetrics(R"({"loss_before": 2.5, "loss_after": 1.25, "num_examples": 7})");
+  EXPECT_EQ(w.num_examples(), 40);  // --examples, until a round says otherwise
+  auto m = Train(w);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->loss_before(), 2.5);
+  EXPECT_EQ(m->loss_after(), 1.25);
+  EXPECT_EQ(w.num_examples(), 7);
+}
+
+TEST_F(CommandWorkloadTest, WithoutNumExamplesTheJoinCountStays) {
+  CommandWorkload w = WithMetrics(R"({"loss_before": 2.5, "loss_after": 1.25})");
+  ASSERT_TRUE(Train(w).ok());
+  EXPECT_EQ(w.num_examples(), 40);
+}
+
+TEST_F(CommandWorkloadTest, BadMetricsAreRefusedWithWhatTheyHold) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"[1, 2]", "not a JSON object"},
+      {R"({"loss_after": 1})", "\"loss_before\" is missing or not a number"},
+      {R"({"loss_before": 1, "loss_after": "low"})", "\"loss_after\" is missing or not a number"},
+      {R"({"loss_before": 1, "loss_after": 1, "num_examples": 0})",
+       "\"num_examples\" is not a positive integer"},
+      {R"({"loss_before": 1, "loss_after": 1, "num_examples": 2.5})",
+       "\"num_examples\" is not a positive integer"},
+  };
+  for (const auto& [metrics, why] : cases) {
+    CommandWorkload w = WithMetrics(metrics);
+    auto m = Train(w);
+    ASSERT_FALSE(m.ok()) << metrics;
+    EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(m.status().message(), HasSubstr(why));
+    EXPECT_THAT(m.status().message(), HasSubstr("it holds: " + metrics));
+    EXPECT_EQ(w.num_examples(), 40);  // nothing taken from a refused file
+  }
+}
+
+}  // namespace
+}  // namespace fedlora::client

@@ -1,0 +1,431 @@
+// The Llama runner against an independent float64 implementation of Hugging Face's
+// LlamaForCausalLM written here with plain loops: the loss must agree to 1e-4 relative, and the
+// runner's adapter gradients must agree with central finite differences of the float64 loss.
+#include "common/llm/llama.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <random>
+
+#include "common/base/file_util.h"
+#include "common/tensor/safetensors.h"
+#include "tests/test_util.h"
+
+namespace fedlora::common {
+namespace {
+
+using Vec = std::vector<double>;
+
+LlamaConfig TinyConfig(bool tied, int heads, int kv_heads) {
+  LlamaConfig c;
+  c.hidden_size = 16;
+  c.intermediate_size = 24;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = kv_heads;
+  c.head_dim = 6;  // deliberately not hidden_size / heads
+  c.vocab_size = 37;
+  c.max_position_embeddings = 64;
+  c.rms_norm_eps = 1e-5;
+  c.rope_theta = 500.0;
+  c.tie_word_embeddings = tied;
+  return c;
+}
+
+// A model directory with random weights large enough that the loss depends visibly on every
+// parameter; norms are not 1, so their weights are exercised.
+std::map<std::string, Vec> WriteModel(const std::filesystem::path& dir, const LlamaConfig& c,
+                                      uint64_t seed) {
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / kModelConfigFile) << LlamaConfigJson(c).dump(2);
+  const LlamaWeights shapes = LlamaWeights::Random(c, 0);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::map<std::string, Vec> ref;
+  std::vector<std::vector<float>> storage;
+  std::vector<TensorToWrite> tensors;
+  for (const TensorToWrite& t : shapes.Tensors()) {
+    const bool norm = t.shape.size() == 1;
+    const double sd = norm ? 0.2 : (t.name.find("embed") != std::string::npos ? 1.0 : 0.35);
+    Vec v(t.data.size());
+    for (double& x : v) x = (norm ? 1.0 : 0.0) + sd * normal(rng);
+    std::vector<float> f(v.begin(), v.end());
+    for (size_t i = 0; i < v.size(); ++i) v[i] = f[i];  // the reference sees the stored floats
+    ref[t.name] = v;
+    storage.push_back(std::move(f));
+    tensors.push_back({t.name, t.shape, storage.back()});
+  }
+  EXPECT_TRUE(
+      WriteSafetensors(dir / kModelWeightsFile, tensors, DType::kF32, {{"format", "pt"}}).ok());
+  return ref;
+}
+
+Adapter RandomAdapter(const LlamaConfig& c, int rank, bool lora_sb, uint64_t seed) {
+  std::vector<ModuleShape> shapes;
+  for (int l = 0; l < c.num_hidden_layers; ++l)
+    for (int k = 0; k < kNumLinearKinds; ++k) {
+      const LinearKind kind = static_cast<LinearKind>(k);
+      shapes.push_back({LinearPath(l, kind), rank, LinearIn(c, kind), LinearOut(c, kind),
+                        lora_sb ? 1.0 : 1.5, lora_sb});
+    }
+  Adapter a = *Adapter::Create(shapes);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  for (float& v : a.values()) v = normal(rng);
+  return a;
+}
+
+TokenBatch RandomBatch(const LlamaConfig& c, int batch, int seq, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  TokenBatch b{batch, seq, {}, {}};
+  for (int i = 0; i < batch * seq; ++i) {
+    b.input_ids.push_back(static_cast<int32_t>(rng() % c.vocab_size));
+    // Labels are the next inputs as in causal LM training, with some positions masked.
+    b.labels.push_back(rng() % 4 == 0 ? -100 : b.input_ids.back());
+  }
+  return b;
+}
+
+// ------------------------------------------------------------------------------------------
+// The float64 reference: Hugging Face's modeling_llama, one sequence at a time.
+
+struct Reference {
+  LlamaConfig c;
+  std::map<std::string, Vec> w;
+  const Adapter* adapter = nullptr;  // shapes and scalings
+  const Vec* params = nullptr;       // the adapter's values in float64
+
+  // y[T, out] = x[T, in]·Wᵀ (+ s·x·Aᵀ·(Rᵀ)·Bᵀ)
+  Vec Linear(int l, LinearKind k, const Vec& x, int T) const {
+    const int in = LinearIn(c, k), out = LinearOut(c, k);
+    const Vec& W = w.at(LinearPath(l, k) + ".weight");
+    Vec y(static_cast<size_t>(T) * out, 0.0);
+    for (int t = 0; t < T; ++t)
+      for (int o = 0; o < out; ++o) {
+        double s = 0;
+        for (int i = 0; i < in; ++i) s += W[o * in + i] * x[t * in + i];
+        y[t * out + o] = s;
+      }
+    if (adapter == nullptr) return y;
+    auto idx = adapter->FindModule(LinearPath(l, k));
+    if (!idx) return y;
+    const LoraModule& m = adapter->module(*idx);
+    const int r = m.rank;
+    const double* A = params->data() + m.a_offset;
+    const double* B = params->data() + m.b_offset;
+    const double* R = params->data() + m.r_offset;
+    for (int t = 0; t < T; ++t) {
+      Vec u(r, 0.0), v(r, 0.0);
+      for (int j = 0; j < r; ++j)
+        for (int i = 0; i < in; ++i) u[j] += A[j * in + i] * x[t * in + i];
+      if (m.has_r) {
+        for (int j = 0; j < r; ++j)
+          for (int i = 0; i < r; ++i) v[j] += R[j * r + i] * u[i];
+      } else {
+        v = u;
+      }
+      for (int o = 0; o < out; ++o)
+        for (int j = 0; j < r; ++j) y[t * out + o] += m.scaling * B[o * r + j] * v[j];
+    }
+    return y;
+  }
+
+  Vec RmsNorm(const Vec& x, const Vec& g, int T) const {
+    const int H = c.hidden_size;
+    Vec y(x.size());
+    for (int t = 0; t < T; ++t) {
+      double ss = 0;
+      for (int j = 0; j < H; ++j) ss += x[t * H + j] * x[t * H + j];
+      const double inv = 1.0 / std::sqrt(ss / H + c.rms_norm_eps);
+      for (int j = 0; j < H; ++j) y[t * H + j] = x[t * H + j] * inv * g[j];
+    }
+    return y;
+  }
+
+  void Rope(Vec& x, int heads, int T) const {
+    const int D = c.head_dim;
+    for (int t = 0; t < T; ++t)
+      for (int h = 0; h < heads; ++h)
+        for (int i = 0; i < D / 2; ++i) {
+          const double f = t * std::pow(c.rope_theta, -2.0 * i / D);
+          double& a = x[(t * heads + h) * D + i];
+          double& b = x[(t * heads + h) * D + i + D / 2];
+          const double a0 = a, b0 = b;
+          a = a0 * std::cos(f) - b0 * std::sin(f);
+          b = b0 * std::cos(f) + a0 * std::sin(f);
+        }
+  }
+
+  // Σ cross-entropy over the targets of one sequence.
+  double SequenceLoss(const int32_t* ids, const int32_t* labels, int T) const {
+    const int H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads;
+    const int Hkv = c.num_key_value_heads, I = c.intermediate_size, V = c.vocab_size;
+    const Vec& E = w.at("model.embed_tokens.weight");
+    Vec x(static_cast<size_t>(T) * H);
+    for (int t = 0; t < T; ++t)
+      for (int j = 0; j < H; ++j) x[t * H + j] = E[ids[t] * H + j];
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      Vec h = RmsNorm(x, w.at(p + "input_layernorm.weight"), T);
+      Vec q = Linear(l, LinearKind::kQ, h, T), k = Linear(l, LinearKind::kK, h, T);
+      Vec v = Linear(l, LinearKind::kV, h, T);
+      Rope(q, Hq, T);
+      Rope(k, Hkv, T);
+      Vec att(static_cast<size_t>(T) * Hq * D, 0.0);
+      for (int hd = 0; hd < Hq; ++hd) {
+        const int g = hd / (Hq / Hkv);
+        for (int i = 0; i < T; ++i) {
+          Vec s(i + 1);
+          double mx = -1e300;
+          for (int j = 0; j <= i; ++j) {
+            double d = 0;
+            for (int e = 0; e < D; ++e) d += q[(i * Hq + hd) * D + e] * k[(j * Hkv + g) * D + e];
+            s[j] = d / std::sqrt(static_cast<double>(D));
+            mx = std::max(mx, s[j]);
+          }
+          double z = 0;
+          for (double& sj : s) z += (sj = std::exp(sj - mx));
+          for (int j = 0; j <= i; ++j)
+            for (int e = 0; e < D; ++e)
+              att[(i * Hq + hd) * D + e] += s[j] / z * v[(j * Hkv + g) * D + e];
+        }
+      }
+      Vec o = Linear(l, LinearKind::kO, att, T);
+      for (size_t j = 0; j < x.size(); ++j) x[j] += o[j];
+      h = RmsNorm(x, w.at(p + "post_attention_layernorm.weight"), T);
+      Vec gate = Linear(l, LinearKind::kGate, h, T), up = Linear(l, LinearKind::kUp, h, T);
+      Vec act(static_cast<size_t>(T) * I);
+      for (size_t j = 0; j < act.size(); ++j) act[j] = gate[j] / (1 + std::exp(-gate[j])) * up[j];
+      Vec down = Linear(l, LinearKind::kDown, act, T);
+      for (size_t j = 0; j < x.size(); ++j) x[j] += down[j];
+    }
+    Vec hf = RmsNorm(x, w.at("model.norm.weight"), T);
+    const Vec& head = c.tie_word_embeddings ? E : w.at("lm_head.weight");
+    double loss = 0;
+    for (int t = 0; t + 1 < T; ++t) {
+      if (labels[t + 1] == -100) continue;
+      Vec logits(V, 0.0);
+      double mx = -1e300;
+      for (int a = 0; a < V; ++a) {
+        for (int j = 0; j < H; ++j) logits[a] += head[a * H + j] * hf[t * H + j];
+        mx = std::max(mx, logits[a]);
+      }
+      double z = 0;
+      for (double lg : logits) z += std::exp(lg - mx);
+      loss += mx + std::log(z) - logits[labels[t + 1]];
+    }
+    return loss;
+  }
+
+  double Loss(const TokenBatch& b) const {
+    double sum = 0;
+    for (int i = 0; i < b.batch; ++i)
+      sum += SequenceLoss(b.input_ids.data() + i * b.seq, b.labels.data() + i * b.seq, b.seq);
+    return sum;
+  }
+};
+
+struct Case {
+  bool tied;
+  int heads, kv_heads;
+  bool lora_sb;
+};
+
+class LlamaTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(LlamaTest, LossMatchesFloat64ReferenceWithAndWithoutAdapter) {
+  const Case p = GetParam();
+  const LlamaConfig c = TinyConfig(p.tied, p.heads, p.kv_heads);
+  fedlora::testing::ScratchDir tmp;
+  const auto ref_weights = WriteModel(tmp.path() / "model", c, 11);
+  auto weights = LlamaWeights::Read(tmp.path() / "model");
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  const Adapter adapter = RandomAdapter(c, 3, p.lora_sb, 5);
+  const Vec params(adapter.values().begin(), adapter.values().end());
+  const TokenBatch batch = RandomBatch(c, 3, 12, 7);
+  for (const Adapter* a : {static_cast<const Adapter*>(nullptr), &adapter}) {
+    Reference ref{c, ref_weights, a, &params};
+    const double expected = ref.Loss(batch);
+    auto runner = LlamaRunner::Create(&*weights, a, {.max_batch = 4, .max_seq = 16});
+    ASSERT_TRUE(runner.ok()) << runner.status();
+    auto got = (*runner)->Forward(batch);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->tokens, batch.TargetCount());
+    EXPECT_NEAR(got->sum, expected, 1e-4 * std::abs(expected)) << (a ? "adapter" : "base");
+  }
+}
+
+TEST_P(LlamaTest, AdapterGradientsMatchFiniteDifferences) {
+  const Case p = GetParam();
+  const LlamaConfig c = TinyConfig(p.tied, p.heads, p.kv_heads);
+  fedlora::testing::ScratchDir tmp;
+  const auto ref_weights = WriteModel(tmp.path() / "model", c, 21);
+  auto weights = LlamaWeights::Read(tmp.path() / "model");
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  const Adapter adapter = RandomAdapter(c, 2, p.lora_sb, 9);
+  const TokenBatch batch = RandomBatch(c, 2, 7, 3);
+
+  auto runner =
+      LlamaRunner::Create(&*weights, &adapter, {.max_batch = 2, .max_seq = 8, .training = true});
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  std::vector<float> grads(adapter.values().size(), 0.0f);
+  ASSERT_TRUE((*runner)->ForwardBackward(batch, 1.0f, grads).ok());
+
+  Vec params(adapter.values().begin(), adapter.values().end());
+  Reference ref{c, ref_weights, &adapter, &params};
+  const double h = 1e-5;
+  // Per trainable tensor of every module: ‖analytic − numeric‖ ≤ 1e-3·‖numeric‖.
+  for (const LoraModule& m : adapter.modules()) {
+    std::vector<std::pair<const char*, std::pair<size_t, size_t>>> tensors;
+    if (m.has_r) {
+      tensors.push_back({"R", {m.r_offset, static_cast<size_t>(m.rank) * m.rank}});
+    } else {
+      tensors.push_back({"A", {m.a_offset, static_cast<size_t>(m.rank) * m.in_features}});
+      tensors.push_back({"B", {m.b_offset, static_cast<size_t>(m.out_features) * m.rank}});
+    }
+    for (const auto& [name, range] : tensors) {
+      double diff = 0, norm = 0;
+      for (size_t i = range.first; i < range.first + range.second; ++i) {
+        const double saved = params[i];
+        params[i] = saved + h;
+        const double up = ref.Loss(batch);
+        params[i] = saved - h;
+        const double down = ref.Loss(batch);
+        params[i] = saved;
+        const double numeric = (up - down) / (2 * h);
+        diff += (grads[i] - numeric) * (grads[i] - numeric);
+        norm += numeric * numeric;
+      }
+      EXPECT_GT(norm, 1e-8) << m.name << " " << name << ": gradient vanished";
+      EXPECT_LE(std::sqrt(diff), 1e-3 * std::sqrt(norm)) << m.name << " " << name;
+    }
+  }
+  // Frozen parts of LoRA-SB modules get no gradient.
+  if (p.lora_sb) {
+    for (const LoraModule& m : adapter.modules())
+      for (size_t i = m.a_offset; i < m.r_offset; ++i) ASSERT_EQ(grads[i], 0.0f) << m.name;
+  }
+}
+
+TEST(LlamaRunnerTest, WeightGradientsMatchFiniteDifferences) {
+  const LlamaConfig c = TinyConfig(false, 4, 2);
+  fedlora::testing::ScratchDir tmp;
+  auto ref_weights = WriteModel(tmp.path() / "model", c, 31);
+  const LlamaWeights weights = *LlamaWeights::Read(tmp.path() / "model");
+  const Adapter adapter = RandomAdapter(c, 2, false, 4);  // gradients also flow through LoRA
+  const TokenBatch batch = RandomBatch(c, 2, 6, 8);
+  auto runner =
+      *LlamaRunner::Create(&weights, &adapter, {.max_batch = 2, .max_seq = 6, .training = true});
+  const Vec params(adapter.values().begin(), adapter.values().end());
+  for (auto [layer, kind] : {std::pair{0, LinearKind::kK}, std::pair{1, LinearKind::kDown}}) {
+    const int out = LinearOut(c, kind), in = LinearIn(c, kind);
+    std::vector<float> g(static_cast<size_t>(out) * in, 0.0f);
+    std::vector<float*> dense(c.num_hidden_layers * kNumLinearKinds, nullptr);
+    dense[layer * kNumLinearKinds + static_cast<int>(kind)] = g.data();
+    ASSERT_TRUE(runner->WeightGradients(batch, 1.0f, dense).ok());
+    Reference ref{c, ref_weights, &adapter, &params};
+    Vec& W = ref.w[LinearPath(layer, kind) + ".weight"];
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < W.size(); i += 5) {
+      const double saved = W[i];
+      W[i] = saved + 1e-5;
+      const double up = ref.Loss(batch);
+      W[i] = saved - 1e-5;
+      const double down = ref.Loss(batch);
+      W[i] = saved;
+      const double numeric = (up - down) / 2e-5;
+      diff += (g[i] - numeric) * (g[i] - numeric);
+      norm += numeric * numeric;
+    }
+    EXPECT_LE(std::sqrt(diff), 1e-3 * std::sqrt(norm)) << LinearPath(layer, kind);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, LlamaTest,
+                         ::testing::Values(Case{false, 4, 2, false},  // GQA, untied
+                                           Case{true, 4, 2, false},   // GQA, tied
+                                           Case{true, 3, 3, false},   // multi-head
+                                           Case{false, 4, 1, true},   // LoRA-SB, one kv head
+                                           Case{true, 4, 2, true}),   // LoRA-SB, tied
+                         [](const auto& info) {
+                           const Case& p = info.param;
+                           return std::string(p.tied ? "Tied" : "Untied") + "Q" +
+                                  std::to_string(p.heads) + "KV" + std::to_string(p.kv_heads) +
+                                  (p.lora_sb ? "LoraSb" : "Lora");
+                         });
+
+TEST(LlamaWeightsTest, RefusesBiasesMissingAndMisshapenTensors) {
+  const LlamaConfig c = TinyConfig(false, 4, 2);
+  fedlora::testing::ScratchDir tmp;
+  WriteModel(tmp.path() / "m", c, 1);
+  auto rewrite = [&](const std::function<void(std::vector<TensorToWrite>&)>& edit) {
+    const LlamaWeights w = *LlamaWeights::Read(tmp.path() / "m");
+    std::vector<TensorToWrite> tensors = w.Tensors();
+    edit(tensors);
+    std::filesystem::create_directories(tmp.path() / "bad");
+    std::ofstream(tmp.path() / "bad" / kModelConfigFile) << LlamaConfigJson(c).dump();
+    EXPECT_TRUE(
+        WriteSafetensors(tmp.path() / "bad" / kModelWeightsFile, tensors, DType::kBF16, {}).ok());
+    return LlamaWeights::Read(tmp.path() / "bad");
+  };
+  std::vector<float> bias(24, 0.0f);
+  auto with_bias = rewrite([&](auto& t) {
+    t.push_back({"model.layers.0.self_attn.q_proj.bias", {24}, bias});
+  });
+  EXPECT_NE(with_bias.status().message().find("biases"), std::string::npos) << with_bias.status();
+  auto missing = rewrite([](auto& t) { t.pop_back(); });
+  EXPECT_NE(missing.status().message().find("has no tensor lm_head.weight"), std::string::npos)
+      << missing.status();
+  auto misshapen = rewrite([](auto& t) { t[0].shape = {16, 37}; });
+  EXPECT_NE(misshapen.status().message().find("config.json implies [37,16]"), std::string::npos)
+      << misshapen.status();
+  // BF16 storage is converted on load.
+  auto bf16 = rewrite([](auto&) {});
+  ASSERT_TRUE(bf16.ok()) << bf16.status();
+  EXPECT_NEAR(bf16->embed()[5], LlamaWeights::Read(tmp.path() / "m")->embed()[5], 1e-2);
+}
+
+TEST(LlamaConfigTest, RefusesWhatItDoesNotImplement) {
+  nlohmann::json base = LlamaConfigJson(TinyConfig(true, 4, 2));
+  ASSERT_TRUE(ParseLlamaConfig(base, "c").ok());
+  auto refused = [&](const char* key, nlohmann::json value, const char* needle) {
+    nlohmann::json j = base;
+    j[key] = value;
+    auto st = ParseLlamaConfig(j, "c").status();
+    EXPECT_NE(st.message().find(needle), std::string::npos) << key << ": " << st;
+  };
+  refused("model_type", "mistral", "model_type is \"mistral\"");
+  refused("rope_scaling", {{"rope_type", "llama3"}}, "rope_scaling");
+  refused("attention_bias", true, "attention_bias");
+  refused("hidden_act", "gelu", "hidden_act is \"gelu\"");
+  refused("num_key_value_heads", 3, "multiple of num_key_value_heads");
+  refused("eos_token_id", 99, "not in [0, vocab_size=37)");
+  nlohmann::json list = base;
+  list["eos_token_id"] = {1, 2};
+  EXPECT_EQ(ParseLlamaConfig(list, "c")->eos_token_ids, (std::vector<int>{1, 2}));
+}
+
+TEST(LlamaRunnerTest, RefusesAdaptersOfAnotherModelAndBadTokens) {
+  const LlamaConfig c = TinyConfig(true, 4, 2);
+  const LlamaWeights w = LlamaWeights::Random(c, 3);
+  Adapter wrong = *Adapter::Create({{"model.layers.0.self_attn.q_proj", 2, 32, 24, 1.0, false}});
+  auto st = LlamaRunner::Create(&w, &wrong, {.max_seq = 16}).status();
+  EXPECT_NE(st.message().find("hint: adapter trained on another base model?"), std::string::npos)
+      << st;
+  Adapter unknown = *Adapter::Create({{"model.layers.9.self_attn.q_proj", 2, 16, 24, 1.0, false}});
+  EXPECT_FALSE(LlamaRunner::Create(&w, &unknown, {.max_seq = 16}).ok());
+  auto runner = LlamaRunner::Create(&w, nullptr, {.max_batch = 1, .max_seq = 4});
+  ASSERT_TRUE(runner.ok());
+  TokenBatch bad{1, 4, {1, 2, 99, 3}, {1, 2, 3, 4}};
+  EXPECT_NE((*runner)->Forward(bad).status().message().find("outside the vocabulary"),
+            std::string::npos);
+  TokenBatch too_long{1, 5, {1, 2, 3, 4, 5}, {1, 2, 3, 4, 5}};
+  EXPECT_FALSE((*runner)->Forward(too_long).ok());
+}
+
+}  // namespace
+}  // namespace fedlora::common

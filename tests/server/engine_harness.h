@@ -1,0 +1,207 @@
+// A federation inside one test process: the real RoundEngine over a real state directory, with the
+// test Env (tests/test_env.h) for its writes and clock, and clients that are plain function calls —
+// no processes, no sockets, no sleeps. A client's update is a deterministic function of its id and
+// the round (so a redone round, or a restarted coordinator, sees the same updates), and the tests
+// compute what the engine must produce from those updates independently.
+#ifndef FEDLORA_TESTS_SERVER_ENGINE_HARNESS_H_
+#define FEDLORA_TESTS_SERVER_ENGINE_HARNESS_H_
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/base/strings.h"
+#include "common/tensor/blob.h"
+#include "server/round_engine.h"
+#include "tests/test_env.h"
+
+namespace fedlora::testing {
+
+namespace v1 = ::fedlora::v1;
+using common::Adapter;
+
+inline const std::string kBaseSha(64, 'a');
+inline constexpr int kRank = 4;
+inline constexpr double kAlpha = 8;  // client scaling s = 2
+
+// The modules every test client offers: (name, n, m).
+inline const std::vector<std::tuple<std::string, int, int>> kModules = {
+    {"model.layers.0.self_attn.q_proj", 12, 16}, {"model.layers.0.self_attn.v_proj", 12, 8}};
+
+inline server::ServerOptions TestOptions(const std::filesystem::path& state_dir,
+                                         const std::string& method) {
+  server::ServerOptions o;
+  o.method = method;
+  o.rounds = 2;
+  o.state_dir = state_dir.string();
+  o.min_clients = 3;
+  o.rank = kRank;
+  o.lora_alpha = kAlpha;
+  o.insecure = true;
+  o.round_deadline_s = 60;
+  o.client_timeout_s = 20;
+  o.chunk_bytes = 1024;
+  return o;
+}
+
+class Harness {
+ public:
+  Harness(server::ServerOptions options, TestEnv* env) : options_(std::move(options)), env_(env) {}
+
+  absl::Status Start() {
+    engine_.reset();
+    auto engine = server::RoundEngine::Create(options_, env_);
+    if (!engine.ok()) return engine.status();
+    engine_ = *std::move(engine);
+    return absl::OkStatus();
+  }
+  void Stop() { engine_.reset(); }
+  server::RoundEngine& engine() { return *engine_; }
+  server::ServerOptions& options() { return options_; }
+
+  static int64_t Examples(const std::string& id) { return 10 * (1 + (id.back() - '0')); }
+
+  absl::Status Join(const std::string& id) {
+    v1::JoinRequest r;
+    r.set_base_model_sha256(kBaseSha);
+    r.set_num_examples(Examples(id));
+    r.set_max_rank(64);
+    for (const auto& [name, n, m] : kModules) {
+      v1::ModuleSpec* s = r.add_modules();
+      s->set_name(name);
+      s->set_in_features(n);
+      s->set_out_features(m);
+    }
+    return engine_->Join(id, r).status();
+  }
+
+  absl::StatusOr<v1::Task> Task(const std::string& id, int64_t have = -1) {
+    v1::GetTaskRequest r;
+    r.set_have_version(have);
+    return engine_->GetTaskBlocking(id, r);
+  }
+
+  absl::StatusOr<std::string> Fetch(const std::string& id, const v1::BlobRef& blob) {
+    std::string bytes;
+    while (static_cast<int64_t>(bytes.size()) < blob.size()) {
+      v1::DownloadRequest r;
+      r.set_sha256(blob.sha256());
+      r.set_offset(static_cast<int64_t>(bytes.size()));
+      auto chunk = engine_->Download(id, r);
+      if (!chunk.ok()) return chunk.status();
+      if (chunk->data().empty()) return absl::DataLossError("empty chunk");
+      bytes += chunk->data();
+    }
+    return bytes;
+  }
+
+  // The update client `id` sends for `round`: factors drawn from (id, round), at the client's
+  // scaling; for fed-sb an R on the frozen B, A of `task`'s downloads.
+  absl::StatusOr<Adapter> MakeUpdate(const std::string& id, const v1::Task& task) {
+    const bool fed_sb = options_.method == "fed-sb";
+    std::vector<common::ModuleShape> shapes;
+    for (const auto& [name, n, m] : kModules)
+      shapes.push_back({name, kRank, n, m, kAlpha / kRank, fed_sb});
+    auto update = Adapter::Create(shapes);
+    if (!update.ok()) return update.status();
+    std::mt19937_64 rng(common::Fnv1a(id, static_cast<uint64_t>(task.round())));
+    std::normal_distribution<float> normal(0.0f, 0.1f);
+    if (fed_sb) {
+      if (frozen_.num_modules() == 0) {
+        for (const v1::BlobRef& b : task.downloads()) {
+          if (b.kind() != "frozen") continue;
+          auto bytes = Fetch(id, b);
+          if (!bytes.ok()) return bytes.status();
+          auto frozen = common::DecodeAdapter(*bytes, "frozen");
+          if (!frozen.ok()) return frozen.status();
+          frozen_ = *std::move(frozen);
+        }
+      }
+      for (size_t i = 0; i < update->num_modules(); ++i) {
+        update->A(i) = frozen_.A(i);
+        update->B(i) = frozen_.B(i);
+        for (float& x : update->R(i).reshaped()) x = normal(rng);
+      }
+      return update;
+    }
+    for (float& x : update->values()) x = normal(rng);
+    return update;
+  }
+
+  std::string Encode(const Adapter& update) const {
+    return common::EncodeAdapter(update, options_.method == "fed-sb" ? common::AdapterParts::kROnly
+                                                                     : common::AdapterParts::kAll);
+  }
+
+  // Sends `bytes` as `id`'s update for `task` in chunks; `upto` bytes only when set (a client that
+  // disconnects mid-upload). The last response, or the first error.
+  absl::StatusOr<v1::UploadResponse> Send(const std::string& id, const v1::Task& task,
+                                          const std::string& bytes, int64_t upto = -1) {
+    const int64_t end = upto < 0 ? static_cast<int64_t>(bytes.size()) : upto;
+    absl::StatusOr<v1::UploadResponse> response = absl::InternalError("nothing sent");
+    for (int64_t offset = 0; offset < end; offset += options_.chunk_bytes) {
+      v1::UploadRequest r;
+      r.set_round(task.round());
+      r.set_state_version(task.state_version());
+      r.set_sha256(common::Sha256Hex(bytes));
+      r.set_total_size(static_cast<int64_t>(bytes.size()));
+      r.set_offset(offset);
+      r.set_data(bytes.substr(offset, std::min<int64_t>(options_.chunk_bytes, end - offset)));
+      r.set_num_examples(Examples(id));
+      r.mutable_metrics()->set_loss_before(1.0);
+      r.mutable_metrics()->set_loss_after(0.5);
+      response = engine_->Upload(id, r);
+      if (!response.ok()) return response;
+    }
+    return response;
+  }
+
+  // One step of client `id`: asks for a task and, given TRAIN, trains and uploads. The task's
+  // kind, or the first error.
+  absl::StatusOr<v1::Task::Kind> Step(const std::string& id) {
+    auto task = Task(id);
+    if (!task.ok()) return task.status();
+    if (task->kind() != v1::Task::TRAIN) return task->kind();
+    auto update = MakeUpdate(id, *task);
+    if (!update.ok()) return update.status();
+    auto sent = Send(id, *task, Encode(*update));
+    if (!sent.ok()) return sent.status();
+    return v1::Task::TRAIN;
+  }
+
+  const server::ServerOptions& opts() const { return options_; }
+
+ private:
+  server::ServerOptions options_;
+  TestEnv* env_;
+  std::unique_ptr<server::RoundEngine> engine_;
+  Adapter frozen_;
+};
+
+// The ledger and metrics of a state directory, as files (what an operator or a restart would see).
+inline nlohmann::json ReadJson(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
+inline std::vector<nlohmann::json> ReadJsonLines(const std::filesystem::path& path) {
+  std::vector<nlohmann::json> lines;
+  std::ifstream in(path);
+  for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
+  return lines;
+}
+inline std::vector<int64_t> LedgerVersions(const std::filesystem::path& state_dir) {
+  std::vector<int64_t> versions;
+  if (!std::filesystem::exists(state_dir / "ledger.json")) return versions;
+  const nlohmann::json ledger = ReadJson(state_dir / "ledger.json");
+  for (const auto& v : ledger["versions"]) versions.push_back(v["version"].get<int64_t>());
+  return versions;
+}
+
+}  // namespace fedlora::testing
+
+#endif  // FEDLORA_TESTS_SERVER_ENGINE_HARNESS_H_

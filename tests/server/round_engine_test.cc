@@ -1,0 +1,345 @@
+// The round engine's state machine, transition by transition, with the test Env's clock and no
+// processes or sleeps: every way a round can close or be retried, late and declined clients, a
+// member lost mid-upload, and a restart in each phase. What the engine commits is checked against
+// the FedIT formula computed here from the clients' updates.
+#include "server/round_engine.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "common/tensor/peft.h"
+#include "tests/server/engine_harness.h"
+#include "tests/test_util.h"
+
+namespace fedlora::testing {
+namespace {
+
+namespace fs = std::filesystem;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::IsEmpty;
+
+class RoundEngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_TRUE(h_.Start().ok()); }
+
+  fs::path state() const { return dir_ / "state"; }
+  std::vector<nlohmann::json> Metrics() const { return ReadJsonLines(state() / "metrics.jsonl"); }
+
+  void JoinAll() {
+    for (const char* id : {"c1", "c2", "c3"}) ASSERT_TRUE(h_.Join(id).ok()) << id;
+  }
+  void Train(const std::string& id) {
+    auto step = h_.Step(id);
+    ASSERT_TRUE(step.ok()) << id << ": " << step.status();
+    ASSERT_EQ(*step, v1::Task::TRAIN) << id;
+  }
+  // The global adapter of the latest version (fedit: Ā, B̄ at scaling 1).
+  Adapter Global() {
+    const nlohmann::json ledger = ReadJson(state() / "ledger.json");
+    const std::string sha = ledger["versions"].back()["blobs"][0]["sha256"];
+    auto bytes = common::ReadFileToString(state() / "blobs" / sha);
+    return *common::DecodeAdapter(*bytes, sha);
+  }
+  // FedIT's Ā, B̄ of `ids`' round-`round` updates, from the update values, element by element.
+  void ExpectFedItMean(const std::vector<std::string>& ids, int64_t round) {
+    const Adapter global = Global();
+    v1::Task task;
+    task.set_round(round);
+    for (size_t i = 0; i < global.num_modules(); ++i) {
+      MatrixD a = MatrixD::Zero(global.A(i).rows(), global.A(i).cols());
+      MatrixD b = MatrixD::Zero(global.B(i).rows(), global.B(i).cols());
+      double total = 0;
+      for (const std::string& id : ids) {
+        const Adapter u = *h_.MakeUpdate(id, task);
+        const size_t j = *u.FindModule(global.module(i).name);
+        const double w = static_cast<double>(Harness::Examples(id));
+        for (Eigen::Index r = 0; r < a.rows(); ++r)
+          for (Eigen::Index c = 0; c < a.cols(); ++c) a(r, c) += w * u.A(j)(r, c);
+        for (Eigen::Index r = 0; r < b.rows(); ++r)
+          for (Eigen::Index c = 0; c < b.cols(); ++c) b(r, c) += w * (kAlpha / kRank) * u.B(j)(r, c);
+        total += w;
+      }
+      EXPECT_LT((global.A(i).cast<double>() - a / total).cwiseAbs().maxCoeff(), 1e-6);
+      EXPECT_LT((global.B(i).cast<double>() - b / total).cwiseAbs().maxCoeff(), 1e-6);
+    }
+  }
+
+  ScratchDir dir_;
+  TestEnv env_;
+  Harness h_{TestOptions(dir_ / "state", "fedit"), &env_};
+};
+
+TEST_F(RoundEngineTest, WaitsForMinClientsThenEveryAnswerClosesTheRound) {
+  ASSERT_TRUE(h_.Join("c1").ok());
+  auto task = h_.Task("c1");
+  ASSERT_TRUE(task.ok());
+  EXPECT_EQ(task->kind(), v1::Task::WAIT);
+  EXPECT_THAT(task->note(), HasSubstr("waiting for 3 clients to join, 1 joined"));
+  ASSERT_TRUE(h_.Join("c2").ok());
+  ASSERT_TRUE(h_.Join("c3").ok());
+  Train("c1");
+  Train("c2");
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));  // c3 has not answered
+  Train("c3");
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  ExpectFedItMean({"c1", "c2", "c3"}, 1);
+  const auto metrics = Metrics();
+  ASSERT_EQ(metrics.size(), 1u);
+  EXPECT_EQ(metrics[0]["version"], 1);
+  EXPECT_EQ(metrics[0]["arrived"], nlohmann::json({"c1", "c2", "c3"}));
+  EXPECT_EQ(metrics[0]["examples"]["c2"], 30);
+  // Round 2 is open: the same clients train from version 1, and it ends the run with an export.
+  for (const char* id : {"c1", "c2", "c3"}) Train(id);
+  EXPECT_TRUE(h_.engine().done());
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2}));
+  ExpectFedItMean({"c1", "c2", "c3"}, 2);
+  EXPECT_EQ(ReadJson(state() / "export" / "version.json")["version"], 2);
+  auto exported = common::ReadPeftAdapter(state() / "export" / "global");
+  ASSERT_TRUE(exported.ok()) << exported.status();
+  EXPECT_EQ(exported->A(0), Global().A(0));
+  auto done = h_.Task("c1");
+  ASSERT_TRUE(done.ok());
+  EXPECT_EQ(done->kind(), v1::Task::DONE);
+  EXPECT_EQ(done->state_version(), 2);
+}
+
+TEST_F(RoundEngineTest, DeadlineWithQuorumClosesWithoutTheMissingMember) {
+  h_.Stop();
+  h_.options().quorum = 0.5;             // ⌈0.5·3⌉ = 2
+  h_.options().client_timeout_s = 100;  // nobody counts as silent: only the deadline closes
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  Train("c1");
+  Train("c3");
+  env_.Advance(std::chrono::seconds(59));
+  h_.engine().Tick();
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));  // the deadline is 60 s
+  v1::HeartbeatRequest beat;
+  beat.set_round(1);
+  EXPECT_TRUE(h_.engine().Heartbeat("c2", beat).still_wanted());
+  env_.Advance(std::chrono::seconds(1));
+  h_.engine().Tick();
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  ExpectFedItMean({"c1", "c3"}, 1);
+  EXPECT_EQ(Metrics()[0]["dropped"], nlohmann::json({"c2"}));
+  EXPECT_FALSE(h_.engine().Heartbeat("c2", beat).still_wanted());  // round 1 is over
+}
+
+TEST_F(RoundEngineTest, DeadlineWithoutQuorumRetriesTheRoundWithANewCohort) {
+  JoinAll();  // quorum 1: every member must deliver
+  Train("c1");
+  env_.Advance(std::chrono::seconds(60));
+  h_.engine().Tick();
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));  // no version without quorum
+  EXPECT_FALSE(fs::exists(state() / "metrics.jsonl"));
+  // Attempt 2 of round 1: c1's update of attempt 1 is forgotten, so it trains again.
+  auto task = h_.Task("c1");
+  ASSERT_TRUE(task.ok());
+  EXPECT_EQ(task->kind(), v1::Task::TRAIN);
+  EXPECT_EQ(task->round(), 1);
+  for (const char* id : {"c1", "c2", "c3"}) Train(id);
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  EXPECT_EQ(Metrics()[0]["attempt"], 2);
+}
+
+TEST_F(RoundEngineTest, SilentMembersCloseTheRoundBeforeItsDeadline) {
+  h_.Stop();
+  h_.options().quorum = 0.5;
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  env_.Advance(std::chrono::seconds(15));
+  Train("c1");
+  Train("c2");
+  env_.Advance(std::chrono::seconds(4));  // c3 silent for 19 s of its 20
+  h_.engine().Tick();
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));
+  env_.Advance(std::chrono::seconds(1));
+  h_.engine().Tick();
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  EXPECT_EQ(Metrics()[0]["dropped"], nlohmann::json({"c3"}));
+}
+
+TEST_F(RoundEngineTest, LateUpdateIsRefusedAndRecordedInTheNextRound) {
+  h_.Stop();
+  h_.options().quorum = 0.5;
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  auto task = h_.Task("c2");  // c2 takes its round-1 task but is slow
+  ASSERT_TRUE(task.ok());
+  Train("c1");
+  Train("c3");
+  env_.Advance(std::chrono::seconds(60));
+  h_.engine().Tick();
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  auto late = h_.Send("c2", *task, h_.Encode(*h_.MakeUpdate("c2", *task)));
+  ASSERT_FALSE(late.ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(late.status()));
+  EXPECT_THAT(late.status().message(),
+              HasSubstr("round 1 closed before this update arrived (late); round 2 is open"));
+  for (const char* id : {"c1", "c2", "c3"}) Train(id);
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2}));
+  EXPECT_EQ(Metrics()[1]["late"], nlohmann::json({{"c2", 1}}));
+  ExpectFedItMean({"c1", "c2", "c3"}, 2);  // the late update reached no aggregate
+}
+
+TEST_F(RoundEngineTest, DeclinedMemberIsNotWaitedForAndLeavesLaterCohorts) {
+  JoinAll();
+  Train("c1");
+  Train("c2");
+  v1::LeaveRequest leave;
+  leave.set_round(1);
+  leave.set_reason("privacy budget spent");
+  ASSERT_TRUE(h_.engine().Leave("c3", leave).ok());
+  // The round closed at once: everyone answered, and the declined member is not in the quorum.
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  EXPECT_EQ(Metrics()[0]["declined"], nlohmann::json({{"c3", "privacy budget spent"}}));
+  EXPECT_THAT(Metrics()[0]["dropped"], IsEmpty());
+  auto task = h_.Task("c3");
+  ASSERT_TRUE(task.ok());
+  EXPECT_EQ(task->kind(), v1::Task::WAIT);
+  EXPECT_THAT(task->note(), HasSubstr("not in round 2's cohort"));
+  // Joining again brings it back, from the next cohort on.
+  Train("c1");
+  Train("c2");
+  ASSERT_TRUE(h_.Join("c3").ok());
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2}));
+}
+
+TEST_F(RoundEngineTest, MemberLostMidUploadIsDroppedAndItsPartDeleted) {
+  h_.Stop();
+  h_.options().quorum = 0.5;
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  auto task = h_.Task("c2");
+  ASSERT_TRUE(task.ok());
+  const std::string bytes = h_.Encode(*h_.MakeUpdate("c2", *task));
+  ASSERT_GT(bytes.size(), 1024u);  // more than one chunk
+  auto half = h_.Send("c2", *task, bytes, 1024);
+  ASSERT_TRUE(half.ok()) << half.status();
+  EXPECT_EQ(half->received(), 1024);
+  EXPECT_FALSE(half->accepted());
+  auto incoming = env_.ListDirectory(state() / "incoming");
+  ASSERT_TRUE(incoming.ok());
+  EXPECT_EQ(incoming->size(), 1u);
+  Train("c1");
+  Train("c3");
+  env_.Advance(std::chrono::seconds(20));  // c2 silent past its timeout
+  h_.engine().Tick();
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  EXPECT_EQ(Metrics()[0]["dropped"], nlohmann::json({"c2"}));
+  ExpectFedItMean({"c1", "c3"}, 1);
+  incoming = env_.ListDirectory(state() / "incoming");
+  ASSERT_TRUE(incoming.ok());
+  EXPECT_THAT(*incoming, IsEmpty());
+}
+
+TEST_F(RoundEngineTest, RestartWhileWaitingForClientsKeepsTheRun) {
+  ASSERT_TRUE(h_.Join("c1").ok());  // creates the run (version 0), waits for 3
+  const nlohmann::json before = ReadJson(state() / "ledger.json");
+  ASSERT_TRUE(h_.Start().ok());
+  EXPECT_EQ(ReadJson(state() / "ledger.json"), before);
+  JoinAll();
+  for (const char* id : {"c1", "c2", "c3"}) Train(id);
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  EXPECT_EQ(ReadJson(state() / "ledger.json")["run_id"], before["run_id"]);
+}
+
+TEST_F(RoundEngineTest, RestartMidRoundRedoesTheRoundWithTheSameResult) {
+  JoinAll();
+  Train("c1");
+  Train("c2");
+  ASSERT_TRUE(h_.Start().ok());  // c1's and c2's accepted updates are not in any version
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));
+  auto task = h_.Task("c1");
+  EXPECT_TRUE(absl::IsFailedPrecondition(task.status())) << "a restarted engine knows no client";
+  JoinAll();
+  for (const char* id : {"c1", "c2", "c3"}) Train(id);
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  ExpectFedItMean({"c1", "c2", "c3"}, 1);
+  EXPECT_EQ(Metrics().size(), 1u);
+}
+
+TEST_F(RoundEngineTest, RestartAfterTheLastRoundExportsAgainAndAnswersDone) {
+  JoinAll();
+  for (int round = 1; round <= 2; ++round)
+    for (const char* id : {"c1", "c2", "c3"}) Train(id);
+  ASSERT_TRUE(h_.engine().done());
+  fs::remove_all(state() / "export");
+  ASSERT_TRUE(h_.Start().ok());
+  EXPECT_TRUE(h_.engine().done());
+  EXPECT_EQ(ReadJson(state() / "export" / "version.json")["version"], 2);
+  ASSERT_TRUE(h_.Join("c1").ok());
+  auto task = h_.Task("c1", 1);
+  ASSERT_TRUE(task.ok());
+  EXPECT_EQ(task->kind(), v1::Task::DONE);
+  ASSERT_EQ(task->downloads_size(), 1);  // fedit: the final adapter
+  EXPECT_EQ(task->downloads(0).version(), 2);
+  EXPECT_EQ(Metrics().size(), 2u);
+}
+
+// The bug that shaped the round close: with the metrics line failing, the same round was closed
+// again on every tick, and the ledger grew versions [0, 1, 2, 3, 4, 4, 4, ...].
+TEST_F(RoundEngineTest, RegressionMetricsWriteFailureNeverCreatesASecondVersion) {
+  JoinAll();
+  Train("c1");
+  Train("c2");
+  env_.FailPath("metrics.jsonl");
+  Train("c3");
+  for (int i = 0; i < 200; ++i) {  // ten seconds of ticks with the metrics file unwritable
+    env_.Advance(std::chrono::milliseconds(50));
+    h_.engine().Tick();
+  }
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  EXPECT_FALSE(fs::exists(state() / "metrics.jsonl"));
+  ExpectFedItMean({"c1", "c2", "c3"}, 1);
+  // Round 2 is open from version 1 and serves version 1's blob.
+  auto task = h_.Task("c1");
+  ASSERT_TRUE(task.ok());
+  EXPECT_EQ(task->kind(), v1::Task::TRAIN);
+  EXPECT_EQ(task->round(), 2);
+  ASSERT_EQ(task->downloads_size(), 1);
+  EXPECT_EQ(task->downloads(0).version(), 1);
+  env_.Heal();
+  env_.Advance(std::chrono::seconds(30));
+  h_.engine().Tick();
+  const auto metrics = Metrics();
+  ASSERT_EQ(metrics.size(), 1u);
+  EXPECT_EQ(metrics[0]["version"], 1);
+  EXPECT_EQ(metrics[0]["arrived"], nlohmann::json({"c1", "c2", "c3"}));
+}
+
+TEST_F(RoundEngineTest, ACommitThatKeepsFailingStopsTheEngineWithWhatToFix) {
+  h_.Stop();
+  h_.options().give_up_after_s = 120;
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  Train("c1");
+  Train("c2");
+  env_.FailPath("ledger.json");  // the commit itself
+  Train("c3");
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));
+  auto task = h_.Task("c1");
+  ASSERT_TRUE(task.ok());
+  EXPECT_THAT(task->note(), HasSubstr("round 1 is closing; its commit is being retried"));
+  for (int i = 0; i < 10 && h_.engine().failed().ok(); ++i) {
+    env_.Advance(std::chrono::seconds(30));
+    h_.engine().Tick();
+  }
+  const absl::Status failed = h_.engine().failed();
+  EXPECT_TRUE(absl::IsResourceExhausted(failed)) << failed;
+  EXPECT_THAT(failed.message(), HasSubstr("committing round 1"));
+  EXPECT_THAT(failed.message(), HasSubstr("is full: free space there"));
+  EXPECT_THAT(failed.message(), HasSubstr("continues from the last committed round"));
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));
+  // With space back, a restarted coordinator redoes round 1 to the same result.
+  env_.Heal();
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  for (const char* id : {"c1", "c2", "c3"}) Train(id);
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  ExpectFedItMean({"c1", "c2", "c3"}, 1);
+}
+
+}  // namespace
+}  // namespace fedlora::testing
