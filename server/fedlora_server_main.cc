@@ -48,7 +48,8 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
   app.add_option("--learning-rate", o.learning_rate)->capture_default_str();
   app.add_option("--target-modules", o.target_modules,
                  "module name suffixes to adapt (default: all offered)")
-      ->delimiter(',');
+      ->delimiter(',')
+      ->allow_extra_args(false);
   app.add_option("--base-model-sha256", o.base_model_sha256,
                  "required base model (default: the first client's)");
   app.add_option("--lora-fair-lambda", o.lora_fair_lambda)->capture_default_str();
@@ -81,7 +82,8 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
   app.add_option("--tls-key", o.tls_key, "PEM private key of the server");
   app.add_option("--client-ca", o.client_ca, "PEM CA of client certificates: enables mutual TLS");
   app.add_option("--allowed-clients", o.allowed_clients, "client certificate common names admitted")
-      ->delimiter(',');
+      ->delimiter(',')
+      ->allow_extra_args(false);
   app.add_flag("--insecure", o.insecure,
                "plaintext without client identities (experiments on one machine only)");
   app.add_option("--chunk-bytes", o.chunk_bytes)->capture_default_str();

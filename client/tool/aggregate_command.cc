@@ -122,7 +122,8 @@ void AddAggregateCommand(CLI::App& app) {
   cmd->add_option("--weights", args->weights,
                   "one weight per input (e.g. example counts), normalised to sum 1; "
                   "uniform when omitted")
-      ->delimiter(',');
+      ->delimiter(',')
+      ->allow_extra_args(false);
   cmd->add_option("--lambda", args->lora_fair.lambda, "lora-fair: weight of |dB|^2")
       ->capture_default_str();
   cmd->add_option("--tolerance", args->lora_fair.tolerance,

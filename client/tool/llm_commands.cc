@@ -404,6 +404,7 @@ void AddLlmCommands(CLI::App& app) {
     cmd->add_flag("--rslora", a->rslora, "scale by alpha/√r instead of alpha/r");
     cmd->add_option("--targets", a->targets, "comma-separated modules (q_proj ... down_proj)")
         ->delimiter(',')
+      ->allow_extra_args(false)
         ->capture_default_str();
     cmd->add_option("--batch", a->options.batch, "records per micro-batch")
         ->capture_default_str()

@@ -89,6 +89,7 @@ void AddRandomAdapterCommand(CLI::App& app) {
   cmd->add_option("--layers", args->layers, "decoder layers")->capture_default_str();
   cmd->add_option("--targets", args->targets, "adapted projections")
       ->delimiter(',')
+      ->allow_extra_args(false)
       ->capture_default_str();
   cmd->add_option("--in-features", args->in_features, "n of every adapted layer")
       ->capture_default_str();

@@ -105,6 +105,21 @@ TEST_F(CliTest, AggregatesMixedRanksAndScalingsExactlyAsTheFormulas) {
   }
 }
 
+// `--weights 1,2 a/ b/` once failed with "Could not convert: --weights = 1,2,a/": the list option
+// took the inputs after it. A comma-separated list option takes exactly one argument.
+TEST_F(CliTest, RegressionAListOptionDoesNotSwallowTheInputsAfterIt) {
+  RandomAdapter("a", "--rank 2 --alpha 4 --seed 1 --in-features 8 --out-features 6");
+  RandomAdapter("b", "--rank 2 --alpha 4 --seed 2 --in-features 8 --out-features 6");
+  Result r = Fedlora("aggregate --method fedit --out " + Dir("g") + " --weights 1,2 " + Dir("a") +
+                     " " + Dir("b"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const common::Adapter a = *common::ReadPeftAdapter(Dir("a"));
+  const common::Adapter b = *common::ReadPeftAdapter(Dir("b"));
+  const common::Adapter g = *common::ReadPeftAdapter(Dir("g"));
+  const testing::MatrixD a_bar = (a.A(0).cast<double>() + 2 * b.A(0).cast<double>()) / 3;
+  EXPECT_LT(testing::RelativeDiff(g.A(0).cast<double>(), a_bar), 1e-6);
+}
+
 TEST_F(CliTest, FedSbAggregatesLoraSbAdapters) {
   RandomAdapter("s0", "--lora-sb --rank 6 --alpha 6 --frozen-seed 5 --seed 1");
   RandomAdapter("s1", "--lora-sb --rank 6 --alpha 3 --frozen-seed 5 --seed 2");
