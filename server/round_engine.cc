@@ -28,17 +28,6 @@ std::string JoinIds(const std::vector<std::string>& v) {
   return out;
 }
 
-// What an operator can do about a failed write.
-std::string Hint(const absl::Status& status, const std::string& state_dir) {
-  if (absl::IsResourceExhausted(status)) {
-    return StrCat("the disk holding ", state_dir,
-                  " is full: free space there; nothing is lost meanwhile");
-  }
-  if (absl::IsPermissionDenied(status))
-    return StrCat("make ", state_dir, " writable by this process");
-  return StrCat("check the disk and file system of ", state_dir);
-}
-
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOptions& given,
@@ -466,6 +455,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
       const bool keep = method_ == Method::kFlora || method_ == Method::kLoraFair;
       status = uploads_.Accept(round_, client, examples, request.metrics(),
                                keep ? *update : Adapter());
+      if (!status.ok()) status = store_.Unavailable(StrCat(client, "'s update"), status);
       if (status.ok() && dp_) {
         status = dp_->Add(*update);
       } else if (status.ok() && !keep) {
@@ -473,9 +463,10 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
       }
     }
     if (!status.ok()) {
+      uploads_.Drop(round_, client);
+      if (absl::IsUnavailable(status)) return status;  // the coordinator's failure: retried
       spdlog::warn("round {}: rejected {}'s update: {}", round_, client, status.message());
       rejected_.push_back(client);
-      uploads_.Drop(round_, client);
       return status;
     }
     response.set_received(request.total_size());
@@ -623,7 +614,7 @@ void RoundEngine::FailedLocked(Retry& retry, const absl::Status& status, const s
   retry.next_try = now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                              Seconds(backoff));
   const double failing_s = Seconds(now - retry.first_failure).count();
-  const std::string hint = Hint(status, options_.state_dir);
+  const std::string hint = StorageHint(status, options_.state_dir);
   if (failing_s >= options_.give_up_after_s) {
     failure_ = absl::Status(
         status.code(), StrCat(step, " has failed for ", static_cast<int64_t>(failing_s), " s (",

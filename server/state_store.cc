@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
+
 #include <cstring>
 
 #include "common/base/status_macros.h"
@@ -12,6 +14,21 @@
 namespace fedlora::server {
 namespace fs = std::filesystem;
 using common::StrCat;
+
+std::string StorageHint(const absl::Status& status, const fs::path& dir) {
+  if (absl::IsResourceExhausted(status)) {
+    return StrCat("the disk holding ", dir.string(),
+                  " is full: free space there; nothing is lost meanwhile");
+  }
+  if (absl::IsPermissionDenied(status)) return StrCat("make ", dir.string(), " writable");
+  return StrCat("check the disk and file system of ", dir.string());
+}
+
+absl::Status StateStore::Unavailable(std::string_view what, const absl::Status& status) const {
+  spdlog::error("cannot store {}: {}; {}", what, status.message(), StorageHint(status, dir_));
+  return absl::UnavailableError(
+      StrCat("the coordinator cannot store ", what, " now (", status.message(), "); retry later"));
+}
 
 absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* env) {
   // Partial uploads of a previous process are dropped: their round is redone.

@@ -24,6 +24,9 @@
 
 namespace fedlora::server {
 
+// What an operator can do about a failed write to the state directory `dir`.
+std::string StorageHint(const absl::Status& status, const std::filesystem::path& dir);
+
 class StateStore {
  public:
   // Opens (creating if needed) the directory; loads the ledger and metrics if there are any, and
@@ -66,6 +69,10 @@ class StateStore {
 
   const std::filesystem::path& dir() const { return dir_; }
   common::Env* env() const { return env_; }
+  // A write of `what` that failed with `status`, as a peer should see it: UNAVAILABLE (the
+  // coordinator's disk, not the peer, is at fault, so it should retry), with the reason. Logged
+  // with the hint for the operator.
+  absl::Status Unavailable(std::string_view what, const absl::Status& status) const;
 
  private:
   std::filesystem::path dir_;

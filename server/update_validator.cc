@@ -27,12 +27,14 @@ absl::StatusOr<common::Adapter> UpdateValidator::Verify(const StateStore& store,
                                                         const std::string& part,
                                                         const std::string& sha256,
                                                         const std::string& origin) const {
-  ASSIGN_OR_RETURN(common::MappedFile mapped, store.MapPart(part));
+  absl::StatusOr<common::MappedFile> mapped_or = store.MapPart(part);
+  if (!mapped_or.ok()) return store.Unavailable(origin, mapped_or.status());
+  const common::MappedFile& mapped = *mapped_or;
   const std::string_view bytes(reinterpret_cast<const char*>(mapped.bytes().data()),
                                mapped.bytes().size());
   auto hashed = std::async(std::launch::async, [&]() -> absl::StatusOr<std::string> {
     std::string sha = common::Sha256Hex(bytes);
-    RETURN_IF_ERROR(store.SyncPart(part));
+    if (absl::Status st = store.SyncPart(part); !st.ok()) return store.Unavailable(origin, st);
     return sha;
   });
   absl::StatusOr<common::Adapter> update = Decode(bytes, origin);

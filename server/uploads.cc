@@ -63,7 +63,7 @@ absl::StatusOr<v1::UploadResponse> Uploads::Receive(int64_t round, const std::st
     up = PendingUpload{request.sha256(), request.total_size()};  // a new upload
     if (absl::Status st = store_->StartPart(part); !st.ok()) {
       uploads_.erase(client);
-      return st;
+      return store_->Unavailable(StrCat(client, "'s update"), st);
     }
   }
   const int64_t begin = request.offset();
@@ -75,7 +75,8 @@ absl::StatusOr<v1::UploadResponse> Uploads::Receive(int64_t round, const std::st
                                              request.total_size(), " bytes"));
   }
   if (end > begin) {
-    RETURN_IF_ERROR(store_->WritePart(part, begin, request.data()));
+    if (absl::Status st = store_->WritePart(part, begin, request.data()); !st.ok())
+      return store_->Unavailable(StrCat(client, "'s update"), st);
     up.ranges.AddRange(begin, end);
     up.received = up.ranges.Prefix();
   }
