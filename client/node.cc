@@ -27,6 +27,14 @@ absl::Status FromGrpc(const grpc::Status& s, std::string_view what) {
                       StrCat(what, ": ", s.error_message()));
 }
 
+// What kind of refusal `s` is (REASON_UNSPECIFIED when the coordinator did not say).
+v1::ErrorDetail::Reason ReasonOf(const grpc::Status& s) {
+  v1::ErrorDetail detail;
+  if (s.error_details().empty() || !detail.ParseFromString(s.error_details()))
+    return v1::ErrorDetail::REASON_UNSPECIFIED;
+  return detail.reason();
+}
+
 bool Transient(const grpc::Status& s) {
   return s.error_code() == grpc::StatusCode::UNAVAILABLE ||
          s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED;
@@ -73,7 +81,13 @@ absl::Status Node::JoinCoordinator(const std::atomic<bool>& stop) {
   grpc::Status s =
       Retry([&](grpc::ClientContext& c) { return stub_->Join(&c, request, &response); }, stop);
   RETURN_IF_ERROR(FromGrpc(s, "join"));
-  method_ = response.method();
+  absl::StatusOr<common::Method> method = common::ParseMethod(response.method());
+  if (!method.ok()) {
+    return absl::FailedPreconditionError(
+        StrCat("the coordinator runs method '", response.method(),
+               "', which this client does not know; hint: a newer coordinator?"));
+  }
+  method_ = *method;
   if (response.max_chunk_bytes() > 0 && response.max_chunk_bytes() < options_.chunk_bytes) {
     spdlog::info("using the coordinator's chunk size of {} bytes", response.max_chunk_bytes());
     options_.chunk_bytes = response.max_chunk_bytes();
@@ -141,29 +155,30 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
   std::vector<common::ModuleShape> shapes;
   for (const v1::ModuleSpec& m : task.modules()) {
     shapes.push_back(
-        {m.name(), s.rank(), m.in_features(), m.out_features(), scaling, method_ == "fed-sb"});
+        {m.name(), s.rank(), m.in_features(), m.out_features(), scaling, method_ == common::Method::kFedSb});
   }
   ASSIGN_OR_RETURN(Adapter adapter, Adapter::Create(shapes));
   std::mt19937_64 rng(s.seed());
   for (size_t i = 0; i < adapter.num_modules(); ++i) {
     const auto g =
         global_.num_modules() ? global_.FindModule(adapter.module(i).name) : std::nullopt;
-    if (method_ == "flora" || !g) {
+    if (method_ == common::Method::kFlora || !g) {
       common::InitLoraA(adapter.A(i), rng);  // a fresh module, as PEFT starts one
     } else {
       // From the global state (scaling 1): our scaling s is unfolded from B (or R).
       const double s_global = global_.module(*g).scaling;
       adapter.A(i) = global_.A(*g);
       adapter.B(i) = global_.B(*g);
-      if (method_ == "fed-sb") {
+      if (method_ == common::Method::kFedSb) {
         adapter.R(i) = global_.R(*g) * static_cast<float>(s_global / scaling);
       } else {
         adapter.B(i) *= static_cast<float>(s_global / scaling);
       }
     }
   }
-  // Heartbeats while training, so the coordinator does not count us as dropped.
-  std::atomic<bool> training{true};
+  // Heartbeats while training, so the coordinator does not count us as dropped; its answer says
+  // whether the round still waits for this update.
+  std::atomic<bool> training{true}, wanted{true};
   std::thread heartbeat([&] {
     const auto interval =
         std::chrono::milliseconds(std::max<int64_t>(task.heartbeat_interval_ms(), 100));
@@ -178,20 +193,27 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
       grpc::ClientContext context;
       Identify(context);
       context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-      stub_->Heartbeat(&context, request, &response);
+      if (stub_->Heartbeat(&context, request, &response).ok() && !response.still_wanted())
+        wanted = false;
     }
   });
   absl::StatusOr<v1::TrainMetrics> trained = workload_->Train(task, adapter);
   training = false;
   heartbeat.join();
   RETURN_IF_ERROR(trained.status());
+  if (!wanted) {
+    return absl::AbortedError(StrCat("round ", task.round(),
+                                     " no longer waits for this update (it closed, or moved on "
+                                     "without this client); not uploading it"));
+  }
   v1::TrainMetrics metrics = *trained;
   metrics.set_seconds(
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   spdlog::info("round {}: trained {} steps, loss {:.6g} -> {:.6g}", task.round(), s.local_steps(),
                metrics.loss_before(), metrics.loss_after());
   const std::string bytes = common::EncodeAdapter(
-      adapter, method_ == "fed-sb" ? common::AdapterParts::kROnly : common::AdapterParts::kAll);
+      adapter, method_ == common::Method::kFedSb ? common::AdapterParts::kROnly
+                                                 : common::AdapterParts::kAll);
   return UploadUpdate(task, bytes, metrics, stop);
 }
 
@@ -215,7 +237,8 @@ absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
       header, bytes, settings, [&](const v1::UploadRequest& r, v1::UploadResponse* out) {
         return Retry([&](grpc::ClientContext& c) { return stub_->Upload(&c, r, out); }, stop);
       });
-  if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {
+  if (const auto reason = ReasonOf(s);
+      reason == v1::ErrorDetail::LATE || reason == v1::ErrorDetail::STALE_TASK) {
     // The coordinator moved on (the round closed, or a new state version) while this client
     // trained: the task is stale, not failed.
     return absl::AbortedError(StrCat("round ", task.round(), ": ", s.error_message()));
@@ -250,8 +273,7 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
           return stub_->GetTask(&c, request, &task);
         },
         stop);
-    if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION &&
-        s.error_message().find("Join first") != std::string::npos) {
+    if (ReasonOf(s) == v1::ErrorDetail::NOT_JOINED) {
       RETURN_IF_ERROR(JoinCoordinator(stop));  // the coordinator restarted and forgot us
       continue;
     }

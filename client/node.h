@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "client/workloads/workload.h"
+#include "common/aggregation/aggregate.h"
 #include "common/tensor/adapter.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 
@@ -55,7 +56,7 @@ class Node {
   std::unique_ptr<v1::Coordinator::Stub> stub_;
   NodeOptions options_;
   std::unique_ptr<Workload> workload_;
-  std::string method_;
+  common::Method method_ = common::Method::kFedIt;
   int64_t have_version_ = -1;
   common::Adapter
       global_;  // the latest global adapter (fedit, lora-fair), or frozen B, A with R (fed-sb)

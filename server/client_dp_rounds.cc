@@ -15,7 +15,7 @@ absl::StatusOr<ClientDpRounds> ClientDpRounds::Create(const ServerOptions& optio
 
 common::PrivacyRound ClientDpRounds::Entry() const {
   return {round_number_, sample_rate_, options_->dp_noise_multiplier,
-          options_->ParsedMethod() == Method::kLoraFair ? 2.0 : 1.0};
+          options_->method == Method::kLoraFair ? 2.0 : 1.0};
 }
 
 absl::StatusOr<common::AdaptiveClipper> ClientDpRounds::ClipperFor(double clip,
@@ -70,7 +70,7 @@ absl::StatusOr<common::AggregateResult> ClientDpRounds::Finish(
   }
   common::AggregateResult result;
   result.adapter = round.Finish(z_update, noise_);
-  if (options_->ParsedMethod() == Method::kLoraFair) {
+  if (options_->method == Method::kLoraFair) {
     ASSIGN_OR_RETURN(std::vector<common::LoraFairSolution> solutions,
                      common::PrivateLoraFairCorrection(
                          updates, round.start(), result.adapter, clip, z, expected, noise_,

@@ -4,6 +4,7 @@
 
 #include "common/base/strings.h"
 #include "common/net/tls.h"
+#include "server/errors.h"
 
 namespace fedlora::server {
 namespace {
@@ -25,7 +26,9 @@ grpc::ServerUnaryReactor* Reply(grpc::CallbackServerContext* context, absl::Stat
 }  // namespace
 
 grpc::Status ToGrpc(const absl::Status& status) {
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+  const std::optional<v1::ErrorDetail> detail = DetailOf(status);
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()),
+                      detail ? detail->SerializeAsString() : std::string());
 }
 
 absl::StatusOr<std::string> CoordinatorService::Identify(

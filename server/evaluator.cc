@@ -26,7 +26,7 @@ absl::StatusOr<std::unique_ptr<Evaluator>> Evaluator::Load(const ServerOptions& 
     ASSIGN_OR_RETURN(e->eval_examples_, common::ReadExamples(options.eval_data, e->base_->tokens,
                                                              options.eval_max_length));
   }
-  e->flora_ = options.ParsedMethod() == common::Method::kFlora;
+  e->flora_ = options.method == common::Method::kFlora;
   if (e->flora_) e->flora_merged_ = e->base_->weights;
   return e;
 }

@@ -24,7 +24,12 @@ namespace {
 using fedlora::server::ServerOptions;
 
 void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& port_file) {
-  app.add_option("--method", o.method, "fedit | flora | lora-fair | fed-sb")->capture_default_str();
+  std::map<std::string, fedlora::common::Method> methods;
+  for (fedlora::common::Method m : fedlora::common::kAllMethods)
+    methods.emplace(fedlora::common::MethodName(m), m);
+  app.add_option("--method", o.method, "fedit | flora | lora-fair | fed-sb")
+      ->transform(CLI::CheckedTransformer(methods))
+      ->default_str("fedit");
   app.add_option("--rounds", o.rounds)->capture_default_str();
   app.add_option("--seed", o.seed, "seed of cohorts, initial factors and task seeds")
       ->capture_default_str();

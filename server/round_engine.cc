@@ -11,6 +11,7 @@
 #include "common/base/strings.h"
 #include "common/tensor/blob.h"
 #include "server/cohort.h"
+#include "server/errors.h"
 #include "server/exporter.h"
 #include "server/round_close.h"
 
@@ -19,6 +20,7 @@ namespace {
 
 using common::Adapter;
 using common::Method;
+using common::MethodName;
 using common::StrCat;
 using Seconds = std::chrono::duration<double>;
 
@@ -60,14 +62,14 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOpt
 
 RoundEngine::RoundEngine(const ServerOptions& options, common::Env* env, StateStore store)
     : options_(options),
-      method_(options.ParsedMethod()),
+      method_(options.method),
       env_(env),
       store_(std::move(store)),
       uploads_(&store_) {}
 
 absl::Status RoundEngine::Resume() {
   if (!store_.has_ledger()) {
-    spdlog::info("new {} run in {}: waiting for {} clients", options_.method, options_.state_dir,
+    spdlog::info("new {} run in {}: waiting for {} clients", MethodName(method_), options_.state_dir,
                  options_.min_clients);
     return absl::OkStatus();
   }
@@ -81,7 +83,7 @@ absl::Status RoundEngine::Resume() {
   if (l.method != method_) {
     return absl::FailedPreconditionError(StrCat(
         "state directory ", options_.state_dir, " holds a ", common::MethodName(l.method),
-        " run but method is ", options_.method, "; use another state_dir for a new run"));
+        " run but method is ", MethodName(method_), "; use another state_dir for a new run"));
   }
   if (evaluator_ && l.base_model_sha256 != options_.base_model_sha256) {
     return absl::FailedPreconditionError(
@@ -132,7 +134,7 @@ absl::Status RoundEngine::failed() {
 absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
   Ledger ledger;
   std::mt19937_64 rng(options_.seed ^ 0x5eedf00dull);
-  ledger.run_id = fmt::format("{}-{:016x}", options_.method,
+  ledger.run_id = fmt::format("{}-{:016x}", MethodName(method_),
                               common::Fnv1a(StrCat(options_.seed, first.base_model_sha256())));
   ledger.method = method_;
   ledger.base_model_sha256 = first.base_model_sha256();
@@ -212,7 +214,7 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
     }
     CollectReadyLocked(&ready, false);
     response.set_run_id(store_.ledger().run_id);
-    response.set_method(options_.method);
+    response.set_method(std::string(MethodName(method_)));
     response.set_rounds(options_.rounds);
     response.set_max_chunk_bytes(options_.chunk_bytes);
   }
@@ -276,7 +278,7 @@ void RoundEngine::EndRunLocked(const std::string& why) {
 
 v1::Task RoundEngine::TaskForLocked(const std::string& client, int64_t have_version) {
   v1::Task task;
-  task.set_method(options_.method);
+  task.set_method(std::string(MethodName(method_)));
   task.set_round(round_);
   task.set_state_version(version());
   if (phase_ == Phase::kDone) {
@@ -325,7 +327,8 @@ void RoundEngine::GetTask(const std::string& client, const v1::GetTaskRequest& r
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (clients_.Find(client) == nullptr) {
-      task = absl::FailedPreconditionError(StrCat(client, " has not joined; call Join first"));
+      task = WithReason(absl::FailedPreconditionError(StrCat(client, " has not joined; call Join first")),
+                        v1::ErrorDetail::NOT_JOINED);
     } else {
       const auto now = env_->Now();
       clients_.Touch(client, now);
@@ -389,37 +392,42 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
         spdlog::warn("{}'s update for round {} came after that round closed; not counted (late)",
                      client, request.round());
       }
-      return absl::FailedPreconditionError(
-          StrCat("round ", request.round(), " closed before this update arrived (late)",
-                 phase_ == Phase::kTraining && !closing ? StrCat("; round ", round_, " is open")
-                                                        : ""));
+      return WithReason(
+          absl::FailedPreconditionError(
+              StrCat("round ", request.round(), " closed before this update arrived (late)",
+                     phase_ == Phase::kTraining && !closing ? StrCat("; round ", round_, " is open")
+                                                            : "")),
+          v1::ErrorDetail::LATE);
     }
+    auto stale = [](absl::Status st) { return WithReason(st, v1::ErrorDetail::STALE_TASK); };
+    auto rejected = [](absl::Status st) { return WithReason(st, v1::ErrorDetail::REJECTED); };
     if (phase_ != Phase::kTraining) {
-      return absl::FailedPreconditionError(
-          StrCat("no round is open (upload for round ", request.round(), ")"));
+      return stale(absl::FailedPreconditionError(
+          StrCat("no round is open (upload for round ", request.round(), ")")));
     }
     if (request.round() != round_) {
-      return absl::FailedPreconditionError(
-          StrCat("upload for round ", request.round(), " but round ", round_, " is open"));
+      return stale(absl::FailedPreconditionError(
+          StrCat("upload for round ", request.round(), " but round ", round_, " is open")));
     }
     if (request.state_version() != version()) {
-      return absl::FailedPreconditionError(StrCat("update trained from version ",
-                                                  request.state_version(), " but round ", round_,
-                                                  " trains from version ", version()));
+      return stale(absl::FailedPreconditionError(
+          StrCat("update trained from version ", request.state_version(), " but round ", round_,
+                 " trains from version ", version())));
     }
     if (!std::binary_search(cohort_.begin(), cohort_.end(), client)) {
-      return absl::PermissionDeniedError(StrCat(client, " is not in round ", round_, "'s cohort"));
+      return stale(
+          absl::PermissionDeniedError(StrCat(client, " is not in round ", round_, "'s cohort")));
     }
     if (request.total_size() <= 0 || request.total_size() > options_.max_update_bytes) {
       spdlog::warn("round {}: refused {}'s update of {} bytes (limit {})", round_, client,
                    request.total_size(), options_.max_update_bytes);
-      return absl::ResourceExhaustedError(StrCat("update of ", request.total_size(),
-                                                 " bytes exceeds the limit of ",
-                                                 options_.max_update_bytes, " bytes"));
+      return rejected(absl::ResourceExhaustedError(StrCat("update of ", request.total_size(),
+                                                          " bytes exceeds the limit of ",
+                                                          options_.max_update_bytes, " bytes")));
     }
     if (!common::IsSha256Hex(request.sha256())) {
-      return absl::InvalidArgumentError(
-          StrCat("sha256 '", request.sha256(), "' is not 64 lower-case hex digits"));
+      return rejected(absl::InvalidArgumentError(
+          StrCat("sha256 '", request.sha256(), "' is not 64 lower-case hex digits")));
     }
     response = uploads_.Receive(round_, client, request, &complete);
     if (!response.ok() || !complete) return response;
@@ -444,9 +452,11 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
     const PendingUpload* up = uploads_.Find(client);
     if (phase_ != Phase::kTraining || round_ != request.round() || up == nullptr ||
         !up->verifying) {
-      return absl::FailedPreconditionError(
-          StrCat("round ", request.round(), " stopped waiting for ", client,
-                 "'s update while it was verified (the run ended, or the client left)"));
+      return WithReason(
+          absl::FailedPreconditionError(
+              StrCat("round ", request.round(), " stopped waiting for ", client,
+                     "'s update while it was verified (the run ended, or the client left)")),
+          v1::ErrorDetail::STALE_TASK);
     }
     absl::Status status = update.status();
     if (status.ok()) {
@@ -467,7 +477,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
       if (absl::IsUnavailable(status)) return status;  // the coordinator's failure: retried
       spdlog::warn("round {}: rejected {}'s update: {}", round_, client, status.message());
       rejected_.push_back(client);
-      return status;
+      return WithReason(status, v1::ErrorDetail::REJECTED);
     }
     response.set_received(request.total_size());
     response.set_accepted(true);
@@ -659,8 +669,9 @@ absl::StatusOr<v1::LeaveResponse> RoundEngine::Leave(const std::string& client,
     std::lock_guard<std::mutex> lock(mu_);
     ClientInfo* info = clients_.Find(client);
     if (info == nullptr) {
-      return absl::FailedPreconditionError(
-          StrCat(client, " has not joined; there is nothing to leave"));
+      return WithReason(absl::FailedPreconditionError(
+                            StrCat(client, " has not joined; there is nothing to leave")),
+                        v1::ErrorDetail::NOT_JOINED);
     }
     info->left = request.reason().empty() ? "no reason given" : request.reason();
     spdlog::warn("{} left the run: {}", client, info->left);
@@ -690,7 +701,7 @@ v1::StatusResponse RoundEngine::GetStatus() {
   std::lock_guard<std::mutex> lock(mu_);
   v1::StatusResponse s;
   s.set_run_id(store_.has_ledger() ? store_.ledger().run_id : "");
-  s.set_method(options_.method);
+  s.set_method(std::string(MethodName(method_)));
   s.set_round(phase_ == Phase::kDone ? version() : round_);
   s.set_rounds(options_.rounds);
   s.set_state_version(version());

@@ -7,7 +7,6 @@ using common::StrCat;
 
 absl::Status ServerOptions::Validate() const {
   auto bad = [](auto... parts) { return absl::InvalidArgumentError(StrCat(parts...)); };
-  if (!common::ParseMethod(method).ok()) return common::ParseMethod(method).status();
   if (rounds < 1) return bad("rounds is ", rounds, "; it must be at least 1");
   if (min_clients < 1) return bad("min_clients is ", min_clients, "; it must be at least 1");
   if (!(fraction > 0 && fraction <= 1))
@@ -34,7 +33,7 @@ absl::Status ServerOptions::Validate() const {
         "client-level DP needs dp_clip > 0 (the bound on each client's update, the initial one "
         "with dp_adaptive_clip)");
   }
-  if (client_dp() && ParsedMethod() == common::Method::kFlora) {
+  if (client_dp() && method == common::Method::kFlora) {
     return bad(
         "flora cannot run with client-level DP: the coordinator needs each client's own factors "
         "to stack them, so no sum can be noised. Use DP-SGD on the clients instead "
@@ -76,7 +75,5 @@ absl::Status ServerOptions::Validate() const {
   }
   return absl::OkStatus();
 }
-
-common::Method ServerOptions::ParsedMethod() const { return *common::ParseMethod(method); }
 
 }  // namespace fedlora::server

@@ -14,7 +14,7 @@ namespace fedlora::server {
 
 struct ServerOptions {
   // Run
-  std::string method = "fedit";  // fedit | flora | lora-fair | fed-sb
+  common::Method method = common::Method::kFedIt;
   int rounds = 3;
   uint64_t seed = 0;  // cohorts, initial factors, task seeds: a run with the same seed repeats
   std::string state_dir = "fedlora-state";
@@ -75,7 +75,6 @@ struct ServerOptions {
 
   bool client_dp() const { return dp_clip > 0; }
   absl::Status Validate() const;
-  common::Method ParsedMethod() const;  // after Validate()
 };
 
 }  // namespace fedlora::server

@@ -10,6 +10,7 @@
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/tensor/blob.h"
+#include "server/errors.h"
 
 namespace fedlora::server {
 namespace fs = std::filesystem;
@@ -26,8 +27,9 @@ std::string StorageHint(const absl::Status& status, const fs::path& dir) {
 
 absl::Status StateStore::Unavailable(std::string_view what, const absl::Status& status) const {
   spdlog::error("cannot store {}: {}; {}", what, status.message(), StorageHint(status, dir_));
-  return absl::UnavailableError(
-      StrCat("the coordinator cannot store ", what, " now (", status.message(), "); retry later"));
+  return WithReason(absl::UnavailableError(StrCat("the coordinator cannot store ", what, " now (",
+                                                  status.message(), "); retry later")),
+                    v1::ErrorDetail::RETRY_LATER);
 }
 
 absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* env) {

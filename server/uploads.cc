@@ -5,6 +5,7 @@
 
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "server/errors.h"
 
 namespace fedlora::server {
 
@@ -45,14 +46,16 @@ absl::StatusOr<v1::UploadResponse> Uploads::Receive(int64_t round, const std::st
   v1::UploadResponse response;
   PendingUpload& up = uploads_[client];
   if (up.verifying) {  // its part file must not change until it has been checked
-    return absl::UnavailableError(
-        StrCat(client, "'s update for round ", round, " is being verified; retry"));
+    return WithReason(absl::UnavailableError(StrCat(client, "'s update for round ", round,
+                                                    " is being verified; retry")),
+                      v1::ErrorDetail::RETRY_LATER);
   }
   if (up.accepted) {
     if (up.sha256 != request.sha256()) {
-      return absl::AlreadyExistsError(StrCat("an update for round ", round,
-                                             " was already accepted from ", client, " (sha256 ",
-                                             up.sha256, ")"));
+      return WithReason(absl::AlreadyExistsError(StrCat("an update for round ", round,
+                                                      " was already accepted from ", client,
+                                                      " (sha256 ", up.sha256, ")")),
+                      v1::ErrorDetail::REJECTED);
     }
     response.set_received(up.total_size);  // an idempotent retry
     response.set_accepted(true);
@@ -70,9 +73,10 @@ absl::StatusOr<v1::UploadResponse> Uploads::Receive(int64_t round, const std::st
   const int64_t end = begin + static_cast<int64_t>(request.data().size());
   if (begin < 0 || end > up.total_size) {
     Drop(round, client);
-    return absl::InvalidArgumentError(StrCat("chunk [", begin, ", ", end,
-                                             ") is outside the announced size of ",
-                                             request.total_size(), " bytes"));
+    return WithReason(absl::InvalidArgumentError(StrCat("chunk [", begin, ", ", end,
+                                                        ") is outside the announced size of ",
+                                                        request.total_size(), " bytes")),
+                      v1::ErrorDetail::REJECTED);
   }
   if (end > begin) {
     if (absl::Status st = store_->WritePart(part, begin, request.data()); !st.ok())

@@ -36,7 +36,7 @@ inline const std::vector<std::tuple<std::string, int, int>> kModules = {
 inline server::ServerOptions TestOptions(const std::filesystem::path& state_dir,
                                          const std::string& method) {
   server::ServerOptions o;
-  o.method = method;
+  o.method = *common::ParseMethod(method);
   o.rounds = 2;
   o.state_dir = state_dir.string();
   o.min_clients = 3;
@@ -103,7 +103,7 @@ class Harness {
   // The update client `id` sends for `round`: factors drawn from (id, round), at the client's
   // scaling; for fed-sb an R on the frozen B, A of `task`'s downloads.
   absl::StatusOr<Adapter> MakeUpdate(const std::string& id, const v1::Task& task) {
-    const bool fed_sb = options_.method == "fed-sb";
+    const bool fed_sb = options_.method == common::Method::kFedSb;
     std::vector<common::ModuleShape> shapes;
     for (const auto& [name, n, m] : kModules)
       shapes.push_back({name, kRank, n, m, kAlpha / kRank, fed_sb});
@@ -134,8 +134,9 @@ class Harness {
   }
 
   std::string Encode(const Adapter& update) const {
-    return common::EncodeAdapter(update, options_.method == "fed-sb" ? common::AdapterParts::kROnly
-                                                                     : common::AdapterParts::kAll);
+    return common::EncodeAdapter(update, options_.method == common::Method::kFedSb
+                                             ? common::AdapterParts::kROnly
+                                             : common::AdapterParts::kAll);
   }
 
   // Sends `bytes` as `id`'s update for `task` in chunks; `upto` bytes only when set (a client that

@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include "common/tensor/peft.h"
+#include "server/errors.h"
 #include "tests/server/engine_harness.h"
 #include "tests/test_util.h"
 
@@ -175,6 +176,8 @@ TEST_F(RoundEngineTest, LateUpdateIsRefusedAndRecordedInTheNextRound) {
   auto late = h_.Send("c2", *task, h_.Encode(*h_.MakeUpdate("c2", *task)));
   ASSERT_FALSE(late.ok());
   EXPECT_TRUE(absl::IsFailedPrecondition(late.status()));
+  ASSERT_TRUE(server::DetailOf(late.status()).has_value());
+  EXPECT_EQ(server::DetailOf(late.status())->reason(), v1::ErrorDetail::LATE);
   EXPECT_THAT(late.status().message(),
               HasSubstr("round 1 closed before this update arrived (late); round 2 is open"));
   for (const char* id : {"c1", "c2", "c3"}) Train(id);
@@ -253,6 +256,8 @@ TEST_F(RoundEngineTest, RestartMidRoundRedoesTheRoundWithTheSameResult) {
   EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));
   auto task = h_.Task("c1");
   EXPECT_TRUE(absl::IsFailedPrecondition(task.status())) << "a restarted engine knows no client";
+  ASSERT_TRUE(server::DetailOf(task.status()).has_value());
+  EXPECT_EQ(server::DetailOf(task.status())->reason(), v1::ErrorDetail::NOT_JOINED);
   JoinAll();
   for (const char* id : {"c1", "c2", "c3"}) Train(id);
   EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
