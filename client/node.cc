@@ -228,10 +228,11 @@ absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
   *header.mutable_metrics() = metrics;
   UploadSettings settings;
   settings.chunk_bytes = options_.chunk_bytes;
-  if (options_.die_mid_upload_fraction >= 0) {
-    settings.die_after_bytes =
-        static_cast<int64_t>(options_.die_mid_upload_fraction * bytes.size());
-    settings.window = 1;  // testing: die at a known point
+  if (options_.before_upload_chunk) {
+    settings.window = 1;  // chunks in order, so the hook sees a known prefix sent
+    settings.before_chunk = [&](int64_t offset) {
+      options_.before_upload_chunk(offset, static_cast<int64_t>(bytes.size()));
+    };
   }
   grpc::Status s = UploadInChunks(
       header, bytes, settings, [&](const v1::UploadRequest& r, v1::UploadResponse* out) {
@@ -244,7 +245,6 @@ absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
     return absl::AbortedError(StrCat("round ", task.round(), ": ", s.error_message()));
   }
   RETURN_IF_ERROR(FromGrpc(s, StrCat("upload for round ", task.round())));
-  ++uploads_;
   spdlog::info("round {}: update accepted ({} bytes)", task.round(), bytes.size());
   return absl::OkStatus();
 }
@@ -320,10 +320,6 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
           continue;
         }
         failures_ = 0;
-        if (options_.exit_after_uploads >= 0 && uploads_ >= options_.exit_after_uploads) {
-          spdlog::warn("testing: exiting after {} uploads", uploads_);
-          std::_Exit(9);
-        }
         continue;
       }
       default:

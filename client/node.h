@@ -24,9 +24,9 @@ struct NodeOptions {
   int64_t chunk_bytes = 1 << 20;    // upload / download chunk size (at most the coordinator's)
   double max_retry_s = 300;         // give up after retrying a call this long
   std::string out_dir;              // where the final state is written on DONE (empty: nowhere)
-  int64_t exit_after_uploads = -1;  // testing: stop (as if killed) after this many uploads
-  double die_mid_upload_fraction =
-      -1;  // testing: exit(9) after sending this fraction of the next upload
+  // Called before each chunk of an upload is sent, with its offset and the update's size (an
+  // instrumentation point for fault tests; empty in fedlora-client).
+  std::function<void(int64_t offset, int64_t total)> before_upload_chunk;
 };
 
 class Node {
@@ -60,7 +60,6 @@ class Node {
   int64_t have_version_ = -1;
   common::Adapter
       global_;  // the latest global adapter (fedit, lora-fair), or frozen B, A with R (fed-sb)
-  int64_t uploads_ = 0;
   int failures_ = 0;  // consecutive failed tasks
 };
 

@@ -15,7 +15,7 @@ grpc::Status UploadInChunks(const v1::UploadRequest& header, const std::string& 
   const int64_t chunk = std::max<int64_t>(settings.chunk_bytes, 1);
   const int64_t chunks = std::max<int64_t>((size + chunk - 1) / chunk, 1);
   auto request_at = [&](int64_t offset) {
-    if (settings.die_after_bytes >= 0 && offset >= settings.die_after_bytes) std::_Exit(9);
+    if (settings.before_chunk) settings.before_chunk(offset);
     v1::UploadRequest request = header;
     request.set_offset(offset);
     request.set_data(bytes.substr(static_cast<size_t>(offset),

@@ -20,8 +20,9 @@ using SendChunk = std::function<grpc::Status(const v1::UploadRequest&, v1::Uploa
 struct UploadSettings {
   int64_t chunk_bytes = 1 << 20;
   int window = 4;  // chunks in flight at once
-  int64_t die_after_bytes =
-      -1;  // testing: _Exit(9) before sending a chunk that starts at or past this
+  // Called with each chunk's offset before it is sent (an instrumentation point: the fault tests'
+  // client build stops there as if killed); may be empty.
+  std::function<void(int64_t offset)> before_chunk;
 };
 
 // `header` holds everything but offset and data (round, state version, sha256, total size,

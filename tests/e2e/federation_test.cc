@@ -98,10 +98,12 @@ class FederationTest : public ::testing::Test {
     while (!port_.empty() && port_.back() == '\n') port_.pop_back();
     return pid;
   }
-  pid_t StartClient(int i, const std::string& tag, std::vector<std::string> extra = {}) {
+  // `program`: fedlora-client, or the tests' build of it with fault hooks (fedlora-client-faulty).
+  pid_t StartClient(int i, const std::string& tag, std::vector<std::string> extra = {},
+                    const std::string& program = "fedlora-client") {
     const std::string n = std::to_string(i);
     const std::vector<std::string> argv =
-        WithFlags(kBin + "/fedlora-client",
+        WithFlags(kBin + "/" + program,
                   {{"--coordinator", "localhost:" + port_},
                    {"--ca", Cert("ca.pem")},
                    {"--cert", Cert("client-" + n + ".pem")},
@@ -940,7 +942,8 @@ TEST_F(FederationTest, ClientKilledMidUploadIsDroppedAndCatchesUpAfterRestart) {
   const pid_t c1 = StartClient(1, "run"), c2 = StartClient(2, "run");
   // Client 3 dies (exit 9, like kill -9) half-way through its first upload, sent in 1 KiB chunks.
   const pid_t dying =
-      StartClient(3, "run", {"--chunk-bytes", "1024", "--testing-die-mid-upload", "0.5"});
+      StartClient(3, "run", {"--chunk-bytes", "1024", "--testing-die-mid-upload", "0.5"},
+                  "fedlora-client-faulty");
   EXPECT_EQ(testing::Wait(dying, std::chrono::seconds(30)), 9);
   // Round 1 closes with the quorum (2 of 3) once client 3 is silent; its partial upload is
   // discarded.
