@@ -25,8 +25,8 @@ int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string
   if (!insecure_id.empty()) context.AddMetadata(common::kClientIdMetadata, insecure_id);
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   v1::StatusResponse s;
-  if (grpc::Status st = v1::Coordinator::NewStub(channel)->GetStatus(
-          &context, v1::StatusRequest(), &s);
+  if (grpc::Status st =
+          v1::Coordinator::NewStub(channel)->GetStatus(&context, v1::StatusRequest(), &s);
       !st.ok()) {
     std::fprintf(stderr, "error: the coordinator's status: %s\n", st.error_message().c_str());
     return 1;
@@ -64,7 +64,7 @@ int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string
 }
 
 std::shared_ptr<grpc::Channel> Channel(const ClientOptions& o,
-                                      std::shared_ptr<grpc::ChannelCredentials> credentials) {
+                                       std::shared_ptr<grpc::ChannelCredentials> credentials) {
   grpc::ChannelArguments args;
   const int max_message = static_cast<int>(o.node.chunk_bytes + (1 << 20));
   args.SetMaxReceiveMessageSize(max_message);
@@ -130,7 +130,8 @@ absl::Status ClientOptions::Validate() const {
     return bad("the llm workload needs --model DIR and --data FILE");
   if (node.chunk_bytes < 1024 || node.chunk_bytes > (64 << 20))
     return bad("--chunk-bytes is ", node.chunk_bytes, "; use 1 KiB to 64 MiB");
-  if (!(node.max_retry_s > 0)) return bad("--max-retry-s is ", node.max_retry_s, "; it must be > 0");
+  if (!(node.max_retry_s > 0))
+    return bad("--max-retry-s is ", node.max_retry_s, "; it must be > 0");
   return absl::OkStatus();
 }
 

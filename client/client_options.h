@@ -30,7 +30,7 @@ struct ClientOptions {
   RegressionOptions regression;
   LlmOptions llm;
   CommandOptions command;
-  std::string modules;  // command: adaptable layers as name:in_features:out_features,...
+  std::string modules;    // command: adaptable layers as name:in_features:out_features,...
   DpSgdSettings privacy;  // DP-SGD (regression, llm); off unless a noise multiplier is given
   NodeOptions node;       // retries, chunks, the final state's directory
   // Instead of taking part: print the coordinator's view of the run and exit.

@@ -8,12 +8,12 @@
 #include <thread>
 
 #include "client/upload.h"
-#include "common/tensor/blob.h"
-#include "common/tensor/peft.h"
-#include "common/tensor/safetensors.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/net/tls.h"
+#include "common/tensor/blob.h"
+#include "common/tensor/peft.h"
+#include "common/tensor/safetensors.h"
 
 namespace fedlora::client {
 namespace {
@@ -154,8 +154,8 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
   const double scaling = s.lora_alpha() / s.rank();
   std::vector<common::ModuleShape> shapes;
   for (const v1::ModuleSpec& m : task.modules()) {
-    shapes.push_back(
-        {m.name(), s.rank(), m.in_features(), m.out_features(), scaling, method_ == common::Method::kFedSb});
+    shapes.push_back({m.name(), s.rank(), m.in_features(), m.out_features(), scaling,
+                      method_ == common::Method::kFedSb});
   }
   ASSIGN_OR_RETURN(Adapter adapter, Adapter::Create(shapes));
   std::mt19937_64 rng(s.seed());
@@ -211,9 +211,9 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   spdlog::info("round {}: trained {} steps, loss {:.6g} -> {:.6g}", task.round(), s.local_steps(),
                metrics.loss_before(), metrics.loss_after());
-  const std::string bytes = common::EncodeAdapter(
-      adapter, method_ == common::Method::kFedSb ? common::AdapterParts::kROnly
-                                                 : common::AdapterParts::kAll);
+  const std::string bytes = common::EncodeAdapter(adapter, method_ == common::Method::kFedSb
+                                                               ? common::AdapterParts::kROnly
+                                                               : common::AdapterParts::kAll);
   return UploadUpdate(task, bytes, metrics, stop);
 }
 

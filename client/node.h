@@ -19,11 +19,11 @@
 namespace fedlora::client {
 
 struct NodeOptions {
-  std::string
-      id;  // used only with --insecure (sent as metadata); with TLS the certificate names us
-  int64_t chunk_bytes = 1 << 20;    // upload / download chunk size (at most the coordinator's)
-  double max_retry_s = 300;         // give up after retrying a call this long
-  std::string out_dir;              // where the final state is written on DONE (empty: nowhere)
+  // used only with --insecure (sent as metadata); with TLS the certificate names us
+  std::string id;
+  int64_t chunk_bytes = 1 << 20;  // upload / download chunk size (at most the coordinator's)
+  double max_retry_s = 300;       // give up after retrying a call this long
+  std::string out_dir;            // where the final state is written on DONE (empty: nowhere)
   // Called before each chunk of an upload is sent, with its offset and the update's size (an
   // instrumentation point for fault tests; empty in fedlora-client).
   std::function<void(int64_t offset, int64_t total)> before_upload_chunk;
@@ -58,8 +58,8 @@ class Node {
   std::unique_ptr<Workload> workload_;
   common::Method method_ = common::Method::kFedIt;
   int64_t have_version_ = -1;
-  common::Adapter
-      global_;  // the latest global adapter (fedit, lora-fair), or frozen B, A with R (fed-sb)
+  // the latest global adapter (fedit, lora-fair), or frozen B, A with R (fed-sb)
+  common::Adapter global_;
   int failures_ = 0;  // consecutive failed tasks
 };
 

@@ -10,8 +10,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "common/privacy/privacy_accountant.h"
 #include "common/llm/trainer.h"
+#include "common/privacy/privacy_accountant.h"
 #include "fedlora/v1/coordinator.pb.h"
 
 namespace fedlora::client {

@@ -8,7 +8,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libeigen3-dev libssl-dev libspdlog-dev libfmt-dev libabsl-dev
   nlohmann-json3-dev libcli11-dev libpcre2-dev libopenblas-pthread-dev docker-compose
-  libgtest-dev libgmock-dev libbenchmark-dev
+  libgtest-dev libgmock-dev libbenchmark-dev clang-format
 )
 
 missing=()

@@ -20,18 +20,17 @@ common::PrivacyRound ClientDpRounds::Entry() const {
 
 absl::StatusOr<common::AdaptiveClipper> ClientDpRounds::ClipperFor(double clip,
                                                                    double expected) const {
-  ASSIGN_OR_RETURN(common::AdaptiveClipper clipper,
-                   common::AdaptiveClipper::Create(
-                       {clip, options_->dp_target_quantile, options_->dp_clip_learning_rate,
-                        options_->dp_count_stddev},
-                       expected));
+  ASSIGN_OR_RETURN(
+      common::AdaptiveClipper clipper,
+      common::AdaptiveClipper::Create({clip, options_->dp_target_quantile,
+                                       options_->dp_clip_learning_rate, options_->dp_count_stddev},
+                                      expected));
   RETURN_IF_ERROR(clipper.UpdateNoiseMultiplier(options_->dp_noise_multiplier).status());
   return clipper;
 }
 
-absl::StatusOr<bool> ClientDpRounds::Start(const ClientDpState& state, int64_t round,
-                                           size_t cohort, size_t population,
-                                           common::Adapter start) {
+absl::StatusOr<bool> ClientDpRounds::Start(const ClientDpState& state, int64_t round, size_t cohort,
+                                           size_t population, common::Adapter start) {
   round_number_ = round;
   const double expected = static_cast<double>(cohort);
   sample_rate_ = expected / static_cast<double>(population);
@@ -71,10 +70,10 @@ absl::StatusOr<common::AggregateResult> ClientDpRounds::Finish(
   common::AggregateResult result;
   result.adapter = round.Finish(z_update, noise_);
   if (options_->method == Method::kLoraFair) {
-    ASSIGN_OR_RETURN(std::vector<common::LoraFairSolution> solutions,
-                     common::PrivateLoraFairCorrection(
-                         updates, round.start(), result.adapter, clip, z, expected, noise_,
-                         {.lambda = options_->lora_fair_lambda}));
+    ASSIGN_OR_RETURN(
+        std::vector<common::LoraFairSolution> solutions,
+        common::PrivateLoraFairCorrection(updates, round.start(), result.adapter, clip, z, expected,
+                                          noise_, {.lambda = options_->lora_fair_lambda}));
     for (size_t i = 0; i < solutions.size(); ++i) {
       result.modules.push_back({.name = result.adapter.module(i).name,
                                 .rank = result.adapter.module(i).rank,
@@ -85,7 +84,8 @@ absl::StatusOr<common::AggregateResult> ClientDpRounds::Finish(
   const double next_clip = clipper ? clipper->clip() : clip;
   state->clip = next_clip;
   state->rounds.push_back(Entry());
-  ASSIGN_OR_RETURN(common::PrivacySpent spent, common::SpentOver(state->rounds, options_->dp_delta));
+  ASSIGN_OR_RETURN(common::PrivacySpent spent,
+                   common::SpentOver(state->rounds, options_->dp_delta));
   *metrics = {{"epsilon", spent.epsilon},
               {"delta", options_->dp_delta},
               {"order", spent.order},

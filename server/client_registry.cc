@@ -20,10 +20,9 @@ absl::Status CheckAdmission(const v1::JoinRequest& request, const std::string& e
         StrCat("num_examples is ", request.num_examples(), "; it must be positive"));
   }
   if (!expected_sha256.empty() && request.base_model_sha256() != expected_sha256) {
-    return absl::FailedPreconditionError(
-        StrCat("your base model's fingerprint ", request.base_model_sha256(),
-               " differs from the run's ", expected_sha256,
-               "; hint: wrong base model? every client must hold the same weights"));
+    return absl::FailedPreconditionError(StrCat(
+        "your base model's fingerprint ", request.base_model_sha256(), " differs from the run's ",
+        expected_sha256, "; hint: wrong base model? every client must hold the same weights"));
   }
   if (request.max_rank() < rank) {
     return absl::FailedPreconditionError(

@@ -1,6 +1,6 @@
-// The kind of a refusal that a client acts on (v1::ErrorDetail::Reason): attached to an absl::Status
-// as a payload here, and sent as the gRPC status's details by the service (coordinator_service.cc),
-// so that no client parses message text.
+// The kind of a refusal that a client acts on (v1::ErrorDetail::Reason): attached to an
+// absl::Status as a payload here, and sent as the gRPC status's details by the service
+// (coordinator_service.cc), so that no client parses message text.
 #ifndef FEDLORA_SERVER_ERRORS_H_
 #define FEDLORA_SERVER_ERRORS_H_
 

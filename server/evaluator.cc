@@ -36,16 +36,15 @@ absl::Status Evaluator::MergeFloraUpTo(const StateStore& store, int64_t version)
   for (; flora_version_ < version; ++flora_version_) {
     const BlobRef& delta_blob = store.ledger().at(flora_version_ + 1).blobs.at(0);
     ASSIGN_OR_RETURN(std::string bytes, store.ReadWholeBlob(delta_blob.sha256));
-    ASSIGN_OR_RETURN(common::Adapter delta,
-                     common::DecodeAdapter(bytes, StrCat("FLoRA delta of version ",
-                                                         flora_version_ + 1)));
+    ASSIGN_OR_RETURN(
+        common::Adapter delta,
+        common::DecodeAdapter(bytes, StrCat("FLoRA delta of version ", flora_version_ + 1)));
     RETURN_IF_ERROR(flora_merged_->Merge(delta));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::optional<double>> Evaluator::Evaluate(const StateStore& store,
-                                                          int64_t version,
+absl::StatusOr<std::optional<double>> Evaluator::Evaluate(const StateStore& store, int64_t version,
                                                           const common::Adapter& global) {
   if (eval_examples_.empty()) return std::nullopt;
   if (flora_) {
@@ -54,10 +53,9 @@ absl::StatusOr<std::optional<double>> Evaluator::Evaluate(const StateStore& stor
   }
   // The global model: the base with the adapter (LoRA-SB's frozen B, A carry the averaged R), or
   // for FLoRA the base with every round's delta merged.
-  ASSIGN_OR_RETURN(common::LossSum l,
-                   common::Evaluate(flora_ ? *flora_merged_ : base_->weights,
-                                    flora_ ? nullptr : &global, eval_examples_,
-                                    /*batch=*/8, /*threads=*/0));
+  ASSIGN_OR_RETURN(common::LossSum l, common::Evaluate(flora_ ? *flora_merged_ : base_->weights,
+                                                       flora_ ? nullptr : &global, eval_examples_,
+                                                       /*batch=*/8, /*threads=*/0));
   return l.tokens > 0 ? l.sum / static_cast<double>(l.tokens) : 0.0;
 }
 

@@ -69,8 +69,7 @@ absl::Status ExportTruncated(const Adapter& global, int rank, const std::filesys
 
 }  // namespace
 
-absl::StatusOr<Adapter> AdapterAt(const StateStore& store, int64_t version,
-                                  const Adapter& frozen) {
+absl::StatusOr<Adapter> AdapterAt(const StateStore& store, int64_t version, const Adapter& frozen) {
   const BlobRef& latest = store.ledger().at(version).blobs.at(0);
   if (latest.kind == BlobKind::kFrozen) return frozen;  // R = 0
   if (latest.kind != BlobKind::kR) return ReadAdapterBlob(store, latest);
@@ -95,16 +94,17 @@ absl::Status Export(const StateStore& store, const ServerOptions& options, const
                                                common::DType::kF32, /*overwrite=*/true,
                                                store.env()));
   }
-  if (ledger.method == Method::kFlora) RETURN_IF_ERROR(ExportTruncated(global, options.rank, dir, write));
-  RETURN_IF_ERROR(common::WriteFileAtomically(
-      dir / "version.json",
-      nlohmann::json({{"run_id", ledger.run_id},
-                      {"method", common::MethodName(ledger.method)},
-                      {"version", ledger.latest()},
-                      {"rounds", options.rounds}})
-              .dump(2) +
-          "\n",
-      store.env()));
+  if (ledger.method == Method::kFlora)
+    RETURN_IF_ERROR(ExportTruncated(global, options.rank, dir, write));
+  RETURN_IF_ERROR(
+      common::WriteFileAtomically(dir / "version.json",
+                                  nlohmann::json({{"run_id", ledger.run_id},
+                                                  {"method", common::MethodName(ledger.method)},
+                                                  {"version", ledger.latest()},
+                                                  {"rounds", options.rounds}})
+                                          .dump(2) +
+                                      "\n",
+                                  store.env()));
   spdlog::info("exported version {} of {} rounds: the global adapter is in {}", ledger.latest(),
                options.rounds, (dir / "global").string());
   return absl::OkStatus();

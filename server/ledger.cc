@@ -107,8 +107,8 @@ absl::StatusOr<Ledger> LedgerFromJson(const json& j, std::string_view origin) {
         const auto* k = std::find_if(std::begin(kBlobKinds), std::end(kBlobKinds),
                                      [&](BlobKind x) { return BlobKindName(x) == kind; });
         if (k == std::end(kBlobKinds)) return damaged(StrCat("unknown blob kind '", kind, "'"));
-        version.blobs.push_back({b.at("sha256").get<std::string>(), b.at("size").get<int64_t>(),
-                                 *k, b.at("version").get<int64_t>()});
+        version.blobs.push_back({b.at("sha256").get<std::string>(), b.at("size").get<int64_t>(), *k,
+                                 b.at("version").get<int64_t>()});
       }
       l.versions.push_back(std::move(version));
     }

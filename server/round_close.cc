@@ -52,9 +52,9 @@ absl::StatusOr<nlohmann::json> CloseRound(const RoundFacts& facts, const RoundIn
   nlohmann::json client_dp;
   ASSIGN_OR_RETURN(common::AggregateResult result, Aggregate(in, arrived, &ledger, &client_dp));
   const Method method = ledger.method;
-  const std::string bytes = common::EncodeAdapter(
-      result.adapter, method == Method::kFedSb ? common::AdapterParts::kROnly
-                                               : common::AdapterParts::kAll);
+  const std::string bytes =
+      common::EncodeAdapter(result.adapter, method == Method::kFedSb ? common::AdapterParts::kROnly
+                                                                     : common::AdapterParts::kAll);
   const BlobKind kind = method == Method::kFlora   ? BlobKind::kDelta
                         : method == Method::kFedSb ? BlobKind::kR
                                                    : BlobKind::kAdapter;

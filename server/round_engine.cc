@@ -69,16 +69,16 @@ RoundEngine::RoundEngine(const ServerOptions& options, common::Env* env, StateSt
 
 absl::Status RoundEngine::Resume() {
   if (!store_.has_ledger()) {
-    spdlog::info("new {} run in {}: waiting for {} clients", MethodName(method_), options_.state_dir,
-                 options_.min_clients);
+    spdlog::info("new {} run in {}: waiting for {} clients", MethodName(method_),
+                 options_.state_dir, options_.min_clients);
     return absl::OkStatus();
   }
   const Ledger& l = store_.ledger();
   if (l.versions.size() > 1 && l.client_dp.has_value() != options_.client_dp()) {
-    return absl::FailedPreconditionError(StrCat(
-        "state directory ", options_.state_dir,
-        l.client_dp ? " holds a run with" : " holds a run without",
-        " client-level DP; continue it with the same dp settings or use another state_dir"));
+    return absl::FailedPreconditionError(
+        StrCat("state directory ", options_.state_dir,
+               l.client_dp ? " holds a run with" : " holds a run without",
+               " client-level DP; continue it with the same dp settings or use another state_dir"));
   }
   if (l.method != method_) {
     return absl::FailedPreconditionError(StrCat(
@@ -94,7 +94,8 @@ absl::Status RoundEngine::Resume() {
     ASSIGN_OR_RETURN(std::string bytes, store_.ReadWholeBlob(l.at(0).blobs.at(0).sha256));
     ASSIGN_OR_RETURN(frozen_, common::DecodeAdapter(bytes, "frozen blob"));
   }
-  validator_ = UpdateValidator(method_, l.Shapes(options_.rank, method_ == Method::kFedSb), frozen_);
+  validator_ =
+      UpdateValidator(method_, l.Shapes(options_.rank, method_ == Method::kFedSb), frozen_);
   round_ = version() + 1;
   if (version() >= options_.rounds) phase_ = Phase::kDone;
   spdlog::info("continuing run {} from {}: version {} of {} rounds", l.run_id, options_.state_dir,
@@ -165,8 +166,7 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
     for (size_t i = 0; i < frozen.num_modules(); ++i) {
       const auto& m = frozen.module(i);
       frozen.B(i) = common::RandomOrthonormal(m.out_features, m.rank, rng).cast<float>();
-      frozen.A(i) =
-          common::RandomOrthonormal(m.in_features, m.rank, rng).transpose().cast<float>();
+      frozen.A(i) = common::RandomOrthonormal(m.in_features, m.rank, rng).transpose().cast<float>();
     }
     spdlog::info(
         "fed-sb: frozen B and A are random orthonormal matrices drawn from the run's seed (R "
@@ -178,8 +178,8 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
   ledger.versions.push_back(std::move(v0));
   RETURN_IF_ERROR(store_.SaveLedger(ledger));
   frozen_ = std::move(frozen);
-  validator_ = UpdateValidator(method_, ledger.Shapes(options_.rank, method_ == Method::kFedSb),
-                               frozen_);
+  validator_ =
+      UpdateValidator(method_, ledger.Shapes(options_.rank, method_ == Method::kFedSb), frozen_);
   round_ = 1;
   spdlog::info(
       "run {} created: base model {}, {} modules, rank {}, lora_alpha {}, {} local steps at "
@@ -239,8 +239,8 @@ void RoundEngine::StartSumsLocked() {
 
 void RoundEngine::StartRoundLocked() {
   const std::vector<std::string> ids = clients_.TakingPart();
-  cohort_ = SampleCohort(ids, options_.seed, round_, attempt_, options_.fraction,
-                         options_.min_cohort);
+  cohort_ =
+      SampleCohort(ids, options_.seed, round_, attempt_, options_.fraction, options_.min_cohort);
   uploads_.Clear(round_);
   rejected_.clear();
   declined_.clear();
@@ -250,8 +250,7 @@ void RoundEngine::StartRoundLocked() {
     absl::StatusOr<bool> started = [&]() -> absl::StatusOr<bool> {
       ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_, version(), frozen_));
       return dp_->Start(store_.ledger().client_dp.value_or(ClientDpState{options_.dp_clip, {}}),
-                        round_, cohort_.size(), ids.size(),
-                        std::move(start));
+                        round_, cohort_.size(), ids.size(), std::move(start));
     }();
     if (!started.ok())
       return EndRunLocked(StrCat("round ", round_, " cannot start: ", started.status().message()));
@@ -262,8 +261,8 @@ void RoundEngine::StartRoundLocked() {
   if (!run_started_) run_started_ = round_started_;
   phase_ = Phase::kTraining;
   spdlog::info("round {}{}: cohort of {} of {} clients: {}", round_,
-               attempt_ ? StrCat(" (attempt ", attempt_ + 1, ")") : "", cohort_.size(),
-               ids.size(), JoinIds(cohort_));
+               attempt_ ? StrCat(" (attempt ", attempt_ + 1, ")") : "", cohort_.size(), ids.size(),
+               JoinIds(cohort_));
 }
 
 void RoundEngine::EndRunLocked(const std::string& why) {
@@ -292,14 +291,14 @@ v1::Task RoundEngine::TaskForLocked(const std::string& client, int64_t have_vers
   if (phase_ != Phase::kTraining || !in_cohort || uploads_.Accepted(client) ||
       commit_retry_.pending) {
     task.set_kind(v1::Task::WAIT);
-    task.set_note(phase_ == Phase::kWaitingForClients
-                      ? StrCat("waiting for ", options_.min_clients, " clients to join, ",
-                               clients_.size(), " joined")
-                  : !in_cohort ? StrCat("not in round ", round_, "'s cohort")
-                  : commit_retry_.pending
-                      ? StrCat("round ", round_, " is closing; its commit is being retried")
-                      : StrCat("update for round ", round_,
-                               " accepted; waiting for the round to close"));
+    task.set_note(
+        phase_ == Phase::kWaitingForClients
+            ? StrCat("waiting for ", options_.min_clients, " clients to join, ", clients_.size(),
+                     " joined")
+        : !in_cohort ? StrCat("not in round ", round_, "'s cohort")
+        : commit_retry_.pending
+            ? StrCat("round ", round_, " is closing; its commit is being retried")
+            : StrCat("update for round ", round_, " accepted; waiting for the round to close"));
     return task;
   }
   task.set_kind(v1::Task::TRAIN);
@@ -327,8 +326,9 @@ void RoundEngine::GetTask(const std::string& client, const v1::GetTaskRequest& r
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (clients_.Find(client) == nullptr) {
-      task = WithReason(absl::FailedPreconditionError(StrCat(client, " has not joined; call Join first")),
-                        v1::ErrorDetail::NOT_JOINED);
+      task = WithReason(
+          absl::FailedPreconditionError(StrCat(client, " has not joined; call Join first")),
+          v1::ErrorDetail::NOT_JOINED);
     } else {
       const auto now = env_->Now();
       clients_.Touch(client, now);
@@ -452,19 +452,18 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
     const PendingUpload* up = uploads_.Find(client);
     if (phase_ != Phase::kTraining || round_ != request.round() || up == nullptr ||
         !up->verifying) {
-      return WithReason(
-          absl::FailedPreconditionError(
-              StrCat("round ", request.round(), " stopped waiting for ", client,
-                     "'s update while it was verified (the run ended, or the client left)")),
-          v1::ErrorDetail::STALE_TASK);
+      return WithReason(absl::FailedPreconditionError(StrCat(
+                            "round ", request.round(), " stopped waiting for ", client,
+                            "'s update while it was verified (the run ended, or the client left)")),
+                        v1::ErrorDetail::STALE_TASK);
     }
     absl::Status status = update.status();
     if (status.ok()) {
       const int64_t examples =
           request.num_examples() > 0 ? request.num_examples() : clients_.Find(client)->num_examples;
       const bool keep = method_ == Method::kFlora || method_ == Method::kLoraFair;
-      status = uploads_.Accept(round_, client, examples, request.metrics(),
-                               keep ? *update : Adapter());
+      status =
+          uploads_.Accept(round_, client, examples, request.metrics(), keep ? *update : Adapter());
       if (!status.ok()) status = store_.Unavailable(StrCat(client, "'s update"), status);
       if (status.ok() && dp_) {
         status = dp_->Add(*update);
@@ -621,8 +620,8 @@ void RoundEngine::FailedLocked(Retry& retry, const absl::Status& status, const s
   retry.pending = true;
   ++retry.failures;
   const double backoff = std::min(0.5 * std::pow(2.0, retry.failures - 1), 30.0);
-  retry.next_try = now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                             Seconds(backoff));
+  retry.next_try =
+      now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(Seconds(backoff));
   const double failing_s = Seconds(now - retry.first_failure).count();
   const std::string hint = StorageHint(status, options_.state_dir);
   if (failing_s >= options_.give_up_after_s) {
@@ -650,7 +649,8 @@ void RoundEngine::Tick() {
       // Every member that has not answered is silent past the timeout: waiting cannot help.
       const bool all_silent =
           std::all_of(cohort_.begin(), cohort_.end(), [&](const std::string& id) {
-            return AnsweredLocked(id) || clients_.Silent(id, now, Seconds(options_.client_timeout_s));
+            return AnsweredLocked(id) ||
+                   clients_.Silent(id, now, Seconds(options_.client_timeout_s));
           });
       // An update whose last chunk has arrived is not cut off while it is checked (a fraction of a
       // second per 100 MB): the round closes at the next tick after.
@@ -705,9 +705,9 @@ v1::StatusResponse RoundEngine::GetStatus() {
   s.set_round(phase_ == Phase::kDone ? version() : round_);
   s.set_rounds(options_.rounds);
   s.set_state_version(version());
-  s.set_phase(!failure_.ok()             ? "failed"
-              : phase_ == Phase::kDone   ? "done"
-              : commit_retry_.pending    ? "closing (retrying the commit)"
+  s.set_phase(!failure_.ok()               ? "failed"
+              : phase_ == Phase::kDone     ? "done"
+              : commit_retry_.pending      ? "closing (retrying the commit)"
               : phase_ == Phase::kTraining ? "training"
                                            : "waiting for clients");
   for (const auto& id : cohort_) s.add_cohort(id);
@@ -719,7 +719,8 @@ v1::StatusResponse RoundEngine::GetStatus() {
     c->set_id(id);
     c->set_num_examples(info.num_examples);
     c->set_last_seen_unix_ms(
-        now_ms - std::chrono::duration_cast<std::chrono::milliseconds>(now - info.last_seen).count());
+        now_ms -
+        std::chrono::duration_cast<std::chrono::milliseconds>(now - info.last_seen).count());
     c->set_rounds_contributed(info.rounds_contributed);
   }
   return s;

@@ -9,12 +9,13 @@
 // starts with a cohort sampled from the run's seed. Cohort members get TRAIN tasks and upload their
 // updates, which are validated at the door. The round closes when every member has answered, or at
 // its deadline (or when every missing member has been silent past its timeout) with a quorum; a
-// round without quorum is retried with a new cohort. Closing commits the new version (round_close.h);
-// then, derived from the committed ledger, the global model is evaluated, the metrics line is
-// appended and, after the last round, the result is exported. A failed commit keeps the round's
-// updates and is retried with backoff; a failed evaluation, metrics line or export is redone
-// without aggregating again. Failures that last `options.give_up_after_s` stop the engine with an
-// error that says what to fix (failed()). A restarted coordinator continues from the last version.
+// round without quorum is retried with a new cohort. Closing commits the new version
+// (round_close.h); then, derived from the committed ledger, the global model is evaluated, the
+// metrics line is appended and, after the last round, the result is exported. A failed commit keeps
+// the round's updates and is retried with backoff; a failed evaluation, metrics line or export is
+// redone without aggregating again. Failures that last `options.give_up_after_s` stop the engine
+// with an error that says what to fix (failed()). A restarted coordinator continues from the last
+// version.
 #ifndef FEDLORA_SERVER_ROUND_ENGINE_H_
 #define FEDLORA_SERVER_ROUND_ENGINE_H_
 

@@ -23,19 +23,19 @@ struct ServerOptions {
   double fraction = 1.0;  // share of joined clients sampled into each cohort
   int min_cohort = 1;     // at least this many per cohort (capped by the joined count)
   double quorum = 1.0;    // share of the cohort whose updates close a round at its deadline
-  double round_deadline_s =
-      600;  // a round closes at this age with at least the quorum; retried without it
-  double client_timeout_s =
-      60;  // a cohort member silent this long (no heartbeat) is counted as dropped
+  // a round closes at this age with at least the quorum; retried without it
+  double round_deadline_s = 600;
+  // a cohort member silent this long (no heartbeat) is counted as dropped
+  double client_timeout_s = 60;
   // Training settings sent to clients
   int rank = 8;
   double lora_alpha = 16;
   int local_steps = 20;
   double learning_rate = 0.05;
-  std::vector<std::string>
-      target_modules;  // module name suffixes to adapt (e.g. q_proj); empty: all offered
-  std::string
-      base_model_sha256;  // the base model clients must hold; empty: pinned from the first client
+  // module name suffixes to adapt (e.g. q_proj); empty: all offered
+  std::vector<std::string> target_modules;
+  // the base model clients must hold; empty: pinned from the first client
+  std::string base_model_sha256;
   double lora_fair_lambda = 0.01;
   // The base model's Hugging Face directory (llm workload). With it the coordinator pins the run to
   // its fingerprint, evaluates the global model on eval_data after every round (eval_loss in the
@@ -61,11 +61,11 @@ struct ServerOptions {
   std::string tls_cert;   // PEM server certificate chain
   std::string tls_key;    // PEM private key
   std::string client_ca;  // PEM CA of client certificates: set → mutual TLS, client certs required
-  std::vector<std::string>
-      allowed_clients;    // client certificate common names admitted; empty: any the CA signed
+  // client certificate common names admitted; empty: any the CA signed
+  std::vector<std::string> allowed_clients;
   bool insecure = false;  // plaintext, no client identity: for experiments on one machine only
-  int64_t chunk_bytes =
-      1 << 20;  // transfer chunk size: what each concurrent transfer holds in memory
+  // transfer chunk size: what each concurrent transfer holds in memory
+  int64_t chunk_bytes = 1 << 20;
   int64_t max_update_bytes = int64_t{1} << 30;  // an update larger than this is refused
   int64_t max_wait_ms = 20000;                  // longest long-poll
   // A round's commit, or what follows it (evaluation, metrics line, export), that keeps failing —

@@ -1,9 +1,8 @@
 #include "server/state_store.h"
 
 #include <fcntl.h>
-#include <unistd.h>
-
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <cstring>
 

@@ -30,8 +30,8 @@ class LongPolls {
   using TaskCallback = std::function<void(absl::StatusOr<v1::Task>)>;
   using Ready = std::vector<std::pair<TaskCallback, v1::Task>>;
 
-  void Add(std::string client, int64_t have_version,
-           std::chrono::steady_clock::time_point deadline, TaskCallback done);
+  void Add(std::string client, int64_t have_version, std::chrono::steady_clock::time_point deadline,
+           TaskCallback done);
   // Moves into `ready` each waiter whose task (from `task_for`) is no longer WAIT, whose deadline
   // has passed, or every waiter when `all`.
   void Collect(const std::function<v1::Task(const std::string&, int64_t)>& task_for,

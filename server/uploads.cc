@@ -53,9 +53,9 @@ absl::StatusOr<v1::UploadResponse> Uploads::Receive(int64_t round, const std::st
   if (up.accepted) {
     if (up.sha256 != request.sha256()) {
       return WithReason(absl::AlreadyExistsError(StrCat("an update for round ", round,
-                                                      " was already accepted from ", client,
-                                                      " (sha256 ", up.sha256, ")")),
-                      v1::ErrorDetail::REJECTED);
+                                                        " was already accepted from ", client,
+                                                        " (sha256 ", up.sha256, ")")),
+                        v1::ErrorDetail::REJECTED);
     }
     response.set_received(up.total_size);  // an idempotent retry
     response.set_accepted(true);

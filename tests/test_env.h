@@ -103,9 +103,8 @@ class TestEnv final : public common::Env {
   absl::Status Count(const char* op, const Path& path) {
     std::lock_guard<std::mutex> lock(mu_);
     ++writes_;
-    const bool fail =
-        (fail_at_ > 0 && (writes_ == fail_at_ || (sticky_ && writes_ > fail_at_))) ||
-        (!fail_path_.empty() && path.string().find(fail_path_) != std::string::npos);
+    const bool fail = (fail_at_ > 0 && (writes_ == fail_at_ || (sticky_ && writes_ > fail_at_))) ||
+                      (!fail_path_.empty() && path.string().find(fail_path_) != std::string::npos);
     log_.push_back(std::string(fail ? "FAILED " : "") + op + " " + path.string());
     if (!fail) return absl::OkStatus();
     ++failures_;

@@ -12,9 +12,9 @@
 #include <string>
 #include <vector>
 
+#include "common/llm/llama_config.h"
 #include "common/tensor/adapter.h"
 #include "tests/scratch_dir.h"
-#include "common/llm/llama_config.h"
 
 namespace fedlora::testing {
 

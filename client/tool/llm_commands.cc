@@ -14,12 +14,12 @@
 
 #include "client/tool/commands.h"
 #include "common/base/file_util.h"
-#include "common/tensor/peft.h"
-#include "common/privacy/privacy_accountant.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/llm/synthetic_data.h"
 #include "common/llm/trainer.h"
+#include "common/privacy/privacy_accountant.h"
+#include "common/tensor/peft.h"
 
 namespace fedlora::tool {
 namespace {
@@ -404,7 +404,7 @@ void AddLlmCommands(CLI::App& app) {
     cmd->add_flag("--rslora", a->rslora, "scale by alpha/√r instead of alpha/r");
     cmd->add_option("--targets", a->targets, "comma-separated modules (q_proj ... down_proj)")
         ->delimiter(',')
-      ->allow_extra_args(false)
+        ->allow_extra_args(false)
         ->capture_default_str();
     cmd->add_option("--batch", a->options.batch, "records per micro-batch")
         ->capture_default_str()

@@ -1,8 +1,9 @@
 // fedlora privacy — the RDP accountant of the sampled Gaussian mechanism
-// (common/privacy_accountant.h):
+// (common/privacy/privacy_accountant.h):
+// clang-format off
 //   --noise-multiplier Z --sample-rate Q --steps T --delta D   → ε and the best order
-//   --epsilon E --sample-rate Q --steps T --delta D            → the smallest noise multiplier that
-//   meets E
+//   --epsilon E --sample-rate Q --steps T --delta D            → the smallest noise multiplier that meets E
+// clang-format on
 #include <cstdio>
 #include <nlohmann/json.hpp>
 

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "client/tool/commands.h"
-#include "common/tensor/peft.h"
 #include "common/base/strings.h"
+#include "common/tensor/peft.h"
 
 namespace fedlora::tool {
 namespace {
@@ -64,9 +64,11 @@ void Run(const RandomAdapterArgs& args) {
   for (size_t i = 0; i < adapter->num_modules(); ++i) {
     std::normal_distribution<float> normal(0.0f, 0.02f);
     if (args.lora_sb) {
-      adapter->B(i) = common::RandomOrthonormal(args.out_features, args.rank, frozen_rng).cast<float>();
-      adapter->A(i) =
-          common::RandomOrthonormal(args.in_features, args.rank, frozen_rng).transpose().cast<float>();
+      adapter->B(i) =
+          common::RandomOrthonormal(args.out_features, args.rank, frozen_rng).cast<float>();
+      adapter->A(i) = common::RandomOrthonormal(args.in_features, args.rank, frozen_rng)
+                          .transpose()
+                          .cast<float>();
       for (float& x : adapter->R(i).reshaped()) x = normal(rng);
     } else {
       common::InitLoraA(adapter->A(i), rng);

@@ -61,7 +61,8 @@ void Run(const std::vector<std::string>& dirs, const std::string& out) {
     double dp_sgd = 0;
     for (const auto& r : rounds) {
       if (!r.contains("dp_epsilon")) continue;
-      for (const auto& [id, e] : r["dp_epsilon"].items()) dp_sgd = std::max(dp_sgd, e.get<double>());
+      for (const auto& [id, e] : r["dp_epsilon"].items())
+        dp_sgd = std::max(dp_sgd, e.get<double>());
     }
     if (dp_sgd > 0) spent += fmt::format(" DP-SGD: most spent by a client epsilon {:.4f}", dp_sgd);
     if (!spent.empty())

@@ -8,9 +8,9 @@
 #include <nlohmann/json.hpp>
 
 #include "common/base/file_util.h"
-#include "common/tensor/peft.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/tensor/peft.h"
 
 namespace fedlora::client {
 namespace fs = std::filesystem;

@@ -2,10 +2,10 @@
 
 #include <random>
 
-#include "common/tensor/blob.h"
-#include "common/tensor/safetensors.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/tensor/blob.h"
+#include "common/tensor/safetensors.h"
 
 namespace fedlora::client {
 namespace {

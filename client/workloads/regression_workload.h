@@ -18,8 +18,8 @@
 #include "absl/status/statusor.h"
 #include "client/privacy_ledger.h"
 #include "client/workloads/workload.h"
-#include "common/tensor/adapter.h"
 #include "common/privacy/dp.h"
+#include "common/tensor/adapter.h"
 #include "fedlora/v1/coordinator.pb.h"
 
 namespace fedlora::client {

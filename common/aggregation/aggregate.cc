@@ -158,7 +158,8 @@ void StackModule(std::span<const Adapter> clients, std::span<const size_t> index
     const LoraModule& m = c.module(j);
     if (offset) offset->push_back(row);
     if (m.has_r) {
-      b->middleCols(row, m.rank).noalias() = m.scaling * c.B(j).cast<double>() * c.R(j).cast<double>();
+      b->middleCols(row, m.rank).noalias() =
+          m.scaling * c.B(j).cast<double>() * c.R(j).cast<double>();
     } else {
       b->middleCols(row, m.rank) = m.scaling * c.B(j).cast<double>();
     }
@@ -167,8 +168,7 @@ void StackModule(std::span<const Adapter> clients, std::span<const size_t> index
   }
 }
 
-absl::StatusOr<Adapter> StackAdapters(std::span<const Adapter> clients,
-                                      std::span<const double> p) {
+absl::StatusOr<Adapter> StackAdapters(std::span<const Adapter> clients, std::span<const double> p) {
   if (clients.empty()) return absl::InvalidArgumentError("no adapters to stack");
   std::vector<ModuleShape> shapes;
   for (size_t i = 0; i < clients[0].num_modules(); ++i) {
@@ -195,7 +195,8 @@ absl::Status CheckShapes(const Adapter& update, std::span<const ModuleShape> exp
                          std::string_view origin) {
   for (const ModuleShape& want : expected) {
     const std::optional<size_t> j = update.FindModule(want.name);
-    if (!j) return absl::InvalidArgumentError(StrCat(origin, ": module ", want.name, " is missing"));
+    if (!j)
+      return absl::InvalidArgumentError(StrCat(origin, ": module ", want.name, " is missing"));
     const LoraModule& got = update.module(*j);
     auto mismatch = [&](std::string_view tensor, int rows, int cols, int want_rows, int want_cols) {
       return absl::InvalidArgumentError(StrCat("module ", want.name, ": ", tensor, " has shape ",
@@ -207,9 +208,9 @@ absl::Status CheckShapes(const Adapter& update, std::span<const ModuleShape> exp
     if (got.out_features != want.out_features)
       return mismatch("lora_B", got.out_features, got.rank, want.out_features, want.rank);
     if (got.has_r != want.has_r) {
-      return absl::InvalidArgumentError(StrCat("module ", want.name, ": ",
-                                               got.has_r ? "has a lora_R the task does not train"
-                                                         : "lacks the lora_R the task trains"));
+      return absl::InvalidArgumentError(StrCat(
+          "module ", want.name, ": ",
+          got.has_r ? "has a lora_R the task does not train" : "lacks the lora_R the task trains"));
     }
   }
   if (update.num_modules() != expected.size()) {

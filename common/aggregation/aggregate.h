@@ -1,9 +1,12 @@
 // The four aggregation methods of ALGORITHMS.md, module by module, with each client's scaling
 // folded into its B (B_k ← s_k·B_k, or R_k ← s_k·R_k for Fed-SB) so every output has scaling 1:
-//   fedit     Ā = Σ p_k A_k, B̄ = Σ p_k B_k; mixed ranks zero-padded to r_max.
-//   flora     A = [p_1 A_1; …; p_K A_K], B = [B_1 | … | B_K]: B·A = ΔW* = Σ p_k B_k A_k exactly,
-//   rank Σ r_k. lora-fair (Ā, B̄ + ΔB*) with ΔB* from SolveLoraFair (lora_fair.h). fed-sb    R = Σ
-//   p_k R_k on the shared frozen B, A; needs equal ranks and identical B, A.
+// clang-format off
+//   fedit      Ā = Σ p_k A_k, B̄ = Σ p_k B_k; mixed ranks zero-padded to r_max.
+//   flora      A = [p_1 A_1; …; p_K A_K], B = [B_1 | … | B_K]: B·A = ΔW* = Σ p_k B_k A_k exactly,
+//              rank Σ r_k.
+//   lora-fair  (Ā, B̄ + ΔB*) with ΔB* from SolveLoraFair (lora_fair.h).
+//   fed-sb     R = Σ p_k R_k on the shared frozen B, A; needs equal ranks and identical B, A.
+// clang-format on
 // Nothing of size m×n is formed: every norm and inner product goes through r×r Gram matrices.
 #ifndef FEDLORA_COMMON_AGGREGATION_AGGREGATE_H_
 #define FEDLORA_COMMON_AGGREGATION_AGGREGATE_H_
@@ -14,8 +17,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/tensor/adapter.h"
 #include "common/aggregation/lora_fair.h"
+#include "common/tensor/adapter.h"
 
 namespace fedlora::common {
 
@@ -35,8 +38,8 @@ struct ModuleReport {
   std::string name;
   int rank = 0;            // Rank of the aggregated module.
   double target_norm = 0;  // ‖ΔW*‖_F, the ideal aggregate's norm.
-  double relative_error =
-      0;  // ‖ΔW_out − ΔW*‖_F / ‖ΔW*‖_F (0 when both are 0); FedIT's aggregation error.
+  // ‖ΔW_out − ΔW*‖_F / ‖ΔW*‖_F (0 when both are 0); FedIT's aggregation error.
+  double relative_error = 0;
   LoraFairSolution lora_fair;  // lora-fair only (its `b` is cleared to save memory).
 };
 

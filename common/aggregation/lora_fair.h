@@ -1,13 +1,12 @@
 // LoRA-FAIR's server-side correction of FedIT's B̄ (Bian et al., ICCV 2025), solved in low-rank
 // form.
+// clang-format off
 //
-//   ΔB* = argmin_ΔB  [1 − cos(ΔW*, (B̄ + ΔB)·Ā)] + λ·‖ΔB‖_F²      (cos over the flattened m×n
-//   matrices)
+//   ΔB* = argmin_ΔB  [1 − cos(ΔW*, (B̄ + ΔB)·Ā)] + λ·‖ΔB‖_F²      (cos over the flattened m×n matrices)
 //
-// With B' = B̄ + ΔB the objective needs only G = Σ_k p_k B_k (A_k Āᵀ) (m×r), S = Ā Āᵀ (r×r) and
-// ‖ΔW*‖²:
-//   ⟨ΔW*, B'Ā⟩ = ⟨B', G⟩_F,   ‖B'Ā‖² = ⟨B'S, B'⟩_F                       (ALGORITHMS.md,
-//   "LoRA-FAIR")
+// With B' = B̄ + ΔB the objective needs only G = Σ_k p_k B_k (A_k Āᵀ) (m×r), S = Ā Āᵀ (r×r) and ‖ΔW*‖²:
+//   ⟨ΔW*, B'Ā⟩ = ⟨B', G⟩_F,   ‖B'Ā‖² = ⟨B'S, B'⟩_F                       (ALGORITHMS.md, "LoRA-FAIR")
+// clang-format on
 // so no m×n matrix is ever formed. In the eigenbasis of S (S = V·diag(σ)·Vᵀ, X = B'·V) one
 // evaluation of the objective and its gradient costs O(m·r); the solver is L-BFGS there,
 // preconditioned per column by the curvature α·σ_j + 2λ of the stationarity condition B' = (β·G +

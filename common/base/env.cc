@@ -66,8 +66,8 @@ class PosixEnv final : public Env {
     if (fd < 0) return ErrnoError("cannot open", path, errno);
     size_t done = 0;
     while (done < data.size()) {
-      const ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done,
-                                 offset + static_cast<int64_t>(done));
+      const ssize_t n =
+          ::pwrite(fd, data.data() + done, data.size() - done, offset + static_cast<int64_t>(done));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
         int err = n < 0 ? errno : EIO;

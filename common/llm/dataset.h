@@ -1,11 +1,10 @@
 // Training and evaluation data from JSONL, one record per line, in one of three forms:
-//   {"instruction", "input" (optional), "output"}  — the prompt template below; loss on the
-//   response
+// clang-format off
+//   {"instruction", "input" (optional), "output"}  — the prompt template below; loss on the response
 //   {"text"}                                        — loss on every token
-//   {"input_ids" [, "labels"]}                      — pre-tokenised; labels default to input_ids
-//   and
-//                                                     -100 marks positions without loss, as in
-//                                                     Hugging Face
+//   {"input_ids" [, "labels"]}                      — pre-tokenised; labels default to input_ids and
+//                                                     -100 marks positions without loss, as in Hugging Face
+// clang-format on
 // Labels follow Hugging Face's causal-LM convention: position t is trained to predict labels[t+1].
 //
 // The prompt template is Alpaca's, which the LLM-Adapters commonsense data (the Fed-SB and LoRA-SB

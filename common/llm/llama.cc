@@ -10,10 +10,10 @@
 #include <set>
 
 #include "absl/status/status.h"
-#include "common/tensor/eigen_types.h"
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/tensor/eigen_types.h"
 
 namespace fedlora::common {
 
@@ -158,7 +158,10 @@ absl::Status LlamaWeights::WriteInto(const std::filesystem::path& dir, DType dty
   const std::vector<TensorToWrite> tensors = Tensors();
   return WriteFileSynced(
       dir / kModelWeightsFile,
-      [&](std::FILE* f) { return WriteSafetensors(f, tensors, dtype, {{"format", "pt"}}); }, env);
+      [&](std::FILE* f) {
+        return WriteSafetensors(f, tensors, dtype, {{"format", "pt"}});
+      },
+      env);
 }
 
 absl::Status LlamaWeights::WriteModelDirectory(const std::filesystem::path& dir,
@@ -167,16 +170,16 @@ absl::Status LlamaWeights::WriteModelDirectory(const std::filesystem::path& dir,
   return BuildDirectoryAtomically(
       dir, overwrite,
       [&](const std::filesystem::path& out) -> absl::Status {
-    RETURN_IF_ERROR(WriteInto(out, dtype, env));
-    for (const auto& entry : std::filesystem::directory_iterator(companion_dir)) {
-      const std::string name = entry.path().filename().string();
-      if (!entry.is_regular_file() || name == kModelConfigFile || name == kModelIndexFile ||
-          name.ends_with(".safetensors"))
-        continue;
-      ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(entry.path()));
-      RETURN_IF_ERROR(WriteFileSynced(out / name, bytes, env));
-    }
-    return absl::OkStatus();
+        RETURN_IF_ERROR(WriteInto(out, dtype, env));
+        for (const auto& entry : std::filesystem::directory_iterator(companion_dir)) {
+          const std::string name = entry.path().filename().string();
+          if (!entry.is_regular_file() || name == kModelConfigFile || name == kModelIndexFile ||
+              name.ends_with(".safetensors"))
+            continue;
+          ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(entry.path()));
+          RETURN_IF_ERROR(WriteFileSynced(out / name, bytes, env));
+        }
+        return absl::OkStatus();
       },
       env);
 }

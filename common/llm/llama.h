@@ -23,10 +23,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/tensor/adapter.h"
 #include "common/base/env.h"
-#include "common/llm/llama_config.h"
 #include "common/base/parallel.h"
+#include "common/llm/llama_config.h"
+#include "common/tensor/adapter.h"
 #include "common/tensor/safetensors.h"
 
 namespace fedlora::common {

@@ -8,12 +8,12 @@
 #include <random>
 
 #include "absl/status/status.h"
-#include "common/tensor/blob.h"
-#include "common/privacy/dp.h"
 #include "common/base/parallel.h"
-#include "common/tensor/peft.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/privacy/dp.h"
+#include "common/tensor/blob.h"
+#include "common/tensor/peft.h"
 
 namespace fedlora::common {
 namespace {

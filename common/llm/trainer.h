@@ -15,9 +15,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/tensor/adapter.h"
 #include "common/llm/dataset.h"
 #include "common/llm/llama.h"
+#include "common/tensor/adapter.h"
 
 namespace fedlora::common {
 

@@ -20,9 +20,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/tensor/adapter.h"
-#include "common/privacy/dp.h"
 #include "common/aggregation/lora_fair.h"
+#include "common/privacy/dp.h"
+#include "common/tensor/adapter.h"
 
 namespace fedlora::common {
 

@@ -158,8 +158,8 @@ absl::StatusOr<PrivacyHistory> PrivacyHistoryFromJson(const nlohmann::json& json
       return absl::InvalidArgumentError(StrCat(origin, ": privacy history entry ", i, " is ",
                                                r.dump(), "; expected numbers q, sigma and steps"));
     }
-    history.push_back({r.value("round", int64_t{0}), r["q"].get<double>(),
-                       r["sigma"].get<double>(), r["steps"].get<double>()});
+    history.push_back({r.value("round", int64_t{0}), r["q"].get<double>(), r["sigma"].get<double>(),
+                       r["steps"].get<double>()});
   }
   return history;
 }

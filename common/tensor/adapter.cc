@@ -1,9 +1,8 @@
 #include "common/tensor/adapter.h"
 
+#include <Eigen/QR>
 #include <cmath>
 #include <set>
-
-#include <Eigen/QR>
 
 #include "common/base/strings.h"
 

@@ -1,11 +1,12 @@
 // PEFT adapter directories, as Hugging Face PEFT saves and loads them:
-//   adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules",
-//   "use_rslora",
+// clang-format off
+//   adapter_config.json        {"peft_type": "LORA", "r", "lora_alpha", "target_modules", "use_rslora",
 //                               "base_model_name_or_path", "rank_pattern", "alpha_pattern", ...}
 //   adapter_model.safetensors  base_model.model.<module>.lora_A.weight [r, n]
 //                              base_model.model.<module>.lora_B.weight [m, r]
-//                              base_model.model.<module>.lora_R.weight [r, r]   (LoRA-SB / Fed-SB
-//                              only) metadata {"format": "pt"}
+//                              base_model.model.<module>.lora_R.weight [r, r]   (LoRA-SB / Fed-SB only)
+//                              metadata {"format": "pt"}
+// clang-format on
 // A module's scaling is lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, where r and
 // lora_alpha may be overridden per module by rank_pattern / alpha_pattern (keys are regular
 // expressions matched, as PEFT does, against the end of the module path).

@@ -26,9 +26,9 @@
 #include <thread>
 
 #include "client/upload.h"
-#include "common/tensor/blob.h"
 #include "common/base/file_util.h"
 #include "common/net/tls.h"
+#include "common/tensor/blob.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 #include "tests/process.h"
 

@@ -1,5 +1,7 @@
-// fedlora-client with fault hooks for the end-to-end tests (never installed, never in fedlora-client):
-//   --testing-die-mid-upload F   exit at once, as if killed, before sending the chunk that would take the
+// fedlora-client with fault hooks for the end-to-end tests (never installed, never in
+// fedlora-client):
+//   --testing-die-mid-upload F   exit at once, as if killed, before sending the chunk that would
+//   take the
 //                                first upload past fraction F of its bytes.
 #include <cstdlib>
 

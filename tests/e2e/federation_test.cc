@@ -16,12 +16,12 @@
 #include <nlohmann/json.hpp>
 
 #include "client/workloads/regression_workload.h"
-#include "common/tensor/blob.h"
 #include "common/base/file_util.h"
-#include "common/tensor/peft.h"
-#include "common/privacy/privacy_accountant.h"
-#include "common/tensor/safetensors.h"
 #include "common/net/tls.h"
+#include "common/privacy/privacy_accountant.h"
+#include "common/tensor/blob.h"
+#include "common/tensor/peft.h"
+#include "common/tensor/safetensors.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 #include "tests/process.h"
 #include "tests/test_util.h"
@@ -1139,8 +1139,8 @@ TEST_F(FederationTest, StateDirectoryOnAFullDiskFinishesWithTheSameResultOnceSpa
       ASSERT_EQ(statvfs(disk.c_str(), &fs_stat), 0);
       const int64_t free_pages =
           static_cast<int64_t>(fs_stat.f_bavail) * static_cast<int64_t>(fs_stat.f_frsize) / page;
-      std::system(fmt::format("dd if=/dev/zero of={} bs={} count={} 2>/dev/null", (disk / "filler").string(),
-                              page, free_pages - 3 * pages - 1)
+      std::system(fmt::format("dd if=/dev/zero of={} bs={} count={} 2>/dev/null",
+                              (disk / "filler").string(), page, free_pages - 3 * pages - 1)
                       .c_str());
       std::string log;
       for (int t = 0; t < 600 && log.find("No space left on device") == std::string::npos; ++t) {
@@ -1159,7 +1159,8 @@ TEST_F(FederationTest, StateDirectoryOnAFullDiskFinishesWithTheSameResultOnceSpa
     if (run == "full") {  // what the operator saw
       std::stringstream log(testing::ReadText(dir_ / "full.log"));
       for (std::string line; std::getline(log, line);) {
-        if (line.find("space") != std::string::npos || line.find("committed after") != std::string::npos)
+        if (line.find("space") != std::string::npos ||
+            line.find("committed after") != std::string::npos)
           std::printf("  %s\n", line.c_str());
       }
     }

@@ -58,7 +58,8 @@ class RoundEngineTest : public ::testing::Test {
         for (Eigen::Index r = 0; r < a.rows(); ++r)
           for (Eigen::Index c = 0; c < a.cols(); ++c) a(r, c) += w * u.A(j)(r, c);
         for (Eigen::Index r = 0; r < b.rows(); ++r)
-          for (Eigen::Index c = 0; c < b.cols(); ++c) b(r, c) += w * (kAlpha / kRank) * u.B(j)(r, c);
+          for (Eigen::Index c = 0; c < b.cols(); ++c)
+            b(r, c) += w * (kAlpha / kRank) * u.B(j)(r, c);
         total += w;
       }
       EXPECT_LT((global.A(i).cast<double>() - a / total).cwiseAbs().maxCoeff(), 1e-6);
@@ -107,7 +108,7 @@ TEST_F(RoundEngineTest, WaitsForMinClientsThenEveryAnswerClosesTheRound) {
 
 TEST_F(RoundEngineTest, DeadlineWithQuorumClosesWithoutTheMissingMember) {
   h_.Stop();
-  h_.options().quorum = 0.5;             // ⌈0.5·3⌉ = 2
+  h_.options().quorum = 0.5;            // ⌈0.5·3⌉ = 2
   h_.options().client_timeout_s = 100;  // nobody counts as silent: only the deadline closes
   ASSERT_TRUE(h_.Start().ok());
   JoinAll();

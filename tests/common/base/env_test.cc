@@ -7,8 +7,8 @@
 
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
-#include "tests/test_env.h"
 #include "tests/scratch_dir.h"
+#include "tests/test_env.h"
 
 namespace fedlora::common {
 namespace {
@@ -21,10 +21,12 @@ TEST(EnvTest, WritesSyncsRenamesListsAndRemoves) {
   testing::ScratchDir dir;
   Env* env = Env::Default();
   ASSERT_TRUE(env->CreateDirectories(dir / "a" / "b").ok());
-  ASSERT_TRUE(env->WriteFile(dir / "a" / "f", [](std::FILE* out) {
-                    std::fputs("hello world", out);
-                    return absl::OkStatus();
-                  }).ok());
+  ASSERT_TRUE(env->WriteFile(dir / "a" / "f",
+                             [](std::FILE* out) {
+                               std::fputs("hello world", out);
+                               return absl::OkStatus();
+                             })
+                  .ok());
   ASSERT_TRUE(env->WriteAt(dir / "a" / "f", 6, "there").ok());
   EXPECT_EQ(*ReadFileToString(dir / "a" / "f"), "hello there");
   ASSERT_TRUE(env->Sync(dir / "a" / "f").ok());
