@@ -66,17 +66,13 @@ int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string
 std::shared_ptr<grpc::Channel> Channel(const ClientOptions& o,
                                        std::shared_ptr<grpc::ChannelCredentials> credentials) {
   grpc::ChannelArguments args;
-  const int max_message = static_cast<int>(o.node.chunk_bytes + (1 << 20));
-  args.SetMaxReceiveMessageSize(max_message);
-  args.SetMaxSendMessageSize(max_message);
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 30000);
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
   // A refused connection makes the channel re-resolve the coordinator's name, which gRPC allows
   // only every 30 s by default: a client then sat out up to ~20 s of a restarted coordinator.
   args.SetInt(GRPC_ARG_DNS_MIN_TIME_BETWEEN_RESOLUTIONS_MS, 500);
-  for (const auto& [key, value] : common::TransportChannelArgs()) args.SetInt(key, value);
+  for (const auto& [key, value] : common::TransportChannelArgs(o.node.chunk_bytes))
+    args.SetInt(key, value);
   if (!o.tls_server_name.empty()) args.SetSslTargetNameOverride(o.tls_server_name);
   return grpc::CreateCustomChannel(o.coordinator, std::move(credentials), args);
 }

@@ -29,14 +29,21 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ClientTlsCredentials(
     const std::string& ca_file, const std::string& cert_file, const std::string& key_file);
 
-// Channel arguments both ends set so that megabyte chunks cross in few, large frames: TLS records
-// of up to 1 MiB (gRPC's default is 16 KiB, which made encryption framing the bottleneck), HTTP/2
-// frames of 1 MiB and an 8 MiB stream window. On loopback with mutual TLS this doubles upload
-// throughput (tests/bench/README.md). Each side uses the smaller of the two ends' values.
-inline std::vector<std::pair<const char*, int>> TransportChannelArgs() {
-  return {{GRPC_ARG_TSI_MAX_FRAME_SIZE, 1 << 20},
+// Channel arguments both ends set. Messages of a chunk and 1 MiB to spare (`chunk_bytes` is the
+// transfer chunk). Megabyte chunks cross in few, large frames: TLS records of up to 1 MiB (gRPC's
+// default is 16 KiB, which made encryption framing the bottleneck), HTTP/2 frames of 1 MiB and an
+// 8 MiB stream window; on loopback with mutual TLS this doubles upload throughput
+// (tests/bench/README.md), and each side uses the smaller of the two ends' values. Keepalive pings
+// every 30 s, answered within 10 s, find a dead peer on an idle connection.
+inline std::vector<std::pair<const char*, int>> TransportChannelArgs(int64_t chunk_bytes) {
+  const int max_message = static_cast<int>(chunk_bytes + (1 << 20));
+  return {{GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, max_message},
+          {GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, max_message},
+          {GRPC_ARG_TSI_MAX_FRAME_SIZE, 1 << 20},
           {GRPC_ARG_HTTP2_MAX_FRAME_SIZE, 1 << 20},
-          {GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20}};
+          {GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 8 << 20},
+          {GRPC_ARG_KEEPALIVE_TIME_MS, 30000},
+          {GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000}};
 }
 
 }  // namespace fedlora::common

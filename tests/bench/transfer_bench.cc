@@ -101,9 +101,7 @@ class Client {
              : *fedlora::common::ClientTlsCredentials(
                    certs + "/ca.pem", certs + "/" + name + ".pem", certs + "/" + name + ".key");
     grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(64 << 20);
-    args.SetMaxSendMessageSize(64 << 20);
-    for (const auto& [key, value] : fedlora::common::TransportChannelArgs())
+    for (const auto& [key, value] : fedlora::common::TransportChannelArgs(63 << 20))
       args.SetInt(key, value);
     stub_ = v1::Coordinator::NewStub(grpc::CreateCustomChannel("localhost:" + port, creds, args));
   }
@@ -309,8 +307,7 @@ int ServeDiscarding(const Setup& s, bool tls, const fs::path& port_file) {
                                                    certs + "/ca.pem")
           : grpc::InsecureServerCredentials(),
       &port);
-  builder.SetMaxReceiveMessageSize(64 << 20);
-  for (const auto& [key, value] : fedlora::common::TransportChannelArgs())
+  for (const auto& [key, value] : fedlora::common::TransportChannelArgs(63 << 20))
     builder.AddChannelArgument(key, value);
   DiscardingCoordinator service;
   builder.RegisterService(&service);
