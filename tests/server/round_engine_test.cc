@@ -266,6 +266,27 @@ TEST_F(RoundEngineTest, RestartMidRoundRedoesTheRoundWithTheSameResult) {
   EXPECT_EQ(Metrics().size(), 1u);
 }
 
+TEST_F(RoundEngineTest, RestartAfterACommitWritesTheMissingMetricsLineFromTheLedger) {
+  JoinAll();
+  Train("c1");
+  Train("c2");
+  env_.FailPath("metrics.jsonl");
+  Train("c3");  // round 1 is committed; its metrics line is not written
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  ASSERT_FALSE(fs::exists(state() / "metrics.jsonl"));
+  env_.Heal();
+  ASSERT_TRUE(h_.Start().ok());  // the line comes from the ledger's record: no clients needed
+  const auto metrics = Metrics();
+  ASSERT_EQ(metrics.size(), 1u);
+  EXPECT_EQ(metrics[0]["version"], 1);
+  EXPECT_EQ(metrics[0]["arrived"], nlohmann::json({"c1", "c2", "c3"}));
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  JoinAll();
+  for (const char* id : {"c1", "c2", "c3"}) Train(id);  // round 2 goes on from version 1
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2}));
+  EXPECT_EQ(Metrics().size(), 2u);
+}
+
 TEST_F(RoundEngineTest, RestartAfterTheLastRoundExportsAgainAndAnswersDone) {
   JoinAll();
   for (int round = 1; round <= 2; ++round)

@@ -1,0 +1,235 @@
+// RoundEngine, continued: a round's life — its start, its close (commit or retry), what follows a
+// commit, the retries of failed steps and the ticks that drive deadlines. round_engine.cc has the
+// calls clients make.
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "server/cohort.h"
+#include "server/exporter.h"
+#include "server/round_close.h"
+#include "server/round_engine.h"
+
+namespace fedlora::server {
+namespace {
+
+using common::Adapter;
+using common::Method;
+using common::StrCat;
+using Seconds = std::chrono::duration<double>;
+
+}  // namespace
+
+void RoundEngine::StartSumsLocked() {
+  if (dp_ || (method_ != Method::kFedIt && method_ != Method::kFedSb)) return;
+  sums_ = common::StreamingAverage(
+      method_, store_.ledger().Shapes(options_.rank, method_ == Method::kFedSb), &frozen_);
+}
+
+void RoundEngine::StartRoundLocked() {
+  const std::vector<std::string> ids = clients_.TakingPart();
+  cohort_ =
+      SampleCohort(ids, options_.seed, round_, attempt_, options_.fraction, options_.min_cohort);
+  uploads_.Clear(round_);
+  rejected_.clear();
+  declined_.clear();
+  for (const auto& [id, info] : clients_.all()) clients_.Find(id)->bytes_down_this_round = 0;
+  if (ids.empty()) return EndRunLocked(StrCat("round ", round_, ": every client has left the run"));
+  if (dp_) {
+    absl::StatusOr<bool> started = [&]() -> absl::StatusOr<bool> {
+      ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_, version(), frozen_));
+      return dp_->Start(store_.ledger().client_dp.value_or(ClientDpState{options_.dp_clip, {}}),
+                        round_, cohort_.size(), ids.size(), std::move(start));
+    }();
+    if (!started.ok())
+      return EndRunLocked(StrCat("round ", round_, " cannot start: ", started.status().message()));
+    if (!*started) return EndRunLocked("the privacy budget allows no further round");
+  }
+  StartSumsLocked();
+  round_started_ = env_->Now();
+  if (!run_started_) run_started_ = round_started_;
+  phase_ = Phase::kTraining;
+  spdlog::info("round {}{}: cohort of {} of {} clients: {}", round_,
+               attempt_ ? StrCat(" (attempt ", attempt_ + 1, ")") : "", cohort_.size(), ids.size(),
+               fmt::join(cohort_, ","));
+}
+
+void RoundEngine::EndRunLocked(const std::string& why) {
+  spdlog::warn("{}", why);
+  phase_ = Phase::kDone;
+  cohort_.clear();
+  spdlog::info("run {} ended at version {} of {} rounds", store_.ledger().run_id, version(),
+               options_.rounds);
+  follow_up_retry_.pending = true;
+  FollowUpLocked();
+}
+
+void RoundEngine::MaybeCloseRoundLocked() {
+  const size_t arrived = uploads_.ArrivedIds().size();
+  // Members that declined their task are not waited for, and not counted in the quorum.
+  const size_t quorum = QuorumOf(options_.quorum, cohort_.size() - declined_.size());
+  if (arrived < quorum) {
+    spdlog::warn(
+        "round {}: {} of {} updates arrived, quorum is {}; retrying the round with a new cohort",
+        round_, arrived, cohort_.size(), quorum);
+    ++attempt_;
+    StartRoundLocked();
+    return;
+  }
+  CommitRoundLocked();
+}
+
+void RoundEngine::CommitRoundLocked() {
+  RoundFacts facts{round_, attempt_, cohort_, rejected_, declined_, late_, {}, 0.0};
+  for (const std::string& id : cohort_)
+    facts.bytes_down[id] = clients_.Find(id)->bytes_down_this_round;
+  facts.elapsed_seconds = Seconds(env_->Now() - *run_started_).count();
+  const absl::StatusOr<nlohmann::json> record =
+      CloseRound(facts, {&options_, &store_, &uploads_, &sums_, dp_ ? &*dp_ : nullptr});
+  if (!record.ok()) {
+    FailedLocked(commit_retry_, record.status(),
+                 StrCat("committing round ", round_, " (its ", uploads_.ArrivedIds().size(),
+                        " accepted updates are kept, and the round is committed once the "
+                        "write succeeds)"));
+    return;
+  }
+  if (commit_retry_.pending)
+    spdlog::info("round {}: committed after {} failed attempts", round_, commit_retry_.failures);
+  commit_retry_ = Retry{};
+  // The round is done: everything below is in memory or derived from the ledger.
+  const std::vector<std::string> arrived = uploads_.ArrivedIds();
+  for (const std::string& id : arrived) clients_.Find(id)->rounds_contributed++;
+  uploads_.Clear(round_);
+  late_.clear();
+  if (dp_) {
+    dp_->Reset();
+    const nlohmann::json& dp = (*record)["client_dp"];
+    spdlog::info(
+        "round {}: client-level DP spent epsilon {:.4f} at delta {} (order {}; q {:.4g}, noise "
+        "multiplier {}, clip {:.6g}, next clip {:.6g})",
+        round_, dp["epsilon"].get<double>(), options_.dp_delta, dp["order"].dump(),
+        dp["sample_rate"].get<double>(), options_.dp_noise_multiplier, dp["clip"].get<double>(),
+        dp["next_clip"].get<double>());
+  }
+  if (record->contains("dp_epsilon"))
+    spdlog::info("round {}: DP-SGD epsilon spent by clients: {}", round_,
+                 (*record)["dp_epsilon"].dump());
+  const std::vector<std::string> dropped = (*record)["dropped"];
+  spdlog::info(
+      "round {} closed: {} of {} updates{}; mean loss {:.6g} -> {:.6g}; aggregated in {:.3f} s; "
+      "version {}",
+      round_, arrived.size(), cohort_.size(),
+      dropped.empty() ? "" : fmt::format(" (dropped: {})", fmt::join(dropped, ",")),
+      (*record)["mean_loss_before"].get<double>(), (*record)["mean_train_loss"].get<double>(),
+      (*record)["aggregation_seconds"].get<double>(), round_);
+  if (round_ >= options_.rounds) {
+    phase_ = Phase::kDone;
+    cohort_.clear();
+    spdlog::info("run {} done after {} rounds", store_.ledger().run_id, options_.rounds);
+  } else {
+    ++round_;
+    attempt_ = 0;
+    StartRoundLocked();
+  }
+  follow_up_retry_.pending = true;
+  FollowUpLocked();
+}
+
+void RoundEngine::FollowUpLocked() {
+  if (!follow_up_retry_.pending || !failure_.ok()) return;
+  const absl::Status status = FollowUpOnceLocked();
+  if (status.ok()) {
+    follow_up_retry_ = Retry{};
+    return;
+  }
+  FailedLocked(follow_up_retry_, status,
+               "writing what follows a committed round (evaluation, metrics line, export; the "
+               "round itself is committed and is not aggregated again)");
+}
+
+absl::Status RoundEngine::FollowUpOnceLocked() {
+  for (int64_t v = store_.metrics_version() + 1; v <= version(); ++v) {
+    nlohmann::json line = store_.ledger().at(v).record;
+    if (evaluator_) {
+      auto it = eval_losses_.find(v);
+      if (it == eval_losses_.end()) {
+        ASSIGN_OR_RETURN(Adapter global, AdapterAt(store_, v, frozen_));
+        ASSIGN_OR_RETURN(std::optional<double> loss, evaluator_->Evaluate(store_, v, global));
+        if (loss) {
+          it = eval_losses_.emplace(v, *loss).first;
+          spdlog::info("round {}: held-out loss of the global model {:.6f}", v, *loss);
+        }
+      }
+      if (it != eval_losses_.end()) line["eval_loss"] = it->second;
+    }
+    RETURN_IF_ERROR(store_.AppendMetrics(v, line));
+    eval_losses_.erase(v);
+  }
+  if (phase_ == Phase::kDone && version() >= 1 && !exported_) {
+    RETURN_IF_ERROR(Export(store_, options_, frozen_, evaluator_.get()));
+    exported_ = true;
+  }
+  return absl::OkStatus();
+}
+
+void RoundEngine::FailedLocked(Retry& retry, const absl::Status& status, const std::string& step) {
+  const auto now = env_->Now();
+  if (retry.failures == 0) retry.first_failure = now;
+  retry.pending = true;
+  ++retry.failures;
+  const double backoff = std::min(0.5 * std::pow(2.0, retry.failures - 1), 30.0);
+  retry.next_try =
+      now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(Seconds(backoff));
+  const double failing_s = Seconds(now - retry.first_failure).count();
+  const std::string hint = StorageHint(status, options_.state_dir);
+  if (failing_s >= options_.give_up_after_s) {
+    failure_ = absl::Status(
+        status.code(), StrCat(step, " has failed for ", static_cast<int64_t>(failing_s), " s (",
+                              retry.failures, " attempts): ", status.message(), "; ", hint,
+                              ", then restart the coordinator on the same state directory: it "
+                              "continues from the last committed round"));
+    spdlog::critical("giving up: {}", failure_.message());
+    return;
+  }
+  spdlog::error("{} failed: {}; {}; retrying in {:.1f} s (attempt {})", step, status.message(),
+                hint, backoff, retry.failures);
+}
+
+void RoundEngine::Tick() {
+  LongPolls::Ready ready;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto now = env_->Now();
+    if (failure_.ok() && commit_retry_.pending) {
+      if (now >= commit_retry_.next_try) CommitRoundLocked();
+    } else if (failure_.ok() && phase_ == Phase::kTraining) {
+      const bool deadline = now - round_started_ >= Seconds(options_.round_deadline_s);
+      // Every member that has not answered is silent past the timeout: waiting cannot help.
+      const bool all_silent =
+          std::all_of(cohort_.begin(), cohort_.end(), [&](const std::string& id) {
+            return AnsweredLocked(id) ||
+                   clients_.Silent(id, now, Seconds(options_.client_timeout_s));
+          });
+      // An update whose last chunk has arrived is not cut off while it is checked (a fraction of a
+      // second per 100 MB): the round closes at the next tick after.
+      if ((deadline || all_silent) && !uploads_.AnyVerifying()) MaybeCloseRoundLocked();
+    }
+    if (follow_up_retry_.pending && now >= follow_up_retry_.next_try) FollowUpLocked();
+    CollectReadyLocked(&ready, false);
+  }
+  LongPolls::Deliver(ready);
+}
+
+absl::Status RoundEngine::ExportNow() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (version() < 1) {
+    return absl::FailedPreconditionError(
+        "no round has completed yet, so there is no global state to export");
+  }
+  return Export(store_, options_, frozen_, evaluator_.get());
+}
+
+}  // namespace fedlora::server
