@@ -49,6 +49,7 @@ int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string
   std::printf("run %s (%s): %s, round %lld of %lld, state version %lld\n", s.run_id().c_str(),
               s.method().c_str(), s.phase().c_str(), static_cast<long long>(s.round()),
               static_cast<long long>(s.rounds()), static_cast<long long>(s.state_version()));
+  if (!s.waiting_for().empty()) std::printf("waiting: %s\n", s.waiting_for().c_str());
   std::printf("cohort: %s\narrived: %s\n", join(s.cohort()).c_str(), join(s.arrived()).c_str());
   std::printf("%-24s %10s %8s %14s\n", "client", "examples", "rounds", "last seen");
   const int64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(

@@ -22,8 +22,8 @@ std::vector<std::string> SampleCohort(std::vector<std::string> candidates, uint6
 }
 
 size_t QuorumOf(double quorum, size_t members) {
-  const double exact = quorum * static_cast<double>(members);
-  const auto needed = static_cast<size_t>(std::ceil(exact - 1e-9 * std::max(1.0, exact)));
+  const auto needed =
+      static_cast<size_t>(std::max(0.0, std::ceil(quorum * static_cast<double>(members) - 0.05)));
   return std::clamp<size_t>(needed, 1, std::max<size_t>(members, 1));
 }
 

@@ -16,9 +16,10 @@ namespace fedlora::server {
 std::vector<std::string> SampleCohort(std::vector<std::string> candidates, uint64_t seed,
                                       int64_t round, int attempt, double fraction, int min_cohort);
 
-// The members that must deliver for a round to close at its deadline: ⌈quorum·members⌉, at least
-// 1, computed so that binary rounding cannot push an exact product past an integer (0.1·30 is
-// 3.0000000000000004 in double; this says 3).
+// The members that must deliver for a round to close at its deadline: ⌈quorum·members − 0.05⌉,
+// at least 1. The 0.05 forgives a quorum written to two decimals (0.67 of 3 members is 2.01: 2
+// members, as meant) and binary rounding (0.1·30 is 3.0000000000000004 in double: 3), and never
+// forgives a twentieth of a member more.
 size_t QuorumOf(double quorum, size_t members);
 
 }  // namespace fedlora::server

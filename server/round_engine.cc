@@ -202,10 +202,7 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
     const bool is_new = clients_.Join(client, request.num_examples(), env_->Now());
     spdlog::info("{} {} ({} examples); {} clients joined", client, is_new ? "joined" : "re-joined",
                  request.num_examples(), clients_.size());
-    if (phase_ == Phase::kWaitingForClients &&
-        static_cast<int>(clients_.size()) >= options_.min_clients) {
-      StartRoundLocked();
-    }
+    MaybeStartRoundLocked();
     CollectReadyLocked(&ready, false);
     response.set_run_id(store_.ledger().run_id);
     response.set_method(std::string(MethodName(method_)));
@@ -242,10 +239,8 @@ v1::Task RoundEngine::TaskForLocked(const std::string& client, int64_t have_vers
       commit_retry_.pending) {
     task.set_kind(v1::Task::WAIT);
     task.set_note(
-        phase_ == Phase::kWaitingForClients
-            ? StrCat("waiting for ", options_.min_clients, " clients to join, ", clients_.size(),
-                     " joined")
-        : !in_cohort ? StrCat("not in round ", round_, "'s cohort")
+        phase_ == Phase::kWaitingForClients ? waiting_for_
+        : !in_cohort                        ? StrCat("not in round ", round_, "'s cohort")
         : commit_retry_.pending
             ? StrCat("round ", round_, " is closing; its commit is being retried")
             : StrCat("update for round ", round_, " accepted; waiting for the round to close"));
@@ -283,7 +278,12 @@ void RoundEngine::GetTask(const std::string& client, const v1::GetTaskRequest& r
       const auto now = env_->Now();
       clients_.Touch(client, now);
       task = TaskForLocked(client, request.have_version());
-      const int64_t wait_ms = std::clamp<int64_t>(request.max_wait_ms(), 0, options_.max_wait_ms);
+      // A poll lasts at most half the client timeout, so a client waiting for its task calls again
+      // before it could count as silent.
+      const int64_t wait_ms = std::clamp<int64_t>(
+          request.max_wait_ms(), 0,
+          std::min<int64_t>(options_.max_wait_ms,
+                            static_cast<int64_t>(options_.client_timeout_s * 1000 / 2)));
       if (task->kind() == v1::Task::WAIT && wait_ms > 0 && !stopping_) {
         polls_.Add(client, request.have_version(), now + std::chrono::milliseconds(wait_ms),
                    std::move(done));
@@ -490,6 +490,7 @@ v1::StatusResponse RoundEngine::GetStatus() {
   s.set_round(phase_ == Phase::kDone ? version() : round_);
   s.set_rounds(options_.rounds);
   s.set_state_version(version());
+  if (phase_ == Phase::kWaitingForClients) s.set_waiting_for(waiting_for_);
   s.set_phase(!failure_.ok()               ? "failed"
               : phase_ == Phase::kDone     ? "done"
               : commit_retry_.pending      ? "closing (retrying the commit)"

@@ -100,7 +100,13 @@ class RoundEngine {
   absl::Status Resume();  // continues the run in the store, if any
   int64_t version() const { return store_.ledger().latest(); }
   absl::Status InitializeRunLocked(const v1::JoinRequest& first);
-  void StartRoundLocked();
+  // Starts the round (its next attempt) once its backoff has passed and enough clients are alive;
+  // otherwise says what it waits for.
+  void MaybeStartRoundLocked();
+  // Draws the cohort from `candidates` (the live clients) and starts training.
+  void StartRoundLocked(const std::vector<std::string>& candidates);
+  // Records what the run waits for (logged when it changes; the WAIT note and the status say it).
+  void WaitingLocked(std::string what);
   void EndRunLocked(const std::string& why);
   // Members that delivered their update or declined their task: the round no longer waits for them.
   bool AnsweredLocked(const std::string& client) const;
@@ -131,6 +137,8 @@ class RoundEngine {
   ClientRegistry clients_;
   int64_t round_ = 0;  // the round in progress (version() + 1 while training)
   int attempt_ = 0;    // retries of this round without quorum
+  std::chrono::steady_clock::time_point next_attempt_;  // a retried round starts no earlier
+  std::string waiting_for_;  // while no round is open: what the run waits for
   std::chrono::steady_clock::time_point round_started_;
   std::optional<std::chrono::steady_clock::time_point> run_started_;  // in this process
   std::vector<std::string> cohort_;                                   // sorted

@@ -29,15 +29,48 @@ void RoundEngine::StartSumsLocked() {
       method_, store_.ledger().Shapes(options_.rank, method_ == Method::kFedSb), &frozen_);
 }
 
-void RoundEngine::StartRoundLocked() {
-  const std::vector<std::string> ids = clients_.TakingPart();
+void RoundEngine::WaitingLocked(std::string what) {
+  if (what != waiting_for_) spdlog::info("{}", what);
+  waiting_for_ = std::move(what);
+}
+
+void RoundEngine::MaybeStartRoundLocked() {
+  if (phase_ != Phase::kWaitingForClients || !store_.has_ledger() || !failure_.ok()) return;
+  const auto now = env_->Now();
+  const std::vector<std::string> taking_part = clients_.TakingPart();
+  if (taking_part.empty() && run_started_)
+    return EndRunLocked(StrCat("round ", round_, ": every client has left the run"));
+  if (now < next_attempt_) return;  // the retry's backoff (WaitingLocked said so)
+  // The live clients: taking part and heard from within the client timeout. A silent one is left
+  // out of cohorts until it calls again (a heartbeat, a poll or a join).
+  std::vector<std::string> alive, silent;
+  for (const std::string& id : taking_part) {
+    (clients_.Silent(id, now, Seconds(options_.client_timeout_s)) ? silent : alive).push_back(id);
+  }
+  // Before the first round, min_clients must have joined; after it, clients that left the run
+  // are not waited for, silent ones are.
+  const size_t needed = run_started_ ? std::min<size_t>(options_.min_clients, taking_part.size())
+                                     : static_cast<size_t>(options_.min_clients);
+  if (!run_started_ && clients_.size() < needed) {
+    return WaitingLocked(
+        StrCat("waiting for ", needed, " clients to join, ", clients_.size(), " joined"));
+  }
+  if (alive.size() < needed) {
+    return WaitingLocked(StrCat("round ", round_, " waits for ", needed, " live clients (",
+                                alive.size(), " alive; silent past the ", options_.client_timeout_s,
+                                " s timeout: ", fmt::format("{}", fmt::join(silent, ",")), ")"));
+  }
+  waiting_for_.clear();
+  StartRoundLocked(alive);
+}
+
+void RoundEngine::StartRoundLocked(const std::vector<std::string>& ids) {
   cohort_ =
       SampleCohort(ids, options_.seed, round_, attempt_, options_.fraction, options_.min_cohort);
   uploads_.Clear(round_);
   rejected_.clear();
   declined_.clear();
   for (const auto& [id, info] : clients_.all()) clients_.Find(id)->bytes_down_this_round = 0;
-  if (ids.empty()) return EndRunLocked(StrCat("round ", round_, ": every client has left the run"));
   if (dp_) {
     absl::StatusOr<bool> started = [&]() -> absl::StatusOr<bool> {
       ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_, version(), frozen_));
@@ -72,11 +105,23 @@ void RoundEngine::MaybeCloseRoundLocked() {
   // Members that declined their task are not waited for, and not counted in the quorum.
   const size_t quorum = QuorumOf(options_.quorum, cohort_.size() - declined_.size());
   if (arrived < quorum) {
-    spdlog::warn(
-        "round {}: {} of {} updates arrived, quorum is {}; retrying the round with a new cohort",
-        round_, arrived, cohort_.size(), quorum);
+    // Retried with a new cohort of the live clients, after a backoff (0.5 s doubling to 30 s), so
+    // a round that cannot reach its quorum does not retrain the live clients in a loop.
     ++attempt_;
-    StartRoundLocked();
+    const double backoff = std::min(0.5 * std::pow(2.0, attempt_ - 1), 30.0);
+    next_attempt_ = env_->Now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                      Seconds(backoff));
+    spdlog::warn(
+        "round {}: {} of {} updates arrived, quorum is {}; retrying in {:.1f} s with a new cohort "
+        "of the live clients",
+        round_, arrived, cohort_.size(), quorum, backoff);
+    uploads_.Clear(round_);
+    cohort_.clear();
+    if (dp_) dp_->Reset();
+    phase_ = Phase::kWaitingForClients;
+    WaitingLocked(
+        StrCat("round ", round_, " is retried (attempt ", attempt_ + 1, ") after ", backoff, " s"));
+    MaybeStartRoundLocked();
     return;
   }
   CommitRoundLocked();
@@ -132,7 +177,8 @@ void RoundEngine::CommitRoundLocked() {
   } else {
     ++round_;
     attempt_ = 0;
-    StartRoundLocked();
+    phase_ = Phase::kWaitingForClients;
+    MaybeStartRoundLocked();
   }
   follow_up_retry_.pending = true;
   FollowUpLocked();
@@ -217,6 +263,7 @@ void RoundEngine::Tick() {
       // second per 100 MB): the round closes at the next tick after.
       if ((deadline || all_silent) && !uploads_.AnyVerifying()) MaybeCloseRoundLocked();
     }
+    MaybeStartRoundLocked();
     if (follow_up_retry_.pending && now >= follow_up_retry_.next_try) FollowUpLocked();
     CollectReadyLocked(&ready, false);
   }

@@ -30,6 +30,15 @@ class RoundEngineTest : public ::testing::Test {
   void JoinAll() {
     for (const char* id : {"c1", "c2", "c3"}) ASSERT_TRUE(h_.Join(id).ok()) << id;
   }
+  // Lets `d` pass a second at a time, the `alive` clients heartbeating as their nodes do.
+  void Pass(std::chrono::seconds d, const std::vector<std::string>& alive) {
+    v1::HeartbeatRequest beat;
+    for (auto t = std::chrono::seconds(0); t < d; t += std::chrono::seconds(1)) {
+      env_.Advance(std::chrono::seconds(1));
+      for (const std::string& id : alive) h_.engine().Heartbeat(id, beat);
+      h_.engine().Tick();
+    }
+  }
   void Train(const std::string& id) {
     auto step = h_.Step(id);
     ASSERT_TRUE(step.ok()) << id << ": " << step.status();
@@ -106,6 +115,22 @@ TEST_F(RoundEngineTest, WaitsForMinClientsThenEveryAnswerClosesTheRound) {
   EXPECT_EQ(done->state_version(), 2);
 }
 
+TEST_F(RoundEngineTest, ALongPollEndsBeforeItsClientCouldCountAsSilent) {
+  ASSERT_TRUE(h_.Join("c1").ok());
+  v1::GetTaskRequest poll;
+  poll.set_max_wait_ms(60000);  // asks for a minute; the client timeout is 20 s
+  std::optional<absl::StatusOr<v1::Task>> answer;
+  h_.engine().GetTask("c1", poll, [&](absl::StatusOr<v1::Task> t) { answer = std::move(t); });
+  env_.Advance(std::chrono::milliseconds(9900));
+  h_.engine().Tick();
+  EXPECT_FALSE(answer.has_value());
+  env_.Advance(std::chrono::milliseconds(100));
+  h_.engine().Tick();
+  ASSERT_TRUE(answer.has_value());  // after half the timeout: the client polls again in time
+  ASSERT_TRUE(answer->ok());
+  EXPECT_EQ((*answer)->kind(), v1::Task::WAIT);
+}
+
 TEST_F(RoundEngineTest, DeadlineWithQuorumClosesWithoutTheMissingMember) {
   h_.Stop();
   h_.options().quorum = 0.5;            // ⌈0.5·3⌉ = 2
@@ -128,21 +153,85 @@ TEST_F(RoundEngineTest, DeadlineWithQuorumClosesWithoutTheMissingMember) {
   EXPECT_FALSE(h_.engine().Heartbeat("c2", beat).still_wanted());  // round 1 is over
 }
 
-TEST_F(RoundEngineTest, DeadlineWithoutQuorumRetriesTheRoundWithANewCohort) {
+TEST_F(RoundEngineTest, DeadlineWithoutQuorumRetriesTheRoundAfterABackoff) {
   JoinAll();  // quorum 1: every member must deliver
   Train("c1");
-  env_.Advance(std::chrono::seconds(60));
-  h_.engine().Tick();
+  v1::HeartbeatRequest beat;
+  beat.set_round(1);
+  for (int t = 0; t < 4; ++t) {  // c2 and c3 are alive, only slow
+    env_.Advance(std::chrono::seconds(15));
+    h_.engine().Heartbeat("c2", beat);
+    h_.engine().Heartbeat("c3", beat);
+    h_.engine().Tick();
+  }
   EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));  // no version without quorum
   EXPECT_FALSE(fs::exists(state() / "metrics.jsonl"));
-  // Attempt 2 of round 1: c1's update of attempt 1 is forgotten, so it trains again.
+  // The retry waits 0.5 s: nobody is asked to train meanwhile.
   auto task = h_.Task("c1");
+  ASSERT_TRUE(task.ok());
+  EXPECT_EQ(task->kind(), v1::Task::WAIT);
+  EXPECT_THAT(task->note(), HasSubstr("round 1 is retried (attempt 2) after 0.5 s"));
+  EXPECT_THAT(h_.engine().GetStatus().waiting_for(), HasSubstr("round 1 is retried"));
+  env_.Advance(std::chrono::milliseconds(500));
+  h_.engine().Tick();
+  // Attempt 2 of round 1: c1's update of attempt 1 is forgotten, so it trains again.
+  task = h_.Task("c1");
   ASSERT_TRUE(task.ok());
   EXPECT_EQ(task->kind(), v1::Task::TRAIN);
   EXPECT_EQ(task->round(), 1);
   for (const char* id : {"c1", "c2", "c3"}) Train(id);
   EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
   EXPECT_EQ(Metrics()[0]["attempt"], 2);
+}
+
+// The lost client of a docker-compose run (issue: one of three containers killed for good). With a
+// quorum that two of three meet, the run finishes with the two live clients; the dead one is left
+// out of later cohorts.
+TEST_F(RoundEngineTest, ALostClientIsLeftOutAndTheRunFinishesWhenTheQuorumAllows) {
+  h_.Stop();
+  h_.options().quorum = 0.67;  // of 3 members: ⌈2.01 − 0.05⌉ = 2
+  h_.options().min_clients = 2;
+  h_.options().rounds = 3;
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();  // round 1 starts with c1, c2 at c2's join
+  Train("c1");
+  Train("c2");
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  Train("c1");
+  Train("c2");                                   // c3, in round 2's cohort, is dead from here on
+  Pass(std::chrono::seconds(20), {"c1", "c2"});  // c3 silent past the timeout: the round closes
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2}));
+  EXPECT_EQ(Metrics()[1]["dropped"], nlohmann::json({"c3"}));
+  Train("c1");
+  Train("c2");  // round 3's cohort is the live c1, c2: the round closes at once
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2, 3}));
+  EXPECT_EQ(Metrics()[2]["cohort"], nlohmann::json({"c1", "c2"}));
+  EXPECT_TRUE(h_.engine().done());
+}
+
+// The same with a quorum the live clients cannot meet: the run waits, saying for what, and
+// retrains nobody until the lost client is back.
+TEST_F(RoundEngineTest, ARunThatCannotReachQuorumWaitsWithoutRetrainingAnyone) {
+  JoinAll();  // min_clients 3, quorum 1
+  Train("c1");
+  Train("c2");
+  Pass(std::chrono::seconds(20), {"c1", "c2"});  // c3 silent: the round is retried...
+  v1::HeartbeatRequest beat;
+  const int64_t writes = env_.writes();
+  for (int t = 0; t < 600; ++t) {  // ...and ten minutes pass with c1, c2 polling
+    env_.Advance(std::chrono::seconds(1));
+    ASSERT_EQ(h_.Task("c1")->kind(), v1::Task::WAIT);
+    ASSERT_EQ(h_.Task("c2")->kind(), v1::Task::WAIT);
+    h_.engine().Tick();
+  }
+  EXPECT_EQ(env_.writes(), writes) << "nobody uploaded: nobody was asked to train";
+  const std::string waiting = h_.engine().GetStatus().waiting_for();
+  EXPECT_THAT(waiting, HasSubstr("round 1 waits for 3 live clients (2 alive; silent past the 20 s "
+                                 "timeout: c3)"));
+  EXPECT_THAT(h_.Task("c1")->note(), HasSubstr("waits for 3 live clients"));
+  ASSERT_TRUE(h_.Join("c3").ok());  // back: round 1 starts again with all three
+  for (const char* id : {"c1", "c2", "c3"}) Train(id);
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
 }
 
 TEST_F(RoundEngineTest, SilentMembersCloseTheRoundBeforeItsDeadline) {
@@ -171,8 +260,7 @@ TEST_F(RoundEngineTest, LateUpdateIsRefusedAndRecordedInTheNextRound) {
   ASSERT_TRUE(task.ok());
   Train("c1");
   Train("c3");
-  env_.Advance(std::chrono::seconds(60));
-  h_.engine().Tick();
+  Pass(std::chrono::seconds(60), {"c1", "c2", "c3"});  // the deadline closes round 1
   ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
   auto late = h_.Send("c2", *task, h_.Encode(*h_.MakeUpdate("c2", *task)));
   ASSERT_FALSE(late.ok());
@@ -228,8 +316,7 @@ TEST_F(RoundEngineTest, MemberLostMidUploadIsDroppedAndItsPartDeleted) {
   EXPECT_EQ(incoming->size(), 1u);
   Train("c1");
   Train("c3");
-  env_.Advance(std::chrono::seconds(20));  // c2 silent past its timeout
-  h_.engine().Tick();
+  Pass(std::chrono::seconds(20), {"c1", "c3"});  // c2 silent past its timeout
   ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
   EXPECT_EQ(Metrics()[0]["dropped"], nlohmann::json({"c2"}));
   ExpectFedItMean({"c1", "c3"}, 1);
