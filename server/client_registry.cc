@@ -51,6 +51,10 @@ bool ClientRegistry::Join(const std::string& id, int64_t num_examples,
   return is_new;
 }
 
+void ClientRegistry::NewRound() {
+  for (auto& [id, info] : clients_) info.bytes_down_this_round = 0;
+}
+
 void ClientRegistry::Touch(const std::string& id, std::chrono::steady_clock::time_point now) {
   if (auto it = clients_.find(id); it != clients_.end()) it->second.last_seen = now;
 }

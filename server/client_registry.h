@@ -36,6 +36,8 @@ class ClientRegistry {
  public:
   // Records a join (or a re-join: the client takes part again); returns true for a new client.
   bool Join(const std::string& id, int64_t num_examples, std::chrono::steady_clock::time_point now);
+  // A round starts: every client's bytes downloaded this round start from 0.
+  void NewRound();
   // Notes that `id` was heard from (any call); unknown ids are ignored.
   void Touch(const std::string& id, std::chrono::steady_clock::time_point now);
   ClientInfo* Find(const std::string& id);

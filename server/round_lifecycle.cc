@@ -21,6 +21,13 @@ using common::Method;
 using common::StrCat;
 using Seconds = std::chrono::duration<double>;
 
+// The wait before the next try of something that failed `failures` times: 0.5 s doubling to 30 s.
+double BackoffSeconds(int failures) { return std::min(0.5 * std::pow(2.0, failures - 1), 30.0); }
+
+std::chrono::steady_clock::duration ToDuration(double seconds) {
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(Seconds(seconds));
+}
+
 }  // namespace
 
 void RoundEngine::StartSumsLocked() {
@@ -70,7 +77,7 @@ void RoundEngine::StartRoundLocked(const std::vector<std::string>& ids) {
   uploads_.Clear(round_);
   rejected_.clear();
   declined_.clear();
-  for (const auto& [id, info] : clients_.all()) clients_.Find(id)->bytes_down_this_round = 0;
+  clients_.NewRound();
   if (dp_) {
     absl::StatusOr<bool> started = [&]() -> absl::StatusOr<bool> {
       ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_, version(), frozen_));
@@ -108,9 +115,8 @@ void RoundEngine::MaybeCloseRoundLocked() {
     // Retried with a new cohort of the live clients, after a backoff (0.5 s doubling to 30 s), so
     // a round that cannot reach its quorum does not retrain the live clients in a loop.
     ++attempt_;
-    const double backoff = std::min(0.5 * std::pow(2.0, attempt_ - 1), 30.0);
-    next_attempt_ = env_->Now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                                      Seconds(backoff));
+    const double backoff = BackoffSeconds(attempt_);
+    next_attempt_ = env_->Now() + ToDuration(backoff);
     spdlog::warn(
         "round {}: {} of {} updates arrived, quorum is {}; retrying in {:.1f} s with a new cohort "
         "of the live clients",
@@ -226,9 +232,8 @@ void RoundEngine::FailedLocked(Retry& retry, const absl::Status& status, const s
   if (retry.failures == 0) retry.first_failure = now;
   retry.pending = true;
   ++retry.failures;
-  const double backoff = std::min(0.5 * std::pow(2.0, retry.failures - 1), 30.0);
-  retry.next_try =
-      now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(Seconds(backoff));
+  const double backoff = BackoffSeconds(retry.failures);
+  retry.next_try = now + ToDuration(backoff);
   const double failing_s = Seconds(now - retry.first_failure).count();
   const std::string hint = StorageHint(status, options_.state_dir);
   if (failing_s >= options_.give_up_after_s) {

@@ -65,7 +65,6 @@ class StateStore {
   // Adds the line of `version` to metrics.jsonl (rewritten atomically, so a crash never leaves half
   // a line); on failure the file and memory stay as they were.
   absl::Status AppendMetrics(int64_t version, const nlohmann::json& line);
-  const std::vector<std::string>& metrics_lines() const { return metrics_; }
 
   const std::filesystem::path& dir() const { return dir_; }
   common::Env* env() const { return env_; }

@@ -175,7 +175,6 @@ class Harness {
     return v1::Task::TRAIN;
   }
 
-  const server::ServerOptions& opts() const { return options_; }
 
  private:
   server::ServerOptions options_;
