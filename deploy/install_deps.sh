@@ -3,13 +3,17 @@
 # already installed are not fetched again, and apt-get update runs only when something is missing.
 set -euo pipefail
 
+# With --build-only, just what building the programs needs (the Dockerfile's build stage); otherwise also what the
+# tests and benchmarks need.
 packages=(
   build-essential cmake ninja-build pkg-config git openssl ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libeigen3-dev libssl-dev libspdlog-dev libfmt-dev libabsl-dev
-  nlohmann-json3-dev libcli11-dev libpcre2-dev libopenblas-pthread-dev docker-compose
-  libgtest-dev libgmock-dev libbenchmark-dev clang-format
+  nlohmann-json3-dev libcli11-dev libpcre2-dev libopenblas-pthread-dev
 )
+if [[ "${1:-}" != --build-only ]]; then
+  packages+=(libgtest-dev libgmock-dev libbenchmark-dev clang-format docker-compose)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
