@@ -175,7 +175,6 @@ class Harness {
     return v1::Task::TRAIN;
   }
 
-
  private:
   server::ServerOptions options_;
   TestEnv* env_;
