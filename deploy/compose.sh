@@ -21,7 +21,7 @@ done
 [[ $clients =~ ^[1-9][0-9]*$ ]] || { echo "--clients must be a positive number, not '$clients'" >&2; exit 2; }
 case $method in fedit | flora | lora-fair | fed-sb) ;; *) echo "unknown --method '$method'" >&2; exit 2 ;; esac
 lr=0.01
-[[ $method == fed-sb ]] && lr=0.05
+[[ $method == fed-sb ]] && lr=0.1  # as deploy/demo.sh: Fed-SB trains only R, with a larger step
 allowed=$(seq -f 'client-%g' -s, 1 "$clients")
 
 cat <<YAML

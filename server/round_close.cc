@@ -28,7 +28,6 @@ absl::StatusOr<common::AggregateResult> Aggregate(const RoundInputs& in,
   }
   absl::StatusOr<common::AggregateResult> result;
   if (in.dp != nullptr) {
-    if (!ledger->client_dp) ledger->client_dp = ClientDpState{in.options->dp_clip, {}};
     result = in.dp->Finish(updates, &*ledger->client_dp, dp_metrics);
   } else if (streamed) {
     result.emplace();

@@ -84,12 +84,17 @@ absl::Status RoundEngine::Resume() {
         StrCat("state directory ", options_.state_dir, " holds a run on base model ",
                l.base_model_sha256, " but base_model_dir is ", options_.base_model_sha256));
   }
+  if (l.client_dp.has_value() != options_.client_dp()) {  // only at version 0 (checked above)
+    Ledger ledger = l;
+    ledger.client_dp.reset();
+    if (options_.client_dp()) ledger.client_dp = ClientDpState{options_.dp_clip, {}};
+    RETURN_IF_ERROR(store_.SaveLedger(ledger));
+  }
   if (method_ == Method::kFedSb) {
     ASSIGN_OR_RETURN(std::string bytes, store_.ReadWholeBlob(l.at(0).blobs.at(0).sha256));
     ASSIGN_OR_RETURN(frozen_, common::DecodeAdapter(bytes, "frozen blob"));
   }
-  validator_ =
-      UpdateValidator(method_, l.Shapes(options_.rank, method_ == Method::kFedSb), frozen_);
+  validator_ = UpdateValidator(method_, TrainedShapes(), frozen_);
   round_ = version() + 1;
   if (version() >= options_.rounds) phase_ = Phase::kDone;
   spdlog::info("continuing run {} from {}: version {} of {} rounds", l.run_id, options_.state_dir,
@@ -172,8 +177,7 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
   ledger.versions.push_back(std::move(v0));
   RETURN_IF_ERROR(store_.SaveLedger(ledger));
   frozen_ = std::move(frozen);
-  validator_ =
-      UpdateValidator(method_, ledger.Shapes(options_.rank, method_ == Method::kFedSb), frozen_);
+  validator_ = UpdateValidator(method_, TrainedShapes(), frozen_);
   round_ = 1;
   spdlog::info(
       "run {} created: base model {}, {} modules, rank {}, lora_alpha {}, {} local steps at "

@@ -99,6 +99,10 @@ class RoundEngine {
   RoundEngine(const ServerOptions& options, common::Env* env, StateStore store);
   absl::Status Resume();  // continues the run in the store, if any
   int64_t version() const { return store_.ledger().latest(); }
+  // The run's modules at its rank, as every update holds them (LoRA-SB modules for fed-sb).
+  std::vector<common::ModuleShape> TrainedShapes() const {
+    return store_.ledger().Shapes(options_.rank, method_ == common::Method::kFedSb);
+  }
   absl::Status InitializeRunLocked(const v1::JoinRequest& first);
   // Starts the round (its next attempt) once its backoff has passed and enough clients are alive;
   // otherwise says what it waits for.

@@ -32,8 +32,7 @@ std::chrono::steady_clock::duration ToDuration(double seconds) {
 
 void RoundEngine::StartSumsLocked() {
   if (dp_ || (method_ != Method::kFedIt && method_ != Method::kFedSb)) return;
-  sums_ = common::StreamingAverage(
-      method_, store_.ledger().Shapes(options_.rank, method_ == Method::kFedSb), &frozen_);
+  sums_ = common::StreamingAverage(method_, TrainedShapes(), &frozen_);
 }
 
 void RoundEngine::WaitingLocked(std::string what) {
@@ -81,8 +80,8 @@ void RoundEngine::StartRoundLocked(const std::vector<std::string>& ids) {
   if (dp_) {
     absl::StatusOr<bool> started = [&]() -> absl::StatusOr<bool> {
       ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_, version(), frozen_));
-      return dp_->Start(store_.ledger().client_dp.value_or(ClientDpState{options_.dp_clip, {}}),
-                        round_, cohort_.size(), ids.size(), std::move(start));
+      return dp_->Start(*store_.ledger().client_dp, round_, cohort_.size(), ids.size(),
+                        std::move(start));
     }();
     if (!started.ok())
       return EndRunLocked(StrCat("round ", round_, " cannot start: ", started.status().message()));

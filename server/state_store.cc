@@ -33,12 +33,12 @@ absl::Status StateStore::Unavailable(std::string_view what, const absl::Status& 
 
 absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* env) {
   // Partial uploads of a previous process are dropped: their round is redone.
-  for (absl::Status st : {env->CreateDirectories(dir / "blobs"), env->RemoveAll(dir / "incoming"),
-                          env->CreateDirectories(dir / "incoming")}) {
-    if (!st.ok()) {
-      return absl::FailedPreconditionError(
-          StrCat("cannot prepare state directory ", dir.string(), ": ", st.message()));
-    }
+  absl::Status st = env->CreateDirectories(dir / "blobs");
+  if (st.ok()) st = env->RemoveAll(dir / "incoming");
+  if (st.ok()) st = env->CreateDirectories(dir / "incoming");
+  if (!st.ok()) {
+    return absl::FailedPreconditionError(
+        StrCat("cannot prepare state directory ", dir.string(), ": ", st.message()));
   }
   StateStore store;
   store.dir_ = dir;

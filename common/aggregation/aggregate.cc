@@ -22,11 +22,10 @@ double Dot(const MatrixD& a, const MatrixD& b) { return (a.array() * b.array()).
 // ΔW* = Σ_k p_k s_k B_k A_k for one module as stacked factors, b·a = ΔW* (ALGORITHMS.md, FLoRA),
 // with ‖ΔW*‖².
 struct Stacked {
-  MatrixD b;                         // m×R: [s_1 B_1 | … | s_K B_K]  (s_k·B·R_k for Fed-SB)
-  MatrixD a;                         // R×n: [p_1 A_1; …; p_K A_K]
-  std::vector<Eigen::Index> offset;  // first row of client k's block in a (column in b)
-  std::vector<int> rank;             // r_k
-  double norm_sq = 0;                // ‖b·a‖_F²
+  MatrixD b;           // m×R: [s_1 B_1 | … | s_K B_K]  (s_k·B·R_k for Fed-SB)
+  MatrixD a;           // R×n: [p_1 A_1; …; p_K A_K]
+  int r_max = 0;       // max_k r_k
+  double norm_sq = 0;  // ‖b·a‖_F²
 };
 
 // `index[k]` is the module's index in client k. With `split`, the two R×R Gram matrices are
@@ -35,8 +34,9 @@ struct Stacked {
 Stacked Stack(std::span<const Adapter> clients, const std::vector<size_t>& index,
               const std::vector<double>& p, bool split) {
   Stacked s;
-  StackModule(clients, index, p, &s.b, &s.a, &s.offset);
-  for (size_t k = 0; k < clients.size(); ++k) s.rank.push_back(clients[k].module(index[k]).rank);
+  StackModule(clients, index, p, &s.b, &s.a);
+  for (size_t k = 0; k < clients.size(); ++k)
+    s.r_max = std::max(s.r_max, clients[k].module(index[k]).rank);
   const Eigen::Index total = s.a.rows();
   MatrixD gram_b = MatrixD::Zero(total, total), gram_a = MatrixD::Zero(total, total);
   ParallelFor(
@@ -77,7 +77,7 @@ ModuleReport AggregateModule(Method method, std::span<const Adapter> clients,
                              const std::vector<size_t>& index, const std::vector<double>& p,
                              const LoraFairOptions& fair, bool split, Adapter& result, size_t i) {
   Stacked target = Stack(clients, index, p, split);
-  const int r_max = *std::max_element(target.rank.begin(), target.rank.end());
+  const int r_max = target.r_max;
   ModuleOut out;
   switch (method) {
     case Method::kFedIt:
@@ -144,8 +144,7 @@ void AddToSums(Method method, const Adapter& update, size_t j, double weight, Ma
 }
 
 void StackModule(std::span<const Adapter> clients, std::span<const size_t> index,
-                 std::span<const double> p, MatrixD* b, MatrixD* a,
-                 std::vector<Eigen::Index>* offset) {
+                 std::span<const double> p, MatrixD* b, MatrixD* a) {
   Eigen::Index total = 0;
   for (size_t k = 0; k < clients.size(); ++k) total += clients[k].module(index[k]).rank;
   const LoraModule& first = clients[0].module(index[0]);
@@ -156,7 +155,6 @@ void StackModule(std::span<const Adapter> clients, std::span<const size_t> index
     const Adapter& c = clients[k];
     const size_t j = index[k];
     const LoraModule& m = c.module(j);
-    if (offset) offset->push_back(row);
     if (m.has_r) {
       b->middleCols(row, m.rank).noalias() =
           m.scaling * c.B(j).cast<double>() * c.R(j).cast<double>();

@@ -74,10 +74,9 @@ void AddToSums(Method method, const Adapter& update, size_t j, double weight, Ma
 
 // FLoRA's stacking of module `index[k]` of each client (ALGORITHMS.md): a = [p_1 A_1; …; p_K A_K]
 // (R×n), b = [s_1 B_1 | … | s_K B_K] (m×R, s_k B_k R_k for LoRA-SB modules), so that b·a =
-// Σ p_k s_k B_k A_k exactly with R = Σ r_k. `offset[k]` receives client k's first row of a.
+// Σ p_k s_k B_k A_k exactly with R = Σ r_k.
 void StackModule(std::span<const Adapter> clients, std::span<const size_t> index,
-                 std::span<const double> p, MatrixD* b, MatrixD* a,
-                 std::vector<Eigen::Index>* offset = nullptr);
+                 std::span<const double> p, MatrixD* b, MatrixD* a);
 
 // Every module of `clients` (same module order and shapes but for the rank) stacked with weights
 // p (not normalised), scaling 1: the coordinator's FLoRA export sums its rounds' deltas with

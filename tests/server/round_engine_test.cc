@@ -374,6 +374,23 @@ TEST_F(RoundEngineTest, RestartAfterACommitWritesTheMissingMetricsLineFromTheLed
   EXPECT_EQ(Metrics().size(), 2u);
 }
 
+TEST_F(RoundEngineTest, RestartWithClientLevelDpBeforeTheFirstRoundAccountsFromIt) {
+  ASSERT_TRUE(h_.Join("c1").ok());  // the run (version 0) exists, without client-level DP
+  EXPECT_FALSE(ReadJson(state() / "ledger.json").contains("client_dp"));
+  h_.Stop();
+  h_.options().dp_clip = 0.5;
+  h_.options().dp_noise_multiplier = 1.0;
+  ASSERT_TRUE(h_.Start().ok());
+  EXPECT_EQ(ReadJson(state() / "ledger.json")["client_dp"]["clip"], 0.5);
+  JoinAll();
+  for (const char* id : {"c1", "c2", "c3"}) Train(id);
+  const nlohmann::json dp = ReadJson(state() / "ledger.json")["client_dp"];
+  ASSERT_EQ(dp["rounds"].size(), 1u);  // round 1 accounted: q = 3/3, sigma 1, one step
+  EXPECT_EQ(dp["rounds"][0]["q"], 1.0);
+  EXPECT_EQ(dp["rounds"][0]["sigma"], 1.0);
+  EXPECT_GT(Metrics()[0]["client_dp"]["epsilon"].get<double>(), 0.0);
+}
+
 TEST_F(RoundEngineTest, RestartAfterTheLastRoundExportsAgainAndAnswersDone) {
   JoinAll();
   for (int round = 1; round <= 2; ++round)
