@@ -12,7 +12,7 @@ packages=(
   nlohmann-json3-dev libcli11-dev libpcre2-dev libopenblas-pthread-dev
 )
 if [[ "${1:-}" != --build-only ]]; then
-  packages+=(libgtest-dev libgmock-dev libbenchmark-dev clang-format docker-compose)
+  packages+=(libgtest-dev libgmock-dev libbenchmark-dev clang-format docker-compose docker.io debootstrap)
 fi
 
 missing=()

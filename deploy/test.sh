@@ -1,8 +1,33 @@
 #!/usr/bin/env bash
 # Sets everything up and runs fedlora's test suite: installs the Debian packages, configures and builds with CMake,
-# then runs every test with CTest (unit tests, and end-to-end tests that start the real programs).
+# then runs every test with CTest (unit tests, end-to-end tests that start the real programs, and the docker-compose
+# simulation where a Docker engine can run). The engine, the Debian base images and the image's own compile
+# (deploy/docker_engine.sh) go on in the background while fedlora compiles here; a dockerd started for the tests is
+# stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash deploy/install_deps.sh
+stop_engine() {
+  local pid
+  pid=$(cat /run/fedlora-dockerd.pid 2> /dev/null) || return 0
+  if [[ $(cat "/proc/$pid/comm" 2> /dev/null) == dockerd ]]; then
+    kill "$pid"
+    for _ in $(seq 40); do [[ -e /proc/$pid ]] || break; sleep 0.5; done
+  fi
+  rm -f /run/fedlora-dockerd.pid
+}
+trap stop_engine EXIT
+engine_log=$(mktemp)
+bash deploy/docker_engine.sh --build-image > "$engine_log" 2>&1 &
+engine=$!
 bash deploy/build.sh
+rc=0
+wait "$engine" || rc=$?
+case $rc in
+  0) grep '^docker engine:' "$engine_log" ;;
+  3) grep '^docker engine:' "$engine_log"; echo "the compose simulation will be skipped, its files only parsed" ;;
+  *) tail -n 30 "$engine_log"; echo "docker engine: setting up failed (exit $rc); the compose test will try again" ;;
+esac
+rm -f "$engine_log"
 cd build
 ctest --output-on-failure --parallel "$(nproc)" --timeout 600
