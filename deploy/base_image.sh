@@ -6,8 +6,9 @@ set -euo pipefail
 if docker image inspect debian:12 > /dev/null 2>&1 && docker image inspect debian:12-slim > /dev/null 2>&1; then
   exit 0
 fi
-mirror=$(grep -rhoE '^(URIs: |deb )https?://[^ ]*/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2> /dev/null \
-         | head -n1 | sed -E 's/^(URIs: |deb )//; s/ *$//')
+# The first Debian mirror in apt's sources (awk reads them all: no early close, so no SIGPIPE under pipefail).
+mirror=$({ grep -rhoE '^(URIs: |deb )https?://[^ ]*/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ \
+           2> /dev/null || true; } | awk 'NR == 1 { sub(/^(URIs: |deb )/, ""); sub(/ *$/, ""); print }')
 mirror=${mirror:-http://deb.debian.org/debian}
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT

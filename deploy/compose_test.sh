@@ -54,7 +54,7 @@ closed() { [[ -f $out/state/metrics.jsonl ]] && wc -l < "$out/state/metrics.json
 at_least() { (($(closed) >= $1)); }
 # The ids that uploaded in round N (the keys of its metrics line's bytes_up).
 uploaders() { sed -n "$1p" "$out/state/metrics.jsonl" | grep -o '"bytes_up":{[^}]*}' | grep -o '"client-[0-9]*"' | tr -d '"'; }
-logged() { dc logs --no-color coordinator 2> /dev/null | grep -q -- "$1"; }
+logged() { dc logs --no-color coordinator 2> /dev/null | grep -- "$1" > /dev/null; }  # not -q: no SIGPIPE
 # in_image PROGRAM ARGS...: runs one of the image's programs on the project's network, with the client volumes and
 # the output directory.
 in_image() { dc run --rm --no-deps -T -v "$out:/out" --entrypoint "$1" client-1 "${@:2}"; }
@@ -98,11 +98,11 @@ wait_until 300 "end of the run" ended
 code=$(state ExitCode)
 ((code == 0)) || fail "the coordinator exited with $code"
 (($(closed) == rounds)) || fail "$(closed) of $rounds rounds closed"
-uploaders "$rounds" | grep -qx client-3 || fail "client-3 did not take part again after it rejoined"
+uploaders "$rounds" | grep -x client-3 > /dev/null || fail "client-3 did not take part again after it rejoined"
 say "client-3 rejoined; all $rounds rounds closed in $((SECONDS - t)) s"
 
 dc run --rm --no-deps -T summary || fail "the summary job failed"
-row=$(grep '^lora-fair' "$out/summary.txt" | head -n1)
+row=$(grep -m1 '^lora-fair' "$out/summary.txt")
 read -r _ summary_rounds first _ last _ <<< "$row"
 ((summary_rounds == rounds)) || fail "the summary reports $summary_rounds rounds: $row"
 exported_version=$(version_of "$out/state/export/version.json")
