@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "client/upload.h"
+#include "common/aggregation/sketch.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/net/tls.h"
@@ -176,30 +177,8 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
       }
     }
   }
-  // Heartbeats while training, so the coordinator does not count us as dropped; its answer says
-  // whether the round still waits for this update.
-  std::atomic<bool> training{true}, wanted{true};
-  std::thread heartbeat([&] {
-    const auto interval =
-        std::chrono::milliseconds(std::max<int64_t>(task.heartbeat_interval_ms(), 100));
-    auto next = std::chrono::steady_clock::now() + interval;
-    while (training) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      if (std::chrono::steady_clock::now() < next) continue;
-      next += interval;
-      v1::HeartbeatRequest request;
-      request.set_round(task.round());
-      v1::HeartbeatResponse response;
-      grpc::ClientContext context;
-      Identify(context);
-      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-      if (stub_->Heartbeat(&context, request, &response).ok() && !response.still_wanted())
-        wanted = false;
-    }
-  });
-  absl::StatusOr<v1::TrainMetrics> trained = workload_->Train(task, adapter);
-  training = false;
-  heartbeat.join();
+  absl::StatusOr<v1::TrainMetrics> trained;
+  const bool wanted = WhileHeartbeating(task, [&] { trained = workload_->Train(task, adapter); });
   RETURN_IF_ERROR(trained.status());
   if (!wanted) {
     return absl::AbortedError(StrCat("round ", task.round(),
@@ -217,6 +196,94 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
   return UploadUpdate(task, bytes, metrics, stop);
 }
 
+bool Node::WhileHeartbeating(const v1::Task& task, const std::function<void()>& work) {
+  // Heartbeats, so the coordinator does not count us as dropped; its answer says whether the round
+  // still waits for this update.
+  std::atomic<bool> working{true}, wanted{true};
+  std::thread heartbeat([&] {
+    const auto interval =
+        std::chrono::milliseconds(std::max<int64_t>(task.heartbeat_interval_ms(), 100));
+    auto next = std::chrono::steady_clock::now() + interval;
+    while (working) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      if (std::chrono::steady_clock::now() < next) continue;
+      next += interval;
+      v1::HeartbeatRequest request;
+      request.set_round(task.round());
+      v1::HeartbeatResponse response;
+      grpc::ClientContext context;
+      Identify(context);
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+      if (stub_->Heartbeat(&context, request, &response).ok() && !response.still_wanted())
+        wanted = false;
+    }
+  });
+  work();
+  working = false;
+  heartbeat.join();
+  return wanted;
+}
+
+absl::Status Node::Sketch(const v1::Task& task, const std::atomic<bool>& stop) {
+  const v1::SketchTask& s = task.sketch();
+  const std::string name = StrCat("fed-sb initialisation step ", s.step() + 1, " of ", s.steps(),
+                                  " (", s.product(), ")");
+  const std::optional<common::SketchStep> step = common::ParseSketchStep(s.product());
+  if (!step) return absl::InvalidArgumentError(StrCat(name, ": unknown product"));
+  std::vector<common::MatrixShape> shapes;
+  for (const v1::ModuleSpec& m : task.modules()) {
+    const int l = common::SketchColumns(s.columns(), m.out_features(), m.in_features());
+    const common::SketchShape b =
+        common::SketchBasisShape(*step, m.out_features(), m.in_features(), l);
+    shapes.push_back({m.name(), b.rows, b.cols});
+  }
+  std::vector<common::MatrixD> bases(shapes.size());
+  if (*step == common::SketchStep::kRange) {  // Ω, drawn alike everywhere
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      bases[i] = common::TestMatrix(s.seed(), i, static_cast<int>(shapes[i].rows),
+                                    static_cast<int>(shapes[i].cols));
+    }
+  } else if (*step != common::SketchStep::kDense) {
+    if (task.downloads_size() != 1)
+      return absl::InvalidArgumentError(StrCat(name, " comes without the previous step's basis"));
+    ASSIGN_OR_RETURN(std::string bytes, DownloadBlob(task.downloads(0), stop));
+    ASSIGN_OR_RETURN(bases, common::DecodeMatrices(bytes, StrCat(name, "'s basis"), shapes));
+  }
+  const auto start = std::chrono::steady_clock::now();
+  absl::StatusOr<std::vector<common::MatrixD>> products;
+  const bool wanted =
+      WhileHeartbeating(task, [&] { products = workload_->Sketch(task, *step, bases); });
+  RETURN_IF_ERROR(products.status());
+  if (!wanted) {
+    return absl::AbortedError(
+        StrCat(name, " no longer waits for this client's answer; not uploading it"));
+  }
+  std::vector<common::NamedMatrix> named;
+  for (int i = 0; i < task.modules_size(); ++i)
+    named.push_back({task.modules(i).name(), std::move((*products)[static_cast<size_t>(i)])});
+  const std::string bytes = common::EncodeMatrices(named);
+  v1::TrainMetrics metrics;
+  metrics.set_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  spdlog::info("{}: computed in {:.2f} s, uploading {} bytes", name, metrics.seconds(),
+               bytes.size());
+  return UploadUpdate(task, bytes, metrics, stop);
+}
+
+void Node::Leave(const v1::Task& task, const std::string& reason) {
+  v1::LeaveRequest leave;
+  leave.set_round(task.round());
+  leave.set_reason(reason);
+  v1::LeaveResponse left;
+  grpc::ClientContext context;
+  Identify(context);
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  if (grpc::Status s = stub_->Leave(&context, leave, &left); !s.ok()) {
+    spdlog::warn("could not tell the coordinator ({}); it will count this client as dropped",
+                 s.error_message());
+  }
+}
+
 absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
                                 const v1::TrainMetrics& metrics, const std::atomic<bool>& stop) {
   v1::UploadRequest header;
@@ -226,6 +293,7 @@ absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
   header.set_total_size(static_cast<int64_t>(bytes.size()));
   header.set_num_examples(workload_->num_examples());
   *header.mutable_metrics() = metrics;
+  if (task.kind() == v1::Task::SKETCH) header.set_sketch_step(task.sketch().step());
   UploadSettings settings;
   settings.chunk_bytes = options_.chunk_bytes;
   if (options_.before_upload_chunk) {
@@ -287,23 +355,15 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
         RETURN_IF_ERROR(WriteFinalState());
         spdlog::info("run done at version {}", have_version_);
         return absl::OkStatus();
-      case v1::Task::TRAIN: {
-        RETURN_IF_ERROR(Apply(task, stop));
-        absl::Status trained = Train(task, stop);
-        if (absl::IsResourceExhausted(trained)) {  // the site's privacy budget is spent
+      case v1::Task::TRAIN:
+      case v1::Task::SKETCH: {
+        if (task.kind() == v1::Task::TRAIN) RETURN_IF_ERROR(Apply(task, stop));
+        absl::Status trained =
+            task.kind() == v1::Task::TRAIN ? Train(task, stop) : Sketch(task, stop);
+        // The site's privacy budget is spent, or it cannot do what the run asks: it leaves.
+        if (absl::IsResourceExhausted(trained) || absl::IsUnimplemented(trained)) {
           spdlog::warn("round {}: {}; leaving the run", task.round(), trained.message());
-          v1::LeaveRequest leave;
-          leave.set_round(task.round());
-          leave.set_reason(std::string(trained.message()));
-          v1::LeaveResponse left;
-          grpc::ClientContext context;
-          Identify(context);
-          context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-          if (grpc::Status s = stub_->Leave(&context, leave, &left); !s.ok()) {
-            spdlog::warn(
-                "could not tell the coordinator ({}); it will count this client as dropped",
-                s.error_message());
-          }
+          Leave(task, std::string(trained.message()));
           return absl::OkStatus();
         }
         if (absl::IsAborted(trained)) {  // too late for its round: take the next task

@@ -7,6 +7,7 @@
 #define FEDLORA_CLIENT_NODE_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -43,6 +44,13 @@ class Node {
   absl::Status Apply(const v1::Task& task, const std::atomic<bool>& stop);
   absl::StatusOr<std::string> DownloadBlob(const v1::BlobRef& ref, const std::atomic<bool>& stop);
   absl::Status Train(const v1::Task& task, const std::atomic<bool>& stop);
+  // Fed-SB's initialisation step: the product the task asks of this site's gradient, uploaded.
+  absl::Status Sketch(const v1::Task& task, const std::atomic<bool>& stop);
+  // Runs `work`, sending heartbeats for the task meanwhile; false when the coordinator said it no
+  // longer waits for the task's answer.
+  bool WhileHeartbeating(const v1::Task& task, const std::function<void()>& work);
+  // Tells the coordinator this client leaves the run, and why.
+  void Leave(const v1::Task& task, const std::string& reason);
   absl::Status UploadUpdate(const v1::Task& task, const std::string& bytes,
                             const v1::TrainMetrics& metrics, const std::atomic<bool>& stop);
   absl::Status WriteFinalState() const;

@@ -58,6 +58,19 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
   app.add_option("--base-model-sha256", o.base_model_sha256,
                  "required base model (default: the first client's)");
   app.add_option("--lora-fair-lambda", o.lora_fair_lambda)->capture_default_str();
+  app.add_option("--fed-sb-init", o.fed_sb_init,
+                 "fed-sb's B, A, R0: sketch (federated randomized SVD of the clients' gradient), "
+                 "dense (each client's whole gradient once) or random")
+      ->capture_default_str();
+  app.add_option("--fed-sb-oversampling", o.fed_sb_oversampling, "sketch columns beyond the rank")
+      ->capture_default_str();
+  app.add_option("--fed-sb-power-iterations", o.fed_sb_power_iterations)->capture_default_str();
+  app.add_option("--fed-sb-init-examples", o.fed_sb_init_examples,
+                 "records per client the initialising gradient is taken over")
+      ->capture_default_str();
+  app.add_option("--fed-sb-init-lr", o.fed_sb_init_lr,
+                 "step size of the full update the initialisation approximates")
+      ->capture_default_str();
   app.add_option("--base-model-dir", o.base_model_dir,
                  "the base model (Hugging Face directory): pins the run to it, evaluates "
                  "--eval-data each round, exports merged weights");

@@ -22,9 +22,10 @@
 namespace fedlora::server {
 
 // What a blob holds: the whole global adapter (fedit, lora-fair), a round's stacked delta (flora),
-// Fed-SB's frozen B and A (version 0) or its averaged R.
-enum class BlobKind { kAdapter, kDelta, kFrozen, kR };
-std::string_view BlobKindName(BlobKind kind);  // "adapter", "delta", "frozen", "r"
+// Fed-SB's frozen B and A with R0 (version 0), its averaged R, or the basis a step of Fed-SB's
+// initialisation left for the next.
+enum class BlobKind { kAdapter, kDelta, kFrozen, kR, kBasis };
+std::string_view BlobKindName(BlobKind kind);  // "adapter", "delta", "frozen", "r", "basis"
 
 struct BlobRef {
   std::string sha256;
@@ -46,6 +47,24 @@ struct Version {
   nlohmann::json record;  // the round's metrics line without what is derived later; null for 0
 };
 
+// Fed-SB's initialisation (server_options.h, fed_sb_init), before version 0: its settings and the
+// steps committed so far, each with the basis it left for the next step (sketch) and its record
+// (who contributed, bytes). Version 0 is written when the last step commits.
+struct FedSbInit {
+  std::string mode;  // "sketch" or "dense"
+  int columns = 0;   // r + oversampling
+  int power_iterations = 0;
+  int examples = 0;
+  double lr = 0;
+  uint64_t seed = 0;  // of the test matrices
+  struct Step {
+    BlobRef basis;  // kBasis, version -1
+    nlohmann::json record;
+  };
+  std::vector<Step> steps;
+  int total_steps() const;  // 1 (dense) or 2 + 2·power_iterations
+};
+
 // Client-level DP: the clip for the next round and what every closed round spent.
 struct ClientDpState {
   double clip = 0;
@@ -59,6 +78,9 @@ struct Ledger {
   std::vector<ModuleSpec> modules;
   std::vector<Version> versions;
   std::optional<ClientDpState> client_dp;  // set in runs with client-level DP
+  std::optional<FedSbInit> init;           // fed-sb runs initialised from the clients' data
+  // Fed-SB's initialisation has not finished: no version yet.
+  bool initialising() const { return init.has_value() && versions.empty(); }
 
   int64_t latest() const { return versions.empty() ? -1 : versions.back().version; }
   // The version numbered `v`; versions are 0, 1, 2, … in order, one per closed round.

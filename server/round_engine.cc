@@ -90,6 +90,12 @@ absl::Status RoundEngine::Resume() {
     if (options_.client_dp()) ledger.client_dp = ClientDpState{options_.dp_clip, {}};
     RETURN_IF_ERROR(store_.SaveLedger(ledger));
   }
+  if (l.initialising()) {
+    round_ = 0;
+    spdlog::info("continuing run {} from {}: fed-sb initialisation at step {} of {}", l.run_id,
+                 options_.state_dir, init_step() + 1, l.init->total_steps());
+    return absl::OkStatus();
+  }
   if (method_ == Method::kFedSb) {
     ASSIGN_OR_RETURN(std::string bytes, store_.ReadWholeBlob(l.at(0).blobs.at(0).sha256));
     ASSIGN_OR_RETURN(frozen_, common::DecodeAdapter(bytes, "frozen blob"));
@@ -150,6 +156,20 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
                fmt::format("{}", fmt::join(options_.target_modules, ","))));
   }
   if (options_.client_dp()) ledger.client_dp = ClientDpState{options_.dp_clip, {}};
+  ledger.init = NewFedSbInit(options_);
+  if (ledger.init) {
+    // B, A and R0 from the clients' gradient, in round 0 (fed_sb_init.h); version 0 comes last.
+    RETURN_IF_ERROR(store_.SaveLedger(ledger));
+    round_ = 0;
+    spdlog::info(
+        "run {} created: base model {}, {} modules, rank {}; fed-sb initialises from the clients' "
+        "gradient over {} records each ({}, {} steps)",
+        ledger.run_id, ledger.base_model_sha256, ledger.modules.size(), options_.rank,
+        ledger.init->examples,
+        ledger.init->mode == "dense" ? "dense" : StrCat("sketch of width ", ledger.init->columns),
+        ledger.init->total_steps());
+    return absl::OkStatus();
+  }
   // Version 0, the state every client starts from (flora's clients start from the base alone).
   Version v0{0, {}, nullptr};
   Adapter frozen;
@@ -159,8 +179,7 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
     ASSIGN_OR_RETURN(BlobRef blob,
                      store_.PutBlob(common::EncodeAdapter(init), BlobKind::kAdapter, 0));
     v0.blobs.push_back(std::move(blob));
-  } else if (method_ == Method::kFedSb) {
-    // Until LoRA-SB's gradient initialisation lands: B, A random orthonormal, R = 0.
+  } else if (method_ == Method::kFedSb) {  // fed_sb_init = random: B, A orthonormal, R0 = 0
     ASSIGN_OR_RETURN(frozen, Adapter::Create(ledger.Shapes(options_.rank, true)));
     for (size_t i = 0; i < frozen.num_modules(); ++i) {
       const auto& m = frozen.module(i);
@@ -169,7 +188,7 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
     }
     spdlog::info(
         "fed-sb: frozen B and A are random orthonormal matrices drawn from the run's seed (R "
-        "starts at 0); LoRA-SB's gradient-based initialisation is not used in this run");
+        "starts at 0): fed_sb_init = random");
     ASSIGN_OR_RETURN(BlobRef blob,
                      store_.PutBlob(common::EncodeAdapter(frozen), BlobKind::kFrozen, 0));
     v0.blobs.push_back(std::move(blob));
@@ -217,6 +236,13 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
   return response;
 }
 
+std::string RoundEngine::RoundNameLocked() const {
+  if (!InitialisingLocked()) return StrCat("round ", round_);
+  const FedSbInit& init = *store_.ledger().init;
+  return StrCat("fed-sb initialisation step ", init_step() + 1, " of ", init.total_steps(), " (",
+                common::SketchStepName(InitStepKind(init, init_step())), ")");
+}
+
 bool RoundEngine::AnsweredLocked(const std::string& client) const {
   return uploads_.Accepted(client) || declined_.contains(client);
 }
@@ -244,21 +270,26 @@ v1::Task RoundEngine::TaskForLocked(const std::string& client, int64_t have_vers
     task.set_kind(v1::Task::WAIT);
     task.set_note(
         phase_ == Phase::kWaitingForClients ? waiting_for_
-        : !in_cohort                        ? StrCat("not in round ", round_, "'s cohort")
+        : !in_cohort                        ? StrCat("not in ", RoundNameLocked(), "'s cohort")
         : commit_retry_.pending
-            ? StrCat("round ", round_, " is closing; its commit is being retried")
-            : StrCat("update for round ", round_, " accepted; waiting for the round to close"));
+            ? StrCat(RoundNameLocked(), " is closing; its commit is being retried")
+            : StrCat("answer to ", RoundNameLocked(), " accepted; waiting for it to close"));
     return task;
   }
-  task.set_kind(v1::Task::TRAIN);
-  for (auto& b : DownloadsFor(store_.ledger(), have_version, version()))
-    *task.add_downloads() = std::move(b);
-  v1::TrainSettings* s = task.mutable_settings();
-  s->set_rank(options_.rank);
-  s->set_lora_alpha(options_.lora_alpha);
-  s->set_local_steps(options_.local_steps);
-  s->set_learning_rate(options_.learning_rate);
-  s->set_seed(common::Fnv1a(client, options_.seed * 1000003ull + static_cast<uint64_t>(round_)));
+  if (InitialisingLocked()) {
+    task.set_kind(v1::Task::SKETCH);
+    FillSketchTask(store_.ledger(), &task);
+  } else {
+    task.set_kind(v1::Task::TRAIN);
+    for (auto& b : DownloadsFor(store_.ledger(), have_version, version()))
+      *task.add_downloads() = std::move(b);
+    v1::TrainSettings* s = task.mutable_settings();
+    s->set_rank(options_.rank);
+    s->set_lora_alpha(options_.lora_alpha);
+    s->set_local_steps(options_.local_steps);
+    s->set_learning_rate(options_.learning_rate);
+    s->set_seed(common::Fnv1a(client, options_.seed * 1000003ull + static_cast<uint64_t>(round_)));
+  }
   for (const ModuleSpec& m : store_.ledger().modules) {
     v1::ModuleSpec* spec = task.add_modules();
     spec->set_name(m.name);
@@ -334,13 +365,16 @@ absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& cl
 absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client,
                                                        const v1::UploadRequest& request) {
   bool complete = false;
+  std::optional<std::vector<common::MatrixShape>> sketch;
   absl::StatusOr<v1::UploadResponse> response;
   {
     std::lock_guard<std::mutex> lock(mu_);
     clients_.Touch(client, env_->Now());
-    // Late: its round closed (or is closing) before the update came.
+    // Late: its round (or initialisation step) closed, or is closing, before the update came.
     const bool closing = commit_retry_.pending && !uploads_.Accepted(client);
-    if (request.round() < round_ ||
+    const bool earlier_step =
+        InitialisingLocked() && request.round() == 0 && request.sketch_step() < init_step();
+    if (request.round() < round_ || earlier_step ||
         (request.round() == round_ && (phase_ == Phase::kDone || closing))) {
       if (late_.emplace(client, request.round()).second) {
         spdlog::warn("{}'s update for round {} came after that round closed; not counted (late)",
@@ -362,6 +396,11 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
     if (request.round() != round_) {
       return stale(absl::FailedPreconditionError(
           StrCat("upload for round ", request.round(), " but round ", round_, " is open")));
+    }
+    if (InitialisingLocked() && request.sketch_step() != init_step()) {
+      return stale(absl::FailedPreconditionError(StrCat("answer to initialisation step ",
+                                                        request.sketch_step() + 1, " but step ",
+                                                        init_step() + 1, " is open")));
     }
     if (request.state_version() != version()) {
       return stale(absl::FailedPreconditionError(
@@ -385,41 +424,60 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
     }
     response = uploads_.Receive(round_, client, request, &complete);
     if (!response.ok() || !complete) return response;
+    if (InitialisingLocked()) sketch = InitProductShapes(store_.ledger(), init_step());
   }
-  // validator_ does not change once the run exists, so it is read without the lock.
-  return FinishUpload(client, request, validator_);
+  // validator_ changes only at the end of round 0, before any update can come, so it is read
+  // without the lock.
+  return FinishUpload(client, request, validator_, sketch);
 }
 
-absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& client,
-                                                             const v1::UploadRequest& request,
-                                                             const UpdateValidator& validator) {
+absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
+    const std::string& client, const v1::UploadRequest& request, const UpdateValidator& validator,
+    const std::optional<std::vector<common::MatrixShape>>& sketch) {
   // Verified and validated before it can reach the aggregate, without holding mu_: hashing and
   // checking a 100 MB update takes a few tenths of a second that other clients need not wait for.
   const auto verify_start = std::chrono::steady_clock::now();
-  absl::StatusOr<Adapter> update =
-      validator.Verify(store_, PartName(request.round(), client), request.sha256(),
-                       StrCat("update of ", client, " for round ", request.round()));
+  const std::string part = PartName(request.round(), client);
+  absl::StatusOr<Adapter> update;
+  absl::StatusOr<std::vector<common::MatrixD>> products;
+  if (sketch) {
+    const std::string origin =
+        StrCat(client, "'s answer to initialisation step ", request.sketch_step() + 1);
+    absl::Status st = VerifyPart(store_, part, request.sha256(), origin, [&](std::string_view b) {
+      products = common::DecodeMatrices(b, origin, *sketch);
+      return products.status();
+    });
+    if (!st.ok()) products = st;
+  } else {
+    update = validator.Verify(store_, part, request.sha256(),
+                              StrCat("update of ", client, " for round ", request.round()));
+  }
   LongPolls::Ready ready;
   v1::UploadResponse response;
   {
     std::lock_guard<std::mutex> lock(mu_);
     const PendingUpload* up = uploads_.Find(client);
     if (phase_ != Phase::kTraining || round_ != request.round() || up == nullptr ||
-        !up->verifying) {
+        !up->verifying || sketch.has_value() != InitialisingLocked() ||
+        (sketch && request.sketch_step() != init_step())) {
       return WithReason(absl::FailedPreconditionError(StrCat(
                             "round ", request.round(), " stopped waiting for ", client,
                             "'s update while it was verified (the run ended, or the client left)")),
                         v1::ErrorDetail::STALE_TASK);
     }
-    absl::Status status = update.status();
+    absl::Status status = sketch ? products.status() : update.status();
     if (status.ok()) {
       const int64_t examples =
           request.num_examples() > 0 ? request.num_examples() : clients_.Find(client)->num_examples;
-      const bool keep = method_ == Method::kFlora || method_ == Method::kLoraFair;
+      const bool keep = !sketch && (method_ == Method::kFlora || method_ == Method::kLoraFair);
       status =
           uploads_.Accept(round_, client, examples, request.metrics(), keep ? *update : Adapter());
       if (!status.ok()) status = store_.Unavailable(StrCat(client, "'s update"), status);
-      if (status.ok() && dp_) {
+      if (status.ok() && sketch) {
+        for (size_t i = 0; i < products->size(); ++i)
+          sketch_sums_[i] += static_cast<double>(examples) * (*products)[i];
+        sketch_weight_ += static_cast<double>(examples);
+      } else if (status.ok() && dp_) {
         status = dp_->Add(*update);
       } else if (status.ok() && !keep) {
         sums_.Add(*update, static_cast<double>(examples));
@@ -428,20 +486,19 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
     if (!status.ok()) {
       uploads_.Drop(round_, client);
       if (absl::IsUnavailable(status)) return status;  // the coordinator's failure: retried
-      spdlog::warn("round {}: rejected {}'s update: {}", round_, client, status.message());
+      spdlog::warn("{}: rejected {}'s update: {}", RoundNameLocked(), client, status.message());
       rejected_.push_back(client);
       return WithReason(status, v1::ErrorDetail::REJECTED);
     }
     response.set_received(request.total_size());
     response.set_accepted(true);
     const PendingUpload& accepted = *uploads_.Find(client);
-    spdlog::info("round {}: {}'s update of {} bytes verified, validated and folded in {:.3f} s",
-                 round_, client, accepted.total_size,
+    spdlog::info("{}: {}'s update of {} bytes verified, validated and folded in {:.3f} s",
+                 RoundNameLocked(), client, accepted.total_size,
                  Seconds(std::chrono::steady_clock::now() - verify_start).count());
-    spdlog::info(
-        "round {}: accepted {}'s update ({} bytes, loss {:.6g} -> {:.6g}); {} of {} arrived",
-        round_, client, accepted.total_size, accepted.metrics.loss_before(),
-        accepted.metrics.loss_after(), uploads_.ArrivedIds().size(), cohort_.size());
+    spdlog::info("{}: accepted {}'s update ({} bytes, loss {:.6g} -> {:.6g}); {} of {} arrived",
+                 RoundNameLocked(), client, accepted.total_size, accepted.metrics.loss_before(),
+                 accepted.metrics.loss_after(), uploads_.ArrivedIds().size(), cohort_.size());
     if (EveryMemberAnsweredLocked()) MaybeCloseRoundLocked();
     CollectReadyLocked(&ready, false);
   }
@@ -498,7 +555,7 @@ v1::StatusResponse RoundEngine::GetStatus() {
   s.set_phase(!failure_.ok()               ? "failed"
               : phase_ == Phase::kDone     ? "done"
               : commit_retry_.pending      ? "closing (retrying the commit)"
-              : phase_ == Phase::kTraining ? "training"
+              : phase_ == Phase::kTraining ? (InitialisingLocked() ? RoundNameLocked() : "training")
                                            : "waiting for clients");
   for (const auto& id : cohort_) s.add_cohort(id);
   for (const auto& id : uploads_.ArrivedIds()) s.add_arrived(id);

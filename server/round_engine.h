@@ -6,16 +6,17 @@
 // client_dp_rounds, evaluator, exporter, state_store and ledger.
 //
 // A run: clients join (same base model as the first one); once `min_clients` have joined, round 1
-// starts with a cohort sampled from the run's seed. Cohort members get TRAIN tasks and upload their
-// updates, which are validated at the door. The round closes when every member has answered, or at
-// its deadline (or when every missing member has been silent past its timeout) with a quorum; a
-// round without quorum is retried with a new cohort. Closing commits the new version
-// (round_close.h); then, derived from the committed ledger, the global model is evaluated, the
-// metrics line is appended and, after the last round, the result is exported. A failed commit keeps
-// the round's updates and is retried with backoff; a failed evaluation, metrics line or export is
-// redone without aggregating again. Failures that last `options.give_up_after_s` stop the engine
-// with an error that says what to fix (failed()). A restarted coordinator continues from the last
-// version.
+// starts with a cohort sampled from the run's seed. A fed-sb run first initialises from the
+// clients' gradient (server/fed_sb_init.h): round 0, in steps that follow the rules of rounds.
+// Cohort members get TRAIN tasks and upload their updates, which are validated at the door. The
+// round closes when every member has answered, or at its deadline (or when every missing member has
+// been silent past its timeout) with a quorum; a round without quorum is retried with a new cohort.
+// Closing commits the new version (round_close.h); then, derived from the committed ledger, the
+// global model is evaluated, the metrics line is appended and, after the last round, the result is
+// exported. A failed commit keeps the round's updates and is retried with backoff; a failed
+// evaluation, metrics line or export is redone without aggregating again. Failures that last
+// `options.give_up_after_s` stop the engine with an error that says what to fix (failed()). A
+// restarted coordinator continues from the last version.
 #ifndef FEDLORA_SERVER_ROUND_ENGINE_H_
 #define FEDLORA_SERVER_ROUND_ENGINE_H_
 
@@ -34,6 +35,7 @@
 #include "server/client_dp_rounds.h"
 #include "server/client_registry.h"
 #include "server/evaluator.h"
+#include "server/fed_sb_init.h"
 #include "server/server_options.h"
 #include "server/state_store.h"
 #include "server/tasks.h"
@@ -99,6 +101,11 @@ class RoundEngine {
   RoundEngine(const ServerOptions& options, common::Env* env, StateStore store);
   absl::Status Resume();  // continues the run in the store, if any
   int64_t version() const { return store_.ledger().latest(); }
+  // Fed-SB's initialisation is in progress (round 0), at step init_step().
+  bool InitialisingLocked() const { return store_.has_ledger() && store_.ledger().initialising(); }
+  int init_step() const { return static_cast<int>(store_.ledger().init->steps.size()); }
+  // "round N", or "fed-sb initialisation step s of S" during round 0.
+  std::string RoundNameLocked() const;
   // The run's modules at its rank, as every update holds them (LoRA-SB modules for fed-sb).
   std::vector<common::ModuleShape> TrainedShapes() const {
     return store_.ledger().Shapes(options_.rank, method_ == common::Method::kFedSb);
@@ -119,6 +126,7 @@ class RoundEngine {
   // arrived, and otherwise retries it with a new cohort.
   void MaybeCloseRoundLocked();
   void CommitRoundLocked();
+  void CommitInitStepLocked();
   // Evaluation, metrics lines and the final export of committed versions that lack them.
   void FollowUpLocked();
   absl::Status FollowUpOnceLocked();
@@ -127,9 +135,10 @@ class RoundEngine {
   v1::Task TaskForLocked(const std::string& client, int64_t have_version);
   void CollectReadyLocked(LongPolls::Ready* ready, bool all);
   void StartSumsLocked();
-  absl::StatusOr<v1::UploadResponse> FinishUpload(const std::string& client,
-                                                  const v1::UploadRequest& request,
-                                                  const UpdateValidator& validator);
+  // `sketch`: the shapes of the initialisation step's products, when the upload is one.
+  absl::StatusOr<v1::UploadResponse> FinishUpload(
+      const std::string& client, const v1::UploadRequest& request, const UpdateValidator& validator,
+      const std::optional<std::vector<common::MatrixShape>>& sketch);
 
   const ServerOptions options_;
   const common::Method method_;
@@ -151,6 +160,8 @@ class RoundEngine {
   std::map<std::string, int64_t> late_;          // since the last commit: client → its round
   std::map<std::string, std::string> declined_;  // this round's declined tasks: client → reason
   common::StreamingAverage sums_;                // fedit and fed-sb without client-level DP
+  std::vector<common::MatrixD> sketch_sums_;     // round 0: Σ n_k·product_k per module
+  double sketch_weight_ = 0;                     // Σ n_k
   UpdateValidator validator_;                    // for the current version
   LongPolls polls_;
   common::Adapter frozen_;                 // Fed-SB's shared B, A (R = 0), once the run exists

@@ -31,6 +31,13 @@ std::chrono::steady_clock::duration ToDuration(double seconds) {
 }  // namespace
 
 void RoundEngine::StartSumsLocked() {
+  if (InitialisingLocked()) {
+    sketch_sums_.clear();
+    for (const common::MatrixShape& s : InitProductShapes(store_.ledger(), init_step()))
+      sketch_sums_.push_back(common::MatrixD::Zero(s.rows, s.cols));
+    sketch_weight_ = 0;
+    return;
+  }
   if (dp_ || (method_ != Method::kFedIt && method_ != Method::kFedSb)) return;
   sums_ = common::StreamingAverage(method_, TrainedShapes(), &frozen_);
 }
@@ -62,7 +69,7 @@ void RoundEngine::MaybeStartRoundLocked() {
         StrCat("waiting for ", needed, " clients to join, ", clients_.size(), " joined"));
   }
   if (alive.size() < needed) {
-    return WaitingLocked(StrCat("round ", round_, " waits for ", needed, " live clients (",
+    return WaitingLocked(StrCat(RoundNameLocked(), " waits for ", needed, " live clients (",
                                 alive.size(), " alive; silent past the ", options_.client_timeout_s,
                                 " s timeout: ", fmt::format("{}", fmt::join(silent, ",")), ")"));
   }
@@ -77,7 +84,7 @@ void RoundEngine::StartRoundLocked(const std::vector<std::string>& ids) {
   rejected_.clear();
   declined_.clear();
   clients_.NewRound();
-  if (dp_) {
+  if (dp_ && !InitialisingLocked()) {
     absl::StatusOr<bool> started = [&]() -> absl::StatusOr<bool> {
       ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_, version(), frozen_));
       return dp_->Start(*store_.ledger().client_dp, round_, cohort_.size(), ids.size(),
@@ -91,7 +98,7 @@ void RoundEngine::StartRoundLocked(const std::vector<std::string>& ids) {
   round_started_ = env_->Now();
   if (!run_started_) run_started_ = round_started_;
   phase_ = Phase::kTraining;
-  spdlog::info("round {}{}: cohort of {} of {} clients: {}", round_,
+  spdlog::info("{}{}: cohort of {} of {} clients: {}", RoundNameLocked(),
                attempt_ ? StrCat(" (attempt ", attempt_ + 1, ")") : "", cohort_.size(), ids.size(),
                fmt::join(cohort_, ","));
 }
@@ -117,22 +124,71 @@ void RoundEngine::MaybeCloseRoundLocked() {
     const double backoff = BackoffSeconds(attempt_);
     next_attempt_ = env_->Now() + ToDuration(backoff);
     spdlog::warn(
-        "round {}: {} of {} updates arrived, quorum is {}; retrying in {:.1f} s with a new cohort "
-        "of the live clients",
-        round_, arrived, cohort_.size(), quorum, backoff);
+        "{}: {} of {} updates arrived, quorum is {}; retrying in {:.1f} s with a new cohort of "
+        "the live clients",
+        RoundNameLocked(), arrived, cohort_.size(), quorum, backoff);
     uploads_.Clear(round_);
     cohort_.clear();
     if (dp_) dp_->Reset();
     phase_ = Phase::kWaitingForClients;
-    WaitingLocked(
-        StrCat("round ", round_, " is retried (attempt ", attempt_ + 1, ") after ", backoff, " s"));
+    WaitingLocked(StrCat(RoundNameLocked(), " is retried (attempt ", attempt_ + 1, ") after ",
+                         backoff, " s"));
     MaybeStartRoundLocked();
     return;
   }
   CommitRoundLocked();
 }
 
+void RoundEngine::CommitInitStepLocked() {
+  const FedSbInit& init = *store_.ledger().init;
+  const int step = init_step();
+  const std::string name = RoundNameLocked();
+  const std::vector<std::string> arrived = uploads_.ArrivedIds();
+  nlohmann::json up = nlohmann::json::object(), down = nlohmann::json::object();
+  for (const std::string& id : arrived) up[id] = uploads_.all().at(id).total_size;
+  for (const std::string& id : cohort_) down[id] = clients_.Find(id)->bytes_down_this_round;
+  nlohmann::json record = {{"step", step + 1},
+                           {"steps", init.total_steps()},
+                           {"product", common::SketchStepName(InitStepKind(init, step))},
+                           {"attempt", attempt_ + 1},
+                           {"cohort", cohort_},
+                           {"arrived", arrived},
+                           {"declined", declined_},
+                           {"rejected", rejected_},
+                           {"bytes_up", up},
+                           {"bytes_down", down},
+                           {"elapsed_seconds", Seconds(env_->Now() - *run_started_).count()}};
+  absl::StatusOr<Adapter> frozen =
+      CommitInitStep(store_, options_.rank, sketch_sums_, sketch_weight_, std::move(record));
+  if (!frozen.ok()) {
+    FailedLocked(commit_retry_, frozen.status(),
+                 StrCat("committing ", name, " (its ", arrived.size(),
+                        " accepted answers are kept, and the step is committed once the write "
+                        "succeeds)"));
+    return;
+  }
+  commit_retry_ = Retry{};
+  uploads_.Clear(round_);
+  late_.clear();
+  attempt_ = 0;
+  phase_ = Phase::kWaitingForClients;
+  spdlog::info("{} closed: {} of {} answers", name, arrived.size(), cohort_.size());
+  if (frozen->num_modules() > 0) {
+    frozen_ = *std::move(frozen);
+    validator_ = UpdateValidator(method_, TrainedShapes(), frozen_);
+    round_ = 1;
+    double r0 = 0;
+    for (size_t i = 0; i < frozen_.num_modules(); ++i) r0 += frozen_.R(i).squaredNorm();
+    spdlog::info(
+        "fed-sb initialised from the clients' gradient: version 0 holds B, A and R0 (‖R0‖_F = "
+        "{:.6g} over {} modules)",
+        std::sqrt(r0), frozen_.num_modules());
+  }
+  MaybeStartRoundLocked();
+}
+
 void RoundEngine::CommitRoundLocked() {
+  if (InitialisingLocked()) return CommitInitStepLocked();
   RoundFacts facts{round_, attempt_, cohort_, rejected_, declined_, late_, {}, 0.0};
   for (const std::string& id : cohort_)
     facts.bytes_down[id] = clients_.Find(id)->bytes_down_this_round;

@@ -25,7 +25,23 @@ absl::Status ServerOptions::Validate() const {
   if (eval_max_length < 2) return bad("eval_max_length is ", eval_max_length, "; it must be >= 2");
   if (!(lora_fair_lambda >= 0))
     return bad("lora_fair_lambda is ", lora_fair_lambda, "; it must be >= 0");
+  if (fed_sb_init != "sketch" && fed_sb_init != "dense" && fed_sb_init != "random")
+    return bad("fed_sb_init is '", fed_sb_init, "'; it must be sketch, dense or random");
+  if (fed_sb_oversampling < 0 || fed_sb_power_iterations < 0 || fed_sb_init_examples < 1 ||
+      !(fed_sb_init_lr > 0)) {
+    return bad(
+        "fed-sb initialisation needs oversampling >= 0, power iterations >= 0, examples >= 1 "
+        "and a learning rate > 0; got ",
+        fed_sb_oversampling, ", ", fed_sb_power_iterations, ", ", fed_sb_init_examples, " and ",
+        fed_sb_init_lr);
+  }
   if (!(dp_clip >= 0)) return bad("dp_clip is ", dp_clip, "; it must be >= 0 (0: off)");
+  if (dp_clip > 0 && method == common::Method::kFedSb && fed_sb_init != "random") {
+    return bad(
+        "client-level DP does not cover fed-sb's initialisation from the clients' gradient "
+        "yet (its sketches would be released without noise); with dp_clip use "
+        "fed_sb_init = random");
+  }
   if (!(dp_noise_multiplier >= 0))
     return bad("dp_noise_multiplier is ", dp_noise_multiplier, "; it must be >= 0");
   if (!client_dp() && (dp_noise_multiplier > 0 || dp_adaptive_clip || dp_target_epsilon > 0)) {

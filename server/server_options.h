@@ -37,6 +37,15 @@ struct ServerOptions {
   // the base model clients must hold; empty: pinned from the first client
   std::string base_model_sha256;
   double lora_fair_lambda = 0.01;
+  // Fed-SB's initialisation (LoRA-SB: B, A and R0 from the top-r singular subspace of the clients'
+  // gradient, before round 1): "sketch" (a federated randomized SVD: 2 + 2·q steps, each client
+  // sending O((m + n)(r + o)) floats per module), "dense" (each client sends its m×n gradient once;
+  // sign() as LoRA-SB applies it) or "random" (orthonormal B and A from the seed, R0 = 0).
+  std::string fed_sb_init = "sketch";
+  int fed_sb_oversampling = 8;      // o: the sketch's width is r + o
+  int fed_sb_power_iterations = 1;  // q
+  int fed_sb_init_examples = 64;    // records of each client's data its gradient is taken over
+  double fed_sb_init_lr = 1e-3;  // η of the first full step −η·sign(G) the start approximates
   // The base model's Hugging Face directory (llm workload). With it the coordinator pins the run to
   // its fingerprint, evaluates the global model on eval_data after every round (eval_loss in the
   // metrics) and exports merged weights (export/merged).

@@ -4,16 +4,18 @@
 
 namespace fedlora::server {
 
+v1::BlobRef ToProto(const BlobRef& b) {
+  v1::BlobRef ref;
+  ref.set_sha256(b.sha256);
+  ref.set_size(b.size);
+  ref.set_kind(std::string(BlobKindName(b.kind)));
+  ref.set_version(b.version);
+  return ref;
+}
+
 std::vector<v1::BlobRef> DownloadsFor(const Ledger& ledger, int64_t have, int64_t target) {
   std::vector<v1::BlobRef> out;
-  auto add = [&](const BlobRef& b) {
-    v1::BlobRef ref;
-    ref.set_sha256(b.sha256);
-    ref.set_size(b.size);
-    ref.set_kind(std::string(BlobKindName(b.kind)));
-    ref.set_version(b.version);
-    out.push_back(std::move(ref));
-  };
+  auto add = [&](const BlobRef& b) { out.push_back(ToProto(b)); };
   if (have >= target) return out;
   switch (ledger.method) {
     case common::Method::kFedIt:

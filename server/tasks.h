@@ -18,6 +18,9 @@ namespace fedlora::server {
 
 namespace v1 = ::fedlora::v1;
 
+// The ledger's reference to a blob as the wire carries it.
+v1::BlobRef ToProto(const BlobRef& blob);
+
 // The blobs that take a client from version `have` (-1: nothing) to `target`: the latest global
 // adapter (fedit, lora-fair), every round delta it has not merged, in order (flora), or the frozen
 // B, A once and then only the latest R (fed-sb). Empty when have >= target.

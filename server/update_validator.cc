@@ -23,10 +23,9 @@ absl::StatusOr<common::Adapter> UpdateValidator::Decode(std::string_view bytes,
   return update;
 }
 
-absl::StatusOr<common::Adapter> UpdateValidator::Verify(const StateStore& store,
-                                                        const std::string& part,
-                                                        const std::string& sha256,
-                                                        const std::string& origin) const {
+absl::Status VerifyPart(const StateStore& store, const std::string& part, const std::string& sha256,
+                        const std::string& origin,
+                        const std::function<absl::Status(std::string_view bytes)>& decode) {
   absl::StatusOr<common::MappedFile> mapped_or = store.MapPart(part);
   if (!mapped_or.ok()) return store.Unavailable(origin, mapped_or.status());
   const common::MappedFile& mapped = *mapped_or;
@@ -37,12 +36,24 @@ absl::StatusOr<common::Adapter> UpdateValidator::Verify(const StateStore& store,
     if (absl::Status st = store.SyncPart(part); !st.ok()) return store.Unavailable(origin, st);
     return sha;
   });
-  absl::StatusOr<common::Adapter> update = Decode(bytes, origin);
+  const absl::Status decoded = decode(bytes);
   ASSIGN_OR_RETURN(const std::string sha, hashed.get());
   if (sha != sha256) {
     return absl::InvalidArgumentError(StrCat("checksum mismatch: the update's sha256 is ", sha,
                                              " but the upload announced ", sha256));
   }
+  return decoded;
+}
+
+absl::StatusOr<common::Adapter> UpdateValidator::Verify(const StateStore& store,
+                                                        const std::string& part,
+                                                        const std::string& sha256,
+                                                        const std::string& origin) const {
+  absl::StatusOr<common::Adapter> update;
+  RETURN_IF_ERROR(VerifyPart(store, part, sha256, origin, [&](std::string_view bytes) {
+    update = Decode(bytes, origin);
+    return update.status();
+  }));
   return update;
 }
 

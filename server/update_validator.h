@@ -4,6 +4,7 @@
 #ifndef FEDLORA_SERVER_UPDATE_VALIDATOR_H_
 #define FEDLORA_SERVER_UPDATE_VALIDATOR_H_
 
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -13,6 +14,14 @@
 #include "server/state_store.h"
 
 namespace fedlora::server {
+
+// A complete upload in the store's part file `part`: hashed and synced on one core while `decode`
+// reads and checks its bytes on another. A checksum mismatch is the error reported when there is
+// one (a damaged transfer explains any other finding); then `decode`'s. Safe without the engine's
+// lock.
+absl::Status VerifyPart(const StateStore& store, const std::string& part, const std::string& sha256,
+                        const std::string& origin,
+                        const std::function<absl::Status(std::string_view bytes)>& decode);
 
 class UpdateValidator {
  public:
@@ -26,9 +35,7 @@ class UpdateValidator {
   // both shapes otherwise.
   absl::StatusOr<common::Adapter> Decode(std::string_view bytes, const std::string& origin) const;
 
-  // A complete upload in the store's part file `part`: hashed and synced on one core while it is
-  // decoded and checked on another. A checksum mismatch is the error reported when there is one
-  // (a damaged transfer explains any other finding). Safe without the engine's lock.
+  // VerifyPart with Decode.
   absl::StatusOr<common::Adapter> Verify(const StateStore& store, const std::string& part,
                                          const std::string& sha256,
                                          const std::string& origin) const;

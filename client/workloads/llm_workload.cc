@@ -83,6 +83,25 @@ absl::StatusOr<v1::TrainMetrics> LlmWorkload::Train(const v1::Task& task,
   return metrics;
 }
 
+absl::StatusOr<std::vector<common::MatrixD>> LlmWorkload::Sketch(
+    const v1::Task& task, common::SketchStep step, const std::vector<common::MatrixD>& bases) {
+  if (options_.privacy.enabled()) {
+    return absl::UnimplementedError(
+        "DP-SGD does not cover fed-sb's initialisation gradient yet; run the coordinator with "
+        "fed_sb_init = random");
+  }
+  std::vector<common::ModuleShape> shapes;
+  for (const v1::ModuleSpec& m : task.modules())
+    shapes.push_back({m.name(), 1, m.in_features(), m.out_features(), 1.0, true});
+  ASSIGN_OR_RETURN(common::Adapter layout, common::Adapter::Create(shapes));
+  const std::vector<common::Example> data(
+      examples_.begin(),
+      examples_.begin() +
+          std::min<size_t>(examples_.size(), std::max(1, task.sketch().examples())));
+  return common::SketchGradients(model_.weights, data, layout, step, bases, options_.batch,
+                                 options_.threads);
+}
+
 absl::Status LlmWorkload::MergeIntoBase(const common::Adapter& delta) {
   return model_.weights.Merge(delta);
 }

@@ -41,6 +41,11 @@ class LlmWorkload final : public Workload {
   // With DP-SGD, RESOURCE_EXHAUSTED when the round would spend more than target_epsilon (the
   // node then declines it and leaves the run).
   absl::StatusOr<v1::TrainMetrics> Train(const v1::Task& task, common::Adapter& adapter) override;
+  // The gradient over the first task.sketch().examples() records, batch by batch
+  // (common::SketchGradients). Not with DP-SGD yet: UNIMPLEMENTED.
+  absl::StatusOr<std::vector<common::MatrixD>> Sketch(
+      const v1::Task& task, common::SketchStep step,
+      const std::vector<common::MatrixD>& bases) override;
   absl::Status MergeIntoBase(const common::Adapter& delta) override;
   // <dir>/model, written atomically: the model with every merged FLoRA delta folded in
   // (config.json, model.safetensors and the tokenizer).

@@ -11,6 +11,7 @@ namespace fedlora::client {
 namespace {
 
 using common::MatrixD;
+using common::StrCat;
 
 MatrixD Gaussian(int rows, int cols, double stddev, std::mt19937_64& rng) {
   std::normal_distribution<double> normal(0.0, stddev);
@@ -62,6 +63,32 @@ std::vector<v1::ModuleSpec> RegressionWorkload::modules() const {
     s.set_in_features(options_.in_features);
     s.set_out_features(options_.out_features);
     out.push_back(std::move(s));
+  }
+  return out;
+}
+
+absl::StatusOr<MatrixD> RegressionWorkload::BaseGradient(const std::string& name) const {
+  for (int l = 0; l < options_.layers; ++l) {
+    if (ModuleName(l) != name) continue;
+    MatrixD g;
+    Gradient(common::Adapter(), static_cast<size_t>(l), &g);
+    return g;
+  }
+  return absl::InvalidArgumentError(StrCat("the regression workload has no module ", name));
+}
+
+absl::StatusOr<std::vector<MatrixD>> RegressionWorkload::Sketch(const v1::Task& task,
+                                                                common::SketchStep step,
+                                                                const std::vector<MatrixD>& bases) {
+  if (options_.privacy.enabled()) {
+    return absl::UnimplementedError(
+        "DP-SGD does not cover fed-sb's initialisation gradient yet; run the coordinator with "
+        "fed_sb_init = random");
+  }
+  std::vector<MatrixD> out;
+  for (int i = 0; i < task.modules_size(); ++i) {
+    ASSIGN_OR_RETURN(MatrixD g, BaseGradient(task.modules(i).name()));
+    out.push_back(common::SketchProduct(step, g, bases.at(static_cast<size_t>(i))));
   }
   return out;
 }

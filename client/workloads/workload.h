@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/aggregation/sketch.h"
 #include "common/tensor/adapter.h"
 #include "fedlora/v1/coordinator.pb.h"
 
@@ -24,6 +25,17 @@ class Workload {
   // returns the loss of the starting state and after training on the site's data.
   virtual absl::StatusOr<v1::TrainMetrics> Train(const v1::Task& task,
                                                  common::Adapter& adapter) = 0;
+  // Fed-SB's initialisation (v1::SketchTask): per module of the task, the product `step` asks
+  // for of G, the gradient of the mean loss over the site's first `examples` records with respect
+  // to the module's frozen weight, with bases[i] (common/aggregation/sketch.h). UNIMPLEMENTED
+  // where the workload cannot take that gradient (the node then leaves the run, saying why).
+  virtual absl::StatusOr<std::vector<common::MatrixD>> Sketch(
+      const v1::Task& task, common::SketchStep step, const std::vector<common::MatrixD>& bases) {
+    (void)task, (void)step, (void)bases;
+    return absl::UnimplementedError(
+        "this workload cannot compute the gradient fed-sb's initialisation needs; run the "
+        "coordinator with fed_sb_init = random");
+  }
   // FLoRA: merges one round's delta (scaling folded) into the base, in round order.
   virtual absl::Status MergeIntoBase(const common::Adapter& delta) = 0;
   // Writes what the site keeps when the run is done (e.g. the base with the merged deltas) into

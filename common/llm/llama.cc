@@ -223,8 +223,18 @@ class LlamaRunner::Impl {
       : w_(*w), c_(w->config()), adapter_(adapter), opt_(o), pool_(o.threads) {}
 
   absl::Status Init();
+  // With `sink`, the backward pass hands the wanted linears' rows to it instead of computing the
+  // adapter's gradients.
+  struct Sink {
+    const std::vector<bool>& wanted;  // per l·7 + kind
+    const std::function<void(const GradientRows&)>& rows;
+  };
   absl::StatusOr<LossSum> Run(const TokenBatch& batch, bool backward, float scale,
-                              std::span<float> grads, const std::vector<float*>* dense = nullptr);
+                              std::span<float> grads, const Sink* sink = nullptr);
+  // out ([out, in]) += the rows' weight gradient dyᵀ·x.
+  void AddWeightGradient(const GradientRows& g, float* out) {
+    MatMulTN(g.dy, g.x, out, g.rows, LinearOut(c_, g.kind), LinearIn(c_, g.kind), 1.0f);
+  }
 
  private:
   // Per-layer saved activations; rows are tokens (n = b·T + t).
@@ -296,8 +306,8 @@ class LlamaRunner::Impl {
   // Current batch shape.
   int B_ = 0, T_ = 0;
   int64_t N_ = 0;
-  float* grads_ = nullptr;                      // adapter gradients, or null
-  const std::vector<float*>* dense_ = nullptr;  // weight gradients per linear, or null
+  float* grads_ = nullptr;      // adapter gradients, or null
+  const Sink* sink_ = nullptr;  // weight gradients' consumer, or null
 
   std::vector<float> acts_;    // all saved activations
   std::vector<Layer> layers_;  // L slots when training, else 1
@@ -472,10 +482,9 @@ void LlamaRunner::Impl::LinearBackward(int l, LinearKind k, const float* x, cons
                                        float* dx, bool accumulate) {
   const int64_t in = LinearIn(c_, k), out = LinearOut(c_, k);
   MatMulNN(dy, w_.linear(l, k), dx, N_, out, in, accumulate);
-  if (dense_ != nullptr) {
-    if (float* g = (*dense_)[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)])
-      MatMulTN(dy, x, g, N_, out, in, 1.0f);
-  }
+  if (sink_ != nullptr &&
+      sink_->wanted[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)])
+    sink_->rows({l, k, x, dy, N_});
   Lora* lo = lora(l, k);
   if (lo == nullptr) return;
   const LoraModule& m = adapter_->module(lo->module);
@@ -662,8 +671,7 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
 }
 
 absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool backward, float scale,
-                                               std::span<float> grads,
-                                               const std::vector<float*>* dense) {
+                                               std::span<float> grads, const Sink* sink) {
   if (batch.batch <= 0 || batch.batch > opt_.max_batch || batch.seq < 2 || batch.seq > opt_.max_seq)
     return absl::InvalidArgumentError(StrCat("batch of ", batch.batch, "×", batch.seq,
                                              " tokens; this runner takes up to ", opt_.max_batch,
@@ -684,9 +692,9 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
   if (backward) {
     if (!opt_.training)
       return absl::FailedPreconditionError("runner was created without training workspace");
-    if (dense != nullptr) {
-      if (dense->size() != static_cast<size_t>(c_.num_hidden_layers) * kNumLinearKinds)
-        return absl::InvalidArgumentError(StrCat("weight gradients for ", dense->size(),
+    if (sink != nullptr) {
+      if (sink->wanted.size() != static_cast<size_t>(c_.num_hidden_layers) * kNumLinearKinds)
+        return absl::InvalidArgumentError(StrCat("weight gradients for ", sink->wanted.size(),
                                                  " linears, the model has ",
                                                  c_.num_hidden_layers * kNumLinearKinds));
     } else if (adapter_ == nullptr || grads.size() != adapter_->values().size()) {
@@ -698,8 +706,8 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
   B_ = batch.batch;
   T_ = batch.seq;
   N_ = static_cast<int64_t>(n);
-  grads_ = dense != nullptr ? nullptr : grads.data();
-  dense_ = dense;
+  grads_ = sink != nullptr ? nullptr : grads.data();
+  sink_ = sink;
   const int L = c_.num_hidden_layers, H = c_.hidden_size, I = c_.intermediate_size;
 
   // Embedding.
@@ -791,7 +799,19 @@ absl::StatusOr<LossSum> LlamaRunner::ForwardBackward(const TokenBatch& batch, fl
 
 absl::StatusOr<LossSum> LlamaRunner::WeightGradients(const TokenBatch& batch, float scale,
                                                      const std::vector<float*>& dense) {
-  return impl_->Run(batch, true, scale, {}, &dense);
+  std::vector<bool> wanted(dense.size());
+  for (size_t i = 0; i < dense.size(); ++i) wanted[i] = dense[i] != nullptr;
+  return WeightGradientRows(batch, scale, wanted, [&](const GradientRows& g) {
+    impl_->AddWeightGradient(
+        g, dense[static_cast<size_t>(g.layer) * kNumLinearKinds + static_cast<int>(g.kind)]);
+  });
+}
+
+absl::StatusOr<LossSum> LlamaRunner::WeightGradientRows(
+    const TokenBatch& batch, float scale, const std::vector<bool>& wanted,
+    const std::function<void(const GradientRows&)>& sink) {
+  const Impl::Sink s{wanted, sink};
+  return impl_->Run(batch, true, scale, {}, &s);
 }
 
 }  // namespace fedlora::common

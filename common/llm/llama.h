@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -144,6 +145,23 @@ class LlamaRunner {
   // which needs the gradient with respect to W0; the adapter, if any, gets no gradient.
   absl::StatusOr<LossSum> WeightGradients(const TokenBatch& batch, float scale,
                                           const std::vector<float*>& dense);
+
+  // One linear's share of a batch's weight gradient: scale·∂(Σ CE)/∂W = dyᵀ·x, summed over the
+  // batch's rows (token n = b·seq + t; padding rows are zero in dy).
+  struct GradientRows {
+    int layer = 0;
+    LinearKind kind = LinearKind::kQ;
+    const float* x = nullptr;   // [rows, in] the linear's input
+    const float* dy = nullptr;  // [rows, out] the scaled gradient at its output
+    int64_t rows = 0;
+  };
+  // The same backward pass, handing the rows of every linear with wanted[l·7 + kind] set to
+  // `sink` instead of forming the m×n gradient: what needs only products of the gradient (the
+  // sketches of Fed-SB's initialisation) costs O(rows·(in + out)) per column. Called on this
+  // thread, one linear at a time.
+  absl::StatusOr<LossSum> WeightGradientRows(const TokenBatch& batch, float scale,
+                                             const std::vector<bool>& wanted,
+                                             const std::function<void(const GradientRows&)>& sink);
 
   class Impl;
 

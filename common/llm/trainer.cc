@@ -157,6 +157,76 @@ absl::Status InitLoraSb(const LlamaWeights& weights, const std::vector<Example>&
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights,
+                                                     const std::vector<Example>& examples,
+                                                     const Adapter& layout, SketchStep step,
+                                                     const std::vector<MatrixD>& bases, int batch,
+                                                     int threads) {
+  const LlamaConfig& c = weights.config();
+  ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(c, layout));
+  if (bases.size() != layout.num_modules())
+    return absl::InvalidArgumentError(
+        StrCat(bases.size(), " sketch bases for ", layout.num_modules(), " modules"));
+  std::vector<bool> wanted(static_cast<size_t>(c.num_hidden_layers) * kNumLinearKinds, false);
+  std::vector<size_t> module_of(wanted.size());
+  std::vector<MatrixF> basis(bases.size());
+  std::vector<MatrixD> out(bases.size());
+  for (size_t i = 0; i < bases.size(); ++i) {
+    const LoraModule& m = layout.module(i);
+    const int l = static_cast<int>(bases[i].cols());
+    const SketchShape want = SketchBasisShape(step, static_cast<int>(m.out_features),
+                                              static_cast<int>(m.in_features), l);
+    if (bases[i].rows() != want.rows || (step != SketchStep::kDense && l < 1))
+      return absl::InvalidArgumentError(StrCat(SketchStepName(step), " basis of ", m.name, " is ",
+                                               bases[i].rows(), "×", l, ", expected ", want.rows,
+                                               " rows"));
+    const SketchShape shape = SketchProductShape(step, static_cast<int>(m.out_features),
+                                                 static_cast<int>(m.in_features), l);
+    out[i] = MatrixD::Zero(shape.rows, shape.cols);
+    basis[i] = bases[i].cast<float>();
+    wanted[slots[i]] = true;
+    module_of[slots[i]] = i;
+  }
+  int64_t targets = 0;
+  for (const Example& e : examples) targets += TargetCount(e);
+  if (targets == 0) return absl::InvalidArgumentError("the sketch's data has no target tokens");
+  ASSIGN_OR_RETURN(auto runner, LlamaRunner::Create(&weights, nullptr,
+                                                    {.max_batch = batch,
+                                                     .max_seq = LongestExample(examples),
+                                                     .training = true,
+                                                     .threads = threads}));
+  const auto sink = [&](const LlamaRunner::GradientRows& g) {
+    const size_t i =
+        module_of[static_cast<size_t>(g.layer) * kNumLinearKinds + static_cast<size_t>(g.kind)];
+    const ConstMapF x(g.x, g.rows, LinearIn(c, g.kind)), dy(g.dy, g.rows, LinearOut(c, g.kind));
+    switch (step) {
+      case SketchStep::kRange:
+      case SketchStep::kPower:  // G·basis = dyᵀ·(x·basis)
+        out[i] += (dy.transpose() * (x * basis[i])).cast<double>();
+        break;
+      case SketchStep::kTransposed:  // Gᵀ·basis = xᵀ·(dy·basis)
+        out[i] += (x.transpose() * (dy * basis[i])).cast<double>();
+        break;
+      case SketchStep::kProject:  // basisᵀ·G = (dy·basis)ᵀ·x
+        out[i] += ((dy * basis[i]).transpose() * x).cast<double>();
+        break;
+      case SketchStep::kDense:  // G = dyᵀ·x
+        out[i] += (dy.transpose() * x).cast<double>();
+        break;
+    }
+  };
+  std::vector<size_t> order(examples.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  for (size_t first = 0; first < examples.size(); first += static_cast<size_t>(batch)) {
+    const size_t count = std::min(static_cast<size_t>(batch), examples.size() - first);
+    RETURN_IF_ERROR(runner
+                        ->WeightGradientRows(MakeBatch(examples, order, first, count, 0),
+                                             1.0f / static_cast<float>(targets), wanted, sink)
+                        .status());
+  }
+  return out;
+}
+
 absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector<Example>& examples,
                                   const TrainOptions& o, Adapter& adapter,
                                   const std::function<void(const StepReport&)>& on_step) {

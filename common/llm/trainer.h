@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/aggregation/sketch.h"
 #include "common/llm/dataset.h"
 #include "common/llm/llama.h"
 #include "common/tensor/adapter.h"
@@ -57,6 +58,18 @@ absl::StatusOr<Adapter> NewAdapter(const LlamaConfig& config, const LoraSpec& sp
 // R = diag(S_r), so the model starts at W0 + trunc_r(ΔW) and only R is trained from there.
 absl::Status InitLoraSb(const LlamaWeights& weights, const std::vector<Example>& examples,
                         double lr, int batch, int threads, Adapter& adapter);
+
+// One step of Fed-SB's federated initialisation on this client's data (common/aggregation/
+// sketch.h): for each module of `layout` (its names and shapes; values unused), the product of G,
+// the gradient of the mean loss over `examples` with respect to that module's W0, with bases[i] —
+// G·basis (range, power; basis in×l), Gᵀ·basis (transposed; out×l), basisᵀ·G (project; out×l)
+// or G itself (dense; bases 0×0). Only dense forms G: the others add dyᵀ·(x·basis) and the like
+// per batch, O(tokens·(in + out)·l).
+absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights,
+                                                     const std::vector<Example>& examples,
+                                                     const Adapter& layout, SketchStep step,
+                                                     const std::vector<MatrixD>& bases, int batch,
+                                                     int threads);
 
 enum class Schedule { kConstant, kLinear, kCosine };
 

@@ -42,6 +42,19 @@ absl::StatusOr<double> ScalingOf(const nlohmann::json& scalings, const std::stri
   return v.get<double>();
 }
 
+// Safetensors bytes in memory. Writing into memory fails only when memory runs out.
+std::string Encode(std::span<const TensorToWrite> tensors,
+                   const std::map<std::string, std::string>& metadata) {
+  char* buffer = nullptr;
+  size_t size = 0;
+  std::FILE* out = ::open_memstream(&buffer, &size);
+  absl::Status st = WriteSafetensors(out, tensors, DType::kF32, metadata);
+  std::fclose(out);
+  std::string bytes = st.ok() ? std::string(buffer, size) : std::string();
+  std::free(buffer);
+  return bytes;
+}
+
 }  // namespace
 
 std::string Sha256Hex(std::string_view bytes) { return Sha256Hex(std::span(&bytes, 1)); }
@@ -69,16 +82,48 @@ bool IsSha256Hex(std::string_view s) {
 std::string EncodeAdapter(const Adapter& adapter, AdapterParts parts) {
   nlohmann::json scalings = nlohmann::json::object();
   for (const LoraModule& m : adapter.modules()) scalings[m.name] = m.scaling;
-  char* buffer = nullptr;
-  size_t size = 0;
-  std::FILE* out = ::open_memstream(&buffer, &size);
-  // Writing into memory fails only when memory runs out; the tensors come from a valid adapter.
-  absl::Status st = WriteSafetensors(out, AdapterTensors(adapter, parts), DType::kF32,
-                                     {{"format", "pt"}, {kScalingKey, scalings.dump()}});
-  std::fclose(out);
-  std::string bytes = st.ok() ? std::string(buffer, size) : std::string();
-  std::free(buffer);
-  return bytes;
+  return Encode(AdapterTensors(adapter, parts), {{"format", "pt"}, {kScalingKey, scalings.dump()}});
+}
+
+std::string EncodeMatrices(const std::vector<NamedMatrix>& matrices) {
+  std::vector<MatrixF> values;
+  values.reserve(matrices.size());
+  std::vector<TensorToWrite> tensors;
+  for (const NamedMatrix& m : matrices) {
+    values.push_back(m.value.cast<float>());
+    tensors.push_back({m.name,
+                       {m.value.rows(), m.value.cols()},
+                       {values.back().data(), static_cast<size_t>(values.back().size())}});
+  }
+  return Encode(tensors, {});
+}
+
+absl::StatusOr<std::vector<MatrixD>> DecodeMatrices(std::string_view bytes,
+                                                    const std::string& origin,
+                                                    const std::vector<MatrixShape>& expected) {
+  ASSIGN_OR_RETURN(SafetensorsView view, SafetensorsView::Parse(Bytes(bytes), origin));
+  if (view.tensors().size() != expected.size()) {
+    return absl::InvalidArgumentError(StrCat(origin, " holds ", view.tensors().size(),
+                                             " tensors, expected ", expected.size(),
+                                             " (one per module)"));
+  }
+  std::vector<MatrixD> out;
+  for (const MatrixShape& e : expected) {
+    const TensorInfo* t = view.Find(e.name);
+    if (t == nullptr) return absl::InvalidArgumentError(StrCat(origin, " has no tensor ", e.name));
+    if (t->shape != std::vector<int64_t>{e.rows, e.cols}) {
+      return absl::InvalidArgumentError(StrCat(origin, ": ", e.name, " has shape ",
+                                               ShapeString(t->shape), ", expected [", e.rows, ",",
+                                               e.cols, "]"));
+    }
+    MatrixF value(e.rows, e.cols);
+    view.ReadF32(*t, {value.data(), static_cast<size_t>(value.size())});
+    if (!value.allFinite())
+      return absl::InvalidArgumentError(
+          StrCat(origin, ": ", e.name, " has a value that is not finite"));
+    out.push_back(value.cast<double>());
+  }
+  return out;
 }
 
 absl::StatusOr<Adapter> DecodeAdapter(std::string_view bytes, const std::string& origin) {

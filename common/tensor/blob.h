@@ -7,9 +7,11 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/tensor/adapter.h"
+#include "common/tensor/eigen_types.h"
 #include "common/tensor/peft.h"
 
 namespace fedlora::common {
@@ -32,6 +34,24 @@ absl::StatusOr<Adapter> DecodeAdapter(std::string_view bytes, const std::string&
 // `frozen`.
 absl::StatusOr<Adapter> DecodeROnto(std::string_view bytes, const std::string& origin,
                                     const Adapter& frozen);
+
+// Named matrices as safetensors bytes (f32, one [rows, cols] tensor per name, in order): the
+// products and bases of Fed-SB's initialisation.
+struct NamedMatrix {
+  std::string name;
+  MatrixD value;
+};
+std::string EncodeMatrices(const std::vector<NamedMatrix>& matrices);
+
+// The matrices of a blob, in the order of `expected`, whose names and shapes (values ignored) it
+// must match exactly, every value finite; INVALID_ARGUMENT naming `origin` and what differs.
+struct MatrixShape {
+  std::string name;
+  int64_t rows = 0, cols = 0;
+};
+absl::StatusOr<std::vector<MatrixD>> DecodeMatrices(std::string_view bytes,
+                                                    const std::string& origin,
+                                                    const std::vector<MatrixShape>& expected);
 
 }  // namespace fedlora::common
 

@@ -9,12 +9,14 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "common/aggregation/sketch.h"
 #include "common/base/strings.h"
 #include "common/tensor/blob.h"
 #include "server/round_engine.h"
@@ -29,9 +31,10 @@ inline const std::string kBaseSha(64, 'a');
 inline constexpr int kRank = 4;
 inline constexpr double kAlpha = 8;  // client scaling s = 2
 
-// The modules every test client offers: (name, n, m).
-inline const std::vector<std::tuple<std::string, int, int>> kModules = {
-    {"model.layers.0.self_attn.q_proj", 12, 16}, {"model.layers.0.self_attn.v_proj", 12, 8}};
+// The modules test clients offer by default: (name, n, m).
+using Modules = std::vector<std::tuple<std::string, int, int>>;
+inline const Modules kModules = {{"model.layers.0.self_attn.q_proj", 12, 16},
+                                 {"model.layers.0.self_attn.v_proj", 12, 8}};
 
 inline server::ServerOptions TestOptions(const std::filesystem::path& state_dir,
                                          const std::string& method) {
@@ -46,6 +49,7 @@ inline server::ServerOptions TestOptions(const std::filesystem::path& state_dir,
   o.round_deadline_s = 60;
   o.client_timeout_s = 20;
   o.chunk_bytes = 1024;
+  o.fed_sb_init = "random";  // fed_sb_init_test.cc covers the initialisation from gradients
   return o;
 }
 
@@ -61,6 +65,12 @@ class Harness {
     return absl::OkStatus();
   }
   void Stop() { engine_.reset(); }
+  void set_modules(Modules modules) { modules_ = std::move(modules); }
+  // Fed-SB's initialisation: what client `id` answers is computed from this gradient of its, per
+  // module index.
+  void set_gradient(std::function<common::MatrixD(const std::string& id, size_t module)> g) {
+    gradient_ = std::move(g);
+  }
   server::RoundEngine& engine() { return *engine_; }
   server::ServerOptions& options() { return options_; }
 
@@ -71,7 +81,7 @@ class Harness {
     r.set_base_model_sha256(kBaseSha);
     r.set_num_examples(Examples(id));
     r.set_max_rank(64);
-    for (const auto& [name, n, m] : kModules) {
+    for (const auto& [name, n, m] : modules_) {
       v1::ModuleSpec* s = r.add_modules();
       s->set_name(name);
       s->set_in_features(n);
@@ -105,7 +115,7 @@ class Harness {
   absl::StatusOr<Adapter> MakeUpdate(const std::string& id, const v1::Task& task) {
     const bool fed_sb = options_.method == common::Method::kFedSb;
     std::vector<common::ModuleShape> shapes;
-    for (const auto& [name, n, m] : kModules)
+    for (const auto& [name, n, m] : modules_)
       shapes.push_back({name, kRank, n, m, kAlpha / kRank, fed_sb});
     auto update = Adapter::Create(shapes);
     if (!update.ok()) return update.status();
@@ -154,6 +164,7 @@ class Harness {
       r.set_offset(offset);
       r.set_data(bytes.substr(offset, std::min<int64_t>(options_.chunk_bytes, end - offset)));
       r.set_num_examples(Examples(id));
+      if (task.kind() == v1::Task::SKETCH) r.set_sketch_step(task.sketch().step());
       r.mutable_metrics()->set_loss_before(1.0);
       r.mutable_metrics()->set_loss_after(0.5);
       response = engine_->Upload(id, r);
@@ -162,11 +173,49 @@ class Harness {
     return response;
   }
 
-  // One step of client `id`: asks for a task and, given TRAIN, trains and uploads. The task's
-  // kind, or the first error.
+  // Client `id`'s answer to a SKETCH task, from set_gradient's G as the protocol says
+  // (coordinator.proto, SketchTask): its product with Ω or with the downloaded basis.
+  absl::StatusOr<std::string> SketchAnswer(const std::string& id, const v1::Task& task) {
+    const v1::SketchTask& s = task.sketch();
+    const auto step = common::ParseSketchStep(s.product());
+    if (!step) return absl::InvalidArgumentError(s.product());
+    std::vector<common::MatrixShape> shapes;
+    for (const auto& [name, n, m] : modules_) {
+      const int l = common::SketchColumns(s.columns(), m, n);
+      const common::SketchShape b = common::SketchBasisShape(*step, m, n, l);
+      shapes.push_back({name, b.rows, b.cols});
+    }
+    std::vector<common::MatrixD> bases(shapes.size());
+    if (*step == common::SketchStep::kRange) {
+      for (size_t i = 0; i < shapes.size(); ++i)
+        bases[i] = common::TestMatrix(s.seed(), i, static_cast<int>(shapes[i].rows),
+                                      static_cast<int>(shapes[i].cols));
+    } else if (*step != common::SketchStep::kDense) {
+      auto bytes = Fetch(id, task.downloads(0));
+      if (!bytes.ok()) return bytes.status();
+      auto decoded = common::DecodeMatrices(*bytes, "basis", shapes);
+      if (!decoded.ok()) return decoded.status();
+      bases = *std::move(decoded);
+    }
+    std::vector<common::NamedMatrix> products;
+    for (size_t i = 0; i < shapes.size(); ++i)
+      products.push_back(
+          {shapes[i].name, common::SketchProduct(*step, gradient_(id, i), bases[i])});
+    return common::EncodeMatrices(products);
+  }
+
+  // One step of client `id`: asks for a task and, given TRAIN (or SKETCH), trains and uploads. The
+  // task's kind, or the first error.
   absl::StatusOr<v1::Task::Kind> Step(const std::string& id) {
     auto task = Task(id);
     if (!task.ok()) return task.status();
+    if (task->kind() == v1::Task::SKETCH) {
+      auto answer = SketchAnswer(id, *task);
+      if (!answer.ok()) return answer.status();
+      auto sent = Send(id, *task, *answer);
+      if (!sent.ok()) return sent.status();
+      return v1::Task::SKETCH;
+    }
     if (task->kind() != v1::Task::TRAIN) return task->kind();
     auto update = MakeUpdate(id, *task);
     if (!update.ok()) return update.status();
@@ -180,6 +229,8 @@ class Harness {
   TestEnv* env_;
   std::unique_ptr<server::RoundEngine> engine_;
   Adapter frozen_;
+  Modules modules_ = kModules;
+  std::function<common::MatrixD(const std::string&, size_t)> gradient_;
 };
 
 // The ledger and metrics of a state directory, as files (what an operator or a restart would see).

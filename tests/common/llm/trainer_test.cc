@@ -140,6 +140,54 @@ TEST(TrainerTest, LoraSbInitialisationIsTheTruncatedFirstStep) {
   }
 }
 
+TEST(TrainerTest, SketchGradientsAreProductsOfTheDenseGradient) {
+  const LlamaConfig c = testing::TinyLlama(17);
+  const LlamaWeights w = LlamaWeights::Random(c, 4);
+  const Adapter layout = *NewAdapter(
+      c, {.rank = 1, .alpha = 1, .targets = {LinearKind::kQ, LinearKind::kDown}, .lora_sb = true},
+      0, "");
+  const std::vector<Example> data = RuleData(7, 10, 3);
+  // G over all 7 records in one batch, from the runner's dense weight gradients (checked against
+  // finite differences in llama_test); the sketches go batch by batch (3 records) and never form G.
+  auto runner =
+      *LlamaRunner::Create(&w, nullptr, {.max_batch = 7, .max_seq = 10, .training = true});
+  std::vector<MatrixF> G;
+  std::vector<float*> dense(c.num_hidden_layers * kNumLinearKinds, nullptr);
+  for (const LoraModule& m : layout.modules())
+    G.push_back(MatrixF::Zero(m.out_features, m.in_features));
+  for (int l = 0, i = 0; l < c.num_hidden_layers; ++l)
+    for (LinearKind k : {LinearKind::kQ, LinearKind::kDown})
+      dense[l * kNumLinearKinds + static_cast<int>(k)] = G[i++].data();
+  const TokenBatch all = MakeBatch(data, {0, 1, 2, 3, 4, 5, 6}, 0, 7, 0);
+  ASSERT_TRUE(runner->WeightGradients(all, 1.0f / all.TargetCount(), dense).ok());
+
+  std::mt19937_64 rng(3);
+  std::normal_distribution<double> normal;
+  for (SketchStep step : {SketchStep::kRange, SketchStep::kTransposed, SketchStep::kPower,
+                          SketchStep::kProject, SketchStep::kDense}) {
+    std::vector<MatrixD> bases;
+    for (const LoraModule& m : layout.modules()) {
+      const SketchShape shape = SketchBasisShape(step, static_cast<int>(m.out_features),
+                                                 static_cast<int>(m.in_features), 5);
+      MatrixD b(shape.rows, shape.cols);
+      for (double& v : b.reshaped()) v = normal(rng);
+      bases.push_back(b);
+    }
+    auto products = SketchGradients(w, data, layout, step, bases, 3, 0);
+    ASSERT_TRUE(products.ok()) << products.status();
+    for (size_t i = 0; i < layout.num_modules(); ++i) {
+      const MatrixD expected = SketchProduct(step, G[i].cast<double>(), bases[i]);
+      EXPECT_LT(((*products)[i] - expected).norm(), 1e-4 * expected.norm())
+          << SketchStepName(step) << " " << layout.module(i).name;
+    }
+  }
+  // A basis of the wrong height is refused, naming the module.
+  std::vector<MatrixD> wrong(layout.num_modules(), MatrixD::Zero(2, 5));
+  auto refused = SketchGradients(w, data, layout, SketchStep::kRange, wrong, 3, 0);
+  EXPECT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find(layout.module(0).name), std::string::npos);
+}
+
 // Two identical runs on two threads agree. With Debian's
 // serial OpenBLAS, whose buffer pool has no locks, products made by two threads at once were now
 // and then wrong and two runs of `fedlora train` ended 0.4% apart; this test is too small to hit
