@@ -26,6 +26,27 @@ std::vector<Example> RuleData(int n, int len, uint64_t seed) {
   return out;
 }
 
+// The gradient of the mean loss over `data` (one batch) with respect to each module's frozen
+// weight, from the runner's dense weight gradients (checked against finite differences in
+// llama_test).
+std::vector<MatrixF> DenseGradients(const LlamaWeights& w, const Adapter& layout,
+                                    const std::vector<Example>& data) {
+  const LlamaConfig& c = w.config();
+  auto runner = *LlamaRunner::Create(
+      &w, nullptr, {.max_batch = static_cast<int>(data.size()), .max_seq = 10, .training = true});
+  std::vector<MatrixF> g;
+  for (const LoraModule& m : layout.modules())
+    g.push_back(MatrixF::Zero(m.out_features, m.in_features));
+  std::vector<float*> dense(c.num_hidden_layers * kNumLinearKinds, nullptr);
+  const std::vector<size_t> slots = *AdapterSlots(c, layout);
+  for (size_t i = 0; i < slots.size(); ++i) dense[slots[i]] = g[i].data();
+  std::vector<size_t> order(data.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  const TokenBatch all = MakeBatch(data, order, 0, data.size(), 0);
+  EXPECT_TRUE(runner->WeightGradients(all, 1.0f / all.TargetCount(), dense).ok());
+  return g;
+}
+
 TEST(ScheduleTest, MatchesHuggingFaceSchedules) {
   // total 10, warmup 2: warmup is step/2; then linear (10 − step)/8, cosine ½(1 + cos(π(step −
   // 2)/8)).
@@ -110,18 +131,7 @@ TEST(TrainerTest, LoraSbInitialisationIsTheTruncatedFirstStep) {
   const double lr = 0.02;
   ASSERT_TRUE(InitLoraSb(w, data, lr, 4, 0, adapter).ok());
 
-  // G from the runner's weight gradients (checked against finite differences in llama_test).
-  auto runner =
-      *LlamaRunner::Create(&w, nullptr, {.max_batch = 6, .max_seq = 10, .training = true});
-  std::vector<MatrixF> G;
-  std::vector<float*> dense(c.num_hidden_layers * kNumLinearKinds, nullptr);
-  for (const LoraModule& m : adapter.modules())
-    G.push_back(MatrixF::Zero(m.out_features, m.in_features));
-  for (int l = 0, i = 0; l < c.num_hidden_layers; ++l)
-    for (LinearKind k : {LinearKind::kV, LinearKind::kGate})
-      dense[l * kNumLinearKinds + static_cast<int>(k)] = G[i++].data();
-  const TokenBatch all = MakeBatch(data, {0, 1, 2, 3, 4, 5}, 0, 6, 0);
-  ASSERT_TRUE(runner->WeightGradients(all, 1.0f / all.TargetCount(), dense).ok());
+  const std::vector<MatrixF> G = DenseGradients(w, adapter, data);
 
   for (size_t i = 0; i < adapter.num_modules(); ++i) {
     const MatrixD B = adapter.B(i).cast<double>(), A = adapter.A(i).cast<double>(),
@@ -147,19 +157,8 @@ TEST(TrainerTest, SketchGradientsAreProductsOfTheDenseGradient) {
       c, {.rank = 1, .alpha = 1, .targets = {LinearKind::kQ, LinearKind::kDown}, .lora_sb = true},
       0, "");
   const std::vector<Example> data = RuleData(7, 10, 3);
-  // G over all 7 records in one batch, from the runner's dense weight gradients (checked against
-  // finite differences in llama_test); the sketches go batch by batch (3 records) and never form G.
-  auto runner =
-      *LlamaRunner::Create(&w, nullptr, {.max_batch = 7, .max_seq = 10, .training = true});
-  std::vector<MatrixF> G;
-  std::vector<float*> dense(c.num_hidden_layers * kNumLinearKinds, nullptr);
-  for (const LoraModule& m : layout.modules())
-    G.push_back(MatrixF::Zero(m.out_features, m.in_features));
-  for (int l = 0, i = 0; l < c.num_hidden_layers; ++l)
-    for (LinearKind k : {LinearKind::kQ, LinearKind::kDown})
-      dense[l * kNumLinearKinds + static_cast<int>(k)] = G[i++].data();
-  const TokenBatch all = MakeBatch(data, {0, 1, 2, 3, 4, 5, 6}, 0, 7, 0);
-  ASSERT_TRUE(runner->WeightGradients(all, 1.0f / all.TargetCount(), dense).ok());
+  // G over all 7 records in one batch; the sketches go batch by batch (3 records), never forming G.
+  const std::vector<MatrixF> G = DenseGradients(w, layout, data);
 
   std::mt19937_64 rng(3);
   std::normal_distribution<double> normal;
