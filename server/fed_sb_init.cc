@@ -116,19 +116,18 @@ absl::StatusOr<common::Adapter> CommitInitStep(StateStore& store, int rank,
   });
   // The whole initialisation's traffic, every step's added up.
   nlohmann::json up = nlohmann::json::object(), down = nlohmann::json::object();
-  std::vector<nlohmann::json> records;
-  for (const FedSbInit::Step& s : init.steps) records.push_back(s.record);
-  records.push_back(record);
   auto add = [](nlohmann::json& total, const nlohmann::json& step) {
     for (const auto& [id, b] : step.items()) {
       const int64_t sum = total.value(id, int64_t{0}) + b.get<int64_t>();
       total[id] = sum;
     }
   };
-  for (const nlohmann::json& r : records) {
-    add(up, r.at("bytes_up"));
-    add(down, r.at("bytes_down"));
+  for (const FedSbInit::Step& s : init.steps) {  // the steps before, without copying their records
+    add(up, s.record.at("bytes_up"));
+    add(down, s.record.at("bytes_down"));
   }
+  add(up, record.at("bytes_up"));
+  add(down, record.at("bytes_down"));
   record["init_bytes_up"] = up;
   record["init_bytes_down"] = down;
   ASSIGN_OR_RETURN(BlobRef blob,
