@@ -5,6 +5,7 @@
 #include "common/base/parallel.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/tensor/linalg.h"
 #include "server/tasks.h"
 
 namespace fedlora::server {
@@ -102,9 +103,8 @@ absl::StatusOr<common::Adapter> CommitInitStep(StateStore& store, int rank,
     if (kind == SketchStep::kDense) {  // ΔW = −η·sign(G), as the trainer's LoRA-SB
       const MatrixD delta = mean.unaryExpr(
           [&](double g) { return -init.lr * static_cast<double>((g > 0) - (g < 0)); });
-      Eigen::BDCSVD<MatrixD> svd(delta, Eigen::ComputeThinU | Eigen::ComputeThinV);
-      f = {svd.matrixU().leftCols(rank), svd.singularValues().head(rank),
-           svd.matrixV().leftCols(rank).transpose()};
+      const common::Svd svd = common::ThinSvd(delta);
+      f = {svd.u.leftCols(rank), svd.s.head(rank), svd.v.leftCols(rank).transpose()};
     } else {  // ΔW = −η·G/rms(G), rms(G) = ‖G‖_F/√(mn) ≈ ‖Z‖_F/√(mn)
       f = common::FactorsFromProjection(q[i], mean, rank);
       f.s *= -init.lr * std::sqrt(static_cast<double>(mean.cols()) * q[i].rows()) / mean.norm();

@@ -7,6 +7,7 @@
 #include "common/base/parallel.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/tensor/linalg.h"
 
 namespace fedlora::common {
 namespace {
@@ -16,8 +17,6 @@ std::string Label(const Adapter& a, size_t k) {
 }
 
 std::string Shape(int rows, int cols) { return StrCat("[", rows, ",", cols, "]"); }
-
-double Dot(const MatrixD& a, const MatrixD& b) { return (a.array() * b.array()).sum(); }
 
 // ΔW* = Σ_k p_k s_k B_k A_k for one module as stacked factors, b·a = ΔW* (ALGORITHMS.md, FLoRA),
 // with ‖ΔW*‖².
@@ -58,8 +57,8 @@ Stacked Stack(std::span<const Adapter> clients, const std::vector<size_t>& index
 
 // ‖b·a − ΔW*‖ / ‖ΔW*‖ from r×R products (b: m×r, a: r×n).
 double RelativeError(const MatrixD& b, const MatrixD& a, const Stacked& target) {
-  const double out_sq = Dot(b.transpose() * b, a * a.transpose());
-  const double cross = Dot(b.transpose() * target.b, a * target.a.transpose());
+  const double out_sq = FrobeniusDot(b.transpose() * b, a * a.transpose());
+  const double cross = FrobeniusDot(b.transpose() * target.b, a * target.a.transpose());
   const double err_sq = std::max(0.0, target.norm_sq + out_sq - 2 * cross);
   if (target.norm_sq <= 0) return out_sq <= 0 ? 0.0 : INFINITY;
   return std::sqrt(err_sq / target.norm_sq);

@@ -1,8 +1,9 @@
 #include "common/aggregation/lora_fair.h"
 
-#include <Eigen/Eigenvalues>
 #include <cmath>
 #include <deque>
+
+#include "common/tensor/linalg.h"
 
 namespace fedlora::common {
 namespace {
@@ -40,8 +41,6 @@ struct Rotated {
   }
 };
 
-double Dot(const MatrixD& a, const MatrixD& b) { return (a.array() * b.array()).sum(); }
-
 }  // namespace
 
 double LoraFairObjective(const LoraFairProblem& p, double lambda, const MatrixD& b,
@@ -52,8 +51,8 @@ double LoraFairObjective(const LoraFairProblem& p, double lambda, const MatrixD&
   const double n = std::sqrt(std::max(0.0, p.target_norm_sq));
   if (n <= 0) return f;
   const MatrixD bs = b * p.s;  // m×r
-  const double u = Dot(b, p.g);
-  const double v = Dot(bs, b);
+  const double u = FrobeniusDot(b, p.g);
+  const double v = FrobeniusDot(bs, b);
   if (v <= 0) return f;
   const double sq = std::sqrt(v);
   f -= u / (n * sq);
@@ -81,12 +80,12 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
   if (p.target_norm_sq <= 0 || p.s.diagonal().maxCoeff() <= 0) return finish(p.b_bar, 0, true);
   if ((p.b_bar * p.s).cwiseProduct(p.b_bar).sum() <= 0) return finish(p.b_bar, 0, false);
 
-  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(Eigen::MatrixXd(p.s));
-  const Eigen::MatrixXd v = eig.eigenvectors();  // r×r, orthogonal
+  const SymmetricEigen eig = EigenSymmetric(p.s);
+  const Eigen::MatrixXd& v = eig.vectors;  // r×r, orthogonal
   Rotated rot;
   rot.g = p.g * v;
   rot.x_bar = p.b_bar * v;
-  rot.sigma = eig.eigenvalues().cwiseMax(0.0);
+  rot.sigma = eig.values.cwiseMax(0.0);
   rot.target_norm = std::sqrt(p.target_norm_sq);
   rot.lambda = options.lambda;
 
@@ -115,7 +114,7 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
     dir = grad;
     for (size_t i = pairs.size(); i-- > 0;) {
       const auto& [s, y_i] = pairs[i];
-      a[i] = Dot(s, dir) / Dot(y_i, s);
+      a[i] = FrobeniusDot(s, dir) / FrobeniusDot(y_i, s);
       dir.noalias() -= a[i] * y_i;
     }
     Eigen::VectorXd h0 = (pt.alpha * rot.sigma.array() + 2.0 * rot.lambda).inverse().matrix();
@@ -123,21 +122,21 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
       // Rescale the diagonal so it matches the most recent curvature pair along its direction.
       const auto& [s, y_last] = pairs.back();
       const double yhy = (y_last * h0.asDiagonal()).cwiseProduct(y_last).sum();
-      if (yhy > 0) h0 *= Dot(s, y_last) / yhy;
+      if (yhy > 0) h0 *= FrobeniusDot(s, y_last) / yhy;
     }
     if (!h0.allFinite() || h0.maxCoeff() <= 0) h0.setConstant(rot.x_bar.norm() / grad.norm());
     dir = dir * h0.asDiagonal();
     for (size_t i = 0; i < pairs.size(); ++i) {
       const auto& [s, y_i] = pairs[i];
-      const double b = Dot(y_i, dir) / Dot(y_i, s);
+      const double b = FrobeniusDot(y_i, dir) / FrobeniusDot(y_i, s);
       dir.noalias() += (a[i] - b) * s;
     }
     dir *= -1.0;
-    double slope = Dot(grad, dir);
+    double slope = FrobeniusDot(grad, dir);
     if (!(slope < 0)) {  // Not a descent direction (or NaN): restart from steepest descent.
       pairs.clear();
       dir = grad * (-rot.x_bar.norm() / grad.norm());
-      slope = Dot(grad, dir);
+      slope = FrobeniusDot(grad, dir);
     }
     double t = 1.0;
     Rotated::Point next;
@@ -156,7 +155,7 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
     if (!accepted) break;  // Nothing left to gain at double precision.
     step.noalias() = x_new - x;
     y.noalias() = new_grad - grad;
-    if (Dot(step, y) > 1e-12 * step.norm() * y.norm()) {
+    if (FrobeniusDot(step, y) > 1e-12 * step.norm() * y.norm()) {
       std::pair<MatrixD, MatrixD> slot;
       if (pairs.size() == memory) {
         slot = std::move(pairs.front());

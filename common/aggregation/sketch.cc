@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numbers>
 
+#include "common/tensor/linalg.h"
+
 namespace fedlora::common {
 namespace {
 
@@ -115,15 +117,11 @@ SketchShape SketchBasisShape(SketchStep step, int m, int n, int l) {
   return {};
 }
 
-MatrixD OrthonormalBasis(const MatrixD& sum) {
-  return Eigen::HouseholderQR<MatrixD>(sum).householderQ() *
-         MatrixD::Identity(sum.rows(), sum.cols());
-}
+MatrixD OrthonormalBasis(const MatrixD& sum) { return ThinQr(sum).q; }
 
 TopFactors FactorsFromProjection(const MatrixD& q, const MatrixD& z, int rank) {
-  Eigen::BDCSVD<MatrixD> svd(z, Eigen::ComputeThinU | Eigen::ComputeThinV);
-  return {q * svd.matrixU().leftCols(rank), svd.singularValues().head(rank),
-          svd.matrixV().leftCols(rank).transpose()};
+  const Svd svd = ThinSvd(z);
+  return {q * svd.u.leftCols(rank), svd.s.head(rank), svd.v.leftCols(rank).transpose()};
 }
 
 }  // namespace fedlora::common

@@ -13,6 +13,7 @@
 #include "common/base/strings.h"
 #include "common/privacy/dp.h"
 #include "common/tensor/blob.h"
+#include "common/tensor/linalg.h"
 #include "common/tensor/peft.h"
 
 namespace fedlora::common {
@@ -148,11 +149,11 @@ absl::Status InitLoraSb(const LlamaWeights& weights, const std::vector<Example>&
     const LoraModule& m = adapter.module(i);
     const MatrixF delta = grads[i].unaryExpr(
         [&](float g) { return static_cast<float>(-lr) * static_cast<float>((g > 0) - (g < 0)); });
-    Eigen::BDCSVD<MatrixF> svd(delta, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    adapter.B(i) = svd.matrixU().leftCols(m.rank);
-    adapter.A(i) = svd.matrixV().leftCols(m.rank).transpose();
+    const Svd svd = ThinSvd(delta.cast<double>());
+    adapter.B(i) = svd.u.leftCols(m.rank).cast<float>();
+    adapter.A(i) = svd.v.leftCols(m.rank).transpose().cast<float>();
     adapter.R(i).setZero();
-    adapter.R(i).diagonal() = svd.singularValues().head(m.rank) / static_cast<float>(m.scaling);
+    adapter.R(i).diagonal() = (svd.s.head(m.rank) / m.scaling).cast<float>();
   });
   return absl::OkStatus();
 }

@@ -5,6 +5,7 @@
 
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/tensor/linalg.h"
 
 namespace fedlora::common {
 namespace {
@@ -95,14 +96,14 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
   const size_t modules = global.num_modules();
   // Per module: Ā, B_0 A_0 Āᵀ, and S = ĀĀᵀ in its eigenbasis (‖Ā‖₂² is S's largest eigenvalue).
   std::vector<MatrixD> a_bar(modules), base(modules), s(modules);
-  std::vector<Eigen::SelfAdjointEigenSolver<MatrixD>> eig(modules);
+  std::vector<SymmetricEigen> eig(modules);
   double a_norm_sq = 0;
   for (size_t i = 0; i < modules; ++i) {
     a_bar[i] = global.A(i).cast<double>();
     base[i] = start.B(i).cast<double>() * (start.A(i).cast<double>() * a_bar[i].transpose());
     s[i] = a_bar[i] * a_bar[i].transpose();
-    eig[i].compute(s[i]);
-    a_norm_sq = std::max(a_norm_sq, eig[i].eigenvalues().maxCoeff());
+    eig[i] = EigenSymmetric(s[i]);
+    a_norm_sq = std::max(a_norm_sq, eig[i].values.maxCoeff());
   }
   const double clip_g = clip * std::sqrt(a_norm_sq);  // c_k's clip: S·max_i ‖Ā_i‖₂
   std::vector<MatrixD> sum(modules);
@@ -129,9 +130,9 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
     problem.b_bar = global.B(i).cast<double>();
     // ‖Ĝ S^{+½}‖² = tr(Ĝ S⁺ Ĝᵀ), S⁺ from the eigendecomposition (eigenvalues below r·1e-12·max
     // dropped).
-    const Eigen::VectorXd& l = eig[i].eigenvalues();
+    const Eigen::VectorXd& l = eig[i].values;
     const double floor = l.size() * 1e-12 * std::max(l.maxCoeff(), 0.0);
-    const MatrixD gv = problem.g * eig[i].eigenvectors();
+    const MatrixD gv = problem.g * eig[i].vectors;
     for (Eigen::Index k = 0; k < l.size(); ++k) {
       if (l(k) > floor) problem.target_norm_sq += gv.col(k).squaredNorm() / l(k);
     }

@@ -1,10 +1,10 @@
 #include "common/tensor/adapter.h"
 
-#include <Eigen/QR>
 #include <cmath>
 #include <set>
 
 #include "common/base/strings.h"
+#include "common/tensor/linalg.h"
 
 namespace fedlora::common {
 
@@ -143,7 +143,7 @@ MatrixD RandomOrthonormal(int m, int k, std::mt19937_64& rng) {
   std::normal_distribution<double> normal;
   MatrixD g(m, k);
   for (double& x : g.reshaped()) x = normal(rng);
-  return Eigen::HouseholderQR<MatrixD>(g).householderQ() * MatrixD::Identity(m, k);
+  return ThinQr(g).q;
 }
 
 }  // namespace fedlora::common

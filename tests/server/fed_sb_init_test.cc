@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "common/aggregation/sketch.h"
+#include "common/tensor/linalg.h"
 #include "server/errors.h"
 #include "tests/server/engine_harness.h"
 #include "tests/test_util.h"
@@ -43,10 +44,8 @@ MatrixD ClientGradient(const std::string& id, size_t i) {
   std::mt19937_64 shared(100 + i), own(common::Fnv1a(id, i));
   Eigen::VectorXd s(6);
   s << 8, 6, 4, 3, 1, 0.5;
-  const MatrixD u = Eigen::HouseholderQR<MatrixD>(Gaussian(m, 6, shared)).householderQ() *
-                    MatrixD::Identity(m, 6);
-  const MatrixD v = Eigen::HouseholderQR<MatrixD>(Gaussian(n, 6, shared)).householderQ() *
-                    MatrixD::Identity(n, 6);
+  const MatrixD u = common::ThinQr(Gaussian(m, 6, shared)).q;
+  const MatrixD v = common::ThinQr(Gaussian(n, 6, shared)).q;
   return 1e-3 * (u * s.asDiagonal() * v.transpose() + 0.05 * Gaussian(m, n, own));
 }
 
@@ -127,8 +126,8 @@ TEST_F(FedSbInitTest, SketchFindsTheTopSubspaceOfTheSummedGradient) {
   for (size_t i = 0; i < kWide.size(); ++i) {
     const auto& [name, n, m] = kWide[i];
     const MatrixD g = SummedGradient(i);
-    Eigen::BDCSVD<MatrixD> exact(g, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    const Eigen::VectorXd sigma = exact.singularValues();
+    const common::Svd exact = common::ThinSvd(g);
+    const Eigen::VectorXd& sigma = exact.s;
     const MatrixD b = v0.B(i).cast<double>(), a = v0.A(i).cast<double>();
     const MatrixD r0 = v0.R(i).cast<double>();
     // B and A orthonormal; R0 diagonal.
@@ -136,18 +135,15 @@ TEST_F(FedSbInitTest, SketchFindsTheTopSubspaceOfTheSummedGradient) {
     EXPECT_LT((a * a.transpose() - MatrixD::Identity(r, r)).norm(), 1e-5) << name;
     EXPECT_LT((r0 - MatrixD(r0.diagonal().asDiagonal())).norm(), 1e-12) << name;
     // The error left by the last basis, and what it allows (Wedin, Weyl).
-    const double error =
-        Eigen::BDCSVD<MatrixD>(g - q[i] * q[i].transpose() * g).singularValues()(0);
+    const double error = common::SingularValues(g - q[i] * q[i].transpose() * g)(0);
     const MatrixD z = q[i].transpose() * g;
-    const Eigen::VectorXd s_hat = Eigen::BDCSVD<MatrixD>(z).singularValues().head(r);
+    const Eigen::VectorXd s_hat = common::SingularValues(z).head(r);
     const double gap = s_hat(r - 1) - sigma(r);
     ASSERT_GT(gap, 0) << name;
-    const MatrixD u_r = exact.matrixU().leftCols(r), v_r = exact.matrixV().leftCols(r);
-    const double sin_u =
-        Eigen::BDCSVD<MatrixD>(b - u_r * (u_r.transpose() * b)).singularValues()(0);
+    const MatrixD u_r = exact.u.leftCols(r), v_r = exact.v.leftCols(r);
+    const double sin_u = common::SingularValues(b - u_r * (u_r.transpose() * b))(0);
     const double sin_v =
-        Eigen::BDCSVD<MatrixD>(a.transpose() - v_r * (v_r.transpose() * a.transpose()))
-            .singularValues()(0);
+        common::SingularValues(a.transpose() - v_r * (v_r.transpose() * a.transpose()))(0);
     EXPECT_LE(sin_u, error / gap + 1e-4) << name;
     EXPECT_LE(sin_v, error / gap + 1e-4) << name;
     EXPECT_LT(sin_u, 0.1) << name;  // within 6 degrees here
@@ -190,10 +186,9 @@ TEST_F(FedSbInitTest, DenseIsTheTrainersSignStepTruncated) {
   for (size_t i = 0; i < kWide.size(); ++i) {
     const MatrixD g = SummedGradient(i);
     const MatrixD delta = g.unaryExpr([](double x) { return -0.01 * ((x > 0) - (x < 0)); });
-    Eigen::BDCSVD<MatrixD> svd(delta, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    const MatrixD ideal = svd.matrixU().leftCols(kRank) *
-                          svd.singularValues().head(kRank).asDiagonal() *
-                          svd.matrixV().leftCols(kRank).transpose();
+    const common::Svd svd = common::ThinSvd(delta);
+    const MatrixD ideal =
+        svd.u.leftCols(kRank) * svd.s.head(kRank).asDiagonal() * svd.v.leftCols(kRank).transpose();
     const MatrixD start = v0.B(i).cast<double>() * v0.R(i).cast<double>() * v0.A(i).cast<double>();
     EXPECT_LT((start - ideal).norm() / ideal.norm(), 1e-5) << i;
   }

@@ -6,6 +6,8 @@
 #include <random>
 #include <vector>
 
+#include "common/tensor/linalg.h"
+
 namespace fedlora::common {
 namespace {
 
@@ -17,8 +19,7 @@ MatrixD Gaussian(int rows, int cols, std::mt19937_64& rng) {
 }
 
 MatrixD Orthonormal(int rows, int cols, std::mt19937_64& rng) {
-  return Eigen::HouseholderQR<MatrixD>(Gaussian(rows, cols, rng)).householderQ() *
-         MatrixD::Identity(rows, cols);
+  return ThinQr(Gaussian(rows, cols, rng)).q;
 }
 
 // U·diag(s)·Vᵀ with random orthonormal U, V.
@@ -124,15 +125,13 @@ TEST(SketchTest, ErrorSingularValuesAndSubspaceWithinTheTheory) {
     rest += p[k] * (gs.back() - g);
   }
   gs.push_back(g - rest / p[3]);
-  Eigen::BDCSVD<MatrixD> exact(g, Eigen::ComputeThinU);
-  const MatrixD u_r = exact.matrixU().leftCols(r);
+  const MatrixD u_r = ThinSvd(g).u.leftCols(r);
   double previous = INFINITY;
   for (int q : {0, 1, 2}) {
     for (uint64_t seed : {1, 2, 3}) {
       MatrixD basis;
       const TopFactors f = FederatedSketch(gs, p, r, o, q, seed, &basis);
-      const double error =
-          Eigen::BDCSVD<MatrixD>(g - basis * basis.transpose() * g).singularValues()(0);
+      const double error = SingularValues(g - basis * basis.transpose() * g)(0);
       EXPECT_LE(error, RangeFinderBound(sigma, r, o, q)) << "q " << q << " seed " << seed;
       // Weyl: the sketch's singular values are G's projected on Q, so σ_j − error ≤ σ̂_j ≤ σ_j.
       for (int j = 0; j < r; ++j) {
@@ -142,8 +141,7 @@ TEST(SketchTest, ErrorSingularValuesAndSubspaceWithinTheTheory) {
       // Wedin: sin of the largest principal angle between the top-r left subspaces ≤ error / gap.
       const double gap = f.s(r - 1) - sigma(r);
       ASSERT_GT(gap, 0) << "q " << q << " seed " << seed << " error " << error;
-      const double sin_max =
-          Eigen::BDCSVD<MatrixD>(f.u - u_r * (u_r.transpose() * f.u)).singularValues()(0);
+      const double sin_max = SingularValues(f.u - u_r * (u_r.transpose() * f.u))(0);
       EXPECT_LE(sin_max, error / gap + 1e-12) << "q " << q << " seed " << seed;
       if (seed == 1) {
         EXPECT_LE(error, previous * (1 + 1e-9)) << "more power iterations, larger error: q " << q;
@@ -154,7 +152,7 @@ TEST(SketchTest, ErrorSingularValuesAndSubspaceWithinTheTheory) {
   // Two power iterations on this spectrum: a subspace within a few degrees of the exact one.
   MatrixD basis;
   const TopFactors f = FederatedSketch(gs, p, r, o, 2, 1, &basis);
-  EXPECT_LT(Eigen::BDCSVD<MatrixD>(f.u - u_r * (u_r.transpose() * f.u)).singularValues()(0), 0.1);
+  EXPECT_LT(SingularValues(f.u - u_r * (u_r.transpose() * f.u))(0), 0.1);
 }
 
 }  // namespace
