@@ -230,17 +230,15 @@ absl::Status Node::Sketch(const v1::Task& task, const std::atomic<bool>& stop) {
                                   " (", s.product(), ")");
   const std::optional<common::SketchStep> step = common::ParseSketchStep(s.product());
   if (!step) return absl::InvalidArgumentError(StrCat(name, ": unknown product"));
-  std::vector<common::MatrixShape> shapes;
-  for (const v1::ModuleSpec& m : task.modules()) {
-    const int l = common::SketchColumns(s.columns(), m.out_features(), m.in_features());
-    const common::SketchShape b =
-        common::SketchBasisShape(*step, m.out_features(), m.in_features(), l);
-    shapes.push_back({m.name(), b.rows, b.cols});
-  }
+  std::vector<common::MatrixShape> modules;
+  for (const v1::ModuleSpec& m : task.modules())
+    modules.push_back({m.name(), m.out_features(), m.in_features()});
+  const std::vector<common::MatrixShape> shapes =
+      common::SketchBasisShapes(*step, modules, s.columns());
   std::vector<common::MatrixD> bases(shapes.size());
   if (*step == common::SketchStep::kRange) {  // Ω, drawn alike everywhere
     for (size_t i = 0; i < shapes.size(); ++i) {
-      bases[i] = common::TestMatrix(s.seed(), i, static_cast<int>(shapes[i].rows),
+      bases[i] = common::RangeBasis(s.seed(), i, static_cast<int>(shapes[i].rows),
                                     static_cast<int>(shapes[i].cols));
     }
   } else if (*step != common::SketchStep::kDense) {

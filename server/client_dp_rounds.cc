@@ -3,10 +3,13 @@
 #include <spdlog/spdlog.h>
 
 #include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "common/privacy/private_sketch.h"
 
 namespace fedlora::server {
 
 using common::Method;
+using common::StrCat;
 
 absl::StatusOr<ClientDpRounds> ClientDpRounds::Create(const ServerOptions& options) {
   ASSIGN_OR_RETURN(common::GaussianNoise noise, common::GaussianNoise::Secure());
@@ -29,23 +32,30 @@ absl::StatusOr<common::AdaptiveClipper> ClientDpRounds::ClipperFor(double clip,
   return clipper;
 }
 
+absl::StatusOr<bool> ClientDpRounds::WithinTarget(const ClientDpState& state,
+                                                  const common::PrivacyRound& entry,
+                                                  std::string_view what,
+                                                  std::string_view then) const {
+  if (!(options_->dp_target_epsilon > 0)) return true;
+  common::PrivacyHistory rounds = state.rounds;
+  rounds.push_back(entry);
+  ASSIGN_OR_RETURN(common::PrivacySpent next, common::SpentOver(rounds, options_->dp_delta));
+  if (next.epsilon <= options_->dp_target_epsilon) return true;
+  spdlog::warn(
+      "client-level DP: {} (q {:.4g}) would take epsilon to {:.4f} at delta {}, past the target "
+      "{}; {}",
+      what, entry.q, next.epsilon, options_->dp_delta, options_->dp_target_epsilon, then);
+  return false;
+}
+
 absl::StatusOr<bool> ClientDpRounds::Start(const ClientDpState& state, int64_t round, size_t cohort,
                                            size_t population, common::Adapter start) {
   round_number_ = round;
   const double expected = static_cast<double>(cohort);
   sample_rate_ = expected / static_cast<double>(population);
-  if (options_->dp_target_epsilon > 0) {
-    common::PrivacyHistory rounds = state.rounds;
-    rounds.push_back(Entry());
-    ASSIGN_OR_RETURN(common::PrivacySpent next, common::SpentOver(rounds, options_->dp_delta));
-    if (next.epsilon > options_->dp_target_epsilon) {
-      spdlog::warn(
-          "client-level DP: round {} (q {:.4g}) would take epsilon to {:.4f} at delta {}, past the "
-          "target {}; no more rounds are run",
-          round, sample_rate_, next.epsilon, options_->dp_delta, options_->dp_target_epsilon);
-      return false;
-    }
-  }
+  ASSIGN_OR_RETURN(const bool within,
+                   WithinTarget(state, Entry(), StrCat("round ", round), "no more rounds are run"));
+  if (!within) return false;
   // Refuse now, not at the close, a budget the count's noise would exceed.
   if (options_->dp_adaptive_clip) RETURN_IF_ERROR(ClipperFor(state.clip, expected).status());
   round_.emplace(std::move(start), state.clip, expected);
@@ -96,6 +106,41 @@ absl::StatusOr<common::AggregateResult> ClientDpRounds::Finish(
               {"clip", clip},
               {"next_clip", next_clip}};
   return result;
+}
+
+absl::StatusOr<bool> ClientDpRounds::StartSketchStep(const ClientDpState& state, int step,
+                                                     size_t cohort, size_t population) {
+  round_number_ = 0;
+  sample_rate_ = static_cast<double>(cohort) / static_cast<double>(population);
+  return WithinTarget(state, SketchEntry(), StrCat("fed-sb initialisation step ", step + 1),
+                      "the run cannot be initialised within it");
+}
+
+void ClientDpRounds::AddSketchAnswer(const std::vector<common::MatrixD>& products,
+                                     std::vector<common::MatrixD>& sums) {
+  double norm_sq = 0;
+  for (const common::MatrixD& p : products) norm_sq += p.squaredNorm();
+  if (!(norm_sq > 0)) return;  // a zero answer adds nothing, scaled or not
+  const double scale = 1 / std::sqrt(norm_sq);
+  for (size_t i = 0; i < sums.size(); ++i) sums[i] += scale * products[i];
+}
+
+absl::StatusOr<std::vector<common::MatrixD>> ClientDpRounds::NoiseSketchStep(
+    std::vector<common::MatrixD> sums, size_t cohort, ClientDpState* state,
+    nlohmann::json* metrics) {
+  const double z = options_->dp_noise_multiplier;
+  common::NoisyMean(sums, z, static_cast<double>(cohort), noise_);
+  state->rounds.push_back(SketchEntry());
+  ASSIGN_OR_RETURN(common::PrivacySpent spent,
+                   common::SpentOver(state->rounds, options_->dp_delta));
+  *metrics = {{"epsilon", spent.epsilon},
+              {"delta", options_->dp_delta},
+              {"order", spent.order},
+              {"sample_rate", sample_rate_},
+              {"expected_clients", cohort},
+              {"noise_multiplier", z},
+              {"clip", 1.0}};
+  return sums;
 }
 
 }  // namespace fedlora::server

@@ -9,6 +9,8 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
+#include <string_view>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/aggregation/aggregate.h"
@@ -37,6 +39,22 @@ class ClientDpRounds {
                                                  ClientDpState* state, nlohmann::json* metrics);
   // After the round's commit (or when it is abandoned).
   void Reset() { round_.reset(); }
+
+  // Fed-SB's initialisation (server/fed_sb_init.h), step by step: each step is one Gaussian
+  // mechanism at q = cohort / population, entered in the history as round 0. StartSketchStep is
+  // false when the step would take ε past the target (the run cannot be initialised within it).
+  // Each client's answer, flat over the modules, is scaled to norm 1 as it arrives
+  // (AddSketchAnswer), so one client moves the step's sum by at most 1 whatever its gradient's
+  // scale; NoiseSketchStep adds N(0, z²) to every entry and divides by the cohort (the expected
+  // count), enters the step in `state` and puts its figures into `metrics`. The step releases only
+  // what is computed from the noisy sum: the next basis, or B, A and R0.
+  absl::StatusOr<bool> StartSketchStep(const ClientDpState& state, int step, size_t cohort,
+                                       size_t population);
+  static void AddSketchAnswer(const std::vector<common::MatrixD>& products,
+                              std::vector<common::MatrixD>& sums);
+  absl::StatusOr<std::vector<common::MatrixD>> NoiseSketchStep(std::vector<common::MatrixD> sums,
+                                                               size_t cohort, ClientDpState* state,
+                                                               nlohmann::json* metrics);
   double sample_rate() const { return sample_rate_; }
 
  private:
@@ -44,6 +62,12 @@ class ClientDpRounds {
       : options_(&options), noise_(std::move(noise)) {}
   // This round in the privacy history; LoRA-FAIR's correction is a second Gaussian mechanism.
   common::PrivacyRound Entry() const;
+  common::PrivacyRound SketchEntry() const {
+    return {0, sample_rate_, options_->dp_noise_multiplier, 1};
+  }
+  // False, logging that `what` would take ε past the target and what `then` happens.
+  absl::StatusOr<bool> WithinTarget(const ClientDpState& state, const common::PrivacyRound& entry,
+                                    std::string_view what, std::string_view then) const;
   absl::StatusOr<common::AdaptiveClipper> ClipperFor(double clip, double expected) const;
 
   const ServerOptions* options_;

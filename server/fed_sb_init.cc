@@ -63,8 +63,10 @@ void FillSketchTask(const Ledger& ledger, v1::Task* task) {
 
 absl::StatusOr<common::Adapter> CommitInitStep(StateStore& store, int rank,
                                                const std::vector<MatrixD>& sums, double weight,
-                                               nlohmann::json record) {
+                                               nlohmann::json record,
+                                               const ClientDpState* client_dp) {
   Ledger ledger = store.ledger();
+  if (client_dp) ledger.client_dp = *client_dp;
   FedSbInit& init = *ledger.init;
   const int step = static_cast<int>(init.steps.size());
   const SketchStep kind = InitStepKind(init, step);

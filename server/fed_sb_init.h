@@ -44,9 +44,11 @@ void FillSketchTask(const Ledger& ledger, v1::Task* task);
 // Commits the current step from the summed products (Σ n_k·X_k over the contributors, `weight`
 // = Σ n_k) as described above; `record` says who contributed what. Returns Fed-SB's frozen
 // adapter (B, A and R0) once the last step has made version 0, and an empty one before.
+// Under client-level DP `client_dp` is the privacy state with the step entered, saved with it.
 absl::StatusOr<common::Adapter> CommitInitStep(StateStore& store, int rank,
                                                const std::vector<common::MatrixD>& sums,
-                                               double weight, nlohmann::json record);
+                                               double weight, nlohmann::json record,
+                                               const ClientDpState* client_dp = nullptr);
 
 }  // namespace fedlora::server
 

@@ -474,9 +474,13 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
           uploads_.Accept(round_, client, examples, request.metrics(), keep ? *update : Adapter());
       if (!status.ok()) status = store_.Unavailable(StrCat(client, "'s update"), status);
       if (status.ok() && sketch) {
-        for (size_t i = 0; i < products->size(); ++i)
-          sketch_sums_[i] += static_cast<double>(examples) * (*products)[i];
-        sketch_weight_ += static_cast<double>(examples);
+        if (dp_) {
+          ClientDpRounds::AddSketchAnswer(*products, sketch_sums_);
+        } else {
+          for (size_t i = 0; i < products->size(); ++i)
+            sketch_sums_[i] += static_cast<double>(examples) * (*products)[i];
+          sketch_weight_ += static_cast<double>(examples);
+        }
       } else if (status.ok() && dp_) {
         status = dp_->Add(*update);
       } else if (status.ok() && !keep) {

@@ -84,15 +84,22 @@ void RoundEngine::StartRoundLocked(const std::vector<std::string>& ids) {
   rejected_.clear();
   declined_.clear();
   clients_.NewRound();
-  if (dp_ && !InitialisingLocked()) {
+  if (dp_) {
+    const ClientDpState& state = *store_.ledger().client_dp;
     absl::StatusOr<bool> started = [&]() -> absl::StatusOr<bool> {
+      if (InitialisingLocked())
+        return dp_->StartSketchStep(state, init_step(), cohort_.size(), ids.size());
       ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_, version(), frozen_));
-      return dp_->Start(*store_.ledger().client_dp, round_, cohort_.size(), ids.size(),
-                        std::move(start));
+      return dp_->Start(state, round_, cohort_.size(), ids.size(), std::move(start));
     }();
-    if (!started.ok())
-      return EndRunLocked(StrCat("round ", round_, " cannot start: ", started.status().message()));
-    if (!*started) return EndRunLocked("the privacy budget allows no further round");
+    if (!started.ok()) {
+      return EndRunLocked(StrCat(RoundNameLocked(), " cannot start: ", started.status().message()));
+    }
+    if (!*started) {
+      return EndRunLocked(InitialisingLocked()
+                              ? "the privacy budget does not cover fed-sb's initialisation"
+                              : "the privacy budget allows no further round");
+    }
   }
   StartSumsLocked();
   round_started_ = env_->Now();
@@ -158,8 +165,16 @@ void RoundEngine::CommitInitStepLocked() {
                            {"bytes_up", up},
                            {"bytes_down", down},
                            {"elapsed_seconds", Seconds(env_->Now() - *run_started_).count()}};
-  absl::StatusOr<Adapter> frozen =
-      CommitInitStep(store_, options_.rank, sketch_sums_, sketch_weight_, std::move(record));
+  // Under client-level DP the step releases the noisy sum of unit-norm answers (ClientDpRounds).
+  absl::StatusOr<Adapter> frozen = [&]() -> absl::StatusOr<Adapter> {
+    if (!dp_) return CommitInitStep(store_, options_.rank, sketch_sums_, sketch_weight_, record);
+    ClientDpState state = *store_.ledger().client_dp;
+    nlohmann::json metrics;
+    ASSIGN_OR_RETURN(std::vector<common::MatrixD> noisy,
+                     dp_->NoiseSketchStep(sketch_sums_, cohort_.size(), &state, &metrics));
+    record["client_dp"] = std::move(metrics);
+    return CommitInitStep(store_, options_.rank, noisy, 1.0, record, &state);
+  }();
   if (!frozen.ok()) {
     FailedLocked(commit_retry_, frozen.status(),
                  StrCat("committing ", name, " (its ", arrived.size(),

@@ -36,12 +36,6 @@ absl::Status ServerOptions::Validate() const {
         fed_sb_init_lr);
   }
   if (!(dp_clip >= 0)) return bad("dp_clip is ", dp_clip, "; it must be >= 0 (0: off)");
-  if (dp_clip > 0 && method == common::Method::kFedSb && fed_sb_init != "random") {
-    return bad(
-        "client-level DP does not cover fed-sb's initialisation from the clients' gradient "
-        "yet (its sketches would be released without noise); with dp_clip use "
-        "fed_sb_init = random");
-  }
   if (!(dp_noise_multiplier >= 0))
     return bad("dp_noise_multiplier is ", dp_noise_multiplier, "; it must be >= 0");
   if (!client_dp() && (dp_noise_multiplier > 0 || dp_adaptive_clip || dp_target_epsilon > 0)) {

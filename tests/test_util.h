@@ -7,7 +7,9 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <filesystem>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -71,6 +73,21 @@ inline MatrixD DenseDelta(const Adapter& a, size_t i) {
 
 inline double RelativeDiff(const MatrixD& x, const MatrixD& y) {
   return (x - y).norm() / std::max(y.norm(), 1e-300);
+}
+
+// ε of `steps` Gaussian mechanisms of noise multiplier σ at sampling rate 1 — RDP α/(2σ²) each —
+// over Opacus' orders, with the conversion of Balle et al. 2020 (../shared/ALGORITHMS.md): what the
+// accountant must report for full-batch steps, computed without it.
+inline double EpsilonAtFullBatch(double sigma, double steps, double delta) {
+  std::vector<double> orders;
+  for (int x = 1; x < 100; ++x) orders.push_back(1 + x / 10.0);
+  for (int a = 12; a < 64; ++a) orders.push_back(a);
+  double best = std::numeric_limits<double>::infinity();
+  for (double a : orders) {
+    const double rdp = steps * a / (2 * sigma * sigma);
+    best = std::min(best, rdp + std::log((a - 1) / a) - (std::log(delta) + std::log(a)) / (a - 1));
+  }
+  return best;
 }
 
 }  // namespace fedlora::testing

@@ -85,11 +85,6 @@ absl::StatusOr<v1::TrainMetrics> LlmWorkload::Train(const v1::Task& task,
 
 absl::StatusOr<std::vector<common::MatrixD>> LlmWorkload::Sketch(
     const v1::Task& task, common::SketchStep step, const std::vector<common::MatrixD>& bases) {
-  if (options_.privacy.enabled()) {
-    return absl::UnimplementedError(
-        "DP-SGD does not cover fed-sb's initialisation gradient yet; run the coordinator with "
-        "fed_sb_init = random");
-  }
   std::vector<common::ModuleShape> shapes;
   for (const v1::ModuleSpec& m : task.modules())
     shapes.push_back({m.name(), 1, m.in_features(), m.out_features(), 1.0, true});
@@ -98,8 +93,19 @@ absl::StatusOr<std::vector<common::MatrixD>> LlmWorkload::Sketch(
       examples_.begin(),
       examples_.begin() +
           std::min<size_t>(examples_.size(), std::max(1, task.sketch().examples())));
-  return common::SketchGradients(model_.weights, data, layout, step, bases, options_.batch,
-                                 options_.threads);
+  if (!options_.privacy.enabled()) {
+    return common::SketchGradients(model_.weights, data, layout, step, bases, options_.batch,
+                                   options_.threads);
+  }
+  // DP-SGD: one Gaussian mechanism over all the records (q = 1), one step in the client's ledger.
+  ASSIGN_OR_RETURN(PrivacyLedger ledger, PrivacyLedger::Load(options_.privacy));
+  RETURN_IF_ERROR(ledger.Admit(task.round(), 1.0, 1));
+  ASSIGN_OR_RETURN(std::vector<common::MatrixD> products,
+                   common::SketchGradients(model_.weights, data, layout, step, bases,
+                                           options_.batch, options_.threads, options_.privacy.dp));
+  v1::TrainMetrics spent;
+  RETURN_IF_ERROR(ledger.Record(task.round(), 1.0, 1, spent));
+  return products;
 }
 
 absl::Status LlmWorkload::MergeIntoBase(const common::Adapter& delta) {

@@ -42,7 +42,8 @@ class LlmWorkload final : public Workload {
   // node then declines it and leaves the run).
   absl::StatusOr<v1::TrainMetrics> Train(const v1::Task& task, common::Adapter& adapter) override;
   // The gradient over the first task.sketch().examples() records, batch by batch
-  // (common::SketchGradients). Not with DP-SGD yet: UNIMPLEMENTED.
+  // (common::SketchGradients). With DP-SGD, record by record, clipped and noised, and counted in
+  // the privacy ledger as one step at q = 1 (RESOURCE_EXHAUSTED past target_epsilon).
   absl::StatusOr<std::vector<common::MatrixD>> Sketch(
       const v1::Task& task, common::SketchStep step,
       const std::vector<common::MatrixD>& bases) override;

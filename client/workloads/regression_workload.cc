@@ -4,6 +4,7 @@
 
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/privacy/private_sketch.h"
 #include "common/tensor/blob.h"
 #include "common/tensor/safetensors.h"
 
@@ -67,29 +68,60 @@ std::vector<v1::ModuleSpec> RegressionWorkload::modules() const {
   return out;
 }
 
-absl::StatusOr<MatrixD> RegressionWorkload::BaseGradient(const std::string& name) const {
-  for (int l = 0; l < options_.layers; ++l) {
-    if (ModuleName(l) != name) continue;
-    MatrixD g;
-    Gradient(common::Adapter(), static_cast<size_t>(l), &g);
-    return g;
-  }
+absl::StatusOr<size_t> RegressionWorkload::LayerOf(const std::string& name) const {
+  for (int l = 0; l < options_.layers; ++l)
+    if (ModuleName(l) == name) return static_cast<size_t>(l);
   return absl::InvalidArgumentError(StrCat("the regression workload has no module ", name));
+}
+
+absl::StatusOr<MatrixD> RegressionWorkload::BaseGradient(const std::string& name) const {
+  ASSIGN_OR_RETURN(const size_t l, LayerOf(name));
+  MatrixD g;
+  Gradient(common::Adapter(), l, &g);
+  return g;
 }
 
 absl::StatusOr<std::vector<MatrixD>> RegressionWorkload::Sketch(const v1::Task& task,
                                                                 common::SketchStep step,
                                                                 const std::vector<MatrixD>& bases) {
-  if (options_.privacy.enabled()) {
-    return absl::UnimplementedError(
-        "DP-SGD does not cover fed-sb's initialisation gradient yet; run the coordinator with "
-        "fed_sb_init = random");
-  }
   std::vector<MatrixD> out;
-  for (int i = 0; i < task.modules_size(); ++i) {
-    ASSIGN_OR_RETURN(MatrixD g, BaseGradient(task.modules(i).name()));
-    out.push_back(common::SketchProduct(step, g, bases.at(static_cast<size_t>(i))));
+  if (!options_.privacy.enabled()) {
+    for (int i = 0; i < task.modules_size(); ++i) {
+      ASSIGN_OR_RETURN(MatrixD g, BaseGradient(task.modules(i).name()));
+      out.push_back(common::SketchProduct(step, g, bases.at(static_cast<size_t>(i))));
+    }
+    return out;
   }
+  // DP-SGD (common/privacy/private_sketch.h): example e's gradient of layer l is u_e·x_eᵀ with
+  // u_e = 2·r_e/m, of norm ‖u_e‖·‖x_e‖; clipped flat over the layers, noised once, counted as one
+  // step at q = 1.
+  const common::TrainOptions::DpSgd& dp = options_.privacy.dp;
+  RETURN_IF_ERROR(common::CheckSketchBases(bases));
+  ASSIGN_OR_RETURN(PrivacyLedger ledger, PrivacyLedger::Load(options_.privacy));
+  RETURN_IF_ERROR(ledger.Admit(task.round(), 1.0, 1));
+  std::vector<size_t> layer;
+  std::vector<MatrixD> u, record(static_cast<size_t>(task.modules_size()));
+  for (int i = 0; i < task.modules_size(); ++i) {
+    ASSIGN_OR_RETURN(const size_t l, LayerOf(task.modules(i).name()));
+    layer.push_back(l);
+    u.push_back((inputs_[l] * base_[l].transpose() - targets_[l]) *
+                (2.0 / static_cast<double>(base_[l].rows())));
+  }
+  for (Eigen::Index e = 0; e < options_.examples; ++e) {
+    double norm_sq = 0;
+    for (size_t i = 0; i < layer.size(); ++i) {
+      const MatrixD g = u[i].row(e).transpose() * inputs_[layer[i]].row(e);
+      norm_sq += g.squaredNorm();
+      record[i] = common::SketchProduct(step, g, bases.at(i));
+      if (e == 0) out.push_back(MatrixD::Zero(record[i].rows(), record[i].cols()));
+    }
+    common::AddClippedRecord(record, std::sqrt(norm_sq), dp.clip, out);
+  }
+  ASSIGN_OR_RETURN(common::GaussianNoise noise, common::GaussianNoise::Secure());
+  common::NoisyMean(out, dp.noise_multiplier * dp.clip, static_cast<double>(options_.examples),
+                    noise);
+  v1::TrainMetrics spent;
+  RETURN_IF_ERROR(ledger.Record(task.round(), 1.0, 1, spent));
   return out;
 }
 

@@ -48,12 +48,14 @@ class RegressionWorkload final : public Workload {
   // Full-batch gradient descent for the task's local_steps at its learning_rate.
   absl::StatusOr<v1::TrainMetrics> Train(const v1::Task& task, common::Adapter& adapter) override;
   // The closed-form gradient of the loss over all the client's examples at W_base (the loss is
-  // full-batch), applied to the bases. Not with DP-SGD yet: UNIMPLEMENTED.
+  // full-batch), applied to the bases; with DP-SGD, example by example, clipped and noised, one
+  // step at q = 1 in the privacy ledger.
   absl::StatusOr<std::vector<common::MatrixD>> Sketch(
       const v1::Task& task, common::SketchStep step,
       const std::vector<common::MatrixD>& bases) override;
   // ∂L/∂W at W_base for the module named `name` (m×n).
   absl::StatusOr<common::MatrixD> BaseGradient(const std::string& name) const;
+  absl::StatusOr<size_t> LayerOf(const std::string& module) const;
   absl::Status MergeIntoBase(const common::Adapter& delta) override;
   // base.safetensors: W_base per layer (W0 plus every merged FLoRA delta).
   absl::Status WriteFinalState(const std::filesystem::path& dir) const override;

@@ -71,6 +71,10 @@ MatrixD TestMatrix(uint64_t seed, uint64_t module, int n, int l) {
   return omega;
 }
 
+MatrixD RangeBasis(uint64_t seed, uint64_t module, int n, int l) {
+  return OrthonormalBasis(TestMatrix(seed, module, n, l));
+}
+
 MatrixD SketchProduct(SketchStep step, const MatrixD& g, const MatrixD& basis) {
   switch (step) {
     case SketchStep::kRange:
@@ -115,6 +119,17 @@ SketchShape SketchBasisShape(SketchStep step, int m, int n, int l) {
       return {0, 0};
   }
   return {};
+}
+
+std::vector<MatrixShape> SketchBasisShapes(SketchStep step, const std::vector<MatrixShape>& modules,
+                                           int columns) {
+  std::vector<MatrixShape> shapes;
+  for (const MatrixShape& module : modules) {
+    const int m = static_cast<int>(module.rows), n = static_cast<int>(module.cols);
+    const SketchShape b = SketchBasisShape(step, m, n, SketchColumns(columns, m, n));
+    shapes.push_back({module.name, b.rows, b.cols});
+  }
+  return shapes;
 }
 
 MatrixD OrthonormalBasis(const MatrixD& sum) { return ThinQr(sum).q; }

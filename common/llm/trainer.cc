@@ -12,6 +12,7 @@
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/privacy/dp.h"
+#include "common/privacy/private_sketch.h"
 #include "common/tensor/blob.h"
 #include "common/tensor/linalg.h"
 #include "common/tensor/peft.h"
@@ -162,8 +163,14 @@ absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights
                                                      const std::vector<Example>& examples,
                                                      const Adapter& layout, SketchStep step,
                                                      const std::vector<MatrixD>& bases, int batch,
-                                                     int threads) {
+                                                     int threads, const TrainOptions::DpSgd& dp) {
   const LlamaConfig& c = weights.config();
+  const bool private_sketch = dp.noise_multiplier >= 0;
+  if (private_sketch) {
+    if (!(dp.clip > 0))
+      return absl::InvalidArgumentError(StrCat("DP-SGD needs a clip norm > 0; got ", dp.clip));
+    RETURN_IF_ERROR(CheckSketchBases(bases));
+  }
   ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(c, layout));
   if (bases.size() != layout.num_modules())
     return absl::InvalidArgumentError(
@@ -196,35 +203,70 @@ absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights
                                                      .max_seq = LongestExample(examples),
                                                      .training = true,
                                                      .threads = threads}));
+  // Without DP the products of every batch go straight into `out`; with DP, one example's go into
+  // `record` with its squared gradient norm, and are clipped into `out` when it is done.
+  std::vector<MatrixD> record;
+  double record_norm_sq = 0;
+  if (private_sketch) {
+    for (const MatrixD& o : out) record.push_back(MatrixD::Zero(o.rows(), o.cols()));
+  }
+  std::vector<MatrixD>& into = private_sketch ? record : out;
   const auto sink = [&](const LlamaRunner::GradientRows& g) {
     const size_t i =
         module_of[static_cast<size_t>(g.layer) * kNumLinearKinds + static_cast<size_t>(g.kind)];
     const ConstMapF x(g.x, g.rows, LinearIn(c, g.kind)), dy(g.dy, g.rows, LinearOut(c, g.kind));
+    if (private_sketch) {  // ‖dyᵀ·x‖_F² = Σ_st (dy_s·dy_t)(x_s·x_t)
+      const MatrixD dyy = (dy * dy.transpose()).cast<double>(),
+                    xx = (x * x.transpose()).cast<double>();
+      record_norm_sq += FrobeniusDot(dyy, xx);
+    }
     switch (step) {
       case SketchStep::kRange:
       case SketchStep::kPower:  // G·basis = dyᵀ·(x·basis)
-        out[i] += (dy.transpose() * (x * basis[i])).cast<double>();
+        into[i] += (dy.transpose() * (x * basis[i])).cast<double>();
         break;
       case SketchStep::kTransposed:  // Gᵀ·basis = xᵀ·(dy·basis)
-        out[i] += (x.transpose() * (dy * basis[i])).cast<double>();
+        into[i] += (x.transpose() * (dy * basis[i])).cast<double>();
         break;
       case SketchStep::kProject:  // basisᵀ·G = (dy·basis)ᵀ·x
-        out[i] += ((dy * basis[i]).transpose() * x).cast<double>();
+        into[i] += ((dy * basis[i]).transpose() * x).cast<double>();
         break;
       case SketchStep::kDense:  // G = dyᵀ·x
-        out[i] += (dy.transpose() * x).cast<double>();
+        into[i] += (dy.transpose() * x).cast<double>();
         break;
     }
   };
   std::vector<size_t> order(examples.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  for (size_t first = 0; first < examples.size(); first += static_cast<size_t>(batch)) {
-    const size_t count = std::min(static_cast<size_t>(batch), examples.size() - first);
-    RETURN_IF_ERROR(runner
-                        ->WeightGradientRows(MakeBatch(examples, order, first, count, 0),
-                                             1.0f / static_cast<float>(targets), wanted, sink)
-                        .status());
+  if (!private_sketch) {
+    for (size_t first = 0; first < examples.size(); first += static_cast<size_t>(batch)) {
+      const size_t count = std::min(static_cast<size_t>(batch), examples.size() - first);
+      RETURN_IF_ERROR(runner
+                          ->WeightGradientRows(MakeBatch(examples, order, first, count, 0),
+                                               1.0f / static_cast<float>(targets), wanted, sink)
+                          .status());
+    }
+    return out;
   }
+  for (size_t e = 0; e < examples.size(); ++e) {
+    const int64_t n = TargetCount(examples[e]);
+    if (n == 0) continue;  // no loss, no gradient: nothing to clip
+    for (MatrixD& r : record) r.setZero();
+    record_norm_sq = 0;
+    RETURN_IF_ERROR(runner
+                        ->WeightGradientRows(MakeBatch(examples, order, e, 1, 0),
+                                             1.0f / static_cast<float>(n), wanted, sink)
+                        .status());
+    AddClippedRecord(record, std::sqrt(record_norm_sq), dp.clip, out);
+  }
+  std::optional<GaussianNoise> noise;
+  if (dp.test_seed != 0) {
+    noise.emplace(GaussianNoise::ForTestingOnly(dp.test_seed));
+  } else {
+    ASSIGN_OR_RETURN(GaussianNoise secure, GaussianNoise::Secure());
+    noise.emplace(std::move(secure));
+  }
+  NoisyMean(out, dp.noise_multiplier * dp.clip, static_cast<double>(examples.size()), *noise);
   return out;
 }
 

@@ -59,18 +59,6 @@ absl::StatusOr<Adapter> NewAdapter(const LlamaConfig& config, const LoraSpec& sp
 absl::Status InitLoraSb(const LlamaWeights& weights, const std::vector<Example>& examples,
                         double lr, int batch, int threads, Adapter& adapter);
 
-// One step of Fed-SB's federated initialisation on this client's data (common/aggregation/
-// sketch.h): for each module of `layout` (its names and shapes; values unused), the product of G,
-// the gradient of the mean loss over `examples` with respect to that module's W0, with bases[i] —
-// G·basis (range, power; basis in×l), Gᵀ·basis (transposed; out×l), basisᵀ·G (project; out×l)
-// or G itself (dense; bases 0×0). Only dense forms G: the others add dyᵀ·(x·basis) and the like
-// per batch, O(tokens·(in + out)·l).
-absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights,
-                                                     const std::vector<Example>& examples,
-                                                     const Adapter& layout, SketchStep step,
-                                                     const std::vector<MatrixD>& bases, int batch,
-                                                     int threads);
-
 enum class Schedule { kConstant, kLinear, kCosine };
 
 struct TrainOptions {
@@ -104,6 +92,24 @@ struct TrainOptions {
     uint64_t test_seed = 0;
   } dp;
 };
+
+// One step of Fed-SB's federated initialisation on this client's data (common/aggregation/
+// sketch.h): for each module of `layout` (its names and shapes; values unused), the product of G,
+// the gradient of the mean loss over `examples` with respect to that module's W0, with bases[i] —
+// G·basis (range, power; basis in×l), Gᵀ·basis (transposed; out×l), basisᵀ·G (project; out×l)
+// or G itself (dense; bases 0×0). Only dense forms G: the others add dyᵀ·(x·basis) and the like
+// per batch, O(tokens·(in + out)·l).
+// With DP-SGD (dp.noise_multiplier ≥ 0; sample_rate ignored, every example takes part) the answer
+// is common/privacy/private_sketch.h's: G is the mean over examples of each one's gradient of its
+// mean token loss, each clipped to dp.clip flat over all the modules (its norm from the Gram
+// matrices of its rows, ‖dyᵀx‖² = Σ (dy·dyᵀ)∘(x·xᵀ), still without forming G), and the products
+// get N(0, (σ·C)²) before the division by the number of examples. Bases that stretch are refused.
+absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights,
+                                                     const std::vector<Example>& examples,
+                                                     const Adapter& layout, SketchStep step,
+                                                     const std::vector<MatrixD>& bases, int batch,
+                                                     int threads,
+                                                     const TrainOptions::DpSgd& dp = {});
 
 struct StepReport {
   int64_t step = 0;  // 1-based

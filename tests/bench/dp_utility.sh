@@ -24,7 +24,7 @@ if [[ $mode == llm ]]; then
     for dp in off on; do
       extra=(); DP=
       [[ $dp == on ]] && { extra=(--dp-noise-multiplier $sigma --dp-clip 1); DP=1; }
-      init=(); [[ $method == fed-sb ]] && init=(--fed-sb-init random)  # DP-SGD does not cover it yet
+      init=(); [[ $method == fed-sb ]] && init=(--fed-sb-init random)  # the price of DP in training alone
       DP=$DP run $method $method-$dp --rounds 5 --base-model-dir $w/model --eval-data $w/data/test.jsonl \
         --target-modules q_proj,v_proj,up_proj,down_proj --rank 8 --lora-alpha 16 --local-steps 10 \
         --learning-rate $lr "${init[@]}" -- --workload llm --model $w/model --batch 8 --eval-examples 16 --threads 1 "${extra[@]}"
@@ -48,7 +48,7 @@ for eps in inf 8 2; do
   for spec in fedit:4 fed-sb:4 fed-sb:16; do
     method=${spec%:*} rank=${spec#*:} extra=() DP= s=-
     if [[ $eps != inf ]]; then s=$(sigma $eps); extra=(--dp-noise-multiplier $s --dp-clip 1 --dp-sample-rate 0.1); DP=1; fi
-    [[ $method == fed-sb ]] && extra_server=(--fed-sb-init random) || extra_server=()  # as above
+    [[ $method == fed-sb ]] && extra_server=(--fed-sb-init random) || extra_server=()  # as above: training alone
     tag=$method-r$rank-eps$eps
     DP=$DP run $method $tag --rounds 6 --rank $rank --lora-alpha $((2 * rank)) --local-steps 20 --learning-rate 0.3 \
       "${extra_server[@]}" -- --workload regression --examples 200 --layers 2 --in-features 32 --out-features 32 "${extra[@]}"

@@ -333,7 +333,7 @@ TEST_P(ClientLevelDp, RoundsAreTheClippedNoisedMeanAndStopAtTheTargetEpsilon) {
     return common::EpsilonFor(1.0, z, steps * rounds, delta)->epsilon;
   };
   const double target = (epsilon(2) + epsilon(3)) / 2;  // two of the four rounds fit
-  // fed-sb's initialisation from the clients' gradient is not covered by client-level DP yet.
+  // fed-sb from random B, A: ε here counts rounds only (FedSbInitTest counts the initialisation).
   RunFederation(method, {"--rounds", "4", "--dp-clip", std::to_string(clip),
                          "--dp-noise-multiplier", std::to_string(z), "--dp-target-epsilon",
                          std::to_string(target), "--fed-sb-init", "random"});

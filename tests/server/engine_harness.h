@@ -179,16 +179,14 @@ class Harness {
     const v1::SketchTask& s = task.sketch();
     const auto step = common::ParseSketchStep(s.product());
     if (!step) return absl::InvalidArgumentError(s.product());
-    std::vector<common::MatrixShape> shapes;
-    for (const auto& [name, n, m] : modules_) {
-      const int l = common::SketchColumns(s.columns(), m, n);
-      const common::SketchShape b = common::SketchBasisShape(*step, m, n, l);
-      shapes.push_back({name, b.rows, b.cols});
-    }
+    std::vector<common::MatrixShape> modules;
+    for (const auto& [name, n, m] : modules_) modules.push_back({name, m, n});
+    const std::vector<common::MatrixShape> shapes =
+        common::SketchBasisShapes(*step, modules, s.columns());
     std::vector<common::MatrixD> bases(shapes.size());
     if (*step == common::SketchStep::kRange) {
       for (size_t i = 0; i < shapes.size(); ++i)
-        bases[i] = common::TestMatrix(s.seed(), i, static_cast<int>(shapes[i].rows),
+        bases[i] = common::RangeBasis(s.seed(), i, static_cast<int>(shapes[i].rows),
                                       static_cast<int>(shapes[i].cols));
     } else if (*step != common::SketchStep::kDense) {
       auto bytes = Fetch(id, task.downloads(0));

@@ -6,7 +6,9 @@
 //              or given up; then the disk is healed and a coordinator restarted on the same
 //              directory finishes the run.
 // Either way the ledger holds exactly one version per round, metrics.jsonl one line per round, no
-// temporary file is left, and the exported adapter equals the reference to 1e-6.
+// temporary file is left, and the exported adapter equals the reference to 1e-6. "fedsbsketch" is
+// fed-sb initialised from the clients' gradients: a two-step sketch (its basis blob and ledger
+// writes) before round 1.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <stdlib.h>
@@ -56,6 +58,28 @@ std::vector<std::string> Temporaries(const fs::path& dir) {
 
 class FaultInjectionTest : public ::testing::TestWithParam<std::string> {
  protected:
+  bool sketch() const { return GetParam() == "fed-sb-sketch"; }
+  server::ServerOptions Options(const fs::path& state) const {
+    server::ServerOptions o = TestOptions(state, sketch() ? "fed-sb" : GetParam());
+    if (sketch()) {
+      o.fed_sb_init = "sketch";
+      o.fed_sb_power_iterations = 0;
+    }
+    return o;
+  }
+  // Each client's gradient of each module: Gaussian, fixed by (client, module).
+  void Configure(Harness& h) const {
+    if (!sketch()) return;
+    h.set_gradient([](const std::string& id, size_t i) {
+      const auto& [name, n, m] = kModules[i];
+      std::mt19937_64 rng(common::Fnv1a(id, i));
+      std::normal_distribution<double> normal;
+      common::MatrixD g(m, n);
+      for (double& v : g.reshaped()) v = normal(rng);
+      return g;
+    });
+  }
+
   static void SetUpTestSuite() {
     // Scratch state on tmpfs where there is one: these runs test the order of writes, not the
     // disk, and a few thousand fsyncs on a virtual disk would take minutes.
@@ -67,7 +91,8 @@ class FaultInjectionTest : public ::testing::TestWithParam<std::string> {
   void Reference() {
     ScratchDir dir;
     TestEnv env;
-    Harness h(TestOptions(dir / "state", GetParam()), &env);
+    Harness h(Options(dir / "state"), &env);
+    Configure(h);
     ASSERT_TRUE(h.Start().ok());
     for (const std::string& id : kClients) ASSERT_TRUE(h.Join(id).ok());
     Drive(h, env, 20);
@@ -105,9 +130,10 @@ TEST_P(FaultInjectionTest, EveryFailedWriteLeavesOneVersionPerRoundAndTheSameRes
           common::StrCat(GetParam(), ": write ", n, " of ", writes_, sticky ? ", disk full" : "");
       ScratchDir dir;
       TestEnv env;
-      server::ServerOptions options = TestOptions(dir / "state", GetParam());
+      server::ServerOptions options = Options(dir / "state");
       options.give_up_after_s = 20;
       Harness h(options, &env);
+      Configure(h);
       env.FailWrite(n, sticky ? ENOSPC : EIO, sticky);
       // Creating the state directory is the first write: a coordinator that cannot start says so.
       if (absl::Status st = h.Start(); !st.ok()) {
@@ -135,7 +161,8 @@ TEST_P(FaultInjectionTest, EveryFailedWriteLeavesOneVersionPerRoundAndTheSameRes
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, FaultInjectionTest,
-                         ::testing::Values("fedit", "flora", "lora-fair", "fed-sb"),
+                         ::testing::Values("fedit", "flora", "lora-fair", "fed-sb",
+                                           "fed-sb-sketch"),
                          [](const auto& info) {
                            std::string name = info.param;
                            std::erase(name, '-');

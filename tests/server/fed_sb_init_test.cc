@@ -258,5 +258,43 @@ TEST_F(FedSbInitTest, AnswersForAnotherStepAreLateOrStale) {
   EXPECT_THAT(refused.status().message(), HasSubstr("model.layers.0.self_attn.q_proj"));
 }
 
+// Client-level DP: each step of the initialisation is one Gaussian mechanism of the coordinator's
+// (q = cohort / population = 1 here, noise multiplier z), so after the 4 steps and round 1 the run
+// has spent ε of 5 full-batch steps, against 1 when fed-sb starts from random B and A.
+TEST_F(FedSbInitTest, ClientLevelDpCountsEveryStepOfTheInitialisation) {
+  const double z = 1.4, delta = 1e-5;
+  for (const std::string init : {"sketch", "random"}) {
+    ScratchDir dir;
+    TestEnv env;
+    Harness h{TestOptions(dir.path() / "state", "fed-sb"), &env};
+    Configure(h);
+    h.options().fed_sb_init = init;
+    h.options().dp_clip = 1.0;
+    h.options().dp_noise_multiplier = z;
+    h.options().dp_delta = delta;
+    ASSERT_TRUE(h.Start().ok()) << init;
+    JoinAll(h);
+    const int steps = init == "sketch" ? 4 : 0;
+    for (int step = 1; step <= steps; ++step) ASSERT_EQ(AllAnswer(h), v1::Task::SKETCH) << step;
+    ASSERT_EQ(AllAnswer(h), v1::Task::TRAIN) << init;  // round 1
+    const nlohmann::json ledger = ReadJson(dir.path() / "state" / "ledger.json");
+    const nlohmann::json& history = ledger["client_dp"]["rounds"];
+    ASSERT_EQ(history.size(), steps + 1u) << init;
+    for (int s = 0; s < steps; ++s) {
+      EXPECT_EQ(history[s]["round"], 0) << s;
+      EXPECT_EQ(history[s]["q"], 1.0) << s;
+      EXPECT_EQ(history[s]["sigma"], z) << s;
+      EXPECT_EQ(history[s]["steps"], 1.0) << s;
+    }
+    if (steps > 0) {
+      EXPECT_NEAR(ledger["versions"][0]["record"]["client_dp"]["epsilon"].get<double>(),
+                  EpsilonAtFullBatch(z, steps, delta), 1e-9);
+    }
+    EXPECT_NEAR(ledger["versions"][1]["record"]["client_dp"]["epsilon"].get<double>(),
+                EpsilonAtFullBatch(z, steps + 1, delta), 1e-9)
+        << init;
+  }
+}
+
 }  // namespace
 }  // namespace fedlora::testing

@@ -1,12 +1,17 @@
 // The regression workload's DP-SGD against full-batch descent, its independent reference: with
 // every example sampled, no noise and a clip no gradient reaches, a DP-SGD step is a descent step
 // (the mean of the per-example gradients is the batch gradient); with one example and a tiny clip,
-// a clip at half its gradient's norm halves the descent step.
+// a clip at half its gradient's norm halves the descent step. Fed-SB's initialisation under
+// DP-SGD the same way, against the closed-form gradient, and its cost in ε against the RDP of the
+// Gaussian mechanism at q = 1 (α/(2σ²) a step) computed here.
 #include "client/workloads/regression_workload.h"
 
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "common/aggregation/sketch.h"
 #include "common/tensor/adapter.h"
+#include "tests/scratch_dir.h"
 #include "tests/test_util.h"
 
 namespace fedlora::client {
@@ -84,6 +89,106 @@ TEST_P(DpSgdTest, NoiseHasStddevSigmaCOverTheExpectedSample) {
   }
   // The clipped data gradients (norm ≤ ~10·C/(qN)) can raise the mean square by < 0.2.
   EXPECT_LT(std::abs(sq / n - 1), 5 * std::sqrt(2 / n) + 0.2) << n;
+}
+
+// A SKETCH task for the workload's modules: width `columns`, range step.
+v1::Task SketchTask(const RegressionWorkload& w, int columns) {
+  v1::Task task;
+  task.set_kind(v1::Task::SKETCH);
+  for (const v1::ModuleSpec& m : w.modules()) *task.add_modules() = m;
+  task.mutable_sketch()->set_columns(columns);
+  task.mutable_sketch()->set_seed(9);
+  return task;
+}
+
+std::vector<common::MatrixD> RangeBases(const RegressionWorkload& w, int columns) {
+  std::vector<common::MatrixD> bases;
+  for (const v1::ModuleSpec& m : w.modules()) {
+    const int l = common::SketchColumns(columns, m.out_features(), m.in_features());
+    bases.push_back(common::RangeBasis(9, bases.size(), m.in_features(), l));
+  }
+  return bases;
+}
+
+class RegressionSketchTest : public ::testing::Test {
+ protected:
+  RegressionSketchTest() {
+    o_.layers = 2, o_.in_features = 12, o_.out_features = 9, o_.examples = 30;
+    o_.privacy.ledger = (dir_ / "privacy.json").string();
+  }
+  testing::ScratchDir dir_;
+  RegressionOptions o_;
+};
+
+TEST_F(RegressionSketchTest, WithoutClippingOrNoiseIsTheClosedFormGradientsProduct) {
+  o_.privacy.dp = {.noise_multiplier = 0, .clip = 1e9};
+  RegressionWorkload w(o_);
+  const std::vector<common::MatrixD> bases = RangeBases(w, 5);
+  const auto got = w.Sketch(SketchTask(w, 5), common::SketchStep::kRange, bases);
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (size_t i = 0; i < bases.size(); ++i) {
+    const common::MatrixD want = *w.BaseGradient(w.modules()[i].name()) * bases[i];
+    EXPECT_LT(((*got)[i] - want).norm(), 1e-12 * want.norm()) << i;
+  }
+}
+
+TEST_F(RegressionSketchTest, OneRecordIsClippedFlatOverTheModules) {
+  o_.examples = 1;
+  const RegressionWorkload plain(o_);
+  double norm_sq = 0;
+  for (const v1::ModuleSpec& m : plain.modules())
+    norm_sq += plain.BaseGradient(m.name())->squaredNorm();
+  o_.privacy.dp = {.noise_multiplier = 0, .clip = 0.5 * std::sqrt(norm_sq)};
+  RegressionWorkload w(o_);
+  const std::vector<common::MatrixD> bases = RangeBases(w, 4);
+  const auto got = w.Sketch(SketchTask(w, 4), common::SketchStep::kRange, bases);
+  ASSERT_TRUE(got.ok()) << got.status();
+  for (size_t i = 0; i < bases.size(); ++i) {
+    const common::MatrixD want = 0.5 * *plain.BaseGradient(w.modules()[i].name()) * bases[i];
+    EXPECT_LT(((*got)[i] - want).norm(), 1e-6 * want.norm()) << i;
+  }
+}
+
+TEST_F(RegressionSketchTest, TheInitialisationIsCountedInTheClientsEpsilon) {
+  const double sigma = 1.3, delta = 1e-5;
+  o_.privacy.dp = {.noise_multiplier = sigma, .clip = 0.5, .sample_rate = 1.0};
+  o_.privacy.delta = delta;
+  v1::Task round;
+  round.set_round(1);
+  round.mutable_settings()->set_local_steps(3);
+  round.mutable_settings()->set_learning_rate(0.01);
+  // Without the initialisation: three steps.
+  RegressionWorkload without(o_);
+  common::Adapter a = Start(without, true, 6);
+  const auto alone = without.Train(round, a);
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  EXPECT_NEAR(alone->dp_epsilon(), testing::EpsilonAtFullBatch(sigma, 3, delta), 1e-9);
+  // With a two-step initialisation first (range, then projection): five.
+  std::filesystem::remove(o_.privacy.ledger);
+  RegressionWorkload with(o_);
+  const v1::Task task = SketchTask(with, 4);
+  const std::vector<common::MatrixD> bases = RangeBases(with, 4);
+  ASSERT_TRUE(with.Sketch(task, common::SketchStep::kRange, bases).ok());
+  std::vector<common::MatrixD> project;
+  for (const v1::ModuleSpec& m : with.modules())
+    project.push_back(common::RangeBasis(10, project.size(), m.out_features(), 4));
+  ASSERT_TRUE(with.Sketch(task, common::SketchStep::kProject, project).ok());
+  a = Start(with, true, 6);
+  const auto after = with.Train(round, a);
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_NEAR(after->dp_epsilon(), testing::EpsilonAtFullBatch(sigma, 5, delta), 1e-9);
+  EXPECT_GT(after->dp_epsilon(), alone->dp_epsilon());
+}
+
+TEST_F(RegressionSketchTest, ABasisThatStretchesIsRefusedAndNothingIsSpent) {
+  o_.privacy.dp = {.noise_multiplier = 1.0, .clip = 1.0};
+  RegressionWorkload w(o_);
+  std::vector<common::MatrixD> bases = RangeBases(w, 4);
+  bases[1] *= 3;  // amplifies one record against the noise
+  const auto got = w.Sketch(SketchTask(w, 4), common::SketchStep::kRange, bases);
+  EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(got.status().message(), ::testing::HasSubstr("must not stretch"));
+  EXPECT_FALSE(std::filesystem::exists(o_.privacy.ledger));
 }
 
 INSTANTIATE_TEST_SUITE_P(Factors, DpSgdTest, ::testing::Values(false, true),

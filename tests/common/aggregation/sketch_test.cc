@@ -34,7 +34,7 @@ MatrixD WithSpectrum(int m, int n, const Eigen::VectorXd& s, std::mt19937_64& rn
 TopFactors FederatedSketch(const std::vector<MatrixD>& gs, const std::vector<double>& p, int rank,
                            int oversampling, int power, uint64_t seed, MatrixD* last_basis) {
   const int l = rank + oversampling;
-  MatrixD basis = TestMatrix(seed, 0, static_cast<int>(gs[0].cols()), l);
+  MatrixD basis = RangeBasis(seed, 0, static_cast<int>(gs[0].cols()), l);
   for (int s = 0; s < SketchSteps(power); ++s) {
     const SketchStep step = SketchStepAt(s, power);
     MatrixD sum = p[0] * SketchProduct(step, gs[0], basis);
@@ -75,6 +75,10 @@ TEST(SketchTest, TestMatrixIsStandardNormalAndDependsOnSeedAndModule) {
   EXPECT_NEAR(omega.array().square().square().sum() / n, 3.0, 4.0 * std::sqrt(96.0 / n));
   const MatrixD gram = omega.transpose() * omega / 400.0;
   EXPECT_LT((gram - MatrixD::Identity(50, 50)).cwiseAbs().maxCoeff(), 0.3);
+  // The range step's basis: orthonormal columns spanning what Ω spans.
+  const MatrixD basis = RangeBasis(42, 3, 400, 50);
+  EXPECT_LT((basis.transpose() * basis - MatrixD::Identity(50, 50)).norm(), 1e-12);
+  EXPECT_LT((omega - basis * (basis.transpose() * omega)).norm(), 1e-12 * omega.norm());
 }
 
 TEST(SketchTest, FederatedSketchOfAnExactlyLowRankSumIsExact) {

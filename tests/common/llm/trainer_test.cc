@@ -187,6 +187,61 @@ TEST(TrainerTest, SketchGradientsAreProductsOfTheDenseGradient) {
   EXPECT_NE(refused.status().message().find(layout.module(0).name), std::string::npos);
 }
 
+// DP-SGD's answer (q = 1): each record's gradient, flat over the modules, clipped to C; the
+// clipped products averaged; N(0, (σC)²)/N on every entry. Against per-record dense gradients.
+TEST(TrainerTest, PrivateSketchClipsEachRecordAndAddsSigmaCNoise) {
+  const LlamaConfig c = testing::TinyLlama(17);
+  const LlamaWeights w = LlamaWeights::Random(c, 4);
+  const Adapter layout = *NewAdapter(
+      c, {.rank = 1, .alpha = 1, .targets = {LinearKind::kQ, LinearKind::kDown}, .lora_sb = true},
+      0, "");
+  const std::vector<Example> data = RuleData(6, 10, 3);
+  std::vector<MatrixD> bases;
+  for (size_t i = 0; i < layout.num_modules(); ++i)
+    bases.push_back(RangeBasis(5, i, static_cast<int>(layout.module(i).in_features), 4));
+  // Per record: its dense gradients (of its own mean token loss) and their flat norm.
+  std::vector<std::vector<MatrixF>> g;
+  std::vector<double> norms;
+  for (const Example& e : data) {
+    g.push_back(DenseGradients(w, layout, {e}));
+    double sq = 0;
+    for (const MatrixF& x : g.back()) sq += x.cast<double>().squaredNorm();
+    norms.push_back(std::sqrt(sq));
+  }
+  std::vector<double> sorted = norms;
+  std::sort(sorted.begin(), sorted.end());
+  const double clip = sorted[sorted.size() / 2];  // about half the records are clipped
+  std::vector<MatrixD> want;
+  for (size_t i = 0; i < layout.num_modules(); ++i) {
+    MatrixD sum = MatrixD::Zero(layout.module(i).out_features, 4);
+    for (size_t e = 0; e < data.size(); ++e)
+      sum += std::min(1.0, clip / (norms[e] + 1e-6)) * g[e][i].cast<double>() * bases[i];
+    want.push_back(sum / static_cast<double>(data.size()));
+  }
+  auto clipped = SketchGradients(w, data, layout, SketchStep::kRange, bases, 3, 0,
+                                 {.noise_multiplier = 0, .clip = clip});
+  ASSERT_TRUE(clipped.ok()) << clipped.status();
+  for (size_t i = 0; i < want.size(); ++i)
+    EXPECT_LT(((*clipped)[i] - want[i]).norm(), 1e-4 * want[i].norm()) << i;
+  // The noise: (noisy − clipped)·N/(σC) is standard normal, entry by entry.
+  const double sigma = 1.5;
+  auto noisy = SketchGradients(w, data, layout, SketchStep::kRange, bases, 3, 0,
+                               {.noise_multiplier = sigma, .clip = clip, .test_seed = 8});
+  ASSERT_TRUE(noisy.ok()) << noisy.status();
+  double sq = 0, n = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const MatrixD z = ((*noisy)[i] - (*clipped)[i]) * (data.size() / (sigma * clip));
+    sq += z.squaredNorm();
+    n += static_cast<double>(z.size());
+  }
+  EXPECT_NEAR(sq / n, 1.0, 5 * std::sqrt(2 / n)) << n;
+  // A basis that stretches is refused under DP: it would amplify a record against the noise.
+  bases[0] *= 2;
+  auto refused = SketchGradients(w, data, layout, SketchStep::kRange, bases, 3, 0,
+                                 {.noise_multiplier = sigma, .clip = clip});
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // Two identical runs on two threads agree. With Debian's
 // serial OpenBLAS, whose buffer pool has no locks, products made by two threads at once were now
 // and then wrong and two runs of `fedlora train` ended 0.4% apart; this test is too small to hit
