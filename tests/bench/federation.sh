@@ -1,7 +1,8 @@
 # Sourced by the benchmark scripts: federations on loopback (plaintext, one machine) with 4 clients.
 # Expects B (the programs' directory), w (a work directory) and mode (llm or regression).
 
-# run METHOD TAG SERVER_ARGS... -- CLIENT_ARGS... : a coordinator and 4 clients (client i gets --data-seed i and,
+# run METHOD TAG SERVER_ARGS... -- CLIENT_ARGS... : a coordinator (--seed $SEED, default 1: cohorts, initial
+# factors, sketches) and 4 clients (client i gets --data-seed i and,
 # for llm, its own data file); waits for all of them. State in $w/TAG, logs in $w/TAG*.log.
 run() {
   local method=$1 tag=$2; shift 2
@@ -10,7 +11,7 @@ run() {
   client=("$@")
   local st=$w/$tag; rm -f $w/port
   $B/fedlora-server --insecure --method $method --min-clients 4 --state-dir $st --listen 127.0.0.1:0 \
-    --port-file $w/port --linger-s 1 --seed 1 "${server[@]}" 2>$st.log &
+    --port-file $w/port --linger-s 1 --seed ${SEED:-1} "${server[@]}" 2>$st.log &
   local srv=$! pids=()
   for _ in $(seq 100); do [[ -s $w/port ]] && break; sleep 0.05; done
   for i in 1 2 3 4; do
