@@ -106,6 +106,8 @@ absl::Status ClientOptions::Validate() const {
   auto bad = [](auto... parts) { return absl::InvalidArgumentError(StrCat(parts...)); };
   if (privacy.target_epsilon > 0 && !privacy.enabled())
     return bad("--target-epsilon needs DP-SGD (--dp-noise-multiplier)");
+  if (privacy.init_noise_multiplier >= 0 && !privacy.enabled())
+    return bad("--dp-init-noise-multiplier needs DP-SGD (--dp-noise-multiplier)");
   if (privacy.enabled() && !(privacy.dp.clip > 0))
     return bad("--dp-clip must be > 0 (it is ", privacy.dp.clip, ")");
   if (privacy.enabled() && workload == WorkloadKind::kCommand) {
@@ -166,6 +168,10 @@ void AddClientFlags(CLI::App& app, ClientOptions& o) {
   app.add_option("--dp-noise-multiplier", o.privacy.dp.noise_multiplier,
                  "regression, llm: DP-SGD noise stddev / clip (per-example clipping, Poisson "
                  "sampling); off when not given");
+  app.add_option(
+      "--dp-init-noise-multiplier", o.privacy.init_noise_multiplier,
+      "DP-SGD: noise stddev / clip of each step of fed-sb's initialisation (every record "
+      "at once); default: --dp-noise-multiplier");
   app.add_option("--dp-clip", o.privacy.dp.clip, "DP-SGD per-example clip norm")
       ->capture_default_str();
   app.add_option("--dp-sample-rate", o.privacy.dp.sample_rate,

@@ -42,18 +42,16 @@ absl::StatusOr<common::PrivacySpent> PrivacyLedger::SpentWith(
   return common::SpentOver(rounds, settings_.delta);
 }
 
-absl::Status PrivacyLedger::Admit(int64_t round, double q, int64_t steps) const {
+absl::Status PrivacyLedger::Admit(const common::PrivacyRound& entry) const {
   if (!(settings_.target_epsilon > 0)) return absl::OkStatus();
-  ASSIGN_OR_RETURN(common::PrivacySpent next, SpentWith(Entry(round, q, steps)));
+  ASSIGN_OR_RETURN(common::PrivacySpent next, SpentWith(entry));
   if (next.epsilon <= settings_.target_epsilon) return absl::OkStatus();
-  return absl::ResourceExhaustedError(
-      StrCat("privacy budget: round ", round, " would bring epsilon to ", next.epsilon, " (delta ",
-             settings_.delta, "), past the target ", settings_.target_epsilon, "; declining it"));
+  return absl::ResourceExhaustedError(StrCat(
+      "privacy budget: round ", entry.round, " would bring epsilon to ", next.epsilon, " (delta ",
+      settings_.delta, "), past the target ", settings_.target_epsilon, "; declining it"));
 }
 
-absl::Status PrivacyLedger::Record(int64_t round, double q, int64_t steps,
-                                   v1::TrainMetrics& metrics) {
-  const common::PrivacyRound entry = Entry(round, q, steps);
+absl::Status PrivacyLedger::Record(const common::PrivacyRound& entry, v1::TrainMetrics& metrics) {
   ASSIGN_OR_RETURN(common::PrivacySpent spent, SpentWith(entry));
   common::PrivacyHistory rounds = rounds_;
   rounds.push_back(entry);
@@ -65,7 +63,7 @@ absl::Status PrivacyLedger::Record(int64_t round, double q, int64_t steps,
   metrics.set_dp_epsilon(spent.epsilon);
   metrics.set_dp_delta(settings_.delta);
   spdlog::info("round {}: DP-SGD spent epsilon {:.4f} (delta {}) in all (sigma {:.4g}, q {:.4g})",
-               round, spent.epsilon, settings_.delta, settings_.dp.noise_multiplier, q);
+               entry.round, spent.epsilon, settings_.delta, entry.sigma, entry.q);
   return absl::OkStatus();
 }
 

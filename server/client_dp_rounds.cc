@@ -128,7 +128,7 @@ void ClientDpRounds::AddSketchAnswer(const std::vector<common::MatrixD>& product
 absl::StatusOr<std::vector<common::MatrixD>> ClientDpRounds::NoiseSketchStep(
     std::vector<common::MatrixD> sums, size_t cohort, ClientDpState* state,
     nlohmann::json* metrics) {
-  const double z = options_->dp_noise_multiplier;
+  const double z = options_->init_noise_multiplier();
   common::NoisyMean(sums, z, static_cast<double>(cohort), noise_);
   state->rounds.push_back(SketchEntry());
   ASSIGN_OR_RETURN(common::PrivacySpent spent,

@@ -63,7 +63,7 @@ class ClientDpRounds {
   // This round in the privacy history; LoRA-FAIR's correction is a second Gaussian mechanism.
   common::PrivacyRound Entry() const;
   common::PrivacyRound SketchEntry() const {
-    return {0, sample_rate_, options_->dp_noise_multiplier, 1};
+    return {0, sample_rate_, options_->init_noise_multiplier(), 1};
   }
   // False, logging that `what` would take ε past the target and what `then` happens.
   absl::StatusOr<bool> WithinTarget(const ClientDpState& state, const common::PrivacyRound& entry,

@@ -83,6 +83,9 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
   app.add_option("--dp-noise-multiplier", o.dp_noise_multiplier,
                  "client-level DP: noise stddev / clip of each round")
       ->capture_default_str();
+  app.add_option("--dp-init-noise-multiplier", o.dp_init_noise_multiplier,
+                 "client-level DP: noise stddev of each step of fed-sb's initialisation (its "
+                 "answers scaled to norm 1); default: --dp-noise-multiplier");
   app.add_flag("--dp-adaptive-clip", o.dp_adaptive_clip,
                "client-level DP: the clip follows a quantile of the update norms (Andrew et al.)");
   app.add_option("--dp-target-quantile", o.dp_target_quantile)->capture_default_str();

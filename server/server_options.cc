@@ -38,7 +38,10 @@ absl::Status ServerOptions::Validate() const {
   if (!(dp_clip >= 0)) return bad("dp_clip is ", dp_clip, "; it must be >= 0 (0: off)");
   if (!(dp_noise_multiplier >= 0))
     return bad("dp_noise_multiplier is ", dp_noise_multiplier, "; it must be >= 0");
-  if (!client_dp() && (dp_noise_multiplier > 0 || dp_adaptive_clip || dp_target_epsilon > 0)) {
+  if (!(dp_init_noise_multiplier >= 0 || dp_init_noise_multiplier == -1))
+    return bad("dp_init_noise_multiplier is ", dp_init_noise_multiplier, "; it must be >= 0");
+  if (!client_dp() && (dp_noise_multiplier > 0 || dp_adaptive_clip || dp_target_epsilon > 0 ||
+                       dp_init_noise_multiplier >= 0)) {
     return bad(
         "client-level DP needs dp_clip > 0 (the bound on each client's update, the initial one "
         "with dp_adaptive_clip)");

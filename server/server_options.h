@@ -65,6 +65,12 @@ struct ServerOptions {
   double dp_count_stddev = -1;         // σ_b of the noised unclipped count; < 0: cohort size / 20
   double dp_delta = 1e-5;
   double dp_target_epsilon = 0;  // > 0: the run ends before a round would take ε past this
+  // z of each step of Fed-SB's initialisation from the clients' gradient (each a full-cohort
+  // Gaussian mechanism on unit-norm answers); < 0: dp_noise_multiplier.
+  double dp_init_noise_multiplier = -1;
+  double init_noise_multiplier() const {
+    return dp_init_noise_multiplier >= 0 ? dp_init_noise_multiplier : dp_noise_multiplier;
+  }
   // Transport
   std::string listen = "0.0.0.0:50051";
   std::string tls_cert;   // PEM server certificate chain

@@ -99,12 +99,13 @@ absl::StatusOr<std::vector<common::MatrixD>> LlmWorkload::Sketch(
   }
   // DP-SGD: one Gaussian mechanism over all the records (q = 1), one step in the client's ledger.
   ASSIGN_OR_RETURN(PrivacyLedger ledger, PrivacyLedger::Load(options_.privacy));
-  RETURN_IF_ERROR(ledger.Admit(task.round(), 1.0, 1));
+  RETURN_IF_ERROR(ledger.AdmitInitStep(task.round()));
+  common::TrainOptions::DpSgd dp = options_.privacy.dp;
+  dp.noise_multiplier = options_.privacy.init_sigma();
   ASSIGN_OR_RETURN(std::vector<common::MatrixD> products,
                    common::SketchGradients(model_.weights, data, layout, step, bases,
-                                           options_.batch, options_.threads, options_.privacy.dp));
-  v1::TrainMetrics spent;
-  RETURN_IF_ERROR(ledger.Record(task.round(), 1.0, 1, spent));
+                                           options_.batch, options_.threads, dp));
+  RETURN_IF_ERROR(ledger.RecordInitStep(task.round()));
   return products;
 }
 

@@ -98,7 +98,7 @@ absl::StatusOr<std::vector<MatrixD>> RegressionWorkload::Sketch(const v1::Task& 
   const common::TrainOptions::DpSgd& dp = options_.privacy.dp;
   RETURN_IF_ERROR(common::CheckSketchBases(bases));
   ASSIGN_OR_RETURN(PrivacyLedger ledger, PrivacyLedger::Load(options_.privacy));
-  RETURN_IF_ERROR(ledger.Admit(task.round(), 1.0, 1));
+  RETURN_IF_ERROR(ledger.AdmitInitStep(task.round()));
   std::vector<size_t> layer;
   std::vector<MatrixD> u, record(static_cast<size_t>(task.modules_size()));
   for (int i = 0; i < task.modules_size(); ++i) {
@@ -118,10 +118,9 @@ absl::StatusOr<std::vector<MatrixD>> RegressionWorkload::Sketch(const v1::Task& 
     common::AddClippedRecord(record, std::sqrt(norm_sq), dp.clip, out);
   }
   ASSIGN_OR_RETURN(common::GaussianNoise noise, common::GaussianNoise::Secure());
-  common::NoisyMean(out, dp.noise_multiplier * dp.clip, static_cast<double>(options_.examples),
-                    noise);
-  v1::TrainMetrics spent;
-  RETURN_IF_ERROR(ledger.Record(task.round(), 1.0, 1, spent));
+  common::NoisyMean(out, options_.privacy.init_sigma() * dp.clip,
+                    static_cast<double>(options_.examples), noise);
+  RETURN_IF_ERROR(ledger.RecordInitStep(task.round()));
   return out;
 }
 

@@ -260,21 +260,26 @@ TEST_F(FedSbInitTest, AnswersForAnotherStepAreLateOrStale) {
 
 // Client-level DP: each step of the initialisation is one Gaussian mechanism of the coordinator's
 // (q = cohort / population = 1 here, noise multiplier z), so after the 4 steps and round 1 the run
-// has spent ε of 5 full-batch steps, against 1 when fed-sb starts from random B and A.
+// has spent ε of 5 full-batch steps, against 1 when fed-sb starts from random B and A; with a
+// noise multiplier of its own (3) each step costs (z/3)² of a round.
 TEST_F(FedSbInitTest, ClientLevelDpCountsEveryStepOfTheInitialisation) {
   const double z = 1.4, delta = 1e-5;
-  for (const std::string init : {"sketch", "random"}) {
+  for (const std::string init : {"sketch", "random", "sketch at z 3"}) {
     ScratchDir dir;
     TestEnv env;
     Harness h{TestOptions(dir.path() / "state", "fed-sb"), &env};
     Configure(h);
-    h.options().fed_sb_init = init;
+    const bool own_z = init == "sketch at z 3";  // the initialisation's own noise multiplier
+    h.options().fed_sb_init = own_z ? "sketch" : init;
     h.options().dp_clip = 1.0;
     h.options().dp_noise_multiplier = z;
+    if (own_z) h.options().dp_init_noise_multiplier = 3;
     h.options().dp_delta = delta;
     ASSERT_TRUE(h.Start().ok()) << init;
     JoinAll(h);
-    const int steps = init == "sketch" ? 4 : 0;
+    const int steps = init == "random" ? 0 : 4;
+    // RDP α/(2·3²) a step at z 3 is that of (z/3)² steps at z.
+    const double init_steps = own_z ? steps * (z / 3) * (z / 3) : steps;
     for (int step = 1; step <= steps; ++step) ASSERT_EQ(AllAnswer(h), v1::Task::SKETCH) << step;
     ASSERT_EQ(AllAnswer(h), v1::Task::TRAIN) << init;  // round 1
     const nlohmann::json ledger = ReadJson(dir.path() / "state" / "ledger.json");
@@ -283,15 +288,15 @@ TEST_F(FedSbInitTest, ClientLevelDpCountsEveryStepOfTheInitialisation) {
     for (int s = 0; s < steps; ++s) {
       EXPECT_EQ(history[s]["round"], 0) << s;
       EXPECT_EQ(history[s]["q"], 1.0) << s;
-      EXPECT_EQ(history[s]["sigma"], z) << s;
+      EXPECT_EQ(history[s]["sigma"], own_z ? 3.0 : z) << s;
       EXPECT_EQ(history[s]["steps"], 1.0) << s;
     }
     if (steps > 0) {
       EXPECT_NEAR(ledger["versions"][0]["record"]["client_dp"]["epsilon"].get<double>(),
-                  EpsilonAtFullBatch(z, steps, delta), 1e-9);
+                  EpsilonAtFullBatch(z, init_steps, delta), 1e-9);
     }
     EXPECT_NEAR(ledger["versions"][1]["record"]["client_dp"]["epsilon"].get<double>(),
-                EpsilonAtFullBatch(z, steps + 1, delta), 1e-9)
+                EpsilonAtFullBatch(z, init_steps + 1, delta), 1e-9)
         << init;
   }
 }

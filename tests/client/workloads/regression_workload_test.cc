@@ -178,6 +178,18 @@ TEST_F(RegressionSketchTest, TheInitialisationIsCountedInTheClientsEpsilon) {
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_NEAR(after->dp_epsilon(), testing::EpsilonAtFullBatch(sigma, 5, delta), 1e-9);
   EXPECT_GT(after->dp_epsilon(), alone->dp_epsilon());
+  // With a noise multiplier of its own for the initialisation: RDP α/(2σ_i²) per init step
+  // plus α/(2σ²) per training step, i.e. the ε of 3 + 2·(σ/σ_i)² steps at σ.
+  std::filesystem::remove(o_.privacy.ledger);
+  o_.privacy.init_noise_multiplier = 4.0;
+  RegressionWorkload own(o_);
+  ASSERT_TRUE(own.Sketch(task, common::SketchStep::kRange, bases).ok());
+  ASSERT_TRUE(own.Sketch(task, common::SketchStep::kProject, project).ok());
+  a = Start(own, true, 6);
+  const auto cheaper = own.Train(round, a);
+  ASSERT_TRUE(cheaper.ok()) << cheaper.status();
+  const double steps = 3 + 2 * (sigma / 4.0) * (sigma / 4.0);
+  EXPECT_NEAR(cheaper->dp_epsilon(), testing::EpsilonAtFullBatch(sigma, steps, delta), 1e-9);
 }
 
 TEST_F(RegressionSketchTest, ABasisThatStretchesIsRefusedAndNothingIsSpent) {
