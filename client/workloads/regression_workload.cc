@@ -84,11 +84,15 @@ absl::StatusOr<MatrixD> RegressionWorkload::BaseGradient(const std::string& name
 absl::StatusOr<std::vector<MatrixD>> RegressionWorkload::Sketch(const v1::Task& task,
                                                                 common::SketchStep step,
                                                                 const std::vector<MatrixD>& bases) {
+  if (bases.size() != static_cast<size_t>(task.modules_size())) {
+    return absl::InvalidArgumentError(
+        StrCat(bases.size(), " sketch bases for ", task.modules_size(), " modules"));
+  }
   std::vector<MatrixD> out;
   if (!options_.privacy.enabled()) {
     for (int i = 0; i < task.modules_size(); ++i) {
       ASSIGN_OR_RETURN(MatrixD g, BaseGradient(task.modules(i).name()));
-      out.push_back(common::SketchProduct(step, g, bases.at(static_cast<size_t>(i))));
+      out.push_back(common::SketchProduct(step, g, bases[static_cast<size_t>(i)]));
     }
     return out;
   }
@@ -112,7 +116,7 @@ absl::StatusOr<std::vector<MatrixD>> RegressionWorkload::Sketch(const v1::Task& 
     for (size_t i = 0; i < layer.size(); ++i) {
       const MatrixD g = u[i].row(e).transpose() * inputs_[layer[i]].row(e);
       norm_sq += g.squaredNorm();
-      record[i] = common::SketchProduct(step, g, bases.at(i));
+      record[i] = common::SketchProduct(step, g, bases[i]);
       if (e == 0) out.push_back(MatrixD::Zero(record[i].rows(), record[i].cols()));
     }
     common::AddClippedRecord(record, std::sqrt(norm_sq), dp.clip, out);

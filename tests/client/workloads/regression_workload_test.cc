@@ -201,6 +201,11 @@ TEST_F(RegressionSketchTest, ABasisThatStretchesIsRefusedAndNothingIsSpent) {
   EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(got.status().message(), ::testing::HasSubstr("must not stretch"));
   EXPECT_FALSE(std::filesystem::exists(o_.privacy.ledger));
+  // One basis short: refused, saying so.
+  bases.pop_back();
+  const auto short_ = w.Sketch(SketchTask(w, 4), common::SketchStep::kRange, bases);
+  EXPECT_EQ(short_.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(short_.status().message(), ::testing::HasSubstr("1 sketch bases for 2 modules"));
 }
 
 INSTANTIATE_TEST_SUITE_P(Factors, DpSgdTest, ::testing::Values(false, true),
