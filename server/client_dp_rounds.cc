@@ -32,6 +32,21 @@ absl::StatusOr<common::AdaptiveClipper> ClientDpRounds::ClipperFor(double clip,
   return clipper;
 }
 
+absl::StatusOr<nlohmann::json> ClientDpRounds::Spend(const common::PrivacyRound& entry,
+                                                     double expected, double clip,
+                                                     ClientDpState* state) const {
+  state->rounds.push_back(entry);
+  ASSIGN_OR_RETURN(common::PrivacySpent spent,
+                   common::SpentOver(state->rounds, options_->dp_delta));
+  return nlohmann::json{{"epsilon", spent.epsilon},
+                        {"delta", options_->dp_delta},
+                        {"order", spent.order},
+                        {"sample_rate", entry.q},
+                        {"expected_clients", expected},
+                        {"noise_multiplier", entry.sigma},
+                        {"clip", clip}};
+}
+
 absl::StatusOr<bool> ClientDpRounds::WithinTarget(const ClientDpState& state,
                                                   const common::PrivacyRound& entry,
                                                   std::string_view what,
@@ -93,18 +108,9 @@ absl::StatusOr<common::AggregateResult> ClientDpRounds::Finish(
   if (clipper) clipper->Update(round.norms(), noise_);  // norms stay here: they are not private
   const double next_clip = clipper ? clipper->clip() : clip;
   state->clip = next_clip;
-  state->rounds.push_back(Entry());
-  ASSIGN_OR_RETURN(common::PrivacySpent spent,
-                   common::SpentOver(state->rounds, options_->dp_delta));
-  *metrics = {{"epsilon", spent.epsilon},
-              {"delta", options_->dp_delta},
-              {"order", spent.order},
-              {"sample_rate", sample_rate_},
-              {"expected_clients", expected},
-              {"noise_multiplier", z},
-              {"update_noise_multiplier", z_update},
-              {"clip", clip},
-              {"next_clip", next_clip}};
+  ASSIGN_OR_RETURN(*metrics, Spend(Entry(), expected, clip, state));
+  (*metrics)["update_noise_multiplier"] = z_update;
+  (*metrics)["next_clip"] = next_clip;
   return result;
 }
 
@@ -128,18 +134,9 @@ void ClientDpRounds::AddSketchAnswer(const std::vector<common::MatrixD>& product
 absl::StatusOr<std::vector<common::MatrixD>> ClientDpRounds::NoiseSketchStep(
     std::vector<common::MatrixD> sums, size_t cohort, ClientDpState* state,
     nlohmann::json* metrics) {
-  const double z = options_->init_noise_multiplier();
-  common::NoisyMean(sums, z, static_cast<double>(cohort), noise_);
-  state->rounds.push_back(SketchEntry());
-  ASSIGN_OR_RETURN(common::PrivacySpent spent,
-                   common::SpentOver(state->rounds, options_->dp_delta));
-  *metrics = {{"epsilon", spent.epsilon},
-              {"delta", options_->dp_delta},
-              {"order", spent.order},
-              {"sample_rate", sample_rate_},
-              {"expected_clients", cohort},
-              {"noise_multiplier", z},
-              {"clip", 1.0}};
+  const common::PrivacyRound entry = SketchEntry();
+  common::NoisyMean(sums, entry.sigma, static_cast<double>(cohort), noise_);
+  ASSIGN_OR_RETURN(*metrics, Spend(entry, static_cast<double>(cohort), 1.0, state));
   return sums;
 }
 

@@ -65,6 +65,10 @@ class ClientDpRounds {
   common::PrivacyRound SketchEntry() const {
     return {0, sample_rate_, options_->init_noise_multiplier(), 1};
   }
+  // Enters `entry` in `state` and returns the figures every metrics line has: ε at δ, order, q,
+  // the expected clients, noise multiplier and clip.
+  absl::StatusOr<nlohmann::json> Spend(const common::PrivacyRound& entry, double expected,
+                                       double clip, ClientDpState* state) const;
   // False, logging that `what` would take ε past the target and what `then` happens.
   absl::StatusOr<bool> WithinTarget(const ClientDpState& state, const common::PrivacyRound& entry,
                                     std::string_view what, std::string_view then) const;

@@ -39,7 +39,8 @@ absl::Status ServerOptions::Validate() const {
   if (!(dp_noise_multiplier >= 0))
     return bad("dp_noise_multiplier is ", dp_noise_multiplier, "; it must be >= 0");
   if (!(dp_init_noise_multiplier >= 0 || dp_init_noise_multiplier == -1))
-    return bad("dp_init_noise_multiplier is ", dp_init_noise_multiplier, "; it must be >= 0");
+    return bad("dp_init_noise_multiplier is ", dp_init_noise_multiplier,
+               "; it must be >= 0, or -1 for dp_noise_multiplier's");
   if (!client_dp() && (dp_noise_multiplier > 0 || dp_adaptive_clip || dp_target_epsilon > 0 ||
                        dp_init_noise_multiplier >= 0)) {
     return bad(

@@ -66,7 +66,7 @@ struct ServerOptions {
   double dp_delta = 1e-5;
   double dp_target_epsilon = 0;  // > 0: the run ends before a round would take ε past this
   // z of each step of Fed-SB's initialisation from the clients' gradient (each a full-cohort
-  // Gaussian mechanism on unit-norm answers); < 0: dp_noise_multiplier.
+  // Gaussian mechanism on unit-norm answers); -1 (the default): dp_noise_multiplier.
   double dp_init_noise_multiplier = -1;
   double init_noise_multiplier() const {
     return dp_init_noise_multiplier >= 0 ? dp_init_noise_multiplier : dp_noise_multiplier;

@@ -108,16 +108,18 @@ absl::StatusOr<std::vector<MatrixD>> RegressionWorkload::Sketch(const v1::Task& 
   for (int i = 0; i < task.modules_size(); ++i) {
     ASSIGN_OR_RETURN(const size_t l, LayerOf(task.modules(i).name()));
     layer.push_back(l);
-    u.push_back((inputs_[l] * base_[l].transpose() - targets_[l]) *
-                (2.0 / static_cast<double>(base_[l].rows())));
+    const int m = static_cast<int>(base_[l].rows()), n = static_cast<int>(base_[l].cols());
+    u.push_back((inputs_[l] * base_[l].transpose() - targets_[l]) * (2.0 / m));
+    const common::SketchShape shape =
+        common::SketchProductShape(step, m, n, static_cast<int>(bases[i].cols()));
+    out.push_back(MatrixD::Zero(shape.rows, shape.cols));
   }
   for (Eigen::Index e = 0; e < options_.examples; ++e) {
     double norm_sq = 0;
     for (size_t i = 0; i < layer.size(); ++i) {
-      const MatrixD g = u[i].row(e).transpose() * inputs_[layer[i]].row(e);
-      norm_sq += g.squaredNorm();
-      record[i] = common::SketchProduct(step, g, bases[i]);
-      if (e == 0) out.push_back(MatrixD::Zero(record[i].rows(), record[i].cols()));
+      const auto u_e = u[i].row(e), x_e = inputs_[layer[i]].row(e);
+      norm_sq += u_e.squaredNorm() * x_e.squaredNorm();
+      record[i] = common::SketchProduct(step, u_e.transpose() * x_e, bases[i]);
     }
     common::AddClippedRecord(record, std::sqrt(norm_sq), dp.clip, out);
   }

@@ -215,10 +215,9 @@ absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights
     const size_t i =
         module_of[static_cast<size_t>(g.layer) * kNumLinearKinds + static_cast<size_t>(g.kind)];
     const ConstMapF x(g.x, g.rows, LinearIn(c, g.kind)), dy(g.dy, g.rows, LinearOut(c, g.kind));
-    if (private_sketch) {  // ‖dyᵀ·x‖_F² = Σ_st (dy_s·dy_t)(x_s·x_t)
-      const MatrixD dyy = (dy * dy.transpose()).cast<double>(),
-                    xx = (x * x.transpose()).cast<double>();
-      record_norm_sq += FrobeniusDot(dyy, xx);
+    if (private_sketch) {  // ‖dyᵀ·x‖_F² = Σ_st (dy_s·dy_t)(x_s·x_t), summed in double
+      record_norm_sq +=
+          (dy * dy.transpose()).cwiseProduct(x * x.transpose()).template cast<double>().sum();
     }
     switch (step) {
       case SketchStep::kRange:
@@ -259,14 +258,8 @@ absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights
                         .status());
     AddClippedRecord(record, std::sqrt(record_norm_sq), dp.clip, out);
   }
-  std::optional<GaussianNoise> noise;
-  if (dp.test_seed != 0) {
-    noise.emplace(GaussianNoise::ForTestingOnly(dp.test_seed));
-  } else {
-    ASSIGN_OR_RETURN(GaussianNoise secure, GaussianNoise::Secure());
-    noise.emplace(std::move(secure));
-  }
-  NoisyMean(out, dp.noise_multiplier * dp.clip, static_cast<double>(examples.size()), *noise);
+  ASSIGN_OR_RETURN(GaussianNoise noise, GaussianNoise::SecureUnlessTesting(dp.test_seed));
+  NoisyMean(out, dp.noise_multiplier * dp.clip, static_cast<double>(examples.size()), noise);
   return out;
 }
 
@@ -293,12 +286,11 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
   std::optional<GaussianNoise> noise;
   std::mt19937_64 sampler;
   if (dp) {
+    ASSIGN_OR_RETURN(GaussianNoise n, GaussianNoise::SecureUnlessTesting(o.dp.test_seed));
+    noise.emplace(std::move(n));
     if (o.dp.test_seed != 0) {
-      noise.emplace(GaussianNoise::ForTestingOnly(o.dp.test_seed));
       sampler.seed(o.dp.test_seed);
     } else {
-      ASSIGN_OR_RETURN(GaussianNoise secure, GaussianNoise::Secure());
-      noise.emplace(std::move(secure));
       ASSIGN_OR_RETURN(const uint64_t seed, SecureSeed());
       sampler.seed(seed);
     }

@@ -38,6 +38,11 @@ absl::StatusOr<GaussianNoise> GaussianNoise::Secure() {
   return noise;
 }
 
+absl::StatusOr<GaussianNoise> GaussianNoise::SecureUnlessTesting(uint64_t test_seed) {
+  if (test_seed != 0) return ForTestingOnly(test_seed);
+  return Secure();
+}
+
 GaussianNoise GaussianNoise::ForTestingOnly(uint64_t seed) {
   std::array<uint8_t, 32> key;
   SHA256(reinterpret_cast<const uint8_t*>(&seed), sizeof seed, key.data());

@@ -23,6 +23,8 @@ class GaussianNoise {
  public:
   static absl::StatusOr<GaussianNoise> Secure();
   static GaussianNoise ForTestingOnly(uint64_t seed);
+  // Secure(), or ForTestingOnly(test_seed) when a test gave one (test_seed ≠ 0).
+  static absl::StatusOr<GaussianNoise> SecureUnlessTesting(uint64_t test_seed);
 
   GaussianNoise(GaussianNoise&&) noexcept;
   GaussianNoise& operator=(GaussianNoise&&) noexcept;

@@ -132,6 +132,24 @@ TEST_F(RegressionSketchTest, WithoutClippingOrNoiseIsTheClosedFormGradientsProdu
   }
 }
 
+TEST_F(RegressionSketchTest, NoiseIsTheInitialisationsSigmaTimesCOverTheRecords) {
+  // The training's σ is 0; the initialisation's 2. With a clip no gradient reaches, the noise,
+  // σ·C/N per entry, swamps the gradient's product, so answer·N/(σC) is standard normal.
+  const double sigma = 2, clip = 1e9;
+  o_.privacy.dp = {.noise_multiplier = 0, .clip = clip};
+  o_.privacy.init_noise_multiplier = sigma;
+  RegressionWorkload w(o_);
+  const std::vector<common::MatrixD> bases = RangeBases(w, 9);
+  const auto got = w.Sketch(SketchTask(w, 9), common::SketchStep::kRange, bases);
+  ASSERT_TRUE(got.ok()) << got.status();
+  double sq = 0, n = 0;
+  for (const common::MatrixD& p : *got) {
+    sq += (p * (o_.examples / (sigma * clip))).squaredNorm();
+    n += static_cast<double>(p.size());
+  }
+  EXPECT_NEAR(sq / n, 1.0, 5 * std::sqrt(2 / n)) << n;
+}
+
 TEST_F(RegressionSketchTest, OneRecordIsClippedFlatOverTheModules) {
   o_.examples = 1;
   const RegressionWorkload plain(o_);
