@@ -460,9 +460,12 @@ void AddLlmCommands(CLI::App& app) {
         "init-model",
         "Write a randomly initialised Llama checkpoint (config.json, model.safetensors, "
         "byte-level tokenizer.json)");
-    cmd->add_option("--preset", a->preset, "tiny or smollm2-135m")
+    cmd->add_option("--preset", a->preset, "architecture: " + common::LlamaPresetNames())
         ->required()
-        ->check(CLI::IsMember({"tiny", "smollm2-135m"}));
+        ->check([](const std::string& name) {
+          auto preset = common::LlamaPreset(name);
+          return preset.ok() ? std::string() : std::string(preset.status().message());
+        });
     cmd->add_option("--out", a->out, "model directory to write")->required();
     cmd->add_flag("--overwrite", a->overwrite, "replace --out if it exists");
     cmd->add_option("--seed", a->seed, "weights' random seed")->capture_default_str();

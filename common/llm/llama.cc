@@ -28,19 +28,28 @@ LlamaWeights::LlamaWeights(const LlamaConfig& c) : config_(c) {
     for (int64_t d : shape) n *= d;
     table_.push_back({std::move(name), std::move(shape), offset});
     offset += static_cast<size_t>(n);
+    return static_cast<int>(table_.size()) - 1;
   };
-  add("model.embed_tokens.weight", {V, H});
+  embed_ = add("model.embed_tokens.weight", {V, H});
   for (int l = 0; l < c.num_hidden_layers; ++l) {
+    LayerEntries e;
+    e.bias.fill(-1);
     const std::string p = StrCat("model.layers.", l, ".");
-    add(p + "input_layernorm.weight", {H});
-    for (LinearKind k : {LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO})
-      add(LinearPath(l, k) + ".weight", {LinearOut(c, k), LinearIn(c, k)});
-    add(p + "post_attention_layernorm.weight", {H});
-    for (LinearKind k : {LinearKind::kGate, LinearKind::kUp, LinearKind::kDown})
-      add(LinearPath(l, k) + ".weight", {LinearOut(c, k), LinearIn(c, k)});
+    e.input_norm = add(p + "input_layernorm.weight", {H});
+    for (int k = 0; k < kNumLinearKinds; ++k) {
+      const LinearKind kind = static_cast<LinearKind>(k);
+      if (kind == LinearKind::kGate) e.post_norm = add(p + "post_attention_layernorm.weight", {H});
+      e.linear[k] = add(LinearPath(l, kind) + ".weight", {LinearOut(c, kind), LinearIn(c, kind)});
+      if (c.has_bias(kind)) e.bias[k] = add(LinearPath(l, kind) + ".bias", {LinearOut(c, kind)});
+    }
+    if (c.qk_norm) {
+      e.q_norm = add(p + "self_attn.q_norm.weight", {c.head_dim});
+      e.k_norm = add(p + "self_attn.k_norm.weight", {c.head_dim});
+    }
+    layers_.push_back(e);
   }
-  add("model.norm.weight", {H});
-  if (!c.tie_word_embeddings) add("lm_head.weight", {V, H});
+  final_norm_ = add("model.norm.weight", {H});
+  lm_head_ = c.tie_word_embeddings ? embed_ : add("lm_head.weight", {V, H});
   buffer_.assign(offset, 0.0f);
 }
 
@@ -62,8 +71,9 @@ LlamaWeights LlamaWeights::Random(const LlamaConfig& config, uint64_t seed, floa
     size_t n = 1;
     for (int64_t d : e.shape) n *= static_cast<size_t>(d);
     float* p = w.buffer_.data() + e.offset;
-    const bool norm = e.shape.size() == 1;
-    for (size_t i = 0; i < n; ++i) p[i] = norm ? 1.0f : normal(rng);
+    // Norm weights 1 and biases 0, as transformers initialises them.
+    const bool vector = e.shape.size() == 1, bias = e.name.ends_with(".bias");
+    for (size_t i = 0; i < n; ++i) p[i] = bias ? 0.0f : vector ? 1.0f : normal(rng);
   }
   return w;
 }
@@ -106,10 +116,10 @@ absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir
       if (it == expected.end()) {
         if (t.name == "lm_head.weight" && config.tie_word_embeddings) continue;  // tied copy
         if (t.name.ends_with("rotary_emb.inv_freq")) continue;  // recomputed from rope_theta
-        return absl::InvalidArgumentError(StrCat(
-            file.string(), ": unexpected tensor ", t.name, " ", ShapeString(t.shape),
-            t.name.ends_with(".bias") ? " (biases are not part of the Llama architecture)"
-                                      : " (not part of a Llama checkpoint with this config.json)"));
+        return absl::InvalidArgumentError(
+            StrCat(file.string(), ": unexpected tensor ", t.name, " ", ShapeString(t.shape),
+                   " (not part of a ", config.model_type, " checkpoint with this config.json",
+                   t.name.ends_with(".bias") ? ", which has no bias there)" : ")"));
       }
       const Entry& e = *it->second;
       if (t.shape != e.shape)
@@ -136,8 +146,8 @@ absl::Status LlamaWeights::Merge(const Adapter& adapter) {
   ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(config_, adapter));
   std::vector<std::pair<size_t, float*>> targets;  // module, its weight
   for (size_t i = 0; i < slots.size(); ++i)
-    targets.push_back({i, at(LinearEntry(static_cast<int>(slots[i] / kNumLinearKinds),
-                                         static_cast<LinearKind>(slots[i] % kNumLinearKinds)))});
+    targets.push_back(
+        {i, at(layers_[slots[i] / kNumLinearKinds].linear[slots[i] % kNumLinearKinds])});
   for (const auto& [i, w] : targets) {
     const LoraModule& m = adapter.module(i);
     MatrixD b = adapter.B(i).cast<double>() * m.scaling;
@@ -239,20 +249,24 @@ class LlamaRunner::Impl {
  private:
   // Per-layer saved activations; rows are tokens (n = b·T + t).
   struct Layer {
-    float* x;     // [N, H] layer input (residual stream)
-    float* rms1;  // [N]    1/rms of x
-    float* h1;    // [N, H] attention-norm output
-    float* q;     // [N, Hq·D] after RoPE
-    float* k;     // [N, Hkv·D] after RoPE
-    float* v;     // [N, Hkv·D]
-    float* p;     // [B, Hq, T, T] attention probabilities
-    float* att;   // [N, Hq·D] attention output (before o_proj)
-    float* x2;    // [N, H] residual after attention
-    float* rms2;  // [N]
-    float* h2;    // [N, H] MLP-norm output
-    float* gate;  // [N, I]
-    float* up;    // [N, I]
-    float* act;   // [N, I] silu(gate)·up
+    float* x;               // [N, H] layer input (residual stream)
+    float* rms1;            // [N]    1/rms of x
+    float* h1;              // [N, H] attention-norm output
+    float* q;               // [N, Hq·D] after RoPE
+    float* k;               // [N, Hkv·D] after RoPE
+    float* qraw = nullptr;  // [N, Hq·D] q_proj's output, before the q norm (qk_norm only)
+    float* kraw = nullptr;  // [N, Hkv·D]
+    float* rmsq = nullptr;  // [N·Hq] 1/rms of each head of qraw
+    float* rmsk = nullptr;  // [N·Hkv]
+    float* v;               // [N, Hkv·D]
+    float* p;               // [B, Hq, T, T] attention probabilities
+    float* att;             // [N, Hq·D] attention output (before o_proj)
+    float* x2;              // [N, H] residual after attention
+    float* rms2;            // [N]
+    float* h2;              // [N, H] MLP-norm output
+    float* gate;            // [N, I]
+    float* up;              // [N, I]
+    float* act;             // [N, I] silu(gate)·up
   };
   struct Lora {  // per adapted linear
     int module = -1;
@@ -288,13 +302,18 @@ class LlamaRunner::Impl {
   void LinearBackward(int l, LinearKind k, const float* x, const float* dy, float* dx,
                       bool accumulate);
 
-  void RmsNormForward(const float* x, const float* g, float* rms, float* y);
+  // y = x·rms·g over rows of `width` (the hidden size, or a head's for the q/k norms).
+  void RmsNormForward(const float* x, const float* g, float* rms, float* y, int64_t rows,
+                      int width);
   // dx += ∂/∂x of y = x·rms·g given dy.
-  void RmsNormBackward(const float* x, const float* g, const float* rms, const float* dy,
-                       float* dx);
+  void RmsNormBackward(const float* x, const float* g, const float* rms, const float* dy, float* dx,
+                       int64_t rows, int width);
+  // The rotary tables for sequences of T_ positions (rebuilt only when dynamic scaling asks).
+  void PrepareRope();
   void Rope(float* x, int heads, bool inverse);
-  void AttentionForward(Layer& L);
-  void AttentionBackward(Layer& L, const float* datt, float* dq, float* dk, float* dv);
+  // Causal attention, over the last `window` positions when > 0.
+  void AttentionForward(Layer& L, int window);
+  void AttentionBackward(Layer& L, int window, const float* datt, float* dq, float* dk, float* dv);
   LossSum Head(const float* hf, const int32_t* labels, bool backward, float scale, float* dhf);
 
   const LlamaWeights& w_;
@@ -317,13 +336,15 @@ class LlamaRunner::Impl {
   // Backward scratch.
   float *dres_ = nullptr, *dh_ = nullptr, *dq_ = nullptr, *dk_ = nullptr, *dv_ = nullptr,
         *datt_ = nullptr, *dgate_ = nullptr, *dup_ = nullptr, *dact_ = nullptr;
-  std::vector<float> du_, du2_;              // [N, max r]
-  std::vector<Lora> lora_;                   // [L·7]
-  std::vector<float> cos_, sin_;             // [max_seq, D/2]
-  std::vector<std::vector<float>> scratch_;  // per thread: attention dP, head logits
-  std::vector<int64_t> head_rows_;           // rows that carry a target
-  std::vector<double> head_loss_;            // loss per head chunk
-  static constexpr int kHeadChunk = 256;     // most rows of logits per work item
+  float *dqraw_ = nullptr, *dkraw_ = nullptr;  // qk_norm: gradients at q_proj's, k_proj's output
+  std::vector<float> du_, du2_;                // [N, max r]
+  std::vector<Lora> lora_;                     // [L·7]
+  std::vector<float> cos_, sin_;               // [max_seq, D/2]
+  int rope_key_ = -1;                          // the sequence length the tables were made for
+  std::vector<std::vector<float>> scratch_;    // per thread: attention dP, head logits
+  std::vector<int64_t> head_rows_;             // rows that carry a target
+  std::vector<double> head_loss_;              // loss per head chunk
+  static constexpr int kHeadChunk = 256;       // most rows of logits per work item
 };
 
 absl::Status LlamaRunner::Impl::Init() {
@@ -333,7 +354,8 @@ absl::Status LlamaRunner::Impl::Init() {
   if (opt_.max_batch <= 0 || opt_.max_seq <= 1)
     return absl::InvalidArgumentError(StrCat("batch must be ≥ 1 and sequence length ≥ 2, got ",
                                              opt_.max_batch, " and ", opt_.max_seq));
-  if (opt_.max_seq > c_.max_position_embeddings)
+  if (opt_.max_seq > c_.max_position_embeddings &&
+      c_.rope_scaling.type != RopeScaling::Type::kDynamic)
     return absl::InvalidArgumentError(StrCat("sequence length ", opt_.max_seq,
                                              " exceeds the model's max_position_embeddings ",
                                              c_.max_position_embeddings));
@@ -359,11 +381,14 @@ absl::Status LlamaRunner::Impl::Init() {
 
   // Workspace.
   const int slots = opt_.training ? L : 1;
+  const int Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
+  const size_t qk_norm = c_.qk_norm ? static_cast<size_t>(N) * (Q + KV + Hq + Hkv) : 0;
   const size_t per_layer = static_cast<size_t>(N) * (4 * H + Q + 2 * KV + Q + 3 * I + 2) +
-                           static_cast<size_t>(opt_.max_batch) * c_.num_attention_heads * T * T;
+                           static_cast<size_t>(opt_.max_batch) * Hq * T * T + qk_norm;
   const size_t tail = static_cast<size_t>(N) * (2 * H + 1);
-  const size_t grads =
-      opt_.training ? static_cast<size_t>(N) * (2 * H + 2 * Q + 2 * KV + 3 * I) : 0;
+  const size_t grads = opt_.training ? static_cast<size_t>(N) * (2 * H + 2 * Q + 2 * KV + 3 * I) +
+                                           (c_.qk_norm ? static_cast<size_t>(N) * (Q + KV) : 0)
+                                     : 0;
   acts_.assign(slots * per_layer + tail + grads, 0.0f);
   float* p = acts_.data();
   auto take = [&](int64_t n) {
@@ -379,7 +404,13 @@ absl::Status LlamaRunner::Impl::Init() {
     Ls.q = take(N * Q);
     Ls.k = take(N * KV);
     Ls.v = take(N * KV);
-    Ls.p = take(static_cast<int64_t>(opt_.max_batch) * c_.num_attention_heads * T * T);
+    if (c_.qk_norm) {
+      Ls.qraw = take(N * Q);
+      Ls.kraw = take(N * KV);
+      Ls.rmsq = take(N * Hq);
+      Ls.rmsk = take(N * Hkv);
+    }
+    Ls.p = take(static_cast<int64_t>(opt_.max_batch) * Hq * T * T);
     Ls.att = take(N * Q);
     Ls.x2 = take(N * H);
     Ls.rms2 = take(N);
@@ -402,19 +433,16 @@ absl::Status LlamaRunner::Impl::Init() {
     dgate_ = take(N * I);
     dup_ = take(N * I);
     dact_ = take(N * I);
+    if (c_.qk_norm) {
+      dqraw_ = take(N * Q);
+      dkraw_ = take(N * KV);
+    }
     du_.assign(static_cast<size_t>(N) * std::max(max_rank, 1), 0.0f);
     du2_.assign(du_.size(), 0.0f);
   }
 
-  // RoPE tables: inv_freq_i = θ^(-2i/D), angle = position · inv_freq_i.
   cos_.resize(static_cast<size_t>(T) * D / 2);
   sin_.resize(cos_.size());
-  for (int64_t t = 0; t < T; ++t)
-    for (int i = 0; i < D / 2; ++i) {
-      const double inv_freq = std::pow(c_.rope_theta, -2.0 * i / D);
-      cos_[t * (D / 2) + i] = static_cast<float>(std::cos(static_cast<double>(t) * inv_freq));
-      sin_[t * (D / 2) + i] = static_cast<float>(std::sin(static_cast<double>(t) * inv_freq));
-    }
   head_rows_.reserve(static_cast<size_t>(N));
   head_loss_.reserve(static_cast<size_t>(N / 32 + 1));
   scratch_.resize(static_cast<size_t>(pool_.size()));
@@ -462,6 +490,12 @@ void LlamaRunner::Impl::MatMulTN(const float* x, const float* y, float* g, int64
 void LlamaRunner::Impl::LinearForward(int l, LinearKind k, const float* x, float* y) {
   const int64_t in = LinearIn(c_, k), out = LinearOut(c_, k);
   MatMulNT(x, w_.linear(l, k), y, N_, in, out, 1.0f, false);
+  if (const float* bias = w_.bias(l, k)) {
+    const Eigen::Map<const Eigen::RowVectorXf> row(bias, out);
+    Parallel(N_, [&](int64_t begin, int64_t end) {
+      Map(y + begin * out, end - begin, out).rowwise() += row;
+    });
+  }
   Lora* lo = lora(l, k);
   if (lo == nullptr) return;
   const LoraModule& m = adapter_->module(lo->module);
@@ -509,9 +543,9 @@ void LlamaRunner::Impl::LinearBackward(int l, LinearKind k, const float* x, cons
   MatMulNN(du, A, dx, N_, r, in, true);
 }
 
-void LlamaRunner::Impl::RmsNormForward(const float* x, const float* g, float* rms, float* y) {
-  const int H = c_.hidden_size;
-  Parallel(N_, [&](int64_t begin, int64_t end) {
+void LlamaRunner::Impl::RmsNormForward(const float* x, const float* g, float* rms, float* y,
+                                       int64_t rows, int H) {
+  Parallel(rows, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float* xr = x + n * H;
       double ss = 0;
@@ -525,11 +559,10 @@ void LlamaRunner::Impl::RmsNormForward(const float* x, const float* g, float* rm
 }
 
 void LlamaRunner::Impl::RmsNormBackward(const float* x, const float* g, const float* rms,
-                                        const float* dy, float* dx) {
+                                        const float* dy, float* dx, int64_t rows, int H) {
   // y_j = x_j·ρ·g_j with ρ = (mean(x²)+eps)^(-1/2):
   // ∂/∂x_j = ρ·g_j·dy_j − x_j·ρ³/H·Σ_k g_k·dy_k·x_k.
-  const int H = c_.hidden_size;
-  Parallel(N_, [&](int64_t begin, int64_t end) {
+  Parallel(rows, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float *xr = x + n * H, *dyr = dy + n * H;
       double dot = 0;
@@ -540,6 +573,23 @@ void LlamaRunner::Impl::RmsNormBackward(const float* x, const float* g, const fl
       for (int j = 0; j < H; ++j) dxr[j] += rho * g[j] * dyr[j] - xr[j] * coef;
     }
   });
+}
+
+void LlamaRunner::Impl::PrepareRope() {
+  // Only dynamic scaling's frequencies depend on the length, and only beyond the context.
+  const bool dynamic = c_.rope_scaling.type == RopeScaling::Type::kDynamic;
+  const int key = dynamic ? std::max(T_, c_.max_position_embeddings) : 0;
+  if (key == rope_key_) return;
+  rope_key_ = key;
+  // angle = position · inv_freq_i, in double, then rounded once.
+  const std::vector<double> inv_freq = RopeInverseFrequencies(c_, T_);
+  const int half = c_.head_dim / 2;
+  for (int64_t t = 0; t < opt_.max_seq; ++t)
+    for (int i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(t) * inv_freq[static_cast<size_t>(i)];
+      cos_[t * half + i] = static_cast<float>(std::cos(angle));
+      sin_[t * half + i] = static_cast<float>(std::sin(angle));
+    }
 }
 
 void LlamaRunner::Impl::Rope(float* x, int heads, bool inverse) {
@@ -565,7 +615,7 @@ void LlamaRunner::Impl::Rope(float* x, int heads, bool inverse) {
 
 // Attention products run on sgemm with leading dimensions: a head is a column block of the [N, ·]
 // activations.
-void LlamaRunner::Impl::AttentionForward(Layer& L) {
+void LlamaRunner::Impl::AttentionForward(Layer& L, int window) {
   const int D = c_.head_dim, Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
   const int Q = c_.q_dim(), KV = c_.kv_dim(), group = Hq / Hkv, T = T_;
   const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(D));
@@ -577,18 +627,21 @@ void LlamaRunner::Impl::AttentionForward(Layer& L) {
     const float* Vg = L.v + row0 * KV + g * D;
     float* P = L.p + (static_cast<int64_t>(b) * Hq + h) * T * T;  // [T, T]
     Gemm(false, true, T, T, D, inv_sqrt_d, Qh, Q, K, KV, 0.0f, P, T);
-    for (int i = 0; i < T; ++i) {  // causal softmax over j ≤ i
-      Eigen::Map<Eigen::ArrayXf> row(P + static_cast<int64_t>(i) * T, i + 1);
+    for (int i = 0; i < T; ++i) {  // causal softmax over the window: i − W < j ≤ i
+      float* pr = P + static_cast<int64_t>(i) * T;
+      const int lo = window > 0 ? std::max(0, i - window + 1) : 0;
+      Eigen::Map<Eigen::ArrayXf> row(pr + lo, i + 1 - lo);
       row = (row - row.maxCoeff()).exp();
       row /= row.sum();
-      std::fill(P + static_cast<int64_t>(i) * T + i + 1, P + (i + 1) * int64_t{T}, 0.0f);
+      std::fill(pr, pr + lo, 0.0f);
+      std::fill(pr + i + 1, pr + T, 0.0f);
     }
     Gemm(false, false, T, D, T, 1.0f, P, T, Vg, KV, 0.0f, L.att + row0 * Q + h * D, Q);
   });
 }
 
-void LlamaRunner::Impl::AttentionBackward(Layer& L, const float* datt, float* dq, float* dk,
-                                          float* dv) {
+void LlamaRunner::Impl::AttentionBackward(Layer& L, int window, const float* datt, float* dq,
+                                          float* dk, float* dv) {
   const int D = c_.head_dim, Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
   const int Q = c_.q_dim(), KV = c_.kv_dim(), group = Hq / Hkv, T = T_;
   const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(D));
@@ -614,10 +667,13 @@ void LlamaRunner::Impl::AttentionBackward(Layer& L, const float* datt, float* dq
       for (int i = 0; i < T; ++i) {  // softmax backward: dS = P∘(dP − Σ_j P·dP), scaled
         const float* pr = P + static_cast<int64_t>(i) * T;
         float* dr = dP + static_cast<int64_t>(i) * T;
+        const int lo = window > 0 ? std::max(0, i - window + 1) : 0;
         double dot = 0;
-        for (int j = 0; j <= i; ++j) dot += static_cast<double>(pr[j]) * dr[j];
-        for (int j = 0; j <= i; ++j) dr[j] = pr[j] * (dr[j] - static_cast<float>(dot)) * inv_sqrt_d;
-        for (int j = i + 1; j < T; ++j) dr[j] = 0.0f;
+        for (int j = lo; j <= i; ++j) dot += static_cast<double>(pr[j]) * dr[j];
+        for (int j = lo; j <= i; ++j)
+          dr[j] = pr[j] * (dr[j] - static_cast<float>(dot)) * inv_sqrt_d;
+        std::fill(dr, dr + lo, 0.0f);
+        std::fill(dr + i + 1, dr + T, 0.0f);
       }
       Gemm(false, false, T, D, T, 1.0f, dP, T, K, KV, 0.0f, dq + row0 * Q + h * D, Q);  // dQ = dS·K
       Gemm(true, false, T, D, T, 1.0f, dP, T, Qh, Q, 1.0f, dK, KV);  // dK += dSᵀ·Q
@@ -709,6 +765,8 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
   grads_ = sink != nullptr ? nullptr : grads.data();
   sink_ = sink;
   const int L = c_.num_hidden_layers, H = c_.hidden_size, I = c_.intermediate_size;
+  const int D = c_.head_dim, Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
+  PrepareRope();
 
   // Embedding.
   for (size_t i = 0; i < n; ++i)
@@ -717,16 +775,23 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
 
   for (int l = 0; l < L; ++l) {
     Layer& Ls = layers_[opt_.training ? l : 0];
-    RmsNormForward(Ls.x, w_.input_norm(l), Ls.rms1, Ls.h1);
-    LinearForward(l, LinearKind::kQ, Ls.h1, Ls.q);
-    LinearForward(l, LinearKind::kK, Ls.h1, Ls.k);
+    RmsNormForward(Ls.x, w_.input_norm(l), Ls.rms1, Ls.h1, N_, H);
+    if (c_.qk_norm) {  // Qwen3: each head of q and k RMS-normalised before RoPE
+      LinearForward(l, LinearKind::kQ, Ls.h1, Ls.qraw);
+      LinearForward(l, LinearKind::kK, Ls.h1, Ls.kraw);
+      RmsNormForward(Ls.qraw, w_.q_norm(l), Ls.rmsq, Ls.q, N_ * Hq, D);
+      RmsNormForward(Ls.kraw, w_.k_norm(l), Ls.rmsk, Ls.k, N_ * Hkv, D);
+    } else {
+      LinearForward(l, LinearKind::kQ, Ls.h1, Ls.q);
+      LinearForward(l, LinearKind::kK, Ls.h1, Ls.k);
+    }
     LinearForward(l, LinearKind::kV, Ls.h1, Ls.v);
-    Rope(Ls.q, c_.num_attention_heads, false);
-    Rope(Ls.k, c_.num_key_value_heads, false);
-    AttentionForward(Ls);
+    Rope(Ls.q, Hq, false);
+    Rope(Ls.k, Hkv, false);
+    AttentionForward(Ls, c_.window(l));
     LinearForward(l, LinearKind::kO, Ls.att, Ls.x2);
     Map(Ls.x2, N_, H) += CMap(Ls.x, N_, H);
-    RmsNormForward(Ls.x2, w_.post_norm(l), Ls.rms2, Ls.h2);
+    RmsNormForward(Ls.x2, w_.post_norm(l), Ls.rms2, Ls.h2, N_, H);
     LinearForward(l, LinearKind::kGate, Ls.h2, Ls.gate);
     LinearForward(l, LinearKind::kUp, Ls.h2, Ls.up);
     Parallel(N_ * I, [&](int64_t begin, int64_t end) {
@@ -739,13 +804,13 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
     Map(out, N_, H) += CMap(Ls.x2, N_, H);
     if (!opt_.training && l + 1 < L) std::copy_n(x_out_, N_ * H, layers_[0].x);
   }
-  RmsNormForward(x_out_, w_.final_norm(), rmsf_, hf_);
+  RmsNormForward(x_out_, w_.final_norm(), rmsf_, hf_, N_, H);
   LossSum loss = Head(hf_, batch.labels.data(), backward, scale, dh_);
   if (!backward) return loss;
 
   // Backward: dres_ carries ∂/∂(residual stream) from the head down to layer 0.
   Map(dres_, N_, H).setZero();
-  RmsNormBackward(x_out_, w_.final_norm(), rmsf_, dh_, dres_);
+  RmsNormBackward(x_out_, w_.final_norm(), rmsf_, dh_, dres_, N_, H);
   for (int l = L - 1; l >= 0; --l) {
     Layer& Ls = layers_[l];
     // MLP: out = x2 + down(silu(gate)·up).
@@ -761,16 +826,25 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
     });
     LinearBackward(l, LinearKind::kGate, Ls.h2, dgate_, dh_, false);
     LinearBackward(l, LinearKind::kUp, Ls.h2, dup_, dh_, true);
-    RmsNormBackward(Ls.x2, w_.post_norm(l), Ls.rms2, dh_, dres_);
-    // Attention: x2 = x + o(attention(rope(q), rope(k), v)).
+    RmsNormBackward(Ls.x2, w_.post_norm(l), Ls.rms2, dh_, dres_, N_, H);
+    // Attention: x2 = x + o(attention(rope(norm(q)), rope(norm(k)), v)).
     LinearBackward(l, LinearKind::kO, Ls.att, dres_, datt_, false);
-    AttentionBackward(Ls, datt_, dq_, dk_, dv_);
-    Rope(dq_, c_.num_attention_heads, true);
-    Rope(dk_, c_.num_key_value_heads, true);
-    LinearBackward(l, LinearKind::kQ, Ls.h1, dq_, dh_, false);
-    LinearBackward(l, LinearKind::kK, Ls.h1, dk_, dh_, true);
+    AttentionBackward(Ls, c_.window(l), datt_, dq_, dk_, dv_);
+    Rope(dq_, Hq, true);
+    Rope(dk_, Hkv, true);
+    float *dq = dq_, *dk = dk_;
+    if (c_.qk_norm) {
+      Map(dqraw_, N_, c_.q_dim()).setZero();
+      Map(dkraw_, N_, c_.kv_dim()).setZero();
+      RmsNormBackward(Ls.qraw, w_.q_norm(l), Ls.rmsq, dq_, dqraw_, N_ * Hq, D);
+      RmsNormBackward(Ls.kraw, w_.k_norm(l), Ls.rmsk, dk_, dkraw_, N_ * Hkv, D);
+      dq = dqraw_;
+      dk = dkraw_;
+    }
+    LinearBackward(l, LinearKind::kQ, Ls.h1, dq, dh_, false);
+    LinearBackward(l, LinearKind::kK, Ls.h1, dk, dh_, true);
     LinearBackward(l, LinearKind::kV, Ls.h1, dv_, dh_, true);
-    RmsNormBackward(Ls.x, w_.input_norm(l), Ls.rms1, dh_, dres_);
+    RmsNormBackward(Ls.x, w_.input_norm(l), Ls.rms1, dh_, dres_, N_, H);
   }
   return loss;
 }

@@ -15,6 +15,7 @@
 #ifndef FEDLORA_COMMON_LLM_LLAMA_H_
 #define FEDLORA_COMMON_LLM_LLAMA_H_
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -65,14 +66,19 @@ class LlamaWeights {
   std::vector<TensorToWrite> Tensors() const;
 
   const LlamaConfig& config() const { return config_; }
-  const float* embed() const { return at(0); }                                       // [V, H]
-  const float* input_norm(int l) const { return at(1 + 9 * l); }                     // [H]
-  const float* linear(int l, LinearKind k) const { return at(LinearEntry(l, k)); }   // [out, in]
-  const float* post_norm(int l) const { return at(1 + 9 * l + 5); }                  // [H]
-  const float* final_norm() const { return at(1 + 9 * config_.num_hidden_layers); }  // [H]
-  const float* lm_head() const {                                                     // [V, H]
-    return config_.tie_word_embeddings ? embed() : at(2 + 9 * config_.num_hidden_layers);
+  const float* embed() const { return at(embed_); }                           // [V, H]
+  const float* input_norm(int l) const { return at(layers_[l].input_norm); }  // [H]
+  const float* linear(int l, LinearKind k) const {                            // [out, in]
+    return at(layers_[l].linear[static_cast<int>(k)]);
   }
+  const float* bias(int l, LinearKind k) const {  // [out], or null without one
+    return at(layers_[l].bias[static_cast<int>(k)]);
+  }
+  const float* q_norm(int l) const { return at(layers_[l].q_norm); }        // [D], or null
+  const float* k_norm(int l) const { return at(layers_[l].k_norm); }        // [D], or null
+  const float* post_norm(int l) const { return at(layers_[l].post_norm); }  // [H]
+  const float* final_norm() const { return at(final_norm_); }               // [H]
+  const float* lm_head() const { return at(lm_head_); }                     // [V, H]
   size_t num_parameters() const { return buffer_.size(); }
 
  private:
@@ -81,17 +87,21 @@ class LlamaWeights {
     std::vector<int64_t> shape;
     size_t offset = 0;  // in floats
   };
+  // Table entries of a decoder layer; -1 where the architecture has no such tensor.
+  struct LayerEntries {
+    int input_norm = -1, post_norm = -1, q_norm = -1, k_norm = -1;
+    std::array<int, kNumLinearKinds> linear{}, bias{};
+  };
   explicit LlamaWeights(const LlamaConfig& config);
-  // The table entry of layer l's linear k (9 entries per layer, after the embedding).
-  static int LinearEntry(int l, LinearKind k) {
-    const int i = static_cast<int>(k);
-    return 1 + 9 * l + (i < 4 ? 1 + i : 2 + i);
+  const float* at(int entry) const {
+    return entry < 0 ? nullptr : buffer_.data() + table_[entry].offset;
   }
-  const float* at(int entry) const { return buffer_.data() + table_[entry].offset; }
-  float* at(int entry) { return buffer_.data() + table_[entry].offset; }
+  float* at(int entry) { return entry < 0 ? nullptr : buffer_.data() + table_[entry].offset; }
 
   LlamaConfig config_;
-  std::vector<Entry> table_;  // embed, 9 per layer (in Tensors() order), final norm, [lm_head]
+  std::vector<Entry> table_;  // in Hugging Face's state-dict order
+  int embed_ = -1, final_norm_ = -1, lm_head_ = -1;
+  std::vector<LayerEntries> layers_;
   std::vector<float> buffer_;
 };
 

@@ -1,5 +1,7 @@
 #include "common/llm/llama_config.h"
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 
 #include "absl/status/status.h"
@@ -11,7 +13,22 @@ namespace {
 absl::Status Refuse(const std::string& origin, const std::string& what) {
   return absl::InvalidArgumentError(
       StrCat(origin, ": ", what,
-             "; fedlora's trainer implements the plain Llama decoder (model_type \"llama\")"));
+             "; fedlora's trainer implements the llama, mistral, qwen2 and qwen3 decoders"));
+}
+
+// Why a known architecture is not implemented, or "" for one fedlora does not know.
+std::string WhyNot(const std::string& model_type) {
+  if (model_type.starts_with("gemma"))
+    return "Gemma scales the embeddings by √hidden_size, keeps RMSNorm weights as 1 + w, uses a "
+           "GELU MLP and (Gemma 2/3) soft-capped logits and extra norms, none of which the "
+           "trainer computes";
+  if (model_type == "phi3" || model_type == "phi4")
+    return "Phi-3 fuses q, k and v into one qkv_proj and gate and up into gate_up_proj, which "
+           "PEFT's per-projection adapters do not address";
+  if (model_type.find("moe") != std::string::npos || model_type == "mixtral" ||
+      model_type.starts_with("deepseek") || model_type == "dbrx" || model_type == "jamba")
+    return "a mixture-of-experts MLP (a router and many expert MLPs per layer) is not implemented";
+  return "";
 }
 
 // A positive integer field; `fallback` < 0 means required.
@@ -38,22 +55,96 @@ absl::StatusOr<double> PositiveNumber(const nlohmann::json& json, const std::str
   return v.get<double>();
 }
 
+// A true/false field (absent or null: false).
+absl::StatusOr<bool> Flag(const nlohmann::json& json, const std::string& origin, const char* key) {
+  if (!json.contains(key) || json[key].is_null()) return false;
+  if (!json[key].is_boolean())
+    return absl::InvalidArgumentError(
+        StrCat(origin, ": \"", key, "\" must be true or false, got ", json[key].dump()));
+  return json[key].get<bool>();
+}
+
+// config.json's rope_scaling (transformers ≤ 4.x) or rope_parameters (5.x, which also carries
+// rope_theta) into `c`.
+absl::Status ParseRope(const nlohmann::json& json, const std::string& origin, LlamaConfig& c) {
+  nlohmann::json rope = json.value("rope_scaling", nlohmann::json());
+  if (json.contains("rope_parameters") && json["rope_parameters"].is_object()) {
+    rope = json["rope_parameters"];
+    if (rope.contains("rope_theta")) {
+      if (!rope["rope_theta"].is_number() || !(rope["rope_theta"].get<double>() > 0))
+        return absl::InvalidArgumentError(StrCat(origin, ": rope_parameters.rope_theta must be a ",
+                                                 "positive number, got ",
+                                                 rope["rope_theta"].dump()));
+      c.rope_theta = rope["rope_theta"].get<double>();
+    }
+  }
+  if (rope.is_null()) return absl::OkStatus();
+  if (!rope.is_object())
+    return absl::InvalidArgumentError(
+        StrCat(origin, ": rope_scaling must be an object or null, got ", rope.dump()));
+  const nlohmann::json type_json =
+      rope.contains("rope_type") ? rope["rope_type"] : rope.value("type", nlohmann::json());
+  const std::string type = type_json.is_string() ? type_json.get<std::string>() : "default";
+  auto number = [&](const char* key, double* out, bool required) -> absl::Status {
+    if (!rope.contains(key) || rope[key].is_null()) {
+      if (!required) return absl::OkStatus();
+      return absl::InvalidArgumentError(
+          StrCat(origin, ": rope_scaling of type ", type, " needs \"", key, "\""));
+    }
+    if (!rope[key].is_number() || !(rope[key].get<double>() > 0))
+      return absl::InvalidArgumentError(StrCat(
+          origin, ": rope_scaling.", key, " must be a positive number, got ", rope[key].dump()));
+    *out = rope[key].get<double>();
+    return absl::OkStatus();
+  };
+  if (type == "default") return absl::OkStatus();
+  RopeScaling& r = c.rope_scaling;
+  if (type == "linear" || type == "dynamic") {
+    r.type = type == "linear" ? RopeScaling::Type::kLinear : RopeScaling::Type::kDynamic;
+    return number("factor", &r.factor, true);
+  }
+  if (type == "llama3") {
+    r.type = RopeScaling::Type::kLlama3;
+    double original = 0;
+    for (auto [key, out] :
+         {std::pair{"factor", &r.factor}, std::pair{"low_freq_factor", &r.low_freq_factor},
+          std::pair{"high_freq_factor", &r.high_freq_factor},
+          std::pair{"original_max_position_embeddings", &original}})
+      if (absl::Status st = number(key, out, true); !st.ok()) return st;
+    if (r.high_freq_factor <= r.low_freq_factor || original != std::floor(original) ||
+        original > (1 << 30))
+      return absl::InvalidArgumentError(
+          StrCat(origin, ": rope_scaling ", rope.dump(),
+                 " needs high_freq_factor > low_freq_factor and an integer "
+                 "original_max_position_embeddings"));
+    r.original_max_position_embeddings = static_cast<int>(original);
+    return absl::OkStatus();
+  }
+  return Refuse(origin, StrCat("rope_scaling type \"", type,
+                               "\" is not implemented (implemented: linear, dynamic, llama3)"));
+}
+
 }  // namespace
 
 absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json,
                                              const std::string& origin) {
   if (!json.is_object()) return absl::InvalidArgumentError(StrCat(origin, ": not a JSON object"));
   const std::string model_type = json.value("model_type", std::string());
-  if (model_type != "llama") return Refuse(origin, StrCat("model_type is \"", model_type, "\""));
-  if (json.contains("rope_scaling") && !json["rope_scaling"].is_null())
-    return Refuse(origin, StrCat("rope_scaling ", json["rope_scaling"].dump(),
-                                 " is not implemented (use a checkpoint without rope_scaling)"));
-  for (const char* bias : {"attention_bias", "mlp_bias"})
-    if (json.value(bias, false)) return Refuse(origin, StrCat("\"", bias, "\" is true (biases)"));
+  if (model_type != "llama" && model_type != "mistral" && model_type != "qwen2" &&
+      model_type != "qwen3") {
+    const std::string why = WhyNot(model_type);
+    return Refuse(origin,
+                  StrCat("model_type is \"", model_type, "\"", why.empty() ? "" : ": ", why));
+  }
   const std::string act = json.value("hidden_act", std::string("silu"));
   if (act != "silu") return Refuse(origin, StrCat("hidden_act is \"", act, "\", not \"silu\""));
+  if (json.contains("partial_rotary_factor") && json["partial_rotary_factor"] != 1 &&
+      !json["partial_rotary_factor"].is_null())
+    return Refuse(origin, StrCat("partial_rotary_factor is ", json["partial_rotary_factor"].dump(),
+                                 " (rotary embeddings on part of each head)"));
 
   LlamaConfig c;
+  c.model_type = model_type;
   auto get = [&](const char* key, int* out, int fallback = -1) -> absl::Status {
     absl::StatusOr<int> v = PositiveInt(json, origin, key, fallback);
     if (!v.ok()) return v.status();
@@ -78,9 +169,9 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json,
     return absl::InvalidArgumentError(StrCat(origin, ": hidden_size (", c.hidden_size,
                                              ") is not a multiple of ", "num_attention_heads (",
                                              c.num_attention_heads, ") and no head_dim is given"));
-  if (absl::Status st = get("head_dim", &c.head_dim, c.hidden_size / c.num_attention_heads);
-      !st.ok())
-    return st;
+  // Qwen3Config's default head_dim is 128; the others derive it.
+  const int head_dim = model_type == "qwen3" ? 128 : c.hidden_size / c.num_attention_heads;
+  if (absl::Status st = get("head_dim", &c.head_dim, head_dim); !st.ok()) return st;
   if (c.head_dim % 2 != 0)
     return absl::InvalidArgumentError(
         StrCat(origin, ": head_dim must be even for rotary embeddings, got ", c.head_dim));
@@ -92,7 +183,64 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json,
   absl::StatusOr<double> theta = PositiveNumber(json, origin, "rope_theta", 10000.0);
   if (!theta.ok()) return theta.status();
   c.rope_theta = *theta;
-  c.tie_word_embeddings = json.value("tie_word_embeddings", false);
+  if (absl::Status st = ParseRope(json, origin, c); !st.ok()) return st;
+  bool flags[4];  // tie_word_embeddings, attention_bias, mlp_bias, use_sliding_window
+  for (int i = 0; const char* key :
+                  {"tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"}) {
+    absl::StatusOr<bool> flag = Flag(json, origin, key);
+    if (!flag.ok()) return flag.status();
+    flags[i++] = *flag;
+  }
+  c.tie_word_embeddings = flags[0];
+
+  // Biases, as each family's attention and MLP modules create them.
+  const bool attention_bias = flags[1];
+  for (LinearKind k : {LinearKind::kQ, LinearKind::kK, LinearKind::kV, LinearKind::kO})
+    c.bias[static_cast<int>(k)] =
+        model_type == "qwen2" ? k != LinearKind::kO : model_type != "mistral" && attention_bias;
+  if (model_type == "llama" && flags[2])
+    for (LinearKind k : {LinearKind::kGate, LinearKind::kUp, LinearKind::kDown})
+      c.bias[static_cast<int>(k)] = true;
+  c.qk_norm = model_type == "qwen3";
+
+  // Sliding windows: Mistral's on every layer; Qwen's, when enabled, on the layers that
+  // layer_types names, or else on those from max_window_layers on.
+  const nlohmann::json window_json = json.value("sliding_window", nlohmann::json());
+  const bool windowed = model_type == "mistral" || (model_type != "llama" && flags[3]);
+  if (windowed && !window_json.is_null()) {
+    if (!window_json.is_number_integer() || window_json.get<int64_t>() <= 0 ||
+        window_json.get<int64_t>() > (1 << 30))
+      return absl::InvalidArgumentError(
+          StrCat(origin, ": \"sliding_window\" must be a positive integer or null, got ",
+                 window_json.dump()));
+    const int window = window_json.get<int>();
+    c.layer_window.assign(static_cast<size_t>(c.num_hidden_layers), window);
+    if (model_type != "mistral") {
+      const nlohmann::json types = json.value("layer_types", nlohmann::json());
+      if (types.is_array()) {
+        if (types.size() != static_cast<size_t>(c.num_hidden_layers))
+          return absl::InvalidArgumentError(StrCat(origin, ": layer_types has ", types.size(),
+                                                   " entries for ", c.num_hidden_layers,
+                                                   " layers"));
+        for (size_t l = 0; l < types.size(); ++l) {
+          if (types[l] != "sliding_attention" && types[l] != "full_attention")
+            return Refuse(origin, StrCat("layer_types[", l, "] is ", types[l].dump()));
+          if (types[l] == "full_attention") c.layer_window[l] = 0;
+        }
+      } else {
+        const nlohmann::json full_json = json.value("max_window_layers", nlohmann::json(28));
+        if (!full_json.is_number_integer() || full_json.get<int64_t>() < 0)
+          return absl::InvalidArgumentError(
+              StrCat(origin, ": \"max_window_layers\" must be a non-negative integer, got ",
+                     full_json.dump()));
+        const int64_t full = full_json.get<int64_t>();  // Qwen2Config's default: 28
+        for (int l = 0; l < std::min<int64_t>(full, c.num_hidden_layers); ++l)
+          c.layer_window[l] = 0;
+      }
+    }
+    if (std::all_of(c.layer_window.begin(), c.layer_window.end(), [](int w) { return w == 0; }))
+      c.layer_window.clear();
+  }
 
   auto token_id = [&](const nlohmann::json& v) -> absl::StatusOr<int> {
     if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= c.vocab_size)
@@ -129,9 +277,14 @@ absl::StatusOr<LlamaConfig> ReadLlamaConfig(const std::filesystem::path& dir) {
 }
 
 nlohmann::json LlamaConfigJson(const LlamaConfig& c) {
+  const std::string& type = c.model_type;
+  const char* architecture = type == "mistral" ? "MistralForCausalLM"
+                             : type == "qwen2" ? "Qwen2ForCausalLM"
+                             : type == "qwen3" ? "Qwen3ForCausalLM"
+                                               : "LlamaForCausalLM";
   nlohmann::json json = {
-      {"architectures", {"LlamaForCausalLM"}},
-      {"model_type", "llama"},
+      {"architectures", {architecture}},
+      {"model_type", type},
       {"hidden_act", "silu"},
       {"hidden_size", c.hidden_size},
       {"intermediate_size", c.intermediate_size},
@@ -144,15 +297,78 @@ nlohmann::json LlamaConfigJson(const LlamaConfig& c) {
       {"rms_norm_eps", c.rms_norm_eps},
       {"rope_theta", c.rope_theta},
       {"rope_scaling", nullptr},
-      {"attention_bias", false},
-      {"mlp_bias", false},
       {"tie_word_embeddings", c.tie_word_embeddings},
       {"torch_dtype", "float32"},
   };
+  const RopeScaling& r = c.rope_scaling;
+  switch (r.type) {
+    case RopeScaling::Type::kNone:
+      break;
+    case RopeScaling::Type::kLinear:
+    case RopeScaling::Type::kDynamic:
+      json["rope_scaling"] = {
+          {"rope_type", r.type == RopeScaling::Type::kLinear ? "linear" : "dynamic"},
+          {"factor", r.factor}};
+      break;
+    case RopeScaling::Type::kLlama3:
+      json["rope_scaling"] = {
+          {"rope_type", "llama3"},
+          {"factor", r.factor},
+          {"low_freq_factor", r.low_freq_factor},
+          {"high_freq_factor", r.high_freq_factor},
+          {"original_max_position_embeddings", r.original_max_position_embeddings}};
+      break;
+  }
+  if (type == "llama" || type == "qwen3") json["attention_bias"] = c.has_bias(LinearKind::kQ);
+  if (type == "llama") json["mlp_bias"] = c.has_bias(LinearKind::kGate);
+  // Windows: Mistral's on every layer; Qwen's on the layers layer_types names (transformers
+  // before 4.53 reads max_window_layers instead, which says the same when they are the last ones).
+  int window = 0, first_windowed = c.num_hidden_layers;
+  for (int l = 0; l < c.num_hidden_layers; ++l) window = std::max(window, c.window(l));
+  while (first_windowed > 0 && c.window(first_windowed - 1) > 0) --first_windowed;
+  if (type == "mistral") json["sliding_window"] = window > 0 ? nlohmann::json(window) : nullptr;
+  if (type == "qwen2" || type == "qwen3") {
+    json["use_sliding_window"] = window > 0;
+    json["sliding_window"] = window > 0 ? nlohmann::json(window) : nullptr;
+    json["max_window_layers"] = first_windowed;
+    nlohmann::json types = nlohmann::json::array();
+    for (int l = 0; l < c.num_hidden_layers; ++l)
+      types.push_back(c.window(l) > 0 ? "sliding_attention" : "full_attention");
+    json["layer_types"] = types;
+  }
   if (c.bos_token_id >= 0) json["bos_token_id"] = c.bos_token_id;
   if (c.eos_token_ids.size() == 1) json["eos_token_id"] = c.eos_token_ids[0];
   if (c.eos_token_ids.size() > 1) json["eos_token_id"] = c.eos_token_ids;
   return json;
+}
+
+std::vector<double> RopeInverseFrequencies(const LlamaConfig& c, int seq_len) {
+  const int D = c.head_dim;
+  const RopeScaling& r = c.rope_scaling;
+  double base = c.rope_theta;
+  if (r.type == RopeScaling::Type::kDynamic && seq_len > c.max_position_embeddings)
+    base *= std::pow(r.factor * seq_len / c.max_position_embeddings - (r.factor - 1),
+                     static_cast<double>(D) / (D - 2));
+  std::vector<double> inv_freq(static_cast<size_t>(D / 2));
+  for (int i = 0; i < D / 2; ++i) {
+    double f = std::pow(base, -2.0 * i / D);
+    if (r.type == RopeScaling::Type::kLinear) f /= r.factor;
+    if (r.type == RopeScaling::Type::kLlama3) {
+      // Wavelengths longer than the original context / low_freq_factor are slowed by `factor`;
+      // shorter than original / high_freq_factor kept; in between, interpolated smoothly.
+      const double original = r.original_max_position_embeddings;
+      const double wavelen = 2 * M_PI / f;
+      if (wavelen > original / r.low_freq_factor) {
+        f /= r.factor;
+      } else if (wavelen >= original / r.high_freq_factor) {
+        const double smooth =
+            (original / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+        f = (1 - smooth) * f / r.factor + smooth * f;
+      }
+    }
+    inv_freq[static_cast<size_t>(i)] = f;
+  }
+  return inv_freq;
 }
 
 const char* LinearName(LinearKind kind) {
@@ -228,35 +444,147 @@ absl::StatusOr<std::vector<size_t>> AdapterSlots(const LlamaConfig& c, const Ada
   return slots;
 }
 
-absl::StatusOr<LlamaConfig> LlamaPreset(const std::string& name) {
+namespace {
+
+struct Preset {
+  const char* name;
+  LlamaConfig (*make)();
+};
+
+LlamaConfig Tiny() {
   LlamaConfig c;
+  c.hidden_size = 64;
+  c.intermediate_size = 192;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.max_position_embeddings = 1024;
+  c.rope_theta = 10000;
   c.rms_norm_eps = 1e-5;
   c.tie_word_embeddings = true;
-  if (name == "tiny") {
-    c.hidden_size = 64;
-    c.intermediate_size = 192;
-    c.num_hidden_layers = 2;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = 2;
-    c.head_dim = 16;
-    c.max_position_embeddings = 1024;
-    c.rope_theta = 10000;
-    return c;
-  }
-  if (name == "smollm2-135m") {
-    c.hidden_size = 576;
-    c.intermediate_size = 1536;
-    c.num_hidden_layers = 30;
-    c.num_attention_heads = 9;
-    c.num_key_value_heads = 3;
-    c.head_dim = 64;
-    c.vocab_size = 49152;
-    c.max_position_embeddings = 8192;
-    c.rope_theta = 100000;
-    return c;
-  }
+  return c;
+}
+
+void QkvBias(LlamaConfig& c) {
+  for (LinearKind k : {LinearKind::kQ, LinearKind::kK, LinearKind::kV})
+    c.bias[static_cast<int>(k)] = true;
+}
+
+constexpr Preset kPresets[] = {
+    {"tiny", Tiny},
+    {"tiny-llama3",
+     [] {
+       LlamaConfig c = Tiny();
+       c.rope_theta = 500000;
+       c.rope_scaling = {RopeScaling::Type::kLlama3, 32, 1, 4, 64};
+       return c;
+     }},
+    {"tiny-mistral",
+     [] {
+       LlamaConfig c = Tiny();
+       c.model_type = "mistral";
+       c.tie_word_embeddings = false;
+       c.layer_window.assign(2, 32);
+       return c;
+     }},
+    {"tiny-qwen2",
+     [] {
+       LlamaConfig c = Tiny();
+       c.model_type = "qwen2";
+       c.rope_theta = 1000000;
+       c.rms_norm_eps = 1e-6;
+       QkvBias(c);
+       return c;
+     }},
+    {"tiny-qwen3",
+     [] {
+       LlamaConfig c = Tiny();
+       c.model_type = "qwen3";
+       c.head_dim = 32;
+       c.rope_theta = 1000000;
+       c.rms_norm_eps = 1e-6;
+       c.qk_norm = true;
+       return c;
+     }},
+    {"smollm2-135m",
+     [] {
+       LlamaConfig c = Tiny();
+       c.hidden_size = 576;
+       c.intermediate_size = 1536;
+       c.num_hidden_layers = 30;
+       c.num_attention_heads = 9;
+       c.num_key_value_heads = 3;
+       c.head_dim = 64;
+       c.vocab_size = 49152;
+       c.max_position_embeddings = 8192;
+       c.rope_theta = 100000;
+       return c;
+     }},
+    {"llama-3.2-1b",
+     [] {
+       LlamaConfig c = Tiny();
+       c.hidden_size = 2048;
+       c.intermediate_size = 8192;
+       c.num_hidden_layers = 16;
+       c.num_attention_heads = 32;
+       c.num_key_value_heads = 8;
+       c.head_dim = 64;
+       c.vocab_size = 128256;
+       c.max_position_embeddings = 131072;
+       c.rope_theta = 500000;
+       c.rope_scaling = {RopeScaling::Type::kLlama3, 32, 1, 4, 8192};
+       return c;
+     }},
+    {"qwen2.5-0.5b",
+     [] {
+       LlamaConfig c = Tiny();
+       c.model_type = "qwen2";
+       c.hidden_size = 896;
+       c.intermediate_size = 4864;
+       c.num_hidden_layers = 24;
+       c.num_attention_heads = 14;
+       c.num_key_value_heads = 2;
+       c.head_dim = 64;
+       c.vocab_size = 151936;
+       c.max_position_embeddings = 32768;
+       c.rope_theta = 1000000;
+       c.rms_norm_eps = 1e-6;
+       QkvBias(c);
+       return c;
+     }},
+    {"qwen3-0.6b",
+     [] {
+       LlamaConfig c = Tiny();
+       c.model_type = "qwen3";
+       c.hidden_size = 1024;
+       c.intermediate_size = 3072;
+       c.num_hidden_layers = 28;
+       c.num_attention_heads = 16;
+       c.num_key_value_heads = 8;
+       c.head_dim = 128;
+       c.vocab_size = 151936;
+       c.max_position_embeddings = 40960;
+       c.rope_theta = 1000000;
+       c.rms_norm_eps = 1e-6;
+       c.qk_norm = true;
+       return c;
+     }},
+};
+
+}  // namespace
+
+std::string LlamaPresetNames() {
+  std::string names;
+  for (const Preset& p : kPresets) names += StrCat(names.empty() ? "" : ", ", p.name);
+  return names;
+}
+
+absl::StatusOr<LlamaConfig> LlamaPreset(const std::string& name) {
+  for (const Preset& p : kPresets)
+    if (name == p.name) return p.make();
   return absl::InvalidArgumentError(
-      StrCat("unknown preset \"", name, "\"; expected tiny or smollm2-135m"));
+      StrCat("unknown preset \"", name, "\"; expected one of ", LlamaPresetNames()));
 }
 
 }  // namespace fedlora::common

@@ -351,9 +351,51 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
       "another base model");
   r = Fedlora("init-model --preset huge --out " + Dir("m3"));
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_THAT(r.output, HasSubstr("huge not in {tiny,smollm2-135m}"));
+  EXPECT_THAT(r.output, HasSubstr("unknown preset \"huge\"; expected one of tiny, tiny-llama3"));
   EXPECT_FALSE(fs::exists(scratch_ / "m3"));
 }
+
+// Every family's checkpoint from tests/fixtures/make_model_families.py, an independent writer
+// whose float64 PyTorch forward follows transformers' modeling code: `fedlora eval` matches its
+// loss with and without a LoRA and a LoRA-SB adapter, and a merged model written by `fedlora
+// merge` (whose config.json fedlora writes for the family) evaluates as the model with the adapter.
+class ModelFamilyTest : public CliTest, public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(ModelFamilyTest, EvalMatchesFloat64ReferenceAndMergeKeepsTheArchitecture) {
+  const fs::path dir = fs::path(FEDLORA_SOURCE_DIR) / "tests/fixtures/families" / GetParam();
+  std::ifstream in(dir / "expected.json");
+  const nlohmann::json expected = nlohmann::json::parse(in);
+  // 16 positions: past llama-dynamic's max_position_embeddings of 10, as its records are.
+  auto eval = [&](const std::string& model, const std::string& adapter) {
+    Result r =
+        Fedlora("eval --json --max-length 16 --model " + model + " --data " +
+                (dir / "data.jsonl").string() + (adapter.empty() ? "" : " --adapter ") + adapter);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  };
+  for (const char* adapter : {"base", "lora", "lora_sb"}) {
+    const bool base = std::string(adapter) == "base";
+    const nlohmann::json got = eval(dir.string(), base ? "" : (dir / adapter).string());
+    const double want = expected[adapter]["loss"];
+    EXPECT_NEAR(got["loss"].get<double>(), want, 1e-5 * want) << adapter;
+    EXPECT_EQ(got["tokens"], expected[adapter]["tokens"]) << adapter;
+    if (base) continue;
+    const std::string merged = Dir(std::string("merged-") + adapter);
+    Result r = Fedlora("merge --model " + dir.string() + " --adapter " + (dir / adapter).string() +
+                       " --out " + merged);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_NEAR(eval(merged, "")["loss"].get<double>(), want, 1e-5 * want) << adapter << " merged";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFamilyTest,
+                         ::testing::Values("llama3", "llama-linear-bias", "llama-dynamic",
+                                           "mistral", "qwen2", "qwen3"),
+                         [](const auto& info) {
+                           std::string name = info.param;
+                           std::erase(name, '-');
+                           return name;
+                         });
 
 }  // namespace
 }  // namespace fedlora

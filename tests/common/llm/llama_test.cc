@@ -20,7 +20,7 @@ namespace {
 
 using Vec = std::vector<double>;
 
-LlamaConfig TinyConfig(bool tied, int heads, int kv_heads) {
+LlamaConfig TinyConfig(bool tied, int heads, int kv_heads, const std::string& family = "llama") {
   LlamaConfig c;
   c.hidden_size = 16;
   c.intermediate_size = 24;
@@ -33,6 +33,30 @@ LlamaConfig TinyConfig(bool tied, int heads, int kv_heads) {
   c.rms_norm_eps = 1e-5;
   c.rope_theta = 500.0;
   c.tie_word_embeddings = tied;
+  // Each family's piece, at sizes where it changes the loss of a 7- or 12-token sequence.
+  if (family == "llama3") {
+    // Wavelengths 6.3, 50 and 395 at θ 500 and head_dim 6: one in each branch (kept, smoothed,
+    // slowed) for an original context of 64.
+    c.rope_scaling = {RopeScaling::Type::kLlama3, 8, 1, 4, 64};
+  } else if (family == "linear") {
+    c.rope_scaling = {RopeScaling::Type::kLinear, 2.5};
+    c.bias.fill(true);  // Llama's attention_bias and mlp_bias
+  } else if (family == "dynamic") {
+    c.rope_scaling = {RopeScaling::Type::kDynamic, 3};
+    c.max_position_embeddings = 5;  // shorter than the sequences: the base grows with them
+  } else if (family == "mistral") {
+    c.model_type = "mistral";
+    c.layer_window = {3, 3};
+  } else if (family == "qwen2") {
+    c.model_type = "qwen2";
+    c.bias = {true, true, true, false, false, false, false};
+    c.layer_window = {0, 4};
+  } else if (family == "qwen3") {
+    c.model_type = "qwen3";
+    c.qk_norm = true;
+    c.head_dim = 8;
+    c.layer_window = {2, 0};
+  }
   return c;
 }
 
@@ -110,6 +134,9 @@ struct Reference {
         for (int i = 0; i < in; ++i) s += W[o * in + i] * x[t * in + i];
         y[t * out + o] = s;
       }
+    if (auto bias = w.find(LinearPath(l, k) + ".bias"); bias != w.end())
+      for (int t = 0; t < T; ++t)
+        for (int o = 0; o < out; ++o) y[t * out + o] += bias->second[o];
     if (adapter == nullptr) return y;
     auto idx = adapter->FindModule(LinearPath(l, k));
     if (!idx) return y;
@@ -134,8 +161,9 @@ struct Reference {
     return y;
   }
 
+  // Over rows of H (the hidden size, or a head's for the q/k norms).
   Vec RmsNorm(const Vec& x, const Vec& g, int T) const {
-    const int H = c.hidden_size;
+    const int H = static_cast<int>(g.size());
     Vec y(x.size());
     for (int t = 0; t < T; ++t) {
       double ss = 0;
@@ -146,12 +174,32 @@ struct Reference {
     return y;
   }
 
+  // transformers' rope_init_fn of each rope type, for a sequence of T positions.
+  double InvFreq(int i, int T) const {
+    const int D = c.head_dim;
+    const RopeScaling& r = c.rope_scaling;
+    double base = c.rope_theta;
+    if (r.type == RopeScaling::Type::kDynamic) {
+      const double len = std::max(T, c.max_position_embeddings);
+      base *= std::pow(r.factor * len / c.max_position_embeddings - (r.factor - 1), D / (D - 2.0));
+    }
+    const double f = 1.0 / std::pow(base, 2.0 * i / D);
+    if (r.type == RopeScaling::Type::kLinear) return f / r.factor;
+    if (r.type != RopeScaling::Type::kLlama3) return f;
+    const double old = r.original_max_position_embeddings, wavelen = 2 * M_PI / f;
+    if (wavelen < old / r.high_freq_factor) return f;
+    if (wavelen > old / r.low_freq_factor) return f / r.factor;
+    const double smooth =
+        (old / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+    return (1 - smooth) * f / r.factor + smooth * f;
+  }
+
   void Rope(Vec& x, int heads, int T) const {
     const int D = c.head_dim;
     for (int t = 0; t < T; ++t)
       for (int h = 0; h < heads; ++h)
         for (int i = 0; i < D / 2; ++i) {
-          const double f = t * std::pow(c.rope_theta, -2.0 * i / D);
+          const double f = t * InvFreq(i, T);
           double& a = x[(t * heads + h) * D + i];
           double& b = x[(t * heads + h) * D + i + D / 2];
           const double a0 = a, b0 = b;
@@ -173,15 +221,21 @@ struct Reference {
       Vec h = RmsNorm(x, w.at(p + "input_layernorm.weight"), T);
       Vec q = Linear(l, LinearKind::kQ, h, T), k = Linear(l, LinearKind::kK, h, T);
       Vec v = Linear(l, LinearKind::kV, h, T);
+      if (c.qk_norm) {
+        q = RmsNorm(q, w.at(p + "self_attn.q_norm.weight"), T * Hq);
+        k = RmsNorm(k, w.at(p + "self_attn.k_norm.weight"), T * Hkv);
+      }
       Rope(q, Hq, T);
       Rope(k, Hkv, T);
       Vec att(static_cast<size_t>(T) * Hq * D, 0.0);
       for (int hd = 0; hd < Hq; ++hd) {
         const int g = hd / (Hq / Hkv);
         for (int i = 0; i < T; ++i) {
-          Vec s(i + 1);
+          // Positions i − window < j ≤ i (all j ≤ i without a window).
+          const int lo = c.window(l) > 0 ? std::max(0, i - c.window(l) + 1) : 0;
+          Vec s(i + 1, -1e300);
           double mx = -1e300;
-          for (int j = 0; j <= i; ++j) {
+          for (int j = lo; j <= i; ++j) {
             double d = 0;
             for (int e = 0; e < D; ++e) d += q[(i * Hq + hd) * D + e] * k[(j * Hkv + g) * D + e];
             s[j] = d / std::sqrt(static_cast<double>(D));
@@ -189,7 +243,7 @@ struct Reference {
           }
           double z = 0;
           for (double& sj : s) z += (sj = std::exp(sj - mx));
-          for (int j = 0; j <= i; ++j)
+          for (int j = lo; j <= i; ++j)
             for (int e = 0; e < D; ++e)
               att[(i * Hq + hd) * D + e] += s[j] / z * v[(j * Hkv + g) * D + e];
         }
@@ -233,13 +287,14 @@ struct Case {
   bool tied;
   int heads, kv_heads;
   bool lora_sb;
+  const char* family = "llama";
 };
 
 class LlamaTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(LlamaTest, LossMatchesFloat64ReferenceWithAndWithoutAdapter) {
   const Case p = GetParam();
-  const LlamaConfig c = TinyConfig(p.tied, p.heads, p.kv_heads);
+  const LlamaConfig c = TinyConfig(p.tied, p.heads, p.kv_heads, p.family);
   fedlora::testing::ScratchDir tmp;
   const auto ref_weights = WriteModel(tmp.path() / "model", c, 11);
   auto weights = LlamaWeights::Read(tmp.path() / "model");
@@ -261,7 +316,7 @@ TEST_P(LlamaTest, LossMatchesFloat64ReferenceWithAndWithoutAdapter) {
 
 TEST_P(LlamaTest, AdapterGradientsMatchFiniteDifferences) {
   const Case p = GetParam();
-  const LlamaConfig c = TinyConfig(p.tied, p.heads, p.kv_heads);
+  const LlamaConfig c = TinyConfig(p.tied, p.heads, p.kv_heads, p.family);
   fedlora::testing::ScratchDir tmp;
   const auto ref_weights = WriteModel(tmp.path() / "model", c, 21);
   auto weights = LlamaWeights::Read(tmp.path() / "model");
@@ -311,8 +366,11 @@ TEST_P(LlamaTest, AdapterGradientsMatchFiniteDifferences) {
   }
 }
 
-TEST(LlamaRunnerTest, WeightGradientsMatchFiniteDifferences) {
-  const LlamaConfig c = TinyConfig(false, 4, 2);
+class WeightGradientTest : public ::testing::TestWithParam<const char*> {};
+
+// Fed-SB's initialisation differentiates the frozen weights; through q/k norms and windows too.
+TEST_P(WeightGradientTest, MatchFiniteDifferences) {
+  const LlamaConfig c = TinyConfig(false, 4, 2, GetParam());
   fedlora::testing::ScratchDir tmp;
   auto ref_weights = WriteModel(tmp.path() / "model", c, 31);
   const LlamaWeights weights = *LlamaWeights::Read(tmp.path() / "model");
@@ -321,7 +379,8 @@ TEST(LlamaRunnerTest, WeightGradientsMatchFiniteDifferences) {
   auto runner =
       *LlamaRunner::Create(&weights, &adapter, {.max_batch = 2, .max_seq = 6, .training = true});
   const Vec params(adapter.values().begin(), adapter.values().end());
-  for (auto [layer, kind] : {std::pair{0, LinearKind::kK}, std::pair{1, LinearKind::kDown}}) {
+  for (auto [layer, kind] : {std::pair{0, LinearKind::kK}, std::pair{1, LinearKind::kQ},
+                             std::pair{1, LinearKind::kDown}}) {
     const int out = LinearOut(c, kind), in = LinearIn(c, kind);
     std::vector<float> g(static_cast<size_t>(out) * in, 0.0f);
     std::vector<float*> dense(c.num_hidden_layers * kNumLinearKinds, nullptr);
@@ -345,18 +404,26 @@ TEST(LlamaRunnerTest, WeightGradientsMatchFiniteDifferences) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Variants, LlamaTest,
-                         ::testing::Values(Case{false, 4, 2, false},  // GQA, untied
-                                           Case{true, 4, 2, false},   // GQA, tied
-                                           Case{true, 3, 3, false},   // multi-head
-                                           Case{false, 4, 1, true},   // LoRA-SB, one kv head
-                                           Case{true, 4, 2, true}),   // LoRA-SB, tied
-                         [](const auto& info) {
-                           const Case& p = info.param;
-                           return std::string(p.tied ? "Tied" : "Untied") + "Q" +
-                                  std::to_string(p.heads) + "KV" + std::to_string(p.kv_heads) +
-                                  (p.lora_sb ? "LoraSb" : "Lora");
-                         });
+INSTANTIATE_TEST_SUITE_P(Families, WeightGradientTest, ::testing::Values("llama", "qwen3", "qwen2"),
+                         [](const auto& info) { return std::string(info.param); });
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, LlamaTest,
+    ::testing::Values(Case{false, 4, 2, false},  // GQA, untied
+                      Case{true, 4, 2, false},   // GQA, tied
+                      Case{true, 3, 3, false},   // multi-head
+                      Case{false, 4, 1, true},   // LoRA-SB, one kv head
+                      Case{true, 4, 2, true},    // LoRA-SB, tied
+                      Case{true, 4, 2, false, "llama3"},
+                      Case{false, 4, 2, false, "linear"},  // with biases
+                      Case{false, 4, 2, false, "dynamic"}, Case{false, 4, 2, false, "mistral"},
+                      Case{true, 4, 2, false, "qwen2"}, Case{true, 4, 2, false, "qwen3"},
+                      Case{true, 4, 2, true, "qwen3"}, Case{false, 4, 1, true, "mistral"}),
+    [](const auto& info) {
+      const Case& p = info.param;
+      return std::string(p.family) + (p.tied ? "Tied" : "Untied") + "Q" + std::to_string(p.heads) +
+             "KV" + std::to_string(p.kv_heads) + (p.lora_sb ? "LoraSb" : "Lora");
+    });
 
 TEST(LlamaWeightsTest, RefusesBiasesMissingAndMisshapenTensors) {
   const LlamaConfig c = TinyConfig(false, 4, 2);
@@ -376,7 +443,8 @@ TEST(LlamaWeightsTest, RefusesBiasesMissingAndMisshapenTensors) {
   auto with_bias = rewrite([&](auto& t) {
     t.push_back({"model.layers.0.self_attn.q_proj.bias", {24}, bias});
   });
-  EXPECT_NE(with_bias.status().message().find("biases"), std::string::npos) << with_bias.status();
+  EXPECT_NE(with_bias.status().message().find("which has no bias there"), std::string::npos)
+      << with_bias.status();
   auto missing = rewrite([](auto& t) { t.pop_back(); });
   EXPECT_NE(missing.status().message().find("has no tensor lm_head.weight"), std::string::npos)
       << missing.status();
@@ -398,15 +466,94 @@ TEST(LlamaConfigTest, RefusesWhatItDoesNotImplement) {
     auto st = ParseLlamaConfig(j, "c").status();
     EXPECT_NE(st.message().find(needle), std::string::npos) << key << ": " << st;
   };
-  refused("model_type", "mistral", "model_type is \"mistral\"");
-  refused("rope_scaling", {{"rope_type", "llama3"}}, "rope_scaling");
-  refused("attention_bias", true, "attention_bias");
+  refused("model_type", "gemma2", "Gemma scales the embeddings");
+  refused("model_type", "phi3", "fuses q, k and v");
+  refused("model_type", "qwen3_moe", "mixture-of-experts");
+  refused("model_type", "gpt2", "model_type is \"gpt2\"; fedlora's trainer implements the llama");
+  refused("rope_scaling", {{"rope_type", "yarn"}, {"factor", 4}},
+          "type \"yarn\" is not implemented");
+  refused("rope_scaling", {{"rope_type", "llama3"}, {"factor", 8}},
+          "rope_scaling of type llama3 needs \"low_freq_factor\"");
+  refused("rope_scaling", {{"type", "linear"}, {"factor", -1}}, "rope_scaling.factor must be");
+  refused("attention_bias", "yes", "\"attention_bias\" must be true or false");
+  refused("partial_rotary_factor", 0.5, "partial_rotary_factor is 0.5");
   refused("hidden_act", "gelu", "hidden_act is \"gelu\"");
   refused("num_key_value_heads", 3, "multiple of num_key_value_heads");
   refused("eos_token_id", 99, "not in [0, vocab_size=37)");
   nlohmann::json list = base;
   list["eos_token_id"] = {1, 2};
   EXPECT_EQ(ParseLlamaConfig(list, "c")->eos_token_ids, (std::vector<int>{1, 2}));
+}
+
+// What each family's config.json means, as transformers' config classes read it.
+TEST(LlamaConfigTest, ReadsEachFamilysVariationsAsTransformersDoes) {
+  nlohmann::json j = LlamaConfigJson(TinyConfig(true, 4, 2));
+  j.erase("head_dim");
+  j["model_type"] = "qwen2";  // q/k/v biases, no window unless use_sliding_window
+  j["sliding_window"] = 4;
+  LlamaConfig c = *ParseLlamaConfig(j, "c");
+  EXPECT_EQ(c.bias, (std::array<bool, 7>{true, true, true, false, false, false, false}));
+  EXPECT_TRUE(c.layer_window.empty());
+  j["use_sliding_window"] = true;
+  j["max_window_layers"] = 1;  // layers from 1 on
+  EXPECT_EQ(ParseLlamaConfig(j, "c")->layer_window, (std::vector<int>{0, 4}));
+  j["layer_types"] = {"sliding_attention", "full_attention"};  // takes precedence
+  EXPECT_EQ(ParseLlamaConfig(j, "c")->layer_window, (std::vector<int>{4, 0}));
+  j["model_type"] = "qwen3";  // q/k norms, head_dim 128 by default, attention_bias
+  j["attention_bias"] = true;
+  c = *ParseLlamaConfig(j, "c");
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_EQ(c.head_dim, 128);
+  EXPECT_EQ(c.bias, (std::array<bool, 7>{true, true, true, true, false, false, false}));
+  j = LlamaConfigJson(TinyConfig(false, 4, 2));
+  j["model_type"] = "mistral";  // every layer windowed; no biases whatever the config says
+  j["sliding_window"] = 3;
+  j["attention_bias"] = true;
+  c = *ParseLlamaConfig(j, "c");
+  EXPECT_EQ(c.layer_window, (std::vector<int>{3, 3}));
+  EXPECT_EQ(c.bias, (std::array<bool, 7>{}));
+  j["sliding_window"] = nullptr;
+  EXPECT_TRUE(ParseLlamaConfig(j, "c")->layer_window.empty());
+  // transformers 5's rope_parameters carries rope_theta too.
+  j["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 2}, {"rope_theta", 1234.5}};
+  c = *ParseLlamaConfig(j, "c");
+  EXPECT_EQ(c.rope_scaling.type, RopeScaling::Type::kLinear);
+  EXPECT_EQ(c.rope_theta, 1234.5);
+}
+
+// Llama 3.1's published frequencies: θ 500000, head_dim 128, factor 8, low 1, high 4, original
+// context 8192. Frequency i has wavelength 2π·θ^(2i/128); wavelengths under 2048 are kept, over
+// 8192 divided by 8, and between them interpolated by s = (8192/wavelength − 1)/3.
+TEST(LlamaConfigTest, Llama3RopeScalingMatchesItsDefinition) {
+  LlamaConfig c = *LlamaPreset("llama-3.2-1b");
+  c.head_dim = 128;
+  c.rope_scaling.factor = 8;
+  const std::vector<double> f = RopeInverseFrequencies(c, 16);
+  ASSERT_EQ(f.size(), 64u);
+  int kept = 0, slowed = 0, smoothed = 0;
+  for (int i = 0; i < 64; ++i) {
+    const double plain = std::pow(500000.0, -i / 64.0), wavelength = 2 * M_PI / plain;
+    if (wavelength < 2048) {
+      EXPECT_DOUBLE_EQ(f[i], plain) << i;
+      ++kept;
+    } else if (wavelength > 8192) {
+      EXPECT_DOUBLE_EQ(f[i], plain / 8) << i;
+      ++slowed;
+    } else {
+      const double s = (8192 / wavelength - 1) / 3;
+      EXPECT_NEAR(f[i], (1 - s) * plain / 8 + s * plain, 1e-15) << i;
+      ++smoothed;
+    }
+  }
+  EXPECT_GT(kept, 0);
+  EXPECT_GT(slowed, 0);
+  EXPECT_GT(smoothed, 0);
+  // Dynamic NTK: unchanged within the context; beyond it, base·(f·T/P − (f − 1))^(D/(D−2)).
+  c.rope_scaling = {RopeScaling::Type::kDynamic, 2};
+  c.max_position_embeddings = 100;
+  EXPECT_DOUBLE_EQ(RopeInverseFrequencies(c, 100)[1], std::pow(500000.0, -1 / 64.0));
+  EXPECT_NEAR(RopeInverseFrequencies(c, 300)[1],
+              std::pow(500000.0 * std::pow(2.0 * 300 / 100 - 1, 128.0 / 126), -1 / 64.0), 1e-15);
 }
 
 TEST(LlamaRunnerTest, RefusesAdaptersOfAnotherModelAndBadTokens) {
