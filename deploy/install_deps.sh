@@ -9,7 +9,7 @@ packages=(
   build-essential cmake ninja-build pkg-config git openssl ca-certificates
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libeigen3-dev libssl-dev libspdlog-dev libfmt-dev libabsl-dev
-  nlohmann-json3-dev libcli11-dev libpcre2-dev libopenblas-pthread-dev
+  nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev libopenblas-pthread-dev
 )
 if [[ "${1:-}" != --build-only ]]; then
   packages+=(libgtest-dev libgmock-dev libbenchmark-dev clang-format docker-compose docker.io debootstrap)

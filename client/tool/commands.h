@@ -5,6 +5,7 @@
 #define FEDLORA_CLIENT_TOOL_COMMANDS_H_
 
 #include <CLI/CLI.hpp>
+#include <string>
 
 #include "absl/status/status.h"
 
@@ -17,6 +18,9 @@ void AddSummaryCommand(CLI::App& app);
 void AddRandomAdapterCommand(CLI::App& app);
 // eval, train and init-model.
 void AddLlmCommands(CLI::App& app);
+void AddTokenizeCommand(CLI::App& app);
+// Prints what the model in `dir` is (`fedlora inspect --model`).
+void InspectModel(const std::string& dir);
 
 // Prints `status` as "error: <message>" and ends the command with exit code 1; does nothing when
 // OK.

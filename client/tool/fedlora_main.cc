@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
   fedlora::tool::AddSummaryCommand(app);
   fedlora::tool::AddRandomAdapterCommand(app);
   fedlora::tool::AddLlmCommands(app);
+  fedlora::tool::AddTokenizeCommand(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

@@ -61,12 +61,21 @@ void Run(const std::vector<std::string>& dirs) {
 
 void AddInspectCommand(CLI::App& app) {
   auto dirs = std::make_shared<std::vector<std::string>>();
+  auto model = std::make_shared<std::string>();
   CLI::App* cmd =
       app.add_subcommand("inspect",
-                         "Show the modules, ranks, scalings and norms of PEFT adapters, "
-                         "and which methods can aggregate them together");
-  cmd->add_option("dirs", *dirs, "PEFT adapter directories")->required();
-  cmd->callback([dirs] { Run(*dirs); });
+                         "Show the modules, ranks, scalings and norms of PEFT adapters, and which "
+                         "methods can aggregate them together; or, with --model, what a model is");
+  cmd->add_option("dirs", *dirs, "PEFT adapter directories");
+  cmd->add_option("--model", *model,
+                  "a Hugging Face model directory: its family, sizes, LoRA targets, weights and "
+                  "whether its tokenizer is supported");
+  cmd->callback([dirs, model] {
+    if (dirs->empty() && model->empty())
+      ExitIfError(absl::InvalidArgumentError("inspect needs adapter directories or --model"));
+    if (!model->empty()) InspectModel(*model);
+    if (!dirs->empty()) Run(*dirs);
+  });
 }
 
 }  // namespace fedlora::tool

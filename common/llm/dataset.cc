@@ -71,20 +71,22 @@ absl::StatusOr<Example> ParseExample(const nlohmann::json& record, const Tokens&
   } else if (record.contains("text") || record.contains("instruction")) {
     if (tokens.tokenizer == nullptr)
       return absl::FailedPreconditionError(StrCat(where, ": text needs a tokenizer"));
-    auto append = [&](const std::string& text, bool trained) {
-      for (int32_t id : tokens.tokenizer->Encode(text)) {
-        ex.input_ids.push_back(id);
-        ex.labels.push_back(trained ? id : -100);
+    // The post-processor's leading special tokens never carry a loss: nothing precedes them.
+    for (int32_t id : tokens.tokenizer->prefix()) {
+      ex.input_ids.push_back(id);
+      ex.labels.push_back(-100);
+    }
+    auto append = [&](const std::vector<int32_t>& ids, size_t untrained) {
+      for (size_t i = 0; i < ids.size(); ++i) {
+        ex.input_ids.push_back(ids[i]);
+        ex.labels.push_back(i < untrained ? -100 : ids[i]);
       }
     };
-    if (tokens.bos >= 0) {
-      ex.input_ids.push_back(tokens.bos);
-      ex.labels.push_back(-100);  // never a target: nothing precedes it
-    }
     if (record.contains("text")) {
       auto text = string_field("text");
       if (!text.ok()) return text.status();
-      append(*text, true);
+      append(tokens.tokenizer->Encode(*text), 0);
+      append(tokens.tokenizer->suffix(), 0);
     } else {
       auto instruction = string_field("instruction"), input = string_field("input"),
            output = string_field("output");
@@ -93,12 +95,9 @@ absl::StatusOr<Example> ParseExample(const nlohmann::json& record, const Tokens&
       if (!record.contains("output"))
         return absl::InvalidArgumentError(
             StrCat(where, ": an instruction record needs \"output\""));
-      append(InstructionPrompt(*instruction, *input), false);
-      append(*output, true);
-      if (tokens.eos >= 0) {  // the response ends: the model learns to stop
-        ex.input_ids.push_back(tokens.eos);
-        ex.labels.push_back(tokens.eos);
-      }
+      const std::string prompt = InstructionPrompt(*instruction, *input);
+      append(tokens.tokenizer->Encode(prompt + *output), tokens.tokenizer->Encode(prompt).size());
+      if (tokens.eos >= 0) append({tokens.eos}, 0);  // the response ends: the model learns to stop
     }
   } else {
     std::string keys;

@@ -12,10 +12,13 @@
 //   "Below is an instruction that describes a task[, paired with an input that provides further
 //   context]. Write a response that appropriately completes the request.\n\n### Instruction:\n
 //   {instruction}\n\n[### Input:\n{input}\n\n]### Response:\n" then {output} and EOS.
-// Text and instruction records start with the tokenizer's BOS when its post-processor adds one, so
-// a text record is tokenised exactly as the Hugging Face tokenizer does it; an instruction record
-// ends with the model's first eos_token_id when config.json has one. Pre-tokenised records are
-// taken as they are. Records longer than the maximum length are truncated at the end.
+// A text record is tokenised exactly as the Hugging Face tokenizer does it by default: with the
+// special tokens its post-processor puts around a text (Llama's BOS, for one). An instruction
+// record is tokenised as LLM-Adapters does it: prompt and response as one text (so a tokenizer that
+// prepends "▁" to a text does so once), the first len(tokens(prompt)) tokens without loss, framed
+// by the post-processor's leading special tokens and ended with the model's first eos_token_id
+// when config.json has one. Pre-tokenised records are taken as they are. Records longer than the
+// maximum length are truncated at the end.
 #ifndef FEDLORA_COMMON_LLM_DATASET_H_
 #define FEDLORA_COMMON_LLM_DATASET_H_
 
@@ -38,7 +41,6 @@ struct Example {
 
 struct Tokens {
   const Tokenizer* tokenizer = nullptr;  // needed for text and instruction records
-  int32_t bos = -1;                      // starts text and instruction records when ≥ 0
   int32_t eos = -1;                      // ends instruction records when ≥ 0
   int32_t vocab_size = 0;                // ids of pre-tokenised records must be below it
 };

@@ -65,8 +65,8 @@ absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir) {
           " but config.json's vocab_size is ", c.vocab_size, " (tokenizer of another model?)"));
     model.tokenizer = std::make_unique<Tokenizer>(std::move(tokenizer));
   }
-  model.tokens = {model.tokenizer.get(), model.tokenizer ? model.tokenizer->bos_id() : -1,
-                  c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0], c.vocab_size};
+  model.tokens = {model.tokenizer.get(), c.eos_token_ids.empty() ? -1 : c.eos_token_ids[0],
+                  c.vocab_size};
   return model;
 }
 

@@ -26,7 +26,7 @@ namespace fedlora::common {
 struct Model {
   LlamaWeights weights;
   std::unique_ptr<Tokenizer> tokenizer;  // null when the directory has no tokenizer.json
-  Tokens tokens;                         // BOS from the tokenizer, EOS from config.json
+  Tokens tokens;                         // EOS from config.json
   std::string path;
 };
 // Reads config.json, the weights and tokenizer.json (optional: only pre-tokenised data works

@@ -6,6 +6,8 @@
 
 #include <fstream>
 
+#include "absl/strings/str_format.h"
+#include "common/base/strings.h"
 #include "tests/test_util.h"
 
 namespace fedlora::common {
@@ -13,15 +15,21 @@ namespace {
 
 using Ids = std::vector<int32_t>;
 
-Tokenizer BytesOnly() {
-  return *Tokenizer::Parse(TrainByteLevelTokenizer({}, 0, {"<s>", "</s>"}), "bytes");
+// Bytes 0..255, then <s> 256 and </s> 257; the post-processor puts <s> first when `bos`.
+Tokenizer BytesOnly(bool bos = false) {
+  nlohmann::json j = TrainByteLevelTokenizer({}, 0, {"<s>", "</s>"});
+  if (bos)
+    j["post_processor"] = {
+        {"type", "TemplateProcessing"},
+        {"single", {{{"SpecialToken", {{"id", "<s>"}}}}, {{"Sequence", {{"id", "A"}}}}}}};
+  return *Tokenizer::Parse(j, "bytes");
 }
 
 Ids Bytes(const std::string& s) { return Ids(s.begin(), s.end()); }
 
 TEST(DatasetTest, InstructionRecordsTrainOnTheResponseOnly) {
-  const Tokenizer tok = BytesOnly();
-  const Tokens tokens{&tok, 256, 257, tok.vocab_size()};
+  const Tokenizer tok = BytesOnly(true);
+  const Tokens tokens{&tok, 257, tok.vocab_size()};
   auto ex = ParseExample({{"instruction", "Say hi"}, {"input", ""}, {"output", "hi"}}, tokens, 1000,
                          "f:1");
   ASSERT_TRUE(ex.ok()) << ex.status();
@@ -45,9 +53,49 @@ TEST(DatasetTest, InstructionRecordsTrainOnTheResponseOnly) {
             "### Instruction:\nA\n\n### Input:\nB\n\n### Response:\nC");
 }
 
+// Llama 2's tokenizer prepends "▁" to each text it encodes: prompt and response are one text, so
+// the response gets none (LLM-Adapters' tokenisation; two encodes would put a "▁" before "hi").
+TEST(DatasetTest, InstructionRecordsAreOneTextForTheTokenizer) {
+  nlohmann::json vocab = {{"<unk>", 0}, {"<s>", 1}, {"</s>", 2}, {"\u2581", 259}};
+  for (int b = 0; b < 256; ++b)
+    vocab[StrCat("<0x", b < 16 ? "0" : "", absl::StrFormat("%X", b), ">")] = 3 + b;
+  const nlohmann::json json = {
+      {"model",
+       {{"type", "BPE"},
+        {"vocab", vocab},
+        {"merges", nlohmann::json::array()},
+        {"byte_fallback", true},
+        {"unk_token", "<unk>"}}},
+      {"added_tokens",
+       {{{"id", 1}, {"content", "<s>"}, {"special", true}},
+        {{"id", 2}, {"content", "</s>"}, {"special", true}}}},
+      {"normalizer",
+       {{"type", "Sequence"},
+        {"normalizers",
+         {{{"type", "Prepend"}, {"prepend", "\u2581"}},
+          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\u2581"}}}}}},
+      {"post_processor",
+       {{"type", "TemplateProcessing"},
+        {"single", {{{"SpecialToken", {{"id", "<s>"}}}}, {{"Sequence", {{"id", "A"}}}}}}}}};
+  const Tokenizer tok = *Tokenizer::Parse(json, "sp");
+  const Tokens tokens{&tok, 2, tok.vocab_size()};
+  auto ex = ParseExample({{"instruction", "Say hi"}, {"output", "hi"}}, tokens, 1000, "f:1");
+  ASSERT_TRUE(ex.ok()) << ex.status();
+  const std::string prompt = InstructionPrompt("Say hi", "");
+  Ids ids{1, 259}, labels{-100, -100};
+  for (unsigned char c : prompt + "hi") {
+    ids.push_back(c == ' ' ? 259 : 3 + c);
+    labels.push_back(ids.size() <= 2 + prompt.size() ? -100 : ids.back());
+  }
+  ids.push_back(2);
+  labels.push_back(2);
+  EXPECT_EQ(ex->input_ids, ids);
+  EXPECT_EQ(ex->labels, labels);
+}
+
 TEST(DatasetTest, TextAndPreTokenisedRecords) {
   const Tokenizer tok = BytesOnly();
-  const Tokens tokens{&tok, -1, 257, tok.vocab_size()};
+  const Tokens tokens{&tok, 257, tok.vocab_size()};
   auto text = ParseExample({{"text", "abc"}}, tokens, 1000, "f:1");
   ASSERT_TRUE(text.ok());
   EXPECT_EQ(text->input_ids, (Ids{'a', 'b', 'c'}));  // as the tokenizer has it: no EOS
@@ -64,7 +112,7 @@ TEST(DatasetTest, TextAndPreTokenisedRecords) {
 
 TEST(DatasetTest, BadLinesAreReportedWithTheirNumber) {
   const Tokenizer tok = BytesOnly();
-  const Tokens tokens{&tok, -1, -1, tok.vocab_size()};
+  const Tokens tokens{&tok, -1, tok.vocab_size()};
   fedlora::testing::ScratchDir dir;
   auto read = [&](const std::string& content) {
     std::ofstream(dir.path() / "d.jsonl") << content;
