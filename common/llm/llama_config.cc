@@ -205,7 +205,8 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json,
 
   // Sliding windows: Mistral's on every layer; Qwen's, when enabled, on the layers that
   // layer_types names, or else on those from max_window_layers on.
-  const nlohmann::json window_json = json.value("sliding_window", nlohmann::json());
+  // Absent, it is the config classes' default, 4096; null means none.
+  const nlohmann::json window_json = json.value("sliding_window", nlohmann::json(4096));
   const bool windowed = model_type == "mistral" || (model_type != "llama" && flags[3]);
   if (windowed && !window_json.is_null()) {
     if (!window_json.is_number_integer() || window_json.get<int64_t>() <= 0 ||
@@ -451,6 +452,7 @@ struct Preset {
   LlamaConfig (*make)();
 };
 
+// The tiny Llama: 2 layers of width 64, 4 query and 2 key/value heads of 16.
 LlamaConfig Tiny() {
   LlamaConfig c;
   c.hidden_size = 64;
@@ -466,20 +468,41 @@ LlamaConfig Tiny() {
   return c;
 }
 
-void QkvBias(LlamaConfig& c) {
-  for (LinearKind k : {LinearKind::kQ, LinearKind::kK, LinearKind::kV})
-    c.bias[static_cast<int>(k)] = true;
+// A real checkpoint's sizes on top of `c`.
+LlamaConfig Sized(LlamaConfig c, int hidden, int intermediate, int layers, int heads, int kv_heads,
+                  int head_dim, int vocab, int context) {
+  c.hidden_size = hidden;
+  c.intermediate_size = intermediate;
+  c.num_hidden_layers = layers;
+  c.num_attention_heads = heads;
+  c.num_key_value_heads = kv_heads;
+  c.head_dim = head_dim;
+  c.vocab_size = vocab;
+  c.max_position_embeddings = context;
+  return c;
+}
+
+// Each family's variation, as its checkpoints configure it.
+LlamaConfig Llama3(LlamaConfig c, int original_context) {
+  c.rope_theta = 500000;
+  c.rope_scaling = {RopeScaling::Type::kLlama3, 32, 1, 4, original_context};
+  return c;
+}
+LlamaConfig Qwen(LlamaConfig c, const char* model_type) {
+  c.model_type = model_type;
+  c.rope_theta = 1000000;
+  c.rms_norm_eps = 1e-6;
+  if (c.model_type == "qwen2")
+    for (LinearKind k : {LinearKind::kQ, LinearKind::kK, LinearKind::kV})
+      c.bias[static_cast<int>(k)] = true;
+  c.qk_norm = c.model_type == "qwen3";
+  return c;
 }
 
 constexpr Preset kPresets[] = {
     {"tiny", Tiny},
-    {"tiny-llama3",
-     [] {
-       LlamaConfig c = Tiny();
-       c.rope_theta = 500000;
-       c.rope_scaling = {RopeScaling::Type::kLlama3, 32, 1, 4, 64};
-       return c;
-     }},
+    // Llama 3.2's scaling with an original context of 64, so that it changes short sequences.
+    {"tiny-llama3", [] { return Llama3(Tiny(), 64); }},
     {"tiny-mistral",
      [] {
        LlamaConfig c = Tiny();
@@ -488,88 +511,25 @@ constexpr Preset kPresets[] = {
        c.layer_window.assign(2, 32);
        return c;
      }},
-    {"tiny-qwen2",
-     [] {
-       LlamaConfig c = Tiny();
-       c.model_type = "qwen2";
-       c.rope_theta = 1000000;
-       c.rms_norm_eps = 1e-6;
-       QkvBias(c);
-       return c;
-     }},
+    {"tiny-qwen2", [] { return Qwen(Tiny(), "qwen2"); }},
     {"tiny-qwen3",
      [] {
-       LlamaConfig c = Tiny();
-       c.model_type = "qwen3";
-       c.head_dim = 32;
-       c.rope_theta = 1000000;
-       c.rms_norm_eps = 1e-6;
-       c.qk_norm = true;
+       LlamaConfig c = Qwen(Tiny(), "qwen3");
+       c.head_dim = 32;  // explicit, ≠ 64 / 4, as Qwen3's checkpoints have it
        return c;
      }},
     {"smollm2-135m",
      [] {
-       LlamaConfig c = Tiny();
-       c.hidden_size = 576;
-       c.intermediate_size = 1536;
-       c.num_hidden_layers = 30;
-       c.num_attention_heads = 9;
-       c.num_key_value_heads = 3;
-       c.head_dim = 64;
-       c.vocab_size = 49152;
-       c.max_position_embeddings = 8192;
+       LlamaConfig c = Sized(Tiny(), 576, 1536, 30, 9, 3, 64, 49152, 8192);
        c.rope_theta = 100000;
        return c;
      }},
     {"llama-3.2-1b",
-     [] {
-       LlamaConfig c = Tiny();
-       c.hidden_size = 2048;
-       c.intermediate_size = 8192;
-       c.num_hidden_layers = 16;
-       c.num_attention_heads = 32;
-       c.num_key_value_heads = 8;
-       c.head_dim = 64;
-       c.vocab_size = 128256;
-       c.max_position_embeddings = 131072;
-       c.rope_theta = 500000;
-       c.rope_scaling = {RopeScaling::Type::kLlama3, 32, 1, 4, 8192};
-       return c;
-     }},
+     [] { return Llama3(Sized(Tiny(), 2048, 8192, 16, 32, 8, 64, 128256, 131072), 8192); }},
     {"qwen2.5-0.5b",
-     [] {
-       LlamaConfig c = Tiny();
-       c.model_type = "qwen2";
-       c.hidden_size = 896;
-       c.intermediate_size = 4864;
-       c.num_hidden_layers = 24;
-       c.num_attention_heads = 14;
-       c.num_key_value_heads = 2;
-       c.head_dim = 64;
-       c.vocab_size = 151936;
-       c.max_position_embeddings = 32768;
-       c.rope_theta = 1000000;
-       c.rms_norm_eps = 1e-6;
-       QkvBias(c);
-       return c;
-     }},
+     [] { return Qwen(Sized(Tiny(), 896, 4864, 24, 14, 2, 64, 151936, 32768), "qwen2"); }},
     {"qwen3-0.6b",
-     [] {
-       LlamaConfig c = Tiny();
-       c.model_type = "qwen3";
-       c.hidden_size = 1024;
-       c.intermediate_size = 3072;
-       c.num_hidden_layers = 28;
-       c.num_attention_heads = 16;
-       c.num_key_value_heads = 8;
-       c.head_dim = 128;
-       c.vocab_size = 151936;
-       c.max_position_embeddings = 40960;
-       c.rope_theta = 1000000;
-       c.rms_norm_eps = 1e-6;
-       c.qk_norm = true;
-       return c;
-     }},
+     [] { return Qwen(Sized(Tiny(), 1024, 3072, 28, 16, 8, 128, 151936, 40960), "qwen3"); }},
 };
 
 }  // namespace

@@ -99,23 +99,35 @@ Figure Measure(const LlamaWeights& w, const std::vector<LinearKind>& targets, in
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"train_bench: trainer throughput on a SmolLM2-135M-shaped model"};
-  std::string torch_python;
+  CLI::App app{
+      "train_bench: trainer throughput on a SmolLM2-135M-shaped model (or another preset)"};
+  std::string torch_python, preset = "smollm2-135m";
   int steps = 3, threads = 2, only_seq = 0;
   app.add_option("--torch-python", torch_python, "python with torch, to run train_torch.py too");
   app.add_option("--steps", steps, "measured steps per case (after one warm-up step)")
       ->capture_default_str();
   app.add_option("--threads", threads, "threads for fedlora and PyTorch")->capture_default_str();
   app.add_option("--seq", only_seq, "measure only this sequence length");
+  app.add_option("--preset", preset,
+                 "architecture (init-model's presets); PyTorch's peer is SmolLM2-shaped only")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (!torch_python.empty() && preset != "smollm2-135m") {
+    std::fprintf(stderr, "--torch-python compares the smollm2-135m preset only\n");
+    return 2;
+  }
+  auto config = LlamaPreset(preset);
+  if (!config.ok() || config->vocab_size == 0) {
+    std::fprintf(stderr, "--preset: a preset with a vocabulary, one of %s\n",
+                 LlamaPresetNames().c_str());
+    return 2;
+  }
 
   openblas_set_num_threads(1);  // as the trainer runs it: one OpenBLAS thread per call
-  const LlamaConfig c = *LlamaPreset("smollm2-135m");
-  const LlamaWeights w = LlamaWeights::Random(c, 1);
+  const LlamaWeights w = LlamaWeights::Random(*config, 1);
   std::printf(
-      "## Trainer throughput, SmolLM2-135M shape (%zu parameters), batch 4, LoRA r 16, %d "
-      "threads\n\n",
-      w.num_parameters(), threads);
+      "## Trainer throughput, %s shape (%zu parameters), batch 4, LoRA r 16, %d threads\n\n",
+      preset.c_str(), w.num_parameters(), threads);
   std::printf(
       "fp32 GEMM on this machine, C = A·Bᵀ, rows split over %d threads (GFLOP/s): OpenBLAS (one "
       "thread per call, as the trainer) %.0f at 2048³ and %.0f at 1024×576×1536 (a trainer shape), "

@@ -388,6 +388,48 @@ TEST_P(ModelFamilyTest, EvalMatchesFloat64ReferenceAndMergeKeepsTheArchitecture)
   }
 }
 
+// What a user checks before bringing a model: its architecture and LoRA targets, and its
+// tokenizer's ids for their texts.
+TEST_F(CliTest, InspectModelAndTokenize) {
+  Result r = Fedlora("init-model --preset tiny-qwen3 --out " + Dir("qwen3"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = Fedlora("inspect --model " + Dir("qwen3"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("family: qwen3 (Qwen3ForCausalLM)"));
+  EXPECT_THAT(r.output, HasSubstr("head_dim 32, full causal, RMSNorm on each head of q and k"));
+  EXPECT_THAT(r.output, HasSubstr("q_proj     [128 x 64]  model.layers.0.self_attn.q_proj"));
+  // embed 259×64, 2 × (2 norms of 64, q 128×64, k and v 64×64, o 64×128, 3 MLP 192×64, q/k norms of
+  // 32), final norm: 16576 + 2·61632 + 64 parameters in 1 + 2·11 + 1 tensors.
+  EXPECT_THAT(r.output, HasSubstr("1 file, 24 F32 tensors, 139904 parameters"));
+  EXPECT_THAT(r.output, HasSubstr("tokenizer: supported: BPE"));
+  const fs::path fixtures = fs::path(FEDLORA_SOURCE_DIR) / "tests/fixtures/families";
+  r = Fedlora("inspect --model " + (fixtures / "llama3").string());
+  EXPECT_THAT(r.output, HasSubstr("llama3 scaling (factor 8, low 1, high 4, original context 64)"));
+  EXPECT_THAT(r.output, HasSubstr("tokenizer: none"));
+  r = Fedlora("inspect --model " + (fixtures / "qwen2").string());
+  EXPECT_THAT(r.output,
+              HasSubstr("sliding window of 6 on layers 1, biases on q_proj, k_proj, v_proj"));
+  std::ofstream(scratch_ / "gemma.json") << R"({"model_type": "gemma3_text"})";
+  fs::create_directories(scratch_ / "gemma");
+  fs::rename(scratch_ / "gemma.json", scratch_ / "gemma" / "config.json");
+  ExpectRefused("inspect --model " + Dir("gemma"), "Gemma scales the embeddings");
+
+  // tokenize: one JSON line per text; without --add-special no BOS/EOS.
+  r = Fedlora("tokenize --model " + Dir("qwen3") + " --text 'ab<|endoftext|>' --show-text");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto line = nlohmann::json::parse(r.output);
+  const std::vector<int> ids = line["ids"];
+  ASSERT_EQ(ids.size(), 3u);  // the corpus-less byte-level tokenizer: a, b, then the token
+  EXPECT_EQ(ids[0], 'a');
+  EXPECT_EQ(line["text"], "ab<|endoftext|>");
+  std::ofstream(scratch_ / "texts.jsonl") << "\"one\"\n\"two\"\n{\"text\": 3}\n";
+  r = Fedlora("tokenize --model " + Dir("qwen3") + " --input " + Dir("texts.jsonl"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, HasSubstr("{\"ids\":[111,110,101]}\n{\"ids\":[116,119,111]}"));
+  EXPECT_THAT(r.output, HasSubstr("texts.jsonl:3: expected a JSON string"));
+  ExpectRefused("tokenize --model " + Dir("qwen3"), "tokenize needs --text or --input");
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFamilyTest,
                          ::testing::Values("llama3", "llama-linear-bias", "llama-dynamic",
                                            "mistral", "qwen2", "qwen3"),

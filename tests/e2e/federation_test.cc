@@ -1271,24 +1271,25 @@ class LlmFixture : public FederationTest {
     return Fedlora("eval --model " + model.string() + " --data " +
                    (dir_ / "data" / "test.jsonl").string() + " --json")["loss"];
   }
+  void FineTune(const std::string& method, const std::string& preset, const std::string& targets);
 };
 
-class LlmFederation : public LlmFixture, public ::testing::WithParamInterface<std::string> {};
-
-TEST_P(LlmFederation, ClientsFineTuneATinyModelAndHeldOutLossFalls) {
-  const std::string method = GetParam();
+// A federation of `llm` clients fine-tuning a tiny model of `preset`'s architecture with `method`:
+// held-out loss falls, and the exported merged model, evaluated by another process, has the loss
+// the coordinator measured on the base with the global adapter.
+void LlmFixture::FineTune(const std::string& method, const std::string& preset,
+                          const std::string& targets) {
   const fs::path data = dir_ / "data", model = dir_ / "model";
   Fedlora("make-data --out " + data.string() +
           " --clients 3 --records 48 --test-records 24 --alpha 0.5 --seed 1");
-  Fedlora("init-model --preset tiny --seed 2 --init-std 0.1 --merges 60 --tokenizer-corpus " +
-          (data / "client-1.jsonl").string() + " --out " + model.string());
+  Fedlora("init-model --preset " + preset + " --seed 2 --init-std 0.1 --merges 60 " +
+          "--tokenizer-corpus " + (data / "client-1.jsonl").string() + " --out " + model.string());
   const double base_loss = EvalLoss(model);
 
   RunFederation(
       method,
       {"--rounds", "2", "--base-model-dir", model.string(), "--eval-data",
-       (data / "test.jsonl").string(), "--target-modules", "q_proj,v_proj,up_proj,down_proj",
-       "--local-steps", "6",
+       (data / "test.jsonl").string(), "--target-modules", targets, "--local-steps", "6",
        // Fed-SB trains only R (r² values per module) in a random subspace: it wants a larger step.
        "--learning-rate", method == "fed-sb" ? "0.1" : "0.01"},
       [&](int i) {
@@ -1306,12 +1307,16 @@ TEST_P(LlmFederation, ClientsFineTuneATinyModelAndHeldOutLossFalls) {
   const double final_loss = metrics.back()["eval_loss"];
   EXPECT_LT(final_loss, 0.9 * base_loss) << "base " << base_loss;
   EXPECT_LT(metrics[1]["eval_loss"].get<double>(), metrics[0]["eval_loss"].get<double>());
-  // The exported merged model, evaluated by another process, has the loss the coordinator measured
-  // on the base with the global adapter.
   EXPECT_NEAR(EvalLoss(dir_ / "state" / "export" / "merged"), final_loss, 1e-5 * final_loss);
   if (method == "flora") {  // each client holds the same merged base
     EXPECT_NEAR(EvalLoss(dir_ / "run-out1" / "model"), final_loss, 1e-5 * final_loss);
   }
+}
+
+class LlmFederation : public LlmFixture, public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(LlmFederation, ClientsFineTuneATinyModelAndHeldOutLossFalls) {
+  FineTune(GetParam(), "tiny", "q_proj,v_proj,up_proj,down_proj");
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, LlmFederation,
@@ -1321,6 +1326,34 @@ INSTANTIATE_TEST_SUITE_P(Methods, LlmFederation,
                            std::erase(name, '-');
                            return name;
                          });
+
+// The same on each family's tiny preset: Llama 3.2's rope scaling, Qwen2's biases, Qwen3's q/k
+// norms, Mistral's sliding window (32 positions, shorter than the records), each with another
+// method and set of LoRA targets.
+struct FamilyRun {
+  const char* preset;
+  const char* method;
+  const char* targets;
+};
+
+class FamilyFederation : public LlmFixture, public ::testing::WithParamInterface<FamilyRun> {};
+
+TEST_P(FamilyFederation, ClientsFineTuneAndTheMergedExportEvaluatesAsTheCoordinatorSaid) {
+  FineTune(GetParam().method, GetParam().preset, GetParam().targets);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Presets, FamilyFederation,
+    ::testing::Values(FamilyRun{"tiny-llama3", "fed-sb", "q_proj,k_proj,v_proj,o_proj"},
+                      FamilyRun{"tiny-qwen2", "fedit",
+                                "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"},
+                      FamilyRun{"tiny-qwen3", "lora-fair", "q_proj,k_proj,v_proj,down_proj"},
+                      FamilyRun{"tiny-mistral", "flora", "q_proj,v_proj,gate_proj"}),
+    [](const auto& info) {
+      std::string name = info.param.preset;
+      std::erase(name, '-');
+      return name;
+    });
 
 // DP-SGD on the clients: each reports the ε its ledger has spent, the coordinator records it per
 // round, and a client whose next round would pass its target declines it and leaves.

