@@ -10,7 +10,8 @@ namespace fedlora::server {
 using common::StrCat;
 
 absl::Status CheckAdmission(const v1::JoinRequest& request, const std::string& expected_sha256,
-                            int rank, const std::vector<ModuleSpec>& modules) {
+                            int rank, const std::vector<ModuleSpec>& modules,
+                            int64_t max_examples) {
   if (!common::IsSha256Hex(request.base_model_sha256())) {
     return absl::InvalidArgumentError(StrCat("base_model_sha256 '", request.base_model_sha256(),
                                              "' is not a sha256 (64 lower-case hex digits)"));
@@ -18,6 +19,11 @@ absl::Status CheckAdmission(const v1::JoinRequest& request, const std::string& e
   if (request.num_examples() <= 0) {
     return absl::InvalidArgumentError(
         StrCat("num_examples is ", request.num_examples(), "; it must be positive"));
+  }
+  if (request.num_examples() > max_examples) {
+    return absl::InvalidArgumentError(StrCat("num_examples is ", request.num_examples(),
+                                             "; the run admits at most ", max_examples,
+                                             " per client (--max-client-examples)"));
   }
   if (!expected_sha256.empty() && request.base_model_sha256() != expected_sha256) {
     return absl::FailedPreconditionError(StrCat(

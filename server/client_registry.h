@@ -20,9 +20,10 @@ namespace v1 = ::fedlora::v1;
 // OK when `request` may join a run on base model `expected_sha256` (empty: not pinned yet) that
 // trains rank `rank` on `modules` (empty: the run does not exist yet). Otherwise the status says
 // what was expected and what came: INVALID_ARGUMENT for a malformed request, FAILED_PRECONDITION
-// for a client that cannot take part (other weights, a lower max_rank, a missing module).
+// for a client that cannot take part (other weights, a lower max_rank, a missing module). A
+// num_examples above `max_examples` is INVALID_ARGUMENT.
 absl::Status CheckAdmission(const v1::JoinRequest& request, const std::string& expected_sha256,
-                            int rank, const std::vector<ModuleSpec>& modules);
+                            int rank, const std::vector<ModuleSpec>& modules, int64_t max_examples);
 
 struct ClientInfo {
   int64_t num_examples = 0;

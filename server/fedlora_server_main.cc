@@ -55,6 +55,13 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
                  "module name suffixes to adapt (default: all offered)")
       ->delimiter(',')
       ->allow_extra_args(false);
+  app.add_option("--max-client-examples", o.max_client_examples,
+                 "a client joining with more examples is refused; an update may not claim more "
+                 "than its client joined with")
+      ->capture_default_str();
+  app.add_option("--max-update-norm", o.max_update_norm,
+                 "reject an update whose ‖s·B·A‖_F (flat over modules) exceeds this; 0: off")
+      ->capture_default_str();
   app.add_option("--base-model-sha256", o.base_model_sha256,
                  "required base model (default: the first client's)");
   app.add_option("--lora-fair-lambda", o.lora_fair_lambda)->capture_default_str();

@@ -73,6 +73,10 @@ absl::StatusOr<nlohmann::json> CloseRound(const RoundFacts& facts, const RoundIn
     update_examples[id] = u.num_examples;
     if (u.metrics.dp_epsilon() > 0) dp_epsilon[id] = u.metrics.dp_epsilon();
   }
+  // What share of the aggregate each update had (method-independent: its examples' share).
+  nlohmann::json weight_share = nlohmann::json::object();
+  for (const std::string& id : arrived)
+    weight_share[id] = static_cast<double>(in.uploads->all().at(id).num_examples) / examples;
   std::vector<std::string> dropped;
   for (const std::string& id : facts.cohort) {
     if (!std::binary_search(arrived.begin(), arrived.end(), id) && !facts.declined.contains(id))
@@ -98,6 +102,7 @@ absl::StatusOr<nlohmann::json> CloseRound(const RoundFacts& facts, const RoundIn
       {"elapsed_seconds", facts.elapsed_seconds},
       {"updates", update_blobs},
       {"examples", update_examples},
+      {"weight_share", weight_share},
       {"global_blob", blob.sha256},
       {"blob_bytes", blob.size}};
   if (!client_dp.empty()) record["client_dp"] = client_dp;

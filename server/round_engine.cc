@@ -100,7 +100,7 @@ absl::Status RoundEngine::Resume() {
     ASSIGN_OR_RETURN(std::string bytes, store_.ReadWholeBlob(l.at(0).blobs.at(0).sha256));
     ASSIGN_OR_RETURN(frozen_, common::DecodeAdapter(bytes, "frozen blob"));
   }
-  validator_ = UpdateValidator(method_, TrainedShapes(), frozen_);
+  validator_ = UpdateValidator(method_, TrainedShapes(), frozen_, TaskScaling());
   round_ = version() + 1;
   if (version() >= options_.rounds) phase_ = Phase::kDone;
   spdlog::info("continuing run {} from {}: version {} of {} rounds", l.run_id, options_.state_dir,
@@ -196,7 +196,7 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
   ledger.versions.push_back(std::move(v0));
   RETURN_IF_ERROR(store_.SaveLedger(ledger));
   frozen_ = std::move(frozen);
-  validator_ = UpdateValidator(method_, TrainedShapes(), frozen_);
+  validator_ = UpdateValidator(method_, TrainedShapes(), frozen_, TaskScaling());
   round_ = 1;
   spdlog::info(
       "run {} created: base model {}, {} modules, rank {}, lora_alpha {}, {} local steps at "
@@ -214,17 +214,23 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
     std::lock_guard<std::mutex> lock(mu_);
     const std::string& expected =
         store_.has_ledger() ? store_.ledger().base_model_sha256 : options_.base_model_sha256;
-    absl::Status admitted = CheckAdmission(request, expected, options_.rank, {});
+    absl::Status admitted =
+        CheckAdmission(request, expected, options_.rank, {}, options_.max_client_examples);
     if (admitted.ok() && !store_.has_ledger()) admitted = InitializeRunLocked(request);
     if (admitted.ok())
-      admitted = CheckAdmission(request, expected, options_.rank, store_.ledger().modules);
+      admitted = CheckAdmission(request, expected, options_.rank, store_.ledger().modules,
+                                options_.max_client_examples);
+    std::string repeated;
     if (!admitted.ok()) {
-      spdlog::warn("refused {}: {}", client, admitted.message());
+      if (log_limiter_.Allow("refused " + client, env_->Now(), &repeated))
+        spdlog::warn("refused {}: {}{}", client, admitted.message(), repeated);
       return admitted;
     }
     const bool is_new = clients_.Join(client, request.num_examples(), env_->Now());
-    spdlog::info("{} {} ({} examples); {} clients joined", client, is_new ? "joined" : "re-joined",
-                 request.num_examples(), clients_.size());
+    if (is_new || log_limiter_.Allow("re-joined " + client, env_->Now(), &repeated))
+      spdlog::info("{} {} ({} examples); {} clients joined{}", client,
+                   is_new ? "joined" : "re-joined", request.num_examples(), clients_.size(),
+                   repeated);
     MaybeStartRoundLocked();
     CollectReadyLocked(&ready, false);
     response.set_run_id(store_.ledger().run_id);
@@ -411,9 +417,13 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
       return stale(
           absl::PermissionDeniedError(StrCat(client, " is not in round ", round_, "'s cohort")));
     }
-    if (request.total_size() <= 0 || request.total_size() > options_.max_update_bytes) {
-      spdlog::warn("round {}: refused {}'s update of {} bytes (limit {})", round_, client,
-                   request.total_size(), options_.max_update_bytes);
+    if (request.total_size() <= 0)  // regression: this was "exceeds the limit"
+      return rejected(absl::InvalidArgumentError(StrCat(
+          "update of total size ", request.total_size(), "; an update has at least one byte")));
+    if (request.total_size() > options_.max_update_bytes) {
+      if (std::string repeated; log_limiter_.Allow("too large " + client, env_->Now(), &repeated))
+        spdlog::warn("round {}: refused {}'s update of {} bytes (limit {}){}", round_, client,
+                     request.total_size(), options_.max_update_bytes, repeated);
       return rejected(absl::ResourceExhaustedError(StrCat("update of ", request.total_size(),
                                                           " bytes exceeds the limit of ",
                                                           options_.max_update_bytes, " bytes")));
@@ -466,9 +476,22 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
                         v1::ErrorDetail::STALE_TASK);
     }
     absl::Status status = sketch ? products.status() : update.status();
+    const int64_t joined = clients_.Find(client)->num_examples;
+    const int64_t examples = request.num_examples() > 0 ? request.num_examples() : joined;
+    if (status.ok() && examples > joined)
+      status = absl::InvalidArgumentError(StrCat("the update claims ", examples,
+                                                 " examples, more than the ", joined, " ", client,
+                                                 " joined with"));
+    if (status.ok() && !sketch && options_.max_update_norm > 0) {
+      double squared = 0;
+      for (size_t i = 0; i < update->num_modules(); ++i)
+        squared += update->DeltaNorm(i) * update->DeltaNorm(i);
+      if (std::sqrt(squared) > options_.max_update_norm)
+        status = absl::InvalidArgumentError(StrCat(
+            "the update's norm ‖s·B·A‖_F = ", std::sqrt(squared), " exceeds the run's bound of ",
+            options_.max_update_norm, " (--max-update-norm)"));
+    }
     if (status.ok()) {
-      const int64_t examples =
-          request.num_examples() > 0 ? request.num_examples() : clients_.Find(client)->num_examples;
       const bool keep = !sketch && (method_ == Method::kFlora || method_ == Method::kLoraFair);
       status =
           uploads_.Accept(round_, client, examples, request.metrics(), keep ? *update : Adapter());
@@ -490,7 +513,9 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
     if (!status.ok()) {
       uploads_.Drop(round_, client);
       if (absl::IsUnavailable(status)) return status;  // the coordinator's failure: retried
-      spdlog::warn("{}: rejected {}'s update: {}", RoundNameLocked(), client, status.message());
+      if (std::string repeated; log_limiter_.Allow("rejected " + client, env_->Now(), &repeated))
+        spdlog::warn("{}: rejected {}'s update: {}{}", RoundNameLocked(), client, status.message(),
+                     repeated);
       rejected_.push_back(client);
       return WithReason(status, v1::ErrorDetail::REJECTED);
     }

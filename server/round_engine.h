@@ -31,6 +31,7 @@
 #include "absl/status/statusor.h"
 #include "common/aggregation/aggregate.h"
 #include "common/base/env.h"
+#include "common/base/log_limiter.h"
 #include "fedlora/v1/coordinator.pb.h"
 #include "server/client_dp_rounds.h"
 #include "server/client_registry.h"
@@ -107,6 +108,11 @@ class RoundEngine {
   // "round N", or "fed-sb initialisation step s of S" during round 0.
   std::string RoundNameLocked() const;
   // The run's modules at its rank, as every update holds them (LoRA-SB modules for fed-sb).
+  // The scaling every client trains with (node.cc: the task's lora_alpha / rank); fed-sb's R is
+  // decoded onto the frozen factors' scaling, so nothing is checked there.
+  double TaskScaling() const {
+    return method_ == common::Method::kFedSb ? 0 : options_.lora_alpha / options_.rank;
+  }
   std::vector<common::ModuleShape> TrainedShapes() const {
     return store_.ledger().Shapes(options_.rank, method_ == common::Method::kFedSb);
   }
@@ -144,6 +150,7 @@ class RoundEngine {
   const common::Method method_;
   common::Env* const env_;
   std::mutex mu_;
+  common::LogLimiter log_limiter_;  // repeated events (joins, refusals, failures) once per 10 s
   StateStore store_;
   Phase phase_ = Phase::kWaitingForClients;
   absl::Status failure_;  // set once the engine gives up

@@ -190,7 +190,7 @@ void RoundEngine::CommitInitStepLocked() {
   spdlog::info("{} closed: {} of {} answers", name, arrived.size(), cohort_.size());
   if (frozen->num_modules() > 0) {
     frozen_ = *std::move(frozen);
-    validator_ = UpdateValidator(method_, TrainedShapes(), frozen_);
+    validator_ = UpdateValidator(method_, TrainedShapes(), frozen_, TaskScaling());
     round_ = 1;
     double r0 = 0;
     for (size_t i = 0; i < frozen_.num_modules(); ++i) r0 += frozen_.R(i).squaredNorm();
@@ -315,8 +315,9 @@ void RoundEngine::FailedLocked(Retry& retry, const absl::Status& status, const s
     spdlog::critical("giving up: {}", failure_.message());
     return;
   }
-  spdlog::error("{} failed: {}; {}; retrying in {:.1f} s (attempt {})", step, status.message(),
-                hint, backoff, retry.failures);
+  if (std::string repeated; log_limiter_.Allow("failed " + step, now, &repeated))
+    spdlog::error("{} failed: {}; {}; retrying in {:.1f} s (attempt {}){}", step, status.message(),
+                  hint, backoff, retry.failures, repeated);
 }
 
 void RoundEngine::Tick() {

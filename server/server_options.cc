@@ -19,6 +19,10 @@ absl::Status ServerOptions::Validate() const {
     return bad("client_timeout_s is ", client_timeout_s, "; it must be > 0");
   if (rank < 1) return bad("rank is ", rank, "; it must be at least 1");
   if (local_steps < 1) return bad("local_steps is ", local_steps, "; it must be at least 1");
+  if (!(max_update_norm >= 0))
+    return bad("max_update_norm is ", max_update_norm, "; it must be >= 0 (0: off)");
+  if (max_client_examples < 1)
+    return bad("max_client_examples is ", max_client_examples, "; it must be at least 1");
   if (!(learning_rate > 0)) return bad("learning_rate is ", learning_rate, "; it must be > 0");
   if (!eval_data.empty() && base_model_dir.empty())
     return bad("eval_data ", eval_data, " needs base_model_dir (the model to evaluate it with)");

@@ -34,6 +34,13 @@ struct ServerOptions {
   double learning_rate = 0.05;
   // module name suffixes to adapt (e.g. q_proj); empty: all offered
   std::vector<std::string> target_modules;
+  // A client joining with more examples is refused, and an update claiming more examples than its
+  // client joined with is rejected: a client's weight in the aggregate is bounded by both.
+  int64_t max_client_examples = 1'000'000'000;
+  // > 0: an update whose ‖s·B·A‖_F (s·B·R·A for fed-sb; flat over its modules — the adapter a
+  // client sends, not its change) exceeds this is rejected: a bound on what one faulty or
+  // malicious client can do to the aggregate without DP. 0: off.
+  double max_update_norm = 0;
   // the base model clients must hold; empty: pinned from the first client
   std::string base_model_sha256;
   double lora_fair_lambda = 0.01;

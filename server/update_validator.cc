@@ -19,7 +19,7 @@ absl::StatusOr<common::Adapter> UpdateValidator::Decode(std::string_view bytes,
     return update;
   }
   ASSIGN_OR_RETURN(update, common::DecodeAdapter(bytes, origin));
-  RETURN_IF_ERROR(common::CheckShapes(update, shapes_, origin));
+  RETURN_IF_ERROR(common::CheckShapes(update, shapes_, origin, scaling_));
   return update;
 }
 

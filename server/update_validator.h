@@ -27,9 +27,13 @@ class UpdateValidator {
  public:
   UpdateValidator() = default;
   // `shapes`: the task's modules at the run's rank; `frozen`: Fed-SB's shared B and A.
+  // `scaling`: the task's lora_alpha / r, which every update's modules must carry.
   UpdateValidator(common::Method method, std::vector<common::ModuleShape> shapes,
-                  common::Adapter frozen)
-      : method_(method), shapes_(std::move(shapes)), frozen_(std::move(frozen)) {}
+                  common::Adapter frozen, double scaling)
+      : method_(method),
+        shapes_(std::move(shapes)),
+        frozen_(std::move(frozen)),
+        scaling_(scaling) {}
 
   // The update in `bytes`, decoded and checked; INVALID_ARGUMENT naming `origin`, the module and
   // both shapes otherwise.
@@ -44,6 +48,7 @@ class UpdateValidator {
   common::Method method_ = common::Method::kFedIt;
   std::vector<common::ModuleShape> shapes_;
   common::Adapter frozen_;
+  double scaling_ = 0;
 };
 
 }  // namespace fedlora::server

@@ -13,7 +13,8 @@ namespace {
 
 using common::Adapter;
 
-void PrintAdapter(const Adapter& a) {
+// Prints what `a` holds; false when it holds a non-finite value.
+bool PrintAdapter(const Adapter& a) {
   size_t params = 0;
   for (const auto& m : a.modules()) params += m.size();
   std::printf("%s\n  base model: %s\n  modules: %zu, parameters: %zu\n", a.source.c_str(),
@@ -28,6 +29,7 @@ void PrintAdapter(const Adapter& a) {
                 m.in_features, m.out_features, m.scaling, a.A(i).norm(), a.B(i).norm(),
                 finite.ok() ? a.DeltaNorm(i) : NAN, m.has_r ? "  (has R)" : "");
   }
+  return finite.ok();
 }
 
 void Run(const std::vector<std::string>& dirs) {
@@ -41,7 +43,7 @@ void Run(const std::vector<std::string>& dirs) {
       failed = true;
       continue;
     }
-    PrintAdapter(*adapter);
+    if (!PrintAdapter(*adapter)) failed = true;  // readable, but unusable: say so in the exit code
     adapters.push_back(*std::move(adapter));
   }
   if (adapters.size() > 1) {
@@ -53,8 +55,8 @@ void Run(const std::vector<std::string>& dirs) {
     }
   }
   if (failed)
-    ExitIfError(
-        absl::InvalidArgumentError("some directories are not readable adapters (see above)"));
+    ExitIfError(absl::InvalidArgumentError(
+        "some directories are not readable adapters or hold non-finite values (see above)"));
 }
 
 }  // namespace

@@ -78,6 +78,11 @@ absl::StatusOr<v1::TrainMetrics> CommandWorkload::Train(const v1::Task& task,
                WIFEXITED(status) ? WEXITSTATUS(status) : status, "): ", options_.command));
   }
   ASSIGN_OR_RETURN(common::Adapter trained, common::ReadPeftAdapter(out));
+  for (const common::LoraModule& m : trained.modules())  // nothing the task did not ask for
+    if (!adapter.FindModule(m.name))
+      return absl::InvalidArgumentError(
+          StrCat("the training command's adapter in ", out.string(), " has module ", m.name,
+                 ", which the task does not train (", adapter.num_modules(), " modules asked)"));
   for (size_t i = 0; i < adapter.num_modules(); ++i) {
     const auto& want = adapter.module(i);
     auto j = trained.FindModule(want.name);

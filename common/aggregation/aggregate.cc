@@ -189,7 +189,7 @@ absl::StatusOr<Adapter> StackAdapters(std::span<const Adapter> clients, std::spa
 }
 
 absl::Status CheckShapes(const Adapter& update, std::span<const ModuleShape> expected,
-                         std::string_view origin) {
+                         std::string_view origin, double scaling) {
   for (const ModuleShape& want : expected) {
     const std::optional<size_t> j = update.FindModule(want.name);
     if (!j)
@@ -204,6 +204,11 @@ absl::Status CheckShapes(const Adapter& update, std::span<const ModuleShape> exp
       return mismatch("lora_A", got.rank, got.in_features, want.rank, want.in_features);
     if (got.out_features != want.out_features)
       return mismatch("lora_B", got.out_features, got.rank, want.out_features, want.rank);
+    // The client's scaling must be the task's (lora_alpha / r as the run set it): a client cannot
+    // scale its own weight in the aggregate.
+    if (scaling > 0 && !(std::abs(got.scaling - scaling) <= 1e-6 * scaling))
+      return absl::InvalidArgumentError(
+          StrCat("module ", want.name, ": scaling ", got.scaling, ", the task's is ", scaling));
     if (got.has_r != want.has_r) {
       return absl::InvalidArgumentError(StrCat(
           "module ", want.name, ": ",
@@ -424,6 +429,11 @@ absl::StatusOr<AggregateResult> Aggregate(std::span<const Adapter> clients,
     result.modules[i] = AggregateModule(options.method, clients, index[i], p, options.lora_fair,
                                         num_modules == 1, result.adapter, i);
   });
+  // Finite inputs with bounded scalings can still overflow in float (values near 3e38): such a
+  // result is an error, never an adapter.
+  if (absl::Status finite = result.adapter.CheckFinite(); !finite.ok())
+    return absl::InvalidArgumentError(StrCat("the aggregate is not finite (", finite.message(),
+                                             "); an input's values are too large for float"));
   return result;
 }
 

@@ -61,9 +61,10 @@ absl::Status CheckCompatible(std::span<const Adapter> clients, Method method);
 // OK when `update` adapts exactly the modules of `expected` — same names, rank, n and m, and
 // lora_R exactly where `expected` has it — with finite values. Otherwise INVALID_ARGUMENT naming
 // the module and both shapes: "module q_proj: lora_A has shape [8,576], task says [16,576]". The
-// coordinator checks every update against its task with it.
+// coordinator checks every update against its task with it. With `scaling` > 0 each module's
+// scaling must be that (the task's lora_alpha / r): a client cannot scale its own weight.
 absl::Status CheckShapes(const Adapter& update, std::span<const ModuleShape> expected,
-                         std::string_view origin);
+                         std::string_view origin, double scaling = 0);
 
 // FedIT's and Fed-SB's weighted sums for one module (ALGORITHMS.md): a += w·A, b += w·s·B (fedit
 // and lora-fair's Ā, B̄; an update of lower rank fills the leading rows of a and columns of b), or
@@ -108,7 +109,8 @@ class StreamingAverage {
 };
 
 // Aggregates `clients` with weights p_k (normalised, see NormalizeWeights). The output's module
-// order is the first client's; its base_model is the first client's.
+// order is the first client's; its base_model is the first client's. A result that would hold a
+// non-finite value is refused.
 absl::StatusOr<AggregateResult> Aggregate(std::span<const Adapter> clients,
                                           std::span<const double> weights,
                                           const AggregateOptions& options);

@@ -27,7 +27,8 @@ fs::path ParentOf(const fs::path& path) {
 }  // namespace
 
 absl::StatusOr<MappedFile> MappedFile::Open(const fs::path& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: opening a FIFO would otherwise wait for a writer; it is refused below instead.
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) return ErrnoError("cannot open", path, errno);
   struct stat st;
   if (::fstat(fd, &st) != 0) {
@@ -37,7 +38,12 @@ absl::StatusOr<MappedFile> MappedFile::Open(const fs::path& path) {
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    return absl::InvalidArgumentError(StrCat(path.string(), " is not a regular file"));
+    return absl::InvalidArgumentError(StrCat(path.string(), " is not a regular file (a ",
+                                             S_ISFIFO(st.st_mode)  ? "FIFO"
+                                             : S_ISDIR(st.st_mode) ? "directory"
+                                             : S_ISCHR(st.st_mode) ? "character device"
+                                                                   : "special file",
+                                             ")"));
   }
   size_t size = static_cast<size_t>(st.st_size);
   if (size == 0) {

@@ -7,11 +7,14 @@
 // as the forward in reverse. Only the adapter is trained: no gradient is formed for a frozen
 // weight.
 //
-// The forward is Hugging Face's LlamaForCausalLM (transformers 4.4x) exactly: RMSNorm
-// x·rsqrt(mean(x²)+eps)·g; rotary embeddings in the rotate_half convention with
-// inv_freq_i = θ^(-2i/D); causal grouped-query attention with scores scaled by 1/√D; SwiGLU
-// down(silu(gate(x))·up(x)); LM head tied to embed_tokens or separate. A LoRA module adds
-// s·B·A·x to its linear (s·B·R·A·x for LoRA-SB).
+// The forward is Hugging Face's LlamaForCausalLM (transformers 4.4x–4.5x) exactly: RMSNorm
+// x·rsqrt(mean(x²)+eps)·g; rotary embeddings in the rotate_half convention with the config's
+// inverse frequencies (RopeInverseFrequencies: θ^(-2i/D), scaled as rope_scaling says); causal
+// grouped-query attention with scores scaled by 1/√D, over a sliding window where the layer has
+// one (Mistral, Qwen); SwiGLU down(silu(gate(x))·up(x)); LM head tied to embed_tokens or separate.
+// Frozen biases are added where the family has them (Qwen2's q, k, v), and Qwen3's q_norm/k_norm
+// RMS-normalise each head of q and k before RoPE. A LoRA module adds s·B·A·x to its linear
+// (s·B·R·A·x for LoRA-SB).
 #ifndef FEDLORA_COMMON_LLM_LLAMA_H_
 #define FEDLORA_COMMON_LLM_LLAMA_H_
 

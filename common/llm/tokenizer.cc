@@ -918,9 +918,16 @@ void Tokenizer::SplitAdded(std::string_view text, bool normalized, bool at_start
 
 std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool add_special) const {
   std::string valid;
-  if (Utf8Lossy(text) != text) {
-    valid = Utf8Lossy(text);
-    text = valid;
+  for (size_t at = 0; at < text.size();) {  // well-formed UTF-8 (no copy when it is)
+    utf8proc_int32_t cp;
+    const auto n = utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(text.data() + at),
+                                    static_cast<utf8proc_ssize_t>(text.size() - at), &cp);
+    if (n <= 0) {
+      valid = Utf8Lossy(text);
+      text = valid;
+      break;
+    }
+    at += static_cast<size_t>(n);
   }
   std::vector<int32_t> out;
   if (add_special) out = prefix_;

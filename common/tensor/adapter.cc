@@ -24,8 +24,10 @@ absl::StatusOr<Adapter> Adapter::Create(const std::vector<ModuleShape>& modules)
                                                shape.in_features, " and m ", shape.out_features,
                                                " must all be positive"));
     }
-    if (!std::isfinite(shape.scaling)) {
-      return absl::InvalidArgumentError(StrCat("module ", shape.name, ": scaling is not finite"));
+    if (!std::isfinite(shape.scaling) || std::abs(shape.scaling) > kMaxScaling) {
+      return absl::InvalidArgumentError(StrCat("module ", shape.name, ": scaling ", shape.scaling,
+                                               " is outside [-", kMaxScaling, ", ", kMaxScaling,
+                                               "] (lora_alpha / r is about 0.5 to 4 in practice)"));
     }
     if (!names.insert(shape.name).second) {
       return absl::InvalidArgumentError(StrCat("module ", shape.name, " appears twice"));

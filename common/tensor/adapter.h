@@ -20,6 +20,11 @@
 
 namespace fedlora::common {
 
+// The largest |scaling| an adapter may carry. PEFT's lora_alpha / r is about 0.5–4 in practice
+// (rsLoRA's lora_alpha / √r a little more); a value far beyond is a mistake or an attack — 1e300
+// folded into B makes an aggregate infinite — and is refused wherever an adapter is made.
+inline constexpr double kMaxScaling = 1e4;
+
 struct ModuleShape {
   std::string name;      // Module path in the base model, e.g. "model.layers.0.self_attn.q_proj".
   int rank = 0;          // r

@@ -1,11 +1,13 @@
 #include "common/tensor/peft.h"
 
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <set>
 
 #include "common/base/file_util.h"
@@ -31,21 +33,58 @@ struct LoraConfig {
   std::vector<std::pair<std::string, double>> alpha_pattern;
 };
 
-// PEFT's get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", module).
+// Bounds on what a config may ask of the matcher: PEFT's keys are module paths or short patterns.
+constexpr size_t kMaxPatternKey = 1024;
+constexpr size_t kMaxModuleName = 4096;
+constexpr int kMaxRank = 1 << 16;
+
+// PEFT's get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", module). On PCRE2's
+// interpreter, which keeps its backtracking on the heap, with a match limit: a pattern that
+// backtracks without end ("(a|aa)*c") is refused instead of running for minutes or, in a
+// recursive engine, overflowing the stack.
 template <typename T>
 absl::StatusOr<std::optional<T>> MatchPattern(
     const std::vector<std::pair<std::string, T>>& patterns, const std::string& module,
     std::string_view field) {
+  if (patterns.empty()) return std::optional<T>();
+  if (module.size() > kMaxModuleName)
+    return absl::InvalidArgumentError(
+        StrCat("module name of ", module.size(), " characters; at most ", kMaxModuleName));
+  pcre2_match_context* context = pcre2_match_context_create(nullptr);
+  pcre2_set_match_limit(context, 1'000'000);
+  pcre2_set_depth_limit(context, 10'000);
+  absl::StatusOr<std::optional<T>> result = std::optional<T>();
   for (const auto& [key, value] : patterns) {
-    try {
-      if (std::regex_match(module, std::regex("(.*\\.)?(" + key + ")")))
-        return std::optional<T>(value);
-    } catch (const std::regex_error& e) {
-      return absl::InvalidArgumentError(
+    const std::string pattern = "(.*\\.)?(" + key + ")$";
+    int error = 0;
+    PCRE2_SIZE offset = 0;
+    pcre2_code* re = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
+                                   PCRE2_ANCHORED | PCRE2_UTF | PCRE2_MATCH_INVALID_UTF, &error,
+                                   &offset, nullptr);
+    if (re == nullptr) {
+      result = absl::InvalidArgumentError(
           StrCat(field, " key '", key, "' is not a valid regular expression"));
+      break;
+    }
+    pcre2_match_data* md = pcre2_match_data_create_from_pattern(re, nullptr);
+    const int rc = pcre2_match(re, reinterpret_cast<PCRE2_SPTR>(module.data()), module.size(), 0, 0,
+                               md, context);
+    pcre2_match_data_free(md);
+    pcre2_code_free(re);
+    if (rc >= 0) {
+      result = std::optional<T>(value);
+      break;
+    }
+    if (rc != PCRE2_ERROR_NOMATCH) {
+      result = absl::InvalidArgumentError(
+          StrCat(field, " key '", key, "' cannot be matched against module ", module,
+                 " within the matcher's limits (it backtracks too much); write the module path, "
+                 "or a simpler pattern"));
+      break;
     }
   }
-  return std::optional<T>();
+  pcre2_match_context_free(context);
+  return result;
 }
 
 absl::StatusOr<LoraConfig> ParseConfig(const fs::path& path) {
@@ -76,11 +115,16 @@ absl::StatusOr<LoraConfig> ParseConfig(const fs::path& path) {
   }
   if (cfg.value("use_dora", false) == true)
     return bad("use_dora is set; DoRA adapters are not supported");
-  if (!cfg.contains("r") || !cfg["r"].is_number_integer() || cfg["r"].get<int64_t>() <= 0) {
-    return bad("\"r\" must be a positive integer");
-  }
-  if (!cfg.contains("lora_alpha") || !cfg["lora_alpha"].is_number())
-    return bad("\"lora_alpha\" must be a number");
+  // Integers are range-checked before narrowing: 4294967304 must not be read as 8.
+  auto rank = [](const Json& v) {
+    return v.is_number_integer() && v.get<int64_t>() > 0 && v.get<int64_t>() <= kMaxRank;
+  };
+  if (!cfg.contains("r") || !rank(cfg["r"]))
+    return bad(StrCat("\"r\" must be an integer in [1, ", kMaxRank, "], got ",
+                      cfg.contains("r") ? cfg["r"].dump() : "nothing"));
+  if (!cfg.contains("lora_alpha") || !cfg["lora_alpha"].is_number() ||
+      !std::isfinite(cfg["lora_alpha"].get<double>()))
+    return bad("\"lora_alpha\" must be a finite number");
   LoraConfig out;
   out.r = cfg["r"].get<int>();
   out.lora_alpha = cfg["lora_alpha"].get<double>();
@@ -95,13 +139,17 @@ absl::StatusOr<LoraConfig> ParseConfig(const fs::path& path) {
     if (!cfg.contains(field) || cfg[field].is_null()) continue;
     if (!cfg[field].is_object()) return bad(StrCat("\"", field, "\" must be an object"));
     for (const auto& [key, value] : cfg[field].items()) {
+      if (key.size() > kMaxPatternKey)
+        return bad(
+            StrCat(field, " has a key of ", key.size(), " characters; at most ", kMaxPatternKey));
       if (std::string_view(field) == "rank_pattern") {
-        if (!value.is_number_integer() || value.get<int64_t>() <= 0) {
-          return bad(StrCat("rank_pattern[\"", key, "\"] must be a positive integer"));
-        }
+        if (!rank(value))
+          return bad(StrCat("rank_pattern[\"", key, "\"] must be an integer in [1, ", kMaxRank,
+                            "], got ", value.dump()));
         out.rank_pattern.emplace_back(key, value.get<int>());
       } else {
-        if (!value.is_number()) return bad(StrCat("alpha_pattern[\"", key, "\"] must be a number"));
+        if (!value.is_number() || !std::isfinite(value.get<double>()))
+          return bad(StrCat("alpha_pattern[\"", key, "\"] must be a finite number"));
         out.alpha_pattern.emplace_back(key, value.get<double>());
       }
     }

@@ -146,9 +146,10 @@ absl::StatusOr<SafetensorsView> SafetensorsView::Parse(std::span<const uint8_t> 
   uint64_t header_len;
   std::memcpy(&header_len, bytes.data(), 8);
   const uint64_t available = bytes.size() - 8;
-  if (header_len > available) {
-    return HeaderError(origin, StrCat("header length ", header_len, " is longer than the ",
-                                      available, " bytes that follow it (truncated file?)"));
+  if (header_len > available) {  // said without the value: the bytes may be anything
+    return HeaderError(origin, StrCat("the header length field exceeds the ", available,
+                                      " bytes that follow it (not a safetensors file, or "
+                                      "truncated)"));
   }
   if (header_len > kMaxHeaderBytes) {
     return HeaderError(origin, StrCat("header length ", header_len,

@@ -205,7 +205,7 @@ TEST_F(CliTest, BadInputNeverProducesAnOutputAndSaysWhatIsWrong) {
   ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("truncated"),
                 "offsets out of range");
   ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("shortheader"),
-                "longer than the");
+                "the header length field exceeds");
   ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("outofrange"),
                 "offsets out of range");
   ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("overlap"), "overlap");
@@ -214,6 +214,18 @@ TEST_F(CliTest, BadInputNeverProducesAnOutputAndSaysWhatIsWrong) {
   ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("nothere"),
                 "is not a directory");
   ExpectRefused("aggregate --method fedavg" + out + good, "unknown method 'fedavg'");
+  // Regressions: lora_alpha 1e300 exited 0 with an all-inf adapter and an error of 0; finite
+  // values near float's limit overflow in the sum and must not be written either.
+  fs::copy(Dir("good2"), Dir("alpha"), fs::copy_options::recursive);
+  std::ofstream(Dir("alpha") + "/" + common::kAdapterConfigFile)
+      << R"({"peft_type":"LORA","r":4,"lora_alpha":1e300})";
+  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("alpha"),
+                "scaling 2.5e+299 is outside [-10000, 10000]");
+  auto huge = common::ReadPeftAdapter(Dir("good2"));
+  huge->B(0).setConstant(3e38f);
+  ASSERT_TRUE(common::WritePeftAdapter(*huge, Dir("huge")).ok());
+  ExpectRefused("aggregate --method fedit" + out + Dir("huge") + " " + Dir("huge"),
+                "the aggregate is not finite");
   ExpectRefused("aggregate --method fedit --weights 1,2,3" + out + good,
                 "3 weights given for 2 adapters");
   ExpectRefused("aggregate --method fedit --out " + Dir("good2") + " " + good, "already exists");
@@ -232,6 +244,13 @@ TEST_F(CliTest, InspectShowsModulesAndWhatCanBeAggregated) {
   Result bad = Fedlora("inspect " + Dir("nothere"));
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_THAT(bad.output, HasSubstr("is not a directory"));
+  // Regression: an adapter holding NaN was inspected with exit code 0.
+  auto nan = common::ReadPeftAdapter(Dir("x"));
+  nan->A(0)(0, 0) = NAN;
+  ASSERT_TRUE(common::WritePeftAdapter(*nan, Dir("nan")).ok());
+  bad = Fedlora("inspect " + Dir("nan"));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_THAT(bad.output, HasSubstr("lora_A holds a non-finite value (nan)"));
 }
 
 TEST_F(CliTest, PrivacyComputesEpsilonAndTheNoiseForATarget) {

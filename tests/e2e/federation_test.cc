@@ -652,7 +652,8 @@ std::pair<RawClient, RawClient> JoinTwo(const std::string& port, const fs::path&
 common::Adapter Update(const v1::Task& task, int rank, float fill) {
   std::vector<common::ModuleShape> shapes;
   for (const auto& m : task.modules())
-    shapes.push_back({m.name(), rank, m.in_features(), m.out_features(), 2.0, false});
+    shapes.push_back({m.name(), rank, m.in_features(), m.out_features(),
+                      task.settings().lora_alpha() / task.settings().rank(), false});
   common::Adapter a = *common::Adapter::Create(shapes);
   for (float& x : a.values()) x = fill;
   return a;
@@ -851,7 +852,7 @@ TEST_F(FederationTest, ConcurrentRetriesOfAnUpdateAreAcceptedOnce) {
   opts.layers = 4;
   opts.in_features = 1024;
   opts.out_features = 1024;
-  opts.examples = 16;
+  opts.examples = 100;  // what UploadPart claims
   auto [c1, c2] = JoinTwo(port_, dir_ / "certs", client::RegressionWorkload(opts));
   const v1::Task task = c1.Task();
   ASSERT_EQ(task.kind(), v1::Task::TRAIN);

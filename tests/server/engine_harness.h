@@ -76,10 +76,10 @@ class Harness {
 
   static int64_t Examples(const std::string& id) { return 10 * (1 + (id.back() - '0')); }
 
-  absl::Status Join(const std::string& id) {
+  absl::Status Join(const std::string& id, int64_t examples = -1) {
     v1::JoinRequest r;
     r.set_base_model_sha256(kBaseSha);
-    r.set_num_examples(Examples(id));
+    r.set_num_examples(examples > 0 ? examples : Examples(id));
     r.set_max_rank(64);
     for (const auto& [name, n, m] : modules_) {
       v1::ModuleSpec* s = r.add_modules();
@@ -150,12 +150,13 @@ class Harness {
   }
 
   // Sends `bytes` as `id`'s update for `task` in chunks; `upto` bytes only when set (a client that
-  // disconnects mid-upload). The last response, or the first error.
+  // disconnects mid-upload), claiming `examples` when set. The last response, or the first error.
   absl::StatusOr<v1::UploadResponse> Send(const std::string& id, const v1::Task& task,
-                                          const std::string& bytes, int64_t upto = -1) {
+                                          const std::string& bytes, int64_t upto = -1,
+                                          int64_t examples = -1) {
     const int64_t end = upto < 0 ? static_cast<int64_t>(bytes.size()) : upto;
     absl::StatusOr<v1::UploadResponse> response = absl::InternalError("nothing sent");
-    for (int64_t offset = 0; offset < end; offset += options_.chunk_bytes) {
+    for (int64_t offset = 0; offset < end || offset == 0; offset += options_.chunk_bytes) {
       v1::UploadRequest r;
       r.set_round(task.round());
       r.set_state_version(task.state_version());
@@ -163,7 +164,7 @@ class Harness {
       r.set_total_size(static_cast<int64_t>(bytes.size()));
       r.set_offset(offset);
       r.set_data(bytes.substr(offset, std::min<int64_t>(options_.chunk_bytes, end - offset)));
-      r.set_num_examples(Examples(id));
+      r.set_num_examples(examples > 0 ? examples : Examples(id));
       if (task.kind() == v1::Task::SKETCH) r.set_sketch_step(task.sketch().step());
       r.mutable_metrics()->set_loss_before(1.0);
       r.mutable_metrics()->set_loss_after(0.5);

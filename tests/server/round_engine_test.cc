@@ -6,6 +6,10 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <spdlog/sinks/ostream_sink.h>
+#include <spdlog/spdlog.h>
+
+#include <sstream>
 
 #include "common/tensor/peft.h"
 #include "server/errors.h"
@@ -16,6 +20,7 @@ namespace fedlora::testing {
 namespace {
 
 namespace fs = std::filesystem;
+using common::StrCat;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::IsEmpty;
@@ -273,6 +278,129 @@ TEST_F(RoundEngineTest, LateUpdateIsRefusedAndRecordedInTheNextRound) {
   ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2}));
   EXPECT_EQ(Metrics()[1]["late"], nlohmann::json({{"c2", 1}}));
   ExpectFedItMean({"c1", "c2", "c3"}, 2);  // the late update reached no aggregate
+}
+
+// Regressions of poisoning with finite values: a scaling other than the task's (1e300 made the
+// global lora_B +inf), an update claiming more examples than its client joined with, a join with
+// INT64_MAX examples. Each is refused with what was expected; the round is the honest mean.
+TEST_F(RoundEngineTest, RegressionUpdatesCannotScaleTheirOwnWeight) {
+  EXPECT_THAT(h_.Join("c9", INT64_MAX).message(),
+              HasSubstr("num_examples is 9223372036854775807; the run admits at most 1000000000 "
+                        "per client (--max-client-examples)"));
+  JoinAll();
+  auto task = h_.Task("c2");
+  ASSERT_TRUE(task.ok());
+  const Adapter honest = *h_.MakeUpdate("c2", *task);
+  auto rescaled = [&](double scaling) {
+    std::vector<common::ModuleShape> shapes;
+    for (const common::LoraModule& m : honest.modules()) {
+      shapes.push_back(m);
+      shapes.back().scaling = scaling;
+    }
+    Adapter a = *Adapter::Create(shapes);
+    std::copy(honest.values().begin(), honest.values().end(), a.values().begin());
+    return a;
+  };
+  const double task_scaling = honest.module(0).scaling;
+  auto refused = h_.Send("c2", *task, h_.Encode(rescaled(1000 * task_scaling)));
+  EXPECT_EQ(server::DetailOf(refused.status())->reason(), v1::ErrorDetail::REJECTED);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr(StrCat("scaling ", 1000 * task_scaling, ", the task's is ", task_scaling)));
+  // Past any scaling fedlora admits (9e9… written over the value on the wire): refused as the
+  // adapter is decoded.
+  std::string bytes = h_.Encode(honest);
+  const std::string key = honest.module(0).name + "\\\":";  // in the metadata's JSON string
+  size_t pos = bytes.find(key);
+  ASSERT_NE(pos, std::string::npos);
+  pos += key.size();
+  const size_t end = bytes.find_first_of(",}\\", pos);
+  ASSERT_GE(end - pos, 3u);
+  bytes.replace(pos, end - pos, "9e" + std::string(end - pos - 2, '9'));  // same length
+  refused = h_.Send("c2", *task, bytes);
+  EXPECT_THAT(refused.status().message(), HasSubstr("is outside [-10000, 10000]"));
+  refused = h_.Send("c2", *task, "");  // regression: said "exceeds the limit"
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("update of total size 0; an update has at least one byte"));
+  refused = h_.Send("c2", *task, h_.Encode(honest), -1, Harness::Examples("c2") + 1);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("the update claims 31 examples, more than the 30 c2 joined with"));
+  // The round waits for a rejected member (it may retry); its honest retry is taken, and the round
+  // is the honest updates' mean at their joined weights.
+  ASSERT_TRUE(h_.Send("c2", *task, h_.Encode(honest)).ok());
+  Train("c1");
+  Train("c3");
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  ExpectFedItMean({"c1", "c2", "c3"}, 1);
+  EXPECT_EQ(Metrics()[0]["weight_share"],
+            nlohmann::json({{"c1", 20.0 / 90}, {"c2", 30.0 / 90}, {"c3", 40.0 / 90}}));
+}
+
+// Regression: 5,000 joins from one client wrote 5,000 log lines. The same event is logged once per
+// 10 s, with the count of what was held back.
+TEST_F(RoundEngineTest, RegressionRepeatedJoinsAreLoggedOncePerWindow) {
+  std::ostringstream log;
+  const auto previous = spdlog::default_logger();
+  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
+      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  for (int i = 0; i < 5000; ++i) ASSERT_TRUE(h_.Join("c1").ok());
+  env_.Advance(std::chrono::seconds(11));
+  ASSERT_TRUE(h_.Join("c1").ok());
+  spdlog::set_default_logger(previous);
+  std::vector<std::string> lines;
+  std::istringstream in(log.str());
+  for (std::string line; std::getline(in, line);)
+    if (line.find("c1 ") != std::string::npos) lines.push_back(line);
+  ASSERT_EQ(lines.size(), 3u) << log.str().substr(0, 2000);
+  EXPECT_THAT(lines[0], HasSubstr("c1 joined (20 examples)"));
+  EXPECT_THAT(lines[1], HasSubstr("c1 re-joined (20 examples); 1 clients joined"));
+  EXPECT_THAT(lines[2], HasSubstr("c1 re-joined (20 examples); 1 clients joined (repeated 4998 "
+                                  "times in the last 11 s)"));
+}
+
+TEST(LogLimiterTest, FirstThenOncePerWindowWithTheCount) {
+  common::LogLimiter limiter(std::chrono::seconds(10));
+  const auto t0 = common::LogLimiter::Clock::time_point();
+  std::string suffix = "unset";
+  EXPECT_TRUE(limiter.Allow("a", t0, &suffix));
+  EXPECT_EQ(suffix, "");
+  EXPECT_FALSE(limiter.Allow("a", t0 + std::chrono::seconds(3), &suffix));
+  EXPECT_TRUE(limiter.Allow("b", t0 + std::chrono::seconds(3), &suffix));  // another event
+  EXPECT_FALSE(limiter.Allow("a", t0 + std::chrono::seconds(9), &suffix));
+  EXPECT_TRUE(limiter.Allow("a", t0 + std::chrono::seconds(10), &suffix));
+  EXPECT_EQ(suffix, " (repeated 2 times in the last 10 s)");
+  EXPECT_TRUE(limiter.Allow("a", t0 + std::chrono::seconds(25), &suffix));
+  EXPECT_EQ(suffix, "");
+}
+
+// A client sends an update 1000× the others' norm: with --max-update-norm it is rejected, saying by
+// how much, and the round is exactly the honest updates' mean.
+TEST_F(RoundEngineTest, AnUpdatePastTheNormBoundIsRejected) {
+  h_.Stop();
+  h_.options().max_update_norm = 100;
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  auto task = h_.Task("c2");
+  ASSERT_TRUE(task.ok());
+  Adapter big = *h_.MakeUpdate("c2", *task);
+  double honest = 0;
+  for (size_t i = 0; i < big.num_modules(); ++i) honest += big.DeltaNorm(i) * big.DeltaNorm(i);
+  ASSERT_LT(std::sqrt(honest), 100);  // the honest updates pass
+  for (size_t i = 0; i < big.num_modules(); ++i) big.B(i) *= 1000.0f;
+  auto refused = h_.Send("c2", *task, h_.Encode(big));
+  EXPECT_EQ(server::DetailOf(refused.status())->reason(), v1::ErrorDetail::REJECTED);
+  const std::string message(refused.status().message());
+  const std::string said = "the update's norm ‖s·B·A‖_F = ";
+  ASSERT_NE(message.find(said), std::string::npos) << message;
+  EXPECT_NEAR(std::stod(message.substr(message.find(said) + said.size())), 1000 * std::sqrt(honest),
+              1e-5 * 1000 * std::sqrt(honest));
+  EXPECT_THAT(message, HasSubstr("exceeds the run's bound of 100 (--max-update-norm)"));
+  // The round waits for a rejected member (it may retry); its honest retry is taken, and the round
+  // is exactly the honest updates' mean: nothing of the rejected one reached it.
+  ASSERT_TRUE(h_.Send("c2", *task, h_.Encode(*h_.MakeUpdate("c2", *task))).ok());
+  Train("c1");
+  Train("c3");
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  ExpectFedItMean({"c1", "c2", "c3"}, 1);
 }
 
 TEST_F(RoundEngineTest, DeclinedMemberIsNotWaitedForAndLeavesLaterCohorts) {

@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "common/tensor/peft.h"
 #include "tests/test_util.h"
 
 namespace fedlora::client {
@@ -14,11 +15,12 @@ using ::testing::HasSubstr;
 
 class CommandWorkloadTest : public ::testing::Test {
  protected:
-  // A "trainer" that hands back its start adapter and writes `metrics` as its metrics.json.
-  CommandWorkload WithMetrics(const std::string& metrics) {
+  // A "trainer" that hands back its start adapter (or what `adapter` writes) and writes `metrics`
+  // as its metrics.json.
+  CommandWorkload WithMetrics(const std::string& metrics, const std::string& adapter = "") {
     CommandOptions o;
-    o.command = "cp \"$FEDLORA_START_DIR\"/* \"$FEDLORA_OUT_DIR\"/ && echo '" + metrics +
-                "' > \"$FEDLORA_OUT_DIR/metrics.json\"";
+    o.command = (adapter.empty() ? "cp \"$FEDLORA_START_DIR\"/* \"$FEDLORA_OUT_DIR\"/" : adapter) +
+                " && echo '" + metrics + "' > \"$FEDLORA_OUT_DIR/metrics.json\"";
     o.base_model_sha256 = std::string(64, 'c');
     o.modules = *ParseModuleList("m.q_proj:6:5");
     o.examples = 40;
@@ -73,6 +75,20 @@ TEST_F(CommandWorkloadTest, BadMetricsAreRefusedWithWhatTheyHold) {
     EXPECT_THAT(m.status().message(), HasSubstr("it holds: " + metrics));
     EXPECT_EQ(w.num_examples(), 40);  // nothing taken from a refused file
   }
+}
+
+// Regression: an adapter with a module the task does not train had it silently dropped.
+TEST_F(CommandWorkloadTest, RegressionAnExtraModuleIsRefused) {
+  const common::Adapter extra =
+      testing::RandomAdapter({{"m.q_proj", 2, 6, 5}, {"m.k_proj", 2, 6, 5}}, 3);
+  ASSERT_TRUE(common::WritePeftAdapter(extra, dir_ / "extra").ok());
+  CommandWorkload w =
+      WithMetrics(R"({"loss_before": 2, "loss_after": 1})",
+                  "cp \"" + (dir_ / "extra").string() + "\"/* \"$FEDLORA_OUT_DIR\"/");
+  auto m = Train(w);
+  ASSERT_FALSE(m.ok());
+  EXPECT_THAT(m.status().message(),
+              HasSubstr("has module m.k_proj, which the task does not train (1 modules asked)"));
 }
 
 }  // namespace

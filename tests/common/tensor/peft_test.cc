@@ -2,7 +2,9 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
+#include <chrono>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -13,6 +15,7 @@ namespace fedlora::common {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 namespace fs = std::filesystem;
 
 void WriteText(const fs::path& path, const std::string& text) { std::ofstream(path) << text; }
@@ -167,7 +170,20 @@ TEST(PeftTest, BadDirectoriesSayWhatIsWrong) {
       {"r not positive",
        R"({"peft_type":"LORA","r":0,"lora_alpha":8})",
        {{qa, {4, 3}}, {qb, {2, 4}}},
-       "positive"},
+       "\"r\" must be an integer in [1, 65536], got 0"},
+      // Regressions: 4294967304 was read as 8; lora_alpha 1e300 made the aggregate infinite.
+      {"r past int",
+       R"({"peft_type":"LORA","r":4294967304,"lora_alpha":8})",
+       {{qa, {8, 3}}, {qb, {2, 8}}},
+       "\"r\" must be an integer in [1, 65536], got 4294967304"},
+      {"rank_pattern past int",
+       R"({"peft_type":"LORA","r":4,"lora_alpha":8,"rank_pattern":{"q_proj":4294967300}})",
+       {{qa, {4, 3}}, {qb, {2, 4}}},
+       "rank_pattern[\"q_proj\"] must be an integer in [1, 65536], got 4294967300"},
+      {"absurd alpha",
+       R"({"peft_type":"LORA","r":4,"lora_alpha":1e300})",
+       {{qa, {4, 3}}, {qb, {2, 4}}},
+       "scaling 2.5e+299 is outside [-10000, 10000]"},
       {"config r differs",
        ok,
        {{qa, {8, 3}}, {qb, {2, 8}}},
@@ -191,6 +207,45 @@ TEST(PeftTest, BadDirectoriesSayWhatIsWrong) {
     ASSERT_FALSE(a.ok()) << c.what;
     EXPECT_THAT(a.status().message(), HasSubstr(c.message)) << c.what;
   }
+}
+
+// Regressions: a 60,000-character rank_pattern key crashed the reader (std::regex recursed off
+// the stack), and "(a|aa)*c" against a 40-character module took 14 s (44: more than 30). Both are
+// refused at once now, saying why; a FIFO as the weights file hung the reader and is refused; a
+// file that is not safetensors does not have its first bytes quoted back.
+TEST(PeftTest, RegressionHostileConfigsAndFilesAreRefusedAtOnce) {
+  const std::string module = std::string(44, 'a');
+  const std::string a = "base_model.model." + module + ".lora_A.weight",
+                    b = "base_model.model." + module + ".lora_B.weight";
+  auto read = [&](const std::string& config) {
+    testing::ScratchDir dir;
+    MakePeftDir(dir.path(), config, {{a, {4, 3}}, {b, {2, 4}}});
+    return ReadPeftAdapter(dir.path()).status();
+  };
+  const std::string long_key = std::string(60000, 'x');
+  EXPECT_THAT(
+      read(R"({"peft_type":"LORA","r":4,"lora_alpha":8,"rank_pattern":{")" + long_key + R"(":2}})")
+          .message(),
+      HasSubstr("rank_pattern has a key of 60000 characters; at most 1024"));
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_THAT(
+      read(R"({"peft_type":"LORA","r":4,"lora_alpha":8,"alpha_pattern":{"(a|aa)*c":2}})").message(),
+      HasSubstr("alpha_pattern key '(a|aa)*c' cannot be matched against module " + module +
+                " within the matcher's limits"));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5));
+  // A pattern that matches as PEFT's re.match does: the end of the module path.
+  EXPECT_TRUE(read(R"({"peft_type":"LORA","r":4,"lora_alpha":8,"alpha_pattern":{"a+":2}})").ok());
+
+  testing::ScratchDir dir;
+  WriteText(dir / kAdapterConfigFile, R"({"peft_type":"LORA","r":4,"lora_alpha":8})");
+  ASSERT_EQ(::mkfifo((dir / kAdapterWeightsFile).c_str(), 0600), 0);
+  EXPECT_THAT(ReadPeftAdapter(dir.path()).status().message(),
+              HasSubstr("is not a regular file (a FIFO)"));
+  fs::remove(dir / kAdapterWeightsFile);
+  WriteText(dir / kAdapterWeightsFile, "root:$6$secretsalt$hash:19000:0:99999:7:::\n");
+  const std::string message(ReadPeftAdapter(dir.path()).status().message());
+  EXPECT_THAT(message, HasSubstr("the header length field exceeds"));
+  EXPECT_THAT(message, Not(HasSubstr("2609312867587944306")));  // "root:$6$" read as a length
 }
 
 TEST(PeftTest, MissingWeightsPointAtPickleFiles) {

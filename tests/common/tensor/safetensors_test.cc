@@ -148,7 +148,7 @@ TEST(SafetensorsTest, EveryRuleOfTheFormatIsChecked) {
   const std::vector<BadFile> cases = {
       {"empty file", "", "8-byte header length"},
       {"short file", "abc", "8-byte header length"},
-      {"header longer than file", huge_len + "{}", "longer than the 2 bytes"},
+      {"header longer than file", huge_len + "{}", "the header length field exceeds the 2 bytes"},
       {"not json", MakeFile("{nope", f8), "not valid JSON"},
       {"header not an object", MakeFile("[1,2]", f8), "JSON object"},
       {"unknown dtype", MakeFile("{\"a\":" + entry("Q7", "[2]", 0, 8) + "}", f8),
