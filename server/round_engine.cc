@@ -462,6 +462,13 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
     update = validator.Verify(store_, part, request.sha256(),
                               StrCat("update of ", client, " for round ", request.round()));
   }
+  // The norm bound's figure, computed here, outside the engine's lock, as the verification is.
+  double update_norm = 0;
+  if (!sketch && update.ok() && options_.max_update_norm > 0) {
+    for (size_t i = 0; i < update->num_modules(); ++i)
+      update_norm += std::pow(update->DeltaNorm(i), 2);
+    update_norm = std::sqrt(update_norm);
+  }
   LongPolls::Ready ready;
   v1::UploadResponse response;
   {
@@ -482,15 +489,10 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
       status = absl::InvalidArgumentError(StrCat("the update claims ", examples,
                                                  " examples, more than the ", joined, " ", client,
                                                  " joined with"));
-    if (status.ok() && !sketch && options_.max_update_norm > 0) {
-      double squared = 0;
-      for (size_t i = 0; i < update->num_modules(); ++i)
-        squared += update->DeltaNorm(i) * update->DeltaNorm(i);
-      if (std::sqrt(squared) > options_.max_update_norm)
-        status = absl::InvalidArgumentError(StrCat(
-            "the update's norm ‖s·B·A‖_F = ", std::sqrt(squared), " exceeds the run's bound of ",
-            options_.max_update_norm, " (--max-update-norm)"));
-    }
+    if (status.ok() && update_norm > options_.max_update_norm)
+      status = absl::InvalidArgumentError(StrCat("the update's norm ‖s·B·A‖_F = ", update_norm,
+                                                 " exceeds the run's bound of ",
+                                                 options_.max_update_norm, " (--max-update-norm)"));
     if (status.ok()) {
       const bool keep = !sketch && (method_ == Method::kFlora || method_ == Method::kLoraFair);
       status =

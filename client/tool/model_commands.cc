@@ -5,7 +5,6 @@
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <set>
 
 #include "client/tool/commands.h"
 #include "common/base/strings.h"
@@ -57,23 +56,13 @@ std::string AttentionText(const common::LlamaConfig& c) {
 }
 
 // Tensor counts per dtype, and parameters, from the safetensors headers (no weights are read).
-absl::StatusOr<std::pair<std::string, int64_t>> WeightsText(const std::filesystem::path& dir) {
-  std::vector<std::filesystem::path> files;
-  if (std::filesystem::exists(dir / common::kModelWeightsFile)) {
-    files.push_back(dir / common::kModelWeightsFile);
-  } else if (std::filesystem::exists(dir / common::kModelIndexFile)) {
-    std::ifstream in(dir / common::kModelIndexFile);
-    const nlohmann::json index = nlohmann::json::parse(in, nullptr, false);
-    std::set<std::string> shards;
-    if (index.is_object() && index.contains("weight_map") && index["weight_map"].is_object())
-      for (const auto& [name, file] : index["weight_map"].items())
-        if (file.is_string()) shards.insert(file.get<std::string>());
-    for (const std::string& s : shards) files.push_back(dir / s);
-  }
-  if (files.empty()) return std::pair{std::string("no weights (config only)"), int64_t{0}};
+absl::StatusOr<std::string> WeightsText(const std::filesystem::path& dir) {
+  auto files = common::WeightFiles(dir);
+  if (absl::IsNotFound(files.status())) return std::string("no weights (config only)");
+  if (!files.ok()) return files.status();
   std::map<std::string, int> dtypes;
   int64_t params = 0;
-  for (const auto& f : files) {
+  for (const auto& f : *files) {
     auto st = common::SafetensorsFile::Open(f);
     if (!st.ok()) return st.status();
     for (const common::TensorInfo& t : st->view().tensors()) {
@@ -81,9 +70,9 @@ absl::StatusOr<std::pair<std::string, int64_t>> WeightsText(const std::filesyste
       params += t.num_elements();
     }
   }
-  std::string text = StrCat(files.size(), files.size() == 1 ? " file, " : " shards, ");
+  std::string text = StrCat(files->size(), files->size() == 1 ? " file, " : " shards, ");
   for (const auto& [dtype, n] : dtypes) text += StrCat(n, " ", dtype, " tensors, ");
-  return std::pair{text + StrCat(params, " parameters"), params};
+  return text + StrCat(params, " parameters");
 }
 
 }  // namespace
@@ -93,7 +82,7 @@ void InspectModel(const std::string& dir) {
   ExitIfError(config.status());
   const common::LlamaConfig& c = *config;
   std::printf("%s\n  family: %s (%s)\n", dir.c_str(), c.model_type.c_str(),
-              common::LlamaConfigJson(c)["architectures"][0].get<std::string>().c_str());
+              common::ArchitectureName(c.model_type));
   std::printf("  sizes: %d layers, hidden %d, intermediate %d, vocabulary %d, context %d%s\n",
               c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size,
               c.max_position_embeddings,
@@ -101,7 +90,7 @@ void InspectModel(const std::string& dir) {
   std::printf("  attention: %s\n  rotary: %s\n", AttentionText(c).c_str(), RopeText(c).c_str());
   auto weights = WeightsText(dir);
   std::printf("  weights: %s\n", weights.ok()
-                                     ? weights->first.c_str()
+                                     ? weights->c_str()
                                      : StrCat("unreadable: ", weights.status().message()).c_str());
   std::printf("  LoRA targets (PEFT target_modules), per layer [out x in]:\n");
   for (int k = 0; k < common::kNumLinearKinds; ++k) {

@@ -78,33 +78,34 @@ LlamaWeights LlamaWeights::Random(const LlamaConfig& config, uint64_t seed, floa
   return w;
 }
 
+absl::StatusOr<std::vector<std::filesystem::path>> WeightFiles(const std::filesystem::path& dir) {
+  if (std::filesystem::exists(dir / kModelWeightsFile)) return std::vector{dir / kModelWeightsFile};
+  if (!std::filesystem::exists(dir / kModelIndexFile))
+    return absl::NotFoundError(
+        StrCat("no ", kModelWeightsFile, " or ", kModelIndexFile, " in ", dir.string()));
+  std::ifstream in(dir / kModelIndexFile);
+  nlohmann::json index = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (index.is_discarded() || !index.contains("weight_map") || !index["weight_map"].is_object())
+    return absl::InvalidArgumentError(
+        StrCat((dir / kModelIndexFile).string(), ": expected a JSON object with \"weight_map\""));
+  std::set<std::string> shards;
+  for (const auto& [name, file] : index["weight_map"].items()) {
+    if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos)
+      return absl::InvalidArgumentError(StrCat((dir / kModelIndexFile).string(), ": tensor ", name,
+                                               " maps to ", file.dump(),
+                                               ", expected a file name in the directory"));
+    shards.insert(file.get<std::string>());
+  }
+  std::vector<std::filesystem::path> files;
+  for (const std::string& shard : shards) files.push_back(dir / shard);
+  return files;
+}
+
 absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir) {
   ASSIGN_OR_RETURN(LlamaConfig config, ReadLlamaConfig(dir));
   LlamaWeights w(config);
 
-  // Which file holds each tensor.
-  std::vector<std::filesystem::path> files;
-  if (std::filesystem::exists(dir / kModelWeightsFile)) {
-    files.push_back(dir / kModelWeightsFile);
-  } else if (std::filesystem::exists(dir / kModelIndexFile)) {
-    std::ifstream in(dir / kModelIndexFile);
-    nlohmann::json index = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-    if (index.is_discarded() || !index.contains("weight_map") || !index["weight_map"].is_object())
-      return absl::InvalidArgumentError(
-          StrCat((dir / kModelIndexFile).string(), ": expected a JSON object with \"weight_map\""));
-    std::set<std::string> shards;
-    for (const auto& [name, file] : index["weight_map"].items()) {
-      if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos)
-        return absl::InvalidArgumentError(StrCat((dir / kModelIndexFile).string(), ": tensor ",
-                                                 name, " maps to ", file.dump(),
-                                                 ", expected a file name in the directory"));
-      shards.insert(file.get<std::string>());
-    }
-    for (const std::string& s : shards) files.push_back(dir / s);
-  } else {
-    return absl::NotFoundError(
-        StrCat("no ", kModelWeightsFile, " or ", kModelIndexFile, " in ", dir.string()));
-  }
+  ASSIGN_OR_RETURN(const std::vector<std::filesystem::path> files, WeightFiles(dir));
 
   std::map<std::string, const Entry*> expected;
   for (const Entry& e : w.table_) expected[e.name] = &e;

@@ -39,6 +39,10 @@ namespace fedlora::common {
 inline constexpr char kModelWeightsFile[] = "model.safetensors";
 inline constexpr char kModelIndexFile[] = "model.safetensors.index.json";
 
+// The safetensors files of the model in `dir`: model.safetensors, or the shards its
+// model.safetensors.index.json lists (each a file name in `dir`).
+absl::StatusOr<std::vector<std::filesystem::path>> WeightFiles(const std::filesystem::path& dir);
+
 // The frozen weights of a checkpoint.
 class LlamaWeights {
  public:

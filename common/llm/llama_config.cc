@@ -277,14 +277,17 @@ absl::StatusOr<LlamaConfig> ReadLlamaConfig(const std::filesystem::path& dir) {
   return ParseLlamaConfig(json, path.string());
 }
 
+const char* ArchitectureName(const std::string& model_type) {
+  return model_type == "mistral" ? "MistralForCausalLM"
+         : model_type == "qwen2" ? "Qwen2ForCausalLM"
+         : model_type == "qwen3" ? "Qwen3ForCausalLM"
+                                 : "LlamaForCausalLM";
+}
+
 nlohmann::json LlamaConfigJson(const LlamaConfig& c) {
   const std::string& type = c.model_type;
-  const char* architecture = type == "mistral" ? "MistralForCausalLM"
-                             : type == "qwen2" ? "Qwen2ForCausalLM"
-                             : type == "qwen3" ? "Qwen3ForCausalLM"
-                                               : "LlamaForCausalLM";
   nlohmann::json json = {
-      {"architectures", {architecture}},
+      {"architectures", {ArchitectureName(type)}},
       {"model_type", type},
       {"hidden_act", "silu"},
       {"hidden_size", c.hidden_size},

@@ -78,6 +78,8 @@ std::vector<double> RopeInverseFrequencies(const LlamaConfig& config, int seq_le
 absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json, const std::string& origin);
 // Reads <dir>/config.json.
 absl::StatusOr<LlamaConfig> ReadLlamaConfig(const std::filesystem::path& dir);
+// transformers' class of a model_type: "Qwen3ForCausalLM" for "qwen3".
+const char* ArchitectureName(const std::string& model_type);
 // config.json as Hugging Face transformers writes it for the config's model_type.
 nlohmann::json LlamaConfigJson(const LlamaConfig& config);
 

@@ -1,7 +1,5 @@
 #include "common/llm/tokenizer.h"
 
-#define PCRE2_CODE_UNIT_WIDTH 8
-#include <pcre2.h>
 #include <utf8proc.h>
 
 #include <algorithm>
@@ -14,6 +12,7 @@
 #include <set>
 
 #include "absl/status/status.h"
+#include "common/base/pcre.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 
@@ -82,46 +81,39 @@ bool IsWordChar(int32_t cp) {
          (cat >= UTF8PROC_CATEGORY_ND && cat <= UTF8PROC_CATEGORY_NO);
 }
 
-// The code point ending at s[..end) of valid UTF-8.
-int32_t CodePointBefore(std::string_view s, size_t end) {
+// Where the character ending at s[..end) of valid UTF-8 starts.
+size_t PrevCharStart(std::string_view s, size_t end) {
   size_t i = end - 1;
   while (i > 0 && (static_cast<unsigned char>(s[i]) & 0xC0) == 0x80) --i;
-  return CodePointAt(s, i);
+  return i;
+}
+
+// Whether `s` is well-formed UTF-8.
+bool IsUtf8(std::string_view s) {
+  for (size_t at = 0; at < s.size();) {
+    utf8proc_int32_t cp;
+    const auto n = utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(s.data() + at),
+                                    static_cast<utf8proc_ssize_t>(s.size() - at), &cp);
+    if (n <= 0) return false;
+    at += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+// Replaces every `from` in `text` by `to`, left to right.
+void ReplaceLiteral(std::string& text, std::string_view from, std::string_view to) {
+  for (size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size()))
+    text.replace(at, from.size(), to);
 }
 
 uint64_t PairKey(int32_t a, int32_t b) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
 }
 
-struct Pcre {
-  pcre2_code* code = nullptr;
-  Pcre() = default;
-  Pcre(Pcre&& o) noexcept : code(std::exchange(o.code, nullptr)) {}
-  Pcre& operator=(Pcre&& o) noexcept {
-    std::swap(code, o.code);
-    return *this;
-  }
-  ~Pcre() {
-    if (code != nullptr) pcre2_code_free(code);
-  }
-};
-
+// A tokenizer.json pattern: literal, or a regex with Unicode properties (as the crate's onig).
 absl::StatusOr<Pcre> Compile(const std::string& pattern, bool literal, const std::string& origin) {
-  int error = 0;
-  PCRE2_SIZE offset = 0;
-  Pcre re;
-  re.code =
-      pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                    PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP), &error, &offset, nullptr);
-  if (re.code == nullptr) {
-    std::array<PCRE2_UCHAR, 256> message{};
-    pcre2_get_error_message(error, message.data(), message.size());
-    return absl::InvalidArgumentError(StrCat(origin, ": pattern ", pattern,
-                                             " does not compile at offset ", offset, ": ",
-                                             reinterpret_cast<const char*>(message.data())));
-  }
-  pcre2_jit_compile(re.code, PCRE2_JIT_COMPLETE);  // an optimisation; matching works without it
-  return re;
+  return CompilePcre(pattern, literal ? PCRE2_LITERAL : PCRE2_UCP, /*jit=*/true,
+                     StrCat(origin, ": pattern"));
 }
 
 // tokenizers' pattern {"String": s} (matched literally) or {"Regex": r}.
@@ -135,25 +127,30 @@ absl::StatusOr<Pcre> CompilePattern(const nlohmann::json& pattern, const std::st
   return Compile(pattern[literal ? "String" : "Regex"].get<std::string>(), literal, origin);
 }
 
+// A stretch [begin, end) of a text; `flag` says whether a pattern matched it (or, after a
+// split's behaviour, whether it is removed).
+struct Stretch {
+  size_t begin, end;
+  bool flag;
+};
+
 // The matches of `re` in `text`, as the crate's Pattern::find_matches lists them: every stretch,
 // flagged whether it matched. Empty matches are kept (they split the text) but step one character.
-std::vector<std::pair<std::pair<size_t, size_t>, bool>> FindMatches(const Pcre& re,
-                                                                    std::string_view text) {
-  std::vector<std::pair<std::pair<size_t, size_t>, bool>> out;
-  pcre2_match_data* md = pcre2_match_data_create_from_pattern(re.code, nullptr);
+std::vector<Stretch> FindMatches(const Pcre& re, std::string_view text) {
+  std::vector<Stretch> out;
   const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
   size_t at = 0, prev = 0;
   while (at <= text.size()) {
-    if (pcre2_match(re.code, subject, text.size(), at, PCRE2_NO_UTF_CHECK, md, nullptr) < 0) break;
-    const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
+    if (pcre2_match(re.code, subject, text.size(), at, PCRE2_NO_UTF_CHECK, re.match, nullptr) < 0)
+      break;
+    const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(re.match);
     const size_t begin = ov[0], end = ov[1];
-    if (prev != begin) out.push_back({{prev, begin}, false});
-    out.push_back({{begin, end}, true});
+    if (prev != begin) out.push_back({prev, begin, false});
+    out.push_back({begin, end, true});
     prev = end;
     at = end > begin ? end : end < text.size() ? end + Utf8Length(text[end]) : text.size() + 1;
   }
-  pcre2_match_data_free(md);
-  if (prev != text.size()) out.push_back({{prev, text.size()}, false});
+  if (prev != text.size()) out.push_back({prev, text.size(), false});
   return out;
 }
 
@@ -169,58 +166,57 @@ enum class Behavior { kRemoved, kIsolated, kMergedWithPrevious, kMergedWithNext,
 // The crate's NormalizedString::split: pieces of `piece` by the matches of `re`.
 void SplitPiece(const Piece& piece, const Pcre& re, Behavior behavior, bool invert,
                 std::vector<Piece>& out) {
-  auto matches = FindMatches(re, piece.text);
+  std::vector<Stretch> matches = FindMatches(re, piece.text);
   if (invert)
-    for (auto& m : matches) m.second = !m.second;
-  std::vector<std::pair<std::pair<size_t, size_t>, bool>> splits;  // offsets, removed
+    for (Stretch& m : matches) m.flag = !m.flag;
+  std::vector<Stretch> splits;  // flag: removed
   bool previous_match = false;
   switch (behavior) {
-    case Behavior::kRemoved:
-      splits = matches;
+    case Behavior::kRemoved:  // a match is removed
+      splits = std::move(matches);
       break;
     case Behavior::kIsolated:
-      for (const auto& m : matches) splits.push_back({m.first, false});
+      for (const Stretch& m : matches) splits.push_back({m.begin, m.end, false});
       break;
     case Behavior::kMergedWithPrevious:
-      for (const auto& [offsets, is_match] : matches) {
-        if (is_match && !previous_match && !splits.empty())
-          splits.back().first.second = offsets.second;
+      for (const Stretch& m : matches) {
+        if (m.flag && !previous_match && !splits.empty())
+          splits.back().end = m.end;
         else
-          splits.push_back({offsets, false});
-        previous_match = is_match;
+          splits.push_back({m.begin, m.end, false});
+        previous_match = m.flag;
       }
       break;
     case Behavior::kMergedWithNext:
-      for (auto it = matches.rbegin(); it != matches.rend(); ++it) {
-        if (it->second && !previous_match && !splits.empty())
-          splits.back().first.first = it->first.first;
+      for (auto m = matches.rbegin(); m != matches.rend(); ++m) {
+        if (m->flag && !previous_match && !splits.empty())
+          splits.back().begin = m->begin;
         else
-          splits.push_back({it->first, false});
-        previous_match = it->second;
+          splits.push_back({m->begin, m->end, false});
+        previous_match = m->flag;
       }
       std::reverse(splits.begin(), splits.end());
       break;
     case Behavior::kContiguous:
-      for (const auto& [offsets, is_match] : matches) {
-        if (is_match == previous_match && !splits.empty())
-          splits.back().first.second = offsets.second;
+      for (const Stretch& m : matches) {
+        if (m.flag == previous_match && !splits.empty())
+          splits.back().end = m.end;
         else
-          splits.push_back({offsets, false});
-        previous_match = is_match;
+          splits.push_back({m.begin, m.end, false});
+        previous_match = m.flag;
       }
       break;
   }
-  for (const auto& [offsets, removed] : splits)
-    if (!removed && offsets.second > offsets.first)
-      out.push_back({piece.text.substr(offsets.first, offsets.second - offsets.first),
-                     piece.at_start && offsets.first == 0});
+  for (const Stretch& s : splits)
+    if (!s.flag && s.end > s.begin)
+      out.push_back({piece.text.substr(s.begin, s.end - s.begin), piece.at_start && s.begin == 0});
 }
 
 void ReplaceAll(const Pcre& re, const std::string& content, std::string& text) {
   std::string out;
-  for (const auto& [offsets, is_match] : FindMatches(re, text))
-    out += is_match ? std::string_view(content)
-                    : std::string_view(text).substr(offsets.first, offsets.second - offsets.first);
+  for (const Stretch& m : FindMatches(re, text))
+    out += m.flag ? std::string_view(content)
+                  : std::string_view(text).substr(m.begin, m.end - m.begin);
   text = std::move(out);
 }
 
@@ -369,8 +365,7 @@ struct TokenizerPipeline {
           }
           case PreTokenize::Kind::kMetaspace: {
             std::string& t = piece.text;
-            for (size_t at = t.find(' '); at != std::string::npos; at = t.find(' ', at))
-              t.replace(at, 1, step.replacement), at += step.replacement.size();
+            ReplaceLiteral(t, " ", step.replacement);
             const bool prepend = step.prepend == PreTokenize::Prepend::kAlways ||
                                  (step.prepend == PreTokenize::Prepend::kFirst && piece.at_start);
             if (prepend && !t.starts_with(step.replacement)) t.insert(0, step.replacement);
@@ -418,7 +413,7 @@ struct TokenizerPipeline {
           size_t run_tokens = 0;
           auto flush = [&] {
             if (run_tokens == 0) return;
-            if (Utf8Lossy(run) == run) {
+            if (IsUtf8(run)) {
               out.push_back(run);
             } else {
               for (size_t i = 0; i < run_tokens; ++i) out.push_back("\xEF\xBF\xBD");
@@ -456,8 +451,7 @@ struct TokenizerPipeline {
         case Decode::Kind::kMetaspace:
           for (size_t i = 0; i < tokens.size(); ++i) {
             std::string& t = tokens[i];
-            for (size_t at = t.find(d.content); at != std::string::npos; at = t.find(d.content, at))
-              t.replace(at, d.content.size(), " "), ++at;
+            ReplaceLiteral(t, d.content, " ");
             if (i == 0 && d.prepend && t.starts_with(' ')) t.erase(0, 1);
           }
           break;
@@ -676,6 +670,11 @@ absl::StatusOr<Tokenizer> Tokenizer::Parse(const nlohmann::json& json, const std
   std::stable_sort(t.added_.begin(), t.added_.end(), [](const auto& a, const auto& b) {
     return a.content.size() > b.content.size();
   });
+  for (size_t k = 0; k < t.added_.size(); ++k) {
+    const AddedToken& a = t.added_[k];
+    t.added_by_byte_[a.normalized][static_cast<unsigned char>(a.content[0])].push_back(
+        static_cast<int32_t>(k));
+  }
   t.id_to_token_.assign(static_cast<size_t>(max_id) + 1, std::string());
   t.is_special_.assign(t.id_to_token_.size(), false);
   for (const auto& [token, id] : t.vocab_) t.id_to_token_[id] = token;
@@ -784,22 +783,21 @@ absl::StatusOr<Tokenizer> Tokenizer::Parse(const nlohmann::json& json, const std
 }
 
 int32_t Tokenizer::TokenId(std::string_view token) const {
-  for (const AddedToken& a : added_)
-    if (a.content == token && !a.normalized) return a.id;
   auto it = vocab_.find(std::string(token));
   if (it != vocab_.end()) return it->second;
-  for (size_t id = 0; id < id_to_token_.size(); ++id)
+  for (size_t id = 0; id < id_to_token_.size(); ++id)  // added tokens, by their written content
     if (id_to_token_[id] == token) return static_cast<int32_t>(id);
   return -1;
 }
 
 void Tokenizer::EncodeWord(std::string_view word, std::vector<int32_t>& out) const {
-  if (auto cached = cache_.find(std::string(word)); cached != cache_.end()) {
+  std::string key(word);
+  if (auto cached = cache_.find(key); cached != cache_.end()) {
     out.insert(out.end(), cached->second.begin(), cached->second.end());
     return;
   }
   std::vector<int32_t> symbols;
-  if (auto whole = vocab_.find(std::string(word)); ignore_merges_ && whole != vocab_.end()) {
+  if (auto whole = ignore_merges_ ? vocab_.find(key) : vocab_.end(); whole != vocab_.end()) {
     symbols.push_back(whole->second);
   } else {
     // Characters; a missing one becomes its byte tokens, or unk (runs fused), or nothing.
@@ -875,7 +873,7 @@ void Tokenizer::EncodeWord(std::string_view word, std::vector<int32_t>& out) con
     for (int i = n > 0 ? 0 : -1; i >= 0; i = next[i]) merged.push_back(symbols[i]);
     symbols = std::move(merged);
   }
-  if (cache_.size() < (1 << 16)) cache_[std::string(word)] = symbols;
+  if (cache_.size() < (1 << 16)) cache_.emplace(std::move(key), symbols);
   out.insert(out.end(), symbols.begin(), symbols.end());
 }
 
@@ -888,10 +886,11 @@ void Tokenizer::SplitAdded(std::string_view text, bool normalized, bool at_start
   size_t start = 0, i = 0;
   while (i < text.size()) {
     const AddedToken* hit = nullptr;
-    for (const AddedToken& a : added_) {  // longest first
-      if (a.normalized != normalized || text.compare(i, a.content.size(), a.content) != 0) continue;
+    for (int32_t k : added_by_byte_[normalized][static_cast<unsigned char>(text[i])]) {
+      const AddedToken& a = added_[k];  // longest first
+      if (text.compare(i, a.content.size(), a.content) != 0) continue;
       const size_t end = i + a.content.size();
-      if (a.single_word && ((i > 0 && IsWordChar(CodePointBefore(text, i))) ||
+      if (a.single_word && ((i > 0 && IsWordChar(CodePointAt(text, PrevCharStart(text, i)))) ||
                             (end < text.size() && IsWordChar(CodePointAt(text, end)))))
         continue;
       hit = &a;
@@ -903,9 +902,8 @@ void Tokenizer::SplitAdded(std::string_view text, bool normalized, bool at_start
     }
     size_t seg_end = i;
     if (hit->lstrip)
-      while (seg_end > start && IsWhitespace(CodePointBefore(text, seg_end)))
-        seg_end -= utf8proc_encode_char(CodePointBefore(text, seg_end),
-                                        std::array<utf8proc_uint8_t, 4>{}.data());
+      while (seg_end > start && IsWhitespace(CodePointAt(text, PrevCharStart(text, seg_end))))
+        seg_end = PrevCharStart(text, seg_end);
     emit(start, seg_end);
     out.push_back(hit->id);
     i += hit->content.size();
@@ -917,17 +915,10 @@ void Tokenizer::SplitAdded(std::string_view text, bool normalized, bool at_start
 }
 
 std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool add_special) const {
-  std::string valid;
-  for (size_t at = 0; at < text.size();) {  // well-formed UTF-8 (no copy when it is)
-    utf8proc_int32_t cp;
-    const auto n = utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(text.data() + at),
-                                    static_cast<utf8proc_ssize_t>(text.size() - at), &cp);
-    if (n <= 0) {
-      valid = Utf8Lossy(text);
-      text = valid;
-      break;
-    }
-    at += static_cast<size_t>(n);
+  std::string valid;  // a copy only when the text is not UTF-8
+  if (!IsUtf8(text)) {
+    valid = Utf8Lossy(text);
+    text = valid;
   }
   std::vector<int32_t> out;
   if (add_special) out = prefix_;

@@ -24,6 +24,7 @@
 #ifndef FEDLORA_COMMON_LLM_TOKENIZER_H_
 #define FEDLORA_COMMON_LLM_TOKENIZER_H_
 
+#include <array>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
@@ -95,6 +96,8 @@ class Tokenizer {
   std::vector<bool> is_special_;
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (a,b) -> (rank, merged)
   std::vector<AddedToken> added_;                                     // longest content first
+  // Indices into added_ by [normalized][first byte], longest first: what can match at a position.
+  std::array<std::array<std::vector<int32_t>, 256>, 2> added_by_byte_;
   std::unique_ptr<TokenizerPipeline> pipeline_;
   bool ignore_merges_ = false;
   bool byte_fallback_ = false;

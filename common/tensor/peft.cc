@@ -1,8 +1,5 @@
 #include "common/tensor/peft.h"
 
-#define PCRE2_CODE_UNIT_WIDTH 8
-#include <pcre2.h>
-
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -11,6 +8,7 @@
 #include <set>
 
 #include "common/base/file_util.h"
+#include "common/base/pcre.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 
@@ -24,13 +22,22 @@ namespace {
 constexpr std::string_view kPrefix = "base_model.model.";
 constexpr std::string_view kSuffixes[] = {".lora_A.weight", ".lora_B.weight", ".lora_R.weight"};
 
+// A rank_pattern or alpha_pattern entry, compiled as PEFT's get_pattern_key matches it:
+// re.match(rf"(.*\.)?({key})$", module).
+template <typename T>
+struct Pattern {
+  std::string key;
+  Pcre re;
+  T value;
+};
+
 struct LoraConfig {
   int r = 0;
   double lora_alpha = 0;
   bool use_rslora = false;
   std::string base_model;
-  std::vector<std::pair<std::string, int>> rank_pattern;
-  std::vector<std::pair<std::string, double>> alpha_pattern;
+  std::vector<Pattern<int>> rank_pattern;
+  std::vector<Pattern<double>> alpha_pattern;
 };
 
 // Bounds on what a config may ask of the matcher: PEFT's keys are module paths or short patterns.
@@ -38,53 +45,34 @@ constexpr size_t kMaxPatternKey = 1024;
 constexpr size_t kMaxModuleName = 4096;
 constexpr int kMaxRank = 1 << 16;
 
-// PEFT's get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", module). On PCRE2's
+// The first pattern that matches `module` (PEFT takes the first key in file order). On PCRE2's
 // interpreter, which keeps its backtracking on the heap, with a match limit: a pattern that
 // backtracks without end ("(a|aa)*c") is refused instead of running for minutes or, in a
 // recursive engine, overflowing the stack.
 template <typename T>
-absl::StatusOr<std::optional<T>> MatchPattern(
-    const std::vector<std::pair<std::string, T>>& patterns, const std::string& module,
-    std::string_view field) {
+absl::StatusOr<std::optional<T>> MatchPattern(const std::vector<Pattern<T>>& patterns,
+                                              const std::string& module, std::string_view field) {
   if (patterns.empty()) return std::optional<T>();
   if (module.size() > kMaxModuleName)
     return absl::InvalidArgumentError(
         StrCat("module name of ", module.size(), " characters; at most ", kMaxModuleName));
-  pcre2_match_context* context = pcre2_match_context_create(nullptr);
-  pcre2_set_match_limit(context, 1'000'000);
-  pcre2_set_depth_limit(context, 10'000);
-  absl::StatusOr<std::optional<T>> result = std::optional<T>();
-  for (const auto& [key, value] : patterns) {
-    const std::string pattern = "(.*\\.)?(" + key + ")$";
-    int error = 0;
-    PCRE2_SIZE offset = 0;
-    pcre2_code* re = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                                   PCRE2_ANCHORED | PCRE2_UTF | PCRE2_MATCH_INVALID_UTF, &error,
-                                   &offset, nullptr);
-    if (re == nullptr) {
-      result = absl::InvalidArgumentError(
-          StrCat(field, " key '", key, "' is not a valid regular expression"));
-      break;
-    }
-    pcre2_match_data* md = pcre2_match_data_create_from_pattern(re, nullptr);
-    const int rc = pcre2_match(re, reinterpret_cast<PCRE2_SPTR>(module.data()), module.size(), 0, 0,
-                               md, context);
-    pcre2_match_data_free(md);
-    pcre2_code_free(re);
-    if (rc >= 0) {
-      result = std::optional<T>(value);
-      break;
-    }
-    if (rc != PCRE2_ERROR_NOMATCH) {
-      result = absl::InvalidArgumentError(
-          StrCat(field, " key '", key, "' cannot be matched against module ", module,
+  static pcre2_match_context* const limits = [] {  // read-only once made: shared by threads
+    pcre2_match_context* c = pcre2_match_context_create(nullptr);
+    pcre2_set_match_limit(c, 1'000'000);
+    pcre2_set_depth_limit(c, 10'000);
+    return c;
+  }();
+  for (const Pattern<T>& p : patterns) {
+    const int rc = pcre2_match(p.re.code, reinterpret_cast<PCRE2_SPTR>(module.data()),
+                               module.size(), 0, 0, p.re.match, limits);
+    if (rc >= 0) return std::optional<T>(p.value);
+    if (rc != PCRE2_ERROR_NOMATCH)
+      return absl::InvalidArgumentError(
+          StrCat(field, " key '", p.key, "' cannot be matched against module ", module,
                  " within the matcher's limits (it backtracks too much); write the module path, "
                  "or a simpler pattern"));
-      break;
-    }
   }
-  pcre2_match_context_free(context);
-  return result;
+  return std::optional<T>();
 }
 
 absl::StatusOr<LoraConfig> ParseConfig(const fs::path& path) {
@@ -142,15 +130,20 @@ absl::StatusOr<LoraConfig> ParseConfig(const fs::path& path) {
       if (key.size() > kMaxPatternKey)
         return bad(
             StrCat(field, " has a key of ", key.size(), " characters; at most ", kMaxPatternKey));
+      // No JIT: the match limits apply to the interpreter.
+      absl::StatusOr<Pcre> re =
+          CompilePcre("(.*\\.)?(" + key + ")$", PCRE2_ANCHORED | PCRE2_MATCH_INVALID_UTF,
+                      /*jit=*/false, StrCat(field, " key"));
+      if (!re.ok()) return bad(StrCat(field, " key '", key, "' is not a valid regular expression"));
       if (std::string_view(field) == "rank_pattern") {
         if (!rank(value))
           return bad(StrCat("rank_pattern[\"", key, "\"] must be an integer in [1, ", kMaxRank,
                             "], got ", value.dump()));
-        out.rank_pattern.emplace_back(key, value.get<int>());
+        out.rank_pattern.push_back({key, *std::move(re), value.get<int>()});
       } else {
         if (!value.is_number() || !std::isfinite(value.get<double>()))
           return bad(StrCat("alpha_pattern[\"", key, "\"] must be a finite number"));
-        out.alpha_pattern.emplace_back(key, value.get<double>());
+        out.alpha_pattern.push_back({key, *std::move(re), value.get<double>()});
       }
     }
   }

@@ -383,7 +383,7 @@ TEST_F(RoundEngineTest, AnUpdatePastTheNormBoundIsRejected) {
   ASSERT_TRUE(task.ok());
   Adapter big = *h_.MakeUpdate("c2", *task);
   double honest = 0;
-  for (size_t i = 0; i < big.num_modules(); ++i) honest += big.DeltaNorm(i) * big.DeltaNorm(i);
+  for (size_t i = 0; i < big.num_modules(); ++i) honest += std::pow(big.DeltaNorm(i), 2);
   ASSERT_LT(std::sqrt(honest), 100);  // the honest updates pass
   for (size_t i = 0; i < big.num_modules(); ++i) big.B(i) *= 1000.0f;
   auto refused = h_.Send("c2", *task, h_.Encode(big));
