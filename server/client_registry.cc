@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "common/base/strings.h"
+#include "common/tensor/adapter.h"
 #include "common/tensor/blob.h"
 
 namespace fedlora::server {
@@ -33,6 +34,15 @@ absl::Status CheckAdmission(const v1::JoinRequest& request, const std::string& e
   if (request.max_rank() < rank) {
     return absl::FailedPreconditionError(
         StrCat("the run trains rank ", rank, " but your max_rank is ", request.max_rank()));
+  }
+  for (const v1::ModuleSpec& m : request.modules()) {
+    if (absl::Status st = common::CheckModuleName(m.name()); !st.ok()) return st;
+    if (m.in_features() < 1 || m.in_features() > common::kMaxFeatures || m.out_features() < 1 ||
+        m.out_features() > common::kMaxFeatures) {
+      return absl::InvalidArgumentError(StrCat("module ", m.name(), " is ", m.out_features(), "x",
+                                               m.in_features(), "; dimensions must be in [1, ",
+                                               common::kMaxFeatures, "]"));
+    }
   }
   for (const ModuleSpec& m : modules) {
     const auto it = std::find_if(request.modules().begin(), request.modules().end(),

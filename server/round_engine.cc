@@ -155,6 +155,23 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
         StrCat("none of the client's ", first.modules_size(), " modules matches target_modules ",
                fmt::format("{}", fmt::join(options_.target_modules, ","))));
   }
+  // What the run would ask each client to send, before anything is allocated for it.
+  int64_t floats = 0;
+  for (const ModuleSpec& m : ledger.modules) {
+    floats += int64_t{options_.rank} * (m.in_features + m.out_features + options_.rank);
+    if (method_ == Method::kFedSb && options_.rank > std::min(m.in_features, m.out_features)) {
+      return absl::InvalidArgumentError(
+          StrCat("fed-sb's B (m×r) and A (r×n) have orthonormal columns and rows, so rank ",
+                 options_.rank, " cannot exceed module ", m.name, "'s ", m.out_features, "x",
+                 m.in_features, "; choose target_modules or a lower rank"));
+    }
+  }
+  if (floats * 4 > options_.max_update_bytes) {
+    return absl::InvalidArgumentError(
+        StrCat("an adapter of the client's ", ledger.modules.size(), " modules at rank ",
+               options_.rank, " takes ", floats * 4, " bytes, more than max_update_bytes (",
+               options_.max_update_bytes, "); choose target_modules or raise the limit"));
+  }
   if (options_.client_dp()) ledger.client_dp = ClientDpState{options_.dp_clip, {}};
   ledger.init = NewFedSbInit(options_);
   if (ledger.init) {

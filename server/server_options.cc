@@ -1,5 +1,7 @@
 #include "server/server_options.h"
 
+#include <map>
+
 #include "common/base/strings.h"
 
 namespace fedlora::server {
@@ -92,6 +94,104 @@ absl::Status ServerOptions::Validate() const {
         "check");
   }
   return absl::OkStatus();
+}
+
+void AddServerFlags(CLI::App& app, ServerOptions& o) {
+  std::map<std::string, common::Method> methods;
+  for (common::Method m : common::kAllMethods) methods.emplace(common::MethodName(m), m);
+  app.add_option("--method", o.method, "fedit | flora | lora-fair | fed-sb")
+      ->transform(CLI::CheckedTransformer(methods))
+      ->default_str("fedit");
+  app.add_option("--rounds", o.rounds)->capture_default_str();
+  app.add_option("--seed", o.seed, "seed of cohorts, initial factors and task seeds")
+      ->capture_default_str();
+  app.add_option("--state-dir", o.state_dir,
+                 "ledger, blobs, metrics and exports; a restart continues from it")
+      ->capture_default_str();
+  app.add_option("--min-clients", o.min_clients, "joined clients needed before round 1")
+      ->capture_default_str();
+  app.add_option("--fraction", o.fraction, "share of joined clients in each cohort")
+      ->capture_default_str();
+  app.add_option("--min-cohort", o.min_cohort)->capture_default_str();
+  app.add_option("--quorum", o.quorum, "share of the cohort that closes a round at its deadline")
+      ->capture_default_str();
+  app.add_option("--round-deadline-s", o.round_deadline_s)->capture_default_str();
+  app.add_option("--client-timeout-s", o.client_timeout_s,
+                 "silence after which a cohort member counts as dropped")
+      ->capture_default_str();
+  app.add_option("--rank", o.rank)->capture_default_str();
+  app.add_option("--lora-alpha", o.lora_alpha)->capture_default_str();
+  app.add_option("--local-steps", o.local_steps)->capture_default_str();
+  app.add_option("--learning-rate", o.learning_rate)->capture_default_str();
+  app.add_option("--target-modules", o.target_modules,
+                 "module name suffixes to adapt (default: all offered)")
+      ->delimiter(',')
+      ->allow_extra_args(false);
+  app.add_option("--max-client-examples", o.max_client_examples,
+                 "a client joining with more examples is refused; an update may not claim more "
+                 "than its client joined with")
+      ->capture_default_str();
+  app.add_option("--max-update-norm", o.max_update_norm,
+                 "reject an update whose ‖s·B·A‖_F (flat over modules) exceeds this; 0: off")
+      ->capture_default_str();
+  app.add_option("--base-model-sha256", o.base_model_sha256,
+                 "required base model (default: the first client's)");
+  app.add_option("--lora-fair-lambda", o.lora_fair_lambda)->capture_default_str();
+  app.add_option("--fed-sb-init", o.fed_sb_init,
+                 "fed-sb's B, A, R0: sketch (federated randomized SVD of the clients' gradient), "
+                 "dense (each client's whole gradient once) or random")
+      ->capture_default_str();
+  app.add_option("--fed-sb-oversampling", o.fed_sb_oversampling, "sketch columns beyond the rank")
+      ->capture_default_str();
+  app.add_option("--fed-sb-power-iterations", o.fed_sb_power_iterations)->capture_default_str();
+  app.add_option("--fed-sb-init-examples", o.fed_sb_init_examples,
+                 "records per client the initialising gradient is taken over")
+      ->capture_default_str();
+  app.add_option("--fed-sb-init-lr", o.fed_sb_init_lr,
+                 "step size of the full update the initialisation approximates")
+      ->capture_default_str();
+  app.add_option("--base-model-dir", o.base_model_dir,
+                 "the base model (Hugging Face directory): pins the run to it, evaluates "
+                 "--eval-data each round, exports merged weights");
+  app.add_option("--eval-data", o.eval_data, "held-out JSONL evaluated after every round");
+  app.add_option("--eval-max-length", o.eval_max_length, "tokens per held-out record")
+      ->capture_default_str();
+  app.add_option("--dp-clip", o.dp_clip,
+                 "client-level DP: bound on each client's update (flat L2 of its change); 0: off")
+      ->capture_default_str();
+  app.add_option("--dp-noise-multiplier", o.dp_noise_multiplier,
+                 "client-level DP: noise stddev / clip of each round")
+      ->capture_default_str();
+  app.add_option("--dp-init-noise-multiplier", o.dp_init_noise_multiplier,
+                 "client-level DP: noise stddev of each step of fed-sb's initialisation (its "
+                 "answers scaled to norm 1); default: --dp-noise-multiplier");
+  app.add_flag("--dp-adaptive-clip", o.dp_adaptive_clip,
+               "client-level DP: the clip follows a quantile of the update norms (Andrew et al.)");
+  app.add_option("--dp-target-quantile", o.dp_target_quantile)->capture_default_str();
+  app.add_option("--dp-clip-learning-rate", o.dp_clip_learning_rate)->capture_default_str();
+  app.add_option("--dp-count-stddev", o.dp_count_stddev,
+                 "noise of the unclipped count (adaptive clipping); < 0: cohort / 20")
+      ->capture_default_str();
+  app.add_option("--dp-delta", o.dp_delta)->capture_default_str();
+  app.add_option("--dp-target-epsilon", o.dp_target_epsilon,
+                 "client-level DP: end the run before a round would spend more")
+      ->capture_default_str();
+  app.add_option("--listen", o.listen, "address:port (port 0 picks a free one)")
+      ->capture_default_str();
+  app.add_option("--tls-cert", o.tls_cert, "PEM certificate chain of the server");
+  app.add_option("--tls-key", o.tls_key, "PEM private key of the server");
+  app.add_option("--client-ca", o.client_ca, "PEM CA of client certificates: enables mutual TLS");
+  app.add_option("--allowed-clients", o.allowed_clients, "client certificate common names admitted")
+      ->delimiter(',')
+      ->allow_extra_args(false);
+  app.add_flag("--insecure", o.insecure,
+               "plaintext without client identities (experiments on one machine only)");
+  app.add_option("--chunk-bytes", o.chunk_bytes)->capture_default_str();
+  app.add_option("--max-update-bytes", o.max_update_bytes)->capture_default_str();
+  app.add_option("--max-wait-ms", o.max_wait_ms, "longest long poll")->capture_default_str();
+  app.add_option("--give-up-after-s", o.give_up_after_s,
+                 "a round's commit (or its metrics or export) failing this long stops the server")
+      ->capture_default_str();
 }
 
 }  // namespace fedlora::server

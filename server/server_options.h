@@ -3,6 +3,7 @@
 #ifndef FEDLORA_SERVER_SERVER_OPTIONS_H_
 #define FEDLORA_SERVER_SERVER_OPTIONS_H_
 
+#include <CLI/CLI.hpp>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -98,6 +99,9 @@ struct ServerOptions {
   bool client_dp() const { return dp_clip > 0; }
   absl::Status Validate() const;
 };
+
+// Every option as a flag and TOML key (the long flag name without --) of `app`.
+void AddServerFlags(CLI::App& app, ServerOptions& o);
 
 }  // namespace fedlora::server
 

@@ -44,6 +44,9 @@ inline uint64_t Fnv1a(std::string_view s, uint64_t h = 1469598103934665603ull) {
   return h;
 }
 
+// Whether `s` is well-formed UTF-8 (what JSON, protobuf strings and safetensors names must be).
+bool IsUtf8(std::string_view s);
+
 }  // namespace fedlora::common
 
 #endif  // FEDLORA_COMMON_BASE_STRINGS_H_

@@ -88,18 +88,6 @@ size_t PrevCharStart(std::string_view s, size_t end) {
   return i;
 }
 
-// Whether `s` is well-formed UTF-8.
-bool IsUtf8(std::string_view s) {
-  for (size_t at = 0; at < s.size();) {
-    utf8proc_int32_t cp;
-    const auto n = utf8proc_iterate(reinterpret_cast<const utf8proc_uint8_t*>(s.data() + at),
-                                    static_cast<utf8proc_ssize_t>(s.size() - at), &cp);
-    if (n <= 0) return false;
-    at += static_cast<size_t>(n);
-  }
-  return true;
-}
-
 // Replaces every `from` in `text` by `to`, left to right.
 void ReplaceLiteral(std::string& text, std::string_view from, std::string_view to) {
   for (size_t at = text.find(from); at != std::string::npos; at = text.find(from, at + to.size()))

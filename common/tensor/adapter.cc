@@ -3,6 +3,7 @@
 #include <cmath>
 #include <set>
 
+#include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/tensor/linalg.h"
 
@@ -14,15 +15,29 @@ size_t LoraModule::size() const {
          (has_r ? r * r : 0);
 }
 
+absl::Status CheckModuleName(std::string_view name) {
+  if (name.empty() || name.size() > kMaxModuleName) {
+    return absl::InvalidArgumentError(
+        StrCat("a module name of ", name.size(), " bytes; expected 1 to ", kMaxModuleName));
+  }
+  if (!IsUtf8(name)) {
+    return absl::InvalidArgumentError(
+        StrCat("a module name of ", name.size(), " bytes is not UTF-8"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Adapter> Adapter::Create(const std::vector<ModuleShape>& modules) {
   Adapter adapter;
   std::set<std::string_view> names;
   size_t offset = 0;
   for (const ModuleShape& shape : modules) {
-    if (shape.rank <= 0 || shape.in_features <= 0 || shape.out_features <= 0) {
+    RETURN_IF_ERROR(CheckModuleName(shape.name));
+    auto dim = [](int d) { return d > 0 && d <= kMaxFeatures; };
+    if (!dim(shape.rank) || !dim(shape.in_features) || !dim(shape.out_features)) {
       return absl::InvalidArgumentError(StrCat("module ", shape.name, ": rank ", shape.rank, ", n ",
                                                shape.in_features, " and m ", shape.out_features,
-                                               " must all be positive"));
+                                               " must all be in [1, ", kMaxFeatures, "]"));
     }
     if (!std::isfinite(shape.scaling) || std::abs(shape.scaling) > kMaxScaling) {
       return absl::InvalidArgumentError(StrCat("module ", shape.name, ": scaling ", shape.scaling,

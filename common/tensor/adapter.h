@@ -25,6 +25,14 @@ namespace fedlora::common {
 // folded into B makes an aggregate infinite — and is refused wherever an adapter is made.
 inline constexpr double kMaxScaling = 1e4;
 
+// The longest module name accepted (a real model's module paths are under 100 characters), and
+// the largest dimension of a module (vocabularies reach 262,144; hidden sizes 30,000).
+inline constexpr size_t kMaxModuleName = 4096;
+inline constexpr int kMaxFeatures = 1 << 22;
+// OK when `name` can name a module: 1 to kMaxModuleName bytes of UTF-8 (what safetensors headers,
+// JSON state files and protobuf strings can carry).
+absl::Status CheckModuleName(std::string_view name);
+
 struct ModuleShape {
   std::string name;      // Module path in the base model, e.g. "model.layers.0.self_attn.q_proj".
   int rank = 0;          // r
@@ -45,8 +53,8 @@ class Adapter {
  public:
   Adapter() = default;
 
-  // Lays the modules out in one zero-filled buffer. Names must be unique and every dimension
-  // positive.
+  // Lays the modules out in one zero-filled buffer. Names must be valid (CheckModuleName) and
+  // unique, every dimension in [1, kMaxFeatures].
   static absl::StatusOr<Adapter> Create(const std::vector<ModuleShape>& modules);
 
   size_t num_modules() const { return modules_.size(); }

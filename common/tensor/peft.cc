@@ -42,7 +42,6 @@ struct LoraConfig {
 
 // Bounds on what a config may ask of the matcher: PEFT's keys are module paths or short patterns.
 constexpr size_t kMaxPatternKey = 1024;
-constexpr size_t kMaxModuleName = 4096;
 constexpr int kMaxRank = 1 << 16;
 
 // The first pattern that matches `module` (PEFT takes the first key in file order). On PCRE2's

@@ -279,7 +279,12 @@ absl::Status WriteSafetensors(std::FILE* out, std::span<const TensorToWrite> ten
                       {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
-  std::string header_text = header.dump();
+  std::string header_text;
+  try {
+    header_text = header.dump();
+  } catch (const nlohmann::json::exception&) {  // a name or metadata value that is not UTF-8
+    return absl::InvalidArgumentError("a tensor name or metadata value is not UTF-8");
+  }
   header_text.append((8 - header_text.size() % 8) % 8, ' ');
   const uint64_t header_len = header_text.size();
 

@@ -132,6 +132,8 @@ class Harness {
           frozen_ = *std::move(frozen);
         }
       }
+      if (frozen_.num_modules() != update->num_modules())
+        return absl::FailedPreconditionError("no frozen B and A downloaded yet");
       for (size_t i = 0; i < update->num_modules(); ++i) {
         update->A(i) = frozen_.A(i);
         update->B(i) = frozen_.B(i);

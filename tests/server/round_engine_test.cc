@@ -403,6 +403,34 @@ TEST_F(RoundEngineTest, AnUpdatePastTheNormBoundIsRejected) {
   ExpectFedItMean({"c1", "c2", "c3"}, 1);
 }
 
+// Found by tests/fuzz/engine_fuzzer.cc: a first client whose module is narrower than fed-sb's rank
+// (B is m×r with orthonormal columns) wrote past its matrices; names that are not UTF-8, and
+// dimensions no model has, reached the state files and the allocator. Each is refused at join,
+// with nothing written, and a well-formed client then starts the run.
+TEST_F(RoundEngineTest, RegressionMalformedModulesAreRefusedAtJoin) {
+  h_.Stop();
+  h_.options().method = common::Method::kFedSb;
+  h_.options().max_update_bytes = 262144;
+  ASSERT_TRUE(h_.Start().ok());
+  const auto refused = [&](Modules modules) {
+    h_.set_modules(std::move(modules));
+    const absl::Status st = h_.Join("c1");
+    h_.set_modules(kModules);
+    EXPECT_FALSE(fs::exists(state() / "ledger.json"));
+    return std::string(st.message());
+  };
+  EXPECT_THAT(refused({{"model.layers.0.self_attn.q_proj", 2, 16}}),
+              HasSubstr("rank 4 cannot exceed module model.layers.0.self_attn.q_proj's 16x2"));
+  EXPECT_THAT(refused({{"model.ml\x94.q_proj", 12, 16}}),
+              HasSubstr("a module name of 16 bytes is not UTF-8"));
+  EXPECT_THAT(refused({{"model.q_proj", 12, 1 << 30}}),
+              HasSubstr("is 1073741824x12; dimensions must be in [1, 4194304]"));
+  EXPECT_THAT(refused({{"model.q_proj", 4096, 4096}, {"model.v_proj", 4096, 4096}}),
+              HasSubstr("takes 262272 bytes, more than max_update_bytes (262144)"));
+  JoinAll();
+  EXPECT_TRUE(fs::exists(state() / "ledger.json"));
+}
+
 TEST_F(RoundEngineTest, DeclinedMemberIsNotWaitedForAndLeavesLaterCohorts) {
   JoinAll();
   Train("c1");

@@ -25,7 +25,18 @@ TEST(AdapterTest, ModulesAreLaidOutBackToBackInOneBuffer) {
 
 TEST(AdapterTest, CreateRefusesBadShapes) {
   EXPECT_THAT(Adapter::Create({{"q", 0, 3, 4, 1.0, false}}).status().message(),
-              HasSubstr("must all be positive"));
+              HasSubstr("must all be in [1, 4194304]"));
+  EXPECT_THAT(Adapter::Create({{"q", 1, 3, kMaxFeatures + 1, 1.0, false}}).status().message(),
+              HasSubstr("must all be in [1, 4194304]"));
+  // Names end up in safetensors headers and JSON state files: UTF-8, and not absurdly long.
+  EXPECT_THAT(Adapter::Create({{"", 1, 3, 4, 1.0, false}}).status().message(),
+              HasSubstr("a module name of 0 bytes"));
+  EXPECT_THAT(Adapter::Create({{std::string(kMaxModuleName + 1, 'q'), 1, 3, 4, 1.0, false}})
+                  .status()
+                  .message(),
+              HasSubstr("a module name of 4097 bytes; expected 1 to 4096"));
+  EXPECT_THAT(Adapter::Create({{"model.ml\x94.down_proj", 1, 3, 4, 1.0, false}}).status().message(),
+              HasSubstr("a module name of 19 bytes is not UTF-8"));
   EXPECT_THAT(
       Adapter::Create({{"q", 1, 3, 4, 1.0, false}, {"q", 1, 3, 4, 1.0, false}}).status().message(),
       HasSubstr("appears twice"));
