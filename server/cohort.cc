@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 
 namespace fedlora::server {
@@ -25,6 +26,24 @@ size_t QuorumOf(double quorum, size_t members) {
   const auto needed =
       static_cast<size_t>(std::max(0.0, std::ceil(quorum * static_cast<double>(members) - 0.05)));
   return std::clamp<size_t>(needed, 1, std::max<size_t>(members, 1));
+}
+
+double WeightCap(std::vector<int64_t> examples, double max_share) {
+  constexpr double kNone = std::numeric_limits<double>::infinity();
+  if (examples.empty() || max_share >= 1) return kNone;
+  std::sort(examples.begin(), examples.end());
+  const size_t m = examples.size();
+  double below = 0;  // Σ of the m − k smallest
+  for (int64_t n : examples) below += static_cast<double>(n);
+  if (static_cast<double>(examples.back()) <= max_share * below) return kNone;
+  for (size_t k = 1; k < m; ++k) {
+    below -= static_cast<double>(examples[m - k]);
+    if (max_share * static_cast<double>(k) >= 1) break;
+    const double t = max_share * below / (1 - max_share * static_cast<double>(k));
+    const double next = static_cast<double>(examples[m - k - 1]);
+    if (t >= next && t <= static_cast<double>(examples[m - k])) return t;
+  }
+  return static_cast<double>(examples.front());
 }
 
 }  // namespace fedlora::server

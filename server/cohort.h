@@ -22,6 +22,13 @@ std::vector<std::string> SampleCohort(std::vector<std::string> candidates, uint6
 // forgives a twentieth of a member more.
 size_t QuorumOf(double quorum, size_t members);
 
+// The per-client weight cap T of a cohort whose members joined with `examples`: each update's
+// aggregation weight is min(its examples, T), with T the largest value for which no member's share
+// T / Σ_j min(n_j, T) exceeds `max_share` (water-filling: T = c·S / (1 − c·k) when the k largest
+// are capped and S is the sum of the others). Infinite when no one needs capping or max_share ≥ 1;
+// the smallest count when max_share < 1 / members (equal weights are the best there is).
+double WeightCap(std::vector<int64_t> examples, double max_share);
+
 }  // namespace fedlora::server
 
 #endif  // FEDLORA_SERVER_COHORT_H_

@@ -501,9 +501,13 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
     }
     absl::Status status = sketch ? products.status() : update.status();
     const int64_t joined = clients_.Find(client)->num_examples;
-    const int64_t examples = request.num_examples() > 0 ? request.num_examples() : joined;
-    if (status.ok() && examples > joined)
-      status = absl::InvalidArgumentError(StrCat("the update claims ", examples,
+    const int64_t claimed = request.num_examples() > 0 ? request.num_examples() : joined;
+    // Its weight in the aggregate: what it trained on, within the round's cap (floored, so the
+    // cap's share bound holds).
+    const int64_t examples = std::max<int64_t>(
+        1, static_cast<int64_t>(std::min(static_cast<double>(claimed), std::floor(weight_cap_))));
+    if (status.ok() && claimed > joined)
+      status = absl::InvalidArgumentError(StrCat("the update claims ", claimed,
                                                  " examples, more than the ", joined, " ", client,
                                                  " joined with"));
     if (status.ok() && update_norm > options_.max_update_norm)

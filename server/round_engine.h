@@ -21,6 +21,7 @@
 #define FEDLORA_SERVER_ROUND_ENGINE_H_
 
 #include <chrono>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -155,6 +156,7 @@ class RoundEngine {
   Phase phase_ = Phase::kWaitingForClients;
   absl::Status failure_;  // set once the engine gives up
   ClientRegistry clients_;
+  double weight_cap_ = std::numeric_limits<double>::infinity();  // the round's weight cap
   int64_t round_ = 0;  // the round in progress (version() + 1 while training)
   int attempt_ = 0;    // retries of this round without quorum
   std::chrono::steady_clock::time_point next_attempt_;  // a retried round starts no earlier

@@ -101,6 +101,9 @@ void RoundEngine::StartRoundLocked(const std::vector<std::string>& ids) {
                               : "the privacy budget allows no further round");
     }
   }
+  std::vector<int64_t> joined;
+  for (const std::string& id : cohort_) joined.push_back(clients_.Find(id)->num_examples);
+  weight_cap_ = WeightCap(joined, options_.max_client_weight);
   StartSumsLocked();
   round_started_ = env_->Now();
   if (!run_started_) run_started_ = round_started_;

@@ -21,6 +21,8 @@ absl::Status ServerOptions::Validate() const {
     return bad("client_timeout_s is ", client_timeout_s, "; it must be > 0");
   if (rank < 1) return bad("rank is ", rank, "; it must be at least 1");
   if (local_steps < 1) return bad("local_steps is ", local_steps, "; it must be at least 1");
+  if (!(max_client_weight > 0 && max_client_weight <= 1))
+    return bad("max_client_weight is ", max_client_weight, "; it must be in (0, 1] (1: off)");
   if (!(max_update_norm >= 0))
     return bad("max_update_norm is ", max_update_norm, "; it must be >= 0 (0: off)");
   if (max_client_examples < 1)
@@ -130,6 +132,9 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--max-client-examples", o.max_client_examples,
                  "a client joining with more examples is refused; an update may not claim more "
                  "than its client joined with")
+      ->capture_default_str();
+  app.add_option("--max-client-weight", o.max_client_weight,
+                 "largest share of a round's aggregate one client can have (1: off)")
       ->capture_default_str();
   app.add_option("--max-update-norm", o.max_update_norm,
                  "reject an update whose ‖s·B·A‖_F (flat over modules) exceeds this; 0: off")

@@ -42,6 +42,9 @@ struct ServerOptions {
   // client sends, not its change) exceeds this is rejected: a bound on what one faulty or
   // malicious client can do to the aggregate without DP. 0: off.
   double max_update_norm = 0;
+  // < 1: no client's share of a round's aggregate exceeds this (of the cohort drawn): weights are
+  // min(examples, T) with T from the members' joined counts (cohort.h, WeightCap). 1: off.
+  double max_client_weight = 1;
   // the base model clients must hold; empty: pinned from the first client
   std::string base_model_sha256;
   double lora_fair_lambda = 0.01;

@@ -9,9 +9,12 @@
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 
+#include <cmath>
+#include <map>
 #include <sstream>
 
 #include "common/tensor/peft.h"
+#include "server/cohort.h"
 #include "server/errors.h"
 #include "tests/server/engine_harness.h"
 #include "tests/test_util.h"
@@ -57,7 +60,8 @@ class RoundEngineTest : public ::testing::Test {
     return *common::DecodeAdapter(*bytes, sha);
   }
   // FedIT's Ā, B̄ of `ids`' round-`round` updates, from the update values, element by element.
-  void ExpectFedItMean(const std::vector<std::string>& ids, int64_t round) {
+  void ExpectFedItMean(const std::vector<std::string>& ids, int64_t round,
+                       std::map<std::string, double> weights = {}) {
     const Adapter global = Global();
     v1::Task task;
     task.set_round(round);
@@ -68,7 +72,8 @@ class RoundEngineTest : public ::testing::Test {
       for (const std::string& id : ids) {
         const Adapter u = *h_.MakeUpdate(id, task);
         const size_t j = *u.FindModule(global.module(i).name);
-        const double w = static_cast<double>(Harness::Examples(id));
+        const double w =
+            weights.contains(id) ? weights[id] : static_cast<double>(Harness::Examples(id));
         for (Eigen::Index r = 0; r < a.rows(); ++r)
           for (Eigen::Index c = 0; c < a.cols(); ++c) a(r, c) += w * u.A(j)(r, c);
         for (Eigen::Index r = 0; r < b.rows(); ++r)
@@ -429,6 +434,38 @@ TEST_F(RoundEngineTest, RegressionMalformedModulesAreRefusedAtJoin) {
               HasSubstr("takes 262272 bytes, more than max_update_bytes (262144)"));
   JoinAll();
   EXPECT_TRUE(fs::exists(state() / "ledger.json"));
+}
+
+TEST(WeightCapTest, WaterFillingByHand) {
+  // 20, 30, 40, 50 and one of 10^6 at a cap of 1/4: with the two largest capped, T = ¼·90 / (1 −
+  // ½) = 45, between 40 and 50; weights 20, 30, 40, 45, 45 (total 180; 45/180 = ¼).
+  EXPECT_DOUBLE_EQ(server::WeightCap({50, 20, 1'000'000, 40, 30}, 0.25), 45);
+  // Nobody above the cap, or no cap: infinite.
+  EXPECT_TRUE(std::isinf(server::WeightCap({10, 10, 10, 10}, 0.25)));
+  EXPECT_TRUE(std::isinf(server::WeightCap({1, 1'000'000}, 1)));
+  // A cap below 1/members: equal weights, the smallest count.
+  EXPECT_DOUBLE_EQ(server::WeightCap({7, 9, 100}, 0.2), 7);
+  // One capped: 10, 10, 10 and 100 at ½ → T = ½·30 / ½ = 30 ≥ 10.
+  EXPECT_DOUBLE_EQ(server::WeightCap({10, 100, 10, 10}, 0.5), 30);
+}
+
+// One client among five claims 50,000 times the others' data (within --max-client-examples): with
+// --max-client-weight 0.25 its share is a quarter, and the round is the FedIT mean with the
+// hand-derived capped weights (WaterFillingByHand) — the cap, not the claim, decides.
+TEST_F(RoundEngineTest, AClientsWeightIsCappedAtItsShare) {
+  h_.Stop();
+  h_.options().min_clients = 5;
+  h_.options().max_client_weight = 0.25;
+  ASSERT_TRUE(h_.Start().ok());
+  for (const char* id : {"c1", "c2", "c3", "c4"}) ASSERT_TRUE(h_.Join(id).ok());
+  ASSERT_TRUE(h_.Join("c9", 1'000'000).ok());  // honest ones: 20, 30, 40, 50 examples
+  for (const char* id : {"c1", "c2", "c3", "c4"}) Train(id);
+  auto task = h_.Task("c9");
+  ASSERT_TRUE(task.ok());
+  ASSERT_TRUE(h_.Send("c9", *task, h_.Encode(*h_.MakeUpdate("c9", *task)), -1, 1'000'000).ok());
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  ExpectFedItMean({"c1", "c2", "c3", "c4", "c9"}, 1, {{"c4", 45}, {"c9", 45}});
+  EXPECT_DOUBLE_EQ(Metrics().back()["weight_share"]["c9"].get<double>(), 0.25);
 }
 
 TEST_F(RoundEngineTest, DeclinedMemberIsNotWaitedForAndLeavesLaterCohorts) {
