@@ -580,6 +580,10 @@ absl::StatusOr<v1::LeaveResponse> RoundEngine::Leave(const std::string& client,
                             StrCat(client, " has not joined; there is nothing to leave")),
                         v1::ErrorDetail::NOT_JOINED);
     }
+    if (request.reason().size() > 1024 || !common::IsUtf8(request.reason())) {
+      return absl::InvalidArgumentError(StrCat("a leave reason of ", request.reason().size(),
+                                               " bytes; expected up to 1024 bytes of UTF-8"));
+    }
     info->left = request.reason().empty() ? "no reason given" : request.reason();
     spdlog::warn("{} left the run: {}", client, info->left);
     if (phase_ == Phase::kTraining && !commit_retry_.pending && request.round() == round_ &&

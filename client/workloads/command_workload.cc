@@ -77,7 +77,9 @@ absl::StatusOr<v1::TrainMetrics> CommandWorkload::Train(const v1::Task& task,
         StrCat("the training command failed (", WIFEXITED(status) ? "exit code " : "status ",
                WIFEXITED(status) ? WEXITSTATUS(status) : status, "): ", options_.command));
   }
-  ASSIGN_OR_RETURN(common::Adapter trained, common::ReadPeftAdapter(out));
+  // What the command wrote is read without following links (file_util.h, Symlinks).
+  ASSIGN_OR_RETURN(common::Adapter trained,
+                   common::ReadPeftAdapter(out, common::Symlinks::kRefuse));
   for (const common::LoraModule& m : trained.modules())  // nothing the task did not ask for
     if (!adapter.FindModule(m.name))
       return absl::InvalidArgumentError(
@@ -106,10 +108,12 @@ absl::StatusOr<v1::TrainMetrics> CommandWorkload::Train(const v1::Task& task,
     }
   }
   const fs::path metrics_file = out / "metrics.json";
-  auto text = common::ReadFileToString(metrics_file);
+  auto text = common::ReadFileToString(metrics_file, common::Symlinks::kRefuse);
   if (!text.ok()) {
     return absl::InvalidArgumentError(
-        StrCat("the training command wrote no ", metrics_file.string()));
+        absl::IsNotFound(text.status())
+            ? StrCat("the training command wrote no ", metrics_file.string())
+            : std::string(text.status().message()));
   }
   const nlohmann::json metrics = nlohmann::json::parse(*text, nullptr, false);
   auto bad = [&](std::string_view what) {

@@ -26,9 +26,16 @@ fs::path ParentOf(const fs::path& path) {
 
 }  // namespace
 
-absl::StatusOr<MappedFile> MappedFile::Open(const fs::path& path) {
+absl::StatusOr<MappedFile> MappedFile::Open(const fs::path& path, Symlinks symlinks) {
   // O_NONBLOCK: opening a FIFO would otherwise wait for a writer; it is refused below instead.
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  const int nofollow = symlinks == Symlinks::kRefuse ? O_NOFOLLOW : 0;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | nofollow);
+  if (fd < 0 && errno == ELOOP && nofollow) {
+    return absl::InvalidArgumentError(
+        StrCat(path.string(),
+               " is a symbolic link; fedlora does not follow links in files another "
+               "program wrote for it to read (write the file itself there)"));
+  }
   if (fd < 0) return ErrnoError("cannot open", path, errno);
   struct stat st;
   if (::fstat(fd, &st) != 0) {
@@ -77,8 +84,8 @@ MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
-absl::StatusOr<std::string> ReadFileToString(const fs::path& path) {
-  ASSIGN_OR_RETURN(MappedFile file, MappedFile::Open(path));
+absl::StatusOr<std::string> ReadFileToString(const fs::path& path, Symlinks symlinks) {
+  ASSIGN_OR_RETURN(MappedFile file, MappedFile::Open(path, symlinks));
   auto bytes = file.bytes();
   return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
 }

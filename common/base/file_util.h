@@ -16,10 +16,18 @@
 
 namespace fedlora::common {
 
-// A read-only memory map of a whole file. Empty files map to an empty span.
+// Whether a read follows a symbolic link at the path's last component. kRefuse is for files another
+// program wrote for fedlora to read (a command workload's output): a link there could make fedlora
+// read, and send or print, a file of the user's it was never meant to see. Model and adapter
+// directories a user names are read through links (Hugging Face's cache is made of them).
+enum class Symlinks { kFollow, kRefuse };
+
+// A read-only memory map of a whole file. Empty files map to an empty span. Only regular files
+// open (a FIFO or a device is refused, without blocking).
 class MappedFile {
  public:
-  static absl::StatusOr<MappedFile> Open(const std::filesystem::path& path);
+  static absl::StatusOr<MappedFile> Open(const std::filesystem::path& path,
+                                         Symlinks symlinks = Symlinks::kFollow);
   MappedFile(MappedFile&& other) noexcept;
   MappedFile& operator=(MappedFile&& other) noexcept;
   MappedFile(const MappedFile&) = delete;
@@ -34,7 +42,8 @@ class MappedFile {
   size_t size_ = 0;
 };
 
-absl::StatusOr<std::string> ReadFileToString(const std::filesystem::path& path);
+absl::StatusOr<std::string> ReadFileToString(const std::filesystem::path& path,
+                                             Symlinks symlinks = Symlinks::kFollow);
 
 // Every write below goes through `env` (Env::Default() unless a caller passes another).
 

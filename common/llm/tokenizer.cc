@@ -481,6 +481,17 @@ absl::StatusOr<Tokenizer> Tokenizer::Read(const std::filesystem::path& dir) {
 
 absl::StatusOr<Tokenizer> Tokenizer::Parse(const nlohmann::json& json, const std::string& origin,
                                            const nlohmann::json& config) {
+  try {
+    return ParseUnguarded(json, origin, config);
+  } catch (const nlohmann::json::exception& e) {  // a field of another type than the format's
+    return absl::InvalidArgumentError(
+        StrCat(origin, ": not a tokenizer.json fedlora can read: ", e.what()));
+  }
+}
+
+absl::StatusOr<Tokenizer> Tokenizer::ParseUnguarded(const nlohmann::json& json,
+                                                    const std::string& origin,
+                                                    const nlohmann::json& config) {
   auto refuse = [&](const std::string& what) {
     return absl::InvalidArgumentError(
         StrCat(origin, ": ", what, "; fedlora reads BPE tokenizers (Llama 2/3, Mistral, Qwen, ",

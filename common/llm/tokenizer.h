@@ -78,6 +78,10 @@ class Tokenizer {
 
  private:
   Tokenizer();
+  // Parse without the guard against JSON of unexpected types (which nlohmann reports by throwing).
+  static absl::StatusOr<Tokenizer> ParseUnguarded(const nlohmann::json& json,
+                                                  const std::string& origin,
+                                                  const nlohmann::json& config);
   void EncodeWord(std::string_view word, std::vector<int32_t>& out) const;
   // Splits on the added tokens whose `normalized` flag equals `normalized`; stretches between them
   // go to `rest` with whether they start the text.

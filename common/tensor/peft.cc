@@ -74,8 +74,8 @@ absl::StatusOr<std::optional<T>> MatchPattern(const std::vector<Pattern<T>>& pat
   return std::optional<T>();
 }
 
-absl::StatusOr<LoraConfig> ParseConfig(const fs::path& path) {
-  auto text = ReadFileToString(path);
+absl::StatusOr<LoraConfig> ParseConfig(const fs::path& path, Symlinks symlinks) {
+  auto text = ReadFileToString(path, symlinks);
   if (!text.ok()) {
     if (absl::IsNotFound(text.status())) {
       return absl::NotFoundError(StrCat("missing ", path.string(),
@@ -173,14 +173,14 @@ double LoraScaling(double alpha, int rank, bool use_rslora) {
   return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / rank;
 }
 
-absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
+absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir, Symlinks symlinks) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
     return absl::NotFoundError(
         StrCat(dir.string(), " is not a directory (expected a PEFT adapter directory with ",
                kAdapterConfigFile, " and ", kAdapterWeightsFile, ")"));
   }
-  ASSIGN_OR_RETURN(LoraConfig config, ParseConfig(dir / kAdapterConfigFile));
+  ASSIGN_OR_RETURN(LoraConfig config, ParseConfig(dir / kAdapterConfigFile, symlinks));
   const fs::path weights = dir / kAdapterWeightsFile;
   if (!fs::exists(weights, ec)) {
     std::string hint =
@@ -190,7 +190,7 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir) {
             : "";
     return absl::NotFoundError(StrCat("missing ", weights.string(), hint));
   }
-  ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(weights));
+  ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(weights, symlinks));
   ASSIGN_OR_RETURN(
       Adapter adapter,
       AdapterFromSafetensors(

@@ -33,7 +33,8 @@ double LoraScaling(double alpha, int rank, bool use_rslora);
 // module must have both A and B with consistent shapes, and each module's rank must match the
 // config. Values are converted to f32; non-finite values are read as they are (Adapter::CheckFinite
 // tells).
-absl::StatusOr<Adapter> ReadPeftAdapter(const std::filesystem::path& dir);
+absl::StatusOr<Adapter> ReadPeftAdapter(const std::filesystem::path& dir,
+                                        Symlinks symlinks = Symlinks::kFollow);
 
 // The adapter held by safetensors tensors named as PEFT names them; `scaling` gives each module's
 // scaling (and may refuse the module). `origin` names the bytes in errors. Used for PEFT files and

@@ -252,8 +252,9 @@ void SafetensorsView::ReadF32(const TensorInfo& tensor, std::span<float> out) co
   }
 }
 
-absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::filesystem::path& path) {
-  ASSIGN_OR_RETURN(MappedFile file, MappedFile::Open(path));
+absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::filesystem::path& path,
+                                                      Symlinks symlinks) {
+  ASSIGN_OR_RETURN(MappedFile file, MappedFile::Open(path, symlinks));
   ASSIGN_OR_RETURN(SafetensorsView view, SafetensorsView::Parse(file.bytes(), path.string()));
   return SafetensorsFile(std::move(file), view);
 }

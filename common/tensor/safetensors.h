@@ -64,7 +64,8 @@ class SafetensorsView {
 // A memory-mapped, validated safetensors file.
 class SafetensorsFile {
  public:
-  static absl::StatusOr<SafetensorsFile> Open(const std::filesystem::path& path);
+  static absl::StatusOr<SafetensorsFile> Open(const std::filesystem::path& path,
+                                              Symlinks symlinks = Symlinks::kFollow);
   const SafetensorsView& view() const { return view_; }
 
  private:

@@ -474,6 +474,12 @@ TEST_F(RoundEngineTest, DeclinedMemberIsNotWaitedForAndLeavesLaterCohorts) {
   Train("c2");
   v1::LeaveRequest leave;
   leave.set_round(1);
+  // Found by the engine fuzzer: a reason that is not UTF-8 reached the ledger's JSON writer and
+  // threw out of the round's commit. It is refused, and the member is still waited for.
+  leave.set_reason("\xbf");
+  EXPECT_THAT(h_.engine().Leave("c3", leave).status().message(),
+              HasSubstr("a leave reason of 1 bytes; expected up to 1024 bytes of UTF-8"));
+  EXPECT_EQ(LedgerVersions(state()), std::vector<int64_t>({0}));
   leave.set_reason("privacy budget spent");
   ASSERT_TRUE(h_.engine().Leave("c3", leave).ok());
   // The round closed at once: everyone answered, and the declined member is not in the quorum.

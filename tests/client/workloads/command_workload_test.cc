@@ -5,6 +5,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include "common/tensor/peft.h"
 #include "tests/test_util.h"
 
@@ -15,12 +17,13 @@ using ::testing::HasSubstr;
 
 class CommandWorkloadTest : public ::testing::Test {
  protected:
-  // A "trainer" that hands back its start adapter (or what `adapter` writes) and writes `metrics`
-  // as its metrics.json.
-  CommandWorkload WithMetrics(const std::string& metrics, const std::string& adapter = "") {
+  // A "trainer" that hands back its start adapter (or what `adapter` writes), writes `metrics` as
+  // its metrics.json, then runs `after`.
+  CommandWorkload WithMetrics(const std::string& metrics, const std::string& adapter = "",
+                              const std::string& after = "true") {
     CommandOptions o;
     o.command = (adapter.empty() ? "cp \"$FEDLORA_START_DIR\"/* \"$FEDLORA_OUT_DIR\"/" : adapter) +
-                " && echo '" + metrics + "' > \"$FEDLORA_OUT_DIR/metrics.json\"";
+                " && echo '" + metrics + "' > \"$FEDLORA_OUT_DIR/metrics.json\" && " + after;
     o.base_model_sha256 = std::string(64, 'c');
     o.modules = *ParseModuleList("m.q_proj:6:5");
     o.examples = 40;
@@ -89,6 +92,25 @@ TEST_F(CommandWorkloadTest, RegressionAnExtraModuleIsRefused) {
   ASSERT_FALSE(m.ok());
   EXPECT_THAT(m.status().message(),
               HasSubstr("has module m.k_proj, which the task does not train (1 modules asked)"));
+}
+
+// Regression: a training program that links its output to a file of the user's (here a stand-in
+// for /etc/shadow) made the client read it, and its first bytes appeared in the error. Links in
+// the output are refused, naming the file, and nothing of the target is read or shown.
+TEST_F(CommandWorkloadTest, RegressionLinksInTheOutputAreNotFollowed) {
+  const auto secret = dir_ / "secret";
+  {
+    std::ofstream out(secret);
+    out << "root:$6$SECRET-HASH:19000:0:99999:7:::\n";
+  }
+  for (const char* name : {"adapter_model.safetensors", "adapter_config.json", "metrics.json"}) {
+    const std::string link = "ln -sf '" + secret.string() + "' \"$FEDLORA_OUT_DIR/" + name + "\"";
+    CommandWorkload w = WithMetrics(R"({"loss_before": 2, "loss_after": 1})", "", link);
+    auto m = Train(w);
+    ASSERT_FALSE(m.ok()) << name;
+    EXPECT_THAT(m.status().message(), HasSubstr(std::string(name) + " is a symbolic link"));
+    EXPECT_THAT(m.status().message(), ::testing::Not(HasSubstr("SECRET")));
+  }
 }
 
 }  // namespace

@@ -132,6 +132,10 @@ TEST(TokenizerTest, RefusesOtherKindsByName) {
   j = HandMade({}, {}, kByteLevel);
   j["decoder"] = {{"type", "WordPiece"}};
   refused(j, "decoder WordPiece");
+  // Found by the tokenizer fuzzer: a "type" that is not a string threw out of Parse (abort).
+  j = HandMade({}, {}, kByteLevel);
+  j["normalizer"] = {{"type", {1, 2}}};
+  refused(j, "tok.json: not a tokenizer.json fedlora can read: [json.exception.type_error.302]");
   j = HandMade({}, {}, kByteLevel);
   j["model"]["type"] = "Unigram";
   refused(j, "model type \"Unigram\"");
