@@ -37,8 +37,7 @@ absl::Status CheckAdmission(const v1::JoinRequest& request, const std::string& e
   }
   for (const v1::ModuleSpec& m : request.modules()) {
     if (absl::Status st = common::CheckModuleName(m.name()); !st.ok()) return st;
-    if (m.in_features() < 1 || m.in_features() > common::kMaxFeatures || m.out_features() < 1 ||
-        m.out_features() > common::kMaxFeatures) {
+    if (!common::InFeatureRange(m.in_features()) || !common::InFeatureRange(m.out_features())) {
       return absl::InvalidArgumentError(StrCat("module ", m.name(), " is ", m.out_features(), "x",
                                                m.in_features(), "; dimensions must be in [1, ",
                                                common::kMaxFeatures, "]"));

@@ -33,8 +33,8 @@ absl::StatusOr<Adapter> Adapter::Create(const std::vector<ModuleShape>& modules)
   size_t offset = 0;
   for (const ModuleShape& shape : modules) {
     RETURN_IF_ERROR(CheckModuleName(shape.name));
-    auto dim = [](int d) { return d > 0 && d <= kMaxFeatures; };
-    if (!dim(shape.rank) || !dim(shape.in_features) || !dim(shape.out_features)) {
+    if (!InFeatureRange(shape.rank) || !InFeatureRange(shape.in_features) ||
+        !InFeatureRange(shape.out_features)) {
       return absl::InvalidArgumentError(StrCat("module ", shape.name, ": rank ", shape.rank, ", n ",
                                                shape.in_features, " and m ", shape.out_features,
                                                " must all be in [1, ", kMaxFeatures, "]"));

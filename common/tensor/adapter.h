@@ -29,6 +29,7 @@ inline constexpr double kMaxScaling = 1e4;
 // the largest dimension of a module (vocabularies reach 262,144; hidden sizes 30,000).
 inline constexpr size_t kMaxModuleName = 4096;
 inline constexpr int kMaxFeatures = 1 << 22;
+inline bool InFeatureRange(int64_t d) { return d >= 1 && d <= kMaxFeatures; }
 // OK when `name` can name a module: 1 to kMaxModuleName bytes of UTF-8 (what safetensors headers,
 // JSON state files and protobuf strings can carry).
 absl::Status CheckModuleName(std::string_view name);

@@ -52,9 +52,7 @@ template <typename T>
 absl::StatusOr<std::optional<T>> MatchPattern(const std::vector<Pattern<T>>& patterns,
                                               const std::string& module, std::string_view field) {
   if (patterns.empty()) return std::optional<T>();
-  if (module.size() > kMaxModuleName)
-    return absl::InvalidArgumentError(
-        StrCat("module name of ", module.size(), " characters; at most ", kMaxModuleName));
+  RETURN_IF_ERROR(CheckModuleName(module));        // bounds what the matcher is given
   static pcre2_match_context* const limits = [] {  // read-only once made: shared by threads
     pcre2_match_context* c = pcre2_match_context_create(nullptr);
     pcre2_set_match_limit(c, 1'000'000);
