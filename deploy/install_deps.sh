@@ -12,7 +12,8 @@ packages=(
   nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev libopenblas-pthread-dev
 )
 if [[ "${1:-}" != --build-only ]]; then
-  packages+=(libgtest-dev libgmock-dev libbenchmark-dev clang-format docker-compose docker.io debootstrap)
+  packages+=(libgtest-dev libgmock-dev libbenchmark-dev clang-format docker-compose docker.io debootstrap
+    clang libclang-rt-14-dev llvm)
 fi
 
 missing=()

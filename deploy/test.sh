@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Sets everything up and runs fedlora's test suite: installs the Debian packages, configures and builds with CMake,
 # then runs every test with CTest (unit tests, end-to-end tests that start the real programs, and the docker-compose
-# simulation where a Docker engine can run). The engine, the Debian base images and the image's own compile
-# (deploy/docker_engine.sh) go on in the background while fedlora compiles here; a dockerd started for the tests is
-# stopped at the end.
+# simulation where a Docker engine can run, its image made around the programs built here), and last a bounded run of
+# the libFuzzer targets (tests/fuzz/run.sh: clang, ASan + UBSan, in build-fuzz/; FEDLORA_FUZZ_SECONDS, default 90, in
+# all; 0 leaves it out). The engine, the Debian base images and the image's packages (deploy/docker_engine.sh) go on
+# in the background while fedlora compiles here; a dockerd started for the tests is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install_deps.sh
@@ -18,7 +19,7 @@ stop_engine() {
 }
 trap stop_engine EXIT
 engine_log=$(mktemp)
-bash deploy/docker_engine.sh --build-image > "$engine_log" 2>&1 &
+bash deploy/docker_engine.sh --build-base > "$engine_log" 2>&1 &
 engine=$!
 # The benchmark programs are not tests: built by deploy/build.sh, not here (their compile is a minute of the budget).
 FEDLORA_BUILD_BENCHMARKS=OFF bash deploy/build.sh
@@ -30,5 +31,6 @@ case $rc in
   *) tail -n 30 "$engine_log"; echo "docker engine: setting up failed (exit $rc); the compose test will try again" ;;
 esac
 rm -f "$engine_log"
-cd build
-ctest --output-on-failure --parallel "$(nproc)" --timeout 600
+(cd build && ctest --output-on-failure --parallel "$(nproc)" --timeout 600)
+fuzz_seconds=${FEDLORA_FUZZ_SECONDS:-90}
+((fuzz_seconds == 0)) || bash tests/fuzz/run.sh "$fuzz_seconds"
