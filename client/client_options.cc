@@ -20,7 +20,7 @@ using common::StrCat;
 
 // --status: the run as the coordinator sees it, for operators (any identity it accepts may ask).
 int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string& insecure_id,
-                bool json) {
+                bool json, const std::function<absl::Status()>& diagnose_refusal) {
   grpc::ClientContext context;
   if (!insecure_id.empty()) context.AddMetadata(common::kClientIdMetadata, insecure_id);
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -28,8 +28,13 @@ int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string
   if (grpc::Status st =
           v1::Coordinator::NewStub(channel)->GetStatus(&context, v1::StatusRequest(), &s);
       !st.ok()) {
-    std::fprintf(stderr, "error: the coordinator's status: %s\n", st.error_message().c_str());
-    return 1;
+    const absl::Status refused = diagnose_refusal ? diagnose_refusal() : absl::OkStatus();
+    const bool denied = st.error_code() == grpc::StatusCode::PERMISSION_DENIED ||
+                        st.error_code() == grpc::StatusCode::UNAUTHENTICATED;
+    std::fprintf(stderr, "error: the coordinator's status: %s\n",
+                 absl::IsPermissionDenied(refused) ? std::string(refused.message()).c_str()
+                                                   : st.error_message().c_str());
+    return denied || absl::IsPermissionDenied(refused) ? kExitRefused : 1;
   }
   if (json) {
     std::string out;
@@ -217,6 +222,11 @@ int ClientMain(int argc, char** argv,
                const std::function<void(CLI::App&, ClientOptions&)>& extend) {
   ClientOptions o;
   CLI::App app{"fedlora-client: a client node of a federated LoRA fine-tuning run"};
+  app.footer(
+      "Exit codes: 0 the run is done; 1 it failed; 2 bad options or files; 3 this client's "
+      "identity "
+      "is refused (certificate expired, not yet valid or not trusted; not admitted; or superseded "
+      "by a later process with the same identity): retrying cannot help.");
   AddClientFlags(app, o);
   if (extend) extend(app, o);
   CLI11_PARSE(app, argc, argv);
@@ -238,10 +248,21 @@ int ClientMain(int argc, char** argv,
       return 2;
     }
     credentials = *tls;
+    if (!o.cert.empty()) {
+      if (absl::Status st = common::CheckCertificateDates(o.cert, "client certificate"); !st.ok()) {
+        std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
+        return absl::IsFailedPrecondition(st) ? kExitRefused : 2;
+      }
+    }
+    o.node.diagnose_refusal = [&o] {
+      return common::ProbeTlsRefusal(o.coordinator, o.ca, o.cert, o.key);
+    };
   }
   const std::shared_ptr<grpc::Channel> channel = Channel(o, std::move(credentials));
-  if (o.status || o.status_json)
-    return PrintStatus(channel, o.insecure ? o.node.id : "", o.status_json);
+  if (o.status || o.status_json) {
+    return PrintStatus(channel, o.insecure ? o.node.id : "", o.status_json,
+                       o.node.diagnose_refusal);
+  }
 
   absl::StatusOr<std::unique_ptr<Workload>> workload = MakeWorkload(o);
   if (!workload.ok()) {
@@ -253,7 +274,7 @@ int ClientMain(int argc, char** argv,
   absl::Status status = node.Run(signals.stop());
   if (!status.ok() && !absl::IsCancelled(status)) {
     std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());
-    return 1;
+    return absl::IsPermissionDenied(status) || absl::IsUnauthenticated(status) ? kExitRefused : 1;
   }
   return 0;
 }

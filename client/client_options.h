@@ -39,6 +39,12 @@ struct ClientOptions {
   absl::Status Validate() const;
 };
 
+// fedlora-client exits 0 when the run is done (or the status is printed), 1 when it fails, 2 on
+// bad options or files, and kExitRefused when its identity is refused, which no retry changes: its
+// certificate is expired or not yet valid, the coordinator does not trust it (unknown CA) or admit
+// it (not on the allow-list; an operator's), or a later process joined with the same identity.
+inline constexpr int kExitRefused = 3;
+
 // Declares every flag of fedlora-client on `app`, bound to `o`.
 void AddClientFlags(CLI::App& app, ClientOptions& o);
 

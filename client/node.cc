@@ -49,6 +49,18 @@ Node::Node(std::shared_ptr<grpc::Channel> channel, const NodeOptions& options,
 
 void Node::Identify(grpc::ClientContext& context) const {
   if (!options_.id.empty()) context.AddMetadata(common::kClientIdMetadata, options_.id);
+  if (!session_.empty()) context.AddMetadata(common::kSessionMetadata, session_);
+}
+
+absl::Status Node::DiagnoseRefusal(const grpc::Status& failure) {
+  const std::string& message = failure.error_message();
+  if (!options_.diagnose_refusal || (message.find("Socket closed") == std::string::npos &&
+                                     message.find("andshake") == std::string::npos))
+    return absl::OkStatus();
+  const auto now = std::chrono::steady_clock::now();
+  if (now - last_diagnosis_ < std::chrono::seconds(10)) return absl::OkStatus();
+  last_diagnosis_ = now;
+  return options_.diagnose_refusal();
 }
 
 grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,
@@ -61,6 +73,8 @@ grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>
     Identify(context);
     grpc::Status s = call(context);
     if (s.ok() || !Transient(s) || stop) return s;
+    if (absl::Status refused = DiagnoseRefusal(s); absl::IsPermissionDenied(refused))
+      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, std::string(refused.message()));
     if (std::chrono::steady_clock::now() - start >
         std::chrono::duration<double>(options_.max_retry_s))
       return s;
@@ -89,6 +103,7 @@ absl::Status Node::JoinCoordinator(const std::atomic<bool>& stop) {
                "', which this client does not know; hint: a newer coordinator?"));
   }
   method_ = *method;
+  session_ = response.session();
   if (response.max_chunk_bytes() > 0 && response.max_chunk_bytes() < options_.chunk_bytes) {
     spdlog::info("using the coordinator's chunk size of {} bytes", response.max_chunk_bytes());
     options_.chunk_bytes = response.max_chunk_bytes();
@@ -214,7 +229,8 @@ bool Node::WhileHeartbeating(const v1::Task& task, const std::function<void()>& 
       grpc::ClientContext context;
       Identify(context);
       context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
-      if (stub_->Heartbeat(&context, request, &response).ok() && !response.still_wanted())
+      const grpc::Status s = stub_->Heartbeat(&context, request, &response);
+      if ((s.ok() && !response.still_wanted()) || ReasonOf(s) == v1::ErrorDetail::SUPERSEDED)
         wanted = false;
     }
   });
@@ -364,6 +380,8 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
           Leave(task, std::string(trained.message()));
           return absl::OkStatus();
         }
+        // This identity is refused, or used by a later process: retrying cannot help.
+        if (absl::IsPermissionDenied(trained) || absl::IsUnauthenticated(trained)) return trained;
         if (absl::IsAborted(trained)) {  // too late for its round: take the next task
           spdlog::warn("{}; asking for the next task", trained.message());
           continue;

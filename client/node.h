@@ -7,6 +7,7 @@
 #define FEDLORA_CLIENT_NODE_H_
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -28,6 +29,10 @@ struct NodeOptions {
   // Called before each chunk of an upload is sent, with its offset and the update's size (an
   // instrumentation point for fault tests; empty in fedlora-client).
   std::function<void(int64_t offset, int64_t total)> before_upload_chunk;
+  // Called (at most every 10 s) when a call fails as a refused TLS handshake would (gRPC says only
+  // "Socket closed" when the coordinator refuses this client's certificate): a non-OK status
+  // (common::ProbeTlsRefusal's PERMISSION_DENIED) ends the run with it instead of retrying.
+  std::function<absl::Status()> diagnose_refusal;
 };
 
 class Node {
@@ -54,8 +59,11 @@ class Node {
   absl::Status UploadUpdate(const v1::Task& task, const std::string& bytes,
                             const v1::TrainMetrics& metrics, const std::atomic<bool>& stop);
   absl::Status WriteFinalState() const;
-  // Names this client on `context` when there is no certificate to (--insecure with --id).
+  // Names this client's session on `context`, and the client itself when there is no certificate
+  // to (--insecure with --id).
   void Identify(grpc::ClientContext& context) const;
+  // The refusal behind a failed connection, if diagnose_refusal finds one.
+  absl::Status DiagnoseRefusal(const grpc::Status& failure);
   // Runs `call` (a gRPC call on a fresh context) until it succeeds, fails for good, or retrying
   // runs out.
   grpc::Status Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,
@@ -68,7 +76,9 @@ class Node {
   int64_t have_version_ = -1;
   // the latest global adapter (fedit, lora-fair), or frozen B, A with R (fed-sb)
   common::Adapter global_;
-  int failures_ = 0;  // consecutive failed tasks
+  int failures_ = 0;     // consecutive failed tasks
+  std::string session_;  // of the latest join
+  std::chrono::steady_clock::time_point last_diagnosis_;
 };
 
 }  // namespace fedlora::client

@@ -30,7 +30,9 @@ struct ClientInfo {
   std::chrono::steady_clock::time_point last_seen;
   int64_t rounds_contributed = 0;
   int64_t bytes_down_this_round = 0;
-  std::string left;  // why the client left the run; empty while it takes part
+  std::string left;     // why the client left the run; empty while it takes part
+  std::string session;  // of its latest join (JoinResponse.session)
+  std::string peer;     // the address that join came from
 };
 
 class ClientRegistry {

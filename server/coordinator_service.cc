@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/net/tls.h"
 #include "server/errors.h"
@@ -31,8 +32,8 @@ grpc::Status ToGrpc(const absl::Status& status) {
                       detail ? detail->SerializeAsString() : std::string());
 }
 
-absl::StatusOr<std::string> CoordinatorService::Identify(
-    grpc::CallbackServerContext* context) const {
+absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerContext* context,
+                                                         Caller caller) const {
   if (!mutual_tls_) {
     // Without mutual TLS nothing authenticates a client: take the name it gives (plaintext
     // experiments only).
@@ -50,11 +51,44 @@ absl::StatusOr<std::string> CoordinatorService::Identify(
         "a client certificate signed by the run's client CA is required");
   }
   std::string id(names[0].data(), names[0].size());
+  if (caller == Caller::kOperator && !operators_.empty()) {
+    if (operators_.contains(id)) return id;
+    Warn("status " + id, common::StrCat("refused ", id, " (", context->peer(),
+                                        ") the status: not on the operator list"));
+    return absl::PermissionDeniedError(
+        common::StrCat("identity '", id,
+                       "' may not ask for the run's status: it is not an operator (--operators)"));
+  }
+  if (caller == Caller::kClient && operators_.contains(id)) {
+    Warn("operator " + id, common::StrCat("refused ", id, " (", context->peer(),
+                                          "): an operator identity cannot take part"));
+    return absl::PermissionDeniedError(common::StrCat(
+        "identity '", id, "' is an operator (--operators): it may ask for the status, not train"));
+  }
   if (!allowed_.empty() && !allowed_.count(id)) {
-    spdlog::warn("refused {} ({}): not on the allow-list", id, context->peer());
+    Warn("allow " + id,
+         common::StrCat("refused ", id, " (", context->peer(), "): not on the allow-list"));
     return absl::PermissionDeniedError(
         common::StrCat("client identity '", id, "' is not on the allow-list"));
   }
+  return id;
+}
+
+void CoordinatorService::Warn(const std::string& key, const std::string& message) const {
+  std::lock_guard<std::mutex> lock(log_mu_);
+  if (std::string repeated; log_limiter_.Allow(key, common::LogLimiter::Clock::now(), &repeated))
+    spdlog::warn("{}{}", message, repeated);
+}
+
+absl::StatusOr<std::string> CoordinatorService::IdentifySession(
+    grpc::CallbackServerContext* context) const {
+  ASSIGN_OR_RETURN(std::string id, Identify(context));
+  const auto& metadata = context->client_metadata();
+  const auto it = metadata.find(common::kSessionMetadata);
+  const std::string_view session = it == metadata.end()
+                                       ? std::string_view()
+                                       : std::string_view(it->second.data(), it->second.size());
+  RETURN_IF_ERROR(engine_->CheckSession(id, session, context->peer()));
   return id;
 }
 
@@ -63,14 +97,14 @@ grpc::ServerUnaryReactor* CoordinatorService::Join(grpc::CallbackServerContext* 
                                                    v1::JoinResponse* response) {
   auto id = Identify(context);
   if (!id.ok()) return Reply<v1::JoinResponse>(context, id.status(), response);
-  return Reply(context, engine_->Join(*id, *request), response);
+  return Reply(context, engine_->Join(*id, *request, context->peer()), response);
 }
 
 grpc::ServerUnaryReactor* CoordinatorService::GetTask(grpc::CallbackServerContext* context,
                                                       const v1::GetTaskRequest* request,
                                                       v1::Task* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  auto id = Identify(context);
+  auto id = IdentifySession(context);
   if (!id.ok()) {
     reactor->Finish(ToGrpc(id.status()));
     return reactor;
@@ -89,7 +123,7 @@ grpc::ServerUnaryReactor* CoordinatorService::GetTask(grpc::CallbackServerContex
 grpc::ServerUnaryReactor* CoordinatorService::Download(grpc::CallbackServerContext* context,
                                                        const v1::DownloadRequest* request,
                                                        v1::DownloadResponse* response) {
-  auto id = Identify(context);
+  auto id = IdentifySession(context);
   if (!id.ok()) return Reply<v1::DownloadResponse>(context, id.status(), response);
   return Reply(context, engine_->Download(*id, *request), response);
 }
@@ -97,7 +131,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Download(grpc::CallbackServerConte
 grpc::ServerUnaryReactor* CoordinatorService::Upload(grpc::CallbackServerContext* context,
                                                      const v1::UploadRequest* request,
                                                      v1::UploadResponse* response) {
-  auto id = Identify(context);
+  auto id = IdentifySession(context);
   if (!id.ok()) return Reply<v1::UploadResponse>(context, id.status(), response);
   return Reply(context, engine_->Upload(*id, *request), response);
 }
@@ -105,7 +139,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Upload(grpc::CallbackServerContext
 grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerContext* context,
                                                         const v1::HeartbeatRequest* request,
                                                         v1::HeartbeatResponse* response) {
-  auto id = Identify(context);
+  auto id = IdentifySession(context);
   if (!id.ok()) return Reply<v1::HeartbeatResponse>(context, id.status(), response);
   return Reply<v1::HeartbeatResponse>(context, engine_->Heartbeat(*id, *request), response);
 }
@@ -113,7 +147,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* CoordinatorService::GetStatus(grpc::CallbackServerContext* context,
                                                         const v1::StatusRequest*,
                                                         v1::StatusResponse* response) {
-  auto id = Identify(context);
+  auto id = Identify(context, Caller::kOperator);
   if (!id.ok()) return Reply<v1::StatusResponse>(context, id.status(), response);
   return Reply<v1::StatusResponse>(context, engine_->GetStatus(), response);
 }
@@ -121,7 +155,7 @@ grpc::ServerUnaryReactor* CoordinatorService::GetStatus(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext* context,
                                                     const v1::LeaveRequest* request,
                                                     v1::LeaveResponse* response) {
-  auto id = Identify(context);
+  auto id = IdentifySession(context);
   if (!id.ok()) return Reply<v1::LeaveResponse>(context, id.status(), response);
   return Reply(context, engine_->Leave(*id, *request), response);
 }

@@ -1,13 +1,15 @@
 // The gRPC face of the round engine: a thin adapter, callback API. It names the caller (the common
 // name of its verified client certificate; "peer <address>" without mutual TLS), checks the
-// allow-list, and turns absl statuses into gRPC ones. Long polls hold no thread: the engine
-// completes them.
+// allow-list, the operator list and the call's session, and turns absl statuses into gRPC ones.
+// Long polls hold no thread: the engine completes them.
 #ifndef FEDLORA_SERVER_COORDINATOR_SERVICE_H_
 #define FEDLORA_SERVER_COORDINATOR_SERVICE_H_
 
+#include <mutex>
 #include <set>
 #include <string>
 
+#include "common/base/log_limiter.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 #include "server/round_engine.h"
 
@@ -15,8 +17,14 @@ namespace fedlora::server {
 
 class CoordinatorService final : public v1::Coordinator::CallbackService {
  public:
-  CoordinatorService(RoundEngine* engine, bool mutual_tls, std::set<std::string> allowed)
-      : engine_(engine), mutual_tls_(mutual_tls), allowed_(std::move(allowed)) {}
+  // `allowed`: the client identities admitted (empty: any the CA signed); `operators`: those that
+  // may ask for the status, and may not train (empty: any admitted client may ask).
+  CoordinatorService(RoundEngine* engine, bool mutual_tls, std::set<std::string> allowed,
+                     std::set<std::string> operators = {})
+      : engine_(engine),
+        mutual_tls_(mutual_tls),
+        allowed_(std::move(allowed)),
+        operators_(std::move(operators)) {}
 
   grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* context,
                                  const v1::JoinRequest* request,
@@ -40,12 +48,22 @@ class CoordinatorService final : public v1::Coordinator::CallbackService {
                                   v1::LeaveResponse* response) override;
 
  private:
-  // The caller's identity, or a PERMISSION_DENIED / UNAUTHENTICATED status.
-  absl::StatusOr<std::string> Identify(grpc::CallbackServerContext* context) const;
+  // The caller's identity, or a PERMISSION_DENIED / UNAUTHENTICATED status: a client must be
+  // admitted and not an operator; an operator must be on the operator list, when there is one.
+  enum class Caller { kClient, kOperator };
+  absl::StatusOr<std::string> Identify(grpc::CallbackServerContext* context,
+                                       Caller caller = Caller::kClient) const;
+  // Identify, and the call's session must be the identity's latest (RoundEngine::CheckSession).
+  absl::StatusOr<std::string> IdentifySession(grpc::CallbackServerContext* context) const;
 
   RoundEngine* engine_;
   const bool mutual_tls_;
   const std::set<std::string> allowed_;
+  const std::set<std::string> operators_;
+  // Refusals are logged once per 10 s per identity and kind, with a count.
+  void Warn(const std::string& key, const std::string& message) const;
+  mutable std::mutex log_mu_;
+  mutable common::LogLimiter log_limiter_;
 };
 
 grpc::Status ToGrpc(const absl::Status& status);

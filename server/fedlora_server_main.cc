@@ -61,6 +61,11 @@ int main(int argc, char** argv) {
   }
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!options.insecure) {
+    if (auto st = fedlora::common::CheckCertificateDates(options.tls_cert, "server certificate");
+        !st.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
+      return 2;
+    }
     auto tls =
         fedlora::common::ServerTlsCredentials(options.tls_cert, options.tls_key, options.client_ca);
     if (!tls.ok()) {
@@ -77,7 +82,8 @@ int main(int argc, char** argv) {
   fedlora::server::Ticker ticker(engine->get());
   fedlora::server::CoordinatorService service(
       engine->get(), !options.client_ca.empty(),
-      std::set<std::string>(options.allowed_clients.begin(), options.allowed_clients.end()));
+      std::set<std::string>(options.allowed_clients.begin(), options.allowed_clients.end()),
+      std::set<std::string>(options.operators.begin(), options.operators.end()));
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.listen, credentials, &port);

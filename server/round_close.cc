@@ -1,5 +1,7 @@
 #include "server/round_close.h"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <chrono>
 
@@ -13,7 +15,8 @@ using common::Adapter;
 using common::Method;
 
 // The round's result from its updates (in client-id order, so the sums repeat exactly). FedIT and
-// Fed-SB were summed as the updates arrived; FLoRA and LoRA-FAIR need every client's factors.
+// Fed-SB were summed as the updates arrived, unless the median norm bound held them to the close;
+// FLoRA and LoRA-FAIR need every client's factors.
 absl::StatusOr<common::AggregateResult> Aggregate(const RoundInputs& in,
                                                   const std::vector<std::string>& arrived,
                                                   Ledger* ledger, nlohmann::json* dp_metrics) {
@@ -21,17 +24,22 @@ absl::StatusOr<common::AggregateResult> Aggregate(const RoundInputs& in,
   std::vector<Adapter> updates;
   std::vector<double> weights;
   const bool streamed = method == Method::kFedIt || method == Method::kFedSb;
+  const bool held = !streamed || in.options->max_update_norm_ratio > 0;
   for (const std::string& id : arrived) {
     PendingUpload& u = in.uploads->all().at(id);
     weights.push_back(static_cast<double>(u.num_examples));
-    if (!streamed) updates.push_back(std::move(u.adapter));
+    if (held) updates.push_back(std::move(u.adapter));
   }
   absl::StatusOr<common::AggregateResult> result;
   if (in.dp != nullptr) {
     result = in.dp->Finish(updates, &*ledger->client_dp, dp_metrics);
   } else if (streamed) {
-    result.emplace();
-    ASSIGN_OR_RETURN(result->adapter, in.sums->Mean());
+    common::StreamingAverage sums = *in.sums;  // without held updates, the round's sums
+    for (size_t k = 0; k < updates.size(); ++k) sums.Add(updates[k], weights[k]);
+    if (absl::StatusOr<Adapter> mean = sums.Mean(); mean.ok())
+      result = common::AggregateResult{.adapter = *std::move(mean)};
+    else
+      result = mean.status();
   } else {
     common::AggregateOptions options{method, {}};
     options.lora_fair.lambda = in.options->lora_fair_lambda;
@@ -42,11 +50,37 @@ absl::StatusOr<common::AggregateResult> Aggregate(const RoundInputs& in,
   return result;
 }
 
+// --max-update-norm-ratio: the accepted updates whose norm exceeds that multiple of the lower
+// median of the round's norms (id → norm), taken out of `arrived`. The lower median: with two
+// updates, the smaller one's norm, so that one of two cannot set its own bound.
+nlohmann::json TakeNormOutliers(const RoundInputs& in, int64_t round,
+                                std::vector<std::string>* arrived) {
+  nlohmann::json outliers = nlohmann::json::object();
+  const double ratio = in.options->max_update_norm_ratio;
+  if (ratio == 0 || arrived->empty()) return outliers;
+  std::vector<double> norms;
+  for (const std::string& id : *arrived) norms.push_back(in.uploads->all().at(id).norm);
+  std::nth_element(norms.begin(), norms.begin() + (norms.size() - 1) / 2, norms.end());
+  const double median = norms[(norms.size() - 1) / 2];
+  std::erase_if(*arrived, [&](const std::string& id) {
+    const double norm = in.uploads->all().at(id).norm;
+    if (norm <= ratio * median) return false;
+    spdlog::warn(
+        "round {}: left {}'s update out of the aggregate: its norm ‖s·B·A‖_F = {:.6g} exceeds {} × "
+        "the round's median norm {:.6g} (--max-update-norm-ratio)",
+        round, id, norm, ratio, median);
+    outliers[id] = norm;
+    return true;
+  });
+  return outliers;
+}
+
 }  // namespace
 
 absl::StatusOr<nlohmann::json> CloseRound(const RoundFacts& facts, const RoundInputs& in) {
   const auto start = std::chrono::steady_clock::now();
-  const std::vector<std::string> arrived = in.uploads->ArrivedIds();
+  std::vector<std::string> arrived = in.uploads->ArrivedIds();
+  const nlohmann::json norm_outliers = TakeNormOutliers(in, facts.round, &arrived);
   Ledger ledger = in.store->ledger();
   nlohmann::json client_dp;
   ASSIGN_OR_RETURN(common::AggregateResult result, Aggregate(in, arrived, &ledger, &client_dp));
@@ -79,9 +113,12 @@ absl::StatusOr<nlohmann::json> CloseRound(const RoundFacts& facts, const RoundIn
     weight_share[id] = static_cast<double>(in.uploads->all().at(id).num_examples) / examples;
   std::vector<std::string> dropped;
   for (const std::string& id : facts.cohort) {
-    if (!std::binary_search(arrived.begin(), arrived.end(), id) && !facts.declined.contains(id))
+    if (!std::binary_search(arrived.begin(), arrived.end(), id) && !facts.declined.contains(id) &&
+        !norm_outliers.contains(id))
       dropped.push_back(id);
   }
+  std::vector<std::string> rejected = facts.rejected;
+  for (const auto& [id, norm] : norm_outliers.items()) rejected.push_back(id);
   nlohmann::json record = {
       {"round", facts.round},
       {"attempt", facts.attempt + 1},
@@ -90,7 +127,7 @@ absl::StatusOr<nlohmann::json> CloseRound(const RoundFacts& facts, const RoundIn
       {"cohort", facts.cohort},
       {"arrived", arrived},
       {"dropped", dropped},
-      {"rejected", facts.rejected},
+      {"rejected", rejected},
       {"declined", facts.declined},
       {"late", facts.late},
       {"bytes_up", bytes_up},
@@ -106,6 +143,7 @@ absl::StatusOr<nlohmann::json> CloseRound(const RoundFacts& facts, const RoundIn
       {"global_blob", blob.sha256},
       {"blob_bytes", blob.size}};
   if (!client_dp.empty()) record["client_dp"] = client_dp;
+  if (!norm_outliers.empty()) record["norm_outliers"] = norm_outliers;
   if (!dp_epsilon.empty()) record["dp_epsilon"] = dp_epsilon;
   if (method == Method::kLoraFair) {
     double objective = 0, fedit = 0;

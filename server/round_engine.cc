@@ -24,6 +24,12 @@ using common::MethodName;
 using common::StrCat;
 using Seconds = std::chrono::duration<double>;
 
+// 128 random bits in hex: a session id that no other join, of this process or an earlier one, has.
+std::string NewSessionId() {
+  std::random_device random;
+  return fmt::format("{:08x}{:08x}{:08x}{:08x}", random(), random(), random(), random());
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOptions& given,
@@ -224,7 +230,8 @@ absl::Status RoundEngine::InitializeRunLocked(const v1::JoinRequest& first) {
 }
 
 absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
-                                                   const v1::JoinRequest& request) {
+                                                   const v1::JoinRequest& request,
+                                                   std::string_view peer) {
   LongPolls::Ready ready;
   v1::JoinResponse response;
   {
@@ -244,10 +251,14 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
       return admitted;
     }
     const bool is_new = clients_.Join(client, request.num_examples(), env_->Now());
+    ClientInfo& info = *clients_.Find(client);
     if (is_new || log_limiter_.Allow("re-joined " + client, env_->Now(), &repeated))
-      spdlog::info("{} {} ({} examples); {} clients joined{}", client,
-                   is_new ? "joined" : "re-joined", request.num_examples(), clients_.size(),
-                   repeated);
+      spdlog::info("{} {}{} ({} examples); {} clients joined{}", client,
+                   is_new ? "joined" : "re-joined", peer.empty() ? "" : StrCat(" from ", peer),
+                   request.num_examples(), clients_.size(), repeated);
+    info.session = NewSessionId();
+    info.peer = peer;
+    response.set_session(info.session);
     MaybeStartRoundLocked();
     CollectReadyLocked(&ready, false);
     response.set_run_id(store_.ledger().run_id);
@@ -257,6 +268,25 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
   }
   LongPolls::Deliver(ready);
   return response;
+}
+
+absl::Status RoundEngine::CheckSession(const std::string& client, std::string_view session,
+                                       std::string_view peer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const ClientInfo* info = clients_.Find(client);
+  if (session.empty() || info == nullptr || info->session == session) return absl::OkStatus();
+  if (std::string repeated; log_limiter_.Allow("superseded " + client, env_->Now(), &repeated)) {
+    spdlog::warn(
+        "{}: a call from {} in a session that a later join from {} superseded: two processes use "
+        "{}'s certificate, or an old one still runs; it is told to stop{}",
+        client, peer, info->peer, client, repeated);
+  }
+  return WithReason(absl::PermissionDeniedError(
+                        StrCat("this session of ", client,
+                               " was superseded by a later join with the same "
+                               "identity from ",
+                               info->peer, "; is another process using this certificate?")),
+                    v1::ErrorDetail::SUPERSEDED);
 }
 
 std::string RoundEngine::RoundNameLocked() const {
@@ -481,7 +511,8 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
   }
   // The norm bound's figure, computed here, outside the engine's lock, as the verification is.
   double update_norm = 0;
-  if (!sketch && update.ok() && options_.max_update_norm > 0) {
+  if (!sketch && update.ok() &&
+      (options_.max_update_norm > 0 || options_.max_update_norm_ratio > 0)) {
     for (size_t i = 0; i < update->num_modules(); ++i)
       update_norm += std::pow(update->DeltaNorm(i), 2);
     update_norm = std::sqrt(update_norm);
@@ -510,14 +541,17 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
       status = absl::InvalidArgumentError(StrCat("the update claims ", claimed,
                                                  " examples, more than the ", joined, " ", client,
                                                  " joined with"));
-    if (status.ok() && update_norm > options_.max_update_norm)
+    if (status.ok() && options_.max_update_norm > 0 && update_norm > options_.max_update_norm)
       status = absl::InvalidArgumentError(StrCat("the update's norm ‖s·B·A‖_F = ", update_norm,
                                                  " exceeds the run's bound of ",
                                                  options_.max_update_norm, " (--max-update-norm)"));
     if (status.ok()) {
-      const bool keep = !sketch && (method_ == Method::kFlora || method_ == Method::kLoraFair);
-      status =
-          uploads_.Accept(round_, client, examples, request.metrics(), keep ? *update : Adapter());
+      // Held until the close by the methods that need every client's factors, and by the median
+      // norm bound, which needs every client's norm.
+      const bool keep = !sketch && (method_ == Method::kFlora || method_ == Method::kLoraFair ||
+                                    options_.max_update_norm_ratio > 0);
+      status = uploads_.Accept(round_, client, examples, update_norm, request.metrics(),
+                               keep ? *update : Adapter());
       if (!status.ok()) status = store_.Unavailable(StrCat(client, "'s update"), status);
       if (status.ok() && sketch) {
         if (dp_) {

@@ -55,7 +55,15 @@ class RoundEngine {
   static absl::StatusOr<std::unique_ptr<RoundEngine>> Create(
       const ServerOptions& options, common::Env* env = common::Env::Default());
 
-  absl::StatusOr<v1::JoinResponse> Join(const std::string& client, const v1::JoinRequest& request);
+  // A join starts a new session of `client` (from `peer`, an address for the logs); calls in an
+  // older one are refused from then on (CheckSession).
+  absl::StatusOr<v1::JoinResponse> Join(const std::string& client, const v1::JoinRequest& request,
+                                        std::string_view peer = "");
+  // PERMISSION_DENIED (SUPERSEDED) when `session` (sent with a call from `peer`; empty: not said)
+  // is not `client`'s latest: two processes use one identity, or an old one still runs. Logged as
+  // a warning naming both peers.
+  absl::Status CheckSession(const std::string& client, std::string_view session,
+                            std::string_view peer);
 
   // Long poll: `done` is called exactly once, with a task as soon as there is one for the client,
   // or WAIT after max_wait_ms (by the clock of Tick). It may be called on this thread or on the

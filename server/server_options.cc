@@ -1,5 +1,6 @@
 #include "server/server_options.h"
 
+#include <algorithm>
 #include <map>
 
 #include "common/base/strings.h"
@@ -25,6 +26,15 @@ absl::Status ServerOptions::Validate() const {
     return bad("max_client_weight is ", max_client_weight, "; it must be in (0, 1] (1: off)");
   if (!(max_update_norm >= 0))
     return bad("max_update_norm is ", max_update_norm, "; it must be >= 0 (0: off)");
+  if (!(max_update_norm_ratio == 0 || max_update_norm_ratio >= 1)) {
+    return bad("max_update_norm_ratio is ", max_update_norm_ratio,
+               "; it must be >= 1 (a multiple of the round's median update norm) or 0 (off)");
+  }
+  if (max_update_norm_ratio > 0 && client_dp()) {
+    return bad(
+        "max_update_norm_ratio cannot be used with client-level DP: dp_clip bounds every update "
+        "already, and the noise is calibrated to it");
+  }
   if (max_client_examples < 1)
     return bad("max_client_examples is ", max_client_examples, "; it must be at least 1");
   if (!(learning_rate > 0)) return bad("learning_rate is ", learning_rate, "; it must be > 0");
@@ -90,10 +100,15 @@ absl::Status ServerOptions::Validate() const {
   }
   if (insecure && !client_ca.empty())
     return bad("client_ca (mutual TLS) cannot be combined with insecure");
-  if (!allowed_clients.empty() && client_ca.empty()) {
+  if ((!allowed_clients.empty() || !operators.empty()) && client_ca.empty()) {
     return bad(
-        "allowed_clients needs client_ca: without mutual TLS there are no client identities to "
-        "check");
+        "allowed_clients and operators need client_ca: without mutual TLS there are no client "
+        "identities to check");
+  }
+  for (const std::string& id : operators) {
+    if (std::find(allowed_clients.begin(), allowed_clients.end(), id) != allowed_clients.end())
+      return bad("'", id,
+                 "' is both an allowed client and an operator; an identity is one or the other");
   }
   return absl::OkStatus();
 }
@@ -138,6 +153,10 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
       ->capture_default_str();
   app.add_option("--max-update-norm", o.max_update_norm,
                  "reject an update whose ‖s·B·A‖_F (flat over modules) exceeds this; 0: off")
+      ->capture_default_str();
+  app.add_option("--max-update-norm-ratio", o.max_update_norm_ratio,
+                 "leave out of a round's aggregate an update whose ‖s·B·A‖_F exceeds this multiple "
+                 "of the round's median (>= 1; updates held in memory until the close); 0: off")
       ->capture_default_str();
   app.add_option("--base-model-sha256", o.base_model_sha256,
                  "required base model (default: the first client's)");
@@ -187,6 +206,11 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--tls-key", o.tls_key, "PEM private key of the server");
   app.add_option("--client-ca", o.client_ca, "PEM CA of client certificates: enables mutual TLS");
   app.add_option("--allowed-clients", o.allowed_clients, "client certificate common names admitted")
+      ->delimiter(',')
+      ->allow_extra_args(false);
+  app.add_option("--operators", o.operators,
+                 "certificate common names that may ask for the status and may not train (empty: "
+                 "any admitted client may ask)")
       ->delimiter(',')
       ->allow_extra_args(false);
   app.add_flag("--insecure", o.insecure,

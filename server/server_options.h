@@ -42,6 +42,12 @@ struct ServerOptions {
   // client sends, not its change) exceeds this is rejected: a bound on what one faulty or
   // malicious client can do to the aggregate without DP. 0: off.
   double max_update_norm = 0;
+  // >= 1: when a round closes, an accepted update whose norm (as above) exceeds this multiple of
+  // the lower median of the round's accepted norms is left out of the aggregate and reported as
+  // rejected (in the metrics line's "norm_outliers"). The bound follows the updates' scale, which
+  // drifts over a run; the round's updates are held in memory until it closes (as flora's and
+  // lora-fair's are). Not with client-level DP, whose clipping bounds every update. 0: off.
+  double max_update_norm_ratio = 0;
   // < 1: no client's share of a round's aggregate exceeds this (of the cohort drawn): weights are
   // min(examples, T) with T from the members' joined counts (cohort.h, WeightCap). 1: off.
   double max_client_weight = 1;
@@ -89,6 +95,9 @@ struct ServerOptions {
   std::string client_ca;  // PEM CA of client certificates: set → mutual TLS, client certs required
   // client certificate common names admitted; empty: any the CA signed
   std::vector<std::string> allowed_clients;
+  // Identities that may ask for the run's status (GetStatus), and may not train; empty: any client
+  // admitted may ask. Needs client_ca.
+  std::vector<std::string> operators;
   bool insecure = false;  // plaintext, no client identity: for experiments on one machine only
   // transfer chunk size: what each concurrent transfer holds in memory
   int64_t chunk_bytes = 1 << 20;

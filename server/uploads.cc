@@ -93,12 +93,14 @@ absl::StatusOr<v1::UploadResponse> Uploads::Receive(int64_t round, const std::st
 }
 
 absl::Status Uploads::Accept(int64_t round, const std::string& client, int64_t num_examples,
-                             const v1::TrainMetrics& metrics, common::Adapter adapter) {
+                             double norm, const v1::TrainMetrics& metrics,
+                             common::Adapter adapter) {
   PendingUpload& up = uploads_.at(client);
   up.verifying = false;
   RETURN_IF_ERROR(store_->AdoptPart(PartName(round, client), up.sha256));
   up.accepted = true;
   up.num_examples = num_examples;
+  up.norm = norm;
   up.metrics = metrics;
   up.adapter = std::move(adapter);
   return absl::OkStatus();

@@ -37,6 +37,7 @@ struct PendingUpload {
   bool verifying = false;  // complete, and being checked outside the engine's lock
   bool accepted = false;
   int64_t num_examples = 0;  // the update's aggregation weight, once accepted
+  double norm = 0;           // its ‖s·B·A‖_F, when a norm bound is on
   v1::TrainMetrics metrics;
   common::Adapter adapter;  // decoded, once accepted, for methods that need every client's factors
 };
@@ -56,7 +57,7 @@ class Uploads {
   absl::StatusOr<v1::UploadResponse> Receive(int64_t round, const std::string& client,
                                              const v1::UploadRequest& request, bool* complete);
   // The verified upload becomes `client`'s accepted update (its part moved into blobs/).
-  absl::Status Accept(int64_t round, const std::string& client, int64_t num_examples,
+  absl::Status Accept(int64_t round, const std::string& client, int64_t num_examples, double norm,
                       const v1::TrainMetrics& metrics, common::Adapter adapter);
   // Forgets `client`'s upload and deletes its part, if any.
   void Drop(int64_t round, const std::string& client);

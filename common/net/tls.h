@@ -6,6 +6,7 @@
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/security/server_credentials.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <utility>
@@ -18,6 +19,9 @@ namespace fedlora::common {
 // The gRPC metadata key that names a client without mutual TLS (--insecure experiments only: the
 // coordinator takes the caller's word for it). With mutual TLS the certificate names the client.
 inline constexpr char kClientIdMetadata[] = "x-fedlora-client-id";
+// The metadata key of the session a Join started (JoinResponse.session), sent with every later
+// call.
+inline constexpr char kSessionMetadata[] = "x-fedlora-session";
 
 // Server: certificate chain and key; with `client_ca`, mutual TLS (clients must present a
 // certificate it signed).
@@ -28,6 +32,20 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(
 // and key.
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ClientTlsCredentials(
     const std::string& ca_file, const std::string& cert_file, const std::string& key_file);
+
+// FAILED_PRECONDITION when the PEM certificate in `cert_file` (the `what`, for the message) is
+// expired or not yet valid, saying since or until when; no retry can change that.
+absl::Status CheckCertificateDates(const std::string& cert_file, std::string_view what);
+
+// Why the TLS server at `address` (host:port) refuses this client, found by a handshake of its own
+// with the same CA, certificate and key (gRPC reports a refusal of the client's certificate only
+// as "Socket closed", the same as a server that went away). PERMISSION_DENIED, saying why, when the
+// server closes the connection right after the handshake (what gRPC's server does to a certificate
+// it refuses), sends an alert, or has a certificate `ca_file` does not vouch for; OK when it is
+// accepted; UNAVAILABLE when it cannot tell (no connection within `timeout`).
+absl::Status ProbeTlsRefusal(const std::string& address, const std::string& ca_file,
+                             const std::string& cert_file, const std::string& key_file,
+                             std::chrono::milliseconds timeout = std::chrono::seconds(5));
 
 // Channel arguments both ends set. Messages of a chunk and 1 MiB to spare (`chunk_bytes` is the
 // transfer chunk). Megabyte chunks cross in few, large frames: TLS records of up to 1 MiB (gRPC's

@@ -12,9 +12,11 @@
 #include <sys/socket.h>
 #include <sys/statvfs.h>
 
+#include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
 
+#include "client/client_options.h"
 #include "client/workloads/regression_workload.h"
 #include "common/base/file_util.h"
 #include "common/net/tls.h"
@@ -530,23 +532,43 @@ TEST_F(FederationTest, FloraClientsEndWithTheSameMergedBase) {
   EXPECT_LT(max_diff, 1e-6);
 }
 
+// Who may not take part is told why at once, and the client exits with kExitRefused (3) instead of
+// retrying for --max-retry-s (300 s): no certificate, another CA's, an expired or not yet valid one
+// (checked before connecting), a coordinator this client's CA does not vouch for, an identity not
+// on the allow-list, an operator's. An operator may ask for the status; a client may not, then.
 TEST_F(FederationTest, RefusesWhoShouldNotBeLetIn) {
-  const pid_t server =
-      StartServer("fedit", "state", {"--allowed-clients", "client-1,client-2,client-3"});
+  const pid_t server = StartServer(
+      "fedit", "state", {"--allowed-clients", "client-1,client-2", "--operators", "client-3"});
   ASSERT_FALSE(port_.empty());
-  // Another CA's certificate.
-  ASSERT_EQ(std::system(("bash " + kSource + "/deploy/make_certs.sh " + (dir_ / "other").string() +
-                         " 1 > /dev/null")
+  // Another CA's certificates; client-1's key in certificates of the run's CA that expired, and
+  // that are valid only from 2099 on.
+  const std::string other = (dir_ / "other").string();
+  std::ofstream(dir_ / "dated.sh") << "set -e; cd " << (dir_ / "certs") << R"(
+    printf '[ca]\ndefault_ca=x\n[x]\ndatabase=index\nnew_certs_dir=.\nserial=serial\ndefault_md=sha256\n' > ca.cnf
+    printf 'unique_subject=no\npolicy=p\n[p]\ncommonName=supplied\n' >> ca.cnf
+    : > index; echo 1000 > serial
+    openssl req -new -key client-1.key -subj /CN=client-1 -out dated.csr 2> /dev/null
+    sign() { openssl ca -batch -config ca.cnf -cert ca.pem -keyfile ca.key -in dated.csr -notext "$@" 2> /dev/null; }
+    sign -out expired.pem -startdate 20200101000000Z -enddate 20210101000000Z
+    sign -out future.pem -startdate 20990101000000Z -enddate 21000101000000Z
+)";
+  ASSERT_EQ(std::system(("bash " + kSource + "/deploy/make_certs.sh " + other +
+                         " 1 > /dev/null && bash " + (dir_ / "dated.sh").string())
                             .c_str()),
             0);
-  const std::string other = (dir_ / "other").string();
   auto client = [&](const std::string& tag, std::vector<std::string> args) {
     std::vector<std::string> argv = {kBin + "/fedlora-client", "--coordinator",
-                                     "localhost:" + port_, "--max-retry-s", "2"};
+                                     "localhost:" + port_};
     argv.insert(argv.end(), args.begin(), args.end());
     const pid_t pid = Track(testing::Start(argv, dir_ / (tag + ".log")));
     const int code = testing::Wait(pid, std::chrono::seconds(30));
     return std::make_pair(code, testing::ReadText(dir_ / (tag + ".log")));
+  };
+  auto as = [&](const std::string& pem, const std::string& key,
+                std::vector<std::string> more = {}) {
+    std::vector<std::string> args = {"--ca", Cert("ca.pem"), "--cert", pem, "--key", key};
+    args.insert(args.end(), more.begin(), more.end());
+    return args;
   };
   // A good client joins first and pins the run's base model.
   const pid_t good = StartClient(1, "good");
@@ -555,20 +577,37 @@ TEST_F(FederationTest, RefusesWhoShouldNotBeLetIn) {
        ++t) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  auto [code1, log1] = client("nocert", {"--ca", Cert("ca.pem")});
-  EXPECT_NE(code1, 0) << log1;
-  auto [code2, log2] = client("otherca", {"--ca", Cert("ca.pem"), "--cert", other + "/client-1.pem",
-                                          "--key", other + "/client-1.key"});
-  EXPECT_NE(code2, 0) << log2;
-  auto [code3, log3] = client("notallowed", {"--ca", Cert("ca.pem"), "--cert", Cert("client-4.pem"),
-                                             "--key", Cert("client-4.key")});
-  EXPECT_NE(code3, 0);
-  EXPECT_THAT(log3, HasSubstr("'client-4' is not on the allow-list"));
-  auto [code4, log4] = client("plaintext", {"--insecure"});
-  EXPECT_NE(code4, 0) << log4;
-  auto [code5, log5] = client("wrongbase", {"--ca", Cert("ca.pem"), "--cert", Cert("client-2.pem"),
-                                            "--key", Cert("client-2.key"), "--base-seed", "8"});
-  EXPECT_NE(code5, 0);
+  const std::vector<std::pair<std::vector<std::string>, std::string>> refused = {
+      {{"--ca", Cert("ca.pem")},
+       "the coordinator closed the connection right after the TLS handshake: it does not accept a "
+       "client without a certificate"},
+      {as(other + "/client-1.pem", other + "/client-1.key"),
+       "it does not accept this client's certificate " + other +
+           "/client-1.pem (signed by another CA"},
+      {as(Cert("expired.pem"), Cert("client-1.key")),
+       "expired.pem expired on 2021-01-01 00:00:00 UTC; it needs a new certificate"},
+      {as(Cert("future.pem"), Cert("client-1.key")), "is not valid before 2099-01-01 00:00:00 UTC"},
+      {{"--ca", other + "/ca.pem", "--cert", Cert("client-2.pem"), "--key", Cert("client-2.key")},
+       "the coordinator's certificate is not trusted by " + other + "/ca.pem"},
+      {as(Cert("client-4.pem"), Cert("client-4.key")), "'client-4' is not on the allow-list"},
+      {as(Cert("client-3.pem"), Cert("client-3.key")),
+       "'client-3' is an operator (--operators): it may ask for the status, not train"},
+      {as(Cert("client-2.pem"), Cert("client-2.key"), {"--status"}),
+       "'client-2' may not ask for the run's status: it is not an operator"}};
+  for (size_t i = 0; i < refused.size(); ++i) {
+    auto [code, log] = client("refused" + std::to_string(i), refused[i].first);
+    EXPECT_EQ(code, client::kExitRefused) << i << ": " << log;
+    EXPECT_THAT(log, HasSubstr(refused[i].second)) << i;
+  }
+  auto [status_code, status] =
+      client("operator", as(Cert("client-3.pem"), Cert("client-3.key"), {"--status"}));
+  EXPECT_EQ(status_code, 0) << status;
+  EXPECT_THAT(status, HasSubstr("client-1"));
+  auto [code4, log4] = client("plaintext", {"--insecure", "--max-retry-s", "2"});
+  EXPECT_EQ(code4, 1) << log4;
+  auto [code5, log5] =
+      client("wrongbase", as(Cert("client-2.pem"), Cert("client-2.key"), {"--base-seed", "8"}));
+  EXPECT_EQ(code5, 1);
   EXPECT_THAT(log5, HasSubstr("hint: wrong base model?"));
   kill(good, SIGTERM);
   EXPECT_EQ(testing::Wait(good, std::chrono::seconds(20)), 0);
@@ -576,6 +615,37 @@ TEST_F(FederationTest, RefusesWhoShouldNotBeLetIn) {
   testing::Wait(server, std::chrono::seconds(10));
   const std::string server_log = testing::ReadText(dir_ / "state.log");
   EXPECT_THAT(server_log, HasSubstr("refused client-4"));
+  EXPECT_THAT(server_log, HasSubstr("refused client-3"));
+}
+
+// A second process with client-1's certificate joins while the first runs: the first is told, at
+// its next call, that a later join superseded its session, and exits with kExitRefused; the
+// coordinator logs a warning naming both peers. (The newer one wins: a client restarted after a
+// crash must not wait out its old session's timeout, and a stolen key is the operator's to revoke.)
+TEST_F(FederationTest, ASecondProcessWithOneIdentitySupersedesTheFirst) {
+  const pid_t server = StartServer("fedit", "state", {"--min-clients", "2"});
+  ASSERT_FALSE(port_.empty());
+  const pid_t first = StartClient(1, "first");
+  for (int t = 0; t < 200 && testing::ReadText(dir_ / "state.log").find("client-1 joined") ==
+                                 std::string::npos;
+       ++t) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const pid_t second = StartClient(1, "second");
+  EXPECT_EQ(testing::Wait(first, std::chrono::seconds(30)), client::kExitRefused);
+  const std::string first_log = testing::ReadText(dir_ / "first-client1.log");
+  EXPECT_THAT(first_log,
+              HasSubstr("this session of client-1 was superseded by a later join with the "
+                        "same identity from ipv"));
+  const std::string server_log = testing::ReadText(dir_ / "state.log");
+  EXPECT_THAT(server_log,
+              ::testing::ContainsRegex(
+                  "client-1: a call from ipv[46]:[^ ]+ in a session that a later join "
+                  "from ipv[46]:[^ ]+ superseded: two processes use client-1's certificate"));
+  kill(second, SIGTERM);
+  EXPECT_EQ(testing::Wait(second, std::chrono::seconds(20)), 0);
+  kill(server, SIGTERM);
+  testing::Wait(server, std::chrono::seconds(10));
 }
 
 }  // namespace

@@ -58,7 +58,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   options.max_wait_ms = 0;
   options.max_update_bytes = 1 << 14;
   options.max_client_examples = 1000;
-  options.max_update_norm = in.ConsumeBool() ? 50 : 0;
+  const bool norm_bounds =
+      in.ConsumeBool();  // both bounds from one choice: the seeds decode as before
+  options.max_update_norm = norm_bounds ? 50 : 0;
+  options.max_update_norm_ratio = norm_bounds ? 4 : 0;
   ft::Harness h(options, &env);
   FUZZ_CHECK(h.Start().ok());
   bool write_failed = false;

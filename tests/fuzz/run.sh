@@ -2,14 +2,15 @@
 # Runs fedlora's libFuzzer targets: tests/fuzz/run.sh SECONDS [TARGET...] gives each target (all six by default:
 # safetensors peft_config tokenizer dataset config engine) an equal share of SECONDS, one after another, and prints
 # per target the executions, the coverage (libFuzzer's cov: edges, ft: features) and the corpus size. Builds the
-# targets first (clang, ASan + UBSan, in build-fuzz/) unless FEDLORA_FUZZ_BUILD names a finished build.
+# targets first (clang, ASan + UBSan, in build-fuzz/) unless FEDLORA_FUZZ_BUILD names a finished build;
+# tests/fuzz/run.sh --build-only only builds them.
 # Each target starts from its committed seeds (tests/fuzz/corpus/<target>/, which also hold every crash input found
 # so far, as regressions) and keeps what it finds in <build>/corpus/<target>/. A crash, a leak, a UBSan report, an
 # input slower than 10 s or past 2 GB fails the run; the input is saved as <build>/crashes/<target>-… — add it to
 # the committed corpus, with the fix.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-seconds=${1:?usage: tests/fuzz/run.sh SECONDS [TARGET...]}
+seconds=${1:?usage: tests/fuzz/run.sh SECONDS [TARGET...] | --build-only}
 shift
 targets=("$@")
 ((${#targets[@]})) || targets=(safetensors peft_config tokenizer dataset config engine)
@@ -22,6 +23,7 @@ if [[ -z ${FEDLORA_FUZZ_BUILD:-} ]]; then
       -DFEDLORA_BUILD_BENCHMARKS=OFF > /dev/null
   cmake --build "$build" --target fuzzers
 fi
+[[ $seconds != --build-only ]] || exit 0
 per=$((seconds / ${#targets[@]}))
 ((per > 0)) || per=1
 mkdir -p "$build/crashes"

@@ -77,6 +77,11 @@ class Harness {
   static int64_t Examples(const std::string& id) { return 10 * (1 + (id.back() - '0')); }
 
   absl::Status Join(const std::string& id, int64_t examples = -1) {
+    return JoinFrom(id, "", examples).status();
+  }
+  // A join from address `peer`, with the response (its session).
+  absl::StatusOr<v1::JoinResponse> JoinFrom(const std::string& id, std::string_view peer,
+                                            int64_t examples = -1) {
     v1::JoinRequest r;
     r.set_base_model_sha256(kBaseSha);
     r.set_num_examples(examples > 0 ? examples : Examples(id));
@@ -87,7 +92,7 @@ class Harness {
       s->set_in_features(n);
       s->set_out_features(m);
     }
-    return engine_->Join(id, r).status();
+    return engine_->Join(id, r, peer);
   }
 
   absl::StatusOr<v1::Task> Task(const std::string& id, int64_t have = -1) {

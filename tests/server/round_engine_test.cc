@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <map>
+#include <regex>
 #include <sstream>
 
 #include "common/tensor/peft.h"
@@ -340,26 +341,99 @@ TEST_F(RoundEngineTest, RegressionUpdatesCannotScaleTheirOwnWeight) {
             nlohmann::json({{"c1", 20.0 / 90}, {"c2", 30.0 / 90}, {"c3", 40.0 / 90}}));
 }
 
+// The lines logged (their text only) while it lives.
+class LogCapture {
+ public:
+  LogCapture() : previous_(spdlog::default_logger()) {
+    auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(out_);
+    sink->set_pattern("%v");
+    spdlog::set_default_logger(std::make_shared<spdlog::logger>("capture", sink));
+  }
+  ~LogCapture() { spdlog::set_default_logger(previous_); }
+  std::string text() const { return out_.str(); }
+
+ private:
+  std::ostringstream out_;
+  std::shared_ptr<spdlog::logger> previous_;
+};
+
 // Regression: 5,000 joins from one client wrote 5,000 log lines. The same event is logged once per
 // 10 s, with the count of what was held back.
 TEST_F(RoundEngineTest, RegressionRepeatedJoinsAreLoggedOncePerWindow) {
-  std::ostringstream log;
-  const auto previous = spdlog::default_logger();
-  spdlog::set_default_logger(std::make_shared<spdlog::logger>(
-      "capture", std::make_shared<spdlog::sinks::ostream_sink_mt>(log)));
+  LogCapture log;
   for (int i = 0; i < 5000; ++i) ASSERT_TRUE(h_.Join("c1").ok());
   env_.Advance(std::chrono::seconds(11));
   ASSERT_TRUE(h_.Join("c1").ok());
-  spdlog::set_default_logger(previous);
   std::vector<std::string> lines;
-  std::istringstream in(log.str());
+  std::istringstream in(log.text());
   for (std::string line; std::getline(in, line);)
     if (line.find("c1 ") != std::string::npos) lines.push_back(line);
-  ASSERT_EQ(lines.size(), 3u) << log.str().substr(0, 2000);
+  ASSERT_EQ(lines.size(), 3u) << log.text().substr(0, 2000);
   EXPECT_THAT(lines[0], HasSubstr("c1 joined (20 examples)"));
   EXPECT_THAT(lines[1], HasSubstr("c1 re-joined (20 examples); 1 clients joined"));
   EXPECT_THAT(lines[2], HasSubstr("c1 re-joined (20 examples); 1 clients joined (repeated 4998 "
                                   "times in the last 11 s)"));
+}
+
+// A join starts a session; a later join with the same identity supersedes it: calls in the older
+// session are refused (SUPERSEDED) and logged once per 10 s naming both peers, the newer session's
+// and calls that name none (older clients, the status) go on.
+TEST_F(RoundEngineTest, ALaterJoinSupersedesTheSession) {
+  LogCapture log;
+  auto first = h_.JoinFrom("c1", "ipv4:10.0.0.1:4000");
+  auto second = h_.JoinFrom("c1", "ipv4:10.0.0.2:5000");
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_EQ(first->session().size(), 32u);
+  EXPECT_NE(first->session(), second->session());
+  for (int i = 0; i < 3; ++i) {
+    const absl::Status old = h_.engine().CheckSession("c1", first->session(), "ipv4:10.0.0.1:4000");
+    EXPECT_TRUE(absl::IsPermissionDenied(old));
+    EXPECT_EQ(server::DetailOf(old)->reason(), v1::ErrorDetail::SUPERSEDED);
+    EXPECT_THAT(old.message(), HasSubstr("this session of c1 was superseded by a later join with "
+                                         "the same identity from ipv4:10.0.0.2:5000"));
+  }
+  EXPECT_TRUE(h_.engine().CheckSession("c1", second->session(), "ipv4:10.0.0.2:5000").ok());
+  EXPECT_TRUE(h_.engine().CheckSession("c1", "", "ipv4:10.0.0.3:6000").ok());
+  EXPECT_TRUE(h_.engine().CheckSession("c2", "anything", "ipv4:10.0.0.3:6000").ok());  // not joined
+  const std::string text = log.text();
+  EXPECT_THAT(text, HasSubstr("c1 re-joined from ipv4:10.0.0.2:5000"));
+  const std::string warning =
+      "c1: a call from ipv4:10.0.0.1:4000 in a session that a later join from ipv4:10.0.0.2:5000 "
+      "superseded: two processes use c1's certificate";
+  ASSERT_NE(text.find(warning), std::string::npos) << text;
+  EXPECT_EQ(text.find(warning, text.find(warning) + 1), std::string::npos);  // once in 10 s
+}
+
+// Regression: a coordinator whose cohort went silent, or whose disk is full, logged every 50 ms
+// without end. Ticked every 50 ms for ten minutes of each, it logs any one kind of line (its text
+// with the figures taken out) at most once per 10 s.
+TEST_F(RoundEngineTest, RegressionStalledRoundsAndAFullDiskLogOncePerWindow) {
+  LogCapture log;
+  const auto ten_minutes = [&](const std::vector<std::string>& alive) {
+    v1::HeartbeatRequest beat;
+    for (int tick = 0; tick < 12000; ++tick) {
+      env_.Advance(std::chrono::milliseconds(50));
+      if (tick % 20 == 0)
+        for (const std::string& id : alive) h_.engine().Heartbeat(id, beat);
+      h_.engine().Tick();
+    }
+  };
+  JoinAll();
+  Train("c1");
+  ten_minutes({"c1"});  // c2 and c3 silent: the round cannot close, nor a new one start
+  const std::string stalled = log.text();
+  ASSERT_TRUE(h_.Join("c2").ok());
+  ASSERT_TRUE(h_.Join("c3").ok());
+  env_.FailWrite(0, ENOSPC, /*sticky=*/true);
+  for (const char* id : {"c1", "c2", "c3"}) (void)h_.Step(id);
+  ten_minutes({"c1", "c2", "c3"});  // every commit fails
+  std::map<std::string, int> kinds;
+  std::istringstream in(log.text());
+  for (std::string line; std::getline(in, line);)
+    ++kinds[std::regex_replace(line, std::regex("[0-9.]+"), "#")];
+  for (const auto& [kind, n] : kinds) EXPECT_LE(n, 61) << kind;
+  EXPECT_THAT(stalled, HasSubstr("waits for"));
+  EXPECT_THAT(log.text(), HasSubstr("No space left on device"));
 }
 
 TEST(LogLimiterTest, FirstThenOncePerWindowWithTheCount) {
@@ -406,6 +480,65 @@ TEST_F(RoundEngineTest, AnUpdatePastTheNormBoundIsRejected) {
   Train("c3");
   ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
   ExpectFedItMean({"c1", "c2", "c3"}, 1);
+}
+
+// One client among five sends an update 1000× the others' norm. With --max-update-norm-ratio 10 no
+// absolute bound need be known: the update is taken at upload (an outlier only against the round),
+// left out when the round closes, and the round is exactly the other four's weighted mean, element
+// by element from their updates: FedIT's Ā and s·B̄, Fed-SB's s·R̄ on the frozen B and A.
+class MedianNormBoundTest : public RoundEngineTest {
+ protected:
+  void RunRoundWithAnOutlier(common::Method method) {
+    h_.Stop();
+    h_.options().method = method;
+    h_.options().min_clients = 5;
+    h_.options().max_update_norm_ratio = 10;
+    ASSERT_TRUE(h_.Start().ok());
+    for (const char* id : {"c1", "c2", "c3", "c4", "c5"}) ASSERT_TRUE(h_.Join(id).ok());
+    auto task = h_.Task("c4");
+    ASSERT_TRUE(task.ok());
+    Adapter outlier = *h_.MakeUpdate("c4", *task);
+    double norm = 0;
+    for (size_t i = 0; i < outlier.num_modules(); ++i) {
+      (method == common::Method::kFedSb ? outlier.R(i) : outlier.B(i)) *= 1000.0f;
+      norm += std::pow(outlier.DeltaNorm(i), 2);
+    }
+    ASSERT_TRUE(h_.Send("c4", *task, h_.Encode(outlier)).ok());  // taken, for now
+    for (const char* id : {"c1", "c2", "c3", "c5"}) Train(id);
+    ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+    EXPECT_EQ(Metrics()[0]["arrived"], nlohmann::json({"c1", "c2", "c3", "c5"}));
+    EXPECT_EQ(Metrics()[0]["rejected"], nlohmann::json({"c4"}));
+    EXPECT_THAT(Metrics()[0]["dropped"], IsEmpty());
+    EXPECT_NEAR(Metrics()[0]["norm_outliers"]["c4"].get<double>(), std::sqrt(norm),
+                1e-6 * std::sqrt(norm));
+  }
+};
+
+TEST_F(MedianNormBoundTest, FedItLeavesTheOutlierOutAtTheClose) {
+  RunRoundWithAnOutlier(common::Method::kFedIt);
+  ExpectFedItMean({"c1", "c2", "c3", "c5"}, 1);
+}
+
+TEST_F(MedianNormBoundTest, FedSbLeavesTheOutlierOutAtTheClose) {
+  RunRoundWithAnOutlier(common::Method::kFedSb);
+  v1::Task task;
+  task.set_round(1);
+  const nlohmann::json ledger = ReadJson(state() / "ledger.json");  // R alone, on the frozen B, A
+  const std::string sha = ledger["versions"].back()["blobs"][0]["sha256"];
+  const Adapter global = *common::DecodeROnto(*common::ReadFileToString(state() / "blobs" / sha),
+                                              sha, *h_.MakeUpdate("c1", task));
+  for (size_t i = 0; i < global.num_modules(); ++i) {
+    MatrixD r = MatrixD::Zero(kRank, kRank);
+    double total = 0;
+    for (const char* id : {"c1", "c2", "c3", "c5"}) {
+      const Adapter u = *h_.MakeUpdate(id, task);
+      const double w = static_cast<double>(Harness::Examples(id));
+      for (Eigen::Index x = 0; x < kRank; ++x)
+        for (Eigen::Index y = 0; y < kRank; ++y) r(x, y) += w * (kAlpha / kRank) * u.R(i)(x, y);
+      total += w;
+    }
+    EXPECT_LT((global.R(i).cast<double>() - r / total).cwiseAbs().maxCoeff(), 1e-6);
+  }
 }
 
 // Found by tests/fuzz/engine_fuzzer.cc: a first client whose module is narrower than fed-sb's rank

@@ -1,0 +1,483 @@
+// load_bench: the real coordinator (fedlora-server, a process of its own) under many clients over
+// mutual TLS, driven from this one process: each simulated client has its own certificate (made
+// here, signed by the run's CA), its own channel and TLS connection, and goes through the protocol
+// as fedlora-client does — Join, long-polled GetTask, Download of every blob it lacks (chunked,
+// sha256-checked), Upload of its update (chunked) — on gRPC's callback API, so that thousands of
+// clients need no thread each. Training takes no time: every client uploads a fixed update of the
+// run's shapes, so what is measured is the coordinator. Prints, per round, the wall time between
+// round closes and the coordinator's CPU seconds, and at the end its peak RSS (VmHWM).
+//   load_bench --clients 1000 --method fed-sb [--rounds 3 --layers 32 --features 512 --rank 16]
+#include <grpcpp/grpcpp.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <random>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "common/base/file_util.h"
+#include "common/base/strings.h"
+#include "common/net/tls.h"
+#include "common/tensor/blob.h"
+#include "fedlora/v1/coordinator.grpc.pb.h"
+#include "tests/process.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+namespace v1 = fedlora::v1;
+using Clock = std::chrono::steady_clock;
+using fedlora::common::StrCat;
+
+struct Options {
+  int clients = 100;
+  std::string method = "fed-sb";
+  int rounds = 3;
+  int layers = 32;     // modules: q_proj and v_proj of each layer
+  int features = 512;  // each module features×features (Llama-7B: 4096)
+  int rank = 16;
+  std::string bin = FEDLORA_BIN_DIR;
+  std::string source = FEDLORA_SOURCE_DIR;
+  fs::path work = "out/load";
+};
+
+// ---- Certificates: the run's CA (deploy/make_certs.sh) signs one EC key and certificate per
+// client.
+template <auto Free>
+struct Deleter {
+  void operator()(auto* p) const { Free(p); }
+};
+using KeyPtr = std::unique_ptr<EVP_PKEY, Deleter<EVP_PKEY_free>>;
+using CertPtr = std::unique_ptr<X509, Deleter<X509_free>>;
+
+std::string Pem(auto write, auto* object) {
+  std::unique_ptr<BIO, Deleter<BIO_free>> bio(BIO_new(BIO_s_mem()));
+  write(bio.get(), object);
+  char* data = nullptr;
+  const long n = BIO_get_mem_data(bio.get(), &data);
+  return std::string(data, static_cast<size_t>(n));
+}
+
+struct Identity {
+  std::string cert, key;  // PEM
+};
+
+Identity MakeClientCert(const std::string& name, X509* ca, EVP_PKEY* ca_key, long serial) {
+  KeyPtr key(EVP_EC_gen("P-256"));
+  CertPtr cert(X509_new());
+  X509_set_version(cert.get(), 2);
+  ASN1_INTEGER_set(X509_get_serialNumber(cert.get()), serial);
+  X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), 7 * 24 * 3600);
+  X509_NAME* subject = X509_get_subject_name(cert.get());
+  X509_NAME_add_entry_by_txt(subject, "CN", MBSTRING_UTF8,
+                             reinterpret_cast<const unsigned char*>(name.c_str()), -1, -1, 0);
+  X509_set_issuer_name(cert.get(), X509_get_subject_name(ca));
+  X509_set_pubkey(cert.get(), key.get());
+  X509V3_CTX ctx;
+  X509V3_set_ctx(&ctx, ca, cert.get(), nullptr, nullptr, 0);
+  std::unique_ptr<X509_EXTENSION, Deleter<X509_EXTENSION_free>> eku(
+      X509V3_EXT_conf_nid(nullptr, &ctx, NID_ext_key_usage, "clientAuth"));
+  X509_add_ext(cert.get(), eku.get(), -1);
+  X509_sign(cert.get(), ca_key, EVP_sha256());
+  return {Pem([](BIO* b, X509* x) { PEM_write_bio_X509(b, x); }, cert.get()),
+          Pem(
+              [](BIO* b, EVP_PKEY* k) {
+                PEM_write_bio_PrivateKey(b, k, nullptr, nullptr, 0, nullptr, nullptr);
+              },
+              key.get())};
+}
+
+// ---- The coordinator's process: CPU seconds and peak RSS from /proc.
+double CpuSeconds(pid_t pid) {
+  std::ifstream in(StrCat("/proc/", pid, "/stat"));
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::istringstream fields(stat.substr(stat.rfind(')') + 2));
+  std::string field;
+  long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && fields >> field; ++i) {  // fields 14 and 15: utime, stime
+    if (i == 14) utime = std::stol(field);
+    if (i == 15) stime = std::stol(field);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+double PeakRssMb(pid_t pid) {
+  std::ifstream in(StrCat("/proc/", pid, "/status"));
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
+}
+
+// Runs functions a second after they are handed over, on one thread (the clients' retries).
+class Later {
+ public:
+  Later() : thread_([this] { Loop(); }) {}
+  ~Later() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_one();
+    thread_.join();
+  }
+  void Add(std::function<void()> f) {
+    std::lock_guard<std::mutex> lock(mu_);
+    queue_.push_back({Clock::now() + std::chrono::seconds(1), std::move(f)});
+    cv_.notify_one();
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stop_) {
+      if (queue_.empty()) {
+        cv_.wait(lock);
+        continue;
+      }
+      if (Clock::now() < queue_.front().first) {
+        cv_.wait_until(lock, queue_.front().first);
+        continue;
+      }
+      auto f = std::move(queue_.front().second);
+      queue_.pop_front();
+      lock.unlock();
+      f();
+      lock.lock();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::pair<Clock::time_point, std::function<void()>>> queue_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+// ---- One simulated client: a chain of callback calls, each issued from the previous one's
+// completion.
+struct Run {
+  std::shared_ptr<const v1::JoinRequest> join;
+  std::string update;  // the bytes every client uploads (its sha256 below)
+  std::string update_sha256;
+  int64_t chunk_bytes = 1 << 20;
+  std::atomic<int> done{0}, failed{0};
+  std::atomic<int64_t> bytes_down{0}, bytes_up{0}, retries{0};
+  Later later;
+};
+
+class Client {
+ public:
+  Client(std::shared_ptr<grpc::Channel> channel, Run* run)
+      : stub_(v1::Coordinator::NewStub(std::move(channel))), run_(run) {}
+  void Start() { Join(); }
+
+ private:
+  grpc::ClientContext* Fresh() {
+    context_ = std::make_unique<grpc::ClientContext>();
+    if (!session_.empty()) context_->AddMetadata(fedlora::common::kSessionMetadata, session_);
+    return context_.get();
+  }
+  // A transient failure is retried after a second; anything else ends this client.
+  bool Failed(const grpc::Status& s, const std::function<void()>& retry) {
+    if (s.ok()) return false;
+    if (s.error_code() == grpc::StatusCode::UNAVAILABLE ||
+        s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED ||
+        s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+      run_->retries++;
+      run_->later.Add(retry);
+    } else {
+      std::fprintf(stderr, "client failed: %s\n", s.error_message().c_str());
+      run_->failed++;
+    }
+    return true;
+  }
+  void Join() {
+    stub_->async()->Join(Fresh(), run_->join.get(), &join_response_, [this](grpc::Status s) {
+      if (Failed(s, [this] { Join(); })) return;
+      session_ = join_response_.session();
+      Poll();
+    });
+  }
+  void Poll() {
+    poll_.set_have_version(have_version_);
+    poll_.set_max_wait_ms(5000);
+    grpc::ClientContext* c = Fresh();
+    c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    stub_->async()->GetTask(c, &poll_, &task_, [this](grpc::Status s) {
+      if (Failed(s, [this] { Poll(); })) return;
+      if (task_.kind() == v1::Task::WAIT) return Poll();
+      if (task_.kind() == v1::Task::DONE) {
+        run_->done++;
+        return;
+      }
+      next_blob_ = 0;
+      Download();
+    });
+  }
+  // The task's blobs this client lacks, one chunk at a time; then the update.
+  void Download() {
+    while (next_blob_ < task_.downloads_size() &&
+           have_.contains(task_.downloads(next_blob_).sha256()))
+      ++next_blob_;
+    if (next_blob_ == task_.downloads_size()) {
+      have_version_ = task_.state_version();
+      offset_ = 0;
+      return Upload();
+    }
+    const v1::BlobRef& blob = task_.downloads(next_blob_);
+    download_.set_sha256(blob.sha256());
+    download_.set_offset(static_cast<int64_t>(data_.size()));
+    download_.set_max_bytes(run_->chunk_bytes);
+    stub_->async()->Download(Fresh(), &download_, &chunk_, [this](grpc::Status s) {
+      if (Failed(s, [this] { Download(); })) return;
+      data_ += chunk_.data();
+      run_->bytes_down += static_cast<int64_t>(chunk_.data().size());
+      const v1::BlobRef& blob = task_.downloads(next_blob_);
+      if (static_cast<int64_t>(data_.size()) >= blob.size()) {
+        if (fedlora::common::Sha256Hex(data_) != blob.sha256()) {
+          std::fprintf(stderr, "blob %s failed verification\n", blob.sha256().c_str());
+          run_->failed++;
+          return;
+        }
+        have_.insert(blob.sha256());
+        data_.clear();
+      }
+      Download();
+    });
+  }
+  void Upload() {
+    const std::string& bytes = run_->update;
+    upload_.Clear();
+    upload_.set_round(task_.round());
+    upload_.set_state_version(task_.state_version());
+    upload_.set_sha256(run_->update_sha256);
+    upload_.set_total_size(static_cast<int64_t>(bytes.size()));
+    upload_.set_num_examples(run_->join->num_examples());
+    upload_.set_offset(offset_);
+    const int64_t n =
+        std::min<int64_t>(run_->chunk_bytes, static_cast<int64_t>(bytes.size()) - offset_);
+    upload_.set_data(bytes.substr(static_cast<size_t>(offset_), static_cast<size_t>(n)));
+    stub_->async()->Upload(Fresh(), &upload_, &uploaded_, [this, n](grpc::Status s) {
+      if (Failed(s, [this] { Upload(); })) return;
+      run_->bytes_up += n;
+      offset_ += n;
+      if (offset_ < static_cast<int64_t>(run_->update.size())) return Upload();
+      Poll();
+    });
+  }
+
+  std::unique_ptr<v1::Coordinator::Stub> stub_;
+  Run* run_;
+  std::unique_ptr<grpc::ClientContext> context_;
+  std::string session_;
+  v1::JoinResponse join_response_;
+  v1::GetTaskRequest poll_;
+  v1::Task task_;
+  int64_t have_version_ = -1;
+  std::set<std::string> have_;
+  int next_blob_ = 0;
+  v1::DownloadRequest download_;
+  v1::DownloadResponse chunk_;
+  std::string data_;
+  v1::UploadRequest upload_;
+  v1::UploadResponse uploaded_;
+  int64_t offset_ = 0;
+};
+
+// The update every client sends, in the run's encoding: LoRA factors (fedit) or R alone (fed-sb),
+// made by `fedlora random-adapter`'s library.
+std::string MakeUpdate(const Options& o, const v1::JoinRequest& join) {
+  const bool fed_sb = o.method == "fed-sb";
+  std::vector<fedlora::common::ModuleShape> shapes;
+  for (const v1::ModuleSpec& m : join.modules())
+    shapes.push_back({m.name(), o.rank, m.in_features(), m.out_features(), 2.0, fed_sb});
+  auto update = fedlora::common::Adapter::Create(shapes);
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f, 0.01f);
+  for (float& x : update->values()) x = normal(rng);
+  return fedlora::common::EncodeAdapter(*update, fed_sb ? fedlora::common::AdapterParts::kROnly
+                                                        : fedlora::common::AdapterParts::kAll);
+}
+
+int Main(const Options& o) {
+  rlimit files{};
+  getrlimit(RLIMIT_NOFILE, &files);
+  files.rlim_cur = files.rlim_max;  // a connection per client, on both ends
+  setrlimit(RLIMIT_NOFILE, &files);
+  if (files.rlim_cur < static_cast<rlim_t>(o.clients) + 256) {
+    std::fprintf(stderr, "%d clients need %d open files; the limit is %llu\n", o.clients,
+                 o.clients + 256, static_cast<unsigned long long>(files.rlim_cur));
+    return 2;
+  }
+  fs::remove_all(o.work);
+  fs::create_directories(o.work);
+  const fs::path certs = o.work / "certs";
+  if (std::system(
+          StrCat("bash ", o.source, "/deploy/make_certs.sh ", certs.string(), " 0 > /dev/null")
+              .c_str()) != 0)
+    return 1;
+  const std::string ca_pem = *fedlora::common::ReadFileToString(certs / "ca.pem");
+  std::unique_ptr<BIO, Deleter<BIO_free>> ca_bio(BIO_new_file((certs / "ca.pem").c_str(), "r")),
+      key_bio(BIO_new_file((certs / "ca.key").c_str(), "r"));
+  CertPtr ca(PEM_read_bio_X509(ca_bio.get(), nullptr, nullptr, nullptr));
+  KeyPtr ca_key(PEM_read_bio_PrivateKey(key_bio.get(), nullptr, nullptr, nullptr));
+
+  auto join = std::make_shared<v1::JoinRequest>();
+  join->set_base_model_sha256(std::string(64, 'a'));
+  join->set_num_examples(100);
+  join->set_max_rank(1 << 16);
+  for (int l = 0; l < o.layers; ++l) {
+    for (const char* proj : {"q_proj", "v_proj"}) {
+      v1::ModuleSpec* m = join->add_modules();
+      m->set_name(StrCat("model.layers.", l, ".self_attn.", proj));
+      m->set_in_features(o.features);
+      m->set_out_features(o.features);
+    }
+  }
+  Run run;
+  run.join = join;
+  run.update = MakeUpdate(o, *join);
+  run.update_sha256 = fedlora::common::Sha256Hex(run.update);
+
+  const auto certs_start = Clock::now();
+  std::vector<Identity> identities;
+  for (int i = 1; i <= o.clients; ++i)
+    identities.push_back(MakeClientCert(StrCat("load-", i), ca.get(), ca_key.get(), 1000 + i));
+  const double certs_s = std::chrono::duration<double>(Clock::now() - certs_start).count();
+
+  const fs::path port_file = o.work / "port";
+  const std::vector<std::string> argv = {
+      o.bin + "/fedlora-server",
+      "--method",
+      o.method,
+      "--rounds",
+      std::to_string(o.rounds),
+      "--min-clients",
+      std::to_string(o.clients),
+      "--rank",
+      std::to_string(o.rank),
+      "--lora-alpha",
+      std::to_string(2 * o.rank),
+      "--fed-sb-init",
+      "random",
+      "--state-dir",
+      (o.work / "state").string(),
+      "--listen",
+      "127.0.0.1:0",
+      "--port-file",
+      port_file.string(),
+      "--tls-cert",
+      (certs / "server.pem").string(),
+      "--tls-key",
+      (certs / "server.key").string(),
+      "--client-ca",
+      (certs / "ca.pem").string(),
+      "--round-deadline-s",
+      "3600",
+      "--client-timeout-s",
+      "600",
+      "--linger-s",
+      "5",
+      "--max-update-bytes",
+      std::to_string(std::max<size_t>(run.update.size() * 2, 1 << 20))};
+  const pid_t server = fedlora::testing::Start(argv, o.work / "server.log");
+  std::string port = fedlora::testing::WaitForFile(port_file, std::chrono::seconds(20));
+  while (!port.empty() && port.back() == '\n') port.pop_back();
+  if (port.empty()) {
+    std::fprintf(stderr, "the coordinator did not start; see %s\n",
+                 (o.work / "server.log").c_str());
+    return 1;
+  }
+
+  const auto start = Clock::now();
+  const double cpu_start = CpuSeconds(server);
+  std::vector<std::unique_ptr<Client>> clients;
+  for (const Identity& id : identities) {
+    grpc::SslCredentialsOptions tls;
+    tls.pem_root_certs = ca_pem;
+    tls.pem_cert_chain = id.cert;
+    tls.pem_private_key = id.key;
+    grpc::ChannelArguments args;
+    for (const auto& [key, value] : fedlora::common::TransportChannelArgs(run.chunk_bytes))
+      args.SetInt(key, value);
+    args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // a connection of its own
+    clients.push_back(std::make_unique<Client>(
+        grpc::CreateCustomChannel("localhost:" + port, grpc::SslCredentials(tls), args), &run));
+    clients.back()->Start();
+  }
+  std::printf(
+      "load_bench: %d %s clients, %d rounds, %d modules of %dx%d at rank %d; update %zu bytes"
+      " (%d client certificates made in %.1f s)\n",
+      o.clients, o.method.c_str(), o.rounds, 2 * o.layers, o.features, o.features, o.rank,
+      run.update.size(), o.clients, certs_s);
+  std::printf("%-8s %12s %14s %14s\n", "round", "wall (s)", "server CPU (s)", "server RSS (MB)");
+  const fs::path metrics = o.work / "state" / "metrics.jsonl";
+  size_t closed = 0;
+  auto last = start;
+  double last_cpu = cpu_start;
+  while (run.done + run.failed < o.clients) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    const auto text = fedlora::common::ReadFileToString(metrics);
+    const size_t lines =
+        text.ok() ? static_cast<size_t>(std::count(text->begin(), text->end(), '\n')) : 0;
+    for (; closed < lines; ++closed) {
+      const auto now = Clock::now();
+      const double cpu = CpuSeconds(server);
+      std::printf("%-8zu %12.2f %14.2f %14.0f\n", closed + 1,
+                  std::chrono::duration<double>(now - last).count(), cpu - last_cpu,
+                  PeakRssMb(server));
+      std::fflush(stdout);
+      last = now;
+      last_cpu = cpu;
+    }
+    std::ifstream stat(StrCat("/proc/", server, "/stat"));
+    std::string pid_field, name, state;
+    if (!(stat >> pid_field >> name >> state) || state == "Z") break;  // the coordinator exited
+  }
+  const double total_s = std::chrono::duration<double>(Clock::now() - start).count();
+  const double peak = PeakRssMb(server);
+  const double cpu = CpuSeconds(server) - cpu_start;
+  rusage self{};
+  getrusage(RUSAGE_SELF, &self);
+  std::printf(
+      "total: %.1f s, server CPU %.1f s, server peak RSS %.0f MB; %d done, %d failed; "
+      "%.1f MB down, %.1f MB up, %lld retried calls; load generator CPU %.1f s\n",
+      total_s, cpu, peak, run.done.load(), run.failed.load(), run.bytes_down / 1e6,
+      run.bytes_up / 1e6, static_cast<long long>(run.retries.load()),
+      static_cast<double>(self.ru_utime.tv_sec + self.ru_stime.tv_sec));
+  fedlora::testing::Wait(server, std::chrono::seconds(30));
+  std::_Exit(run.failed > 0 ? 1 : 0);  // the channels' threads are not joined
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  CLI::App app{"load_bench: the coordinator under many mutual-TLS clients from one process"};
+  app.add_option("--clients", o.clients)->capture_default_str();
+  app.add_option("--method", o.method)
+      ->check(CLI::IsMember({"fedit", "fed-sb"}))
+      ->capture_default_str();
+  app.add_option("--rounds", o.rounds)->capture_default_str();
+  app.add_option("--layers", o.layers, "q_proj and v_proj of each")->capture_default_str();
+  app.add_option("--features", o.features, "each module is features x features")
+      ->capture_default_str();
+  app.add_option("--rank", o.rank)->capture_default_str();
+  app.add_option("--work", o.work)->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+  return Main(o);
+}
