@@ -393,7 +393,8 @@ int Main(const Options& o) {
       "--linger-s",
       "5",
       "--max-update-bytes",
-      std::to_string(std::max<size_t>(run.update.size() * 2, 1 << 20))};
+      std::to_string(2 * (2 * o.layers) * (2 * o.features * o.rank) * 4 +
+                     (1 << 20))};  // LoRA's, x2
   const pid_t server = fedlora::testing::Start(argv, o.work / "server.log");
   std::string port = fedlora::testing::WaitForFile(port_file, std::chrono::seconds(20));
   while (!port.empty() && port.back() == '\n') port.pop_back();
@@ -460,6 +461,7 @@ int Main(const Options& o) {
       run.bytes_up / 1e6, static_cast<long long>(run.retries.load()),
       static_cast<double>(self.ru_utime.tv_sec + self.ru_stime.tv_sec));
   fedlora::testing::Wait(server, std::chrono::seconds(30));
+  std::fflush(stdout);
   std::_Exit(run.failed > 0 ? 1 : 0);  // the channels' threads are not joined
 }
 
