@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 
 #include "common/base/status_macros.h"
 #include "common/tensor/blob.h"
@@ -34,9 +35,13 @@ absl::StatusOr<common::AggregateResult> Aggregate(const RoundInputs& in,
   if (in.dp != nullptr) {
     result = in.dp->Finish(updates, &*ledger->client_dp, dp_metrics);
   } else if (streamed) {
-    common::StreamingAverage sums = *in.sums;  // without held updates, the round's sums
-    for (size_t k = 0; k < updates.size(); ++k) sums.Add(updates[k], weights[k]);
-    if (absl::StatusOr<Adapter> mean = sums.Mean(); mean.ok())
+    // Held updates are summed now, onto a copy of the round's sums (empty then).
+    std::optional<common::StreamingAverage> held_sums;
+    if (held) {
+      held_sums = *in.sums;
+      for (size_t k = 0; k < updates.size(); ++k) held_sums->Add(updates[k], weights[k]);
+    }
+    if (absl::StatusOr<Adapter> mean = held ? held_sums->Mean() : in.sums->Mean(); mean.ok())
       result = common::AggregateResult{.adapter = *std::move(mean)};
     else
       result = mean.status();

@@ -281,12 +281,10 @@ absl::Status RoundEngine::CheckSession(const std::string& client, std::string_vi
         "{}'s certificate, or an old one still runs; it is told to stop{}",
         client, peer, info->peer, client, repeated);
   }
-  return WithReason(absl::PermissionDeniedError(
-                        StrCat("this session of ", client,
-                               " was superseded by a later join with the same "
-                               "identity from ",
-                               info->peer, "; is another process using this certificate?")),
-                    v1::ErrorDetail::SUPERSEDED);
+  const std::string message = StrCat("this session of ", client,
+                                     " was superseded by a later join with the same identity from ",
+                                     info->peer, "; is another process using this certificate?");
+  return WithReason(absl::PermissionDeniedError(message), v1::ErrorDetail::SUPERSEDED);
 }
 
 std::string RoundEngine::RoundNameLocked() const {
