@@ -9,10 +9,12 @@
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <cmath>
 #include <map>
 #include <regex>
 #include <sstream>
+#include <thread>
 
 #include "common/tensor/peft.h"
 #include "server/cohort.h"
@@ -339,6 +341,47 @@ TEST_F(RoundEngineTest, RegressionUpdatesCannotScaleTheirOwnWeight) {
   ExpectFedItMean({"c1", "c2", "c3"}, 1);
   EXPECT_EQ(Metrics()[0]["weight_share"],
             nlohmann::json({{"c1", 20.0 / 90}, {"c2", 30.0 / 90}, {"c3", 40.0 / 90}}));
+}
+
+// Eight clients, each on a thread of its own, and a thread ticking the engine, as gRPC's threads
+// and the coordinator's ticker call it: polls, chunked uploads (verified outside the engine's
+// lock), downloads and ticks interleave. Every round is the formula's mean of all eight. Under
+// -DFEDLORA_SANITIZE=thread this is the engine's concurrency check.
+TEST_F(RoundEngineTest, ClientsOnThreadsOfTheirOwnGetTheFormulasRounds) {
+  h_.Stop();
+  h_.options().min_clients = 8;
+  h_.options().rounds = 3;
+  h_.options().max_wait_ms = 0;
+  ASSERT_TRUE(h_.Start().ok());
+  std::vector<std::string> ids;
+  for (int i = 1; i <= 8; ++i) ids.push_back("c" + std::to_string(i));
+  std::atomic<bool> done{false};
+  std::thread ticker([&] {
+    while (!done) {
+      h_.engine().Tick();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  });
+  std::vector<std::thread> clients;
+  std::atomic<int> failures{0};
+  for (const std::string& id : ids) {
+    clients.emplace_back([&, id] {
+      if (!h_.Join(id).ok()) ++failures;
+      for (int polls = 0; polls < 100000; ++polls) {
+        auto step = h_.Step(id);
+        if (step.ok() && *step == v1::Task::DONE) return;
+        if (!step.ok() && !absl::IsFailedPrecondition(step.status())) ++failures;
+        std::this_thread::sleep_for(std::chrono::microseconds(200));
+      }
+      ++failures;
+    });
+  }
+  for (std::thread& t : clients) t.join();
+  done = true;
+  ticker.join();
+  EXPECT_EQ(failures, 0);
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2, 3}));
+  ExpectFedItMean(ids, 3);
 }
 
 // The lines logged (their text only) while it lives.
