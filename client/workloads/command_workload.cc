@@ -7,6 +7,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "common/aggregation/aggregate.h"
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
@@ -80,31 +81,22 @@ absl::StatusOr<v1::TrainMetrics> CommandWorkload::Train(const v1::Task& task,
   // What the command wrote is read without following links (file_util.h, Symlinks).
   ASSIGN_OR_RETURN(common::Adapter trained,
                    common::ReadPeftAdapter(out, common::Symlinks::kRefuse));
-  for (const common::LoraModule& m : trained.modules())  // nothing the task did not ask for
-    if (!adapter.FindModule(m.name))
-      return absl::InvalidArgumentError(
-          StrCat("the training command's adapter in ", out.string(), " has module ", m.name,
-                 ", which the task does not train (", adapter.num_modules(), " modules asked)"));
+  // The task's modules, shapes and lora_R, nothing more (the scaling is the program's: folded
+  // below).
+  const std::vector<common::ModuleShape> asked(adapter.modules().begin(), adapter.modules().end());
+  RETURN_IF_ERROR(common::CheckShapes(trained, asked,
+                                      StrCat("the training command's adapter in ", out.string())));
   for (size_t i = 0; i < adapter.num_modules(); ++i) {
     const auto& want = adapter.module(i);
-    auto j = trained.FindModule(want.name);
-    if (!j || trained.module(*j).rank != want.rank ||
-        trained.module(*j).in_features != want.in_features ||
-        trained.module(*j).out_features != want.out_features ||
-        trained.module(*j).has_r != want.has_r) {
-      return absl::InvalidArgumentError(StrCat(
-          "the training command's adapter in ", out.string(), " does not match the task at module ",
-          want.name, " (expected rank ", want.rank, ", ", want.out_features, "x", want.in_features,
-          want.has_r ? ", with lora_R" : "", ")"));
-    }
+    const size_t j = *trained.FindModule(want.name);
     // Keep our scaling: fold the program's (it may have written another lora_alpha) into B, or into
     // R.
-    const float ratio = static_cast<float>(trained.module(*j).scaling / want.scaling);
+    const float ratio = static_cast<float>(trained.module(j).scaling / want.scaling);
     if (want.has_r) {
-      adapter.R(i) = trained.R(*j) * ratio;
+      adapter.R(i) = trained.R(j) * ratio;
     } else {
-      adapter.A(i) = trained.A(*j);
-      adapter.B(i) = trained.B(*j) * ratio;
+      adapter.A(i) = trained.A(j);
+      adapter.B(i) = trained.B(j) * ratio;
     }
   }
   const fs::path metrics_file = out / "metrics.json";

@@ -60,7 +60,8 @@ absl::Status CheckCompatible(std::span<const Adapter> clients, Method method);
 
 // OK when `update` adapts exactly the modules of `expected` — same names, rank, n and m, and
 // lora_R exactly where `expected` has it — with finite values. Otherwise INVALID_ARGUMENT naming
-// the module and both shapes: "module q_proj: lora_A has shape [8,576], task says [16,576]". The
+// the module and both shapes ("module q_proj: lora_A has shape [8,576], task says [16,576]"), or
+// the module missing or not asked for. The
 // coordinator checks every update against its task with it. With `scaling` > 0 each module's
 // scaling must be that (the task's lora_alpha / r): a client cannot scale its own weight.
 absl::Status CheckShapes(const Adapter& update, std::span<const ModuleShape> expected,

@@ -91,7 +91,7 @@ TEST_F(CommandWorkloadTest, RegressionAnExtraModuleIsRefused) {
   auto m = Train(w);
   ASSERT_FALSE(m.ok());
   EXPECT_THAT(m.status().message(),
-              HasSubstr("has module m.k_proj, which the task does not train (1 modules asked)"));
+              HasSubstr(": module m.k_proj, which the task does not train (1 modules asked)"));
 }
 
 // Regression: a training program that links its output to a file of the user's (here a stand-in

@@ -257,5 +257,27 @@ TEST(AggregateTest, BadInputsAreRefusedWithAPreciseMessage) {
   for (Method m : kAllMethods) EXPECT_EQ(*ParseMethod(MethodName(m)), m);
 }
 
+// Each way an update can differ from its task is named, module and both sides.
+TEST(CheckShapesTest, NamesWhatDiffersFromTheTask) {
+  const std::vector<ModuleShape> task = {{kQ, 4, 24, 20, 2.0}, {kV, 4, 24, 16, 2.0}};
+  const auto check = [&](const std::vector<testing::ModuleSpec>& specs, double scaling = 2.0) {
+    return std::string(
+        CheckShapes(testing::RandomAdapter(specs, 1), task, "c1", scaling).message());
+  };
+  EXPECT_EQ(check({{kQ, 4, 24, 20, 2.0}, {kV, 4, 24, 16, 2.0}}), "");
+  EXPECT_EQ(check({{kQ, 4, 24, 20, 2.0}}), std::string("c1: module ") + kV + " is missing");
+  EXPECT_EQ(check({{kQ, 4, 24, 20, 2.0}, {kV, 4, 24, 16, 2.0}, {"m.k_proj", 4, 24, 16, 2.0}}),
+            "c1: module m.k_proj, which the task does not train (2 modules asked)");
+  EXPECT_EQ(check({{kQ, 8, 24, 20, 2.0}, {kV, 4, 24, 16, 2.0}}),
+            std::string("module ") + kQ + ": lora_A has shape [8,24], task says [4,24]");
+  EXPECT_EQ(check({{kQ, 4, 24, 20, 2.0}, {kV, 4, 24, 18, 2.0}}),
+            std::string("module ") + kV + ": lora_B has shape [18,4], task says [16,4]");
+  EXPECT_EQ(check({{kQ, 4, 24, 20, 2000.0}, {kV, 4, 24, 16, 2.0}}),
+            std::string("module ") + kQ + ": scaling 2000, the task's is 2");
+  EXPECT_EQ(check({{kQ, 4, 24, 20, 2000.0}, {kV, 4, 24, 16, 2.0}}, 0), "");  // scaling not checked
+  EXPECT_EQ(check({{kQ, 4, 24, 20, 2.0, true}, {kV, 4, 24, 16, 2.0}}),
+            std::string("module ") + kQ + ": has a lora_R the task does not train");
+}
+
 }  // namespace
 }  // namespace fedlora::common
