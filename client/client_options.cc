@@ -18,9 +18,14 @@ namespace {
 
 using common::StrCat;
 
+// What fedlora-client exits with after `failure`: kExitRefused when its identity is refused.
+int ExitCodeFor(const absl::Status& failure) {
+  return absl::IsPermissionDenied(failure) || absl::IsUnauthenticated(failure) ? kExitRefused : 1;
+}
+
 // --status: the run as the coordinator sees it, for operators (any identity it accepts may ask).
 int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string& insecure_id,
-                bool json, const std::function<absl::Status()>& diagnose_refusal) {
+                bool json, const std::function<absl::Status(const grpc::Status&)>& diagnose) {
   grpc::ClientContext context;
   if (!insecure_id.empty()) context.AddMetadata(common::kClientIdMetadata, insecure_id);
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -28,13 +33,12 @@ int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string
   if (grpc::Status st =
           v1::Coordinator::NewStub(channel)->GetStatus(&context, v1::StatusRequest(), &s);
       !st.ok()) {
-    const absl::Status refused = diagnose_refusal ? diagnose_refusal() : absl::OkStatus();
-    const bool denied = st.error_code() == grpc::StatusCode::PERMISSION_DENIED ||
-                        st.error_code() == grpc::StatusCode::UNAUTHENTICATED;
+    absl::Status failure = diagnose ? diagnose(st) : absl::OkStatus();
+    if (!absl::IsPermissionDenied(failure))
+      failure = absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
     std::fprintf(stderr, "error: the coordinator's status: %s\n",
-                 absl::IsPermissionDenied(refused) ? std::string(refused.message()).c_str()
-                                                   : st.error_message().c_str());
-    return denied || absl::IsPermissionDenied(refused) ? kExitRefused : 1;
+                 std::string(failure.message()).c_str());
+    return ExitCodeFor(failure);
   }
   if (json) {
     std::string out;
@@ -243,20 +247,25 @@ int ClientMain(int argc, char** argv,
                  o.coordinator);
   } else {
     auto tls = common::ClientTlsCredentials(o.ca, o.cert, o.key);
-    if (!tls.ok()) {
+    if (!tls.ok()) {  // its certificate's dates are FAILED_PRECONDITION: refused by any coordinator
       std::fprintf(stderr, "error: %s\n", std::string(tls.status().message()).c_str());
-      return 2;
+      return absl::IsFailedPrecondition(tls.status()) ? kExitRefused : 2;
     }
     credentials = *tls;
-    if (!o.cert.empty()) {
-      if (absl::Status st = common::CheckCertificateDates(o.cert, "client certificate"); !st.ok()) {
-        std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
-        return absl::IsFailedPrecondition(st) ? kExitRefused : 2;
-      }
-    }
-    o.node.diagnose_refusal = [&o] {
-      return common::ProbeTlsRefusal(o.coordinator, o.ca, o.cert, o.key);
-    };
+    // gRPC reports a coordinator's refusal of this client's certificate only as "Socket closed"
+    // (a handshake it did not like, as "handshake"): then a handshake of our own, at most every
+    // 10 s, tells why.
+    o.node.diagnose_refusal =
+        [&o, last = std::chrono::steady_clock::time_point()](const grpc::Status& failure) mutable {
+          const std::string& message = failure.error_message();
+          const auto now = std::chrono::steady_clock::now();
+          if ((message.find("Socket closed") == std::string::npos &&
+               message.find("andshake") == std::string::npos) ||
+              now - last < std::chrono::seconds(10))
+            return absl::OkStatus();
+          last = now;
+          return common::ProbeTlsRefusal(o.coordinator, o.ca, o.cert, o.key);
+        };
   }
   const std::shared_ptr<grpc::Channel> channel = Channel(o, std::move(credentials));
   if (o.status || o.status_json) {
@@ -274,7 +283,7 @@ int ClientMain(int argc, char** argv,
   absl::Status status = node.Run(signals.stop());
   if (!status.ok() && !absl::IsCancelled(status)) {
     std::fprintf(stderr, "error: %s\n", std::string(status.message()).c_str());
-    return absl::IsPermissionDenied(status) || absl::IsUnauthenticated(status) ? kExitRefused : 1;
+    return ExitCodeFor(status);
   }
   return 0;
 }

@@ -52,17 +52,6 @@ void Node::Identify(grpc::ClientContext& context) const {
   if (!session_.empty()) context.AddMetadata(common::kSessionMetadata, session_);
 }
 
-absl::Status Node::DiagnoseRefusal(const grpc::Status& failure) {
-  const std::string& message = failure.error_message();
-  if (!options_.diagnose_refusal || (message.find("Socket closed") == std::string::npos &&
-                                     message.find("andshake") == std::string::npos))
-    return absl::OkStatus();
-  const auto now = std::chrono::steady_clock::now();
-  if (now - last_diagnosis_ < std::chrono::seconds(10)) return absl::OkStatus();
-  last_diagnosis_ = now;
-  return options_.diagnose_refusal();
-}
-
 grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,
                          const std::atomic<bool>& stop) {
   const auto start = std::chrono::steady_clock::now();
@@ -73,8 +62,10 @@ grpc::Status Node::Retry(const std::function<grpc::Status(grpc::ClientContext&)>
     Identify(context);
     grpc::Status s = call(context);
     if (s.ok() || !Transient(s) || stop) return s;
-    if (absl::Status refused = DiagnoseRefusal(s); absl::IsPermissionDenied(refused))
-      return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, std::string(refused.message()));
+    if (options_.diagnose_refusal) {
+      if (absl::Status refused = options_.diagnose_refusal(s); absl::IsPermissionDenied(refused))
+        return grpc::Status(grpc::StatusCode::PERMISSION_DENIED, std::string(refused.message()));
+    }
     if (std::chrono::steady_clock::now() - start >
         std::chrono::duration<double>(options_.max_retry_s))
       return s;

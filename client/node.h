@@ -7,7 +7,6 @@
 #define FEDLORA_CLIENT_NODE_H_
 
 #include <atomic>
-#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -29,10 +28,9 @@ struct NodeOptions {
   // Called before each chunk of an upload is sent, with its offset and the update's size (an
   // instrumentation point for fault tests; empty in fedlora-client).
   std::function<void(int64_t offset, int64_t total)> before_upload_chunk;
-  // Called (at most every 10 s) when a call fails as a refused TLS handshake would (gRPC says only
-  // "Socket closed" when the coordinator refuses this client's certificate): a non-OK status
-  // (common::ProbeTlsRefusal's PERMISSION_DENIED) ends the run with it instead of retrying.
-  std::function<absl::Status()> diagnose_refusal;
+  // Called with each transient failure of a call: PERMISSION_DENIED when it is in fact a refusal of
+  // this client that no retry can change (common::ProbeTlsRefusal), which ends the run with it.
+  std::function<absl::Status(const grpc::Status&)> diagnose_refusal;
 };
 
 class Node {
@@ -62,8 +60,6 @@ class Node {
   // Names this client's session on `context`, and the client itself when there is no certificate
   // to (--insecure with --id).
   void Identify(grpc::ClientContext& context) const;
-  // The refusal behind a failed connection, if diagnose_refusal finds one.
-  absl::Status DiagnoseRefusal(const grpc::Status& failure);
   // Runs `call` (a gRPC call on a fresh context) until it succeeds, fails for good, or retrying
   // runs out.
   grpc::Status Retry(const std::function<grpc::Status(grpc::ClientContext&)>& call,
@@ -78,7 +74,6 @@ class Node {
   common::Adapter global_;
   int failures_ = 0;     // consecutive failed tasks
   std::string session_;  // of the latest join
-  std::chrono::steady_clock::time_point last_diagnosis_;
 };
 
 }  // namespace fedlora::client

@@ -61,11 +61,6 @@ int main(int argc, char** argv) {
   }
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
   if (!options.insecure) {
-    if (auto st = fedlora::common::CheckCertificateDates(options.tls_cert, "server certificate");
-        !st.ok()) {
-      std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
-      return 2;
-    }
     auto tls =
         fedlora::common::ServerTlsCredentials(options.tls_cert, options.tls_key, options.client_ca);
     if (!tls.ok()) {

@@ -25,7 +25,7 @@ absl::StatusOr<common::AggregateResult> Aggregate(const RoundInputs& in,
   std::vector<Adapter> updates;
   std::vector<double> weights;
   const bool streamed = method == Method::kFedIt || method == Method::kFedSb;
-  const bool held = !streamed || in.options->max_update_norm_ratio > 0;
+  const bool held = HoldsUpdates(method, *in.options);
   for (const std::string& id : arrived) {
     PendingUpload& u = in.uploads->all().at(id);
     weights.push_back(static_cast<double>(u.num_examples));

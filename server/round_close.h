@@ -35,8 +35,8 @@ struct RoundFacts {
   double elapsed_seconds = 0;                   // since the first round of this process started
 };
 
-// The pieces a close works with; `sums` (fedit, fed-sb) already holds the accepted updates, and
-// `dp` is set in runs with client-level DP.
+// The pieces a close works with; `sums` (fedit, fed-sb) already holds the accepted updates unless
+// they were held (HoldsUpdates), and `dp` is set in runs with client-level DP.
 struct RoundInputs {
   const ServerOptions* options;
   StateStore* store;
@@ -44,6 +44,13 @@ struct RoundInputs {
   const common::StreamingAverage* sums;
   ClientDpRounds* dp;
 };
+
+// Whether a round's accepted updates are held, decoded, until its close instead of summed as they
+// arrive: flora and lora-fair need every client's factors, the median norm bound every norm.
+inline bool HoldsUpdates(common::Method method, const ServerOptions& options) {
+  return method == common::Method::kFlora || method == common::Method::kLoraFair ||
+         options.max_update_norm_ratio > 0;
+}
 
 // Aggregates the round's accepted updates and commits the new version (see above); returns the
 // committed version's record. The accepted updates stay in `uploads` either way.

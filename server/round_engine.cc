@@ -544,10 +544,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
                                                  " exceeds the run's bound of ",
                                                  options_.max_update_norm, " (--max-update-norm)"));
     if (status.ok()) {
-      // Held until the close by the methods that need every client's factors, and by the median
-      // norm bound, which needs every client's norm.
-      const bool keep = !sketch && (method_ == Method::kFlora || method_ == Method::kLoraFair ||
-                                    options_.max_update_norm_ratio > 0);
+      const bool keep = !sketch && HoldsUpdates(method_, options_);
       status = uploads_.Accept(round_, client, examples, update_norm, request.metrics(),
                                keep ? *update : Adapter());
       if (!status.ok()) status = store_.Unavailable(StrCat(client, "'s update"), status);

@@ -99,28 +99,31 @@ absl::Status Connect(const std::string& address, std::chrono::milliseconds timeo
   return absl::UnavailableError(StrCat("no connection to ", address));
 }
 
-}  // namespace
-
-absl::Status CheckCertificateDates(const std::string& cert_file, std::string_view what) {
-  std::unique_ptr<BIO, Deleter<BIO_free>> bio(BIO_new_file(cert_file.c_str(), "r"));
+// FAILED_PRECONDITION when the first certificate of `pem` (read from `path`, the `what`) is expired
+// or not yet valid: no retry can change that.
+absl::Status CheckDates(const std::string& pem, const std::string& path, std::string_view what) {
+  std::unique_ptr<BIO, Deleter<BIO_free>> bio(
+      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
   std::unique_ptr<X509, Deleter<X509_free>> cert(
       bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr);
   if (!cert) {
-    return absl::InvalidArgumentError(StrCat("cannot read the ", what, " ", cert_file,
-                                             " as a PEM certificate: ", OpenSslReason()));
+    return absl::InvalidArgumentError(
+        StrCat("cannot read the ", what, " ", path, " as a PEM certificate: ", OpenSslReason()));
   }
   if (X509_cmp_current_time(X509_get0_notAfter(cert.get())) < 0) {
-    return absl::FailedPreconditionError(StrCat("the ", what, " ", cert_file, " expired on ",
+    return absl::FailedPreconditionError(StrCat("the ", what, " ", path, " expired on ",
                                                 FormatTime(X509_get0_notAfter(cert.get())),
                                                 "; it needs a new certificate"));
   }
   if (X509_cmp_current_time(X509_get0_notBefore(cert.get())) > 0) {
-    return absl::FailedPreconditionError(
-        StrCat("the ", what, " ", cert_file, " is not valid before ",
-               FormatTime(X509_get0_notBefore(cert.get())), " (is this machine's clock right?)"));
+    return absl::FailedPreconditionError(StrCat("the ", what, " ", path, " is not valid before ",
+                                                FormatTime(X509_get0_notBefore(cert.get())),
+                                                " (is this machine's clock right?)"));
   }
   return absl::OkStatus();
 }
+
+}  // namespace
 
 absl::Status ProbeTlsRefusal(const std::string& address, const std::string& ca_file,
                              const std::string& cert_file, const std::string& key_file,
@@ -185,6 +188,7 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(
       client_ca_file.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
                              : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   ASSIGN_OR_RETURN(std::string cert, ReadPem(cert_file, "server certificate"));
+  RETURN_IF_ERROR(CheckDates(cert, cert_file, "server certificate"));
   ASSIGN_OR_RETURN(std::string key, ReadPem(key_file, "server private key"));
   options.pem_key_cert_pairs.push_back({key, cert});
   if (!client_ca_file.empty()) {
@@ -199,6 +203,7 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ClientTlsCredentials(
   ASSIGN_OR_RETURN(options.pem_root_certs, ReadPem(ca_file, "CA certificate"));
   if (!cert_file.empty()) {
     ASSIGN_OR_RETURN(options.pem_cert_chain, ReadPem(cert_file, "client certificate"));
+    RETURN_IF_ERROR(CheckDates(options.pem_cert_chain, cert_file, "client certificate"));
     ASSIGN_OR_RETURN(options.pem_private_key, ReadPem(key_file, "client private key"));
   }
   return grpc::SslCredentials(options);

@@ -24,7 +24,8 @@ inline constexpr char kClientIdMetadata[] = "x-fedlora-client-id";
 inline constexpr char kSessionMetadata[] = "x-fedlora-session";
 
 // Server: certificate chain and key; with `client_ca`, mutual TLS (clients must present a
-// certificate it signed).
+// certificate it signed). Both functions refuse a certificate of their own that is expired or not
+// yet valid with FAILED_PRECONDITION, saying since or until when.
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(
     const std::string& cert_file, const std::string& key_file, const std::string& client_ca_file);
 
@@ -32,10 +33,6 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(
 // and key.
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ClientTlsCredentials(
     const std::string& ca_file, const std::string& cert_file, const std::string& key_file);
-
-// FAILED_PRECONDITION when the PEM certificate in `cert_file` (the `what`, for the message) is
-// expired or not yet valid, saying since or until when; no retry can change that.
-absl::Status CheckCertificateDates(const std::string& cert_file, std::string_view what);
 
 // Why the TLS server at `address` (host:port) refuses this client, found by a handshake of its own
 // with the same CA, certificate and key (gRPC reports a refusal of the client's certificate only

@@ -299,7 +299,7 @@ class Client {
 };
 
 // The update every client sends, in the run's encoding: LoRA factors (fedit) or R alone (fed-sb),
-// made by `fedlora random-adapter`'s library.
+// of small random values at the task's scaling.
 std::string MakeUpdate(const Options& o, const v1::JoinRequest& join) {
   const bool fed_sb = o.method == "fed-sb";
   std::vector<fedlora::common::ModuleShape> shapes;
