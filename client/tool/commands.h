@@ -19,6 +19,7 @@ void AddRandomAdapterCommand(CLI::App& app);
 // eval, train and init-model.
 void AddLlmCommands(CLI::App& app);
 void AddTokenizeCommand(CLI::App& app);
+void AddExportGgufCommand(CLI::App& app);
 // Prints what the model in `dir` is (`fedlora inspect --model`).
 void InspectModel(const std::string& dir);
 

@@ -1,6 +1,7 @@
 // fedlora: the offline tool. Aggregates PEFT adapters with FedIT, FLoRA, LoRA-FAIR or Fed-SB,
 // inspects them, computes privacy budgets, writes random adapters for trying things out, and
-// evaluates and trains adapters of Llama-family models (eval, train, init-model).
+// evaluates and trains adapters of Llama-family models (eval, train, generate, init-model), and
+// exports models and adapters for llama.cpp (export-gguf).
 // `fedlora --help` and `fedlora COMMAND --help` say more.
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
@@ -32,6 +33,7 @@ int main(int argc, char** argv) {
   fedlora::tool::AddRandomAdapterCommand(app);
   fedlora::tool::AddLlmCommands(app);
   fedlora::tool::AddTokenizeCommand(app);
+  fedlora::tool::AddExportGgufCommand(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

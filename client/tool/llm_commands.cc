@@ -9,8 +9,11 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <random>
+#include <set>
 
 #include "client/tool/commands.h"
 #include "common/base/file_util.h"
@@ -80,6 +83,87 @@ void RunEval(const EvalArgs& a) {
                {"perplexity", std::exp(mean)},
                {"tokens", loss->tokens},
                {"records", examples.size()}});
+}
+
+// ---------------------------------------------------------------------------------------------
+
+struct GenerateArgs {
+  std::string model, adapter;
+  std::vector<std::string> prompts;
+  int max_new_tokens = 32;
+  int top_probs = 0;
+  int threads = 0;
+  bool json = false;
+};
+
+// Greedy decoding: each step runs the whole sequence through the forward and takes the argmax of
+// the last position's logits, until EOS or max_new_tokens. The prompt is encoded as training
+// records are: the tokenizer's prefix (BOS) and the text, no suffix.
+void RunGenerate(const GenerateArgs& a) {
+  const common::Model model = LoadModelOrExit(a.model);
+  if (model.tokenizer == nullptr)
+    ExitIfError(
+        absl::FailedPreconditionError(a.model + " has no tokenizer.json to encode prompts"));
+  std::optional<common::Adapter> adapter;
+  if (!a.adapter.empty()) {
+    auto read = common::ReadPeftAdapter(a.adapter);
+    ExitIfError(read.status());
+    adapter = std::move(*read);
+  }
+  const common::LlamaConfig& config = model.weights.config();
+  std::vector<std::vector<int32_t>> prompts;
+  int longest = 2;
+  for (const std::string& text : a.prompts) {
+    std::vector<int32_t> ids = model.tokenizer->prefix();
+    for (int32_t id : model.tokenizer->Encode(text)) ids.push_back(id);
+    longest = std::max<int>(longest, static_cast<int>(ids.size()) + a.max_new_tokens);
+    prompts.push_back(std::move(ids));
+  }
+  if (longest > config.max_position_embeddings)
+    ExitIfError(absl::InvalidArgumentError(
+        common::StrCat("a prompt and ", a.max_new_tokens, " new tokens take ", longest,
+                       " positions; the model takes ", config.max_position_embeddings)));
+  auto runner =
+      common::LlamaRunner::Create(&model.weights, adapter ? &*adapter : nullptr,
+                                  {.max_batch = 1, .max_seq = longest, .threads = a.threads});
+  ExitIfError(runner.status());
+  const std::set<int32_t> eos(config.eos_token_ids.begin(), config.eos_token_ids.end());
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    std::vector<int32_t> ids = prompts[p];
+    nlohmann::json steps = nlohmann::json::array();
+    for (int step = 0; step < a.max_new_tokens; ++step) {
+      auto logits = (*runner)->NextTokenLogits(ids);
+      ExitIfError(logits.status());
+      Eigen::Map<Eigen::ArrayXf> l(logits->data(), static_cast<Eigen::Index>(logits->size()));
+      Eigen::Index next = 0;
+      const float max = l.maxCoeff(&next);
+      if (a.top_probs > 0) {  // softmax in double: the probabilities as llama.cpp reports them
+        const Eigen::ArrayXd p = (l.cast<double>() - max).exp();
+        const double sum = p.sum();
+        std::vector<int32_t> order(static_cast<size_t>(l.size()));
+        std::iota(order.begin(), order.end(), 0);
+        const size_t k = std::min(order.size(), static_cast<size_t>(a.top_probs));
+        std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k),
+                          order.end(), [&](int32_t x, int32_t y) { return p(x) > p(y); });
+        nlohmann::json top = nlohmann::json::array();
+        for (size_t i = 0; i < k; ++i) top.push_back({{"id", order[i]}, {"p", p(order[i]) / sum}});
+        steps.push_back(top);
+      }
+      ids.push_back(static_cast<int32_t>(next));
+      if (eos.contains(static_cast<int32_t>(next))) break;
+    }
+    const std::vector<int32_t> generated(
+        ids.begin() + static_cast<std::ptrdiff_t>(prompts[p].size()), ids.end());
+    const std::string text = model.tokenizer->Decode(generated, true);
+    if (a.json) {
+      nlohmann::json out = {
+          {"prompt", a.prompts[p]}, {"prompt_ids", prompts[p]}, {"ids", generated}, {"text", text}};
+      if (a.top_probs > 0) out["top"] = steps;
+      PrintJson(out);
+    } else {
+      std::printf("%s%s\n", a.prompts[p].c_str(), text.c_str());
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -202,7 +286,7 @@ void RunTrain(TrainArgs a) {
 // ---------------------------------------------------------------------------------------------
 
 struct InitArgs {
-  std::string preset, out, corpus;
+  std::string preset, out, corpus, tokenizer;
   uint64_t seed = 0;
   int merges = 0;
   float init_std = 0.02f;
@@ -231,27 +315,62 @@ void RunInitModel(const InitArgs& a) {
   auto preset = common::LlamaPreset(a.preset);
   ExitIfError(preset.status());
   common::LlamaConfig config = *preset;
-  const nlohmann::json tokenizer_json = common::TrainByteLevelTokenizer(
-      a.corpus.empty() ? std::vector<std::string>{} : CorpusTexts(a.corpus), a.merges,
-      {"<|endoftext|>", "<|im_start|>", "<|im_end|>"});
-  auto tokenizer = common::Tokenizer::Parse(tokenizer_json, "generated tokenizer");
+  // The tokenizer: learned here (byte-level BPE), or another model's files taken as they are.
+  std::map<std::string, std::string> tokenizer_files;
+  if (a.tokenizer.empty()) {
+    tokenizer_files[common::kTokenizerFile] =
+        common::TrainByteLevelTokenizer(
+            a.corpus.empty() ? std::vector<std::string>{} : CorpusTexts(a.corpus), a.merges,
+            {"<|endoftext|>", "<|im_start|>", "<|im_end|>"})
+            .dump(2) +
+        "\n";
+  } else {
+    for (const char* name : {common::kTokenizerFile, common::kTokenizerConfigFile}) {
+      auto text = common::ReadFileToString(std::filesystem::path(a.tokenizer) / name);
+      if (text.ok())
+        tokenizer_files[name] = std::move(*text);
+      else if (name == common::kTokenizerFile)
+        ExitIfError(text.status());
+    }
+  }
+  const auto json_of = [&](const char* name) {
+    auto it = tokenizer_files.find(name);
+    return it == tokenizer_files.end() ? nlohmann::json()
+                                       : nlohmann::json::parse(it->second, nullptr, false);
+  };
+  const nlohmann::json tokenizer_config = json_of(common::kTokenizerConfigFile);
+  auto tokenizer =
+      common::Tokenizer::Parse(json_of(common::kTokenizerFile), "the tokenizer", tokenizer_config);
   ExitIfError(tokenizer.status());
   if (config.vocab_size == 0) config.vocab_size = tokenizer->vocab_size();
   if (tokenizer->vocab_size() > config.vocab_size)
     ExitIfError(absl::InvalidArgumentError(common::StrCat(
         "the tokenizer has ", tokenizer->vocab_size(), " tokens, more than the preset's ",
-        config.vocab_size, "; ask for fewer --merges")));
-  const int32_t eos = tokenizer->TokenId("<|endoftext|>");
-  config.bos_token_id = eos;
-  config.eos_token_ids = {eos};
+        config.vocab_size, a.tokenizer.empty() ? "; ask for fewer --merges" : "")));
+  // EOS: the tokenizer config's eos_token, else the learned tokenizer's <|endoftext|>.
+  std::string eos_text = "<|endoftext|>";
+  if (tokenizer_config.is_object() && tokenizer_config.contains("eos_token")) {
+    const nlohmann::json& e = tokenizer_config["eos_token"];
+    if (e.is_string()) eos_text = e.get<std::string>();
+    if (e.is_object() && e.value("content", nlohmann::json()).is_string())
+      eos_text = e["content"].get<std::string>();
+  }
+  const int32_t eos = tokenizer->TokenId(eos_text);
+  config.bos_token_id = tokenizer->bos_id() >= 0 ? tokenizer->bos_id() : eos;
+  config.eos_token_ids.clear();
+  if (eos >= 0) config.eos_token_ids.push_back(eos);
   const common::LlamaWeights weights = common::LlamaWeights::Random(config, a.seed, a.init_std);
   ExitIfError(common::BuildDirectoryAtomically(
       a.out, a.overwrite, [&](const std::filesystem::path& dir) -> absl::Status {
         RETURN_IF_ERROR(weights.WriteInto(dir, common::DType::kF32));
-        return common::WriteFileSynced(dir / common::kTokenizerFile, tokenizer_json.dump(2) + "\n");
+        for (const auto& [name, text] : tokenizer_files)
+          RETURN_IF_ERROR(common::WriteFileSynced(dir / name, text));
+        return absl::OkStatus();
       }));
-  std::printf("wrote %s: %s preset, %zu parameters, vocabulary %d (%d merges)\n", a.out.c_str(),
-              a.preset.c_str(), weights.num_parameters(), config.vocab_size, a.merges);
+  std::printf("wrote %s: %s preset, %zu parameters, vocabulary %d (%s)\n", a.out.c_str(),
+              a.preset.c_str(), weights.num_parameters(), config.vocab_size,
+              a.tokenizer.empty() ? common::StrCat(a.merges, " merges").c_str()
+                                  : ("tokenizer of " + a.tokenizer).c_str());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -386,6 +505,25 @@ void AddLlmCommands(CLI::App& app) {
     cmd->callback([a] { RunEval(*a); });
   }
   {
+    auto a = std::make_shared<GenerateArgs>();
+    CLI::App* cmd = app.add_subcommand(
+        "generate", "Continue prompts with greedy decoding under a model and adapter");
+    cmd->add_option("--model", a->model, "Hugging Face model directory")->required();
+    cmd->add_option("--adapter", a->adapter, "PEFT adapter directory (default: the base model)");
+    cmd->add_option("--prompt", a->prompts, "a text to continue (repeatable)")->required();
+    cmd->add_option("--max-new-tokens", a->max_new_tokens, "tokens to generate at most")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 1 << 16));
+    cmd->add_option("--top-probs", a->top_probs,
+                    "with --json: the K most probable next tokens of each step, with probabilities")
+        ->capture_default_str()
+        ->check(CLI::Range(0, 1 << 20));
+    cmd->add_option("--threads", a->threads, "threads (0: all cores)")->capture_default_str();
+    cmd->add_flag("--json", a->json,
+                  "one JSON line per prompt: prompt, prompt_ids, ids, text (and top)");
+    cmd->callback([a] { RunGenerate(*a); });
+  }
+  {
     auto a = std::make_shared<TrainArgs>();
     CLI::App* cmd = app.add_subcommand(
         "train", "Fine-tune a LoRA or LoRA-SB adapter centrally and write it as a PEFT directory");
@@ -477,6 +615,11 @@ void AddLlmCommands(CLI::App& app) {
     cmd->add_option("--merges", a->merges, "BPE merges to learn (0: bytes only)")
         ->capture_default_str()
         ->check(CLI::Range(0, 1 << 20));
+    cmd->add_option("--tokenizer", a->tokenizer,
+                    "take tokenizer.json (and tokenizer_config.json) from this directory instead "
+                    "of learning one; the vocabulary decides the embedding's size")
+        ->excludes("--tokenizer-corpus")
+        ->excludes("--merges");
     cmd->callback([a] { RunInitModel(*a); });
   }
 }

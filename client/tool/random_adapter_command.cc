@@ -2,6 +2,7 @@
 // model's attention and MLP projections, for trying out and benchmarking aggregation without
 // training anything.
 #include <cmath>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -9,6 +10,7 @@
 
 #include "client/tool/commands.h"
 #include "common/base/strings.h"
+#include "common/llm/llama_config.h"
 #include "common/tensor/peft.h"
 
 namespace fedlora::tool {
@@ -28,6 +30,8 @@ struct RandomAdapterArgs {
   uint64_t frozen_seed = 0;
   std::string base_model;
   std::string dtype = "f32";
+  std::string model;  // shapes (layers, in and out features of each target) from its config.json
+  float b_std = 0.02f;
 };
 
 void Run(const RandomAdapterArgs& args) {
@@ -35,8 +39,14 @@ void Run(const RandomAdapterArgs& args) {
   ExitIfError(dtype.status());
   const std::set<std::string> attention = {"q_proj", "k_proj", "v_proj", "o_proj"};
   const std::set<std::string> mlp = {"gate_proj", "up_proj", "down_proj"};
+  std::optional<common::LlamaConfig> config;
+  if (!args.model.empty()) {
+    auto read = common::ReadLlamaConfig(args.model);
+    ExitIfError(read.status());
+    config = *read;
+  }
   std::vector<common::ModuleShape> shapes;
-  for (int layer = 0; layer < args.layers; ++layer) {
+  for (int layer = 0; layer < (config ? config->num_hidden_layers : args.layers); ++layer) {
     for (const std::string& t : args.targets) {
       if (!attention.count(t) && !mlp.count(t)) {
         ExitIfError(absl::InvalidArgumentError(common::StrCat(
@@ -49,6 +59,12 @@ void Run(const RandomAdapterArgs& args) {
       s.rank = args.rank;
       s.in_features = args.in_features;
       s.out_features = args.out_features;
+      if (config) {
+        auto kind = common::ParseLinearKind(t);
+        ExitIfError(kind.status());
+        s.in_features = common::LinearIn(*config, *kind);
+        s.out_features = common::LinearOut(*config, *kind);
+      }
       s.scaling = common::LoraScaling(args.alpha, args.rank, args.rslora);
       s.has_r = args.lora_sb;
       shapes.push_back(std::move(s));
@@ -62,13 +78,13 @@ void Run(const RandomAdapterArgs& args) {
   // orthonormal columns/rows, R from --seed.
   std::mt19937_64 rng(args.seed), frozen_rng(args.frozen_seed);
   for (size_t i = 0; i < adapter->num_modules(); ++i) {
-    std::normal_distribution<float> normal(0.0f, 0.02f);
+    std::normal_distribution<float> normal(0.0f, args.b_std);
+    const common::LoraModule& m = adapter->module(i);
     if (args.lora_sb) {
       adapter->B(i) =
-          common::RandomOrthonormal(args.out_features, args.rank, frozen_rng).cast<float>();
-      adapter->A(i) = common::RandomOrthonormal(args.in_features, args.rank, frozen_rng)
-                          .transpose()
-                          .cast<float>();
+          common::RandomOrthonormal(m.out_features, args.rank, frozen_rng).cast<float>();
+      adapter->A(i) =
+          common::RandomOrthonormal(m.in_features, args.rank, frozen_rng).transpose().cast<float>();
       for (float& x : adapter->R(i).reshaped()) x = normal(rng);
     } else {
       common::InitLoraA(adapter->A(i), rng);
@@ -88,15 +104,24 @@ void AddRandomAdapterCommand(CLI::App& app) {
                                      "Write a PEFT adapter with random factors (for trying out "
                                      "and benchmarking aggregation)");
   cmd->add_option("--out", args->out, "output adapter directory")->required();
-  cmd->add_option("--layers", args->layers, "decoder layers")->capture_default_str();
+  auto* layers = cmd->add_option("--layers", args->layers, "decoder layers")->capture_default_str();
   cmd->add_option("--targets", args->targets, "adapted projections")
       ->delimiter(',')
       ->allow_extra_args(false)
       ->capture_default_str();
-  cmd->add_option("--in-features", args->in_features, "n of every adapted layer")
-      ->capture_default_str();
-  cmd->add_option("--out-features", args->out_features, "m of every adapted layer")
-      ->capture_default_str();
+  auto* in = cmd->add_option("--in-features", args->in_features, "n of every adapted layer")
+                 ->capture_default_str();
+  auto* out = cmd->add_option("--out-features", args->out_features, "m of every adapted layer")
+                  ->capture_default_str();
+  cmd->add_option("--model", args->model,
+                  "Hugging Face model directory whose config.json gives the layers and each "
+                  "target's shape")
+      ->excludes(layers)
+      ->excludes(in)
+      ->excludes(out);
+  cmd->add_option("--b-std", args->b_std, "standard deviation of B (R for --lora-sb)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--rank", args->rank, "r")->capture_default_str();
   cmd->add_option("--alpha", args->alpha, "lora_alpha")->capture_default_str();
   cmd->add_flag("--rslora", args->rslora, "scaling alpha/sqrt(r) instead of alpha/r");

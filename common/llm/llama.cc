@@ -242,6 +242,13 @@ class LlamaRunner::Impl {
   };
   absl::StatusOr<LossSum> Run(const TokenBatch& batch, bool backward, float scale,
                               std::span<float> grads, const Sink* sink = nullptr);
+  // The LM head's output for row `n` of the last batch: [vocab_size] logits.
+  std::vector<float> LogitsAt(int64_t n) const {
+    const int H = c_.hidden_size, V = c_.vocab_size;
+    std::vector<float> logits(static_cast<size_t>(V));
+    Gemm(false, true, 1, V, H, 1.0f, hf_ + n * H, H, w_.lm_head(), H, 0.0f, logits.data(), V);
+    return logits;
+  }
   // out ([out, in]) += the rows' weight gradient dyᵀ·x.
   void AddWeightGradient(const GradientRows& g, float* out) {
     MatMulTN(g.dy, g.x, out, g.rows, LinearOut(c_, g.kind), LinearIn(c_, g.kind), 1.0f);
@@ -865,6 +872,17 @@ absl::StatusOr<std::unique_ptr<LlamaRunner>> LlamaRunner::Create(const LlamaWeig
 
 absl::StatusOr<LossSum> LlamaRunner::Forward(const TokenBatch& batch) {
   return impl_->Run(batch, false, 0.0f, {});
+}
+
+absl::StatusOr<std::vector<float>> LlamaRunner::NextTokenLogits(std::span<const int32_t> ids) {
+  if (ids.empty()) return absl::InvalidArgumentError("no tokens to continue");
+  // A sequence of one is padded to the runner's minimum of two; the causal mask keeps the pad out
+  // of the first position's output.
+  TokenBatch batch{1, std::max<int>(2, static_cast<int>(ids.size())), {ids.begin(), ids.end()}, {}};
+  batch.input_ids.resize(static_cast<size_t>(batch.seq), ids.back());
+  batch.labels.assign(batch.input_ids.size(), -100);
+  RETURN_IF_ERROR(impl_->Run(batch, false, 0.0f, {}).status());
+  return impl_->LogitsAt(static_cast<int64_t>(ids.size()) - 1);
 }
 
 absl::StatusOr<LossSum> LlamaRunner::ForwardBackward(const TokenBatch& batch, float scale,

@@ -151,6 +151,10 @@ class LlamaRunner {
   // The summed cross-entropy of the batch's targets.
   absl::StatusOr<LossSum> Forward(const TokenBatch& batch);
 
+  // The logits of the token after `ids` (one sequence, up to max_seq tokens): the LM head's output
+  // at the last position, [vocab_size]. The whole sequence goes through the forward (no cache).
+  absl::StatusOr<std::vector<float>> NextTokenLogits(std::span<const int32_t> ids);
+
   // Forward, then backward: adds scale·∂(Σ cross-entropy)/∂θ to `grads` for the adapter's
   // trainable parameters (A and B of LoRA modules, R of LoRA-SB modules), laid out as
   // adapter->values(); other entries are left alone.

@@ -314,6 +314,43 @@ TEST_P(LlamaTest, LossMatchesFloat64ReferenceWithAndWithoutAdapter) {
   }
 }
 
+// The logits `generate` decodes from, against the float64 reference's cross-entropy: for a prefix
+// and any next token y, log Σ exp(logits) − logits[y] is the loss of y after the prefix.
+TEST_P(LlamaTest, NextTokenLogitsGiveTheReferencesCrossEntropy) {
+  const Case p = GetParam();
+  if (std::string(p.family) == "dynamic")
+    GTEST_SKIP() << "dynamic rope scaling makes every position depend on the whole sequence's "
+                    "length, which differs by the scored token";
+  const LlamaConfig c = TinyConfig(p.tied, p.heads, p.kv_heads, p.family);
+  fedlora::testing::ScratchDir tmp;
+  const auto ref_weights = WriteModel(tmp.path() / "model", c, 13);
+  auto weights = LlamaWeights::Read(tmp.path() / "model");
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  const Adapter adapter = RandomAdapter(c, 3, p.lora_sb, 6);
+  const Vec params(adapter.values().begin(), adapter.values().end());
+  Reference ref{c, ref_weights, &adapter, &params};
+  auto runner = LlamaRunner::Create(&*weights, &adapter, {.max_batch = 1, .max_seq = 16});
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  for (int length : {1, 2, 9}) {
+    const TokenBatch prefix = RandomBatch(c, 1, length, 40 + length);
+    auto logits = (*runner)->NextTokenLogits(prefix.input_ids);
+    ASSERT_TRUE(logits.ok()) << logits.status();
+    ASSERT_EQ(logits->size(), static_cast<size_t>(c.vocab_size));
+    double max = *std::max_element(logits->begin(), logits->end()), sum = 0;
+    for (float l : *logits) sum += std::exp(l - max);
+    const double lse = max + std::log(sum);
+    for (int32_t next : {0, 5, c.vocab_size - 1}) {
+      TokenBatch batch{1, length + 1, prefix.input_ids, std::vector<int32_t>(length + 1, -100)};
+      batch.input_ids.push_back(next);
+      batch.labels.back() = next;
+      const double expected = ref.Loss(batch);
+      EXPECT_NEAR(lse - (*logits)[static_cast<size_t>(next)], expected, 1e-4 * expected)
+          << "prefix of " << length << ", next token " << next;
+    }
+  }
+  EXPECT_FALSE((*runner)->NextTokenLogits({}).ok());
+}
+
 TEST_P(LlamaTest, AdapterGradientsMatchFiniteDifferences) {
   const Case p = GetParam();
   const LlamaConfig c = TinyConfig(p.tied, p.heads, p.kv_heads, p.family);
