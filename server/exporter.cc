@@ -4,6 +4,7 @@
 
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/llm/gguf_export.h"
 #include "common/tensor/blob.h"
 #include "common/tensor/low_rank.h"
 #include "common/tensor/peft.h"
@@ -93,6 +94,16 @@ absl::Status Export(const StateStore& store, const ServerOptions& options, const
     RETURN_IF_ERROR(merged.WriteModelDirectory(dir / "merged", options.base_model_dir,
                                                common::DType::kF32, /*overwrite=*/true,
                                                store.env()));
+    if (!options.export_gguf.empty()) {
+      ASSIGN_OR_RETURN(const common::GgmlType type, common::ParseGgmlType(options.export_gguf));
+      RETURN_IF_ERROR(store.env()->CreateDirectories(dir / "gguf"));
+      RETURN_IF_ERROR(common::ExportWeightsGguf(merged, options.base_model_dir, type,
+                                                dir / "gguf" / "model.gguf", store.env())
+                          .status());
+      RETURN_IF_ERROR(common::ExportLoraGguf(options.base_model_dir, global,
+                                             dir / "gguf" / "adapter.gguf", store.env())
+                          .status());
+    }
   }
   if (ledger.method == Method::kFlora)
     RETURN_IF_ERROR(ExportTruncated(global, options.rank, dir, write));

@@ -6,6 +6,8 @@
 //   global-rank<r>/       flora: the truncated SVD of the summed deltas at the run's rank, with
 //   retained_energy.json  the energy it keeps per module
 //   merged/               with a base model: the base with the result folded in
+//   gguf/                 with a base model and --export-gguf: model.gguf (merged/ for llama.cpp)
+//                         and adapter.gguf (the global adapter as a llama.cpp LoRA adapter)
 //   version.json          which version the export holds
 // Everything derives from the committed ledger and its blobs, so an export can always be redone.
 #ifndef FEDLORA_SERVER_EXPORTER_H_

@@ -9,6 +9,7 @@
 
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/llm/gguf_export.h"
 #include "common/tensor/blob.h"
 #include "server/cohort.h"
 #include "server/errors.h"
@@ -40,6 +41,9 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(const ServerOpt
   if (!options.base_model_dir.empty()) {
     ASSIGN_OR_RETURN(evaluator, Evaluator::Load(options));
     options.base_model_sha256 = evaluator->fingerprint();  // clients must hold this model
+    // A model llama.cpp cannot take is refused now, not at the end of the run.
+    if (!options.export_gguf.empty())
+      RETURN_IF_ERROR(common::CheckGgufExport(options.base_model_dir));
   }
   ASSIGN_OR_RETURN(StateStore store, StateStore::Open(options.state_dir, env));
   std::unique_ptr<RoundEngine> engine(new RoundEngine(options, env, std::move(store)));

@@ -4,6 +4,7 @@
 #include <map>
 
 #include "common/base/strings.h"
+#include "common/llm/gguf.h"
 
 namespace fedlora::server {
 using common::StrCat;
@@ -40,6 +41,12 @@ absl::Status ServerOptions::Validate() const {
   if (!(learning_rate > 0)) return bad("learning_rate is ", learning_rate, "; it must be > 0");
   if (!eval_data.empty() && base_model_dir.empty())
     return bad("eval_data ", eval_data, " needs base_model_dir (the model to evaluate it with)");
+  if (!export_gguf.empty()) {
+    if (base_model_dir.empty())
+      return bad("export_gguf needs base_model_dir (the model the GGUF files hold)");
+    if (auto type = common::ParseGgmlType(export_gguf); !type.ok())
+      return bad("export_gguf: ", type.status().message());
+  }
   if (eval_max_length < 2) return bad("eval_max_length is ", eval_max_length, "; it must be >= 2");
   if (!(lora_fair_lambda >= 0))
     return bad("lora_fair_lambda is ", lora_fair_lambda, "; it must be >= 0");
@@ -177,6 +184,9 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--base-model-dir", o.base_model_dir,
                  "the base model (Hugging Face directory): pins the run to it, evaluates "
                  "--eval-data each round, exports merged weights");
+  app.add_option("--export-gguf", o.export_gguf,
+                 "with --base-model-dir, also export the merged model (its weights in this type: "
+                 "f32, f16, bf16, q8_0) and the adapter as GGUF for llama.cpp and Ollama");
   app.add_option("--eval-data", o.eval_data, "held-out JSONL evaluated after every round");
   app.add_option("--eval-max-length", o.eval_max_length, "tokens per held-out record")
       ->capture_default_str();

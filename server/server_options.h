@@ -67,6 +67,10 @@ struct ServerOptions {
   // its fingerprint, evaluates the global model on eval_data after every round (eval_loss in the
   // metrics) and exports merged weights (export/merged).
   std::string base_model_dir;
+  // With base_model_dir: the export also holds export/gguf/model.gguf (the merged model, its 2-D
+  // weights in this type: f32, f16, bf16 or q8_0) and export/gguf/adapter.gguf (the global adapter
+  // as a llama.cpp LoRA adapter), for llama.cpp and Ollama. Empty: no GGUF.
+  std::string export_gguf;
   std::string eval_data;      // held-out JSONL; needs base_model_dir
   int eval_max_length = 256;  // tokens per held-out record
   // Client-level differential privacy (DP-FedAvg, McMahan et al. 2018; fedit, lora-fair, fed-sb):

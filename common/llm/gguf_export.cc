@@ -442,19 +442,24 @@ std::string ModelName(const fs::path& dir) {
 
 }  // namespace
 
-absl::StatusOr<GgufExport> ExportModelGguf(const fs::path& model_dir, const Adapter* adapter,
-                                           GgmlType type, const fs::path& out, Env* env) {
+absl::Status CheckGgufExport(const fs::path& model_dir) {
   GgufExport report;
+  GgufWriter gguf;
   ASSIGN_OR_RETURN(const LlamaConfig config, ReadLlamaConfig(model_dir));
+  RETURN_IF_ERROR(ArchitectureOf(config, report.notes).status());
+  return SetTokenizer(model_dir, config, gguf, report);
+}
+
+absl::StatusOr<GgufExport> ExportWeightsGguf(const LlamaWeights& weights, const fs::path& model_dir,
+                                             GgmlType type, const fs::path& out, Env* env) {
+  GgufExport report;
+  const LlamaConfig& config = weights.config();
   ASSIGN_OR_RETURN(const Architecture arch, ArchitectureOf(config, report.notes));
   GgufWriter gguf;
   SetArchitecture(config, arch, ModelName(model_dir), gguf);
   gguf.Set("general.file_type", FileType(type));
   if (type == GgmlType::kQ8_0) gguf.Set("general.quantization_version", uint32_t{2});
   RETURN_IF_ERROR(SetTokenizer(model_dir, config, gguf, report));
-
-  ASSIGN_OR_RETURN(LlamaWeights weights, LlamaWeights::Read(model_dir));
-  if (adapter != nullptr) RETURN_IF_ERROR(weights.Merge(*adapter));
   std::vector<float> rope_factors;
   if (config.rope_scaling.type == RopeScaling::Type::kLlama3) {
     rope_factors = Llama3RopeFactors(config);
@@ -481,6 +486,14 @@ absl::StatusOr<GgufExport> ExportModelGguf(const fs::path& model_dir, const Adap
   report.tensors = gguf.num_tensors();
   RETURN_IF_ERROR(WriteGguf(out, gguf, env));
   return report;
+}
+
+absl::StatusOr<GgufExport> ExportModelGguf(const fs::path& model_dir, const Adapter* adapter,
+                                           GgmlType type, const fs::path& out, Env* env) {
+  RETURN_IF_ERROR(CheckGgufExport(model_dir));  // before the weights are read
+  ASSIGN_OR_RETURN(LlamaWeights weights, LlamaWeights::Read(model_dir));
+  if (adapter != nullptr) RETURN_IF_ERROR(weights.Merge(*adapter));
+  return ExportWeightsGguf(weights, model_dir, type, out, env);
 }
 
 absl::StatusOr<GgufExport> ExportLoraGguf(const fs::path& model_dir, const Adapter& adapter,

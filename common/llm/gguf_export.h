@@ -20,6 +20,7 @@
 #include "absl/status/statusor.h"
 #include "common/base/env.h"
 #include "common/llm/gguf.h"
+#include "common/llm/llama.h"
 #include "common/tensor/adapter.h"
 
 namespace fedlora::common {
@@ -30,6 +31,17 @@ struct GgufExport {
   size_t tensors = 0;
   std::vector<std::string> notes;  // what a user should know (a sliding window, a folded scale)
 };
+
+// Whether the model in `model_dir` can be exported (its architecture, rope scaling and tokenizer),
+// without reading its weights: the error says why not.
+absl::Status CheckGgufExport(const std::filesystem::path& model_dir);
+
+// `weights` (a model whose config.json, tokenizer.json and tokenizer_config.json are in
+// `model_dir`) as a GGUF file: what ExportModelGguf writes once it has merged the adapter.
+absl::StatusOr<GgufExport> ExportWeightsGguf(const LlamaWeights& weights,
+                                             const std::filesystem::path& model_dir, GgmlType type,
+                                             const std::filesystem::path& out,
+                                             Env* env = Env::Default());
 
 // The model in `model_dir` (config.json, safetensors weights, tokenizer.json) with `adapter`, if
 // not null, merged into its weights, written atomically to `out` with 2-D weights as `type` (Q8_0

@@ -1359,7 +1359,7 @@ void LlmFixture::FineTune(const std::string& method, const std::string& preset,
 
   RunFederation(
       method,
-      {"--rounds", "2", "--base-model-dir", model.string(), "--eval-data",
+      {"--rounds", "2", "--base-model-dir", model.string(), "--export-gguf", "f32", "--eval-data",
        (data / "test.jsonl").string(), "--target-modules", targets, "--local-steps", "6",
        // Fed-SB trains only R (r² values per module) in a random subspace: it wants a larger step.
        "--learning-rate", method == "fed-sb" ? "0.1" : "0.01"},
@@ -1378,9 +1378,25 @@ void LlmFixture::FineTune(const std::string& method, const std::string& preset,
   const double final_loss = metrics.back()["eval_loss"];
   EXPECT_LT(final_loss, 0.9 * base_loss) << "base " << base_loss;
   EXPECT_LT(metrics[1]["eval_loss"].get<double>(), metrics[0]["eval_loss"].get<double>());
-  EXPECT_NEAR(EvalLoss(dir_ / "state" / "export" / "merged"), final_loss, 1e-5 * final_loss);
+  const fs::path exported = dir_ / "state" / "export";
+  EXPECT_NEAR(EvalLoss(exported / "merged"), final_loss, 1e-5 * final_loss);
   if (method == "flora") {  // each client holds the same merged base
     EXPECT_NEAR(EvalLoss(dir_ / "run-out1" / "model"), final_loss, 1e-5 * final_loss);
+  }
+  // The coordinator's GGUF files are what `fedlora export-gguf` makes of its global adapter (the
+  // files themselves are checked in llama.cpp by e2e.GgufExportsMatchLlamaCpp). FLoRA's merged
+  // weights add each round's delta in turn, so they differ from a merge of the stacked adapter in
+  // the last bits: its model file is left out.
+  const std::string global = (exported / "global").string();
+  Fedlora("export-gguf --lora --model " + model.string() + " --adapter " + global + " --out " +
+          (dir_ / "adapter.gguf").string());
+  EXPECT_EQ(testing::ReadText(exported / "gguf" / "adapter.gguf"),
+            testing::ReadText(dir_ / "adapter.gguf"));
+  if (method != "flora") {
+    Fedlora("export-gguf --dtype f32 --model " + model.string() + " --adapter " + global +
+            " --out " + (dir_ / "model.gguf").string());
+    EXPECT_EQ(testing::ReadText(exported / "gguf" / "model.gguf"),
+              testing::ReadText(dir_ / "model.gguf"));
   }
 }
 
