@@ -84,6 +84,16 @@ check tiny-lora-sb tiny sb tiny.gguf sb.gguf
   --targets q_proj,k_proj > /dev/null
 "$fedlora" export-gguf --model tiny --adapter rs --out rs.gguf --lora > /dev/null
 check tiny-rslora tiny rs tiny.gguf rs.gguf
+# Linear rope scaling (positions divided by the factor), in llama.cpp's metadata.
+cp -r tiny tiny-linear
+python3 - tiny-linear/config.json << 'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+json.dump(c, open(sys.argv[1], "w"))
+EOF
+"$fedlora" export-gguf --model tiny-linear --out tiny-linear.gguf --dtype f32 > /dev/null
+check tiny-linear tiny-linear - tiny-linear.gguf -
 # Storage types: fedlora's f32 forward against llama.cpp on rounded weights.
 for dtype in f16:1e-3:1e-2 bf16:1e-2:0.15 q8_0:1e-2:0.15; do
   "$fedlora" export-gguf --model tiny-llama3 --out "l3-${dtype%%:*}.gguf" \
@@ -147,5 +157,13 @@ c["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
 json.dump(c, open(sys.argv[1], "w"))
 EOF
 refused "no dynamic (NTK) rope scaling" "$fedlora" export-gguf --model dynamic --out refused.gguf
+cp -r tiny biased
+python3 - biased/config.json << 'EOF'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["attention_bias"] = True
+json.dump(c, open(sys.argv[1], "w"))
+EOF
+refused "it has biases" "$fedlora" export-gguf --model biased --out refused.gguf
 refused "exists" "$fedlora" export-gguf --model tiny --out tiny.gguf
 echo "gguf: every export agrees with llama.cpp"
