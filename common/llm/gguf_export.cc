@@ -277,8 +277,17 @@ absl::Status SetTokenizerUnguarded(const fs::path& dir, const LlamaConfig& confi
   for (const json& added : tokenizer.value("added_tokens", json::array()))
     RETURN_IF_ERROR(place(added.value("id", -1), added.value("content", ""),
                           added.value("special", false) ? kControl : kUserDefined));
-  for (size_t i = 0; i < tokens.size(); ++i)
+  std::unordered_map<std::string, size_t> seen;  // llama.cpp refuses a string with two ids
+  for (size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i].empty()) tokens[i] = StrCat("[PAD", i, "]");
+    if (auto [it, added] = seen.emplace(tokens[i], i); !added)
+      return absl::FailedPreconditionError(StrCat("token '", tokens[i], "' has ids ", it->second,
+                                                  " and ", i,
+                                                  "; llama.cpp needs one id per token"));
+  }
+  const std::string unk = model.value("unk_token", json(nullptr)).is_string()
+                              ? model["unk_token"].get<std::string>()
+                              : "";
 
   std::vector<std::string> merges;
   for (const json& m : model.value("merges", json::array())) merges.push_back(MergeString(m));
@@ -305,9 +314,6 @@ absl::Status SetTokenizerUnguarded(const fs::path& dir, const LlamaConfig& confi
       rank.emplace(std::move(joined), r);
     }
     std::vector<float> scores(tokens.size(), 0.0f);
-    const std::string unk = model.value("unk_token", json(nullptr)).is_string()
-                                ? model["unk_token"].get<std::string>()
-                                : "";
     for (size_t i = 0; i < tokens.size(); ++i) {
       if (auto it = rank.find(tokens[i]); it != rank.end())
         scores[i] = -static_cast<float>(it->second);
@@ -340,9 +346,6 @@ absl::Status SetTokenizerUnguarded(const fs::path& dir, const LlamaConfig& confi
                                                       : -1;
   if (eos >= 0) gguf.Set("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(eos));
   gguf.Set("tokenizer.ggml.add_eos_token", !parsed.suffix().empty());
-  const std::string unk = model.value("unk_token", json(nullptr)).is_string()
-                              ? model["unk_token"].get<std::string>()
-                              : "";
   if (const int32_t id = parsed.TokenId(unk); !unk.empty() && id >= 0)
     gguf.Set("tokenizer.ggml.unknown_token_id", static_cast<uint32_t>(id));
   if (config_json.is_object()) {
