@@ -536,9 +536,11 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
     const int64_t joined = clients_.Find(client)->num_examples;
     const int64_t claimed = request.num_examples() > 0 ? request.num_examples() : joined;
     // Its weight in the aggregate: what it trained on, within the round's cap (floored, so the
-    // cap's share bound holds).
+    // cap's share bound holds). Compared as doubles, converted only when the cap is the smaller:
+    // a claim near INT64_MAX is 2^63 as a double, which no int64 holds (found by the fuzzer).
+    const double cap = std::floor(weight_cap_);
     const int64_t examples = std::max<int64_t>(
-        1, static_cast<int64_t>(std::min(static_cast<double>(claimed), std::floor(weight_cap_))));
+        1, cap < static_cast<double>(claimed) ? static_cast<int64_t>(cap) : claimed);
     if (status.ok() && claimed > joined)
       status = absl::InvalidArgumentError(StrCat("the update claims ", claimed,
                                                  " examples, more than the ", joined, " ", client,

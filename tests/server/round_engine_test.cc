@@ -332,6 +332,11 @@ TEST_F(RoundEngineTest, RegressionUpdatesCannotScaleTheirOwnWeight) {
   refused = h_.Send("c2", *task, h_.Encode(honest), -1, Harness::Examples("c2") + 1);
   EXPECT_THAT(refused.status().message(),
               HasSubstr("the update claims 31 examples, more than the 30 c2 joined with"));
+  // Regression (engine fuzzer): a claim of INT64_MAX was converted to a double and back, past
+  // int64's range, before it was compared with the join's.
+  refused = h_.Send("c2", *task, h_.Encode(honest), -1, INT64_MAX);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("the update claims 9223372036854775807 examples, more than the 30 c2"));
   // The round waits for a rejected member (it may retry); its honest retry is taken, and the round
   // is the honest updates' mean at their joined weights.
   ASSERT_TRUE(h_.Send("c2", *task, h_.Encode(honest)).ok());
