@@ -186,8 +186,11 @@ class Client {
   void Start() { Join(); }
 
  private:
-  grpc::ClientContext* Fresh() {
+  // Every call has a deadline, as fedlora-client's have: under load a call can stall, and one
+  // that never returns would hold its client (and the round, which waits for the whole cohort).
+  grpc::ClientContext* Fresh(int deadline_s = 120) {
     context_ = std::make_unique<grpc::ClientContext>();
+    context_->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(deadline_s));
     if (!session_.empty()) context_->AddMetadata(fedlora::common::kSessionMetadata, session_);
     return context_.get();
   }
@@ -215,8 +218,7 @@ class Client {
   void Poll() {
     poll_.set_have_version(have_version_);
     poll_.set_max_wait_ms(5000);
-    grpc::ClientContext* c = Fresh();
-    c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    grpc::ClientContext* c = Fresh(30);
     stub_->async()->GetTask(c, &poll_, &task_, [this](grpc::Status s) {
       if (Failed(s, [this] { Poll(); })) return;
       if (task_.kind() == v1::Task::WAIT) return Poll();
@@ -246,6 +248,7 @@ class Client {
       if (Failed(s, [this] { Download(); })) return;
       data_ += chunk_.data();
       run_->bytes_down += static_cast<int64_t>(chunk_.data().size());
+      chunk_.Clear();  // 10,000 clients' last chunks would otherwise stay in memory
       const v1::BlobRef& blob = task_.downloads(next_blob_);
       if (static_cast<int64_t>(data_.size()) >= blob.size()) {
         if (fedlora::common::Sha256Hex(data_) != blob.sha256()) {
@@ -254,7 +257,7 @@ class Client {
           return;
         }
         have_.insert(blob.sha256());
-        data_.clear();
+        std::string().swap(data_);
       }
       Download();
     });
