@@ -2,7 +2,7 @@
 # Sets everything up and runs fedlora's test suite: installs the Debian packages, configures and builds with CMake,
 # then runs every test with CTest (unit tests, end-to-end tests that start the real programs, and the docker-compose
 # simulation where a Docker engine can run, its image made around the programs built here), and last a bounded run of
-# the libFuzzer targets (tests/fuzz/run.sh: clang, ASan + UBSan, in build-fuzz/; FEDLORA_FUZZ_SECONDS, default 90, in
+# the libFuzzer targets (tests/fuzz/run.sh: clang, ASan + UBSan, in build-fuzz/; FEDLORA_FUZZ_SECONDS, default 60, in
 # all; 0 leaves it out). The engine, the Debian base images and the image's packages (deploy/docker_engine.sh) go on
 # in the background while fedlora compiles here; a dockerd started for the tests is stopped at the end.
 set -euo pipefail
@@ -21,7 +21,7 @@ trap stop_engine EXIT
 # The fuzz targets' build (clang, in build-fuzz/) runs at the lowest priority from the start: it takes
 # only the CPU time the main build and the tests leave (the tests wait on processes and sockets much of
 # the time), which is most of the ten minutes it needs, without slowing either.
-fuzz_seconds=${FEDLORA_FUZZ_SECONDS:-90}
+fuzz_seconds=${FEDLORA_FUZZ_SECONDS:-60}
 fuzz_log=$(mktemp)
 if ((fuzz_seconds > 0)); then
   nice -n 19 bash tests/fuzz/run.sh --build-only > "$fuzz_log" 2>&1 &
