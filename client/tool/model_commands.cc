@@ -8,6 +8,7 @@
 
 #include "client/tool/commands.h"
 #include "common/base/strings.h"
+#include "common/llm/gguf_export.h"
 #include "common/llm/llama.h"
 #include "common/llm/tokenizer.h"
 
@@ -114,6 +115,9 @@ void InspectModel(const std::string& dir) {
   for (int32_t id : tokenizer->suffix()) around += StrCat(" ", tokenizer->Decode({id}));
   std::printf("  tokenizer: supported: %s; special tokens per text: %s\n",
               tokenizer->description().c_str(), around.c_str());
+  const absl::Status gguf = common::CheckGgufExport(dir);
+  std::printf("  llama.cpp (export-gguf): %s\n",
+              gguf.ok() ? "can be exported" : ("NO: " + std::string(gguf.message())).c_str());
 }
 
 namespace {

@@ -421,6 +421,7 @@ TEST_F(CliTest, InspectModelAndTokenize) {
   // 32), final norm: 16576 + 2·61632 + 64 parameters in 1 + 2·11 + 1 tensors.
   EXPECT_THAT(r.output, HasSubstr("1 file, 24 F32 tensors, 139904 parameters"));
   EXPECT_THAT(r.output, HasSubstr("tokenizer: supported: BPE"));
+  EXPECT_THAT(r.output, HasSubstr("llama.cpp (export-gguf): can be exported"));
   const fs::path fixtures = fs::path(FEDLORA_SOURCE_DIR) / "tests/fixtures/families";
   r = Fedlora("inspect --model " + (fixtures / "llama3").string());
   EXPECT_THAT(r.output, HasSubstr("llama3 scaling (factor 8, low 1, high 4, original context 64)"));
