@@ -138,15 +138,15 @@ void RunGenerate(const GenerateArgs& a) {
       Eigen::Index next = 0;
       const float max = l.maxCoeff(&next);
       if (a.top_probs > 0) {  // softmax in double: the probabilities as llama.cpp reports them
-        const Eigen::ArrayXd p = (l.cast<double>() - max).exp();
-        const double sum = p.sum();
+        Eigen::ArrayXd probs = (l.cast<double>() - max).exp();
+        probs /= probs.sum();
         std::vector<int32_t> order(static_cast<size_t>(l.size()));
         std::iota(order.begin(), order.end(), 0);
         const size_t k = std::min(order.size(), static_cast<size_t>(a.top_probs));
         std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k),
-                          order.end(), [&](int32_t x, int32_t y) { return p(x) > p(y); });
+                          order.end(), [&](int32_t x, int32_t y) { return probs(x) > probs(y); });
         nlohmann::json top = nlohmann::json::array();
-        for (size_t i = 0; i < k; ++i) top.push_back({{"id", order[i]}, {"p", p(order[i]) / sum}});
+        for (size_t i = 0; i < k; ++i) top.push_back({{"id", order[i]}, {"p", probs(order[i])}});
         steps.push_back(top);
       }
       ids.push_back(static_cast<int32_t>(next));
@@ -329,7 +329,7 @@ void RunInitModel(const InitArgs& a) {
       auto text = common::ReadFileToString(std::filesystem::path(a.tokenizer) / name);
       if (text.ok())
         tokenizer_files[name] = std::move(*text);
-      else if (name == common::kTokenizerFile)
+      else if (std::string_view(name) == common::kTokenizerFile)
         ExitIfError(text.status());
     }
   }
