@@ -4,7 +4,6 @@
 #include <cmath>
 #include <optional>
 #include <random>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -37,8 +36,12 @@ struct RandomAdapterArgs {
 void Run(const RandomAdapterArgs& args) {
   auto dtype = common::ParseDType(args.dtype);
   ExitIfError(dtype.status());
-  const std::set<std::string> attention = {"q_proj", "k_proj", "v_proj", "o_proj"};
-  const std::set<std::string> mlp = {"gate_proj", "up_proj", "down_proj"};
+  std::vector<common::LinearKind> kinds;
+  for (const std::string& t : args.targets) {
+    auto kind = common::ParseLinearKind(t);
+    ExitIfError(kind.status());
+    kinds.push_back(*kind);
+  }
   std::optional<common::LlamaConfig> config;
   if (!args.model.empty()) {
     auto read = common::ReadLlamaConfig(args.model);
@@ -47,24 +50,12 @@ void Run(const RandomAdapterArgs& args) {
   }
   std::vector<common::ModuleShape> shapes;
   for (int layer = 0; layer < (config ? config->num_hidden_layers : args.layers); ++layer) {
-    for (const std::string& t : args.targets) {
-      if (!attention.count(t) && !mlp.count(t)) {
-        ExitIfError(absl::InvalidArgumentError(common::StrCat(
-            "unknown target module '", t,
-            "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")));
-      }
+    for (common::LinearKind kind : kinds) {
       common::ModuleShape s;
-      s.name =
-          common::StrCat("model.layers.", layer, attention.count(t) ? ".self_attn." : ".mlp.", t);
+      s.name = common::LinearPath(layer, kind);
       s.rank = args.rank;
-      s.in_features = args.in_features;
-      s.out_features = args.out_features;
-      if (config) {
-        auto kind = common::ParseLinearKind(t);
-        ExitIfError(kind.status());
-        s.in_features = common::LinearIn(*config, *kind);
-        s.out_features = common::LinearOut(*config, *kind);
-      }
+      s.in_features = config ? common::LinearIn(*config, kind) : args.in_features;
+      s.out_features = config ? common::LinearOut(*config, kind) : args.out_features;
       s.scaling = common::LoraScaling(args.alpha, args.rank, args.rslora);
       s.has_r = args.lora_sb;
       shapes.push_back(std::move(s));
@@ -73,9 +64,9 @@ void Run(const RandomAdapterArgs& args) {
   auto adapter = common::Adapter::Create(shapes);
   ExitIfError(adapter.status());
   adapter->base_model = args.base_model;
-  // A ~ U(−1/√n, 1/√n) as PEFT's kaiming_uniform(a=√5) draws it; B ~ N(0, 0.02²) stands in for a
-  // trained B. For LoRA-SB, B and A come from --frozen-seed (shared by all clients) with
-  // orthonormal columns/rows, R from --seed.
+  // A ~ U(−1/√n, 1/√n) as PEFT's kaiming_uniform(a=√5) draws it; B ~ N(0, --b-std², 0.02 by
+  // default) stands in for a trained B. For LoRA-SB, B and A come from --frozen-seed (shared by all
+  // clients) with orthonormal columns/rows, R from --seed.
   std::mt19937_64 rng(args.seed), frozen_rng(args.frozen_seed);
   for (size_t i = 0; i < adapter->num_modules(); ++i) {
     std::normal_distribution<float> normal(0.0f, args.b_std);

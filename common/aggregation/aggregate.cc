@@ -215,10 +215,13 @@ absl::Status CheckShapes(const Adapter& update, std::span<const ModuleShape> exp
           got.has_r ? "has a lora_R the task does not train" : "lacks the lora_R the task trains"));
     }
   }
-  for (const LoraModule& got : update.modules()) {  // every expected one is there: any more?
+  // Every expected module is there, so a larger count means more; only then is the extra one
+  // looked for, to name it.
+  for (size_t i = 0; update.num_modules() > expected.size() && i < update.num_modules(); ++i) {
+    const std::string& name = update.module(i).name;
     if (std::none_of(expected.begin(), expected.end(),
-                     [&](const ModuleShape& want) { return want.name == got.name; })) {
-      return absl::InvalidArgumentError(StrCat(origin, ": module ", got.name,
+                     [&](const ModuleShape& want) { return want.name == name; })) {
+      return absl::InvalidArgumentError(StrCat(origin, ": module ", name,
                                                ", which the task does not train (", expected.size(),
                                                " modules asked)"));
     }

@@ -3,7 +3,6 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <set>
 
 #include "common/base/strings.h"
 #include "common/tensor/safetensors.h"
@@ -54,14 +53,8 @@ class Out {
             Array(kString, v.size());
             for (const std::string& s : v) String(s);
           }
-          if constexpr (std::is_same_v<T, std::vector<int32_t>>) {
-            Array(kI32, v.size());
-            for (int32_t x : v) Pod(x);
-          }
-          if constexpr (std::is_same_v<T, std::vector<float>>) {
-            Array(kF32, v.size());
-            for (float x : v) Pod(x);
-          }
+          if constexpr (std::is_same_v<T, std::vector<int32_t>>) Numbers(kI32, v);
+          if constexpr (std::is_same_v<T, std::vector<float>>) Numbers(kF32, v);
         },
         value);
   }
@@ -78,6 +71,11 @@ class Out {
     Pod(kArray);
     Pod(element);
     Pod<uint64_t>(n);
+  }
+  template <typename T>
+  void Numbers(GgufType element, const std::vector<T>& v) {
+    Array(element, v.size());
+    bytes_.append(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
   }
   std::string bytes_;
 };

@@ -1,7 +1,6 @@
 #include "common/llm/gguf_export.h"
 
 #include <algorithm>
-#include <fstream>
 #include <map>
 #include <unordered_map>
 
@@ -148,12 +147,6 @@ int PermutedHeads(const LlamaConfig& c, const std::string& gguf_name) {
 
 // ---- The tokenizer.
 
-json ReadJson(const fs::path& path) {
-  auto text = ReadFileToString(path);
-  if (!text.ok()) return nullptr;
-  return json::parse(*text, nullptr, false);
-}
-
 // What llama.cpp calls the tokenizer.json's pre-tokenizer, or an error naming what it is.
 absl::StatusOr<std::string> BytePreTokenizer(const json& pre, const json& model,
                                              const json& normalizer) {
@@ -178,13 +171,13 @@ absl::StatusOr<std::string> BytePreTokenizer(const json& pre, const json& model,
       R"(Split (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
   static const std::string kQwen2 =
       R"(Split (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-  static const std::vector<std::string> kDeepSeekV3 = {
+  static const std::vector<std::string> kDeepSeekV3{
       R"(Split \p{N}{1,3})", "Split [\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
       "Split "
       "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}"
       "\\p{M}]+| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
       "ByteLevel"};
-  const std::map<std::vector<std::string>, std::string> kKnown = {
+  static const std::map<std::vector<std::string>, std::string> kKnown = {
       {{kLlama3, "ByteLevel"}, "llama-bpe"},
       {{kQwen2, "ByteLevel"}, "qwen2"},
       {{"ByteLevel gpt2"}, "gpt-2"},
@@ -221,7 +214,7 @@ bool IsSentencePieceStyle(const json& tokenizer) {
   if (!model.value("byte_fallback", false)) return false;
   const json& norm = tokenizer["normalizer"];
   const json& pre = tokenizer["pre_tokenizer"];
-  const json kPrependReplace = json::parse(
+  static const json kPrependReplace = json::parse(
       R"([{"type": "Prepend", "prepend": "▁"},
           {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}])");
   if (pre.is_null() && !norm.is_null() && norm.value("type", "") == "Sequence" &&
@@ -247,13 +240,12 @@ std::string TokenString(const json& value) {
 
 absl::Status SetTokenizerUnguarded(const fs::path& dir, const LlamaConfig& config, GgufWriter& gguf,
                                    GgufExport& report) {
-  const json tokenizer = ReadJson(dir / kTokenizerFile);
-  if (!tokenizer.is_object() || !tokenizer.contains("model") || !tokenizer["model"].is_object())
-    return absl::FailedPreconditionError(
-        StrCat((dir / kTokenizerFile).string(),
-               " is missing or is not a tokenizer.json; GGUF carries the tokenizer"));
-  ASSIGN_OR_RETURN(const Tokenizer parsed, Tokenizer::Read(dir));
-  const json config_json = ReadJson(dir / kTokenizerConfigFile);
+  // Read once: Tokenizer takes the pipeline from the files, the GGUF metadata the vocabulary.
+  ASSIGN_OR_RETURN(const TokenizerFiles files, ReadTokenizerFiles(dir));
+  const json& tokenizer = files.tokenizer;
+  const json& config_json = files.config;
+  ASSIGN_OR_RETURN(const Tokenizer parsed,
+                   Tokenizer::Parse(tokenizer, (dir / kTokenizerFile).string(), config_json));
   const json& model = tokenizer["model"];
   if (model.value("type", "") != "BPE")
     return absl::FailedPreconditionError(
@@ -443,26 +435,33 @@ std::string ModelName(const fs::path& dir) {
   return (clean.has_filename() ? clean.filename() : clean.parent_path().filename()).string();
 }
 
-}  // namespace
-
-absl::Status CheckGgufExport(const fs::path& model_dir) {
-  GgufExport report;
+// A model's file before its tensors: the architecture's and the tokenizer's metadata, for a model
+// of `config` whose tokenizer is in `dir`. What llama.cpp would compute differently is refused
+// here.
+struct ModelFile {
   GgufWriter gguf;
-  ASSIGN_OR_RETURN(const LlamaConfig config, ReadLlamaConfig(model_dir));
-  RETURN_IF_ERROR(ArchitectureOf(config, report.notes).status());
-  return SetTokenizer(model_dir, config, gguf, report);
+  Architecture arch;
+  GgufExport report;
+};
+
+absl::StatusOr<ModelFile> ModelMetadata(const LlamaConfig& config, const fs::path& dir,
+                                        GgmlType type) {
+  ModelFile file;
+  ASSIGN_OR_RETURN(file.arch, ArchitectureOf(config, file.report.notes));
+  SetArchitecture(config, file.arch, ModelName(dir), file.gguf);
+  file.gguf.Set("general.file_type", FileType(type));
+  if (type == GgmlType::kQ8_0) file.gguf.Set("general.quantization_version", uint32_t{2});
+  RETURN_IF_ERROR(SetTokenizer(dir, config, file.gguf, file.report));
+  return file;
 }
 
-absl::StatusOr<GgufExport> ExportWeightsGguf(const LlamaWeights& weights, const fs::path& model_dir,
-                                             GgmlType type, const fs::path& out, Env* env) {
-  GgufExport report;
+// `weights` into `file`, which is then written atomically to `out`: 2-D weights as `type` (Q8_0
+// falls back to F16 for rows that are not a multiple of 32), the rest F32; llama's q and k rows
+// permuted.
+absl::StatusOr<GgufExport> WriteModel(ModelFile& file, const LlamaWeights& weights, GgmlType type,
+                                      const fs::path& out, Env* env) {
   const LlamaConfig& config = weights.config();
-  ASSIGN_OR_RETURN(const Architecture arch, ArchitectureOf(config, report.notes));
-  GgufWriter gguf;
-  SetArchitecture(config, arch, ModelName(model_dir), gguf);
-  gguf.Set("general.file_type", FileType(type));
-  if (type == GgmlType::kQ8_0) gguf.Set("general.quantization_version", uint32_t{2});
-  RETURN_IF_ERROR(SetTokenizer(model_dir, config, gguf, report));
+  GgufWriter& gguf = file.gguf;
   std::vector<float> rope_factors;
   if (config.rope_scaling.type == RopeScaling::Type::kLlama3) {
     rope_factors = Llama3RopeFactors(config);
@@ -474,10 +473,10 @@ absl::StatusOr<GgufExport> ExportWeightsGguf(const LlamaWeights& weights, const 
     const std::string name = GgufTensorName(t.name);
     if (name.empty())
       return absl::FailedPreconditionError(StrCat("the model's tensor '", t.name,
-                                                  "' has no counterpart in llama.cpp's ", arch.name,
-                                                  " architecture"));
+                                                  "' has no counterpart in llama.cpp's ",
+                                                  file.arch.name, " architecture"));
     std::span<const float> values = t.data;
-    if (const int heads = PermutedHeads(config, name); arch.permute_qk && heads > 0) {
+    if (const int heads = PermutedHeads(config, name); file.arch.permute_qk && heads > 0) {
       permuted.push_back(PermuteHeads(values, heads, t.shape.size() == 2 ? t.shape[1] : 1));
       values = permuted.back();
     }
@@ -485,18 +484,33 @@ absl::StatusOr<GgufExport> ExportWeightsGguf(const LlamaWeights& weights, const 
     if (stored == GgmlType::kQ8_0 && t.shape.back() % kQ8_0Block != 0) stored = GgmlType::kF16;
     RETURN_IF_ERROR(gguf.AddTensor(name, t.shape, values, stored));
   }
-  report.architecture = arch.name;
-  report.tensors = gguf.num_tensors();
+  file.report.architecture = file.arch.name;
+  file.report.tensors = gguf.num_tensors();
   RETURN_IF_ERROR(WriteGguf(out, gguf, env));
-  return report;
+  return file.report;
+}
+
+}  // namespace
+
+absl::Status CheckGgufExport(const fs::path& model_dir) {
+  ASSIGN_OR_RETURN(const LlamaConfig config, ReadLlamaConfig(model_dir));
+  return ModelMetadata(config, model_dir, GgmlType::kF32).status();
+}
+
+absl::StatusOr<GgufExport> ExportWeightsGguf(const LlamaWeights& weights, const fs::path& model_dir,
+                                             GgmlType type, const fs::path& out, Env* env) {
+  ASSIGN_OR_RETURN(ModelFile file, ModelMetadata(weights.config(), model_dir, type));
+  return WriteModel(file, weights, type, out, env);
 }
 
 absl::StatusOr<GgufExport> ExportModelGguf(const fs::path& model_dir, const Adapter* adapter,
                                            GgmlType type, const fs::path& out, Env* env) {
-  RETURN_IF_ERROR(CheckGgufExport(model_dir));  // before the weights are read
+  ASSIGN_OR_RETURN(const LlamaConfig config, ReadLlamaConfig(model_dir));
+  // A model llama.cpp cannot take is refused before its weights are read.
+  ASSIGN_OR_RETURN(ModelFile file, ModelMetadata(config, model_dir, type));
   ASSIGN_OR_RETURN(LlamaWeights weights, LlamaWeights::Read(model_dir));
   if (adapter != nullptr) RETURN_IF_ERROR(weights.Merge(*adapter));
-  return ExportWeightsGguf(weights, model_dir, type, out, env);
+  return WriteModel(file, weights, type, out, env);
 }
 
 absl::StatusOr<GgufExport> ExportLoraGguf(const fs::path& model_dir, const Adapter& adapter,
@@ -533,19 +547,16 @@ absl::StatusOr<GgufExport> ExportLoraGguf(const fs::path& model_dir, const Adapt
   gguf.Set("general.name", ModelName(model_dir) + "-lora");
   gguf.Set("adapter.type", std::string("lora"));
   gguf.Set("adapter.lora.alpha", alpha);
-  std::vector<std::vector<float>> permuted;
   for (size_t i = 0; i < lora.num_modules(); ++i) {
     const LoraModule& m = lora.module(i);
     const std::string base = GgufTensorName(m.name + ".weight");
-    std::span<const float> b(lora.B(i).data(), static_cast<size_t>(lora.B(i).size()));
+    const std::span<float> a(lora.A(i).data(), static_cast<size_t>(lora.A(i).size()));
+    const std::span<float> b(lora.B(i).data(), static_cast<size_t>(lora.B(i).size()));
     if (const int heads = PermutedHeads(config, base); arch.permute_qk && heads > 0) {
-      permuted.push_back(PermuteHeads(b, heads, m.rank));
-      b = permuted.back();
+      const std::vector<float> rows = PermuteHeads(b, heads, m.rank);  // B is this copy's
+      std::copy(rows.begin(), rows.end(), b.begin());
     }
-    RETURN_IF_ERROR(gguf.AddTensor(
-        base + ".lora_a", {m.rank, m.in_features},
-        std::span<const float>(lora.A(i).data(), static_cast<size_t>(lora.A(i).size())),
-        GgmlType::kF32));
+    RETURN_IF_ERROR(gguf.AddTensor(base + ".lora_a", {m.rank, m.in_features}, a, GgmlType::kF32));
     RETURN_IF_ERROR(gguf.AddTensor(base + ".lora_b", {m.out_features, m.rank}, b, GgmlType::kF32));
   }
   report.architecture = arch.name;

@@ -467,16 +467,21 @@ absl::StatusOr<nlohmann::json> ReadJson(const std::filesystem::path& path) {
 
 }  // namespace
 
-absl::StatusOr<Tokenizer> Tokenizer::Read(const std::filesystem::path& dir) {
+absl::StatusOr<TokenizerFiles> ReadTokenizerFiles(const std::filesystem::path& dir) {
   if (!std::filesystem::exists(dir / kTokenizerFile))
     return absl::NotFoundError(StrCat("cannot read ", (dir / kTokenizerFile).string(),
                                       " (the model directory needs a tokenizer.json)"));
-  ASSIGN_OR_RETURN(nlohmann::json json, ReadJson(dir / kTokenizerFile));
-  nlohmann::json config;
+  TokenizerFiles files;
+  ASSIGN_OR_RETURN(files.tokenizer, ReadJson(dir / kTokenizerFile));
   if (std::filesystem::exists(dir / kTokenizerConfigFile)) {
-    ASSIGN_OR_RETURN(config, ReadJson(dir / kTokenizerConfigFile));
+    ASSIGN_OR_RETURN(files.config, ReadJson(dir / kTokenizerConfigFile));
   }
-  return Parse(json, (dir / kTokenizerFile).string(), config);
+  return files;
+}
+
+absl::StatusOr<Tokenizer> Tokenizer::Read(const std::filesystem::path& dir) {
+  ASSIGN_OR_RETURN(const TokenizerFiles files, ReadTokenizerFiles(dir));
+  return Parse(files.tokenizer, (dir / kTokenizerFile).string(), files.config);
 }
 
 absl::StatusOr<Tokenizer> Tokenizer::Parse(const nlohmann::json& json, const std::string& origin,

@@ -49,7 +49,7 @@ class Tokenizer {
   // `config` is tokenizer_config.json's object, or null.
   static absl::StatusOr<Tokenizer> Parse(const nlohmann::json& json, const std::string& origin,
                                          const nlohmann::json& config = nullptr);
-  // Reads <dir>/tokenizer.json and, if present, <dir>/tokenizer_config.json.
+  // Reads <dir>/tokenizer.json and, if present, <dir>/tokenizer_config.json (ReadTokenizerFiles).
   static absl::StatusOr<Tokenizer> Read(const std::filesystem::path& dir);
 
   Tokenizer(Tokenizer&&) noexcept;
@@ -111,6 +111,13 @@ class Tokenizer {
   std::string description_;
   mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
 };
+
+// A model directory's tokenizer.json and tokenizer_config.json (null when the directory has none),
+// parsed; for what reads more of them than Tokenizer keeps (the GGUF export).
+struct TokenizerFiles {
+  nlohmann::json tokenizer, config;
+};
+absl::StatusOr<TokenizerFiles> ReadTokenizerFiles(const std::filesystem::path& dir);
 
 // GPT-2's map of a byte onto a printable code point, UTF-8 encoded ("Ġ" for the space).
 const std::string& ByteToUnicode(uint8_t byte);
