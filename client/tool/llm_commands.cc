@@ -19,6 +19,8 @@
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/llm/accuracy.h"
+#include "common/llm/decoder.h"
 #include "common/llm/synthetic_data.h"
 #include "common/llm/trainer.h"
 #include "common/privacy/privacy_accountant.h"
@@ -49,119 +51,166 @@ std::vector<common::Example> ReadDataOrExit(const common::Model& model, const st
   return std::move(*examples);
 }
 
+std::optional<common::Adapter> ReadAdapterOrExit(const std::string& dir) {
+  if (dir.empty()) return std::nullopt;
+  auto read = common::ReadPeftAdapter(dir);
+  ExitIfError(read.status());
+  return std::move(*read);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 struct EvalArgs {
-  std::string model, adapter, data;
+  std::string model, adapter, data, responses;
   int max_length = 0;  // 0: the model's max_position_embeddings
   int batch = 8;
   int threads = 0;
+  bool accuracy = false;
+  int max_new_tokens = 32;
   bool json = false;
 };
 
 void RunEval(const EvalArgs& a) {
   const common::Model model = LoadModelOrExit(a.model);
-  std::optional<common::Adapter> adapter;
-  if (!a.adapter.empty()) {
-    auto read = common::ReadPeftAdapter(a.adapter);
-    ExitIfError(read.status());
-    adapter = std::move(*read);
-  }
+  const std::optional<common::Adapter> adapter = ReadAdapterOrExit(a.adapter);
+  const common::Adapter* lora = adapter ? &*adapter : nullptr;
   const int max_length =
       a.max_length > 0 ? a.max_length : model.weights.config().max_position_embeddings;
   const auto examples = ReadDataOrExit(model, a.data, max_length);
-  auto loss =
-      common::Evaluate(model.weights, adapter ? &*adapter : nullptr, examples, a.batch, a.threads);
+  auto loss = common::Evaluate(model.weights, lora, examples, a.batch, a.threads);
   ExitIfError(loss.status());
   if (loss->tokens == 0)
     ExitIfError(absl::InvalidArgumentError(common::StrCat(a.data, " has no target tokens")));
   const double mean = loss->sum / static_cast<double>(loss->tokens);
   std::printf("loss %.6f  perplexity %.4f  over %lld target tokens in %zu records\n", mean,
               std::exp(mean), static_cast<long long>(loss->tokens), examples.size());
-  if (a.json)
-    PrintJson({{"loss", mean},
-               {"perplexity", std::exp(mean)},
-               {"tokens", loss->tokens},
-               {"records", examples.size()}});
+  nlohmann::json summary = {{"loss", mean},
+                            {"perplexity", std::exp(mean)},
+                            {"tokens", loss->tokens},
+                            {"records", examples.size()}};
+  if (a.accuracy) {
+    if (model.tokenizer == nullptr)
+      ExitIfError(absl::FailedPreconditionError(a.model + " has no tokenizer.json"));
+    auto records = common::ReadAnswerRecords(a.data, *model.tokenizer);
+    ExitIfError(records.status());
+    auto result = common::MeasureAccuracy(model.weights, lora, *model.tokenizer,
+                                          model.weights.config().eos_token_ids, *records,
+                                          {.max_new_tokens = a.max_new_tokens}, 0, a.threads);
+    ExitIfError(result.status());
+    std::printf("accuracy %.4f  (%lld of %zu answers right, greedy, at most %d new tokens)\n",
+                result->accuracy(), static_cast<long long>(result->correct), records->size(),
+                a.max_new_tokens);
+    summary["accuracy"] = result->accuracy();
+    summary["correct"] = result->correct;
+    summary["answered"] = records->size();
+    if (!a.responses.empty()) {
+      std::string lines;
+      for (size_t i = 0; i < records->size(); ++i)
+        lines += nlohmann::json({{"answer", (*records)[i].answer},
+                                 {"response", result->responses[i]},
+                                 {"correct", static_cast<bool>(result->is_correct[i])}})
+                     .dump() +
+                 "\n";
+      ExitIfError(common::WriteFileAtomically(a.responses, lines));
+    }
+  }
+  if (a.json) PrintJson(summary);
 }
 
 // ---------------------------------------------------------------------------------------------
 
 struct GenerateArgs {
-  std::string model, adapter;
+  std::string model, adapter, data;
   std::vector<std::string> prompts;
-  int max_new_tokens = 32;
+  common::SamplingOptions sampling;
+  uint64_t seed = 0;
   int top_probs = 0;
   int threads = 0;
   bool json = false;
 };
 
-// Greedy decoding: each step runs the whole sequence through the forward and takes the argmax of
-// the last position's logits, until EOS or max_new_tokens. The prompt is encoded as training
-// records are: the tokenizer's prefix (BOS) and the text, no suffix.
+// The K most probable next tokens and their probabilities (softmax in double, as llama.cpp
+// reports them).
+nlohmann::json TopProbabilities(std::span<const float> logits, int k) {
+  const Eigen::Map<const Eigen::ArrayXf> l(logits.data(), static_cast<Eigen::Index>(logits.size()));
+  Eigen::ArrayXd probs = (l.cast<double>() - l.maxCoeff()).exp();
+  probs /= probs.sum();
+  std::vector<int32_t> order(logits.size());
+  std::iota(order.begin(), order.end(), 0);
+  const auto top = order.begin() + std::min<std::ptrdiff_t>(k, std::ssize(order));
+  std::partial_sort(order.begin(), top, order.end(),
+                    [&](int32_t x, int32_t y) { return probs(x) > probs(y); });
+  nlohmann::json out = nlohmann::json::array();
+  for (auto it = order.begin(); it != top; ++it) out.push_back({{"id", *it}, {"p", probs(*it)}});
+  return out;
+}
+
+// Decoding over a KV cache (common/llm/decoder.h). A --prompt is encoded as a text record is (the
+// tokenizer's prefix, then the text); a --data record as its prompt: an instruction record's
+// template up to "### Response:\n", a text record's text.
 void RunGenerate(const GenerateArgs& a) {
   const common::Model model = LoadModelOrExit(a.model);
   if (model.tokenizer == nullptr)
     ExitIfError(
         absl::FailedPreconditionError(a.model + " has no tokenizer.json to encode prompts"));
-  std::optional<common::Adapter> adapter;
-  if (!a.adapter.empty()) {
-    auto read = common::ReadPeftAdapter(a.adapter);
-    ExitIfError(read.status());
-    adapter = std::move(*read);
-  }
-  const common::LlamaConfig& config = model.weights.config();
+  const std::optional<common::Adapter> adapter = ReadAdapterOrExit(a.adapter);
+  std::vector<std::string> texts = a.prompts;
+  if (!a.data.empty())
+    ExitIfError(common::ForEachJsonRecord(
+        a.data, [&](const nlohmann::json& r, const std::string& where) -> absl::Status {
+          auto field = [&](const char* key) {
+            return r.is_object() && r.contains(key) && r[key].is_string()
+                       ? r[key].get<std::string>()
+                       : std::string();
+          };
+          if (r.is_object() && r.contains("instruction"))
+            texts.push_back(common::InstructionPrompt(field("instruction"), field("input")));
+          else if (r.is_object() && r.contains("text"))
+            texts.push_back(field("text"));
+          else
+            return absl::InvalidArgumentError(
+                where + ": expected an instruction or a text record to take a prompt from");
+          return absl::OkStatus();
+        }));
   std::vector<std::vector<int32_t>> prompts;
-  int longest = 2;
-  for (const std::string& text : a.prompts) {
+  for (const std::string& text : texts) {
     std::vector<int32_t> ids = model.tokenizer->prefix();
     for (int32_t id : model.tokenizer->Encode(text)) ids.push_back(id);
-    longest = std::max<int>(longest, static_cast<int>(ids.size()) + a.max_new_tokens);
     prompts.push_back(std::move(ids));
   }
-  if (longest > config.max_position_embeddings)
-    ExitIfError(absl::InvalidArgumentError(
-        common::StrCat("a prompt and ", a.max_new_tokens, " new tokens take ", longest,
-                       " positions; the model takes ", config.max_position_embeddings)));
-  auto runner =
-      common::LlamaRunner::Create(&model.weights, adapter ? &*adapter : nullptr,
-                                  {.max_batch = 1, .max_seq = longest, .threads = a.threads});
-  ExitIfError(runner.status());
-  const std::set<int32_t> eos(config.eos_token_ids.begin(), config.eos_token_ids.end());
-  for (size_t p = 0; p < prompts.size(); ++p) {
-    std::vector<int32_t> ids = prompts[p];
-    nlohmann::json steps = nlohmann::json::array();
-    for (int step = 0; step < a.max_new_tokens; ++step) {
-      auto logits = (*runner)->NextTokenLogits(ids);
-      ExitIfError(logits.status());
-      Eigen::Map<Eigen::ArrayXf> l(logits->data(), static_cast<Eigen::Index>(logits->size()));
-      Eigen::Index next = 0;
-      const float max = l.maxCoeff(&next);
-      if (a.top_probs > 0) {  // softmax in double: the probabilities as llama.cpp reports them
-        Eigen::ArrayXd probs = (l.cast<double>() - max).exp();
-        probs /= probs.sum();
-        std::vector<int32_t> order(static_cast<size_t>(l.size()));
-        std::iota(order.begin(), order.end(), 0);
-        const size_t k = std::min(order.size(), static_cast<size_t>(a.top_probs));
-        std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k),
-                          order.end(), [&](int32_t x, int32_t y) { return probs(x) > probs(y); });
-        nlohmann::json top = nlohmann::json::array();
-        for (size_t i = 0; i < k; ++i) top.push_back({{"id", order[i]}, {"p", probs(order[i])}});
-        steps.push_back(top);
-      }
-      ids.push_back(static_cast<int32_t>(next));
-      if (eos.contains(static_cast<int32_t>(next))) break;
+  const std::vector<int32_t>& eos = model.weights.config().eos_token_ids;
+  const common::Adapter* lora = adapter ? &*adapter : nullptr;
+  std::vector<std::vector<int32_t>> generated;
+  std::vector<nlohmann::json> tops(prompts.size());
+  if (a.top_probs > 0) {  // one prompt at a time, looking at every step's logits
+    auto decoder = common::Decoder::Create(&model.weights, lora,
+                                           model.weights.config().max_position_embeddings);
+    ExitIfError(decoder.status());
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      std::mt19937_64 rng(a.seed + p);
+      tops[p] = nlohmann::json::array();
+      auto ids = common::Generate(**decoder, prompts[p], eos, a.sampling, rng,
+                                  [&](std::span<const float> logits) {
+                                    tops[p].push_back(TopProbabilities(logits, a.top_probs));
+                                  });
+      ExitIfError(ids.status());
+      generated.push_back(std::move(*ids));
     }
-    const std::vector<int32_t> generated(
-        ids.begin() + static_cast<std::ptrdiff_t>(prompts[p].size()), ids.end());
-    const std::string text = model.tokenizer->Decode(generated, true);
+  } else {
+    auto all =
+        common::GenerateAll(model.weights, lora, prompts, eos, a.sampling, a.seed, a.threads);
+    ExitIfError(all.status());
+    generated = std::move(*all);
+  }
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    const std::string text = model.tokenizer->Decode(generated[p], true);
     if (a.json) {
       nlohmann::json out = {
-          {"prompt", a.prompts[p]}, {"prompt_ids", prompts[p]}, {"ids", generated}, {"text", text}};
-      if (a.top_probs > 0) out["top"] = steps;
+          {"prompt", texts[p]}, {"prompt_ids", prompts[p]}, {"ids", generated[p]}, {"text", text}};
+      if (a.top_probs > 0) out["top"] = tops[p];
       PrintJson(out);
     } else {
-      std::printf("%s%s\n", a.prompts[p].c_str(), text.c_str());
+      std::printf("%s%s\n", texts[p].c_str(), text.c_str());
     }
   }
 }
@@ -501,19 +550,40 @@ void AddLlmCommands(CLI::App& app) {
         ->capture_default_str()
         ->check(CLI::PositiveNumber);
     cmd->add_option("--threads", a->threads, "threads (0: all cores)")->capture_default_str();
-    cmd->add_flag("--json", a->json, "end with a JSON line: loss, perplexity, tokens, records");
+    cmd->add_flag("--accuracy", a->accuracy,
+                  "also generate a response to every record with an \"answer\" field (greedy) "
+                  "and score it by exact match of the extracted answer (LLM-Adapters)");
+    cmd->add_option("--max-new-tokens", a->max_new_tokens, "--accuracy: tokens per response")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 1 << 16));
+    cmd->add_option("--responses", a->responses,
+                    "--accuracy: write each record's answer, response and verdict here (JSONL)");
+    cmd->add_flag("--json", a->json,
+                  "end with a JSON line: loss, perplexity, tokens, records (and accuracy, "
+                  "correct, answered)");
     cmd->callback([a] { RunEval(*a); });
   }
   {
     auto a = std::make_shared<GenerateArgs>();
     CLI::App* cmd = app.add_subcommand(
-        "generate", "Continue prompts with greedy decoding under a model and adapter");
+        "generate", "Continue prompts under a model and adapter (greedy or sampled, KV cache)");
     cmd->add_option("--model", a->model, "Hugging Face model directory")->required();
     cmd->add_option("--adapter", a->adapter, "PEFT adapter directory (default: the base model)");
-    cmd->add_option("--prompt", a->prompts, "a text to continue (repeatable)")->required();
-    cmd->add_option("--max-new-tokens", a->max_new_tokens, "tokens to generate at most")
+    auto* prompt = cmd->add_option("--prompt", a->prompts, "a text to continue (repeatable)");
+    auto* data = cmd->add_option(
+        "--data", a->data, "JSONL: answer each instruction record's prompt (or continue a text)");
+    prompt->excludes(data);
+    cmd->add_option("--max-new-tokens", a->sampling.max_new_tokens, "tokens to generate at most")
         ->capture_default_str()
         ->check(CLI::Range(1, 1 << 16));
+    cmd->add_option("--temperature", a->sampling.temperature, "0: greedy; else sample logits/T")
+        ->capture_default_str()
+        ->check(CLI::NonNegativeNumber);
+    cmd->add_option("--top-p", a->sampling.top_p, "sample from the smallest set of this mass")
+        ->capture_default_str()
+        ->check(CLI::Range(1e-9, 1.0));
+    cmd->add_option("--seed", a->seed, "sampling seed (prompt i uses seed + i)")
+        ->capture_default_str();
     cmd->add_option("--top-probs", a->top_probs,
                     "with --json: the K most probable next tokens of each step, with probabilities")
         ->capture_default_str()
@@ -521,7 +591,11 @@ void AddLlmCommands(CLI::App& app) {
     cmd->add_option("--threads", a->threads, "threads (0: all cores)")->capture_default_str();
     cmd->add_flag("--json", a->json,
                   "one JSON line per prompt: prompt, prompt_ids, ids, text (and top)");
-    cmd->callback([a] { RunGenerate(*a); });
+    cmd->callback([a, prompt, data] {
+      if (prompt->count() == 0 && data->count() == 0)
+        ExitIfError(absl::InvalidArgumentError("give --prompt TEXT or --data FILE"));
+      RunGenerate(*a);
+    });
   }
   {
     auto a = std::make_shared<TrainArgs>();

@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "absl/status/status.h"
+#include "common/base/status_macros.h"
 #include "common/base/strings.h"
 
 namespace fedlora::common {
@@ -121,21 +122,31 @@ int64_t TargetCount(const Example& e) {
   });
 }
 
-absl::StatusOr<std::vector<Example>> ReadExamples(const std::filesystem::path& path,
-                                                  const Tokens& tokens, int max_length) {
+absl::Status ForEachJsonRecord(
+    const std::filesystem::path& path,
+    const std::function<absl::Status(const nlohmann::json&, const std::string&)>& fn) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(StrCat("cannot read data file ", path.string()));
-  std::vector<Example> out;
   std::string line;
   for (int number = 1; std::getline(in, line); ++number) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = StrCat(path.string(), ":", number);
     nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (record.is_discarded()) return absl::InvalidArgumentError(StrCat(where, ": not valid JSON"));
-    auto ex = ParseExample(record, tokens, max_length, where);
-    if (!ex.ok()) return ex.status();
-    out.push_back(std::move(*ex));
+    RETURN_IF_ERROR(fn(record, where));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<Example>> ReadExamples(const std::filesystem::path& path,
+                                                  const Tokens& tokens, int max_length) {
+  std::vector<Example> out;
+  RETURN_IF_ERROR(ForEachJsonRecord(
+      path, [&](const nlohmann::json& record, const std::string& where) -> absl::Status {
+        ASSIGN_OR_RETURN(Example ex, ParseExample(record, tokens, max_length, where));
+        out.push_back(std::move(ex));
+        return absl::OkStatus();
+      }));
   if (out.empty()) return absl::InvalidArgumentError(StrCat(path.string(), ": no records"));
   return out;
 }

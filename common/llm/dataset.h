@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -55,6 +56,12 @@ std::string InstructionPrompt(const std::string& instruction, const std::string&
 // One record; `where` ("file:line") prefixes errors.
 absl::StatusOr<Example> ParseExample(const nlohmann::json& record, const Tokens& tokens,
                                      int max_length, const std::string& where);
+
+// Calls fn(record, "file:line") for every line of a JSONL file but blank ones, stopping at the
+// first error (a line that is not JSON, or fn's).
+absl::Status ForEachJsonRecord(
+    const std::filesystem::path& path,
+    const std::function<absl::Status(const nlohmann::json&, const std::string&)>& fn);
 
 // Every record of a JSONL file (blank lines skipped). A bad line fails the whole read with its
 // line number.

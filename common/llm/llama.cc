@@ -14,6 +14,7 @@
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/tensor/eigen_types.h"
+#include "common/tensor/gemm.h"
 
 namespace fedlora::common {
 
@@ -209,14 +210,6 @@ namespace {
 
 ConstMapF CMap(const float* p, int64_t rows, int64_t cols) { return ConstMapF(p, rows, cols); }
 MapF Map(float* p, int64_t rows, int64_t cols) { return MapF(p, rows, cols); }
-
-// Row-major C = alpha·op(A)·op(B) + beta·C (op transposes when ta / tb), on OpenBLAS.
-void Gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-              static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), alpha, a,
-              static_cast<int>(lda), b, static_cast<int>(ldb), beta, c, static_cast<int>(ldc));
-}
 
 // Contiguous row blocks of [0, rows) for the pool's threads.
 struct RowSplit {

@@ -68,6 +68,7 @@ nlohmann::json SyntheticRecord(int category, std::mt19937_64& rng) {
   return {{"instruction", instruction},
           {"input", ""},
           {"output", output},
+          {"answer", output},
           {"category", SyntheticCategoryName(category)}};
 }
 

@@ -17,7 +17,8 @@ namespace fedlora::common {
 inline constexpr int kSyntheticCategories = 6;
 const char* SyntheticCategoryName(int category);
 
-// One {"instruction", "input", "output", "category"} record of the category.
+// One {"instruction", "input", "output", "answer", "category"} record of the category (the answer
+// is the output, for exact-match accuracy).
 nlohmann::json SyntheticRecord(int category, std::mt19937_64& rng);
 
 // Category proportions of `clients` clients, each drawn from Dirichlet(alpha, ..., alpha).

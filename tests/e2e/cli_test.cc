@@ -10,6 +10,8 @@
 #include <set>
 
 #include "common/base/file_util.h"
+#include "common/llm/llama_config.h"
+#include "common/llm/trainer.h"
 #include "common/tensor/peft.h"
 #include "tests/test_util.h"
 
@@ -458,6 +460,106 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFamilyTest,
                            std::erase(name, '-');
                            return name;
                          });
+
+// A model whose greedy generation is known by construction: every decoder layer's linears are zero,
+// so the residual stream at a position is its token's embedding, and the final state (an RMSNorm
+// of that one-hot row) selects one row of the LM head. Token t's embedding is the unit vector e_j
+// of its place j in the chain "\n" → "a" → "n" → "s" → "w" → "e" → "r" → "2" → EOS, and the head's
+// row of its successor is 10·e_j: after any prompt (which ends in "\n") the model answers
+// "answer2" and stops.
+TEST_F(CliTest, EvalAccuracyScoresAModelWhoseAnswersAreKnown) {
+  const std::string model = Dir("model");
+  ASSERT_EQ(Fedlora("init-model --preset tiny --merges 0 --out " + model).exit_code, 0);
+  auto loaded = common::LoadModel(model);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  common::LlamaConfig c = loaded->weights.config();
+  const int H = c.hidden_size, V = c.vocab_size;
+  std::vector<int32_t> chain;
+  for (const char* piece : {"\n", "a", "n", "s", "w", "e", "r", "2"}) {
+    const std::vector<int32_t> ids = loaded->tokenizer->Encode(piece);
+    ASSERT_EQ(ids.size(), 1u) << piece;
+    chain.push_back(ids[0]);
+  }
+  chain.push_back(c.eos_token_ids.at(0));
+  std::vector<std::vector<float>> storage;
+  std::vector<common::TensorToWrite> tensors;
+  for (const common::TensorToWrite& t : loaded->weights.Tensors()) {
+    std::vector<float> v(t.data.begin(), t.data.end());
+    if (t.name.find("_proj") != std::string::npos) std::fill(v.begin(), v.end(), 0.0f);
+    if (t.name == "model.embed_tokens.weight") {
+      std::fill(v.begin(), v.end(), 0.0f);
+      for (size_t j = 0; j + 1 < chain.size(); ++j) v[chain[j] * H + j] = 1.0f;
+    }
+    storage.push_back(std::move(v));
+    tensors.push_back({t.name, t.shape, storage.back()});
+  }
+  std::vector<float> head(static_cast<size_t>(V) * H, 0.0f);
+  for (size_t j = 0; j + 1 < chain.size(); ++j) head[chain[j + 1] * H + j] = 10.0f;
+  tensors.push_back({"lm_head.weight", {V, H}, head});
+  c.tie_word_embeddings = false;
+  ASSERT_TRUE(common::WriteFileAtomically(fs::path(model) / "config.json",
+                                          common::LlamaConfigJson(c).dump(2))
+                  .ok());
+  ASSERT_TRUE(common::WriteSafetensors(fs::path(model) / "model.safetensors", tensors,
+                                       common::DType::kF32, {{"format", "pt"}})
+                  .ok());
+
+  // Five records with answers, two of them answer2; one without an answer, which only the loss
+  // sees.
+  const std::string data = Dir("data.jsonl");
+  {
+    std::ofstream out(data);
+    auto record = [&](const std::string& format, const std::string& answer) {
+      out << nlohmann::json({{"instruction", "Pick one.\n\nAnswer format: " + format},
+                             {"input", ""},
+                             {"output", "the correct answer is " + answer},
+                             {"answer", answer}})
+                 .dump()
+          << "\n";
+    };
+    record("answer1/answer2/answer3", "answer2");
+    record("answer1/answer2/answer3", "answer1");
+    record("answer1/answer2/answer3/answer4", "answer2");
+    record("answer1/answer2/answer3/answer4", "answer3");
+    record("true/false", "true");
+    out << R"({"instruction": "No answer here.", "output": "x"})"
+        << "\n";
+  }
+  Result r = Fedlora("eval --model " + model + " --data " + data +
+                     " --accuracy --json --responses " + Dir("responses.jsonl"));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto summary = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  EXPECT_EQ(summary["answered"], 5);
+  EXPECT_EQ(summary["correct"], 2);
+  EXPECT_DOUBLE_EQ(summary["accuracy"].get<double>(), 0.4);
+  EXPECT_EQ(summary["records"], 6);
+  std::ifstream responses(Dir("responses.jsonl"));
+  std::string line;
+  std::vector<bool> verdicts;
+  while (std::getline(responses, line)) {
+    const auto j = nlohmann::json::parse(line);
+    EXPECT_EQ(j["response"], "answer2");
+    verdicts.push_back(j["correct"]);
+  }
+  EXPECT_EQ(verdicts, (std::vector<bool>{true, false, true, false, false}));
+
+  // generate --data gives the same responses, EOS included in the ids; sampling at a low
+  // temperature cannot leave a chain whose logits differ by 10·√64.
+  for (const char* sampling : {"", " --temperature 0.5 --top-p 0.9 --seed 3"}) {
+    r = Fedlora("generate --model " + model + " --data " + data + " --json" + sampling);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    std::istringstream lines(r.output);
+    int n = 0;
+    while (std::getline(lines, line)) {
+      const auto j = nlohmann::json::parse(line);
+      EXPECT_EQ(j["text"], "answer2");
+      EXPECT_EQ(j["ids"], std::vector<int32_t>(chain.begin() + 1, chain.end()));
+      ++n;
+    }
+    EXPECT_EQ(n, 6);
+  }
+  EXPECT_EQ(Fedlora("generate --model " + model).exit_code, 1);
+}
 
 }  // namespace
 }  // namespace fedlora
