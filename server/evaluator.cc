@@ -26,6 +26,14 @@ absl::StatusOr<std::unique_ptr<Evaluator>> Evaluator::Load(const ServerOptions& 
     ASSIGN_OR_RETURN(e->eval_examples_, common::ReadExamples(options.eval_data, e->base_->tokens,
                                                              options.eval_max_length));
   }
+  if (options.eval_accuracy) {
+    if (e->base_->tokenizer == nullptr)
+      return absl::FailedPreconditionError(StrCat(
+          "eval_accuracy needs the base model's tokenizer.json in ", options.base_model_dir));
+    ASSIGN_OR_RETURN(e->answer_records_,
+                     common::ReadAnswerRecords(options.eval_data, *e->base_->tokenizer));
+    e->max_new_tokens_ = options.eval_max_new_tokens;
+  }
   e->flora_ = options.method == common::Method::kFlora;
   if (e->flora_) e->flora_merged_ = e->base_->weights;
   return e;
@@ -44,8 +52,8 @@ absl::Status Evaluator::MergeFloraUpTo(const StateStore& store, int64_t version)
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::optional<double>> Evaluator::Evaluate(const StateStore& store, int64_t version,
-                                                          const common::Adapter& global) {
+absl::StatusOr<std::optional<Evaluator::Scores>> Evaluator::Evaluate(
+    const StateStore& store, int64_t version, const common::Adapter& global) {
   if (eval_examples_.empty()) return std::nullopt;
   if (flora_) {
     if (flora_version_ > version) return std::nullopt;
@@ -53,10 +61,19 @@ absl::StatusOr<std::optional<double>> Evaluator::Evaluate(const StateStore& stor
   }
   // The global model: the base with the adapter (LoRA-SB's frozen B, A carry the averaged R), or
   // for FLoRA the base with every round's delta merged.
-  ASSIGN_OR_RETURN(common::LossSum l, common::Evaluate(flora_ ? *flora_merged_ : base_->weights,
-                                                       flora_ ? nullptr : &global, eval_examples_,
+  const common::LlamaWeights& weights = flora_ ? *flora_merged_ : base_->weights;
+  const common::Adapter* adapter = flora_ ? nullptr : &global;
+  ASSIGN_OR_RETURN(common::LossSum l, common::Evaluate(weights, adapter, eval_examples_,
                                                        /*batch=*/8, /*threads=*/0));
-  return l.tokens > 0 ? l.sum / static_cast<double>(l.tokens) : 0.0;
+  Scores scores{l.tokens > 0 ? l.sum / static_cast<double>(l.tokens) : 0.0, std::nullopt};
+  if (!answer_records_.empty()) {
+    ASSIGN_OR_RETURN(
+        common::AccuracyResult a,
+        common::MeasureAccuracy(weights, adapter, *base_->tokenizer, weights.config().eos_token_ids,
+                                answer_records_, {.max_new_tokens = max_new_tokens_}));
+    scores.accuracy = a.accuracy();
+  }
+  return scores;
 }
 
 absl::StatusOr<common::LlamaWeights> Evaluator::Merged(const StateStore& store, int64_t version,

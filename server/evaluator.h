@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/llm/accuracy.h"
 #include "common/llm/dataset.h"
 #include "common/llm/trainer.h"
 #include "server/server_options.h"
@@ -29,11 +30,15 @@ class Evaluator {
   // other methods and when already there).
   absl::Status MergeFloraUpTo(const StateStore& store, int64_t version);
 
-  // The token-weighted mean loss of the global model of `version` over the held-out records: the
-  // base with `global` (its latest adapter; ignored for FLoRA, whose deltas are merged up to
-  // `version` first). nullopt without held-out records, or when FLoRA's merged weights are past
-  // `version` (an older version cannot be evaluated again).
-  absl::StatusOr<std::optional<double>> Evaluate(const StateStore& store, int64_t version,
+  struct Scores {
+    double loss = 0;                 // token-weighted mean over the held-out records
+    std::optional<double> accuracy;  // with eval_accuracy
+  };
+  // The held-out scores of the global model of `version`: the base with `global` (its latest
+  // adapter; ignored for FLoRA, whose deltas are merged up to `version` first). nullopt without
+  // held-out records, or when FLoRA's merged weights are past `version` (an older version cannot
+  // be evaluated again).
+  absl::StatusOr<std::optional<Scores>> Evaluate(const StateStore& store, int64_t version,
                                                  const common::Adapter& global);
 
   // The base with `global` merged (FLoRA: the merged base up to `version`).
@@ -47,6 +52,8 @@ class Evaluator {
   std::string fingerprint_;
   std::unique_ptr<common::Model> base_;
   std::vector<common::Example> eval_examples_;
+  std::vector<common::AnswerRecord> answer_records_;  // with eval_accuracy
+  int max_new_tokens_ = 0;
   std::optional<common::LlamaWeights> flora_merged_;  // FLoRA: base + Σ deltas of 1..flora_version_
   int64_t flora_version_ = 0;
 };

@@ -181,13 +181,14 @@ class RoundEngine {
   double sketch_weight_ = 0;                     // Σ n_k
   UpdateValidator validator_;                    // for the current version
   LongPolls polls_;
-  common::Adapter frozen_;                 // Fed-SB's shared B, A (R = 0), once the run exists
-  std::unique_ptr<Evaluator> evaluator_;   // with options_.base_model_dir
-  std::optional<ClientDpRounds> dp_;       // with client-level DP
-  Retry commit_retry_;                     // the round is closing: its commit failed
-  Retry follow_up_retry_;                  // derived work of committed versions is outstanding
-  std::map<int64_t, double> eval_losses_;  // held-out losses of versions without a metrics line
-  bool exported_ = false;                  // the final export is written
+  common::Adapter frozen_;                // Fed-SB's shared B, A (R = 0), once the run exists
+  std::unique_ptr<Evaluator> evaluator_;  // with options_.base_model_dir
+  std::optional<ClientDpRounds> dp_;      // with client-level DP
+  Retry commit_retry_;                    // the round is closing: its commit failed
+  Retry follow_up_retry_;                 // derived work of committed versions is outstanding
+  // Held-out scores of versions without a metrics line.
+  std::map<int64_t, Evaluator::Scores> eval_scores_;
+  bool exported_ = false;  // the final export is written
   bool stopping_ = false;
 };
 

@@ -279,19 +279,25 @@ absl::Status RoundEngine::FollowUpOnceLocked() {
   for (int64_t v = store_.metrics_version() + 1; v <= version(); ++v) {
     nlohmann::json line = store_.ledger().at(v).record;
     if (evaluator_) {
-      auto it = eval_losses_.find(v);
-      if (it == eval_losses_.end()) {
+      auto it = eval_scores_.find(v);
+      if (it == eval_scores_.end()) {
         ASSIGN_OR_RETURN(Adapter global, AdapterAt(store_, v, frozen_));
-        ASSIGN_OR_RETURN(std::optional<double> loss, evaluator_->Evaluate(store_, v, global));
-        if (loss) {
-          it = eval_losses_.emplace(v, *loss).first;
-          spdlog::info("round {}: held-out loss of the global model {:.6f}", v, *loss);
+        ASSIGN_OR_RETURN(std::optional<Evaluator::Scores> scores,
+                         evaluator_->Evaluate(store_, v, global));
+        if (scores) {
+          it = eval_scores_.emplace(v, *scores).first;
+          spdlog::info("round {}: held-out loss of the global model {:.6f}{}", v, scores->loss,
+                       scores->accuracy ? fmt::format(", accuracy {:.4f}", *scores->accuracy)
+                                        : std::string());
         }
       }
-      if (it != eval_losses_.end()) line["eval_loss"] = it->second;
+      if (it != eval_scores_.end()) {
+        line["eval_loss"] = it->second.loss;
+        if (it->second.accuracy) line["eval_accuracy"] = *it->second.accuracy;
+      }
     }
     RETURN_IF_ERROR(store_.AppendMetrics(v, line));
-    eval_losses_.erase(v);
+    eval_scores_.erase(v);
   }
   if (phase_ == Phase::kDone && version() >= 1 && !exported_) {
     RETURN_IF_ERROR(Export(store_, options_, frozen_, evaluator_.get()));

@@ -48,6 +48,10 @@ absl::Status ServerOptions::Validate() const {
       return bad("export_gguf: ", type.status().message());
   }
   if (eval_max_length < 2) return bad("eval_max_length is ", eval_max_length, "; it must be >= 2");
+  if (eval_accuracy && eval_data.empty())
+    return bad("eval_accuracy needs eval_data (records with an \"answer\" field)");
+  if (eval_max_new_tokens < 1)
+    return bad("eval_max_new_tokens is ", eval_max_new_tokens, "; it must be >= 1");
   if (!(lora_fair_lambda >= 0))
     return bad("lora_fair_lambda is ", lora_fair_lambda, "; it must be >= 0");
   if (fed_sb_init != "sketch" && fed_sb_init != "dense" && fed_sb_init != "random")
@@ -189,6 +193,12 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
                  "f32, f16, bf16, q8_0) and the adapter as GGUF for llama.cpp and Ollama");
   app.add_option("--eval-data", o.eval_data, "held-out JSONL evaluated after every round");
   app.add_option("--eval-max-length", o.eval_max_length, "tokens per held-out record")
+      ->capture_default_str();
+  app.add_flag("--eval-accuracy", o.eval_accuracy,
+               "also score greedy answers to --eval-data's records with an \"answer\" field "
+               "(exact match, as fedlora eval --accuracy)");
+  app.add_option("--eval-max-new-tokens", o.eval_max_new_tokens,
+                 "--eval-accuracy: tokens per generated answer")
       ->capture_default_str();
   app.add_option("--dp-clip", o.dp_clip,
                  "client-level DP: bound on each client's update (flat L2 of its change); 0: off")

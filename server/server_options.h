@@ -73,6 +73,11 @@ struct ServerOptions {
   std::string export_gguf;
   std::string eval_data;      // held-out JSONL; needs base_model_dir
   int eval_max_length = 256;  // tokens per held-out record
+  // Also the global model's accuracy on eval_data's records with an "answer" (greedy responses
+  // of at most eval_max_new_tokens, scored by exact match as `fedlora eval --accuracy` does):
+  // eval_accuracy in the metrics.
+  bool eval_accuracy = false;
+  int eval_max_new_tokens = 32;
   // Client-level differential privacy (DP-FedAvg, McMahan et al. 2018; fedit, lora-fair, fed-sb):
   // each client's change of the trained factors is clipped to dp_clip (flat L2 over all modules),
   // the sums get Gaussian noise of stddev dp_noise_multiplier·clip, and the divisor is the cohort

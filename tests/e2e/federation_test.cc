@@ -1360,7 +1360,8 @@ void LlmFixture::FineTune(const std::string& method, const std::string& preset,
   RunFederation(
       method,
       {"--rounds", "2", "--base-model-dir", model.string(), "--export-gguf", "f32", "--eval-data",
-       (data / "test.jsonl").string(), "--target-modules", targets, "--local-steps", "6",
+       (data / "test.jsonl").string(), "--eval-accuracy", "--eval-max-new-tokens", "8",
+       "--target-modules", targets, "--local-steps", "6",
        // Fed-SB trains only R (r² values per module) in a random subspace: it wants a larger step.
        "--learning-rate", method == "fed-sb" ? "0.1" : "0.01"},
       [&](int i) {
@@ -1380,6 +1381,20 @@ void LlmFixture::FineTune(const std::string& method, const std::string& preset,
   EXPECT_LT(metrics[1]["eval_loss"].get<double>(), metrics[0]["eval_loss"].get<double>());
   const fs::path exported = dir_ / "state" / "export";
   EXPECT_NEAR(EvalLoss(exported / "merged"), final_loss, 1e-5 * final_loss);
+  // The accuracy of greedy answers, as `fedlora eval --accuracy` finds it on the merged export.
+  // The merged weights' logits differ from base + adapter in the last bits, which could flip one
+  // near-tied argmax: one record of the 24 is the tolerance.
+  const auto scored = Fedlora("eval --accuracy --max-new-tokens 8 --model " +
+                              (exported / "merged").string() + " --data " +
+                              (data / "test.jsonl").string() + " --json");
+  ASSERT_EQ(scored["answered"], 24);
+  for (const auto& m : metrics) {
+    ASSERT_TRUE(m.contains("eval_accuracy")) << m.dump();
+    const double a = m["eval_accuracy"];
+    EXPECT_EQ(a * 24, std::round(a * 24)) << "not a count of 24 records: " << a;
+  }
+  EXPECT_NEAR(scored["accuracy"].get<double>(), metrics.back()["eval_accuracy"].get<double>(),
+              1.0 / 24 + 1e-12);
   if (method == "flora") {  // each client holds the same merged base
     EXPECT_NEAR(EvalLoss(dir_ / "run-out1" / "model"), final_loss, 1e-5 * final_loss);
   }
