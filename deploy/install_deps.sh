@@ -10,10 +10,11 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libeigen3-dev libssl-dev libspdlog-dev libfmt-dev libabsl-dev
   nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev libopenblas-pthread-dev
+  libtomlplusplus-dev
 )
 if [[ "${1:-}" != --build-only ]]; then
   packages+=(libgtest-dev libgmock-dev libbenchmark-dev clang-format docker-compose docker.io debootstrap
-    clang libclang-rt-14-dev llvm)
+    clang libclang-rt-14-dev llvm gnuplot-nox)
 fi
 
 missing=()

@@ -20,6 +20,7 @@ void AddRandomAdapterCommand(CLI::App& app);
 void AddLlmCommands(CLI::App& app);
 void AddTokenizeCommand(CLI::App& app);
 void AddExportGgufCommand(CLI::App& app);
+void AddExperimentCommand(CLI::App& app);
 // Prints what the model in `dir` is (`fedlora inspect --model`).
 void InspectModel(const std::string& dir);
 

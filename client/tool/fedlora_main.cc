@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
   fedlora::tool::AddLlmCommands(app);
   fedlora::tool::AddTokenizeCommand(app);
   fedlora::tool::AddExportGgufCommand(app);
+  fedlora::tool::AddExperimentCommand(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }
