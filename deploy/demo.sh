@@ -4,8 +4,9 @@
 # deploy/make_certs.sh. The clients fine-tune LoRA adapters of a tiny Llama-architecture model (`fedlora init-model
 # --preset tiny`: random weights, a byte-level BPE tokenizer learned from the data) on a synthetic instruction
 # dataset split non-IID across them (`fedlora make-data`: six task categories, Dirichlet α = 0.5 per client). The
-# coordinator evaluates the global model on held-out records after every round. Every method runs in turn; the
-# summary table, with the held-out loss round by round, is printed and written to out/demo/summary.txt.
+# coordinator evaluates the global model on held-out records after every round (loss, and the exact-match accuracy
+# of its greedy answers). Every method runs in turn; the summary table, with the held-out loss and accuracy round by
+# round, is printed and written to out/demo/summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/build.sh
@@ -37,7 +38,7 @@ for method in fedit flora lora-fair fed-sb; do
     --listen 127.0.0.1:0 --port-file "$work/$method.port" --tls-cert "$certs/server.pem" \
     --tls-key "$certs/server.key" --client-ca "$certs/ca.pem" \
     --allowed-clients client-1,client-2,client-3,client-4 --base-model-dir "$work/model" \
-    --eval-data "$work/data/test.jsonl" --target-modules q_proj,v_proj,up_proj,down_proj "${adapter[@]}" \
+    --eval-data "$work/data/test.jsonl" --eval-accuracy --eval-max-new-tokens 12 --target-modules q_proj,v_proj,up_proj,down_proj "${adapter[@]}" \
     --local-steps 10 --learning-rate "$lr" --linger-s 1 --seed 1 2>"$work/$method-server.log" &
   server=$!
   for _ in $(seq 100); do [[ -s $work/$method.port ]] && break; sleep 0.05; done

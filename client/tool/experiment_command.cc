@@ -812,7 +812,7 @@ absl::Status Runner::Run(bool report_only) {
 
 void AddExperimentCommand(CLI::App& app) {
   struct Args {
-    std::string spec, out;
+    std::string spec, out, data_dir, model_dir;
     bool report_only = false;
   };
   auto a = std::make_shared<Args>();
@@ -822,12 +822,26 @@ void AddExperimentCommand(CLI::App& app) {
       "baselines from a TOML spec; write results.csv, report.md and plots");
   cmd->add_option("spec", a->spec, "TOML spec (experiments/README.md)")->required();
   cmd->add_option("--out", a->out, "results directory (default: the spec's out)");
+  cmd->add_option("--data-dir", a->data_dir, "the directory of [data]'s train and test files");
+  cmd->add_option("--model-dir", a->model_dir,
+                  "a Hugging Face model directory instead of [model]'s (preset or dir)");
   cmd->add_flag("--report-only", a->report_only,
                 "rebuild the CSV, report and plots from the finished cells, run nothing");
   cmd->callback([a] {
     auto spec = ReadExperimentSpec(a->spec);
     ExitIfError(spec.status());
     if (!a->out.empty()) spec->out = a->out;
+    if (!a->data_dir.empty()) {
+      if (spec->synthetic)
+        ExitIfError(absl::InvalidArgumentError("--data-dir: the spec's data is synthetic"));
+      spec->data_dir = fs::absolute(a->data_dir);
+      spec->settings += StrCat("# --data-dir ", spec->data_dir.string(), "\n");
+    }
+    if (!a->model_dir.empty()) {
+      spec->preset.clear();
+      spec->model_dir = fs::absolute(a->model_dir);
+      spec->settings += StrCat("# --model-dir ", spec->model_dir.string(), "\n");
+    }
     Runner runner(std::move(*spec));
     ExitIfError(runner.Run(a->report_only));
   });

@@ -15,7 +15,7 @@ namespace fedlora::tool {
 namespace {
 
 void Run(const std::vector<std::string>& dirs, const std::string& out) {
-  std::string by_round, privacy;
+  std::string by_round, accuracy, privacy;
   std::string table =
       common::StrCat(fmt::format("{:<10} {:>6} {:>22} {:>16} {:>18} {:>20} {:>9}\n", "method",
                                  "rounds", "global loss (first->last)", "last train loss",
@@ -72,9 +72,18 @@ void Run(const std::vector<std::string>& dirs, const std::string& out) {
       for (const auto& r : rounds) by_round += fmt::format(" {:.4f}", r.value("eval_loss", 0.0));
       by_round += "\n";
     }
+    if (last.contains("eval_accuracy")) {
+      accuracy += fmt::format("{:<10}", last["method"].get<std::string>());
+      for (const auto& r : rounds)
+        accuracy += fmt::format(" {:.4f}", r.value("eval_accuracy", 0.0));
+      accuracy += "\n";
+    }
   }
   if (!by_round.empty())
     table += "\n* held-out loss of the global model after the round; by round:\n" + by_round;
+  if (!accuracy.empty())
+    table += "\nheld-out accuracy of the global model's answers after the round (exact match):\n" +
+             accuracy;
   if (!privacy.empty()) table += "\nprivacy spent by the last round:\n" + privacy;
   std::fputs(table.c_str(), stdout);
   if (!out.empty()) ExitIfError(common::WriteFileAtomically(out, table));
