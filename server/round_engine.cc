@@ -243,10 +243,10 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
     const std::string& expected =
         store_.has_ledger() ? store_.ledger().base_model_sha256 : options_.base_model_sha256;
     absl::Status admitted =
-        CheckAdmission(request, expected, options_.rank, {}, options_.max_client_examples);
+        CheckAdmission(request, expected, RankOf(client), {}, options_.max_client_examples);
     if (admitted.ok() && !store_.has_ledger()) admitted = InitializeRunLocked(request);
     if (admitted.ok())
-      admitted = CheckAdmission(request, expected, options_.rank, store_.ledger().modules,
+      admitted = CheckAdmission(request, expected, RankOf(client), store_.ledger().modules,
                                 options_.max_client_examples);
     std::string repeated;
     if (!admitted.ok()) {
@@ -339,7 +339,7 @@ v1::Task RoundEngine::TaskForLocked(const std::string& client, int64_t have_vers
     for (auto& b : DownloadsFor(store_.ledger(), have_version, version()))
       *task.add_downloads() = std::move(b);
     v1::TrainSettings* s = task.mutable_settings();
-    s->set_rank(options_.rank);
+    s->set_rank(RankOf(client));
     s->set_lora_alpha(options_.lora_alpha);
     s->set_local_steps(options_.local_steps);
     s->set_learning_rate(options_.learning_rate);
@@ -509,7 +509,8 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
     if (!st.ok()) products = st;
   } else {
     update = validator.Verify(store_, part, request.sha256(),
-                              StrCat("update of ", client, " for round ", request.round()));
+                              StrCat("update of ", client, " for round ", request.round()),
+                              RankOf(client));
   }
   // The norm bound's figure, computed here, outside the engine's lock, as the verification is.
   double update_norm = 0;

@@ -119,6 +119,11 @@ class RoundEngine {
   // The run's modules at its rank, as every update holds them (LoRA-SB modules for fed-sb).
   // The scaling every client trains with (node.cc: the task's lora_alpha / rank); fed-sb's R is
   // decoded onto the frozen factors' scaling, so nothing is checked there.
+  // The rank `client` trains: --client-ranks', else the run's.
+  int RankOf(const std::string& client) const {
+    const auto it = options_.client_ranks.find(client);
+    return it == options_.client_ranks.end() ? options_.rank : it->second;
+  }
   double TaskScaling() const {
     return method_ == common::Method::kFedSb ? 0 : options_.lora_alpha / options_.rank;
   }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <map>
 
+#include "absl/strings/numbers.h"
 #include "common/base/strings.h"
 #include "common/llm/gguf.h"
 
@@ -46,6 +47,15 @@ absl::Status ServerOptions::Validate() const {
       return bad("export_gguf needs base_model_dir (the model the GGUF files hold)");
     if (auto type = common::ParseGgmlType(export_gguf); !type.ok())
       return bad("export_gguf: ", type.status().message());
+  }
+  if (!client_ranks.empty() && method != common::Method::kFlora)
+    return bad("client_ranks needs method flora: ", common::MethodName(method),
+               "'s global factors have one rank (", rank, ") that every client trains");
+  for (const auto& [id, r] : client_ranks) {
+    if (r < 1 || r > 65536) return bad("client_ranks: ", id, "'s rank is ", r, "; use 1 to 65536");
+    if (!allowed_clients.empty() &&
+        std::find(allowed_clients.begin(), allowed_clients.end(), id) == allowed_clients.end())
+      return bad("client_ranks names ", id, ", which is not an allowed client");
   }
   if (eval_max_length < 2) return bad("eval_max_length is ", eval_max_length, "; it must be >= 2");
   if (eval_accuracy && eval_data.empty())
@@ -149,6 +159,20 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
       ->capture_default_str();
   app.add_option("--rank", o.rank)->capture_default_str();
   app.add_option("--lora-alpha", o.lora_alpha)->capture_default_str();
+  app.add_option_function<std::vector<std::string>>(
+         "--client-ranks",
+         [&o](const std::vector<std::string>& pairs) {
+           for (const std::string& pair : pairs) {
+             const size_t eq = pair.find('=');
+             int rank = 0;
+             if (eq == std::string::npos || eq == 0 ||
+                 !absl::SimpleAtoi(absl::string_view(pair).substr(eq + 1), &rank))
+               throw CLI::ValidationError("--client-ranks", "expected id=rank, got '" + pair + "'");
+             o.client_ranks[pair.substr(0, eq)] = rank;
+           }
+         },
+         "flora: clients that train another rank than --rank, as id=rank,id=rank")
+      ->delimiter(',');
   app.add_option("--local-steps", o.local_steps)->capture_default_str();
   app.add_option("--learning-rate", o.learning_rate)->capture_default_str();
   app.add_option("--target-modules", o.target_modules,

@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -31,6 +32,10 @@ struct ServerOptions {
   // Training settings sent to clients
   int rank = 8;
   double lora_alpha = 16;
+  // FLoRA's heterogeneous ranks: client id → the rank it trains (others train `rank`), each with
+  // scaling lora_alpha / its rank. FLoRA stacks any mix of ranks exactly; the other methods keep
+  // one rank, as their global factors have one.
+  std::map<std::string, int> client_ranks;
   int local_steps = 20;
   double learning_rate = 0.05;
   // module name suffixes to adapt (e.g. q_proj); empty: all offered

@@ -11,7 +11,7 @@ namespace fedlora::server {
 using common::StrCat;
 
 absl::StatusOr<common::Adapter> UpdateValidator::Decode(std::string_view bytes,
-                                                        const std::string& origin) const {
+                                                        const std::string& origin, int rank) const {
   common::Adapter update;
   if (method_ == common::Method::kFedSb) {
     ASSIGN_OR_RETURN(update, common::DecodeROnto(bytes, origin, frozen_));
@@ -19,7 +19,14 @@ absl::StatusOr<common::Adapter> UpdateValidator::Decode(std::string_view bytes,
     return update;
   }
   ASSIGN_OR_RETURN(update, common::DecodeAdapter(bytes, origin));
-  RETURN_IF_ERROR(common::CheckShapes(update, shapes_, origin, scaling_));
+  if (rank > 0 && !shapes_.empty() && rank != shapes_[0].rank) {
+    // Another rank than the run's, at the same lora_alpha.
+    std::vector<common::ModuleShape> shapes = shapes_;
+    for (common::ModuleShape& s : shapes) s.rank = rank;
+    RETURN_IF_ERROR(common::CheckShapes(update, shapes, origin, scaling_ * shapes_[0].rank / rank));
+  } else {
+    RETURN_IF_ERROR(common::CheckShapes(update, shapes_, origin, scaling_));
+  }
   return update;
 }
 
@@ -48,10 +55,10 @@ absl::Status VerifyPart(const StateStore& store, const std::string& part, const 
 absl::StatusOr<common::Adapter> UpdateValidator::Verify(const StateStore& store,
                                                         const std::string& part,
                                                         const std::string& sha256,
-                                                        const std::string& origin) const {
+                                                        const std::string& origin, int rank) const {
   absl::StatusOr<common::Adapter> update;
   RETURN_IF_ERROR(VerifyPart(store, part, sha256, origin, [&](std::string_view bytes) {
-    update = Decode(bytes, origin);
+    update = Decode(bytes, origin, rank);
     return update.status();
   }));
   return update;

@@ -36,13 +36,15 @@ class UpdateValidator {
         scaling_(scaling) {}
 
   // The update in `bytes`, decoded and checked; INVALID_ARGUMENT naming `origin`, the module and
-  // both shapes otherwise.
-  absl::StatusOr<common::Adapter> Decode(std::string_view bytes, const std::string& origin) const;
+  // both shapes otherwise. `rank`, when given, is the client's own (FLoRA's heterogeneous ranks):
+  // its modules have that rank and the scaling lora_alpha / rank.
+  absl::StatusOr<common::Adapter> Decode(std::string_view bytes, const std::string& origin,
+                                         int rank = 0) const;
 
   // VerifyPart with Decode.
   absl::StatusOr<common::Adapter> Verify(const StateStore& store, const std::string& part,
-                                         const std::string& sha256,
-                                         const std::string& origin) const;
+                                         const std::string& sha256, const std::string& origin,
+                                         int rank = 0) const;
 
  private:
   common::Method method_ = common::Method::kFedIt;

@@ -54,6 +54,9 @@ struct ExperimentSpec {
   std::vector<int> clients = {4};
   std::vector<double> alphas = {0.5};
   std::vector<double> dp_noise = {0};  // client-level DP noise multiplier; 0: off
+  // FLoRA's heterogeneous setting: per pattern, flora cells whose client k trains rank
+  // pattern[(k − 1) mod size] (fedlora-server --client-ranks).
+  std::vector<std::vector<int>> flora_client_ranks;
   int rounds = 3;
   int local_steps = 10;
 
@@ -92,7 +95,8 @@ struct Cell {
   std::string split;  // "dirichlet-0.5" or "per-file"
   double alpha = 0;
   double dp_noise = 0;
-  int site = 0;  // local: 1-based client index
+  std::vector<int> client_ranks;  // flora: each client's rank; empty: the method's rank for all
+  int site = 0;                   // local: 1-based client index
 
   std::string id() const;
 };
@@ -109,9 +113,10 @@ struct ResultRow {
   double round_seconds = 0, wall_seconds = 0;
 };
 
-// Runs a program (found on PATH unless the name has a slash) to its end, stdout and stderr into
-// `log`; an exit other than 0 is an error quoting the log's end.
-absl::Status RunToEnd(const std::vector<std::string>& argv, const std::filesystem::path& log);
+// Runs a program (found on PATH unless the name has a slash) to its end, in `cwd` when given,
+// stdout and stderr into `log`; an exit other than 0 is an error quoting the log's end.
+absl::Status RunToEnd(const std::vector<std::string>& argv, const std::filesystem::path& log,
+                      const std::filesystem::path& cwd = {});
 
 // Writes results.csv, report.md and (with gnuplot) loss.svg, accuracy.svg and
 // accuracy_vs_bytes.svg into `out`, each atomically.

@@ -194,14 +194,39 @@ absl::StatusOr<ExperimentSpec> ReadExperimentSpec(const fs::path& path) {
     return absl::InvalidArgumentError("[data] partition \"per-file\" needs files (dir, train)");
 
   const Section grid = SectionOf(root, "grid");
-  RETURN_IF_ERROR(grid.Check(
-      {"methods", "seeds", "clients", "alpha", "dp_noise_multiplier", "rounds", "local_steps"}));
+  RETURN_IF_ERROR(grid.Check({"methods", "seeds", "clients", "alpha", "dp_noise_multiplier",
+                              "flora_client_ranks", "rounds", "local_steps"}));
   s.methods = {"fedit", "flora", "lora-fair", "fed-sb"};
   RETURN_IF_ERROR(grid.GetList("methods", s.methods));
   RETURN_IF_ERROR(grid.GetList("seeds", s.seeds));
   RETURN_IF_ERROR(grid.GetList("clients", s.clients));
   RETURN_IF_ERROR(grid.GetList("alpha", s.alphas));
   RETURN_IF_ERROR(grid.GetList("dp_noise_multiplier", s.dp_noise));
+  if (const toml::node* patterns =
+          grid.table() ? grid.table()->get("flora_client_ranks") : nullptr) {
+    const toml::array* list = patterns->as_array();
+    if (list == nullptr || list->empty())
+      return absl::InvalidArgumentError(
+          "[grid] flora_client_ranks is a list of rank lists, e.g. [[2, 4, 8, 16]]");
+    for (const toml::node& pattern : *list) {
+      std::vector<int> ranks;
+      const toml::array* values = pattern.as_array();
+      if (values == nullptr || values->empty())
+        return absl::InvalidArgumentError(
+            "[grid] flora_client_ranks: each entry is a non-empty list of ranks, e.g. [2, 4]");
+      for (const toml::node& r : *values) {
+        const auto rank = r.value_exact<int64_t>();
+        if (!rank || *rank < 1 || *rank > 65536)
+          return absl::InvalidArgumentError(
+              StrCat("[grid] flora_client_ranks: ranks are integers 1 to 65536 (line ",
+                     r.source().begin.line, ")"));
+        ranks.push_back(static_cast<int>(*rank));
+      }
+      s.flora_client_ranks.push_back(std::move(ranks));
+    }
+    if (std::find(s.methods.begin(), s.methods.end(), "flora") == s.methods.end())
+      return absl::InvalidArgumentError("[grid] flora_client_ranks needs flora in methods");
+  }
   RETURN_IF_ERROR(grid.Get("rounds", s.rounds));
   RETURN_IF_ERROR(grid.Get("local_steps", s.local_steps));
   for (const std::string& m : s.methods)
@@ -270,6 +295,10 @@ absl::StatusOr<ExperimentSpec> ReadExperimentSpec(const fs::path& path) {
 std::string Cell::id() const {
   std::string id = StrCat(kind, "_s", seed, "_k", clients, "_", split);
   if (dp_noise > 0) id += StrCat("_dp", dp_noise);
+  if (!client_ranks.empty()) {
+    id += "_r";
+    for (size_t i = 0; i < client_ranks.size(); ++i) id += StrCat(i ? "-" : "", client_ranks[i]);
+  }
   if (site > 0) id += StrCat("_site", site);
   return id;
 }
@@ -281,7 +310,8 @@ namespace {
 
 // A child process (found on PATH unless the name has a slash) with stdout and stderr in `log`;
 // it is sent SIGTERM if this program dies.
-absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const fs::path& log) {
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const fs::path& log,
+                            const fs::path& cwd = {}) {
   const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return absl::InternalError(StrCat("cannot write ", log.string()));
   std::vector<char*> args;
@@ -290,6 +320,7 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv, const fs::path
   const pid_t pid = ::fork();
   if (pid == 0) {
     ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (!cwd.empty() && ::chdir(cwd.c_str()) != 0) ::_exit(126);
     ::dup2(fd, 1);
     ::dup2(fd, 2);
     ::execvp(args[0], args.data());
@@ -308,8 +339,9 @@ std::string Tail(const fs::path& log) {
 
 }  // namespace
 
-absl::Status RunToEnd(const std::vector<std::string>& argv, const fs::path& log) {
-  ASSIGN_OR_RETURN(pid_t pid, Spawn(argv, log));
+absl::Status RunToEnd(const std::vector<std::string>& argv, const fs::path& log,
+                      const fs::path& cwd) {
+  ASSIGN_OR_RETURN(pid_t pid, Spawn(argv, log, cwd));
   int status = 0;
   ::waitpid(pid, &status, 0);
   if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return absl::OkStatus();
@@ -530,12 +562,17 @@ std::vector<Cell> Runner::Cells() const {
         for (const std::string& method : s_.methods)
           for (double z : s_.dp_noise) {
             if (method == "flora" && z > 0) continue;  // the coordinator refuses: see Run
-            cells.push_back({method, seed, k, split, alpha, z, 0});
+            cells.push_back({method, seed, k, split, alpha, z, {}, 0});
           }
-        if (s_.centralised) cells.push_back({"centralised", seed, k, split, alpha, 0, 0});
+        for (const std::vector<int>& pattern : s_.flora_client_ranks) {
+          std::vector<int> ranks;
+          for (int i = 0; i < k; ++i) ranks.push_back(pattern[i % pattern.size()]);
+          cells.push_back({"flora", seed, k, split, alpha, 0, ranks, 0});
+        }
+        if (s_.centralised) cells.push_back({"centralised", seed, k, split, alpha, 0, {}, 0});
         if (s_.local)
           for (int site = 1; site <= k; ++site)
-            cells.push_back({"local", seed, k, split, alpha, 0, site});
+            cells.push_back({"local", seed, k, split, alpha, 0, {}, site});
       }
   return cells;
 }
@@ -670,6 +707,12 @@ absl::Status Runner::Federation(const Cell& cell, const std::vector<fs::path>& d
                                      "1"};
   if (method == "fed-sb") {
     server.insert(server.end(), {"--fed-sb-init-lr", Number(h.fed_sb_init_lr)});
+  }
+  if (!cell.client_ranks.empty()) {
+    std::string ranks;
+    for (size_t k = 0; k < cell.client_ranks.size(); ++k)
+      ranks += StrCat(k ? "," : "", "client-", k + 1, "=", cell.client_ranks[k]);
+    server.insert(server.end(), {"--client-ranks", ranks});
   }
   if (cell.dp_noise > 0)
     server.insert(server.end(), {"--dp-clip", Number(s_.dp_clip), "--dp-noise-multiplier",

@@ -52,6 +52,11 @@ std::string GroupLabel(const ExperimentSpec& spec, const Cell& c) {
   if (spec.alphas.size() > 1) label += StrCat(" α=", c.alpha);
   if (spec.dp_noise.size() > 1 && c.kind != "local" && c.kind != "centralised")
     label += c.dp_noise > 0 ? StrCat(" σ=", c.dp_noise) : std::string(" no DP");
+  if (!c.client_ranks.empty()) {
+    label += " ranks ";
+    for (size_t i = 0; i < c.client_ranks.size(); ++i)
+      label += StrCat(i ? "/" : "", c.client_ranks[i]);
+  }
   return label;
 }
 
@@ -70,7 +75,7 @@ std::map<int, MeanSd> Series(const Group& g, Fn value) {
   return out;
 }
 
-std::string Quote(const fs::path& p) { return "'" + p.string() + "'"; }
+std::string Quote(const std::string& file) { return "'" + file + "'"; }
 
 }  // namespace
 
@@ -78,16 +83,21 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
                                    const fs::path& out) {
   // The CSV: every value as the coordinator wrote it (17 significant digits).
   std::string csv =
-      "cell,kind,seed,clients,split,alpha,dp_noise_multiplier,site,round,eval_loss,eval_accuracy,"
+      "cell,kind,seed,clients,split,alpha,dp_noise_multiplier,client_ranks,site,round,eval_loss,"
+      "eval_accuracy,"
       "bytes_up_per_client,bytes_down_per_client,cumulative_bytes_per_client,epsilon,"
       "round_seconds,wall_seconds\n";
   for (const ResultRow& r : rows) {
     const Cell& c = r.cell;
-    csv += fmt::format(
-        "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", c.id(), c.kind, c.seed, c.clients,
-        c.split, c.alpha, c.dp_noise, c.site > 0 ? StrCat("client-", c.site) : std::string(),
-        r.round, Exact(r.eval_loss), Exact(r.eval_accuracy), Exact(r.bytes_up), Exact(r.bytes_down),
-        Exact(r.cumulative_bytes), Exact(r.epsilon), Exact(r.round_seconds), Exact(r.wall_seconds));
+    std::string ranks;
+    for (size_t i = 0; i < c.client_ranks.size(); ++i)
+      ranks += StrCat(i ? ";" : "", c.client_ranks[i]);
+    csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", c.id(), c.kind,
+                       c.seed, c.clients, c.split, c.alpha, c.dp_noise, ranks,
+                       c.site > 0 ? StrCat("client-", c.site) : std::string(), r.round,
+                       Exact(r.eval_loss), Exact(r.eval_accuracy), Exact(r.bytes_up),
+                       Exact(r.bytes_down), Exact(r.cumulative_bytes), Exact(r.epsilon),
+                       Exact(r.round_seconds), Exact(r.wall_seconds));
   }
   RETURN_IF_ERROR(common::WriteFileAtomically(out / "results.csv", csv));
 
@@ -149,10 +159,10 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
     RETURN_IF_ERROR(common::WriteFileAtomically(plots / StrCat("group-", i, ".dat"), dat));
   }
   auto curves = [&](const char* file, const char* ylabel, int mean, int sd) {
-    std::string gp = StrCat("set output ", Quote(plots / (std::string(file) + ".tmp")),
+    std::string gp = StrCat("set output ", Quote(std::string(file) + ".tmp"),
                             "\nset xlabel 'round'\nset ylabel '", ylabel, "'\nplot ");
     for (size_t i = 0; i < groups.size(); ++i) {
-      const std::string dat = Quote(plots / StrCat("group-", i, ".dat"));
+      const std::string dat = Quote(StrCat("group-", i, ".dat"));
       gp += StrCat(i ? ", \\\n     " : "", dat, " using 1:($", mean, "-$", sd, "):($", mean, "+$",
                    sd, ") with filledcurves lc ", i + 1, " fs transparent solid 0.15 notitle, ",
                    dat, " using 1:", mean, " with linespoints lc ", i + 1, " lw 2 pt ", i + 1,
@@ -167,13 +177,13 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
   std::vector<std::string> made = {"loss.svg"};
   if (accuracy) {
     gp += curves("accuracy.svg", "held-out accuracy (mean ± sd over seeds)", 4, 5);
-    gp += StrCat("set output ", Quote(plots / "accuracy_vs_bytes.svg.tmp"),
+    gp += StrCat("set output ", Quote("accuracy_vs_bytes.svg.tmp"),
                  "\nset xtics auto\nset logscale x\nset xlabel 'MB per client (up + down), "
                  "cumulative'\nset ylabel 'held-out accuracy'\nplot ");
     bool first = true;
     for (size_t i = 0; i < groups.size(); ++i) {
       if (groups[i].baseline) continue;
-      gp += StrCat(first ? "" : ", \\\n     ", Quote(plots / StrCat("group-", i, ".dat")),
+      gp += StrCat(first ? "" : ", \\\n     ", Quote(StrCat("group-", i, ".dat")),
                    " using 6:4:5 with yerrorlines lc ", i + 1, " lw 2 pt ", i + 1, " title '",
                    groups[i].label, "'");
       first = false;
@@ -183,8 +193,9 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
     made.push_back("accuracy_vs_bytes.svg");
   }
   RETURN_IF_ERROR(common::WriteFileAtomically(plots / "plots.gp", gp));
+  // In plots/, which the script's file names are relative to.
   const absl::Status drawn =
-      RunToEnd({"gnuplot", (plots / "plots.gp").string()}, plots / "gnuplot.log");
+      RunToEnd({"gnuplot", "plots.gp"}, fs::absolute(plots / "gnuplot.log"), plots);
   if (drawn.ok()) {
     md += "\n";
     for (const std::string& f : made) {

@@ -73,12 +73,12 @@ TEST(ExperimentTest, QuickSpecRunsEndToEndAndItsReportIsTheCsvs) {
   const std::string spec = std::string(FEDLORA_SOURCE_DIR) + "/experiments/quick.toml";
   Result r = Experiment(spec + " --out " + out.string());
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_THAT(r.output, HasSubstr("[16/16]"));
-  EXPECT_THAT(r.output, HasSubstr("16 of 16 cells"));
+  EXPECT_THAT(r.output, HasSubstr("[18/18]"));
+  EXPECT_THAT(r.output, HasSubstr("18 of 18 cells"));
 
-  // 4 methods + centralised + 3 local-only sites, × 2 seeds, × 2 rounds.
+  // 4 methods + FLoRA at ranks 2/4/16 + centralised + 3 local-only sites, × 2 seeds, × 2 rounds.
   const std::vector<Row> rows = ReadCsv(out / "results.csv");
-  ASSERT_EQ(rows.size(), 32u);
+  ASSERT_EQ(rows.size(), 36u);
   // Every row is its cell's metrics line: the coordinator's values, digit for digit.
   for (const Row& row : rows) {
     const fs::path metrics = out / "cells" / row.at("cell") / "state" / "metrics.jsonl";
@@ -98,6 +98,11 @@ TEST(ExperimentTest, QuickSpecRunsEndToEndAndItsReportIsTheCsvs) {
                                : row.at("kind"));
     EXPECT_EQ(m["cohort"].size(),
               row.at("kind") == "centralised" || row.at("kind") == "local" ? 1u : 3u);
+    if (!row.at("client_ranks").empty()) {  // each client uploads its own rank's factors
+      EXPECT_EQ(row.at("client_ranks"), "2;4;16");
+      EXPECT_LT(m["bytes_up"]["client-1"].get<int64_t>(), m["bytes_up"]["client-2"].get<int64_t>());
+      EXPECT_LT(m["bytes_up"]["client-2"].get<int64_t>(), m["bytes_up"]["client-3"].get<int64_t>());
+    }
   }
 
   // The report's table from the CSV: the last round's values per seed (local-only: the mean of
@@ -105,11 +110,13 @@ TEST(ExperimentTest, QuickSpecRunsEndToEndAndItsReportIsTheCsvs) {
   std::map<std::string, std::map<std::string, std::vector<double>>> acc, loss;  // kind, seed
   for (const Row& row : rows) {
     if (row.at("round") != "2") continue;
-    acc[row.at("kind")][row.at("seed")].push_back(std::stod(row.at("eval_accuracy")));
-    loss[row.at("kind")][row.at("seed")].push_back(std::stod(row.at("eval_loss")));
+    const std::string label = (row.at("kind") == "local" ? "local-only" : row.at("kind")) +
+                              (row.at("client_ranks").empty() ? "" : " ranks 2/4/16");
+    acc[label][row.at("seed")].push_back(std::stod(row.at("eval_accuracy")));
+    loss[label][row.at("seed")].push_back(std::stod(row.at("eval_loss")));
   }
   const std::string report = testing::ReadText(out / "report.md");
-  for (const auto& [kind, per_seed] : acc) {
+  for (const auto& [label, per_seed] : acc) {
     auto seeds = [](const std::map<std::string, std::vector<double>>& m) {
       std::vector<double> v;
       for (const auto& [seed, values] : m) {
@@ -119,12 +126,11 @@ TEST(ExperimentTest, QuickSpecRunsEndToEndAndItsReportIsTheCsvs) {
       }
       return v;
     };
-    const std::string label = kind == "local" ? "local-only" : kind;
     const std::string expected = "| " + label + " | 2 | " + MeanSd(seeds(per_seed)) + " | " +
-                                 MeanSd(seeds(loss[kind])) + " |";
+                                 MeanSd(seeds(loss[label])) + " |";
     EXPECT_THAT(report, HasSubstr(expected)) << report;
   }
-  EXPECT_EQ(acc.size(), 6u);
+  EXPECT_EQ(acc.size(), 7u);
   for (const char* plot : {"loss.svg", "accuracy.svg", "accuracy_vs_bytes.svg"}) {
     EXPECT_THAT(testing::ReadText(out / "plots" / plot), HasSubstr("<svg")) << plot;
     EXPECT_THAT(report, HasSubstr(std::string("(plots/") + plot + ")"));

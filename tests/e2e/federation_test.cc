@@ -1384,9 +1384,9 @@ void LlmFixture::FineTune(const std::string& method, const std::string& preset,
   // The accuracy of greedy answers, as `fedlora eval --accuracy` finds it on the merged export.
   // The merged weights' logits differ from base + adapter in the last bits, which could flip one
   // near-tied argmax: one record of the 24 is the tolerance.
-  const auto scored = Fedlora("eval --accuracy --max-new-tokens 8 --model " +
-                              (exported / "merged").string() + " --data " +
-                              (data / "test.jsonl").string() + " --json");
+  const auto scored =
+      Fedlora("eval --accuracy --max-new-tokens 8 --model " + (exported / "merged").string() +
+              " --data " + (data / "test.jsonl").string() + " --json");
   ASSERT_EQ(scored["answered"], 24);
   for (const auto& m : metrics) {
     ASSERT_TRUE(m.contains("eval_accuracy")) << m.dump();

@@ -115,13 +115,15 @@ class Harness {
     return bytes;
   }
 
-  // The update client `id` sends for `round`: factors drawn from (id, round), at the client's
-  // scaling; for fed-sb an R on the frozen B, A of `task`'s downloads.
+  // The update client `id` sends for `round`: factors drawn from (id, round), at the task's rank
+  // (kRank when the task has none) and the client's scaling kAlpha / rank; for fed-sb an R on
+  // the frozen B, A of `task`'s downloads.
   absl::StatusOr<Adapter> MakeUpdate(const std::string& id, const v1::Task& task) {
     const bool fed_sb = options_.method == common::Method::kFedSb;
+    const int rank = task.settings().rank() > 0 ? task.settings().rank() : kRank;
     std::vector<common::ModuleShape> shapes;
     for (const auto& [name, n, m] : modules_)
-      shapes.push_back({name, kRank, n, m, kAlpha / kRank, fed_sb});
+      shapes.push_back({name, rank, n, m, kAlpha / rank, fed_sb});
     auto update = Adapter::Create(shapes);
     if (!update.ok()) return update.status();
     std::mt19937_64 rng(common::Fnv1a(id, static_cast<uint64_t>(task.round())));

@@ -617,6 +617,69 @@ TEST_F(RoundEngineTest, RegressionMalformedModulesAreRefusedAtJoin) {
   EXPECT_TRUE(fs::exists(state() / "ledger.json"));
 }
 
+// FLoRA's heterogeneous setting: each client trains the rank --client-ranks gives it, an update
+// of another rank is refused, and the round's delta is exactly Σ p_k s_k B_k A_k over the mix.
+TEST(HeterogeneousRanksTest, FloraClientsTrainTheirOwnRanksAndTheDeltaIsExact) {
+  ScratchDir dir;
+  TestEnv env;
+  server::ServerOptions o = TestOptions(dir.path() / "state", "flora");
+  o.client_ranks = {{"c1", 2}, {"c3", 7}};
+  Harness h(o, &env);
+  ASSERT_TRUE(h.Start().ok());
+  for (const char* id : {"c1", "c2", "c3"}) ASSERT_TRUE(h.Join(id).ok()) << id;
+  std::map<std::string, v1::Task> tasks;
+  for (const char* id : {"c1", "c2", "c3"}) tasks[id] = *h.Task(id);
+  EXPECT_EQ(tasks["c1"].settings().rank(), 2);
+  EXPECT_EQ(tasks["c2"].settings().rank(), kRank);
+  EXPECT_EQ(tasks["c3"].settings().rank(), 7);
+  // c1 at the run's rank instead of its own: refused, saying which shapes.
+  v1::Task wrong = tasks["c1"];
+  wrong.mutable_settings()->set_rank(kRank);
+  auto refused = h.Send("c1", tasks["c1"], h.Encode(*h.MakeUpdate("c1", wrong)));
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(std::string(refused.status().message()),
+              HasSubstr("lora_A has shape [4,12], task says [2,12]"));
+  std::map<std::string, Adapter> updates;
+  for (const char* id : {"c1", "c2", "c3"}) {
+    updates[id] = *h.MakeUpdate(id, tasks[id]);
+    ASSERT_TRUE(h.Send(id, tasks[id], h.Encode(updates[id])).ok()) << id;
+  }
+  const nlohmann::json ledger = ReadJson(dir.path() / "state" / "ledger.json");
+  ASSERT_EQ(ledger["versions"].size(), 2u) << "the round did not close";
+  const std::string sha = ledger["versions"][1]["blobs"][0]["sha256"];
+  const Adapter delta =
+      *common::DecodeAdapter(*common::ReadFileToString(dir.path() / "state" / "blobs" / sha), sha);
+  const double total = Harness::Examples("c1") + Harness::Examples("c2") + Harness::Examples("c3");
+  for (size_t i = 0; i < delta.num_modules(); ++i) {
+    EXPECT_EQ(delta.module(i).rank, 2 + kRank + 7);
+    const MatrixD got =
+        delta.module(i).scaling * delta.B(i).cast<double>() * delta.A(i).cast<double>();
+    MatrixD expected = MatrixD::Zero(got.rows(), got.cols());
+    for (const auto& [id, u] : updates) {
+      const size_t j = *u.FindModule(delta.module(i).name);
+      expected += Harness::Examples(id) / total * u.module(j).scaling * u.B(j).cast<double>() *
+                  u.A(j).cast<double>();
+    }
+    EXPECT_LT((got - expected).cwiseAbs().maxCoeff(), 1e-6) << delta.module(i).name;
+  }
+}
+
+TEST(HeterogeneousRanksTest, OnlyFloraTakesThemAndOnlyForAllowedClients) {
+  server::ServerOptions o = TestOptions("state", "fedit");
+  o.client_ranks = {{"c1", 2}};
+  EXPECT_THAT(std::string(o.Validate().message()), HasSubstr("client_ranks needs method flora"));
+  o.method = common::Method::kFlora;
+  EXPECT_TRUE(o.Validate().ok()) << o.Validate();
+  o.allowed_clients = {"c2"};
+  o.client_ca = "ca.pem";
+  o.insecure = false;
+  o.tls_cert = "s.pem";
+  o.tls_key = "s.key";
+  EXPECT_THAT(std::string(o.Validate().message()), HasSubstr("c1, which is not an allowed client"));
+  o.client_ranks = {{"c2", 0}};
+  EXPECT_THAT(std::string(o.Validate().message()), HasSubstr("c2's rank is 0"));
+}
+
 TEST(WeightCapTest, WaterFillingByHand) {
   // 20, 30, 40, 50 and one of 10^6 at a cap of 1/4: with the two largest capped, T = ¼·90 / (1 −
   // ½) = 45, between 40 and 50; weights 20, 30, 40, 45, 45 (total 180; 45/180 = ¼).

@@ -11,8 +11,9 @@ TEST(AccuracyTest, ChoicesComeFromTheAnswerFormatLine) {
   EXPECT_EQ(AnswerChoices("Question?\n\nAnswer format: answer1/answer2/answer3/answer4"),
             (std::vector<std::string>{"answer1", "answer2", "answer3", "answer4"}));
   // WinoGrande's puts it on the options' line.
-  EXPECT_EQ(AnswerChoices("Fill _.\n\nOption1: Sarah Option2: Maria Answer format: option1/option2"),
-            (std::vector<std::string>{"option1", "option2"}));
+  EXPECT_EQ(
+      AnswerChoices("Fill _.\n\nOption1: Sarah Option2: Maria Answer format: option1/option2"),
+      (std::vector<std::string>{"option1", "option2"}));
   EXPECT_EQ(AnswerChoices("with true or false\n\nAnswer format: true/false"),
             (std::vector<std::string>{"true", "false"}));
   EXPECT_TRUE(AnswerChoices("What is 3 plus 4?").empty());
