@@ -661,50 +661,21 @@ absl::Status Runner::Federation(const Cell& cell, const std::vector<fs::path>& d
   std::string allowed, targets;
   for (int k = 1; k <= n; ++k) allowed += StrCat(k > 1 ? "," : "", "client-", k);
   for (const std::string& t : s_.targets) targets += (targets.empty() ? "" : ",") + t;
-  std::vector<std::string> server = {(bin_ / "fedlora-server").string(),
-                                     "--method",
-                                     method,
-                                     "--rounds",
-                                     StrCat(s_.rounds),
-                                     "--min-clients",
-                                     StrCat(n),
-                                     "--state-dir",
-                                     (dir / "state").string(),
-                                     "--listen",
-                                     "127.0.0.1:0",
-                                     "--port-file",
-                                     (dir / "port").string(),
-                                     "--tls-cert",
-                                     (certs / "server.pem").string(),
-                                     "--tls-key",
-                                     (certs / "server.key").string(),
-                                     "--client-ca",
-                                     (certs / "ca.pem").string(),
-                                     "--allowed-clients",
-                                     allowed,
-                                     "--base-model-dir",
-                                     model_.string(),
-                                     "--eval-data",
-                                     fs::absolute(test_).string(),
-                                     "--eval-accuracy",
-                                     "--eval-max-new-tokens",
-                                     StrCat(s_.eval_max_new_tokens),
-                                     "--eval-max-length",
-                                     StrCat(s_.max_length),
-                                     "--target-modules",
-                                     targets,
-                                     "--rank",
-                                     StrCat(h.rank),
-                                     "--lora-alpha",
-                                     Number(h.lora_alpha),
-                                     "--local-steps",
-                                     StrCat(local_steps),
-                                     "--learning-rate",
-                                     Number(h.learning_rate),
-                                     "--seed",
-                                     StrCat(cell.seed),
-                                     "--linger-s",
-                                     "1"};
+  // clang-format off
+  std::vector<std::string> server = {
+      (bin_ / "fedlora-server").string(),
+      "--method", method, "--rounds", StrCat(s_.rounds), "--seed", StrCat(cell.seed),
+      "--min-clients", StrCat(n), "--allowed-clients", allowed,
+      "--state-dir", (dir / "state").string(), "--linger-s", "1",
+      "--listen", "127.0.0.1:0", "--port-file", (dir / "port").string(),
+      "--tls-cert", (certs / "server.pem").string(), "--tls-key", (certs / "server.key").string(),
+      "--client-ca", (certs / "ca.pem").string(),
+      "--base-model-dir", model_.string(), "--eval-data", fs::absolute(test_).string(),
+      "--eval-accuracy", "--eval-max-new-tokens", StrCat(s_.eval_max_new_tokens),
+      "--eval-max-length", StrCat(s_.max_length),
+      "--target-modules", targets, "--rank", StrCat(h.rank), "--lora-alpha", Number(h.lora_alpha),
+      "--local-steps", StrCat(local_steps), "--learning-rate", Number(h.learning_rate)};
+  // clang-format on
   if (method == "fed-sb") {
     server.insert(server.end(), {"--fed-sb-init-lr", Number(h.fed_sb_init_lr)});
   }
@@ -743,28 +714,16 @@ absl::Status Runner::Federation(const Cell& cell, const std::vector<fs::path>& d
   for (int k = 1; k <= n; ++k) {
     const std::string id = StrCat("client-", k);
     logs.push_back(dir / (id + ".log"));
+    // clang-format off
     auto pid = Spawn({(bin_ / "fedlora-client").string(),
-                      "--coordinator",
-                      "localhost:" + port,
-                      "--ca",
-                      (certs / "ca.pem").string(),
-                      "--cert",
-                      (certs / (id + ".pem")).string(),
-                      "--key",
-                      (certs / (id + ".key")).string(),
-                      "--workload",
-                      "llm",
-                      "--model",
-                      model_.string(),
-                      "--data",
-                      fs::absolute(data[k - 1]).string(),
-                      "--batch",
-                      StrCat(s_.batch),
-                      "--max-length",
-                      StrCat(s_.max_length),
-                      "--threads",
-                      "1"},
+                      "--coordinator", "localhost:" + port, "--ca", (certs / "ca.pem").string(),
+                      "--cert", (certs / (id + ".pem")).string(),
+                      "--key", (certs / (id + ".key")).string(),
+                      "--workload", "llm", "--model", model_.string(),
+                      "--data", fs::absolute(data[k - 1]).string(), "--batch", StrCat(s_.batch),
+                      "--max-length", StrCat(s_.max_length), "--threads", "1"},
                      logs.back());
+    // clang-format on
     if (!pid.ok()) {
       stop_all();
       return pid.status();

@@ -35,22 +35,15 @@ std::string Pem(const std::function<int(BIO*)>& write) {
   return std::string(data, static_cast<size_t>(n));
 }
 
-absl::StatusOr<Key> ReadKey(const std::filesystem::path& path) {
+// A PEM object of `path`, read with `read` (PEM_read_bio_PrivateKey, PEM_read_bio_X509).
+template <typename Ptr, typename Read>
+absl::StatusOr<Ptr> ReadPem(const std::filesystem::path& path, Read read, const char* what) {
   ASSIGN_OR_RETURN(std::string pem, ReadFileToString(path));
   std::unique_ptr<BIO, Deleter<BIO, BIO_free_all>> bio(
       BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  Key key(PEM_read_bio_PrivateKey(bio.get(), nullptr, nullptr, nullptr));
-  if (!key) return absl::InvalidArgumentError(StrCat(path.string(), " is not a PEM private key"));
-  return key;
-}
-
-absl::StatusOr<Cert> ReadCert(const std::filesystem::path& path) {
-  ASSIGN_OR_RETURN(std::string pem, ReadFileToString(path));
-  std::unique_ptr<BIO, Deleter<BIO, BIO_free_all>> bio(
-      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
-  Cert cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
-  if (!cert) return absl::InvalidArgumentError(StrCat(path.string(), " is not a PEM certificate"));
-  return cert;
+  Ptr object(read(bio.get(), nullptr, nullptr, nullptr));
+  if (!object) return absl::InvalidArgumentError(StrCat(path.string(), " is not a PEM ", what));
+  return object;
 }
 
 // A certificate for `key` named `cn`, signed by `issuer_key` (and named by `issuer`; self-signed
@@ -111,8 +104,9 @@ absl::Status MakeRunCertificates(const std::filesystem::path& dir, int clients) 
                         {{NID_basic_constraints, "critical,CA:TRUE"},
                          {NID_key_usage, "critical,keyCertSign,cRLSign"},
                          {NID_subject_key_identifier, "hash"}}));
-  ASSIGN_OR_RETURN(Cert ca, ReadCert(dir / "ca.pem"));
-  ASSIGN_OR_RETURN(Key ca_key, ReadKey(dir / "ca.key"));
+  ASSIGN_OR_RETURN(Cert ca, ReadPem<Cert>(dir / "ca.pem", PEM_read_bio_X509, "certificate"));
+  ASSIGN_OR_RETURN(Key ca_key,
+                   ReadPem<Key>(dir / "ca.key", PEM_read_bio_PrivateKey, "private key"));
   RETURN_IF_ERROR(Issue(dir, "server", "coordinator", ca.get(), ca_key.get(),
                         {{NID_subject_alt_name, "DNS:localhost,IP:127.0.0.1,DNS:coordinator"},
                          {NID_ext_key_usage, "serverAuth"}}));

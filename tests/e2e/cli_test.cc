@@ -13,6 +13,7 @@
 #include "common/llm/llama_config.h"
 #include "common/llm/trainer.h"
 #include "common/tensor/peft.h"
+#include "tests/process.h"
 #include "tests/test_util.h"
 
 namespace fedlora {
@@ -21,21 +22,10 @@ namespace {
 using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
-struct Result {
-  int exit_code;
-  std::string output;  // stdout and stderr
-};
+using Result = testing::CommandResult;
 
 Result Fedlora(const std::string& args) {
-  const std::string cmd = std::string(FEDLORA_BIN_DIR) + "/fedlora " + args + " 2>&1";
-  std::FILE* pipe = ::popen(cmd.c_str(), "r");
-  Result r{-1, ""};
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
-  const int status = ::pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return testing::RunCommand(std::string(FEDLORA_BIN_DIR) + "/fedlora " + args);
 }
 
 class CliTest : public ::testing::Test {

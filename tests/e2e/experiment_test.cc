@@ -22,21 +22,10 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-struct Result {
-  int exit_code;
-  std::string output;
-};
+using Result = testing::CommandResult;
 
 Result Experiment(const std::string& args) {
-  const std::string cmd = std::string(FEDLORA_BIN_DIR) + "/fedlora experiment " + args + " 2>&1";
-  std::FILE* pipe = ::popen(cmd.c_str(), "r");
-  Result r{-1, ""};
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, pipe)) > 0) r.output.append(buf, n);
-  const int status = ::pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return testing::RunCommand(std::string(FEDLORA_BIN_DIR) + "/fedlora experiment " + args);
 }
 
 using Row = std::map<std::string, std::string>;
