@@ -276,11 +276,11 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> GenerateAll(
           StrCat("prompt ", i + 1, ": ", prompts[i].size(), " tokens and ", options.max_new_tokens,
                  " new ones exceed the model's ", limit, " positions"));
   }
-  // One decoder per part, each on one core: prompts are independent, and one position's
-  // products are too small to split.
-  openblas_set_num_threads(1);
+  // One decoder per part: prompts are independent. The cores left over (fewer prompts than cores)
+  // go to OpenBLAS's threads within each product.
   const size_t cores = threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency());
   const size_t parts = std::max<size_t>(1, std::min(prompts.size(), cores));
+  openblas_set_num_threads(static_cast<int>(cores / parts));
   std::vector<std::vector<int32_t>> out(prompts.size());
   std::vector<absl::Status> failed(parts);
   ParallelFor(
