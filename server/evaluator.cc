@@ -25,6 +25,18 @@ absl::StatusOr<std::unique_ptr<Evaluator>> Evaluator::Load(const ServerOptions& 
   if (!options.eval_data.empty()) {
     ASSIGN_OR_RETURN(e->eval_examples_, common::ReadExamples(options.eval_data, e->base_->tokens,
                                                              options.eval_max_length));
+    size_t without_targets = 0;
+    for (const common::Example& ex : e->eval_examples_)
+      without_targets += common::TargetCount(ex) == 0;
+    if (without_targets == e->eval_examples_.size())
+      return absl::InvalidArgumentError(
+          StrCat("eval_data ", options.eval_data, ": no record keeps a target token within ",
+                 options.eval_max_length, " tokens; raise eval_max_length"));
+    if (without_targets > 0)
+      spdlog::warn(
+          "{} of {} records of {} have no target tokens within {} tokens (a larger "
+          "eval_max_length keeps their responses)",
+          without_targets, e->eval_examples_.size(), options.eval_data, options.eval_max_length);
   }
   if (options.eval_accuracy) {
     if (e->base_->tokenizer == nullptr)

@@ -1415,6 +1415,22 @@ void LlmFixture::FineTune(const std::string& method, const std::string& preset,
   }
 }
 
+// Held-out records whose responses all fall past --eval-max-length would give a held-out loss of
+// nothing, reported as 0: the coordinator refuses to start instead, saying what to raise.
+TEST_F(LlmFixture, HeldOutDataWithNoTargetWithinTheLengthIsRefusedAtStart) {
+  const fs::path data = dir_ / "data", model = dir_ / "model";
+  Fedlora("make-data --out " + data.string() + " --clients 1 --records 8 --test-records 6");
+  Fedlora("init-model --preset tiny --out " + model.string());
+  const pid_t pid = Track(
+      testing::Start({kBin + "/fedlora-server", "--method", "fedit", "--insecure", "--state-dir",
+                      (dir_ / "state").string(), "--base-model-dir", model.string(), "--eval-data",
+                      (data / "test.jsonl").string(), "--eval-max-length", "16"},
+                     dir_ / "server.log"));
+  EXPECT_NE(testing::Wait(pid, std::chrono::seconds(20)), 0);
+  EXPECT_THAT(testing::ReadText(dir_ / "server.log"),
+              HasSubstr("no record keeps a target token within 16 tokens; raise eval_max_length"));
+}
+
 class LlmFederation : public LlmFixture, public ::testing::WithParamInterface<std::string> {};
 
 TEST_P(LlmFederation, ClientsFineTuneATinyModelAndHeldOutLossFalls) {
