@@ -100,6 +100,9 @@ absl::Status MakeRunCertificates(const std::filesystem::path& dir, int clients) 
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return absl::InternalError(StrCat("cannot create ", dir.string(), ": ", ec.message()));
+  // The directory is the owner's alone, so no key is readable by others even while it is written.
+  std::filesystem::permissions(dir, std::filesystem::perms::owner_all, ec);
+  if (ec) return absl::InternalError(StrCat("cannot restrict ", dir.string(), ": ", ec.message()));
   RETURN_IF_ERROR(Issue(dir, "ca", "fedlora run CA", nullptr, nullptr,
                         {{NID_basic_constraints, "critical,CA:TRUE"},
                          {NID_key_usage, "critical,keyCertSign,cRLSign"},
