@@ -12,8 +12,8 @@
 namespace fedlora::common {
 
 // Writes ca.pem, ca.key, server.pem, server.key and client-<k>.pem/.key for k = 1..clients into
-// `dir` (created if missing, mode 0700; keys 0600), each atomically. Files that exist are kept, so more
-// clients can be added to a directory later.
+// `dir` (created if missing, mode 0700; keys 0600), each atomically. Files that exist are kept, so
+// more clients can be added to a directory later.
 absl::Status MakeRunCertificates(const std::filesystem::path& dir, int clients);
 
 }  // namespace fedlora::common
