@@ -800,6 +800,9 @@ absl::Status Runner::Run(bool report_only) {
     rows.insert(rows.end(), cell_rows.begin(), cell_rows.end());
     ++finished;
   }
+  if (rows.empty())
+    return absl::FailedPreconditionError(
+        StrCat(s_.out.string(), " has no finished cell to report on; run the spec first"));
   RETURN_IF_ERROR(WriteExperimentReport(s_, rows, s_.out));
   std::fprintf(
       stderr, "%zu of %zu cells in %s (%d run now, %s); report in %s\n", finished, cells.size(),

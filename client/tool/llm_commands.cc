@@ -172,6 +172,7 @@ void RunGenerate(const GenerateArgs& a) {
                 where + ": expected an instruction or a text record to take a prompt from");
           return absl::OkStatus();
         }));
+  if (texts.empty()) ExitIfError(absl::InvalidArgumentError(a.data + " has no records"));
   std::vector<std::vector<int32_t>> prompts;
   for (const std::string& text : texts) {
     std::vector<int32_t> ids = model.tokenizer->prefix();

@@ -549,6 +549,10 @@ TEST_F(CliTest, EvalAccuracyScoresAModelWhoseAnswersAreKnown) {
     EXPECT_EQ(n, 6);
   }
   EXPECT_EQ(Fedlora("generate --model " + model).exit_code, 1);
+  std::ofstream(Dir("empty.jsonl")).flush();
+  r = Fedlora("generate --model " + model + " --data " + Dir("empty.jsonl"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("empty.jsonl has no records"));
 }
 
 }  // namespace

@@ -136,6 +136,11 @@ TEST(ExperimentTest, QuickSpecRunsEndToEndAndItsReportIsTheCsvs) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("(1 run now"));
 
+  // Nothing to report on is an error, not an empty report.
+  r = Experiment(spec + " --report-only --out " + (scratch.path() / "none").string());
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("has no finished cell to report on"));
+
   // Other settings into the same directory are refused; a bad spec says where it is wrong.
   const fs::path changed = scratch.path() / "changed.toml";
   std::string text = testing::ReadText(spec);
