@@ -84,6 +84,7 @@ absl::StatusOr<std::optional<Evaluator::Scores>> Evaluator::Evaluate(
         common::MeasureAccuracy(weights, adapter, *base_->tokenizer, weights.config().eos_token_ids,
                                 answer_records_, {.max_new_tokens = max_new_tokens_}));
     scores.accuracy = a.accuracy();
+    scores.accuracy_by_task = common::AccuracyByTask(answer_records_, a);
   }
   return scores;
 }

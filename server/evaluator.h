@@ -5,6 +5,7 @@
 #define FEDLORA_SERVER_EVALUATOR_H_
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -33,6 +34,7 @@ class Evaluator {
   struct Scores {
     double loss = 0;                 // token-weighted mean over the held-out records
     std::optional<double> accuracy;  // with eval_accuracy
+    std::map<std::string, double> accuracy_by_task;  // when the records name tasks
   };
   // The held-out scores of the global model of `version`: the base with `global` (its latest
   // adapter; ignored for FLoRA, whose deltas are merged up to `version` first). nullopt without

@@ -294,6 +294,8 @@ absl::Status RoundEngine::FollowUpOnceLocked() {
       if (it != eval_scores_.end()) {
         line["eval_loss"] = it->second.loss;
         if (it->second.accuracy) line["eval_accuracy"] = *it->second.accuracy;
+        if (!it->second.accuracy_by_task.empty())
+          line["eval_accuracy_by_task"] = it->second.accuracy_by_task;
       }
     }
     RETURN_IF_ERROR(store_.AppendMetrics(v, line));

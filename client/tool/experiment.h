@@ -107,9 +107,10 @@ struct ResultRow {
   int round = 0;
   double eval_loss = 0;
   std::optional<double> eval_accuracy;
-  double bytes_up = 0, bytes_down = 0;  // this round, mean per client that took part
-  double cumulative_bytes = 0;          // up + down per client since the start (Fed-SB's init too)
-  std::optional<double> epsilon;        // client-level DP's ε, or the largest DP-SGD ε
+  std::map<std::string, double> accuracy_by_task;  // when the held-out records name tasks
+  double bytes_up = 0, bytes_down = 0;             // this round, mean per client that took part
+  double cumulative_bytes = 0;    // up + down per client since the start (Fed-SB's init too)
+  std::optional<double> epsilon;  // client-level DP's ε, or the largest DP-SGD ε
   double round_seconds = 0, wall_seconds = 0;
 };
 
@@ -118,7 +119,8 @@ struct ResultRow {
 absl::Status RunToEnd(const std::vector<std::string>& argv, const std::filesystem::path& log,
                       const std::filesystem::path& cwd = {});
 
-// Writes results.csv, report.md and (with gnuplot) loss.svg, accuracy.svg and
+// Writes results.csv, results_by_task.csv (when the held-out records name tasks), report.md and
+// (with gnuplot) loss.svg, accuracy.svg and
 // accuracy_vs_bytes.svg into `out`, each atomically.
 absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector<ResultRow>& rows,
                                    const std::filesystem::path& out);

@@ -368,9 +368,14 @@ struct Record {
 };
 
 // The records of a JSONL file (a fixed random subset of `limit` when limit > 0 and fewer than
-// the file has: the same for every cell and seed).
+// the file has: the same for every cell and seed). With `tag_task`, a record without a "task" or
+// "category" gets "task": the file's name without "-test" (held-out records, for the
+// coordinator's accuracy per task).
 absl::StatusOr<std::vector<Record>> ReadRecords(const fs::path& path,
-                                                const std::string& label_field, int limit) {
+                                                const std::string& label_field, int limit,
+                                                bool tag_task = false) {
+  std::string task = path.stem().string();
+  if (task.ends_with("-test") || task.ends_with("_test")) task.resize(task.size() - 5);
   std::vector<Record> records;
   RETURN_IF_ERROR(common::ForEachJsonRecord(
       path, [&](const nlohmann::json& r, const std::string& where) -> absl::Status {
@@ -378,7 +383,13 @@ absl::StatusOr<std::vector<Record>> ReadRecords(const fs::path& path,
         std::string label = path.filename().string();
         if (auto it = r.find(label_field); it != r.end())
           label = it->is_string() ? it->get<std::string>() : it->dump();
-        records.push_back({r.dump(), std::move(label)});
+        if (tag_task && !r.contains("task") && !r.contains("category")) {
+          nlohmann::json tagged = r;
+          tagged["task"] = task;
+          records.push_back({tagged.dump(), std::move(label)});
+        } else {
+          records.push_back({r.dump(), std::move(label)});
+        }
         return absl::OkStatus();
       }));
   if (records.empty()) return absl::InvalidArgumentError(StrCat(path.string(), " has no records"));
@@ -497,7 +508,7 @@ absl::Status Runner::Prepare() {
     }
     for (const std::string& f : s_.test_files) {
       ASSIGN_OR_RETURN(auto records,
-                       ReadRecords(s_.data_dir / f, s_.label_field, s_.max_test_records));
+                       ReadRecords(s_.data_dir / f, s_.label_field, s_.max_test_records, true));
       test.insert(test.end(), records.begin(), records.end());
     }
   }
@@ -620,6 +631,8 @@ absl::StatusOr<std::vector<ResultRow>> Runner::RunCell(const Cell& cell, size_t 
       return absl::InternalError(StrCat(dir.string(), ": a metrics line without eval_loss"));
     ResultRow r{cell, m["round"].get<int>(), m["eval_loss"].get<double>()};
     if (m.contains("eval_accuracy")) r.eval_accuracy = m["eval_accuracy"].get<double>();
+    if (m.contains("eval_accuracy_by_task"))
+      r.accuracy_by_task = m["eval_accuracy_by_task"].get<std::map<std::string, double>>();
     auto mean = [](const nlohmann::json& per_client) {
       double sum = 0;
       for (const auto& [id, b] : per_client.items()) sum += b.get<double>();

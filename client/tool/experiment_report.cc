@@ -2,6 +2,7 @@
 // over seeds) and the plots, drawn by gnuplot from Debian's archive.
 #include <cmath>
 #include <map>
+#include <set>
 
 #include "client/tool/experiment.h"
 #include "common/base/file_util.h"
@@ -100,6 +101,16 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
                        Exact(r.round_seconds), Exact(r.wall_seconds));
   }
   RETURN_IF_ERROR(common::WriteFileAtomically(out / "results.csv", csv));
+  // Accuracy per task, tidy too: one row per cell × round × task.
+  std::set<std::string> tasks;
+  std::string by_task = "cell,round,task,eval_accuracy\n";
+  for (const ResultRow& r : rows)
+    for (const auto& [task, accuracy] : r.accuracy_by_task) {
+      tasks.insert(task);
+      by_task += fmt::format("{},{},{},{}\n", r.cell.id(), r.round, task, Exact(accuracy));
+    }
+  if (!tasks.empty())
+    RETURN_IF_ERROR(common::WriteFileAtomically(out / "results_by_task.csv", by_task));
 
   std::vector<Group> groups;
   std::map<std::string, size_t> index;
@@ -140,6 +151,25 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
                       accuracy ? Show(acc.at(last), 4) : "–", Show(loss.at(last), 4),
                       g.baseline ? "–" : fmt::format("{:.3f}", mb.at(last).mean),
                       eps.at(last).mean > 0 ? Show(eps.at(last), 2) : "–");
+  }
+
+  if (!tasks.empty()) {
+    md += "\nAccuracy per task after the last round (results_by_task.csv):\n\n| run |";
+    for (const std::string& t : tasks) md += " " + t + " |";
+    md += "\n|---|";
+    for (size_t i = 0; i < tasks.size(); ++i) md += "---|";
+    md += "\n";
+    for (const Group& g : groups) {
+      md += "| " + g.label + " |";
+      for (const std::string& t : tasks) {
+        const auto acc = Series(g, [&](const ResultRow& r) {
+          const auto it = r.accuracy_by_task.find(t);
+          return it == r.accuracy_by_task.end() ? 0.0 : it->second;
+        });
+        md += " " + Show(acc.at(last), 4) + " |";
+      }
+      md += "\n";
+    }
   }
 
   // The plots' data: per group, per round.

@@ -101,6 +101,9 @@ void RunEval(const EvalArgs& a) {
                 result->accuracy(), static_cast<long long>(result->correct), records->size(),
                 a.max_new_tokens);
     summary["accuracy"] = result->accuracy();
+    const auto by_task = common::AccuracyByTask(*records, *result);
+    for (const auto& [task, accuracy] : by_task) std::printf("  %s %.4f\n", task.c_str(), accuracy);
+    if (!by_task.empty()) summary["accuracy_by_task"] = by_task;
     summary["correct"] = result->correct;
     summary["answered"] = records->size();
     if (!a.responses.empty()) {

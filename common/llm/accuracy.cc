@@ -106,7 +106,11 @@ absl::StatusOr<std::vector<AnswerRecord>> ReadAnswerRecords(const std::filesyste
         if (instruction.empty())
           return absl::InvalidArgumentError(
               StrCat(where, ": a record with an \"answer\" needs an \"instruction\""));
-        AnswerRecord r{tokenizer.prefix(), AnswerChoices(instruction), std::move(answer)};
+        ASSIGN_OR_RETURN(std::string task, text("task"));
+        ASSIGN_OR_RETURN(std::string category, text("category"));
+        if (task.empty()) task = std::move(category);
+        AnswerRecord r{tokenizer.prefix(), AnswerChoices(instruction), std::move(answer),
+                       std::move(task)};
         for (int32_t id : tokenizer.Encode(InstructionPrompt(instruction, input)))
           r.prompt.push_back(id);
         out.push_back(std::move(r));
@@ -138,6 +142,21 @@ absl::StatusOr<AccuracyResult> MeasureAccuracy(const LlamaWeights& weights, cons
     result.correct += result.is_correct.back();
   }
   return result;
+}
+
+std::map<std::string, double> AccuracyByTask(const std::vector<AnswerRecord>& records,
+                                             const AccuracyResult& result) {
+  std::map<std::string, std::pair<int64_t, int64_t>> counts;  // right, all
+  for (size_t i = 0; i < records.size(); ++i) {
+    if (records[i].task.empty()) continue;
+    auto& [right, all] = counts[records[i].task];
+    right += result.is_correct[i];
+    ++all;
+  }
+  std::map<std::string, double> out;
+  for (const auto& [task, c] : counts)
+    out[task] = static_cast<double>(c.first) / static_cast<double>(c.second);
+  return out;
 }
 
 }  // namespace fedlora::common

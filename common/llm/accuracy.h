@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -43,6 +44,7 @@ struct AnswerRecord {
   std::vector<int32_t> prompt;
   std::vector<std::string> choices;
   std::string answer;
+  std::string task;  // the record's "task" field, else its "category" (empty without either)
 };
 
 // The records of a JSONL file that carry an `answer` (others are skipped); errors name the line.
@@ -57,6 +59,10 @@ struct AccuracyResult {
     return responses.empty() ? 0.0 : static_cast<double>(correct) / responses.size();
   }
 };
+
+// The accuracy over each task's records (AnswerRecord::task; records without one are left out).
+std::map<std::string, double> AccuracyByTask(const std::vector<AnswerRecord>& records,
+                                             const AccuracyResult& result);
 
 // Generates a response to every record (record i samples with seed + i, so the result does not
 // depend on `threads`; 0 = all cores) and scores it.

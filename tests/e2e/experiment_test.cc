@@ -94,6 +94,26 @@ TEST(ExperimentTest, QuickSpecRunsEndToEndAndItsReportIsTheCsvs) {
     }
   }
 
+  // Accuracy per task: every row its cell's metrics value; the synthetic held-out set has the same
+  // number of records in each of its six categories, so their mean is the overall accuracy.
+  std::map<std::pair<std::string, std::string>, std::vector<double>> per_task;  // cell, round
+  for (const Row& row : ReadCsv(out / "results_by_task.csv")) {
+    const fs::path metrics = out / "cells" / row.at("cell") / "state" / "metrics.jsonl";
+    const std::vector<std::string> lines = absl::StrSplit(testing::ReadText(metrics), '\n');
+    const nlohmann::json m = nlohmann::json::parse(lines.at(std::stoi(row.at("round")) - 1));
+    EXPECT_EQ(std::stod(row.at("eval_accuracy")),
+              m["eval_accuracy_by_task"][row.at("task")].get<double>());
+    per_task[{row.at("cell"), row.at("round")}].push_back(std::stod(row.at("eval_accuracy")));
+  }
+  ASSERT_EQ(per_task.size(), rows.size());
+  for (const Row& row : rows) {
+    const auto& v = per_task.at({row.at("cell"), row.at("round")});
+    ASSERT_EQ(v.size(), 6u);
+    double mean = 0;
+    for (double x : v) mean += x / 6;
+    EXPECT_NEAR(mean, std::stod(row.at("eval_accuracy")), 1e-12) << row.at("cell");
+  }
+
   // The report's table from the CSV: the last round's values per seed (local-only: the mean of
   // its sites), then mean ± sample sd over the seeds.
   std::map<std::string, std::map<std::string, std::vector<double>>> acc, loss;  // kind, seed

@@ -52,5 +52,16 @@ TEST(AccuracyTest, ExtractsAsLlmAdaptersDoes) {
   EXPECT_FALSE(AnswerIsCorrect("3 15 40", {}, "3 15 40 77"));
 }
 
+TEST(AccuracyTest, PerTaskCountsEachTasksRecordsOnly) {
+  const std::vector<AnswerRecord> records = {
+      {{}, {}, "a", "boolq"}, {{}, {}, "a", "boolq"}, {{}, {}, "a", "arc"}, {{}, {}, "a", ""}};
+  AccuracyResult result;
+  result.responses = {"a", "b", "a", "a"};
+  result.is_correct = {true, false, true, true};
+  result.correct = 3;
+  const auto by_task = AccuracyByTask(records, result);
+  EXPECT_EQ(by_task, (std::map<std::string, double>{{"arc", 1.0}, {"boolq", 0.5}}));
+}
+
 }  // namespace
 }  // namespace fedlora::common
