@@ -277,8 +277,10 @@ void WriteRuleData(const fs::path& path, int first, int count) {
         << "\n";
 }
 
+// The output's last JSON line (a summary's nested objects make the last '{' the wrong start).
 nlohmann::json LastJson(const Result& r) {
-  return nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  const size_t line = r.output.rfind("\n{");
+  return nlohmann::json::parse(r.output.substr(line == std::string::npos ? 0 : line + 1));
 }
 
 TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
@@ -518,7 +520,7 @@ TEST_F(CliTest, EvalAccuracyScoresAModelWhoseAnswersAreKnown) {
   Result r = Fedlora("eval --model " + model + " --data " + data +
                      " --accuracy --json --responses " + Dir("responses.jsonl"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  const auto summary = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  const auto summary = LastJson(r);
   EXPECT_EQ(summary["answered"], 5);
   EXPECT_EQ(summary["correct"], 2);
   EXPECT_DOUBLE_EQ(summary["accuracy"].get<double>(), 0.4);

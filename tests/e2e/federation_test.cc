@@ -1329,14 +1329,15 @@ TEST_F(FederationTest, CommandWorkloadRunsTheSitesOwnTrainer) {
 // coordinator evaluating the global model on held-out data every round.
 class LlmFixture : public FederationTest {
  protected:
-  // Runs the offline tool; returns its last JSON line when it prints one.
+  // Runs the offline tool; returns its last line when that is JSON.
   nlohmann::json Fedlora(const std::string& args) {
     const fs::path log = dir_ / "fedlora.log";
     const std::string cmd = kBin + "/fedlora " + args + " > " + log.string() + " 2>&1";
     EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd << "\n" << testing::ReadText(log);
-    const std::string out = testing::ReadText(log);
-    const size_t brace = out.rfind('{');
-    return brace == std::string::npos ? nlohmann::json() : nlohmann::json::parse(out.substr(brace));
+    std::string out = testing::ReadText(log);
+    while (!out.empty() && out.back() == '\n') out.pop_back();
+    const std::string last = out.substr(out.rfind('\n') + 1);  // npos + 1 = 0: the only line
+    return last.starts_with('{') ? nlohmann::json::parse(last) : nlohmann::json();
   }
   double EvalLoss(const fs::path& model) {
     return Fedlora("eval --model " + model.string() + " --data " +
@@ -1392,6 +1393,12 @@ void LlmFixture::FineTune(const std::string& method, const std::string& preset,
     ASSERT_TRUE(m.contains("eval_accuracy")) << m.dump();
     const double a = m["eval_accuracy"];
     EXPECT_EQ(a * 24, std::round(a * 24)) << "not a count of 24 records: " << a;
+    // Per category: six of 4 records each, whose mean is the whole set's accuracy.
+    ASSERT_EQ(m["eval_accuracy_by_task"].size(), 6u) << m.dump();
+    double mean = 0;
+    for (const auto& [task, by_task] : m["eval_accuracy_by_task"].items())
+      mean += by_task.get<double>() / 6;
+    EXPECT_NEAR(mean, a, 1e-12);
   }
   EXPECT_NEAR(scored["accuracy"].get<double>(), metrics.back()["eval_accuracy"].get<double>(),
               1.0 / 24 + 1e-12);
