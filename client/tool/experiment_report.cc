@@ -45,6 +45,8 @@ struct Group {
   bool baseline = false;  // centralised or local-only: its sites send nothing a federation would
   // Per seed, per round: the values (a local-only seed averages its sites).
   std::map<uint64_t, std::map<int, std::vector<const ResultRow*>>> by_seed;
+  // Per round, over seeds (filled once every row is in).
+  std::map<int, MeanSd> loss, accuracy, mb, epsilon;
 };
 
 std::string GroupLabel(const ExperimentSpec& spec, const Cell& c) {
@@ -119,9 +121,16 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
     const std::string label = GroupLabel(spec, r.cell);
     auto [it, added] = index.emplace(label, groups.size());
     if (added)
-      groups.push_back({label, r.cell.kind == "centralised" || r.cell.kind == "local", {}});
+      groups.push_back(
+          {.label = label, .baseline = r.cell.kind == "centralised" || r.cell.kind == "local"});
     groups[it->second].by_seed[r.cell.seed][r.round].push_back(&r);
     accuracy |= r.eval_accuracy.has_value();
+  }
+  for (Group& g : groups) {
+    g.loss = Series(g, [](const ResultRow& r) { return r.eval_loss; });
+    g.accuracy = Series(g, [](const ResultRow& r) { return r.eval_accuracy.value_or(0); });
+    g.mb = Series(g, [](const ResultRow& r) { return r.cumulative_bytes / (1024.0 * 1024.0); });
+    g.epsilon = Series(g, [](const ResultRow& r) { return r.epsilon.value_or(0); });
   }
 
   // The report.
@@ -142,11 +151,7 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
   md += "|---|---|---|---|---|---|\n";
   const int last = spec.rounds;
   for (const Group& g : groups) {
-    const auto loss = Series(g, [](const ResultRow& r) { return r.eval_loss; });
-    const auto acc = Series(g, [](const ResultRow& r) { return r.eval_accuracy.value_or(0); });
-    const auto mb =
-        Series(g, [](const ResultRow& r) { return r.cumulative_bytes / (1024.0 * 1024.0); });
-    const auto eps = Series(g, [](const ResultRow& r) { return r.epsilon.value_or(0); });
+    const auto &loss = g.loss, &acc = g.accuracy, &mb = g.mb, &eps = g.epsilon;
     md += fmt::format("| {} | {} | {} | {} | {} | {} |\n", g.label, g.by_seed.size(),
                       accuracy ? Show(acc.at(last), 4) : "–", Show(loss.at(last), 4),
                       g.baseline ? "–" : fmt::format("{:.3f}", mb.at(last).mean),
@@ -176,11 +181,7 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
   const fs::path plots = out / "plots";
   fs::create_directories(plots);
   for (size_t i = 0; i < groups.size(); ++i) {
-    const auto loss = Series(groups[i], [](const ResultRow& r) { return r.eval_loss; });
-    const auto acc =
-        Series(groups[i], [](const ResultRow& r) { return r.eval_accuracy.value_or(0); });
-    const auto mb = Series(
-        groups[i], [](const ResultRow& r) { return r.cumulative_bytes / (1024.0 * 1024.0); });
+    const auto &loss = groups[i].loss, &acc = groups[i].accuracy, &mb = groups[i].mb;
     std::string dat = "# round loss_mean loss_sd accuracy_mean accuracy_sd mb_per_client\n";
     for (const auto& [round, l] : loss)
       dat +=

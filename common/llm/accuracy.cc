@@ -94,12 +94,7 @@ absl::StatusOr<std::vector<AnswerRecord>> ReadAnswerRecords(const std::filesyste
   RETURN_IF_ERROR(ForEachJsonRecord(
       path, [&](const nlohmann::json& record, const std::string& where) -> absl::Status {
         if (!record.is_object() || !record.contains("answer")) return absl::OkStatus();
-        auto text = [&](const char* key) -> absl::StatusOr<std::string> {
-          if (!record.contains(key) || record[key].is_null()) return std::string();
-          if (!record[key].is_string())
-            return absl::InvalidArgumentError(StrCat(where, ": \"", key, "\" must be a string"));
-          return record[key].get<std::string>();
-        };
+        auto text = [&](const char* key) { return StringField(record, key, where); };
         ASSIGN_OR_RETURN(std::string instruction, text("instruction"));
         ASSIGN_OR_RETURN(std::string input, text("input"));
         ASSIGN_OR_RETURN(std::string answer, text("answer"));

@@ -44,16 +44,19 @@ absl::StatusOr<std::vector<int32_t>> IdList(const nlohmann::json& v, const char*
 
 }  // namespace
 
+absl::StatusOr<std::string> StringField(const nlohmann::json& record, const char* key,
+                                        const std::string& where) {
+  if (!record.contains(key) || record[key].is_null()) return std::string();
+  if (!record[key].is_string())
+    return absl::InvalidArgumentError(StrCat(where, ": \"", key, "\" must be a string"));
+  return record[key].get<std::string>();
+}
+
 absl::StatusOr<Example> ParseExample(const nlohmann::json& record, const Tokens& tokens,
                                      int max_length, const std::string& where) {
   if (!record.is_object())
     return absl::InvalidArgumentError(StrCat(where, ": expected a JSON object"));
-  auto string_field = [&](const char* key) -> absl::StatusOr<std::string> {
-    if (!record.contains(key) || record[key].is_null()) return std::string();
-    if (!record[key].is_string())
-      return absl::InvalidArgumentError(StrCat(where, ": \"", key, "\" must be a string"));
-    return record[key].get<std::string>();
-  };
+  auto string_field = [&](const char* key) { return StringField(record, key, where); };
   Example ex;
   if (record.contains("input_ids")) {
     auto ids = IdList(record["input_ids"], "input_ids", tokens, false, where);

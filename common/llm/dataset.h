@@ -50,6 +50,10 @@ struct Tokens {
 // TokenBatch::TargetCount counts them.
 int64_t TargetCount(const Example& example);
 
+// record[key] as a string: "" when absent or null; an error naming `where` when not a string.
+absl::StatusOr<std::string> StringField(const nlohmann::json& record, const char* key,
+                                        const std::string& where);
+
 // The prompt of an instruction record (the template above, without the response).
 std::string InstructionPrompt(const std::string& instruction, const std::string& input);
 

@@ -33,16 +33,7 @@ class Decoder::Impl {
     k_cache_.assign(static_cast<size_t>(c_.num_hidden_layers) * max_seq_ * KV, 0.0f);
     v_cache_.assign(k_cache_.size(), 0.0f);
     // Within max_position_embeddings every rope type's frequencies are those of any length.
-    const std::vector<double> inv_freq = RopeInverseFrequencies(c_, max_seq_);
-    const int half = c_.head_dim / 2;
-    cos_.resize(static_cast<size_t>(max_seq_) * half);
-    sin_.resize(cos_.size());
-    for (int t = 0; t < max_seq_; ++t)
-      for (int i = 0; i < half; ++i) {
-        const double angle = static_cast<double>(t) * inv_freq[static_cast<size_t>(i)];
-        cos_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::cos(angle));
-        sin_[static_cast<size_t>(t) * half + i] = static_cast<float>(std::sin(angle));
-      }
+    RopeTables(c_, max_seq_, max_seq_, cos_, sin_);
     logits_.resize(static_cast<size_t>(c_.vocab_size));
     return absl::OkStatus();
   }

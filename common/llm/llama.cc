@@ -582,15 +582,7 @@ void LlamaRunner::Impl::PrepareRope() {
   const int key = dynamic ? std::max(T_, c_.max_position_embeddings) : 0;
   if (key == rope_key_) return;
   rope_key_ = key;
-  // angle = position · inv_freq_i, in double, then rounded once.
-  const std::vector<double> inv_freq = RopeInverseFrequencies(c_, T_);
-  const int half = c_.head_dim / 2;
-  for (int64_t t = 0; t < opt_.max_seq; ++t)
-    for (int i = 0; i < half; ++i) {
-      const double angle = static_cast<double>(t) * inv_freq[static_cast<size_t>(i)];
-      cos_[t * half + i] = static_cast<float>(std::cos(angle));
-      sin_[t * half + i] = static_cast<float>(std::sin(angle));
-    }
+  RopeTables(c_, T_, opt_.max_seq, cos_, sin_);
 }
 
 void LlamaRunner::Impl::Rope(float* x, int heads, bool inverse) {

@@ -375,6 +375,20 @@ std::vector<double> RopeInverseFrequencies(const LlamaConfig& c, int seq_len) {
   return inv_freq;
 }
 
+void RopeTables(const LlamaConfig& config, int seq_len, int positions, std::vector<float>& cos,
+                std::vector<float>& sin) {
+  const std::vector<double> inv_freq = RopeInverseFrequencies(config, seq_len);
+  const size_t half = static_cast<size_t>(config.head_dim / 2);
+  cos.resize(static_cast<size_t>(positions) * half);
+  sin.resize(cos.size());
+  for (size_t t = 0; t < static_cast<size_t>(positions); ++t)
+    for (size_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(t) * inv_freq[i];
+      cos[t * half + i] = static_cast<float>(std::cos(angle));
+      sin[t * half + i] = static_cast<float>(std::sin(angle));
+    }
+}
+
 const char* LinearName(LinearKind kind) {
   static constexpr const char* kNames[] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                            "gate_proj", "up_proj", "down_proj"};

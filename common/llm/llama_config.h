@@ -74,6 +74,11 @@ struct LlamaConfig {
 // fresh model's value — transformers keeps the largest length seen so far between calls).
 std::vector<double> RopeInverseFrequencies(const LlamaConfig& config, int seq_len);
 
+// cos and sin of position·inv_freq_i (in double, rounded once) for positions [0, positions) of a
+// sequence of `seq_len`, [positions, head_dim / 2] each: the tables the forward rotates with.
+void RopeTables(const LlamaConfig& config, int seq_len, int positions, std::vector<float>& cos,
+                std::vector<float>& sin);
+
 // Parses and checks config.json's object; `origin` names it in errors.
 absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json, const std::string& origin);
 // Reads <dir>/config.json.
