@@ -391,10 +391,25 @@ absl::StatusOr<v1::Task> RoundEngine::GetTaskBlocking(const std::string& client,
   return promise.get_future().get();
 }
 
+RoundEngine::TaskState RoundEngine::TaskStateLocked() const {
+  const bool run = store_.has_ledger();
+  return {phase_,
+          round_,
+          run ? version() : -1,
+          run && InitialisingLocked() ? init_step() : -1,
+          cohort_.size(),
+          commit_retry_.pending};
+}
+
 void RoundEngine::CollectReadyLocked(LongPolls::Ready* ready, bool all) {
+  const TaskState state = TaskStateLocked();
+  const LongPolls::Scope scope = all || stopping_         ? LongPolls::Scope::kAll
+                                 : state != polled_state_ ? LongPolls::Scope::kChanged
+                                                          : LongPolls::Scope::kExpired;
+  polled_state_ = state;
   polls_.Collect(
       [this](const std::string& client, int64_t have) { return TaskForLocked(client, have); },
-      env_->Now(), all || stopping_, ready);
+      env_->Now(), scope, ready);
 }
 
 absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& client,
@@ -586,7 +601,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(
                  Seconds(std::chrono::steady_clock::now() - verify_start).count());
     spdlog::info("{}: accepted {}'s update ({} bytes, loss {:.6g} -> {:.6g}); {} of {} arrived",
                  RoundNameLocked(), client, accepted.total_size, accepted.metrics.loss_before(),
-                 accepted.metrics.loss_after(), uploads_.ArrivedIds().size(), cohort_.size());
+                 accepted.metrics.loss_after(), uploads_.ArrivedCount(), cohort_.size());
     if (EveryMemberAnsweredLocked()) MaybeCloseRoundLocked();
     CollectReadyLocked(&ready, false);
   }

@@ -27,6 +27,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -154,6 +155,11 @@ class RoundEngine {
   void FailedLocked(Retry& retry, const absl::Status& status, const std::string& step);
   v1::Task TaskForLocked(const std::string& client, int64_t have_version);
   void CollectReadyLocked(LongPolls::Ready* ready, bool all);
+  // What a waiting client's task depends on, but for its own upload (which it does not wait on):
+  // phase, round, version, Fed-SB initialisation step, cohort, a commit being retried. While it is
+  // unchanged, a poll that got WAIT would get WAIT again.
+  using TaskState = std::tuple<Phase, int64_t, int64_t, int, size_t, bool>;
+  TaskState TaskStateLocked() const;
   void StartSumsLocked();
   // `sketch`: the shapes of the initialisation step's products, when the upload is one.
   absl::StatusOr<v1::UploadResponse> FinishUpload(
@@ -186,6 +192,7 @@ class RoundEngine {
   double sketch_weight_ = 0;                     // Σ n_k
   UpdateValidator validator_;                    // for the current version
   LongPolls polls_;
+  TaskState polled_state_{};              // at the last look at every waiter
   common::Adapter frozen_;                // Fed-SB's shared B, A (R = 0), once the run exists
   std::unique_ptr<Evaluator> evaluator_;  // with options_.base_model_dir
   std::optional<ClientDpRounds> dp_;      // with client-level DP

@@ -124,7 +124,7 @@ void RoundEngine::EndRunLocked(const std::string& why) {
 }
 
 void RoundEngine::MaybeCloseRoundLocked() {
-  const size_t arrived = uploads_.ArrivedIds().size();
+  const size_t arrived = uploads_.ArrivedCount();
   // Members that declined their task are not waited for, and not counted in the quorum.
   const size_t quorum = QuorumOf(options_.quorum, cohort_.size() - declined_.size());
   if (arrived < quorum) {
@@ -215,7 +215,7 @@ void RoundEngine::CommitRoundLocked() {
       CloseRound(facts, {&options_, &store_, &uploads_, &sums_, dp_ ? &*dp_ : nullptr});
   if (!record.ok()) {
     FailedLocked(commit_retry_, record.status(),
-                 StrCat("committing round ", round_, " (its ", uploads_.ArrivedIds().size(),
+                 StrCat("committing round ", round_, " (its ", uploads_.ArrivedCount(),
                         " accepted updates are kept, and the round is committed once the "
                         "write succeeds)"));
     return;

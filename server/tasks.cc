@@ -37,17 +37,29 @@ std::vector<v1::BlobRef> DownloadsFor(const Ledger& ledger, int64_t have, int64_
 
 void LongPolls::Add(std::string client, int64_t have_version,
                     std::chrono::steady_clock::time_point deadline, TaskCallback done) {
+  next_deadline_ = std::min(next_deadline_, deadline);
   waiters_.push_back({std::move(client), have_version, deadline, std::move(done)});
 }
 
 void LongPolls::Collect(const std::function<v1::Task(const std::string&, int64_t)>& task_for,
-                        std::chrono::steady_clock::time_point now, bool all, Ready* ready) {
+                        std::chrono::steady_clock::time_point now, Scope scope, Ready* ready) {
+  // The engine calls this after every upload and every tick: with thousands waiting, looking at
+  // each of them every time made a round quadratic in the cohort.
+  if (scope == Scope::kExpired && now < next_deadline_) return;
+  next_deadline_ = std::chrono::steady_clock::time_point::max();
   std::vector<Waiter> still;
   for (Waiter& w : waiters_) {
+    const bool expired = now >= w.deadline;
+    if (scope == Scope::kExpired && !expired) {
+      next_deadline_ = std::min(next_deadline_, w.deadline);
+      still.push_back(std::move(w));
+      continue;
+    }
     v1::Task task = task_for(w.client, w.have_version);
-    if (all || task.kind() != v1::Task::WAIT || now >= w.deadline) {
+    if (scope == Scope::kAll || expired || task.kind() != v1::Task::WAIT) {
       ready->emplace_back(std::move(w.done), std::move(task));
     } else {
+      next_deadline_ = std::min(next_deadline_, w.deadline);
       still.push_back(std::move(w));
     }
   }

@@ -35,10 +35,13 @@ class LongPolls {
 
   void Add(std::string client, int64_t have_version, std::chrono::steady_clock::time_point deadline,
            TaskCallback done);
-  // Moves into `ready` each waiter whose task (from `task_for`) is no longer WAIT, whose deadline
-  // has passed, or every waiter when `all`.
+  // Which waiters Collect answers: those whose deadline has passed (nothing that decides a waiting
+  // client's task has changed since the last call), those too whose task is no longer WAIT
+  // (something has), or every one.
+  enum class Scope { kExpired, kChanged, kAll };
+  // Moves the waiters `scope` says into `ready`, each with its task from `task_for`.
   void Collect(const std::function<v1::Task(const std::string&, int64_t)>& task_for,
-               std::chrono::steady_clock::time_point now, bool all, Ready* ready);
+               std::chrono::steady_clock::time_point now, Scope scope, Ready* ready);
   // Calls every callback in `ready` and empties it.
   static void Deliver(Ready& ready);
 
@@ -50,6 +53,9 @@ class LongPolls {
     TaskCallback done;
   };
   std::vector<Waiter> waiters_;
+  // No waiter's deadline is earlier: Collect(kExpired) before it has nothing to do.
+  std::chrono::steady_clock::time_point next_deadline_ =
+      std::chrono::steady_clock::time_point::max();
 };
 
 }  // namespace fedlora::server

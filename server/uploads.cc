@@ -99,6 +99,7 @@ absl::Status Uploads::Accept(int64_t round, const std::string& client, int64_t n
   up.verifying = false;
   RETURN_IF_ERROR(store_->AdoptPart(PartName(round, client), up.sha256));
   up.accepted = true;
+  ++arrived_;
   up.num_examples = num_examples;
   up.norm = norm;
   up.metrics = metrics;
@@ -107,7 +108,11 @@ absl::Status Uploads::Accept(int64_t round, const std::string& client, int64_t n
 }
 
 void Uploads::Drop(int64_t round, const std::string& client) {
-  if (uploads_.erase(client) > 0) store_->DropPart(PartName(round, client));
+  auto it = uploads_.find(client);
+  if (it == uploads_.end()) return;
+  if (it->second.accepted) --arrived_;
+  uploads_.erase(it);
+  store_->DropPart(PartName(round, client));
 }
 
 void Uploads::Clear(int64_t round) {
@@ -115,6 +120,7 @@ void Uploads::Clear(int64_t round) {
     if (!u.accepted) store_->DropPart(PartName(round, id));
   }
   uploads_.clear();
+  arrived_ = 0;
 }
 
 const PendingUpload* Uploads::Find(const std::string& client) const {

@@ -67,12 +67,14 @@ class Uploads {
   const PendingUpload* Find(const std::string& client) const;
   bool Accepted(const std::string& client) const;
   bool AnyVerifying() const;
-  std::vector<std::string> ArrivedIds() const;  // accepted, sorted by id
+  std::vector<std::string> ArrivedIds() const;      // accepted, sorted by id
+  size_t ArrivedCount() const { return arrived_; }  // without the copy: asked at every upload
   std::map<std::string, PendingUpload>& all() { return uploads_; }
 
  private:
   StateStore* store_;
   std::map<std::string, PendingUpload> uploads_;  // by client
+  size_t arrived_ = 0;                            // how many of them are accepted
 };
 
 }  // namespace fedlora::server

@@ -50,6 +50,7 @@ struct Options {
   int layers = 32;     // modules: q_proj and v_proj of each layer
   int features = 512;  // each module features×features (Llama-7B: 4096)
   int rank = 16;
+  int poll_ms = 5000;  // a long poll's length, as fedlora-client asks; the coordinator allows it
   std::string bin = FEDLORA_BIN_DIR;
   std::string source = FEDLORA_SOURCE_DIR;
   fs::path work = "out/load";
@@ -174,6 +175,7 @@ struct Run {
   std::string update;  // the bytes every client uploads (its sha256 below)
   std::string update_sha256;
   int64_t chunk_bytes = 1 << 20;
+  int64_t poll_ms = 5000;
   std::atomic<int> done{0}, failed{0};
   std::atomic<int64_t> bytes_down{0}, bytes_up{0}, retries{0};
   Later later;
@@ -217,8 +219,8 @@ class Client {
   }
   void Poll() {
     poll_.set_have_version(have_version_);
-    poll_.set_max_wait_ms(5000);
-    grpc::ClientContext* c = Fresh(30);
+    poll_.set_max_wait_ms(run_->poll_ms);
+    grpc::ClientContext* c = Fresh(static_cast<int>(run_->poll_ms / 1000) + 30);
     stub_->async()->GetTask(c, &poll_, &task_, [this](grpc::Status s) {
       if (Failed(s, [this] { Poll(); })) return;
       if (task_.kind() == v1::Task::WAIT) return Poll();
@@ -355,6 +357,7 @@ int Main(const Options& o) {
   run.join = join;
   run.update = MakeUpdate(o, *join);
   run.update_sha256 = fedlora::common::Sha256Hex(run.update);
+  run.poll_ms = o.poll_ms;
 
   const auto certs_start = Clock::now();
   std::vector<Identity> identities;
@@ -393,6 +396,8 @@ int Main(const Options& o) {
       "3600",
       "--client-timeout-s",
       "600",
+      "--max-wait-ms",
+      std::to_string(o.poll_ms),
       "--linger-s",
       "5",
       "--max-update-bytes",
@@ -424,10 +429,10 @@ int Main(const Options& o) {
     clients.back()->Start();
   }
   std::printf(
-      "load_bench: %d %s clients, %d rounds, %d modules of %dx%d at rank %d; update %zu bytes"
-      " (%d client certificates made in %.1f s)\n",
+      "load_bench: %d %s clients, %d rounds, %d modules of %dx%d at rank %d; update %zu bytes;"
+      " %lld ms long polls (%d client certificates made in %.1f s)\n",
       o.clients, o.method.c_str(), o.rounds, 2 * o.layers, o.features, o.features, o.rank,
-      run.update.size(), o.clients, certs_s);
+      run.update.size(), static_cast<long long>(o.poll_ms), o.clients, certs_s);
   std::printf("%-8s %12s %14s %14s\n", "round", "wall (s)", "server CPU (s)", "server RSS (MB)");
   const fs::path metrics = o.work / "state" / "metrics.jsonl";
   size_t closed = 0;
@@ -482,6 +487,8 @@ int main(int argc, char** argv) {
   app.add_option("--features", o.features, "each module is features x features")
       ->capture_default_str();
   app.add_option("--rank", o.rank)->capture_default_str();
+  app.add_option("--poll-ms", o.poll_ms, "each client's long poll (fedlora-client: 5000)")
+      ->capture_default_str();
   app.add_option("--work", o.work)->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   return Main(o);

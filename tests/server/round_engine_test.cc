@@ -144,6 +144,40 @@ TEST_F(RoundEngineTest, ALongPollEndsBeforeItsClientCouldCountAsSilent) {
   EXPECT_EQ((*answer)->kind(), v1::Task::WAIT);
 }
 
+// Long polls are answered the moment their task changes — without waiting for a tick — and not
+// before: another client's upload that does not close the round leaves them waiting.
+TEST_F(RoundEngineTest, ALongPollIsAnsweredWhenItsTaskChangesAndOnlyThen) {
+  using Answer = std::optional<absl::StatusOr<v1::Task>>;
+  auto poll = [&](const std::string& id, Answer* answer) {
+    v1::GetTaskRequest request;
+    request.set_max_wait_ms(8000);
+    answer->reset();
+    h_.engine().GetTask(id, request, [answer](absl::StatusOr<v1::Task> t) { *answer = t; });
+  };
+  Answer a1, a2;
+  ASSERT_TRUE(h_.Join("c1").ok());
+  ASSERT_TRUE(h_.Join("c2").ok());
+  poll("c1", &a1);
+  poll("c2", &a2);
+  EXPECT_FALSE(a1.has_value());
+  ASSERT_TRUE(h_.Join("c3").ok());  // the third join opens round 1
+  ASSERT_TRUE(a1.has_value() && a1->ok() && a2.has_value() && a2->ok());
+  EXPECT_EQ((*a1)->kind(), v1::Task::TRAIN);
+  EXPECT_EQ((*a2)->kind(), v1::Task::TRAIN);
+
+  const v1::Task task = **a1;
+  ASSERT_TRUE(h_.Send("c1", task, h_.Encode(*h_.MakeUpdate("c1", task))).ok());
+  poll("c1", &a1);  // accepted: waits for round 1 to close
+  Train("c2");
+  env_.Advance(std::chrono::milliseconds(7900));
+  h_.engine().Tick();
+  EXPECT_FALSE(a1.has_value()) << "answered after another client's upload";
+  Train("c3");  // closes round 1
+  ASSERT_TRUE(a1.has_value() && a1->ok());
+  EXPECT_EQ((*a1)->kind(), v1::Task::TRAIN);
+  EXPECT_EQ((*a1)->round(), 2);
+}
+
 TEST_F(RoundEngineTest, DeadlineWithQuorumClosesWithoutTheMissingMember) {
   h_.Stop();
   h_.options().quorum = 0.5;            // ⌈0.5·3⌉ = 2
