@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds Debian bookworm's own Abseil, Protobuf and gRPC source packages with ThreadSanitizer into PREFIX, so that a
 # TSan build of fedlora sees the synchronisation inside them (Debian's binaries are not instrumented, and TSan then
-# reports races in gRPC's call templates on every RPC). A one-off of about an hour on 2 cores; the test command does
-# not run it. Usage (as root): bash tests/tsan/build_deps.sh [PREFIX=/opt/fedlora-tsan] [WORKDIR=/var/tmp/fedlora-tsan-src]
+# reports races in gRPC's call templates on every RPC). A one-off of about half an hour on 2 cores; the test command
+# does not run it.
+# Usage (as root): bash tests/tsan/build_deps.sh [PREFIX=/opt/fedlora-tsan] [WORKDIR=/var/tmp/fedlora-tsan-src]
 # Then configure fedlora with -DFEDLORA_SANITIZE=thread -DCMAKE_PREFIX_PATH=PREFIX (tests/tsan/run.sh does both).
 set -euo pipefail
 
@@ -51,7 +52,7 @@ cmake_build abseil abseil-*/ -DBUILD_TESTING=OFF
 cmake_build protobuf protobuf-*/ -Dprotobuf_BUILD_TESTS=OFF -Dprotobuf_BUILD_PROTOC_BINARIES=OFF -Dprotobuf_BUILD_LIBPROTOC=ON \
   -Dprotobuf_WITH_ZLIB=ON
 # The code generators stay Debian's (protoc and grpc_cpp_plugin of the same versions): only the runtime libraries
-# need the instrumentation.
+# need the instrumentation (libprotoc above is there because gRPC's CMake links its plugin-support library with it).
 cmake_build grpc grpc-*/ -DgRPC_ABSL_PROVIDER=package -DgRPC_CARES_PROVIDER=package -DgRPC_PROTOBUF_PROVIDER=package \
   -DgRPC_RE2_PROVIDER=package -DgRPC_SSL_PROVIDER=package -DgRPC_ZLIB_PROVIDER=package -DgRPC_BUILD_TESTS=OFF \
   -DgRPC_BUILD_CODEGEN=OFF -DgRPC_BUILD_GRPC_CPP_PLUGIN=OFF -DgRPC_BUILD_GRPC_CSHARP_PLUGIN=OFF \
