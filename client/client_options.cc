@@ -224,6 +224,7 @@ void AddClientFlags(CLI::App& app, ClientOptions& o) {
 
 int ClientMain(int argc, char** argv,
                const std::function<void(CLI::App&, ClientOptions&)>& extend) {
+  common::KeepOpenSslUntilExit();
   ClientOptions o;
   CLI::App app{"fedlora-client: a client node of a federated LoRA fine-tuning run"};
   app.footer(

@@ -36,6 +36,7 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
 }  // namespace
 
 int main(int argc, char** argv) {
+  fedlora::common::KeepOpenSslUntilExit();
   ServerOptions options;
   double linger_s = 10;
   std::string port_file;

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <netdb.h>
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
@@ -181,6 +182,8 @@ absl::Status ProbeTlsRefusal(const std::string& address, const std::string& ca_f
         StrCat("the coordinator refuses the TLS handshake: ", reason));
   return absl::UnavailableError(StrCat("the TLS connection to ", address, " closed"));
 }
+
+void KeepOpenSslUntilExit() { OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, nullptr); }
 
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerTlsCredentials(
     const std::string& cert_file, const std::string& key_file, const std::string& client_ca_file) {

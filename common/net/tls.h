@@ -23,6 +23,12 @@ inline constexpr char kClientIdMetadata[] = "x-fedlora-client-id";
 // call.
 inline constexpr char kSessionMetadata[] = "x-fedlora-session";
 
+// OpenSSL frees its global state in an atexit handler, and gRPC's threads can still be using it
+// when main returns (a resolver building a subchannel's TLS handshaker for a client that is
+// leaving): a use-after-free at exit, seen under ASan. Called first in main, before anything
+// initialises OpenSSL, this leaves that state to the end of the process.
+void KeepOpenSslUntilExit();
+
 // Server: certificate chain and key; with `client_ca`, mutual TLS (clients must present a
 // certificate it signed). Both functions refuse a certificate of their own that is expired or not
 // yet valid with FAILED_PRECONDITION, saying since or until when.
