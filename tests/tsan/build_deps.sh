@@ -12,9 +12,10 @@ work=${2:-/var/tmp/fedlora-tsan-src}
 jobs=${JOBS:-$(nproc)}
 flags="-fsanitize=thread -O1 -g1 -fno-omit-frame-pointer"
 
-if ! apt-get indextargets --format '$(CREATED_BY)' 2>/dev/null | grep -qx Sources; then
+debian=('Origin: Debian' 'Codename: bookworm')
+if [[ -z $(apt-get indextargets --format '$(REPO_URI)' 'Created-By: Sources' "${debian[@]}") ]]; then
   # The source packages come from the same Debian archive as the binaries apt already uses.
-  uri=$(apt-get indextargets --format '$(REPO_URI)' 'Created-By: Packages' | grep -m1 -v security)
+  uri=$(apt-get indextargets --format '$(REPO_URI)' 'Created-By: Packages' "${debian[@]}" | head -1)
   cat >/etc/apt/sources.list.d/fedlora-tsan-src.sources <<EOF
 Types: deb-src
 URIs: ${uri}
