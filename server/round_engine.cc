@@ -392,11 +392,10 @@ absl::StatusOr<v1::Task> RoundEngine::GetTaskBlocking(const std::string& client,
 }
 
 RoundEngine::TaskState RoundEngine::TaskStateLocked() const {
-  const bool run = store_.has_ledger();
   return {phase_,
           round_,
-          run ? version() : -1,
-          run && InitialisingLocked() ? init_step() : -1,
+          store_.has_ledger() ? version() : -1,
+          InitialisingLocked() ? init_step() : -1,
           cohort_.size(),
           commit_retry_.pending};
 }

@@ -10,7 +10,9 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -22,6 +24,16 @@ namespace fedlora::testing {
 
 using common::Adapter;
 using common::MatrixD;
+
+// The last line of a program's output that is a JSON object — its --json summary, which may hold
+// nested objects, so the last '{' is not where it starts — or null when there is none.
+inline nlohmann::json LastJsonLine(const std::string& output) {
+  std::istringstream lines(output);
+  std::string line, last;
+  while (std::getline(lines, line))
+    if (line.starts_with('{')) last = line;
+  return last.empty() ? nlohmann::json() : nlohmann::json::parse(last);
+}
 
 struct ModuleSpec {
   std::string name;

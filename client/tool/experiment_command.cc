@@ -383,13 +383,13 @@ absl::StatusOr<std::vector<Record>> ReadRecords(const fs::path& path,
         std::string label = path.filename().string();
         if (auto it = r.find(label_field); it != r.end())
           label = it->is_string() ? it->get<std::string>() : it->dump();
-        if (tag_task && !r.contains("task") && !r.contains("category")) {
-          nlohmann::json tagged = r;
-          tagged["task"] = task;
-          records.push_back({tagged.dump(), std::move(label)});
-        } else {
+        if (!tag_task || r.contains("task") || r.contains("category")) {
           records.push_back({r.dump(), std::move(label)});
+          return absl::OkStatus();
         }
+        nlohmann::json tagged = r;
+        tagged["task"] = task;
+        records.push_back({tagged.dump(), std::move(label)});
         return absl::OkStatus();
       }));
   if (records.empty()) return absl::InvalidArgumentError(StrCat(path.string(), " has no records"));

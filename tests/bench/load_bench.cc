@@ -5,7 +5,8 @@
 // sha256-checked), Upload of its update (chunked) — on gRPC's callback API, so that thousands of
 // clients need no thread each. Training takes no time: every client uploads a fixed update of the
 // run's shapes, so what is measured is the coordinator. Prints, per round, the wall time between
-// round closes and the coordinator's CPU seconds, and at the end its peak RSS (VmHWM).
+// round closes and the coordinator's CPU seconds, and at the end its peak RSS (VmHWM) and the
+// generator's own CPU seconds and peak RSS.
 //   load_bench --clients 1000 --method fed-sb [--rounds 3 --layers 32 --features 512 --rank 16]
 #include <grpcpp/grpcpp.h>
 #include <openssl/evp.h>
@@ -175,7 +176,7 @@ struct Run {
   std::string update;  // the bytes every client uploads (its sha256 below)
   std::string update_sha256;
   int64_t chunk_bytes = 1 << 20;
-  int64_t poll_ms = 5000;
+  int64_t poll_ms = 0;  // Options::poll_ms
   std::atomic<int> done{0}, failed{0};
   std::atomic<int64_t> bytes_down{0}, bytes_up{0}, retries{0};
   Later later;
@@ -464,10 +465,11 @@ int Main(const Options& o) {
   getrusage(RUSAGE_SELF, &self);
   std::printf(
       "total: %.1f s, server CPU %.1f s, server peak RSS %.0f MB; %d done, %d failed; "
-      "%.1f MB down, %.1f MB up, %lld retried calls; load generator CPU %.1f s\n",
+      "%.1f MB down, %.1f MB up, %lld retried calls; load generator CPU %.1f s, peak RSS %.0f MB\n",
       total_s, cpu, peak, run.done.load(), run.failed.load(), run.bytes_down / 1e6,
       run.bytes_up / 1e6, static_cast<long long>(run.retries.load()),
-      static_cast<double>(self.ru_utime.tv_sec + self.ru_stime.tv_sec));
+      static_cast<double>(self.ru_utime.tv_sec + self.ru_stime.tv_sec),
+      static_cast<double>(self.ru_maxrss) / 1024);
   fedlora::testing::Wait(server, std::chrono::seconds(30));
   std::fflush(stdout);
   std::_Exit(run.failed > 0 ? 1 : 0);  // the channels' threads are not joined

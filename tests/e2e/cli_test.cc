@@ -250,12 +250,12 @@ TEST_F(CliTest, PrivacyComputesEpsilonAndTheNoiseForATarget) {
   Result r =
       Fedlora("privacy --noise-multiplier 1.5 --sample-rate 0.04 --steps 2250 --delta 1e-5 --json");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  auto j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  auto j = testing::LastJsonLine(r.output);
   EXPECT_NEAR(j["epsilon"].get<double>(), 7.32911117143, 1e-9);
   EXPECT_DOUBLE_EQ(j["order"].get<double>(), 3.9);
   r = Fedlora("privacy --epsilon 8 --sample-rate 0.04 --steps 2250 --delta 1e-5 --json");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  j = testing::LastJsonLine(r.output);
   EXPECT_NEAR(j["noise_multiplier"].get<double>(), 1.416, 5e-4);
   EXPECT_LE(j["epsilon"].get<double>(), 8.0);
   r = Fedlora("privacy --sample-rate 0.04 --steps 10");
@@ -277,12 +277,6 @@ void WriteRuleData(const fs::path& path, int first, int count) {
         << "\n";
 }
 
-// The output's last JSON line (a summary's nested objects make the last '{' the wrong start).
-nlohmann::json LastJson(const Result& r) {
-  const size_t line = r.output.rfind("\n{");
-  return nlohmann::json::parse(r.output.substr(line == std::string::npos ? 0 : line + 1));
-}
-
 TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
   WriteRuleData(scratch_ / "train.jsonl", 0, 96);
   WriteRuleData(scratch_ / "test.jsonl", 1000, 24);
@@ -295,8 +289,8 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
 
   r = Fedlora("eval --model " + Dir("model") + " --data " + Dir("test.jsonl") + " --json");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  const double base = LastJson(r)["loss"];
-  const int64_t tokens = LastJson(r)["tokens"];
+  const double base = testing::LastJsonLine(r.output)["loss"];
+  const int64_t tokens = testing::LastJsonLine(r.output)["tokens"];
 
   for (const std::string method : {"lora", "lora-sb"}) {
     SCOPED_TRACE(method);
@@ -307,7 +301,7 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
         " --rank 4 --targets q_proj,v_proj,up_proj,down_proj --batch 8 --seq 256 --epochs 4 "
         "--lr 1e-2 --json");
     ASSERT_EQ(r.exit_code, 0) << r.output;
-    const nlohmann::json train = LastJson(r);
+    const nlohmann::json train = testing::LastJsonLine(r.output);
     EXPECT_GT(train["tokens_per_second"].get<double>(), 0);
     EXPECT_EQ(train["steps"], 48);  // 96 records / 8 × 4 epochs
     EXPECT_NEAR(train["eval_loss_before"].get<double>(),
@@ -320,16 +314,17 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
                 Dir("test.jsonl") + " --json");
     ASSERT_EQ(r.exit_code, 0) << r.output;
     // Equal up to float rounding (the products of a batch round differently with its padding).
-    EXPECT_NEAR(LastJson(r)["loss"].get<double>(), train["eval_loss"].get<double>(), 1e-6);
-    EXPECT_EQ(LastJson(r)["tokens"], tokens);
+    EXPECT_NEAR(testing::LastJsonLine(r.output)["loss"].get<double>(),
+                train["eval_loss"].get<double>(), 1e-6);
+    EXPECT_EQ(testing::LastJsonLine(r.output)["tokens"], tokens);
     r = Fedlora("merge --model " + Dir("model") + " --adapter " + out + " --out " +
                 Dir("merged-" + method));
     ASSERT_EQ(r.exit_code, 0) << r.output;
     r = Fedlora("eval --model " + Dir("merged-" + method) + " --data " + Dir("test.jsonl") +
                 " --json");
     ASSERT_EQ(r.exit_code, 0) << r.output;
-    EXPECT_NEAR(LastJson(r)["loss"].get<double>(), train["eval_loss"].get<double>(),
-                1e-5 * train["eval_loss"].get<double>());
+    EXPECT_NEAR(testing::LastJsonLine(r.output)["loss"].get<double>(),
+                train["eval_loss"].get<double>(), 1e-5 * train["eval_loss"].get<double>());
   }
   // DP-SGD at a budget: the run spends (to the solver's precision) the ε asked for and still
   // learns.
@@ -338,7 +333,7 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
               " --rank 4 --targets q_proj,v_proj --batch 8 --seq 256 --steps 24 --lr 1e-2 "
               "--target-epsilon 4 --dp-clip 1 --json");
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  const nlohmann::json dp = LastJson(r);
+  const nlohmann::json dp = testing::LastJsonLine(r.output);
   EXPECT_LE(dp["epsilon"].get<double>(), 4.0);
   EXPECT_GT(dp["epsilon"].get<double>(), 3.99);
   EXPECT_DOUBLE_EQ(dp["sample_rate"].get<double>(), 8.0 / 96);
@@ -384,7 +379,7 @@ TEST_P(ModelFamilyTest, EvalMatchesFloat64ReferenceAndMergeKeepsTheArchitecture)
         Fedlora("eval --json --max-length 16 --model " + model + " --data " +
                 (dir / "data.jsonl").string() + (adapter.empty() ? "" : " --adapter ") + adapter);
     EXPECT_EQ(r.exit_code, 0) << r.output;
-    return nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+    return testing::LastJsonLine(r.output);
   };
   for (const char* adapter : {"base", "lora", "lora_sb"}) {
     const bool base = std::string(adapter) == "base";
@@ -520,7 +515,7 @@ TEST_F(CliTest, EvalAccuracyScoresAModelWhoseAnswersAreKnown) {
   Result r = Fedlora("eval --model " + model + " --data " + data +
                      " --accuracy --json --responses " + Dir("responses.jsonl"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  const auto summary = LastJson(r);
+  const auto summary = testing::LastJsonLine(r.output);
   EXPECT_EQ(summary["answered"], 5);
   EXPECT_EQ(summary["correct"], 2);
   EXPECT_DOUBLE_EQ(summary["accuracy"].get<double>(), 0.4);

@@ -1329,15 +1329,12 @@ TEST_F(FederationTest, CommandWorkloadRunsTheSitesOwnTrainer) {
 // coordinator evaluating the global model on held-out data every round.
 class LlmFixture : public FederationTest {
  protected:
-  // Runs the offline tool; returns its last line when that is JSON.
+  // Runs the offline tool; returns its last JSON line (null when it prints none).
   nlohmann::json Fedlora(const std::string& args) {
     const fs::path log = dir_ / "fedlora.log";
     const std::string cmd = kBin + "/fedlora " + args + " > " + log.string() + " 2>&1";
     EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd << "\n" << testing::ReadText(log);
-    std::string out = testing::ReadText(log);
-    while (!out.empty() && out.back() == '\n') out.pop_back();
-    const std::string last = out.substr(out.rfind('\n') + 1);  // npos + 1 = 0: the only line
-    return last.starts_with('{') ? nlohmann::json::parse(last) : nlohmann::json();
+    return testing::LastJsonLine(testing::ReadText(log));
   }
   double EvalLoss(const fs::path& model) {
     return Fedlora("eval --model " + model.string() + " --data " +
