@@ -11,6 +11,7 @@
 #include "common/base/signals.h"
 #include "common/base/strings.h"
 #include "common/net/tls.h"
+#include "common/net/wire.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 
 namespace fedlora::client {
@@ -56,8 +57,9 @@ int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string
     return out.empty() ? std::string("-") : out;
   };
   std::printf("run %s (%s): %s, round %lld of %lld, state version %lld\n", s.run_id().c_str(),
-              s.method().c_str(), s.phase().c_str(), static_cast<long long>(s.round()),
-              static_cast<long long>(s.rounds()), static_cast<long long>(s.state_version()));
+              common::MethodNameOf(s.method()).c_str(), s.phase().c_str(),
+              static_cast<long long>(s.round()), static_cast<long long>(s.rounds()),
+              static_cast<long long>(s.state_version()));
   if (!s.waiting_for().empty()) std::printf("waiting: %s\n", s.waiting_for().c_str());
   std::printf("cohort: %s\narrived: %s\n", join(s.cohort()).c_str(), join(s.arrived()).c_str());
   std::printf("%-24s %10s %8s %14s\n", "client", "examples", "rounds", "last seen");

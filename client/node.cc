@@ -12,6 +12,7 @@
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/net/tls.h"
+#include "common/net/wire.h"
 #include "common/tensor/blob.h"
 #include "common/tensor/peft.h"
 #include "common/tensor/safetensors.h"
@@ -87,19 +88,15 @@ absl::Status Node::JoinCoordinator(const std::atomic<bool>& stop) {
   grpc::Status s =
       Retry([&](grpc::ClientContext& c) { return stub_->Join(&c, request, &response); }, stop);
   RETURN_IF_ERROR(FromGrpc(s, "join"));
-  absl::StatusOr<common::Method> method = common::ParseMethod(response.method());
-  if (!method.ok()) {
-    return absl::FailedPreconditionError(
-        StrCat("the coordinator runs method '", response.method(),
-               "', which this client does not know; hint: a newer coordinator?"));
-  }
+  absl::StatusOr<common::Method> method = common::FromWire(response.method());
+  if (!method.ok()) return absl::FailedPreconditionError(method.status().message());
   method_ = *method;
   session_ = response.session();
   if (response.max_chunk_bytes() > 0 && response.max_chunk_bytes() < options_.chunk_bytes) {
     spdlog::info("using the coordinator's chunk size of {} bytes", response.max_chunk_bytes());
     options_.chunk_bytes = response.max_chunk_bytes();
   }
-  spdlog::info("joined run {} ({}, {} rounds)", response.run_id(), response.method(),
+  spdlog::info("joined run {} ({}, {} rounds)", response.run_id(), common::MethodName(method_),
                response.rounds());
   return absl::OkStatus();
 }
@@ -139,15 +136,28 @@ absl::StatusOr<std::string> Node::DownloadBlob(const v1::BlobRef& ref,
 absl::Status Node::Apply(const v1::Task& task, const std::atomic<bool>& stop) {
   // Downloads arrive in apply order; all of them take us to task.state_version().
   for (const v1::BlobRef& ref : task.downloads()) {
+    ASSIGN_OR_RETURN(const common::BlobKind kind, common::FromWire(ref.kind()));
     ASSIGN_OR_RETURN(std::string bytes, DownloadBlob(ref, stop));
-    const std::string origin = StrCat(ref.kind(), " blob of version ", ref.version());
-    if (ref.kind() == "delta") {
-      ASSIGN_OR_RETURN(Adapter delta, common::DecodeAdapter(bytes, origin));
-      RETURN_IF_ERROR(workload_->MergeIntoBase(delta));  // FLoRA: every round's delta, in order
-    } else if (ref.kind() == "r") {
-      ASSIGN_OR_RETURN(global_, common::DecodeROnto(bytes, origin, global_));
-    } else {
-      ASSIGN_OR_RETURN(global_, common::DecodeAdapter(bytes, origin));  // "adapter" or "frozen"
+    const std::string origin =
+        StrCat(common::BlobKindName(kind), " blob of version ", ref.version());
+    switch (kind) {
+      case common::BlobKind::kDelta: {  // FLoRA: every round's delta, in order
+        ASSIGN_OR_RETURN(Adapter delta, common::DecodeAdapter(bytes, origin));
+        RETURN_IF_ERROR(workload_->MergeIntoBase(delta));
+        break;
+      }
+      case common::BlobKind::kR: {
+        ASSIGN_OR_RETURN(global_, common::DecodeROnto(bytes, origin, global_));
+        break;
+      }
+      case common::BlobKind::kAdapter:
+      case common::BlobKind::kFrozen: {
+        ASSIGN_OR_RETURN(global_, common::DecodeAdapter(bytes, origin));
+        break;
+      }
+      case common::BlobKind::kBasis:
+        return absl::FailedPreconditionError(
+            StrCat("a task to train asked to apply ", origin, ", which only a sketch step uses"));
     }
     spdlog::info("applied {} ({} bytes)", origin, bytes.size());
   }

@@ -11,7 +11,7 @@
 
 #include "absl/status/status.h"
 #include "fedlora/v1/coordinator.pb.h"
-#include "server/ledger.h"
+#include "server/state_store.h"
 
 namespace fedlora::server {
 

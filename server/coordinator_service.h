@@ -11,7 +11,7 @@
 
 #include "common/base/log_limiter.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
-#include "server/round_engine.h"
+#include "server/round/engine.h"
 
 namespace fedlora::server {
 

@@ -51,10 +51,11 @@ absl::StatusOr<std::unique_ptr<Evaluator>> Evaluator::Load(const ServerOptions& 
   return e;
 }
 
-absl::Status Evaluator::MergeFloraUpTo(const StateStore& store, int64_t version) {
+absl::Status Evaluator::MergeFloraUpTo(const Ledger& ledger, const StateStore& store,
+                                       int64_t version) {
   if (!flora_) return absl::OkStatus();
   for (; flora_version_ < version; ++flora_version_) {
-    const BlobRef& delta_blob = store.ledger().at(flora_version_ + 1).blobs.at(0);
+    const BlobRef& delta_blob = ledger.at(flora_version_ + 1).blobs.at(0);
     ASSIGN_OR_RETURN(std::string bytes, store.ReadWholeBlob(delta_blob.sha256));
     ASSIGN_OR_RETURN(
         common::Adapter delta,
@@ -65,11 +66,11 @@ absl::Status Evaluator::MergeFloraUpTo(const StateStore& store, int64_t version)
 }
 
 absl::StatusOr<std::optional<Evaluator::Scores>> Evaluator::Evaluate(
-    const StateStore& store, int64_t version, const common::Adapter& global) {
+    const Ledger& ledger, const StateStore& store, int64_t version, const common::Adapter& global) {
   if (eval_examples_.empty()) return std::nullopt;
   if (flora_) {
     if (flora_version_ > version) return std::nullopt;
-    RETURN_IF_ERROR(MergeFloraUpTo(store, version));
+    RETURN_IF_ERROR(MergeFloraUpTo(ledger, store, version));
   }
   // The global model: the base with the adapter (LoRA-SB's frozen B, A carry the averaged R), or
   // for FLoRA the base with every round's delta merged.
@@ -89,10 +90,11 @@ absl::StatusOr<std::optional<Evaluator::Scores>> Evaluator::Evaluate(
   return scores;
 }
 
-absl::StatusOr<common::LlamaWeights> Evaluator::Merged(const StateStore& store, int64_t version,
+absl::StatusOr<common::LlamaWeights> Evaluator::Merged(const Ledger& ledger,
+                                                       const StateStore& store, int64_t version,
                                                        const common::Adapter& global) {
   if (flora_) {
-    RETURN_IF_ERROR(MergeFloraUpTo(store, version));
+    RETURN_IF_ERROR(MergeFloraUpTo(ledger, store, version));
     if (flora_version_ != version) {
       return absl::FailedPreconditionError(
           StrCat("the merged FLoRA weights are at version ", flora_version_, ", not ", version));

@@ -1,6 +1,8 @@
 // The base model on the coordinator (with --base-model-dir): the held-out loss of the global model
 // after each round (with --eval-data), and the weights the merged export writes. For FLoRA it keeps
-// the base with every round's delta merged, as the clients hold it, one version at a time.
+// the base with every round's delta merged, as the clients hold it, one version at a time. Used by
+// the follow-up's thread only (server/follow_up.h), from ledger snapshots; tests may stand in a
+// subclass.
 #ifndef FEDLORA_SERVER_EVALUATOR_H_
 #define FEDLORA_SERVER_EVALUATOR_H_
 
@@ -25,11 +27,12 @@ class Evaluator {
   // checks the model against options.base_model_sha256 when that is set.
   static absl::StatusOr<std::unique_ptr<Evaluator>> Load(const ServerOptions& options);
 
+  virtual ~Evaluator() = default;
   const std::string& fingerprint() const { return fingerprint_; }
 
   // FLoRA: merges the deltas of the versions after the merged one, up to `version` (a no-op for
   // other methods and when already there).
-  absl::Status MergeFloraUpTo(const StateStore& store, int64_t version);
+  absl::Status MergeFloraUpTo(const Ledger& ledger, const StateStore& store, int64_t version);
 
   struct Scores {
     double loss = 0;                 // token-weighted mean over the held-out records
@@ -40,16 +43,19 @@ class Evaluator {
   // adapter; ignored for FLoRA, whose deltas are merged up to `version` first). nullopt without
   // held-out records, or when FLoRA's merged weights are past `version` (an older version cannot
   // be evaluated again).
-  absl::StatusOr<std::optional<Scores>> Evaluate(const StateStore& store, int64_t version,
-                                                 const common::Adapter& global);
+  virtual absl::StatusOr<std::optional<Scores>> Evaluate(const Ledger& ledger,
+                                                         const StateStore& store, int64_t version,
+                                                         const common::Adapter& global);
 
   // The base with `global` merged (FLoRA: the merged base up to `version`).
-  absl::StatusOr<common::LlamaWeights> Merged(const StateStore& store, int64_t version,
-                                              const common::Adapter& global);
+  virtual absl::StatusOr<common::LlamaWeights> Merged(const Ledger& ledger, const StateStore& store,
+                                                      int64_t version,
+                                                      const common::Adapter& global);
 
- private:
+ protected:
   Evaluator() = default;
 
+ private:
   bool flora_ = false;
   std::string fingerprint_;
   std::unique_ptr<common::Model> base_;

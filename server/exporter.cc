@@ -22,9 +22,9 @@ absl::StatusOr<Adapter> ReadAdapterBlob(const StateStore& store, const BlobRef& 
 }
 
 // What global/ holds: the latest adapter, or for flora every round's delta stacked (exact).
-absl::StatusOr<Adapter> FinalAdapter(const StateStore& store, const Adapter& frozen) {
-  const Ledger& ledger = store.ledger();
-  if (ledger.method != Method::kFlora) return AdapterAt(store, ledger.latest(), frozen);
+absl::StatusOr<Adapter> FinalAdapter(const Ledger& ledger, const StateStore& store,
+                                     const Adapter& frozen) {
+  if (ledger.method != Method::kFlora) return AdapterAt(ledger, store, ledger.latest(), frozen);
   std::vector<Adapter> deltas;
   for (int64_t v = 1; v <= ledger.latest(); ++v) {
     ASSIGN_OR_RETURN(Adapter d, ReadAdapterBlob(store, ledger.at(v).blobs.at(0)));
@@ -70,27 +70,27 @@ absl::Status ExportTruncated(const Adapter& global, int rank, const std::filesys
 
 }  // namespace
 
-absl::StatusOr<Adapter> AdapterAt(const StateStore& store, int64_t version, const Adapter& frozen) {
-  const BlobRef& latest = store.ledger().at(version).blobs.at(0);
+absl::StatusOr<Adapter> AdapterAt(const Ledger& ledger, const StateStore& store, int64_t version,
+                                  const Adapter& frozen) {
+  const BlobRef& latest = ledger.at(version).blobs.at(0);
   if (latest.kind == BlobKind::kFrozen) return frozen;  // R = 0
   if (latest.kind != BlobKind::kR) return ReadAdapterBlob(store, latest);
   ASSIGN_OR_RETURN(std::string bytes, store.ReadWholeBlob(latest.sha256));
   return common::DecodeROnto(bytes, StrCat("blob ", latest.sha256), frozen);
 }
 
-absl::Status Export(const StateStore& store, const ServerOptions& options, const Adapter& frozen,
-                    Evaluator* evaluator) {
-  const Ledger& ledger = store.ledger();
+absl::Status Export(const Ledger& ledger, const StateStore& store, const ServerOptions& options,
+                    const Adapter& frozen, Evaluator* evaluator) {
   const std::filesystem::path dir = store.dir() / "export";
   const common::PeftWriteOptions write{common::DType::kF32, /*overwrite=*/true, store.env()};
-  ASSIGN_OR_RETURN(Adapter global, FinalAdapter(store, frozen));
+  ASSIGN_OR_RETURN(Adapter global, FinalAdapter(ledger, store, frozen));
   global.base_model = ledger.base_model_sha256;
   if (ledger.method == Method::kFedSb)
     RETURN_IF_ERROR(common::WritePeftAdapter(global.FoldR(), dir / "global-lora", write));
   RETURN_IF_ERROR(common::WritePeftAdapter(global, dir / "global", write));
   if (evaluator != nullptr) {
     ASSIGN_OR_RETURN(common::LlamaWeights merged,
-                     evaluator->Merged(store, ledger.latest(), global));
+                     evaluator->Merged(ledger, store, ledger.latest(), global));
     RETURN_IF_ERROR(merged.WriteModelDirectory(dir / "merged", options.base_model_dir,
                                                common::DType::kF32, /*overwrite=*/true,
                                                store.env()));

@@ -9,7 +9,8 @@
 //   gguf/                 with a base model and --export-gguf: model.gguf (merged/ for llama.cpp)
 //                         and adapter.gguf (the global adapter as a llama.cpp LoRA adapter)
 //   version.json          which version the export holds
-// Everything derives from the committed ledger and its blobs, so an export can always be redone.
+// Everything derives from a committed ledger (a snapshot: the follow-up's thread exports while
+// rounds go on) and its blobs, so an export can always be redone.
 #ifndef FEDLORA_SERVER_EXPORTER_H_
 #define FEDLORA_SERVER_EXPORTER_H_
 
@@ -23,11 +24,11 @@ namespace fedlora::server {
 
 // The global adapter of `version` (fed-sb: `frozen`'s B, A with that version's R; flora: that
 // round's delta). The exports of flora hold every round's delta stacked instead.
-absl::StatusOr<common::Adapter> AdapterAt(const StateStore& store, int64_t version,
-                                          const common::Adapter& frozen);
+absl::StatusOr<common::Adapter> AdapterAt(const Ledger& ledger, const StateStore& store,
+                                          int64_t version, const common::Adapter& frozen);
 
-// `evaluator` may be null (no base model: no merged/ export).
-absl::Status Export(const StateStore& store, const ServerOptions& options,
+// Exports the ledger's latest version. `evaluator` may be null (no base model: no merged/ export).
+absl::Status Export(const Ledger& ledger, const StateStore& store, const ServerOptions& options,
                     const common::Adapter& frozen, Evaluator* evaluator);
 
 }  // namespace fedlora::server

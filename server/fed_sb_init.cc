@@ -23,7 +23,7 @@ int Columns(const FedSbInit& init, const ModuleSpec& m) {
 
 std::optional<FedSbInit> NewFedSbInit(const ServerOptions& o) {
   if (o.method != common::Method::kFedSb || o.fed_sb_init == "random") return std::nullopt;
-  return FedSbInit{o.fed_sb_init,
+  return FedSbInit{o.fed_sb_init == "dense" ? FedSbInit::Mode::kDense : FedSbInit::Mode::kSketch,
                    o.rank + o.fed_sb_oversampling,
                    o.fed_sb_power_iterations,
                    o.fed_sb_init_examples,
@@ -33,8 +33,8 @@ std::optional<FedSbInit> NewFedSbInit(const ServerOptions& o) {
 }
 
 SketchStep InitStepKind(const FedSbInit& init, int step) {
-  return init.mode == "dense" ? SketchStep::kDense
-                              : common::SketchStepAt(step, init.power_iterations);
+  return init.mode == FedSbInit::Mode::kDense ? SketchStep::kDense
+                                              : common::SketchStepAt(step, init.power_iterations);
 }
 
 std::vector<common::MatrixShape> InitProductShapes(const Ledger& ledger, int step) {
@@ -62,11 +62,12 @@ void FillSketchTask(const Ledger& ledger, v1::Task* task) {
 }
 
 absl::StatusOr<common::Adapter> CommitInitStep(StateStore& store, int rank,
-                                               const std::vector<MatrixD>& sums, double weight,
-                                               nlohmann::json record,
-                                               const ClientDpState* client_dp) {
+                                               const RoundOutput& output,
+                                               common::InitStepRecord record) {
+  const std::vector<MatrixD>& sums = output.sums;
+  const double weight = output.weight;
   Ledger ledger = store.ledger();
-  if (client_dp) ledger.client_dp = *client_dp;
+  if (output.dp_state) ledger.client_dp = output.dp_state;
   FedSbInit& init = *ledger.init;
   const int step = static_cast<int>(init.steps.size());
   const SketchStep kind = InitStepKind(init, step);
@@ -117,24 +118,18 @@ absl::StatusOr<common::Adapter> CommitInitStep(StateStore& store, int rank,
     frozen.R(i).diagonal() = f.s.cast<float>();
   });
   // The whole initialisation's traffic, every step's added up.
-  nlohmann::json up = nlohmann::json::object(), down = nlohmann::json::object();
-  auto add = [](nlohmann::json& total, const nlohmann::json& step) {
-    for (const auto& [id, b] : step.items()) {
-      const int64_t sum = total.value(id, int64_t{0}) + b.get<int64_t>();
-      total[id] = sum;
-    }
+  auto add = [](common::PerClient& total, const common::PerClient& step) {
+    for (const auto& [id, b] : step) total[id] += b;
   };
-  for (const FedSbInit::Step& s : init.steps) {  // the steps before, without copying their records
-    add(up, s.record.at("bytes_up"));
-    add(down, s.record.at("bytes_down"));
+  for (const FedSbInit::Step& s : init.steps) {
+    add(record.init_bytes_up, s.record.who.bytes_up);
+    add(record.init_bytes_down, s.record.who.bytes_down);
   }
-  add(up, record.at("bytes_up"));
-  add(down, record.at("bytes_down"));
-  record["init_bytes_up"] = up;
-  record["init_bytes_down"] = down;
+  add(record.init_bytes_up, record.who.bytes_up);
+  add(record.init_bytes_down, record.who.bytes_down);
   ASSIGN_OR_RETURN(BlobRef blob,
                    store.PutBlob(common::EncodeAdapter(frozen), BlobKind::kFrozen, 0));
-  ledger.versions.push_back({0, {std::move(blob)}, std::move(record)});
+  ledger.versions.push_back({0, {std::move(blob)}, std::nullopt, std::move(record)});
   RETURN_IF_ERROR(store.SaveLedger(ledger));  // the commit
   return frozen;
 }

@@ -15,16 +15,16 @@
 #ifndef FEDLORA_SERVER_FED_SB_INIT_H_
 #define FEDLORA_SERVER_FED_SB_INIT_H_
 
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/aggregation/sketch.h"
+#include "common/run/ledger.h"
 #include "common/tensor/adapter.h"
 #include "common/tensor/blob.h"
 #include "fedlora/v1/coordinator.pb.h"
-#include "server/ledger.h"
+#include "server/accumulate/accumulator.h"
 #include "server/server_options.h"
 #include "server/state_store.h"
 
@@ -41,14 +41,13 @@ std::vector<common::MatrixShape> InitProductShapes(const Ledger& ledger, int ste
 // The task a cohort member gets for the current step (the basis blob in its downloads).
 void FillSketchTask(const Ledger& ledger, v1::Task* task);
 
-// Commits the current step from the summed products (Σ n_k·X_k over the contributors, `weight`
-// = Σ n_k) as described above; `record` says who contributed what. Returns Fed-SB's frozen
-// adapter (B, A and R0) once the last step has made version 0, and an empty one before.
-// Under client-level DP `client_dp` is the privacy state with the step entered, saved with it.
+// Commits the current step from its accumulator's output (the summed products Σ n_k·X_k over the
+// contributors and Σ n_k, or under client-level DP their noised mean and the privacy state with
+// the step entered) as described above; `record` says who contributed what. Returns Fed-SB's
+// frozen adapter (B, A and R0) once the last step has made version 0, and an empty one before.
 absl::StatusOr<common::Adapter> CommitInitStep(StateStore& store, int rank,
-                                               const std::vector<common::MatrixD>& sums,
-                                               double weight, nlohmann::json record,
-                                               const ClientDpState* client_dp = nullptr);
+                                               const RoundOutput& output,
+                                               common::InitStepRecord record);
 
 }  // namespace fedlora::server
 

@@ -45,12 +45,8 @@ absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* en
   store.env_ = env;
   const fs::path ledger = dir / "ledger.json";
   if (!fs::exists(ledger)) return store;
-  ASSIGN_OR_RETURN(std::string text, common::ReadFileToString(ledger));
-  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::DataLossError(StrCat(ledger.string(), " is not valid JSON"));
-  ASSIGN_OR_RETURN(store.ledger_, LedgerFromJson(j, ledger.string()));
-  store.has_ledger_ = true;
-  for (const Version& v : store.ledger_.versions) {
+  ASSIGN_OR_RETURN(Ledger loaded, common::ReadLedger(ledger));
+  for (const Version& v : loaded.versions) {
     for (const BlobRef& b : v.blobs) {
       if (!fs::exists(dir / "blobs" / b.sha256)) {
         return absl::DataLossError(StrCat(ledger.string(), " names blob ", b.sha256, " (version ",
@@ -58,17 +54,7 @@ absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* en
       }
     }
   }
-  if (fs::exists(dir / "metrics.jsonl")) {
-    ASSIGN_OR_RETURN(std::string metrics, common::ReadFileToString(dir / "metrics.jsonl"));
-    for (size_t start = 0, end; (end = metrics.find('\n', start)) != std::string::npos;
-         start = end + 1) {
-      std::string line = metrics.substr(start, end - start);
-      const nlohmann::json parsed = nlohmann::json::parse(line, nullptr, false);
-      if (parsed.is_object() && parsed.contains("version") && parsed["version"].is_number_integer())
-        store.metrics_version_ = parsed["version"].get<int64_t>();
-      store.metrics_.push_back(std::move(line));
-    }
-  }
+  store.ledger_ = std::make_shared<const Ledger>(std::move(loaded));
   return store;
 }
 
@@ -137,20 +123,8 @@ void StateStore::DropPart(const std::string& name) {
 
 absl::Status StateStore::SaveLedger(const Ledger& ledger) {
   RETURN_IF_ERROR(
-      common::WriteFileAtomically(dir_ / "ledger.json", LedgerToJson(ledger).dump(2) + "\n", env_));
-  ledger_ = ledger;
-  has_ledger_ = true;
-  return absl::OkStatus();
-}
-
-absl::Status StateStore::AppendMetrics(int64_t version, const nlohmann::json& line) {
-  std::vector<std::string> lines = metrics_;
-  lines.push_back(line.dump());
-  std::string text;
-  for (const std::string& l : lines) text += l + "\n";
-  RETURN_IF_ERROR(common::WriteFileAtomically(dir_ / "metrics.jsonl", text, env_));
-  metrics_ = std::move(lines);
-  metrics_version_ = version;
+      common::WriteFileAtomically(dir_ / "ledger.json", ledger.ToJson().dump(2) + "\n", env_));
+  ledger_ = std::make_shared<const Ledger>(ledger);
   return absl::OkStatus();
 }
 

@@ -1,18 +1,17 @@
 // The coordinator's durable state, in one directory:
 //   blobs/<sha256>   content-addressed blobs (safetensors), written atomically, never modified
-//   ledger.json      the run and its versions (server/ledger.h), rewritten atomically; saving it
-//                    is the single point at which a round becomes done
-//   metrics.jsonl    one JSON object per closed round, derived from the ledger (rewritten
-//                    atomically, so a reader never sees half a line)
+//   ledger.json      the run and its versions (common/run/ledger.h), rewritten atomically; saving
+//                    it is the single point at which a round becomes done
 //   incoming/        uploads being received, one file per (round, client); cleared on open
-//   export/          the exports (server/exporter.h)
-// Every write goes through the Env given to Open. A restart on the same directory continues from
-// the last version in the ledger.
+// and, written by the follow-up (server/follow_up.h): metrics.jsonl (server/metrics_log.h) and
+// export/ (server/exporter.h). Every write goes through the Env given to Open. A restart on the
+// same directory continues from the last version in the ledger. Reading blobs and parts is safe
+// from any thread; the rest belongs to the engine's lock.
 #ifndef FEDLORA_SERVER_STATE_STORE_H_
 #define FEDLORA_SERVER_STATE_STORE_H_
 
 #include <filesystem>
-#include <nlohmann/json.hpp>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,21 +19,32 @@
 #include "absl/status/statusor.h"
 #include "common/base/env.h"
 #include "common/base/file_util.h"
-#include "server/ledger.h"
+#include "common/run/ledger.h"
 
 namespace fedlora::server {
+
+using common::BlobKind;
+using common::BlobRef;
+using common::ClientDpState;
+using common::FedSbInit;
+using common::Ledger;
+using common::ModuleSpec;
+using common::Version;
 
 // What an operator can do about a failed write to the state directory `dir`.
 std::string StorageHint(const absl::Status& status, const std::filesystem::path& dir);
 
 class StateStore {
  public:
-  // Opens (creating if needed) the directory; loads the ledger and metrics if there are any, and
+  // Opens (creating if needed) the directory; loads the ledger if there is one, and
   // checks that every blob the ledger names is there. `env` must outlive the store.
   static absl::StatusOr<StateStore> Open(const std::filesystem::path& dir, common::Env* env);
 
-  bool has_ledger() const { return has_ledger_; }
-  const Ledger& ledger() const { return ledger_; }
+  bool has_ledger() const { return ledger_ != nullptr; }
+  const Ledger& ledger() const { return *ledger_; }
+  // The ledger as it is now, for a reader on another thread (it never changes; a save makes a new
+  // one).
+  std::shared_ptr<const Ledger> snapshot() const { return ledger_; }
 
   // Stores `bytes` as a blob (nothing to do if it exists) and returns its reference.
   absl::StatusOr<BlobRef> PutBlob(std::string_view bytes, BlobKind kind, int64_t version);
@@ -60,12 +70,6 @@ class StateStore {
   absl::Status AdoptPart(const std::string& name, const std::string& sha256);
   void DropPart(const std::string& name);
 
-  // The version of the last metrics line (0 when there is none).
-  int64_t metrics_version() const { return metrics_version_; }
-  // Adds the line of `version` to metrics.jsonl (rewritten atomically, so a crash never leaves half
-  // a line); on failure the file and memory stay as they were.
-  absl::Status AppendMetrics(int64_t version, const nlohmann::json& line);
-
   const std::filesystem::path& dir() const { return dir_; }
   common::Env* env() const { return env_; }
   // A write of `what` that failed with `status`, as a peer should see it: UNAVAILABLE (the
@@ -76,10 +80,7 @@ class StateStore {
  private:
   std::filesystem::path dir_;
   common::Env* env_ = nullptr;
-  bool has_ledger_ = false;
-  Ledger ledger_;
-  std::vector<std::string> metrics_;
-  int64_t metrics_version_ = 0;
+  std::shared_ptr<const Ledger> ledger_;
 };
 
 }  // namespace fedlora::server

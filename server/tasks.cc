@@ -2,13 +2,15 @@
 
 #include <algorithm>
 
+#include "common/net/wire.h"
+
 namespace fedlora::server {
 
 v1::BlobRef ToProto(const BlobRef& b) {
   v1::BlobRef ref;
   ref.set_sha256(b.sha256);
   ref.set_size(b.size);
-  ref.set_kind(std::string(BlobKindName(b.kind)));
+  ref.set_kind(common::ToWire(b.kind));
   ref.set_version(b.version);
   return ref;
 }

@@ -12,7 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "fedlora/v1/coordinator.pb.h"
-#include "server/ledger.h"
+#include "server/state_store.h"
 
 namespace fedlora::server {
 

@@ -8,7 +8,7 @@
 #include <mutex>
 #include <thread>
 
-#include "server/round_engine.h"
+#include "server/round/engine.h"
 
 namespace fedlora::server {
 

@@ -27,6 +27,8 @@
 #include "common/base/strings.h"
 #include "common/llm/dataset.h"
 #include "common/net/certs.h"
+#include "common/run/ledger.h"
+#include "common/run/records.h"
 
 namespace fedlora::tool {
 
@@ -611,47 +613,45 @@ absl::StatusOr<std::vector<ResultRow>> Runner::RunCell(const Cell& cell, size_t 
     ++cells_run_;
   }
   // The rows come from the coordinator's files, whether the cell ran now or before.
-  ASSIGN_OR_RETURN(std::string metrics, common::ReadFileToString(dir / "state" / "metrics.jsonl"));
-  ASSIGN_OR_RETURN(std::string ledger_text,
-                   common::ReadFileToString(dir / "state" / "ledger.json"));
-  const nlohmann::json ledger = nlohmann::json::parse(ledger_text, nullptr, false);
+  ASSIGN_OR_RETURN(const common::Ledger ledger, common::ReadLedger(dir / "state" / "ledger.json"));
+  ASSIGN_OR_RETURN(const std::vector<common::MetricsLine> lines,
+                   common::ReadMetrics(dir / "state" / "metrics.jsonl"));
   std::map<std::string, double> cumulative;  // per client
-  if (ledger.is_object() && ledger.contains("fed_sb_init")) {
-    const nlohmann::json& init = ledger["versions"].at(0)["record"];
-    for (const char* key : {"init_bytes_up", "init_bytes_down"})
-      for (const auto& [id, b] : init.at(key).items()) cumulative[id] += b.get<double>();
+  auto add = [&](const common::PerClient& bytes) {
+    for (const auto& [id, b] : bytes) cumulative[id] += static_cast<double>(b);
+  };
+  if (!ledger.versions.empty() && ledger.versions[0].init_record) {
+    add(ledger.versions[0].init_record->init_bytes_up);
+    add(ledger.versions[0].init_record->init_bytes_down);
   }
+  auto mean = [](const common::PerClient& per_client) {
+    double sum = 0;
+    for (const auto& [id, b] : per_client) sum += static_cast<double>(b);
+    return per_client.empty() ? 0.0 : sum / static_cast<double>(per_client.size());
+  };
   rows.clear();
-  std::istringstream lines(metrics);
-  std::string line;
   double previous = 0;
-  while (std::getline(lines, line)) {
-    const nlohmann::json m = nlohmann::json::parse(line, nullptr, false);
-    if (!m.is_object() || !m.contains("eval_loss"))
-      return absl::InternalError(StrCat(dir.string(), ": a metrics line without eval_loss"));
-    ResultRow r{cell, m["round"].get<int>(), m["eval_loss"].get<double>()};
-    if (m.contains("eval_accuracy")) r.eval_accuracy = m["eval_accuracy"].get<double>();
-    if (m.contains("eval_accuracy_by_task"))
-      r.accuracy_by_task = m["eval_accuracy_by_task"].get<std::map<std::string, double>>();
-    auto mean = [](const nlohmann::json& per_client) {
-      double sum = 0;
-      for (const auto& [id, b] : per_client.items()) sum += b.get<double>();
-      return per_client.empty() ? 0.0 : sum / per_client.size();
-    };
-    r.bytes_up = mean(m["bytes_up"]);
-    r.bytes_down = mean(m["bytes_down"]);
-    for (const char* key : {"bytes_up", "bytes_down"})
-      for (const auto& [id, b] : m[key].items()) cumulative[id] += b.get<double>();
+  for (const common::MetricsLine& m : lines) {
+    if (!m.eval_loss)
+      return absl::InternalError(
+          StrCat(dir.string(), ": round ", m.record.round, "'s metrics line has no eval_loss"));
+    ResultRow r{cell, static_cast<int>(m.record.round), *m.eval_loss};
+    r.eval_accuracy = m.eval_accuracy;
+    r.accuracy_by_task = m.eval_accuracy_by_task;
+    r.bytes_up = mean(m.record.who.bytes_up);
+    r.bytes_down = mean(m.record.who.bytes_down);
+    add(m.record.who.bytes_up);
+    add(m.record.who.bytes_down);
     double sum = 0;
     for (const auto& [id, b] : cumulative) sum += b;
-    r.cumulative_bytes = cumulative.empty() ? 0.0 : sum / cumulative.size();
-    if (m.contains("client_dp")) {
-      r.epsilon = m["client_dp"]["epsilon"].get<double>();
-    } else if (m.contains("dp_epsilon")) {
-      for (const auto& [id, e] : m["dp_epsilon"].items())
-        r.epsilon = std::max(r.epsilon.value_or(0.0), e.get<double>());
+    r.cumulative_bytes = cumulative.empty() ? 0.0 : sum / static_cast<double>(cumulative.size());
+    if (m.record.client_dp) {
+      r.epsilon = m.record.client_dp->epsilon.value_or(INFINITY);
+    } else {
+      for (const auto& [id, e] : m.record.dp_epsilon)
+        r.epsilon = std::max(r.epsilon.value_or(0.0), e);
     }
-    r.wall_seconds = m["elapsed_seconds"].get<double>();
+    r.wall_seconds = m.record.who.elapsed_seconds;
     r.round_seconds = r.wall_seconds - previous;
     previous = r.wall_seconds;
     rows.push_back(std::move(r));

@@ -11,6 +11,7 @@
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/net/wire.h"
 #include "common/tensor/peft.h"
 
 namespace fedlora::client {
@@ -57,7 +58,7 @@ absl::StatusOr<v1::TrainMetrics> CommandWorkload::Train(const v1::Task& task,
         {{"name", m.name()}, {"in_features", m.in_features()}, {"out_features", m.out_features()}});
   }
   const nlohmann::json json = {{"round", task.round()},
-                               {"method", task.method()},
+                               {"method", common::MethodNameOf(task.method())},
                                {"rank", s.rank()},
                                {"lora_alpha", s.lora_alpha()},
                                {"local_steps", s.local_steps()},

@@ -26,10 +26,11 @@ constexpr Method kMethods[] = {Method::kFedIt, Method::kFlora, Method::kLoraFair
 
 std::string Id(int i) { return "c" + std::to_string(i); }
 
-// Checks every global adapter the ledger holds as a download for `client`'s task.
+// Checks every global adapter and FLoRA delta the task downloads. (This compared the kind with
+// "global", a name no blob had, so it checked nothing until kinds became enums.)
 void CheckGlobalFinite(ft::Harness& h, const v1::Task& task) {
   for (const v1::BlobRef& b : task.downloads()) {
-    if (b.kind() != "global") continue;
+    if (b.kind() != v1::BLOB_KIND_ADAPTER && b.kind() != v1::BLOB_KIND_DELTA) continue;
     auto bytes = h.Fetch("c0", b);
     if (!bytes.ok()) continue;  // c0 may not have joined
     auto global = fedlora::common::DecodeAdapter(*bytes, "global");
@@ -158,7 +159,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       }
       case 8:  // time passes: deadlines, timeouts, retries
         env.Advance(std::chrono::duration<double>(in.ConsumeFloatingPointInRange(0.0, 700.0)));
-        h.engine().Tick();
+        h.Tick();
         break;
       case 9:  // the disk fails the n-th write from now (and maybe every one after), or heals
         if (in.ConsumeBool()) {

@@ -19,7 +19,7 @@
 #include "common/aggregation/sketch.h"
 #include "common/base/strings.h"
 #include "common/tensor/blob.h"
-#include "server/round_engine.h"
+#include "server/round/engine.h"
 #include "tests/test_env.h"
 
 namespace fedlora::testing {
@@ -62,6 +62,7 @@ class Harness {
     auto engine = server::RoundEngine::Create(options_, env_);
     if (!engine.ok()) return engine.status();
     engine_ = *std::move(engine);
+    engine_->WaitForFollowUp();  // what a restart writes again
     return absl::OkStatus();
   }
   void Stop() { engine_.reset(); }
@@ -72,6 +73,11 @@ class Harness {
     gradient_ = std::move(g);
   }
   server::RoundEngine& engine() { return *engine_; }
+  // Ticks the engine, then lets its follow-up (evaluation, metrics line, export) catch up.
+  void Tick() {
+    engine_->Tick();
+    engine_->WaitForFollowUp();
+  }
   server::ServerOptions& options() { return options_; }
 
   static int64_t Examples(const std::string& id) { return 10 * (1 + (id.back() - '0')); }
@@ -131,7 +137,7 @@ class Harness {
     if (fed_sb) {
       if (frozen_.num_modules() == 0) {
         for (const v1::BlobRef& b : task.downloads()) {
-          if (b.kind() != "frozen") continue;
+          if (b.kind() != v1::BLOB_KIND_FROZEN) continue;
           auto bytes = Fetch(id, b);
           if (!bytes.ok()) return bytes.status();
           auto frozen = common::DecodeAdapter(*bytes, "frozen");
@@ -180,6 +186,7 @@ class Harness {
       response = engine_->Upload(id, r);
       if (!response.ok()) return response;
     }
+    engine_->WaitForFollowUp();  // what follows a close the upload made, as a test expects it
     return response;
   }
 

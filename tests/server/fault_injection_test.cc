@@ -35,7 +35,7 @@ void Drive(Harness& h, TestEnv& env, int max_steps) {
         h.Join(id).IgnoreError();
     }
     env.Advance(std::chrono::seconds(1));
-    h.engine().Tick();
+    h.Tick();
   }
 }
 

@@ -10,7 +10,6 @@
 
 #include "common/aggregation/sketch.h"
 #include "common/tensor/linalg.h"
-#include "server/client_dp_rounds.h"
 #include "server/errors.h"
 #include "tests/server/engine_harness.h"
 #include "tests/test_util.h"
@@ -115,7 +114,7 @@ TEST_F(FedSbInitTest, SketchFindsTheTopSubspaceOfTheSummedGradient) {
   ASSERT_TRUE(task.ok());
   EXPECT_EQ(task->kind(), v1::Task::TRAIN);
   ASSERT_EQ(task->downloads_size(), 1);
-  EXPECT_EQ(task->downloads(0).kind(), "frozen");
+  EXPECT_EQ(task->downloads(0).kind(), v1::BLOB_KIND_FROZEN);
 
   const nlohmann::json ledger = Ledger();
   const common::Adapter v0 = Version0();
@@ -257,42 +256,6 @@ TEST_F(FedSbInitTest, AnswersForAnotherStepAreLateOrStale) {
       "c2", *next, common::EncodeMatrices({wrong, {std::get<0>(kWide[1]), MatrixD::Zero(1, 1)}}));
   EXPECT_EQ(ReasonOf(refused.status()), v1::ErrorDetail::REJECTED);
   EXPECT_THAT(refused.status().message(), HasSubstr("model.layers.0.self_attn.q_proj"));
-}
-
-// What a client-level DP step releases, against its definition: each answer scaled to norm 1 (by
-// hand: 3-4-0 and 0-0-12 become 0.6-0.8-0 and 0-0-1), the sum plus N(0, z²) per entry, over the
-// cohort; the noise's scale measured on a zero sum.
-TEST(ClientDpSketchTest, AnswersAreScaledToNormOneAndTheSumNoisedOverTheCohort) {
-  std::vector<MatrixD> sums = {MatrixD::Zero(1, 2), MatrixD::Zero(1, 1)};
-  MatrixD a(1, 2), b(1, 1);
-  a << 3, 4;
-  b << 0;
-  server::ClientDpRounds::AddSketchAnswer({a, b}, sums);
-  a << 0, 0;
-  b << 12;
-  server::ClientDpRounds::AddSketchAnswer({a, b}, sums);
-  EXPECT_NEAR(sums[0](0, 0), 0.6, 1e-15);
-  EXPECT_NEAR(sums[0](0, 1), 0.8, 1e-15);
-  EXPECT_NEAR(sums[1](0, 0), 1.0, 1e-15);
-
-  server::ServerOptions o = TestOptions("unused", "fed-sb");
-  o.dp_clip = 1;
-  o.dp_noise_multiplier = 0.5;
-  o.dp_init_noise_multiplier = 2;
-  auto dp = server::ClientDpRounds::Create(o);
-  ASSERT_TRUE(dp.ok()) << dp.status();
-  server::ClientDpState state{1, {}};
-  ASSERT_TRUE(dp->StartSketchStep(state, 0, 4, 8).ok());
-  nlohmann::json metrics;
-  auto noisy = dp->NoiseSketchStep({MatrixD::Zero(100, 40)}, 4, &state, &metrics);
-  ASSERT_TRUE(noisy.ok()) << noisy.status();
-  const double n = 4000, ms = (*noisy)[0].squaredNorm() / n;  // E = (z / cohort)² = 0.25
-  EXPECT_NEAR(ms / 0.25, 1.0, 5 * std::sqrt(2 / n));
-  ASSERT_EQ(state.rounds.size(), 1u);
-  EXPECT_EQ(state.rounds[0].q, 0.5);
-  EXPECT_EQ(state.rounds[0].sigma, 2.0);
-  EXPECT_EQ(metrics["noise_multiplier"], 2.0);
-  EXPECT_EQ(metrics["sample_rate"], 0.5);
 }
 
 // Client-level DP: each step of the initialisation is one Gaussian mechanism of the coordinator's

@@ -33,7 +33,7 @@ class CommandWorkloadTest : public ::testing::Test {
   absl::StatusOr<v1::TrainMetrics> Train(CommandWorkload& w) {
     v1::Task task;
     task.set_round(1);
-    task.set_method("fedit");
+    task.set_method(v1::METHOD_FEDIT);
     task.mutable_settings()->set_rank(2);
     task.mutable_settings()->set_local_steps(3);
     *task.add_modules() = w.modules()[0];

@@ -1,4 +1,4 @@
-#include "server/uploads.h"
+#include "server/intake/uploads.h"
 
 #include <algorithm>
 #include <cctype>
@@ -70,14 +70,16 @@ absl::StatusOr<v1::UploadResponse> Uploads::Receive(int64_t round, const std::st
     }
   }
   const int64_t begin = request.offset();
-  const int64_t end = begin + static_cast<int64_t>(request.data().size());
-  if (begin < 0 || end > up.total_size) {
+  const int64_t size = static_cast<int64_t>(request.data().size());
+  // Compared without forming begin + size, which a hostile offset near 2^63 overflows.
+  if (begin < 0 || begin > up.total_size || size > up.total_size - begin) {
     Drop(round, client);
-    return WithReason(absl::InvalidArgumentError(StrCat("chunk [", begin, ", ", end,
-                                                        ") is outside the announced size of ",
+    return WithReason(absl::InvalidArgumentError(StrCat("chunk of ", size, " bytes at offset ",
+                                                        begin, " is outside the announced size of ",
                                                         request.total_size(), " bytes")),
                       v1::ErrorDetail::REJECTED);
   }
+  const int64_t end = begin + size;
   if (end > begin) {
     if (absl::Status st = store_->WritePart(part, begin, request.data()); !st.ok())
       return store_->Unavailable(StrCat(client, "'s update"), st);
@@ -92,18 +94,16 @@ absl::StatusOr<v1::UploadResponse> Uploads::Receive(int64_t round, const std::st
   return response;
 }
 
-absl::Status Uploads::Accept(int64_t round, const std::string& client, int64_t num_examples,
-                             double norm, const v1::TrainMetrics& metrics,
-                             common::Adapter adapter) {
+absl::Status Uploads::Accept(int64_t round, const std::string& client, int64_t weight, double norm,
+                             const v1::TrainMetrics& metrics) {
   PendingUpload& up = uploads_.at(client);
   up.verifying = false;
   RETURN_IF_ERROR(store_->AdoptPart(PartName(round, client), up.sha256));
   up.accepted = true;
   ++arrived_;
-  up.num_examples = num_examples;
+  up.weight = weight;
   up.norm = norm;
   up.metrics = metrics;
-  up.adapter = std::move(adapter);
   return absl::OkStatus();
 }
 
@@ -144,6 +144,14 @@ std::vector<std::string> Uploads::ArrivedIds() const {
     if (u.accepted) ids.push_back(id);
   }
   return ids;
+}
+
+std::vector<AcceptedUpdate> Uploads::AcceptedUpdates() const {
+  std::vector<AcceptedUpdate> out;
+  for (const auto& [id, u] : uploads_) {
+    if (u.accepted) out.push_back({id, u.sha256, u.weight, u.norm});
+  }
+  return out;
 }
 
 }  // namespace fedlora::server

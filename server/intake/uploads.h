@@ -1,6 +1,7 @@
 // This round's uploads: chunks arrive in any order and more than once, are spooled to the state
 // store's incoming/ (memory does not grow with the cohort), and a complete upload is handed to the
-// update validator exactly once (`verifying` keeps its file still while it is checked).
+// update gate's Check exactly once (`verifying` keeps its file still while it is checked); an
+// accepted one moves into the store's blobs/, where the round's accumulator reads it back.
 #ifndef FEDLORA_SERVER_UPLOADS_H_
 #define FEDLORA_SERVER_UPLOADS_H_
 
@@ -10,8 +11,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/tensor/adapter.h"
 #include "fedlora/v1/coordinator.pb.h"
+#include "server/accumulate/accumulator.h"
 #include "server/state_store.h"
 
 namespace fedlora::server {
@@ -36,10 +37,9 @@ struct PendingUpload {
   ByteRanges ranges;       // every chunk received so far
   bool verifying = false;  // complete, and being checked outside the engine's lock
   bool accepted = false;
-  int64_t num_examples = 0;  // the update's aggregation weight, once accepted
-  double norm = 0;           // its ‖s·B·A‖_F, when a norm bound is on
+  int64_t weight = 0;  // the update's aggregation weight, once accepted
+  double norm = 0;     // its ‖s·B·A‖_F, when a norm bound is on
   v1::TrainMetrics metrics;
-  common::Adapter adapter;  // decoded, once accepted, for methods that need every client's factors
 };
 
 // incoming/ file name of a client's update for a round (the identity made safe for a file name).
@@ -57,8 +57,8 @@ class Uploads {
   absl::StatusOr<v1::UploadResponse> Receive(int64_t round, const std::string& client,
                                              const v1::UploadRequest& request, bool* complete);
   // The verified upload becomes `client`'s accepted update (its part moved into blobs/).
-  absl::Status Accept(int64_t round, const std::string& client, int64_t num_examples, double norm,
-                      const v1::TrainMetrics& metrics, common::Adapter adapter);
+  absl::Status Accept(int64_t round, const std::string& client, int64_t weight, double norm,
+                      const v1::TrainMetrics& metrics);
   // Forgets `client`'s upload and deletes its part, if any.
   void Drop(int64_t round, const std::string& client);
   // Forgets every upload; deletes the parts of those not accepted.
@@ -69,7 +69,9 @@ class Uploads {
   bool AnyVerifying() const;
   std::vector<std::string> ArrivedIds() const;      // accepted, sorted by id
   size_t ArrivedCount() const { return arrived_; }  // without the copy: asked at every upload
-  std::map<std::string, PendingUpload>& all() { return uploads_; }
+  // The accepted updates, sorted by client: what the round's accumulator folds.
+  std::vector<AcceptedUpdate> AcceptedUpdates() const;
+  const std::map<std::string, PendingUpload>& all() const { return uploads_; }
 
  private:
   StateStore* store_;

@@ -1,0 +1,96 @@
+// What a round does with its accepted updates. An accumulator is chosen when the round opens
+// (server/round/lifecycle.cc: weighted sums, every client's factors, the median norm bound around
+// either, client-level DP, a Fed-SB initialisation step) and asked for the round's result when it
+// closes: a close reads "accumulator → aggregate → commit" (server/round/close.h), and another
+// round protocol is another implementation, not branches in the engine.
+//
+// Reproducible to the bit: an accumulator folds the accepted updates in client-id order, whatever
+// order they arrived in, reading each back from the state store where the update gate left it —
+// so the same accepted updates always give the same bytes, after a restart too, and memory holds a
+// window of decoded updates rather than the cohort's (FoldInOrder). Aggregate may run again after
+// a failed commit.
+#ifndef FEDLORA_SERVER_ACCUMULATE_ACCUMULATOR_H_
+#define FEDLORA_SERVER_ACCUMULATE_ACCUMULATOR_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/base/parallel.h"
+#include "common/run/ledger.h"
+#include "common/tensor/adapter.h"
+#include "common/tensor/linalg.h"
+
+namespace fedlora::server {
+
+// An update the gate accepted.
+struct AcceptedUpdate {
+  std::string client;
+  std::string sha256;  // its blob in the state store
+  int64_t weight = 0;  // its aggregation weight: the examples it claims, within the round's cap
+  double norm = 0;  // its ‖s·B·A‖_F flat over the modules (0 when no norm bound asks for it)
+};
+
+// Decodes accepted updates back from the store (the update gate's decoding, server/intake/).
+class UpdateSource {
+ public:
+  virtual ~UpdateSource() = default;
+  virtual absl::StatusOr<common::Adapter> Update(const AcceptedUpdate& update) const = 0;
+  // A Fed-SB initialisation step's answer: one product per module.
+  virtual absl::StatusOr<std::vector<common::MatrixD>> Products(
+      const AcceptedUpdate& update) const = 0;
+};
+
+// A round's result.
+struct RoundOutput {
+  common::Adapter adapter;  // a round's new global adapter (flora: the round's delta), scaling 1
+  // A Fed-SB initialisation step: Σ weight·product per module, and Σ weight (under client-level
+  // DP the noised mean, weight 1).
+  std::vector<common::MatrixD> sums;
+  double weight = 0;
+  std::vector<std::string> aggregated;   // whose updates it holds, sorted
+  common::PerClientValue norm_outliers;  // left out by --max-update-norm-ratio, with their norms
+  std::optional<common::ClientDpSpend> client_dp;              // what a private release spent
+  std::optional<common::ClientDpState> dp_state;               // the privacy state with it entered
+  std::optional<double> lora_fair_objective, fedit_objective;  // lora-fair, over the modules
+};
+
+class Accumulator {
+ public:
+  virtual ~Accumulator() = default;
+  // The round's result from `updates` (sorted by client: the order they are folded in).
+  virtual absl::StatusOr<RoundOutput> Aggregate(const std::vector<AcceptedUpdate>& updates,
+                                                const UpdateSource& source) = 0;
+};
+
+// The clients of `updates`, in their order.
+std::vector<std::string> ClientsOf(const std::vector<AcceptedUpdate>& updates);
+
+// Calls fold(update, decoded) for each of `updates` in order, decoding a few at a time on every
+// core with `load` while memory holds only those.
+template <typename T>
+absl::Status FoldInOrder(const std::vector<AcceptedUpdate>& updates,
+                         const std::function<absl::StatusOr<T>(const AcceptedUpdate&)>& load,
+                         const std::function<absl::Status(const AcceptedUpdate&, T&)>& fold) {
+  const size_t window = 2 * std::max(1u, std::thread::hardware_concurrency());
+  std::vector<absl::StatusOr<T>> decoded(window);
+  for (size_t first = 0; first < updates.size(); first += window) {
+    const size_t n = std::min(window, updates.size() - first);
+    common::ParallelFor(n, [&](size_t i) { decoded[i] = load(updates[first + i]); });
+    for (size_t i = 0; i < n; ++i) {
+      if (!decoded[i].ok()) return decoded[i].status();
+      if (absl::Status st = fold(updates[first + i], *decoded[i]); !st.ok()) return st;
+      decoded[i] = absl::UnknownError("folded");  // frees it
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace fedlora::server
+
+#endif  // FEDLORA_SERVER_ACCUMULATE_ACCUMULATOR_H_

@@ -1,0 +1,373 @@
+#include "server/round/engine.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <future>
+#include <random>
+
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "common/llm/gguf_export.h"
+#include "common/net/wire.h"
+#include "server/errors.h"
+
+namespace fedlora::server {
+namespace {
+
+using common::StrCat;
+using Seconds = std::chrono::duration<double>;
+
+// 128 random bits in hex: a session id that no other join, of this process or an earlier one, has.
+std::string NewSessionId() {
+  std::random_device random;
+  return fmt::format("{:08x}{:08x}{:08x}{:08x}", random(), random(), random(), random());
+}
+
+void LogClientDp(const ServerOptions& o) {
+  spdlog::info(
+      "client-level DP: updates clipped to {} ({}), noise multiplier {}, delta {}{}; every client "
+      "weighs the same and the divisor is the cohort drawn",
+      o.dp_clip, o.dp_adaptive_clip ? "adaptive, initial" : "fixed", o.dp_noise_multiplier,
+      o.dp_delta, o.dp_target_epsilon > 0 ? StrCat(", target epsilon ", o.dp_target_epsilon) : "");
+  if (o.dp_noise_multiplier == 0)
+    spdlog::warn("client-level DP without noise: updates are clipped, but epsilon is infinite");
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(
+    const ServerOptions& given, common::Env* env, std::unique_ptr<Evaluator> evaluator) {
+  RETURN_IF_ERROR(given.Validate());
+  ServerOptions options = given;
+  if (evaluator == nullptr && !options.base_model_dir.empty()) {
+    ASSIGN_OR_RETURN(evaluator, Evaluator::Load(options));
+    // A model llama.cpp cannot take is refused now, not at the end of the run.
+    if (!options.export_gguf.empty())
+      RETURN_IF_ERROR(common::CheckGgufExport(options.base_model_dir));
+  }
+  if (evaluator != nullptr) options.base_model_sha256 = evaluator->fingerprint();
+  ASSIGN_OR_RETURN(StateStore store, StateStore::Open(options.state_dir, env));
+  std::unique_ptr<RoundEngine> e(new RoundEngine(options, env, std::move(store)));
+  if (options.client_dp()) {
+    ASSIGN_OR_RETURN(e->dp_, ClientDp::Create(e->options_));
+    LogClientDp(options);
+  }
+  absl::MutexLock lock(&e->mu_);
+  ASSIGN_OR_RETURN(e->follow_up_,
+                   FollowUp::Start(&e->options_, &e->store_, std::move(evaluator), env));
+  e->lifecycle_ = std::make_unique<Lifecycle>(
+      e->options_, env,
+      Lifecycle::Parts{&e->store_, &e->clients_, &e->uploads_, e->dp_.get(), e->follow_up_.get(),
+                       &e->log_limiter_});
+  RETURN_IF_ERROR(e->lifecycle_->Resume());
+  return e;
+}
+
+RoundEngine::RoundEngine(const ServerOptions& options, common::Env* env, StateStore store)
+    : options_(options), env_(env), store_(std::move(store)), uploads_(&store_) {}
+
+RoundEngine::~RoundEngine() {
+  // The follow-up's thread reads the store: it stops first.
+  follow_up_.reset();
+}
+
+void RoundEngine::Shutdown() {
+  LongPolls::Ready ready;
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+    CollectReadyLocked(&ready, /*all=*/true);
+  }
+  LongPolls::Deliver(ready);
+}
+
+bool RoundEngine::done() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (lifecycle_->phase() != Lifecycle::Phase::kDone) return false;
+  }
+  return follow_up_->Finished();
+}
+
+absl::Status RoundEngine::failed() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!lifecycle_->failure().ok()) return lifecycle_->failure();
+  }
+  return follow_up_->failed();
+}
+
+absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
+                                                   const v1::JoinRequest& request,
+                                                   std::string_view peer) {
+  LongPolls::Ready ready;
+  v1::JoinResponse response;
+  {
+    absl::MutexLock lock(&mu_);
+    const std::string& expected =
+        store_.has_ledger() ? store_.ledger().base_model_sha256 : options_.base_model_sha256;
+    const int rank = lifecycle_->RankOf(client);
+    absl::Status admitted =
+        CheckAdmission(request, expected, rank, {}, options_.max_client_examples);
+    if (admitted.ok() && !store_.has_ledger()) admitted = lifecycle_->CreateRun(request);
+    if (admitted.ok())
+      admitted = CheckAdmission(request, expected, rank, store_.ledger().modules,
+                                options_.max_client_examples);
+    std::string repeated;
+    if (!admitted.ok()) {
+      if (log_limiter_.Allow("refused " + client, env_->Now(), &repeated))
+        spdlog::warn("refused {}: {}{}", client, admitted.message(), repeated);
+      return admitted;
+    }
+    const bool is_new = clients_.Join(client, request.num_examples(), env_->Now());
+    ClientInfo& info = *clients_.Find(client);
+    if (is_new || log_limiter_.Allow("re-joined " + client, env_->Now(), &repeated))
+      spdlog::info("{} {}{} ({} examples); {} clients joined{}", client,
+                   is_new ? "joined" : "re-joined", peer.empty() ? "" : StrCat(" from ", peer),
+                   request.num_examples(), clients_.size(), repeated);
+    info.session = NewSessionId();
+    info.peer = peer;
+    response.set_session(info.session);
+    lifecycle_->MaybeStart();
+    CollectReadyLocked(&ready, false);
+    response.set_run_id(store_.ledger().run_id);
+    response.set_method(common::ToWire(options_.method));
+    response.set_rounds(options_.rounds);
+    response.set_max_chunk_bytes(options_.chunk_bytes);
+  }
+  LongPolls::Deliver(ready);
+  return response;
+}
+
+absl::Status RoundEngine::CheckSession(const std::string& client, std::string_view session,
+                                       std::string_view peer) {
+  absl::MutexLock lock(&mu_);
+  const ClientInfo* info = clients_.Find(client);
+  if (session.empty() || info == nullptr || info->session == session) return absl::OkStatus();
+  if (std::string repeated; log_limiter_.Allow("superseded " + client, env_->Now(), &repeated)) {
+    spdlog::warn(
+        "{}: a call from {} in a session that a later join from {} superseded: two processes use "
+        "{}'s certificate, or an old one still runs; it is told to stop{}",
+        client, peer, info->peer, client, repeated);
+  }
+  const std::string message = StrCat("this session of ", client,
+                                     " was superseded by a later join with the same identity from ",
+                                     info->peer, "; is another process using this certificate?");
+  return WithReason(absl::PermissionDeniedError(message), v1::ErrorDetail::SUPERSEDED);
+}
+
+void RoundEngine::GetTask(const std::string& client, const v1::GetTaskRequest& request,
+                          TaskCallback done) {
+  absl::StatusOr<v1::Task> task;
+  {
+    absl::MutexLock lock(&mu_);
+    if (clients_.Find(client) == nullptr) {
+      task = WithReason(
+          absl::FailedPreconditionError(StrCat(client, " has not joined; call Join first")),
+          v1::ErrorDetail::NOT_JOINED);
+    } else {
+      const auto now = env_->Now();
+      clients_.Touch(client, now);
+      task = lifecycle_->TaskFor(client, request.have_version());
+      // A poll lasts at most half the client timeout, so a client waiting for its task calls again
+      // before it could count as silent.
+      const int64_t wait_ms = std::clamp<int64_t>(
+          request.max_wait_ms(), 0,
+          std::min<int64_t>(options_.max_wait_ms,
+                            static_cast<int64_t>(options_.client_timeout_s * 1000 / 2)));
+      if (task->kind() == v1::Task::WAIT && wait_ms > 0 && !stopping_) {
+        polls_.Add(client, request.have_version(), now + std::chrono::milliseconds(wait_ms),
+                   std::move(done));
+        return;
+      }
+    }
+  }
+  done(std::move(task));  // never under the lock
+}
+
+absl::StatusOr<v1::Task> RoundEngine::GetTaskBlocking(const std::string& client,
+                                                      const v1::GetTaskRequest& request) {
+  std::promise<absl::StatusOr<v1::Task>> promise;
+  GetTask(client, request, [&](absl::StatusOr<v1::Task> t) { promise.set_value(std::move(t)); });
+  return promise.get_future().get();
+}
+
+void RoundEngine::CollectReadyLocked(LongPolls::Ready* ready, bool all) {
+  const Lifecycle::TaskState state = lifecycle_->State();
+  const LongPolls::Scope scope = all || stopping_         ? LongPolls::Scope::kAll
+                                 : state != polled_state_ ? LongPolls::Scope::kChanged
+                                                          : LongPolls::Scope::kExpired;
+  polled_state_ = state;
+  polls_.Collect(
+      [this](const std::string& client, int64_t have) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+        return lifecycle_->TaskFor(client, have);  // Collect runs under mu_
+      },
+      env_->Now(), scope, ready);
+}
+
+absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& client,
+                                                           const v1::DownloadRequest& request) {
+  absl::MutexLock lock(&mu_);
+  if (!store_.has_ledger() || !store_.ledger().HoldsBlob(request.sha256()))
+    return absl::NotFoundError(StrCat("no blob ", request.sha256(), " in this run's ledger"));
+  const int64_t max_bytes = request.max_bytes() > 0
+                                ? std::min(request.max_bytes(), options_.chunk_bytes)
+                                : options_.chunk_bytes;
+  ASSIGN_OR_RETURN(auto chunk, store_.ReadBlob(request.sha256(), request.offset(), max_bytes));
+  v1::DownloadResponse response;
+  response.set_offset(request.offset());
+  response.set_total_size(chunk.second);
+  *response.mutable_data() = std::move(chunk.first);
+  if (ClientInfo* info = clients_.Find(client)) {
+    info->last_seen = env_->Now();
+    info->bytes_down_this_round += static_cast<int64_t>(response.data().size());
+  }
+  return response;
+}
+
+void RoundEngine::LogRefusal(const std::string& client, const Verdict& verdict) {
+  const std::string kind = StrCat(static_cast<int>(verdict.reason), " ", client);
+  if (std::string repeated; log_limiter_.Allow("refused upload " + kind, env_->Now(), &repeated))
+    spdlog::warn("{}: refused {}'s update: {}{}", lifecycle_->RoundName(), client,
+                 verdict.status.message(), repeated);
+}
+
+absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client,
+                                                       const v1::UploadRequest& request) {
+  std::shared_ptr<const UpdateGate> gate;
+  Sender sender{client};
+  {
+    absl::MutexLock lock(&mu_);
+    clients_.Touch(client, env_->Now());
+    if (const ClientInfo* info = clients_.Find(client)) sender.joined = info->num_examples;
+    sender.rank = lifecycle_->RankOf(client);
+    sender.accepted = uploads_.Accepted(client);
+    gate = lifecycle_->gate();
+    const Verdict admitted =
+        UpdateGate::Admit(lifecycle_->View(), sender, request, options_.max_update_bytes);
+    if (!admitted.ok()) {
+      if (admitted.reason == v1::ErrorDetail::LATE) lifecycle_->Late(client, request.round());
+      if (absl::IsResourceExhausted(admitted.status)) LogRefusal(client, admitted);
+      return admitted.ToStatus();
+    }
+    bool complete = false;
+    absl::StatusOr<v1::UploadResponse> response =
+        uploads_.Receive(lifecycle_->round(), client, request, &complete);
+    if (!response.ok() || !complete) return response;
+  }
+  return FinishUpload(client, request, std::move(gate), sender);
+}
+
+absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& client,
+                                                             const v1::UploadRequest& request,
+                                                             std::shared_ptr<const UpdateGate> gate,
+                                                             const Sender& sender) {
+  // Checked outside the engine's lock: hashing and decoding a 100 MB update takes a few tenths of
+  // a second that other clients need not wait for. The gate never changes, and the part file
+  // stays still while it is `verifying`.
+  const auto start = std::chrono::steady_clock::now();
+  CheckedUpdate checked;
+  const Verdict verdict = gate->Check(sender, request, PartName(request.round(), client), &checked);
+  LongPolls::Ready ready;
+  v1::UploadResponse response;
+  {
+    absl::MutexLock lock(&mu_);
+    const PendingUpload* up = uploads_.Find(client);
+    if (lifecycle_->gate() != gate || up == nullptr || !up->verifying) {
+      return WithReason(absl::FailedPreconditionError(StrCat(
+                            "round ", request.round(), " stopped waiting for ", client,
+                            "'s update while it was verified (the run ended, or the client left)")),
+                        v1::ErrorDetail::STALE_TASK);
+    }
+    absl::Status status = verdict.status;
+    if (status.ok()) {
+      status = uploads_.Accept(lifecycle_->round(), client, checked.weight, checked.norm,
+                               request.metrics());
+      if (!status.ok()) status = store_.Unavailable(StrCat(client, "'s update"), status);
+    }
+    if (!status.ok()) {
+      uploads_.Drop(lifecycle_->round(), client);
+      if (absl::IsUnavailable(status)) return status;  // the coordinator's failure: retried
+      LogRefusal(client, verdict);
+      lifecycle_->Rejected(client);
+      return verdict.ToStatus();
+    }
+    response.set_received(request.total_size());
+    response.set_accepted(true);
+    spdlog::info(
+        "{}: {}'s update of {} bytes verified and validated in {:.3f} s (loss {:.6g} -> "
+        "{:.6g})",
+        lifecycle_->RoundName(), client, request.total_size(),
+        Seconds(std::chrono::steady_clock::now() - start).count(), request.metrics().loss_before(),
+        request.metrics().loss_after());
+    lifecycle_->Accepted(client);
+    CollectReadyLocked(&ready, false);
+  }
+  LongPolls::Deliver(ready);
+  return response;
+}
+
+v1::HeartbeatResponse RoundEngine::Heartbeat(const std::string& client,
+                                             const v1::HeartbeatRequest& request) {
+  absl::MutexLock lock(&mu_);
+  clients_.Touch(client, env_->Now());
+  v1::HeartbeatResponse response;
+  response.set_still_wanted(lifecycle_->StillWanted(client, request.round()));
+  return response;
+}
+
+absl::StatusOr<v1::LeaveResponse> RoundEngine::Leave(const std::string& client,
+                                                     const v1::LeaveRequest& request) {
+  LongPolls::Ready ready;
+  {
+    absl::MutexLock lock(&mu_);
+    ClientInfo* info = clients_.Find(client);
+    if (info == nullptr) {
+      return WithReason(absl::FailedPreconditionError(
+                            StrCat(client, " has not joined; there is nothing to leave")),
+                        v1::ErrorDetail::NOT_JOINED);
+    }
+    if (request.reason().size() > 1024 || !common::IsUtf8(request.reason())) {
+      return absl::InvalidArgumentError(StrCat("a leave reason of ", request.reason().size(),
+                                               " bytes; expected up to 1024 bytes of UTF-8"));
+    }
+    info->left = request.reason().empty() ? "no reason given" : request.reason();
+    spdlog::warn("{} left the run: {}", client, info->left);
+    lifecycle_->Leave(client, request.round(), info->left);
+    CollectReadyLocked(&ready, false);
+  }
+  LongPolls::Deliver(ready);
+  return v1::LeaveResponse();
+}
+
+v1::StatusResponse RoundEngine::GetStatus() {
+  v1::StatusResponse s;
+  s.set_follow_up(follow_up_->Describe());
+  absl::MutexLock lock(&mu_);
+  lifecycle_->FillStatus(s);
+  const auto now = env_->Now();
+  const int64_t now_ms = env_->NowUnixMs();
+  for (const auto& [id, info] : clients_.all()) {
+    v1::ClientStatus* c = s.add_clients();
+    c->set_id(id);
+    c->set_num_examples(info.num_examples);
+    c->set_last_seen_unix_ms(
+        now_ms -
+        std::chrono::duration_cast<std::chrono::milliseconds>(now - info.last_seen).count());
+    c->set_rounds_contributed(info.rounds_contributed);
+  }
+  return s;
+}
+
+void RoundEngine::Tick() {
+  LongPolls::Ready ready;
+  {
+    absl::MutexLock lock(&mu_);
+    lifecycle_->Tick();
+    CollectReadyLocked(&ready, false);
+  }
+  LongPolls::Deliver(ready);
+}
+
+}  // namespace fedlora::server

@@ -1,0 +1,489 @@
+#include "server/round/lifecycle.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "common/net/wire.h"
+#include "server/accumulate/every_factor.h"
+#include "server/accumulate/median_norm_bound.h"
+#include "server/accumulate/sketch_sum.h"
+#include "server/accumulate/weighted_mean.h"
+#include "server/cohort.h"
+#include "server/exporter.h"
+#include "server/fed_sb_init.h"
+#include "server/round/close.h"
+#include "server/round/run_setup.h"
+#include "server/tasks.h"
+
+namespace fedlora::server {
+namespace {
+
+using common::Adapter;
+using common::Method;
+using common::StrCat;
+using Seconds = std::chrono::duration<double>;
+
+std::chrono::steady_clock::duration ToDuration(double seconds) {
+  return std::chrono::duration_cast<std::chrono::steady_clock::duration>(Seconds(seconds));
+}
+
+}  // namespace
+
+Lifecycle::Lifecycle(const ServerOptions& options, common::Env* env, Parts parts)
+    : options_(options),
+      env_(env),
+      store_(*parts.store),
+      clients_(*parts.clients),
+      uploads_(*parts.uploads),
+      dp_(parts.dp),
+      follow_up_(*parts.follow_up),
+      log_limiter_(*parts.log_limiter),
+      frozen_(std::make_shared<Adapter>()) {}
+
+bool Lifecycle::OpenRound::InCohort(const std::string& client) const {
+  return std::binary_search(cohort.begin(), cohort.end(), client);
+}
+
+int Lifecycle::RankOf(const std::string& client) const {
+  const auto it = options_.client_ranks.find(client);
+  return it == options_.client_ranks.end() ? options_.rank : it->second;
+}
+
+absl::Status Lifecycle::Resume() {
+  if (!store_.has_ledger()) {
+    spdlog::info("new {} run in {}: waiting for {} clients", MethodName(options_.method),
+                 options_.state_dir, options_.min_clients);
+    return absl::OkStatus();
+  }
+  const Ledger& l = store_.ledger();
+  if (l.method != options_.method) {
+    return absl::FailedPreconditionError(StrCat("state directory ", options_.state_dir, " holds a ",
+                                                MethodName(l.method), " run but method is ",
+                                                MethodName(options_.method),
+                                                "; use another state_dir for a new run"));
+  }
+  if (l.versions.size() > 1 && l.client_dp.has_value() != options_.client_dp()) {
+    return absl::FailedPreconditionError(
+        StrCat("state directory ", options_.state_dir,
+               l.client_dp ? " holds a run with" : " holds a run without",
+               " client-level DP; continue it with the same dp settings or use another state_dir"));
+  }
+  if (!options_.base_model_sha256.empty() && !options_.base_model_dir.empty() &&
+      l.base_model_sha256 != options_.base_model_sha256) {
+    return absl::FailedPreconditionError(
+        StrCat("state directory ", options_.state_dir, " holds a run on base model ",
+               l.base_model_sha256, " but base_model_dir is ", options_.base_model_sha256));
+  }
+  if (l.client_dp.has_value() != options_.client_dp()) {  // only at version 0 (checked above)
+    Ledger ledger = l;
+    ledger.client_dp.reset();
+    if (options_.client_dp()) ledger.client_dp = ClientDpState{options_.dp_clip, {}};
+    RETURN_IF_ERROR(store_.SaveLedger(ledger));
+  }
+  if (Initialising()) {
+    round_ = 0;
+    spdlog::info("continuing run {} from {}: fed-sb initialisation at step {} of {}", l.run_id,
+                 options_.state_dir, InitStep() + 1, l.init->total_steps());
+    return absl::OkStatus();
+  }
+  if (options_.method == Method::kFedSb) {
+    ASSIGN_OR_RETURN(std::string bytes, store_.ReadWholeBlob(l.at(0).blobs.at(0).sha256));
+    ASSIGN_OR_RETURN(Adapter frozen, common::DecodeAdapter(bytes, "frozen blob"));
+    frozen_ = std::make_shared<const Adapter>(std::move(frozen));
+  }
+  round_ = version() + 1;
+  if (version() >= options_.rounds) phase_ = Phase::kDone;
+  spdlog::info("continuing run {} from {}: version {} of {} rounds", l.run_id, options_.state_dir,
+               version(), options_.rounds);
+  // What follows the committed rounds may be missing (a failure, or a kill, after a commit); the
+  // final export is redone in any case.
+  HandOver(phase_ == Phase::kDone);
+  return absl::OkStatus();
+}
+
+absl::Status Lifecycle::CreateRun(const v1::JoinRequest& first) {
+  ASSIGN_OR_RETURN(frozen_, server::CreateRun(options_, first, store_));
+  round_ = Initialising() ? 0 : 1;
+  return absl::OkStatus();
+}
+
+void Lifecycle::HandOver(bool run_done) {
+  if (version() >= 0) follow_up_.Committed(store_.snapshot(), frozen_, run_done);
+}
+
+std::string Lifecycle::RoundName() const {
+  if (!Initialising()) return StrCat("round ", round_);
+  const FedSbInit& init = *store_.ledger().init;
+  return StrCat("fed-sb initialisation step ", InitStep() + 1, " of ", init.total_steps(), " (",
+                common::SketchStepName(InitStepKind(init, InitStep())), ")");
+}
+
+void Lifecycle::Waiting(std::string what) {
+  if (what != waiting_for_) spdlog::info("{}", what);
+  waiting_for_ = std::move(what);
+}
+
+void Lifecycle::MaybeStart() {
+  if (phase_ != Phase::kWaitingForClients || !store_.has_ledger() || !failure_.ok()) return;
+  const auto now = env_->Now();
+  const std::vector<std::string> taking_part = clients_.TakingPart();
+  if (taking_part.empty() && run_started_)
+    return EndRun(StrCat("round ", round_, ": every client has left the run"));
+  if (now < next_attempt_) return;  // the retry's backoff (Waiting said so)
+  // The live clients: taking part and heard from within the client timeout. A silent one is left
+  // out of cohorts until it calls again (a heartbeat, a poll or a join).
+  std::vector<std::string> alive, silent;
+  for (const std::string& id : taking_part)
+    (clients_.Silent(id, now, Seconds(options_.client_timeout_s)) ? silent : alive).push_back(id);
+  // Before the first round, min_clients must have joined; after it, clients that left the run
+  // are not waited for, silent ones are.
+  const size_t needed = run_started_ ? std::min<size_t>(options_.min_clients, taking_part.size())
+                                     : static_cast<size_t>(options_.min_clients);
+  if (!run_started_ && clients_.size() < needed) {
+    return Waiting(
+        StrCat("waiting for ", needed, " clients to join, ", clients_.size(), " joined"));
+  }
+  if (alive.size() < needed) {
+    return Waiting(StrCat(RoundName(), " waits for ", needed, " live clients (", alive.size(),
+                          " alive; silent past the ", options_.client_timeout_s,
+                          " s timeout: ", fmt::format("{}", fmt::join(silent, ",")), ")"));
+  }
+  waiting_for_.clear();
+  Open(alive);
+}
+
+bool Lifecycle::ChooseParts(size_t population) {
+  std::vector<int64_t> joined;
+  for (const std::string& id : open_.cohort) joined.push_back(clients_.Find(id)->num_examples);
+  const double weight_cap = WeightCap(joined, options_.max_client_weight);
+  std::optional<std::vector<common::MatrixShape>> sketch;
+  if (Initialising()) sketch = InitProductShapes(store_.ledger(), InitStep());
+  const bool fed_sb = options_.method == Method::kFedSb;
+  std::vector<common::ModuleShape> shapes = store_.ledger().Shapes(options_.rank, fed_sb);
+  open_.gate =
+      std::make_shared<const UpdateGate>(&options_, &store_, shapes, frozen_, sketch, weight_cap);
+  absl::StatusOr<std::unique_ptr<Accumulator>> chosen = [&]() -> decltype(chosen) {
+    const size_t cohort = open_.cohort.size();
+    if (dp_ != nullptr && sketch)
+      return dp_->OpenSketchStep(*store_.ledger().client_dp, InitStep(), cohort, population,
+                                 *sketch);
+    if (dp_ != nullptr) {
+      ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_.ledger(), store_, version(), *frozen_));
+      return dp_->OpenRound(*store_.ledger().client_dp, round_, cohort, population,
+                            std::move(start));
+    }
+    std::unique_ptr<Accumulator> a;
+    if (sketch) return std::make_unique<SketchSum>(*sketch);
+    if (options_.method == Method::kFedIt || fed_sb)
+      a = std::make_unique<WeightedMean>(options_.method, shapes, frozen_.get());
+    else
+      a = std::make_unique<EveryFactor>(
+          common::AggregateOptions{options_.method, {.lambda = options_.lora_fair_lambda}});
+    if (options_.max_update_norm_ratio > 0)
+      a = std::make_unique<MedianNormBound>(options_.max_update_norm_ratio, std::move(a));
+    return a;
+  }();
+  if (!chosen.ok()) {
+    EndRun(StrCat(RoundName(), " cannot start: ", chosen.status().message()));
+    return false;
+  }
+  if (*chosen == nullptr) {
+    EndRun(Initialising() ? "the privacy budget does not cover fed-sb's initialisation"
+                          : "the privacy budget allows no further round");
+    return false;
+  }
+  open_.accumulator = *std::move(chosen);
+  return true;
+}
+
+void Lifecycle::Open(const std::vector<std::string>& alive) {
+  open_ = OpenRound{};
+  open_.attempt = attempt_;
+  open_.cohort =
+      SampleCohort(alive, options_.seed, round_, attempt_, options_.fraction, options_.min_cohort);
+  uploads_.Clear(round_);
+  clients_.NewRound();
+  if (!ChooseParts(alive.size())) return;
+  open_.started = env_->Now();
+  if (!run_started_) run_started_ = open_.started;
+  phase_ = Phase::kTraining;
+  spdlog::info("{}{}: cohort of {} of {} clients: {}", RoundName(),
+               attempt_ ? StrCat(" (attempt ", attempt_ + 1, ")") : "", open_.cohort.size(),
+               alive.size(), fmt::join(open_.cohort, ","));
+}
+
+void Lifecycle::EndRun(const std::string& why) {
+  spdlog::warn("{}", why);
+  phase_ = Phase::kDone;
+  open_ = OpenRound{};
+  spdlog::info("run {} ended at version {} of {} rounds", store_.ledger().run_id, version(),
+               options_.rounds);
+  HandOver(/*run_done=*/true);
+}
+
+bool Lifecycle::Answered(const std::string& client) const {
+  return uploads_.Accepted(client) || open_.declined.contains(client);
+}
+
+bool Lifecycle::EveryMemberAnswered() const {
+  return std::all_of(open_.cohort.begin(), open_.cohort.end(),
+                     [&](const std::string& id) { return Answered(id); });
+}
+
+void Lifecycle::Accepted(const std::string& client) {
+  spdlog::info("{}: accepted {}'s update; {} of {} arrived", RoundName(), client,
+               uploads_.ArrivedCount(), open_.cohort.size());
+  if (EveryMemberAnswered()) MaybeClose();
+}
+
+void Lifecycle::Late(const std::string& client, int64_t round) {
+  if (late_.emplace(client, round).second) {
+    spdlog::warn("{}'s update for round {} came after that round closed; not counted (late)",
+                 client, round);
+  }
+}
+
+void Lifecycle::Leave(const std::string& client, int64_t round, const std::string& reason) {
+  if (phase_ != Phase::kTraining || closing() || round != round_ || !open_.InCohort(client) ||
+      Answered(client))
+    return;
+  open_.declined[client] = reason;
+  uploads_.Drop(round_, client);
+  // Nobody left to wait for: close the round now (or retry it without quorum).
+  if (EveryMemberAnswered()) MaybeClose();
+}
+
+void Lifecycle::MaybeClose() {
+  const size_t arrived = uploads_.ArrivedCount();
+  // Members that declined their task are not waited for, and not counted in the quorum.
+  const size_t quorum = QuorumOf(options_.quorum, open_.cohort.size() - open_.declined.size());
+  if (arrived >= quorum) return Commit();
+  // Retried with a new cohort of the live clients, after a backoff (0.5 s doubling to 30 s), so a
+  // round that cannot reach its quorum does not retrain the live clients in a loop.
+  ++attempt_;
+  const double backoff = Retry::BackoffSeconds(attempt_);
+  next_attempt_ = env_->Now() + ToDuration(backoff);
+  spdlog::warn(
+      "{}: {} of {} updates arrived, quorum is {}; retrying in {:.1f} s with a new cohort of the "
+      "live clients",
+      RoundName(), arrived, open_.cohort.size(), quorum, backoff);
+  uploads_.Clear(round_);
+  open_ = OpenRound{};
+  phase_ = Phase::kWaitingForClients;
+  Waiting(StrCat(RoundName(), " is retried (attempt ", attempt_ + 1, ") after ", backoff, " s"));
+  MaybeStart();
+}
+
+common::Participation Lifecycle::Who() const {
+  common::Participation who;
+  who.attempt = open_.attempt + 1;
+  who.cohort = open_.cohort;
+  who.rejected = open_.rejected;
+  who.declined = open_.declined;
+  for (const std::string& id : open_.cohort)
+    who.bytes_down[id] = clients_.Find(id)->bytes_down_this_round;
+  who.elapsed_seconds = Seconds(env_->Now() - *run_started_).count();
+  return who;
+}
+
+void Lifecycle::CommitFailed(const absl::Status& status, const std::string& what) {
+  if (std::optional<absl::Status> give_up = commit_retry_.Failed(
+          env_->Now(), status,
+          StrCat("committing ", RoundName(), " (its ", uploads_.ArrivedCount(), " accepted ", what,
+                 " are kept, and it is committed once the write succeeds)"),
+          options_, log_limiter_))
+    failure_ = *give_up;
+}
+
+void Lifecycle::CommitInitStep() {
+  const FedSbInit& init = *store_.ledger().init;
+  const std::string name = RoundName();
+  RoundFacts facts{0, Who(), {}};
+  absl::StatusOr<Adapter> frozen = [&]() -> absl::StatusOr<Adapter> {
+    ASSIGN_OR_RETURN(const RoundOutput output,
+                     open_.accumulator->Aggregate(uploads_.AcceptedUpdates(), *open_.gate));
+    common::InitStepRecord record{
+        InitStep() + 1,
+        init.total_steps(),
+        std::string(common::SketchStepName(InitStepKind(init, InitStep()))),
+        RecordOf(facts, output, uploads_, options_.method).who,
+        output.client_dp,
+        {},
+        {}};
+    return server::CommitInitStep(store_, options_.rank, output, std::move(record));
+  }();
+  if (!frozen.ok()) return CommitFailed(frozen.status(), "answers");
+  commit_retry_.Succeeded();
+  const size_t arrived = uploads_.ArrivedCount();
+  uploads_.Clear(round_);
+  late_.clear();
+  attempt_ = 0;
+  phase_ = Phase::kWaitingForClients;
+  spdlog::info("{} closed: {} of {} answers", name, arrived, open_.cohort.size());
+  open_ = OpenRound{};
+  if (frozen->num_modules() > 0) {
+    frozen_ = std::make_shared<const Adapter>(*std::move(frozen));
+    round_ = 1;
+    double r0 = 0;
+    for (size_t i = 0; i < frozen_->num_modules(); ++i) r0 += frozen_->R(i).squaredNorm();
+    spdlog::info(
+        "fed-sb initialised from the clients' gradient: version 0 holds B, A and R0 (‖R0‖_F = "
+        "{:.6g} over {} modules)",
+        std::sqrt(r0), frozen_->num_modules());
+  }
+  MaybeStart();
+}
+
+void Lifecycle::Commit() {
+  if (Initialising()) return CommitInitStep();
+  const RoundFacts facts{round_, Who(), late_};
+  const absl::StatusOr<common::RoundRecord> record =
+      CloseRound(facts, *open_.accumulator, *open_.gate, uploads_, store_);
+  if (!record.ok()) return CommitFailed(record.status(), "updates");
+  if (commit_retry_.pending())
+    spdlog::info("round {}: committed after {} failed attempts", round_, commit_retry_.failures());
+  commit_retry_.Succeeded();
+  // The round is done: everything below is in memory or derived from the ledger.
+  for (const std::string& id : record->who.arrived) clients_.Find(id)->rounds_contributed++;
+  uploads_.Clear(round_);
+  late_.clear();
+  if (const auto& dp = record->client_dp) {
+    spdlog::info(
+        "round {}: client-level DP spent epsilon {:.4f} at delta {} (order {}; q {:.4g}, noise "
+        "multiplier {}, clip {:.6g}, next clip {:.6g})",
+        round_, dp->epsilon.value_or(INFINITY), dp->delta, dp->order, dp->sample_rate,
+        dp->noise_multiplier, dp->clip, dp->next_clip.value_or(dp->clip));
+  }
+  if (!record->dp_epsilon.empty())
+    spdlog::info("round {}: DP-SGD epsilon spent by clients: {}", round_,
+                 nlohmann::json(record->dp_epsilon).dump());
+  spdlog::info(
+      "round {} closed: {} of {} updates{}; mean loss {:.6g} -> {:.6g}; aggregated in {:.3f} s; "
+      "version {}",
+      round_, record->who.arrived.size(), open_.cohort.size(),
+      record->dropped.empty() ? "" : fmt::format(" (dropped: {})", fmt::join(record->dropped, ",")),
+      record->mean_loss_before, record->mean_train_loss, record->aggregation_seconds, round_);
+  open_ = OpenRound{};
+  const bool done = round_ >= options_.rounds;
+  if (done) {
+    phase_ = Phase::kDone;
+    spdlog::info("run {} done after {} rounds", store_.ledger().run_id, options_.rounds);
+  } else {
+    ++round_;
+    attempt_ = 0;
+    phase_ = Phase::kWaitingForClients;
+  }
+  HandOver(done);
+  MaybeStart();
+}
+
+void Lifecycle::Tick() {
+  const auto now = env_->Now();
+  if (failure_.ok() && closing()) {
+    if (commit_retry_.Due(now)) Commit();
+  } else if (failure_.ok() && phase_ == Phase::kTraining) {
+    const bool deadline = now - open_.started >= Seconds(options_.round_deadline_s);
+    // Every member that has not answered is silent past the timeout: waiting cannot help.
+    const bool all_silent =
+        std::all_of(open_.cohort.begin(), open_.cohort.end(), [&](const std::string& id) {
+          return Answered(id) || clients_.Silent(id, now, Seconds(options_.client_timeout_s));
+        });
+    // An update whose last chunk has arrived is not cut off while it is checked (a fraction of a
+    // second per 100 MB): the round closes at the next tick after.
+    if ((deadline || all_silent) && !uploads_.AnyVerifying()) MaybeClose();
+  }
+  MaybeStart();
+}
+
+bool Lifecycle::StillWanted(const std::string& client, int64_t round) const {
+  return phase_ == Phase::kTraining && round == round_ && !closing() && open_.InCohort(client);
+}
+
+RoundView Lifecycle::View() const {
+  RoundView v;
+  v.open = phase_ == Phase::kTraining;
+  v.done = phase_ == Phase::kDone;
+  v.closing = closing();
+  v.round = round_;
+  v.init_step = Initialising() ? InitStep() : -1;
+  v.version = store_.has_ledger() ? version() : -1;
+  v.cohort = &open_.cohort;
+  return v;
+}
+
+Lifecycle::TaskState Lifecycle::State() const {
+  return {phase_,
+          round_,
+          store_.has_ledger() ? version() : -1,
+          Initialising() ? InitStep() : -1,
+          open_.cohort.size(),
+          closing()};
+}
+
+v1::Task Lifecycle::TaskFor(const std::string& client, int64_t have_version) const {
+  v1::Task task;
+  task.set_method(common::ToWire(options_.method));
+  task.set_round(round_);
+  task.set_state_version(version());
+  if (phase_ == Phase::kDone) {
+    task.set_kind(v1::Task::DONE);
+    task.set_round(version());
+    for (auto& b : DownloadsFor(store_.ledger(), have_version, version()))
+      *task.add_downloads() = std::move(b);
+    return task;
+  }
+  const bool in_cohort = open_.InCohort(client);
+  if (phase_ != Phase::kTraining || !in_cohort || uploads_.Accepted(client) || closing()) {
+    task.set_kind(v1::Task::WAIT);
+    task.set_note(phase_ == Phase::kWaitingForClients ? waiting_for_
+                  : !in_cohort                        ? StrCat("not in ", RoundName(), "'s cohort")
+                  : closing()
+                      ? StrCat(RoundName(), " is closing; its commit is being retried")
+                      : StrCat("answer to ", RoundName(), " accepted; waiting for it to close"));
+    return task;
+  }
+  if (Initialising()) {
+    task.set_kind(v1::Task::SKETCH);
+    FillSketchTask(store_.ledger(), &task);
+  } else {
+    task.set_kind(v1::Task::TRAIN);
+    for (auto& b : DownloadsFor(store_.ledger(), have_version, version()))
+      *task.add_downloads() = std::move(b);
+    v1::TrainSettings* s = task.mutable_settings();
+    s->set_rank(RankOf(client));
+    s->set_lora_alpha(options_.lora_alpha);
+    s->set_local_steps(options_.local_steps);
+    s->set_learning_rate(options_.learning_rate);
+    s->set_seed(common::Fnv1a(client, options_.seed * 1000003ull + static_cast<uint64_t>(round_)));
+  }
+  for (const ModuleSpec& m : store_.ledger().modules) {
+    v1::ModuleSpec* spec = task.add_modules();
+    spec->set_name(m.name);
+    spec->set_in_features(m.in_features);
+    spec->set_out_features(m.out_features);
+  }
+  task.set_heartbeat_interval_ms(static_cast<int64_t>(options_.client_timeout_s * 1000 / 3));
+  return task;
+}
+
+void Lifecycle::FillStatus(v1::StatusResponse& s) const {
+  s.set_run_id(store_.has_ledger() ? store_.ledger().run_id : "");
+  s.set_method(common::ToWire(options_.method));
+  s.set_round(phase_ == Phase::kDone ? version() : round_);
+  s.set_rounds(options_.rounds);
+  s.set_state_version(store_.has_ledger() ? version() : -1);
+  if (phase_ == Phase::kWaitingForClients) s.set_waiting_for(waiting_for_);
+  s.set_phase(!failure_.ok()               ? "failed"
+              : phase_ == Phase::kDone     ? "done"
+              : closing()                  ? "closing (retrying the commit)"
+              : phase_ == Phase::kTraining ? (Initialising() ? RoundName() : "training")
+                                           : "waiting for clients");
+  for (const auto& id : open_.cohort) s.add_cohort(id);
+  for (const auto& id : uploads_.ArrivedIds()) s.add_arrived(id);
+}
+
+}  // namespace fedlora::server
