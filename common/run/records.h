@@ -39,6 +39,7 @@ struct ClientDpSpend {
 
   nlohmann::json ToJson() const;
   static absl::StatusOr<ClientDpSpend> FromJson(JsonReader& in);
+  bool operator==(const ClientDpSpend&) const = default;
 };
 
 // Who took part in a round or step, and what moved.
@@ -55,6 +56,7 @@ struct Participation {
   // Its keys sit in the record's own object.
   void AddTo(nlohmann::json& record) const;
   static absl::StatusOr<Participation> FromJson(JsonReader& in);
+  bool operator==(const Participation&) const = default;
 };
 
 // One committed step of Fed-SB's initialisation (server/fed_sb_init.h). The last step's record
@@ -69,6 +71,7 @@ struct InitStepRecord {
 
   nlohmann::json ToJson() const;
   static absl::StatusOr<InitStepRecord> FromJson(JsonReader& in);
+  bool operator==(const InitStepRecord&) const = default;
 };
 
 // A closed round, as its commit computed it: the ledger keeps it on the round's version, and
@@ -94,6 +97,7 @@ struct RoundRecord {
 
   nlohmann::json ToJson() const;
   static absl::StatusOr<RoundRecord> FromJson(JsonReader& in);
+  bool operator==(const RoundRecord&) const = default;
 };
 
 // A line of metrics.jsonl: a round's record and the global model's held-out scores.
@@ -105,6 +109,7 @@ struct MetricsLine {
 
   nlohmann::json ToJson() const;
   static absl::StatusOr<MetricsLine> FromJson(JsonReader& in);
+  bool operator==(const MetricsLine&) const = default;
 };
 
 // metrics.jsonl's lines, in order; a line that is not a metrics line is an error naming it.

@@ -229,7 +229,7 @@ absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& cl
 void RoundEngine::LogRefusal(const std::string& client, const Verdict& verdict) {
   const std::string kind = StrCat(static_cast<int>(verdict.reason), " ", client);
   if (std::string repeated; log_limiter_.Allow("refused upload " + kind, env_->Now(), &repeated))
-    spdlog::warn("{}: refused {}'s update: {}{}", lifecycle_->RoundName(), client,
+    spdlog::warn("{}: rejected {}'s update: {}{}", lifecycle_->RoundName(), client,
                  verdict.status.message(), repeated);
 }
 

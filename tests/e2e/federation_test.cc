@@ -126,6 +126,13 @@ class FederationTest : public ::testing::Test {
     for (std::string line; std::getline(in, line);) lines.push_back(nlohmann::json::parse(line));
     return lines;
   }
+  // The metrics lines once there are `n` (the coordinator's follow-up writes them on a thread of
+  // its own, after the commit a test saw); what there is after 30 s otherwise.
+  std::vector<nlohmann::json> MetricsOnceThere(const std::string& state, size_t n) const {
+    for (int t = 0; t < 600 && Metrics(state).size() < n; ++t)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    return Metrics(state);
+  }
   // A coordinator for `method` ("state") and clients 1–3 ("run", each with client_flags(i)), until
   // all of them exit; every one must exit 0.
   using ClientFlags = std::function<std::vector<std::string>(int)>;
@@ -782,7 +789,7 @@ TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
   const v1::Task t2 = c2.Task(), t3 = c3.Task();
   ASSERT_TRUE(c2.Upload(t2, common::EncodeAdapter(Update(t2, 4, 0.03f)), &r).ok());
   ASSERT_TRUE(c3.Upload(t3, common::EncodeAdapter(Update(t3, 4, 0.05f)), &r).ok());
-  const auto metrics = Metrics("state");
+  const auto metrics = MetricsOnceThere("state", 1);
   ASSERT_EQ(metrics.size(), 1u);
   EXPECT_EQ(metrics[0]["arrived"].size(), 3u);
   EXPECT_EQ(metrics[0]["rejected"].size(),
@@ -832,7 +839,7 @@ TEST_F(FederationTest, LateUpdatesAreRecordedAndNotCounted) {
     ASSERT_EQ(task.round(), 2);
     ASSERT_TRUE(c->Upload(task, common::EncodeAdapter(Update(task, 4, 0.02f)), &r).ok());
   }
-  const auto metrics = Metrics("state");
+  const auto metrics = MetricsOnceThere("state", 2);
   ASSERT_EQ(metrics.size(), 2u);
   EXPECT_EQ(metrics[0]["dropped"], nlohmann::json({"client-3"}));
   EXPECT_EQ(metrics[0]["late"], nlohmann::json::object());
@@ -867,7 +874,7 @@ TEST_F(FederationTest, ExportsOnSigusr1AndReportsStatusMidRun) {
   v1::UploadResponse r;
   ASSERT_TRUE(c1.Upload(task, common::EncodeAdapter(u1), &r).ok());
   ASSERT_TRUE(c2.Upload(c2.Task(), common::EncodeAdapter(u2), &r).ok());
-  ASSERT_EQ(Metrics("state").size(), 1u);  // round 1 closed; round 2 waits for its uploads
+  ASSERT_EQ(MetricsOnceThere("state", 1).size(), 1u);  // round 1 closed; round 2 waits
 
   kill(server, SIGUSR1);
   ASSERT_TRUE(log_has("exported version 1 of 2 rounds"));

@@ -57,13 +57,19 @@ class Harness {
  public:
   Harness(server::ServerOptions options, TestEnv* env) : options_(std::move(options)), env_(env) {}
 
-  absl::Status Start() {
+  // `evaluator`: the base model's side of the follow-up (none by default). With `wait` false, calls
+  // do not wait for the follow-up to catch up (a test that holds it).
+  absl::Status Start(std::unique_ptr<server::Evaluator> evaluator = nullptr, bool wait = true) {
     engine_.reset();
-    auto engine = server::RoundEngine::Create(options_, env_);
+    wait_ = wait;
+    auto engine = server::RoundEngine::Create(options_, env_, std::move(evaluator));
     if (!engine.ok()) return engine.status();
     engine_ = *std::move(engine);
-    engine_->WaitForFollowUp();  // what a restart writes again
+    WaitForFollowUp();  // what a restart writes again
     return absl::OkStatus();
+  }
+  void WaitForFollowUp() {
+    if (wait_) engine_->WaitForFollowUp();
   }
   void Stop() { engine_.reset(); }
   void set_modules(Modules modules) { modules_ = std::move(modules); }
@@ -76,7 +82,7 @@ class Harness {
   // Ticks the engine, then lets its follow-up (evaluation, metrics line, export) catch up.
   void Tick() {
     engine_->Tick();
-    engine_->WaitForFollowUp();
+    WaitForFollowUp();
   }
   server::ServerOptions& options() { return options_; }
 
@@ -186,7 +192,7 @@ class Harness {
       response = engine_->Upload(id, r);
       if (!response.ok()) return response;
     }
-    engine_->WaitForFollowUp();  // what follows a close the upload made, as a test expects it
+    WaitForFollowUp();  // what follows a close the upload made, as a test expects it
     return response;
   }
 
@@ -243,6 +249,7 @@ class Harness {
   server::ServerOptions options_;
   TestEnv* env_;
   std::unique_ptr<server::RoundEngine> engine_;
+  bool wait_ = true;
   Adapter frozen_;
   Modules modules_ = kModules;
   std::function<common::MatrixD(const std::string&, size_t)> gradient_;
