@@ -142,6 +142,7 @@ absl::Status FollowUp::WriteLine(const Ledger& ledger, const common::Adapter& fr
   if (evaluator_) {
     auto it = scores_.find(v);
     if (it == scores_.end()) {
+      spdlog::info("round {}: evaluating the global model", v);
       ASSIGN_OR_RETURN(common::Adapter global, AdapterAt(ledger, *store_, v, frozen));
       ASSIGN_OR_RETURN(std::optional<Evaluator::Scores> scores,
                        evaluator_->Evaluate(ledger, *store_, v, global));
