@@ -61,6 +61,7 @@ int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string
               static_cast<long long>(s.round()), static_cast<long long>(s.rounds()),
               static_cast<long long>(s.state_version()));
   if (!s.waiting_for().empty()) std::printf("waiting: %s\n", s.waiting_for().c_str());
+  if (!s.follow_up().empty()) std::printf("follow-up: %s\n", s.follow_up().c_str());
   std::printf("cohort: %s\narrived: %s\n", join(s.cohort()).c_str(), join(s.arrived()).c_str());
   std::printf("%-24s %10s %8s %14s\n", "client", "examples", "rounds", "last seen");
   const int64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(

@@ -91,6 +91,12 @@ absl::StatusOr<std::pair<std::string, int64_t>> StateStore::ReadBlob(const std::
   return std::make_pair(std::move(data), total);
 }
 
+absl::StatusOr<common::MappedFile> StateStore::MapBlob(const std::string& sha256) const {
+  if (!common::IsSha256Hex(sha256))
+    return absl::InvalidArgumentError(StrCat("'", sha256, "' is not a sha256 (64 hex digits)"));
+  return common::MappedFile::Open(dir_ / "blobs" / sha256);
+}
+
 absl::StatusOr<std::string> StateStore::ReadWholeBlob(const std::string& sha256) const {
   ASSIGN_OR_RETURN(auto chunk, ReadBlob(sha256, 0, INT64_MAX));
   return std::move(chunk.first);

@@ -52,6 +52,8 @@ class StateStore {
   absl::StatusOr<std::pair<std::string, int64_t>> ReadBlob(const std::string& sha256,
                                                            int64_t offset, int64_t max_bytes) const;
   absl::StatusOr<std::string> ReadWholeBlob(const std::string& sha256) const;
+  // Blob `sha256` mapped read-only: for decoding a large blob without a copy of it.
+  absl::StatusOr<common::MappedFile> MapBlob(const std::string& sha256) const;
 
   // Replaces the ledger on disk atomically, then in memory; on failure both stay as they were.
   absl::Status SaveLedger(const Ledger& ledger);

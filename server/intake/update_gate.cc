@@ -143,16 +143,22 @@ Verdict UpdateGate::Check(const Sender& sender, const v1::UploadRequest& request
   return Verdict::Admitted();
 }
 
+namespace {
+std::string_view View(const common::MappedFile& file) {
+  return {reinterpret_cast<const char*>(file.bytes().data()), file.bytes().size()};
+}
+}  // namespace
+
 absl::StatusOr<common::Adapter> UpdateGate::Update(const AcceptedUpdate& u) const {
-  ASSIGN_OR_RETURN(const std::string bytes, store_->ReadWholeBlob(u.sha256));
+  ASSIGN_OR_RETURN(const common::MappedFile blob, store_->MapBlob(u.sha256));
   const auto rank = options_->client_ranks.find(u.client);
-  return Decode(bytes, StrCat("the accepted update of ", u.client),
+  return Decode(View(blob), StrCat("the accepted update of ", u.client),
                 rank == options_->client_ranks.end() ? 0 : rank->second);
 }
 
 absl::StatusOr<std::vector<common::MatrixD>> UpdateGate::Products(const AcceptedUpdate& u) const {
-  ASSIGN_OR_RETURN(const std::string bytes, store_->ReadWholeBlob(u.sha256));
-  return common::DecodeMatrices(bytes, StrCat("the accepted answer of ", u.client), *sketch_);
+  ASSIGN_OR_RETURN(const common::MappedFile blob, store_->MapBlob(u.sha256));
+  return common::DecodeMatrices(View(blob), StrCat("the accepted answer of ", u.client), *sketch_);
 }
 
 absl::Status VerifyPart(const StateStore& store, const std::string& part, const std::string& sha256,
