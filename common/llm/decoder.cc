@@ -9,6 +9,7 @@
 #include "common/base/parallel.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/llm/workspace.h"
 #include "common/tensor/eigen_types.h"
 #include "common/tensor/gemm.h"
 
@@ -20,6 +21,7 @@ class Decoder::Impl {
       : w_(*w), c_(w->config()), adapter_(adapter), max_seq_(max_seq) {}
 
   absl::Status Init() {
+    openblas_set_num_threads(1);  // OpenBLAS's threads would change the products' bits (llama.h)
     if (max_seq_ < 1 || max_seq_ > c_.max_position_embeddings)
       return absl::InvalidArgumentError(StrCat("a decoder of ", max_seq_,
                                                " positions; the model takes 1 to ",
@@ -55,10 +57,10 @@ class Decoder::Impl {
   const LlamaConfig& c_;
   const Adapter* adapter_;
   const int max_seq_;
-  std::vector<int> slot_module_;          // adapter module per l·7 + kind, or -1
-  std::vector<float> k_cache_, v_cache_;  // [L, max_seq, KV], after RoPE (keys)
-  std::vector<float> cos_, sin_;          // [max_seq, D/2]
-  std::vector<float> x_, h_, q_, k_, v_, att_, gate_, up_, scores_, u_, u2_, logits_;
+  std::vector<int> slot_module_;     // adapter module per l·7 + kind, or -1
+  AlignedFloats k_cache_, v_cache_;  // [L, max_seq, KV], after RoPE (keys)
+  std::vector<float> cos_, sin_;     // [max_seq, D/2]
+  AlignedFloats x_, h_, q_, k_, v_, att_, gate_, up_, scores_, u_, u2_, logits_;
 };
 
 void Decoder::Impl::Linear(int l, LinearKind k, const float* x, float* y, int64_t m) {
@@ -267,11 +269,9 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> GenerateAll(
           StrCat("prompt ", i + 1, ": ", prompts[i].size(), " tokens and ", options.max_new_tokens,
                  " new ones exceed the model's ", limit, " positions"));
   }
-  // One decoder per part: prompts are independent. The cores left over (fewer prompts than cores)
-  // go to OpenBLAS's threads within each product.
+  // One decoder per part: prompts are independent.
   const size_t cores = threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency());
   const size_t parts = std::max<size_t>(1, std::min(prompts.size(), cores));
-  openblas_set_num_threads(static_cast<int>(cores / parts));
   std::vector<std::vector<int32_t>> out(prompts.size());
   std::vector<absl::Status> failed(parts);
   ParallelFor(

@@ -13,6 +13,7 @@
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/llm/workspace.h"
 #include "common/tensor/eigen_types.h"
 #include "common/tensor/gemm.h"
 
@@ -211,14 +212,6 @@ namespace {
 ConstMapF CMap(const float* p, int64_t rows, int64_t cols) { return ConstMapF(p, rows, cols); }
 MapF Map(float* p, int64_t rows, int64_t cols) { return MapF(p, rows, cols); }
 
-// Contiguous row blocks of [0, rows) for the pool's threads.
-struct RowSplit {
-  int64_t rows;
-  int parts;
-  int64_t begin(size_t i) const { return rows * static_cast<int64_t>(i) / parts; }
-  int64_t size(size_t i) const { return begin(i + 1) - begin(i); }
-};
-
 }  // namespace
 
 class LlamaRunner::Impl {
@@ -250,29 +243,29 @@ class LlamaRunner::Impl {
  private:
   // Per-layer saved activations; rows are tokens (n = b·T + t).
   struct Layer {
-    float* x;               // [N, H] layer input (residual stream)
-    float* rms1;            // [N]    1/rms of x
-    float* h1;              // [N, H] attention-norm output
-    float* q;               // [N, Hq·D] after RoPE
-    float* k;               // [N, Hkv·D] after RoPE
+    float* x = nullptr;     // [N, H] layer input (residual stream)
+    float* rms1 = nullptr;  // [N]    1/rms of x
+    float* h1 = nullptr;    // [N, H] attention-norm output
+    float* q = nullptr;     // [N, Hq·D] after RoPE
+    float* k = nullptr;     // [N, Hkv·D] after RoPE
     float* qraw = nullptr;  // [N, Hq·D] q_proj's output, before the q norm (qk_norm only)
     float* kraw = nullptr;  // [N, Hkv·D]
     float* rmsq = nullptr;  // [N·Hq] 1/rms of each head of qraw
     float* rmsk = nullptr;  // [N·Hkv]
-    float* v;               // [N, Hkv·D]
-    float* p;               // [B, Hq, T, T] attention probabilities
-    float* att;             // [N, Hq·D] attention output (before o_proj)
-    float* x2;              // [N, H] residual after attention
-    float* rms2;            // [N]
-    float* h2;              // [N, H] MLP-norm output
-    float* gate;            // [N, I]
-    float* up;              // [N, I]
-    float* act;             // [N, I] silu(gate)·up
+    float* v = nullptr;     // [N, Hkv·D]
+    float* p = nullptr;     // [B, Hq, T, T] attention probabilities
+    float* att = nullptr;   // [N, Hq·D] attention output (before o_proj)
+    float* x2 = nullptr;    // [N, H] residual after attention
+    float* rms2 = nullptr;  // [N]
+    float* h2 = nullptr;    // [N, H] MLP-norm output
+    float* gate = nullptr;  // [N, I]
+    float* up = nullptr;    // [N, I]
+    float* act = nullptr;   // [N, I] silu(gate)·up
   };
   struct Lora {  // per adapted linear
     int module = -1;
-    std::vector<float> u;  // [N, r]  x·Aᵀ
-    std::vector<float> v;  // [N, r]  u·Rᵀ (LoRA-SB only)
+    AlignedFloats u;  // [N, r]  x·Aᵀ
+    AlignedFloats v;  // [N, r]  u·Rᵀ (LoRA-SB only)
   };
 
   Lora* lora(int l, LinearKind k) {
@@ -280,21 +273,24 @@ class LlamaRunner::Impl {
     return x.module >= 0 ? &x : nullptr;
   }
 
-  // fn(begin, end) over contiguous parts of [0, total), one per thread.
+  // fn(begin, end) over blocks of kRowBlock rows of [0, rows).
   template <typename Fn>
-  void Parallel(int64_t total, Fn&& fn) {
-    const RowSplit split{total, pool_.size()};
-    pool_.For(static_cast<size_t>(split.parts),
-              [&](size_t i, int) { fn(split.begin(i), split.begin(i + 1)); });
+  void ForRows(int64_t rows, Fn&& fn) {
+    ForBlocks(pool_, rows, kRowBlock, fn);
+  }
+  // fn(begin, end) over blocks of kElementBlock elements of [0, total).
+  template <typename Fn>
+  void ForElements(int64_t total, Fn&& fn) {
+    ForBlocks(pool_, total, kElementBlock, fn);
   }
 
-  // Y (+)= alpha·X·Wᵀ. X [N, n], W [m, n], Y [N, m]; rows split across threads.
+  // Y (+)= alpha·X·Wᵀ. X [N, n], W [m, n], Y [N, m]; blocks of kRowBlock rows.
   void MatMulNT(const float* x, const float* wt, float* y, int64_t n_rows, int64_t n, int64_t m,
                 float alpha, bool accumulate);
   // Y (+)= X·W. X [N, m], W [m, n], Y [N, n].
   void MatMulNN(const float* x, const float* w, float* y, int64_t n_rows, int64_t m, int64_t n,
                 bool accumulate);
-  // G += alpha·Xᵀ·Y. X [N, a], Y [N, b], G [a, b]; the larger of a and b is split across threads.
+  // G += alpha·Xᵀ·Y. X [N, a], Y [N, b], G [a, b]; the larger of a and b in kColumnBlock blocks.
   void MatMulTN(const float* x, const float* y, float* g, int64_t n_rows, int64_t a, int64_t b,
                 float alpha);
 
@@ -329,7 +325,7 @@ class LlamaRunner::Impl {
   float* grads_ = nullptr;      // adapter gradients, or null
   const Sink* sink_ = nullptr;  // weight gradients' consumer, or null
 
-  std::vector<float> acts_;    // all saved activations
+  AlignedFloats acts_;         // all saved activations, each buffer aligned
   std::vector<Layer> layers_;  // L slots when training, else 1
   float* x_out_ = nullptr;     // [N, H] output of the last layer
   float* rmsf_ = nullptr;      // [N]
@@ -338,19 +334,21 @@ class LlamaRunner::Impl {
   float *dres_ = nullptr, *dh_ = nullptr, *dq_ = nullptr, *dk_ = nullptr, *dv_ = nullptr,
         *datt_ = nullptr, *dgate_ = nullptr, *dup_ = nullptr, *dact_ = nullptr;
   float *dqraw_ = nullptr, *dkraw_ = nullptr;  // qk_norm: gradients at q_proj's, k_proj's output
-  std::vector<float> du_, du2_;                // [N, max r]
+  AlignedFloats du_, du2_;                     // [N, max r]
   std::vector<Lora> lora_;                     // [L·7]
   std::vector<float> cos_, sin_;               // [max_seq, D/2]
   int rope_key_ = -1;                          // the sequence length the tables were made for
-  std::vector<std::vector<float>> scratch_;    // per thread: attention dP, head logits
+  std::vector<AlignedFloats> scratch_;         // per thread: attention dP, head logits
   std::vector<int64_t> head_rows_;             // rows that carry a target
-  std::vector<double> head_loss_;              // loss per head chunk
-  static constexpr int kHeadChunk = 256;       // most rows of logits per work item
+  std::vector<double> head_loss_;              // loss per head row, summed in row order
+  // Rows of logits per work item: each product streams the whole [V, H] head through the cache, so
+  // the fewer chunks the better.
+  static constexpr int kHeadChunk = 256;
 };
 
 absl::Status LlamaRunner::Impl::Init() {
-  // One OpenBLAS thread per call: the pool splits every product itself, and OpenBLAS's own
-  // threads would compete with the pool's for the same cores.
+  // One OpenBLAS thread per call: the pool splits every product itself, in blocks that do not
+  // depend on the thread count; OpenBLAS's own split would (its results change with its threads).
   openblas_set_num_threads(1);
   if (opt_.max_batch <= 0 || opt_.max_seq <= 1)
     return absl::InvalidArgumentError(StrCat("batch must be ≥ 1 and sequence length ≥ 2, got ",
@@ -380,64 +378,63 @@ absl::Status LlamaRunner::Impl::Init() {
     }
   }
 
-  // Workspace.
+  // Workspace: every buffer a slice of acts_, each starting aligned.
   const int slots = opt_.training ? L : 1;
   const int Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
-  const size_t qk_norm = c_.qk_norm ? static_cast<size_t>(N) * (Q + KV + Hq + Hkv) : 0;
-  const size_t per_layer = static_cast<size_t>(N) * (4 * H + Q + 2 * KV + Q + 3 * I + 2) +
-                           static_cast<size_t>(opt_.max_batch) * Hq * T * T + qk_norm;
-  const size_t tail = static_cast<size_t>(N) * (2 * H + 1);
-  const size_t grads = opt_.training ? static_cast<size_t>(N) * (2 * H + 2 * Q + 2 * KV + 3 * I) +
-                                           (c_.qk_norm ? static_cast<size_t>(N) * (Q + KV) : 0)
-                                     : 0;
-  acts_.assign(slots * per_layer + tail + grads, 0.0f);
-  float* p = acts_.data();
-  auto take = [&](int64_t n) {
-    float* r = p;
-    p += n;
-    return r;
-  };
-  for (int s = 0; s < slots; ++s) {
-    Layer Ls;
-    Ls.x = take(N * H);
-    Ls.rms1 = take(N);
-    Ls.h1 = take(N * H);
-    Ls.q = take(N * Q);
-    Ls.k = take(N * KV);
-    Ls.v = take(N * KV);
+  std::vector<std::pair<float**, int64_t>> plan;  // buffer, its floats
+  auto take = [&](float*& buffer, int64_t n) { plan.push_back({&buffer, n}); };
+  layers_.resize(static_cast<size_t>(slots));
+  for (Layer& Ls : layers_) {
+    take(Ls.x, N * H);
+    take(Ls.rms1, N);
+    take(Ls.h1, N * H);
+    take(Ls.q, N * Q);
+    take(Ls.k, N * KV);
+    take(Ls.v, N * KV);
     if (c_.qk_norm) {
-      Ls.qraw = take(N * Q);
-      Ls.kraw = take(N * KV);
-      Ls.rmsq = take(N * Hq);
-      Ls.rmsk = take(N * Hkv);
+      take(Ls.qraw, N * Q);
+      take(Ls.kraw, N * KV);
+      take(Ls.rmsq, N * Hq);
+      take(Ls.rmsk, N * Hkv);
     }
-    Ls.p = take(static_cast<int64_t>(opt_.max_batch) * Hq * T * T);
-    Ls.att = take(N * Q);
-    Ls.x2 = take(N * H);
-    Ls.rms2 = take(N);
-    Ls.h2 = take(N * H);
-    Ls.gate = take(N * I);
-    Ls.up = take(N * I);
-    Ls.act = take(N * I);
-    layers_.push_back(Ls);
+    take(Ls.p, static_cast<int64_t>(opt_.max_batch) * Hq * T * T);
+    take(Ls.att, N * Q);
+    take(Ls.x2, N * H);
+    take(Ls.rms2, N);
+    take(Ls.h2, N * H);
+    take(Ls.gate, N * I);
+    take(Ls.up, N * I);
+    take(Ls.act, N * I);
   }
-  x_out_ = take(N * H);
-  rmsf_ = take(N);
-  hf_ = take(N * H);
+  take(x_out_, N * H);
+  take(rmsf_, N);
+  take(hf_, N * H);
   if (opt_.training) {
-    dres_ = take(N * H);
-    dh_ = take(N * H);
-    dq_ = take(N * Q);
-    datt_ = take(N * Q);
-    dk_ = take(N * KV);
-    dv_ = take(N * KV);
-    dgate_ = take(N * I);
-    dup_ = take(N * I);
-    dact_ = take(N * I);
+    take(dres_, N * H);
+    take(dh_, N * H);
+    take(dq_, N * Q);
+    take(datt_, N * Q);
+    take(dk_, N * KV);
+    take(dv_, N * KV);
+    take(dgate_, N * I);
+    take(dup_, N * I);
+    take(dact_, N * I);
     if (c_.qk_norm) {
-      dqraw_ = take(N * Q);
-      dkraw_ = take(N * KV);
+      take(dqraw_, N * Q);
+      take(dkraw_, N * KV);
     }
+  }
+  constexpr int64_t kAlign = kBufferAlignment / sizeof(float);
+  const auto padded = [](int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; };
+  int64_t total = 0;
+  for (const auto& [buffer, n] : plan) total += padded(n);
+  acts_.assign(static_cast<size_t>(total), 0.0f);
+  float* p = acts_.data();
+  for (const auto& [buffer, n] : plan) {
+    *buffer = p;
+    p += padded(n);
+  }
+  if (opt_.training) {
     du_.assign(static_cast<size_t>(N) * std::max(max_rank, 1), 0.0f);
     du2_.assign(du_.size(), 0.0f);
   }
@@ -445,7 +442,7 @@ absl::Status LlamaRunner::Impl::Init() {
   cos_.resize(static_cast<size_t>(T) * D / 2);
   sin_.resize(cos_.size());
   head_rows_.reserve(static_cast<size_t>(N));
-  head_loss_.reserve(static_cast<size_t>(N / 32 + 1));
+  head_loss_.reserve(static_cast<size_t>(N));
   scratch_.resize(static_cast<size_t>(pool_.size()));
   for (auto& s : scratch_)
     s.resize(std::max(static_cast<size_t>(T * T), static_cast<size_t>(kHeadChunk) * (V + H)));
@@ -454,33 +451,25 @@ absl::Status LlamaRunner::Impl::Init() {
 
 void LlamaRunner::Impl::MatMulNT(const float* x, const float* wt, float* y, int64_t n_rows,
                                  int64_t n, int64_t m, float alpha, bool accumulate) {
-  const RowSplit split{n_rows, n_rows >= 64 ? pool_.size() : 1};
-  pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
-    const int64_t r0 = split.begin(i), rn = split.size(i);
-    if (rn == 0) return;
-    Gemm(false, true, rn, m, n, alpha, x + r0 * n, n, wt, n, accumulate ? 1.0f : 0.0f, y + r0 * m,
-         m);
+  ForRows(n_rows, [&](int64_t r0, int64_t r1) {
+    Gemm(false, true, r1 - r0, m, n, alpha, x + r0 * n, n, wt, n, accumulate ? 1.0f : 0.0f,
+         y + r0 * m, m);
   });
 }
 
 void LlamaRunner::Impl::MatMulNN(const float* x, const float* w, float* y, int64_t n_rows,
                                  int64_t m, int64_t n, bool accumulate) {
-  const RowSplit split{n_rows, n_rows >= 64 ? pool_.size() : 1};
-  pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
-    const int64_t r0 = split.begin(i), rn = split.size(i);
-    if (rn == 0) return;
-    Gemm(false, false, rn, n, m, 1.0f, x + r0 * m, m, w, n, accumulate ? 1.0f : 0.0f, y + r0 * n,
-         n);
+  ForRows(n_rows, [&](int64_t r0, int64_t r1) {
+    Gemm(false, false, r1 - r0, n, m, 1.0f, x + r0 * m, m, w, n, accumulate ? 1.0f : 0.0f,
+         y + r0 * n, n);
   });
 }
 
 void LlamaRunner::Impl::MatMulTN(const float* x, const float* y, float* g, int64_t n_rows,
                                  int64_t a, int64_t b, float alpha) {
   const bool split_a = a >= b;
-  const RowSplit split{split_a ? a : b, (split_a ? a : b) >= 64 ? pool_.size() : 1};
-  pool_.For(static_cast<size_t>(split.parts), [&](size_t i, int) {
-    const int64_t c0 = split.begin(i), cn = split.size(i);
-    if (cn == 0) return;
+  ForBlocks(pool_, split_a ? a : b, kColumnBlock, [&](int64_t c0, int64_t c1) {
+    const int64_t cn = c1 - c0;
     if (split_a)  // rows c0.. of G = columns c0.. of X, transposed, times Y
       Gemm(true, false, cn, b, n_rows, alpha, x + c0, a, y, b, 1.0f, g + c0 * b, b);
     else  // columns c0.. of G
@@ -493,7 +482,7 @@ void LlamaRunner::Impl::LinearForward(int l, LinearKind k, const float* x, float
   MatMulNT(x, w_.linear(l, k), y, N_, in, out, 1.0f, false);
   if (const float* bias = w_.bias(l, k)) {
     const Eigen::Map<const Eigen::RowVectorXf> row(bias, out);
-    Parallel(N_, [&](int64_t begin, int64_t end) {
+    ForRows(N_, [&](int64_t begin, int64_t end) {
       Map(y + begin * out, end - begin, out).rowwise() += row;
     });
   }
@@ -546,7 +535,7 @@ void LlamaRunner::Impl::LinearBackward(int l, LinearKind k, const float* x, cons
 
 void LlamaRunner::Impl::RmsNormForward(const float* x, const float* g, float* rms, float* y,
                                        int64_t rows, int H) {
-  Parallel(rows, [&](int64_t begin, int64_t end) {
+  ForRows(rows, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float* xr = x + n * H;
       double ss = 0;
@@ -563,7 +552,7 @@ void LlamaRunner::Impl::RmsNormBackward(const float* x, const float* g, const fl
                                         const float* dy, float* dx, int64_t rows, int H) {
   // y_j = x_j·ρ·g_j with ρ = (mean(x²)+eps)^(-1/2):
   // ∂/∂x_j = ρ·g_j·dy_j − x_j·ρ³/H·Σ_k g_k·dy_k·x_k.
-  Parallel(rows, [&](int64_t begin, int64_t end) {
+  ForRows(rows, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const float *xr = x + n * H, *dyr = dy + n * H;
       double dot = 0;
@@ -590,7 +579,7 @@ void LlamaRunner::Impl::Rope(float* x, int heads, bool inverse) {
   // The inverse (transpose) rotation carries gradients back.
   const int D = c_.head_dim, half = D / 2, width = heads * D;
   const float sign = inverse ? -1.0f : 1.0f;
-  Parallel(N_, [&](int64_t begin, int64_t end) {
+  ForRows(N_, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const int64_t t = n % T_;
       const float *cs = cos_.data() + t * half, *sn = sin_.data() + t * half;
@@ -682,17 +671,13 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
     if (n % T_ != T_ - 1 && labels[n + 1] != -100) head_rows_.push_back(n);
   if (backward) Map(dhf, N_, H).setZero();
   const int64_t rows = static_cast<int64_t>(head_rows_.size());
-  // Large chunks: each product streams the whole [V, H] head through the cache, so the fewer the
-  // better, as long as every thread gets one.
-  const int64_t chunk_rows =
-      std::clamp<int64_t>((rows + pool_.size() - 1) / pool_.size(), 32, kHeadChunk);
-  const size_t chunks = static_cast<size_t>((rows + chunk_rows - 1) / chunk_rows);
-  std::vector<double>& loss = head_loss_;  // per chunk, summed in order: the same every run
-  loss.assign(chunks, 0.0);
+  std::vector<double>& loss = head_loss_;
+  loss.assign(static_cast<size_t>(rows), 0.0);
   const float* E = w_.lm_head();
-  pool_.For(chunks, [&](size_t chunk, int thread) {
-    const int64_t r0 = static_cast<int64_t>(chunk) * chunk_rows;
-    const int64_t rn = std::min<int64_t>(chunk_rows, rows - r0);
+  const int64_t chunks = (rows + kHeadChunk - 1) / kHeadChunk;
+  pool_.For(static_cast<size_t>(chunks), [&](size_t chunk, int thread) {
+    const int64_t r0 = static_cast<int64_t>(chunk) * kHeadChunk;
+    const int64_t rn = std::min<int64_t>(kHeadChunk, rows - r0);
     float* logits = scratch_[static_cast<size_t>(thread)].data();  // [rn, V]
     float* hc = logits + static_cast<int64_t>(kHeadChunk) * V;     // [rn, H]
     for (int64_t i = 0; i < rn; ++i) std::copy_n(hf + head_rows_[r0 + i] * H, H, hc + i * H);
@@ -702,7 +687,7 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
       const int32_t target = labels[head_rows_[r0 + i] + 1];
       const float mx = row.maxCoeff();
       const float lse = mx + std::log((row - mx).exp().sum());
-      loss[chunk] += static_cast<double>(lse) - row(target);
+      loss[static_cast<size_t>(r0 + i)] = static_cast<double>(lse) - row(target);
       if (backward) {  // ∂CE/∂logits = softmax − onehot
         row = (row - lse).exp() * scale;
         row(target) -= scale;
@@ -787,7 +772,7 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
     RmsNormForward(Ls.x2, w_.post_norm(l), Ls.rms2, Ls.h2, N_, H);
     LinearForward(l, LinearKind::kGate, Ls.h2, Ls.gate);
     LinearForward(l, LinearKind::kUp, Ls.h2, Ls.up);
-    Parallel(N_ * I, [&](int64_t begin, int64_t end) {
+    ForElements(N_ * I, [&](int64_t begin, int64_t end) {
       Eigen::Map<const Eigen::ArrayXf> z(Ls.gate + begin, end - begin),
           up(Ls.up + begin, end - begin);
       Eigen::Map<Eigen::ArrayXf>(Ls.act + begin, end - begin) = z / (1.0f + (-z).exp()) * up;
@@ -808,7 +793,7 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
     Layer& Ls = layers_[l];
     // MLP: out = x2 + down(silu(gate)·up).
     LinearBackward(l, LinearKind::kDown, Ls.act, dres_, dact_, false);
-    Parallel(N_ * I, [&](int64_t begin, int64_t end) {
+    ForElements(N_ * I, [&](int64_t begin, int64_t end) {
       const int64_t n = end - begin;
       Eigen::Map<const Eigen::ArrayXf> z(Ls.gate + begin, n), up(Ls.up + begin, n),
           dact(dact_ + begin, n);

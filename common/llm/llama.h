@@ -15,6 +15,12 @@
 // Frozen biases are added where the family has them (Qwen2's q, k, v), and Qwen3's q_norm/k_norm
 // RMS-normalise each head of q and k before RoPE. A LoRA module adds s·B·A·x to its linear
 // (s·B·R·A·x for LoRA-SB).
+//
+// Results are the same to the bit for any thread count, run or process (workspace.h): every buffer
+// starts on a 64-byte boundary, so where Eigen's vector loops begin a row is fixed by its offset,
+// not by the heap; work is cut into blocks of fixed sizes, never by the number of threads, each
+// block writes only its own outputs, and per-row losses are summed in row order; OpenBLAS runs one
+// thread per call, the pool's threads taking the blocks.
 #ifndef FEDLORA_COMMON_LLM_LLAMA_H_
 #define FEDLORA_COMMON_LLM_LLAMA_H_
 
