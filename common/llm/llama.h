@@ -3,9 +3,10 @@
 //
 // In the shape of llm.c's train_gpt2.c: the frozen weights live in one buffer carved by a table
 // (PyTorch's [out, in] layout, row-major); activations live in one workspace allocated once for the
-// largest batch, so a training step allocates nothing; each *Forward has its *Backward, which reads
-// as the forward in reverse. Only the adapter is trained: no gradient is formed for a frozen
-// weight.
+// largest batch, so a training step allocates nothing; the layers are layers.h's free functions,
+// each *Forward with its *Backward, which reads as the forward in reverse (the KV-cache Decoder
+// runs the same functions). Only the adapter is trained: no gradient is formed for a frozen
+// weight. LlamaWeights is in llama_weights.cc, LlamaRunner in llama_runner.cc.
 //
 // The forward is Hugging Face's LlamaForCausalLM (transformers 4.4x–4.5x) exactly: RMSNorm
 // x·rsqrt(mean(x²)+eps)·g; rotary embeddings in the rotate_half convention with the config's

@@ -1,9 +1,9 @@
 // Runs that reproduce to the bit: training (LoRA on all seven linears with gradient accumulation,
 // LoRA-SB after its initialisation, DP-SGD with a test seed), evaluation, Fed-SB's sketches (with
-// and without DP), the full forward's logits and generation, each with 1, 2, 3, 4 and all cores'
-// threads, and again after the heap has been disturbed, and once more in another process. Unlike
-// the other tests, these compare the code with itself: equality across thread counts, runs and
-// processes is the property under test.
+// and without DP), the full forward's logits, the decoder's logits and generation, each with 1, 2,
+// 3, 4 and all cores' threads, and again after the heap has been disturbed, and once more in
+// another process. Unlike the other tests, these compare the code with itself: equality across
+// thread counts, runs and processes is the property under test.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -278,6 +278,14 @@ TEST_P(DeterminismTest, LogitsAndGenerationAreTheSameForEveryThreadCount) {
       auto generated = GenerateAll(w, adapter, prompts, {}, {.max_new_tokens = 12}, 0, threads);
       EXPECT_TRUE(generated.ok()) << generated.status();
       for (const auto& ids : *generated) out.Add("generated", std::span<const int32_t>(ids));
+      // One decoder on `threads` threads, every step's logits.
+      auto decoder = Decoder::Create(&w, adapter, 80, threads);
+      EXPECT_TRUE(decoder.ok()) << decoder.status();
+      std::mt19937_64 rng(1);
+      auto ids =
+          Generate(**decoder, prompts[0], {}, {.max_new_tokens = 12}, rng,
+                   [&](std::span<const float> logits) { out.Add("decoder's logits", logits); });
+      EXPECT_TRUE(ids.ok()) << ids.status();
     }
     return out;
   });
