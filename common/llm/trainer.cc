@@ -50,6 +50,159 @@ ParameterRanges TrainableRanges(const Adapter& adapter) {
   return ranges;
 }
 
+// What one step's gradient pass saw.
+struct StepGradient {
+  LossSum loss;
+  int64_t tokens = 0;  // input tokens (padding excluded)
+  int64_t examples = 0;
+};
+
+// Where a step's gradient comes from: Next sets `grads` (on `ranges`) to the next step's.
+class GradientSource {
+ public:
+  virtual ~GradientSource() = default;
+  virtual absl::StatusOr<StepGradient> Next(LlamaRunner& runner, const ParameterRanges& ranges,
+                                            std::vector<float>& grads) = 0;
+};
+
+// Mini-batch steps: grad_accum micro-batches of `batch` examples from a shuffled order (shuffled
+// again at each epoch), and the gradient of the mean loss over all their target tokens.
+class MiniBatches final : public GradientSource {
+ public:
+  MiniBatches(const std::vector<Example>& examples, const TrainOptions& o)
+      : examples_(examples), batch_(o.batch), rng_(o.seed), micro_(o.grad_accum) {
+    order_.resize(examples.size());
+    for (size_t i = 0; i < order_.size(); ++i) order_[i] = i;
+    std::shuffle(order_.begin(), order_.end(), rng_);
+    for (TokenBatch& b : micro_) {  // the largest batch, so that no step allocates
+      b.input_ids.reserve(static_cast<size_t>(o.batch) * LongestExample(examples));
+      b.labels.reserve(b.input_ids.capacity());
+    }
+  }
+
+  absl::StatusOr<StepGradient> Next(LlamaRunner& runner, const ParameterRanges& ranges,
+                                    std::vector<float>& grads) override {
+    StepGradient out;
+    int64_t targets = 0;
+    for (TokenBatch& micro : micro_) {
+      if (cursor_ == order_.size()) {  // next epoch
+        std::shuffle(order_.begin(), order_.end(), rng_);
+        cursor_ = 0;
+      }
+      const size_t count = std::min(static_cast<size_t>(batch_), order_.size() - cursor_);
+      FillBatch(examples_, order_, cursor_, count, 0, micro);
+      for (size_t i = cursor_; i < cursor_ + count; ++i)
+        out.tokens += static_cast<int64_t>(examples_[order_[i]].input_ids.size());
+      cursor_ += count;
+      targets += micro.TargetCount();
+      out.examples += static_cast<int64_t>(count);
+    }
+    ZeroRanges(ranges, grads);
+    const float scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
+    for (const TokenBatch& micro : micro_) {
+      ASSIGN_OR_RETURN(LossSum l, runner.ForwardBackward(micro, scale, grads));
+      out.loss.sum += l.sum;
+      out.loss.tokens += l.tokens;
+    }
+    return out;
+  }
+
+ private:
+  const std::vector<Example>& examples_;
+  const int batch_;
+  std::vector<size_t> order_;
+  size_t cursor_ = 0;
+  std::mt19937_64 rng_;
+  std::vector<TokenBatch> micro_;
+};
+
+// DP-SGD steps (TrainOptions::DpSgd): a Poisson sample at rate q, each sampled example's gradient
+// of its mean token loss clipped flat to C, summed, and the noisy mean over the expected q·n.
+class PrivateBatches final : public GradientSource {
+ public:
+  static absl::StatusOr<std::unique_ptr<PrivateBatches>> Create(
+      const std::vector<Example>& examples, const TrainOptions::DpSgd& dp, double q,
+      size_t parameters) {
+    ASSIGN_OR_RETURN(GaussianNoise noise, GaussianNoise::SecureUnlessTesting(dp.test_seed));
+    uint64_t seed = dp.test_seed;
+    if (seed == 0) {
+      ASSIGN_OR_RETURN(seed, SecureSeed());
+    }
+    return std::unique_ptr<PrivateBatches>(
+        new PrivateBatches(examples, dp, q, parameters, std::move(noise), seed));
+  }
+
+  absl::StatusOr<StepGradient> Next(LlamaRunner& runner, const ParameterRanges& ranges,
+                                    std::vector<float>& grads) override {
+    StepGradient out;
+    sampled_.clear();
+    std::bernoulli_distribution pick(q_);
+    for (size_t i = 0; i < examples_.size(); ++i)
+      if (pick(sampler_)) sampled_.push_back(i);
+    ZeroRanges(ranges, grads);
+    for (size_t i : sampled_) {
+      const int64_t n = TargetCount(examples_[i]);
+      out.tokens += static_cast<int64_t>(examples_[i].input_ids.size());
+      if (n == 0) continue;
+      FillBatch(examples_, identity_, i, 1, 0, one_);
+      ZeroRanges(ranges, sample_grad_);
+      ASSIGN_OR_RETURN(LossSum l,
+                       runner.ForwardBackward(one_, 1.0f / static_cast<float>(n), sample_grad_));
+      out.loss.sum += l.sum;
+      out.loss.tokens += l.tokens;
+      const float factor =
+          static_cast<float>(ClipFactor(std::sqrt(SquaredNorm(ranges, sample_grad_)), dp_.clip));
+      for (const auto& [b, e] : ranges)
+        for (size_t j = b; j < e; ++j) grads[j] += factor * sample_grad_[j];
+    }
+    out.examples = static_cast<int64_t>(sampled_.size());
+    const double expected = q_ * static_cast<double>(examples_.size());
+    for (const auto& [b, e] : ranges)
+      NoisyMean(std::span<float>(grads.data() + b, e - b), dp_.noise_multiplier * dp_.clip,
+                expected, noise_);
+    return out;
+  }
+
+ private:
+  PrivateBatches(const std::vector<Example>& examples, const TrainOptions::DpSgd& dp, double q,
+                 size_t parameters, GaussianNoise noise, uint64_t seed)
+      : examples_(examples),
+        dp_(dp),
+        q_(q),
+        noise_(std::move(noise)),
+        sampler_(seed),
+        sample_grad_(parameters, 0.0f),
+        identity_(examples.size()) {
+    for (size_t i = 0; i < identity_.size(); ++i) identity_[i] = i;
+    sampled_.reserve(examples.size());
+    one_.input_ids.reserve(static_cast<size_t>(LongestExample(examples)));
+    one_.labels.reserve(one_.input_ids.capacity());
+  }
+
+  const std::vector<Example>& examples_;
+  const TrainOptions::DpSgd dp_;
+  const double q_;
+  GaussianNoise noise_;
+  std::mt19937_64 sampler_;
+  std::vector<float> sample_grad_;  // one example's gradient, in the adapter's layout
+  std::vector<size_t> identity_, sampled_;
+  TokenBatch one_;
+};
+
+absl::Status CheckTrainOptions(const TrainOptions& o, bool dp, double q) {
+  if (o.batch <= 0 || o.grad_accum <= 0 || (o.steps <= 0 && !(o.epochs > 0)) || !(o.lr > 0) ||
+      o.warmup_ratio < 0 || o.warmup_ratio >= 1 || o.max_grad_norm < 0)
+    return absl::InvalidArgumentError(
+        StrCat("training needs batch ≥ 1, grad_accum ≥ 1, steps or epochs > 0, lr > 0, ",
+               "warmup_ratio in [0, 1) and max_grad_norm ≥ 0; got batch ", o.batch, ", grad_accum ",
+               o.grad_accum, ", steps ", o.steps, ", epochs ", o.epochs, ", lr ", o.lr,
+               ", warmup_ratio ", o.warmup_ratio, ", max_grad_norm ", o.max_grad_norm));
+  if (dp && (!(o.dp.clip > 0) || q > 1))
+    return absl::InvalidArgumentError(StrCat(
+        "DP-SGD needs a clip norm > 0 and a sample rate in (0, 1]; got ", o.dp.clip, " and ", q));
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir) {
@@ -261,163 +414,6 @@ absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights
   NoisyMean(out, dp.noise_multiplier * dp.clip, static_cast<double>(examples.size()), noise);
   return out;
 }
-
-namespace {
-
-// What one step's gradient pass saw.
-struct StepGradient {
-  LossSum loss;
-  int64_t tokens = 0;  // input tokens (padding excluded)
-  int64_t examples = 0;
-};
-
-// Where a step's gradient comes from: Next sets `grads` (on `ranges`) to the next step's.
-class GradientSource {
- public:
-  virtual ~GradientSource() = default;
-  virtual absl::StatusOr<StepGradient> Next(LlamaRunner& runner, const ParameterRanges& ranges,
-                                            std::vector<float>& grads) = 0;
-};
-
-// Mini-batch steps: grad_accum micro-batches of `batch` examples from a shuffled order (shuffled
-// again at each epoch), and the gradient of the mean loss over all their target tokens.
-class MiniBatches final : public GradientSource {
- public:
-  MiniBatches(const std::vector<Example>& examples, const TrainOptions& o)
-      : examples_(examples), batch_(o.batch), rng_(o.seed), micro_(o.grad_accum) {
-    order_.resize(examples.size());
-    for (size_t i = 0; i < order_.size(); ++i) order_[i] = i;
-    std::shuffle(order_.begin(), order_.end(), rng_);
-    for (TokenBatch& b : micro_) {  // the largest batch, so that no step allocates
-      b.input_ids.reserve(static_cast<size_t>(o.batch) * LongestExample(examples));
-      b.labels.reserve(b.input_ids.capacity());
-    }
-  }
-
-  absl::StatusOr<StepGradient> Next(LlamaRunner& runner, const ParameterRanges& ranges,
-                                    std::vector<float>& grads) override {
-    StepGradient out;
-    int64_t targets = 0;
-    for (TokenBatch& micro : micro_) {
-      if (cursor_ == order_.size()) {  // next epoch
-        std::shuffle(order_.begin(), order_.end(), rng_);
-        cursor_ = 0;
-      }
-      const size_t count = std::min(static_cast<size_t>(batch_), order_.size() - cursor_);
-      FillBatch(examples_, order_, cursor_, count, 0, micro);
-      for (size_t i = cursor_; i < cursor_ + count; ++i)
-        out.tokens += static_cast<int64_t>(examples_[order_[i]].input_ids.size());
-      cursor_ += count;
-      targets += micro.TargetCount();
-      out.examples += static_cast<int64_t>(count);
-    }
-    ZeroRanges(ranges, grads);
-    const float scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
-    for (const TokenBatch& micro : micro_) {
-      ASSIGN_OR_RETURN(LossSum l, runner.ForwardBackward(micro, scale, grads));
-      out.loss.sum += l.sum;
-      out.loss.tokens += l.tokens;
-    }
-    return out;
-  }
-
- private:
-  const std::vector<Example>& examples_;
-  const int batch_;
-  std::vector<size_t> order_;
-  size_t cursor_ = 0;
-  std::mt19937_64 rng_;
-  std::vector<TokenBatch> micro_;
-};
-
-// DP-SGD steps (TrainOptions::DpSgd): a Poisson sample at rate q, each sampled example's gradient
-// of its mean token loss clipped flat to C, summed, and the noisy mean over the expected q·n.
-class PrivateBatches final : public GradientSource {
- public:
-  static absl::StatusOr<std::unique_ptr<PrivateBatches>> Create(
-      const std::vector<Example>& examples, const TrainOptions::DpSgd& dp, double q,
-      size_t parameters) {
-    ASSIGN_OR_RETURN(GaussianNoise noise, GaussianNoise::SecureUnlessTesting(dp.test_seed));
-    uint64_t seed = dp.test_seed;
-    if (seed == 0) {
-      ASSIGN_OR_RETURN(seed, SecureSeed());
-    }
-    return std::unique_ptr<PrivateBatches>(
-        new PrivateBatches(examples, dp, q, parameters, std::move(noise), seed));
-  }
-
-  absl::StatusOr<StepGradient> Next(LlamaRunner& runner, const ParameterRanges& ranges,
-                                    std::vector<float>& grads) override {
-    StepGradient out;
-    sampled_.clear();
-    std::bernoulli_distribution pick(q_);
-    for (size_t i = 0; i < examples_.size(); ++i)
-      if (pick(sampler_)) sampled_.push_back(i);
-    ZeroRanges(ranges, grads);
-    for (size_t i : sampled_) {
-      const int64_t n = TargetCount(examples_[i]);
-      out.tokens += static_cast<int64_t>(examples_[i].input_ids.size());
-      if (n == 0) continue;
-      FillBatch(examples_, identity_, i, 1, 0, one_);
-      ZeroRanges(ranges, sample_grad_);
-      ASSIGN_OR_RETURN(LossSum l,
-                       runner.ForwardBackward(one_, 1.0f / static_cast<float>(n), sample_grad_));
-      out.loss.sum += l.sum;
-      out.loss.tokens += l.tokens;
-      const float factor =
-          static_cast<float>(ClipFactor(std::sqrt(SquaredNorm(ranges, sample_grad_)), dp_.clip));
-      for (const auto& [b, e] : ranges)
-        for (size_t j = b; j < e; ++j) grads[j] += factor * sample_grad_[j];
-    }
-    out.examples = static_cast<int64_t>(sampled_.size());
-    const double expected = q_ * static_cast<double>(examples_.size());
-    for (const auto& [b, e] : ranges)
-      NoisyMean(std::span<float>(grads.data() + b, e - b), dp_.noise_multiplier * dp_.clip,
-                expected, noise_);
-    return out;
-  }
-
- private:
-  PrivateBatches(const std::vector<Example>& examples, const TrainOptions::DpSgd& dp, double q,
-                 size_t parameters, GaussianNoise noise, uint64_t seed)
-      : examples_(examples),
-        dp_(dp),
-        q_(q),
-        noise_(std::move(noise)),
-        sampler_(seed),
-        sample_grad_(parameters, 0.0f),
-        identity_(examples.size()) {
-    for (size_t i = 0; i < identity_.size(); ++i) identity_[i] = i;
-    sampled_.reserve(examples.size());
-    one_.input_ids.reserve(static_cast<size_t>(LongestExample(examples)));
-    one_.labels.reserve(one_.input_ids.capacity());
-  }
-
-  const std::vector<Example>& examples_;
-  const TrainOptions::DpSgd dp_;
-  const double q_;
-  GaussianNoise noise_;
-  std::mt19937_64 sampler_;
-  std::vector<float> sample_grad_;  // one example's gradient, in the adapter's layout
-  std::vector<size_t> identity_, sampled_;
-  TokenBatch one_;
-};
-
-absl::Status CheckTrainOptions(const TrainOptions& o, bool dp, double q) {
-  if (o.batch <= 0 || o.grad_accum <= 0 || (o.steps <= 0 && !(o.epochs > 0)) || !(o.lr > 0) ||
-      o.warmup_ratio < 0 || o.warmup_ratio >= 1 || o.max_grad_norm < 0)
-    return absl::InvalidArgumentError(
-        StrCat("training needs batch ≥ 1, grad_accum ≥ 1, steps or epochs > 0, lr > 0, ",
-               "warmup_ratio in [0, 1) and max_grad_norm ≥ 0; got batch ", o.batch, ", grad_accum ",
-               o.grad_accum, ", steps ", o.steps, ", epochs ", o.epochs, ", lr ", o.lr,
-               ", warmup_ratio ", o.warmup_ratio, ", max_grad_norm ", o.max_grad_norm));
-  if (dp && (!(o.dp.clip > 0) || q > 1))
-    return absl::InvalidArgumentError(StrCat(
-        "DP-SGD needs a clip norm > 0 and a sample rate in (0, 1]; got ", o.dp.clip, " and ", q));
-  return absl::OkStatus();
-}
-
-}  // namespace
 
 absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector<Example>& examples,
                                   const TrainOptions& o, Adapter& adapter,

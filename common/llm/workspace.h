@@ -47,7 +47,8 @@ using AlignedFloats = std::vector<float, AlignedAllocator<float>>;
 // Rows of a product per block: large enough that each sgemm call's packing of the weight is paid
 // over many rows, small enough that a batch of a few sequences gives every core a block.
 inline constexpr int64_t kRowBlock = 128;
-// Columns of a weight-gradient product (Xᵀ·Y) per block.
+// Columns per block of a weight-gradient product (Xᵀ·Y), and of a product whose rows fit in one
+// row block (it is split by its output columns instead).
 inline constexpr int64_t kColumnBlock = 128;
 // Elements per block of an elementwise pass; a multiple of 16 floats, so that every block of an
 // aligned buffer starts aligned.

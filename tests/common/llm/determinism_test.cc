@@ -6,6 +6,7 @@
 // thread counts, runs and processes is the property under test.
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -206,11 +207,26 @@ TEST_P(TrainingDeterminismTest, TheSameForEveryThreadCount) {
   });
 }
 
+// "tiny-qwen3" → "tinyqwen3": gtest names are letters, digits and '_'.
+std::string TestName(const std::string& preset) {
+  std::string name;
+  for (char ch : preset)
+    if (std::isalnum(static_cast<unsigned char>(ch))) name += ch;
+  return name;
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, TrainingDeterminismTest,
                          ::testing::Combine(::testing::Values("tiny", "tiny-llama3", "tiny-mistral",
                                                               "tiny-qwen2", "tiny-qwen3"),
                                             ::testing::Values(Mode::kLora, Mode::kLoraSb,
-                                                              Mode::kDpSgd)));
+                                                              Mode::kDpSgd)),
+                         [](const auto& info) {
+                           const Mode mode = std::get<1>(info.param);
+                           return TestName(std::get<0>(info.param)) + "_" +
+                                  (mode == Mode::kLora     ? "Lora"
+                                   : mode == Mode::kLoraSb ? "LoraSb"
+                                                           : "DpSgd");
+                         });
 
 class DeterminismTest : public ::testing::TestWithParam<const char*> {};
 
@@ -293,7 +309,8 @@ TEST_P(DeterminismTest, LogitsAndGenerationAreTheSameForEveryThreadCount) {
 
 INSTANTIATE_TEST_SUITE_P(Families, DeterminismTest,
                          ::testing::Values("tiny", "tiny-llama3", "tiny-mistral", "tiny-qwen2",
-                                           "tiny-qwen3"));
+                                           "tiny-qwen3"),
+                         [](const auto& info) { return TestName(info.param); });
 
 // The outcome of training on tiny-qwen3 (LoRA on every linear, two threads), serialised.
 std::string TrainingOutcome() {
