@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -101,6 +102,21 @@ inline double EpsilonAtFullBatch(double sigma, double steps, double delta) {
   }
   return best;
 }
+
+// Holds odd-sized heap blocks, every other one freed again, so that what is allocated next lands
+// at other addresses (and alignments) than before: for tests of results that must not depend on
+// where the heap puts a buffer.
+class HeapShift {
+ public:
+  explicit HeapShift(uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    for (int i = 0; i < 96; ++i) blocks_.emplace_back(new char[1 + rng() % 4093]);
+    for (size_t i = 0; i < blocks_.size(); i += 2) blocks_[i].reset();
+  }
+
+ private:
+  std::vector<std::unique_ptr<char[]>> blocks_;
+};
 
 }  // namespace fedlora::testing
 

@@ -213,9 +213,10 @@ double RegressionWorkload::DescendPrivately(common::Adapter& adapter, int steps,
     }
     const Eigen::VectorXd factor =
         norm_sq.unaryExpr([&](double n2) { return common::ClipFactor(std::sqrt(n2), dp.clip); });
-    auto noised_mean = [&](MatrixD sum) {  // (Σ clipped + N(0, (σC)²)) / (q·N)
-      for (double& v : sum.reshaped()) v += dp.noise_multiplier * dp.clip * noise.Sample();
-      return MatrixD(sum / expected);
+    auto noised_mean = [&](MatrixD sum) {
+      common::NoisyMean(std::span<double>(sum.data(), static_cast<size_t>(sum.size())),
+                        dp.noise_multiplier * dp.clip, expected, noise);
+      return sum;
     };
     for (size_t l = 0; l < base_.size(); ++l) {
       const size_t i = *adapter.FindModule(ModuleName(static_cast<int>(l)));

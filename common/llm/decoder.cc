@@ -9,32 +9,35 @@
 #include "common/base/parallel.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
-#include "common/tensor/eigen_types.h"
-#include "common/tensor/gemm.h"
+#include "common/llm/layers.h"
 
 namespace fedlora::common {
 
 class Decoder::Impl {
  public:
-  Impl(const LlamaWeights* w, const Adapter* adapter, int max_seq)
-      : w_(*w), c_(w->config()), adapter_(adapter), max_seq_(max_seq) {}
+  Impl(const LlamaWeights* w, const Adapter* adapter, int max_seq, int threads)
+      : w_(*w),
+        c_(w->config()),
+        adapter_(adapter),
+        max_seq_(max_seq),
+        pool_(threads),
+        shape_{c_.num_attention_heads, c_.num_key_value_heads, c_.head_dim} {}
 
   absl::Status Init() {
+    openblas_set_num_threads(1);  // OpenBLAS's threads would change the products' bits (llama.h)
     if (max_seq_ < 1 || max_seq_ > c_.max_position_embeddings)
       return absl::InvalidArgumentError(StrCat("a decoder of ", max_seq_,
                                                " positions; the model takes 1 to ",
                                                c_.max_position_embeddings));
-    slot_module_.assign(static_cast<size_t>(c_.num_hidden_layers) * kNumLinearKinds, -1);
-    if (adapter_ != nullptr) {
-      ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(c_, *adapter_));
-      for (size_t i = 0; i < slots.size(); ++i) slot_module_[slots[i]] = static_cast<int>(i);
-    }
+    ASSIGN_OR_RETURN(linears_, ModelLinears(w_, adapter_));
+    for (const Linear& p : linears_) max_rank_ = std::max(max_rank_, p.rank);
     const int64_t KV = c_.kv_dim();
     k_cache_.assign(static_cast<size_t>(c_.num_hidden_layers) * max_seq_ * KV, 0.0f);
     v_cache_.assign(k_cache_.size(), 0.0f);
     // Within max_position_embeddings every rope type's frequencies are those of any length.
     RopeTables(c_, max_seq_, max_seq_, cos_, sin_);
     logits_.resize(static_cast<size_t>(c_.vocab_size));
+    scratch_.resize(static_cast<size_t>(pool_.size()));
     return absl::OkStatus();
   }
 
@@ -45,70 +48,74 @@ class Decoder::Impl {
 
  private:
   // y = x·Wᵀ (+ bias) (+ s·B·(R)·A·x) for m rows.
-  void Linear(int l, LinearKind k, const float* x, float* y, int64_t m);
-  // y = x·rms(x)·g over rows of `width`, the sum of squares in double as LlamaRunner does.
-  void RmsNorm(const float* x, const float* g, float* y, int64_t rows, int width) const;
-  // rotate_half rotary embedding of `heads` heads per row, row i at position first + i.
-  void Rope(float* x, int64_t m, int heads, int first) const;
+  void LinearAt(int l, LinearKind k, const float* x, float* y, int64_t m) {
+    LinearForward(pool_, linears_[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)],
+                  x, y, m, u_.data(), u2_.data());
+  }
+  // Sizes the buffers for m new positions after `first`.
+  void Reserve(int64_t m, int first);
+  // Layer l for the m positions first.. in x_ ([m, H]), their keys and values into the cache.
+  void LayerForward(int l, int64_t m, int first);
 
   const LlamaWeights& w_;
   const LlamaConfig& c_;
   const Adapter* adapter_;
   const int max_seq_;
-  std::vector<int> slot_module_;          // adapter module per l·7 + kind, or -1
-  std::vector<float> k_cache_, v_cache_;  // [L, max_seq, KV], after RoPE (keys)
-  std::vector<float> cos_, sin_;          // [max_seq, D/2]
-  std::vector<float> x_, h_, q_, k_, v_, att_, gate_, up_, scores_, u_, u2_, logits_;
+  ThreadPool pool_;
+  const AttentionShape shape_;
+  std::vector<Linear> linears_;  // [L·7]
+  int64_t max_rank_ = 1;
+  AlignedFloats k_cache_, v_cache_;  // [L, max_seq, KV], after RoPE (keys)
+  std::vector<float> cos_, sin_;     // [max_seq, D/2]
+  // Per call, for m new positions: x_, h_ [m, H]; q_, att_ [m, Hq·D]; k_, v_ [m, Hkv·D];
+  // gate_, up_ [m, I]; u_, u2_ [m, r]; logits_ [V].
+  AlignedFloats x_, h_, q_, k_, v_, att_, gate_, up_, u_, u2_, logits_;
+  std::vector<AlignedFloats> scratch_;  // per thread: attention probabilities [m, first + m]
 };
 
-void Decoder::Impl::Linear(int l, LinearKind k, const float* x, float* y, int64_t m) {
-  const int64_t in = LinearIn(c_, k), out = LinearOut(c_, k);
-  Gemm(false, true, m, out, in, 1.0f, x, in, w_.linear(l, k), in, 0.0f, y, out);
-  if (const float* bias = w_.bias(l, k))
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < out; ++j) y[i * out + j] += bias[j];
-  const int module = slot_module_[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)];
-  if (module < 0) return;
-  const LoraModule& mo = adapter_->module(static_cast<size_t>(module));
-  const float* values = adapter_->values().data();
-  const int64_t r = mo.rank;
-  u_.resize(static_cast<size_t>(m * r));
-  Gemm(false, true, m, r, in, 1.0f, x, in, values + mo.a_offset, in, 0.0f, u_.data(), r);
-  const float* u = u_.data();
-  if (mo.has_r) {
-    u2_.resize(u_.size());
-    Gemm(false, true, m, r, r, 1.0f, u, r, values + mo.r_offset, r, 0.0f, u2_.data(), r);
-    u = u2_.data();
-  }
-  Gemm(false, true, m, out, r, static_cast<float>(mo.scaling), u, r, values + mo.b_offset, r, 1.0f,
-       y, out);
+void Decoder::Impl::Reserve(int64_t m, int first) {
+  const int64_t H = c_.hidden_size, I = c_.intermediate_size;
+  x_.resize(static_cast<size_t>(m * H));
+  h_.resize(x_.size());
+  q_.resize(static_cast<size_t>(m * c_.q_dim()));
+  att_.resize(q_.size());
+  k_.resize(static_cast<size_t>(m * c_.kv_dim()));
+  v_.resize(k_.size());
+  gate_.resize(static_cast<size_t>(m * I));
+  up_.resize(gate_.size());
+  u_.resize(static_cast<size_t>(m * max_rank_));
+  u2_.resize(u_.size());
+  for (AlignedFloats& s : scratch_) s.resize(static_cast<size_t>(m * (first + m)));
 }
 
-void Decoder::Impl::RmsNorm(const float* x, const float* g, float* y, int64_t rows,
-                            int width) const {
-  for (int64_t n = 0; n < rows; ++n) {
-    const float* xr = x + n * width;
-    double ss = 0;
-    for (int j = 0; j < width; ++j) ss += static_cast<double>(xr[j]) * xr[j];
-    const float inv = static_cast<float>(1.0 / std::sqrt(ss / width + c_.rms_norm_eps));
-    for (int j = 0; j < width; ++j) y[n * width + j] = xr[j] * inv * g[j];
+void Decoder::Impl::LayerForward(int l, int64_t m, int first) {
+  const int H = c_.hidden_size, D = c_.head_dim, KV = c_.kv_dim();
+  const int Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
+  const double eps = c_.rms_norm_eps;
+  RmsNormForward(pool_, x_.data(), w_.input_norm(l), eps, nullptr, h_.data(), m, H);
+  LinearAt(l, LinearKind::kQ, h_.data(), q_.data(), m);
+  LinearAt(l, LinearKind::kK, h_.data(), k_.data(), m);
+  LinearAt(l, LinearKind::kV, h_.data(), v_.data(), m);
+  if (c_.qk_norm) {  // in place: each row of a head is read whole before it is written
+    RmsNormForward(pool_, q_.data(), w_.q_norm(l), eps, nullptr, q_.data(), m * Hq, D);
+    RmsNormForward(pool_, k_.data(), w_.k_norm(l), eps, nullptr, k_.data(), m * Hkv, D);
   }
-}
-
-void Decoder::Impl::Rope(float* x, int64_t m, int heads, int first) const {
-  const int D = c_.head_dim, half = D / 2;
-  for (int64_t i = 0; i < m; ++i) {
-    const float* cs = cos_.data() + (first + i) * half;
-    const float* sn = sin_.data() + (first + i) * half;
-    for (int h = 0; h < heads; ++h) {
-      float* xh = x + (i * heads + h) * D;
-      for (int j = 0; j < half; ++j) {
-        const float x1 = xh[j], x2 = xh[j + half];
-        xh[j] = x1 * cs[j] - x2 * sn[j];
-        xh[j + half] = x2 * cs[j] + x1 * sn[j];
-      }
-    }
-  }
+  Rope(pool_, q_.data(), m, Hq, D, cos_.data(), sin_.data(), first, m, false);
+  Rope(pool_, k_.data(), m, Hkv, D, cos_.data(), sin_.data(), first, m, false);
+  float* K = k_cache_.data() + static_cast<int64_t>(l) * max_seq_ * KV;
+  float* V = v_cache_.data() + static_cast<int64_t>(l) * max_seq_ * KV;
+  std::copy(k_.begin(), k_.end(), K + static_cast<int64_t>(first) * KV);
+  std::copy(v_.begin(), v_.end(), V + static_cast<int64_t>(first) * KV);
+  CachedAttentionForward(pool_, shape_, q_.data(), K, V, static_cast<int>(m), first, c_.window(l),
+                         scratch_, att_.data());
+  LinearAt(l, LinearKind::kO, att_.data(), h_.data(), m);
+  for (size_t i = 0; i < x_.size(); ++i) x_[i] += h_[i];
+  RmsNormForward(pool_, x_.data(), w_.post_norm(l), eps, nullptr, h_.data(), m, H);
+  LinearAt(l, LinearKind::kGate, h_.data(), gate_.data(), m);
+  LinearAt(l, LinearKind::kUp, h_.data(), up_.data(), m);
+  SwigluForward(pool_, gate_.data(), up_.data(), gate_.data(), m * c_.intermediate_size);
+  LinearAt(l, LinearKind::kDown, gate_.data(), h_.data(), m);
+  for (size_t i = 0; i < x_.size(); ++i) x_[i] += h_[i];
 }
 
 absl::StatusOr<std::span<const float>> Decoder::Impl::Append(std::span<const int32_t> ids) {
@@ -121,71 +128,14 @@ absl::StatusOr<std::span<const float>> Decoder::Impl::Append(std::span<const int
     if (id < 0 || id >= c_.vocab_size)
       return absl::InvalidArgumentError(
           StrCat("token id ", id, " is outside the vocabulary [0, ", c_.vocab_size, ")"));
-  const int H = c_.hidden_size, I = c_.intermediate_size, D = c_.head_dim;
-  const int Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads, group = Hq / Hkv;
-  const int Q = c_.q_dim(), KV = c_.kv_dim(), first = length_, end = length_ + static_cast<int>(m);
-  const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(D));
-  x_.resize(static_cast<size_t>(m * H));
-  h_.resize(x_.size());
-  q_.resize(static_cast<size_t>(m * Q));
-  att_.resize(q_.size());
-  k_.resize(static_cast<size_t>(m * KV));
-  v_.resize(k_.size());
-  gate_.resize(static_cast<size_t>(m * I));
-  up_.resize(gate_.size());
-  scores_.resize(static_cast<size_t>(m * end));
-  for (int64_t i = 0; i < m; ++i)
-    std::copy_n(w_.embed() + static_cast<int64_t>(ids[static_cast<size_t>(i)]) * H, H,
-                x_.data() + i * H);
-
-  for (int l = 0; l < c_.num_hidden_layers; ++l) {
-    RmsNorm(x_.data(), w_.input_norm(l), h_.data(), m, H);
-    Linear(l, LinearKind::kQ, h_.data(), q_.data(), m);
-    Linear(l, LinearKind::kK, h_.data(), k_.data(), m);
-    Linear(l, LinearKind::kV, h_.data(), v_.data(), m);
-    if (c_.qk_norm) {  // in place: each row of a head is read whole before it is written
-      RmsNorm(q_.data(), w_.q_norm(l), q_.data(), m * Hq, D);
-      RmsNorm(k_.data(), w_.k_norm(l), k_.data(), m * Hkv, D);
-    }
-    Rope(q_.data(), m, Hq, first);
-    Rope(k_.data(), m, Hkv, first);
-    float* K = k_cache_.data() + static_cast<int64_t>(l) * max_seq_ * KV;
-    float* V = v_cache_.data() + static_cast<int64_t>(l) * max_seq_ * KV;
-    std::copy(k_.begin(), k_.end(), K + static_cast<int64_t>(first) * KV);
-    std::copy(v_.begin(), v_.end(), V + static_cast<int64_t>(first) * KV);
-    const int window = c_.window(l);
-    for (int h = 0; h < Hq; ++h) {
-      const int g = h / group;
-      // S = Q_h·K_gᵀ/√D over every cached position, then each row's causal window.
-      Gemm(false, true, m, end, D, inv_sqrt_d, q_.data() + h * D, Q, K + g * D, KV, 0.0f,
-           scores_.data(), end);
-      for (int64_t i = 0; i < m; ++i) {
-        const int pos = first + static_cast<int>(i);
-        const int lo = window > 0 ? std::max(0, pos - window + 1) : 0;
-        float* row = scores_.data() + i * end;
-        Eigen::Map<Eigen::ArrayXf> live(row + lo, pos + 1 - lo);
-        live = (live - live.maxCoeff()).exp();
-        live /= live.sum();
-        std::fill(row, row + lo, 0.0f);
-        std::fill(row + pos + 1, row + end, 0.0f);
-      }
-      Gemm(false, false, m, D, end, 1.0f, scores_.data(), end, V + g * D, KV, 0.0f,
-           att_.data() + h * D, Q);
-    }
-    Linear(l, LinearKind::kO, att_.data(), h_.data(), m);
-    for (size_t i = 0; i < x_.size(); ++i) x_[i] += h_[i];
-    RmsNorm(x_.data(), w_.post_norm(l), h_.data(), m, H);
-    Linear(l, LinearKind::kGate, h_.data(), gate_.data(), m);
-    Linear(l, LinearKind::kUp, h_.data(), up_.data(), m);
-    for (size_t i = 0; i < gate_.size(); ++i)
-      gate_[i] = gate_[i] / (1.0f + std::exp(-gate_[i])) * up_[i];
-    Linear(l, LinearKind::kDown, gate_.data(), h_.data(), m);
-    for (size_t i = 0; i < x_.size(); ++i) x_[i] += h_[i];
-  }
-  length_ = end;
-  RmsNorm(x_.data() + (m - 1) * H, w_.final_norm(), h_.data(), 1, H);
-  Gemm(false, true, 1, c_.vocab_size, H, 1.0f, h_.data(), H, w_.lm_head(), H, 0.0f, logits_.data(),
-       c_.vocab_size);
+  const int H = c_.hidden_size, first = length_;
+  Reserve(m, first);
+  EmbeddingForward(ids.data(), m, w_.embed(), H, x_.data());
+  for (int l = 0; l < c_.num_hidden_layers; ++l) LayerForward(l, m, first);
+  length_ = first + static_cast<int>(m);
+  RmsNormForward(pool_, x_.data() + (m - 1) * H, w_.final_norm(), c_.rms_norm_eps, nullptr,
+                 h_.data(), 1, H);
+  MatMulNT(pool_, h_.data(), w_.lm_head(), logits_.data(), 1, H, c_.vocab_size, 1.0f, false);
   return std::span<const float>(logits_);
 }
 
@@ -193,8 +143,9 @@ Decoder::Decoder(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Decoder::~Decoder() = default;
 
 absl::StatusOr<std::unique_ptr<Decoder>> Decoder::Create(const LlamaWeights* weights,
-                                                         const Adapter* adapter, int max_seq) {
-  auto impl = std::make_unique<Impl>(weights, adapter, max_seq);
+                                                         const Adapter* adapter, int max_seq,
+                                                         int threads) {
+  auto impl = std::make_unique<Impl>(weights, adapter, max_seq, threads);
   RETURN_IF_ERROR(impl->Init());
   return std::unique_ptr<Decoder>(new Decoder(std::move(impl)));
 }
@@ -268,17 +219,17 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> GenerateAll(
                  " new ones exceed the model's ", limit, " positions"));
   }
   // One decoder per part: prompts are independent. The cores left over (fewer prompts than cores)
-  // go to OpenBLAS's threads within each product.
+  // go to each decoder's own threads.
   const size_t cores = threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency());
   const size_t parts = std::max<size_t>(1, std::min(prompts.size(), cores));
-  openblas_set_num_threads(static_cast<int>(cores / parts));
+  const int per_decoder = static_cast<int>(cores / parts);
   std::vector<std::vector<int32_t>> out(prompts.size());
   std::vector<absl::Status> failed(parts);
   ParallelFor(
       parts,
       [&](size_t part) {
-        auto decoder =
-            Decoder::Create(&weights, adapter, static_cast<int>(longest) + options.max_new_tokens);
+        auto decoder = Decoder::Create(
+            &weights, adapter, static_cast<int>(longest) + options.max_new_tokens, per_decoder);
         if (!decoder.ok()) {
           failed[part] = decoder.status();
           return;

@@ -1,10 +1,11 @@
 // Autoregressive generation over a KV cache: the prompt runs through the model once, then each new
 // token costs one position's forward against the cached keys and values of the positions before.
 //
-// The forward is LlamaRunner's (llama.h) computed for new positions only: the same RMSNorm in
-// double, rotary tables, grouped-query attention over the layer's window, SwiGLU, biases, q/k
-// norms and LoRA / LoRA-SB terms, so the logits agree with LlamaRunner::NextTokenLogits to float
-// rounding (tests/common/llm/decoder_test.cc checks this step by step on every family).
+// The forward is LlamaRunner's (llama.h) computed for new positions only, with the same layer
+// functions (layers.h): RMSNorm, rotary tables, grouped-query attention over the layer's window
+// (against the cache), SwiGLU, biases, q/k norms and LoRA / LoRA-SB terms, so the logits agree
+// with LlamaRunner::NextTokenLogits to float rounding (tests/common/llm/decoder_test.cc checks
+// this step by step on every family).
 //
 // Sampling is Hugging Face generate()'s: logits divided by the temperature, then the smallest set
 // of most probable tokens whose probability reaches top_p (the token that crosses it included),
@@ -27,10 +28,12 @@ namespace fedlora::common {
 class Decoder {
  public:
   // `weights` and `adapter` (null: the base model) must outlive the decoder. The cache holds
-  // `max_seq` positions (at most the model's max_position_embeddings). Single-threaded: run one
-  // decoder per thread to generate for many prompts at once.
+  // `max_seq` positions (at most the model's max_position_embeddings). `threads` (0: the
+  // machine's cores) share each step's products as LlamaRunner's do, with the same results for
+  // any number; to generate for many prompts at once, run one decoder per thread instead.
   static absl::StatusOr<std::unique_ptr<Decoder>> Create(const LlamaWeights* weights,
-                                                         const Adapter* adapter, int max_seq);
+                                                         const Adapter* adapter, int max_seq,
+                                                         int threads = 0);
   ~Decoder();
 
   // Forgets the cached positions.

@@ -3,9 +3,10 @@
 //
 // In the shape of llm.c's train_gpt2.c: the frozen weights live in one buffer carved by a table
 // (PyTorch's [out, in] layout, row-major); activations live in one workspace allocated once for the
-// largest batch, so a training step allocates nothing; each *Forward has its *Backward, which reads
-// as the forward in reverse. Only the adapter is trained: no gradient is formed for a frozen
-// weight.
+// largest batch, so a training step allocates nothing; the layers are layers.h's free functions,
+// each *Forward with its *Backward, which reads as the forward in reverse (the KV-cache Decoder
+// runs the same functions). Only the adapter is trained: no gradient is formed for a frozen
+// weight. LlamaWeights is in llama_weights.cc, LlamaRunner in llama_runner.cc.
 //
 // The forward is Hugging Face's LlamaForCausalLM (transformers 4.4x–4.5x) exactly: RMSNorm
 // x·rsqrt(mean(x²)+eps)·g; rotary embeddings in the rotate_half convention with the config's
@@ -15,6 +16,12 @@
 // Frozen biases are added where the family has them (Qwen2's q, k, v), and Qwen3's q_norm/k_norm
 // RMS-normalise each head of q and k before RoPE. A LoRA module adds s·B·A·x to its linear
 // (s·B·R·A·x for LoRA-SB).
+//
+// Results are the same to the bit for any thread count, run or process (workspace.h): every buffer
+// starts on a 64-byte boundary, so where Eigen's vector loops begin a row is fixed by its offset,
+// not by the heap; work is cut into blocks of fixed sizes, never by the number of threads, each
+// block writes only its own outputs, and per-row losses are summed in row order; OpenBLAS runs one
+// thread per call, the pool's threads taking the blocks.
 #ifndef FEDLORA_COMMON_LLM_LLAMA_H_
 #define FEDLORA_COMMON_LLM_LLAMA_H_
 

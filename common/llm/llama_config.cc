@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "absl/status/status.h"
+#include "common/base/status_macros.h"
 #include "common/base/strings.h"
 
 namespace fedlora::common {
@@ -124,6 +125,73 @@ absl::Status ParseRope(const nlohmann::json& json, const std::string& origin, Ll
                                "\" is not implemented (implemented: linear, dynamic, llama3)"));
 }
 
+// Sliding windows: Mistral's on every layer; Qwen's, when enabled, on the layers that
+// layer_types names, or else on those from max_window_layers on.
+// An absent sliding_window is the config classes' default, 4096; null means none.
+absl::Status ParseSlidingWindows(const nlohmann::json& json, const std::string& origin,
+                                 bool use_sliding_window, LlamaConfig& c) {
+  const nlohmann::json window_json = json.value("sliding_window", nlohmann::json(4096));
+  const bool windowed =
+      c.model_type == "mistral" || (c.model_type != "llama" && use_sliding_window);
+  if (!windowed || window_json.is_null()) return absl::OkStatus();
+  if (!window_json.is_number_integer() || window_json.get<int64_t>() <= 0 ||
+      window_json.get<int64_t>() > (1 << 30))
+    return absl::InvalidArgumentError(
+        StrCat(origin, ": \"sliding_window\" must be a positive integer or null, got ",
+               window_json.dump()));
+  const int window = window_json.get<int>();
+  c.layer_window.assign(static_cast<size_t>(c.num_hidden_layers), window);
+  if (c.model_type != "mistral") {
+    const nlohmann::json types = json.value("layer_types", nlohmann::json());
+    if (types.is_array()) {
+      if (types.size() != static_cast<size_t>(c.num_hidden_layers))
+        return absl::InvalidArgumentError(StrCat(origin, ": layer_types has ", types.size(),
+                                                 " entries for ", c.num_hidden_layers, " layers"));
+      for (size_t l = 0; l < types.size(); ++l) {
+        if (types[l] != "sliding_attention" && types[l] != "full_attention")
+          return Refuse(origin, StrCat("layer_types[", l, "] is ", types[l].dump()));
+        if (types[l] == "full_attention") c.layer_window[l] = 0;
+      }
+    } else {
+      const nlohmann::json full_json = json.value("max_window_layers", nlohmann::json(28));
+      if (!full_json.is_number_integer() || full_json.get<int64_t>() < 0)
+        return absl::InvalidArgumentError(
+            StrCat(origin, ": \"max_window_layers\" must be a non-negative integer, got ",
+                   full_json.dump()));
+      const int64_t full = full_json.get<int64_t>();  // Qwen2Config's default: 28
+      for (int l = 0; l < std::min<int64_t>(full, c.num_hidden_layers); ++l) c.layer_window[l] = 0;
+    }
+  }
+  if (std::all_of(c.layer_window.begin(), c.layer_window.end(), [](int w) { return w == 0; }))
+    c.layer_window.clear();
+  return absl::OkStatus();
+}
+
+// bos_token_id and eos_token_id (one id or a list), each an id of the vocabulary.
+absl::Status ParseSpecialTokens(const nlohmann::json& json, const std::string& origin,
+                                LlamaConfig& c) {
+  auto token_id = [&](const nlohmann::json& v) -> absl::StatusOr<int> {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= c.vocab_size)
+      return absl::InvalidArgumentError(
+          StrCat(origin, ": token id ", v.dump(), " is not in [0, vocab_size=", c.vocab_size, ")"));
+    return v.get<int>();
+  };
+  if (json.contains("bos_token_id") && !json["bos_token_id"].is_null()) {
+    absl::StatusOr<int> id = token_id(json["bos_token_id"]);
+    if (!id.ok()) return id.status();
+    c.bos_token_id = *id;
+  }
+  if (json.contains("eos_token_id") && !json["eos_token_id"].is_null()) {
+    const nlohmann::json& eos = json["eos_token_id"];
+    for (const nlohmann::json& v : eos.is_array() ? eos : nlohmann::json::array({eos})) {
+      absl::StatusOr<int> id = token_id(v);
+      if (!id.ok()) return id.status();
+      c.eos_token_ids.push_back(*id);
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json,
@@ -203,65 +271,8 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json,
       c.bias[static_cast<int>(k)] = true;
   c.qk_norm = model_type == "qwen3";
 
-  // Sliding windows: Mistral's on every layer; Qwen's, when enabled, on the layers that
-  // layer_types names, or else on those from max_window_layers on.
-  // Absent, it is the config classes' default, 4096; null means none.
-  const nlohmann::json window_json = json.value("sliding_window", nlohmann::json(4096));
-  const bool windowed = model_type == "mistral" || (model_type != "llama" && flags[3]);
-  if (windowed && !window_json.is_null()) {
-    if (!window_json.is_number_integer() || window_json.get<int64_t>() <= 0 ||
-        window_json.get<int64_t>() > (1 << 30))
-      return absl::InvalidArgumentError(
-          StrCat(origin, ": \"sliding_window\" must be a positive integer or null, got ",
-                 window_json.dump()));
-    const int window = window_json.get<int>();
-    c.layer_window.assign(static_cast<size_t>(c.num_hidden_layers), window);
-    if (model_type != "mistral") {
-      const nlohmann::json types = json.value("layer_types", nlohmann::json());
-      if (types.is_array()) {
-        if (types.size() != static_cast<size_t>(c.num_hidden_layers))
-          return absl::InvalidArgumentError(StrCat(origin, ": layer_types has ", types.size(),
-                                                   " entries for ", c.num_hidden_layers,
-                                                   " layers"));
-        for (size_t l = 0; l < types.size(); ++l) {
-          if (types[l] != "sliding_attention" && types[l] != "full_attention")
-            return Refuse(origin, StrCat("layer_types[", l, "] is ", types[l].dump()));
-          if (types[l] == "full_attention") c.layer_window[l] = 0;
-        }
-      } else {
-        const nlohmann::json full_json = json.value("max_window_layers", nlohmann::json(28));
-        if (!full_json.is_number_integer() || full_json.get<int64_t>() < 0)
-          return absl::InvalidArgumentError(
-              StrCat(origin, ": \"max_window_layers\" must be a non-negative integer, got ",
-                     full_json.dump()));
-        const int64_t full = full_json.get<int64_t>();  // Qwen2Config's default: 28
-        for (int l = 0; l < std::min<int64_t>(full, c.num_hidden_layers); ++l)
-          c.layer_window[l] = 0;
-      }
-    }
-    if (std::all_of(c.layer_window.begin(), c.layer_window.end(), [](int w) { return w == 0; }))
-      c.layer_window.clear();
-  }
-
-  auto token_id = [&](const nlohmann::json& v) -> absl::StatusOr<int> {
-    if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= c.vocab_size)
-      return absl::InvalidArgumentError(
-          StrCat(origin, ": token id ", v.dump(), " is not in [0, vocab_size=", c.vocab_size, ")"));
-    return v.get<int>();
-  };
-  if (json.contains("bos_token_id") && !json["bos_token_id"].is_null()) {
-    absl::StatusOr<int> id = token_id(json["bos_token_id"]);
-    if (!id.ok()) return id.status();
-    c.bos_token_id = *id;
-  }
-  if (json.contains("eos_token_id") && !json["eos_token_id"].is_null()) {
-    const nlohmann::json& eos = json["eos_token_id"];
-    for (const nlohmann::json& v : eos.is_array() ? eos : nlohmann::json::array({eos})) {
-      absl::StatusOr<int> id = token_id(v);
-      if (!id.ok()) return id.status();
-      c.eos_token_ids.push_back(*id);
-    }
-  }
+  RETURN_IF_ERROR(ParseSlidingWindows(json, origin, flags[3], c));
+  RETURN_IF_ERROR(ParseSpecialTokens(json, origin, c));
   return c;
 }
 

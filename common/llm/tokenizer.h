@@ -41,7 +41,7 @@ namespace fedlora::common {
 inline constexpr char kTokenizerFile[] = "tokenizer.json";
 inline constexpr char kTokenizerConfigFile[] = "tokenizer_config.json";
 
-struct TokenizerPipeline;  // tokenizer.cc
+struct TokenizerPipeline;  // tokenizer_pipeline.h
 
 // Encode caches words and is not thread-safe; use one Tokenizer per thread.
 class Tokenizer {
@@ -82,6 +82,18 @@ class Tokenizer {
   static absl::StatusOr<Tokenizer> ParseUnguarded(const nlohmann::json& json,
                                                   const std::string& origin,
                                                   const nlohmann::json& config);
+  // ParseUnguarded's stages, in its order; `max_id` grows to the largest id they meet.
+  // The BPE model's options, vocabulary and unk_token.
+  absl::Status ParseModel(const nlohmann::json& model, const std::string& origin, int32_t& max_id);
+  // added_tokens (the normalized ones in normalized form), then the id → token table.
+  absl::Status ParseAddedTokens(const nlohmann::json& json, const std::string& origin,
+                                int32_t& max_id);
+  absl::Status ParseMerges(const nlohmann::json& model, const std::string& origin);
+  // The post-processor's tokens around a single sequence; `post_names` gets its step types.
+  absl::Status ParsePostProcessor(const nlohmann::json& json, const std::string& origin,
+                                  int32_t max_id, std::string* post_names);
+  // transformers' Llama and Gemma classes rebuild the template from tokenizer_config.json.
+  absl::Status ApplyTokenizerConfig(const nlohmann::json& config, const std::string& origin);
   void EncodeWord(std::string_view word, std::vector<int32_t>& out) const;
   // Splits on the added tokens whose `normalized` flag equals `normalized`; stretches between them
   // go to `rest` with whether they start the text.

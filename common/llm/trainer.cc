@@ -3,14 +3,15 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <memory>
 #include <numbers>
-#include <optional>
 #include <random>
 
 #include "absl/status/status.h"
 #include "common/base/parallel.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/llm/adamw.h"
 #include "common/privacy/dp.h"
 #include "common/privacy/private_sketch.h"
 #include "common/tensor/blob.h"
@@ -26,13 +27,11 @@ int LongestExample(const std::vector<Example>& examples) {
   return static_cast<int>(longest);
 }
 
-using Ranges = std::vector<std::pair<size_t, size_t>>;
-
-void ZeroRanges(const Ranges& ranges, std::vector<float>& v) {
+void ZeroRanges(const ParameterRanges& ranges, std::vector<float>& v) {
   for (const auto& [b, e] : ranges) std::fill(v.begin() + b, v.begin() + e, 0.0f);
 }
 
-double SquaredNorm(const Ranges& ranges, const std::vector<float>& v) {
+double SquaredNorm(const ParameterRanges& ranges, const std::vector<float>& v) {
   double sum = 0;
   for (const auto& [b, e] : ranges)
     for (size_t i = b; i < e; ++i) sum += static_cast<double>(v[i]) * v[i];
@@ -40,8 +39,8 @@ double SquaredNorm(const Ranges& ranges, const std::vector<float>& v) {
 }
 
 // [begin, end) ranges of the adapter's buffer that training updates.
-Ranges TrainableRanges(const Adapter& adapter) {
-  Ranges ranges;
+ParameterRanges TrainableRanges(const Adapter& adapter) {
+  ParameterRanges ranges;
   for (const LoraModule& m : adapter.modules()) {
     if (m.has_r)
       ranges.push_back({m.r_offset, m.r_offset + static_cast<size_t>(m.rank) * m.rank});
@@ -49,6 +48,159 @@ Ranges TrainableRanges(const Adapter& adapter) {
       ranges.push_back({m.a_offset, m.b_offset + static_cast<size_t>(m.out_features) * m.rank});
   }
   return ranges;
+}
+
+// What one step's gradient pass saw.
+struct StepGradient {
+  LossSum loss;
+  int64_t tokens = 0;  // input tokens (padding excluded)
+  int64_t examples = 0;
+};
+
+// Where a step's gradient comes from: Next sets `grads` (on `ranges`) to the next step's.
+class GradientSource {
+ public:
+  virtual ~GradientSource() = default;
+  virtual absl::StatusOr<StepGradient> Next(LlamaRunner& runner, const ParameterRanges& ranges,
+                                            std::vector<float>& grads) = 0;
+};
+
+// Mini-batch steps: grad_accum micro-batches of `batch` examples from a shuffled order (shuffled
+// again at each epoch), and the gradient of the mean loss over all their target tokens.
+class MiniBatches final : public GradientSource {
+ public:
+  MiniBatches(const std::vector<Example>& examples, const TrainOptions& o)
+      : examples_(examples), batch_(o.batch), rng_(o.seed), micro_(o.grad_accum) {
+    order_.resize(examples.size());
+    for (size_t i = 0; i < order_.size(); ++i) order_[i] = i;
+    std::shuffle(order_.begin(), order_.end(), rng_);
+    for (TokenBatch& b : micro_) {  // the largest batch, so that no step allocates
+      b.input_ids.reserve(static_cast<size_t>(o.batch) * LongestExample(examples));
+      b.labels.reserve(b.input_ids.capacity());
+    }
+  }
+
+  absl::StatusOr<StepGradient> Next(LlamaRunner& runner, const ParameterRanges& ranges,
+                                    std::vector<float>& grads) override {
+    StepGradient out;
+    int64_t targets = 0;
+    for (TokenBatch& micro : micro_) {
+      if (cursor_ == order_.size()) {  // next epoch
+        std::shuffle(order_.begin(), order_.end(), rng_);
+        cursor_ = 0;
+      }
+      const size_t count = std::min(static_cast<size_t>(batch_), order_.size() - cursor_);
+      FillBatch(examples_, order_, cursor_, count, 0, micro);
+      for (size_t i = cursor_; i < cursor_ + count; ++i)
+        out.tokens += static_cast<int64_t>(examples_[order_[i]].input_ids.size());
+      cursor_ += count;
+      targets += micro.TargetCount();
+      out.examples += static_cast<int64_t>(count);
+    }
+    ZeroRanges(ranges, grads);
+    const float scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
+    for (const TokenBatch& micro : micro_) {
+      ASSIGN_OR_RETURN(LossSum l, runner.ForwardBackward(micro, scale, grads));
+      out.loss.sum += l.sum;
+      out.loss.tokens += l.tokens;
+    }
+    return out;
+  }
+
+ private:
+  const std::vector<Example>& examples_;
+  const int batch_;
+  std::vector<size_t> order_;
+  size_t cursor_ = 0;
+  std::mt19937_64 rng_;
+  std::vector<TokenBatch> micro_;
+};
+
+// DP-SGD steps (TrainOptions::DpSgd): a Poisson sample at rate q, each sampled example's gradient
+// of its mean token loss clipped flat to C, summed, and the noisy mean over the expected q·n.
+class PrivateBatches final : public GradientSource {
+ public:
+  static absl::StatusOr<std::unique_ptr<PrivateBatches>> Create(
+      const std::vector<Example>& examples, const TrainOptions::DpSgd& dp, double q,
+      size_t parameters) {
+    ASSIGN_OR_RETURN(GaussianNoise noise, GaussianNoise::SecureUnlessTesting(dp.test_seed));
+    uint64_t seed = dp.test_seed;
+    if (seed == 0) {
+      ASSIGN_OR_RETURN(seed, SecureSeed());
+    }
+    return std::unique_ptr<PrivateBatches>(
+        new PrivateBatches(examples, dp, q, parameters, std::move(noise), seed));
+  }
+
+  absl::StatusOr<StepGradient> Next(LlamaRunner& runner, const ParameterRanges& ranges,
+                                    std::vector<float>& grads) override {
+    StepGradient out;
+    sampled_.clear();
+    std::bernoulli_distribution pick(q_);
+    for (size_t i = 0; i < examples_.size(); ++i)
+      if (pick(sampler_)) sampled_.push_back(i);
+    ZeroRanges(ranges, grads);
+    for (size_t i : sampled_) {
+      const int64_t n = TargetCount(examples_[i]);
+      out.tokens += static_cast<int64_t>(examples_[i].input_ids.size());
+      if (n == 0) continue;
+      FillBatch(examples_, identity_, i, 1, 0, one_);
+      ZeroRanges(ranges, sample_grad_);
+      ASSIGN_OR_RETURN(LossSum l,
+                       runner.ForwardBackward(one_, 1.0f / static_cast<float>(n), sample_grad_));
+      out.loss.sum += l.sum;
+      out.loss.tokens += l.tokens;
+      const float factor =
+          static_cast<float>(ClipFactor(std::sqrt(SquaredNorm(ranges, sample_grad_)), dp_.clip));
+      for (const auto& [b, e] : ranges)
+        for (size_t j = b; j < e; ++j) grads[j] += factor * sample_grad_[j];
+    }
+    out.examples = static_cast<int64_t>(sampled_.size());
+    const double expected = q_ * static_cast<double>(examples_.size());
+    for (const auto& [b, e] : ranges)
+      NoisyMean(std::span<float>(grads.data() + b, e - b), dp_.noise_multiplier * dp_.clip,
+                expected, noise_);
+    return out;
+  }
+
+ private:
+  PrivateBatches(const std::vector<Example>& examples, const TrainOptions::DpSgd& dp, double q,
+                 size_t parameters, GaussianNoise noise, uint64_t seed)
+      : examples_(examples),
+        dp_(dp),
+        q_(q),
+        noise_(std::move(noise)),
+        sampler_(seed),
+        sample_grad_(parameters, 0.0f),
+        identity_(examples.size()) {
+    for (size_t i = 0; i < identity_.size(); ++i) identity_[i] = i;
+    sampled_.reserve(examples.size());
+    one_.input_ids.reserve(static_cast<size_t>(LongestExample(examples)));
+    one_.labels.reserve(one_.input_ids.capacity());
+  }
+
+  const std::vector<Example>& examples_;
+  const TrainOptions::DpSgd dp_;
+  const double q_;
+  GaussianNoise noise_;
+  std::mt19937_64 sampler_;
+  std::vector<float> sample_grad_;  // one example's gradient, in the adapter's layout
+  std::vector<size_t> identity_, sampled_;
+  TokenBatch one_;
+};
+
+absl::Status CheckTrainOptions(const TrainOptions& o, bool dp, double q) {
+  if (o.batch <= 0 || o.grad_accum <= 0 || (o.steps <= 0 && !(o.epochs > 0)) || !(o.lr > 0) ||
+      o.warmup_ratio < 0 || o.warmup_ratio >= 1 || o.max_grad_norm < 0)
+    return absl::InvalidArgumentError(
+        StrCat("training needs batch ≥ 1, grad_accum ≥ 1, steps or epochs > 0, lr > 0, ",
+               "warmup_ratio in [0, 1) and max_grad_norm ≥ 0; got batch ", o.batch, ", grad_accum ",
+               o.grad_accum, ", steps ", o.steps, ", epochs ", o.epochs, ", lr ", o.lr,
+               ", warmup_ratio ", o.warmup_ratio, ", max_grad_norm ", o.max_grad_norm));
+  if (dp && (!(o.dp.clip > 0) || q > 1))
+    return absl::InvalidArgumentError(StrCat(
+        "DP-SGD needs a clip norm > 0 and a sample rate in (0, 1]; got ", o.dp.clip, " and ", q));
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -267,39 +419,24 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
                                   const TrainOptions& o, Adapter& adapter,
                                   const std::function<void(const StepReport&)>& on_step) {
   if (examples.empty()) return absl::InvalidArgumentError("no training examples");
-  if (o.batch <= 0 || o.grad_accum <= 0 || (o.steps <= 0 && !(o.epochs > 0)) || !(o.lr > 0) ||
-      o.warmup_ratio < 0 || o.warmup_ratio >= 1 || o.max_grad_norm < 0)
-    return absl::InvalidArgumentError(
-        StrCat("training needs batch ≥ 1, grad_accum ≥ 1, steps or epochs > 0, lr > 0, ",
-               "warmup_ratio in [0, 1) and max_grad_norm ≥ 0; got batch ", o.batch, ", grad_accum ",
-               o.grad_accum, ", steps ", o.steps, ", epochs ", o.epochs, ", lr ", o.lr,
-               ", warmup_ratio ", o.warmup_ratio, ", max_grad_norm ", o.max_grad_norm));
   const bool dp = o.dp.noise_multiplier >= 0;
-  const double q =
-      dp ? (o.dp.sample_rate > 0 ? o.dp.sample_rate
-                                 : std::min(1.0, static_cast<double>(o.batch) /
-                                                     static_cast<double>(examples.size())))
-         : 0.0;
-  if (dp && (!(o.dp.clip > 0) || q > 1))
-    return absl::InvalidArgumentError(StrCat(
-        "DP-SGD needs a clip norm > 0 and a sample rate in (0, 1]; got ", o.dp.clip, " and ", q));
-  std::optional<GaussianNoise> noise;
-  std::mt19937_64 sampler;
-  if (dp) {
-    ASSIGN_OR_RETURN(GaussianNoise n, GaussianNoise::SecureUnlessTesting(o.dp.test_seed));
-    noise.emplace(std::move(n));
-    if (o.dp.test_seed != 0) {
-      sampler.seed(o.dp.test_seed);
-    } else {
-      ASSIGN_OR_RETURN(const uint64_t seed, SecureSeed());
-      sampler.seed(seed);
-    }
-  }
+  const double n = static_cast<double>(examples.size());
+  const double q = !dp                    ? 0.0
+                   : o.dp.sample_rate > 0 ? o.dp.sample_rate
+                                          : std::min(1.0, static_cast<double>(o.batch) / n);
+  RETURN_IF_ERROR(CheckTrainOptions(o, dp, q));
   ASSIGN_OR_RETURN(auto runner, LlamaRunner::Create(&weights, &adapter,
                                                     {.max_batch = dp ? 1 : o.batch,
                                                      .max_seq = LongestExample(examples),
                                                      .training = true,
                                                      .threads = o.threads}));
+  std::span<float> params = adapter.values();
+  std::unique_ptr<GradientSource> source;
+  if (dp) {
+    ASSIGN_OR_RETURN(source, PrivateBatches::Create(examples, o.dp, q, params.size()));
+  } else {
+    source = std::make_unique<MiniBatches>(examples, o);
+  }
   const size_t per_step = static_cast<size_t>(o.batch) * o.grad_accum;
   const int64_t steps_per_epoch = static_cast<int64_t>((examples.size() + per_step - 1) / per_step);
   const int64_t total =
@@ -307,84 +444,15 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
           ? o.steps
           : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(o.epochs * steps_per_epoch)));
   const int64_t warmup = static_cast<int64_t>(std::ceil(o.warmup_ratio * total));
-  const auto ranges = TrainableRanges(adapter);
-  std::span<float> params = adapter.values();
+  const ParameterRanges ranges = TrainableRanges(adapter);
   std::vector<float> grads(params.size(), 0.0f), m(params.size(), 0.0f), v(params.size(), 0.0f);
-  std::vector<float> sample_grad(dp ? params.size() : 0, 0.0f);  // DP-SGD: one example's gradient
-  std::vector<size_t> identity(examples.size()), sampled;
-  for (size_t i = 0; i < identity.size(); ++i) identity[i] = i;
-  sampled.reserve(examples.size());
-
-  std::vector<size_t> order(examples.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::mt19937_64 rng(o.seed);
-  std::shuffle(order.begin(), order.end(), rng);
-  size_t cursor = 0;
-  std::vector<TokenBatch> micro(static_cast<size_t>(o.grad_accum));
-  for (TokenBatch& b : micro) {  // the largest batch, so that no step allocates
-    b.input_ids.reserve(static_cast<size_t>(o.batch) * LongestExample(examples));
-    b.labels.reserve(b.input_ids.capacity());
-  }
+  const AdamWOptions adamw{o.beta1, o.beta2, o.adam_eps, o.weight_decay};
 
   TrainResult result;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t step = 0; step < total; ++step) {
-    int64_t targets = 0, tokens = 0;
-    LossSum loss;
-    double norm = 0;
-    if (dp) {
-      // DP-SGD: a Poisson sample, per-example gradients clipped and summed, then noise.
-      sampled.clear();
-      std::bernoulli_distribution pick(q);
-      for (size_t i = 0; i < examples.size(); ++i)
-        if (pick(sampler)) sampled.push_back(i);
-      ZeroRanges(ranges, grads);
-      for (size_t i : sampled) {
-        const int64_t n = TargetCount(examples[i]);
-        tokens += static_cast<int64_t>(examples[i].input_ids.size());
-        if (n == 0) continue;
-        FillBatch(examples, identity, i, 1, 0, micro[0]);
-        ZeroRanges(ranges, sample_grad);
-        ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(micro[0], 1.0f / static_cast<float>(n),
-                                                            sample_grad));
-        loss.sum += l.sum;
-        loss.tokens += l.tokens;
-        const float factor =
-            static_cast<float>(ClipFactor(std::sqrt(SquaredNorm(ranges, sample_grad)), o.dp.clip));
-        for (const auto& [b, e] : ranges)
-          for (size_t j = b; j < e; ++j) grads[j] += factor * sample_grad[j];
-      }
-      result.examples_seen += static_cast<int64_t>(sampled.size());
-      const float inv_expected =
-          static_cast<float>(1.0 / (q * static_cast<double>(examples.size())));
-      for (const auto& [b, e] : ranges) {
-        std::span<float> g(grads.data() + b, e - b);
-        noise->Add(g, o.dp.noise_multiplier * o.dp.clip);
-        for (float& x : g) x *= inv_expected;
-      }
-    } else {
-      for (int a = 0; a < o.grad_accum; ++a) {
-        if (cursor == order.size()) {  // next epoch
-          std::shuffle(order.begin(), order.end(), rng);
-          cursor = 0;
-        }
-        const size_t count = std::min(static_cast<size_t>(o.batch), order.size() - cursor);
-        FillBatch(examples, order, cursor, count, 0, micro[a]);
-        for (size_t i = cursor; i < cursor + count; ++i)
-          tokens += static_cast<int64_t>(examples[order[i]].input_ids.size());
-        cursor += count;
-        targets += micro[a].TargetCount();
-        result.examples_seen += static_cast<int64_t>(count);
-      }
-      ZeroRanges(ranges, grads);
-      const float scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
-      for (const TokenBatch& batch : micro) {
-        ASSIGN_OR_RETURN(LossSum l, runner->ForwardBackward(batch, scale, grads));
-        loss.sum += l.sum;
-        loss.tokens += l.tokens;
-      }
-    }
-    norm = std::sqrt(SquaredNorm(ranges, grads));
+    ASSIGN_OR_RETURN(const StepGradient g, source->Next(*runner, ranges, grads));
+    const double norm = std::sqrt(SquaredNorm(ranges, grads));
     if (!std::isfinite(norm))
       return absl::InternalError(StrCat("gradient is not finite at step ", step + 1,
                                         " (learning rate ", o.lr,
@@ -392,29 +460,18 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
     const float clip = (!dp && o.max_grad_norm > 0 && norm > o.max_grad_norm)
                            ? static_cast<float>(o.max_grad_norm / (norm + 1e-6))
                            : 1.0f;
-    // AdamW as torch.optim.AdamW: decoupled weight decay, then the bias-corrected Adam step.
     const double lr = o.lr * ScheduleFactor(o.schedule, step, total, warmup);
-    const double t = static_cast<double>(step + 1);
-    const float decay = static_cast<float>(1.0 - lr * o.weight_decay);
-    const float b1 = static_cast<float>(o.beta1), b2 = static_cast<float>(o.beta2);
-    const float step_size = static_cast<float>(lr / (1.0 - std::pow(o.beta1, t)));
-    const float bias2 = static_cast<float>(std::sqrt(1.0 - std::pow(o.beta2, t)));
-    const float eps = static_cast<float>(o.adam_eps);
-    for (const auto& [b, e] : ranges)
-      for (size_t i = b; i < e; ++i) {
-        const float g = grads[i] * clip;
-        m[i] = b1 * m[i] + (1.0f - b1) * g;
-        v[i] = b2 * v[i] + (1.0f - b2) * g * g;
-        params[i] = params[i] * decay - step_size * m[i] / (std::sqrt(v[i]) / bias2 + eps);
-      }
-    const double step_loss = loss.tokens > 0 ? loss.sum / static_cast<double>(loss.tokens) : 0.0;
+    AdamWUpdate(params, grads, m, v, ranges, lr, step + 1, adamw, clip);
+    const double step_loss =
+        g.loss.tokens > 0 ? g.loss.sum / static_cast<double>(g.loss.tokens) : 0.0;
     if (step == 0) result.first_loss = step_loss;
     result.final_loss = step_loss;
-    result.tokens += tokens;
+    result.tokens += g.tokens;
+    result.examples_seen += g.examples;
     result.steps = step + 1;
     result.seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (on_step) on_step({step + 1, total, step_loss, lr, norm, tokens, result.seconds});
+    if (on_step) on_step({step + 1, total, step_loss, lr, norm, g.tokens, result.seconds});
   }
   result.dp_sample_rate = q;
   return result;

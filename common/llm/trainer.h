@@ -3,7 +3,9 @@
 //
 // Parameters, gradients and both Adam moments share the adapter's layout (one buffer each, carved
 // by the adapter's module table), and the optimiser walks the trainable ranges of that table; the
-// runner's workspace is allocated once, so a step allocates nothing.
+// runner's workspace is allocated once, so a step allocates nothing. Training, evaluation,
+// LoRA-SB's initialisation and the sketches give the same bits for every thread count (llama.h
+// says why); with DP-SGD, so do runs with the same test_seed.
 #ifndef FEDLORA_COMMON_LLM_TRAINER_H_
 #define FEDLORA_COMMON_LLM_TRAINER_H_
 

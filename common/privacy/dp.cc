@@ -86,6 +86,23 @@ void GaussianNoise::Add(std::span<float> values, double stddev) {
   for (float& v : values) v += static_cast<float>(stddev * Sample());
 }
 
+namespace {
+
+template <typename T>
+void NoisyMeanOf(std::span<T> sums, double stddev, double expected, GaussianNoise& noise) {
+  for (T& x : sums) x = static_cast<T>((x + stddev * noise.Sample()) / expected);
+}
+
+}  // namespace
+
+void NoisyMean(std::span<double> sums, double stddev, double expected, GaussianNoise& noise) {
+  NoisyMeanOf(sums, stddev, expected, noise);
+}
+
+void NoisyMean(std::span<float> sums, double stddev, double expected, GaussianNoise& noise) {
+  NoisyMeanOf(sums, stddev, expected, noise);
+}
+
 absl::StatusOr<uint64_t> SecureSeed() {
   uint64_t seed = 0;
   if (RAND_bytes(reinterpret_cast<unsigned char*>(&seed), sizeof seed) != 1)

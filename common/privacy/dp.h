@@ -48,6 +48,14 @@ class GaussianNoise {
   bool has_spare_ = false;
 };
 
+// DP-SGD's noisy mean (Abadi et al. 2016, Algorithm 1: g̃ = (Σ_i clip(g_i) + N(0, σ²C²·I)) / L):
+// each value of `sums`, the sum of the clipped records, gets N(0, stddev²) and is divided by
+// `expected`, the number of records expected (L = q·N under Poisson sampling, N at q = 1). In
+// place, in memory order, one sample per value, computed in double (rounded once for floats).
+// Every DP mean in fedlora goes through it.
+void NoisyMean(std::span<double> sums, double stddev, double expected, GaussianNoise& noise);
+void NoisyMean(std::span<float> sums, double stddev, double expected, GaussianNoise& noise);
+
 // Opacus' clipping factor min(1, C/(‖g‖ + 1e-6)): what scales a vector of norm `norm` to at most
 // `max_norm`. Every flat clipping in fedlora uses it.
 inline double ClipFactor(double norm, double max_norm) {

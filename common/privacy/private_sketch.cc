@@ -26,9 +26,8 @@ void AddClippedRecord(std::span<const MatrixD> products, double norm, double cli
 }
 
 void NoisyMean(std::span<MatrixD> sums, double stddev, double records, GaussianNoise& noise) {
-  for (MatrixD& s : sums) {
-    for (double& x : s.reshaped()) x = (x + stddev * noise.Sample()) / records;
-  }
+  for (MatrixD& s : sums)
+    NoisyMean(std::span<double>(s.data(), static_cast<size_t>(s.size())), stddev, records, noise);
 }
 
 }  // namespace fedlora::common

@@ -26,7 +26,8 @@ absl::Status CheckSketchBases(std::span<const MatrixD> bases);
 void AddClippedRecord(std::span<const MatrixD> products, double norm, double clip,
                       std::span<MatrixD> sums);
 
-// (sums + N(0, stddev²) on every entry) / records, in place.
+// dp.h's NoisyMean over every module's sum: (sums + N(0, stddev²) on every entry) / records, in
+// place.
 void NoisyMean(std::span<MatrixD> sums, double stddev, double records, GaussianNoise& noise);
 
 }  // namespace fedlora::common

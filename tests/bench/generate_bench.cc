@@ -4,8 +4,6 @@
 // shape, with a LoRA adapter on q and v. Greedy; EOS is never chosen (no eos ids), so every prompt
 // gets all its new tokens. Also GenerateAll over many prompts, one decoder per core, as
 // `generate --data` and `eval --accuracy` run. Prints a Markdown table.
-#include <cblas.h>
-
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
@@ -60,8 +58,8 @@ int main(int argc, char** argv) {
     const auto prompts = Prompts(c.hidden_size < 100 ? 32 : 2, prompt_length, c.vocab_size, 3);
     const SamplingOptions greedy{.max_new_tokens = new_tokens};
 
-    openblas_set_num_threads(1);  // as GenerateAll gives each of as many prompts as cores
-    auto decoder = Decoder::Create(&w, &adapter, prompt_length + new_tokens);
+    // One thread, as GenerateAll gives each of as many prompts as cores.
+    auto decoder = Decoder::Create(&w, &adapter, prompt_length + new_tokens, 1);
     auto t0 = Clock::now();
     size_t cached_tokens = 0;
     std::vector<std::vector<int32_t>> cached;
@@ -105,7 +103,7 @@ int main(int argc, char** argv) {
       "\nGenerateAll, tiny: %d prompts of %d tokens, %zu new tokens in %.2f s (%.0f tokens/s, "
       "%.2f ms a prompt) on all cores\n",
       many, prompt_length, n, s, n / s, 1000 * s / many);
-  // One prompt on the SmolLM2 shape, as `generate --prompt` runs it: OpenBLAS gets every core.
+  // One prompt on the SmolLM2 shape, as `generate --prompt` runs it: its decoder gets every core.
   LlamaConfig big = *LlamaPreset("smollm2-135m");
   const LlamaWeights wb = LlamaWeights::Random(big, 1);
   const auto one = Prompts(1, prompt_length, big.vocab_size, 5);

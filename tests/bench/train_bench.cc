@@ -19,6 +19,7 @@
 
 #include "common/base/parallel.h"
 #include "common/llm/trainer.h"
+#include "common/llm/workspace.h"
 
 namespace {
 
@@ -39,15 +40,15 @@ double StepFlops(const LlamaConfig& c, const Adapter& a, int B, int T) {
   return 4.0 * N * linear + 4.0 * Nt * c.vocab_size * c.hidden_size + attention + lora;
 }
 
-// GFLOP/s of C = A·Bᵀ (row-major, m×k by n×k, as the trainer's products), rows split over
-// `threads`: with OpenBLAS's sgemm, which the trainer uses, or with Eigen's.
+// GFLOP/s of C = A·Bᵀ (row-major, m×k by n×k, as the trainer's products), in blocks of kRowBlock
+// rows over `threads`, as the trainer splits them: with OpenBLAS's sgemm, which the trainer uses,
+// or with Eigen's.
 double GemmPeak(int m, int k, int n, int threads, bool openblas) {
   MatrixF a = MatrixF::Random(m, k), b = MatrixF::Random(n, k), c(m, n);
   ThreadPool pool(threads);
   auto run = [&] {
-    pool.For(static_cast<size_t>(threads), [&](size_t i, int) {
-      const int64_t r0 = m * static_cast<int64_t>(i) / threads;
-      const int64_t rn = m * static_cast<int64_t>(i + 1) / threads - r0;
+    ForBlocks(pool, m, kRowBlock, [&](int64_t r0, int64_t r1) {
+      const int64_t rn = r1 - r0;
       if (openblas)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rn, n, k, 1.0f, a.data() + r0 * k, k,
                     b.data(), k, 0.0f, c.data() + r0 * n, n);
@@ -129,12 +130,12 @@ int main(int argc, char** argv) {
       "## Trainer throughput, %s shape (%zu parameters), batch 4, LoRA r 16, %d threads\n\n",
       preset.c_str(), w.num_parameters(), threads);
   std::printf(
-      "fp32 GEMM on this machine, C = A·Bᵀ, rows split over %d threads (GFLOP/s): OpenBLAS (one "
-      "thread per call, as the trainer) %.0f at 2048³ and %.0f at 1024×576×1536 (a trainer shape), "
-      "%.0f on 1 "
-      "thread; Eigen %.0f at 2048³\n\n",
-      threads, GemmPeak(2048, 2048, 2048, threads, true), GemmPeak(1024, 576, 1536, threads, true),
-      GemmPeak(2048, 2048, 2048, 1, true), GemmPeak(2048, 2048, 2048, threads, false));
+      "fp32 GEMM on this machine, C = A·Bᵀ, blocks of %d rows over %d threads (GFLOP/s): "
+      "OpenBLAS (one thread per call, as the trainer) %.0f at 2048³ and %.0f at 1024×576×1536 (a "
+      "trainer shape), %.0f on 1 thread; Eigen %.0f at 2048³\n\n",
+      static_cast<int>(kRowBlock), threads, GemmPeak(2048, 2048, 2048, threads, true),
+      GemmPeak(1024, 576, 1536, threads, true), GemmPeak(2048, 2048, 2048, 1, true),
+      GemmPeak(2048, 2048, 2048, threads, false));
   std::fflush(stdout);
   std::printf(
       "| seq | targets | fedlora tokens/s | fedlora GFLOP/s | PyTorch tokens/s | ratio "

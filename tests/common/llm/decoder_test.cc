@@ -65,8 +65,9 @@ TEST_P(DecoderTest, GreedyIsTheFullForwardsArgmaxStepByStep) {
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_EQ(steps, 30);
   // Both are float32, summed in other orders (the cache's products with one row against the full
-  // forward's with the sequence, split by OpenBLAS's threads as the load allows): 1.02e-5 was seen
-  // once in 30 runs on a busy machine. A wrong position or a stale cache entry is of order 1.
+  // forward's with the sequence): 1.02e-5 was seen once in 30 runs on a busy machine, when
+  // OpenBLAS's own threads still split the products. A wrong position or a stale cache entry is of
+  // order 1.
   EXPECT_LT(worst, 5e-5) << "largest logit difference relative to the largest logit";
   EXPECT_EQ(*out, std::vector<int32_t>(ids.begin() + 40, ids.end()));
   // Appending one token at a time gives what the prompt at once gave.

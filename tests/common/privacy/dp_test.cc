@@ -87,6 +87,38 @@ TEST(GaussianNoiseTest, SecureGeneratorsNeverRepeatAndTestSeedsDo) {
   }
 }
 
+// The noisy mean against its formula, (sum + stddev·z)/expected, with z drawn here from a second
+// stream of the same seed, value by value; and its noise against N(0, (stddev/expected)²).
+TEST(NoisyMeanTest, AddsOneSampleToEachValueThenDividesByTheExpectedCount) {
+  const std::vector<double> given = {1.5, -2.0, 0.0, 7.25, 3.0};
+  const double stddev = 0.8, expected = 2.5;
+  std::vector<double> doubles = given;
+  std::vector<float> floats(given.begin(), given.end());
+  GaussianNoise noise = GaussianNoise::ForTestingOnly(5),
+                reference = GaussianNoise::ForTestingOnly(5);
+  NoisyMean(std::span<double>(doubles), stddev, expected, noise);
+  for (size_t i = 0; i < given.size(); ++i)
+    EXPECT_EQ(doubles[i], (given[i] + stddev * reference.Sample()) / expected) << i;
+  GaussianNoise noise2 = GaussianNoise::ForTestingOnly(6),
+                reference2 = GaussianNoise::ForTestingOnly(6);
+  NoisyMean(std::span<float>(floats), stddev, expected, noise2);
+  for (size_t i = 0; i < given.size(); ++i)
+    EXPECT_EQ(floats[i], static_cast<float>((given[i] + stddev * reference2.Sample()) / expected))
+        << i;
+
+  std::vector<double> zeros(40000, 0.0);
+  NoisyMean(std::span<double>(zeros), stddev, expected, noise);
+  double sum = 0, sq = 0;
+  for (double x : zeros) {
+    const double z = x * expected / stddev;  // standard normal if right
+    sum += z;
+    sq += z * z;
+  }
+  const double n = static_cast<double>(zeros.size());
+  EXPECT_NEAR(sum / n, 0.0, 5 / std::sqrt(n));
+  EXPECT_NEAR(sq / n, 1.0, 5 * std::sqrt(2 / n));
+}
+
 TEST(ClipTest, ClipsTheFlatNormAcrossTensorsExactly) {
   std::vector<float> a = {3, 0}, b = {0, 4};  // flat norm 5
   std::vector<std::span<float>> t = {a, b};

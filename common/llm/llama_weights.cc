@@ -1,0 +1,193 @@
+// LlamaWeights (llama.h): the frozen weights of a checkpoint in one buffer carved by a table in
+// Hugging Face's state-dict order; reading, random initialisation, merging an adapter, writing.
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <random>
+#include <set>
+
+#include "absl/status/status.h"
+#include "common/base/file_util.h"
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "common/llm/llama.h"
+#include "common/tensor/eigen_types.h"
+
+namespace fedlora::common {
+
+LlamaWeights::LlamaWeights(const LlamaConfig& c) : config_(c) {
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  size_t offset = 0;
+  auto add = [&](std::string name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    table_.push_back({std::move(name), std::move(shape), offset});
+    offset += static_cast<size_t>(n);
+    return static_cast<int>(table_.size()) - 1;
+  };
+  embed_ = add("model.embed_tokens.weight", {V, H});
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    LayerEntries e;
+    e.bias.fill(-1);
+    const std::string p = StrCat("model.layers.", l, ".");
+    e.input_norm = add(p + "input_layernorm.weight", {H});
+    for (int k = 0; k < kNumLinearKinds; ++k) {
+      const LinearKind kind = static_cast<LinearKind>(k);
+      if (kind == LinearKind::kGate) e.post_norm = add(p + "post_attention_layernorm.weight", {H});
+      e.linear[k] = add(LinearPath(l, kind) + ".weight", {LinearOut(c, kind), LinearIn(c, kind)});
+      if (c.has_bias(kind)) e.bias[k] = add(LinearPath(l, kind) + ".bias", {LinearOut(c, kind)});
+    }
+    if (c.qk_norm) {
+      e.q_norm = add(p + "self_attn.q_norm.weight", {c.head_dim});
+      e.k_norm = add(p + "self_attn.k_norm.weight", {c.head_dim});
+    }
+    layers_.push_back(e);
+  }
+  final_norm_ = add("model.norm.weight", {H});
+  lm_head_ = c.tie_word_embeddings ? embed_ : add("lm_head.weight", {V, H});
+  buffer_.assign(offset, 0.0f);
+}
+
+std::vector<TensorToWrite> LlamaWeights::Tensors() const {
+  std::vector<TensorToWrite> out;
+  for (const Entry& e : table_) {
+    size_t n = 1;
+    for (int64_t d : e.shape) n *= static_cast<size_t>(d);
+    out.push_back({e.name, e.shape, std::span<const float>(buffer_.data() + e.offset, n)});
+  }
+  return out;
+}
+
+LlamaWeights LlamaWeights::Random(const LlamaConfig& config, uint64_t seed, float std) {
+  LlamaWeights w(config);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, std);
+  for (const Entry& e : w.table_) {
+    size_t n = 1;
+    for (int64_t d : e.shape) n *= static_cast<size_t>(d);
+    float* p = w.buffer_.data() + e.offset;
+    // Norm weights 1 and biases 0, as transformers initialises them.
+    const bool vector = e.shape.size() == 1, bias = e.name.ends_with(".bias");
+    for (size_t i = 0; i < n; ++i) p[i] = bias ? 0.0f : vector ? 1.0f : normal(rng);
+  }
+  return w;
+}
+
+absl::StatusOr<std::vector<std::filesystem::path>> WeightFiles(const std::filesystem::path& dir) {
+  if (std::filesystem::exists(dir / kModelWeightsFile)) return std::vector{dir / kModelWeightsFile};
+  if (!std::filesystem::exists(dir / kModelIndexFile))
+    return absl::NotFoundError(
+        StrCat("no ", kModelWeightsFile, " or ", kModelIndexFile, " in ", dir.string()));
+  std::ifstream in(dir / kModelIndexFile);
+  nlohmann::json index = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (index.is_discarded() || !index.contains("weight_map") || !index["weight_map"].is_object())
+    return absl::InvalidArgumentError(
+        StrCat((dir / kModelIndexFile).string(), ": expected a JSON object with \"weight_map\""));
+  std::set<std::string> shards;
+  for (const auto& [name, file] : index["weight_map"].items()) {
+    if (!file.is_string() || file.get<std::string>().find('/') != std::string::npos)
+      return absl::InvalidArgumentError(StrCat((dir / kModelIndexFile).string(), ": tensor ", name,
+                                               " maps to ", file.dump(),
+                                               ", expected a file name in the directory"));
+    shards.insert(file.get<std::string>());
+  }
+  std::vector<std::filesystem::path> files;
+  for (const std::string& shard : shards) files.push_back(dir / shard);
+  return files;
+}
+
+absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir) {
+  ASSIGN_OR_RETURN(LlamaConfig config, ReadLlamaConfig(dir));
+  LlamaWeights w(config);
+
+  ASSIGN_OR_RETURN(const std::vector<std::filesystem::path> files, WeightFiles(dir));
+
+  std::map<std::string, const Entry*> expected;
+  for (const Entry& e : w.table_) expected[e.name] = &e;
+  std::set<std::string> found;
+  for (const std::filesystem::path& file : files) {
+    ASSIGN_OR_RETURN(SafetensorsFile st, SafetensorsFile::Open(file));
+    for (const TensorInfo& t : st.view().tensors()) {
+      auto it = expected.find(t.name);
+      if (it == expected.end()) {
+        if (t.name == "lm_head.weight" && config.tie_word_embeddings) continue;  // tied copy
+        if (t.name.ends_with("rotary_emb.inv_freq")) continue;  // recomputed from rope_theta
+        return absl::InvalidArgumentError(
+            StrCat(file.string(), ": unexpected tensor ", t.name, " ", ShapeString(t.shape),
+                   " (not part of a ", config.model_type, " checkpoint with this config.json",
+                   t.name.ends_with(".bias") ? ", which has no bias there)" : ")"));
+      }
+      const Entry& e = *it->second;
+      if (t.shape != e.shape)
+        return absl::InvalidArgumentError(StrCat(file.string(), ": tensor ", t.name, " has shape ",
+                                                 ShapeString(t.shape), ", config.json implies ",
+                                                 ShapeString(e.shape)));
+      st.view().ReadF32(
+          t, std::span<float>(w.buffer_.data() + e.offset, static_cast<size_t>(t.num_elements())));
+      found.insert(t.name);
+    }
+  }
+  for (const Entry& e : w.table_)
+    if (!found.contains(e.name))
+      return absl::InvalidArgumentError(
+          StrCat("model in ", dir.string(), " has no tensor ", e.name, " ", ShapeString(e.shape)));
+  for (float v : w.buffer_)
+    if (!std::isfinite(v))
+      return absl::InvalidArgumentError(
+          StrCat("model in ", dir.string(), " has NaN or Inf weights"));
+  return w;
+}
+
+absl::Status LlamaWeights::Merge(const Adapter& adapter) {
+  ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(config_, adapter));
+  std::vector<std::pair<size_t, float*>> targets;  // module, its weight
+  for (size_t i = 0; i < slots.size(); ++i)
+    targets.push_back(
+        {i, at(layers_[slots[i] / kNumLinearKinds].linear[slots[i] % kNumLinearKinds])});
+  for (const auto& [i, w] : targets) {
+    const LoraModule& m = adapter.module(i);
+    MatrixD b = adapter.B(i).cast<double>() * m.scaling;
+    if (m.has_r) b = b * adapter.R(i).cast<double>();
+    MapF W(w, m.out_features, m.in_features);
+    W = (W.cast<double>() + b * adapter.A(i).cast<double>()).cast<float>();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaWeights::WriteInto(const std::filesystem::path& dir, DType dtype,
+                                     Env* env) const {
+  nlohmann::json json = LlamaConfigJson(config_);
+  json["torch_dtype"] = dtype == DType::kBF16  ? "bfloat16"
+                        : dtype == DType::kF16 ? "float16"
+                                               : "float32";
+  RETURN_IF_ERROR(WriteFileSynced(dir / kModelConfigFile, json.dump(2) + "\n", env));
+  const std::vector<TensorToWrite> tensors = Tensors();
+  return WriteFileSynced(
+      dir / kModelWeightsFile,
+      [&](std::FILE* f) {
+        return WriteSafetensors(f, tensors, dtype, {{"format", "pt"}});
+      },
+      env);
+}
+
+absl::Status LlamaWeights::WriteModelDirectory(const std::filesystem::path& dir,
+                                               const std::filesystem::path& companion_dir,
+                                               DType dtype, bool overwrite, Env* env) const {
+  return BuildDirectoryAtomically(
+      dir, overwrite,
+      [&](const std::filesystem::path& out) -> absl::Status {
+        RETURN_IF_ERROR(WriteInto(out, dtype, env));
+        for (const auto& entry : std::filesystem::directory_iterator(companion_dir)) {
+          const std::string name = entry.path().filename().string();
+          if (!entry.is_regular_file() || name == kModelConfigFile || name == kModelIndexFile ||
+              name.ends_with(".safetensors"))
+            continue;
+          ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(entry.path()));
+          RETURN_IF_ERROR(WriteFileSynced(out / name, bytes, env));
+        }
+        return absl::OkStatus();
+      },
+      env);
+}
+
+}  // namespace fedlora::common
