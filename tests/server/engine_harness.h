@@ -78,6 +78,10 @@ class Harness {
   void set_gradient(std::function<common::MatrixD(const std::string& id, size_t module)> g) {
     gradient_ = std::move(g);
   }
+  // Changes the values of the updates MakeUpdate draws (after drawing them).
+  void set_update_values(std::function<void(const std::string& id, Adapter&)> f) {
+    update_values_ = std::move(f);
+  }
   server::RoundEngine& engine() { return *engine_; }
   // Ticks the engine, then lets its follow-up (evaluation, metrics line, export) catch up.
   void Tick() {
@@ -161,6 +165,7 @@ class Harness {
       return update;
     }
     for (float& x : update->values()) x = normal(rng);
+    if (update_values_) update_values_(id, *update);
     return update;
   }
 
@@ -253,6 +258,7 @@ class Harness {
   Adapter frozen_;
   Modules modules_ = kModules;
   std::function<common::MatrixD(const std::string&, size_t)> gradient_;
+  std::function<void(const std::string&, Adapter&)> update_values_;
 };
 
 // The ledger and metrics of a state directory, as files (what an operator or a restart would see).
