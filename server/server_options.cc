@@ -4,6 +4,7 @@
 #include <map>
 
 #include "absl/strings/numbers.h"
+#include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/llm/gguf.h"
 
@@ -11,6 +12,14 @@ namespace fedlora::server {
 using common::StrCat;
 
 absl::Status ServerOptions::Validate() const {
+  RETURN_IF_ERROR(ValidateRounds());
+  RETURN_IF_ERROR(ValidateModel());
+  RETURN_IF_ERROR(ValidatePrivacy());
+  return ValidateTransport();
+}
+
+// Rounds, cohorts and what an update may be.
+absl::Status ServerOptions::ValidateRounds() const {
   auto bad = [](auto... parts) { return absl::InvalidArgumentError(StrCat(parts...)); };
   if (rounds < 1) return bad("rounds is ", rounds, "; it must be at least 1");
   if (min_clients < 1) return bad("min_clients is ", min_clients, "; it must be at least 1");
@@ -40,6 +49,12 @@ absl::Status ServerOptions::Validate() const {
   if (max_client_examples < 1)
     return bad("max_client_examples is ", max_client_examples, "; it must be at least 1");
   if (!(learning_rate > 0)) return bad("learning_rate is ", learning_rate, "; it must be > 0");
+  return absl::OkStatus();
+}
+
+// The base model, its evaluation and export, FLoRA's ranks, Fed-SB's initialisation.
+absl::Status ServerOptions::ValidateModel() const {
+  auto bad = [](auto... parts) { return absl::InvalidArgumentError(StrCat(parts...)); };
   if (!eval_data.empty() && base_model_dir.empty())
     return bad("eval_data ", eval_data, " needs base_model_dir (the model to evaluate it with)");
   if (!export_gguf.empty()) {
@@ -74,6 +89,12 @@ absl::Status ServerOptions::Validate() const {
         fed_sb_oversampling, ", ", fed_sb_power_iterations, ", ", fed_sb_init_examples, " and ",
         fed_sb_init_lr);
   }
+  return absl::OkStatus();
+}
+
+// Client-level DP.
+absl::Status ServerOptions::ValidatePrivacy() const {
+  auto bad = [](auto... parts) { return absl::InvalidArgumentError(StrCat(parts...)); };
   if (!(dp_clip >= 0)) return bad("dp_clip is ", dp_clip, "; it must be >= 0 (0: off)");
   if (!(dp_noise_multiplier >= 0))
     return bad("dp_noise_multiplier is ", dp_noise_multiplier, "; it must be >= 0");
@@ -109,6 +130,12 @@ absl::Status ServerOptions::Validate() const {
                " must be below 2*dp_count_stddev = ", 2 * dp_count_stddev,
                ": the noised count of unclipped updates takes its share of the round's budget");
   }
+  return absl::OkStatus();
+}
+
+// Failures, transfers, TLS and identities.
+absl::Status ServerOptions::ValidateTransport() const {
+  auto bad = [](auto... parts) { return absl::InvalidArgumentError(StrCat(parts...)); };
   if (!(give_up_after_s > 0))
     return bad("give_up_after_s is ", give_up_after_s, "; it must be > 0");
   if (chunk_bytes < 1024 || chunk_bytes > (64 << 20))
@@ -134,7 +161,10 @@ absl::Status ServerOptions::Validate() const {
   return absl::OkStatus();
 }
 
-void AddServerFlags(CLI::App& app, ServerOptions& o) {
+namespace {
+
+// The run, its rounds and cohorts, and what clients train.
+void AddRunFlags(CLI::App& app, ServerOptions& o) {
   std::map<std::string, common::Method> methods;
   for (common::Method m : common::kAllMethods) methods.emplace(common::MethodName(m), m);
   app.add_option("--method", o.method, "fedit | flora | lora-fair | fed-sb")
@@ -179,6 +209,10 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
                  "module name suffixes to adapt (default: all offered)")
       ->delimiter(',')
       ->allow_extra_args(false);
+}
+
+// What an update may do to the aggregate.
+void AddBoundFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--max-client-examples", o.max_client_examples,
                  "a client joining with more examples is refused; an update may not claim more "
                  "than its client joined with")
@@ -191,8 +225,12 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
       ->capture_default_str();
   app.add_option("--max-update-norm-ratio", o.max_update_norm_ratio,
                  "leave out of a round's aggregate an update whose ‖s·B·A‖_F exceeds this multiple "
-                 "of the round's median (>= 1; updates held in memory until the close); 0: off")
+                 "of the round's median (>= 1); 0: off")
       ->capture_default_str();
+}
+
+// The method's settings, the base model, its evaluation and export.
+void AddModelFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--base-model-sha256", o.base_model_sha256,
                  "required base model (default: the first client's)");
   app.add_option("--lora-fair-lambda", o.lora_fair_lambda)->capture_default_str();
@@ -224,6 +262,9 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--eval-max-new-tokens", o.eval_max_new_tokens,
                  "--eval-accuracy: tokens per generated answer")
       ->capture_default_str();
+}
+
+void AddPrivacyFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--dp-clip", o.dp_clip,
                  "client-level DP: bound on each client's update (flat L2 of its change); 0: off")
       ->capture_default_str();
@@ -244,6 +285,9 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--dp-target-epsilon", o.dp_target_epsilon,
                  "client-level DP: end the run before a round would spend more")
       ->capture_default_str();
+}
+
+void AddTransportFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--listen", o.listen, "address:port (port 0 picks a free one)")
       ->capture_default_str();
   app.add_option("--tls-cert", o.tls_cert, "PEM certificate chain of the server");
@@ -265,6 +309,16 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--give-up-after-s", o.give_up_after_s,
                  "a round's commit (or its metrics or export) failing this long stops the server")
       ->capture_default_str();
+}
+
+}  // namespace
+
+void AddServerFlags(CLI::App& app, ServerOptions& o) {
+  AddRunFlags(app, o);
+  AddBoundFlags(app, o);
+  AddModelFlags(app, o);
+  AddPrivacyFlags(app, o);
+  AddTransportFlags(app, o);
 }
 
 }  // namespace fedlora::server

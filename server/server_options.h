@@ -50,8 +50,7 @@ struct ServerOptions {
   // >= 1: when a round closes, an accepted update whose norm (as above) exceeds this multiple of
   // the lower median of the round's accepted norms is left out of the aggregate and reported as
   // rejected (in the metrics line's "norm_outliers"). The bound follows the updates' scale, which
-  // drifts over a run; the round's updates are held in memory until it closes (as flora's and
-  // lora-fair's are). Not with client-level DP, whose clipping bounds every update. 0: off.
+  // drifts over a run. Not with client-level DP, whose clipping bounds every update. 0: off.
   double max_update_norm_ratio = 0;
   // < 1: no client's share of a round's aggregate exceeds this (of the cohort drawn): weights are
   // min(examples, T) with T from the members' joined counts (cohort.h, WeightCap). 1: off.
@@ -124,6 +123,12 @@ struct ServerOptions {
 
   bool client_dp() const { return dp_clip > 0; }
   absl::Status Validate() const;
+
+ private:
+  absl::Status ValidateRounds() const;
+  absl::Status ValidateModel() const;
+  absl::Status ValidatePrivacy() const;
+  absl::Status ValidateTransport() const;
 };
 
 // Every option as a flag and TOML key (the long flag name without --) of `app`.
