@@ -21,8 +21,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <random>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <sstream>
 
 #include "common/aggregation/aggregate.h"
@@ -254,11 +254,13 @@ void CoordinatorClose(const Setup& s, int clients, int layers, int dim, int rank
       "r = %d (%.0f MB each)\n\n",
       clients, layers, dim, dim, rank, fs::file_size(dir / "blobs" / accepted[0].sha256) / 1e6);
   std::printf("| | folding during the round, s | close, s |\n|---|---|---|\n");
-  std::printf("| streamed in arrival order (before) | %.3f | %.3f |\n", streamed_add, streamed_mean);
+  std::printf("| streamed in arrival order (before) | %.3f | %.3f |\n", streamed_add,
+              streamed_mean);
   std::printf("| folded in client order from the store (now) | 0 | %.3f |\n", ordered);
-  std::printf("\nthe ordered fold reads and decodes every update again at the close: %.2fx the "
-              "streamed work\n",
-              ordered / (streamed_add + streamed_mean));
+  std::printf(
+      "\nthe ordered fold reads and decodes every update again at the close: %.2fx the "
+      "streamed work\n",
+      ordered / (streamed_add + streamed_mean));
 }
 
 }  // namespace
