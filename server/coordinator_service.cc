@@ -75,7 +75,7 @@ absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerCon
 }
 
 void CoordinatorService::Warn(const std::string& key, const std::string& message) const {
-  std::lock_guard<std::mutex> lock(log_mu_);
+  absl::MutexLock lock(&log_mu_);
   if (std::string repeated; log_limiter_.Allow(key, common::LogLimiter::Clock::now(), &repeated))
     spdlog::warn("{}{}", message, repeated);
 }

@@ -5,10 +5,11 @@
 #ifndef FEDLORA_SERVER_COORDINATOR_SERVICE_H_
 #define FEDLORA_SERVER_COORDINATOR_SERVICE_H_
 
-#include <mutex>
 #include <set>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "common/base/log_limiter.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 #include "server/round/engine.h"
@@ -61,9 +62,9 @@ class CoordinatorService final : public v1::Coordinator::CallbackService {
   const std::set<std::string> allowed_;
   const std::set<std::string> operators_;
   // Refusals are logged once per 10 s per identity and kind, with a count.
-  void Warn(const std::string& key, const std::string& message) const;
-  mutable std::mutex log_mu_;
-  mutable common::LogLimiter log_limiter_;
+  void Warn(const std::string& key, const std::string& message) const ABSL_LOCKS_EXCLUDED(log_mu_);
+  mutable absl::Mutex log_mu_;
+  mutable common::LogLimiter log_limiter_ ABSL_GUARDED_BY(log_mu_);
 };
 
 grpc::Status ToGrpc(const absl::Status& status);
