@@ -52,11 +52,11 @@ absl::StatusOr<std::vector<Record>> ReadRecords(const fs::path& path,
   return records;
 }
 
-// Per-label client shares ~ Dirichlet(α) (common::SplitByLabelShares), each client holding at
-// least `min_records`.
-absl::StatusOr<std::vector<std::vector<Record>>> DirichletSplit(const std::vector<Record>& pool,
-                                                                int clients, double alpha,
-                                                                size_t min_records, uint64_t seed) {
+// The pool split by per-label client shares ~ Dirichlet(α) (common::SplitByLabelShares), each
+// client holding at least `min_records`.
+absl::StatusOr<std::vector<std::vector<Record>>> SplitPool(const std::vector<Record>& pool,
+                                                           int clients, double alpha,
+                                                           size_t min_records, uint64_t seed) {
   std::vector<std::string> labels;
   for (const Record& r : pool) labels.push_back(r.label);
   ASSIGN_OR_RETURN(const std::vector<std::vector<size_t>> indices,
@@ -127,8 +127,7 @@ absl::StatusOr<Split> SplitFor(const ExperimentSpec& s, const ExperimentData& da
     for (const auto& file : data.train) pool.insert(pool.end(), file.begin(), file.end());
     if (s.synthetic)
       pool.resize(std::min(pool.size(), static_cast<size_t>(clients) * s.synthetic_records));
-    ASSIGN_OR_RETURN(parts,
-                     DirichletSplit(pool, clients, alpha, static_cast<size_t>(s.batch), seed));
+    ASSIGN_OR_RETURN(parts, SplitPool(pool, clients, alpha, static_cast<size_t>(s.batch), seed));
   }
   fs::create_directories(dir);
   std::vector<Record> pooled;

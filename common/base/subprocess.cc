@@ -106,7 +106,7 @@ std::string ExitStatus::ToString() const {
 absl::StatusOr<Subprocess> Subprocess::Start(const std::vector<std::string>& argv,
                                              const SubprocessOptions& options) {
   if (argv.empty() || argv[0].empty())
-    return absl::InvalidArgumentError("a program to run: the argv is empty");
+    return absl::InvalidArgumentError("expected a program to run, got an empty argv");
   Fd out, err;
   if (absl::Status s = OpenOutput(options.stdout_file, options.append, out); !s.ok()) return s;
   if (absl::Status s = OpenOutput(options.stderr_file, options.append, err); !s.ok()) return s;
