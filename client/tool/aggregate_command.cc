@@ -1,4 +1,5 @@
-// fedlora aggregate --method M --out DIR [--weights w1,w2,...] [--lambda L] IN_DIR...
+#include "client/tool/aggregate_command.h"
+
 #include <spdlog/spdlog.h>
 
 #include <chrono>
@@ -10,36 +11,21 @@
 
 #include "client/tool/commands.h"
 #include "common/aggregation/aggregate.h"
+#include "common/base/status_macros.h"
 #include "common/tensor/peft.h"
 
 namespace fedlora::tool {
-namespace {
 
-namespace fs = std::filesystem;
 using common::Adapter;
 
-struct AggregateArgs {
-  std::string method;
-  std::string out;
-  std::vector<std::string> inputs;
-  std::vector<double> weights;
-  common::LoraFairOptions lora_fair;
-  std::string dtype = "f32";
-  bool force = false;
-  bool json = false;
-};
-
-void Run(const AggregateArgs& args) {
+absl::Status Run(const AggregateCommandOptions& args) {
   const auto start = std::chrono::steady_clock::now();
-  auto method = common::ParseMethod(args.method);
-  ExitIfError(method.status());
-  auto dtype = common::ParseDType(args.dtype);
-  ExitIfError(dtype.status());
+  ASSIGN_OR_RETURN(const common::Method method, common::ParseMethod(args.method));
+  ASSIGN_OR_RETURN(const common::DType dtype, common::ParseDType(args.dtype));
   std::vector<Adapter> clients;
   for (const std::string& dir : args.inputs) {
-    auto adapter = common::ReadPeftAdapter(dir);
-    ExitIfError(adapter.status());
-    clients.push_back(*std::move(adapter));
+    ASSIGN_OR_RETURN(Adapter adapter, common::ReadPeftAdapter(dir));
+    clients.push_back(std::move(adapter));
   }
   for (const Adapter& c : clients) {
     if (c.base_model != clients[0].base_model) {
@@ -47,12 +33,12 @@ void Run(const AggregateArgs& args) {
                    clients[0].source, clients[0].base_model);
     }
   }
-  common::AggregateOptions options{*method, args.lora_fair};
+  common::AggregateOptions options{method, args.lora_fair};
   auto result = common::Aggregate(clients, args.weights, options);
-  ExitIfError(result.status());
+  if (!result.ok()) return result.status();
   const double aggregate_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  ExitIfError(common::WritePeftAdapter(result->adapter, args.out, {*dtype, args.force}));
+  RETURN_IF_ERROR(common::WritePeftAdapter(result->adapter, args.out, {dtype, args.force}));
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
@@ -68,7 +54,7 @@ void Run(const AggregateArgs& args) {
                           {"rank", m.rank},
                           {"target_norm", m.target_norm},
                           {"relative_error", m.relative_error}};
-    if (*method == common::Method::kLoraFair) {
+    if (method == common::Method::kLoraFair) {
       const auto& f = m.lora_fair;
       max_objective = std::max(max_objective, f.objective);
       max_fedit = std::max(max_fedit, f.fedit_objective);
@@ -89,7 +75,7 @@ void Run(const AggregateArgs& args) {
   std::printf(
       "  aggregation error |dW - dW*|/|dW*|: max %.3e over modules (dW* = sum_k p_k s_k B_k A_k)\n",
       max_error);
-  if (*method == common::Method::kLoraFair) {
+  if (method == common::Method::kLoraFair) {
     std::printf(
         "  lora-fair objective: max %.9f (FedIT's %.9f), lambda %g, %d/%zu modules converged, "
         "max %d iterations, max gradient norm %.2e\n",
@@ -105,14 +91,13 @@ void Run(const AggregateArgs& args) {
                               {"aggregate_seconds", aggregate_seconds},
                               {"max_relative_error", max_error},
                               {"modules", modules}};
-    std::printf("%s\n", summary.dump().c_str());
+    PrintJsonLine(summary);
   }
+  return absl::OkStatus();
 }
 
-}  // namespace
-
 void AddAggregateCommand(CLI::App& app) {
-  auto args = std::make_shared<AggregateArgs>();
+  auto args = std::make_shared<AggregateCommandOptions>();
   CLI::App* cmd =
       app.add_subcommand("aggregate", "Aggregate PEFT LoRA adapters into one adapter directory");
   cmd->add_option("--method", args->method, "fedit | flora | lora-fair | fed-sb")->required();
@@ -137,7 +122,7 @@ void AddAggregateCommand(CLI::App& app) {
   cmd->add_flag("--force", args->force, "replace --out if it exists");
   cmd->add_flag("--json", args->json, "end with a JSON line holding the per-module report");
   cmd->add_option("inputs", args->inputs, "PEFT adapter directories, one per client")->required();
-  cmd->callback([args] { Run(*args); });
+  cmd->callback([args] { ExitIfError(Run(*args)); });
 }
 
 }  // namespace fedlora::tool

@@ -1,10 +1,11 @@
-// The experiment's results: the tidy CSV, the Markdown report (mean ± sample standard deviation
-// over seeds) and the plots, drawn by gnuplot from Debian's archive.
+#include "client/tool/experiment_report.h"
+
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
 
-#include "client/tool/experiment.h"
+#include "client/tool/experiment_processes.h"
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
@@ -80,11 +81,11 @@ std::map<int, MeanSd> Series(const Group& g, Fn value) {
 
 std::string Quote(const std::string& file) { return "'" + file + "'"; }
 
-}  // namespace
-
-absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector<ResultRow>& rows,
-                                   const fs::path& out) {
-  // The CSV: every value as the coordinator wrote it (17 significant digits).
+// The CSVs: every value as the coordinator wrote it (17 significant digits); accuracy per task
+// tidy too, one row per cell × round × task (results_by_task.csv, written when there are tasks).
+// Returns the tasks.
+absl::StatusOr<std::set<std::string>> WriteCsvs(const std::vector<ResultRow>& rows,
+                                                const fs::path& out) {
   std::string csv =
       "cell,kind,seed,clients,split,alpha,dp_noise_multiplier,client_ranks,site,round,eval_loss,"
       "eval_accuracy,"
@@ -103,7 +104,6 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
                        Exact(r.round_seconds), Exact(r.wall_seconds));
   }
   RETURN_IF_ERROR(common::WriteFileAtomically(out / "results.csv", csv));
-  // Accuracy per task, tidy too: one row per cell × round × task.
   std::set<std::string> tasks;
   std::string by_task = "cell,round,task,eval_accuracy\n";
   for (const ResultRow& r : rows)
@@ -113,10 +113,13 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
     }
   if (!tasks.empty())
     RETURN_IF_ERROR(common::WriteFileAtomically(out / "results_by_task.csv", by_task));
+  return tasks;
+}
 
+// The rows grouped into the report's lines, in the order they first appear, with their series.
+std::vector<Group> Groups(const ExperimentSpec& spec, const std::vector<ResultRow>& rows) {
   std::vector<Group> groups;
   std::map<std::string, size_t> index;
-  bool accuracy = false;
   for (const ResultRow& r : rows) {
     const std::string label = GroupLabel(spec, r.cell);
     auto [it, added] = index.emplace(label, groups.size());
@@ -124,7 +127,6 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
       groups.push_back(
           {.label = label, .baseline = r.cell.kind == "centralised" || r.cell.kind == "local"});
     groups[it->second].by_seed[r.cell.seed][r.round].push_back(&r);
-    accuracy |= r.eval_accuracy.has_value();
   }
   for (Group& g : groups) {
     g.loss = Series(g, [](const ResultRow& r) { return r.eval_loss; });
@@ -132,8 +134,13 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
     g.mb = Series(g, [](const ResultRow& r) { return r.cumulative_bytes / (1024.0 * 1024.0); });
     g.epsilon = Series(g, [](const ResultRow& r) { return r.epsilon.value_or(0); });
   }
+  return groups;
+}
 
-  // The report.
+// The report's text before the plots: the setting, the table of the last round, and accuracy per
+// task when there are tasks.
+std::string ReportText(const ExperimentSpec& spec, const std::vector<Group>& groups,
+                       const std::set<std::string>& tasks, bool accuracy) {
   std::string md = StrCat("# Experiment ", spec.name, "\n\n");
   md +=
       StrCat("Model: ", spec.preset.empty() ? spec.model_dir.string() : "preset " + spec.preset,
@@ -157,38 +164,29 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
                       g.baseline ? "–" : fmt::format("{:.3f}", mb.at(last).mean),
                       eps.at(last).mean > 0 ? Show(eps.at(last), 2) : "–");
   }
-
-  if (!tasks.empty()) {
-    md += "\nAccuracy per task after the last round (results_by_task.csv):\n\n| run |";
-    for (const std::string& t : tasks) md += " " + t + " |";
-    md += "\n|---|";
-    for (size_t i = 0; i < tasks.size(); ++i) md += "---|";
-    md += "\n";
-    for (const Group& g : groups) {
-      md += "| " + g.label + " |";
-      for (const std::string& t : tasks) {
-        const auto acc = Series(g, [&](const ResultRow& r) {
-          const auto it = r.accuracy_by_task.find(t);
-          return it == r.accuracy_by_task.end() ? 0.0 : it->second;
-        });
-        md += " " + Show(acc.at(last), 4) + " |";
-      }
-      md += "\n";
+  if (tasks.empty()) return md;
+  md += "\nAccuracy per task after the last round (results_by_task.csv):\n\n| run |";
+  for (const std::string& t : tasks) md += " " + t + " |";
+  md += "\n|---|";
+  for (size_t i = 0; i < tasks.size(); ++i) md += "---|";
+  md += "\n";
+  for (const Group& g : groups) {
+    md += "| " + g.label + " |";
+    for (const std::string& t : tasks) {
+      const auto acc = Series(g, [&](const ResultRow& r) {
+        const auto it = r.accuracy_by_task.find(t);
+        return it == r.accuracy_by_task.end() ? 0.0 : it->second;
+      });
+      md += " " + Show(acc.at(last), 4) + " |";
     }
+    md += "\n";
   }
+  return md;
+}
 
-  // The plots' data: per group, per round.
-  const fs::path plots = out / "plots";
-  fs::create_directories(plots);
-  for (size_t i = 0; i < groups.size(); ++i) {
-    const auto &loss = groups[i].loss, &acc = groups[i].accuracy, &mb = groups[i].mb;
-    std::string dat = "# round loss_mean loss_sd accuracy_mean accuracy_sd mb_per_client\n";
-    for (const auto& [round, l] : loss)
-      dat +=
-          fmt::format("{} {} {} {} {} {}\n", round, Exact(l.mean), Exact(l.sd),
-                      Exact(acc.at(round).mean), Exact(acc.at(round).sd), Exact(mb.at(round).mean));
-    RETURN_IF_ERROR(common::WriteFileAtomically(plots / StrCat("group-", i, ".dat"), dat));
-  }
+// The gnuplot script drawing plots/<file>.tmp for each plot, whose names are added to `made`.
+std::string PlotScript(const std::vector<Group>& groups, bool accuracy,
+                       std::vector<std::string>& made) {
   auto curves = [&](const char* file, const char* ylabel, int mean, int sd) {
     std::string gp = StrCat("set output ", Quote(std::string(file) + ".tmp"),
                             "\nset xlabel 'round'\nset ylabel '", ylabel, "'\nplot ");
@@ -205,40 +203,70 @@ absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector
       "set terminal svg size 900,520 dynamic enhanced font 'sans,12' background rgb 'white'\n"
       "set key outside right\nset grid\nset xtics 1\n";
   gp += curves("loss.svg", "held-out loss (mean ± sd over seeds)", 2, 3);
-  std::vector<std::string> made = {"loss.svg"};
-  if (accuracy) {
-    gp += curves("accuracy.svg", "held-out accuracy (mean ± sd over seeds)", 4, 5);
-    gp += StrCat("set output ", Quote("accuracy_vs_bytes.svg.tmp"),
-                 "\nset xtics auto\nset logscale x\nset xlabel 'MB per client (up + down), "
-                 "cumulative'\nset ylabel 'held-out accuracy'\nplot ");
-    bool first = true;
-    for (size_t i = 0; i < groups.size(); ++i) {
-      if (groups[i].baseline) continue;
-      gp += StrCat(first ? "" : ", \\\n     ", Quote(StrCat("group-", i, ".dat")),
-                   " using 6:4:5 with yerrorlines lc ", i + 1, " lw 2 pt ", i + 1, " title '",
-                   groups[i].label, "'");
-      first = false;
-    }
-    gp += "\nunset logscale x\n";
-    made.push_back("accuracy.svg");
-    made.push_back("accuracy_vs_bytes.svg");
+  made.push_back("loss.svg");
+  if (!accuracy) return gp;
+  gp += curves("accuracy.svg", "held-out accuracy (mean ± sd over seeds)", 4, 5);
+  gp += StrCat("set output ", Quote("accuracy_vs_bytes.svg.tmp"),
+               "\nset xtics auto\nset logscale x\nset xlabel 'MB per client (up + down), "
+               "cumulative'\nset ylabel 'held-out accuracy'\nplot ");
+  bool first = true;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    if (groups[i].baseline) continue;
+    gp += StrCat(first ? "" : ", \\\n     ", Quote(StrCat("group-", i, ".dat")),
+                 " using 6:4:5 with yerrorlines lc ", i + 1, " lw 2 pt ", i + 1, " title '",
+                 groups[i].label, "'");
+    first = false;
   }
-  RETURN_IF_ERROR(common::WriteFileAtomically(plots / "plots.gp", gp));
+  gp += "\nunset logscale x\n";
+  made.push_back("accuracy.svg");
+  made.push_back("accuracy_vs_bytes.svg");
+  return gp;
+}
+
+// The plots' data (per group, per round) and script in out/plots, and the plots when gnuplot
+// draws them; returns the report's lines that show them (or say why there are none).
+absl::StatusOr<std::string> WritePlots(const std::vector<Group>& groups, bool accuracy,
+                                       const fs::path& out) {
+  const fs::path plots = out / "plots";
+  fs::create_directories(plots);
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const auto &loss = groups[i].loss, &acc = groups[i].accuracy, &mb = groups[i].mb;
+    std::string dat = "# round loss_mean loss_sd accuracy_mean accuracy_sd mb_per_client\n";
+    for (const auto& [round, l] : loss)
+      dat +=
+          fmt::format("{} {} {} {} {} {}\n", round, Exact(l.mean), Exact(l.sd),
+                      Exact(acc.at(round).mean), Exact(acc.at(round).sd), Exact(mb.at(round).mean));
+    RETURN_IF_ERROR(common::WriteFileAtomically(plots / StrCat("group-", i, ".dat"), dat));
+  }
+  std::vector<std::string> made;
+  RETURN_IF_ERROR(
+      common::WriteFileAtomically(plots / "plots.gp", PlotScript(groups, accuracy, made)));
   // In plots/, which the script's file names are relative to.
   const absl::Status drawn =
       RunToEnd({"gnuplot", "plots.gp"}, fs::absolute(plots / "gnuplot.log"), plots);
-  if (drawn.ok()) {
-    md += "\n";
-    for (const std::string& f : made) {
-      fs::rename(plots / (f + ".tmp"), plots / f);
-      md += StrCat("![", f, "](plots/", f, ")\n");
-    }
-  } else {
-    md +=
+  if (!drawn.ok())
+    return std::string(
         "\nNo plots: gnuplot failed or is not installed (apt-get install gnuplot-nox); "
-        "plots/plots.gp draws them.\n";
+        "plots/plots.gp draws them.\n");
+  std::string md = "\n";
+  for (const std::string& f : made) {
+    fs::rename(plots / (f + ".tmp"), plots / f);
+    md += StrCat("![", f, "](plots/", f, ")\n");
   }
-  return common::WriteFileAtomically(out / "report.md", md);
+  return md;
+}
+
+}  // namespace
+
+absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector<ResultRow>& rows,
+                                   const fs::path& out) {
+  ASSIGN_OR_RETURN(const std::set<std::string> tasks, WriteCsvs(rows, out));
+  const std::vector<Group> groups = Groups(spec, rows);
+  const bool accuracy = std::any_of(rows.begin(), rows.end(),
+                                    [](const ResultRow& r) { return r.eval_accuracy.has_value(); });
+  std::string md = ReportText(spec, groups, tasks, accuracy);
+  ASSIGN_OR_RETURN(const std::string plots, WritePlots(groups, accuracy, out));
+  return common::WriteFileAtomically(out / "report.md", md + plots);
 }
 
 }  // namespace fedlora::tool

@@ -18,6 +18,8 @@ void ExitIfError(const absl::Status& status) {
   throw CLI::RuntimeError(1);
 }
 
+void PrintJsonLine(const nlohmann::json& j) { std::printf("%s\n", j.dump().c_str()); }
+
 }  // namespace fedlora::tool
 
 int main(int argc, char** argv) {
@@ -26,12 +28,18 @@ int main(int argc, char** argv) {
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
   CLI::App app{"fedlora: federated LoRA fine-tuning, offline tools"};
   app.require_subcommand(1);
+  // In the order `fedlora --help` has always listed them.
   fedlora::tool::AddAggregateCommand(app);
   fedlora::tool::AddInspectCommand(app);
   fedlora::tool::AddPrivacyCommand(app);
   fedlora::tool::AddSummaryCommand(app);
   fedlora::tool::AddRandomAdapterCommand(app);
-  fedlora::tool::AddLlmCommands(app);
+  fedlora::tool::AddMakeDataCommand(app);
+  fedlora::tool::AddMergeCommand(app);
+  fedlora::tool::AddEvalCommand(app);
+  fedlora::tool::AddGenerateCommand(app);
+  fedlora::tool::AddTrainCommand(app);
+  fedlora::tool::AddInitModelCommand(app);
   fedlora::tool::AddTokenizeCommand(app);
   fedlora::tool::AddExportGgufCommand(app);
   fedlora::tool::AddExperimentCommand(app);

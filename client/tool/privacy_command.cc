@@ -1,78 +1,58 @@
-// fedlora privacy — the RDP accountant of the sampled Gaussian mechanism
-// (common/privacy/privacy_accountant.h):
-// clang-format off
-//   --noise-multiplier Z --sample-rate Q --steps T --delta D   → ε and the best order
-//   --epsilon E --sample-rate Q --steps T --delta D            → the smallest noise multiplier that meets E
-// clang-format on
+#include "client/tool/privacy_command.h"
+
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
 #include "client/tool/commands.h"
+#include "common/base/status_macros.h"
 #include "common/privacy/privacy_accountant.h"
 
 namespace fedlora::tool {
-namespace {
 
-struct PrivacyArgs {
-  double noise_multiplier = -1;
-  double epsilon = -1;
-  double sample_rate = -1;
-  double steps = -1;
-  double delta = 1e-5;
-  bool json = false;
-};
-
-void Run(const PrivacyArgs& a) {
+absl::Status Run(const PrivacyCommandOptions& a) {
   if ((a.noise_multiplier < 0) == (a.epsilon < 0)) {
-    ExitIfError(
-        absl::InvalidArgumentError("give exactly one of --noise-multiplier (to get epsilon) or "
-                                   "--epsilon (to get the noise multiplier)"));
+    return absl::InvalidArgumentError(
+        "give exactly one of --noise-multiplier (to get epsilon) or "
+        "--epsilon (to get the noise multiplier)");
   }
   if (a.noise_multiplier >= 0) {
-    auto spent = common::EpsilonFor(a.sample_rate, a.noise_multiplier, a.steps, a.delta);
-    ExitIfError(spent.status());
+    ASSIGN_OR_RETURN(const common::PrivacySpent spent,
+                     common::EpsilonFor(a.sample_rate, a.noise_multiplier, a.steps, a.delta));
     std::printf(
         "epsilon %.6f at delta %g (best RDP order %g) for %g steps, sample rate %g, noise "
         "multiplier %g\n",
-        spent->epsilon, a.delta, spent->order, a.steps, a.sample_rate, a.noise_multiplier);
-    if (a.json) {
-      std::printf("%s\n", nlohmann::json({{"epsilon", spent->epsilon},
-                                          {"order", spent->order},
-                                          {"delta", a.delta},
-                                          {"noise_multiplier", a.noise_multiplier},
-                                          {"sample_rate", a.sample_rate},
-                                          {"steps", a.steps}})
-                              .dump()
-                              .c_str());
-    }
-    return;
+        spent.epsilon, a.delta, spent.order, a.steps, a.sample_rate, a.noise_multiplier);
+    if (a.json)
+      PrintJsonLine({{"epsilon", spent.epsilon},
+                     {"order", spent.order},
+                     {"delta", a.delta},
+                     {"noise_multiplier", a.noise_multiplier},
+                     {"sample_rate", a.sample_rate},
+                     {"steps", a.steps}});
+    return absl::OkStatus();
   }
-  auto sigma = common::NoiseMultiplierFor(a.epsilon, a.sample_rate, a.steps, a.delta);
-  ExitIfError(sigma.status());
-  auto spent = common::EpsilonFor(a.sample_rate, *sigma, a.steps, a.delta);
-  ExitIfError(spent.status());
+  ASSIGN_OR_RETURN(const double sigma,
+                   common::NoiseMultiplierFor(a.epsilon, a.sample_rate, a.steps, a.delta));
+  ASSIGN_OR_RETURN(const common::PrivacySpent spent,
+                   common::EpsilonFor(a.sample_rate, sigma, a.steps, a.delta));
   std::printf(
       "noise multiplier %.6f meets epsilon %g at delta %g (spends %.6f, best RDP order %g) for %g "
       "steps, "
       "sample rate %g\n",
-      *sigma, a.epsilon, a.delta, spent->epsilon, spent->order, a.steps, a.sample_rate);
-  if (a.json) {
-    std::printf("%s\n", nlohmann::json({{"noise_multiplier", *sigma},
-                                        {"epsilon", spent->epsilon},
-                                        {"target_epsilon", a.epsilon},
-                                        {"order", spent->order},
-                                        {"delta", a.delta},
-                                        {"sample_rate", a.sample_rate},
-                                        {"steps", a.steps}})
-                            .dump()
-                            .c_str());
-  }
+      sigma, a.epsilon, a.delta, spent.epsilon, spent.order, a.steps, a.sample_rate);
+  if (a.json)
+    PrintJsonLine({{"noise_multiplier", sigma},
+                   {"epsilon", spent.epsilon},
+                   {"target_epsilon", a.epsilon},
+                   {"order", spent.order},
+                   {"delta", a.delta},
+                   {"sample_rate", a.sample_rate},
+                   {"steps", a.steps}});
+  return absl::OkStatus();
 }
 
-}  // namespace
-
 void AddPrivacyCommand(CLI::App& app) {
-  auto args = std::make_shared<PrivacyArgs>();
+  auto args = std::make_shared<PrivacyCommandOptions>();
   CLI::App* cmd = app.add_subcommand(
       "privacy",
       "Privacy budget of DP-SGD / DP-FedAvg (RDP accountant of the sampled Gaussian mechanism)");
@@ -90,7 +70,7 @@ void AddPrivacyCommand(CLI::App& app) {
   cmd->add_option("--delta", args->delta, "delta")->capture_default_str();
   cmd->add_flag("--json", args->json,
                 "end with a JSON line (epsilon, order, noise_multiplier, ...)");
-  cmd->callback([args] { Run(*args); });
+  cmd->callback([args] { ExitIfError(Run(*args)); });
 }
 
 }  // namespace fedlora::tool

@@ -1,6 +1,5 @@
-// fedlora random-adapter — writes a PEFT adapter with random factors, shaped like a Llama-family
-// model's attention and MLP projections, for trying out and benchmarking aggregation without
-// training anything.
+#include "client/tool/random_adapter_command.h"
+
 #include <cmath>
 #include <optional>
 #include <random>
@@ -8,45 +7,23 @@
 #include <vector>
 
 #include "client/tool/commands.h"
+#include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/llm/llama_config.h"
 #include "common/tensor/peft.h"
 
 namespace fedlora::tool {
-namespace {
 
-struct RandomAdapterArgs {
-  std::string out;
-  int layers = 2;
-  std::vector<std::string> targets = {"q_proj", "v_proj"};
-  int in_features = 64;
-  int out_features = 64;
-  int rank = 8;
-  double alpha = 16;
-  bool rslora = false;
-  bool lora_sb = false;
-  uint64_t seed = 1;
-  uint64_t frozen_seed = 0;
-  std::string base_model;
-  std::string dtype = "f32";
-  std::string model;  // shapes (layers, in and out features of each target) from its config.json
-  float b_std = 0.02f;
-};
-
-void Run(const RandomAdapterArgs& args) {
-  auto dtype = common::ParseDType(args.dtype);
-  ExitIfError(dtype.status());
+absl::Status Run(const RandomAdapterCommandOptions& args) {
+  ASSIGN_OR_RETURN(const common::DType dtype, common::ParseDType(args.dtype));
   std::vector<common::LinearKind> kinds;
   for (const std::string& t : args.targets) {
-    auto kind = common::ParseLinearKind(t);
-    ExitIfError(kind.status());
-    kinds.push_back(*kind);
+    ASSIGN_OR_RETURN(const common::LinearKind kind, common::ParseLinearKind(t));
+    kinds.push_back(kind);
   }
   std::optional<common::LlamaConfig> config;
   if (!args.model.empty()) {
-    auto read = common::ReadLlamaConfig(args.model);
-    ExitIfError(read.status());
-    config = *read;
+    ASSIGN_OR_RETURN(config, common::ReadLlamaConfig(args.model));
   }
   std::vector<common::ModuleShape> shapes;
   for (int layer = 0; layer < (config ? config->num_hidden_layers : args.layers); ++layer) {
@@ -62,7 +39,7 @@ void Run(const RandomAdapterArgs& args) {
     }
   }
   auto adapter = common::Adapter::Create(shapes);
-  ExitIfError(adapter.status());
+  if (!adapter.ok()) return adapter.status();
   adapter->base_model = args.base_model;
   // A ~ U(−1/√n, 1/√n) as PEFT's kaiming_uniform(a=√5) draws it; B ~ N(0, --b-std², 0.02 by
   // default) stands in for a trained B. For LoRA-SB, B and A come from --frozen-seed (shared by all
@@ -82,15 +59,14 @@ void Run(const RandomAdapterArgs& args) {
       for (float& x : adapter->B(i).reshaped()) x = normal(rng);
     }
   }
-  ExitIfError(common::WritePeftAdapter(*adapter, args.out, {*dtype, false}));
+  RETURN_IF_ERROR(common::WritePeftAdapter(*adapter, args.out, {dtype, false}));
   std::printf("wrote %s: %zu modules, rank %d\n", args.out.c_str(), adapter->num_modules(),
               args.rank);
+  return absl::OkStatus();
 }
 
-}  // namespace
-
 void AddRandomAdapterCommand(CLI::App& app) {
-  auto args = std::make_shared<RandomAdapterArgs>();
+  auto args = std::make_shared<RandomAdapterCommandOptions>();
   CLI::App* cmd = app.add_subcommand("random-adapter",
                                      "Write a PEFT adapter with random factors (for trying out "
                                      "and benchmarking aggregation)");
@@ -123,7 +99,7 @@ void AddRandomAdapterCommand(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--base-model", args->base_model, "base_model_name_or_path to record");
   cmd->add_option("--dtype", args->dtype, "f32 | f16 | bf16")->capture_default_str();
-  cmd->callback([args] { Run(*args); });
+  cmd->callback([args] { ExitIfError(Run(*args)); });
 }
 
 }  // namespace fedlora::tool

@@ -1,33 +1,28 @@
-// fedlora summary STATE_DIR... — one line per coordinator run, from its metrics.jsonl: the global
-// model's loss (held-out, when the coordinator evaluated one; else on the clients' data) at the
-// first and last round, the last mean training loss, bytes per client per round and wall time;
-// then, for runs with held-out loss, that loss round by round, and for private runs the ε spent.
+#include "client/tool/summary_command.h"
+
 #include <cstdio>
 #include <filesystem>
 
 #include "client/tool/commands.h"
 #include "common/base/file_util.h"
+#include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/run/records.h"
 
 namespace fedlora::tool {
-namespace {
 
-void Run(const std::vector<std::string>& dirs, const std::string& out) {
+absl::Status Run(const SummaryCommandOptions& o) {
   std::string by_round, accuracy, privacy;
   std::string table =
       common::StrCat(fmt::format("{:<10} {:>6} {:>22} {:>16} {:>18} {:>20} {:>9}\n", "method",
                                  "rounds", "global loss (first->last)", "last train loss",
                                  "bytes up/client/rd", "bytes down/client/rd", "wall s"));
-  for (const std::string& dir : dirs) {
+  for (const std::string& dir : o.dirs) {
     const std::filesystem::path file = std::filesystem::path(dir) / "metrics.jsonl";
     if (!std::filesystem::exists(file))
-      ExitIfError(absl::NotFoundError(common::StrCat("no metrics.jsonl in ", dir)));
-    absl::StatusOr<std::vector<common::MetricsLine>> lines = common::ReadMetrics(file);
-    ExitIfError(lines.status());
-    const std::vector<common::MetricsLine>& rounds = *lines;
-    if (rounds.empty())
-      ExitIfError(absl::NotFoundError(common::StrCat(dir, " has no closed round")));
+      return absl::NotFoundError(common::StrCat("no metrics.jsonl in ", dir));
+    ASSIGN_OR_RETURN(const std::vector<common::MetricsLine> rounds, common::ReadMetrics(file));
+    if (rounds.empty()) return absl::NotFoundError(common::StrCat(dir, " has no closed round"));
     double up = 0, down = 0, n = 0;
     for (const common::MetricsLine& r : rounds) {
       for (const auto& [id, b] : r.record.who.bytes_up) up += static_cast<double>(b), n += 1;
@@ -78,19 +73,17 @@ void Run(const std::vector<std::string>& dirs, const std::string& out) {
              accuracy;
   if (!privacy.empty()) table += "\nprivacy spent by the last round:\n" + privacy;
   std::fputs(table.c_str(), stdout);
-  if (!out.empty()) ExitIfError(common::WriteFileAtomically(out, table));
+  if (o.out.empty()) return absl::OkStatus();
+  return common::WriteFileAtomically(o.out, table);
 }
 
-}  // namespace
-
 void AddSummaryCommand(CLI::App& app) {
-  auto dirs = std::make_shared<std::vector<std::string>>();
-  auto out = std::make_shared<std::string>();
+  auto o = std::make_shared<SummaryCommandOptions>();
   CLI::App* cmd =
       app.add_subcommand("summary", "Summarise coordinator runs from their state directories");
-  cmd->add_option("dirs", *dirs, "fedlora-server --state-dir directories")->required();
-  cmd->add_option("--out", *out, "also write the table to this file");
-  cmd->callback([dirs, out] { Run(*dirs, *out); });
+  cmd->add_option("dirs", o->dirs, "fedlora-server --state-dir directories")->required();
+  cmd->add_option("--out", o->out, "also write the table to this file");
+  cmd->callback([o] { ExitIfError(Run(*o)); });
 }
 
 }  // namespace fedlora::tool

@@ -1,9 +1,7 @@
 #include "client/workloads/command_workload.h"
 
 #include <spdlog/spdlog.h>
-#include <sys/wait.h>
 
-#include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -11,6 +9,7 @@
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/base/subprocess.h"
 #include "common/net/wire.h"
 #include "common/tensor/peft.h"
 
@@ -69,16 +68,18 @@ absl::StatusOr<v1::TrainMetrics> CommandWorkload::Train(const v1::Task& task,
   RETURN_IF_ERROR(common::WriteFileAtomically(dir / "task.json", json.dump(2) + "\n"));
   const fs::path out = dir / "out";
   fs::create_directories(out, ec);
-  const std::string cmd = StrCat("export FEDLORA_START_DIR='", (dir / "start").string(),
-                                 "' FEDLORA_OUT_DIR='", out.string(), "' FEDLORA_TASK_JSON='",
-                                 (dir / "task.json").string(), "'; ", options_.command);
+  // The command is one argument of the shell; the paths travel in the environment, never inside
+  // the command's text, so any character in them is safe.
+  common::SubprocessOptions run;
+  run.environment = {{"FEDLORA_START_DIR", (dir / "start").string()},
+                     {"FEDLORA_OUT_DIR", out.string()},
+                     {"FEDLORA_TASK_JSON", (dir / "task.json").string()}};
   spdlog::info("round {}: running the training command", task.round());
-  const int status = std::system(cmd.c_str());
-  if (status != 0) {
+  ASSIGN_OR_RETURN(const common::ExitStatus exit,
+                   common::RunSubprocess({"/bin/sh", "-c", options_.command}, run));
+  if (!exit.ok())
     return absl::InternalError(
-        StrCat("the training command failed (", WIFEXITED(status) ? "exit code " : "status ",
-               WIFEXITED(status) ? WEXITSTATUS(status) : status, "): ", options_.command));
-  }
+        StrCat("the training command failed (", exit.ToString(), "): ", options_.command));
   // What the command wrote is read without following links (file_util.h, Symlinks).
   ASSIGN_OR_RETURN(common::Adapter trained,
                    common::ReadPeftAdapter(out, common::Symlinks::kRefuse));

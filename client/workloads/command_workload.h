@@ -6,9 +6,14 @@
 //              "modules", "deltas"}, where "deltas" lists, in order, the PEFT directories of every
 //              FLoRA round delta the base must hold merged (the program merges them into its copy
 //              of the base);
-// and runs the command through /bin/sh with FEDLORA_START_DIR, FEDLORA_OUT_DIR and
-// FEDLORA_TASK_JSON set. The program writes its trained PEFT adapter to $FEDLORA_OUT_DIR (same
-// modules and rank; for fed-sb only lora_R is taken) and $FEDLORA_OUT_DIR/metrics.json:
+// and runs the command as `/bin/sh -c COMMAND` (the command is one argument of the shell, as
+// given; its stdin, stdout and stderr are the client's) with these in its environment, the paths
+// never spliced into the command's text:
+//   FEDLORA_START_DIR  the start/ directory above
+//   FEDLORA_OUT_DIR    an empty directory for the trained adapter
+//   FEDLORA_TASK_JSON  the task.json above
+// The program writes its trained PEFT adapter to $FEDLORA_OUT_DIR (same modules and rank; for
+// fed-sb only lora_R is taken) and $FEDLORA_OUT_DIR/metrics.json:
 //   {"loss_before": x, "loss_after": y[, "num_examples": n]}
 // where n, when given, is the number of examples trained on this round: the update's aggregation
 // weight (otherwise the --examples the client joined with). A non-zero exit fails the task.
@@ -24,7 +29,7 @@
 namespace fedlora::client {
 
 struct CommandOptions {
-  std::string command;                  // run by /bin/sh -c
+  std::string command;                  // run by /bin/sh -c (required)
   std::string base_model_sha256;        // the site's base model fingerprint
   std::vector<v1::ModuleSpec> modules;  // its adaptable layers
   int64_t examples = 0;

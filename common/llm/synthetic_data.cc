@@ -72,21 +72,4 @@ nlohmann::json SyntheticRecord(int category, std::mt19937_64& rng) {
           {"category", SyntheticCategoryName(category)}};
 }
 
-std::vector<std::vector<double>> DirichletProportions(int clients, double alpha,
-                                                      std::mt19937_64& rng) {
-  std::gamma_distribution<double> gamma(alpha, 1.0);
-  std::vector<std::vector<double>> out(static_cast<size_t>(clients));
-  for (auto& p : out) {
-    double sum = 0;
-    for (int c = 0; c < kSyntheticCategories; ++c) sum += p.emplace_back(gamma(rng));
-    if (sum <= 0) {  // every draw underflowed (tiny α): all mass on one category
-      p.assign(kSyntheticCategories, 0.0);
-      p[rng() % kSyntheticCategories] = 1.0;
-      continue;
-    }
-    for (double& x : p) x /= sum;
-  }
-  return out;
-}
-
 }  // namespace fedlora::common

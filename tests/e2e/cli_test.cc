@@ -23,26 +23,29 @@ using ::testing::HasSubstr;
 namespace fs = std::filesystem;
 
 using Result = testing::CommandResult;
+using testing::Args;
+using testing::Argv;
 
-Result Fedlora(const std::string& args) {
-  return testing::RunCommand(std::string(FEDLORA_BIN_DIR) + "/fedlora " + args);
+Result Fedlora(const Args& args) {
+  return testing::RunProgram(Argv(std::string(FEDLORA_BIN_DIR) + "/fedlora", args));
 }
 
 class CliTest : public ::testing::Test {
  protected:
   std::string Dir(const std::string& name) const { return (scratch_ / name).string(); }
-  void RandomAdapter(const std::string& name, const std::string& args) {
-    Result r = Fedlora("random-adapter --out " + Dir(name) + " " + args);
+  void RandomAdapter(const std::string& name, const Args& args) {
+    Result r = Fedlora(Argv("random-adapter", "--out", Dir(name), args));
     ASSERT_EQ(r.exit_code, 0) << r.output;
   }
   // Asserts the command failed, said `message`, and left neither the output nor a temporary behind.
-  void ExpectRefused(const std::string& args, const std::string& message) {
+  void ExpectRefused(const Args& args, const std::string& message) {
     const auto before = Entries();
     Result r = Fedlora(args);
-    EXPECT_NE(r.exit_code, 0) << args;
-    EXPECT_THAT(r.output, HasSubstr(message)) << args;
-    EXPECT_THAT(r.output, HasSubstr("error: ")) << args;
-    EXPECT_EQ(Entries(), before) << args << ": the failed command left files behind";
+    const std::string line = testing::CommandLine(args);
+    EXPECT_NE(r.exit_code, 0) << line;
+    EXPECT_THAT(r.output, HasSubstr(message)) << line;
+    EXPECT_THAT(r.output, HasSubstr("error: ")) << line;
+    EXPECT_EQ(Entries(), before) << line << ": the failed command left files behind";
   }
   std::set<std::string> Entries() const {
     std::set<std::string> out;
@@ -53,22 +56,23 @@ class CliTest : public ::testing::Test {
 };
 
 TEST_F(CliTest, AggregatesMixedRanksAndScalingsExactlyAsTheFormulas) {
-  RandomAdapter("c0", "--rank 4 --alpha 8 --seed 1 --in-features 48 --out-features 40");
-  RandomAdapter(
-      "c1",
-      "--rank 8 --alpha 16 --rslora --seed 2 --in-features 48 --out-features 40 --dtype bf16");
-  RandomAdapter("c2", "--rank 2 --alpha 3 --seed 3 --in-features 48 --out-features 40 --dtype f16");
+  RandomAdapter("c0", {"--rank", "4", "--alpha", "8", "--seed", "1", "--in-features", "48",
+                       "--out-features", "40"});
+  RandomAdapter("c1", {"--rank", "8", "--alpha", "16", "--rslora", "--seed", "2", "--in-features",
+                       "48", "--out-features", "40", "--dtype", "bf16"});
+  RandomAdapter("c2", {"--rank", "2", "--alpha", "3", "--seed", "3", "--in-features", "48",
+                       "--out-features", "40", "--dtype", "f16"});
   std::vector<common::Adapter> in;
   for (const char* c : {"c0", "c1", "c2"}) in.push_back(*common::ReadPeftAdapter(Dir(c)));
   EXPECT_DOUBLE_EQ(in[1].module(0).scaling, 16 / std::sqrt(8.0));
   const std::vector<double> p = {1.0 / 6, 2.0 / 6, 3.0 / 6};
-  const std::string inputs = Dir("c0") + " " + Dir("c1") + " " + Dir("c2");
+  const Args inputs = {Dir("c0"), Dir("c1"), Dir("c2")};
 
   for (const char* method : {"fedit", "flora", "lora-fair"}) {
     const std::string out = Dir(std::string("out-") + method);
     // Weights are normalised: 10,20,30 is p = 1/6, 2/6, 3/6.
-    Result r = Fedlora(std::string("aggregate --method ") + method + " --weights 10,20,30 --out " +
-                       out + " " + inputs);
+    Result r = Fedlora(
+        Argv("aggregate", "--method", method, "--weights", "10,20,30", "--out", out, inputs));
     ASSERT_EQ(r.exit_code, 0) << r.output;
     auto g = common::ReadPeftAdapter(out);  // also checks that config r matches the tensors
     ASSERT_TRUE(g.ok()) << g.status();
@@ -100,10 +104,12 @@ TEST_F(CliTest, AggregatesMixedRanksAndScalingsExactlyAsTheFormulas) {
 // `--weights 1,2 a/ b/` once failed with "Could not convert: --weights = 1,2,a/": the list option
 // took the inputs after it. A comma-separated list option takes exactly one argument.
 TEST_F(CliTest, RegressionAListOptionDoesNotSwallowTheInputsAfterIt) {
-  RandomAdapter("a", "--rank 2 --alpha 4 --seed 1 --in-features 8 --out-features 6");
-  RandomAdapter("b", "--rank 2 --alpha 4 --seed 2 --in-features 8 --out-features 6");
-  Result r = Fedlora("aggregate --method fedit --out " + Dir("g") + " --weights 1,2 " + Dir("a") +
-                     " " + Dir("b"));
+  RandomAdapter("a", {"--rank", "2", "--alpha", "4", "--seed", "1", "--in-features", "8",
+                      "--out-features", "6"});
+  RandomAdapter("b", {"--rank", "2", "--alpha", "4", "--seed", "2", "--in-features", "8",
+                      "--out-features", "6"});
+  Result r = Fedlora({"aggregate", "--method", "fedit", "--out", Dir("g"), "--weights", "1,2",
+                      Dir("a"), Dir("b")});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const common::Adapter a = *common::ReadPeftAdapter(Dir("a"));
   const common::Adapter b = *common::ReadPeftAdapter(Dir("b"));
@@ -113,10 +119,12 @@ TEST_F(CliTest, RegressionAListOptionDoesNotSwallowTheInputsAfterIt) {
 }
 
 TEST_F(CliTest, FedSbAggregatesLoraSbAdapters) {
-  RandomAdapter("s0", "--lora-sb --rank 6 --alpha 6 --frozen-seed 5 --seed 1");
-  RandomAdapter("s1", "--lora-sb --rank 6 --alpha 3 --frozen-seed 5 --seed 2");
+  RandomAdapter("s0",
+                {"--lora-sb", "--rank", "6", "--alpha", "6", "--frozen-seed", "5", "--seed", "1"});
+  RandomAdapter("s1",
+                {"--lora-sb", "--rank", "6", "--alpha", "3", "--frozen-seed", "5", "--seed", "2"});
   Result r =
-      Fedlora("aggregate --method fed-sb --out " + Dir("out") + " " + Dir("s0") + " " + Dir("s1"));
+      Fedlora({"aggregate", "--method", "fed-sb", "--out", Dir("out"), Dir("s0"), Dir("s1")});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto s0 = common::ReadPeftAdapter(Dir("s0")), s1 = common::ReadPeftAdapter(Dir("s1"));
   auto g = common::ReadPeftAdapter(Dir("out"));
@@ -127,8 +135,9 @@ TEST_F(CliTest, FedSbAggregatesLoraSbAdapters) {
     EXPECT_LT(testing::RelativeDiff(testing::DenseDelta(*g, i), ideal), 1e-5);
   }
   // Different frozen B, A are refused.
-  RandomAdapter("s2", "--lora-sb --rank 6 --alpha 6 --frozen-seed 6 --seed 3");
-  ExpectRefused("aggregate --method fed-sb --out " + Dir("bad") + " " + Dir("s0") + " " + Dir("s2"),
+  RandomAdapter("s2",
+                {"--lora-sb", "--rank", "6", "--alpha", "6", "--frozen-seed", "6", "--seed", "3"});
+  ExpectRefused({"aggregate", "--method", "fed-sb", "--out", Dir("bad"), Dir("s0"), Dir("s2")},
                 "fed-sb needs the frozen B and A shared by all clients");
 }
 
@@ -144,12 +153,12 @@ void WriteRawAdapter(const fs::path& dir, const std::string& header, size_t data
 }
 
 TEST_F(CliTest, BadInputNeverProducesAnOutputAndSaysWhatIsWrong) {
-  RandomAdapter("good", "--rank 4 --seed 1");
-  RandomAdapter("good2", "--rank 4 --seed 2");
-  RandomAdapter("layers3", "--rank 4 --seed 3 --layers 3");
-  RandomAdapter("wide", "--rank 4 --seed 4 --in-features 80");
-  const std::string good = Dir("good") + " " + Dir("good2");
-  const std::string out = " --out " + Dir("out") + " ";
+  RandomAdapter("good", {"--rank", "4", "--seed", "1"});
+  RandomAdapter("good2", {"--rank", "4", "--seed", "2"});
+  RandomAdapter("layers3", {"--rank", "4", "--seed", "3", "--layers", "3"});
+  RandomAdapter("wide", {"--rank", "4", "--seed", "4", "--in-features", "80"});
+  const Args good = {Dir("good"), Dir("good2")};
+  const Args out = {"--out", Dir("out")};
 
   // NaN and Inf, written through the library like a diverged client would.
   auto nan = common::ReadPeftAdapter(Dir("good2"));
@@ -184,84 +193,87 @@ TEST_F(CliTest, BadInputNeverProducesAnOutputAndSaysWhatIsWrong) {
   fs::copy(Dir("good2"), Dir("noconfig"), fs::copy_options::recursive);
   fs::remove(Dir("noconfig") + "/" + common::kAdapterConfigFile);
 
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("layers3"),
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("layers3")),
                 "has module model.layers.2.self_attn.q_proj, which client 0");
-  ExpectRefused("aggregate --method flora" + out + Dir("layers3") + " " + good,
+  ExpectRefused(Argv("aggregate", "--method", "flora", out, Dir("layers3"), good),
                 "has no module model.layers.2");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("wide"),
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("wide")),
                 "adapts a 64x64 layer");
-  ExpectRefused("aggregate --method lora-fair" + out + good + " " + Dir("nan"),
+  ExpectRefused(Argv("aggregate", "--method", "lora-fair", out, good, Dir("nan")),
                 "lora_B holds a non-finite value (nan)");
-  ExpectRefused("aggregate --method flora" + out + good + " " + Dir("inf"),
+  ExpectRefused(Argv("aggregate", "--method", "flora", out, good, Dir("inf")),
                 "non-finite value (inf)");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("truncated"),
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("truncated")),
                 "offsets out of range");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("shortheader"),
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("shortheader")),
                 "the header length field exceeds");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("outofrange"),
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("outofrange")),
                 "offsets out of range");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("overlap"), "overlap");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("dtype"), "unknown dtype 'Q4'");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("noconfig"), "missing");
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("nothere"),
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("overlap")), "overlap");
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("dtype")),
+                "unknown dtype 'Q4'");
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("noconfig")), "missing");
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("nothere")),
                 "is not a directory");
-  ExpectRefused("aggregate --method fedavg" + out + good, "unknown method 'fedavg'");
+  ExpectRefused(Argv("aggregate", "--method", "fedavg", out, good), "unknown method 'fedavg'");
   // Regressions: lora_alpha 1e300 exited 0 with an all-inf adapter and an error of 0; finite
   // values near float's limit overflow in the sum and must not be written either.
   fs::copy(Dir("good2"), Dir("alpha"), fs::copy_options::recursive);
   std::ofstream(Dir("alpha") + "/" + common::kAdapterConfigFile)
       << R"({"peft_type":"LORA","r":4,"lora_alpha":1e300})";
-  ExpectRefused("aggregate --method fedit" + out + good + " " + Dir("alpha"),
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, good, Dir("alpha")),
                 "scaling 2.5e+299 is outside [-10000, 10000]");
   auto huge = common::ReadPeftAdapter(Dir("good2"));
   huge->B(0).setConstant(3e38f);
   ASSERT_TRUE(common::WritePeftAdapter(*huge, Dir("huge")).ok());
-  ExpectRefused("aggregate --method fedit" + out + Dir("huge") + " " + Dir("huge"),
+  ExpectRefused(Argv("aggregate", "--method", "fedit", out, Dir("huge"), Dir("huge")),
                 "the aggregate is not finite");
-  ExpectRefused("aggregate --method fedit --weights 1,2,3" + out + good,
+  ExpectRefused(Argv("aggregate", "--method", "fedit", "--weights", "1,2,3", out, good),
                 "3 weights given for 2 adapters");
-  ExpectRefused("aggregate --method fedit --out " + Dir("good2") + " " + good, "already exists");
-  ExpectRefused("aggregate --method fed-sb" + out + good, "has no lora_R");
+  ExpectRefused(Argv("aggregate", "--method", "fedit", "--out", Dir("good2"), good),
+                "already exists");
+  ExpectRefused(Argv("aggregate", "--method", "fed-sb", out, good), "has no lora_R");
 }
 
 TEST_F(CliTest, InspectShowsModulesAndWhatCanBeAggregated) {
-  RandomAdapter("x", "--rank 4 --alpha 8 --seed 1");
-  RandomAdapter("y", "--rank 8 --alpha 8 --seed 2");
-  Result r = Fedlora("inspect " + Dir("x") + " " + Dir("y"));
+  RandomAdapter("x", {"--rank", "4", "--alpha", "8", "--seed", "1"});
+  RandomAdapter("y", {"--rank", "8", "--alpha", "8", "--seed", "2"});
+  Result r = Fedlora({"inspect", Dir("x"), Dir("y")});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("model.layers.1.self_attn.v_proj"));
   EXPECT_THAT(r.output, HasSubstr("2.0000"));  // scaling 8/4
   EXPECT_THAT(r.output, HasSubstr("fedit      ok"));
   EXPECT_THAT(r.output, HasSubstr("fed-sb     no: "));
-  Result bad = Fedlora("inspect " + Dir("nothere"));
+  Result bad = Fedlora({"inspect", Dir("nothere")});
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_THAT(bad.output, HasSubstr("is not a directory"));
   // Regression: an adapter holding NaN was inspected with exit code 0.
   auto nan = common::ReadPeftAdapter(Dir("x"));
   nan->A(0)(0, 0) = NAN;
   ASSERT_TRUE(common::WritePeftAdapter(*nan, Dir("nan")).ok());
-  bad = Fedlora("inspect " + Dir("nan"));
+  bad = Fedlora({"inspect", Dir("nan")});
   EXPECT_NE(bad.exit_code, 0);
   EXPECT_THAT(bad.output, HasSubstr("lora_A holds a non-finite value (nan)"));
 }
 
 TEST_F(CliTest, PrivacyComputesEpsilonAndTheNoiseForATarget) {
   // The reference case of ALGORITHMS.md, through the program: ε = 7.32911117143 at order 3.9.
-  Result r =
-      Fedlora("privacy --noise-multiplier 1.5 --sample-rate 0.04 --steps 2250 --delta 1e-5 --json");
+  Result r = Fedlora({"privacy", "--noise-multiplier", "1.5", "--sample-rate", "0.04", "--steps",
+                      "2250", "--delta", "1e-5", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto j = testing::LastJsonLine(r.output);
   EXPECT_NEAR(j["epsilon"].get<double>(), 7.32911117143, 1e-9);
   EXPECT_DOUBLE_EQ(j["order"].get<double>(), 3.9);
-  r = Fedlora("privacy --epsilon 8 --sample-rate 0.04 --steps 2250 --delta 1e-5 --json");
+  r = Fedlora({"privacy", "--epsilon", "8", "--sample-rate", "0.04", "--steps", "2250", "--delta",
+               "1e-5", "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   j = testing::LastJsonLine(r.output);
   EXPECT_NEAR(j["noise_multiplier"].get<double>(), 1.416, 5e-4);
   EXPECT_LE(j["epsilon"].get<double>(), 8.0);
-  r = Fedlora("privacy --sample-rate 0.04 --steps 10");
+  r = Fedlora({"privacy", "--sample-rate", "0.04", "--steps", "10"});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.output, HasSubstr("give exactly one of --noise-multiplier"));
-  r = Fedlora("privacy --noise-multiplier 1 --sample-rate 2 --steps 10");
+  r = Fedlora({"privacy", "--noise-multiplier", "1", "--sample-rate", "2", "--steps", "10"});
   EXPECT_THAT(r.output, HasSubstr("sample rate is 2"));
 }
 
@@ -281,13 +293,13 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
   WriteRuleData(scratch_ / "train.jsonl", 0, 96);
   WriteRuleData(scratch_ / "test.jsonl", 1000, 24);
   Result r =
-      Fedlora("init-model --preset tiny --seed 3 --init-std 0.1 --merges 40 --tokenizer-corpus " +
-              Dir("train.jsonl") + " --out " + Dir("model"));
+      Fedlora({"init-model", "--preset", "tiny", "--seed", "3", "--init-std", "0.1", "--merges",
+               "40", "--tokenizer-corpus", Dir("train.jsonl"), "--out", Dir("model")});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})
     EXPECT_TRUE(fs::exists(scratch_ / "model" / f)) << f;
 
-  r = Fedlora("eval --model " + Dir("model") + " --data " + Dir("test.jsonl") + " --json");
+  r = Fedlora({"eval", "--model", Dir("model"), "--data", Dir("test.jsonl"), "--json"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const double base = testing::LastJsonLine(r.output)["loss"];
   const int64_t tokens = testing::LastJsonLine(r.output)["tokens"];
@@ -295,11 +307,10 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
   for (const std::string method : {"lora", "lora-sb"}) {
     SCOPED_TRACE(method);
     const std::string out = Dir("adapter-" + method);
-    r = Fedlora(
-        "train --model " + Dir("model") + " --data " + Dir("train.jsonl") + " --eval-data " +
-        Dir("test.jsonl") + " --out " + out + " --method " + method +
-        " --rank 4 --targets q_proj,v_proj,up_proj,down_proj --batch 8 --seq 256 --epochs 4 "
-        "--lr 1e-2 --json");
+    r = Fedlora(Argv("train", "--model", Dir("model"), "--data", Dir("train.jsonl"), "--eval-data",
+                     Dir("test.jsonl"), "--out", out, "--method", method, "--rank", "4",
+                     "--targets", "q_proj,v_proj,up_proj,down_proj", "--batch", "8", "--seq", "256",
+                     "--epochs", "4", "--lr", "1e-2", "--json"));
     ASSERT_EQ(r.exit_code, 0) << r.output;
     const nlohmann::json train = testing::LastJsonLine(r.output);
     EXPECT_GT(train["tokens_per_second"].get<double>(), 0);
@@ -310,28 +321,28 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
 
     // The written adapter gives the loss training measured, and folding its delta into the
     // weights gives the same loss again.
-    r = Fedlora("eval --model " + Dir("model") + " --adapter " + out + " --data " +
-                Dir("test.jsonl") + " --json");
+    r = Fedlora(Argv("eval", "--model", Dir("model"), "--adapter", out, "--data", Dir("test.jsonl"),
+                     "--json"));
     ASSERT_EQ(r.exit_code, 0) << r.output;
     // Equal up to float rounding (the products of a batch round differently with its padding).
     EXPECT_NEAR(testing::LastJsonLine(r.output)["loss"].get<double>(),
                 train["eval_loss"].get<double>(), 1e-6);
     EXPECT_EQ(testing::LastJsonLine(r.output)["tokens"], tokens);
-    r = Fedlora("merge --model " + Dir("model") + " --adapter " + out + " --out " +
-                Dir("merged-" + method));
+    r = Fedlora(
+        Argv("merge", "--model", Dir("model"), "--adapter", out, "--out", Dir("merged-" + method)));
     ASSERT_EQ(r.exit_code, 0) << r.output;
-    r = Fedlora("eval --model " + Dir("merged-" + method) + " --data " + Dir("test.jsonl") +
-                " --json");
+    r = Fedlora(
+        {"eval", "--model", Dir("merged-" + method), "--data", Dir("test.jsonl"), "--json"});
     ASSERT_EQ(r.exit_code, 0) << r.output;
     EXPECT_NEAR(testing::LastJsonLine(r.output)["loss"].get<double>(),
                 train["eval_loss"].get<double>(), 1e-5 * train["eval_loss"].get<double>());
   }
   // DP-SGD at a budget: the run spends (to the solver's precision) the ε asked for and still
   // learns.
-  r = Fedlora("train --model " + Dir("model") + " --data " + Dir("train.jsonl") + " --eval-data " +
-              Dir("test.jsonl") + " --out " + Dir("adapter-dp") +
-              " --rank 4 --targets q_proj,v_proj --batch 8 --seq 256 --steps 24 --lr 1e-2 "
-              "--target-epsilon 4 --dp-clip 1 --json");
+  r = Fedlora(Argv("train", "--model", Dir("model"), "--data", Dir("train.jsonl"), "--eval-data",
+                   Dir("test.jsonl"), "--out", Dir("adapter-dp"), "--rank", "4", "--targets",
+                   "q_proj,v_proj", "--batch", "8", "--seq", "256", "--steps", "24", "--lr", "1e-2",
+                   "--target-epsilon", "4", "--dp-clip", "1", "--json"));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const nlohmann::json dp = testing::LastJsonLine(r.output);
   EXPECT_LE(dp["epsilon"].get<double>(), 4.0);
@@ -345,19 +356,19 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
 
   // Refusals leave nothing behind and say what is wrong.
   std::ofstream(scratch_ / "bad.jsonl") << "{\"text\": \"fine\"}\n{\"prompt\": 1}\n";
-  ExpectRefused("eval --model " + Dir("model") + " --data " + Dir("bad.jsonl"),
+  ExpectRefused({"eval", "--model", Dir("model"), "--data", Dir("bad.jsonl")},
                 "bad.jsonl:2: expected");
-  RandomAdapter("other", "--layers 1 --rank 2 --in-features 32 --out-features 32");
-  ExpectRefused("eval --model " + Dir("model") + " --adapter " + Dir("other") + " --data " +
-                    Dir("test.jsonl"),
-                "another base model");
-  ExpectRefused("train --model " + Dir("model") + " --data " + Dir("train.jsonl") + " --out " +
-                    Dir("adapter-lora") + " --steps 1",
-                "exists");
+  RandomAdapter("other",
+                {"--layers", "1", "--rank", "2", "--in-features", "32", "--out-features", "32"});
   ExpectRefused(
-      "merge --model " + Dir("model") + " --adapter " + Dir("other") + " --out " + Dir("m2"),
+      {"eval", "--model", Dir("model"), "--adapter", Dir("other"), "--data", Dir("test.jsonl")},
       "another base model");
-  r = Fedlora("init-model --preset huge --out " + Dir("m3"));
+  ExpectRefused({"train", "--model", Dir("model"), "--data", Dir("train.jsonl"), "--out",
+                 Dir("adapter-lora"), "--steps", "1"},
+                "exists");
+  ExpectRefused({"merge", "--model", Dir("model"), "--adapter", Dir("other"), "--out", Dir("m2")},
+                "another base model");
+  r = Fedlora({"init-model", "--preset", "huge", "--out", Dir("m3")});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.output, HasSubstr("unknown preset \"huge\"; expected one of tiny, tiny-llama3"));
   EXPECT_FALSE(fs::exists(scratch_ / "m3"));
@@ -375,9 +386,9 @@ TEST_P(ModelFamilyTest, EvalMatchesFloat64ReferenceAndMergeKeepsTheArchitecture)
   const nlohmann::json expected = nlohmann::json::parse(in);
   // 16 positions: past llama-dynamic's max_position_embeddings of 10, as its records are.
   auto eval = [&](const std::string& model, const std::string& adapter) {
-    Result r =
-        Fedlora("eval --json --max-length 16 --model " + model + " --data " +
-                (dir / "data.jsonl").string() + (adapter.empty() ? "" : " --adapter ") + adapter);
+    Result r = Fedlora(Argv("eval", "--json", "--max-length", "16", "--model", model, "--data",
+                            (dir / "data.jsonl").string(),
+                            adapter.empty() ? Args{} : Args{"--adapter", adapter}));
     EXPECT_EQ(r.exit_code, 0) << r.output;
     return testing::LastJsonLine(r.output);
   };
@@ -389,8 +400,8 @@ TEST_P(ModelFamilyTest, EvalMatchesFloat64ReferenceAndMergeKeepsTheArchitecture)
     EXPECT_EQ(got["tokens"], expected[adapter]["tokens"]) << adapter;
     if (base) continue;
     const std::string merged = Dir(std::string("merged-") + adapter);
-    Result r = Fedlora("merge --model " + dir.string() + " --adapter " + (dir / adapter).string() +
-                       " --out " + merged);
+    Result r = Fedlora(
+        {"merge", "--model", dir.string(), "--adapter", (dir / adapter).string(), "--out", merged});
     ASSERT_EQ(r.exit_code, 0) << r.output;
     EXPECT_NEAR(eval(merged, "")["loss"].get<double>(), want, 1e-5 * want) << adapter << " merged";
   }
@@ -399,9 +410,9 @@ TEST_P(ModelFamilyTest, EvalMatchesFloat64ReferenceAndMergeKeepsTheArchitecture)
 // What a user checks before bringing a model: its architecture and LoRA targets, and its
 // tokenizer's ids for their texts.
 TEST_F(CliTest, InspectModelAndTokenize) {
-  Result r = Fedlora("init-model --preset tiny-qwen3 --out " + Dir("qwen3"));
+  Result r = Fedlora({"init-model", "--preset", "tiny-qwen3", "--out", Dir("qwen3")});
   ASSERT_EQ(r.exit_code, 0) << r.output;
-  r = Fedlora("inspect --model " + Dir("qwen3"));
+  r = Fedlora({"inspect", "--model", Dir("qwen3")});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("family: qwen3 (Qwen3ForCausalLM)"));
   EXPECT_THAT(r.output, HasSubstr("head_dim 32, full causal, RMSNorm on each head of q and k"));
@@ -412,19 +423,19 @@ TEST_F(CliTest, InspectModelAndTokenize) {
   EXPECT_THAT(r.output, HasSubstr("tokenizer: supported: BPE"));
   EXPECT_THAT(r.output, HasSubstr("llama.cpp (export-gguf): can be exported"));
   const fs::path fixtures = fs::path(FEDLORA_SOURCE_DIR) / "tests/fixtures/families";
-  r = Fedlora("inspect --model " + (fixtures / "llama3").string());
+  r = Fedlora({"inspect", "--model", (fixtures / "llama3").string()});
   EXPECT_THAT(r.output, HasSubstr("llama3 scaling (factor 8, low 1, high 4, original context 64)"));
   EXPECT_THAT(r.output, HasSubstr("tokenizer: none"));
-  r = Fedlora("inspect --model " + (fixtures / "qwen2").string());
+  r = Fedlora({"inspect", "--model", (fixtures / "qwen2").string()});
   EXPECT_THAT(r.output,
               HasSubstr("sliding window of 6 on layers 1, biases on q_proj, k_proj, v_proj"));
   std::ofstream(scratch_ / "gemma.json") << R"({"model_type": "gemma3_text"})";
   fs::create_directories(scratch_ / "gemma");
   fs::rename(scratch_ / "gemma.json", scratch_ / "gemma" / "config.json");
-  ExpectRefused("inspect --model " + Dir("gemma"), "Gemma scales the embeddings");
+  ExpectRefused({"inspect", "--model", Dir("gemma")}, "Gemma scales the embeddings");
 
   // tokenize: one JSON line per text; without --add-special no BOS/EOS.
-  r = Fedlora("tokenize --model " + Dir("qwen3") + " --text 'ab<|endoftext|>' --show-text");
+  r = Fedlora({"tokenize", "--model", Dir("qwen3"), "--text", "ab<|endoftext|>", "--show-text"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const auto line = nlohmann::json::parse(r.output);
   const std::vector<int> ids = line["ids"];
@@ -432,11 +443,11 @@ TEST_F(CliTest, InspectModelAndTokenize) {
   EXPECT_EQ(ids[0], 'a');
   EXPECT_EQ(line["text"], "ab<|endoftext|>");
   std::ofstream(scratch_ / "texts.jsonl") << "\"one\"\n\"two\"\n{\"text\": 3}\n";
-  r = Fedlora("tokenize --model " + Dir("qwen3") + " --input " + Dir("texts.jsonl"));
+  r = Fedlora({"tokenize", "--model", Dir("qwen3"), "--input", Dir("texts.jsonl")});
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.output, HasSubstr("{\"ids\":[111,110,101]}\n{\"ids\":[116,119,111]}"));
   EXPECT_THAT(r.output, HasSubstr("texts.jsonl:3: expected a JSON string"));
-  ExpectRefused("tokenize --model " + Dir("qwen3"), "tokenize needs --text or --input");
+  ExpectRefused({"tokenize", "--model", Dir("qwen3")}, "tokenize needs --text or --input");
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFamilyTest,
@@ -456,7 +467,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFamilyTest,
 // "answer2" and stops.
 TEST_F(CliTest, EvalAccuracyScoresAModelWhoseAnswersAreKnown) {
   const std::string model = Dir("model");
-  ASSERT_EQ(Fedlora("init-model --preset tiny --merges 0 --out " + model).exit_code, 0);
+  ASSERT_EQ(Fedlora({"init-model", "--preset", "tiny", "--merges", "0", "--out", model}).exit_code,
+            0);
   auto loaded = common::LoadModel(model);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   common::LlamaConfig c = loaded->weights.config();
@@ -512,8 +524,8 @@ TEST_F(CliTest, EvalAccuracyScoresAModelWhoseAnswersAreKnown) {
     out << R"({"instruction": "No answer here.", "output": "x"})"
         << "\n";
   }
-  Result r = Fedlora("eval --model " + model + " --data " + data +
-                     " --accuracy --json --responses " + Dir("responses.jsonl"));
+  Result r = Fedlora({"eval", "--model", model, "--data", data, "--accuracy", "--json",
+                      "--responses", Dir("responses.jsonl")});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   const auto summary = testing::LastJsonLine(r.output);
   EXPECT_EQ(summary["answered"], 5);
@@ -532,8 +544,9 @@ TEST_F(CliTest, EvalAccuracyScoresAModelWhoseAnswersAreKnown) {
 
   // generate --data gives the same responses, EOS included in the ids; sampling at a low
   // temperature cannot leave a chain whose logits differ by 10·√64.
-  for (const char* sampling : {"", " --temperature 0.5 --top-p 0.9 --seed 3"}) {
-    r = Fedlora("generate --model " + model + " --data " + data + " --json" + sampling);
+  for (const Args& sampling :
+       {Args{}, Args{"--temperature", "0.5", "--top-p", "0.9", "--seed", "3"}}) {
+    r = Fedlora(Argv("generate", "--model", model, "--data", data, "--json", sampling));
     ASSERT_EQ(r.exit_code, 0) << r.output;
     std::istringstream lines(r.output);
     int n = 0;
@@ -545,9 +558,9 @@ TEST_F(CliTest, EvalAccuracyScoresAModelWhoseAnswersAreKnown) {
     }
     EXPECT_EQ(n, 6);
   }
-  EXPECT_EQ(Fedlora("generate --model " + model).exit_code, 1);
+  EXPECT_EQ(Fedlora({"generate", "--model", model}).exit_code, 1);
   std::ofstream(Dir("empty.jsonl")).flush();
-  r = Fedlora("generate --model " + model + " --data " + Dir("empty.jsonl"));
+  r = Fedlora({"generate", "--model", model, "--data", Dir("empty.jsonl")});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.output, HasSubstr("empty.jsonl has no records"));
 }

@@ -24,8 +24,9 @@ using ::testing::HasSubstr;
 
 using Result = testing::CommandResult;
 
-Result Experiment(const std::string& args) {
-  return testing::RunCommand(std::string(FEDLORA_BIN_DIR) + "/fedlora experiment " + args);
+Result Experiment(const testing::Args& args) {
+  return testing::RunProgram(
+      testing::Argv(std::string(FEDLORA_BIN_DIR) + "/fedlora", "experiment", args));
 }
 
 using Row = std::map<std::string, std::string>;
@@ -60,7 +61,7 @@ TEST(ExperimentTest, QuickSpecRunsEndToEndAndItsReportIsTheCsvs) {
   testing::ScratchDir scratch;
   const fs::path out = scratch.path() / "quick";
   const std::string spec = std::string(FEDLORA_SOURCE_DIR) + "/experiments/quick.toml";
-  Result r = Experiment(spec + " --out " + out.string());
+  Result r = Experiment({spec, "--out", out.string()});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("[18/18]"));
   EXPECT_THAT(r.output, HasSubstr("18 of 18 cells"));
@@ -147,17 +148,17 @@ TEST(ExperimentTest, QuickSpecRunsEndToEndAndItsReportIsTheCsvs) {
 
   // A rerun runs nothing; a cell that did not finish is run again, alone.
   const std::string csv = testing::ReadText(out / "results.csv");
-  r = Experiment(spec + " --out " + out.string());
+  r = Experiment({spec, "--out", out.string()});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("(0 run now"));
   EXPECT_EQ(testing::ReadText(out / "results.csv"), csv);
   fs::remove(out / "cells" / "local_s2_k3_dirichlet0.5_site3" / "result.json");
-  r = Experiment(spec + " --out " + out.string());
+  r = Experiment({spec, "--out", out.string()});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("(1 run now"));
 
   // Nothing to report on is an error, not an empty report.
-  r = Experiment(spec + " --report-only --out " + (scratch.path() / "none").string());
+  r = Experiment({spec, "--report-only", "--out", (scratch.path() / "none").string()});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.output, HasSubstr("has no finished cell to report on"));
 
@@ -166,19 +167,19 @@ TEST(ExperimentTest, QuickSpecRunsEndToEndAndItsReportIsTheCsvs) {
   std::string text = testing::ReadText(spec);
   text.replace(text.find("learning_rate = 0.01"), 20, "learning_rate = 0.02");
   std::ofstream(changed) << text;
-  r = Experiment(changed.string() + " --out " + out.string());
+  r = Experiment({changed.string(), "--out", out.string()});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.output, HasSubstr("holds cells of other settings"));
   std::ofstream(changed) << "[grid]\nmethods = [\"fedavg\"]\n";
-  r = Experiment(changed.string());
+  r = Experiment({changed.string()});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.output, HasSubstr("[model] takes preset"));
   std::ofstream(changed) << "[model]\npreset = \"tiny\"\n[data]\nsynthetic = true\n[grid]\n"
                             "methods = [\"fedavg\"]\n";
-  r = Experiment(changed.string());
+  r = Experiment({changed.string()});
   EXPECT_THAT(r.output, HasSubstr("\"fedavg\" is not fedit, flora, lora-fair or fed-sb"));
   std::ofstream(changed) << "[model]\npreset = \"tiny\"\nrank = 4\n";
-  r = Experiment(changed.string());
+  r = Experiment({changed.string()});
   EXPECT_THAT(r.output, HasSubstr("[model] has no key \"rank\""));
 }
 

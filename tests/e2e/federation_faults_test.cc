@@ -173,11 +173,12 @@ TEST_F(FederationTest, StateDirectoryOnAFullDiskFinishesWithTheSameResultOnceSpa
   if (::geteuid() != 0) GTEST_SKIP() << "mounting a tmpfs needs root";
   const fs::path disk = dir_ / "disk";
   fs::create_directories(disk);
-  if (std::system(("mount -t tmpfs -o size=8m tmpfs " + disk.string() + " 2>/dev/null").c_str()))
+  if (testing::RunProgram({"mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", disk.string()})
+          .exit_code != 0)
     GTEST_SKIP() << "cannot mount a tmpfs here";
   struct Unmount {
     fs::path path;
-    ~Unmount() { std::system(("umount -l " + path.string()).c_str()); }
+    ~Unmount() { testing::RunProgram({"umount", "-l", path.string()}); }
   } unmount{disk};
   std::vector<std::vector<float>> finals;
   for (const std::string run : {"ample", "full"}) {
@@ -201,9 +202,9 @@ TEST_F(FederationTest, StateDirectoryOnAFullDiskFinishesWithTheSameResultOnceSpa
       ASSERT_EQ(statvfs(disk.c_str(), &fs_stat), 0);
       const int64_t free_pages =
           static_cast<int64_t>(fs_stat.f_bavail) * static_cast<int64_t>(fs_stat.f_frsize) / page;
-      std::system(fmt::format("dd if=/dev/zero of={} bs={} count={} 2>/dev/null",
-                              (disk / "filler").string(), page, free_pages - 3 * pages - 1)
-                      .c_str());
+      testing::RunProgram({"dd", "if=/dev/zero", "of=" + (disk / "filler").string(),
+                           fmt::format("bs={}", page),
+                           fmt::format("count={}", free_pages - 3 * pages - 1)});
       std::string log;
       for (int t = 0; t < 600 && log.find("No space left on device") == std::string::npos; ++t) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));

@@ -67,9 +67,9 @@ inline std::vector<std::string> WithFlags(const std::string& program,
 class FederationTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    const std::string cmd =
-        "bash " + kSource + "/deploy/make_certs.sh " + (dir_ / "certs").string() + " 4 > /dev/null";
-    ASSERT_EQ(std::system(cmd.c_str()), 0);
+    const CommandResult certs =
+        RunProgram({"bash", kSource + "/deploy/make_certs.sh", (dir_ / "certs").string(), "4"});
+    ASSERT_EQ(certs.exit_code, 0) << certs.output;
   }
   std::string Cert(const std::string& name) const { return (dir_ / "certs" / name).string(); }
 
@@ -208,15 +208,14 @@ inline std::vector<float> Tensors(const fs::path& file) {
 class LlmFixture : public FederationTest {
  protected:
   // Runs the offline tool; returns its last JSON line (null when it prints none).
-  nlohmann::json Fedlora(const std::string& args) {
-    const fs::path log = dir_ / "fedlora.log";
-    const std::string cmd = kBin + "/fedlora " + args + " > " + log.string() + " 2>&1";
-    EXPECT_EQ(std::system(cmd.c_str()), 0) << cmd << "\n" << ReadText(log);
-    return LastJsonLine(ReadText(log));
+  nlohmann::json Fedlora(const Args& args) {
+    const CommandResult r = RunProgram(Argv(kBin + "/fedlora", args));
+    EXPECT_EQ(r.exit_code, 0) << CommandLine(args) << "\n" << r.output;
+    return LastJsonLine(r.output);
   }
   double EvalLoss(const fs::path& model) {
-    return Fedlora("eval --model " + model.string() + " --data " +
-                   (dir_ / "data" / "test.jsonl").string() + " --json")["loss"];
+    return Fedlora({"eval", "--model", model.string(), "--data",
+                    (dir_ / "data" / "test.jsonl").string(), "--json"})["loss"];
   }
   void FineTune(const std::string& method, const std::string& preset, const std::string& targets);
 };

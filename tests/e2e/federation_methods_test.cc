@@ -198,11 +198,10 @@ TEST_P(ClientLevelDp, RoundsAreTheClippedNoisedMeanAndStopAtTheTargetEpsilon) {
   // The standardised leftover has mean square 1 (5-sigma bounds: χ²_n/n ~ N(1, 2/n)).
   EXPECT_LT(std::abs(sq / n - 1), 5 * std::sqrt(2 / n)) << "n = " << n;
   // The operator's summary says what was spent.
-  const std::string summary = (dir_ / "summary.txt").string();
-  ASSERT_EQ(std::system(
-                (kBin + "/fedlora summary " + (dir_ / "state").string() + " > " + summary).c_str()),
-            0);
-  EXPECT_THAT(testing::ReadText(summary),
+  const testing::CommandResult summary =
+      testing::RunProgram({kBin + "/fedlora", "summary", (dir_ / "state").string()});
+  ASSERT_EQ(summary.exit_code, 0) << summary.output;
+  EXPECT_THAT(summary.output,
               HasSubstr(fmt::format("client-level epsilon {:.4f} at delta 1e-05", epsilon(2))));
 }
 

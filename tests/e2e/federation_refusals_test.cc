@@ -41,10 +41,11 @@ TEST_F(FederationTest, RefusesWhoShouldNotBeLetIn) {
     sign -out expired.pem -startdate 20200101000000Z -enddate 20210101000000Z
     sign -out future.pem -startdate 20990101000000Z -enddate 21000101000000Z
 )";
-  ASSERT_EQ(std::system(("bash " + kSource + "/deploy/make_certs.sh " + other +
-                         " 1 > /dev/null && bash " + (dir_ / "dated.sh").string())
-                            .c_str()),
-            0);
+  for (const testing::Args& script : {testing::Args{kSource + "/deploy/make_certs.sh", other, "1"},
+                                      testing::Args{(dir_ / "dated.sh").string()}}) {
+    const testing::CommandResult made = testing::RunProgram(testing::Argv("bash", script));
+    ASSERT_EQ(made.exit_code, 0) << made.output;
+  }
   auto client = [&](const std::string& tag, std::vector<std::string> args) {
     std::vector<std::string> argv = {kBin + "/fedlora-client", "--coordinator",
                                      "localhost:" + port_};

@@ -11,10 +11,10 @@ namespace testing {
 void LlmFixture::FineTune(const std::string& method, const std::string& preset,
                           const std::string& targets) {
   const fs::path data = dir_ / "data", model = dir_ / "model";
-  Fedlora("make-data --out " + data.string() +
-          " --clients 3 --records 48 --test-records 24 --alpha 0.5 --seed 1");
-  Fedlora("init-model --preset " + preset + " --seed 2 --init-std 0.1 --merges 60 " +
-          "--tokenizer-corpus " + (data / "client-1.jsonl").string() + " --out " + model.string());
+  Fedlora({"make-data", "--out", data.string(), "--clients", "3", "--records", "48",
+           "--test-records", "24", "--alpha", "0.5", "--seed", "1"});
+  Fedlora({"init-model", "--preset", preset, "--seed", "2", "--init-std", "0.1", "--merges", "60",
+           "--tokenizer-corpus", (data / "client-1.jsonl").string(), "--out", model.string()});
   const double base_loss = EvalLoss(model);
 
   RunFederation(
@@ -45,8 +45,8 @@ void LlmFixture::FineTune(const std::string& method, const std::string& preset,
   // The merged weights' logits differ from base + adapter in the last bits, which could flip one
   // near-tied argmax: one record of the 24 is the tolerance.
   const auto scored =
-      Fedlora("eval --accuracy --max-new-tokens 8 --model " + (exported / "merged").string() +
-              " --data " + (data / "test.jsonl").string() + " --json");
+      Fedlora({"eval", "--accuracy", "--max-new-tokens", "8", "--model",
+               (exported / "merged").string(), "--data", (data / "test.jsonl").string(), "--json"});
   ASSERT_EQ(scored["answered"], 24);
   for (const auto& m : metrics) {
     ASSERT_TRUE(m.contains("eval_accuracy")) << m.dump();
@@ -69,13 +69,13 @@ void LlmFixture::FineTune(const std::string& method, const std::string& preset,
   // weights add each round's delta in turn, so they differ from a merge of the stacked adapter in
   // the last bits: its model file is left out.
   const std::string global = (exported / "global").string();
-  Fedlora("export-gguf --lora --model " + model.string() + " --adapter " + global + " --out " +
-          (dir_ / "adapter.gguf").string());
+  Fedlora({"export-gguf", "--lora", "--model", model.string(), "--adapter", global, "--out",
+           (dir_ / "adapter.gguf").string()});
   EXPECT_EQ(testing::ReadText(exported / "gguf" / "adapter.gguf"),
             testing::ReadText(dir_ / "adapter.gguf"));
   if (method != "flora") {
-    Fedlora("export-gguf --dtype f32 --model " + model.string() + " --adapter " + global +
-            " --out " + (dir_ / "model.gguf").string());
+    Fedlora({"export-gguf", "--dtype", "f32", "--model", model.string(), "--adapter", global,
+             "--out", (dir_ / "model.gguf").string()});
     EXPECT_EQ(testing::ReadText(exported / "gguf" / "model.gguf"),
               testing::ReadText(dir_ / "model.gguf"));
   }
@@ -91,8 +91,9 @@ using namespace fedlora::testing;  // the fixture
 // nothing, reported as 0: the coordinator refuses to start instead, saying what to raise.
 TEST_F(LlmFixture, HeldOutDataWithNoTargetWithinTheLengthIsRefusedAtStart) {
   const fs::path data = dir_ / "data", model = dir_ / "model";
-  Fedlora("make-data --out " + data.string() + " --clients 1 --records 8 --test-records 6");
-  Fedlora("init-model --preset tiny --out " + model.string());
+  Fedlora({"make-data", "--out", data.string(), "--clients", "1", "--records", "8",
+           "--test-records", "6"});
+  Fedlora({"init-model", "--preset", "tiny", "--out", model.string()});
   const pid_t pid = Track(
       testing::Start({kBin + "/fedlora-server", "--method", "fedit", "--insecure", "--state-dir",
                       (dir_ / "state").string(), "--base-model-dir", model.string(), "--eval-data",
@@ -149,9 +150,10 @@ INSTANTIATE_TEST_SUITE_P(
 // round, and a client whose next round would pass its target declines it and leaves.
 TEST_F(LlmFixture, DpSgdClientsReportEpsilonAndStopAtTheirTarget) {
   const fs::path data = dir_ / "data", model = dir_ / "model";
-  Fedlora("make-data --out " + data.string() +
-          " --clients 3 --records 48 --test-records 12 --alpha 0.5 --seed 1");
-  Fedlora("init-model --preset tiny --seed 2 --init-std 0.1 --out " + model.string());
+  Fedlora({"make-data", "--out", data.string(), "--clients", "3", "--records", "48",
+           "--test-records", "12", "--alpha", "0.5", "--seed", "1"});
+  Fedlora({"init-model", "--preset", "tiny", "--seed", "2", "--init-std", "0.1", "--out",
+           model.string()});
   const double q = 8.0 / 48, sigma = 1.0, delta = 1e-5;
   const double eps1 = common::EpsilonFor(q, sigma, 6, delta)->epsilon;
   const double eps2 = common::EpsilonFor(q, sigma, 12, delta)->epsilon;

@@ -15,10 +15,11 @@ using namespace fedlora::testing;  // the fixture
 class Reproducible : public LlmFixture {
  protected:
   void MakeModelAndData() {
-    Fedlora("make-data --out " + (dir_ / "data").string() +
-            " --clients 3 --records 32 --test-records 48 --alpha 0.5 --seed 1");
-    Fedlora("init-model --preset tiny --seed 2 --init-std 0.1 --merges 60 --tokenizer-corpus " +
-            (dir_ / "data" / "client-1.jsonl").string() + " --out " + (dir_ / "model").string());
+    Fedlora({"make-data", "--out", (dir_ / "data").string(), "--clients", "3", "--records", "32",
+             "--test-records", "48", "--alpha", "0.5", "--seed", "1"});
+    Fedlora({"init-model", "--preset", "tiny", "--seed", "2", "--init-std", "0.1", "--merges", "60",
+             "--tokenizer-corpus", (dir_ / "data" / "client-1.jsonl").string(), "--out",
+             (dir_ / "model").string()});
   }
   std::vector<std::string> LlmServer(const std::string& method) const {
     return {"--rounds",

@@ -5,8 +5,10 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <fstream>
 
+#include "common/base/file_util.h"
 #include "common/tensor/peft.h"
 #include "tests/test_util.h"
 
@@ -20,26 +22,31 @@ class CommandWorkloadTest : public ::testing::Test {
   // A "trainer" that hands back its start adapter (or what `adapter` writes), writes `metrics` as
   // its metrics.json, then runs `after`.
   CommandWorkload WithMetrics(const std::string& metrics, const std::string& adapter = "",
-                              const std::string& after = "true") {
+                              const std::string& after = "true",
+                              const std::string& work_dir = "work") {
     CommandOptions o;
     o.command = (adapter.empty() ? "cp \"$FEDLORA_START_DIR\"/* \"$FEDLORA_OUT_DIR\"/" : adapter) +
                 " && echo '" + metrics + "' > \"$FEDLORA_OUT_DIR/metrics.json\" && " + after;
     o.base_model_sha256 = std::string(64, 'c');
     o.modules = *ParseModuleList("m.q_proj:6:5");
     o.examples = 40;
-    o.work_dir = dir_ / "work";
+    o.work_dir = dir_ / work_dir;
     return CommandWorkload(o);
   }
   absl::StatusOr<v1::TrainMetrics> Train(CommandWorkload& w) {
+    common::Adapter adapter = Start();
+    return w.Train(Task(w), adapter);
+  }
+  v1::Task Task(const CommandWorkload& w) {
     v1::Task task;
     task.set_round(1);
     task.set_method(v1::METHOD_FEDIT);
     task.mutable_settings()->set_rank(2);
     task.mutable_settings()->set_local_steps(3);
     *task.add_modules() = w.modules()[0];
-    common::Adapter adapter = testing::RandomAdapter({{"m.q_proj", 2, 6, 5}}, 1);
-    return w.Train(task, adapter);
+    return task;
   }
+  common::Adapter Start() { return testing::RandomAdapter({{"m.q_proj", 2, 6, 5}}, 1); }
   testing::ScratchDir dir_;
 };
 
@@ -111,6 +118,42 @@ TEST_F(CommandWorkloadTest, RegressionLinksInTheOutputAreNotFollowed) {
     EXPECT_THAT(m.status().message(), HasSubstr(std::string(name) + " is a symbolic link"));
     EXPECT_THAT(m.status().message(), ::testing::Not(HasSubstr("SECRET")));
   }
+}
+
+// Regression: the paths were spliced into the shell command between single quotes, so a work
+// directory with a quote in its name broke the command. They travel in the environment now; the
+// command sees them byte for byte.
+TEST_F(CommandWorkloadTest, RegressionAWorkDirWithAQuoteAndASpaceWorks) {
+  const std::string work = "it's a \"work\" dir $HOME";
+  const std::string check =
+      "test -f \"$FEDLORA_TASK_JSON\" && grep -q '\"round\": 1' \"$FEDLORA_TASK_JSON\" && "
+      "printf '%s\\n%s\\n%s\\n' \"$FEDLORA_START_DIR\" \"$FEDLORA_OUT_DIR\" \"$FEDLORA_TASK_JSON\" "
+      "> "
+      "\"$FEDLORA_OUT_DIR/../paths.txt\"";
+  CommandWorkload w = WithMetrics(R"({"loss_before": 2, "loss_after": 1})", "", check, work);
+  common::Adapter adapter = Start();
+  const common::Adapter start = adapter;
+  auto m = w.Train(Task(w), adapter);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->loss_after(), 1);
+  const std::filesystem::path round = dir_ / work / "round-1";
+  EXPECT_EQ(common::ReadFileToString(round / "paths.txt").value_or(""),
+            (round / "start").string() + "\n" + (round / "out").string() + "\n" +
+                (round / "task.json").string() + "\n");
+  // The "trainer" handed back its start adapter: that is what the round trained.
+  EXPECT_TRUE(std::ranges::equal(adapter.values(), start.values()));
+}
+
+TEST_F(CommandWorkloadTest, AFailingCommandSaysHowItEnded) {
+  CommandWorkload exits = WithMetrics(R"({"loss_before": 2, "loss_after": 1})", "", "exit 3");
+  auto m = Train(exits);
+  ASSERT_FALSE(m.ok());
+  EXPECT_THAT(m.status().message(), HasSubstr("the training command failed (exit code 3)"));
+  CommandWorkload killed =
+      WithMetrics(R"({"loss_before": 2, "loss_after": 1})", "", "kill -KILL $$");
+  m = Train(killed);
+  ASSERT_FALSE(m.ok());
+  EXPECT_THAT(m.status().message(), HasSubstr("the training command failed (signal 9"));
 }
 
 }  // namespace

@@ -1,13 +1,13 @@
-// `fedlora experiment SPEC`: a grid of real federations (a coordinator and N client processes on
-// loopback over mutual TLS) and their baselines, from a TOML spec to a tidy CSV, a Markdown report
-// and plots. The spec's format is in experiments/README.md; experiments/quick.toml is an example.
-#ifndef FEDLORA_CLIENT_TOOL_EXPERIMENT_H_
-#define FEDLORA_CLIENT_TOOL_EXPERIMENT_H_
+// The spec of `fedlora experiment` (experiment_command.h): a TOML file naming the model, the data
+// and its partition, the grid of federations and their training settings, and the baselines. Its
+// format is in experiments/README.md; experiments/quick.toml is an example. And the grid's cells:
+// one federation (or baseline) each.
+#ifndef FEDLORA_CLIENT_TOOL_EXPERIMENT_SPEC_H_
+#define FEDLORA_CLIENT_TOOL_EXPERIMENT_SPEC_H_
 
 #include <cstdint>
 #include <filesystem>
 #include <map>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,8 +36,8 @@ struct ExperimentSpec {
   int merges = 200;
 
   // [data]: synthetic records (`fedlora make-data`'s six categories), or JSONL files of a
-  // directory. Partition: "dirichlet" over label_field (per label, client shares ~ Dir(α)), or
-  // "per-file" (client k holds train file k).
+  // directory. Partition: "dirichlet" over label_field (per-label client shares ~ Dir(α),
+  // common/base/partition.h), or "per-file" (client k holds train file k).
   bool synthetic = false;
   int synthetic_records = 120;  // per client
   int synthetic_test_records = 60;
@@ -92,7 +92,7 @@ struct Cell {
   std::string kind;
   uint64_t seed = 0;
   int clients = 0;
-  std::string split;  // "dirichlet-0.5" or "per-file"
+  std::string split;  // "dirichlet0.5" or "per-file"
   double alpha = 0;
   double dp_noise = 0;
   std::vector<int> client_ranks;  // flora: each client's rank; empty: the method's rank for all
@@ -101,30 +101,11 @@ struct Cell {
   std::string id() const;
 };
 
-// One CSV row: a cell after a round.
-struct ResultRow {
-  Cell cell;
-  int round = 0;
-  double eval_loss = 0;
-  std::optional<double> eval_accuracy;
-  std::map<std::string, double> accuracy_by_task;  // when the held-out records name tasks
-  double bytes_up = 0, bytes_down = 0;             // this round, mean per client that took part
-  double cumulative_bytes = 0;    // up + down per client since the start (Fed-SB's init too)
-  std::optional<double> epsilon;  // client-level DP's ε, or the largest DP-SGD ε
-  double round_seconds = 0, wall_seconds = 0;
-};
-
-// Runs a program (found on PATH unless the name has a slash) to its end, in `cwd` when given,
-// stdout and stderr into `log`; an exit other than 0 is an error quoting the log's end.
-absl::Status RunToEnd(const std::vector<std::string>& argv, const std::filesystem::path& log,
-                      const std::filesystem::path& cwd = {});
-
-// Writes results.csv, results_by_task.csv (when the held-out records name tasks), report.md and
-// (with gnuplot) loss.svg, accuracy.svg and
-// accuracy_vs_bytes.svg into `out`, each atomically.
-absl::Status WriteExperimentReport(const ExperimentSpec& spec, const std::vector<ResultRow>& rows,
-                                   const std::filesystem::path& out);
+// The grid's cells in the order they run: per seed, clients and alpha, every method at every DP
+// noise (flora without DP: the coordinator needs each client's own factors to stack them), the
+// FLoRA rank patterns, then the baselines.
+std::vector<Cell> GridCells(const ExperimentSpec& spec);
 
 }  // namespace fedlora::tool
 
-#endif  // FEDLORA_CLIENT_TOOL_EXPERIMENT_H_
+#endif  // FEDLORA_CLIENT_TOOL_EXPERIMENT_SPEC_H_
