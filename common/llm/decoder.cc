@@ -1,7 +1,5 @@
 #include "common/llm/decoder.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -24,7 +22,7 @@ class Decoder::Impl {
         shape_{c_.num_attention_heads, c_.num_key_value_heads, c_.head_dim} {}
 
   absl::Status Init() {
-    openblas_set_num_threads(1);  // OpenBLAS's threads would change the products' bits (llama.h)
+    UseOneBlasThread();
     if (max_seq_ < 1 || max_seq_ > c_.max_position_embeddings)
       return absl::InvalidArgumentError(StrCat("a decoder of ", max_seq_,
                                                " positions; the model takes 1 to ",

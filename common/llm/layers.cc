@@ -1,13 +1,21 @@
 #include "common/llm/layers.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 
 #include "common/base/status_macros.h"
 #include "common/tensor/eigen_types.h"
 #include "common/tensor/gemm.h"
 
 namespace fedlora::common {
+
+void UseOneBlasThread() {
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });
+}
 
 // Products split their rows into blocks of kRowBlock; one that fits in a block (a decoding step,
 // a short batch) splits its output columns instead, so that it still spreads over the threads.

@@ -17,6 +17,11 @@
 
 namespace fedlora::common {
 
+// Sets OpenBLAS to one thread for the process, once (the first runner or decoder does): the pool
+// splits every product itself, in blocks that do not depend on the thread count, while OpenBLAS's
+// own split would change the products' bits with its number of threads.
+void UseOneBlasThread();
+
 // Y (+)= alpha·X·Wᵀ.  X [rows, n], W [m, n], Y [rows, m].
 void MatMulNT(ThreadPool& pool, const float* x, const float* w, float* y, int64_t rows, int64_t n,
               int64_t m, float alpha, bool accumulate);

@@ -1,7 +1,5 @@
 // LlamaRunner (llama.h): a batch of sequences through the model, forward and backward, on the
 // layers of layers.h, in one workspace allocated when the runner is created.
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 
@@ -139,9 +137,7 @@ class LlamaRunner::Impl {
 };
 
 absl::Status LlamaRunner::Impl::Init() {
-  // One OpenBLAS thread per call: the pool splits every product itself, in blocks that do not
-  // depend on the thread count; OpenBLAS's own split would (its results change with its threads).
-  openblas_set_num_threads(1);
+  UseOneBlasThread();
   if (opt_.max_batch <= 0 || opt_.max_seq <= 1)
     return absl::InvalidArgumentError(StrCat("batch must be ≥ 1 and sequence length ≥ 2, got ",
                                              opt_.max_batch, " and ", opt_.max_seq));
