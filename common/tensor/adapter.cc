@@ -27,8 +27,9 @@ absl::Status CheckModuleName(std::string_view name) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<Adapter> Adapter::Create(const std::vector<ModuleShape>& modules) {
+absl::StatusOr<Adapter> Adapter::Create(const std::vector<ModuleShape>& modules, Adapter reuse) {
   Adapter adapter;
+  adapter.buffer_ = std::move(reuse.buffer_);
   std::set<std::string_view> names;
   size_t offset = 0;
   for (const ModuleShape& shape : modules) {

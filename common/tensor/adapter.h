@@ -55,8 +55,11 @@ class Adapter {
   Adapter() = default;
 
   // Lays the modules out in one zero-filled buffer. Names must be valid (CheckModuleName) and
-  // unique, every dimension in [1, kMaxFeatures].
-  static absl::StatusOr<Adapter> Create(const std::vector<ModuleShape>& modules);
+  // unique, every dimension in [1, kMaxFeatures]. The buffer is `reuse`'s where it is large enough:
+  // a loop that decodes many adapters of one shape in turn then allocates (and the kernel zeroes
+  // fresh pages) once, not once per adapter.
+  static absl::StatusOr<Adapter> Create(const std::vector<ModuleShape>& modules,
+                                        Adapter reuse = {});
 
   size_t num_modules() const { return modules_.size(); }
   const std::vector<LoraModule>& modules() const { return modules_; }

@@ -126,18 +126,21 @@ absl::StatusOr<std::vector<MatrixD>> DecodeMatrices(std::string_view bytes,
   return out;
 }
 
-absl::StatusOr<Adapter> DecodeAdapter(std::string_view bytes, const std::string& origin) {
+absl::StatusOr<Adapter> DecodeAdapter(std::string_view bytes, const std::string& origin,
+                                      Adapter reuse) {
   ASSIGN_OR_RETURN(SafetensorsView view, SafetensorsView::Parse(Bytes(bytes), origin));
   ASSIGN_OR_RETURN(nlohmann::json scalings, Scalings(view, origin));
   return AdapterFromSafetensors(
-      view, origin, [&](const ModuleShape& s) { return ScalingOf(scalings, s.name, origin); });
+      view, origin, [&](const ModuleShape& s) { return ScalingOf(scalings, s.name, origin); },
+      std::move(reuse));
 }
 
 absl::StatusOr<Adapter> DecodeROnto(std::string_view bytes, const std::string& origin,
-                                    const Adapter& frozen) {
+                                    const Adapter& frozen, Adapter reuse) {
   ASSIGN_OR_RETURN(SafetensorsView view, SafetensorsView::Parse(Bytes(bytes), origin));
   ASSIGN_OR_RETURN(nlohmann::json scalings, Scalings(view, origin));
-  Adapter out = frozen;
+  Adapter out = std::move(reuse);
+  out = frozen;  // copied into `reuse`'s buffer where it is large enough
   out.source = origin;
   std::set<std::string> seen;
   for (const TensorInfo& t : view.tensors()) {

@@ -26,14 +26,16 @@ bool IsSha256Hex(std::string_view s);
 std::string EncodeAdapter(const Adapter& adapter, AdapterParts parts = AdapterParts::kAll);
 
 // A blob holding A and B (and R where present), validated as any safetensors file; the scalings
-// come from the metadata (1 when absent). `origin` names the blob in errors.
-absl::StatusOr<Adapter> DecodeAdapter(std::string_view bytes, const std::string& origin);
+// come from the metadata (1 when absent). `origin` names the blob in errors. Both decoders take
+// `reuse`'s memory for the result where it is large enough (Adapter::Create).
+absl::StatusOr<Adapter> DecodeAdapter(std::string_view bytes, const std::string& origin,
+                                      Adapter reuse = {});
 
 // A Fed-SB update (R only) put onto the shared frozen B and A of `frozen`: the result is `frozen`
 // with the blob's R and scaling. The blob must hold exactly one [r, r] lora_R per module of
 // `frozen`.
 absl::StatusOr<Adapter> DecodeROnto(std::string_view bytes, const std::string& origin,
-                                    const Adapter& frozen);
+                                    const Adapter& frozen, Adapter reuse = {});
 
 // Named matrices as safetensors bytes (f32, one [rows, cols] tensor per name, in order): the
 // products and bases of Fed-SB's initialisation.

@@ -213,7 +213,7 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const fs::path& dir, Symlinks symlinks) 
 
 absl::StatusOr<Adapter> AdapterFromSafetensors(
     const SafetensorsView& view, const std::string& origin,
-    const std::function<absl::StatusOr<double>(const ModuleShape&)>& scaling) {
+    const std::function<absl::StatusOr<double>(const ModuleShape&)>& scaling, Adapter reuse) {
   // Group tensors by module; the module order is the file's data order of each module's first
   // tensor.
   struct Parts {
@@ -281,7 +281,7 @@ absl::StatusOr<Adapter> AdapterFromSafetensors(
     ASSIGN_OR_RETURN(shape.scaling, scaling(shape));
     shapes.push_back(std::move(shape));
   }
-  ASSIGN_OR_RETURN(Adapter adapter, Adapter::Create(shapes));
+  ASSIGN_OR_RETURN(Adapter adapter, Adapter::Create(shapes, std::move(reuse)));
   adapter.source = origin;
   for (size_t i = 0; i < order.size(); ++i) {
     const Parts& p = parts[order[i]];

@@ -38,10 +38,10 @@ absl::StatusOr<Adapter> ReadPeftAdapter(const std::filesystem::path& dir,
 
 // The adapter held by safetensors tensors named as PEFT names them; `scaling` gives each module's
 // scaling (and may refuse the module). `origin` names the bytes in errors. Used for PEFT files and
-// for fedlora's wire blobs.
+// for fedlora's wire blobs. The result takes `reuse`'s memory (Adapter::Create).
 absl::StatusOr<Adapter> AdapterFromSafetensors(
     const SafetensorsView& view, const std::string& origin,
-    const std::function<absl::StatusOr<double>(const ModuleShape&)>& scaling);
+    const std::function<absl::StatusOr<double>(const ModuleShape&)>& scaling, Adapter reuse = {});
 
 enum class AdapterParts { kAll, kROnly };
 // The adapter's tensors under their PEFT names (views into its buffer): A, B and R, or only R (a

@@ -36,9 +36,8 @@ class PrivateMean final : public Accumulator {
     const bool lora_fair = o.method == Method::kLoraFair;
     common::ClientDpRound round(start_, state_.clip, expected_);
     std::vector<Adapter> held;  // lora-fair's correction needs every client's factors
-    RETURN_IF_ERROR(FoldInOrder<Adapter>(
-        updates, [&](const AcceptedUpdate& u) { return source.Update(u); },
-        [&](const AcceptedUpdate&, Adapter& update) -> absl::Status {
+    RETURN_IF_ERROR(
+        FoldUpdates(updates, source, [&](const AcceptedUpdate&, Adapter& update) -> absl::Status {
           RETURN_IF_ERROR(round.Add(update).status());
           if (lora_fair) held.push_back(std::move(update));
           return absl::OkStatus();
@@ -95,9 +94,8 @@ class PrivateSketch final : public Accumulator {
                                         const UpdateSource& source) override {
     RoundOutput out;
     out.sums = ZeroSums(shapes_);
-    RETURN_IF_ERROR(FoldInOrder<std::vector<common::MatrixD>>(
-        updates, [&](const AcceptedUpdate& u) { return source.Products(u); },
-        [&](const AcceptedUpdate&, std::vector<common::MatrixD>& products) {
+    RETURN_IF_ERROR(FoldProducts(
+        updates, source, [&](const AcceptedUpdate&, std::vector<common::MatrixD>& products) {
           double norm_sq = 0;
           for (const common::MatrixD& p : products) norm_sq += p.squaredNorm();
           if (!(norm_sq > 0)) return absl::OkStatus();  // a zero answer adds nothing

@@ -19,9 +19,8 @@ absl::StatusOr<RoundOutput> EveryFactor::Aggregate(const std::vector<AcceptedUpd
                                                    const UpdateSource& source) {
   std::vector<common::Adapter> adapters;
   std::vector<double> weights;
-  RETURN_IF_ERROR(FoldInOrder<common::Adapter>(
-      updates, [&](const AcceptedUpdate& u) { return source.Update(u); },
-      [&](const AcceptedUpdate& u, common::Adapter& update) {
+  RETURN_IF_ERROR(
+      FoldUpdates(updates, source, [&](const AcceptedUpdate& u, common::Adapter& update) {
         adapters.push_back(std::move(update));
         weights.push_back(static_cast<double>(u.weight));
         return absl::OkStatus();

@@ -14,9 +14,8 @@ absl::StatusOr<RoundOutput> SketchSum::Aggregate(const std::vector<AcceptedUpdat
                                                  const UpdateSource& source) {
   RoundOutput out;
   out.sums = ZeroSums(shapes_);
-  RETURN_IF_ERROR(FoldInOrder<std::vector<common::MatrixD>>(
-      updates, [&](const AcceptedUpdate& u) { return source.Products(u); },
-      [&](const AcceptedUpdate& u, std::vector<common::MatrixD>& products) {
+  RETURN_IF_ERROR(FoldProducts(
+      updates, source, [&](const AcceptedUpdate& u, std::vector<common::MatrixD>& products) {
         for (size_t i = 0; i < products.size(); ++i)
           out.sums[i] += static_cast<double>(u.weight) * products[i];
         out.weight += static_cast<double>(u.weight);

@@ -7,9 +7,8 @@ namespace fedlora::server {
 absl::StatusOr<RoundOutput> WeightedMean::Aggregate(const std::vector<AcceptedUpdate>& updates,
                                                     const UpdateSource& source) {
   common::StreamingAverage sums(method_, shapes_, frozen_);
-  RETURN_IF_ERROR(FoldInOrder<common::Adapter>(
-      updates, [&](const AcceptedUpdate& u) { return source.Update(u); },
-      [&](const AcceptedUpdate& u, common::Adapter& update) {
+  RETURN_IF_ERROR(
+      FoldUpdates(updates, source, [&](const AcceptedUpdate& u, common::Adapter& update) {
         sums.Add(update, static_cast<double>(u.weight));
         return absl::OkStatus();
       }));

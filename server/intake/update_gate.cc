@@ -89,14 +89,15 @@ double UpdateGate::Scaling(int rank) const {
 }
 
 absl::StatusOr<common::Adapter> UpdateGate::Decode(std::string_view bytes,
-                                                   const std::string& origin, int rank) const {
+                                                   const std::string& origin, int rank,
+                                                   common::Adapter reuse) const {
   common::Adapter update;
   if (options_->method == common::Method::kFedSb) {
-    ASSIGN_OR_RETURN(update, common::DecodeROnto(bytes, origin, *frozen_));
+    ASSIGN_OR_RETURN(update, common::DecodeROnto(bytes, origin, *frozen_, std::move(reuse)));
     RETURN_IF_ERROR(update.CheckFinite());
     return update;
   }
-  ASSIGN_OR_RETURN(update, common::DecodeAdapter(bytes, origin));
+  ASSIGN_OR_RETURN(update, common::DecodeAdapter(bytes, origin, std::move(reuse)));
   std::vector<common::ModuleShape> shapes = shapes_;
   if (rank > 0)
     for (common::ModuleShape& s : shapes) s.rank = rank;
@@ -149,11 +150,12 @@ std::string_view View(const common::MappedFile& file) {
 }
 }  // namespace
 
-absl::StatusOr<common::Adapter> UpdateGate::Update(const AcceptedUpdate& u) const {
+absl::StatusOr<common::Adapter> UpdateGate::Update(const AcceptedUpdate& u,
+                                                   common::Adapter reuse) const {
   ASSIGN_OR_RETURN(const common::MappedFile blob, store_->MapBlob(u.sha256));
   const auto rank = options_->client_ranks.find(u.client);
   return Decode(View(blob), StrCat("the accepted update of ", u.client),
-                rank == options_->client_ranks.end() ? 0 : rank->second);
+                rank == options_->client_ranks.end() ? 0 : rank->second, std::move(reuse));
 }
 
 absl::StatusOr<std::vector<common::MatrixD>> UpdateGate::Products(const AcceptedUpdate& u) const {

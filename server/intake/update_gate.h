@@ -89,12 +89,14 @@ class UpdateGate final : public UpdateSource {
                 CheckedUpdate* checked) const;
 
   // An update as the task's shapes say (`rank` > 0: another rank than the run's, at the same
-  // lora_alpha), or INVALID_ARGUMENT naming `origin`, the module and both shapes.
+  // lora_alpha), or INVALID_ARGUMENT naming `origin`, the module and both shapes; in `reuse`'s
+  // memory where it is large enough.
   absl::StatusOr<common::Adapter> Decode(std::string_view bytes, const std::string& origin,
-                                         int rank = 0) const;
+                                         int rank = 0, common::Adapter reuse = {}) const;
 
   // UpdateSource: accepted updates read back from the store.
-  absl::StatusOr<common::Adapter> Update(const AcceptedUpdate& update) const override;
+  absl::StatusOr<common::Adapter> Update(const AcceptedUpdate& update,
+                                         common::Adapter reuse) const override;
   absl::StatusOr<std::vector<common::MatrixD>> Products(
       const AcceptedUpdate& update) const override;
 

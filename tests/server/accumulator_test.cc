@@ -9,6 +9,7 @@
 #include <map>
 #include <random>
 
+#include "absl/synchronization/mutex.h"
 #include "common/base/strings.h"
 #include "server/accumulate/client_dp.h"
 #include "server/accumulate/every_factor.h"
@@ -27,7 +28,7 @@ constexpr int kN = 6, kM = 5;
 
 class FakeSource final : public UpdateSource {
  public:
-  absl::StatusOr<Adapter> Update(const AcceptedUpdate& u) const override {
+  absl::StatusOr<Adapter> Update(const AcceptedUpdate& u, Adapter) const override {
     return adapters.at(u.client);
   }
   absl::StatusOr<std::vector<MatrixD>> Products(const AcceptedUpdate& u) const override {
@@ -73,24 +74,44 @@ TEST(WeightedMeanTest, IsTheExamplesWeightedMeanOfAAndOfScaledB) {
 }
 
 // Updates are folded in the order given (client order), a window at a time: more updates than a
-// window, each decoded on some core, still reach the fold one by one in order.
+// window, each decoded on some core, still reach the fold one by one in order; each load after the
+// first window is handed what the fold left of an update folded before it.
 TEST(FoldInOrderTest, FoldsInTheGivenOrderWhateverTheWindow) {
   std::vector<AcceptedUpdate> updates;
-  for (int k = 0; k < 37; ++k) updates.push_back({common::StrCat("c", 100 + k), "", 1, 0});
+  for (int k = 0; k < 300; ++k) updates.push_back({common::StrCat("c", 100 + k), "", 1, 0});
   std::vector<std::string> folded;
+  absl::Mutex mu;
+  std::map<std::string, std::string> handed;  // client → the spare its load was given
   const absl::Status st = FoldInOrder<std::string>(
-      updates, [](const AcceptedUpdate& u) -> absl::StatusOr<std::string> { return u.client; },
+      updates,
+      [&](const AcceptedUpdate& u, std::string spare) -> absl::StatusOr<std::string> {
+        absl::MutexLock lock(&mu);
+        handed[u.client] = spare;
+        return u.client;
+      },
       [&](const AcceptedUpdate& u, std::string& decoded) {
         EXPECT_EQ(u.client, decoded);
         folded.push_back(decoded);
+        decoded = "left by " + decoded;
         return absl::OkStatus();
       });
   ASSERT_TRUE(st.ok()) << st;
   EXPECT_EQ(folded, ClientsOf(updates));
+  size_t fresh = 0;
+  for (const auto& [client, spare] : handed) {
+    if (spare.empty()) {
+      ++fresh;
+      continue;
+    }
+    ASSERT_TRUE(spare.starts_with("left by c")) << spare;
+    EXPECT_LT(spare.substr(8), client);  // folded before this update was loaded
+  }
+  EXPECT_GT(fresh, 0u);
+  EXPECT_LT(fresh, updates.size());  // the others decoded into memory an earlier update left
   // A failing load stops the fold there, with its error.
   const absl::Status failed = FoldInOrder<std::string>(
       updates,
-      [](const AcceptedUpdate& u) -> absl::StatusOr<std::string> {
+      [](const AcceptedUpdate& u, std::string) -> absl::StatusOr<std::string> {
         if (u.client == "c120") return absl::DataLossError("c120's blob is damaged");
         return u.client;
       },

@@ -18,7 +18,7 @@ using ::testing::ElementsAre;
 
 class NoSource final : public UpdateSource {
  public:
-  absl::StatusOr<common::Adapter> Update(const AcceptedUpdate&) const override {
+  absl::StatusOr<common::Adapter> Update(const AcceptedUpdate&, common::Adapter) const override {
     return absl::UnimplementedError("not read");
   }
   absl::StatusOr<std::vector<common::MatrixD>> Products(const AcceptedUpdate&) const override {

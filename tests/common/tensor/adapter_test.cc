@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "common/tensor/blob.h"
 #include "tests/test_util.h"
 
 namespace fedlora::common {
@@ -54,6 +55,48 @@ TEST(AdapterTest, CheckFiniteNamesModuleAndTensor) {
   a.R(1)(1, 1) = -INFINITY;
   EXPECT_THAT(a.CheckFinite().message(),
               HasSubstr("module v: lora_R holds a non-finite value (-inf)"));
+}
+
+// An adapter handed to Create or a decoder as `reuse` lends its memory: the result is what a fresh
+// decode gives (zeros from Create, the blob's values from a decoder, whatever `reuse` held), in
+// `reuse`'s buffer when it is large enough and in new memory when it is not.
+TEST(AdapterTest, ReusedMemoryHoldsExactlyWhatAFreshAdapterWould) {
+  const std::vector<testing::ModuleSpec> specs = {{"q", 3, 17, 11, 2.0, true},
+                                                  {"v", 2, 9, 13, 2.0, true}};
+  const Adapter update = testing::RandomAdapter(specs, 7);
+  const std::vector<ModuleShape> shapes(update.modules().begin(), update.modules().end());
+  Adapter junk = testing::RandomAdapter(specs, 8);  // its values must not survive
+  const auto values = [](const Adapter& a) {
+    return std::vector<float>(a.values().begin(), a.values().end());
+  };
+  const float* memory = junk.values().data();
+  auto zero = Adapter::Create(shapes, std::move(junk));
+  ASSERT_TRUE(zero.ok());
+  EXPECT_EQ(zero->values().data(), memory);
+  EXPECT_EQ(values(*zero), std::vector<float>(zero->values().size(), 0.0f));
+
+  auto decoded = DecodeAdapter(EncodeAdapter(update), "update", *std::move(zero));
+  ASSERT_TRUE(decoded.ok()) << decoded.status();
+  EXPECT_EQ(decoded->values().data(), memory);
+  EXPECT_EQ(values(*decoded), values(update));
+  EXPECT_EQ(decoded->module(1).scaling, 2.0);
+
+  // Fed-SB: the frozen A and B with the blob's R, over a spare holding another update.
+  const Adapter frozen = testing::RandomAdapter(specs, 9);
+  auto onto =
+      DecodeROnto(EncodeAdapter(update, AdapterParts::kROnly), "r", frozen, *std::move(decoded));
+  ASSERT_TRUE(onto.ok()) << onto.status();
+  EXPECT_EQ(onto->values().data(), memory);
+  EXPECT_EQ(onto->A(1), frozen.A(1));
+  EXPECT_EQ(onto->B(0), frozen.B(0));
+  EXPECT_EQ(onto->R(0), update.R(0));
+  EXPECT_EQ(onto->R(1), update.R(1));
+
+  // Too small to hold the result: new memory, same values.
+  Adapter small = testing::RandomAdapter({{"q", 1, 2, 2}}, 1);
+  auto grown = DecodeAdapter(EncodeAdapter(update), "update", std::move(small));
+  ASSERT_TRUE(grown.ok()) << grown.status();
+  EXPECT_EQ(values(*grown), values(update));
 }
 
 }  // namespace
