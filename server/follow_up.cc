@@ -60,7 +60,8 @@ absl::Status FollowUp::RequestExport() {
 FollowUp::Step FollowUp::NextLocked() const {
   if (ledger_ == nullptr || !failure_.ok()) return Step::kNone;
   if (lines_ < ledger_->latest()) return Step::kMetricsLine;
-  if ((run_done_ && !exported_) || export_requested_ >= 0) return Step::kExport;
+  if ((run_done_ && !exported_ && ledger_->latest() >= 1) || export_requested_ >= 0)
+    return Step::kExport;
   return Step::kNone;
 }
 
@@ -72,7 +73,9 @@ bool FollowUp::IdleLocked() const { return doing_.empty() && !RunnableLocked(); 
 
 bool FollowUp::Finished() const {
   absl::MutexLock lock(&mu_);
-  return ledger_ != nullptr && lines_ >= ledger_->latest() && (!run_done_ || exported_);
+  // A run that ends before its first round commits has no result to export.
+  return ledger_ != nullptr && lines_ >= ledger_->latest() &&
+         (!run_done_ || exported_ || ledger_->latest() < 1);
 }
 
 absl::Status FollowUp::failed() const {
@@ -104,6 +107,7 @@ void FollowUp::Loop() {
     const Step step = NextLocked();
     const std::shared_ptr<const Ledger> ledger = ledger_;
     const std::shared_ptr<const common::Adapter> frozen = frozen_;
+    const bool final_state = run_done_;  // this snapshot is the run's last
     const int64_t version = step == Step::kMetricsLine ? lines_ + 1 : ledger->latest();
     doing_ =
         StrCat(step == Step::kMetricsLine ? "evaluating version " : "exporting version ", version);
@@ -120,7 +124,7 @@ void FollowUp::Loop() {
       if (step == Step::kMetricsLine) {
         lines_ = version;
       } else {
-        exported_ = exported_ || run_done_;
+        exported_ = exported_ || final_state;
         if (export_requested_ <= version) export_requested_ = -1;
       }
       continue;

@@ -6,7 +6,7 @@
 // — just that one, or, `sticky`, that one and every write after it until Heal(), as a full disk
 // does. A failing WriteFile leaves no file behind, as the real one does. writes() and log() say
 // what was written, so a test can enumerate "each write the round close makes". FailPath fails the
-// writes of one file.
+// writes of one file; HoldPath holds one write in progress until the test lets it go.
 #ifndef FEDLORA_TESTS_TEST_ENV_H_
 #define FEDLORA_TESTS_TEST_ENV_H_
 
@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/synchronization/notification.h"
 #include "common/base/env.h"
 
 namespace fedlora::testing {
@@ -36,6 +37,14 @@ class TestEnv final : public common::Env {
     std::lock_guard<std::mutex> lock(mu_);
     fail_path_ = std::move(part);
     err_ = err;
+  }
+  // The next write to a path containing `part` notifies `reached` and waits for `release` before
+  // it goes on (a write held in progress, say an export's last file).
+  void HoldPath(std::string part, absl::Notification* reached, absl::Notification* release) {
+    std::lock_guard<std::mutex> lock(mu_);
+    hold_path_ = std::move(part);
+    reached_ = reached;
+    release_ = release;
   }
   void Heal() {
     std::lock_guard<std::mutex> lock(mu_);
@@ -101,6 +110,7 @@ class TestEnv final : public common::Env {
 
  private:
   absl::Status Count(const char* op, const Path& path) {
+    Hold(path);
     std::lock_guard<std::mutex> lock(mu_);
     ++writes_;
     const bool fail = (fail_at_ > 0 && (writes_ == fail_at_ || (sticky_ && writes_ > fail_at_))) ||
@@ -111,8 +121,23 @@ class TestEnv final : public common::Env {
     return common::ErrnoError(std::string("cannot ") + op, path, err_);
   }
 
+  void Hold(const Path& path) {
+    absl::Notification *reached = nullptr, *release = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (hold_path_.empty() || path.string().find(hold_path_) == std::string::npos) return;
+      hold_path_.clear();
+      reached = reached_;
+      release = release_;
+    }
+    reached->Notify();
+    release->WaitForNotification();
+  }
+
   common::Env* base_;
   std::mutex mu_;
+  std::string hold_path_;
+  absl::Notification *reached_ = nullptr, *release_ = nullptr;
   int64_t writes_ = 0;
   int64_t fail_at_ = -1;
   int err_ = ENOSPC;

@@ -1,5 +1,7 @@
 #include "common/run/ledger.h"
 
+#include <algorithm>
+
 #include "common/aggregation/sketch.h"
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
@@ -37,6 +39,23 @@ absl::StatusOr<BlobKind> ParseBlobKind(std::string_view name) {
     if (BlobKindName(k) == name) return k;
   return absl::InvalidArgumentError(
       StrCat("unknown blob kind '", name, "'; expected adapter, delta, frozen, r or basis"));
+}
+
+std::optional<BlobKind> VersionBlobKind(Method method, int64_t version) {
+  if (version == 0) {
+    if (method == Method::kFlora) return std::nullopt;
+    return method == Method::kFedSb ? BlobKind::kFrozen : BlobKind::kAdapter;
+  }
+  switch (method) {
+    case Method::kFlora:
+      return BlobKind::kDelta;
+    case Method::kFedSb:
+      return BlobKind::kR;
+    case Method::kFedIt:
+    case Method::kLoraFair:
+      break;
+  }
+  return BlobKind::kAdapter;
 }
 
 json BlobRef::ToJson() const {
@@ -203,11 +222,30 @@ absl::StatusOr<Ledger> Ledger::FromJson(JsonReader& in) {
     l.method = *m;
   else
     in.Fail("method", std::string(m.status().message()));
+  if (in.ok() && l.versions.empty() && !(l.method == Method::kFedSb && l.init))
+    in.Fail("versions", "none; only a fed-sb run still in its initialisation has no version 0");
   for (size_t i = 0; i < l.versions.size(); ++i) {
-    if (l.versions[i].version != static_cast<int64_t>(i)) {
-      in.Fail(StrCat("versions/", i),
-              StrCat("version ", l.versions[i].version, " stands at position ", i,
-                     "; versions must be 0, 1, 2, ... in order"));
+    const Version& v = l.versions[i];
+    if (v.version != static_cast<int64_t>(i)) {
+      in.Fail(StrCat("versions/", i), StrCat("version ", v.version, " stands at position ", i,
+                                             "; versions must be 0, 1, 2, ... in order"));
+      continue;
+    }
+    const std::optional<BlobKind> want = VersionBlobKind(l.method, v.version);
+    if (v.blobs.size() != (want ? 1u : 0u)) {
+      in.Fail(StrCat("versions/", i, "/blobs"),
+              StrCat(v.blobs.size(), " blobs; version ", v.version, " of a ", MethodName(l.method),
+                     " run holds ", want ? "exactly one" : "none"));
+    } else if (want && v.blobs[0].kind != *want) {
+      in.Fail(StrCat("versions/", i, "/blobs/0/kind"),
+              StrCat(BlobKindName(v.blobs[0].kind), "; version ", v.version, " of a ",
+                     MethodName(l.method), " run holds a blob of kind ", BlobKindName(*want)));
+    }
+  }
+  if (l.init) {
+    for (size_t i = 0; i < l.init->steps.size(); ++i) {
+      if (l.init->steps[i].basis.kind != BlobKind::kBasis)
+        in.Fail(StrCat("fed_sb_init/steps/", i, "/basis/kind"), "expected basis");
     }
   }
   in.Maybe("client_dp", &l.client_dp);
@@ -216,8 +254,15 @@ absl::StatusOr<Ledger> Ledger::FromJson(JsonReader& in) {
 
 absl::StatusOr<Ledger> ReadLedger(const std::filesystem::path& file) {
   ASSIGN_OR_RETURN(const std::string text, ReadFileToString(file));
-  const json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::DataLossError(StrCat(file.string(), " is not valid JSON"));
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {  // says where, which the non-throwing parse does not
+    const size_t at = std::min<size_t>(e.byte, text.size());
+    const auto line = 1 + std::count(text.begin(), text.begin() + static_cast<ptrdiff_t>(at), '\n');
+    return absl::DataLossError(
+        StrCat(file.string(), " line ", line, ": not valid JSON (byte ", e.byte, ")"));
+  }
   return JsonReader::Parse<Ledger>(j, file.string());
 }
 

@@ -30,6 +30,10 @@ namespace fedlora::common {
 enum class BlobKind { kAdapter, kDelta, kFrozen, kR, kBasis };
 std::string_view BlobKindName(BlobKind kind);  // "adapter", "delta", "frozen", "r", "basis"
 absl::StatusOr<BlobKind> ParseBlobKind(std::string_view name);
+// The kind of the one blob a version holds: version 0 is the initial adapter (Fed-SB: the frozen
+// factors; FLoRA's has no blob, its clients start from the base model), a round's version the new
+// adapter, FLoRA's delta or Fed-SB's R.
+std::optional<BlobKind> VersionBlobKind(Method method, int64_t version);
 
 struct BlobRef {
   std::string sha256;
@@ -115,7 +119,8 @@ struct Ledger {
 
   nlohmann::json ToJson() const;
   // DATA_LOSS naming the file, the field and what is wrong when the document is not a well-formed
-  // ledger: a missing or mistyped key, versions out of order, an unknown method or blob kind.
+  // ledger: a missing or mistyped key, versions out of order or missing, an unknown method, a
+  // version without its one blob of the method's kind.
   static absl::StatusOr<Ledger> FromJson(JsonReader& in);
 };
 

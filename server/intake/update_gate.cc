@@ -84,7 +84,6 @@ Verdict UpdateGate::Admit(const RoundView& round, const Sender& sender,
 }
 
 double UpdateGate::Scaling(int rank) const {
-  if (options_->method == common::Method::kFedSb) return 0;
   return options_->lora_alpha / (rank > 0 ? rank : options_->rank);
 }
 
@@ -94,6 +93,14 @@ absl::StatusOr<common::Adapter> UpdateGate::Decode(std::string_view bytes,
   common::Adapter update;
   if (options_->method == common::Method::kFedSb) {
     ASSIGN_OR_RETURN(update, common::DecodeROnto(bytes, origin, *frozen_, std::move(reuse)));
+    // R's scaling is the client's own (the blob's metadata): it must be the task's, as for the
+    // other methods, or one client would scale its weight in the aggregate.
+    const double want = Scaling(rank);
+    for (const common::LoraModule& m : update.modules()) {
+      if (!(std::abs(m.scaling - want) <= 1e-6 * want))
+        return absl::InvalidArgumentError(
+            StrCat(origin, ": module ", m.name, ": scaling ", m.scaling, ", the task's is ", want));
+    }
     RETURN_IF_ERROR(update.CheckFinite());
     return update;
   }

@@ -103,8 +103,7 @@ class UpdateGate final : public UpdateSource {
   bool sketch() const { return sketch_.has_value(); }
 
  private:
-  // The update's scaling lora_alpha / r that every module must carry (0 for fed-sb: R is decoded
-  // onto the frozen factors' scaling).
+  // The update's scaling lora_alpha / r that every module must carry.
   double Scaling(int rank) const;
 
   const ServerOptions* options_;

@@ -59,10 +59,8 @@ absl::StatusOr<common::RoundRecord> CloseRound(const RoundFacts& facts, Accumula
   const std::string bytes =
       common::EncodeAdapter(output.adapter, method == Method::kFedSb ? common::AdapterParts::kROnly
                                                                      : common::AdapterParts::kAll);
-  const BlobKind kind = method == Method::kFlora   ? BlobKind::kDelta
-                        : method == Method::kFedSb ? BlobKind::kR
-                                                   : BlobKind::kAdapter;
-  ASSIGN_OR_RETURN(BlobRef blob, store.PutBlob(bytes, kind, facts.round));
+  ASSIGN_OR_RETURN(BlobRef blob, store.PutBlob(bytes, *common::VersionBlobKind(method, facts.round),
+                                               facts.round));
   common::RoundRecord record = RecordOf(facts, output, uploads, method);
   record.global_blob = blob.sha256;
   record.blob_bytes = blob.size;

@@ -112,7 +112,9 @@ absl::Status Lifecycle::CreateRun(const v1::JoinRequest& first) {
 }
 
 void Lifecycle::HandOver(bool run_done) {
-  if (version() >= 0) follow_up_.Committed(store_.snapshot(), frozen_, run_done);
+  // Also before a first version (a Fed-SB run that ends in its initialisation): the follow-up then
+  // knows the run is done, with nothing to evaluate or export.
+  follow_up_.Committed(store_.snapshot(), frozen_, run_done);
 }
 
 std::string Lifecycle::RoundName() const {

@@ -145,7 +145,8 @@ TEST_P(FaultInjectionTest, EveryFailedWriteLeavesOneVersionPerRoundAndTheSameRes
       const int64_t failed = env.failures();
       if (sticky && !h.engine().done()) {
         env.Heal();
-        ASSERT_TRUE(h.Start().ok()) << scenario;
+        const absl::Status restarted = h.Start();
+        ASSERT_TRUE(restarted.ok()) << scenario << ": " << restarted;
         Drive(h, env, 40);
       }
       failures += failed;

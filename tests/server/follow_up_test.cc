@@ -88,5 +88,55 @@ TEST(FollowUpTest, HeartbeatsStatusAndRoundsGoOnWhileAnEvaluationRuns) {
   EXPECT_EQ(h.engine().GetStatus().follow_up(), "");
 }
 
+// An operator's export (SIGUSR1) of version 1 is still being written when the last round commits:
+// it is not the run's final export, which follows it with version 2.
+TEST(FollowUpTest, AnExportInProgressWhenTheRunEndsIsFollowedByTheFinalOne) {
+  ScratchDir dir;
+  TestEnv env;
+  Harness h(TestOptions(dir.path() / "state", "fedit"), &env);  // two rounds
+  ASSERT_TRUE(h.Start(nullptr, /*wait=*/false).ok());
+  for (const char* id : {"c1", "c2", "c3"}) ASSERT_TRUE(h.Join(id).ok());
+  for (const char* id : {"c1", "c2", "c3"}) ASSERT_TRUE(h.Step(id).ok()) << id;  // round 1
+  h.engine().WaitForFollowUp();
+  absl::Notification reached, release;
+  env.HoldPath("version.json", &reached, &release);
+  ASSERT_TRUE(h.engine().ExportNow().ok());
+  reached.WaitForNotification();  // version 1's export is writing its last file
+  for (const char* id : {"c1", "c2", "c3"})
+    ASSERT_TRUE(h.Step(id).ok()) << id;  // round 2, the last
+  release.Notify();
+  h.engine().WaitForFollowUp();
+  EXPECT_TRUE(h.engine().done());
+  const auto version = ReadJson(dir.path() / "state" / "export" / "version.json");
+  EXPECT_EQ(version["version"], 2);
+}
+
+// A run that ends before its first round commits (every client left) is done, with nothing to
+// evaluate or export: version 0 is no result, and FLoRA's has no delta to stack.
+class EndsBeforeTheFirstRound : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(EndsBeforeTheFirstRound, IsDoneWithNoExport) {
+  ScratchDir dir;
+  TestEnv env;
+  Harness h(TestOptions(dir.path() / "state", GetParam()), &env);
+  ASSERT_TRUE(h.Start().ok());
+  for (const char* id : {"c1", "c2", "c3"}) ASSERT_TRUE(h.Join(id).ok());
+  v1::LeaveRequest leave;
+  leave.set_round(1);
+  leave.set_reason("leaving");
+  for (const char* id : {"c1", "c2", "c3"}) ASSERT_TRUE(h.engine().Leave(id, leave).ok()) << id;
+  for (int i = 0; i < 5 && !h.engine().done(); ++i) {
+    env.Advance(std::chrono::seconds(10));
+    h.Tick();
+  }
+  EXPECT_TRUE(h.engine().done());
+  EXPECT_TRUE(h.engine().failed().ok()) << h.engine().failed();
+  EXPECT_EQ(LedgerVersions(dir.path() / "state"), std::vector<int64_t>({0}));
+  EXPECT_FALSE(std::filesystem::exists(dir.path() / "state" / "export"));
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, EndsBeforeTheFirstRound,
+                         ::testing::Values("fedit", "flora", "lora-fair", "fed-sb"));
+
 }  // namespace
 }  // namespace fedlora::testing

@@ -185,12 +185,20 @@ TEST_F(UpdateGateTest, AFedSbUpdateIsAnROnTheFrozenFactorsAndAnAnswerItsProducts
   for (float& x : frozen->values()) x = 0.5f;
   Adapter update = *frozen;
   update.R(0)(0, 1) = 3;
+  update.set_scaling(0, kAlpha / kRank);  // the task's, as the client trained it
   UpdateGate gate(&options_, store_.get(), {{"m.q_proj", kRank, 6, 5, 1.0, true}}, frozen,
                   std::nullopt, 1e9);
   auto decoded = gate.Decode(common::EncodeAdapter(update, common::AdapterParts::kROnly), "u");
   ASSERT_TRUE(decoded.ok()) << decoded.status();
   EXPECT_EQ(decoded->R(0)(0, 1), 3);
   EXPECT_EQ(decoded->B(0)(4, 1), 0.5f);  // the frozen B, not the client's
+  EXPECT_EQ(decoded->module(0).scaling, 4.0);
+  // R's scaling is the client's own: any other than the task's would scale its weight in ΣR.
+  update.set_scaling(0, 1e30);
+  EXPECT_THAT(gate.Decode(common::EncodeAdapter(update, common::AdapterParts::kROnly), "u")
+                  .status()
+                  .message(),
+              HasSubstr("u: module m.q_proj: scaling 1e+30, the task's is 4"));
 
   UpdateGate sketch(&options_, store_.get(), {}, frozen,
                     std::vector<common::MatrixShape>{{"m.q_proj", 5, 3}}, 1e9);

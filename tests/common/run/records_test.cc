@@ -178,6 +178,22 @@ TEST(LedgerTest, RoundTripsAndRefusesWhatIsNotALedger) {
            {[](nlohmann::json& j) { j["modules"][0]["in_features"] = -1; },
             "/modules/0/in_features: module"},
            {[](nlohmann::json& j) { j["client_dp"]["rounds"][0]["q"] = "x"; }, "/client_dp/rounds"},
+           // What the coordinator would index without looking (found in review: .at(0) threw).
+           {[](nlohmann::json& j) { j["versions"][1]["blobs"] = nlohmann::json::array(); },
+            "/versions/1/blobs: 0 blobs; version 1 of a fed-sb run holds exactly one"},
+           {[](nlohmann::json& j) { j["versions"][1]["blobs"][0]["kind"] = "delta"; },
+            "/versions/1/blobs/0/kind: delta; version 1 of a fed-sb run holds a blob of kind r"},
+           {[](nlohmann::json& j) { j["versions"][0]["blobs"][0]["kind"] = "adapter"; },
+            "/versions/0/blobs/0/kind: adapter; version 0 of a fed-sb run holds a blob of kind "
+            "frozen"},
+           {[](nlohmann::json& j) { j["versions"] = nlohmann::json::array(); },
+            "/versions: none; only a fed-sb run still in its initialisation"},
+           {[](nlohmann::json& j) {
+              j["method"] = "flora";
+              j["versions"][0]["blobs"] = nlohmann::json::array();  // flora's version 0 has none
+              j["versions"][1]["record"]["method"] = "flora";
+            },
+            "/versions/1/blobs/0/kind: r; version 1 of a flora run holds a blob of kind delta"},
        }) {
     nlohmann::json bad = j;
     mutate(bad);
@@ -185,6 +201,15 @@ TEST(LedgerTest, RoundTripsAndRefusesWhatIsNotALedger) {
     ASSERT_FALSE(read.ok()) << want;
     EXPECT_THAT(read.status().message(), HasSubstr("state/ledger.json: " + want));
   }
+  // A file that is not JSON: the line where the parser stopped.
+  ScratchDir dir;
+  const auto file = dir.path() / "ledger.json";
+  ASSERT_TRUE(
+      WriteFileAtomically(file, "{\n  \"format\": \"fedlora-ledger-1\",\n  \"run_id\": ]\n}\n")
+          .ok());
+  const auto read = ReadLedger(file);
+  EXPECT_TRUE(absl::IsDataLoss(read.status())) << read.status();
+  EXPECT_THAT(read.status().message(), HasSubstr(file.string() + " line 3: not valid JSON"));
 }
 
 }  // namespace
