@@ -3,7 +3,7 @@
 # then runs every test with CTest (unit tests, end-to-end tests that start the real programs, and the docker-compose
 # simulation where a Docker engine can run, its image made around the programs built here), and last a bounded run of
 # the libFuzzer targets (tests/fuzz/run.sh: clang, ASan + UBSan, in build-fuzz/; FEDLORA_FUZZ_SECONDS, default 60, in
-# all; 0 leaves it out). The engine, the Debian base images and the image's packages (deploy/docker_engine.sh) go on
+# all; 0 leaves it out, and with it the clang build's -Wthread-safety -Werror check of the lock annotations). The engine, the Debian base images and the image's packages (deploy/docker_engine.sh) go on
 # in the background while fedlora compiles here; a dockerd started for the tests is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -55,7 +55,9 @@ class StateStore {
   // Blob `sha256` mapped read-only: for decoding a large blob without a copy of it.
   absl::StatusOr<common::MappedFile> MapBlob(const std::string& sha256) const;
 
-  // Replaces the ledger on disk atomically, then in memory; on failure both stay as they were.
+  // Replaces the ledger on disk atomically, then in memory; on failure memory keeps the old one and
+  // disk holds the old or, when only the directory's fsync failed, the new one — either of which a
+  // restart continues from.
   absl::Status SaveLedger(const Ledger& ledger);
 
   // Partial uploads, spooled to incoming/<name> so memory does not grow with the cohort. StartPart

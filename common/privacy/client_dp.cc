@@ -76,14 +76,12 @@ absl::StatusOr<double> ClientDpRound::Add(const Adapter& update) {
 }
 
 Adapter ClientDpRound::Finish(double noise_multiplier, GaussianNoise& noise) const {
-  const double stddev = noise_multiplier * clip_;
+  std::vector<double> mean = sum_;
+  NoisyMean(mean, noise_multiplier * clip_, expected_clients_, noise);
   Adapter out = start_;
   size_t k = 0;
   for (std::span<float> values : TrainableValues(out)) {
-    for (float& x : values) {
-      const double noised = sum_[k++] + (stddev > 0 ? stddev * noise.Sample() : 0.0);
-      x = static_cast<float>(x + noised / expected_clients_);
-    }
+    for (float& x : values) x = static_cast<float>(x + mean[k++]);
   }
   for (size_t i = 0; i < out.num_modules(); ++i) out.set_scaling(i, 1.0);
   return out;
@@ -123,9 +121,10 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
   }
   std::vector<LoraFairSolution> solutions;
   for (size_t i = 0; i < modules; ++i) {
-    for (double& x : sum[i].reshaped()) x += noise_multiplier * clip_g * noise.Sample();
+    NoisyMean({sum[i].data(), static_cast<size_t>(sum[i].size())}, noise_multiplier * clip_g,
+              expected_clients, noise);
     LoraFairProblem problem;
-    problem.g = base[i] + sum[i] / expected_clients;
+    problem.g = base[i] + sum[i];
     problem.s = std::move(s[i]);
     problem.b_bar = global.B(i).cast<double>();
     // ‖Ĝ S^{+½}‖² = tr(Ĝ S⁺ Ĝᵀ), S⁺ from the eigendecomposition (eigenvalues below r·1e-12·max

@@ -52,7 +52,8 @@ class GaussianNoise {
 // each value of `sums`, the sum of the clipped records, gets N(0, stddev²) and is divided by
 // `expected`, the number of records expected (L = q·N under Poisson sampling, N at q = 1). In
 // place, in memory order, one sample per value, computed in double (rounded once for floats).
-// Every DP mean in fedlora goes through it.
+// Every DP mean in fedlora goes through it: DP-SGD's (trainer, regression workload) and
+// client-level DP's (the mean of updates, LoRA-FAIR's correction, Fed-SB's sketches).
 void NoisyMean(std::span<double> sums, double stddev, double expected, GaussianNoise& noise);
 void NoisyMean(std::span<float> sums, double stddev, double expected, GaussianNoise& noise);
 
