@@ -74,14 +74,14 @@ class Accumulator {
 std::vector<std::string> ClientsOf(const std::vector<AcceptedUpdate>& updates);
 
 // Calls fold(update, decoded) for each of `updates` in order, decoding a few at a time on every
-// core with `load` while memory holds only those. `load` is handed what the fold left of an
-// earlier update (a default T at first) to decode into: the window's memory is allocated once,
-// not once per update (at Llama-7B shapes, fresh pages were 80% of a FedIT close).
+// core (at most 8) with `load` while memory holds only those. `load` is handed what the fold left
+// of an earlier update (a default T at first) to decode into: the window's memory is allocated
+// once, not once per update (at Llama-7B shapes, fresh pages were 80% of a FedIT close).
 template <typename T>
 absl::Status FoldInOrder(const std::vector<AcceptedUpdate>& updates,
                          const std::function<absl::StatusOr<T>(const AcceptedUpdate&, T)>& load,
                          const std::function<absl::Status(const AcceptedUpdate&, T&)>& fold) {
-  const size_t window = 2 * std::max(1u, std::thread::hardware_concurrency());
+  const size_t window = std::min(8u, 2 * std::max(1u, std::thread::hardware_concurrency()));
   std::vector<absl::StatusOr<T>> decoded(window);
   std::vector<T> spare(window);
   for (size_t first = 0; first < updates.size(); first += window) {
