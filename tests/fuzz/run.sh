@@ -19,7 +19,7 @@ if [[ -z ${FEDLORA_FUZZ_BUILD:-} ]]; then
   command -v clang++ > /dev/null || { echo "fuzz: clang++ is missing (Debian packages clang, libclang-rt-14-dev)" >&2; exit 2; }
   [[ -f $build/build.ninja ]] ||
     cmake -S . -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-      -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g" -DFEDLORA_FUZZ=ON -DFEDLORA_BUILD_TESTS=OFF \
+      -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only" -DFEDLORA_FUZZ=ON -DFEDLORA_BUILD_TESTS=OFF \
       -DFEDLORA_BUILD_BENCHMARKS=OFF > /dev/null
   cmake --build "$build" --target fuzzers
 fi
