@@ -60,9 +60,12 @@ absl::Status FollowUp::RequestExport() {
 FollowUp::Step FollowUp::NextLocked() const {
   if (ledger_ == nullptr || !failure_.ok()) return Step::kNone;
   if (lines_ < ledger_->latest()) return Step::kMetricsLine;
-  if ((run_done_ && !exported_ && ledger_->latest() >= 1) || export_requested_ >= 0)
-    return Step::kExport;
+  if (FinalExportDueLocked() || export_requested_ >= 0) return Step::kExport;
   return Step::kNone;
+}
+
+bool FollowUp::FinalExportDueLocked() const {
+  return run_done_ && !exported_ && ledger_->latest() >= 1;
 }
 
 bool FollowUp::RunnableLocked() const {
@@ -73,9 +76,7 @@ bool FollowUp::IdleLocked() const { return doing_.empty() && !RunnableLocked(); 
 
 bool FollowUp::Finished() const {
   absl::MutexLock lock(&mu_);
-  // A run that ends before its first round commits has no result to export.
-  return ledger_ != nullptr && lines_ >= ledger_->latest() &&
-         (!run_done_ || exported_ || ledger_->latest() < 1);
+  return ledger_ != nullptr && lines_ >= ledger_->latest() && !FinalExportDueLocked();
 }
 
 absl::Status FollowUp::failed() const {

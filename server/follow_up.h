@@ -62,6 +62,9 @@ class FollowUp {
            std::unique_ptr<Evaluator> evaluator, common::Env* env, MetricsLog log);
   void Loop() ABSL_LOCKS_EXCLUDED(mu_);
   Step NextLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The run is done and its result not exported yet (a run that ends before its first round
+  // commits has none).
+  bool FinalExportDueLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool RunnableLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool IdleLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool WakeLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

@@ -42,15 +42,12 @@ absl::StatusOr<BlobKind> ParseBlobKind(std::string_view name) {
 }
 
 std::optional<BlobKind> VersionBlobKind(Method method, int64_t version) {
-  if (version == 0) {
-    if (method == Method::kFlora) return std::nullopt;
-    return method == Method::kFedSb ? BlobKind::kFrozen : BlobKind::kAdapter;
-  }
   switch (method) {
     case Method::kFlora:
+      if (version == 0) return std::nullopt;
       return BlobKind::kDelta;
     case Method::kFedSb:
-      return BlobKind::kR;
+      return version == 0 ? BlobKind::kFrozen : BlobKind::kR;
     case Method::kFedIt:
     case Method::kLoraFair:
       break;

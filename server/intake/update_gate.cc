@@ -90,21 +90,16 @@ double UpdateGate::Scaling(int rank) const {
 absl::StatusOr<common::Adapter> UpdateGate::Decode(std::string_view bytes,
                                                    const std::string& origin, int rank,
                                                    common::Adapter reuse) const {
-  common::Adapter update;
   if (options_->method == common::Method::kFedSb) {
-    ASSIGN_OR_RETURN(update, common::DecodeROnto(bytes, origin, *frozen_, std::move(reuse)));
-    // R's scaling is the client's own (the blob's metadata): it must be the task's, as for the
-    // other methods, or one client would scale its weight in the aggregate.
-    const double want = Scaling(rank);
-    for (const common::LoraModule& m : update.modules()) {
-      if (!(std::abs(m.scaling - want) <= 1e-6 * want))
-        return absl::InvalidArgumentError(
-            StrCat(origin, ": module ", m.name, ": scaling ", m.scaling, ", the task's is ", want));
-    }
-    RETURN_IF_ERROR(update.CheckFinite());
+    // R on the frozen factors, with the client's own scaling (the blob's metadata), which must be
+    // the task's as for the other methods. DecodeROnto's errors name the blob; so do these.
+    ASSIGN_OR_RETURN(common::Adapter update,
+                     common::DecodeROnto(bytes, origin, *frozen_, std::move(reuse)));
+    if (absl::Status st = common::CheckShapes(update, shapes_, origin, Scaling(rank)); !st.ok())
+      return absl::InvalidArgumentError(StrCat(origin, ": ", st.message()));
     return update;
   }
-  ASSIGN_OR_RETURN(update, common::DecodeAdapter(bytes, origin, std::move(reuse)));
+  ASSIGN_OR_RETURN(common::Adapter update, common::DecodeAdapter(bytes, origin, std::move(reuse)));
   std::vector<common::ModuleShape> shapes = shapes_;
   if (rank > 0)
     for (common::ModuleShape& s : shapes) s.rank = rank;
