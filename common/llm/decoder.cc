@@ -14,12 +14,7 @@ namespace fedlora::common {
 class Decoder::Impl {
  public:
   Impl(const LlamaWeights* w, const Adapter* adapter, int max_seq, int threads)
-      : w_(*w),
-        c_(w->config()),
-        adapter_(adapter),
-        max_seq_(max_seq),
-        pool_(threads),
-        shape_{c_.num_attention_heads, c_.num_key_value_heads, c_.head_dim} {}
+      : w_(*w), c_(w->config()), adapter_(adapter), max_seq_(max_seq), pool_(threads) {}
 
   absl::Status Init() {
     UseOneBlasThread();
@@ -47,8 +42,7 @@ class Decoder::Impl {
  private:
   // y = x·Wᵀ (+ bias) (+ s·B·(R)·A·x) for m rows.
   void LinearAt(int l, LinearKind k, const float* x, float* y, int64_t m) {
-    LinearForward(pool_, linears_[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)],
-                  x, y, m, u_.data(), u2_.data());
+    LinearForward(pool_, linears_[LinearSlot(l, k)], x, y, m, u_.data(), u2_.data());
   }
   // Sizes the buffers for m new positions after `first`.
   void Reserve(int64_t m, int first);
@@ -60,7 +54,6 @@ class Decoder::Impl {
   const Adapter* adapter_;
   const int max_seq_;
   ThreadPool pool_;
-  const AttentionShape shape_;
   std::vector<Linear> linears_;  // [L·7]
   int64_t max_rank_ = 1;
   AlignedFloats k_cache_, v_cache_;  // [L, max_seq, KV], after RoPE (keys)
@@ -104,7 +97,7 @@ void Decoder::Impl::LayerForward(int l, int64_t m, int first) {
   float* V = v_cache_.data() + static_cast<int64_t>(l) * max_seq_ * KV;
   std::copy(k_.begin(), k_.end(), K + static_cast<int64_t>(first) * KV);
   std::copy(v_.begin(), v_.end(), V + static_cast<int64_t>(first) * KV);
-  CachedAttentionForward(pool_, shape_, q_.data(), K, V, static_cast<int>(m), first, c_.window(l),
+  CachedAttentionForward(pool_, c_, q_.data(), K, V, static_cast<int>(m), first, c_.window(l),
                          scratch_, att_.data());
   LinearAt(l, LinearKind::kO, att_.data(), h_.data(), m);
   for (size_t i = 0; i < x_.size(); ++i) x_[i] += h_[i];

@@ -73,7 +73,7 @@ absl::StatusOr<std::vector<Linear>> ModelLinears(const LlamaWeights& weights,
   for (int l = 0; l < c.num_hidden_layers; ++l)
     for (int k = 0; k < kNumLinearKinds; ++k) {
       const LinearKind kind = static_cast<LinearKind>(k);
-      Linear& p = out[static_cast<size_t>(l) * kNumLinearKinds + k];
+      Linear& p = out[LinearSlot(l, kind)];
       p.in = LinearIn(c, kind);
       p.out = LinearOut(c, kind);
       p.w = weights.linear(l, kind);
@@ -184,8 +184,16 @@ void Rope(ThreadPool& pool, float* x, int64_t rows, int heads, int head_dim, con
   });
 }
 
-// Attention's products run on sgemm with leading dimensions: a head is a column block of the
-// [rows, heads·D] activations.
+namespace {
+
+// One query head of one sequence: queries at positions first..first+m−1 against keys and values at
+// 0..first+m−1, causal over the last `window` positions when > 0:
+//   p_i = softmax_j(q_i·k_jᵀ/√D) over i' − window < j ≤ i' (i' = first + i), 0 elsewhere;
+//   out_i = p_i·v.
+// q, out [m, D] with row stride ldq; k, v [first+m, D] with row stride ldkv; p [m, first+m] with
+// row stride ldp.
+// Its products run on sgemm with leading dimensions: a head is a column block of the [rows,
+// heads·D] activations.
 void AttentionHeadForward(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldkv,
                           int m, int first, int head_dim, int window, float* p, int64_t ldp,
                           float* out) {
@@ -205,29 +213,34 @@ void AttentionHeadForward(const float* q, const float* k, const float* v, int64_
   Gemm(false, false, m, head_dim, end, 1.0f, p, ldp, v, ldkv, 0.0f, out, ldq);
 }
 
-void AttentionForward(ThreadPool& pool, const AttentionShape& s, const float* q, const float* k,
+}  // namespace
+
+void AttentionForward(ThreadPool& pool, const LlamaConfig& c, const float* q, const float* k,
                       const float* v, int batch, int seq, int window, float* p, float* att) {
-  const int D = s.head_dim, group = s.heads / s.kv_heads;
-  const int64_t Q = s.q_width(), KV = s.kv_width(), T = seq;
-  pool.For(static_cast<size_t>(batch) * s.heads, [&](size_t item, int) {
-    const int b = static_cast<int>(item) / s.heads, h = static_cast<int>(item) % s.heads;
+  const int D = c.head_dim, group = c.num_attention_heads / c.num_key_value_heads;
+  const int64_t Q = c.q_dim(), KV = c.kv_dim(), T = seq;
+  pool.For(static_cast<size_t>(batch) * c.num_attention_heads, [&](size_t item, int) {
+    const int b = static_cast<int>(item) / c.num_attention_heads,
+              h = static_cast<int>(item) % c.num_attention_heads;
     const int64_t row0 = b * T, g = h / group;
     AttentionHeadForward(q + row0 * Q + h * D, k + row0 * KV + g * D, v + row0 * KV + g * D, Q, KV,
-                         seq, 0, D, window, p + (static_cast<int64_t>(b) * s.heads + h) * T * T, T,
+                         seq, 0, D, window,
+                         p + (static_cast<int64_t>(b) * c.num_attention_heads + h) * T * T, T,
                          att + row0 * Q + h * D);
   });
 }
 
-void AttentionBackward(ThreadPool& pool, const AttentionShape& s, const float* q, const float* k,
+void AttentionBackward(ThreadPool& pool, const LlamaConfig& c, const float* q, const float* k,
                        const float* v, const float* p, const float* datt, int batch, int seq,
                        int window, float* dq, float* dk, float* dv,
                        std::vector<AlignedFloats>& scratch) {
-  const int D = s.head_dim, group = s.heads / s.kv_heads;
-  const int64_t Q = s.q_width(), KV = s.kv_width(), T = seq;
+  const int D = c.head_dim, group = c.num_attention_heads / c.num_key_value_heads;
+  const int64_t Q = c.q_dim(), KV = c.kv_dim(), T = seq;
   const float inv_sqrt_d = 1.0f / std::sqrt(static_cast<float>(D));
   // One item per (sequence, kv head): the query heads sharing a kv head all add into its dK, dV.
-  pool.For(static_cast<size_t>(batch) * s.kv_heads, [&](size_t item, int thread) {
-    const int b = static_cast<int>(item) / s.kv_heads, g = static_cast<int>(item) % s.kv_heads;
+  pool.For(static_cast<size_t>(batch) * c.num_key_value_heads, [&](size_t item, int thread) {
+    const int b = static_cast<int>(item) / c.num_key_value_heads,
+              g = static_cast<int>(item) % c.num_key_value_heads;
     const int64_t row0 = b * T;
     const float* K = k + row0 * KV + g * D;
     const float* V = v + row0 * KV + g * D;
@@ -239,7 +252,7 @@ void AttentionBackward(ThreadPool& pool, const AttentionShape& s, const float* q
     }
     float* dP = scratch[static_cast<size_t>(thread)].data();  // [T, T]
     for (int h = g * group; h < (g + 1) * group; ++h) {
-      const float* P = p + (static_cast<int64_t>(b) * s.heads + h) * T * T;
+      const float* P = p + (static_cast<int64_t>(b) * c.num_attention_heads + h) * T * T;
       const float* dO = datt + row0 * Q + h * D;
       const float* Qh = q + row0 * Q + h * D;
       Gemm(true, false, T, D, T, 1.0f, P, T, dO, Q, 1.0f, dV, KV);  // dV += Pᵀ·dO
@@ -261,12 +274,12 @@ void AttentionBackward(ThreadPool& pool, const AttentionShape& s, const float* q
   });
 }
 
-void CachedAttentionForward(ThreadPool& pool, const AttentionShape& s, const float* q,
+void CachedAttentionForward(ThreadPool& pool, const LlamaConfig& c, const float* q,
                             const float* k_cache, const float* v_cache, int m, int first,
                             int window, std::vector<AlignedFloats>& scratch, float* att) {
-  const int D = s.head_dim, group = s.heads / s.kv_heads;
-  const int64_t Q = s.q_width(), KV = s.kv_width();
-  pool.For(static_cast<size_t>(s.heads), [&](size_t h, int thread) {
+  const int D = c.head_dim, group = c.num_attention_heads / c.num_key_value_heads;
+  const int64_t Q = c.q_dim(), KV = c.kv_dim();
+  pool.For(static_cast<size_t>(c.num_attention_heads), [&](size_t h, int thread) {
     const int64_t g = static_cast<int64_t>(h) / group;
     AttentionHeadForward(q + h * D, k_cache + g * D, v_cache + g * D, Q, KV, m, first, D, window,
                          scratch[static_cast<size_t>(thread)].data(), first + m, att + h * D);

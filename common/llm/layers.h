@@ -56,7 +56,8 @@ absl::StatusOr<std::vector<Linear>> ModelLinears(const LlamaWeights& weights,
                                                  const Adapter* adapter);
 
 // y = x·Wᵀ + bias + s·u'·Bᵀ with u = x·Aᵀ and u' = u·Rᵀ (LoRA-SB) or u (LoRA).
-// x [rows, in], y [rows, out]; u, v [rows, r] keep x·Aᵀ and u·Rᵀ (LoRA-SB only) for the backward.
+// x [rows, in], y [rows, out]; u [rows, r] keeps x·Aᵀ for the backward; v [rows, r] is scratch for
+// u·Rᵀ (LoRA-SB only).
 void LinearForward(ThreadPool& pool, const Linear& p, const float* x, float* y, int64_t rows,
                    float* u, float* v);
 
@@ -89,39 +90,21 @@ void RmsNormBackward(ThreadPool& pool, const float* x, const float* g, const flo
 void Rope(ThreadPool& pool, float* x, int64_t rows, int heads, int head_dim, const float* cos,
           const float* sin, int first, int64_t seq, bool inverse);
 
-// Grouped-query attention's sizes: query heads share kv head h / (heads / kv_heads).
-struct AttentionShape {
-  int heads = 0;     // Hq
-  int kv_heads = 0;  // Hkv
-  int head_dim = 0;  // D
-  int64_t q_width() const { return static_cast<int64_t>(heads) * head_dim; }
-  int64_t kv_width() const { return static_cast<int64_t>(kv_heads) * head_dim; }
-};
-
-// One query head of one sequence: queries at positions first..first+m−1 against keys and values at
-// 0..first+m−1, causal over the last `window` positions when > 0:
-//   p_i = softmax_j(q_i·k_jᵀ/√D) over i' − window < j ≤ i' (i' = first + i), 0 elsewhere;
-//   out_i = p_i·v.
-// q, out [m, D] with row stride ldq; k, v [first+m, D] with row stride ldkv; p [m, first+m] with
-// row stride ldp.
-void AttentionHeadForward(const float* q, const float* k, const float* v, int64_t ldq, int64_t ldkv,
-                          int m, int first, int head_dim, int window, float* p, int64_t ldp,
-                          float* out);
-
-// Causal attention of `batch` sequences of `seq` tokens (row n = b·seq + t).
-// q, att [N, Hq·D]; k, v [N, Hkv·D]; p [batch, Hq, seq, seq] keeps the probabilities.
-void AttentionForward(ThreadPool& pool, const AttentionShape& s, const float* q, const float* k,
+// Grouped-query attention with `c`'s heads and head_dim (query head h reads kv head h / (Hq /
+// Hkv)). Causal attention of `batch` sequences of `seq` tokens (row n = b·seq + t). q, att [N,
+// Hq·D]; k, v [N, Hkv·D]; p [batch, Hq, seq, seq] keeps the probabilities.
+void AttentionForward(ThreadPool& pool, const LlamaConfig& c, const float* q, const float* k,
                       const float* v, int batch, int seq, int window, float* p, float* att);
 // Given datt [N, Hq·D]: dq [N, Hq·D], dk, dv [N, Hkv·D] (set, not added). scratch: per thread,
 // [seq, seq] floats.
-void AttentionBackward(ThreadPool& pool, const AttentionShape& s, const float* q, const float* k,
+void AttentionBackward(ThreadPool& pool, const LlamaConfig& c, const float* q, const float* k,
                        const float* v, const float* p, const float* datt, int batch, int seq,
                        int window, float* dq, float* dk, float* dv,
                        std::vector<AlignedFloats>& scratch);
 // The decoder's: m new positions first..first+m−1 of one sequence against a KV cache holding
 // positions 0..first+m−1. q, att [m, Hq·D]; k_cache, v_cache [≥ first+m, Hkv·D]; scratch: per
 // thread, [m, first+m] floats.
-void CachedAttentionForward(ThreadPool& pool, const AttentionShape& s, const float* q,
+void CachedAttentionForward(ThreadPool& pool, const LlamaConfig& c, const float* q,
                             const float* k_cache, const float* v_cache, int m, int first,
                             int window, std::vector<AlignedFloats>& scratch, float* att);
 

@@ -177,16 +177,13 @@ absl::Status ParseSpecialTokens(const nlohmann::json& json, const std::string& o
     return v.get<int>();
   };
   if (json.contains("bos_token_id") && !json["bos_token_id"].is_null()) {
-    absl::StatusOr<int> id = token_id(json["bos_token_id"]);
-    if (!id.ok()) return id.status();
-    c.bos_token_id = *id;
+    ASSIGN_OR_RETURN(c.bos_token_id, token_id(json["bos_token_id"]));
   }
   if (json.contains("eos_token_id") && !json["eos_token_id"].is_null()) {
     const nlohmann::json& eos = json["eos_token_id"];
     for (const nlohmann::json& v : eos.is_array() ? eos : nlohmann::json::array({eos})) {
-      absl::StatusOr<int> id = token_id(v);
-      if (!id.ok()) return id.status();
-      c.eos_token_ids.push_back(*id);
+      ASSIGN_OR_RETURN(const int id, token_id(v));
+      c.eos_token_ids.push_back(id);
     }
   }
   return absl::OkStatus();
@@ -460,7 +457,7 @@ absl::StatusOr<std::vector<size_t>> AdapterSlots(const LlamaConfig& c, const Ada
               StrCat("adapter module ", m.name, " is [", m.out_features, ", ", m.in_features,
                      "] but the model's linear is [", LinearOut(c, kind), ", ", LinearIn(c, kind),
                      "] (hint: adapter trained on another base model?)"));
-        slots.push_back(static_cast<size_t>(l) * kNumLinearKinds + k);
+        slots.push_back(LinearSlot(l, kind));
         found = true;
       }
     if (!found)

@@ -39,6 +39,10 @@ struct RopeScaling {
 // The seven linear layers of a decoder layer that LoRA can adapt, in the order of the forward pass.
 enum class LinearKind { kQ, kK, kV, kO, kGate, kUp, kDown };
 inline constexpr int kNumLinearKinds = 7;
+// Where layer `layer`'s linear `kind` sits among the model's [L·7] linears (layer-major).
+inline size_t LinearSlot(int layer, LinearKind kind) {
+  return static_cast<size_t>(layer) * kNumLinearKinds + static_cast<size_t>(kind);
+}
 
 struct LlamaConfig {
   std::string model_type = "llama";  // llama, mistral, qwen2 or qwen3

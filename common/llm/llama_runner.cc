@@ -23,12 +23,7 @@ int64_t TokenBatch::TargetCount() const {
 class LlamaRunner::Impl {
  public:
   Impl(const LlamaWeights* w, const Adapter* adapter, const Options& o)
-      : w_(*w),
-        c_(w->config()),
-        adapter_(adapter),
-        opt_(o),
-        pool_(o.threads),
-        shape_{c_.num_attention_heads, c_.num_key_value_heads, c_.head_dim} {}
+      : w_(*w), c_(w->config()), adapter_(adapter), opt_(o), pool_(o.threads) {}
 
   absl::Status Init();
   // With `sink`, the backward pass hands the wanted linears' rows to it instead of computing the
@@ -73,21 +68,10 @@ class LlamaRunner::Impl {
     float* up = nullptr;    // [N, I]
     float* act = nullptr;   // [N, I] silu(gate)·up
   };
-  struct LoraActivations {  // per adapted linear
-    AlignedFloats u;        // [N, r]  x·Aᵀ
-    AlignedFloats v;        // [N, r]  u·Rᵀ (LoRA-SB only)
-  };
-
-  const Linear& linear(int l, LinearKind k) const {
-    return linears_[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)];
-  }
-  LoraActivations& lora(int l, LinearKind k) {
-    return lora_[static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k)];
-  }
   absl::Status CheckBatch(const TokenBatch& batch, bool backward, std::span<float> grads,
                           const Sink* sink) const;
   void LinearForwardAt(int l, LinearKind k, const float* x, float* y);
-  // dx (+)= ∂/∂x; the adapter's gradients into grads_, or the rows to the sink.
+  // dx (+)= ∂/∂x; the adapter's gradients into lora_grads_, or the rows to the sink.
   void LinearBackwardAt(int l, LinearKind k, const float* x, const float* dy, float* dx,
                         bool accumulate);
   // Layer l from Ls.x to `out` ([N, H]), keeping what the backward needs in Ls.
@@ -105,15 +89,14 @@ class LlamaRunner::Impl {
   const Adapter* adapter_;
   Options opt_;
   ThreadPool pool_;
-  const AttentionShape shape_;
   std::vector<Linear> linears_;        // [L·7]
-  std::vector<LoraActivations> lora_;  // [L·7], empty where no module
-  std::vector<LoraGrads> lora_grads_;  // [L·7], into grads_ (for the current batch)
+  std::vector<AlignedFloats> lora_u_;  // [L·7] x·Aᵀ [N, r], kept for the backward; empty: no module
+  AlignedFloats lora_ur_;              // [N, max r] u·Rᵀ of the LoRA-SB linear running (scratch)
+  std::vector<LoraGrads> lora_grads_;  // [L·7], into the batch's gradients (or none)
 
   // Current batch shape.
   int B_ = 0, T_ = 0;
   int64_t N_ = 0;
-  float* grads_ = nullptr;      // adapter gradients, or null
   const Sink* sink_ = nullptr;  // weight gradients' consumer, or null
 
   AlignedFloats acts_;         // all saved activations, each buffer aligned
@@ -153,15 +136,17 @@ absl::Status LlamaRunner::Impl::Init() {
 
   // LoRA modules onto the model's linears.
   ASSIGN_OR_RETURN(linears_, ModelLinears(w_, adapter_));
-  lora_.resize(linears_.size());
+  lora_u_.resize(linears_.size());
   lora_grads_.resize(linears_.size());
   int64_t max_rank = 1;
+  bool lora_sb = false;
   for (size_t i = 0; i < linears_.size(); ++i) {
     if (linears_[i].module < 0) continue;
-    lora_[i].u.assign(static_cast<size_t>(N * linears_[i].rank), 0.0f);
-    if (linears_[i].r != nullptr) lora_[i].v.assign(lora_[i].u.size(), 0.0f);
+    lora_u_[i].assign(static_cast<size_t>(N * linears_[i].rank), 0.0f);
+    lora_sb = lora_sb || linears_[i].r != nullptr;
     max_rank = std::max(max_rank, linears_[i].rank);
   }
+  if (lora_sb) lora_ur_.assign(static_cast<size_t>(N * max_rank), 0.0f);
 
   // Workspace: every buffer a slice of acts_, each starting aligned.
   const int slots = opt_.training ? L : 1;
@@ -228,15 +213,15 @@ absl::Status LlamaRunner::Impl::Init() {
 }
 
 void LlamaRunner::Impl::LinearForwardAt(int l, LinearKind k, const float* x, float* y) {
-  LoraActivations& a = lora(l, k);
-  LinearForward(pool_, linear(l, k), x, y, N_, a.u.data(), a.v.data());
+  const size_t slot = LinearSlot(l, k);
+  LinearForward(pool_, linears_[slot], x, y, N_, lora_u_[slot].data(), lora_ur_.data());
 }
 
 void LlamaRunner::Impl::LinearBackwardAt(int l, LinearKind k, const float* x, const float* dy,
                                          float* dx, bool accumulate) {
-  const size_t slot = static_cast<size_t>(l) * kNumLinearKinds + static_cast<int>(k);
+  const size_t slot = LinearSlot(l, k);
   if (sink_ != nullptr && sink_->wanted[slot]) sink_->rows({l, k, x, dy, N_});
-  LinearBackward(pool_, linears_[slot], x, lora_[slot].u.data(), dy, dx, accumulate, N_,
+  LinearBackward(pool_, linears_[slot], x, lora_u_[slot].data(), dy, dx, accumulate, N_,
                  lora_grads_[slot], du_.data(), du2_.data());
 }
 
@@ -342,7 +327,7 @@ void LlamaRunner::Impl::LayerForward(int l, Layer& Ls, float* out) {
   LinearForwardAt(l, LinearKind::kV, Ls.h1, Ls.v);
   Rope(pool_, Ls.q, N_, Hq, D, cos_.data(), sin_.data(), 0, T_, false);
   Rope(pool_, Ls.k, N_, Hkv, D, cos_.data(), sin_.data(), 0, T_, false);
-  AttentionForward(pool_, shape_, Ls.q, Ls.k, Ls.v, B_, T_, c_.window(l), Ls.p, Ls.att);
+  AttentionForward(pool_, c_, Ls.q, Ls.k, Ls.v, B_, T_, c_.window(l), Ls.p, Ls.att);
   LinearForwardAt(l, LinearKind::kO, Ls.att, Ls.x2);
   MapF(Ls.x2, N_, H) += ConstMapF(Ls.x, N_, H);
   RmsNormForward(pool_, Ls.x2, w_.post_norm(l), eps, Ls.rms2, Ls.h2, N_, H);
@@ -364,8 +349,8 @@ void LlamaRunner::Impl::LayerBackward(int l, Layer& Ls) {
   RmsNormBackward(pool_, Ls.x2, w_.post_norm(l), Ls.rms2, dh_, dres_, N_, H);
   // Attention: x2 = x + o(attention(rope(norm(q)), rope(norm(k)), v)).
   LinearBackwardAt(l, LinearKind::kO, Ls.att, dres_, datt_, false);
-  AttentionBackward(pool_, shape_, Ls.q, Ls.k, Ls.v, Ls.p, datt_, B_, T_, c_.window(l), dq_, dk_,
-                    dv_, scratch_);
+  AttentionBackward(pool_, c_, Ls.q, Ls.k, Ls.v, Ls.p, datt_, B_, T_, c_.window(l), dq_, dk_, dv_,
+                    scratch_);
   Rope(pool_, dq_, N_, Hq, D, cos_.data(), sin_.data(), 0, T_, true);
   Rope(pool_, dk_, N_, Hkv, D, cos_.data(), sin_.data(), 0, T_, true);
   float *dq = dq_, *dk = dk_;
@@ -389,17 +374,17 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
   B_ = batch.batch;
   T_ = batch.seq;
   N_ = static_cast<int64_t>(B_) * T_;
-  grads_ = sink != nullptr ? nullptr : grads.data();
+  float* const adapter_grads = sink != nullptr ? nullptr : grads.data();
   sink_ = sink;
   for (size_t i = 0; i < linears_.size(); ++i) {
     const Linear& p = linears_[i];
-    if (grads_ == nullptr || p.module < 0) {
+    if (adapter_grads == nullptr || p.module < 0) {
       lora_grads_[i] = {};
       continue;
     }
     const LoraModule& m = adapter_->module(static_cast<size_t>(p.module));
-    lora_grads_[i] = {grads_ + m.a_offset, grads_ + m.b_offset,
-                      m.has_r ? grads_ + m.r_offset : nullptr};
+    lora_grads_[i] = {adapter_grads + m.a_offset, adapter_grads + m.b_offset,
+                      m.has_r ? adapter_grads + m.r_offset : nullptr};
   }
   const int L = c_.num_hidden_layers, H = c_.hidden_size;
   PrepareRope();
@@ -460,8 +445,7 @@ absl::StatusOr<LossSum> LlamaRunner::WeightGradients(const TokenBatch& batch, fl
   std::vector<bool> wanted(dense.size());
   for (size_t i = 0; i < dense.size(); ++i) wanted[i] = dense[i] != nullptr;
   return WeightGradientRows(batch, scale, wanted, [&](const GradientRows& g) {
-    impl_->AddWeightGradient(
-        g, dense[static_cast<size_t>(g.layer) * kNumLinearKinds + static_cast<int>(g.kind)]);
+    impl_->AddWeightGradient(g, dense[LinearSlot(g.layer, g.kind)]);
   });
 }
 

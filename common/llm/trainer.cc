@@ -364,8 +364,7 @@ absl::StatusOr<std::vector<MatrixD>> SketchGradients(const LlamaWeights& weights
   }
   std::vector<MatrixD>& into = private_sketch ? record : out;
   const auto sink = [&](const LlamaRunner::GradientRows& g) {
-    const size_t i =
-        module_of[static_cast<size_t>(g.layer) * kNumLinearKinds + static_cast<size_t>(g.kind)];
+    const size_t i = module_of[LinearSlot(g.layer, g.kind)];
     const ConstMapF x(g.x, g.rows, LinearIn(c, g.kind)), dy(g.dy, g.rows, LinearOut(c, g.kind));
     if (private_sketch) {  // ‖dyᵀ·x‖_F² = Σ_st (dy_s·dy_t)(x_s·x_t), summed in double
       record_norm_sq +=

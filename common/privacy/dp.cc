@@ -82,10 +82,6 @@ double GaussianNoise::Sample() {
          2.0;
 }
 
-void GaussianNoise::Add(std::span<float> values, double stddev) {
-  for (float& v : values) v += static_cast<float>(stddev * Sample());
-}
-
 namespace {
 
 template <typename T>

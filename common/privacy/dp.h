@@ -31,8 +31,6 @@ class GaussianNoise {
   ~GaussianNoise();
 
   double Sample();  // one N(0, 1)
-  // values[i] += N(0, stddev²), independently.
-  void Add(std::span<float> values, double stddev);
 
  private:
   explicit GaussianNoise(const std::array<uint8_t, 32>& key);

@@ -40,6 +40,7 @@ TEST(GaussianNoiseTest, SamplesAreStandardNormal) {
   EXPECT_LT(ks, 1.95 / std::sqrt(n));
 }
 
+// NoisyMean at `expected` 1: the noise it adds.
 TEST(GaussianNoiseTest, AddedNoiseHasTheRequestedScalePerCoordinateAndInNorm) {
   auto noise = std::make_unique<GaussianNoise>(GaussianNoise::ForTestingOnly(7));
   const int dims = 64, draws = 20000;
@@ -47,7 +48,7 @@ TEST(GaussianNoiseTest, AddedNoiseHasTheRequestedScalePerCoordinateAndInNorm) {
   std::vector<double> sum(dims, 0), sq(dims, 0), norm_sq;
   for (int t = 0; t < draws; ++t) {
     std::vector<float> v(dims, 1.0f);
-    noise->Add(v, stddev);
+    NoisyMean(std::span<float>(v), stddev, 1.0, *noise);
     double ns = 0;
     for (int i = 0; i < dims; ++i) {
       const double e = v[i] - 1.0;
