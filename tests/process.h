@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/base/strings.h"
 #include "common/base/subprocess.h"
 
 namespace fedlora::testing {
@@ -37,11 +38,7 @@ Args Argv(const Parts&... parts) {
 }
 
 // The arguments joined by spaces, for a test's messages (not for a shell).
-inline std::string CommandLine(const Args& args) {
-  std::string line;
-  for (const std::string& a : args) line += (line.empty() ? "" : " ") + a;
-  return line;
-}
+inline std::string CommandLine(const Args& args) { return common::StrJoin(args, " "); }
 
 // Starts argv[0] with stdout and stderr appended to `log` (stderr to `err` instead, when given);
 // returns its pid (or -1). The caller reaps it (Wait).

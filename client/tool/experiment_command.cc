@@ -27,8 +27,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string Number(double x) { return StrCat(x); }
-
 std::string Clock(double seconds) {
   const int s = static_cast<int>(seconds);
   return s >= 3600 ? fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
@@ -80,15 +78,14 @@ absl::Status Runner::Prepare() {
       RETURN_IF_ERROR(common::WriteFileAtomically(corpus, Lines(all)));
       RETURN_IF_ERROR(RunToEnd(
           {(bin_ / "fedlora").string(), "init-model", "--preset", s_.preset, "--seed",
-           StrCat(s_.model_seed), "--init-std", Number(s_.init_std), "--merges", StrCat(s_.merges),
+           StrCat(s_.model_seed), "--init-std", StrCat(s_.init_std), "--merges", StrCat(s_.merges),
            "--tokenizer-corpus", corpus.string(), "--out", model_.string()},
           s_.out / "data" / "init-model.log"));
     }
   } else {
     model_ = fs::absolute(s_.model_dir);
   }
-  const int most = *std::max_element(s_.clients.begin(), s_.clients.end());
-  return common::MakeRunCertificates(s_.out / "certs", most);
+  return common::MakeRunCertificates(s_.out / "certs", s_.max_clients());
 }
 
 absl::StatusOr<std::vector<ResultRow>> Runner::RunCell(const Cell& cell, size_t index,
@@ -126,9 +123,9 @@ std::vector<std::string> Runner::CoordinatorArgv(const Cell& cell, const std::st
                                                  const fs::path& dir) const {
   const Hyper h = s_.HyperOf(method);
   const fs::path certs = fs::absolute(s_.out / "certs");
-  std::string allowed, targets;
+  std::string allowed;
   for (int k = 1; k <= clients; ++k) allowed += StrCat(k > 1 ? "," : "", "client-", k);
-  for (const std::string& t : s_.targets) targets += (targets.empty() ? "" : ",") + t;
+  const std::string targets = common::StrJoin(s_.targets, ",");
   // clang-format off
   std::vector<std::string> argv = {
       (bin_ / "fedlora-server").string(),
@@ -141,10 +138,10 @@ std::vector<std::string> Runner::CoordinatorArgv(const Cell& cell, const std::st
       "--base-model-dir", model_.string(), "--eval-data", fs::absolute(data_.test).string(),
       "--eval-accuracy", "--eval-max-new-tokens", StrCat(s_.eval_max_new_tokens),
       "--eval-max-length", StrCat(s_.max_length),
-      "--target-modules", targets, "--rank", StrCat(h.rank), "--lora-alpha", Number(h.lora_alpha),
-      "--local-steps", StrCat(local_steps), "--learning-rate", Number(h.learning_rate)};
+      "--target-modules", targets, "--rank", StrCat(h.rank), "--lora-alpha", StrCat(h.lora_alpha),
+      "--local-steps", StrCat(local_steps), "--learning-rate", StrCat(h.learning_rate)};
   // clang-format on
-  if (method == "fed-sb") argv.insert(argv.end(), {"--fed-sb-init-lr", Number(h.fed_sb_init_lr)});
+  if (method == "fed-sb") argv.insert(argv.end(), {"--fed-sb-init-lr", StrCat(h.fed_sb_init_lr)});
   if (!cell.client_ranks.empty()) {
     std::string ranks;
     for (size_t k = 0; k < cell.client_ranks.size(); ++k)
@@ -153,7 +150,7 @@ std::vector<std::string> Runner::CoordinatorArgv(const Cell& cell, const std::st
   }
   if (cell.dp_noise > 0)
     argv.insert(argv.end(),
-                {"--dp-clip", Number(s_.dp_clip), "--dp-noise-multiplier", Number(cell.dp_noise)});
+                {"--dp-clip", StrCat(s_.dp_clip), "--dp-noise-multiplier", StrCat(cell.dp_noise)});
   return argv;
 }
 

@@ -14,7 +14,8 @@ using common::StrCat;
 
 namespace {
 
-double MeanPerClient(const common::PerClient& per_client) {
+template <typename Value>
+double MeanPerClient(const std::map<std::string, Value>& per_client) {
   double sum = 0;
   for (const auto& [id, b] : per_client) sum += static_cast<double>(b);
   return per_client.empty() ? 0.0 : sum / static_cast<double>(per_client.size());
@@ -48,9 +49,7 @@ absl::StatusOr<std::vector<ResultRow>> HarvestCell(const Cell& cell,
     r.bytes_down = MeanPerClient(m.record.who.bytes_down);
     add(m.record.who.bytes_up);
     add(m.record.who.bytes_down);
-    double sum = 0;
-    for (const auto& [id, b] : cumulative) sum += b;
-    r.cumulative_bytes = cumulative.empty() ? 0.0 : sum / static_cast<double>(cumulative.size());
+    r.cumulative_bytes = MeanPerClient(cumulative);
     if (m.record.client_dp) {
       r.epsilon = m.record.client_dp->epsilon.value_or(INFINITY);
     } else {

@@ -82,12 +82,11 @@ absl::StatusOr<ExperimentData> PrepareData(const ExperimentSpec& s, const fs::pa
   std::vector<Record> test;
   if (s.synthetic) {
     // One pool of uniform categories (a huge α) for the split to skew.
-    const int most = *std::max_element(s.clients.begin(), s.clients.end());
     const fs::path pool = data / "synthetic";
     if (!fs::exists(pool / "test.jsonl"))
       RETURN_IF_ERROR(RunToEnd(
           {(bin / "fedlora").string(), "make-data", "--out", pool.string(), "--clients", "1",
-           "--records", StrCat(most * s.synthetic_records), "--test-records",
+           "--records", StrCat(s.max_clients() * s.synthetic_records), "--test-records",
            StrCat(s.synthetic_test_records), "--alpha", "1000", "--seed", StrCat(s.model_seed)},
           data / "make-data.log"));
     ASSIGN_OR_RETURN(auto records, ReadRecords(pool / "client-1.jsonl", s.label_field, 0));

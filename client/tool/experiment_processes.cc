@@ -24,10 +24,19 @@ std::string Tail(const fs::path& log) {
   return text.size() > 1500 ? "…" + text.substr(text.size() - 1500) : text;
 }
 
-// SIGTERM to every child still running, then each is waited for (SIGKILL after 10 s).
+// SIGTERM to every child still running, then SIGKILL to those still running 10 s later (one
+// grace period for all, not one each).
 void StopAll(std::vector<Subprocess>& children) {
   for (Subprocess& child : children) child.Signal(SIGTERM);
-  for (Subprocess& child : children) child.Stop();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (Subprocess& child : children) {
+    const auto left = std::max(deadline - std::chrono::steady_clock::now(),
+                               std::chrono::steady_clock::duration::zero());
+    if (!child.WaitFor(left)) {
+      child.Signal(SIGKILL);
+      child.Wait();
+    }
+  }
 }
 
 absl::Status Stopped(const std::string& label) {

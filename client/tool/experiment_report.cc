@@ -56,11 +56,7 @@ std::string GroupLabel(const ExperimentSpec& spec, const Cell& c) {
   if (spec.alphas.size() > 1) label += StrCat(" α=", c.alpha);
   if (spec.dp_noise.size() > 1 && c.kind != "local" && c.kind != "centralised")
     label += c.dp_noise > 0 ? StrCat(" σ=", c.dp_noise) : std::string(" no DP");
-  if (!c.client_ranks.empty()) {
-    label += " ranks ";
-    for (size_t i = 0; i < c.client_ranks.size(); ++i)
-      label += StrCat(i ? "/" : "", c.client_ranks[i]);
-  }
+  if (!c.client_ranks.empty()) label += " ranks " + common::StrJoin(c.client_ranks, "/");
   return label;
 }
 
@@ -93,9 +89,7 @@ absl::StatusOr<std::set<std::string>> WriteCsvs(const std::vector<ResultRow>& ro
       "round_seconds,wall_seconds\n";
   for (const ResultRow& r : rows) {
     const Cell& c = r.cell;
-    std::string ranks;
-    for (size_t i = 0; i < c.client_ranks.size(); ++i)
-      ranks += StrCat(i ? ";" : "", c.client_ranks[i]);
+    const std::string ranks = common::StrJoin(c.client_ranks, ";");
     csv += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", c.id(), c.kind,
                        c.seed, c.clients, c.split, c.alpha, c.dp_noise, ranks,
                        c.site > 0 ? StrCat("client-", c.site) : std::string(), r.round,
@@ -148,7 +142,7 @@ std::string ReportText(const ExperimentSpec& spec, const std::vector<Group>& gro
              spec.synthetic ? std::string("synthetic (fedlora make-data)") : spec.data_dir.string(),
              ", partition ", spec.partition, ". ", spec.rounds, " rounds of ", spec.local_steps,
              " local steps (batch ", spec.batch, "); LoRA targets ");
-  for (size_t i = 0; i < spec.targets.size(); ++i) md += (i ? "," : "") + spec.targets[i];
+  md += common::StrJoin(spec.targets, ",");
   md += StrCat(
       ". Centralised: one site with the pooled data and the federation's total steps; "
       "local-only: each client alone, averaged over clients (neither communicates). Values after "

@@ -6,6 +6,7 @@
 #include <limits>
 #include <sstream>
 
+#include "common/aggregation/aggregate.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 
@@ -25,10 +26,8 @@ class Section {
     if (table_ == nullptr) return absl::OkStatus();
     for (const auto& [key, value] : *table_) {
       if (std::find(known.begin(), known.end(), key.str()) == known.end()) {
-        std::string list;
-        for (std::string_view k : known) list += (list.empty() ? "" : ", ") + std::string(k);
-        return absl::InvalidArgumentError(
-            StrCat("[", name_, "] has no key \"", key.str(), "\"; it takes ", list));
+        return absl::InvalidArgumentError(StrCat("[", name_, "] has no key \"", key.str(),
+                                                 "\"; it takes ", common::StrJoin(known, ", ")));
       }
     }
     return absl::OkStatus();
@@ -187,7 +186,7 @@ absl::Status ReadFloraClientRanks(const toml::node& patterns, ExperimentSpec& s)
 // The values of [grid] (read into `s`) checked, and made to fit the partition.
 absl::Status CheckGrid(const Section& grid, ExperimentSpec& s) {
   for (const std::string& m : s.methods)
-    if (m != "fedit" && m != "flora" && m != "lora-fair" && m != "fed-sb")
+    if (!common::ParseMethod(m).ok())
       return absl::InvalidArgumentError(
           StrCat("[grid] methods: \"", m, "\" is not fedit, flora, lora-fair or fed-sb"));
   if (s.partition == "per-file") {
@@ -300,10 +299,7 @@ absl::StatusOr<ExperimentSpec> ReadExperimentSpec(const fs::path& path) {
 std::string Cell::id() const {
   std::string id = StrCat(kind, "_s", seed, "_k", clients, "_", split);
   if (dp_noise > 0) id += StrCat("_dp", dp_noise);
-  if (!client_ranks.empty()) {
-    id += "_r";
-    for (size_t i = 0; i < client_ranks.size(); ++i) id += StrCat(i ? "-" : "", client_ranks[i]);
-  }
+  if (!client_ranks.empty()) id += "_r" + common::StrJoin(client_ranks, "-");
   if (site > 0) id += StrCat("_site", site);
   return id;
 }

@@ -5,6 +5,7 @@
 #ifndef FEDLORA_CLIENT_TOOL_EXPERIMENT_SPEC_H_
 #define FEDLORA_CLIENT_TOOL_EXPERIMENT_SPEC_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -76,6 +77,8 @@ struct ExperimentSpec {
   // The spec without its [grid], as TOML: what cells of one results directory share.
   std::string settings;
 
+  // The largest federation of the grid (the spec holds at least one client count).
+  int max_clients() const { return *std::max_element(clients.begin(), clients.end()); }
   Hyper HyperOf(const std::string& method) const {
     auto it = per_method.find(method);
     return it == per_method.end() ? train : it->second;

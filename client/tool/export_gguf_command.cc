@@ -5,21 +5,18 @@
 #include <optional>
 
 #include "client/tool/commands.h"
+#include "client/tool/llm_inputs.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/llm/gguf_export.h"
-#include "common/tensor/peft.h"
 
 namespace fedlora::tool {
 
 absl::Status Run(const ExportGgufCommandOptions& a) {
   if (std::filesystem::exists(a.out) && !a.overwrite)
     return absl::AlreadyExistsError(a.out + " exists; give --overwrite to replace it");
-  std::optional<common::Adapter> adapter;
-  if (!a.adapter.empty()) {
-    ASSIGN_OR_RETURN(adapter, common::ReadPeftAdapter(a.adapter));
-    RETURN_IF_ERROR(adapter->CheckFinite());
-  }
+  ASSIGN_OR_RETURN(const std::optional<common::Adapter> adapter, ReadAdapterIfNamed(a.adapter));
+  if (adapter) RETURN_IF_ERROR(adapter->CheckFinite());
   absl::StatusOr<common::GgufExport> report;
   if (a.lora) {
     if (!adapter) return absl::InvalidArgumentError("--lora exports an --adapter; give one");

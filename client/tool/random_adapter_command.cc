@@ -16,11 +16,8 @@ namespace fedlora::tool {
 
 absl::Status Run(const RandomAdapterCommandOptions& args) {
   ASSIGN_OR_RETURN(const common::DType dtype, common::ParseDType(args.dtype));
-  std::vector<common::LinearKind> kinds;
-  for (const std::string& t : args.targets) {
-    ASSIGN_OR_RETURN(const common::LinearKind kind, common::ParseLinearKind(t));
-    kinds.push_back(kind);
-  }
+  ASSIGN_OR_RETURN(const std::vector<common::LinearKind> kinds,
+                   common::ParseLinearKinds(args.targets));
   std::optional<common::LlamaConfig> config;
   if (!args.model.empty()) {
     ASSIGN_OR_RETURN(config, common::ReadLlamaConfig(args.model));

@@ -19,10 +19,7 @@ namespace {
 absl::StatusOr<common::LoraSpec> LoraSpecOf(const TrainCommandOptions& o) {
   common::LoraSpec spec{o.rank, o.alpha, o.rslora, {}, o.method == "lora-sb"};
   if (spec.alpha < 0) spec.alpha = spec.lora_sb ? o.rank : 2.0 * o.rank;
-  for (const std::string& t : o.targets) {
-    ASSIGN_OR_RETURN(const common::LinearKind kind, common::ParseLinearKind(t));
-    spec.targets.push_back(kind);
-  }
+  ASSIGN_OR_RETURN(spec.targets, common::ParseLinearKinds(o.targets));
   return spec;
 }
 

@@ -32,9 +32,15 @@ std::string StrCat(const Args&... args) {
   return out;
 }
 
+// The elements of `range` (anything fmt formats) with `separator` between them.
+template <typename Range>
+std::string StrJoin(const Range& range, std::string_view separator) {
+  return fmt::format("{}", fmt::join(range, separator));
+}
+
 // "[r,n]": a tensor shape as error messages print it.
 inline std::string ShapeString(const std::vector<int64_t>& shape) {
-  return fmt::format("[{}]", fmt::join(shape, ","));
+  return "[" + StrJoin(shape, ",") + "]";
 }
 
 // 64-bit FNV-1a of `s`, continuing from `h`: a fast, stable, non-cryptographic hash for names and

@@ -408,12 +408,19 @@ std::string LinearPath(int layer, LinearKind kind) {
   return StrCat("model.layers.", layer, attention ? ".self_attn." : ".mlp.", LinearName(kind));
 }
 
-absl::StatusOr<LinearKind> ParseLinearKind(const std::string& name) {
-  for (int k = 0; k < kNumLinearKinds; ++k)
-    if (name == LinearName(static_cast<LinearKind>(k))) return static_cast<LinearKind>(k);
-  return absl::InvalidArgumentError(
-      StrCat("unknown target module \"", name,
-             "\"; expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj"));
+absl::StatusOr<std::vector<LinearKind>> ParseLinearKinds(const std::vector<std::string>& names) {
+  std::vector<LinearKind> kinds;
+  for (const std::string& name : names) {
+    int k = 0;
+    while (k < kNumLinearKinds && name != LinearName(static_cast<LinearKind>(k))) ++k;
+    if (k == kNumLinearKinds) {
+      return absl::InvalidArgumentError(
+          StrCat("unknown target module \"", name,
+                 "\"; expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj"));
+    }
+    kinds.push_back(static_cast<LinearKind>(k));
+  }
+  return kinds;
 }
 
 int LinearOut(const LlamaConfig& c, LinearKind kind) {

@@ -96,8 +96,8 @@ nlohmann::json LlamaConfigJson(const LlamaConfig& config);
 const char* LinearName(LinearKind kind);
 // The module path of layer `layer`'s linear, e.g. "model.layers.3.self_attn.q_proj".
 std::string LinearPath(int layer, LinearKind kind);
-// Parses "q_proj" etc.; the error lists the valid names.
-absl::StatusOr<LinearKind> ParseLinearKind(const std::string& name);
+// Parses "q_proj" etc., each of `names` in order; the error lists the valid names.
+absl::StatusOr<std::vector<LinearKind>> ParseLinearKinds(const std::vector<std::string>& names);
 // [out, in] of the linear's weight.
 int LinearOut(const LlamaConfig& config, LinearKind kind);
 int LinearIn(const LlamaConfig& config, LinearKind kind);

@@ -132,7 +132,6 @@ TEST_F(CommandWorkloadTest, RegressionAWorkDirWithAQuoteAndASpaceWorks) {
       "\"$FEDLORA_OUT_DIR/../paths.txt\"";
   CommandWorkload w = WithMetrics(R"({"loss_before": 2, "loss_after": 1})", "", check, work);
   common::Adapter adapter = Start();
-  const common::Adapter start = adapter;
   auto m = w.Train(Task(w), adapter);
   ASSERT_TRUE(m.ok()) << m.status();
   EXPECT_EQ(m->loss_after(), 1);
@@ -140,8 +139,6 @@ TEST_F(CommandWorkloadTest, RegressionAWorkDirWithAQuoteAndASpaceWorks) {
   EXPECT_EQ(common::ReadFileToString(round / "paths.txt").value_or(""),
             (round / "start").string() + "\n" + (round / "out").string() + "\n" +
                 (round / "task.json").string() + "\n");
-  // The "trainer" handed back its start adapter: that is what the round trained.
-  EXPECT_TRUE(std::ranges::equal(adapter.values(), start.values()));
 }
 
 TEST_F(CommandWorkloadTest, AFailingCommandSaysHowItEnded) {
