@@ -40,7 +40,7 @@ std::string StrJoin(const Range& range, std::string_view separator) {
 
 // "[r,n]": a tensor shape as error messages print it.
 inline std::string ShapeString(const std::vector<int64_t>& shape) {
-  return "[" + StrJoin(shape, ",") + "]";
+  return fmt::format("[{}]", fmt::join(shape, ","));
 }
 
 // 64-bit FNV-1a of `s`, continuing from `h`: a fast, stable, non-cryptographic hash for names and
