@@ -23,7 +23,7 @@ using ::testing::HasSubstr;
 
 const Modules kWide = {{"model.layers.0.self_attn.q_proj", 96, 128},
                        {"model.layers.0.self_attn.v_proj", 64, 80}};
-const std::vector<std::string> kClients = {"c1", "c2", "c3"};
+const std::vector<std::string> kMembers = {"c1", "c2", "c3"};
 
 v1::ErrorDetail::Reason ReasonOf(const absl::Status& status) {
   const auto detail = server::DetailOf(status);
@@ -53,7 +53,7 @@ MatrixD ClientGradient(const std::string& id, size_t i) {
 MatrixD SummedGradient(size_t i) {
   MatrixD g;
   double total = 0;
-  for (const std::string& id : kClients) {
+  for (const std::string& id : kMembers) {
     const double w = static_cast<double>(Harness::Examples(id));
     g = g.size() ? MatrixD(g + w * ClientGradient(id, i)) : MatrixD(w * ClientGradient(id, i));
     total += w;
@@ -83,7 +83,7 @@ class FedSbInitTest : public ::testing::Test {
   // Every client answers the step it is asked for; returns the task kind they got.
   v1::Task::Kind AllAnswer(Harness& h) {
     v1::Task::Kind kind = v1::Task::WAIT;
-    for (const std::string& id : kClients) {
+    for (const std::string& id : kMembers) {
       auto step = h.Step(id);
       EXPECT_TRUE(step.ok()) << id << ": " << step.status();
       kind = step.ok() ? *step : kind;
@@ -91,7 +91,7 @@ class FedSbInitTest : public ::testing::Test {
     return kind;
   }
   void JoinAll(Harness& h) {
-    for (const std::string& id : kClients) ASSERT_TRUE(h.Join(id).ok()) << id;
+    for (const std::string& id : kMembers) ASSERT_TRUE(h.Join(id).ok()) << id;
   }
   common::Adapter Version0() const {
     const std::string sha = Ledger()["versions"][0]["blobs"][0]["sha256"];
@@ -167,7 +167,7 @@ TEST_F(FedSbInitTest, SketchFindsTheTopSubspaceOfTheSummedGradient) {
     thin += int64_t{4} * (2 * m + 2 * n) * l;  // G·Ω, Gᵀ·Q, G·Q̃, Qᵀ·G in f32
     dense += int64_t{4} * m * n;
   }
-  for (const std::string& id : kClients) {
+  for (const std::string& id : kMembers) {
     const int64_t sent = record["init_bytes_up"][id].get<int64_t>();
     EXPECT_GE(sent, thin) << id;
     EXPECT_LT(sent, thin + 4 * 1024) << id;  // plus four safetensors headers

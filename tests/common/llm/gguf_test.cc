@@ -11,24 +11,24 @@ namespace fedlora::common {
 namespace {
 
 // Builds the expected bytes by hand, field by field, as GGUF's specification lays them out.
-class Bytes {
+class LittleEndianBytes {
  public:
-  Bytes& U32(uint32_t v) { return Raw(&v, 4); }
-  Bytes& U64(uint64_t v) { return Raw(&v, 8); }
-  Bytes& F32(float v) { return Raw(&v, 4); }
-  Bytes& Str(const std::string& s) {
+  LittleEndianBytes& U32(uint32_t v) { return Raw(&v, 4); }
+  LittleEndianBytes& U64(uint64_t v) { return Raw(&v, 8); }
+  LittleEndianBytes& F32(float v) { return Raw(&v, 4); }
+  LittleEndianBytes& Str(const std::string& s) {
     U64(s.size());
     s_ += s;
     return *this;
   }
-  Bytes& Zeros(size_t n) {
+  LittleEndianBytes& Zeros(size_t n) {
     s_.append(n, '\0');
     return *this;
   }
   const std::string& str() const { return s_; }
 
  private:
-  Bytes& Raw(const void* p, size_t n) {
+  LittleEndianBytes& Raw(const void* p, size_t n) {
     s_.append(static_cast<const char*>(p), n);
     return *this;
   }
@@ -56,7 +56,7 @@ TEST(GgufWriterTest, LaysOutHeaderMetadataTableAndAlignedDataAsTheSpecificationS
   ASSERT_TRUE(gguf.AddTensor("m.weight", {2, 3}, matrix, GgmlType::kF32).ok());
   ASSERT_TRUE(gguf.AddTensor("v", {1}, vector, GgmlType::kF32).ok());
 
-  Bytes want;
+  LittleEndianBytes want;
   want.U32(0x46554747).U32(3).U64(2).U64(3);  // "GGUF", version 3, 2 tensors, 3 keys
   want.Str("general.architecture").U32(8).Str("llama");
   want.Str("llama.block_count").U32(4).U32(3);

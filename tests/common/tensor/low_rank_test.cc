@@ -9,7 +9,7 @@
 namespace fedlora::common {
 namespace {
 
-MatrixD Random(int rows, int cols, uint64_t seed) {
+MatrixD RandomMatrix(int rows, int cols, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::normal_distribution<double> normal;
   MatrixD x(rows, cols);
@@ -19,7 +19,7 @@ MatrixD Random(int rows, int cols, uint64_t seed) {
 
 TEST(LowRankTest, MatchesTheDenseSvdAndEckartYoung) {
   for (auto [m, n, r, k] : {std::tuple{40, 30, 12, 5}, {25, 60, 8, 8}, {10, 12, 20, 4}}) {
-    const MatrixD u = Random(m, r, m), v = Random(r, n, n);
+    const MatrixD u = RandomMatrix(m, r, m), v = RandomMatrix(r, n, n);
     const MatrixD dense = u * v;
     const Eigen::VectorXd sigma = SingularValues(dense);
     const TruncatedProduct t = TruncateProduct(u, v, k);
@@ -36,7 +36,7 @@ TEST(LowRankTest, MatchesTheDenseSvdAndEckartYoung) {
 }
 
 TEST(LowRankTest, FullRankKeepsTheProductAndZeroIsHandled) {
-  const MatrixD u = Random(20, 6, 1), v = Random(6, 15, 2);
+  const MatrixD u = RandomMatrix(20, 6, 1), v = RandomMatrix(6, 15, 2);
   const TruncatedProduct t = TruncateProduct(u, v, 100);  // capped at 6
   EXPECT_EQ(t.a.rows(), 6);
   EXPECT_LT((u * v - t.b * t.a).norm(), 1e-10 * (u * v).norm());
