@@ -30,12 +30,8 @@ void StopAll(std::vector<Subprocess>& children) {
   for (Subprocess& child : children) child.Signal(SIGTERM);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   for (Subprocess& child : children) {
-    const auto left = std::max(deadline - std::chrono::steady_clock::now(),
-                               std::chrono::steady_clock::duration::zero());
-    if (!child.WaitFor(left)) {
-      child.Signal(SIGKILL);
-      child.Wait();
-    }
+    child.Stop(std::max(deadline - std::chrono::steady_clock::now(),
+                        std::chrono::steady_clock::duration::zero()));
   }
 }
 

@@ -421,7 +421,7 @@ TEST_P(WeightGradientTest, MatchFiniteDifferences) {
     const int out = LinearOut(c, kind), in = LinearIn(c, kind);
     std::vector<float> g(static_cast<size_t>(out) * in, 0.0f);
     std::vector<float*> dense(c.num_hidden_layers * kNumLinearKinds, nullptr);
-    dense[layer * kNumLinearKinds + static_cast<int>(kind)] = g.data();
+    dense[LinearSlot(layer, kind)] = g.data();
     ASSERT_TRUE(runner->WeightGradients(batch, 1.0f, dense).ok());
     Reference ref{c, ref_weights, &adapter, &params};
     Vec& W = ref.w[LinearPath(layer, kind) + ".weight"];
