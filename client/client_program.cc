@@ -64,15 +64,17 @@ int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string
   if (!s.waiting_for().empty()) std::printf("waiting: %s\n", s.waiting_for().c_str());
   if (!s.follow_up().empty()) std::printf("follow-up: %s\n", s.follow_up().c_str());
   std::printf("cohort: %s\narrived: %s\n", join(s.cohort()).c_str(), join(s.arrived()).c_str());
-  std::printf("%-24s %10s %8s %14s\n", "client", "examples", "rounds", "last seen");
+  std::printf("%-24s %10s %8s %8s %14s\n", "client", "examples", "rounds", "rejected", "last seen");
   const int64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                              std::chrono::system_clock::now().time_since_epoch())
                              .count();
   for (const auto& c : s.clients()) {
-    std::printf("%-24s %10lld %8lld %12.1fs ago\n", c.id().c_str(),
+    std::printf("%-24s %10lld %8lld %8lld %12.1fs ago%s\n", c.id().c_str(),
                 static_cast<long long>(c.num_examples()),
                 static_cast<long long>(c.rounds_contributed()),
-                static_cast<double>(now_ms - c.last_seen_unix_ms()) / 1000.0);
+                static_cast<long long>(c.rejected_updates()),
+                static_cast<double>(now_ms - c.last_seen_unix_ms()) / 1000.0,
+                c.removed().empty() ? "" : ("  " + c.removed()).c_str());
   }
   return 0;
 }

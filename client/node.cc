@@ -206,10 +206,12 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   spdlog::info("round {}: trained {} steps, loss {:.6g} -> {:.6g}", task.round(), s.local_steps(),
                metrics.loss_before(), metrics.loss_after());
+  int64_t num_examples = workload_->num_examples();
+  if (options_.before_upload) options_.before_upload(adapter, num_examples);
   const std::string bytes = common::EncodeAdapter(adapter, method_ == common::Method::kFedSb
                                                                ? common::AdapterParts::kROnly
                                                                : common::AdapterParts::kAll);
-  return UploadUpdate(task, bytes, metrics, stop);
+  return UploadUpdate(task, bytes, metrics, num_examples, stop);
 }
 
 bool Node::WhileHeartbeating(const v1::Task& task, const std::function<void()>& work) {
@@ -282,7 +284,7 @@ absl::Status Node::Sketch(const v1::Task& task, const std::atomic<bool>& stop) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   spdlog::info("{}: computed in {:.2f} s, uploading {} bytes", name, metrics.seconds(),
                bytes.size());
-  return UploadUpdate(task, bytes, metrics, stop);
+  return UploadUpdate(task, bytes, metrics, workload_->num_examples(), stop);
 }
 
 void Node::Leave(const v1::Task& task, const std::string& reason) {
@@ -300,13 +302,14 @@ void Node::Leave(const v1::Task& task, const std::string& reason) {
 }
 
 absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
-                                const v1::TrainMetrics& metrics, const std::atomic<bool>& stop) {
+                                const v1::TrainMetrics& metrics, int64_t num_examples,
+                                const std::atomic<bool>& stop) {
   v1::UploadRequest header;
   header.set_round(task.round());
   header.set_state_version(task.state_version());
   header.set_sha256(common::Sha256Hex(bytes));
   header.set_total_size(static_cast<int64_t>(bytes.size()));
-  header.set_num_examples(workload_->num_examples());
+  header.set_num_examples(num_examples);
   *header.mutable_metrics() = metrics;
   if (task.kind() == v1::Task::SKETCH) header.set_sketch_step(task.sketch().step());
   UploadSettings settings;
@@ -389,10 +392,13 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
         }
         if (!trained.ok()) {
           // A failed training or a refused update: back off, and give up after three in a row (a
-          // deterministic failure would otherwise repeat forever; the coordinator counts this
-          // client as dropped).
+          // deterministic failure would otherwise repeat forever), leaving the run so that the
+          // coordinator does not wait for this client.
           spdlog::error("round {}: {}", task.round(), trained.message());
-          if (++failures_ >= 3) return trained;
+          if (++failures_ >= 3) {
+            Leave(task, StrCat("gave up after 3 failures in a row; the last: ", trained.message()));
+            return trained;
+          }
           std::this_thread::sleep_for(std::chrono::seconds(1 << failures_));
           continue;
         }

@@ -28,6 +28,9 @@ struct NodeOptions {
   // Called before each chunk of an upload is sent, with its offset and the update's size (an
   // instrumentation point for fault tests; empty in fedlora-client).
   std::function<void(int64_t offset, int64_t total)> before_upload_chunk;
+  // Called with each trained update and the example count it claims, before it is encoded (an
+  // instrumentation point: the fault tests' hostile clients; empty in fedlora-client).
+  std::function<void(common::Adapter& update, int64_t& num_examples)> before_upload;
   // Called with each transient failure of a call: PERMISSION_DENIED when it is in fact a refusal of
   // this client that no retry can change (common::ProbeTlsRefusal), which ends the run with it.
   std::function<absl::Status(const grpc::Status&)> diagnose_refusal;
@@ -54,8 +57,10 @@ class Node {
   bool WhileHeartbeating(const v1::Task& task, const std::function<void()>& work);
   // Tells the coordinator this client leaves the run, and why.
   void Leave(const v1::Task& task, const std::string& reason);
+  // Uploads the encoded update `bytes`, claiming `num_examples`.
   absl::Status UploadUpdate(const v1::Task& task, const std::string& bytes,
-                            const v1::TrainMetrics& metrics, const std::atomic<bool>& stop);
+                            const v1::TrainMetrics& metrics, int64_t num_examples,
+                            const std::atomic<bool>& stop);
   absl::Status WriteFinalState() const;
   // Names this client's session on `context`, and the client itself when there is no certificate
   // to (--insecure with --id).

@@ -74,6 +74,12 @@ void ClientRegistry::Touch(const std::string& id, std::chrono::steady_clock::tim
   if (auto it = clients_.find(id); it != clients_.end()) it->second.last_seen = now;
 }
 
+void ClientRegistry::Remove(const std::string& id, const std::string& reason) {
+  ClientInfo& info = clients_[id];
+  info.removed = reason;
+  info.left = reason;
+}
+
 ClientInfo* ClientRegistry::Find(const std::string& id) {
   auto it = clients_.find(id);
   return it == clients_.end() ? nullptr : &it->second;

@@ -30,7 +30,11 @@ struct ClientInfo {
   std::chrono::steady_clock::time_point last_seen;
   int64_t rounds_contributed = 0;
   int64_t bytes_down_this_round = 0;
-  std::string left;     // why the client left the run; empty while it takes part
+  std::string left;              // why the client left the run; empty while it takes part
+  int64_t rejected_updates = 0;  // in this run, since the coordinator started
+  // Why the coordinator removed it from the run (its calls are refused); empty while it may take
+  // part.
+  std::string removed;
   std::string session;  // of its latest join (JoinResponse.session)
   std::string peer;     // the address that join came from
 };
@@ -43,6 +47,8 @@ class ClientRegistry {
   void NewRound();
   // Notes that `id` was heard from (any call); unknown ids are ignored.
   void Touch(const std::string& id, std::chrono::steady_clock::time_point now);
+  // Removes `id` from the run for `reason`: it is no longer drawn, and may not join again.
+  void Remove(const std::string& id, const std::string& reason);
   ClientInfo* Find(const std::string& id);
   // The clients taking part (joined and not left), sorted by id.
   std::vector<std::string> TakingPart() const;

@@ -45,11 +45,8 @@ absl::Status ServerOptions::ValidateRounds() const {
     return Invalid("max_update_norm_ratio is ", max_update_norm_ratio,
                    "; it must be >= 1 (a multiple of the round's median update norm) or 0 (off)");
   }
-  if (max_update_norm_ratio > 0 && client_dp()) {
-    return Invalid(
-        "max_update_norm_ratio cannot be used with client-level DP: dp_clip bounds every update "
-        "already, and the noise is calibrated to it");
-  }
+  if (max_rejections < 0)
+    return Invalid("max_rejections is ", max_rejections, "; it must be >= 0 (0: never remove)");
   if (max_client_examples < 1)
     return Invalid("max_client_examples is ", max_client_examples, "; it must be at least 1");
   if (!(learning_rate > 0)) return Invalid("learning_rate is ", learning_rate, "; it must be > 0");
@@ -223,6 +220,10 @@ void AddBoundFlags(CLI::App& app, ServerOptions& o) {
       ->capture_default_str();
   app.add_option("--max-client-weight", o.max_client_weight,
                  "largest share of a round's aggregate one client can have (1: off)")
+      ->capture_default_str();
+  app.add_option(
+         "--max-rejections", o.max_rejections,
+         "remove from the run a client with a rejected update in this many rounds; 0: never")
       ->capture_default_str();
   app.add_option("--max-update-norm", o.max_update_norm,
                  "reject an update whose ‖s·B·A‖_F (flat over modules) exceeds this; 0: off")

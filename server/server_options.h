@@ -50,8 +50,14 @@ struct ServerOptions {
   // >= 1: when a round closes, an accepted update whose norm (as above) exceeds this multiple of
   // the lower median of the round's accepted norms is left out of the aggregate and reported as
   // rejected (in the metrics line's "norm_outliers"). The bound follows the updates' scale, which
-  // drifts over a run. Not with client-level DP, whose clipping bounds every update. 0: off.
-  double max_update_norm_ratio = 0;
+  // drifts over a run. On by default: honest updates of the project's federations stay within
+  // the ratio tests/bench/README.md reports, a scaled or poisoned one does not. Not applied with
+  // client-level DP, whose clipping bounds every update already. 0: off.
+  double max_update_norm_ratio = 10;
+  // > 0: a client with a rejected update (refused by the update gate, or left out as a norm
+  // outlier) in this many rounds of a run is removed from it: it leaves the round's cohort and
+  // quorum, and its further calls are refused with the reason. 0: never.
+  int max_rejections = 3;
   // < 1: no client's share of a round's aggregate exceeds this (of the cohort drawn): weights are
   // min(examples, T) with T from the members' joined counts (cohort.h, WeightCap). 1: off.
   double max_client_weight = 1;

@@ -1,4 +1,6 @@
-// A scratch directory for tests: fresh under the system temp dir (TMPDIR), removed at destruction.
+// A scratch directory for tests: fresh under the system temp dir (TMPDIR), removed at destruction
+// unless FEDLORA_KEEP_SCRATCH is set (to look at a test's state directories and logs afterwards;
+// tests/bench/norm_ratios.py measures the honest update norms of the federation tests so).
 #ifndef FEDLORA_TESTS_SCRATCH_DIR_H_
 #define FEDLORA_TESTS_SCRATCH_DIR_H_
 
@@ -10,7 +12,7 @@
 
 namespace fedlora::testing {
 
-// A fresh directory under the system temp dir, removed at destruction.
+// A fresh directory under the system temp dir, removed at destruction (but see above).
 class ScratchDir {
  public:
   ScratchDir() {
@@ -18,6 +20,7 @@ class ScratchDir {
     path_ = ::mkdtemp(tmpl.data());
   }
   ~ScratchDir() {
+    if (::getenv("FEDLORA_KEEP_SCRATCH") != nullptr) return;
     std::error_code ec;
     std::filesystem::remove_all(path_, ec);
   }

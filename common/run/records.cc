@@ -41,6 +41,7 @@ void Participation::AddTo(json& j) const {
   j["arrived"] = arrived;
   j["rejected"] = rejected;
   j["declined"] = declined;
+  if (!removed.empty()) j["removed"] = removed;
   j["bytes_up"] = bytes_up;
   j["bytes_down"] = bytes_down;
   j["elapsed_seconds"] = elapsed_seconds;
@@ -48,11 +49,20 @@ void Participation::AddTo(json& j) const {
 
 absl::StatusOr<Participation> Participation::FromJson(JsonReader& in) {
   Participation p;
+  json rejected;
   in.Get("attempt", &p.attempt)
       .Get("cohort", &p.cohort)
       .Get("arrived", &p.arrived)
-      .Get("rejected", &p.rejected)
-      .Get("declined", &p.declined)
+      .Get("rejected", &rejected);
+  if (rejected.is_array()) {  // written before the counts: one entry per refused update
+    std::vector<std::string> each;
+    in.Get("rejected", &each);
+    for (const std::string& id : each) ++p.rejected[id];
+  } else {
+    in.Get("rejected", &p.rejected);
+  }
+  in.Get("declined", &p.declined)
+      .Maybe("removed", &p.removed)
       .Get("bytes_up", &p.bytes_up)
       .Get("bytes_down", &p.bytes_down)
       .Get("elapsed_seconds", &p.elapsed_seconds);
@@ -100,6 +110,7 @@ json RoundRecord::ToJson() const {
             {"blob_bytes", blob_bytes}};
   who.AddTo(j);
   if (client_dp) j["client_dp"] = client_dp->ToJson();
+  if (!update_norms.empty()) j["update_norms"] = update_norms;
   if (!norm_outliers.empty()) j["norm_outliers"] = norm_outliers;
   if (!dp_epsilon.empty()) j["dp_epsilon"] = dp_epsilon;
   if (lora_fair_objective) j["lora_fair_objective"] = *lora_fair_objective;
@@ -125,6 +136,7 @@ absl::StatusOr<RoundRecord> RoundRecord::FromJson(JsonReader& in) {
       .Get("global_blob", &r.global_blob)
       .Get("blob_bytes", &r.blob_bytes)
       .Maybe("client_dp", &r.client_dp)
+      .Maybe("update_norms", &r.update_norms)
       .Maybe("norm_outliers", &r.norm_outliers)
       .Maybe("dp_epsilon", &r.dp_epsilon)
       .Maybe("lora_fair_objective", &r.lora_fair_objective)

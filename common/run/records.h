@@ -46,11 +46,15 @@ struct ClientDpSpend {
 struct Participation {
   int attempt = 1;  // 1 for the first
   std::vector<std::string> cohort;
-  std::vector<std::string> arrived;             // accepted, sorted
-  std::vector<std::string> rejected;            // refused at the door or left out at the close
+  std::vector<std::string> arrived;  // accepted, sorted
+  // client → how many of its updates were refused (at the door, or 1 for one left out at the
+  // close): a client that sends 3,000 bad files is listed once, with 3000.
+  PerClient rejected;
   std::map<std::string, std::string> declined;  // client → its reason
-  PerClient bytes_up;                           // the accepted uploads' sizes
-  PerClient bytes_down;                         // every cohort member's downloads this round
+  // client → why the coordinator removed it from the run (--max-rejections), since the last record
+  std::map<std::string, std::string> removed;
+  PerClient bytes_up;          // the accepted uploads' sizes
+  PerClient bytes_down;        // every cohort member's downloads this round
   double elapsed_seconds = 0;  // since the first round of this coordinator process started
 
   // Its keys sit in the record's own object.
@@ -91,6 +95,7 @@ struct RoundRecord {
   std::string global_blob;                     // the version's blob (sha256)
   int64_t blob_bytes = 0;
   std::optional<ClientDpSpend> client_dp;
+  PerClientValue update_norms;  // client → its accepted update's ‖s·B·A‖_F (not DP, not sketches)
   PerClientValue norm_outliers;  // client → its norm, left out by --max-update-norm-ratio
   PerClientValue dp_epsilon;     // DP-SGD clients: ε they report spent
   std::optional<double> lora_fair_objective, fedit_objective;  // lora-fair

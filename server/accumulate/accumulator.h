@@ -33,7 +33,7 @@ struct AcceptedUpdate {
   std::string client;
   std::string sha256;  // its blob in the state store
   int64_t weight = 0;  // its aggregation weight: the examples it claims, within the round's cap
-  double norm = 0;  // its ‖s·B·A‖_F flat over the modules (0 when no norm bound asks for it)
+  double norm = 0;     // its ‖s·B·A‖_F flat over the modules (0 for a sketch step's answer)
 };
 
 // Decodes accepted updates back from the store (the update gate's decoding, server/intake/).

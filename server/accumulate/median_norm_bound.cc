@@ -10,12 +10,15 @@ namespace fedlora::server {
 
 absl::StatusOr<RoundOutput> MedianNormBound::Aggregate(const std::vector<AcceptedUpdate>& updates,
                                                        const UpdateSource& source) {
-  if (updates.empty()) return inner_->Aggregate(updates, source);
+  // Below three updates the lower median is the smaller one: a tiny update would make an honest
+  // one the outlier.
+  if (updates.size() < 3) return inner_->Aggregate(updates, source);
   std::vector<double> norms;
   for (const AcceptedUpdate& u : updates) norms.push_back(u.norm);
   const size_t lower = (norms.size() - 1) / 2;
   std::nth_element(norms.begin(), norms.begin() + static_cast<ptrdiff_t>(lower), norms.end());
   const double median = norms[lower];
+  if (!(median > 0)) return inner_->Aggregate(updates, source);  // no scale to bound by
   std::vector<AcceptedUpdate> kept;
   common::PerClientValue outliers;
   for (const AcceptedUpdate& u : updates) {

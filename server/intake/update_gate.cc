@@ -72,15 +72,38 @@ Verdict UpdateGate::Admit(const RoundView& round, const Sender& sender,
                                                       "; an update has at least one byte")));
   }
   if (request.total_size() > max_update_bytes) {
-    return rejected(absl::ResourceExhaustedError(StrCat("update of ", request.total_size(),
-                                                        " bytes exceeds the limit of ",
-                                                        max_update_bytes, " bytes")));
+    return rejected(absl::ResourceExhaustedError(
+        StrCat("update of ", request.total_size(), " bytes exceeds the limit of ", max_update_bytes,
+               " bytes (the task's tensors in f32 and their header, within --max-update-bytes)")));
   }
   if (!common::IsSha256Hex(request.sha256())) {
     return rejected(absl::InvalidArgumentError(
         StrCat("sha256 '", request.sha256(), "' is not 64 lower-case hex digits")));
   }
   return Verdict::Admitted();
+}
+
+int64_t UpdateGate::MaxBytes(int rank) const {
+  // The header: its length, the metadata, and per tensor a JSON entry of its name (under PEFT's
+  // prefix and suffix), dtype, shape and offsets, with the module's scaling in the metadata.
+  int64_t bytes = 8 + 4096;
+  const auto tensor = [&](const std::string& name, int64_t values) {
+    bytes += 4 * values + 2 * static_cast<int64_t>(name.size()) + 256;
+  };
+  if (sketch_) {
+    for (const common::MatrixShape& m : *sketch_) tensor(m.name, m.rows * m.cols);
+  } else {
+    const int64_t r = rank > 0 ? rank : options_->rank;
+    for (const common::ModuleShape& m : shapes_) {
+      if (options_->method == common::Method::kFedSb) {
+        tensor(m.name, r * r);
+      } else {
+        tensor(m.name, r * m.in_features);
+        tensor(m.name, r * m.out_features);
+      }
+    }
+  }
+  return std::min(bytes, options_->max_update_bytes);
 }
 
 double UpdateGate::Scaling(int rank) const {
@@ -113,12 +136,11 @@ Verdict UpdateGate::Check(const Sender& sender, const v1::UploadRequest& request
       sketch_
           ? StrCat(sender.client, "'s answer to initialisation step ", request.sketch_step() + 1)
           : StrCat("update of ", sender.client, " for round ", request.round());
-  const bool norm_bound = options_->max_update_norm > 0 || options_->max_update_norm_ratio > 0;
   double norm = 0;
   absl::Status status = VerifyPart(*store_, part, request.sha256(), origin, [&](auto bytes) {
     if (sketch_) return common::DecodeMatrices(bytes, origin, *sketch_).status();
     absl::StatusOr<common::Adapter> update = Decode(bytes, origin, sender.rank);
-    if (update.ok() && norm_bound) {
+    if (update.ok()) {
       for (size_t i = 0; i < update->num_modules(); ++i) norm += std::pow(update->DeltaNorm(i), 2);
       norm = std::sqrt(norm);
     }

@@ -101,6 +101,10 @@ class UpdateGate final : public UpdateSource {
       const AcceptedUpdate& update) const override;
 
   bool sketch() const { return sketch_.has_value(); }
+  // The most bytes the task's update can take (Admit's limit): its tensors in f32 at `rank` (0:
+  // the run's) — A and B, Fed-SB's R, or a step's products — plus room for the safetensors header,
+  // within --max-update-bytes. A member cannot make the coordinator store, map and hash more.
+  int64_t MaxBytes(int rank) const;
 
  private:
   // The update's scaling lora_alpha / r that every module must carry.

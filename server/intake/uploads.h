@@ -38,7 +38,7 @@ struct PendingUpload {
   bool verifying = false;  // complete, and being checked outside the engine's lock
   bool accepted = false;
   int64_t weight = 0;  // the update's aggregation weight, once accepted
-  double norm = 0;     // its ‖s·B·A‖_F, when a norm bound is on
+  double norm = 0;     // its ‖s·B·A‖_F (0 for a sketch step's answer)
   v1::TrainMetrics metrics;
 };
 

@@ -35,7 +35,10 @@ common::RoundRecord RecordOf(const RoundFacts& facts, const RoundOutput& output,
     r.weight_share[id] = static_cast<double>(uploads.all().at(id).weight) / weight;
   r.mean_loss_before = loss_before / weight;
   r.mean_train_loss = loss_after / weight;
-  for (const auto& [id, norm] : output.norm_outliers) r.who.rejected.push_back(id);
+  if (output.client_dp == std::nullopt) {
+    for (const AcceptedUpdate& u : uploads.AcceptedUpdates()) r.update_norms[u.client] = u.norm;
+  }
+  for (const auto& [id, norm] : output.norm_outliers) ++r.who.rejected[id];
   for (const std::string& id : facts.who.cohort) {
     if (!std::binary_search(output.aggregated.begin(), output.aggregated.end(), id) &&
         !facts.who.declined.contains(id) && !output.norm_outliers.contains(id))

@@ -24,6 +24,12 @@ std::string NewSessionId() {
   return fmt::format("{:08x}{:08x}{:08x}{:08x}", random(), random(), random(), random());
 }
 
+// The answer to any call of a client the coordinator removed from the run.
+absl::Status Removed(const std::string& client, const ClientInfo& info) {
+  return WithReason(absl::PermissionDeniedError(StrCat(client, " was ", info.removed)),
+                    v1::ErrorDetail::REMOVED);
+}
+
 void LogClientDp(const ServerOptions& o) {
   spdlog::info(
       "client-level DP: updates clipped to {} ({}), noise multiplier {}, delta {}{}; every client "
@@ -105,6 +111,8 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
   v1::JoinResponse response;
   {
     absl::MutexLock lock(&mu_);
+    if (const ClientInfo* info = clients_.Find(client); info != nullptr && !info->removed.empty())
+      return Removed(client, *info);
     const std::string& expected =
         store_.has_ledger() ? store_.ledger().base_model_sha256 : options_.base_model_sha256;
     const int rank = lifecycle_->RankOf(client);
@@ -144,6 +152,7 @@ absl::Status RoundEngine::CheckSession(const std::string& client, std::string_vi
                                        std::string_view peer) {
   absl::MutexLock lock(&mu_);
   const ClientInfo* info = clients_.Find(client);
+  if (info != nullptr && !info->removed.empty()) return Removed(client, *info);
   if (session.empty() || info == nullptr || info->session == session) return absl::OkStatus();
   if (std::string repeated; log_limiter_.Allow("superseded " + client, env_->Now(), &repeated)) {
     spdlog::warn(
@@ -245,10 +254,16 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
     sender.accepted = uploads_.Accepted(client);
     gate = lifecycle_->gate();
     const Verdict admitted =
-        UpdateGate::Admit(lifecycle_->View(), sender, request, options_.max_update_bytes);
+        UpdateGate::Admit(lifecycle_->View(), sender, request,
+                          gate ? gate->MaxBytes(sender.rank) : options_.max_update_bytes);
     if (!admitted.ok()) {
       if (admitted.reason == v1::ErrorDetail::LATE) lifecycle_->Late(client, request.round());
-      if (absl::IsResourceExhausted(admitted.status)) LogRefusal(client, admitted);
+      if (admitted.reason == v1::ErrorDetail::REJECTED) {
+        LogRefusal(client, admitted);
+        lifecycle_->Rejected(client, admitted.status.message());
+        if (const ClientInfo* info = clients_.Find(client); info && !info->removed.empty())
+          return Removed(client, *info);
+      }
       return admitted.ToStatus();
     }
     bool complete = false;
@@ -290,7 +305,9 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
       uploads_.Drop(lifecycle_->round(), client);
       if (absl::IsUnavailable(status)) return status;  // the coordinator's failure: retried
       LogRefusal(client, verdict);
-      lifecycle_->Rejected(client);
+      lifecycle_->Rejected(client, verdict.status.message());
+      if (const ClientInfo* info = clients_.Find(client); info && !info->removed.empty())
+        return Removed(client, *info);  // that was its last: it stops now
       return verdict.ToStatus();
     }
     response.set_received(request.total_size());
@@ -356,6 +373,8 @@ v1::StatusResponse RoundEngine::GetStatus() {
         now_ms -
         std::chrono::duration_cast<std::chrono::milliseconds>(now - info.last_seen).count());
     c->set_rounds_contributed(info.rounds_contributed);
+    c->set_rejected_updates(info.rejected_updates);
+    c->set_removed(info.removed);
   }
   return s;
 }

@@ -84,6 +84,10 @@ absl::Status Lifecycle::Resume() {
     if (options_.client_dp()) ledger.client_dp = ClientDpState{options_.dp_clip, {}};
     RETURN_IF_ERROR(store_.SaveLedger(ledger));
   }
+  for (const Version& v : l.versions) {  // who was removed stays removed
+    if (!v.record) continue;
+    for (const auto& [id, why] : v.record->who.removed) clients_.Remove(id, why);
+  }
   if (Initialising()) {
     round_ = 0;
     spdlog::info("continuing run {} from {}: fed-sb initialisation at step {} of {}", l.run_id,
@@ -242,6 +246,25 @@ void Lifecycle::Accepted(const std::string& client) {
   if (EveryMemberAnswered()) MaybeClose();
 }
 
+void Lifecycle::Rejected(const std::string& client, absl::string_view why) {
+  // One strike per round: a node retries a refused update, and every chunk of an upload is checked.
+  if (++open_.rejected[client] == 1) CountRejection(client, why);
+}
+
+void Lifecycle::CountRejection(const std::string& client, absl::string_view why) {
+  ClientInfo* info = clients_.Find(client);
+  if (info == nullptr || !info->removed.empty()) return;
+  ++info->rejected_updates;
+  if (options_.max_rejections == 0 || info->rejected_updates < options_.max_rejections) return;
+  const std::string reason =
+      StrCat("removed from the run after ", info->rejected_updates,
+             " rounds with a rejected update (--max-rejections; the last: ", why, ")");
+  spdlog::warn("{}: {}", client, reason);
+  clients_.Remove(client, reason);
+  removed_[client] = reason;
+  Leave(client, round_, reason);
+}
+
 void Lifecycle::Late(const std::string& client, int64_t round) {
   if (late_.emplace(client, round).second) {
     spdlog::warn("{}'s update for round {} came after that round closed; not counted (late)",
@@ -286,6 +309,7 @@ common::Participation Lifecycle::Who() const {
   who.cohort = open_.cohort;
   who.rejected = open_.rejected;
   who.declined = open_.declined;
+  who.removed = removed_;
   for (const std::string& id : open_.cohort)
     who.bytes_down[id] = clients_.Find(id)->bytes_down_this_round;
   who.elapsed_seconds = Seconds(env_->Now() - *run_started_).count();
@@ -323,6 +347,7 @@ void Lifecycle::CommitInitStep() {
   const size_t arrived = uploads_.ArrivedCount();
   uploads_.Clear(round_);
   late_.clear();
+  removed_.clear();
   attempt_ = 0;
   phase_ = Phase::kWaitingForClients;
   spdlog::info("{} closed: {} of {} answers", name, arrived, open_.cohort.size());
@@ -353,6 +378,7 @@ void Lifecycle::Commit() {
   for (const std::string& id : record->who.arrived) clients_.Find(id)->rounds_contributed++;
   uploads_.Clear(round_);
   late_.clear();
+  removed_.clear();
   if (const auto& dp = record->client_dp) {
     spdlog::info(
         "round {}: client-level DP spent epsilon {:.4f} at delta {} (order {}; q {:.4g}, noise "
@@ -378,6 +404,13 @@ void Lifecycle::Commit() {
     ++round_;
     attempt_ = 0;
     phase_ = Phase::kWaitingForClients;
+  }
+  // Counted once the round is over (recorded with the next): the update was accepted, and a
+  // removal has no round to leave.
+  for (const auto& [id, norm] : record->norm_outliers) {
+    CountRejection(
+        id, StrCat("round ", record->round, " left its update out: its norm ", norm, " was over ",
+                   options_.max_update_norm_ratio, " × the round's median"));
   }
   HandOver(done);
   MaybeStart();

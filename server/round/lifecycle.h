@@ -65,8 +65,9 @@ class Lifecycle {
   void Tick();
   // `client`'s update passed the gate and was accepted; the round closes if it was the last.
   void Accepted(const std::string& client);
-  // `client`'s update was refused by the gate's Check.
-  void Rejected(const std::string& client) { open_.rejected.push_back(client); }
+  // `client`'s update was refused by the gate (`why`): counted in the round, and the round counts
+  // once in the run; at --max-rejections rounds with a refusal, the client is removed from it.
+  void Rejected(const std::string& client, absl::string_view why);
   // A late update (its round closed or is closing): recorded in the next round's metrics.
   void Late(const std::string& client, int64_t round);
   // `client` leaves the run, declining the task of `round` if it has one.
@@ -101,7 +102,7 @@ class Lifecycle {
     int attempt = 0;
     std::vector<std::string> cohort;  // sorted
     TimePoint started;
-    std::vector<std::string> rejected;            // refused updates, by client
+    common::PerClient rejected;                   // client → its refused updates
     std::map<std::string, std::string> declined;  // client → reason
     std::shared_ptr<const UpdateGate> gate;
     std::unique_ptr<Accumulator> accumulator;
@@ -117,6 +118,8 @@ class Lifecycle {
   // The gate and accumulator of the round being opened; false when the privacy budget ends the run.
   bool ChooseParts(size_t population);
   void EndRun(const std::string& why);
+  // Counts a rejected update of `client` in the run; at --max-rejections, removes the client.
+  void CountRejection(const std::string& client, absl::string_view why);
   bool Answered(const std::string& client) const;
   bool EveryMemberAnswered() const;
   // Every member has answered, or the round's time is up: commits the round if the quorum
@@ -146,6 +149,7 @@ class Lifecycle {
   std::optional<TimePoint> run_started_;  // in this process
   OpenRound open_;
   std::map<std::string, int64_t> late_;            // since the last commit: client → its round
+  std::map<std::string, std::string> removed_;     // since the last commit: client → why
   Retry commit_retry_;                             // the round is closing: its commit failed
   std::shared_ptr<const common::Adapter> frozen_;  // Fed-SB's B, A (R = 0), once the run has them
   absl::Status failure_;                           // set once it gives up

@@ -3,7 +3,11 @@
 //   --testing-die-mid-upload F    exit at once, as if killed, before sending the chunk that would
 //                                 take the first upload past fraction F of its bytes;
 //   --testing-pause-mid-upload F  before that chunk, create the file --testing-pause-file and wait
-//                                 until the test removes it (the coordinator is then mid-upload).
+//                                 until the test removes it (the coordinator is then mid-upload);
+// and, as a hostile client would, changes each trained update before it is sent:
+//   --testing-scale-update F      every B multiplied by F (so s·B·A by F);
+//   --testing-lora-alpha A        every module's scaling set to A / r;
+//   --testing-claim-examples N    N examples claimed.
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -13,7 +17,8 @@
 #include "client/client_options.h"
 
 int main(int argc, char** argv) {
-  double die_mid_upload = -1, pause_mid_upload = -1;
+  double die_mid_upload = -1, pause_mid_upload = -1, scale_update = 1, lora_alpha = 0;
+  int64_t claim_examples = 0;
   std::string pause_file;
   bool paused = false;
   return fedlora::client::ClientMain(
@@ -24,6 +29,16 @@ int main(int argc, char** argv) {
                        "pause after sending this fraction of the first upload");
         app.add_option("--testing-pause-file", pause_file,
                        "created while paused; the pause ends when it is removed");
+        app.add_option("--testing-scale-update", scale_update, "multiply every B by this");
+        app.add_option("--testing-lora-alpha", lora_alpha, "set every scaling to this / r");
+        app.add_option("--testing-claim-examples", claim_examples, "claim this many examples");
+        o.node.before_upload = [&](fedlora::common::Adapter& update, int64_t& num_examples) {
+          for (size_t i = 0; i < update.num_modules(); ++i) {
+            if (scale_update != 1) update.B(i) *= static_cast<float>(scale_update);
+            if (lora_alpha != 0) update.set_scaling(i, lora_alpha / update.module(i).rank);
+          }
+          if (claim_examples > 0) num_examples = claim_examples;
+        };
         o.node.before_upload_chunk = [&](int64_t offset, int64_t total) {
           if (die_mid_upload >= 0 && offset >= static_cast<int64_t>(die_mid_upload * total))
             std::_Exit(9);

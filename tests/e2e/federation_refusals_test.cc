@@ -181,6 +181,12 @@ class RawClient {
     grpc::ClientContext context;
     return stub_->Upload(&context, request, response);
   }
+  v1::StatusResponse Status() {
+    v1::StatusResponse response;
+    grpc::ClientContext context;
+    EXPECT_TRUE(stub_->GetStatus(&context, v1::StatusRequest(), &response).ok());
+    return response;
+  }
   // Bytes [offset, offset + length) of the update `whole`, as one chunk of it.
   grpc::Status UploadPart(const v1::Task& task, const std::string& whole, size_t offset,
                           size_t length, v1::UploadResponse* response) {
@@ -214,7 +220,9 @@ common::Adapter Update(const v1::Task& task, int rank, float fill) {
 }
 
 TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
-  const pid_t server = StartServer("fedit", "state", {"--max-update-bytes", "20000"});
+  // Every refusal is made by one client here: it is not removed after three (--max-rejections 0).
+  const pid_t server =
+      StartServer("fedit", "state", {"--max-update-bytes", "20000", "--max-rejections", "0"});
   ASSERT_FALSE(port_.empty());
   client::RegressionOptions opts;
   opts.layers = 2;
@@ -243,8 +251,11 @@ TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
          grpc::StatusCode::INVALID_ARGUMENT, "lora_A holds a non-finite value (nan)");
   expect(c1.Upload(task, common::EncodeAdapter(Update(task, 4, INFINITY)), &r),
          grpc::StatusCode::INVALID_ARGUMENT, "non-finite value (inf)");
+  // The task's update bounds what may be sent, below --max-update-bytes: 2 modules, each A [4,24]
+  // and B [20,4] in f32 (704 bytes) and two header entries (256 + 2 × 31-byte name each), plus 8 +
+  // 4096 for the header's length and metadata: 2 × (704 + 2 × 318) + 4104 = 6784.
   expect(c1.Upload(task, good, &r, {}, 0, 0, 1 << 20), grpc::StatusCode::RESOURCE_EXHAUSTED,
-         "update of 1048576 bytes exceeds the limit of 20000 bytes");
+         "update of 1048576 bytes exceeds the limit of 6784 bytes");
   expect(c1.Upload(task, good, &r, {}, 1), grpc::StatusCode::FAILED_PRECONDITION,
          "upload for round 2 but round 1 is open");
   expect(c1.Upload(task, good, &r, {}, 0, 1), grpc::StatusCode::FAILED_PRECONDITION,
@@ -269,8 +280,8 @@ TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
   const auto metrics = MetricsOnceThere("state", 1);
   ASSERT_EQ(metrics.size(), 1u);
   EXPECT_EQ(metrics[0]["arrived"].size(), 3u);
-  EXPECT_EQ(metrics[0]["rejected"].size(),
-            5u);  // the shape, NaN, Inf, checksum and garbage uploads
+  // The shape, NaN, Inf, size, checksum and garbage uploads: client-1 listed once, with six.
+  EXPECT_EQ(metrics[0]["rejected"], nlohmann::json({{"client-1", 6}}));
   kill(server, SIGTERM);
   testing::Wait(server, std::chrono::seconds(10));
   const std::string log = testing::ReadText(dir_ / "state.log");
@@ -278,6 +289,71 @@ TEST_F(FederationTest, RefusesBadUpdatesPreciselyAndTheRoundGoesOn) {
       log,
       HasSubstr(
           "rejected client-1's update: module model.layers.0.self_attn.q_proj: lora_A has shape"));
+}
+
+// With the defaults, a client with a rejected update in three rounds is removed from the run: it
+// leaves the round's cohort and quorum, its further calls (and joins) are refused with the reason,
+// the round closes without it, and the status and the metrics line name it. Refusals within one
+// round (a node retries; every chunk is checked) count as one.
+TEST_F(FederationTest, AClientRejectedInThreeRoundsIsRemovedFromTheRun) {
+  const pid_t server = StartServer("fedit", "state");
+  ASSERT_FALSE(port_.empty());
+  client::RegressionOptions opts;
+  opts.layers = 2;
+  opts.in_features = 24;
+  opts.out_features = 20;
+  const client::RegressionWorkload workload(opts);
+  const std::string certs = (dir_ / "certs").string();
+  RawClient c1(port_, certs, "client-1"), c2(port_, certs, "client-2"),
+      c3(port_, certs, "client-3");
+  ASSERT_TRUE(c1.Join(workload).ok());
+  ASSERT_TRUE(c2.Join(workload).ok());
+  ASSERT_TRUE(c3.Join(workload).ok());
+  v1::UploadResponse r;
+  for (int64_t round = 1; round <= 3; ++round) {
+    const v1::Task t1 = c1.Task();
+    ASSERT_EQ(t1.round(), round);
+    const std::string bad = common::EncodeAdapter(Update(t1, 4, NAN));
+    const grpc::Status first = c1.Upload(t1, bad, &r);
+    if (round < 3) {
+      EXPECT_EQ(first.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << first.error_message();
+      // Sent again, and too large: refused, and still one strike this round.
+      EXPECT_EQ(c1.Upload(t1, bad, &r).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+      EXPECT_EQ(c1.Upload(t1, bad, &r, {}, 0, 0, 1 << 20).error_code(),
+                grpc::StatusCode::RESOURCE_EXHAUSTED);
+      ASSERT_TRUE(c1.Upload(t1, common::EncodeAdapter(Update(t1, 4, 0.01f)), &r).ok());
+    } else {  // the third round's refusal is answered with the removal
+      EXPECT_EQ(first.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+      EXPECT_THAT(first.error_message(),
+                  HasSubstr("client-1 was removed from the run after 3 rounds with a rejected "
+                            "update (--max-rejections; the last: "));
+      const grpc::Status after = c1.Upload(t1, bad, &r);
+      EXPECT_EQ(after.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+      const grpc::Status rejoin = c1.Join(workload);
+      EXPECT_EQ(rejoin.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+      EXPECT_THAT(rejoin.error_message(), HasSubstr("client-1 was removed from the run"));
+      const v1::StatusResponse status = c2.Status();
+      ASSERT_EQ(status.clients_size(), 3);
+      EXPECT_EQ(status.clients(0).id(), "client-1");
+      EXPECT_EQ(status.clients(0).rejected_updates(), 3);
+      EXPECT_THAT(status.clients(0).removed(), HasSubstr("after 3 rounds with a rejected update"));
+      EXPECT_EQ(status.clients(1).removed(), "");
+    }
+    const v1::Task t2 = c2.Task(), t3 = c3.Task();
+    ASSERT_TRUE(c2.Upload(t2, common::EncodeAdapter(Update(t2, 4, 0.03f)), &r).ok());
+    ASSERT_TRUE(c3.Upload(t3, common::EncodeAdapter(Update(t3, 4, 0.05f)), &r).ok());
+    ASSERT_EQ(MetricsOnceThere("state", static_cast<size_t>(round)).size(),
+              static_cast<size_t>(round));
+  }
+  const auto metrics = Metrics("state");
+  EXPECT_EQ(metrics[0]["rejected"], nlohmann::json({{"client-1", 3}}));
+  EXPECT_EQ(metrics[0]["arrived"].size(), 3u);
+  // Round 3 closed with the two left (quorum 0.8 of the two still asked).
+  EXPECT_EQ(metrics[2]["arrived"], nlohmann::json({"client-2", "client-3"}));
+  EXPECT_THAT(metrics[2]["removed"]["client-1"].get<std::string>(),
+              HasSubstr("after 3 rounds with a rejected update"));
+  kill(server, SIGTERM);
+  testing::Wait(server, std::chrono::seconds(10));
 }
 
 // An update for a round that has closed is refused as late, named in the next metrics line, and

@@ -160,13 +160,19 @@ TEST(MedianNormBoundAccumulatorTest, LeavesOutWhatExceedsKTimesTheLowerMedian) {
   EXPECT_THAT(inner->given, ElementsAre("a", "b", "c"));
   ASSERT_EQ(out->norm_outliers.size(), 1u);
   EXPECT_EQ(out->norm_outliers.at("d"), 30);
-  // Two updates: the smaller one's norm is the median, so one of two cannot set its own bound.
-  out = bound.Aggregate(Accepted({{"a", 1}, {"z", 1}}, {1, 1000}), source);
+  // Three: the lower median is the middle one (2), so neither a huge nor a tiny update sets it.
+  out = bound.Aggregate(Accepted({{"a", 1}, {"m", 1}, {"z", 1}}, {1, 2, 1000}), source);
   ASSERT_TRUE(out.ok()) << out.status();
-  EXPECT_THAT(inner->given, ElementsAre("a"));
+  EXPECT_THAT(inner->given, ElementsAre("a", "m"));
   // Run again (a retried commit), it cuts the same way.
-  out = bound.Aggregate(Accepted({{"a", 1}, {"z", 1}}, {1, 1000}), source);
-  EXPECT_THAT(inner->given, ElementsAre("a"));
+  out = bound.Aggregate(Accepted({{"a", 1}, {"m", 1}, {"z", 1}}, {1, 2, 1000}), source);
+  EXPECT_THAT(inner->given, ElementsAre("a", "m"));
+  // Two: the lower median would be the smaller, and a tiny update would make an honest one the
+  // outlier; no bound applies.
+  out = bound.Aggregate(Accepted({{"a", 1}, {"z", 1}}, {1e-9, 1}), source);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_THAT(inner->given, ElementsAre("a", "z"));
+  EXPECT_TRUE(out->norm_outliers.empty());
 }
 
 ServerOptions DpOptions(common::Method method, double clip, double z) {

@@ -77,7 +77,7 @@ TEST(RoundCloseTest, CommitsTheRecordOfWhoArrivedAndWhatMovedOnce) {
   RoundFacts facts{1, {}, {{"z", 0}}};
   facts.who.cohort = {"a", "b", "c", "d", "e"};
   facts.who.declined = {{"d", "busy"}};
-  facts.who.rejected = {"x"};
+  facts.who.rejected = {{"x", 2}};
   facts.who.bytes_down = {{"a", 1}, {"b", 2}, {"c", 3}, {"d", 4}, {"e", 5}};
   Fixed acc;
   NoSource source;
@@ -96,7 +96,7 @@ TEST(RoundCloseTest, CommitsTheRecordOfWhoArrivedAndWhatMovedOnce) {
   EXPECT_EQ(*store.ledger().at(1).record, *record);
   EXPECT_THAT(record->who.arrived, ElementsAre("a", "b"));
   EXPECT_THAT(record->dropped, ElementsAre("c"));
-  EXPECT_THAT(record->who.rejected, ElementsAre("x", "e"));
+  EXPECT_EQ(record->who.rejected, (common::PerClient{{"e", 1}, {"x", 2}}));
   EXPECT_EQ(record->norm_outliers.at("e"), 77);
   EXPECT_EQ(record->weight_share.at("a"), 0.25);
   EXPECT_EQ(record->weight_share.at("b"), 0.75);

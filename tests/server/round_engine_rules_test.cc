@@ -101,7 +101,7 @@ class MedianNormBoundTest : public RoundEngineTest {
     for (const char* id : {"c1", "c2", "c3", "c5"}) Train(id);
     ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
     EXPECT_EQ(Metrics()[0]["arrived"], nlohmann::json({"c1", "c2", "c3", "c5"}));
-    EXPECT_EQ(Metrics()[0]["rejected"], nlohmann::json({"c4"}));
+    EXPECT_EQ(Metrics()[0]["rejected"], nlohmann::json({{"c4", 1}}));
     EXPECT_THAT(Metrics()[0]["dropped"], IsEmpty());
     EXPECT_NEAR(Metrics()[0]["norm_outliers"]["c4"].get<double>(), std::sqrt(norm),
                 1e-6 * std::sqrt(norm));

@@ -130,6 +130,49 @@ TEST_F(UpdateGateTest, AdmitRefusesEachWrongChunkWithItsReason) {
   EXPECT_TRUE(Admit(closing, Request(), /*accepted=*/true).ok());
 }
 
+// Admit's limit is what the task's update can be, not --max-update-bytes (1 GiB by default): a
+// member cannot make the coordinator spool, map and hash a gigabyte for a 100-byte update. Every
+// honest update — at the run's rank, at a client's own rank, Fed-SB's R, a step's products —
+// fits under it, with a header's worth of room and no more.
+TEST_F(UpdateGateTest, AnUploadIsBoundedByTheSizeOfTheTasksUpdate) {
+  options_.max_update_bytes = int64_t{1} << 30;
+  const std::string name = "model.layers.0.self_attn.q_proj";
+  const std::vector<common::ModuleShape> shapes = {{name, kRank, 600, 500, 1.0, false}};
+  const auto encoded = [&](int rank, bool has_r, common::AdapterParts parts) {
+    Adapter a = *Adapter::Create({{name, rank, 600, 500, kAlpha / rank, has_r}});
+    return static_cast<int64_t>(common::EncodeAdapter(a, parts).size());
+  };
+  const UpdateGate gate(&options_, store_.get(), shapes, std::make_shared<Adapter>(), std::nullopt,
+                        1e9);
+  const int64_t data = 4 * kRank * (600 + 500);
+  EXPECT_GE(gate.MaxBytes(0), encoded(kRank, false, common::AdapterParts::kAll));
+  EXPECT_LT(gate.MaxBytes(0), data + 8192);  // the header's room: kilobytes, not a gigabyte
+  EXPECT_GE(gate.MaxBytes(8), encoded(8, false, common::AdapterParts::kAll));
+  EXPECT_LT(gate.MaxBytes(8), 4 * 8 * (600 + 500) + 8192);
+
+  options_.method = common::Method::kFedSb;
+  const UpdateGate fed_sb(&options_, store_.get(), shapes, std::make_shared<Adapter>(),
+                          std::nullopt, 1e9);
+  EXPECT_GE(fed_sb.MaxBytes(0), encoded(kRank, true, common::AdapterParts::kROnly));
+  EXPECT_LT(fed_sb.MaxBytes(0), 4 * kRank * kRank + 8192);
+  const UpdateGate step(&options_, store_.get(), {}, std::make_shared<Adapter>(),
+                        std::vector<common::MatrixShape>{{name, 500, 24}}, 1e9);
+  const int64_t answer =
+      static_cast<int64_t>(common::EncodeMatrices({{name, common::MatrixD::Ones(500, 24)}}).size());
+  EXPECT_GE(step.MaxBytes(0), answer);
+  EXPECT_LT(step.MaxBytes(0), 4 * 500 * 24 + 8192);
+
+  // Admit refuses a byte more, at the first chunk; --max-update-bytes still caps it.
+  options_.method = common::Method::kFedIt;
+  v1::UploadRequest r = Request();
+  r.set_total_size(gate.MaxBytes(0) + 1);
+  const Verdict v = UpdateGate::Admit(Open(), {"a", kRank, 10, false}, r, gate.MaxBytes(0));
+  EXPECT_EQ(v.reason, ErrorDetail::REJECTED);
+  EXPECT_TRUE(absl::IsResourceExhausted(v.status)) << v.status;
+  options_.max_update_bytes = 1000;
+  EXPECT_EQ(gate.MaxBytes(0), 1000);
+}
+
 TEST_F(UpdateGateTest, CheckTakesAGoodUpdateAtItsClaimWithinTheCap) {
   CheckedUpdate checked;
   const std::string bytes = common::EncodeAdapter(Update());

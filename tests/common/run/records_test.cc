@@ -25,7 +25,7 @@ RoundRecord SampleRound() {
   r.who.attempt = 2;
   r.who.cohort = {"a", "b", "c"};
   r.who.arrived = {"a", "b"};
-  r.who.rejected = {"c"};
+  r.who.rejected = {{"c", 3}};
   r.who.declined = {{"d", "budget spent"}};
   r.who.bytes_up = {{"a", 100}, {"b", 200}};
   r.who.bytes_down = {{"a", 7}, {"b", 8}, {"c", 9}};
@@ -91,6 +91,17 @@ TEST(RecordsTest, ARoundRecordRoundTripsWithTheDocumentedKeys) {
   EXPECT_EQ(back->record.who.declined.at("d"), "budget spent");
   EXPECT_FALSE(back->record.client_dp->epsilon.has_value());
   EXPECT_EQ(back->record.client_dp->next_clip, 0.8);
+  // Each rejected client once, with its count; files written before the counts listed a client
+  // once per refused update, and read as the same counts.
+  EXPECT_EQ(j["rejected"], nlohmann::json({{"c", 3}}));
+  nlohmann::json old = j;
+  old["rejected"] = {"c", "x", "c"};
+  back = JsonReader::Parse<MetricsLine>(old, "line");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->record.who.rejected, (PerClient{{"c", 2}, {"x", 1}}));
+  old["rejected"] = {"c", 7};
+  EXPECT_THAT(JsonReader::Parse<MetricsLine>(old, "line").status().message(),
+              HasSubstr("line: /rejected/1: expected a string, found 7"));
 }
 
 TEST(RecordsTest, MetricsLinesNameTheFileLineAndFieldOfWhatIsWrong) {
