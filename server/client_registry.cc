@@ -75,9 +75,13 @@ void ClientRegistry::Touch(const std::string& id, std::chrono::steady_clock::tim
 }
 
 void ClientRegistry::Remove(const std::string& id, const std::string& reason) {
-  ClientInfo& info = clients_[id];
-  info.removed = reason;
-  info.left = reason;
+  removed_[id] = reason;
+  if (auto it = clients_.find(id); it != clients_.end()) it->second.left = reason;
+}
+
+const std::string* ClientRegistry::RemovedWhy(const std::string& id) const {
+  const auto it = removed_.find(id);
+  return it == removed_.end() ? nullptr : &it->second;
 }
 
 ClientInfo* ClientRegistry::Find(const std::string& id) {

@@ -32,11 +32,8 @@ struct ClientInfo {
   int64_t bytes_down_this_round = 0;
   std::string left;              // why the client left the run; empty while it takes part
   int64_t rejected_updates = 0;  // in this run, since the coordinator started
-  // Why the coordinator removed it from the run (its calls are refused); empty while it may take
-  // part.
-  std::string removed;
-  std::string session;  // of its latest join (JoinResponse.session)
-  std::string peer;     // the address that join came from
+  std::string session;           // of its latest join (JoinResponse.session)
+  std::string peer;              // the address that join came from
 };
 
 class ClientRegistry {
@@ -47,8 +44,12 @@ class ClientRegistry {
   void NewRound();
   // Notes that `id` was heard from (any call); unknown ids are ignored.
   void Touch(const std::string& id, std::chrono::steady_clock::time_point now);
-  // Removes `id` from the run for `reason`: it is no longer drawn, and may not join again.
+  // Removes `id` from the run for `reason`: it is no longer drawn, and may not join again. `id`
+  // need not have joined (a removal read back from the ledger).
   void Remove(const std::string& id, const std::string& reason);
+  // Why `id` was removed from the run; nullptr while it may take part.
+  const std::string* RemovedWhy(const std::string& id) const;
+  const std::map<std::string, std::string>& removed() const { return removed_; }
   ClientInfo* Find(const std::string& id);
   // The clients taking part (joined and not left), sorted by id.
   std::vector<std::string> TakingPart() const;
@@ -59,7 +60,8 @@ class ClientRegistry {
   const std::map<std::string, ClientInfo>& all() const { return clients_; }
 
  private:
-  std::map<std::string, ClientInfo> clients_;
+  std::map<std::string, ClientInfo> clients_;   // joined
+  std::map<std::string, std::string> removed_;  // client → why
 };
 
 }  // namespace fedlora::server

@@ -24,9 +24,9 @@ std::string NewSessionId() {
   return fmt::format("{:08x}{:08x}{:08x}{:08x}", random(), random(), random(), random());
 }
 
-// The answer to any call of a client the coordinator removed from the run.
-absl::Status Removed(const std::string& client, const ClientInfo& info) {
-  return WithReason(absl::PermissionDeniedError(StrCat(client, " was ", info.removed)),
+// The answer to any call of a client the coordinator removed from the run (`why`).
+absl::Status Removed(const std::string& client, const std::string& why) {
+  return WithReason(absl::PermissionDeniedError(StrCat(client, " was ", why)),
                     v1::ErrorDetail::REMOVED);
 }
 
@@ -38,6 +38,9 @@ void LogClientDp(const ServerOptions& o) {
       o.dp_delta, o.dp_target_epsilon > 0 ? StrCat(", target epsilon ", o.dp_target_epsilon) : "");
   if (o.dp_noise_multiplier == 0)
     spdlog::warn("client-level DP without noise: updates are clipped, but epsilon is infinite");
+  if (o.max_update_norm_ratio > 0)
+    spdlog::info("--max-update-norm-ratio {} is not applied: the DP clip bounds every update",
+                 o.max_update_norm_ratio);
 }
 
 }  // namespace
@@ -111,8 +114,7 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
   v1::JoinResponse response;
   {
     absl::MutexLock lock(&mu_);
-    if (const ClientInfo* info = clients_.Find(client); info != nullptr && !info->removed.empty())
-      return Removed(client, *info);
+    if (const std::string* why = clients_.RemovedWhy(client)) return Removed(client, *why);
     const std::string& expected =
         store_.has_ledger() ? store_.ledger().base_model_sha256 : options_.base_model_sha256;
     const int rank = lifecycle_->RankOf(client);
@@ -151,8 +153,8 @@ absl::StatusOr<v1::JoinResponse> RoundEngine::Join(const std::string& client,
 absl::Status RoundEngine::CheckSession(const std::string& client, std::string_view session,
                                        std::string_view peer) {
   absl::MutexLock lock(&mu_);
+  if (const std::string* why = clients_.RemovedWhy(client)) return Removed(client, *why);
   const ClientInfo* info = clients_.Find(client);
-  if (info != nullptr && !info->removed.empty()) return Removed(client, *info);
   if (session.empty() || info == nullptr || info->session == session) return absl::OkStatus();
   if (std::string repeated; log_limiter_.Allow("superseded " + client, env_->Now(), &repeated)) {
     spdlog::warn(
@@ -235,17 +237,26 @@ absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& cl
   return response;
 }
 
-void RoundEngine::LogRefusal(const std::string& client, const Verdict& verdict) {
+absl::Status RoundEngine::Refuse(const std::string& client, const Verdict& verdict,
+                                 LongPolls::Ready* ready) {
   const std::string kind = StrCat(static_cast<int>(verdict.reason), " ", client);
   if (std::string repeated; log_limiter_.Allow("refused upload " + kind, env_->Now(), &repeated))
     spdlog::warn("{}: rejected {}'s update: {}{}", lifecycle_->RoundName(), client,
                  verdict.status.message(), repeated);
+  lifecycle_->Rejected(client, verdict.status.message());
+  const std::string* why = clients_.RemovedWhy(client);
+  if (why == nullptr) return verdict.ToStatus();
+  CollectReadyLocked(ready, false);  // its leaving may close the round
+  return Removed(client, *why);      // that was its last: it stops now
 }
 
 absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client,
                                                        const v1::UploadRequest& request) {
   std::shared_ptr<const UpdateGate> gate;
   Sender sender{client};
+  LongPolls::Ready ready;
+  absl::StatusOr<v1::UploadResponse> response;
+  bool complete = false;
   {
     absl::MutexLock lock(&mu_);
     clients_.Touch(client, env_->Now());
@@ -253,24 +264,24 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
     sender.rank = lifecycle_->RankOf(client);
     sender.accepted = uploads_.Accepted(client);
     gate = lifecycle_->gate();
-    const Verdict admitted =
+    Verdict verdict =
         UpdateGate::Admit(lifecycle_->View(), sender, request,
                           gate ? gate->MaxBytes(sender.rank) : options_.max_update_bytes);
-    if (!admitted.ok()) {
-      if (admitted.reason == v1::ErrorDetail::LATE) lifecycle_->Late(client, request.round());
-      if (admitted.reason == v1::ErrorDetail::REJECTED) {
-        LogRefusal(client, admitted);
-        lifecycle_->Rejected(client, admitted.status.message());
-        if (const ClientInfo* info = clients_.Find(client); info && !info->removed.empty())
-          return Removed(client, *info);
-      }
-      return admitted.ToStatus();
+    if (verdict.ok()) {
+      response = uploads_.Receive(lifecycle_->round(), client, request, &complete);
+      if (const auto detail = DetailOf(response.status()))
+        verdict = Verdict::Refused(detail->reason(), response.status());
+    } else {
+      if (verdict.reason == v1::ErrorDetail::LATE) lifecycle_->Late(client, request.round());
+      response = verdict.ToStatus();
     }
-    bool complete = false;
-    absl::StatusOr<v1::UploadResponse> response =
-        uploads_.Receive(lifecycle_->round(), client, request, &complete);
-    if (!response.ok() || !complete) return response;
+    // A malformed upload is a strike, unless the sender's update of the round was accepted
+    // already: that one is aggregated, whatever a repeat of it says.
+    if (verdict.reason == v1::ErrorDetail::REJECTED && !sender.accepted)
+      response = Refuse(client, verdict, &ready);
   }
+  LongPolls::Deliver(ready);
+  if (!response.ok() || !complete) return response;
   return FinishUpload(client, request, std::move(gate), sender);
 }
 
@@ -285,7 +296,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
   CheckedUpdate checked;
   const Verdict verdict = gate->Check(sender, request, PartName(request.round(), client), &checked);
   LongPolls::Ready ready;
-  v1::UploadResponse response;
+  absl::StatusOr<v1::UploadResponse> response = v1::UploadResponse();
   {
     absl::MutexLock lock(&mu_);
     const PendingUpload* up = uploads_.Find(client);
@@ -304,22 +315,19 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
     if (!status.ok()) {
       uploads_.Drop(lifecycle_->round(), client);
       if (absl::IsUnavailable(status)) return status;  // the coordinator's failure: retried
-      LogRefusal(client, verdict);
-      lifecycle_->Rejected(client, verdict.status.message());
-      if (const ClientInfo* info = clients_.Find(client); info && !info->removed.empty())
-        return Removed(client, *info);  // that was its last: it stops now
-      return verdict.ToStatus();
+      response = Refuse(client, verdict, &ready);
+    } else {
+      response->set_received(request.total_size());
+      response->set_accepted(true);
+      spdlog::info(
+          "{}: {}'s update of {} bytes verified and validated in {:.3f} s (loss {:.6g} -> "
+          "{:.6g})",
+          lifecycle_->RoundName(), client, request.total_size(),
+          Seconds(std::chrono::steady_clock::now() - start).count(),
+          request.metrics().loss_before(), request.metrics().loss_after());
+      lifecycle_->Accepted(client);
+      CollectReadyLocked(&ready, false);
     }
-    response.set_received(request.total_size());
-    response.set_accepted(true);
-    spdlog::info(
-        "{}: {}'s update of {} bytes verified and validated in {:.3f} s (loss {:.6g} -> "
-        "{:.6g})",
-        lifecycle_->RoundName(), client, request.total_size(),
-        Seconds(std::chrono::steady_clock::now() - start).count(), request.metrics().loss_before(),
-        request.metrics().loss_after());
-    lifecycle_->Accepted(client);
-    CollectReadyLocked(&ready, false);
   }
   LongPolls::Deliver(ready);
   return response;
@@ -374,7 +382,13 @@ v1::StatusResponse RoundEngine::GetStatus() {
         std::chrono::duration_cast<std::chrono::milliseconds>(now - info.last_seen).count());
     c->set_rounds_contributed(info.rounds_contributed);
     c->set_rejected_updates(info.rejected_updates);
-    c->set_removed(info.removed);
+    if (const std::string* why = clients_.RemovedWhy(id)) c->set_removed(*why);
+  }
+  for (const auto& [id, why] : clients_.removed()) {  // removed in an earlier process
+    if (clients_.Find(id) != nullptr) continue;
+    v1::ClientStatus* c = s.add_clients();
+    c->set_id(id);
+    c->set_removed(why);
   }
   return s;
 }

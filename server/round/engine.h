@@ -116,8 +116,10 @@ class RoundEngine {
                                                   const v1::UploadRequest& request,
                                                   std::shared_ptr<const UpdateGate> gate,
                                                   const Sender& sender) ABSL_LOCKS_EXCLUDED(mu_);
-  // Logs a refused upload (once per window per client and kind).
-  void LogRefusal(const std::string& client, const Verdict& verdict)
+  // Refuses `client`'s update for `verdict`: logs it (once per window per client and kind) and
+  // counts it in the round; returns the refusal, or the removal from the run it led to (whose
+  // waiters are added to `ready`).
+  absl::Status Refuse(const std::string& client, const Verdict& verdict, LongPolls::Ready* ready)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const ServerOptions options_;

@@ -84,10 +84,7 @@ absl::Status Lifecycle::Resume() {
     if (options_.client_dp()) ledger.client_dp = ClientDpState{options_.dp_clip, {}};
     RETURN_IF_ERROR(store_.SaveLedger(ledger));
   }
-  for (const Version& v : l.versions) {  // who was removed stays removed
-    if (!v.record) continue;
-    for (const auto& [id, why] : v.record->who.removed) clients_.Remove(id, why);
-  }
+  ReapplyRemovals(l);
   if (Initialising()) {
     round_ = 0;
     spdlog::info("continuing run {} from {}: fed-sb initialisation at step {} of {}", l.run_id,
@@ -145,10 +142,14 @@ void Lifecycle::MaybeStart() {
   std::vector<std::string> alive, silent;
   for (const std::string& id : taking_part)
     (clients_.Silent(id, now, Seconds(options_.client_timeout_s)) ? silent : alive).push_back(id);
-  // Before the first round, min_clients must have joined; after it, clients that left the run
-  // are not waited for, silent ones are.
-  const size_t needed = run_started_ ? std::min<size_t>(options_.min_clients, taking_part.size())
-                                     : static_cast<size_t>(options_.min_clients);
+  // Before the first round (of this process), min_clients must have joined, less the clients the
+  // run removed (they cannot join again); after it, clients that left the run are not waited for,
+  // silent ones are.
+  const size_t min_clients = static_cast<size_t>(options_.min_clients);
+  const size_t removed = clients_.removed().size();
+  const size_t needed = run_started_
+                            ? std::min(min_clients, taking_part.size())
+                            : std::max<size_t>(1, min_clients - std::min(min_clients, removed));
   if (!run_started_ && clients_.size() < needed) {
     return Waiting(
         StrCat("waiting for ", needed, " clients to join, ", clients_.size(), " joined"));
@@ -253,7 +254,7 @@ void Lifecycle::Rejected(const std::string& client, absl::string_view why) {
 
 void Lifecycle::CountRejection(const std::string& client, absl::string_view why) {
   ClientInfo* info = clients_.Find(client);
-  if (info == nullptr || !info->removed.empty()) return;
+  if (info == nullptr || clients_.RemovedWhy(client) != nullptr) return;
   ++info->rejected_updates;
   if (options_.max_rejections == 0 || info->rejected_updates < options_.max_rejections) return;
   const std::string reason =
@@ -263,6 +264,30 @@ void Lifecycle::CountRejection(const std::string& client, absl::string_view why)
   clients_.Remove(client, reason);
   removed_[client] = reason;
   Leave(client, round_, reason);
+}
+
+void Lifecycle::ReapplyRemovals(const Ledger& l) {
+  std::map<std::string, std::string> removed;
+  const auto add = [&](const common::Participation& who) {
+    removed.insert(who.removed.begin(), who.removed.end());
+  };
+  if (l.init) {
+    for (const FedSbInit::Step& step : l.init->steps) add(step.record.who);
+  }
+  for (const Version& v : l.versions) {
+    if (v.init_record) add(v.init_record->who);
+    if (v.record) add(v.record->who);
+  }
+  if (removed.empty()) return;
+  std::vector<std::string> ids;
+  for (const auto& [id, why] : removed) ids.push_back(id);
+  if (options_.max_rejections == 0) {
+    spdlog::info("the run removed {}; with --max-rejections 0 they may take part again",
+                 fmt::join(ids, ", "));
+    return;
+  }
+  for (const auto& [id, why] : removed) clients_.Remove(id, why);
+  spdlog::info("the run removed {}, who stay removed", fmt::join(ids, ", "));
 }
 
 void Lifecycle::Late(const std::string& client, int64_t round) {
@@ -406,8 +431,8 @@ void Lifecycle::Commit() {
     phase_ = Phase::kWaitingForClients;
   }
   // Counted once the round is over (recorded with the next): the update was accepted, and a
-  // removal has no round to leave.
-  for (const auto& [id, norm] : record->norm_outliers) {
+  // removal has no round to leave. After the last round, no round is left to be removed from.
+  for (const auto& [id, norm] : done ? common::PerClientValue{} : record->norm_outliers) {
     CountRejection(
         id, StrCat("round ", record->round, " left its update out: its norm ", norm, " was over ",
                    options_.max_update_norm_ratio, " × the round's median"));

@@ -118,6 +118,8 @@ class Lifecycle {
   // The gate and accumulator of the round being opened; false when the privacy budget ends the run.
   bool ChooseParts(size_t population);
   void EndRun(const std::string& why);
+  // The removals recorded in `l` hold in this process too (unless --max-rejections is 0).
+  void ReapplyRemovals(const Ledger& l);
   // Counts a rejected update of `client` in the run; at --max-rejections, removes the client.
   void CountRejection(const std::string& client, absl::string_view why);
   bool Answered(const std::string& client) const;

@@ -321,6 +321,47 @@ TEST_F(RoundEngineTest, RegressionUpdatesCannotScaleTheirOwnWeight) {
             nlohmann::json({{"c1", 20.0 / 90}, {"c2", 30.0 / 90}, {"c3", 40.0 / 90}}));
 }
 
+// A client the run removed stays removed when the coordinator restarts, and the restarted run
+// does not wait for it to join again (regression: it waited for --min-clients, the removed one
+// included); with --max-rejections 0 it may take part again.
+TEST_F(RoundEngineTest, ARemovedClientStaysRemovedAcrossARestart) {
+  h_.Stop();
+  h_.options().max_rejections = 1;
+  h_.options().rounds = 3;
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  const auto task = h_.Task("c2");
+  ASSERT_TRUE(task.ok());
+  const auto refused = h_.Send("c2", *task, "");  // no bytes: refused at once
+  EXPECT_EQ(server::DetailOf(refused.status())->reason(), v1::ErrorDetail::REMOVED);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("c2 was removed from the run after 1 rounds with a rejected update "
+                        "(--max-rejections; the last: update of total size 0"));
+  Train("c1");
+  Train("c3");  // the round closes with the two left
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  EXPECT_EQ(Metrics()[0]["removed"].size(), 1u);
+
+  h_.Stop();
+  ASSERT_TRUE(h_.Start().ok());
+  const absl::Status rejoin = h_.Join("c2");
+  EXPECT_EQ(server::DetailOf(rejoin)->reason(), v1::ErrorDetail::REMOVED) << rejoin;
+  ASSERT_TRUE(h_.Join("c1").ok());
+  ASSERT_TRUE(h_.Join("c3").ok());
+  const v1::StatusResponse status = h_.engine().GetStatus();
+  ASSERT_EQ(status.clients_size(), 3);  // the two joined, and the removed one
+  EXPECT_EQ(status.clients(2).id(), "c2");
+  EXPECT_THAT(status.clients(2).removed(), HasSubstr("after 1 rounds with a rejected update"));
+  Train("c1");
+  Train("c3");
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2}));
+
+  h_.Stop();
+  h_.options().max_rejections = 0;
+  ASSERT_TRUE(h_.Start().ok());
+  EXPECT_TRUE(h_.Join("c2").ok());
+}
+
 // Eight clients, each on a thread of its own, and a thread ticking the engine, as gRPC's threads
 // and the coordinator's ticker call it: polls, chunked uploads (verified outside the engine's
 // lock), downloads and ticks interleave. Every round is the formula's mean of all eight. Under

@@ -162,8 +162,25 @@ TEST_F(UpdateGateTest, AnUploadIsBoundedByTheSizeOfTheTasksUpdate) {
   EXPECT_GE(step.MaxBytes(0), answer);
   EXPECT_LT(step.MaxBytes(0), 4 * 500 * 24 + 8192);
 
-  // Admit refuses a byte more, at the first chunk; --max-update-bytes still caps it.
+  // 224 modules (448 tensors) with long names and small shapes: the header is most of the file.
   options_.method = common::Method::kFedIt;
+  std::vector<common::ModuleShape> many;
+  for (int layer = 0; layer < 32; ++layer) {
+    for (const char* m :
+         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}) {
+      many.push_back(
+          {common::StrCat("model.language_model.decoder.layers.", layer, ".self_attention.", m), 1,
+           3, 2, kAlpha, false});
+    }
+  }
+  const UpdateGate wide(&options_, store_.get(), many, std::make_shared<Adapter>(), std::nullopt,
+                        1e9);
+  Adapter a = *Adapter::Create(many);
+  const int64_t bytes = static_cast<int64_t>(common::EncodeAdapter(a).size());
+  EXPECT_GE(wide.MaxBytes(1), bytes);
+  EXPECT_LT(wide.MaxBytes(1) - bytes, 448 * 256);  // under 256 bytes of room per tensor
+
+  // Admit refuses a byte more, at the first chunk; --max-update-bytes still caps it.
   v1::UploadRequest r = Request();
   r.set_total_size(gate.MaxBytes(0) + 1);
   const Verdict v = UpdateGate::Admit(Open(), {"a", kRank, 10, false}, r, gate.MaxBytes(0));
