@@ -30,10 +30,11 @@ struct ClientInfo {
   std::chrono::steady_clock::time_point last_seen;
   int64_t rounds_contributed = 0;
   int64_t bytes_down_this_round = 0;
-  std::string left;              // why the client left the run; empty while it takes part
-  int64_t rejected_updates = 0;  // in this run, since the coordinator started
-  std::string session;           // of its latest join (JoinResponse.session)
-  std::string peer;              // the address that join came from
+  int64_t bytes_up = 0, bytes_down = 0;  // since the coordinator started
+  std::string left;                      // why the client left the run; empty while it takes part
+  int64_t rejected_updates = 0;          // in this run, since the coordinator started
+  std::string session;                   // of its latest join (JoinResponse.session)
+  std::string peer;                      // the address that join came from
 };
 
 class ClientRegistry {

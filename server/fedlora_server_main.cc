@@ -18,19 +18,34 @@
 #include "common/base/signals.h"
 #include "common/net/tls.h"
 #include "server/coordinator_service.h"
+#include "server/observe/listener.h"
 #include "server/ticker.h"
 
 namespace {
 
 using fedlora::server::ServerOptions;
 
-void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& port_file) {
+struct MainOptions {
+  double linger_s = 10;
+  std::string port_file, metrics_port_file;
+};
+
+void AddOptions(CLI::App& app, ServerOptions& o, MainOptions& m) {
   fedlora::server::AddServerFlags(app, o);
-  app.add_option("--linger-s", linger_s,
+  app.add_option("--linger-s", m.linger_s,
                  "after the last round, keep serving the final state this long")
       ->capture_default_str();
-  app.add_option("--port-file", port_file,
+  app.add_option("--port-file", m.port_file,
                  "write the port listened on to this file (for --listen ...:0)");
+  app.add_option("--metrics-port-file", m.metrics_port_file,
+                 "write the port of --metrics-listen to this file (for ...:0)");
+}
+
+bool WritePort(const std::string& file, int port) {
+  if (file.empty()) return true;
+  absl::Status st = fedlora::common::WriteFileAtomically(file, std::to_string(port) + "\n");
+  if (!st.ok()) std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
+  return st.ok();
 }
 
 }  // namespace
@@ -38,11 +53,10 @@ void AddOptions(CLI::App& app, ServerOptions& o, double& linger_s, std::string& 
 int main(int argc, char** argv) {
   fedlora::common::KeepOpenSslUntilExit();
   ServerOptions options;
-  double linger_s = 10;
-  std::string port_file;
+  MainOptions m;
   CLI::App app{"fedlora-server: the coordinator of a federated LoRA fine-tuning run"};
   app.set_config("--config", "", "TOML file of options (keys are the long flag names without --)");
-  AddOptions(app, options, linger_s, port_file);
+  AddOptions(app, options, m);
   CLI11_PARSE(app, argc, argv);
   // Debian builds Abseil without NDEBUG, which leaves the debug-build deadlock detection on in
   // every absl::Mutex gRPC locks: a graph of all mutexes, one per connection and call, consulted at
@@ -103,17 +117,23 @@ int main(int argc, char** argv) {
                options.insecure            ? "PLAINTEXT"
                : options.client_ca.empty() ? "TLS"
                                            : "mutual TLS");
-  if (!port_file.empty()) {
-    if (auto st = fedlora::common::WriteFileAtomically(port_file, std::to_string(port) + "\n");
-        !st.ok()) {
-      std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
+  if (!WritePort(m.port_file, port)) return 1;
+  std::unique_ptr<fedlora::server::MetricsListener> metrics;
+  if (!options.metrics_listen.empty()) {
+    (*engine)->PublishStatus();
+    auto listener = fedlora::server::MetricsListener::Start(options, (*engine)->view());
+    if (!listener.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(listener.status().message()).c_str());
       return 1;
     }
+    metrics = *std::move(listener);
+    if (!WritePort(m.metrics_port_file, metrics->port())) return 1;
   }
 
   std::optional<std::chrono::steady_clock::time_point> done_at;
-  while (!signals.stop()) {
+  for (int tick = 1; !signals.stop(); ++tick) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (metrics && tick % 10 == 0) (*engine)->PublishStatus();  // what /metrics and the page show
     if (export_request.Take()) {
       spdlog::info("SIGUSR1: exporting the latest version");
       if (absl::Status st = (*engine)->ExportNow(); !st.ok())
@@ -126,7 +146,7 @@ int main(int argc, char** argv) {
     }
     if ((*engine)->done()) {
       if (!done_at) done_at = std::chrono::steady_clock::now();
-      if (std::chrono::steady_clock::now() - *done_at >= std::chrono::duration<double>(linger_s))
+      if (std::chrono::steady_clock::now() - *done_at >= std::chrono::duration<double>(m.linger_s))
         signals.RequestStop();
     }
   }

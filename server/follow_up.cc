@@ -13,10 +13,10 @@ using common::StrCat;
 absl::StatusOr<std::unique_ptr<FollowUp>> FollowUp::Start(const ServerOptions* options,
                                                           const StateStore* store,
                                                           std::unique_ptr<Evaluator> evaluator,
-                                                          common::Env* env) {
+                                                          common::Env* env, RunView* view) {
   const int64_t latest = store->has_ledger() ? store->ledger().latest() : 0;
   ASSIGN_OR_RETURN(MetricsLog log, MetricsLog::Open(store->dir() / "metrics.jsonl", env,
-                                                    std::max<int64_t>(latest, 0)));
+                                                    std::max<int64_t>(latest, 0), view));
   return std::unique_ptr<FollowUp>(
       new FollowUp(options, store, std::move(evaluator), env, std::move(log)));
 }

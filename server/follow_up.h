@@ -21,6 +21,7 @@
 #include "common/base/log_limiter.h"
 #include "server/evaluator.h"
 #include "server/metrics_log.h"
+#include "server/observe/run_view.h"
 #include "server/retry.h"
 #include "server/server_options.h"
 #include "server/state_store.h"
@@ -34,7 +35,7 @@ class FollowUp {
   static absl::StatusOr<std::unique_ptr<FollowUp>> Start(const ServerOptions* options,
                                                          const StateStore* store,
                                                          std::unique_ptr<Evaluator> evaluator,
-                                                         common::Env* env);
+                                                         common::Env* env, RunView* view);
   ~FollowUp();  // stops the thread, which finishes the step it is in
 
   // The ledger now holds `ledger->latest()`; `frozen` is Fed-SB's B, A (empty for the others).

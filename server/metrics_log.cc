@@ -9,10 +9,11 @@ namespace fedlora::server {
 using common::StrCat;
 
 absl::StatusOr<MetricsLog> MetricsLog::Open(const std::filesystem::path& file, common::Env* env,
-                                            int64_t latest) {
+                                            int64_t latest, RunView* view) {
   MetricsLog log;
   log.file_ = file;
   log.env_ = env;
+  log.view_ = view;
   if (!std::filesystem::exists(file)) return log;
   ASSIGN_OR_RETURN(const std::vector<common::MetricsLine> lines, common::ReadMetrics(file));
   for (const common::MetricsLine& line : lines) {
@@ -25,6 +26,7 @@ absl::StatusOr<MetricsLog> MetricsLog::Open(const std::filesystem::path& file, c
     }
     log.text_ += line.ToJson().dump() + "\n";
     log.version_ = round;
+    if (view) view->AddLine(line);
   }
   return log;
 }
@@ -38,6 +40,7 @@ absl::Status MetricsLog::Append(const common::MetricsLine& line) {
   RETURN_IF_ERROR(common::WriteFileAtomically(file_, text, env_));
   text_ = std::move(text);
   version_ = line.record.round;
+  if (view_) view_->AddLine(line);
   return absl::OkStatus();
 }
 

@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "common/base/env.h"
 #include "common/run/records.h"
+#include "server/observe/run_view.h"
 
 namespace fedlora::server {
 
@@ -19,8 +20,9 @@ class MetricsLog {
  public:
   // Reads the file if there is one. DATA_LOSS, naming the line and field, for a line that is not a
   // metrics line or versions that are not 1, 2, … up to at most `latest` (the ledger's).
+  // Every line read and appended is added to `view`, when there is one.
   static absl::StatusOr<MetricsLog> Open(const std::filesystem::path& file, common::Env* env,
-                                         int64_t latest);
+                                         int64_t latest, RunView* view = nullptr);
 
   // The version of the last line (0 when there is none).
   int64_t version() const { return version_; }
@@ -30,6 +32,7 @@ class MetricsLog {
  private:
   std::filesystem::path file_;
   common::Env* env_ = nullptr;
+  RunView* view_ = nullptr;
   std::string text_;  // the file's contents
   int64_t version_ = 0;
 };

@@ -1,5 +1,7 @@
 #include "server/server_options.h"
 
+#include <arpa/inet.h>
+
 #include <algorithm>
 #include <map>
 
@@ -21,6 +23,34 @@ absl::Status ServerOptions::Validate() const {
   RETURN_IF_ERROR(ValidateModel());
   RETURN_IF_ERROR(ValidatePrivacy());
   return ValidateTransport();
+}
+
+nlohmann::json ServerOptions::Settings() const {
+  nlohmann::json s = {{"method", common::MethodName(method)},
+                      {"rounds", rounds},
+                      {"rank", rank},
+                      {"lora_alpha", lora_alpha},
+                      {"local_steps", local_steps},
+                      {"learning_rate", learning_rate},
+                      {"min_clients", min_clients},
+                      {"fraction", fraction},
+                      {"quorum", quorum},
+                      {"round_deadline_s", round_deadline_s},
+                      {"client_timeout_s", client_timeout_s},
+                      {"max_update_norm_ratio", client_dp() ? 0 : max_update_norm_ratio},
+                      {"max_rejections", max_rejections},
+                      {"max_client_weight", max_client_weight},
+                      {"transport", insecure            ? "plaintext"
+                                    : client_ca.empty() ? "TLS"
+                                                        : "mutual TLS"},
+                      {"evaluation", eval_data.empty() ? "none" : "held-out data"}};
+  if (client_dp()) {
+    s["dp_clip"] = dp_clip;
+    s["dp_noise_multiplier"] = dp_noise_multiplier;
+    s["dp_delta"] = dp_delta;
+    if (dp_target_epsilon > 0) s["dp_target_epsilon"] = dp_target_epsilon;
+  }
+  return s;
 }
 
 // Rounds, cohorts and what an update may be.
@@ -159,7 +189,55 @@ absl::Status ServerOptions::ValidateTransport() const {
       return Invalid(
           "'", id, "' is both an allowed client and an operator; an identity is one or the other");
   }
+  if (metrics_listen.empty()) {
+    if (!metrics_token_file.empty()) return Invalid("metrics_token_file needs metrics_listen");
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(const HostPort at, ParseHostPort(metrics_listen, "metrics_listen"));
+  if (IsLoopback(at.host)) return absl::OkStatus();
+  if (insecure) {
+    return Invalid("metrics_listen ", metrics_listen,
+                   " is off the loopback interface: it is served over TLS only, which insecure "
+                   "turns off; listen on 127.0.0.1 or use TLS");
+  }
+  if (metrics_token_file.empty() && (client_ca.empty() || operators.empty())) {
+    return Invalid("metrics_listen ", metrics_listen,
+                   " is off the loopback interface: say who may read it, with operators (and "
+                   "client_ca: their certificates) or metrics_token_file (a bearer token)");
+  }
   return absl::OkStatus();
+}
+
+bool IsLoopback(const std::string& host) {
+  if (host == "localhost") return true;
+  in_addr v4{};
+  if (inet_pton(AF_INET, host.c_str(), &v4) == 1) return (ntohl(v4.s_addr) >> 24) == 127;
+  in6_addr v6{};
+  return inet_pton(AF_INET6, host.c_str(), &v6) == 1 && IN6_IS_ADDR_LOOPBACK(&v6);
+}
+
+absl::StatusOr<HostPort> ParseHostPort(std::string_view address, std::string_view key) {
+  const auto bad = [&](std::string_view why) {
+    return absl::InvalidArgumentError(StrCat(key, " '", address, "' ", why,
+                                             "; expected HOST:PORT or [IPv6]:PORT, e.g. "
+                                             "127.0.0.1:9464"));
+  };
+  const size_t colon = address.rfind(':');
+  if (colon == std::string_view::npos || colon == 0) return bad("has no host and port");
+  HostPort hp;
+  hp.host = std::string(address.substr(0, colon));
+  if (hp.host.front() == '[') {
+    if (hp.host.size() < 3 || hp.host.back() != ']') return bad("has an unclosed [");
+    hp.host = hp.host.substr(1, hp.host.size() - 2);
+  } else if (hp.host.find(':') != std::string::npos) {
+    return bad("has an IPv6 host without brackets");
+  }
+  const std::string_view port = address.substr(colon + 1);
+  if (port.empty() || port.size() > 5 || !std::all_of(port.begin(), port.end(), ::isdigit) ||
+      std::stoi(std::string(port)) > 65535)
+    return bad("has no port in [0, 65535]");
+  hp.port = std::stoi(std::string(port));
+  return hp;
 }
 
 namespace {
@@ -308,6 +386,11 @@ void AddTransportFlags(CLI::App& app, ServerOptions& o) {
       ->allow_extra_args(false);
   app.add_flag("--insecure", o.insecure,
                "plaintext without client identities (experiments on one machine only)");
+  app.add_option("--metrics-listen", o.metrics_listen,
+                 "HOST:PORT of /metrics (Prometheus) and the live page at /; off the loopback "
+                 "interface: HTTPS for --operators or --metrics-token-file only");
+  app.add_option("--metrics-token-file", o.metrics_token_file,
+                 "file holding a bearer token that /metrics and the page then require");
   app.add_option("--chunk-bytes", o.chunk_bytes)->capture_default_str();
   app.add_option("--max-update-bytes", o.max_update_bytes)->capture_default_str();
   app.add_option("--max-wait-ms", o.max_wait_ms, "longest long poll")->capture_default_str();

@@ -6,13 +6,24 @@
 #include <CLI/CLI.hpp>
 #include <cstdint>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "common/aggregation/aggregate.h"
 
 namespace fedlora::server {
+
+struct HostPort {
+  std::string host;  // without the brackets of an IPv6 address
+  int port = 0;
+};
+// HOST:PORT or [IPv6]:PORT, with a port in [0, 65535]; errors name `key`.
+absl::StatusOr<HostPort> ParseHostPort(std::string_view address, std::string_view key);
+// Whether `host` names the loopback interface: localhost, 127.0.0.0/8 or ::1.
+bool IsLoopback(const std::string& host);
 
 struct ServerOptions {
   // Run
@@ -118,6 +129,11 @@ struct ServerOptions {
   // admitted may ask. Needs client_ca.
   std::vector<std::string> operators;
   bool insecure = false;  // plaintext, no client identity: for experiments on one machine only
+  // HOST:PORT of the HTTP listener of /metrics (Prometheus) and the live page (port 0: one the
+  // system picks); empty: none. Off the loopback interface it needs TLS, and operators (client_ca
+  // and operators) or a bearer token (metrics_token_file).
+  std::string metrics_listen;
+  std::string metrics_token_file;  // holds the bearer token /metrics and the page ask for
   // transfer chunk size: what each concurrent transfer holds in memory
   int64_t chunk_bytes = 1 << 20;
   int64_t max_update_bytes = int64_t{1} << 30;  // an update larger than this is refused
@@ -128,6 +144,8 @@ struct ServerOptions {
   double give_up_after_s = 600;
 
   bool client_dp() const { return dp_clip > 0; }
+  // What the live page shows of the run's settings (no paths of the operator's files).
+  nlohmann::json Settings() const;
   absl::Status Validate() const;
 
  private:

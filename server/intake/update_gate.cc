@@ -43,7 +43,9 @@ Verdict UpdateGate::Admit(const RoundView& round, const Sender& sender,
                    round.open && !closing ? StrCat("; round ", round.round, " is open") : "")));
   }
   auto stale = [](absl::Status st) { return Verdict::Refused(ErrorDetail::STALE_TASK, st); };
-  auto rejected = [](absl::Status st) { return Verdict::Refused(ErrorDetail::REJECTED, st); };
+  auto rejected = [](absl::Status st, std::string_view kind) {
+    return Verdict::Refused(ErrorDetail::REJECTED, st, kind);
+  };
   if (!round.open) {
     return stale(absl::FailedPreconditionError(
         StrCat("no round is open (upload for round ", request.round(), ")")));
@@ -69,16 +71,20 @@ Verdict UpdateGate::Admit(const RoundView& round, const Sender& sender,
   }
   if (request.total_size() <= 0) {  // regression: this was "exceeds the limit"
     return rejected(absl::InvalidArgumentError(StrCat("update of total size ", request.total_size(),
-                                                      "; an update has at least one byte")));
+                                                      "; an update has at least one byte")),
+                    "empty");
   }
   if (request.total_size() > max_update_bytes) {
-    return rejected(absl::ResourceExhaustedError(
-        StrCat("update of ", request.total_size(), " bytes exceeds the limit of ", max_update_bytes,
-               " bytes (the task's tensors in f32 and their header, within --max-update-bytes)")));
+    return rejected(
+        absl::ResourceExhaustedError(StrCat(
+            "update of ", request.total_size(), " bytes exceeds the limit of ", max_update_bytes,
+            " bytes (the task's tensors in f32 and their header, within --max-update-bytes)")),
+        "too_large");
   }
   if (!common::IsSha256Hex(request.sha256())) {
     return rejected(absl::InvalidArgumentError(
-        StrCat("sha256 '", request.sha256(), "' is not 64 lower-case hex digits")));
+                        StrCat("sha256 '", request.sha256(), "' is not 64 lower-case hex digits")),
+                    "header");
   }
   return Verdict::Admitted();
 }
@@ -148,16 +154,21 @@ Verdict UpdateGate::Check(const Sender& sender, const v1::UploadRequest& request
   });
   // The store's failure, not the client's: UNAVAILABLE, retried.
   if (absl::IsUnavailable(status)) return Verdict::Refused(ErrorDetail::RETRY_LATER, status);
+  std::string_view kind = "invalid";  // undecodable, other shapes or scaling, non-finite
   const int64_t claimed = request.num_examples() > 0 ? request.num_examples() : sender.joined;
-  if (status.ok() && claimed > sender.joined)
+  if (status.ok() && claimed > sender.joined) {
+    kind = "examples";
     status = absl::InvalidArgumentError(StrCat("the update claims ", claimed,
                                                " examples, more than the ", sender.joined, " ",
                                                sender.client, " joined with"));
-  if (status.ok() && options_->max_update_norm > 0 && norm > options_->max_update_norm)
+  }
+  if (status.ok() && options_->max_update_norm > 0 && norm > options_->max_update_norm) {
+    kind = "norm";
     status = absl::InvalidArgumentError(StrCat("the update's norm ‖s·B·A‖_F = ", norm,
                                                " exceeds the run's bound of ",
                                                options_->max_update_norm, " (--max-update-norm)"));
-  if (!status.ok()) return Verdict::Refused(ErrorDetail::REJECTED, status);
+  }
+  if (!status.ok()) return Verdict::Refused(ErrorDetail::REJECTED, status, kind);
   // Its weight: what it trained on, within the round's cap (floored, so the cap's share bound
   // holds). Compared as doubles, converted only when the cap is the smaller: a claim near
   // INT64_MAX is 2^63 as a double, which no int64 holds (found by the fuzzer).

@@ -36,10 +36,13 @@ namespace v1 = ::fedlora::v1;
 struct Verdict {
   v1::ErrorDetail::Reason reason = v1::ErrorDetail::REASON_UNSPECIFIED;
   absl::Status status;
+  // A REJECTED update's kind, for the metrics (fedlora_rejections_total's reason label).
+  std::string_view kind;
 
   static Verdict Admitted() { return {}; }
-  static Verdict Refused(v1::ErrorDetail::Reason reason, absl::Status status) {
-    return {reason, std::move(status)};
+  static Verdict Refused(v1::ErrorDetail::Reason reason, absl::Status status,
+                         std::string_view kind = "") {
+    return {reason, std::move(status), kind};
   }
   bool ok() const { return status.ok(); }
   // The status with its reason attached (server/errors.h), as the client receives it.

@@ -63,18 +63,22 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(
     LogClientDp(options);
   }
   absl::MutexLock lock(&e->mu_);
-  ASSIGN_OR_RETURN(e->follow_up_,
-                   FollowUp::Start(&e->options_, &e->store_, std::move(evaluator), env));
+  ASSIGN_OR_RETURN(e->follow_up_, FollowUp::Start(&e->options_, &e->store_, std::move(evaluator),
+                                                  env, e->view_.get()));
   e->lifecycle_ = std::make_unique<Lifecycle>(
       e->options_, env,
       Lifecycle::Parts{&e->store_, &e->clients_, &e->uploads_, e->dp_.get(), e->follow_up_.get(),
-                       &e->log_limiter_});
+                       &e->log_limiter_, e->view_.get()});
   RETURN_IF_ERROR(e->lifecycle_->Resume());
   return e;
 }
 
 RoundEngine::RoundEngine(const ServerOptions& options, common::Env* env, StateStore store)
-    : options_(options), env_(env), store_(std::move(store)), uploads_(&store_) {}
+    : options_(options),
+      env_(env),
+      view_(std::make_shared<RunView>(options.Settings(), options.client_timeout_s)),
+      store_(std::move(store)),
+      uploads_(&store_) {}
 
 RoundEngine::~RoundEngine() {
   // The follow-up's thread reads the store: it stops first.
@@ -233,6 +237,7 @@ absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& cl
   if (ClientInfo* info = clients_.Find(client)) {
     info->last_seen = env_->Now();
     info->bytes_down_this_round += static_cast<int64_t>(response.data().size());
+    info->bytes_down += static_cast<int64_t>(response.data().size());
   }
   return response;
 }
@@ -244,6 +249,7 @@ absl::Status RoundEngine::Refuse(const std::string& client, const Verdict& verdi
     spdlog::warn("{}: rejected {}'s update: {}{}", lifecycle_->RoundName(), client,
                  verdict.status.message(), repeated);
   lifecycle_->Rejected(client, verdict.status.message());
+  view_->CountRejected(verdict.kind);
   const std::string* why = clients_.RemovedWhy(client);
   if (why == nullptr) return verdict.ToStatus();
   CollectReadyLocked(ready, false);  // its leaving may close the round
@@ -260,7 +266,8 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
   {
     absl::MutexLock lock(&mu_);
     clients_.Touch(client, env_->Now());
-    if (const ClientInfo* info = clients_.Find(client)) sender.joined = info->num_examples;
+    ClientInfo* info = clients_.Find(client);
+    if (info != nullptr) sender.joined = info->num_examples;
     sender.rank = lifecycle_->RankOf(client);
     sender.accepted = uploads_.Accepted(client);
     gate = lifecycle_->gate();
@@ -269,8 +276,10 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
                           gate ? gate->MaxBytes(sender.rank) : options_.max_update_bytes);
     if (verdict.ok()) {
       response = uploads_.Receive(lifecycle_->round(), client, request, &complete);
+      if (response.ok() && info != nullptr)
+        info->bytes_up += static_cast<int64_t>(request.data().size());
       if (const auto detail = DetailOf(response.status()))
-        verdict = Verdict::Refused(detail->reason(), response.status());
+        verdict = Verdict::Refused(detail->reason(), response.status(), "chunk");
     } else {
       if (verdict.reason == v1::ErrorDetail::LATE) lifecycle_->Late(client, request.round());
       response = verdict.ToStatus();
@@ -325,6 +334,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
           lifecycle_->RoundName(), client, request.total_size(),
           Seconds(std::chrono::steady_clock::now() - start).count(),
           request.metrics().loss_before(), request.metrics().loss_after());
+      view_->CountAccepted();
       lifecycle_->Accepted(client);
       CollectReadyLocked(&ready, false);
     }
@@ -382,6 +392,9 @@ v1::StatusResponse RoundEngine::GetStatus() {
         std::chrono::duration_cast<std::chrono::milliseconds>(now - info.last_seen).count());
     c->set_rounds_contributed(info.rounds_contributed);
     c->set_rejected_updates(info.rejected_updates);
+    c->set_bytes_up(info.bytes_up);
+    c->set_bytes_down(info.bytes_down);
+    c->set_left(info.left);
     if (const std::string* why = clients_.RemovedWhy(id)) c->set_removed(*why);
   }
   for (const auto& [id, why] : clients_.removed()) {  // removed in an earlier process

@@ -38,6 +38,7 @@
 #include "server/evaluator.h"
 #include "server/follow_up.h"
 #include "server/intake/uploads.h"
+#include "server/observe/run_view.h"
 #include "server/round/lifecycle.h"
 #include "server/server_options.h"
 #include "server/state_store.h"
@@ -107,6 +108,10 @@ class RoundEngine {
   void Shutdown() ABSL_LOCKS_EXCLUDED(mu_);
   // Returns once the follow-up has nothing it can do at the clock's present time (tests).
   void WaitForFollowUp() const { follow_up_->WaitIdle(); }
+  // What operators see of the run (server/observe/): the engine counts updates and rounds into
+  // it; PublishStatus puts its status there.
+  std::shared_ptr<RunView> view() const { return view_; }
+  void PublishStatus() ABSL_LOCKS_EXCLUDED(mu_) { view_->Publish(GetStatus(), env_->NowUnixMs()); }
 
  private:
   RoundEngine(const ServerOptions& options, common::Env* env, StateStore store);
@@ -124,6 +129,7 @@ class RoundEngine {
 
   const ServerOptions options_;
   common::Env* const env_;
+  const std::shared_ptr<RunView> view_;
   mutable absl::Mutex mu_;
   StateStore store_ ABSL_GUARDED_BY(mu_);
   ClientRegistry clients_ ABSL_GUARDED_BY(mu_);

@@ -42,6 +42,7 @@ Lifecycle::Lifecycle(const ServerOptions& options, common::Env* env, Parts parts
       dp_(parts.dp),
       follow_up_(*parts.follow_up),
       log_limiter_(*parts.log_limiter),
+      view_(*parts.view),
       frozen_(std::make_shared<Adapter>()) {}
 
 bool Lifecycle::OpenRound::InCohort(const std::string& client) const {
@@ -217,6 +218,7 @@ void Lifecycle::Open(const std::vector<std::string>& alive) {
   if (!ChooseParts(alive.size())) return;
   open_.started = env_->Now();
   if (!run_started_) run_started_ = open_.started;
+  if (attempt_ == 0) first_attempt_ = open_.started;
   phase_ = Phase::kTraining;
   spdlog::info("{}{}: cohort of {} of {} clients: {}", RoundName(),
                attempt_ ? StrCat(" (attempt ", attempt_ + 1, ")") : "", open_.cohort.size(),
@@ -421,6 +423,8 @@ void Lifecycle::Commit() {
       record->dropped.empty() ? "" : fmt::format(" (dropped: {})", fmt::join(record->dropped, ",")),
       record->mean_loss_before, record->mean_train_loss, record->aggregation_seconds, round_);
   open_ = OpenRound{};
+  view_.ObserveRound(Seconds(env_->Now() - first_attempt_).count());
+  for (size_t i = 0; i < record->norm_outliers.size(); ++i) view_.CountRejected("norm_outlier");
   const bool done = round_ >= options_.rounds;
   if (done) {
     phase_ = Phase::kDone;

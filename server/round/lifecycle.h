@@ -28,6 +28,7 @@
 #include "server/follow_up.h"
 #include "server/intake/update_gate.h"
 #include "server/intake/uploads.h"
+#include "server/observe/run_view.h"
 #include "server/retry.h"
 #include "server/server_options.h"
 #include "server/state_store.h"
@@ -50,6 +51,7 @@ class Lifecycle {
     ClientDp* dp;
     FollowUp* follow_up;
     common::LogLimiter* log_limiter;
+    RunView* view;
   };
   Lifecycle(const ServerOptions& options, common::Env* env, Parts parts);
 
@@ -142,6 +144,7 @@ class Lifecycle {
   ClientDp* const dp_;
   FollowUp& follow_up_;
   common::LogLimiter& log_limiter_;
+  RunView& view_;
 
   Phase phase_ = Phase::kWaitingForClients;
   int64_t round_ = 0;                     // the round in progress (version() + 1 while training)
@@ -149,6 +152,7 @@ class Lifecycle {
   TimePoint next_attempt_;                // a retried round opens no earlier
   std::string waiting_for_;               // while no round is open: what the run waits for
   std::optional<TimePoint> run_started_;  // in this process
+  TimePoint first_attempt_;               // of the round in progress
   OpenRound open_;
   std::map<std::string, int64_t> late_;            // since the last commit: client → its round
   std::map<std::string, std::string> removed_;     // since the last commit: client → why

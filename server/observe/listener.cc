@@ -1,0 +1,163 @@
+#include "server/observe/listener.h"
+
+#include <httplib.h>
+#include <openssl/crypto.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <spdlog/spdlog.h>
+
+#include <set>
+
+#include "common/base/file_util.h"
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "server/observe/page.h"
+
+namespace fedlora::server {
+namespace {
+
+using common::StrCat;
+
+// The common name of the verified client certificate of `ssl`, or "" when there is none.
+std::string VerifiedPeerName(const SSL* ssl) {
+  if (ssl == nullptr || SSL_get_verify_result(ssl) != X509_V_OK) return "";
+  X509* cert = SSL_get1_peer_certificate(ssl);
+  if (cert == nullptr) return "";
+  char name[256] = {};
+  const int n =
+      X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, name, sizeof(name));
+  X509_free(cert);
+  return n > 0 ? std::string(name, static_cast<size_t>(n)) : "";
+}
+
+// Who may read: anyone (loopback without a token), or an operator by certificate or token.
+struct Access {
+  bool open = true;
+  std::string token;                // "Authorization: Bearer <token>" admits
+  std::set<std::string> operators;  // a verified client certificate with one of these names admits
+
+  bool Admits(const httplib::Request& req) const {
+    if (open) return true;
+    const std::string auth = req.get_header_value("Authorization");
+    const std::string want = "Bearer " + token;
+    if (!token.empty() && auth.size() == want.size() &&
+        CRYPTO_memcmp(auth.data(), want.data(), want.size()) == 0)
+      return true;
+    return !operators.empty() && operators.contains(VerifiedPeerName(req.ssl));
+  }
+};
+
+absl::StatusOr<Access> AccessOf(const ServerOptions& o, bool loopback) {
+  Access access;
+  if (!o.metrics_token_file.empty()) {
+    ASSIGN_OR_RETURN(std::string token,
+                     common::ReadFileToString(o.metrics_token_file, common::Symlinks::kFollow));
+    while (!token.empty() && std::isspace(static_cast<unsigned char>(token.back())))
+      token.pop_back();
+    if (token.empty())
+      return absl::InvalidArgumentError(StrCat("metrics_token_file ", o.metrics_token_file,
+                                               " is empty; it must hold the bearer token"));
+    access.token = std::move(token);
+  }
+  if (!loopback && !o.client_ca.empty())
+    access.operators = std::set<std::string>(o.operators.begin(), o.operators.end());
+  access.open = loopback && access.token.empty();
+  return access;
+}
+
+// The TLS settings of a listener off the loopback interface: the coordinator's certificate, and
+// client certificates of --client-ca asked for (required unless a token may be used instead).
+bool SetUpTls(SSL_CTX& ctx, const ServerOptions& o, bool token) {
+  if (SSL_CTX_set_min_proto_version(&ctx, TLS1_2_VERSION) != 1 ||
+      SSL_CTX_use_certificate_chain_file(&ctx, o.tls_cert.c_str()) != 1 ||
+      SSL_CTX_use_PrivateKey_file(&ctx, o.tls_key.c_str(), SSL_FILETYPE_PEM) != 1 ||
+      SSL_CTX_check_private_key(&ctx) != 1)
+    return false;
+  if (!o.client_ca.empty()) {
+    if (SSL_CTX_load_verify_locations(&ctx, o.client_ca.c_str(), nullptr) != 1) return false;
+    SSL_CTX_set_verify(&ctx, SSL_VERIFY_PEER | (token ? 0 : SSL_VERIFY_FAIL_IF_NO_PEER_CERT),
+                       nullptr);
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(
+    const ServerOptions& o, std::shared_ptr<const RunView> view) {
+  ASSIGN_OR_RETURN(const HostPort at, ParseHostPort(o.metrics_listen, "metrics_listen"));
+  const bool loopback = IsLoopback(at.host);
+  ASSIGN_OR_RETURN(const Access access, AccessOf(o, loopback));
+  std::unique_ptr<MetricsListener> l(new MetricsListener());
+  l->view_ = std::move(view);
+  if (loopback) {
+    l->http_ = std::make_unique<httplib::Server>();
+  } else {
+    const bool token = !access.token.empty();
+    l->http_ =
+        std::make_unique<httplib::SSLServer>([&](SSL_CTX& ctx) { return SetUpTls(ctx, o, token); });
+    if (!l->http_->is_valid()) {
+      return absl::InvalidArgumentError(
+          StrCat("metrics_listen ", o.metrics_listen, ": cannot set up TLS with tls_cert ",
+                 o.tls_cert, ", tls_key ", o.tls_key,
+                 o.client_ca.empty() ? "" : StrCat(" and client_ca ", o.client_ca)));
+    }
+  }
+  httplib::Server& http = *l->http_;
+  http.new_task_queue = [] { return new httplib::ThreadPool(4); };
+  http.set_read_timeout(std::chrono::seconds(10));
+  http.set_write_timeout(std::chrono::seconds(10));
+  http.set_pre_routing_handler([access](const httplib::Request& req, httplib::Response& res) {
+    res.set_header("Cache-Control", "no-store");
+    res.set_header("X-Content-Type-Options", "nosniff");
+    if (access.Admits(req)) return httplib::Server::HandlerResponse::Unhandled;
+    res.status = 401;
+    res.set_header("WWW-Authenticate", "Bearer");
+    res.set_content("an operator's client certificate or bearer token is required\n", "text/plain");
+    return httplib::Server::HandlerResponse::Handled;
+  });
+  const RunView* v = l->view_.get();
+  http.Get("/metrics", [v](const httplib::Request&, httplib::Response& res) {
+    res.set_content(v->Prometheus(), "text/plain; version=0.0.4; charset=utf-8");
+  });
+  http.Get("/api/run", [v](const httplib::Request&, httplib::Response& res) {
+    res.set_content(v->Page().dump(), "application/json");
+  });
+  for (const PageAsset& asset : PageAssets()) {
+    http.Get(asset.path, [asset](const httplib::Request&, httplib::Response& res) {
+      res.set_header("Content-Security-Policy",
+                     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                     "img-src 'self'; frame-ancestors 'none'");
+      res.set_content(asset.content.data(), asset.content.size(), asset.type);
+    });
+  }
+  l->port_ = at.port == 0 ? http.bind_to_any_port(at.host) : at.port;
+  if (l->port_ < 0 || (at.port != 0 && !http.bind_to_port(at.host, at.port))) {
+    return absl::UnavailableError(
+        StrCat("cannot listen on ", o.metrics_listen,
+               " (metrics_listen): address in use, or not this machine's"));
+  }
+  l->thread_ = std::thread([&http, l = l.get()] {
+    http.listen_after_bind();
+    l->stopped_ = true;
+  });
+  spdlog::info("metrics and the live page on {}://{}:{}/ ({})", loopback ? "http" : "https",
+               at.host, l->port_,
+               access.open ? "anyone on this machine"
+               : !access.token.empty() && !access.operators.empty()
+                   ? "operators' certificates or the bearer token"
+               : access.token.empty() ? "operators' certificates"
+                                      : "the bearer token");
+  return l;
+}
+
+MetricsListener::~MetricsListener() {
+  // A stop before the thread has begun to listen is not seen by it: stop until it has ended.
+  while (thread_.joinable() && !stopped_) {
+    http_->stop();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (thread_.joinable()) thread_.join();
+}
+
+}  // namespace fedlora::server
