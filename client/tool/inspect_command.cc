@@ -4,6 +4,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <string>
+#include <vector>
 
 #include "client/tool/commands.h"
 #include "common/aggregation/aggregate.h"
@@ -60,13 +62,10 @@ std::string AttentionText(const common::LlamaConfig& c) {
 }
 
 // Tensor counts per dtype, and parameters, from the safetensors headers (no weights are read).
-absl::StatusOr<std::string> WeightsText(const std::filesystem::path& dir) {
-  auto files = common::WeightFiles(dir);
-  if (absl::IsNotFound(files.status())) return std::string("no weights (config only)");
-  if (!files.ok()) return files.status();
+absl::StatusOr<std::string> WeightsText(const std::vector<std::filesystem::path>& files) {
   std::map<std::string, int> dtypes;
   int64_t params = 0;
-  for (const auto& f : *files) {
+  for (const auto& f : files) {
     auto st = common::SafetensorsFile::Open(f);
     if (!st.ok()) return st.status();
     for (const common::TensorInfo& t : st->view().tensors()) {
@@ -74,15 +73,35 @@ absl::StatusOr<std::string> WeightsText(const std::filesystem::path& dir) {
       params += t.num_elements();
     }
   }
-  std::string text = StrCat(files->size(), files->size() == 1 ? " file, " : " shards, ");
+  std::string text = StrCat(files.size(), files.size() == 1 ? " file, " : " shards, ");
   for (const auto& [dtype, n] : dtypes) text += StrCat(n, " ", dtype, " tensors, ");
   return text + StrCat(params, " parameters");
 }
 
-// --model: what the model in `dir` is. Only an unreadable config.json is an error; what cannot be
-// used is printed.
+// The weights line: what the safetensors headers hold, when it is the model config.json describes
+// (what every command that loads the model checks first); else why not, and false.
+bool PrintWeights(const std::string& dir) {
+  auto files = common::WeightFiles(dir);
+  if (absl::IsNotFound(files.status())) {
+    std::printf("  weights: none (config only)\n");
+    return true;
+  }
+  absl::Status usable = common::LlamaWeights::Check(dir).status();
+  absl::StatusOr<std::string> text = usable.ok() ? WeightsText(*files) : usable;
+  if (!text.ok()) {
+    std::printf("  weights: NOT USABLE: %s\n", std::string(text.status().message()).c_str());
+    return false;
+  }
+  std::printf("  weights: %s, as config.json says\n", text->c_str());
+  return true;
+}
+
+// --model: what the model in `dir` is. An unreadable config.json is an error, and so are weights
+// that config.json does not describe (after the rest is printed); a tokenizer or an export that
+// cannot be done is printed.
 absl::Status InspectModel(const std::string& dir) {
   ASSIGN_OR_RETURN(const common::LlamaConfig c, common::ReadLlamaConfig(dir));
+  ASSIGN_OR_RETURN(const common::ModelSize size, common::ModelSizeOf(c));
   std::printf("%s\n  family: %s (%s)\n", dir.c_str(), c.model_type.c_str(),
               common::ArchitectureName(c.model_type));
   std::printf("  sizes: %d layers, hidden %d, intermediate %d, vocabulary %d, context %d%s\n",
@@ -90,10 +109,13 @@ absl::Status InspectModel(const std::string& dir) {
               c.max_position_embeddings,
               c.tie_word_embeddings ? ", LM head tied to the embeddings" : "");
   std::printf("  attention: %s\n  rotary: %s\n", AttentionText(c).c_str(), RopeText(c).c_str());
-  auto weights = WeightsText(dir);
-  std::printf("  weights: %s\n", weights.ok()
-                                     ? weights->c_str()
-                                     : StrCat("unreadable: ", weights.status().message()).c_str());
+  std::printf("  parameters: %lld, %lld bytes as f32\n", static_cast<long long>(size.parameters),
+              static_cast<long long>(size.f32_bytes));
+  const absl::Status weights =
+      PrintWeights(dir)
+          ? absl::OkStatus()
+          : absl::InvalidArgumentError(
+                StrCat("the weights in ", dir, " are not usable with its config.json (see above)"));
   std::printf("  LoRA targets (PEFT target_modules), per layer [out x in]:\n");
   for (int k = 0; k < common::kNumLinearKinds; ++k) {
     const auto kind = static_cast<common::LinearKind>(k);
@@ -102,13 +124,13 @@ absl::Status InspectModel(const std::string& dir) {
   }
   if (!std::filesystem::exists(std::filesystem::path(dir) / common::kTokenizerFile)) {
     std::printf("  tokenizer: none (records must be pre-tokenised input_ids)\n");
-    return absl::OkStatus();
+    return weights;
   }
   auto tokenizer = common::Tokenizer::Read(dir);
   if (!tokenizer.ok()) {
     std::printf("  tokenizer: NOT SUPPORTED: %s\n",
                 std::string(tokenizer.status().message()).c_str());
-    return absl::OkStatus();
+    return weights;
   }
   std::string around;
   for (int32_t id : tokenizer->prefix()) around += StrCat(tokenizer->Decode({id}), " ");
@@ -119,7 +141,7 @@ absl::Status InspectModel(const std::string& dir) {
   const absl::Status gguf = common::CheckGgufExport(dir);
   std::printf("  llama.cpp (export-gguf): %s\n",
               gguf.ok() ? "can be exported" : ("NO: " + std::string(gguf.message())).c_str());
-  return absl::OkStatus();
+  return weights;
 }
 
 // Prints what `a` holds; false when it holds a non-finite value.

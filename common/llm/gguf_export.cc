@@ -494,7 +494,8 @@ absl::StatusOr<GgufExport> WriteModel(ModelFile& file, const LlamaWeights& weigh
 
 absl::Status CheckGgufExport(const fs::path& model_dir) {
   ASSIGN_OR_RETURN(const LlamaConfig config, ReadLlamaConfig(model_dir));
-  return ModelMetadata(config, model_dir, GgmlType::kF32).status();
+  RETURN_IF_ERROR(ModelMetadata(config, model_dir, GgmlType::kF32).status());
+  return LlamaWeights::Check(model_dir).status();
 }
 
 absl::StatusOr<GgufExport> ExportWeightsGguf(const LlamaWeights& weights, const fs::path& model_dir,

@@ -32,8 +32,9 @@ struct GgufExport {
   std::vector<std::string> notes;  // what a user should know (a sliding window, a folded scale)
 };
 
-// Whether the model in `model_dir` can be exported (its architecture, rope scaling and tokenizer),
-// without reading its weights: the error says why not.
+// Whether the model in `model_dir` can be exported (its architecture, rope scaling and tokenizer,
+// and a checkpoint that config.json describes), reading only the safetensors headers of its
+// weights: the error says why not.
 absl::Status CheckGgufExport(const std::filesystem::path& model_dir);
 
 // `weights` (a model whose config.json, tokenizer.json and tokenizer_config.json are in

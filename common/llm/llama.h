@@ -32,6 +32,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -54,9 +55,16 @@ absl::StatusOr<std::vector<std::filesystem::path>> WeightFiles(const std::filesy
 class LlamaWeights {
  public:
   // Reads <dir>/config.json and the weights from model.safetensors or the shards listed in
-  // model.safetensors.index.json (F32, F16 or BF16; converted to f32). Every tensor is checked
-  // against the config; a missing, misshapen or unexpected tensor (e.g. a bias) is refused by name.
+  // model.safetensors.index.json (F32, F16 or BF16; converted to f32). Before the buffer is
+  // allocated (only the table of names and shapes, bounded by the config's caps, is built), every
+  // tensor config.json implies is looked up in the safetensors headers: a missing, misshapen or
+  // unexpected tensor (e.g. a bias) is refused by name, with what config.json says and what the
+  // checkpoint has.
   static absl::StatusOr<LlamaWeights> Read(const std::filesystem::path& dir);
+
+  // Read's checks alone, reading config.json and the safetensors headers, no weights: the model's
+  // size when the checkpoint is the one config.json describes, else Read's error.
+  static absl::StatusOr<ModelSize> Check(const std::filesystem::path& dir);
 
   // A randomly initialised model as transformers initialises one: linears and embeddings
   // N(0, std²) (transformers' initializer_range, 0.02), norms 1. Deterministic in `seed`.
@@ -106,7 +114,15 @@ class LlamaWeights {
     int input_norm = -1, post_norm = -1, q_norm = -1, k_norm = -1;
     std::array<int, kNumLinearKinds> linear{}, bias{};
   };
+  // The checkpoint in a directory (its files mapped, only their headers parsed) in which every
+  // entry of table_ was found with its shape: per entry, the view and the tensor that hold it.
+  struct Checkpoint {
+    std::vector<SafetensorsFile> files;
+    std::vector<std::pair<const SafetensorsView*, const TensorInfo*>> tensors;
+  };
+  // The table of `config`'s tensors; the buffer is left to Random and Read.
   explicit LlamaWeights(const LlamaConfig& config);
+  absl::StatusOr<Checkpoint> Match(const std::filesystem::path& dir) const;
   const float* at(int entry) const {
     return entry < 0 ? nullptr : buffer_.data() + table_[entry].offset;
   }
@@ -116,6 +132,7 @@ class LlamaWeights {
   std::vector<Entry> table_;  // in Hugging Face's state-dict order
   int embed_ = -1, final_norm_ = -1, lm_head_ = -1;
   std::vector<LayerEntries> layers_;
+  size_t floats_ = 0;  // what the table needs of the buffer
   std::vector<float> buffer_;
 };
 

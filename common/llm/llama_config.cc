@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <tuple>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "common/base/status_macros.h"
@@ -32,17 +34,42 @@ std::string WhyNot(const std::string& model_type) {
   return "";
 }
 
-// A positive integer field; `fallback` < 0 means required.
-absl::StatusOr<int> PositiveInt(const nlohmann::json& json, const std::string& origin,
-                                const char* key, int fallback = -1) {
+// The largest sizes fedlora takes from config.json. Each is generous for the largest open
+// checkpoints — Llama 3.1 405B (hidden 16384, intermediate 53248, 126 layers, 128 query heads),
+// Nemotron-4 340B (intermediate 73728), Gemma 3 (vocabulary 262144, head_dim 256), Llama 4 Scout
+// (a context of 10M) — and small enough that a config alone cannot make fedlora allocate the
+// impossible: per-layer tables stay small, and at every cap at once the parameter count (~2^54)
+// and its bytes fit in int64 (ModelSizeOf).
+constexpr int64_t kMaxWidth = 1 << 16;         // hidden_size, head_dim: 4× 405B's 16384
+constexpr int64_t kMaxIntermediate = 1 << 20;  // 14× Nemotron-4's 73728
+constexpr int64_t kMaxLayers = 1 << 10;        // 8× 405B's 126
+constexpr int64_t kMaxHeads = 1 << 10;         // query and key/value heads: 8× 405B's 128
+constexpr int64_t kMaxVocabulary = 1 << 22;    // 16× Gemma 3's 262144
+// Positions (max_position_embeddings, sliding_window, llama3's original context): 100× Llama 4
+// Scout's context, and a position plus a count of new tokens still fits in an int.
+constexpr int64_t kMaxPositions = 1 << 30;
+
+absl::Status OverCap(const std::string& origin, const std::string& key, const nlohmann::json& v,
+                     int64_t cap) {
+  return absl::InvalidArgumentError(StrCat(origin, ": ", key, " is ", v.dump(),
+                                           "; fedlora takes at most ", cap,
+                                           ", more than any published checkpoint has (hint: a "
+                                           "damaged config.json, or another kind of model?)"));
+}
+
+// A positive integer field of at most `cap`; `fallback` < 0 means required.
+absl::StatusOr<int> BoundedInt(const nlohmann::json& json, const std::string& origin,
+                               const char* key, int64_t cap, int fallback = -1) {
   if (!json.contains(key) || json[key].is_null()) {
     if (fallback >= 0) return fallback;
     return absl::InvalidArgumentError(StrCat(origin, ": missing \"", key, "\""));
   }
   const nlohmann::json& v = json[key];
-  if (!v.is_number_integer() || v.get<int64_t>() <= 0 || v.get<int64_t>() > (1 << 30))
+  // JSON's non-negative integers are unsigned, negative ones signed.
+  if (!v.is_number_integer() || (!v.is_number_unsigned() && v.get<int64_t>() <= 0) || v == 0)
     return absl::InvalidArgumentError(
         StrCat(origin, ": \"", key, "\" must be a positive integer, got ", v.dump()));
+  if (v.get<uint64_t>() > static_cast<uint64_t>(cap)) return OverCap(origin, key, v, cap);
   return v.get<int>();
 }
 
@@ -112,8 +139,10 @@ absl::Status ParseRope(const nlohmann::json& json, const std::string& origin, Ll
           std::pair{"high_freq_factor", &r.high_freq_factor},
           std::pair{"original_max_position_embeddings", &original}})
       if (absl::Status st = number(key, out, true); !st.ok()) return st;
-    if (r.high_freq_factor <= r.low_freq_factor || original != std::floor(original) ||
-        original > (1 << 30))
+    if (original > kMaxPositions)
+      return OverCap(origin, "rope_scaling.original_max_position_embeddings",
+                     rope["original_max_position_embeddings"], kMaxPositions);
+    if (r.high_freq_factor <= r.low_freq_factor || original != std::floor(original))
       return absl::InvalidArgumentError(
           StrCat(origin, ": rope_scaling ", rope.dump(),
                  " needs high_freq_factor > low_freq_factor and an integer "
@@ -134,12 +163,8 @@ absl::Status ParseSlidingWindows(const nlohmann::json& json, const std::string& 
   const bool windowed =
       c.model_type == "mistral" || (c.model_type != "llama" && use_sliding_window);
   if (!windowed || window_json.is_null()) return absl::OkStatus();
-  if (!window_json.is_number_integer() || window_json.get<int64_t>() <= 0 ||
-      window_json.get<int64_t>() > (1 << 30))
-    return absl::InvalidArgumentError(
-        StrCat(origin, ": \"sliding_window\" must be a positive integer or null, got ",
-               window_json.dump()));
-  const int window = window_json.get<int>();
+  ASSIGN_OR_RETURN(const int window,
+                   BoundedInt(json, origin, "sliding_window", kMaxPositions, 4096));
   c.layer_window.assign(static_cast<size_t>(c.num_hidden_layers), window);
   if (c.model_type != "mistral") {
     const nlohmann::json types = json.value("layer_types", nlohmann::json());
@@ -210,22 +235,20 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json,
 
   LlamaConfig c;
   c.model_type = model_type;
-  auto get = [&](const char* key, int* out, int fallback = -1) -> absl::Status {
-    absl::StatusOr<int> v = PositiveInt(json, origin, key, fallback);
-    if (!v.ok()) return v.status();
-    *out = *v;
+  auto get = [&](const char* key, int* out, int64_t cap, int fallback = -1) -> absl::Status {
+    ASSIGN_OR_RETURN(*out, BoundedInt(json, origin, key, cap, fallback));
     return absl::OkStatus();
   };
-  for (auto [key, out] : {std::pair{"hidden_size", &c.hidden_size},
-                          std::pair{"intermediate_size", &c.intermediate_size},
-                          std::pair{"num_hidden_layers", &c.num_hidden_layers},
-                          std::pair{"num_attention_heads", &c.num_attention_heads},
-                          std::pair{"vocab_size", &c.vocab_size}}) {
-    if (absl::Status st = get(key, out); !st.ok()) return st;
+  for (auto [key, out, cap] :
+       {std::tuple{"hidden_size", &c.hidden_size, kMaxWidth},
+        std::tuple{"intermediate_size", &c.intermediate_size, kMaxIntermediate},
+        std::tuple{"num_hidden_layers", &c.num_hidden_layers, kMaxLayers},
+        std::tuple{"num_attention_heads", &c.num_attention_heads, kMaxHeads},
+        std::tuple{"vocab_size", &c.vocab_size, kMaxVocabulary}}) {
+    RETURN_IF_ERROR(get(key, out, cap));
   }
-  if (absl::Status st = get("num_key_value_heads", &c.num_key_value_heads, c.num_attention_heads);
-      !st.ok())
-    return st;
+  RETURN_IF_ERROR(
+      get("num_key_value_heads", &c.num_key_value_heads, kMaxHeads, c.num_attention_heads));
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     return absl::InvalidArgumentError(
         StrCat(origin, ": num_attention_heads (", c.num_attention_heads,
@@ -236,12 +259,11 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json,
                                              c.num_attention_heads, ") and no head_dim is given"));
   // Qwen3Config's default head_dim is 128; the others derive it.
   const int head_dim = model_type == "qwen3" ? 128 : c.hidden_size / c.num_attention_heads;
-  if (absl::Status st = get("head_dim", &c.head_dim, head_dim); !st.ok()) return st;
+  RETURN_IF_ERROR(get("head_dim", &c.head_dim, kMaxWidth, head_dim));
   if (c.head_dim % 2 != 0)
     return absl::InvalidArgumentError(
         StrCat(origin, ": head_dim must be even for rotary embeddings, got ", c.head_dim));
-  if (absl::Status st = get("max_position_embeddings", &c.max_position_embeddings, 2048); !st.ok())
-    return st;
+  RETURN_IF_ERROR(get("max_position_embeddings", &c.max_position_embeddings, kMaxPositions, 2048));
   absl::StatusOr<double> eps = PositiveNumber(json, origin, "rms_norm_eps", 1e-6);
   if (!eps.ok()) return eps.status();
   c.rms_norm_eps = *eps;
@@ -423,32 +445,80 @@ absl::StatusOr<std::vector<LinearKind>> ParseLinearKinds(const std::vector<std::
   return kinds;
 }
 
-int LinearOut(const LlamaConfig& c, LinearKind kind) {
+namespace {
+
+// [out, in] of the linear's weight in int64: q_dim() and kv_dim() overflow int for a config that
+// was not parsed.
+std::pair<int64_t, int64_t> LinearShape(const LlamaConfig& c, LinearKind kind) {
+  const int64_t q = int64_t{c.num_attention_heads} * c.head_dim;
+  const int64_t kv = int64_t{c.num_key_value_heads} * c.head_dim;
   switch (kind) {
     case LinearKind::kQ:
-      return c.q_dim();
+      return {q, c.hidden_size};
     case LinearKind::kK:
     case LinearKind::kV:
-      return c.kv_dim();
+      return {kv, c.hidden_size};
     case LinearKind::kO:
-    case LinearKind::kDown:
-      return c.hidden_size;
+      return {c.hidden_size, q};
     case LinearKind::kGate:
     case LinearKind::kUp:
-      return c.intermediate_size;
+      return {c.intermediate_size, c.hidden_size};
+    case LinearKind::kDown:
+      return {c.hidden_size, c.intermediate_size};
   }
-  return 0;
+  return {0, 0};
+}
+
+}  // namespace
+
+int LinearOut(const LlamaConfig& c, LinearKind kind) {
+  return static_cast<int>(LinearShape(c, kind).first);
 }
 
 int LinearIn(const LlamaConfig& c, LinearKind kind) {
-  switch (kind) {
-    case LinearKind::kO:
-      return c.q_dim();
-    case LinearKind::kDown:
-      return c.intermediate_size;
-    default:
-      return c.hidden_size;
+  return static_cast<int>(LinearShape(c, kind).second);
+}
+
+absl::StatusOr<ModelSize> ModelSizeOf(const LlamaConfig& c) {
+  const std::string sizes =
+      StrCat("num_hidden_layers ", c.num_hidden_layers, ", hidden_size ", c.hidden_size,
+             ", intermediate_size ", c.intermediate_size, ", num_attention_heads ",
+             c.num_attention_heads, ", num_key_value_heads ", c.num_key_value_heads, ", head_dim ",
+             c.head_dim, ", vocab_size ", c.vocab_size);
+  for (int n : {c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+                c.num_key_value_heads, c.head_dim, c.vocab_size})
+    if (n < 0)
+      return absl::InvalidArgumentError(
+          StrCat("a model of ", sizes, ": expected sizes of 0 or more"));
+  ModelSize size;
+  std::string overflow;  // the first term that does not fit
+  // Adds count·rows·cols parameters, each step checked.
+  auto add = [&](const std::string& what, int64_t count, int64_t rows, int64_t cols) {
+    int64_t n = 0;
+    if (overflow.empty() &&
+        (__builtin_mul_overflow(count, rows, &n) || __builtin_mul_overflow(n, cols, &n) ||
+         __builtin_add_overflow(size.parameters, n, &size.parameters)))
+      overflow = StrCat(what, " (", count, " × [", rows, ", ", cols, "])");
+  };
+  const int64_t L = c.num_hidden_layers, H = c.hidden_size, V = c.vocab_size;
+  add("embed_tokens", 1, V, H);
+  if (!c.tie_word_embeddings) add("lm_head", 1, V, H);
+  add("the RMSNorms", 2 * L + 1, H, 1);
+  if (c.qk_norm) add("q_norm and k_norm", 2 * L, c.head_dim, 1);
+  for (int k = 0; k < kNumLinearKinds; ++k) {
+    const LinearKind kind = static_cast<LinearKind>(k);
+    const auto [out, in] = LinearShape(c, kind);
+    add(LinearName(kind), L, out, in);
+    if (c.has_bias(kind)) add(StrCat(LinearName(kind), " bias"), L, out, 1);
   }
+  if (overflow.empty() &&
+      __builtin_mul_overflow(size.parameters, int64_t{sizeof(float)}, &size.f32_bytes))
+    overflow = StrCat("its bytes as f32 (4 × ", size.parameters, ")");
+  if (!overflow.empty())
+    return absl::InvalidArgumentError(
+        StrCat("a model of ", sizes, " has more parameters than int64 counts: ", overflow,
+               " overflows; expected a model whose size fits in 2^63 - 1"));
+  return size;
 }
 
 absl::StatusOr<std::vector<size_t>> AdapterSlots(const LlamaConfig& c, const Adapter& adapter) {

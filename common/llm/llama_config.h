@@ -14,6 +14,7 @@
 #define FEDLORA_COMMON_LLM_LLAMA_CONFIG_H_
 
 #include <array>
+#include <cstdint>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -83,7 +84,9 @@ std::vector<double> RopeInverseFrequencies(const LlamaConfig& config, int seq_le
 void RopeTables(const LlamaConfig& config, int seq_len, int positions, std::vector<float>& cos,
                 std::vector<float>& sin);
 
-// Parses and checks config.json's object; `origin` names it in errors.
+// Parses and checks config.json's object; `origin` names it in errors. Every size is capped,
+// generously for the largest published checkpoints (llama_config.cc says which): a value over its
+// cap is refused with the cap, so a config alone never sizes an allocation fedlora cannot make.
 absl::StatusOr<LlamaConfig> ParseLlamaConfig(const nlohmann::json& json, const std::string& origin);
 // Reads <dir>/config.json.
 absl::StatusOr<LlamaConfig> ReadLlamaConfig(const std::filesystem::path& dir);
@@ -101,6 +104,17 @@ absl::StatusOr<std::vector<LinearKind>> ParseLinearKinds(const std::vector<std::
 // [out, in] of the linear's weight.
 int LinearOut(const LlamaConfig& config, LinearKind kind);
 int LinearIn(const LlamaConfig& config, LinearKind kind);
+
+// The size of the frozen model a config describes: every tensor of its checkpoint (the LM head
+// once when tied), as LlamaWeights holds them.
+struct ModelSize {
+  int64_t parameters = 0;
+  int64_t f32_bytes = 0;  // parameters · 4
+};
+// Computed from the config's sizes in checked int64 arithmetic, for any config: a negative size,
+// or a product or sum that overflows int64, is an error naming the sizes and the term. A config
+// ParseLlamaConfig accepts always fits: its caps keep the count under 2^55.
+absl::StatusOr<ModelSize> ModelSizeOf(const LlamaConfig& config);
 
 // Where each module of `adapter` sits in the model, as layer·7 + kind, in the adapter's order. A
 // module that is not a linear of this model, or has another shape, is refused with both shapes.

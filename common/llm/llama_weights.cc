@@ -45,7 +45,7 @@ LlamaWeights::LlamaWeights(const LlamaConfig& c) : config_(c) {
   }
   final_norm_ = add("model.norm.weight", {H});
   lm_head_ = c.tie_word_embeddings ? embed_ : add("lm_head.weight", {V, H});
-  buffer_.assign(offset, 0.0f);
+  floats_ = offset;
 }
 
 std::vector<TensorToWrite> LlamaWeights::Tensors() const {
@@ -60,6 +60,7 @@ std::vector<TensorToWrite> LlamaWeights::Tensors() const {
 
 LlamaWeights LlamaWeights::Random(const LlamaConfig& config, uint64_t seed, float std) {
   LlamaWeights w(config);
+  w.buffer_.assign(w.floats_, 0.0f);
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, std);
   for (const Entry& e : w.table_) {
@@ -96,41 +97,71 @@ absl::StatusOr<std::vector<std::filesystem::path>> WeightFiles(const std::filesy
   return files;
 }
 
-absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir) {
-  ASSIGN_OR_RETURN(LlamaConfig config, ReadLlamaConfig(dir));
-  LlamaWeights w(config);
-
-  ASSIGN_OR_RETURN(const std::vector<std::filesystem::path> files, WeightFiles(dir));
-
-  std::map<std::string, const Entry*> expected;
-  for (const Entry& e : w.table_) expected[e.name] = &e;
-  std::set<std::string> found;
-  for (const std::filesystem::path& file : files) {
-    ASSIGN_OR_RETURN(SafetensorsFile st, SafetensorsFile::Open(file));
-    for (const TensorInfo& t : st.view().tensors()) {
+absl::StatusOr<LlamaWeights::Checkpoint> LlamaWeights::Match(
+    const std::filesystem::path& dir) const {
+  ASSIGN_OR_RETURN(const std::vector<std::filesystem::path> paths, WeightFiles(dir));
+  Checkpoint checkpoint;
+  for (const std::filesystem::path& path : paths) {
+    ASSIGN_OR_RETURN(SafetensorsFile file, SafetensorsFile::Open(path));
+    checkpoint.files.push_back(std::move(file));
+  }
+  std::map<std::string, size_t> expected;
+  for (size_t i = 0; i < table_.size(); ++i) expected[table_[i].name] = i;
+  checkpoint.tensors.assign(table_.size(), {nullptr, nullptr});
+  int64_t tensors = 0, parameters = 0;  // what the checkpoint holds
+  for (size_t f = 0; f < paths.size(); ++f) {
+    const SafetensorsView& view = checkpoint.files[f].view();
+    for (const TensorInfo& t : view.tensors()) {
+      ++tensors;
+      parameters += t.num_elements();
       auto it = expected.find(t.name);
       if (it == expected.end()) {
-        if (t.name == "lm_head.weight" && config.tie_word_embeddings) continue;  // tied copy
+        if (t.name == "lm_head.weight" && config_.tie_word_embeddings) continue;  // tied copy
         if (t.name.ends_with("rotary_emb.inv_freq")) continue;  // recomputed from rope_theta
         return absl::InvalidArgumentError(
-            StrCat(file.string(), ": unexpected tensor ", t.name, " ", ShapeString(t.shape),
-                   " (not part of a ", config.model_type, " checkpoint with this config.json",
+            StrCat(paths[f].string(), ": unexpected tensor ", t.name, " ", ShapeString(t.shape),
+                   " (not part of a ", config_.model_type, " checkpoint with this config.json",
                    t.name.ends_with(".bias") ? ", which has no bias there)" : ")"));
       }
-      const Entry& e = *it->second;
+      const Entry& e = table_[it->second];
       if (t.shape != e.shape)
-        return absl::InvalidArgumentError(StrCat(file.string(), ": tensor ", t.name, " has shape ",
-                                                 ShapeString(t.shape), ", config.json implies ",
-                                                 ShapeString(e.shape)));
-      st.view().ReadF32(
-          t, std::span<float>(w.buffer_.data() + e.offset, static_cast<size_t>(t.num_elements())));
-      found.insert(t.name);
+        return absl::InvalidArgumentError(StrCat(paths[f].string(), ": config.json says ", t.name,
+                                                 " is ", ShapeString(e.shape),
+                                                 ", the checkpoint has ", ShapeString(t.shape),
+                                                 " (hint: config.json of another model?)"));
+      checkpoint.tensors[it->second] = {&view, &t};
     }
   }
-  for (const Entry& e : w.table_)
-    if (!found.contains(e.name))
-      return absl::InvalidArgumentError(
-          StrCat("model in ", dir.string(), " has no tensor ", e.name, " ", ShapeString(e.shape)));
+  for (size_t i = 0; i < table_.size(); ++i) {
+    if (checkpoint.tensors[i].second != nullptr) continue;
+    ASSIGN_OR_RETURN(const ModelSize size, ModelSizeOf(config_));
+    return absl::InvalidArgumentError(StrCat(
+        "model in ", dir.string(), ": config.json says ", table_.size(), " tensors of ",
+        size.parameters, " parameters (", size.f32_bytes, " bytes as f32), the checkpoint has ",
+        tensors, " tensors of ", parameters, " parameters and no ", table_[i].name, " ",
+        ShapeString(table_[i].shape), " (hint: config.json of another model?)"));
+  }
+  return checkpoint;
+}
+
+absl::StatusOr<ModelSize> LlamaWeights::Check(const std::filesystem::path& dir) {
+  ASSIGN_OR_RETURN(const LlamaConfig config, ReadLlamaConfig(dir));
+  RETURN_IF_ERROR(LlamaWeights(config).Match(dir).status());
+  return ModelSizeOf(config);
+}
+
+absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir) {
+  ASSIGN_OR_RETURN(const LlamaConfig config, ReadLlamaConfig(dir));
+  LlamaWeights w(config);
+  // The buffer only once the checkpoint holds every tensor: a config.json that does not describe
+  // the checkpoint costs nothing.
+  ASSIGN_OR_RETURN(const Checkpoint checkpoint, w.Match(dir));
+  w.buffer_.assign(w.floats_, 0.0f);
+  for (size_t i = 0; i < w.table_.size(); ++i) {
+    const auto [view, t] = checkpoint.tensors[i];
+    view->ReadF32(
+        *t, std::span<float>(w.at(static_cast<int>(i)), static_cast<size_t>(t->num_elements())));
+  }
   for (float v : w.buffer_)
     if (!std::isfinite(v))
       return absl::InvalidArgumentError(

@@ -20,6 +20,7 @@ namespace fedlora {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 namespace fs = std::filesystem;
 
 using Result = testing::CommandResult;
@@ -30,6 +31,12 @@ Result Fedlora(const Args& args) {
   return testing::RunProgram(Argv(std::string(FEDLORA_BIN_DIR) + "/fedlora", args));
 }
 
+// `fedlora` in 2 GB of address space (`ulimit -v`): an allocation beyond that fails at once.
+Result FedloraIn2Gb(const Args& args) {
+  return testing::RunProgram(Argv("/bin/sh", "-c", "ulimit -v 2097152 && exec \"$0\" \"$@\"",
+                                  std::string(FEDLORA_BIN_DIR) + "/fedlora", args));
+}
+
 class CliTest : public ::testing::Test {
  protected:
   std::string Dir(const std::string& name) const { return (scratch_ / name).string(); }
@@ -37,15 +44,18 @@ class CliTest : public ::testing::Test {
     Result r = Fedlora(Argv("random-adapter", "--out", Dir(name), args));
     ASSERT_EQ(r.exit_code, 0) << r.output;
   }
-  // Asserts the command failed, said `message`, and left neither the output nor a temporary behind.
-  void ExpectRefused(const Args& args, const std::string& message) {
+  // Asserts the command (run by `run`) failed with an error, said `message`, and left neither the
+  // output nor a temporary behind.
+  Result ExpectRefused(const Args& args, const std::string& message,
+                       Result (*run)(const Args&) = Fedlora) {
     const auto before = Entries();
-    Result r = Fedlora(args);
+    Result r = run(args);
     const std::string line = testing::CommandLine(args);
-    EXPECT_NE(r.exit_code, 0) << line;
+    EXPECT_GT(r.exit_code, 0) << line << " (-1: ended by a signal)";
     EXPECT_THAT(r.output, HasSubstr(message)) << line;
     EXPECT_THAT(r.output, HasSubstr("error: ")) << line;
     EXPECT_EQ(Entries(), before) << line << ": the failed command left files behind";
+    return r;
   }
   std::set<std::string> Entries() const {
     std::set<std::string> out;
@@ -419,7 +429,9 @@ TEST_F(CliTest, InspectModelAndTokenize) {
   EXPECT_THAT(r.output, HasSubstr("q_proj     [128 x 64]  model.layers.0.self_attn.q_proj"));
   // embed 259×64, 2 × (2 norms of 64, q 128×64, k and v 64×64, o 64×128, 3 MLP 192×64, q/k norms of
   // 32), final norm: 16576 + 2·61632 + 64 parameters in 1 + 2·11 + 1 tensors.
-  EXPECT_THAT(r.output, HasSubstr("1 file, 24 F32 tensors, 139904 parameters"));
+  EXPECT_THAT(r.output, HasSubstr("parameters: 139904, 559616 bytes as f32"));
+  EXPECT_THAT(r.output,
+              HasSubstr("1 file, 24 F32 tensors, 139904 parameters, as config.json says"));
   EXPECT_THAT(r.output, HasSubstr("tokenizer: supported: BPE"));
   EXPECT_THAT(r.output, HasSubstr("llama.cpp (export-gguf): can be exported"));
   const fs::path fixtures = fs::path(FEDLORA_SOURCE_DIR) / "tests/fixtures/families";
@@ -448,6 +460,54 @@ TEST_F(CliTest, InspectModelAndTokenize) {
   EXPECT_THAT(r.output, HasSubstr("{\"ids\":[111,110,101]}\n{\"ids\":[116,119,111]}"));
   EXPECT_THAT(r.output, HasSubstr("texts.jsonl:3: expected a JSON string"));
   ExpectRefused({"tokenize", "--model", Dir("qwen3")}, "tokenize needs --text or --input");
+}
+
+// Regression (issue 29): export-gguf and eval on a config.json of 100000 layers allocated 19.5 GB
+// before looking at the checkpoint (10^6 layers, hidden_size 2^30: std::bad_alloc and SIGABRT),
+// and inspect --model called a config of 1000 layers over a 2-layer checkpoint exportable. In 2 GB
+// of address space each is refused, saying what config.json says and what came.
+TEST_F(CliTest, ConfigsOverTheCapsOrBesideTheCheckpointAreRefusedBeforeAllocating) {
+  const std::string model = Dir("model");
+  Result r = Fedlora({"init-model", "--preset", "tiny", "--out", model});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ofstream(scratch_ / "data.jsonl") << R"({"input_ids": [1, 2, 3, 4, 5]})"
+                                         << "\n";
+  r = FedloraIn2Gb({"eval", "--model", model, "--data", Dir("data.jsonl")});
+  ASSERT_EQ(r.exit_code, 0) << "the limit alone must not refuse the model: " << r.output;
+  const nlohmann::json config = nlohmann::json::parse(testing::ReadText(model + "/config.json"));
+  // The tiny preset, tied: embed V·64, a final norm of 64, and per layer 9 tensors: 2 norms of 64,
+  // q and o 64·64, k and v 32·64, 3 MLP 192·64.
+  const int64_t V = config["vocab_size"], layer = 2 * 64 + 2 * 64 * 64 + 2 * 32 * 64 + 3 * 192 * 64;
+  const int64_t deep = V * 64 + 64 + 1000 * layer, shallow = V * 64 + 64 + 2 * layer;
+  const struct {
+    const char* key;
+    int value;
+    std::string says;
+  } cases[] = {
+      {"num_hidden_layers", 100000, "num_hidden_layers is 100000; fedlora takes at most 1024"},
+      {"num_hidden_layers", 1000000, "num_hidden_layers is 1000000; fedlora takes at most 1024"},
+      {"hidden_size", 1 << 30, "hidden_size is 1073741824; fedlora takes at most 65536"},
+      {"num_hidden_layers", 1000,
+       common::StrCat("config.json says 9002 tensors of ", deep, " parameters (", 4 * deep,
+                      " bytes as f32), the checkpoint has 20 tensors of ", shallow,
+                      " parameters and no model.layers.2.input_layernorm.weight [64]")},
+      {"hidden_size", 65536,
+       common::StrCat("config.json says model.embed_tokens.weight is [", V, ",65536], ",
+                      "the checkpoint has [", V, ",64]")},
+  };
+  for (const auto& c : cases) {
+    fs::remove_all(Dir("bad"));
+    fs::copy(model, Dir("bad"), fs::copy_options::recursive);
+    nlohmann::json bad = config;
+    bad[c.key] = c.value;
+    std::ofstream(Dir("bad") + "/config.json") << bad.dump();
+    ExpectRefused({"export-gguf", "--model", Dir("bad"), "--out", Dir("out.gguf")}, c.says,
+                  FedloraIn2Gb);
+    ExpectRefused({"eval", "--model", Dir("bad"), "--data", Dir("data.jsonl")}, c.says,
+                  FedloraIn2Gb);
+    r = ExpectRefused({"inspect", "--model", Dir("bad")}, c.says, FedloraIn2Gb);
+    EXPECT_THAT(r.output, Not(HasSubstr("can be exported"))) << c.key << " " << c.value;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, ModelFamilyTest,

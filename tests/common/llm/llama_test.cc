@@ -5,13 +5,16 @@
 
 #include <gtest/gtest.h>
 
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <fstream>
 #include <functional>
 #include <map>
 #include <random>
 
 #include "common/base/file_util.h"
+#include "common/base/strings.h"
 #include "common/tensor/safetensors.h"
 #include "tests/test_util.h"
 
@@ -483,15 +486,169 @@ TEST(LlamaWeightsTest, RefusesBiasesMissingAndMisshapenTensors) {
   EXPECT_NE(with_bias.status().message().find("which has no bias there"), std::string::npos)
       << with_bias.status();
   auto missing = rewrite([](auto& t) { t.pop_back(); });
-  EXPECT_NE(missing.status().message().find("has no tensor lm_head.weight"), std::string::npos)
+  EXPECT_NE(missing.status().message().find("and no lm_head.weight [37,16]"), std::string::npos)
       << missing.status();
   auto misshapen = rewrite([](auto& t) { t[0].shape = {16, 37}; });
-  EXPECT_NE(misshapen.status().message().find("config.json implies [37,16]"), std::string::npos)
+  EXPECT_NE(
+      misshapen.status().message().find(
+          "config.json says model.embed_tokens.weight is [37,16], the checkpoint has [16,37]"),
+      std::string::npos)
       << misshapen.status();
   // BF16 storage is converted on load.
   auto bf16 = rewrite([](auto&) {});
   ASSERT_TRUE(bf16.ok()) << bf16.status();
   EXPECT_NEAR(bf16->embed()[5], LlamaWeights::Read(tmp.path() / "m")->embed()[5], 1e-2);
+}
+
+// Regression (issue 29): a config.json over a 2-layer checkpoint that said 1024 layers of width
+// 65536 made Read allocate its ~800 TB buffer (std::bad_alloc) before looking at the checkpoint,
+// and one of 1000 layers allocated 200 MB to then say "no tensor". The headers come first now, and
+// the error says what config.json says and what the checkpoint has.
+TEST(LlamaWeightsTest, ComparesTheCheckpointWithConfigJsonBeforeAllocating) {
+  const LlamaConfig c = TinyConfig(true, 4, 2);
+  fedlora::testing::ScratchDir tmp;
+  WriteModel(tmp.path() / "m", c, 1);
+  // Tied, H 16, I 24, 24 query and 12 key/value rows, V 37: embed 37·16, final norm 16, and per
+  // layer 2 norms of 16, q and o 24·16, k and v 12·16, 3 MLP 24·16 = 2336 in 9 tensors.
+  const int64_t small = 37 * 16 + 16 + 2 * 2336, deep = 37 * 16 + 16 + 1000 * 2336;
+  ASSERT_EQ(LlamaWeights::Check(tmp.path() / "m")->parameters, small);
+  auto with_config = [&](const LlamaConfig& config) {
+    std::ofstream(tmp.path() / "m" / kModelConfigFile) << LlamaConfigJson(config).dump();
+    const absl::Status read = LlamaWeights::Read(tmp.path() / "m").status();
+    EXPECT_EQ(LlamaWeights::Check(tmp.path() / "m").status(), read);
+    return std::string(read.message());
+  };
+  LlamaConfig wide = c;
+  wide.num_hidden_layers = 1024;
+  wide.hidden_size = 65536;
+  wide.intermediate_size = 1 << 20;
+  EXPECT_NE(with_config(wide).find("config.json says model.embed_tokens.weight is [37,65536], "
+                                   "the checkpoint has [37,16]"),
+            std::string::npos)
+      << with_config(wide);
+  LlamaConfig many = c;
+  many.num_hidden_layers = 1000;
+  EXPECT_NE(with_config(many).find(
+                StrCat("config.json says 9002 tensors of ", deep, " parameters (", 4 * deep,
+                       " bytes as f32), the checkpoint has 20 tensors of ", small,
+                       " parameters and no model.layers.2.input_layernorm.weight [16]")),
+            std::string::npos)
+      << with_config(many);
+}
+
+// Regression (issue 29): a size over its cap was refused as "must be a positive integer" (over
+// 2^30), or accepted (under it), so that 100000 layers sized a 19.5 GB buffer. The message says
+// what came and the cap; "positive integer" is kept for what is not one.
+TEST(LlamaConfigTest, RefusesSizesOverTheirCapsSayingTheCap) {
+  const nlohmann::json base = LlamaConfigJson(TinyConfig(true, 4, 2));
+  auto refused = [&](const char* key, const nlohmann::json& value, const std::string& says) {
+    nlohmann::json j = base;
+    j[key] = value;
+    const absl::Status st = ParseLlamaConfig(j, "c").status();
+    EXPECT_NE(st.message().find(says), std::string::npos) << key << ": " << st;
+  };
+  refused("num_hidden_layers", 100000,
+          "c: num_hidden_layers is 100000; fedlora takes at most 1024");
+  refused("num_hidden_layers", 1000000, "num_hidden_layers is 1000000; fedlora takes at most 1024");
+  refused("hidden_size", 1 << 30, "hidden_size is 1073741824; fedlora takes at most 65536");
+  refused("head_dim", 1 << 17, "head_dim is 131072; fedlora takes at most 65536");
+  refused("intermediate_size", 1 << 21,
+          "intermediate_size is 2097152; fedlora takes at most 1048576");
+  refused("num_attention_heads", 2048, "num_attention_heads is 2048; fedlora takes at most 1024");
+  refused("num_key_value_heads", 2048, "num_key_value_heads is 2048; fedlora takes at most 1024");
+  refused("vocab_size", UINT64_MAX,
+          "vocab_size is 18446744073709551615; fedlora takes at most 4194304");
+  refused("max_position_embeddings", int64_t{1} << 31,
+          "max_position_embeddings is 2147483648; fedlora takes at most 1073741824");
+  for (const nlohmann::json& v : {nlohmann::json(0), nlohmann::json(-3), nlohmann::json(INT64_MIN),
+                                  nlohmann::json(2.5), nlohmann::json("64")})
+    refused("hidden_size", v, "\"hidden_size\" must be a positive integer, got " + v.dump());
+  nlohmann::json at_caps = base;
+  for (auto [key, cap] : {std::pair{"num_hidden_layers", 1024},
+                          {"hidden_size", 65536},
+                          {"head_dim", 65536},
+                          {"intermediate_size", 1 << 20},
+                          {"num_attention_heads", 1024},
+                          {"num_key_value_heads", 1024},
+                          {"vocab_size", 1 << 22},
+                          {"max_position_embeddings", 1 << 30}})
+    at_caps[key] = cap;
+  EXPECT_TRUE(ParseLlamaConfig(at_caps, "c").ok()) << ParseLlamaConfig(at_caps, "c").status();
+}
+
+// Llama 3.2 1B's published count, 1,235,814,400 with tied embeddings, by hand from its config.json.
+TEST(ModelSizeTest, IsLlama32OneBsPublishedCount) {
+  const int64_t H = 2048, I = 8192, L = 16, q = 32 * 64, kv = 8 * 64, V = 128256;
+  const int64_t per_layer = 2 * H + q * H + 2 * kv * H + H * q + 3 * I * H;
+  ASSERT_EQ(V * H + L * per_layer + H, 1235814400);
+  const absl::StatusOr<ModelSize> size = ModelSizeOf(*LlamaPreset("llama-3.2-1b"));
+  ASSERT_TRUE(size.ok()) << size.status();
+  EXPECT_EQ(size->parameters, 1235814400);
+  EXPECT_EQ(size->f32_bytes, 4 * int64_t{1235814400});
+}
+
+// The checkpoints tests/fixtures/make_model_families.py writes (Python, not fedlora), one per
+// family: biases, q/k norms, tied and untied heads, explicit head_dim.
+TEST(ModelSizeTest, IsTheSumOfTheShapesOfACheckpointsTensors) {
+  const std::filesystem::path families =
+      std::filesystem::path(FEDLORA_SOURCE_DIR) / "tests/fixtures/families";
+  for (const char* family :
+       {"llama3", "llama-linear-bias", "llama-dynamic", "mistral", "qwen2", "qwen3"}) {
+    const absl::StatusOr<SafetensorsFile> file =
+        SafetensorsFile::Open(families / family / kModelWeightsFile);
+    ASSERT_TRUE(file.ok()) << file.status();
+    int64_t sum = 0;
+    for (const TensorInfo& t : file->view().tensors()) {
+      int64_t n = 1;
+      for (int64_t d : t.shape) n *= d;
+      sum += n;
+    }
+    const absl::StatusOr<LlamaConfig> config = ReadLlamaConfig(families / family);
+    ASSERT_TRUE(config.ok()) << config.status();
+    EXPECT_EQ(ModelSizeOf(*config)->parameters, sum) << family;
+    EXPECT_EQ(LlamaWeights::Check(families / family)->parameters, sum) << family;
+  }
+}
+
+// Sizes set directly, past any cap, are counted without undefined behaviour: a count or a byte
+// size beyond int64 is an error naming the sizes and the term that overflowed.
+TEST(ModelSizeTest, RefusesCountsThatOverflowInt64NamingTheSizes) {
+  const LlamaConfig llama = *LlamaPreset("llama-3.2-1b");
+  auto refused = [](const LlamaConfig& c, const std::string& says) {
+    const absl::Status st = ModelSizeOf(c).status();
+    EXPECT_NE(st.message().find(says), std::string::npos) << st;
+    EXPECT_NE(st.message().find("int64"), std::string::npos) << st;
+  };
+  LlamaConfig c = llama;  // 2^30 layers of q_proj [2048, 2^30]: 2^71
+  c.num_hidden_layers = c.hidden_size = c.intermediate_size = 1 << 30;
+  refused(c, "num_hidden_layers 1073741824, hidden_size 1073741824, intermediate_size 1073741824");
+  refused(c, "q_proj (1073741824 × [2048, 1073741824]) overflows");
+  c = llama;  // two heads of (2^31 - 1)^2 leave under 2^33 of int64; the 33 norms take 2^36
+  c.vocab_size = c.hidden_size = INT_MAX;
+  c.tie_word_embeddings = false;
+  refused(c, "the RMSNorms (33 × [2147483647, 1]) overflows");
+  c.tie_word_embeddings = true;  // one fits, its bytes do not
+  refused(c, "its bytes as f32");
+  c = llama;  // q_dim() = heads · head_dim would overflow int; q and o are 2^62 each
+  c.num_attention_heads = c.head_dim = INT_MAX;
+  c.num_hidden_layers = c.hidden_size = 1;
+  refused(c, "o_proj (1 × [1, 4611686014132420609]) overflows");
+  c = llama;
+  c.head_dim = -1;
+  EXPECT_NE(ModelSizeOf(c).status().message().find("head_dim -1"), std::string::npos);
+  // At every cap ParseLlamaConfig has, the count stays under 2^55 (llama_config.h).
+  c = llama;
+  c.num_hidden_layers = c.num_attention_heads = c.num_key_value_heads = 1024;
+  c.hidden_size = c.head_dim = 65536;
+  c.intermediate_size = 1 << 20;
+  c.vocab_size = 1 << 22;
+  c.tie_word_embeddings = false;
+  c.bias.fill(true);
+  c.qk_norm = true;
+  const absl::StatusOr<ModelSize> at_caps = ModelSizeOf(c);
+  ASSERT_TRUE(at_caps.ok()) << at_caps.status();
+  EXPECT_LT(at_caps->parameters, int64_t{1} << 55);
+  EXPECT_EQ(at_caps->f32_bytes, 4 * at_caps->parameters);
 }
 
 TEST(LlamaConfigTest, RefusesWhatItDoesNotImplement) {
