@@ -11,6 +11,7 @@
 #include "client/client_options.h"
 #include "common/base/signals.h"
 #include "common/base/strings.h"
+#include "common/net/grpc_log.h"
 #include "common/net/tls.h"
 #include "common/net/wire.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
@@ -133,6 +134,7 @@ int ClientMain(int argc, char** argv,
   spdlog::set_default_logger(spdlog::stderr_color_mt("client"));
   spdlog::set_pattern(
       fmt::format("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [{}] %v", o.node.id.empty() ? "client" : o.node.id));
+  common::RouteGrpcLog();
   if (absl::Status st = o.Validate(); !st.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
     return 2;

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/llm/gguf_export.h"
@@ -82,40 +83,45 @@ absl::StatusOr<Adapter> AdapterAt(const Ledger& ledger, const StateStore& store,
 absl::Status Export(const Ledger& ledger, const StateStore& store, const ServerOptions& options,
                     const Adapter& frozen, Evaluator* evaluator) {
   const std::filesystem::path dir = store.dir() / "export";
-  const common::PeftWriteOptions write{common::DType::kF32, /*overwrite=*/true, store.env()};
+  RETURN_IF_ERROR(common::RefuseLink(dir));
   ASSIGN_OR_RETURN(Adapter global, FinalAdapter(ledger, store, frozen));
   global.base_model = ledger.base_model_sha256;
-  if (ledger.method == Method::kFedSb)
-    RETURN_IF_ERROR(common::WritePeftAdapter(global.FoldR(), dir / "global-lora", write));
-  RETURN_IF_ERROR(common::WritePeftAdapter(global, dir / "global", write));
-  if (evaluator != nullptr) {
-    ASSIGN_OR_RETURN(common::LlamaWeights merged,
-                     evaluator->Merged(ledger, store, ledger.latest(), global));
-    RETURN_IF_ERROR(merged.WriteModelDirectory(dir / "merged", options.base_model_dir,
-                                               common::DType::kF32, /*overwrite=*/true,
-                                               store.env()));
-    if (!options.export_gguf.empty()) {
-      ASSIGN_OR_RETURN(const common::GgmlType type, common::ParseGgmlType(options.export_gguf));
-      RETURN_IF_ERROR(store.env()->CreateDirectories(dir / "gguf"));
-      RETURN_IF_ERROR(common::ExportWeightsGguf(merged, options.base_model_dir, type,
-                                                dir / "gguf" / "model.gguf", store.env())
-                          .status());
-      RETURN_IF_ERROR(common::ExportLoraGguf(options.base_model_dir, global,
-                                             dir / "gguf" / "adapter.gguf", store.env())
-                          .status());
+  // Written into a fresh directory, which then replaces export/ in one step: a reader never sees
+  // half an export, and nothing is written through a link someone put there.
+  const auto fill = [&](const std::filesystem::path& out) -> absl::Status {
+    const common::PeftWriteOptions write{common::DType::kF32, /*overwrite=*/false, store.env()};
+    if (ledger.method == Method::kFedSb)
+      RETURN_IF_ERROR(common::WritePeftAdapter(global.FoldR(), out / "global-lora", write));
+    RETURN_IF_ERROR(common::WritePeftAdapter(global, out / "global", write));
+    if (evaluator != nullptr) {
+      ASSIGN_OR_RETURN(common::LlamaWeights merged,
+                       evaluator->Merged(ledger, store, ledger.latest(), global));
+      RETURN_IF_ERROR(merged.WriteModelDirectory(out / "merged", options.base_model_dir,
+                                                 common::DType::kF32, /*overwrite=*/false,
+                                                 store.env()));
+      if (!options.export_gguf.empty()) {
+        ASSIGN_OR_RETURN(const common::GgmlType type, common::ParseGgmlType(options.export_gguf));
+        RETURN_IF_ERROR(store.env()->CreateDirectories(out / "gguf"));
+        RETURN_IF_ERROR(common::ExportWeightsGguf(merged, options.base_model_dir, type,
+                                                  out / "gguf" / "model.gguf", store.env())
+                            .status());
+        RETURN_IF_ERROR(common::ExportLoraGguf(options.base_model_dir, global,
+                                               out / "gguf" / "adapter.gguf", store.env())
+                            .status());
+      }
     }
-  }
-  if (ledger.method == Method::kFlora)
-    RETURN_IF_ERROR(ExportTruncated(global, options.rank, dir, write));
-  RETURN_IF_ERROR(
-      common::WriteFileAtomically(dir / "version.json",
-                                  nlohmann::json({{"run_id", ledger.run_id},
-                                                  {"method", common::MethodName(ledger.method)},
-                                                  {"version", ledger.latest()},
-                                                  {"rounds", options.rounds}})
-                                          .dump(2) +
-                                      "\n",
-                                  store.env()));
+    if (ledger.method == Method::kFlora)
+      RETURN_IF_ERROR(ExportTruncated(global, options.rank, out, write));
+    return common::WriteFileSynced(out / "version.json",
+                                   nlohmann::json({{"run_id", ledger.run_id},
+                                                   {"method", common::MethodName(ledger.method)},
+                                                   {"version", ledger.latest()},
+                                                   {"rounds", options.rounds}})
+                                           .dump(2) +
+                                       "\n",
+                                   store.env());
+  };
+  RETURN_IF_ERROR(common::BuildDirectoryAtomically(dir, /*overwrite=*/true, fill, store.env()));
   spdlog::info("exported version {} of {} rounds: the global adapter is in {}", ledger.latest(),
                options.rounds, (dir / "global").string());
   return absl::OkStatus();

@@ -16,6 +16,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/base/file_util.h"
 #include "common/base/signals.h"
+#include "common/net/grpc_log.h"
 #include "common/net/tls.h"
 #include "server/coordinator_service.h"
 #include "server/observe/listener.h"
@@ -94,6 +95,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "error: %s\n", std::string(engine.status().message()).c_str());
     return 1;
   }
+  fedlora::common::RouteGrpcLog([view = (*engine)->view()] { view->CountHandshakeFailure(); });
   fedlora::server::Ticker ticker(engine->get());
   fedlora::server::CoordinatorService service(
       engine->get(), !options.client_ca.empty(),

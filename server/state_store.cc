@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -32,6 +33,13 @@ absl::Status StateStore::Unavailable(std::string_view what, const absl::Status& 
 }
 
 absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* env) {
+  // Nothing the coordinator reads or writes there is reached through a link: a link could make it
+  // serve, copy or replace a file of someone else's.
+  for (const char* entry : {"ledger.json", "metrics.jsonl", "blobs", "incoming", "export"}) {
+    if (absl::Status st = common::RefuseLink(dir / entry); !st.ok())
+      return absl::FailedPreconditionError(
+          StrCat("state directory ", dir.string(), ": ", st.message()));
+  }
   // Partial uploads of a previous process are dropped: their round is redone.
   absl::Status st = env->CreateDirectories(dir / "blobs");
   if (st.ok()) st = env->RemoveAll(dir / "incoming");
@@ -72,19 +80,25 @@ absl::StatusOr<std::pair<std::string, int64_t>> StateStore::ReadBlob(const std::
   if (!common::IsSha256Hex(sha256))
     return absl::InvalidArgumentError(StrCat("'", sha256, "' is not a sha256 (64 hex digits)"));
   const fs::path path = dir_ / "blobs" / sha256;
-  std::error_code ec;
-  const auto size = fs::file_size(path, ec);
-  if (ec) return absl::NotFoundError(StrCat("no blob ", sha256));
-  const int64_t total = static_cast<int64_t>(size);
+  // Not through a link (RefuseLink): the blob itself, or nothing.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) {
+    if (errno == ENOENT) return absl::NotFoundError(StrCat("no blob ", sha256));
+    return common::ErrnoError("cannot open blob", path, errno);
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    ::close(fd);
+    return absl::InternalError(StrCat("cannot read blob ", sha256));
+  }
+  const int64_t total = static_cast<int64_t>(st.st_size);
   if (offset < 0 || offset > total) {
+    ::close(fd);
     return absl::OutOfRangeError(
         StrCat("offset ", offset, " is outside blob ", sha256, " of ", total, " bytes"));
   }
   const int64_t n = std::min<int64_t>(max_bytes, total - offset);
   std::string data(static_cast<size_t>(n), '\0');
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return absl::InternalError(StrCat("cannot open blob ", sha256, ": ", std::strerror(errno)));
   const ssize_t got = ::pread(fd, data.data(), static_cast<size_t>(n), offset);
   ::close(fd);
   if (got != n) return absl::InternalError(StrCat("cannot read blob ", sha256));
@@ -94,7 +108,7 @@ absl::StatusOr<std::pair<std::string, int64_t>> StateStore::ReadBlob(const std::
 absl::StatusOr<common::MappedFile> StateStore::MapBlob(const std::string& sha256) const {
   if (!common::IsSha256Hex(sha256))
     return absl::InvalidArgumentError(StrCat("'", sha256, "' is not a sha256 (64 hex digits)"));
-  return common::MappedFile::Open(dir_ / "blobs" / sha256);
+  return common::MappedFile::Open(dir_ / "blobs" / sha256, common::Symlinks::kRefuse);
 }
 
 absl::StatusOr<std::string> StateStore::ReadWholeBlob(const std::string& sha256) const {
@@ -111,7 +125,7 @@ absl::Status StateStore::WritePart(const std::string& name, int64_t offset, std:
 }
 
 absl::StatusOr<common::MappedFile> StateStore::MapPart(const std::string& name) const {
-  return common::MappedFile::Open(dir_ / "incoming" / name);
+  return common::MappedFile::Open(dir_ / "incoming" / name, common::Symlinks::kRefuse);
 }
 
 absl::Status StateStore::SyncPart(const std::string& name) const {

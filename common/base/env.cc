@@ -18,6 +18,9 @@ namespace fs = std::filesystem;
 absl::Status ErrnoError(std::string_view what, const fs::path& path, int err) {
   std::string message = StrCat(what, " ", path.string(), ": ", std::strerror(err));
   switch (err) {
+    case ELOOP:  // opened with O_NOFOLLOW
+      return absl::FailedPreconditionError(StrCat(
+          what, " ", path.string(), ": it is a symbolic link, which fedlora does not follow"));
     case ENOENT:
       return absl::NotFoundError(message);
     case EACCES:
@@ -43,7 +46,8 @@ namespace {
 class PosixEnv final : public Env {
  public:
   absl::Status WriteFile(const Path& path, const WriteFn& write) override {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    // Never through a link: a link planted where fedlora writes must not redirect the write.
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (fd < 0) return ErrnoError("cannot create", path, errno);
     std::FILE* out = ::fdopen(fd, "wb");
     if (out == nullptr) {
@@ -62,7 +66,7 @@ class PosixEnv final : public Env {
   }
 
   absl::Status WriteAt(const Path& path, int64_t offset, std::string_view data) override {
-    int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+    int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
     if (fd < 0) return ErrnoError("cannot open", path, errno);
     size_t done = 0;
     while (done < data.size()) {

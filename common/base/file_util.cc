@@ -33,8 +33,8 @@ absl::StatusOr<MappedFile> MappedFile::Open(const fs::path& path, Symlinks symli
   if (fd < 0 && errno == ELOOP && nofollow) {
     return absl::InvalidArgumentError(
         StrCat(path.string(),
-               " is a symbolic link; fedlora does not follow links in files another "
-               "program wrote for it to read (write the file itself there)"));
+               " is a symbolic link; fedlora does not follow links here (put the file itself "
+               "there)"));
   }
   if (fd < 0) return ErrnoError("cannot open", path, errno);
   struct stat st;
@@ -82,6 +82,14 @@ MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
 
 MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+}
+
+absl::Status RefuseLink(const fs::path& path) {
+  std::error_code ec;
+  if (!fs::is_symlink(fs::symlink_status(path, ec))) return absl::OkStatus();
+  return absl::FailedPreconditionError(StrCat(
+      path.string(), " is a symbolic link (to ", fs::read_symlink(path, ec).string(),
+      "); fedlora does not follow links there: put the file or directory itself in its place"));
 }
 
 absl::StatusOr<std::string> ReadFileToString(const fs::path& path, Symlinks symlinks) {
@@ -142,6 +150,7 @@ absl::Status BuildDirectoryAtomically(const fs::path& dir, bool overwrite,
   }
   const fs::path tmp = TempPathFor(dir);
   RETURN_IF_ERROR(env->CreateDirectories(tmp));
+  RETURN_IF_ERROR(RefuseLink(tmp));  // a link planted there would take the files elsewhere
   auto cleanup = [&](absl::Status status) {
     env->RemoveAll(tmp).IgnoreError();
     return status;

@@ -17,10 +17,15 @@
 namespace fedlora::common {
 
 // Whether a read follows a symbolic link at the path's last component. kRefuse is for files another
-// program wrote for fedlora to read (a command workload's output): a link there could make fedlora
-// read, and send or print, a file of the user's it was never meant to see. Model and adapter
-// directories a user names are read through links (Hugging Face's cache is made of them).
+// program wrote for fedlora to read (a command workload's output) and for the coordinator's state
+// directory: a link there could make fedlora read, and send or print, a file of the user's it was
+// never meant to see. Model and adapter directories a user names are read through links (Hugging
+// Face's cache is made of them).
 enum class Symlinks { kFollow, kRefuse };
+
+// FAILED_PRECONDITION naming `path` and where it points when `path` is a symbolic link (a link
+// that fedlora must not follow); OK otherwise, also when nothing is there.
+absl::Status RefuseLink(const std::filesystem::path& path);
 
 // A read-only memory map of a whole file. Empty files map to an empty span. Only regular files
 // open (a FIFO or a device is refused, without blocking).

@@ -250,7 +250,7 @@ absl::StatusOr<Ledger> Ledger::FromJson(JsonReader& in) {
 }
 
 absl::StatusOr<Ledger> ReadLedger(const std::filesystem::path& file) {
-  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(file));
+  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(file, Symlinks::kRefuse));
   json j;
   try {
     j = json::parse(text);

@@ -171,7 +171,7 @@ absl::StatusOr<MetricsLine> MetricsLine::FromJson(JsonReader& in) {
 }
 
 absl::StatusOr<std::vector<MetricsLine>> ReadMetrics(const std::filesystem::path& file) {
-  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(file));
+  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(file, Symlinks::kRefuse));
   std::vector<MetricsLine> lines;
   size_t number = 0;
   for (size_t start = 0, end; start < text.size(); start = end + 1) {

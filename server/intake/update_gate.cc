@@ -82,8 +82,9 @@ Verdict UpdateGate::Admit(const RoundView& round, const Sender& sender,
         "too_large");
   }
   if (!common::IsSha256Hex(request.sha256())) {
-    return rejected(absl::InvalidArgumentError(
-                        StrCat("sha256 '", request.sha256(), "' is not 64 lower-case hex digits")),
+    return rejected(absl::InvalidArgumentError(StrCat("sha256 '", request.sha256().substr(0, 80),
+                                                      request.sha256().size() > 80 ? "…" : "",
+                                                      "' is not 64 lower-case hex digits")),
                     "header");
   }
   return Verdict::Admitted();

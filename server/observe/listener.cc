@@ -2,10 +2,14 @@
 
 #include <httplib.h>
 #include <openssl/crypto.h>
+#include <openssl/sha.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <spdlog/spdlog.h>
 
+#include <array>
+#include <cerrno>
+#include <cstring>
 #include <set>
 
 #include "common/base/file_util.h"
@@ -30,18 +34,28 @@ std::string VerifiedPeerName(const SSL* ssl) {
   return n > 0 ? std::string(name, static_cast<size_t>(n)) : "";
 }
 
-// Who may read: anyone (loopback without a token), or an operator by certificate or token.
+std::array<unsigned char, SHA256_DIGEST_LENGTH> Digest(std::string_view text) {
+  std::array<unsigned char, SHA256_DIGEST_LENGTH> d{};
+  SHA256(reinterpret_cast<const unsigned char*>(text.data()), text.size(), d.data());
+  return d;
+}
+
+// Who may read: anyone on this machine (loopback without a token), or an operator by
+// certificate or token.
 struct Access {
   bool open = true;
   std::string token;                // "Authorization: Bearer <token>" admits
   std::set<std::string> operators;  // a verified client certificate with one of these names admits
+  std::set<std::string> hosts;      // when open: the Host headers a request may carry
 
   bool Admits(const httplib::Request& req) const {
-    if (open) return true;
-    const std::string auth = req.get_header_value("Authorization");
-    const std::string want = "Bearer " + token;
-    if (!token.empty() && auth.size() == want.size() &&
-        CRYPTO_memcmp(auth.data(), want.data(), want.size()) == 0)
+    // A web page the operator's browser visits could otherwise read a loopback listener through
+    // a name of its own that resolves to 127.0.0.1 (DNS rebinding).
+    if (open) return hosts.contains(req.get_header_value("Host"));
+    // Digests compared in constant time: neither the token's bytes nor its length leak.
+    if (!token.empty() &&
+        CRYPTO_memcmp(Digest(req.get_header_value("Authorization")).data(),
+                      Digest("Bearer " + token).data(), SHA256_DIGEST_LENGTH) == 0)
       return true;
     return !operators.empty() && operators.contains(VerifiedPeerName(req.ssl));
   }
@@ -68,7 +82,9 @@ absl::StatusOr<Access> AccessOf(const ServerOptions& o, bool loopback) {
 // The TLS settings of a listener off the loopback interface: the coordinator's certificate, and
 // client certificates of --client-ca asked for (required unless a token may be used instead).
 bool SetUpTls(SSL_CTX& ctx, const ServerOptions& o, bool token) {
+  static constexpr unsigned char kSessionContext[] = "fedlora-metrics";  // for resumed sessions
   if (SSL_CTX_set_min_proto_version(&ctx, TLS1_2_VERSION) != 1 ||
+      SSL_CTX_set_session_id_context(&ctx, kSessionContext, sizeof(kSessionContext) - 1) != 1 ||
       SSL_CTX_use_certificate_chain_file(&ctx, o.tls_cert.c_str()) != 1 ||
       SSL_CTX_use_PrivateKey_file(&ctx, o.tls_key.c_str(), SSL_FILETYPE_PEM) != 1 ||
       SSL_CTX_check_private_key(&ctx) != 1)
@@ -87,7 +103,7 @@ absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(
     const ServerOptions& o, std::shared_ptr<const RunView> view) {
   ASSIGN_OR_RETURN(const HostPort at, ParseHostPort(o.metrics_listen, "metrics_listen"));
   const bool loopback = IsLoopback(at.host);
-  ASSIGN_OR_RETURN(const Access access, AccessOf(o, loopback));
+  ASSIGN_OR_RETURN(Access access, AccessOf(o, loopback));
   std::unique_ptr<MetricsListener> l(new MetricsListener());
   l->view_ = std::move(view);
   if (loopback) {
@@ -104,18 +120,13 @@ absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(
     }
   }
   httplib::Server& http = *l->http_;
-  http.new_task_queue = [] { return new httplib::ThreadPool(4); };
-  http.set_read_timeout(std::chrono::seconds(10));
+  // Requests are small GETs: a body past 4 KiB is refused, and slow or idle connections do not
+  // hold the threads for long.
+  http.new_task_queue = [] { return new httplib::ThreadPool(8); };
+  http.set_payload_max_length(4096);
+  http.set_read_timeout(std::chrono::seconds(5));
   http.set_write_timeout(std::chrono::seconds(10));
-  http.set_pre_routing_handler([access](const httplib::Request& req, httplib::Response& res) {
-    res.set_header("Cache-Control", "no-store");
-    res.set_header("X-Content-Type-Options", "nosniff");
-    if (access.Admits(req)) return httplib::Server::HandlerResponse::Unhandled;
-    res.status = 401;
-    res.set_header("WWW-Authenticate", "Bearer");
-    res.set_content("an operator's client certificate or bearer token is required\n", "text/plain");
-    return httplib::Server::HandlerResponse::Handled;
-  });
+  http.set_keep_alive_timeout(2);
   const RunView* v = l->view_.get();
   http.Get("/metrics", [v](const httplib::Request&, httplib::Response& res) {
     res.set_content(v->Prometheus(), "text/plain; version=0.0.4; charset=utf-8");
@@ -134,9 +145,23 @@ absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(
   l->port_ = at.port == 0 ? http.bind_to_any_port(at.host) : at.port;
   if (l->port_ < 0 || (at.port != 0 && !http.bind_to_port(at.host, at.port))) {
     return absl::UnavailableError(
-        StrCat("cannot listen on ", o.metrics_listen,
-               " (metrics_listen): address in use, or not this machine's"));
+        StrCat("cannot listen on ", o.metrics_listen, " (metrics_listen): ", std::strerror(errno)));
   }
+  if (access.open) {
+    const std::string host = at.host.find(':') == std::string::npos ? at.host : "[" + at.host + "]";
+    for (const std::string& name :
+         {std::string("127.0.0.1"), std::string("localhost"), std::string("[::1]"), host})
+      access.hosts.insert(StrCat(name, ":", l->port_));
+  }
+  http.set_pre_routing_handler([access](const httplib::Request& req, httplib::Response& res) {
+    res.set_header("Cache-Control", "no-store");
+    res.set_header("X-Content-Type-Options", "nosniff");
+    if (access.Admits(req)) return httplib::Server::HandlerResponse::Unhandled;
+    res.status = 401;
+    res.set_header("WWW-Authenticate", "Bearer");
+    res.set_content("an operator's client certificate or bearer token is required\n", "text/plain");
+    return httplib::Server::HandlerResponse::Handled;
+  });
   l->thread_ = std::thread([&http, l = l.get()] {
     http.listen_after_bind();
     l->stopped_ = true;

@@ -8,6 +8,7 @@
 #define FEDLORA_SERVER_OBSERVE_RUN_VIEW_H_
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -30,16 +31,20 @@ class RunView {
 
   // The engine's status (RoundEngine::GetStatus), and the clock it was read at.
   void Publish(v1::StatusResponse status, int64_t now_unix_ms) ABSL_LOCKS_EXCLUDED(mu_);
-  // An update accepted, or refused for `kind` (a label: "too_large", "invalid", "norm_outlier"…).
-  void CountAccepted() ABSL_LOCKS_EXCLUDED(mu_);
+  // `n` updates aggregated into a committed round; an update refused for `kind` (a label:
+  // "too_large", "invalid", "norm_outlier"…): each refused upload counts.
+  void CountAccepted(int64_t n) ABSL_LOCKS_EXCLUDED(mu_);
   void CountRejected(std::string_view kind) ABSL_LOCKS_EXCLUDED(mu_);
+  // A TLS handshake with the coordinator failed (another CA, an expired certificate, a scanner).
+  void CountHandshakeFailure() { handshake_failures_.fetch_add(1, std::memory_order_relaxed); }
   // A round committed `seconds` after its first attempt opened.
   void ObserveRound(double seconds) ABSL_LOCKS_EXCLUDED(mu_);
   // The metrics lines of committed versions, in order (a restart adds those on disk first).
   void AddLine(const common::MetricsLine& line) ABSL_LOCKS_EXCLUDED(mu_);
 
   // The Prometheus text exposition format (version 0.0.4) of every metric, the process's
-  // resident memory and CPU time included.
+  // resident memory and CPU time included. Both readers copy what they need under the lock and
+  // format after it: the engine, which counts into the view, never waits for a scrape's text.
   std::string Prometheus() const ABSL_LOCKS_EXCLUDED(mu_);
   // The live page's data: settings, status, a summary per committed round, clients.
   nlohmann::json Page() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -48,23 +53,30 @@ class RunView {
   static constexpr std::array<double, 10> kRoundBuckets = {1,   5,   15,  30,   60,
                                                            120, 300, 600, 1800, 3600};
 
+  // What the readers format, copied under the lock (the status and last line are shared).
+  struct Snapshot {
+    std::shared_ptr<const v1::StatusResponse> status;
+    int64_t status_unix_ms = 0;
+    int64_t accepted = 0;
+    std::map<std::string, int64_t, std::less<>> rejected;  // kind → count
+    std::array<int64_t, kRoundBuckets.size()> round_buckets{};
+    int64_t rounds_observed = 0;
+    double round_seconds = 0;
+    // Per committed round, what the page shows (not the whole line: a line names every client).
+    std::vector<nlohmann::json> rounds;
+    std::shared_ptr<const common::MetricsLine> last;
+  };
+
  private:
+  Snapshot Take() const ABSL_LOCKS_EXCLUDED(mu_);
   // A client's state for fedlora_clients: "live", "silent", "left" or "removed".
-  std::string StateOf(const v1::ClientStatus& c) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::string StateOf(const v1::ClientStatus& c, int64_t now_unix_ms) const;
 
   const nlohmann::json settings_;
   const double client_timeout_s_;
+  std::atomic<int64_t> handshake_failures_ = 0;
   mutable absl::Mutex mu_;
-  v1::StatusResponse status_ ABSL_GUARDED_BY(mu_);
-  int64_t status_unix_ms_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t accepted_ ABSL_GUARDED_BY(mu_) = 0;
-  std::map<std::string, int64_t, std::less<>> rejected_ ABSL_GUARDED_BY(mu_);  // kind → count
-  std::array<int64_t, kRoundBuckets.size()> round_buckets_ ABSL_GUARDED_BY(mu_){};
-  int64_t rounds_observed_ ABSL_GUARDED_BY(mu_) = 0;
-  double round_seconds_ ABSL_GUARDED_BY(mu_) = 0;
-  // Per committed round, what the page shows (not the whole line: a line names every client).
-  std::vector<nlohmann::json> rounds_ ABSL_GUARDED_BY(mu_);
-  std::optional<common::MetricsLine> last_ ABSL_GUARDED_BY(mu_);
+  Snapshot state_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace fedlora::server

@@ -334,7 +334,6 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
           lifecycle_->RoundName(), client, request.total_size(),
           Seconds(std::chrono::steady_clock::now() - start).count(),
           request.metrics().loss_before(), request.metrics().loss_after());
-      view_->CountAccepted();
       lifecycle_->Accepted(client);
       CollectReadyLocked(&ready, false);
     }

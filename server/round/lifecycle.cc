@@ -259,9 +259,11 @@ void Lifecycle::CountRejection(const std::string& client, absl::string_view why)
   if (info == nullptr || clients_.RemovedWhy(client) != nullptr) return;
   ++info->rejected_updates;
   if (options_.max_rejections == 0 || info->rejected_updates < options_.max_rejections) return;
+  // `why` may quote what the client sent: the ledger keeps at most 200 bytes of it.
   const std::string reason =
       StrCat("removed from the run after ", info->rejected_updates,
-             " rounds with a rejected update (--max-rejections; the last: ", why, ")");
+             " rounds with a rejected update (--max-rejections; the last: ",
+             why.size() > 200 ? StrCat(why.substr(0, 200), "…") : std::string(why), ")");
   spdlog::warn("{}: {}", client, reason);
   clients_.Remove(client, reason);
   removed_[client] = reason;
@@ -402,7 +404,8 @@ void Lifecycle::Commit() {
     spdlog::info("round {}: committed after {} failed attempts", round_, commit_retry_.failures());
   commit_retry_.Succeeded();
   // The round is done: everything below is in memory or derived from the ledger.
-  for (const std::string& id : record->who.arrived) clients_.Find(id)->rounds_contributed++;
+  for (const std::string& id : record->who.arrived)
+    if (!record->norm_outliers.contains(id)) clients_.Find(id)->rounds_contributed++;
   uploads_.Clear(round_);
   late_.clear();
   removed_.clear();
@@ -424,6 +427,8 @@ void Lifecycle::Commit() {
       record->mean_loss_before, record->mean_train_loss, record->aggregation_seconds, round_);
   open_ = OpenRound{};
   view_.ObserveRound(Seconds(env_->Now() - first_attempt_).count());
+  view_.CountAccepted(
+      static_cast<int64_t>(record->who.arrived.size() - record->norm_outliers.size()));
   for (size_t i = 0; i < record->norm_outliers.size(); ++i) view_.CountRejected("norm_outlier");
   const bool done = round_ >= options_.rounds;
   if (done) {

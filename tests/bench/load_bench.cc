@@ -37,6 +37,9 @@
 #include "fedlora/v1/coordinator.grpc.pb.h"
 #include "tests/process.h"
 
+// After Eigen's headers (if any): httplib.h brings <resolv.h>, whose macros break them.
+#include <httplib.h>
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -52,6 +55,11 @@ struct Options {
   int features = 512;  // each module features×features (Llama-7B: 4096)
   int rank = 16;
   int poll_ms = 5000;  // a long poll's length, as fedlora-client asks; the coordinator allows it
+  // Idle: the run never starts (it waits for one client more), so the clients stay connected,
+  // long-polling; the coordinator's RSS is measured then, and `scrapes` scrapes of its /metrics
+  // and /api/run are timed.
+  bool idle = false;
+  int scrapes = 0;
   std::string bin = FEDLORA_BIN_DIR;
   std::string source = FEDLORA_SOURCE_DIR;
   fs::path work = "out/load";
@@ -118,12 +126,14 @@ double CpuSeconds(pid_t pid) {
   return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
 }
 
-double PeakRssMb(pid_t pid) {
+// A field of /proc/PID/status in MB ("VmHWM:" the peak RSS, "VmRSS:" the present one).
+double StatusMb(pid_t pid, std::string_view field) {
   std::ifstream in(StrCat("/proc/", pid, "/status"));
   for (std::string line; std::getline(in, line);)
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+    if (line.starts_with(field)) return std::stod(line.substr(field.size())) / 1024.0;
   return 0;
 }
+double PeakRssMb(pid_t pid) { return StatusMb(pid, "VmHWM:"); }
 
 // Runs functions a second after they are handed over, on one thread (the clients' retries).
 class Later {
@@ -177,7 +187,7 @@ struct Run {
   std::string update_sha256;
   int64_t chunk_bytes = 1 << 20;
   int64_t poll_ms = 0;  // Options::poll_ms
-  std::atomic<int> done{0}, failed{0};
+  std::atomic<int> done{0}, failed{0}, joined{0};
   std::atomic<int64_t> bytes_down{0}, bytes_up{0}, retries{0};
   Later later;
 };
@@ -215,6 +225,7 @@ class Client {
     stub_->async()->Join(Fresh(), run_->join.get(), &join_response_, [this](grpc::Status s) {
       if (Failed(s, [this] { Join(); })) return;
       session_ = join_response_.session();
+      run_->joined++;
       Poll();
     });
   }
@@ -319,6 +330,44 @@ std::string MakeUpdate(const Options& o, const v1::JoinRequest& join) {
                                                         : fedlora::common::AdapterParts::kAll);
 }
 
+// Once every client has joined and is long-polling: the coordinator's RSS, then `o.scrapes`
+// scrapes of /metrics and of /api/run, each timed, with the coordinator's CPU seconds per scrape.
+int Idle(const Options& o, pid_t server, Run& run) {
+  while (run.joined + run.failed < o.clients)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  std::this_thread::sleep_for(std::chrono::seconds(3));  // settled: polls parked, nothing in flight
+  std::printf("idle: %d clients joined, %d failed; coordinator RSS %.1f MB (peak %.1f MB)\n",
+              run.joined.load(), run.failed.load(), StatusMb(server, "VmRSS:"), PeakRssMb(server));
+  if (o.scrapes > 0) {
+    const int port =
+        std::stoi(fedlora::testing::WaitForFile(o.work / "metrics.port", std::chrono::seconds(10)));
+    std::this_thread::sleep_for(std::chrono::seconds(2));  // the status published with every join
+    httplib::Client http("127.0.0.1", port);
+    for (const char* path : {"/metrics", "/api/run"}) {
+      size_t bytes = 0;
+      const double cpu = CpuSeconds(server);
+      const auto start = Clock::now();
+      for (int i = 0; i < o.scrapes; ++i) {
+        const auto res = http.Get(path);
+        if (!res || res->status != 200) {
+          std::fprintf(stderr, "scrape of %s failed\n", path);
+          std::_Exit(1);
+        }
+        bytes = res->body.size();
+      }
+      const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+      std::printf("%s: %d scrapes of %zu bytes, %.3f ms each, coordinator CPU %.3f ms each\n", path,
+                  o.scrapes, bytes, 1e3 * wall / o.scrapes,
+                  1e3 * (CpuSeconds(server) - cpu) / o.scrapes);
+    }
+    std::printf("after the scrapes: coordinator RSS %.1f MB\n", StatusMb(server, "VmRSS:"));
+  }
+  std::fflush(stdout);
+  kill(server, SIGTERM);
+  fedlora::testing::Wait(server, std::chrono::seconds(30));
+  std::_Exit(run.failed > 0 ? 1 : 0);  // the channels' threads are not joined
+}
+
 int Main(const Options& o) {
   rlimit files{};
   getrlimit(RLIMIT_NOFILE, &files);
@@ -374,7 +423,7 @@ int Main(const Options& o) {
       "--rounds",
       std::to_string(o.rounds),
       "--min-clients",
-      std::to_string(o.clients),
+      std::to_string(o.idle ? o.clients + 1 : o.clients),
       "--rank",
       std::to_string(o.rank),
       "--lora-alpha",
@@ -404,7 +453,14 @@ int Main(const Options& o) {
       "--max-update-bytes",
       std::to_string(2 * (2 * o.layers) * (2 * o.features * o.rank) * 4 +
                      (1 << 20))};  // LoRA's, x2
-  const pid_t server = fedlora::testing::Start(argv, o.work / "server.log");
+  std::vector<std::string> server_argv = argv;
+  if (o.scrapes > 0) {
+    for (const std::string& flag :
+         {std::string("--metrics-listen"), std::string("127.0.0.1:0"),
+          std::string("--metrics-port-file"), (o.work / "metrics.port").string()})
+      server_argv.push_back(flag);
+  }
+  const pid_t server = fedlora::testing::Start(server_argv, o.work / "server.log");
   std::string port = fedlora::testing::WaitForFile(port_file, std::chrono::seconds(20));
   while (!port.empty() && port.back() == '\n') port.pop_back();
   if (port.empty()) {
@@ -434,6 +490,7 @@ int Main(const Options& o) {
       " %lld ms long polls (%d client certificates made in %.1f s)\n",
       o.clients, o.method.c_str(), o.rounds, 2 * o.layers, o.features, o.features, o.rank,
       run.update.size(), static_cast<long long>(o.poll_ms), o.clients, certs_s);
+  if (o.idle) return Idle(o, server, run);
   std::printf("%-8s %12s %14s %14s\n", "round", "wall (s)", "server CPU (s)", "server RSS (MB)");
   const fs::path metrics = o.work / "state" / "metrics.jsonl";
   size_t closed = 0;
@@ -492,6 +549,12 @@ int main(int argc, char** argv) {
   app.add_option("--poll-ms", o.poll_ms, "each client's long poll (fedlora-client: 5000)")
       ->capture_default_str();
   app.add_option("--work", o.work)->capture_default_str();
+  app.add_flag("--idle", o.idle,
+               "no round: measure the coordinator's RSS with every client connected and polling");
+  app.add_option("--scrapes", o.scrapes,
+                 "with --idle: time this many scrapes of /metrics and /api/run")
+      ->capture_default_str();
+  app.add_option("--bin", o.bin, "directory of the fedlora-server to load")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   return Main(o);
 }

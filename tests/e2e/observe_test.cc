@@ -233,6 +233,47 @@ TEST_F(FederationTest, OffLoopbackTheMetricsAreForOperatorsOverTlsOnly) {
               HasSubstr("is served over TLS only, which insecure turns off"));
 }
 
+// gRPC's log goes through fedlora's rate limiter, and /metrics counts every failed handshake.
+// Regression: 2,000 handshakes with certificates of another CA wrote 2,000 lines.
+TEST_F(FederationTest, FailedHandshakesAreCountedAndLoggedOncePerWindow) {
+  const CommandResult other =
+      RunProgram({"bash", kSource + "/deploy/make_certs.sh", (dir_ / "other").string(), "1"});
+  ASSERT_EQ(other.exit_code, 0) << other.output;
+  const pid_t server = StartServer(
+      "fedit", "state",
+      {"--metrics-listen", "127.0.0.1:0", "--metrics-port-file", (dir_ / "metrics.port").string()});
+  ASSERT_FALSE(port_.empty());
+  const int metrics_port = std::stoi(WaitForFile(dir_ / "metrics.port", std::chrono::seconds(10)));
+  const std::string cert = (dir_ / "other" / "client-1.pem").string();
+  const std::string key = (dir_ / "other" / "client-1.key").string();
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 200; ++i)
+    EXPECT_FALSE(common::ProbeTlsRefusal("127.0.0.1:" + port_, Cert("ca.pem"), cert, key).ok());
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  httplib::Client http("127.0.0.1", metrics_port);
+  std::string body;
+  for (int t = 0; t < 100; ++t) {
+    const auto res = http.Get("/metrics");
+    ASSERT_TRUE(res);
+    body = res->body;
+    if (body.find("fedlora_tls_handshake_failures_total 200\n") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_THAT(body, HasSubstr("fedlora_tls_handshake_failures_total 200\n"));
+  kill(server, SIGTERM);
+  Wait(server, std::chrono::seconds(20));
+  const std::string log = ReadText(dir_ / "state.log");
+  size_t lines = 0;
+  for (size_t at = log.find("Handshake failed"); at != std::string::npos;
+       at = log.find("Handshake failed", at + 1))
+    ++lines;
+  EXPECT_GE(lines, 1u) << log;
+  // The first, then one per 10 s window while they went on (and one more at the window's end).
+  EXPECT_LE(lines, 2 + static_cast<size_t>(seconds / 10)) << log;
+  EXPECT_THAT(log, HasSubstr("warning [server] grpc: Handshake failed"));
+}
+
 TEST_F(FederationTest, OnLoopbackATokenFileStillGuardsTheMetrics) {
   server::ServerOptions o;
   o.insecure = true;
@@ -244,13 +285,38 @@ TEST_F(FederationTest, OnLoopbackATokenFileStillGuardsTheMetrics) {
       o, std::make_shared<server::RunView>(nlohmann::json::object(), 60));
   ASSERT_TRUE(listener.ok()) << listener.status();
   httplib::Client http("127.0.0.1", (*listener)->port());
-  EXPECT_EQ(http.Get("/metrics")->status, 401);
-  const auto res = http.Get("/metrics", {{"Authorization", "Bearer tok"}});
-  EXPECT_EQ(res->status, 200);
-  EXPECT_THAT(res->body, HasSubstr("# TYPE fedlora_rounds_committed_total counter"));
-  EXPECT_EQ(http.Get("/nothing", {{"Authorization", "Bearer tok"}})->status, 404);
+  const auto status = [&](const std::string& path, const httplib::Headers& headers) {
+    const auto res = http.Get(path, headers);
+    return res ? res->status : -1;
+  };
+  EXPECT_EQ(status("/metrics", {}), 401);
+  EXPECT_EQ(status("/metrics", {{"Authorization", "Bearer tok"}}), 200);
+  EXPECT_EQ(status("/nothing", {{"Authorization", "Bearer tok"}}), 404);
   const auto page = http.Get("/", {{"Authorization", "Bearer tok"}});
+  ASSERT_TRUE(page);
   EXPECT_THAT(page->get_header_value("Content-Security-Policy"), HasSubstr("default-src 'none'"));
+}
+
+// Open to this machine without a token, a loopback listener still answers only requests made to
+// its own address: a web page of another name that resolves to 127.0.0.1 (DNS rebinding) gets
+// nothing.
+TEST_F(FederationTest, OnLoopbackOnlyRequestsToTheListenersOwnNameAreAnswered) {
+  server::ServerOptions o;
+  o.insecure = true;
+  o.metrics_listen = "127.0.0.1:0";
+  auto listener = server::MetricsListener::Start(
+      o, std::make_shared<server::RunView>(nlohmann::json::object(), 60));
+  ASSERT_TRUE(listener.ok()) << listener.status();
+  const std::string port = std::to_string((*listener)->port());
+  httplib::Client http("127.0.0.1", (*listener)->port());
+  const auto status = [&](const std::string& host) {
+    const auto res = http.Get("/api/run", {{"Host", host}});
+    return res ? res->status : -1;
+  };
+  EXPECT_EQ(status("127.0.0.1:" + port), 200);
+  EXPECT_EQ(status("localhost:" + port), 200);
+  EXPECT_EQ(status("attacker.example:" + port), 401);
+  EXPECT_EQ(status("127.0.0.1:1"), 401);
 }
 
 }  // namespace

@@ -57,7 +57,8 @@ TEST(RunViewTest, ExposesTheRunAsPrometheusTextWithHandCountedValues) {
   *s.add_clients() = Client("e", 50, 1'000, 500, "removed after 3 rounds");
   *s.add_clients() = Client("f", 0, 1'000'000, 0, "removed before a restart");
   view.Publish(s, 1'000'000);
-  for (int i = 0; i < 7; ++i) view.CountAccepted();
+  view.CountAccepted(3);
+  view.CountAccepted(4);
   view.CountRejected("too_large");
   view.CountRejected("too_large");
   view.CountRejected("norm_outlier");

@@ -119,3 +119,43 @@ TEST(StateStoreTest, ADamagedStateDirectoryIsRefusedWithWhatIsWrong) {
 
 }  // namespace
 }  // namespace fedlora::server
+
+namespace fedlora::server {
+namespace {
+
+// Regressions: a symlinked metrics.jsonl was read and its target's contents copied into the new
+// file; a symlinked export/ was followed, and a restart plus SIGUSR1 deleted a file in the link's
+// target. Each entry of the state directory that is a link is refused at open, naming it and
+// where it points, and the link's target is left as it was.
+TEST(StateStoreTest, RefusesLinksInTheStateDirectoryNamingThem) {
+  for (const std::string entry : {"ledger.json", "metrics.jsonl", "blobs", "incoming", "export"}) {
+    testing_dir dir;
+    const std::filesystem::path elsewhere = dir.path() / "elsewhere", state = dir.path() / "state";
+    std::filesystem::create_directories(elsewhere);
+    std::filesystem::create_directories(state);
+    ASSERT_TRUE(common::WriteFileAtomically(elsewhere / "keep", "someone else's").ok());
+    const bool is_dir = !entry.ends_with(".json") && !entry.ends_with(".jsonl");
+    std::filesystem::create_symlink(is_dir ? elsewhere : elsewhere / "keep", state / entry);
+    const auto store = StateStore::Open(state, common::Env::Default());
+    ASSERT_FALSE(store.ok()) << entry;
+    EXPECT_THAT(store.status().message(), HasSubstr(entry + " is a symbolic link (to "));
+    EXPECT_EQ(*common::ReadFileToString(elsewhere / "keep"), "someone else's") << entry;
+  }
+}
+
+// A blob that is a link is neither sent nor decoded: the file it points to might be anyone's.
+TEST(StateStoreTest, ABlobThatIsALinkIsNotRead) {
+  testing_dir dir;
+  auto store = StateStore::Open(dir.path() / "state", common::Env::Default());
+  ASSERT_TRUE(store.ok()) << store.status();
+  const std::string sha = common::Sha256Hex("not a blob");
+  ASSERT_TRUE(common::WriteFileAtomically(dir.path() / "secret", "not a blob").ok());
+  std::filesystem::create_symlink(dir.path() / "secret", dir.path() / "state" / "blobs" / sha);
+  EXPECT_FALSE(store->ReadBlob(sha, 0, 100).ok());
+  const auto mapped = store->MapBlob(sha);
+  ASSERT_FALSE(mapped.ok());
+  EXPECT_THAT(mapped.status().message(), HasSubstr("is a symbolic link"));
+}
+
+}  // namespace
+}  // namespace fedlora::server
