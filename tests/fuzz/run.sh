@@ -20,7 +20,7 @@ if [[ -z ${FEDLORA_FUZZ_BUILD:-} ]]; then
   [[ -f $build/build.ninja ]] ||
     cmake -S . -B "$build" -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWithDebInfo \
       -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -gline-tables-only" -DFEDLORA_FUZZ=ON -DFEDLORA_BUILD_TESTS=OFF \
-      -DFEDLORA_BUILD_BENCHMARKS=OFF > /dev/null
+      -DFEDLORA_BUILD_BENCHMARKS=OFF -DCMAKE_UNITY_BUILD=ON > /dev/null
   cmake --build "$build" --target fuzzers
 fi
 [[ $seconds != --build-only ]] || exit 0
