@@ -51,6 +51,7 @@ absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerCon
         "a client certificate signed by the run's client CA is required");
   }
   std::string id(names[0].data(), names[0].size());
+  absl::MutexLock lock(&membership_mu_);
   if (caller == Caller::kOperator && !operators_.empty()) {
     if (operators_.contains(id)) return id;
     Warn("status " + id, common::StrCat("refused ", id, " (", context->peer(),
@@ -72,6 +73,13 @@ absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerCon
         common::StrCat("client identity '", id, "' is not on the allow-list"));
   }
   return id;
+}
+
+void CoordinatorService::SetMembership(std::set<std::string> allowed,
+                                       std::set<std::string> operators) {
+  absl::MutexLock lock(&membership_mu_);
+  allowed_ = std::move(allowed);
+  operators_ = std::move(operators);
 }
 
 void CoordinatorService::Warn(const std::string& key, const std::string& message) const {

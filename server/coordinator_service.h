@@ -27,6 +27,11 @@ class CoordinatorService final : public v1::Coordinator::CallbackService {
         allowed_(std::move(allowed)),
         operators_(std::move(operators)) {}
 
+  // Replaces the allow-list and the operator list (SIGHUP): calls from now on are checked against
+  // the new ones.
+  void SetMembership(std::set<std::string> allowed, std::set<std::string> operators)
+      ABSL_LOCKS_EXCLUDED(membership_mu_);
+
   grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* context,
                                  const v1::JoinRequest* request,
                                  v1::JoinResponse* response) override;
@@ -53,14 +58,16 @@ class CoordinatorService final : public v1::Coordinator::CallbackService {
   // admitted and not an operator; an operator must be on the operator list, when there is one.
   enum class Caller { kClient, kOperator };
   absl::StatusOr<std::string> Identify(grpc::CallbackServerContext* context,
-                                       Caller caller = Caller::kClient) const;
+                                       Caller caller = Caller::kClient) const
+      ABSL_LOCKS_EXCLUDED(membership_mu_);
   // Identify, and the call's session must be the identity's latest (RoundEngine::CheckSession).
   absl::StatusOr<std::string> IdentifySession(grpc::CallbackServerContext* context) const;
 
   RoundEngine* engine_;
   const bool mutual_tls_;
-  const std::set<std::string> allowed_;
-  const std::set<std::string> operators_;
+  mutable absl::Mutex membership_mu_;
+  std::set<std::string> allowed_ ABSL_GUARDED_BY(membership_mu_);
+  std::set<std::string> operators_ ABSL_GUARDED_BY(membership_mu_);
   // Refusals are logged once per 10 s per identity and kind, with a count.
   void Warn(const std::string& key, const std::string& message) const ABSL_LOCKS_EXCLUDED(log_mu_);
   mutable absl::Mutex log_mu_;

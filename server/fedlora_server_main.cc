@@ -6,16 +6,19 @@
 #include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <toml++/toml.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <set>
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
 #include "common/base/file_util.h"
 #include "common/base/signals.h"
+#include "common/base/strings.h"
 #include "common/net/grpc_log.h"
 #include "common/net/tls.h"
 #include "server/coordinator_service.h"
@@ -42,6 +45,82 @@ void AddOptions(CLI::App& app, ServerOptions& o, MainOptions& m) {
                  "write the port of --metrics-listen to this file (for ...:0)");
 }
 
+// The command line's options, the config file's under them (--config; keys are the long flag
+// names; flags win).
+void Configure(CLI::App& app, ServerOptions& o, MainOptions& m) {
+  app.set_config("--config", "", "TOML file of options (keys are the long flag names without --)");
+  AddOptions(app, o, m);
+}
+
+// "+a +b -c", or "unchanged".
+std::string Diff(const std::vector<std::string>& before, const std::vector<std::string>& after) {
+  const std::set<std::string> old(before.begin(), before.end()), now(after.begin(), after.end());
+  std::vector<std::string> changes;
+  for (const std::string& id : now)
+    if (!old.contains(id)) changes.push_back("+" + id);
+  for (const std::string& id : old)
+    if (!now.contains(id)) changes.push_back("-" + id);
+  return changes.empty() ? "unchanged" : fedlora::common::StrJoin(changes, " ");
+}
+
+// SIGHUP: the command line and config file are read again. The allow-list and the operator list
+// take effect at once, and an identity taken off the allow-list leaves the run now; a file that
+// does not parse or validate keeps every old setting, and says why.
+void Reload(int argc, char** argv, ServerOptions& current,
+            fedlora::server::CoordinatorService& service, fedlora::server::RoundEngine& engine) {
+  ServerOptions next;
+  MainOptions m;
+  CLI::App app;
+  Configure(app, next, m);
+  try {
+    app.parse(argc, argv);
+    // CLI11 reads TOML leniently (an unclosed array passes): the file is checked by a TOML parser
+    // first, so that a half-edited file changes nothing.
+    if (const std::string config = app["--config"]->as<std::string>(); !config.empty())
+      (void)toml::parse_file(config);
+  } catch (const CLI::Error& e) {
+    spdlog::error("SIGHUP: keeping the old settings: {}", e.what());
+    return;
+  } catch (const toml::parse_error& e) {
+    spdlog::error("SIGHUP: keeping the old settings: {}:{}:{}: {}", *e.source().path,
+                  e.source().begin.line, e.source().begin.column, e.description());
+    return;
+  }
+  if (absl::Status st = next.Validate(); !st.ok()) {
+    spdlog::error("SIGHUP: keeping the old settings: {}", st.message());
+    return;
+  }
+  if (next.client_ca.empty() != current.client_ca.empty()) {
+    spdlog::error(
+        "SIGHUP: keeping the old settings: client_ca cannot be turned on or off while "
+        "the coordinator runs; restart it");
+    return;
+  }
+  spdlog::info("SIGHUP: allowed_clients {}; operators {}",
+               Diff(current.allowed_clients, next.allowed_clients),
+               Diff(current.operators, next.operators));
+  const nlohmann::json before = current.Settings(), after = next.Settings();
+  for (const auto& [key, value] : after.items()) {
+    if (!before.contains(key) || before[key] != value)
+      spdlog::warn("SIGHUP: {} changed to {}; it takes effect when the coordinator restarts", key,
+                   value.dump());
+  }
+  service.SetMembership(
+      std::set<std::string>(next.allowed_clients.begin(), next.allowed_clients.end()),
+      std::set<std::string>(next.operators.begin(), next.operators.end()));
+  const std::set<std::string> allowed(next.allowed_clients.begin(), next.allowed_clients.end());
+  const std::set<std::string> operators(next.operators.begin(), next.operators.end());
+  const fedlora::v1::StatusResponse status = engine.GetStatus();
+  for (const fedlora::v1::ClientStatus& c : status.clients()) {
+    if (!allowed.empty() && !allowed.contains(c.id()))
+      engine.Evict(c.id(), "taken off the allow-list by the operator (SIGHUP)");
+    else if (operators.contains(c.id()))
+      engine.Evict(c.id(), "made an operator by the operator (SIGHUP): it may not train");
+  }
+  current.allowed_clients = next.allowed_clients;
+  current.operators = next.operators;
+}
+
 bool WritePort(const std::string& file, int port) {
   if (file.empty()) return true;
   absl::Status st = fedlora::common::WriteFileAtomically(file, std::to_string(port) + "\n");
@@ -56,8 +135,7 @@ int main(int argc, char** argv) {
   ServerOptions options;
   MainOptions m;
   CLI::App app{"fedlora-server: the coordinator of a federated LoRA fine-tuning run"};
-  app.set_config("--config", "", "TOML file of options (keys are the long flag names without --)");
-  AddOptions(app, options, m);
+  Configure(app, options, m);
   CLI11_PARSE(app, argc, argv);
   // Debian builds Abseil without NDEBUG, which leaves the debug-build deadlock detection on in
   // every absl::Mutex gRPC locks: a graph of all mutexes, one per connection and call, consulted at
@@ -68,6 +146,7 @@ int main(int argc, char** argv) {
 
   fedlora::common::StopOnSignals signals;
   fedlora::common::FlagOnSignal export_request(SIGUSR1);
+  fedlora::common::FlagOnSignal reload_request(SIGHUP);
 
   if (absl::Status st = options.Validate(); !st.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(st.message()).c_str());
@@ -136,6 +215,7 @@ int main(int argc, char** argv) {
   for (int tick = 1; !signals.stop(); ++tick) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     if (metrics && tick % 10 == 0) (*engine)->PublishStatus();  // what /metrics and the page show
+    if (reload_request.Take()) Reload(argc, argv, options, service, **engine);
     if (export_request.Take()) {
       spdlog::info("SIGUSR1: exporting the latest version");
       if (absl::Status st = (*engine)->ExportNow(); !st.ok())

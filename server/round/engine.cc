@@ -405,6 +405,19 @@ v1::StatusResponse RoundEngine::GetStatus() {
   return s;
 }
 
+void RoundEngine::Evict(const std::string& client, const std::string& reason) {
+  LongPolls::Ready ready;
+  {
+    absl::MutexLock lock(&mu_);
+    ClientInfo* info = clients_.Find(client);
+    if (info == nullptr) return;
+    info->left = reason;
+    lifecycle_->Leave(client, lifecycle_->round(), reason);
+    CollectReadyLocked(&ready, /*all=*/true);
+  }
+  LongPolls::Deliver(ready);
+}
+
 void RoundEngine::Tick() {
   LongPolls::Ready ready;
   {

@@ -91,6 +91,10 @@ class RoundEngine {
   // for it and later cohorts leave it out, until it joins again.
   absl::StatusOr<v1::LeaveResponse> Leave(const std::string& client,
                                           const v1::LeaveRequest& request) ABSL_LOCKS_EXCLUDED(mu_);
+  // `client` may no longer take part (the operator took it off the allow-list, SIGHUP): it leaves
+  // the run, declining its task, its pending upload is dropped, and every waiting long poll is
+  // answered so that its session ends at once (its next call is refused by the service).
+  void Evict(const std::string& client, const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
   // Has the latest version's exports written to <state-dir>/export (operators: SIGUSR1), as the
   // end of the run does, on the follow-up's thread; FAILED_PRECONDITION before the first round has
   // completed.

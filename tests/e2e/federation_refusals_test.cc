@@ -536,5 +536,42 @@ TEST_F(FederationTest, ConcurrentRetriesOfAnUpdateAreAcceptedOnce) {
   EXPECT_EQ(acceptances, 1u);
 }
 
+// SIGHUP reads the config file again: a half-edited file keeps every old setting and says where
+// it is wrong; a client taken off the allow-list is refused at its next call (fedlora-client exits
+// 3) and the run goes on without it. Regression: SIGHUP killed the coordinator without a line.
+TEST_F(FederationTest, SighupReloadsTheAllowListAndABadFileChangesNothing) {
+  const fs::path config = dir_ / "server.toml";
+  std::ofstream(config) << "allowed-clients = [\"client-1\", \"client-2\", \"client-3\"]\n";
+  const pid_t server = StartServer("fedit", "state",
+                                   {"--config", config.string(), "--rounds", "100000", "--quorum",
+                                    "0.5", "--round-deadline-s", "2", "--linger-s", "1"});
+  ASSERT_FALSE(port_.empty()) << ReadText(dir_ / "state.log");
+  std::vector<pid_t> clients;
+  for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, "run"));
+  ASSERT_GE(MetricsOnceThere("state", 2).size(), 2u) << ReadText(dir_ / "state.log");
+
+  std::ofstream(config) << "allowed-clients = [\"client-1\", \"client-2\"\n";  // unclosed
+  ASSERT_EQ(kill(server, SIGHUP), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  ASSERT_EQ(kill(server, 0), 0) << "SIGHUP ended the coordinator";
+  EXPECT_THAT(ReadText(dir_ / "state.log"),
+              HasSubstr("SIGHUP: keeping the old settings: " + config.string() + ":1:"));
+
+  std::ofstream(config) << "allowed-clients = [\"client-1\", \"client-2\"]\n";
+  ASSERT_EQ(kill(server, SIGHUP), 0);
+  EXPECT_EQ(Wait(clients[2], std::chrono::seconds(60)), 3) << ReadText(dir_ / "run-client3.log");
+  EXPECT_THAT(ReadText(dir_ / "run-client3.log"),
+              HasSubstr("client identity 'client-3' is not on the allow-list"));
+  const std::string log = ReadText(dir_ / "state.log");
+  EXPECT_THAT(log, HasSubstr("SIGHUP: allowed_clients -client-3; operators unchanged"));
+  // The run goes on with the two: later rounds' cohorts leave client-3 out.
+  const size_t seen = Metrics("state").size();
+  const auto lines = MetricsOnceThere("state", seen + 3);
+  ASSERT_GE(lines.size(), seen + 3) << log;
+  EXPECT_EQ(lines.back()["cohort"], nlohmann::json({"client-1", "client-2"}));
+  kill(server, SIGTERM);
+  Wait(server, std::chrono::seconds(20));
+}
+
 }  // namespace
 }  // namespace fedlora
