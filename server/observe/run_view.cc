@@ -1,12 +1,10 @@
 #include "server/observe/run_view.h"
 
 #include <google/protobuf/util/json_util.h>
-#include <unistd.h>
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
+#include "common/base/proc_stats.h"
 #include "common/base/strings.h"
 
 namespace fedlora::server {
@@ -47,29 +45,6 @@ class Exposition {
  private:
   std::string text_;
 };
-
-// The process's resident memory (bytes) and CPU time (user + system, seconds), from /proc.
-std::pair<double, double> ProcessUsage() {
-  double rss = 0, cpu = 0;
-  std::ifstream statm("/proc/self/statm");
-  if (int64_t pages = 0, resident = 0; statm >> pages >> resident)
-    rss = static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE));
-  std::ifstream stat_file("/proc/self/stat");
-  std::string stat((std::istreambuf_iterator<char>(stat_file)), std::istreambuf_iterator<char>());
-  // Fields after the command name (which may hold spaces; it ends at the last ')'): state is
-  // field 3, utime and stime are 14 and 15.
-  if (const size_t end = stat.rfind(')'); end != std::string::npos) {
-    std::istringstream rest(stat.substr(end + 2));
-    std::string field;
-    double utime = 0, stime = 0;
-    for (int i = 3; i <= 15 && rest >> field; ++i) {
-      if (i == 14) utime = std::stod(field);
-      if (i == 15) stime = std::stod(field);
-    }
-    cpu = (utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-  }
-  return {rss, cpu};
-}
 
 nlohmann::json Summary(const common::MetricsLine& line) {
   const common::RoundRecord& r = line.record;
@@ -150,7 +125,7 @@ std::string RunView::StateOf(const v1::ClientStatus& c, int64_t now_unix_ms) con
 }
 
 std::string RunView::Prometheus() const {
-  const auto [rss, cpu] = ProcessUsage();
+  const double rss = common::StatusBytes("VmRSS:"), cpu = common::CpuSeconds();
   const Snapshot s = Take();
   std::map<std::string, int64_t> states = {
       {"joined", 0}, {"live", 0}, {"silent", 0}, {"left", 0}, {"removed", 0}};

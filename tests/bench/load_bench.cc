@@ -31,6 +31,7 @@
 #include <thread>
 
 #include "common/base/file_util.h"
+#include "common/base/proc_stats.h"
 #include "common/base/strings.h"
 #include "common/net/tls.h"
 #include "common/tensor/blob.h"
@@ -112,26 +113,10 @@ Identity MakeClientCert(const std::string& name, X509* ca, EVP_PKEY* ca_key, lon
               key.get())};
 }
 
-// ---- The coordinator's process: CPU seconds and peak RSS from /proc.
-double CpuSeconds(pid_t pid) {
-  std::ifstream in(StrCat("/proc/", pid, "/stat"));
-  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  std::istringstream fields(stat.substr(stat.rfind(')') + 2));
-  std::string field;
-  long utime = 0, stime = 0;
-  for (int i = 3; i <= 15 && fields >> field; ++i) {  // fields 14 and 15: utime, stime
-    if (i == 14) utime = std::stol(field);
-    if (i == 15) stime = std::stol(field);
-  }
-  return static_cast<double>(utime + stime) / static_cast<double>(sysconf(_SC_CLK_TCK));
-}
-
-// A field of /proc/PID/status in MB ("VmHWM:" the peak RSS, "VmRSS:" the present one).
+// ---- The coordinator's process: CPU seconds and RSS from /proc (common/base/proc_stats.h).
+using fedlora::common::CpuSeconds;
 double StatusMb(pid_t pid, std::string_view field) {
-  std::ifstream in(StrCat("/proc/", pid, "/status"));
-  for (std::string line; std::getline(in, line);)
-    if (line.starts_with(field)) return std::stod(line.substr(field.size())) / 1024.0;
-  return 0;
+  return fedlora::common::StatusBytes(field, pid) / (1024.0 * 1024.0);
 }
 double PeakRssMb(pid_t pid) { return StatusMb(pid, "VmHWM:"); }
 
