@@ -1,5 +1,7 @@
 #include "client/client_options.h"
 
+#include <set>
+
 #include "common/base/strings.h"
 
 namespace fedlora::client {
@@ -24,12 +26,23 @@ absl::Status ClientOptions::Validate() const {
   if (cert.empty() != key.empty())
     return bad("mutual TLS needs both --cert and --key (given: ", cert.empty() ? "--key" : "--cert",
                ")");
-  if (workload == WorkloadKind::kCommand && !status && !status_json &&
+  if (!admin.empty()) {
+    static const std::set<std::string> kActions = {"remove", "pause", "resume", "export", "unpin"};
+    if (!kActions.contains(admin))
+      return bad("--admin ", admin, ": expected remove, pause, resume, export or unpin");
+    if ((admin == "remove" || admin == "unpin") == admin_client.empty())
+      return bad("--admin ", admin,
+                 admin_client.empty() ? " needs --admin-client ID" : " takes no --admin-client");
+    if (!admin_reason.empty() && admin != "remove")
+      return bad("--admin-reason goes with --admin remove");
+    if (insecure || cert.empty())
+      return bad("--admin needs mutual TLS: an operator's --cert and --key (not --insecure)");
+  }
+  if (workload == WorkloadKind::kCommand && trains() &&
       (command.command.empty() || command.base_model_sha256.empty() || modules.empty())) {
     return bad("the command workload needs --train-command, --base-model-sha256 and --modules");
   }
-  if (workload == WorkloadKind::kLlm && !status && !status_json &&
-      (llm.model_dir.empty() || llm.data.empty()))
+  if (workload == WorkloadKind::kLlm && trains() && (llm.model_dir.empty() || llm.data.empty()))
     return bad("the llm workload needs --model DIR and --data FILE");
   if (node.chunk_bytes < 1024 || node.chunk_bytes > (64 << 20))
     return bad("--chunk-bytes is ", node.chunk_bytes, "; use 1 KiB to 64 MiB");
@@ -115,6 +128,12 @@ void AddClientFlags(CLI::App& app, ClientOptions& o) {
   app.add_flag("--status", o.status,
                "print the coordinator's view of the run (round, phase, cohort, clients) and exit");
   app.add_flag("--status-json", o.status_json, "the same as JSON");
+  app.add_option(
+      "--admin", o.admin,
+      "as an operator (--operators): remove | pause | resume | export | unpin, and exit");
+  app.add_option("--admin-client", o.admin_client, "the client --admin remove or unpin acts on");
+  app.add_option("--admin-reason", o.admin_reason,
+                 "why the client is removed (recorded, and told to it)");
 }
 
 }  // namespace fedlora::client

@@ -35,6 +35,11 @@ struct ClientOptions {
   NodeOptions node;       // retries, chunks, the final state's directory
   // Instead of taking part: print the coordinator's view of the run and exit.
   bool status = false, status_json = false;
+  // Instead of taking part: an operator's action on the run (remove, pause, resume, export, unpin),
+  // on `admin_client` (remove, unpin) for `admin_reason` (remove).
+  std::string admin, admin_client, admin_reason;
+  // Takes part in the run (no --status or --admin).
+  bool trains() const { return !status && !status_json && admin.empty(); }
 
   absl::Status Validate() const;
 };

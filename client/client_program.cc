@@ -1,10 +1,12 @@
 // fedlora-client's program: parses and checks the options (client_options.cc), then prints the
-// run's status or takes part in it with the chosen workload.
+// run's status, acts on it as an operator, or takes part in it with the chosen workload.
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/grpcpp.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <map>
 
@@ -26,23 +28,53 @@ int ExitCodeFor(const absl::Status& failure) {
   return absl::IsPermissionDenied(failure) || absl::IsUnauthenticated(failure) ? kExitRefused : 1;
 }
 
-// --status: the run as the coordinator sees it, for operators (any identity it accepts may ask).
+// What fedlora-client says and exits with when the coordinator answered `what` with `st`:
+// `diagnose` tells a refused certificate from a coordinator that went away.
+int Failed(const grpc::Status& st, const char* what,
+           const std::function<absl::Status(const grpc::Status&)>& diagnose) {
+  absl::Status failure = diagnose ? diagnose(st) : absl::OkStatus();
+  if (!absl::IsPermissionDenied(failure))
+    failure = absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+  std::fprintf(stderr, "error: %s: %s\n", what, std::string(failure.message()).c_str());
+  return ExitCodeFor(failure);
+}
+
+grpc::ClientContext& Prepare(grpc::ClientContext& context, const std::string& insecure_id) {
+  if (!insecure_id.empty()) context.AddMetadata(common::kClientIdMetadata, insecure_id);
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  return context;
+}
+
+// --admin: an operator's action; prints what the coordinator did.
+int Administer(const std::shared_ptr<grpc::Channel>& channel, const ClientOptions& o) {
+  v1::AdminRequest request;
+  v1::AdminRequest::Action action = v1::AdminRequest::ACTION_UNSPECIFIED;
+  std::string name = o.admin;
+  std::transform(name.begin(), name.end(), name.begin(), ::toupper);
+  v1::AdminRequest::Action_Parse(name, &action);
+  request.set_action(action);
+  request.set_client(o.admin_client);
+  request.set_reason(o.admin_reason);
+  grpc::ClientContext context;
+  v1::AdminResponse response;
+  if (grpc::Status st =
+          v1::Coordinator::NewStub(channel)->Admin(&Prepare(context, ""), request, &response);
+      !st.ok())
+    return Failed(st, "the coordinator refused the action", o.node.diagnose_refusal);
+  std::printf("%s\n", response.done().c_str());
+  return 0;
+}
+
+// --status: the run as the coordinator sees it, for operators (any identity it accepts may ask,
+// when it has no operator list).
 int PrintStatus(const std::shared_ptr<grpc::Channel>& channel, const std::string& insecure_id,
                 bool json, const std::function<absl::Status(const grpc::Status&)>& diagnose) {
   grpc::ClientContext context;
-  if (!insecure_id.empty()) context.AddMetadata(common::kClientIdMetadata, insecure_id);
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   v1::StatusResponse s;
-  if (grpc::Status st =
-          v1::Coordinator::NewStub(channel)->GetStatus(&context, v1::StatusRequest(), &s);
-      !st.ok()) {
-    absl::Status failure = diagnose ? diagnose(st) : absl::OkStatus();
-    if (!absl::IsPermissionDenied(failure))
-      failure = absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
-    std::fprintf(stderr, "error: the coordinator's status: %s\n",
-                 std::string(failure.message()).c_str());
-    return ExitCodeFor(failure);
-  }
+  if (grpc::Status st = v1::Coordinator::NewStub(channel)->GetStatus(&Prepare(context, insecure_id),
+                                                                     v1::StatusRequest(), &s);
+      !st.ok())
+    return Failed(st, "the coordinator's status", diagnose);
   if (json) {
     std::string out;
     google::protobuf::util::JsonPrintOptions options;
@@ -166,6 +198,7 @@ int ClientMain(int argc, char** argv,
         };
   }
   const std::shared_ptr<grpc::Channel> channel = Channel(o, std::move(credentials));
+  if (!o.admin.empty()) return Administer(channel, o);
   if (o.status || o.status_json) {
     return PrintStatus(channel, o.insecure ? o.node.id : "", o.status_json,
                        o.node.diagnose_refusal);

@@ -4,6 +4,7 @@
 
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/net/certs.h"
 #include "common/net/tls.h"
 #include "server/errors.h"
 
@@ -33,8 +34,12 @@ grpc::Status ToGrpc(const absl::Status& status) {
 }
 
 absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerContext* context,
-                                                         Caller caller) const {
+                                                         Caller caller) {
   if (!mutual_tls_) {
+    if (caller == Caller::kAdmin) {
+      return absl::PermissionDeniedError(
+          "operator actions need mutual TLS and an operator list (--client-ca, --operators)");
+    }
     // Without mutual TLS nothing authenticates a client: take the name it gives (plaintext
     // experiments only).
     const auto& metadata = context->client_metadata();
@@ -51,35 +56,72 @@ absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerCon
         "a client certificate signed by the run's client CA is required");
   }
   std::string id(names[0].data(), names[0].size());
+  const auto Refuse = [&](const std::string& key, const std::string& log,
+                          absl::Status status) -> absl::Status {
+    Warn(key + " " + id, common::StrCat("refused ", id, " (", context->peer(), "): ", log));
+    return status;
+  };
   absl::MutexLock lock(&membership_mu_);
-  if (caller == Caller::kOperator && !operators_.empty()) {
-    if (operators_.contains(id)) return id;
-    Warn("status " + id, common::StrCat("refused ", id, " (", context->peer(),
-                                        ") the status: not on the operator list"));
-    return absl::PermissionDeniedError(
-        common::StrCat("identity '", id,
-                       "' may not ask for the run's status: it is not an operator (--operators)"));
+  const Membership& m = membership_;
+  std::optional<common::CertificateId> cert;
+  if (m.crl != nullptr || pins_ != nullptr || caller == Caller::kJoin) {
+    const auto pem = auth->FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME);
+    auto described =
+        pem.empty() ? absl::InvalidArgumentError("no certificate")
+                    : common::IdentifyCertificate(std::string_view(pem[0].data(), pem[0].size()));
+    if (!described.ok())
+      return absl::UnauthenticatedError(
+          common::StrCat("the client certificate cannot be read: ", described.status().message()));
+    cert = *std::move(described);
   }
-  if (caller == Caller::kClient && operators_.contains(id)) {
-    Warn("operator " + id, common::StrCat("refused ", id, " (", context->peer(),
-                                          "): an operator identity cannot take part"));
-    return absl::PermissionDeniedError(common::StrCat(
-        "identity '", id, "' is an operator (--operators): it may ask for the status, not train"));
+  if (m.crl != nullptr && m.crl->Revoked(*cert)) {
+    return Refuse(
+        "revoked",
+        common::StrCat("certificate serial ", cert->serial, " is revoked by ", m.crl->file()),
+        WithReason(absl::PermissionDeniedError(common::StrCat(
+                       id, "'s certificate (serial ", cert->serial,
+                       ") is revoked by the coordinator's CRL; the site needs a new one")),
+                   v1::ErrorDetail::CERTIFICATE));
   }
-  if (!allowed_.empty() && !allowed_.count(id)) {
-    Warn("allow " + id,
-         common::StrCat("refused ", id, " (", context->peer(), "): not on the allow-list"));
-    return absl::PermissionDeniedError(
-        common::StrCat("client identity '", id, "' is not on the allow-list"));
+  if (caller == Caller::kAdmin || (caller == Caller::kStatus && !m.operators.empty())) {
+    if (m.operators.contains(id)) return id;
+    const std::string what = caller == Caller::kAdmin ? "act on the run" : "ask for the status";
+    return Refuse(
+        "operator", common::StrCat("may not ", what, ": not on the operator list"),
+        absl::PermissionDeniedError(common::StrCat("identity '", id, "' may not ", what,
+                                                   ": it is not an operator (--operators)")));
   }
+  if (caller == Caller::kStatus) return id;
+  if (m.operators.contains(id)) {
+    return Refuse("operator", "an operator identity cannot take part",
+                  absl::PermissionDeniedError(
+                      common::StrCat("identity '", id,
+                                     "' is an operator (--operators): it may ask for the status "
+                                     "and act on the run, not train")));
+  }
+  if (!m.allowed.empty() && !m.allowed.contains(id)) {
+    return Refuse("allow", "not on the allow-list",
+                  absl::PermissionDeniedError(
+                      common::StrCat("client identity '", id, "' is not on the allow-list")));
+  }
+  if (pins_ != nullptr) {
+    if (absl::Status st = pins_->Check(id, cert->sha256, caller == Caller::kJoin); !st.ok())
+      return Refuse("pinned", std::string(st.message()), st);
+  }
+  if (caller == Caller::kJoin) joined_with_[id] = *cert;
   return id;
 }
 
-void CoordinatorService::SetMembership(std::set<std::string> allowed,
-                                       std::set<std::string> operators) {
+std::map<std::string, std::string> CoordinatorService::SetMembership(Membership membership) {
   absl::MutexLock lock(&membership_mu_);
-  allowed_ = std::move(allowed);
-  operators_ = std::move(operators);
+  membership_ = std::move(membership);
+  std::map<std::string, std::string> revoked;
+  if (membership_.crl == nullptr) return revoked;
+  for (const auto& [id, cert] : joined_with_) {
+    if (membership_.crl->Revoked(cert))
+      revoked[id] = common::StrCat("its certificate (serial ", cert.serial, ") was revoked");
+  }
+  return revoked;
 }
 
 void CoordinatorService::Warn(const std::string& key, const std::string& message) const {
@@ -89,7 +131,7 @@ void CoordinatorService::Warn(const std::string& key, const std::string& message
 }
 
 absl::StatusOr<std::string> CoordinatorService::IdentifySession(
-    grpc::CallbackServerContext* context) const {
+    grpc::CallbackServerContext* context) {
   ASSIGN_OR_RETURN(std::string id, Identify(context));
   const auto& metadata = context->client_metadata();
   const auto it = metadata.find(common::kSessionMetadata);
@@ -103,7 +145,7 @@ absl::StatusOr<std::string> CoordinatorService::IdentifySession(
 grpc::ServerUnaryReactor* CoordinatorService::Join(grpc::CallbackServerContext* context,
                                                    const v1::JoinRequest* request,
                                                    v1::JoinResponse* response) {
-  auto id = Identify(context);
+  auto id = Identify(context, Caller::kJoin);
   if (!id.ok()) return Reply<v1::JoinResponse>(context, id.status(), response);
   return Reply(context, engine_->Join(*id, *request, context->peer()), response);
 }
@@ -155,7 +197,7 @@ grpc::ServerUnaryReactor* CoordinatorService::Heartbeat(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* CoordinatorService::GetStatus(grpc::CallbackServerContext* context,
                                                         const v1::StatusRequest*,
                                                         v1::StatusResponse* response) {
-  auto id = Identify(context, Caller::kOperator);
+  auto id = Identify(context, Caller::kStatus);
   if (!id.ok()) return Reply<v1::StatusResponse>(context, id.status(), response);
   return Reply<v1::StatusResponse>(context, engine_->GetStatus(), response);
 }
@@ -166,6 +208,56 @@ grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext*
   auto id = IdentifySession(context);
   if (!id.ok()) return Reply<v1::LeaveResponse>(context, id.status(), response);
   return Reply(context, engine_->Leave(*id, *request), response);
+}
+
+absl::StatusOr<std::string> CoordinatorService::Act(const std::string& by,
+                                                    const v1::AdminRequest& request) {
+  using v1::AdminRequest;
+  const std::string& client = request.client();
+  if (request.action() == AdminRequest::REMOVE || request.action() == AdminRequest::UNPIN)
+    RETURN_IF_ERROR(common::CheckCommonName(client));
+  switch (request.action()) {
+    case AdminRequest::REMOVE: {
+      if (request.reason().size() > 1024 || !common::IsUtf8(request.reason())) {
+        return absl::InvalidArgumentError(common::StrCat(
+            "a reason of ", request.reason().size(), " bytes; expected up to 1024 bytes of UTF-8"));
+      }
+      return engine_->Remove(client, by,
+                             request.reason().empty() ? "no reason given" : request.reason());
+    }
+    case AdminRequest::PAUSE:
+    case AdminRequest::RESUME:
+      return engine_->Pause(request.action() == AdminRequest::PAUSE, by);
+    case AdminRequest::EXPORT:
+      RETURN_IF_ERROR(engine_->ExportNow());
+      return std::string("the latest version is being exported to the state directory's export/");
+    case AdminRequest::UNPIN:
+      if (pins_ == nullptr)
+        return absl::FailedPreconditionError(
+            "certificates are not pinned (the coordinator runs without --pin-client-certs)");
+      RETURN_IF_ERROR(pins_->Unpin(client));
+      return common::StrCat(client, "'s next join pins the certificate it presents");
+    default:
+      return absl::InvalidArgumentError(
+          common::StrCat("unknown action ", static_cast<int>(request.action()),
+                         "; expected remove, pause, resume, export or unpin"));
+  }
+}
+
+grpc::ServerUnaryReactor* CoordinatorService::Admin(grpc::CallbackServerContext* context,
+                                                    const v1::AdminRequest* request,
+                                                    v1::AdminResponse* response) {
+  auto id = Identify(context, Caller::kAdmin);
+  if (!id.ok()) return Reply<v1::AdminResponse>(context, id.status(), response);
+  absl::StatusOr<std::string> done = Act(*id, *request);
+  if (done.ok())
+    spdlog::warn("operator {} ({}): {}", *id, context->peer(), *done);
+  else
+    spdlog::warn("operator {} ({}): {} refused: {}", *id, context->peer(),
+                 v1::AdminRequest::Action_Name(request->action()), done.status().message());
+  absl::StatusOr<v1::AdminResponse> answer = done.status();
+  if (done.ok()) answer.emplace().set_done(*done);
+  return Reply(context, std::move(answer), response);
 }
 
 }  // namespace fedlora::server

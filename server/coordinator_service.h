@@ -5,31 +5,45 @@
 #ifndef FEDLORA_SERVER_COORDINATOR_SERVICE_H_
 #define FEDLORA_SERVER_COORDINATOR_SERVICE_H_
 
+#include <map>
+#include <memory>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/synchronization/mutex.h"
 #include "common/base/log_limiter.h"
+#include "common/net/revocation.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
+#include "server/cert_pins.h"
 #include "server/round/engine.h"
 
 namespace fedlora::server {
 
+// Who may call, with mutual TLS.
+struct Membership {
+  std::set<std::string> allowed;  // the client identities admitted (empty: any the CA signed)
+  // Those that may ask for the status and act on the run (Admin), and may not train. Empty: any
+  // admitted client may ask for the status, and no one may act.
+  std::set<std::string> operators;
+  std::shared_ptr<const common::RevocationList> crl;  // certificates refused (null: none)
+};
+
 class CoordinatorService final : public v1::Coordinator::CallbackService {
  public:
-  // `allowed`: the client identities admitted (empty: any the CA signed); `operators`: those that
-  // may ask for the status, and may not train (empty: any admitted client may ask).
-  CoordinatorService(RoundEngine* engine, bool mutual_tls, std::set<std::string> allowed,
-                     std::set<std::string> operators = {})
+  // `pins`: with --pin-client-certs, the certificate each identity is pinned to (null: off).
+  CoordinatorService(RoundEngine* engine, bool mutual_tls, Membership membership,
+                     std::unique_ptr<CertPins> pins = nullptr)
       : engine_(engine),
         mutual_tls_(mutual_tls),
-        allowed_(std::move(allowed)),
-        operators_(std::move(operators)) {}
+        pins_(std::move(pins)),
+        membership_(std::move(membership)) {}
 
-  // Replaces the allow-list and the operator list (SIGHUP): calls from now on are checked against
-  // the new ones.
-  void SetMembership(std::set<std::string> allowed, std::set<std::string> operators)
+  // Replaces who may call (SIGHUP): calls from now on are checked against it. Returns the joined
+  // identities whose certificate (the one they last joined with) the new CRL revokes, so that the
+  // caller ends their sessions (RoundEngine::Evict).
+  std::map<std::string, std::string> SetMembership(Membership membership)
       ABSL_LOCKS_EXCLUDED(membership_mu_);
 
   grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* context,
@@ -52,22 +66,30 @@ class CoordinatorService final : public v1::Coordinator::CallbackService {
   grpc::ServerUnaryReactor* Leave(grpc::CallbackServerContext* context,
                                   const v1::LeaveRequest* request,
                                   v1::LeaveResponse* response) override;
+  grpc::ServerUnaryReactor* Admin(grpc::CallbackServerContext* context,
+                                  const v1::AdminRequest* request,
+                                  v1::AdminResponse* response) override;
 
  private:
-  // The caller's identity, or a PERMISSION_DENIED / UNAUTHENTICATED status: a client must be
-  // admitted and not an operator; an operator must be on the operator list, when there is one.
-  enum class Caller { kClient, kOperator };
+  // The caller's identity, or a PERMISSION_DENIED / UNAUTHENTICATED status: its certificate must
+  // not be revoked; a client must be admitted, not an operator, and present the certificate it is
+  // pinned to (a join pins one); the status may be asked by an operator (by anyone admitted when
+  // there are none); Admin only by an operator.
+  enum class Caller { kClient, kJoin, kStatus, kAdmin };
   absl::StatusOr<std::string> Identify(grpc::CallbackServerContext* context,
-                                       Caller caller = Caller::kClient) const
+                                       Caller caller = Caller::kClient)
       ABSL_LOCKS_EXCLUDED(membership_mu_);
+  absl::StatusOr<std::string> Act(const std::string& by, const v1::AdminRequest& request);
   // Identify, and the call's session must be the identity's latest (RoundEngine::CheckSession).
-  absl::StatusOr<std::string> IdentifySession(grpc::CallbackServerContext* context) const;
+  absl::StatusOr<std::string> IdentifySession(grpc::CallbackServerContext* context);
 
   RoundEngine* engine_;
   const bool mutual_tls_;
+  const std::unique_ptr<CertPins> pins_;
   mutable absl::Mutex membership_mu_;
-  std::set<std::string> allowed_ ABSL_GUARDED_BY(membership_mu_);
-  std::set<std::string> operators_ ABSL_GUARDED_BY(membership_mu_);
+  Membership membership_ ABSL_GUARDED_BY(membership_mu_);
+  // The certificate each identity last joined with.
+  std::map<std::string, common::CertificateId> joined_with_ ABSL_GUARDED_BY(membership_mu_);
   // Refusals are logged once per 10 s per identity and kind, with a count.
   void Warn(const std::string& key, const std::string& message) const ABSL_LOCKS_EXCLUDED(log_mu_);
   mutable absl::Mutex log_mu_;

@@ -63,6 +63,26 @@ std::string Diff(const std::vector<std::string>& before, const std::vector<std::
   return changes.empty() ? "unchanged" : fedlora::common::StrJoin(changes, " ");
 }
 
+// Who may call, by `o`: its lists, and its CRL read (what to fix when it cannot be).
+absl::StatusOr<fedlora::server::Membership> MembershipOf(const ServerOptions& o) {
+  fedlora::server::Membership m{{o.allowed_clients.begin(), o.allowed_clients.end()},
+                                {o.operators.begin(), o.operators.end()},
+                                nullptr};
+  if (o.crl.empty()) return m;
+  std::vector<std::string> warnings;
+  auto crl = fedlora::common::RevocationList::Load(o.crl, o.client_ca, &warnings);
+  if (!crl.ok()) return crl.status();
+  for (const std::string& w : warnings) spdlog::warn("{}", w);
+  m.crl = *std::move(crl);
+  return m;
+}
+
+std::string DescribeCrl(const fedlora::server::Membership& m) {
+  if (m.crl == nullptr) return "";
+  return fedlora::common::StrCat("; CRL ", m.crl->file(), ": ", m.crl->size(),
+                                 " certificates revoked");
+}
+
 // SIGHUP: the command line and config file are read again. The allow-list and the operator list
 // take effect at once, and an identity taken off the allow-list leaves the run now; a file that
 // does not parse or validate keeps every old setting, and says why.
@@ -96,20 +116,23 @@ void Reload(int argc, char** argv, ServerOptions& current,
         "the coordinator runs; restart it");
     return;
   }
-  spdlog::info("SIGHUP: allowed_clients {}; operators {}",
+  auto membership = MembershipOf(next);
+  if (!membership.ok()) {
+    spdlog::error("SIGHUP: keeping the old settings: {}", membership.status().message());
+    return;
+  }
+  spdlog::info("SIGHUP: allowed_clients {}; operators {}{}",
                Diff(current.allowed_clients, next.allowed_clients),
-               Diff(current.operators, next.operators));
+               Diff(current.operators, next.operators), DescribeCrl(*membership));
   const nlohmann::json before = current.Settings(), after = next.Settings();
   for (const auto& [key, value] : after.items()) {
     if (!before.contains(key) || before[key] != value)
       spdlog::warn("SIGHUP: {} changed to {}; it takes effect when the coordinator restarts", key,
                    value.dump());
   }
-  service.SetMembership(
-      std::set<std::string>(next.allowed_clients.begin(), next.allowed_clients.end()),
-      std::set<std::string>(next.operators.begin(), next.operators.end()));
-  const std::set<std::string> allowed(next.allowed_clients.begin(), next.allowed_clients.end());
-  const std::set<std::string> operators(next.operators.begin(), next.operators.end());
+  const std::set<std::string> allowed = membership->allowed, operators = membership->operators;
+  for (const auto& [id, why] : service.SetMembership(*std::move(membership)))
+    engine.Evict(id, why + " (SIGHUP)");
   const fedlora::v1::StatusResponse status = engine.GetStatus();
   for (const fedlora::v1::ClientStatus& c : status.clients()) {
     if (!allowed.empty() && !allowed.contains(c.id()))
@@ -119,6 +142,7 @@ void Reload(int argc, char** argv, ServerOptions& current,
   }
   current.allowed_clients = next.allowed_clients;
   current.operators = next.operators;
+  current.crl = next.crl;
 }
 
 bool WritePort(const std::string& file, int port) {
@@ -176,10 +200,25 @@ int main(int argc, char** argv) {
   }
   fedlora::common::RouteGrpcLog([view = (*engine)->view()] { view->CountHandshakeFailure(); });
   fedlora::server::Ticker ticker(engine->get());
-  fedlora::server::CoordinatorService service(
-      engine->get(), !options.client_ca.empty(),
-      std::set<std::string>(options.allowed_clients.begin(), options.allowed_clients.end()),
-      std::set<std::string>(options.operators.begin(), options.operators.end()));
+  auto membership = MembershipOf(options);
+  if (!membership.ok()) {
+    std::fprintf(stderr, "error: %s\n", std::string(membership.status().message()).c_str());
+    return 2;
+  }
+  if (membership->crl)
+    spdlog::info("client certificates checked at every call{}", DescribeCrl(*membership));
+  std::unique_ptr<fedlora::server::CertPins> pins;
+  if (options.pin_client_certs) {
+    auto opened =
+        fedlora::server::CertPins::Open(options.state_dir, fedlora::common::Env::Default());
+    if (!opened.ok()) {
+      std::fprintf(stderr, "error: %s\n", std::string(opened.status().message()).c_str());
+      return 2;
+    }
+    pins = *std::move(opened);
+  }
+  fedlora::server::CoordinatorService service(engine->get(), !options.client_ca.empty(),
+                                              *std::move(membership), std::move(pins));
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(options.listen, credentials, &port);

@@ -43,6 +43,7 @@ nlohmann::json ServerOptions::Settings() const {
                       {"transport", insecure            ? "plaintext"
                                     : client_ca.empty() ? "TLS"
                                                         : "mutual TLS"},
+                      {"pin_client_certs", pin_client_certs},
                       {"evaluation", eval_data.empty() ? "none" : "held-out data"}};
   if (client_dp()) {
     s["dp_clip"] = dp_clip;
@@ -183,6 +184,11 @@ absl::Status ServerOptions::ValidateTransport() const {
     return Invalid(
         "allowed_clients and operators need client_ca: without mutual TLS there are no client "
         "identities to check");
+  }
+  if ((!crl.empty() || pin_client_certs) && client_ca.empty()) {
+    return Invalid(
+        "crl and pin_client_certs need client_ca: without mutual TLS there are no client "
+        "certificates to check");
   }
   for (const std::string& id : operators) {
     if (std::find(allowed_clients.begin(), allowed_clients.end(), id) != allowed_clients.end())
@@ -384,6 +390,11 @@ void AddTransportFlags(CLI::App& app, ServerOptions& o) {
                  "any admitted client may ask)")
       ->delimiter(',')
       ->allow_extra_args(false);
+  app.add_option("--crl", o.crl,
+                 "PEM CRLs of the client CA: revoked certificates are refused at every call; read "
+                 "again on SIGHUP");
+  app.add_flag("--pin-client-certs", o.pin_client_certs,
+               "admit each identity only with the certificate it first joined with");
   app.add_flag("--insecure", o.insecure,
                "plaintext without client identities (experiments on one machine only)");
   app.add_option("--metrics-listen", o.metrics_listen,

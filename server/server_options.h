@@ -128,6 +128,11 @@ struct ServerOptions {
   // Identities that may ask for the run's status (GetStatus), and may not train; empty: any client
   // admitted may ask. Needs client_ca.
   std::vector<std::string> operators;
+  // PEM file of CRLs of the client CA: a certificate it revokes is refused at every call (read
+  // again on SIGHUP; `fedlora certs revoke` writes one). Needs client_ca.
+  std::string crl;
+  // Each identity is admitted only with the certificate it first joined with (server/cert_pins.h).
+  bool pin_client_certs = false;
   bool insecure = false;  // plaintext, no client identity: for experiments on one machine only
   // HOST:PORT of the HTTP listener of /metrics (Prometheus) and the live page (port 0: one the
   // system picks); empty: none. Off the loopback interface it needs TLS, and operators (client_ca

@@ -29,6 +29,8 @@ void AddGenerateCommand(CLI::App& app);
 void AddTrainCommand(CLI::App& app);
 void AddMergeCommand(CLI::App& app);
 void AddExportGgufCommand(CLI::App& app);
+// Certificates of a federation: certs init, request, sign, revoke.
+void AddCertsCommand(CLI::App& app);
 // Grids of federations: experiment.
 void AddExperimentCommand(CLI::App& app);
 

@@ -43,6 +43,7 @@ int main(int argc, char** argv) {
   fedlora::tool::AddTokenizeCommand(app);
   fedlora::tool::AddExportGgufCommand(app);
   fedlora::tool::AddExperimentCommand(app);
+  fedlora::tool::AddCertsCommand(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

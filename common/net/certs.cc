@@ -1,34 +1,36 @@
 #include "common/net/certs.h"
 
-#include <openssl/evp.h>
+#include <arpa/inet.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/x509v3.h>
+#include <sys/stat.h>
 
+#include <ctime>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/net/openssl_ptr.h"
 
 namespace fedlora::common {
 namespace {
 
-template <typename T, void (*Free)(T*)>
-struct Deleter {
-  void operator()(T* p) const { Free(p); }
-};
-using Key = std::unique_ptr<EVP_PKEY, Deleter<EVP_PKEY, EVP_PKEY_free>>;
-using Cert = std::unique_ptr<X509, Deleter<X509, X509_free>>;
+namespace fs = std::filesystem;
+using openssl::Cert;
+using openssl::Key;
+using Extensions = std::vector<std::pair<int, std::string>>;
 
 absl::Status OpenSslError(const std::string& what) {
-  return absl::InternalError(StrCat("OpenSSL could not ", what));
+  return absl::InternalError(StrCat("OpenSSL could not ", what, ": ", openssl::LastError()));
 }
 
 std::string Pem(const std::function<int(BIO*)>& write) {
-  std::unique_ptr<BIO, Deleter<BIO, BIO_free_all>> bio(BIO_new(BIO_s_mem()));
+  openssl::Bio bio(BIO_new(BIO_s_mem()));
   if (!bio || write(bio.get()) != 1) return {};
   char* data = nullptr;
   const long n = BIO_get_mem_data(bio.get(), &data);
@@ -37,28 +39,27 @@ std::string Pem(const std::function<int(BIO*)>& write) {
 
 // A PEM object of `path`, read with `read` (PEM_read_bio_PrivateKey, PEM_read_bio_X509).
 template <typename Ptr, typename Read>
-absl::StatusOr<Ptr> ReadPem(const std::filesystem::path& path, Read read, const char* what) {
+absl::StatusOr<Ptr> ReadPem(const fs::path& path, Read read, const char* what) {
   ASSIGN_OR_RETURN(std::string pem, ReadFileToString(path));
-  std::unique_ptr<BIO, Deleter<BIO, BIO_free_all>> bio(
-      BIO_new_mem_buf(pem.data(), static_cast<int>(pem.size())));
+  openssl::Bio bio = openssl::MemoryBio(pem);
   Ptr object(read(bio.get(), nullptr, nullptr, nullptr));
   if (!object) return absl::InvalidArgumentError(StrCat(path.string(), " is not a PEM ", what));
   return object;
 }
 
 // A certificate for `key` named `cn`, signed by `issuer_key` (and named by `issuer`; self-signed
-// when null), with the given extensions ("basicConstraints=CA:TRUE" etc.).
+// when null), valid for `days`, with the given extensions ("basicConstraints=CA:TRUE" etc.).
 absl::StatusOr<Cert> Sign(EVP_PKEY* key, const std::string& cn, X509* issuer, EVP_PKEY* issuer_key,
-                          const std::vector<std::pair<int, std::string>>& extensions) {
+                          const Extensions& extensions, int days = 825) {
   Cert cert(X509_new());
   unsigned char serial[16];
   if (!cert || RAND_bytes(serial, sizeof serial) != 1) return OpenSslError("make a certificate");
   serial[0] &= 0x7f;  // positive
-  std::unique_ptr<BIGNUM, Deleter<BIGNUM, BN_free>> bn(BN_bin2bn(serial, sizeof serial, nullptr));
+  std::unique_ptr<BIGNUM, openssl::Deleter<BN_free>> bn(BN_bin2bn(serial, sizeof serial, nullptr));
   X509_set_version(cert.get(), 2);
   BN_to_ASN1_INTEGER(bn.get(), X509_get_serialNumber(cert.get()));
   X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
-  X509_gmtime_adj(X509_getm_notAfter(cert.get()), 825L * 24 * 3600);
+  X509_gmtime_adj(X509_getm_notAfter(cert.get()), days * 24L * 3600);
   X509_set_pubkey(cert.get(), key);
   X509_NAME* name = X509_get_subject_name(cert.get());
   X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
@@ -67,7 +68,7 @@ absl::StatusOr<Cert> Sign(EVP_PKEY* key, const std::string& cn, X509* issuer, EV
   X509V3_CTX ctx;
   X509V3_set_ctx(&ctx, issuer ? issuer : cert.get(), cert.get(), nullptr, nullptr, 0);
   for (const auto& [nid, value] : extensions) {
-    std::unique_ptr<X509_EXTENSION, Deleter<X509_EXTENSION, X509_EXTENSION_free>> ext(
+    std::unique_ptr<X509_EXTENSION, openssl::Deleter<X509_EXTENSION_free>> ext(
         X509V3_EXT_conf_nid(nullptr, &ctx, nid, value.c_str()));
     if (!ext || X509_add_ext(cert.get(), ext.get(), -1) != 1)
       return OpenSslError(StrCat("add the extension ", value));
@@ -76,37 +77,99 @@ absl::StatusOr<Cert> Sign(EVP_PKEY* key, const std::string& cn, X509* issuer, EV
   return cert;
 }
 
+// Writes a private key to `path` atomically, mode 0600 from before its first byte.
+absl::Status WriteKey(const fs::path& path, EVP_PKEY* key) {
+  const std::string pem = Pem([&](BIO* b) {
+    return PEM_write_bio_PrivateKey(b, key, nullptr, nullptr, 0, nullptr, nullptr);
+  });
+  return WriteFileAtomically(path, [&](std::FILE* f) -> absl::Status {
+    if (fchmod(fileno(f), S_IRUSR | S_IWUSR) != 0)
+      return absl::InternalError(StrCat("cannot restrict ", path.string(), " to its owner"));
+    if (std::fwrite(pem.data(), 1, pem.size(), f) != pem.size())
+      return absl::InternalError(StrCat("cannot write ", path.string()));
+    return absl::OkStatus();
+  });
+}
+
+absl::Status WriteCert(const fs::path& path, X509* cert) {
+  return WriteFileAtomically(path, Pem([&](BIO* b) { return PEM_write_bio_X509(b, cert); }));
+}
+
 // Writes <name>.key and <name>.pem unless <name>.pem exists.
-absl::Status Issue(const std::filesystem::path& dir, const std::string& name, const std::string& cn,
-                   X509* ca, EVP_PKEY* ca_key,
-                   const std::vector<std::pair<int, std::string>>& extensions) {
-  if (std::filesystem::exists(dir / (name + ".pem"))) return absl::OkStatus();
+absl::Status Issue(const fs::path& dir, const std::string& name, const std::string& cn, X509* ca,
+                   EVP_PKEY* ca_key, const Extensions& extensions, int days = 825) {
+  if (fs::exists(dir / (name + ".pem"))) return absl::OkStatus();
   Key key(EVP_EC_gen("P-256"));
   if (!key) return OpenSslError("make a P-256 key");
-  ASSIGN_OR_RETURN(Cert cert, Sign(key.get(), cn, ca, ca_key ? ca_key : key.get(), extensions));
-  const std::string key_pem = Pem([&](BIO* b) {
-    return PEM_write_bio_PrivateKey(b, key.get(), nullptr, nullptr, 0, nullptr, nullptr);
-  });
-  const std::string cert_pem = Pem([&](BIO* b) { return PEM_write_bio_X509(b, cert.get()); });
-  RETURN_IF_ERROR(WriteFileAtomically(dir / (name + ".key"), key_pem));
-  std::filesystem::permissions(dir / (name + ".key"), std::filesystem::perms::owner_read |
-                                                          std::filesystem::perms::owner_write);
-  return WriteFileAtomically(dir / (name + ".pem"), cert_pem);
+  ASSIGN_OR_RETURN(Cert cert,
+                   Sign(key.get(), cn, ca, ca_key ? ca_key : key.get(), extensions, days));
+  RETURN_IF_ERROR(WriteKey(dir / (name + ".key"), key.get()));
+  return WriteCert(dir / (name + ".pem"), cert.get());
+}
+
+// `dir`, created if missing, and the owner's alone: no key in it is readable by others.
+absl::Status PrivateDirectory(const fs::path& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return absl::InternalError(StrCat("cannot create ", dir.string(), ": ", ec.message()));
+  fs::permissions(dir, fs::perms::owner_all, ec);
+  if (ec) return absl::InternalError(StrCat("cannot restrict ", dir.string(), ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+const Extensions kCaExtensions = {{NID_basic_constraints, "critical,CA:TRUE"},
+                                  {NID_key_usage, "critical,keyCertSign,cRLSign"},
+                                  {NID_subject_key_identifier, "hash"}};
+const Extensions kClientExtensions = {{NID_ext_key_usage, "clientAuth"}};
+
+// What a CA directory signed: issued.json, {"certificates": [{cn, serial, sha256, not_after,
+// revoked}]}, rewritten atomically after each signature and revocation.
+struct Authority {
+  fs::path dir;
+  Cert ca;
+  Key key;
+  nlohmann::json issued;
+
+  static absl::StatusOr<Authority> Open(const fs::path& dir) {
+    Authority a{dir, nullptr, nullptr, {}};
+    ASSIGN_OR_RETURN(a.ca, ReadPem<Cert>(dir / "ca.pem", PEM_read_bio_X509, "certificate"));
+    ASSIGN_OR_RETURN(a.key, ReadPem<Key>(dir / "ca.key", PEM_read_bio_PrivateKey, "private key"));
+    ASSIGN_OR_RETURN(const std::string text, ReadFileToString(dir / "issued.json"));
+    a.issued = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (!a.issued.is_object() || !a.issued["certificates"].is_array())
+      return absl::InvalidArgumentError(
+          StrCat((dir / "issued.json").string(), " is not the record fedlora certs init made"));
+    return a;
+  }
+  absl::Status Save() const {
+    return WriteFileAtomically(dir / "issued.json", issued.dump(2) + "\n");
+  }
+};
+
+std::string Utc(const ASN1_TIME* t) {
+  std::tm tm{};
+  if (ASN1_TIME_to_tm(t, &tm) != 1) return "?";
+  char out[32];
+  std::strftime(out, sizeof out, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return out;
 }
 
 }  // namespace
 
-absl::Status MakeRunCertificates(const std::filesystem::path& dir, int clients) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return absl::InternalError(StrCat("cannot create ", dir.string(), ": ", ec.message()));
-  // The directory is the owner's alone, so no key is readable by others even while it is written.
-  std::filesystem::permissions(dir, std::filesystem::perms::owner_all, ec);
-  if (ec) return absl::InternalError(StrCat("cannot restrict ", dir.string(), ": ", ec.message()));
-  RETURN_IF_ERROR(Issue(dir, "ca", "fedlora run CA", nullptr, nullptr,
-                        {{NID_basic_constraints, "critical,CA:TRUE"},
-                         {NID_key_usage, "critical,keyCertSign,cRLSign"},
-                         {NID_subject_key_identifier, "hash"}}));
+absl::Status CheckCommonName(const std::string& cn) {
+  const bool ok = !cn.empty() && cn.size() <= 64 && cn[0] != '.' && cn[0] != '-' &&
+                  cn.find_first_not_of(
+                      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                      "0123456789._-") == std::string::npos;
+  if (ok) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      StrCat("common name '", cn.substr(0, 80),
+             "': expected 1 to 64 of A-Z a-z 0-9 . _ -, not starting with . or -"));
+}
+
+absl::Status MakeRunCertificates(const fs::path& dir, int clients) {
+  RETURN_IF_ERROR(PrivateDirectory(dir));
+  RETURN_IF_ERROR(Issue(dir, "ca", "fedlora run CA", nullptr, nullptr, kCaExtensions));
   ASSIGN_OR_RETURN(Cert ca, ReadPem<Cert>(dir / "ca.pem", PEM_read_bio_X509, "certificate"));
   ASSIGN_OR_RETURN(Key ca_key,
                    ReadPem<Key>(dir / "ca.key", PEM_read_bio_PrivateKey, "private key"));
@@ -115,10 +178,174 @@ absl::Status MakeRunCertificates(const std::filesystem::path& dir, int clients) 
                          {NID_ext_key_usage, "serverAuth"}}));
   for (int k = 1; k <= clients; ++k) {
     const std::string name = StrCat("client-", k);
-    RETURN_IF_ERROR(
-        Issue(dir, name, name, ca.get(), ca_key.get(), {{NID_ext_key_usage, "clientAuth"}}));
+    RETURN_IF_ERROR(Issue(dir, name, name, ca.get(), ca_key.get(), kClientExtensions));
   }
   return absl::OkStatus();
+}
+
+absl::Status InitAuthority(const fs::path& dir, const std::vector<std::string>& server_names,
+                           int days) {
+  if (server_names.empty()) {
+    return absl::InvalidArgumentError(
+        "the coordinator's certificate needs the names clients dial (--server-name, DNS names or "
+        "IP addresses)");
+  }
+  std::vector<std::string> alt;
+  for (const std::string& name : server_names) {
+    unsigned char ip[16];
+    const bool is_ip =
+        inet_pton(AF_INET, name.c_str(), ip) == 1 || inet_pton(AF_INET6, name.c_str(), ip) == 1;
+    if (!is_ip && (name.empty() || name.find_first_of(", \t") != std::string::npos))
+      return absl::InvalidArgumentError(StrCat("server name '", name, "' is not a DNS name"));
+    alt.push_back(StrCat(is_ip ? "IP:" : "DNS:", name));
+  }
+  if (days < 1 || days > 3650)
+    return absl::InvalidArgumentError(StrCat("--days ", days, ": expected 1 to 3650"));
+  for (const char* file : {"ca.key", "ca.pem", "issued.json"}) {
+    if (fs::exists(dir / file)) {
+      return absl::AlreadyExistsError(
+          StrCat((dir / file).string(), " exists: ", dir.string(),
+                 " holds a CA already; a second one would orphan every certificate it signed"));
+    }
+  }
+  RETURN_IF_ERROR(PrivateDirectory(dir));
+  RETURN_IF_ERROR(WriteFileAtomically(dir / "issued.json", "{\"certificates\": []}\n"));
+  RETURN_IF_ERROR(Issue(dir, "ca", "fedlora CA", nullptr, nullptr, kCaExtensions, 3650));
+  ASSIGN_OR_RETURN(Cert ca, ReadPem<Cert>(dir / "ca.pem", PEM_read_bio_X509, "certificate"));
+  ASSIGN_OR_RETURN(Key ca_key,
+                   ReadPem<Key>(dir / "ca.key", PEM_read_bio_PrivateKey, "private key"));
+  return Issue(dir, "server", "coordinator", ca.get(), ca_key.get(),
+               {{NID_subject_alt_name, StrJoin(alt, ",")}, {NID_ext_key_usage, "serverAuth"}},
+               days);
+}
+
+absl::Status RequestCertificate(const fs::path& dir, const std::string& cn) {
+  RETURN_IF_ERROR(CheckCommonName(cn));
+  for (const char* ext : {".key", ".csr"}) {
+    if (fs::exists(dir / (cn + ext)))
+      return absl::AlreadyExistsError(
+          StrCat((dir / (cn + ext)).string(), " exists; it is not replaced"));
+  }
+  RETURN_IF_ERROR(PrivateDirectory(dir));
+  Key key(EVP_EC_gen("P-256"));
+  openssl::Request request(X509_REQ_new());
+  if (!key || !request) return OpenSslError("make a key and a request");
+  X509_REQ_set_version(request.get(), 0);
+  X509_NAME* name = X509_REQ_get_subject_name(request.get());
+  X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8,
+                             reinterpret_cast<const unsigned char*>(cn.c_str()), -1, -1, 0);
+  if (X509_REQ_set_pubkey(request.get(), key.get()) != 1 ||
+      X509_REQ_sign(request.get(), key.get(), EVP_sha256()) == 0)
+    return OpenSslError("sign the request");
+  RETURN_IF_ERROR(WriteKey(dir / (cn + ".key"), key.get()));
+  return WriteFileAtomically(dir / (cn + ".csr"),
+                             Pem([&](BIO* b) { return PEM_write_bio_X509_REQ(b, request.get()); }));
+}
+
+absl::StatusOr<CertificateId> SignRequest(const fs::path& ca_dir, const fs::path& csr_file,
+                                          const fs::path& out, const SignOptions& options) {
+  ASSIGN_OR_RETURN(Authority authority, Authority::Open(ca_dir));
+  ASSIGN_OR_RETURN(
+      openssl::Request request,
+      ReadPem<openssl::Request>(csr_file, PEM_read_bio_X509_REQ, "certificate signing request"));
+  EVP_PKEY* key = X509_REQ_get0_pubkey(request.get());
+  if (key == nullptr || X509_REQ_verify(request.get(), key) != 1) {
+    return absl::InvalidArgumentError(
+        StrCat(csr_file.string(),
+               ": the request's signature does not verify with its key (a damaged or altered "
+               "request); ask the site for a new one"));
+  }
+  const X509_NAME* subject = X509_REQ_get_subject_name(request.get());
+  char cn_buffer[256] = "";
+  if (X509_NAME_get_text_by_NID(const_cast<X509_NAME*>(subject), NID_commonName, cn_buffer,
+                                sizeof cn_buffer) < 0)
+    return absl::InvalidArgumentError(StrCat(csr_file.string(), ": the request names no CN"));
+  const std::string cn = cn_buffer;
+  RETURN_IF_ERROR(CheckCommonName(cn));
+  if (!options.allowed.contains(cn)) {
+    return absl::PermissionDeniedError(StrCat(
+        "'", cn, "' is not on the allow-list or the operator list (",
+        options.allowed.empty()
+            ? "both are empty"
+            : StrJoin(std::vector<std::string>(options.allowed.begin(), options.allowed.end()),
+                      ","),
+        "); add it to the coordinator's config first"));
+  }
+  for (const nlohmann::json& c : authority.issued["certificates"]) {
+    if (c.value("cn", "") == cn && !c.value("revoked", false) && !options.reissue) {
+      return absl::AlreadyExistsError(StrCat(
+          "'", cn, "' holds certificate ", c.value("serial", ""), " (valid until ",
+          c.value("not_after", ""),
+          "); to rotate it, sign with --reissue, then revoke the old one (fedlora certs revoke)"));
+    }
+  }
+  if (options.days < 1 || options.days > 3650)
+    return absl::InvalidArgumentError(StrCat("--days ", options.days, ": expected 1 to 3650"));
+  ASSIGN_OR_RETURN(Cert cert, Sign(key, cn, authority.ca.get(), authority.key.get(),
+                                   kClientExtensions, options.days));
+  const std::string pem = Pem([&](BIO* b) { return PEM_write_bio_X509(b, cert.get()); });
+  ASSIGN_OR_RETURN(CertificateId id, IdentifyCertificate(pem));
+  authority.issued["certificates"].push_back({{"cn", cn},
+                                              {"serial", id.serial},
+                                              {"sha256", id.sha256},
+                                              {"not_after", Utc(X509_get0_notAfter(cert.get()))},
+                                              {"revoked", false}});
+  // The record first: a certificate that exists is always in it.
+  RETURN_IF_ERROR(authority.Save());
+  RETURN_IF_ERROR(WriteFileAtomically(out, pem));
+  return id;
+}
+
+absl::StatusOr<std::vector<std::string>> Revoke(const fs::path& ca_dir, const std::string& cn,
+                                                const std::string& serial) {
+  ASSIGN_OR_RETURN(Authority authority, Authority::Open(ca_dir));
+  std::vector<std::string> now;
+  for (nlohmann::json& c : authority.issued["certificates"]) {
+    if (c.value("cn", "") != cn || c.value("revoked", false)) continue;
+    if (!serial.empty() && c.value("serial", "") != serial) continue;
+    c["revoked"] = true;
+    c["revoked_at"] = static_cast<int64_t>(std::time(nullptr));
+    now.push_back(c.value("serial", ""));
+  }
+  if (now.empty()) {
+    return absl::NotFoundError(StrCat(
+        "no certificate of '", cn, "'", serial.empty() ? "" : StrCat(" with serial ", serial),
+        " that is not revoked already; see ", (ca_dir / "issued.json").string()));
+  }
+  openssl::Crl crl(X509_CRL_new());
+  if (!crl || X509_CRL_set_version(crl.get(), 1) != 1 ||
+      X509_CRL_set_issuer_name(crl.get(), X509_get_subject_name(authority.ca.get())) != 1)
+    return OpenSslError("make a CRL");
+  std::unique_ptr<ASN1_TIME, openssl::Deleter<ASN1_TIME_free>> last(X509_gmtime_adj(nullptr, 0)),
+      next(X509_gmtime_adj(nullptr, 365L * 24 * 3600));
+  X509_CRL_set1_lastUpdate(crl.get(), last.get());
+  X509_CRL_set1_nextUpdate(crl.get(), next.get());
+  for (const nlohmann::json& c : authority.issued["certificates"]) {
+    if (!c.value("revoked", false)) continue;
+    BIGNUM* bn = nullptr;
+    const std::string hex = c.value("serial", "");
+    if (BN_hex2bn(&bn, hex.c_str()) == 0) return OpenSslError(StrCat("read serial ", hex));
+    std::unique_ptr<BIGNUM, openssl::Deleter<BN_free>> owned(bn);
+    std::unique_ptr<ASN1_INTEGER, openssl::Deleter<ASN1_INTEGER_free>> number(
+        BN_to_ASN1_INTEGER(bn, nullptr));
+    std::unique_ptr<ASN1_TIME, openssl::Deleter<ASN1_TIME_free>> when(
+        ASN1_TIME_set(nullptr, c.value("revoked_at", int64_t{0})));
+    X509_REVOKED* r = X509_REVOKED_new();
+    if (r == nullptr || !number || !when || X509_REVOKED_set_serialNumber(r, number.get()) != 1 ||
+        X509_REVOKED_set_revocationDate(r, when.get()) != 1 ||
+        X509_CRL_add0_revoked(crl.get(), r) != 1) {
+      X509_REVOKED_free(r);
+      return OpenSslError("list a revoked certificate");
+    }
+  }
+  X509_CRL_sort(crl.get());
+  if (X509_CRL_sign(crl.get(), authority.key.get(), EVP_sha256()) == 0)
+    return OpenSslError("sign the CRL");
+  const std::string pem = Pem([&](BIO* b) { return PEM_write_bio_X509_CRL(b, crl.get()); });
+  // The CRL first: a revocation in the record is always in the CRL.
+  RETURN_IF_ERROR(WriteFileAtomically(ca_dir / "crl.pem", pem));
+  RETURN_IF_ERROR(authority.Save());
+  return now;
 }
 
 }  // namespace fedlora::common

@@ -418,6 +418,42 @@ void RoundEngine::Evict(const std::string& client, const std::string& reason) {
   LongPolls::Deliver(ready);
 }
 
+absl::StatusOr<std::string> RoundEngine::Remove(const std::string& client, const std::string& by,
+                                                const std::string& reason) {
+  LongPolls::Ready ready;
+  const std::string why = StrCat(Lifecycle::kOperatorRemoval, by, ": ", reason);
+  {
+    absl::MutexLock lock(&mu_);
+    if (const std::string* earlier = clients_.RemovedWhy(client))
+      return absl::FailedPreconditionError(StrCat(client, " was ", *earlier));
+    if (lifecycle_->phase() == Lifecycle::Phase::kDone)
+      return absl::FailedPreconditionError("the run is over: there is nothing to remove from");
+    spdlog::warn("{}: {}", client, why);
+    lifecycle_->Remove(client, why);
+    CollectReadyLocked(&ready, /*all=*/true);
+  }
+  LongPolls::Deliver(ready);
+  return StrCat(client, " was ", why, "; it is recorded with the round");
+}
+
+absl::StatusOr<std::string> RoundEngine::Pause(bool paused, const std::string& by) {
+  LongPolls::Ready ready;
+  std::string done;
+  {
+    absl::MutexLock lock(&mu_);
+    if (lifecycle_->paused() == paused)
+      return absl::FailedPreconditionError(paused ? "the round loop is paused already"
+                                                  : "the round loop is not paused");
+    done = paused ? StrCat("paused by operator ", by,
+                           ": no round opens until an operator resumes (the open one goes on)")
+                  : StrCat("resumed by operator ", by);
+    lifecycle_->Pause(paused, done);
+    CollectReadyLocked(&ready, false);
+  }
+  LongPolls::Deliver(ready);
+  return done;
+}
+
 void RoundEngine::Tick() {
   LongPolls::Ready ready;
   {

@@ -95,6 +95,13 @@ class RoundEngine {
   // the run, declining its task, its pending upload is dropped, and every waiting long poll is
   // answered so that its session ends at once (its next call is refused by the service).
   void Evict(const std::string& client, const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
+  // An operator (`by`) removes `client` from the run for `reason` (Lifecycle::Remove); its waiting
+  // polls are answered, and its next call is refused. Returns what was done.
+  absl::StatusOr<std::string> Remove(const std::string& client, const std::string& by,
+                                     const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
+  // An operator (`by`) pauses the round loop (no round opens until it resumes) or resumes it. Not
+  // kept across a restart: a restarted coordinator runs.
+  absl::StatusOr<std::string> Pause(bool paused, const std::string& by) ABSL_LOCKS_EXCLUDED(mu_);
   // Has the latest version's exports written to <state-dir>/export (operators: SIGUSR1), as the
   // end of the run does, on the follow-up's thread; FAILED_PRECONDITION before the first round has
   // completed.

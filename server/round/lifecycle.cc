@@ -133,6 +133,7 @@ void Lifecycle::Waiting(std::string what) {
 
 void Lifecycle::MaybeStart() {
   if (phase_ != Phase::kWaitingForClients || !store_.has_ledger() || !failure_.ok()) return;
+  if (paused_) return Waiting(paused_why_);
   const auto now = env_->Now();
   const std::vector<std::string> taking_part = clients_.TakingPart();
   if (taking_part.empty() && run_started_)
@@ -286,9 +287,11 @@ void Lifecycle::ReapplyRemovals(const Ledger& l) {
   std::vector<std::string> ids;
   for (const auto& [id, why] : removed) ids.push_back(id);
   if (options_.max_rejections == 0) {
-    spdlog::info("the run removed {}; with --max-rejections 0 they may take part again",
-                 fmt::join(ids, ", "));
-    return;
+    spdlog::info(
+        "the run removed {}; with --max-rejections 0 those removed for rejected updates may take "
+        "part again",
+        fmt::join(ids, ", "));
+    std::erase_if(removed, [](const auto& r) { return !r.second.starts_with(kOperatorRemoval); });
   }
   for (const auto& [id, why] : removed) clients_.Remove(id, why);
   spdlog::info("the run removed {}, who stay removed", fmt::join(ids, ", "));
@@ -309,6 +312,22 @@ void Lifecycle::Leave(const std::string& client, int64_t round, const std::strin
   uploads_.Drop(round_, client);
   // Nobody left to wait for: close the round now (or retry it without quorum).
   if (EveryMemberAnswered()) MaybeClose();
+}
+
+void Lifecycle::Remove(const std::string& client, const std::string& reason) {
+  clients_.Remove(client, reason);
+  removed_[client] = reason;
+  if (phase_ != Phase::kTraining || closing() || !open_.InCohort(client)) return;
+  uploads_.Drop(round_, client);
+  open_.declined[client] = reason;
+  if (EveryMemberAnswered()) MaybeClose();
+}
+
+void Lifecycle::Pause(bool paused, const std::string& why) {
+  paused_ = paused;
+  paused_why_ = why;
+  if (!paused) waiting_for_.clear();
+  MaybeStart();
 }
 
 void Lifecycle::MaybeClose() {

@@ -74,6 +74,14 @@ class Lifecycle {
   void Late(const std::string& client, int64_t round);
   // `client` leaves the run, declining the task of `round` if it has one.
   void Leave(const std::string& client, int64_t round, const std::string& reason);
+  // An operator removes `client` from the run (`reason` starts with kOperatorRemoval): it is
+  // removed as --max-rejections removes, and its update of the open round is dropped even if it
+  // was accepted.
+  void Remove(const std::string& client, const std::string& reason);
+  static constexpr char kOperatorRemoval[] = "removed from the run by operator ";
+  // While paused (`why`: by whom), no round opens; the one open goes on and closes.
+  void Pause(bool paused, const std::string& why);
+  bool paused() const { return paused_; }
 
   v1::Task TaskFor(const std::string& client, int64_t have_version) const;
   // Whether the round still waits for `client`'s answer to its task of `round`.
@@ -159,6 +167,8 @@ class Lifecycle {
   Retry commit_retry_;                             // the round is closing: its commit failed
   std::shared_ptr<const common::Adapter> frozen_;  // Fed-SB's B, A (R = 0), once the run has them
   absl::Status failure_;                           // set once it gives up
+  bool paused_ = false;                            // by an operator
+  std::string paused_why_;
 };
 
 }  // namespace fedlora::server

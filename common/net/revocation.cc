@@ -1,0 +1,99 @@
+#include "common/net/revocation.h"
+
+#include <openssl/pem.h>
+
+#include "common/base/file_util.h"
+#include "common/base/strings.h"
+#include "common/net/openssl_ptr.h"
+
+namespace fedlora::common {
+namespace {
+
+std::string SerialHex(const ASN1_INTEGER* serial) {
+  std::unique_ptr<BIGNUM, openssl::Deleter<BN_free>> bn(ASN1_INTEGER_to_BN(serial, nullptr));
+  char* hex = bn ? BN_bn2hex(bn.get()) : nullptr;
+  std::string out = hex ? hex : "";
+  OPENSSL_free(hex);
+  return out;
+}
+
+std::string LowerHex(const unsigned char* bytes, unsigned int size) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < size; ++i) {
+    out += kDigits[bytes[i] >> 4];
+    out += kDigits[bytes[i] & 15];
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<CertificateId> IdentifyCertificate(std::string_view pem) {
+  openssl::Bio bio = openssl::MemoryBio(pem);
+  openssl::Cert cert(bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr);
+  if (!cert) {
+    return absl::InvalidArgumentError(StrCat("not a PEM certificate (", openssl::LastError(), ")"));
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  if (X509_digest(cert.get(), EVP_sha256(), digest, &size) != 1)
+    return absl::InternalError("OpenSSL could not hash a certificate");
+  return CertificateId{openssl::OneLine(X509_get_issuer_name(cert.get())),
+                       SerialHex(X509_get0_serialNumber(cert.get())), LowerHex(digest, size)};
+}
+
+absl::StatusOr<std::shared_ptr<const RevocationList>> RevocationList::Load(
+    const std::string& crl_file, const std::string& ca_file, std::vector<std::string>* warnings) {
+  auto text = ReadFileToString(crl_file);
+  if (!text.ok())
+    return absl::InvalidArgumentError(
+        StrCat("cannot read the CRL file ", crl_file, ": ", text.status().message()));
+  auto ca_text = ReadFileToString(ca_file);
+  if (!ca_text.ok())
+    return absl::InvalidArgumentError(
+        StrCat("cannot read the client CA ", ca_file, ": ", ca_text.status().message()));
+  std::vector<openssl::Cert> cas;
+  openssl::Bio ca_bio = openssl::MemoryBio(*ca_text);
+  while (X509* ca = PEM_read_bio_X509(ca_bio.get(), nullptr, nullptr, nullptr))
+    cas.emplace_back(ca);
+  ERR_clear_error();
+  auto list = std::make_shared<RevocationList>();
+  list->file_ = crl_file;
+  openssl::Bio bio = openssl::MemoryBio(*text);
+  int count = 0;
+  while (openssl::Crl crl{PEM_read_bio_X509_CRL(bio.get(), nullptr, nullptr, nullptr)}) {
+    ++count;
+    const std::string issuer = openssl::OneLine(X509_CRL_get_issuer(crl.get()));
+    const X509* signer = nullptr;
+    for (const openssl::Cert& ca : cas) {
+      if (X509_NAME_cmp(X509_get_subject_name(ca.get()), X509_CRL_get_issuer(crl.get())) == 0 &&
+          X509_CRL_verify(crl.get(), X509_get0_pubkey(ca.get())) == 1)
+        signer = ca.get();
+    }
+    if (signer == nullptr) {
+      return absl::InvalidArgumentError(
+          StrCat("CRL ", count, " of ", crl_file, " (issuer ", issuer,
+                 ") is not signed by a CA certificate of the client CA ", ca_file,
+                 "; a CRL must come from the CA that issued the certificates it revokes"));
+    }
+    if (const ASN1_TIME* next = X509_CRL_get0_nextUpdate(crl.get());
+        next != nullptr && X509_cmp_current_time(next) < 0) {
+      warnings->push_back(StrCat("CRL ", count, " of ", crl_file, " (issuer ", issuer,
+                                 ") is past its next update: its CA should publish a new one; its "
+                                 "revocations still count"));
+    }
+    const STACK_OF(X509_REVOKED)* revoked = X509_CRL_get_REVOKED(crl.get());
+    for (int i = 0; i < sk_X509_REVOKED_num(revoked); ++i) {
+      const X509_REVOKED* r = sk_X509_REVOKED_value(revoked, i);
+      list->revoked_.insert(Key(issuer, SerialHex(X509_REVOKED_get0_serialNumber(r))));
+    }
+  }
+  ERR_clear_error();
+  if (count == 0)
+    return absl::InvalidArgumentError(
+        StrCat(crl_file, " holds no PEM CRL (expected -----BEGIN X509 CRL-----)"));
+  return list;
+}
+
+}  // namespace fedlora::common

@@ -1,0 +1,85 @@
+#include "server/cert_pins.h"
+
+#include <spdlog/spdlog.h>
+
+#include <nlohmann/json.hpp>
+
+#include "common/base/file_util.h"
+#include "common/base/status_macros.h"
+#include "common/base/strings.h"
+#include "server/errors.h"
+
+namespace fedlora::server {
+
+using common::StrCat;
+
+absl::StatusOr<std::unique_ptr<CertPins>> CertPins::Open(const std::filesystem::path& state_dir,
+                                                         common::Env* env) {
+  std::unique_ptr<CertPins> pins(new CertPins(state_dir / "pins.json", env));
+  RETURN_IF_ERROR(common::RefuseLink(pins->file_));
+  if (!std::filesystem::exists(pins->file_)) return pins;
+  ASSIGN_OR_RETURN(const std::string text,
+                   common::ReadFileToString(pins->file_, common::Symlinks::kRefuse));
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  absl::MutexLock lock(&pins->mu_);
+  if (j.is_object()) {
+    for (const auto& [client, sha] : j.items()) {
+      if (sha.is_string()) pins->pins_[client] = sha.get<std::string>();
+    }
+  }
+  if (!j.is_object() || pins->pins_.size() != j.size()) {
+    return absl::FailedPreconditionError(
+        StrCat(pins->file_.string(),
+               " is not a JSON object of client → certificate SHA-256 (as the coordinator writes "
+               "it); restore it from a backup, or delete it to pin every client afresh"));
+  }
+  return pins;
+}
+
+absl::Status CertPins::Save() {
+  return common::WriteFileAtomically(file_, nlohmann::json(pins_).dump(2) + "\n", env_);
+}
+
+absl::Status CertPins::Check(const std::string& client, const std::string& sha256, bool join) {
+  absl::MutexLock lock(&mu_);
+  const auto it = pins_.find(client);
+  if (it == pins_.end() && join) {
+    pins_[client] = sha256;
+    if (absl::Status st = Save(); !st.ok()) {
+      pins_.erase(client);
+      return WithReason(
+          absl::UnavailableError(StrCat("the coordinator cannot pin ", client,
+                                        "'s certificate now (", st.message(), "); retry later")),
+          v1::ErrorDetail::RETRY_LATER);
+    }
+    spdlog::info("{} is pinned to certificate sha256:{}", client, sha256);
+    return absl::OkStatus();
+  }
+  if (it == pins_.end() || it->second == sha256) return absl::OkStatus();
+  return WithReason(
+      absl::PermissionDeniedError(StrCat(
+          client, " presented certificate sha256:", sha256, "; it is pinned to sha256:", it->second,
+          " (--pin-client-certs). If the site's certificate was reissued, an operator admits the "
+          "new one with `fedlora admin unpin ",
+          client, "`")),
+      v1::ErrorDetail::CERTIFICATE);
+}
+
+absl::Status CertPins::Unpin(const std::string& client) {
+  absl::MutexLock lock(&mu_);
+  const auto it = pins_.find(client);
+  if (it == pins_.end()) return absl::NotFoundError(StrCat(client, " has no pinned certificate"));
+  const std::string old = it->second;
+  pins_.erase(it);
+  if (absl::Status st = Save(); !st.ok()) {
+    pins_[client] = old;
+    return absl::UnavailableError(StrCat("cannot write ", file_.string(), ": ", st.message()));
+  }
+  spdlog::warn(
+      "{}'s certificate pin (sha256:{}) was removed by an operator: its next join pins "
+      "the certificate it presents",
+      client, old);
+  return absl::OkStatus();
+}
+
+}  // namespace fedlora::server
