@@ -255,9 +255,10 @@ grpc::ServerUnaryReactor* CoordinatorService::Admin(grpc::CallbackServerContext*
   else
     spdlog::warn("operator {} ({}): {} refused: {}", *id, context->peer(),
                  v1::AdminRequest::Action_Name(request->action()), done.status().message());
-  absl::StatusOr<v1::AdminResponse> answer = done.status();
-  if (done.ok()) answer.emplace().set_done(*done);
-  return Reply(context, std::move(answer), response);
+  if (!done.ok()) return Reply<v1::AdminResponse>(context, done.status(), response);
+  v1::AdminResponse answer;
+  answer.set_done(*done);
+  return Reply<v1::AdminResponse>(context, answer, response);
 }
 
 }  // namespace fedlora::server

@@ -362,6 +362,48 @@ TEST_F(RoundEngineTest, ARemovedClientStaysRemovedAcrossARestart) {
   EXPECT_TRUE(h_.Join("c2").ok());
 }
 
+// An operator's removal drops the client's update even when it was accepted (the round is the
+// formula's mean of the other two), is recorded with the round, and outlasts a restart, even one
+// with --max-rejections 0 (which re-admits clients removed for rejected updates only). A paused
+// engine opens no round until it resumes.
+TEST_F(RoundEngineTest, AnOperatorsRemovalDropsAnAcceptedUpdateAndOutlastsRestarts) {
+  h_.Stop();
+  h_.options().rounds = 3;
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  Train("c2");
+  auto removed = h_.engine().Remove("c2", "ops", "its key leaked");
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_TRUE(absl::IsFailedPrecondition(h_.engine().Remove("c2", "ops", "again").status()));
+  Train("c1");
+  Train("c3");
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1}));
+  ExpectFedItMean({"c1", "c3"}, 1);
+  const nlohmann::json line = Metrics()[0];
+  EXPECT_EQ(line["arrived"], nlohmann::json({"c1", "c3"}));
+  EXPECT_EQ(line["removed"]["c2"], "removed from the run by operator ops: its key leaked");
+
+  ASSERT_TRUE(h_.engine().Pause(true, "ops").ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(h_.engine().Pause(true, "ops").status()));
+  Train("c1");  // round 2 was open: it goes on and closes
+  Train("c3");
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2}));
+  h_.Tick();
+  const auto waiting = h_.Task("c1");
+  ASSERT_TRUE(waiting.ok());
+  EXPECT_EQ(waiting->kind(), v1::Task::WAIT);
+  EXPECT_THAT(h_.engine().GetStatus().waiting_for(), HasSubstr("paused by operator ops"));
+  ASSERT_TRUE(h_.engine().Pause(false, "ops").ok());
+  Train("c1");
+
+  h_.Stop();
+  h_.options().max_rejections = 0;
+  ASSERT_TRUE(h_.Start().ok());
+  const absl::Status rejoin = h_.Join("c2");
+  EXPECT_EQ(server::DetailOf(rejoin)->reason(), v1::ErrorDetail::REMOVED) << rejoin;
+  EXPECT_THAT(rejoin.message(), HasSubstr("by operator ops: its key leaked"));
+}
+
 // Eight clients, each on a thread of its own, and a thread ticking the engine, as gRPC's threads
 // and the coordinator's ticker call it: polls, chunked uploads (verified outside the engine's
 // lock), downloads and ticks interleave. Every round is the formula's mean of all eight. Under
