@@ -46,6 +46,13 @@ TEST(ClientOptionsTest, RefusesWhatItCannotHonourSayingWhy) {
       {{"--ca", "c", "--workload", "llm"}, "needs --model DIR and --data FILE"},
       {{"--ca", "c", "--chunk-bytes", "10"}, "--chunk-bytes is 10; use 1 KiB to 64 MiB"},
       {{"--ca", "c", "--workload", "gpu"}, "gpu"},
+      {{"--ca", "c", "--cert", "o", "--key", "k", "--admin", "stop"},
+       "--admin stop: expected remove, pause, resume, export or unpin"},
+      {{"--ca", "c", "--cert", "o", "--key", "k", "--admin", "remove"},
+       "--admin remove needs --admin-client ID"},
+      {{"--ca", "c", "--cert", "o", "--key", "k", "--admin", "pause", "--admin-client", "x"},
+       "--admin pause takes no --admin-client"},
+      {{"--ca", "c", "--admin", "export"}, "--admin needs mutual TLS"},
   };
   for (const auto& [args, message] : cases) {
     auto o = Parse(args);
@@ -54,6 +61,9 @@ TEST(ClientOptionsTest, RefusesWhatItCannotHonourSayingWhy) {
   }
   // --status needs no workload settings: it only asks the coordinator.
   EXPECT_TRUE(Parse({"--ca", "c", "--workload", "llm", "--status"}).ok());
+  EXPECT_TRUE(Parse({"--ca", "c", "--cert", "o", "--key", "k", "--workload", "llm", "--admin",
+                     "remove", "--admin-client", "client-3"})
+                  .ok());
 }
 
 }  // namespace

@@ -20,16 +20,20 @@ class OperationsTest : public FederationTest {
   // A site's key and request made in dir_/<dir>, signed by the operator's CA.
   void Enrol(const std::string& cn, const std::string& dir, bool reissue = false) {
     Fedlora({"certs", "request", "--cn", cn, "--out", (dir_ / dir).string()});
-    Args sign = {"certs", "sign", "--ca", Ca(""), "--csr", (dir_ / dir / (cn + ".csr")).string(),
-                 "--out", (dir_ / dir / (cn + ".pem")).string(), "--config", Config()};
+    Args sign = {"certs",    "sign",
+                 "--ca",     Ca(""),
+                 "--csr",    (dir_ / dir / (cn + ".csr")).string(),
+                 "--out",    (dir_ / dir / (cn + ".pem")).string(),
+                 "--config", Config()};
     if (reissue) sign.push_back("--reissue");
     Fedlora(sign);
   }
   std::string Ca(const std::string& file) const { return (dir_ / "ca" / file).string(); }
   std::string Config() const { return (dir_ / "server.toml").string(); }
   Args Identity(const std::string& cn, const std::string& dir) const {
-    return {"--ca", Ca("ca.pem"), "--cert", (dir_ / dir / (cn + ".pem")).string(), "--key",
-            (dir_ / dir / (cn + ".key")).string()};
+    return {"--ca",   Ca("ca.pem"),
+            "--cert", (dir_ / dir / (cn + ".pem")).string(),
+            "--key",  (dir_ / dir / (cn + ".key")).string()};
   }
   // fedlora-client --admin ACTION as `cn`.
   CommandResult Admin(const std::string& cn, Args action) {
@@ -60,16 +64,16 @@ TEST_F(OperationsTest, EnrolledSitesAndAnOperatorWhoPausesRemovesRevokesAndUnpin
                              "operators = [\"ops\"]\n";
   Fedlora({"certs", "init", "--dir", Ca(""), "--server-name", "localhost"});
   for (const std::string cn : {"site-1", "site-2", "site-3", "ops"}) Enrol(cn, cn);
-  const pid_t server = StartServer(
-      "fedit", "state",
-      {"--config", Config(), "--tls-cert", Ca("server.pem"), "--tls-key", Ca("server.key"),
-       "--client-ca", Ca("ca.pem"), "--pin-client-certs", "--rounds", "100000", "--quorum", "0.5",
-       "--round-deadline-s", "2"});
+  const pid_t server =
+      StartServer("fedit", "state",
+                  {"--config", Config(), "--tls-cert", Ca("server.pem"), "--tls-key",
+                   Ca("server.key"), "--client-ca", Ca("ca.pem"), "--pin-client-certs", "--rounds",
+                   "100000", "--quorum", "0.5", "--round-deadline-s", "2"});
   ASSERT_FALSE(port_.empty()) << ReadText(dir_ / "state.log");
   std::vector<pid_t> sites;
   for (int i = 1; i <= 3; ++i)
-    sites.push_back(StartClient(i, "run", Identity("site-" + std::to_string(i),
-                                                   "site-" + std::to_string(i))));
+    sites.push_back(
+        StartClient(i, "run", Identity("site-" + std::to_string(i), "site-" + std::to_string(i))));
   ASSERT_GE(MetricsOnceThere("state", 2).size(), 2u) << ReadText(dir_ / "state.log");
 
   // Only an operator acts.
@@ -97,8 +101,7 @@ TEST_F(OperationsTest, EnrolledSitesAndAnOperatorWhoPausesRemovesRevokesAndUnpin
   std::ofstream(Config(), std::ios::app) << "crl = \"" << Ca("crl.pem") << "\"\n";
   ASSERT_EQ(kill(server, SIGHUP), 0);
   EXPECT_EQ(Wait(sites[2], std::chrono::seconds(60)), 3) << ReadText(dir_ / "run-client3.log");
-  EXPECT_THAT(ReadText(dir_ / "run-client3.log"),
-              HasSubstr("site-3's certificate (serial "));
+  EXPECT_THAT(ReadText(dir_ / "run-client3.log"), HasSubstr("site-3's certificate (serial "));
   EXPECT_THAT(ReadText(dir_ / "state.log"), HasSubstr("1 certificates revoked"));
 
   // A reissued certificate is held back by the pin until an operator unpins site-3.
@@ -117,8 +120,8 @@ TEST_F(OperationsTest, EnrolledSitesAndAnOperatorWhoPausesRemovesRevokesAndUnpin
   EXPECT_THAT(ReadText(dir_ / "state.log"), HasSubstr("site-3 re-joined"));
 
   // Remove site-2: it is told why and stops; the removal is recorded with the round.
-  r = Admin("ops", {"--admin", "remove", "--admin-client", "site-2", "--admin-reason",
-                    "its key leaked"});
+  r = Admin("ops",
+            {"--admin", "remove", "--admin-client", "site-2", "--admin-reason", "its key leaked"});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_EQ(Wait(sites[1], std::chrono::seconds(60)), 3) << ReadText(dir_ / "run-client2.log");
   EXPECT_THAT(ReadText(dir_ / "run-client2.log"),
