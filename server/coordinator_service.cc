@@ -85,7 +85,8 @@ absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerCon
   }
   if (caller == Caller::kAdmin || (caller == Caller::kStatus && !m.operators.empty())) {
     if (m.operators.contains(id)) return id;
-    const std::string what = caller == Caller::kAdmin ? "act on the run" : "ask for the status";
+    const std::string what =
+        caller == Caller::kAdmin ? "act on the run" : "ask for the run's status";
     return Refuse(
         "operator", common::StrCat("may not ", what, ": not on the operator list"),
         absl::PermissionDeniedError(common::StrCat("identity '", id, "' may not ", what,

@@ -81,7 +81,8 @@ TEST_F(FederationTest, RefusesWhoShouldNotBeLetIn) {
        "the coordinator's certificate is not trusted by " + other + "/ca.pem"},
       {as(Cert("client-4.pem"), Cert("client-4.key")), "'client-4' is not on the allow-list"},
       {as(Cert("client-3.pem"), Cert("client-3.key")),
-       "'client-3' is an operator (--operators): it may ask for the status, not train"},
+       "'client-3' is an operator (--operators): it may ask for the status and act on the run, not "
+       "train"},
       {as(Cert("client-2.pem"), Cert("client-2.key"), {"--status"}),
        "'client-2' may not ask for the run's status: it is not an operator"}};
   for (size_t i = 0; i < refused.size(); ++i) {
