@@ -8,6 +8,7 @@
 #include <spdlog/spdlog.h>
 
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <set>
@@ -97,6 +98,29 @@ bool SetUpTls(SSL_CTX& ctx, const ServerOptions& o, bool token) {
   return true;
 }
 
+// httplib's pool with a bounded queue: while `max_queued` connections wait for its threads, the
+// accepting thread serves the next one itself, so it accepts no more until a thread is free and
+// further connections wait in the kernel's backlog. (httplib's own queue has no bound: a flood of
+// idle connections would grow it without end.)
+class BoundedPool final : public httplib::TaskQueue {
+ public:
+  BoundedPool(size_t threads, size_t max_queued) : pool_(threads), max_queued_(max_queued) {}
+  void enqueue(std::function<void()> fn) override {
+    if (queued_.load() >= max_queued_) return fn();
+    ++queued_;
+    pool_.enqueue([this, fn = std::move(fn)] {
+      --queued_;
+      fn();
+    });
+  }
+  void shutdown() override { pool_.shutdown(); }
+
+ private:
+  httplib::ThreadPool pool_;
+  const size_t max_queued_;
+  std::atomic<size_t> queued_{0};
+};
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(
@@ -120,9 +144,9 @@ absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(
     }
   }
   httplib::Server& http = *l->http_;
-  // Requests are small GETs: a body past 4 KiB is refused, and slow or idle connections do not
-  // hold the threads for long.
-  http.new_task_queue = [] { return new httplib::ThreadPool(8); };
+  // Requests are small GETs: a body past 4 KiB is refused, slow or idle connections do not hold
+  // the threads for long, and at most 64 wait for one.
+  http.new_task_queue = [] { return new BoundedPool(8, 64); };
   http.set_payload_max_length(4096);
   http.set_read_timeout(std::chrono::seconds(5));
   http.set_write_timeout(std::chrono::seconds(10));
