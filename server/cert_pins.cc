@@ -60,7 +60,7 @@ absl::Status CertPins::Check(const std::string& client, const std::string& sha25
       absl::PermissionDeniedError(StrCat(
           client, " presented certificate sha256:", sha256, "; it is pinned to sha256:", it->second,
           " (--pin-client-certs). If the site's certificate was reissued, an operator admits the "
-          "new one with `fedlora admin unpin ",
+          "new one with `fedlora-client --admin unpin --admin-client ",
           client, "`")),
       v1::ErrorDetail::CERTIFICATE);
 }

@@ -1,6 +1,7 @@
 // --pin-client-certs: each identity is admitted only with the certificate (SHA-256 of its DER) it
-// first joined with, so that a certificate reissued for the same name, by mistake or by someone
-// holding the CA's key, is not admitted until an operator says so (`fedlora admin unpin NAME`).
+// first joined with (an operator: first called with), so that a certificate reissued for the same
+// name, by mistake or by someone holding the CA's key, is not admitted until an operator says so
+// (`fedlora-client --admin unpin --admin-client NAME`).
 // The pins are the state directory's pins.json, rewritten atomically at each change, so a restart
 // keeps them.
 #ifndef FEDLORA_SERVER_CERT_PINS_H_

@@ -61,10 +61,14 @@ absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerCon
     Warn(key + " " + id, common::StrCat("refused ", id, " (", context->peer(), "): ", log));
     return status;
   };
-  absl::MutexLock lock(&membership_mu_);
-  const Membership& m = membership_;
+  std::shared_ptr<const common::RevocationList> crl;
+  {
+    absl::MutexLock lock(&membership_mu_);
+    crl = membership_.crl;
+  }
+  // Read outside the lock every call takes.
   std::optional<common::CertificateId> cert;
-  if (m.crl != nullptr || pins_ != nullptr || caller == Caller::kJoin) {
+  if (crl != nullptr || pins_ != nullptr || caller == Caller::kJoin) {
     const auto pem = auth->FindPropertyValues(GRPC_X509_PEM_CERT_PROPERTY_NAME);
     auto described =
         pem.empty() ? absl::InvalidArgumentError("no certificate")
@@ -74,43 +78,64 @@ absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerCon
           common::StrCat("the client certificate cannot be read: ", described.status().message()));
     cert = *std::move(described);
   }
-  if (m.crl != nullptr && m.crl->Revoked(*cert)) {
+  if (crl != nullptr && crl->Revoked(*cert)) {
     return Refuse(
         "revoked",
-        common::StrCat("certificate serial ", cert->serial, " is revoked by ", m.crl->file()),
+        common::StrCat("certificate serial ", cert->serial, " is revoked by ", crl->file()),
         WithReason(absl::PermissionDeniedError(common::StrCat(
                        id, "'s certificate (serial ", cert->serial,
                        ") is revoked by the coordinator's CRL; the site needs a new one")),
                    v1::ErrorDetail::CERTIFICATE));
   }
-  if (caller == Caller::kAdmin || (caller == Caller::kStatus && !m.operators.empty())) {
-    if (m.operators.contains(id)) return id;
-    const std::string what =
-        caller == Caller::kAdmin ? "act on the run" : "ask for the run's status";
-    return Refuse(
-        "operator", common::StrCat("may not ", what, ": not on the operator list"),
-        absl::PermissionDeniedError(common::StrCat("identity '", id, "' may not ", what,
-                                                   ": it is not an operator (--operators)")));
+  bool is_operator = false;
+  {
+    absl::MutexLock lock(&membership_mu_);
+    const Membership& m = membership_;
+    is_operator = m.operators.contains(id);
+    if (caller == Caller::kAdmin || (caller == Caller::kStatus && !m.operators.empty())) {
+      if (!is_operator) {
+        const std::string what =
+            caller == Caller::kAdmin ? "act on the run" : "ask for the run's status";
+        return Refuse(
+            "operator", common::StrCat("may not ", what, ": not on the operator list"),
+            absl::PermissionDeniedError(common::StrCat("identity '", id, "' may not ", what,
+                                                       ": it is not an operator (--operators)")));
+      }
+    } else if (is_operator) {
+      return Refuse("operator", "an operator identity cannot take part",
+                    absl::PermissionDeniedError(
+                        common::StrCat("identity '", id,
+                                       "' is an operator (--operators): it may ask for the "
+                                       "status and act on the run, not train")));
+    } else if (!m.allowed.empty() && !m.allowed.contains(id)) {
+      return Refuse("allow", "not on the allow-list",
+                    absl::PermissionDeniedError(
+                        common::StrCat("client identity '", id, "' is not on the allow-list")));
+    }
   }
-  if (caller == Caller::kStatus) return id;
-  if (m.operators.contains(id)) {
-    return Refuse("operator", "an operator identity cannot take part",
-                  absl::PermissionDeniedError(
-                      common::StrCat("identity '", id,
-                                     "' is an operator (--operators): it may ask for the status "
-                                     "and act on the run, not train")));
-  }
-  if (!m.allowed.empty() && !m.allowed.contains(id)) {
-    return Refuse("allow", "not on the allow-list",
-                  absl::PermissionDeniedError(
-                      common::StrCat("client identity '", id, "' is not on the allow-list")));
-  }
+  // A client is pinned at its first join, an operator at its first call: so that whoever can
+  // make certificates cannot make an operator's to unpin a client.
   if (pins_ != nullptr) {
-    if (absl::Status st = pins_->Check(id, cert->sha256, caller == Caller::kJoin); !st.ok())
+    if (absl::Status st = pins_->Check(id, cert->sha256, caller == Caller::kJoin || is_operator);
+        !st.ok())
       return Refuse("pinned", std::string(st.message()), st);
   }
-  if (caller == Caller::kJoin) joined_with_[id] = *cert;
+  if (caller == Caller::kJoin) {
+    absl::MutexLock lock(&membership_mu_);
+    joined_with_[id] = *cert;
+  }
   return id;
+}
+
+bool CoordinatorService::IsOperator(std::string_view pem) {
+  const absl::StatusOr<common::CertificateId> cert = common::IdentifyCertificate(pem);
+  if (!cert.ok()) return false;
+  {
+    absl::MutexLock lock(&membership_mu_);
+    if (!membership_.operators.contains(cert->cn)) return false;
+    if (membership_.crl != nullptr && membership_.crl->Revoked(*cert)) return false;
+  }
+  return pins_ == nullptr || pins_->Check(cert->cn, cert->sha256, /*join=*/false).ok();
 }
 
 std::map<std::string, std::string> CoordinatorService::SetMembership(Membership membership) {
@@ -220,8 +245,10 @@ absl::StatusOr<std::string> CoordinatorService::Act(const std::string& by,
   switch (request.action()) {
     case AdminRequest::REMOVE: {
       if (request.reason().size() > 1024 || !common::IsUtf8(request.reason())) {
-        return absl::InvalidArgumentError(common::StrCat(
-            "a reason of ", request.reason().size(), " bytes; expected up to 1024 bytes of UTF-8"));
+        return absl::InvalidArgumentError(
+            common::StrCat("a reason of ", request.reason().size(), " bytes",
+                           common::IsUtf8(request.reason()) ? "" : ", not UTF-8",
+                           "; expected up to 1024 bytes of UTF-8"));
       }
       return engine_->Remove(client, by,
                              request.reason().empty() ? "no reason given" : request.reason());

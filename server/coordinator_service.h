@@ -46,6 +46,10 @@ class CoordinatorService final : public v1::Coordinator::CallbackService {
   std::map<std::string, std::string> SetMembership(Membership membership)
       ABSL_LOCKS_EXCLUDED(membership_mu_);
 
+  // Whether the client certificate `pem` is an operator's now: its name on the operator list, not
+  // revoked, and (with pins) the one its name is pinned to, if pinned. For the metrics listener.
+  bool IsOperator(std::string_view pem) ABSL_LOCKS_EXCLUDED(membership_mu_);
+
   grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* context,
                                  const v1::JoinRequest* request,
                                  v1::JoinResponse* response) override;
@@ -72,9 +76,10 @@ class CoordinatorService final : public v1::Coordinator::CallbackService {
 
  private:
   // The caller's identity, or a PERMISSION_DENIED / UNAUTHENTICATED status: its certificate must
-  // not be revoked; a client must be admitted, not an operator, and present the certificate it is
-  // pinned to (a join pins one); the status may be asked by an operator (by anyone admitted when
-  // there are none); Admin only by an operator.
+  // not be revoked; a client must be admitted (allow-list) and not an operator; the status may be
+  // asked by an operator, or by an admitted client when there are no operators; Admin only by an
+  // operator. With pins, a client presents the certificate its first join pinned, an operator the
+  // one of its first call.
   enum class Caller { kClient, kJoin, kStatus, kAdmin };
   absl::StatusOr<std::string> Identify(grpc::CallbackServerContext* context,
                                        Caller caller = Caller::kClient)

@@ -63,14 +63,16 @@ std::string Diff(const std::vector<std::string>& before, const std::vector<std::
   return changes.empty() ? "unchanged" : fedlora::common::StrJoin(changes, " ");
 }
 
-// Who may call, by `o`: its lists, and its CRL read (what to fix when it cannot be).
-absl::StatusOr<fedlora::server::Membership> MembershipOf(const ServerOptions& o) {
+// Who may call, by `o`: its lists, and its CRL read and checked against `client_ca` (the one the
+// coordinator's TLS uses; what to fix when it cannot be).
+absl::StatusOr<fedlora::server::Membership> MembershipOf(const ServerOptions& o,
+                                                         const std::string& client_ca) {
   fedlora::server::Membership m{{o.allowed_clients.begin(), o.allowed_clients.end()},
                                 {o.operators.begin(), o.operators.end()},
                                 nullptr};
   if (o.crl.empty()) return m;
   std::vector<std::string> warnings;
-  auto crl = fedlora::common::RevocationList::Load(o.crl, o.client_ca, &warnings);
+  auto crl = fedlora::common::RevocationList::Load(o.crl, client_ca, &warnings);
   if (!crl.ok()) return crl.status();
   for (const std::string& w : warnings) spdlog::warn("{}", w);
   m.crl = *std::move(crl);
@@ -116,7 +118,7 @@ void Reload(int argc, char** argv, ServerOptions& current,
         "the coordinator runs; restart it");
     return;
   }
-  auto membership = MembershipOf(next);
+  auto membership = MembershipOf(next, current.client_ca);  // TLS keeps the CA it started with
   if (!membership.ok()) {
     spdlog::error("SIGHUP: keeping the old settings: {}", membership.status().message());
     return;
@@ -200,7 +202,7 @@ int main(int argc, char** argv) {
   }
   fedlora::common::RouteGrpcLog([view = (*engine)->view()] { view->CountHandshakeFailure(); });
   fedlora::server::Ticker ticker(engine->get());
-  auto membership = MembershipOf(options);
+  auto membership = MembershipOf(options, options.client_ca);
   if (!membership.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(membership.status().message()).c_str());
     return 2;
@@ -241,7 +243,9 @@ int main(int argc, char** argv) {
   std::unique_ptr<fedlora::server::MetricsListener> metrics;
   if (!options.metrics_listen.empty()) {
     (*engine)->PublishStatus();
-    auto listener = fedlora::server::MetricsListener::Start(options, (*engine)->view());
+    auto listener = fedlora::server::MetricsListener::Start(
+        options, (*engine)->view(),
+        [&service](std::string_view pem) { return service.IsOperator(pem); });
     if (!listener.ok()) {
       std::fprintf(stderr, "error: %s\n", std::string(listener.status().message()).c_str());
       return 1;

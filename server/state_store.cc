@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <nlohmann/json.hpp>
 
+#include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/tensor/blob.h"
@@ -35,7 +37,8 @@ absl::Status StateStore::Unavailable(std::string_view what, const absl::Status& 
 absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* env) {
   // Nothing the coordinator reads or writes there is reached through a link: a link could make it
   // serve, copy or replace a file of someone else's.
-  for (const char* entry : {"ledger.json", "metrics.jsonl", "blobs", "incoming", "export"}) {
+  for (const char* entry :
+       {"ledger.json", "metrics.jsonl", "removed.json", "blobs", "incoming", "export"}) {
     if (absl::Status st = common::RefuseLink(dir / entry); !st.ok())
       return absl::FailedPreconditionError(
           StrCat("state directory ", dir.string(), ": ", st.message()));
@@ -51,6 +54,21 @@ absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* en
   StateStore store;
   store.dir_ = dir;
   store.env_ = env;
+  if (const fs::path removed = dir / "removed.json"; fs::exists(removed)) {
+    ASSIGN_OR_RETURN(const std::string text,
+                     common::ReadFileToString(removed, common::Symlinks::kRefuse));
+    const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object()) {
+      for (const auto& [client, why] : j.items())
+        if (why.is_string()) store.removals_[client] = why.get<std::string>();
+    }
+    if (!j.is_object() || store.removals_.size() != j.size()) {
+      return absl::DataLossError(StrCat(
+          removed.string(),
+          " is not a JSON object of client → why it was removed (as the coordinator writes it); "
+          "restore it from a backup"));
+    }
+  }
   const fs::path ledger = dir / "ledger.json";
   if (!fs::exists(ledger)) return store;
   ASSIGN_OR_RETURN(Ledger loaded, common::ReadLedger(ledger));
@@ -64,6 +82,15 @@ absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* en
   }
   store.ledger_ = std::make_shared<const Ledger>(std::move(loaded));
   return store;
+}
+
+absl::Status StateStore::AddOperatorRemoval(const std::string& client, const std::string& why) {
+  std::map<std::string, std::string> next = removals_;
+  next[client] = why;
+  RETURN_IF_ERROR(common::WriteFileAtomically(dir_ / "removed.json",
+                                              nlohmann::json(next).dump(2) + "\n", env_));
+  removals_ = std::move(next);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<BlobRef> StateStore::PutBlob(std::string_view bytes, BlobKind kind,

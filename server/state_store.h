@@ -11,6 +11,7 @@
 #define FEDLORA_SERVER_STATE_STORE_H_
 
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -74,6 +75,11 @@ class StateStore {
   absl::Status AdoptPart(const std::string& name, const std::string& sha256);
   void DropPart(const std::string& name);
 
+  // The clients operators removed, and why (removed.json, rewritten atomically at each removal):
+  // a removal outlasts a restart even before the round it is recorded with commits.
+  const std::map<std::string, std::string>& operator_removals() const { return removals_; }
+  absl::Status AddOperatorRemoval(const std::string& client, const std::string& why);
+
   const std::filesystem::path& dir() const { return dir_; }
   common::Env* env() const { return env_; }
   // A write of `what` that failed with `status`, as a peer should see it: UNAVAILABLE (the
@@ -85,6 +91,7 @@ class StateStore {
   std::filesystem::path dir_;
   common::Env* env_ = nullptr;
   std::shared_ptr<const Ledger> ledger_;
+  std::map<std::string, std::string> removals_;
 };
 
 }  // namespace fedlora::server

@@ -15,8 +15,9 @@ namespace {
 
 using common::StrCat;
 
-// The names `config` (the coordinator's TOML file) admits: allowed-clients and operators.
-absl::Status AddConfigNames(const std::string& config, std::set<std::string>* names) {
+// The names `config` (the coordinator's TOML file) admits: its allowed-clients (or
+// allowed_clients) into `clients`, its operators into `operators`; each a TOML array.
+absl::Status AddConfigNames(const std::string& config, common::SignOptions* sign) {
   toml::table table;
   try {
     table = toml::parse_file(config);
@@ -29,30 +30,35 @@ absl::Status AddConfigNames(const std::string& config, std::set<std::string>* na
     if (node == nullptr) continue;
     const toml::array* list = node->as_array();
     if (list == nullptr)
-      return absl::InvalidArgumentError(StrCat(config, ": ", key, " is not a list of names"));
+      return absl::InvalidArgumentError(
+          StrCat(config, ": ", key, " is not an array of names ([\"a\", \"b\"])"));
     for (const toml::node& item : *list) {
       const auto name = item.value<std::string>();
       if (!name)
         return absl::InvalidArgumentError(StrCat(config, ": ", key, " holds a non-string"));
-      names->insert(*name);
+      (std::string_view(key) == "operators" ? sign->operators : sign->clients).insert(*name);
     }
   }
   return absl::OkStatus();
 }
 
 absl::Status Sign(const CertsCommandOptions& o) {
-  if (o.ca.empty() || o.csr.empty() || o.out.empty())
-    return absl::InvalidArgumentError("certs sign needs --ca DIR, --csr FILE and --out FILE");
-  common::SignOptions sign{{o.allowed.begin(), o.allowed.end()}, o.reissue, o.days};
-  if (!o.config.empty()) RETURN_IF_ERROR(AddConfigNames(o.config, &sign.allowed));
-  if (o.config.empty() && o.allowed.empty()) {
+  common::SignOptions sign{
+      {o.allowed.begin(), o.allowed.end()}, {}, o.as_operator, o.server_names, o.reissue, o.days};
+  if (!o.config.empty()) RETURN_IF_ERROR(AddConfigNames(o.config, &sign));
+  if (o.config.empty() && o.allowed.empty() && o.server_names.empty()) {
     return absl::InvalidArgumentError(
         "say which names may be issued: --config (the coordinator's TOML file, its "
-        "allowed-clients and operators) or --allowed NAME,...");
+        "allowed-clients and operators) or --allowed NAME,...; or --server-name for the "
+        "coordinator's certificate");
   }
   ASSIGN_OR_RETURN(const common::CertificateId id, common::SignRequest(o.ca, o.csr, o.out, sign));
-  std::printf("signed %s: serial %s, sha256 %s; send it to the site with %s/ca.pem\n",
-              o.out.c_str(), id.serial.c_str(), id.sha256.c_str(), o.ca.c_str());
+  std::printf("signed %s for %s (%s): serial %s, sha256 %s; send it back with %s/ca.pem\n",
+              o.out.c_str(), id.cn.c_str(),
+              !o.server_names.empty() ? "the coordinator"
+              : o.as_operator         ? "an OPERATOR"
+                                      : "a client",
+              id.serial.c_str(), id.sha256.c_str(), o.ca.c_str());
   return absl::OkStatus();
 }
 
@@ -63,9 +69,13 @@ absl::Status Run(const CertsCommandOptions& o) {
     if (o.dir.empty()) return absl::InvalidArgumentError("certs init needs --dir DIR");
     RETURN_IF_ERROR(common::InitAuthority(o.dir, o.server_names, o.days));
     std::printf(
-        "%s: ca.pem (give it to every site), ca.key (keep it offline), server.pem and server.key "
-        "(the coordinator's --tls-cert, --tls-key; ca.pem is its --client-ca)\n",
-        o.dir.c_str());
+        "%s: ca.pem (give it to every site and the coordinator: its --client-ca), ca.key "
+        "(keep it here)%s\n",
+        o.dir.c_str(),
+        o.server_names.empty()
+            ? "; the coordinator requests its certificate like a site (certs request), "
+              "signed with certs sign --server-name"
+            : ", server.pem and server.key (the coordinator's --tls-cert, --tls-key)");
     return absl::OkStatus();
   }
   if (o.action == "request") {
@@ -107,8 +117,8 @@ void AddCertsCommand(CLI::App& app) {
   CLI::App* init = add("init", "the operator's CA and the coordinator's certificate");
   init->add_option("--dir", o->dir, "new directory of the CA")->required();
   init->add_option("--server-name", o->server_names,
-                   "a DNS name or IP address clients dial (repeat for more)")
-      ->required();
+                   "also the coordinator's certificate and key, for this DNS name or IP address "
+                   "clients dial (repeat for more)");
   init->add_option("--days", o->days, "validity of the coordinator's certificate")
       ->capture_default_str();
   CLI::App* request = add("request", "at a site: its private key and a signing request");
@@ -122,6 +132,10 @@ void AddCertsCommand(CLI::App& app) {
       "--config", o->config,
       "the coordinator's TOML config: its allowed-clients and operators may be issued");
   sign->add_option("--allowed", o->allowed, "names that may be issued")->delimiter(',');
+  sign->add_flag("--operator", o->as_operator,
+                 "the request is an operator's (a name of the config's operators)");
+  sign->add_option("--server-name", o->server_names,
+                   "the coordinator's certificate, for this DNS name or IP address (repeat)");
   sign->add_flag("--reissue", o->reissue,
                  "sign a name that holds a certificate already (rotation; revoke the old one)");
   sign->add_option("--days", o->days, "validity")->capture_default_str();

@@ -1,16 +1,22 @@
 #include "common/net/certs.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
+#include <fmt/format.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/x509v3.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <cctype>
 #include <ctime>
 #include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
@@ -29,9 +35,9 @@ absl::Status OpenSslError(const std::string& what) {
   return absl::InternalError(StrCat("OpenSSL could not ", what, ": ", openssl::LastError()));
 }
 
-std::string Pem(const std::function<int(BIO*)>& write) {
+absl::StatusOr<std::string> Pem(const std::function<int(BIO*)>& write, const char* what) {
   openssl::Bio bio(BIO_new(BIO_s_mem()));
-  if (!bio || write(bio.get()) != 1) return {};
+  if (!bio || write(bio.get()) != 1) return OpenSslError(StrCat("write the ", what, " as PEM"));
   char* data = nullptr;
   const long n = BIO_get_mem_data(bio.get(), &data);
   return std::string(data, static_cast<size_t>(n));
@@ -77,22 +83,24 @@ absl::StatusOr<Cert> Sign(EVP_PKEY* key, const std::string& cn, X509* issuer, EV
   return cert;
 }
 
-// Writes a private key to `path` atomically, mode 0600 from before its first byte.
+// Writes a private key to `path` atomically, created mode 0600 (the umask is 077 meanwhile).
 absl::Status WriteKey(const fs::path& path, EVP_PKEY* key) {
-  const std::string pem = Pem([&](BIO* b) {
-    return PEM_write_bio_PrivateKey(b, key, nullptr, nullptr, 0, nullptr, nullptr);
-  });
-  return WriteFileAtomically(path, [&](std::FILE* f) -> absl::Status {
-    if (fchmod(fileno(f), S_IRUSR | S_IWUSR) != 0)
-      return absl::InternalError(StrCat("cannot restrict ", path.string(), " to its owner"));
-    if (std::fwrite(pem.data(), 1, pem.size(), f) != pem.size())
-      return absl::InternalError(StrCat("cannot write ", path.string()));
-    return absl::OkStatus();
-  });
+  ASSIGN_OR_RETURN(const std::string pem, Pem(
+                                              [&](BIO* b) {
+                                                return PEM_write_bio_PrivateKey(
+                                                    b, key, nullptr, nullptr, 0, nullptr, nullptr);
+                                              },
+                                              "private key"));
+  const mode_t umask_was = umask(077);
+  absl::Status st = WriteFileAtomically(path, pem);
+  umask(umask_was);
+  return st;
 }
 
 absl::Status WriteCert(const fs::path& path, X509* cert) {
-  return WriteFileAtomically(path, Pem([&](BIO* b) { return PEM_write_bio_X509(b, cert); }));
+  ASSIGN_OR_RETURN(const std::string pem,
+                   Pem([&](BIO* b) { return PEM_write_bio_X509(b, cert); }, "certificate"));
+  return WriteFileAtomically(path, pem);
 }
 
 // Writes <name>.key and <name>.pem unless <name>.pem exists.
@@ -107,38 +115,96 @@ absl::Status Issue(const fs::path& dir, const std::string& name, const std::stri
   return WriteCert(dir / (name + ".pem"), cert.get());
 }
 
-// `dir`, created if missing, and the owner's alone: no key in it is readable by others.
-absl::Status PrivateDirectory(const fs::path& dir) {
+// `dir`, created mode 0700 if missing (one that exists keeps its mode).
+absl::Status CreatePrivateDirectory(const fs::path& dir) {
   std::error_code ec;
+  if (fs::is_directory(dir, ec)) return absl::OkStatus();
   fs::create_directories(dir, ec);
+  if (!ec) fs::permissions(dir, fs::perms::owner_all, ec);
   if (ec) return absl::InternalError(StrCat("cannot create ", dir.string(), ": ", ec.message()));
-  fs::permissions(dir, fs::perms::owner_all, ec);
-  if (ec) return absl::InternalError(StrCat("cannot restrict ", dir.string(), ": ", ec.message()));
   return absl::OkStatus();
 }
 
 const Extensions kCaExtensions = {{NID_basic_constraints, "critical,CA:TRUE"},
                                   {NID_key_usage, "critical,keyCertSign,cRLSign"},
                                   {NID_subject_key_identifier, "hash"}};
-const Extensions kClientExtensions = {{NID_ext_key_usage, "clientAuth"}};
 
-// What a CA directory signed: issued.json, {"certificates": [{cn, serial, sha256, not_after,
-// revoked}]}, rewritten atomically after each signature and revocation.
-struct Authority {
-  fs::path dir;
+// What a certificate of a client (no `alt` names) or of the coordinator (its DNS names and IP
+// addresses) carries: nothing of what its request asked for.
+absl::StatusOr<Extensions> LeafExtensions(const std::vector<std::string>& server_names) {
+  Extensions e = {{NID_basic_constraints, "critical,CA:FALSE"},
+                  {NID_key_usage, "critical,digitalSignature"},
+                  {NID_subject_key_identifier, "hash"},
+                  {NID_authority_key_identifier, "keyid:always"},
+                  {NID_ext_key_usage, server_names.empty() ? "clientAuth" : "serverAuth"}};
+  if (server_names.empty()) return e;
+  std::vector<std::string> alt;
+  for (const std::string& name : server_names) {
+    unsigned char ip[16];
+    const bool is_ip =
+        inet_pton(AF_INET, name.c_str(), ip) == 1 || inet_pton(AF_INET6, name.c_str(), ip) == 1;
+    if (!is_ip && (name.empty() || name.size() > 253 ||
+                   name.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                          "0123456789.-*") != std::string::npos))
+      return absl::InvalidArgumentError(
+          StrCat("server name '", name.substr(0, 80), "': expected a DNS name or an IP address"));
+    alt.push_back(StrCat(is_ip ? "IP:" : "DNS:", name));
+  }
+  e.emplace_back(NID_subject_alt_name, StrJoin(alt, ","));
+  return e;
+}
+
+struct CaKeys {
   Cert ca;
   Key key;
+};
+absl::StatusOr<CaKeys> LoadCa(const fs::path& dir) {
+  CaKeys c;
+  ASSIGN_OR_RETURN(c.ca, ReadPem<Cert>(dir / "ca.pem", PEM_read_bio_X509, "certificate"));
+  ASSIGN_OR_RETURN(c.key, ReadPem<Key>(dir / "ca.key", PEM_read_bio_PrivateKey, "private key"));
+  return c;
+}
+
+// A CA directory, locked (flock on its .lock file) while this is open, and what it signed:
+// issued.json, {"certificates": [{cn, serial, sha256, not_after, revoked, revoked_at}]},
+// rewritten atomically after each signature and revocation.
+struct Authority {
+  fs::path dir;
+  CaKeys keys;
   nlohmann::json issued;
+  int lock = -1;
+
+  Authority() = default;
+  Authority(Authority&& o) noexcept
+      : dir(std::move(o.dir)),
+        keys(std::move(o.keys)),
+        issued(std::move(o.issued)),
+        lock(std::exchange(o.lock, -1)) {}
+  ~Authority() {
+    if (lock >= 0) close(lock);
+  }
 
   static absl::StatusOr<Authority> Open(const fs::path& dir) {
-    Authority a{dir, nullptr, nullptr, {}};
-    ASSIGN_OR_RETURN(a.ca, ReadPem<Cert>(dir / "ca.pem", PEM_read_bio_X509, "certificate"));
-    ASSIGN_OR_RETURN(a.key, ReadPem<Key>(dir / "ca.key", PEM_read_bio_PrivateKey, "private key"));
+    Authority a;
+    a.dir = dir;
+    a.lock = open((dir / ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (a.lock < 0 || flock(a.lock, LOCK_EX) != 0)
+      return absl::FailedPreconditionError(StrCat("cannot lock the CA directory ", dir.string(),
+                                                  " (is it one `fedlora certs init` made?)"));
+    ASSIGN_OR_RETURN(a.keys, LoadCa(dir));
     ASSIGN_OR_RETURN(const std::string text, ReadFileToString(dir / "issued.json"));
     a.issued = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (!a.issued.is_object() || !a.issued["certificates"].is_array())
+    bool ok = a.issued.is_object() && a.issued["certificates"].is_array();
+    for (const nlohmann::json& c : ok ? a.issued["certificates"] : nlohmann::json::array()) {
+      ok = ok && c.is_object() && c.value("cn", nlohmann::json()).is_string() &&
+           c.value("serial", nlohmann::json()).is_string() &&
+           c.value("revoked", nlohmann::json()).is_boolean();
+    }
+    if (!ok) {
       return absl::InvalidArgumentError(
-          StrCat((dir / "issued.json").string(), " is not the record fedlora certs init made"));
+          StrCat((dir / "issued.json").string(),
+                 " is not the record `fedlora certs` keeps (certificates: cn, serial, revoked)"));
+    }
     return a;
   }
   absl::Status Save() const {
@@ -152,6 +218,19 @@ std::string Utc(const ASN1_TIME* t) {
   char out[32];
   std::strftime(out, sizeof out, "%Y-%m-%dT%H:%M:%SZ", &tm);
   return out;
+}
+
+// "0a1B" → "A1B": a serial as the coordinator and issued.json write it.
+std::string NormalSerial(std::string hex) {
+  for (char& c : hex) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  const size_t first = hex.find_first_not_of('0');
+  return first == std::string::npos ? "0" : hex.substr(first);
+}
+
+// The directory `dir` names, without a trailing slash ("ca/" → "ca").
+fs::path DirectoryName(const fs::path& dir) {
+  fs::path p = dir.lexically_normal();
+  return p.has_filename() ? p : p.parent_path();
 }
 
 }  // namespace
@@ -168,55 +247,49 @@ absl::Status CheckCommonName(const std::string& cn) {
 }
 
 absl::Status MakeRunCertificates(const fs::path& dir, int clients) {
-  RETURN_IF_ERROR(PrivateDirectory(dir));
+  RETURN_IF_ERROR(CreatePrivateDirectory(dir));
   RETURN_IF_ERROR(Issue(dir, "ca", "fedlora run CA", nullptr, nullptr, kCaExtensions));
-  ASSIGN_OR_RETURN(Cert ca, ReadPem<Cert>(dir / "ca.pem", PEM_read_bio_X509, "certificate"));
-  ASSIGN_OR_RETURN(Key ca_key,
-                   ReadPem<Key>(dir / "ca.key", PEM_read_bio_PrivateKey, "private key"));
-  RETURN_IF_ERROR(Issue(dir, "server", "coordinator", ca.get(), ca_key.get(),
-                        {{NID_subject_alt_name, "DNS:localhost,IP:127.0.0.1,DNS:coordinator"},
-                         {NID_ext_key_usage, "serverAuth"}}));
+  ASSIGN_OR_RETURN(CaKeys ca, LoadCa(dir));
+  ASSIGN_OR_RETURN(const Extensions server,
+                   LeafExtensions({"localhost", "127.0.0.1", "coordinator"}));
+  ASSIGN_OR_RETURN(const Extensions client, LeafExtensions({}));
+  RETURN_IF_ERROR(Issue(dir, "server", "coordinator", ca.ca.get(), ca.key.get(), server));
   for (int k = 1; k <= clients; ++k) {
     const std::string name = StrCat("client-", k);
-    RETURN_IF_ERROR(Issue(dir, name, name, ca.get(), ca_key.get(), kClientExtensions));
+    RETURN_IF_ERROR(Issue(dir, name, name, ca.ca.get(), ca.key.get(), client));
   }
   return absl::OkStatus();
 }
 
-absl::Status InitAuthority(const fs::path& dir, const std::vector<std::string>& server_names,
+absl::Status InitAuthority(const fs::path& given, const std::vector<std::string>& server_names,
                            int days) {
-  if (server_names.empty()) {
-    return absl::InvalidArgumentError(
-        "the coordinator's certificate needs the names clients dial (--server-name, DNS names or "
-        "IP addresses)");
-  }
-  std::vector<std::string> alt;
-  for (const std::string& name : server_names) {
-    unsigned char ip[16];
-    const bool is_ip =
-        inet_pton(AF_INET, name.c_str(), ip) == 1 || inet_pton(AF_INET6, name.c_str(), ip) == 1;
-    if (!is_ip && (name.empty() || name.find_first_of(", \t") != std::string::npos))
-      return absl::InvalidArgumentError(StrCat("server name '", name, "' is not a DNS name"));
-    alt.push_back(StrCat(is_ip ? "IP:" : "DNS:", name));
-  }
   if (days < 1 || days > 3650)
     return absl::InvalidArgumentError(StrCat("--days ", days, ": expected 1 to 3650"));
-  for (const char* file : {"ca.key", "ca.pem", "issued.json"}) {
-    if (fs::exists(dir / file)) {
-      return absl::AlreadyExistsError(
-          StrCat((dir / file).string(), " exists: ", dir.string(),
-                 " holds a CA already; a second one would orphan every certificate it signed"));
-    }
+  ASSIGN_OR_RETURN(const Extensions server, LeafExtensions(server_names));
+  const fs::path dir = DirectoryName(given);
+  if (fs::exists(dir)) {
+    return absl::AlreadyExistsError(
+        StrCat(dir.string(),
+               " exists: certs init makes a new directory (a second CA there would "
+               "orphan every certificate the first one signed)"));
   }
-  RETURN_IF_ERROR(PrivateDirectory(dir));
-  RETURN_IF_ERROR(WriteFileAtomically(dir / "issued.json", "{\"certificates\": []}\n"));
-  RETURN_IF_ERROR(Issue(dir, "ca", "fedlora CA", nullptr, nullptr, kCaExtensions, 3650));
-  ASSIGN_OR_RETURN(Cert ca, ReadPem<Cert>(dir / "ca.pem", PEM_read_bio_X509, "certificate"));
-  ASSIGN_OR_RETURN(Key ca_key,
-                   ReadPem<Key>(dir / "ca.key", PEM_read_bio_PrivateKey, "private key"));
-  return Issue(dir, "server", "coordinator", ca.get(), ca_key.get(),
-               {{NID_subject_alt_name, StrJoin(alt, ",")}, {NID_ext_key_usage, "serverAuth"}},
-               days);
+  unsigned char id[4];
+  if (RAND_bytes(id, sizeof id) != 1) return OpenSslError("draw the CA's name");
+  // Each CA its own name: during a rotation the client CA file may hold two.
+  const std::string name =
+      StrCat("fedlora CA ", fmt::format("{:02x}{:02x}{:02x}{:02x}", id[0], id[1], id[2], id[3]));
+  return BuildDirectoryAtomically(dir, /*overwrite=*/false, [&](const fs::path& tmp) {
+    std::error_code ec;
+    fs::permissions(tmp, fs::perms::owner_all, ec);
+    if (ec)
+      return absl::InternalError(StrCat("cannot restrict ", tmp.string(), ": ", ec.message()));
+    RETURN_IF_ERROR(Issue(tmp, "ca", name, nullptr, nullptr, kCaExtensions, 3650));
+    if (!server_names.empty()) {
+      ASSIGN_OR_RETURN(CaKeys ca, LoadCa(tmp));
+      RETURN_IF_ERROR(Issue(tmp, "server", "coordinator", ca.ca.get(), ca.key.get(), server, days));
+    }
+    return WriteFileAtomically(tmp / "issued.json", "{\"certificates\": []}\n");
+  });
 }
 
 absl::Status RequestCertificate(const fs::path& dir, const std::string& cn) {
@@ -226,7 +299,7 @@ absl::Status RequestCertificate(const fs::path& dir, const std::string& cn) {
       return absl::AlreadyExistsError(
           StrCat((dir / (cn + ext)).string(), " exists; it is not replaced"));
   }
-  RETURN_IF_ERROR(PrivateDirectory(dir));
+  RETURN_IF_ERROR(CreatePrivateDirectory(dir));
   Key key(EVP_EC_gen("P-256"));
   openssl::Request request(X509_REQ_new());
   if (!key || !request) return OpenSslError("make a key and a request");
@@ -237,13 +310,23 @@ absl::Status RequestCertificate(const fs::path& dir, const std::string& cn) {
   if (X509_REQ_set_pubkey(request.get(), key.get()) != 1 ||
       X509_REQ_sign(request.get(), key.get(), EVP_sha256()) == 0)
     return OpenSslError("sign the request");
+  ASSIGN_OR_RETURN(
+      const std::string csr,
+      Pem([&](BIO* b) { return PEM_write_bio_X509_REQ(b, request.get()); }, "request"));
   RETURN_IF_ERROR(WriteKey(dir / (cn + ".key"), key.get()));
-  return WriteFileAtomically(dir / (cn + ".csr"),
-                             Pem([&](BIO* b) { return PEM_write_bio_X509_REQ(b, request.get()); }));
+  if (absl::Status st = WriteFileAtomically(dir / (cn + ".csr"), csr); !st.ok()) {
+    std::error_code ec;
+    fs::remove(dir / (cn + ".key"), ec);  // neither, so that the request can be made again
+    return st;
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<CertificateId> SignRequest(const fs::path& ca_dir, const fs::path& csr_file,
                                           const fs::path& out, const SignOptions& options) {
+  if (options.days < 1 || options.days > 3650)
+    return absl::InvalidArgumentError(StrCat("--days ", options.days, ": expected 1 to 3650"));
+  ASSIGN_OR_RETURN(const Extensions extensions, LeafExtensions(options.server_names));
   ASSIGN_OR_RETURN(Authority authority, Authority::Open(ca_dir));
   ASSIGN_OR_RETURN(
       openssl::Request request,
@@ -255,39 +338,49 @@ absl::StatusOr<CertificateId> SignRequest(const fs::path& ca_dir, const fs::path
                ": the request's signature does not verify with its key (a damaged or altered "
                "request); ask the site for a new one"));
   }
-  const X509_NAME* subject = X509_REQ_get_subject_name(request.get());
   char cn_buffer[256] = "";
-  if (X509_NAME_get_text_by_NID(const_cast<X509_NAME*>(subject), NID_commonName, cn_buffer,
+  if (X509_NAME_get_text_by_NID(X509_REQ_get_subject_name(request.get()), NID_commonName, cn_buffer,
                                 sizeof cn_buffer) < 0)
     return absl::InvalidArgumentError(StrCat(csr_file.string(), ": the request names no CN"));
   const std::string cn = cn_buffer;
   RETURN_IF_ERROR(CheckCommonName(cn));
-  if (!options.allowed.contains(cn)) {
-    return absl::PermissionDeniedError(StrCat(
-        "'", cn, "' is not on the allow-list or the operator list (",
-        options.allowed.empty()
-            ? "both are empty"
-            : StrJoin(std::vector<std::string>(options.allowed.begin(), options.allowed.end()),
-                      ","),
-        "); add it to the coordinator's config first"));
+  const auto list = [](const std::set<std::string>& names) {
+    return names.empty() ? std::string("none")
+                         : StrJoin(std::vector<std::string>(names.begin(), names.end()), ",");
+  };
+  if (!options.server_names.empty()) {
+    // The coordinator's: its names are the operator's, not the request's.
+  } else if (options.operators.contains(cn) != options.as_operator) {
+    return absl::PermissionDeniedError(
+        options.as_operator
+            ? StrCat("'", cn, "' is not on the operator list (", list(options.operators), ")")
+            : StrCat("'", cn,
+                     "' is an operator's name: an operator may act on the run; sign it with "
+                     "--operator if that is meant"));
+  } else if (!options.as_operator && !options.clients.contains(cn)) {
+    return absl::PermissionDeniedError(StrCat("'", cn, "' is not on the allow-list (",
+                                              list(options.clients),
+                                              "); add it to the coordinator's config first"));
   }
   for (const nlohmann::json& c : authority.issued["certificates"]) {
-    if (c.value("cn", "") == cn && !c.value("revoked", false) && !options.reissue) {
+    if (c["cn"] == cn && !c["revoked"].get<bool>() && !options.reissue) {
       return absl::AlreadyExistsError(StrCat(
-          "'", cn, "' holds certificate ", c.value("serial", ""), " (valid until ",
-          c.value("not_after", ""),
+          "'", cn, "' holds certificate ", c["serial"].get<std::string>(), " (valid until ",
+          c.value("not_after", "?"),
           "); to rotate it, sign with --reissue, then revoke the old one (fedlora certs revoke)"));
     }
   }
-  if (options.days < 1 || options.days > 3650)
-    return absl::InvalidArgumentError(StrCat("--days ", options.days, ": expected 1 to 3650"));
-  ASSIGN_OR_RETURN(Cert cert, Sign(key, cn, authority.ca.get(), authority.key.get(),
-                                   kClientExtensions, options.days));
-  const std::string pem = Pem([&](BIO* b) { return PEM_write_bio_X509(b, cert.get()); });
+  ASSIGN_OR_RETURN(Cert cert, Sign(key, cn, authority.keys.ca.get(), authority.keys.key.get(),
+                                   extensions, options.days));
+  ASSIGN_OR_RETURN(const std::string pem,
+                   Pem([&](BIO* b) { return PEM_write_bio_X509(b, cert.get()); }, "certificate"));
   ASSIGN_OR_RETURN(CertificateId id, IdentifyCertificate(pem));
   authority.issued["certificates"].push_back({{"cn", cn},
                                               {"serial", id.serial},
                                               {"sha256", id.sha256},
+                                              {"kind", !options.server_names.empty() ? "server"
+                                                       : options.as_operator         ? "operator"
+                                                                                     : "client"},
                                               {"not_after", Utc(X509_get0_notAfter(cert.get()))},
                                               {"revoked", false}});
   // The record first: a certificate that exists is always in it.
@@ -297,33 +390,32 @@ absl::StatusOr<CertificateId> SignRequest(const fs::path& ca_dir, const fs::path
 }
 
 absl::StatusOr<std::vector<std::string>> Revoke(const fs::path& ca_dir, const std::string& cn,
-                                                const std::string& serial) {
+                                                const std::string& given_serial) {
+  const std::string serial = given_serial.empty() ? "" : NormalSerial(given_serial);
   ASSIGN_OR_RETURN(Authority authority, Authority::Open(ca_dir));
   std::vector<std::string> now;
   for (nlohmann::json& c : authority.issued["certificates"]) {
-    if (c.value("cn", "") != cn || c.value("revoked", false)) continue;
-    if (!serial.empty() && c.value("serial", "") != serial) continue;
+    if (c["cn"] != cn || c["revoked"].get<bool>()) continue;
+    if (!serial.empty() && c["serial"] != serial) continue;
     c["revoked"] = true;
     c["revoked_at"] = static_cast<int64_t>(std::time(nullptr));
-    now.push_back(c.value("serial", ""));
+    now.push_back(c["serial"]);
   }
-  if (now.empty()) {
-    return absl::NotFoundError(StrCat(
-        "no certificate of '", cn, "'", serial.empty() ? "" : StrCat(" with serial ", serial),
-        " that is not revoked already; see ", (ca_dir / "issued.json").string()));
-  }
+  // The record first, then the CRL, written anew from it at every call: a revocation recorded is
+  // in the CRL once a call succeeds.
+  if (!now.empty()) RETURN_IF_ERROR(authority.Save());
   openssl::Crl crl(X509_CRL_new());
   if (!crl || X509_CRL_set_version(crl.get(), 1) != 1 ||
-      X509_CRL_set_issuer_name(crl.get(), X509_get_subject_name(authority.ca.get())) != 1)
+      X509_CRL_set_issuer_name(crl.get(), X509_get_subject_name(authority.keys.ca.get())) != 1)
     return OpenSslError("make a CRL");
   std::unique_ptr<ASN1_TIME, openssl::Deleter<ASN1_TIME_free>> last(X509_gmtime_adj(nullptr, 0)),
       next(X509_gmtime_adj(nullptr, 365L * 24 * 3600));
   X509_CRL_set1_lastUpdate(crl.get(), last.get());
   X509_CRL_set1_nextUpdate(crl.get(), next.get());
   for (const nlohmann::json& c : authority.issued["certificates"]) {
-    if (!c.value("revoked", false)) continue;
+    if (!c["revoked"].get<bool>()) continue;
     BIGNUM* bn = nullptr;
-    const std::string hex = c.value("serial", "");
+    const std::string hex = c["serial"];
     if (BN_hex2bn(&bn, hex.c_str()) == 0) return OpenSslError(StrCat("read serial ", hex));
     std::unique_ptr<BIGNUM, openssl::Deleter<BN_free>> owned(bn);
     std::unique_ptr<ASN1_INTEGER, openssl::Deleter<ASN1_INTEGER_free>> number(
@@ -339,12 +431,17 @@ absl::StatusOr<std::vector<std::string>> Revoke(const fs::path& ca_dir, const st
     }
   }
   X509_CRL_sort(crl.get());
-  if (X509_CRL_sign(crl.get(), authority.key.get(), EVP_sha256()) == 0)
+  if (X509_CRL_sign(crl.get(), authority.keys.key.get(), EVP_sha256()) == 0)
     return OpenSslError("sign the CRL");
-  const std::string pem = Pem([&](BIO* b) { return PEM_write_bio_X509_CRL(b, crl.get()); });
-  // The CRL first: a revocation in the record is always in the CRL.
+  ASSIGN_OR_RETURN(const std::string pem,
+                   Pem([&](BIO* b) { return PEM_write_bio_X509_CRL(b, crl.get()); }, "CRL"));
   RETURN_IF_ERROR(WriteFileAtomically(ca_dir / "crl.pem", pem));
-  RETURN_IF_ERROR(authority.Save());
+  if (now.empty()) {
+    return absl::NotFoundError(StrCat(
+        "no certificate of '", cn, "'", serial.empty() ? "" : StrCat(" with serial ", serial),
+        " that is not revoked already (", (ca_dir / "issued.json").string(),
+        " lists what was issued); ", (ca_dir / "crl.pem").string(), " was written again"));
+  }
   return now;
 }
 

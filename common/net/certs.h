@@ -30,32 +30,41 @@ absl::Status MakeRunCertificates(const std::filesystem::path& dir, int clients);
 // dot or dash (it names files and ledger entries).
 absl::Status CheckCommonName(const std::string& cn);
 
-// The operator's CA in `dir` (ca.pem, ca.key, and issued.json, the record of what it signed) and
-// the coordinator's certificate (server.pem, server.key) for `server_names`: the DNS names and IP
-// addresses clients dial. Refuses a directory that holds a CA already.
+// The operator's CA in the new directory `dir` (ca.pem; ca.key; issued.json, the record of what it
+// signed), built in a temporary directory and renamed into place, so a failure leaves nothing. With
+// `server_names` (the DNS names and IP addresses clients dial), also the coordinator's certificate
+// and key (server.pem, server.key), for a coordinator on the CA's machine; otherwise the
+// coordinator requests one like a site and the CA signs it with SignOptions::server_names.
 absl::Status InitAuthority(const std::filesystem::path& dir,
                            const std::vector<std::string>& server_names, int days = 825);
 
-// A site's private key <dir>/<cn>.key (mode 0600 from its first byte; it never leaves) and the
-// signing request <dir>/<cn>.csr to send to the operator. Refuses to replace either.
+// A private key <dir>/<cn>.key (mode 0600 from its first byte; it never leaves) and the signing
+// request <dir>/<cn>.csr to send to the operator. `dir` is created mode 0700 if missing. Refuses to
+// replace either file; a failure leaves neither.
 absl::Status RequestCertificate(const std::filesystem::path& dir, const std::string& cn);
 
 struct SignOptions {
-  std::set<std::string> allowed;  // the names that may be issued: allow-list and operators
-  bool reissue = false;           // sign a name that holds a certificate already (rotation)
+  std::set<std::string> clients;    // names that may have a client certificate (allow-list)
+  std::set<std::string> operators;  // names that may have an operator's certificate
+  bool as_operator = false;         // sign an operator's name (it may act on the run)
+  // A coordinator's certificate for these DNS names and IP addresses (empty: a client's).
+  std::vector<std::string> server_names;
+  bool reissue = false;  // sign a name that holds a certificate already (rotation)
   int days = 825;
 };
-// The operator signs the request `csr_file` with the CA of `ca_dir`, for client authentication,
-// into `out` (PEM), and records it in issued.json. Refused: a request whose signature does not
-// verify, a common name not in `allowed`, or one issued before and not revoked (without reissue).
+// The operator signs the request `csr_file` with the CA of `ca_dir` into `out` (PEM) and records it
+// in issued.json. The certificate takes only the request's key and common name (no requested
+// extension or other name: CA:FALSE, digital signature, client or server authentication). Refused:
+// a request whose signature does not verify; a client's name not in `clients`, an operator's not
+// in `operators` or without `as_operator`; a name issued before and not revoked (without reissue).
 absl::StatusOr<CertificateId> SignRequest(const std::filesystem::path& ca_dir,
                                           const std::filesystem::path& csr_file,
                                           const std::filesystem::path& out,
                                           const SignOptions& options);
 
-// Revokes the certificates issued to `cn` (only the one with `serial`, upper-case hex, when given)
-// and writes <ca_dir>/crl.pem, which lists every certificate the CA revoked, signed by it. Returns
-// the serials revoked now; NOT_FOUND when there was none to revoke.
+// Revokes the certificates issued to `cn` (only the one with `serial`, hex, when given), records
+// it, and writes <ca_dir>/crl.pem anew: every certificate the CA revoked, signed by it. Returns the
+// serials revoked now; NOT_FOUND when there was none to revoke (the CRL is written all the same).
 absl::StatusOr<std::vector<std::string>> Revoke(const std::filesystem::path& ca_dir,
                                                 const std::string& cn, const std::string& serial);
 

@@ -1,8 +1,10 @@
 #include "common/net/revocation.h"
 
+#include <openssl/objects.h>
 #include <openssl/pem.h>
 
 #include "common/base/file_util.h"
+#include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/net/openssl_ptr.h"
 
@@ -27,6 +29,19 @@ std::string LowerHex(const unsigned char* bytes, unsigned int size) {
   return out;
 }
 
+// After a loop of PEM reads: OK when it stopped at the end of the text (no further PEM block),
+// an error naming the `what` that could not be read otherwise (a damaged block must not end the
+// list quietly: what follows it would be ignored).
+absl::Status EndOfPem(const std::string& file, std::string_view what, int read) {
+  const unsigned long e = ERR_peek_last_error();
+  const bool clean =
+      e == 0 || (ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE);
+  const std::string reason = openssl::LastError();
+  if (clean) return absl::OkStatus();
+  return absl::InvalidArgumentError(StrCat(what, " ", read + 1, " of ", file, " cannot be read (",
+                                           reason, "); the file is refused"));
+}
+
 }  // namespace
 
 absl::StatusOr<CertificateId> IdentifyCertificate(std::string_view pem) {
@@ -39,8 +54,10 @@ absl::StatusOr<CertificateId> IdentifyCertificate(std::string_view pem) {
   unsigned int size = 0;
   if (X509_digest(cert.get(), EVP_sha256(), digest, &size) != 1)
     return absl::InternalError("OpenSSL could not hash a certificate");
+  char cn[256] = "";
+  X509_NAME_get_text_by_NID(X509_get_subject_name(cert.get()), NID_commonName, cn, sizeof cn);
   return CertificateId{openssl::OneLine(X509_get_issuer_name(cert.get())),
-                       SerialHex(X509_get0_serialNumber(cert.get())), LowerHex(digest, size)};
+                       SerialHex(X509_get0_serialNumber(cert.get())), LowerHex(digest, size), cn};
 }
 
 absl::StatusOr<std::shared_ptr<const RevocationList>> RevocationList::Load(
@@ -88,8 +105,9 @@ absl::StatusOr<std::shared_ptr<const RevocationList>> RevocationList::Load(
       const X509_REVOKED* r = sk_X509_REVOKED_value(revoked, i);
       list->revoked_.insert(Key(issuer, SerialHex(X509_REVOKED_get0_serialNumber(r))));
     }
+    ERR_clear_error();  // so that what ends the loop is the next read's
   }
-  ERR_clear_error();
+  RETURN_IF_ERROR(EndOfPem(crl_file, "CRL", count));
   if (count == 0)
     return absl::InvalidArgumentError(
         StrCat(crl_file, " holds no PEM CRL (expected -----BEGIN X509 CRL-----)"));

@@ -19,6 +19,7 @@ struct CertificateId {
   std::string issuer;  // the issuer's name, one line ("/CN=fedlora run CA")
   std::string serial;  // upper-case hex, no leading zeros
   std::string sha256;  // of the DER encoding, lower-case hex: the certificate's fingerprint
+  std::string cn;      // the subject's common name
 };
 
 // The first certificate of `pem`; INVALID_ARGUMENT when there is none.

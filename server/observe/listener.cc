@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 #include <openssl/crypto.h>
+#include <openssl/pem.h>
 #include <openssl/sha.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
@@ -16,6 +17,7 @@
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/net/revocation.h"
 #include "server/observe/page.h"
 
 namespace fedlora::server {
@@ -23,16 +25,15 @@ namespace {
 
 using common::StrCat;
 
-// The common name of the verified client certificate of `ssl`, or "" when there is none.
-std::string VerifiedPeerName(const SSL* ssl) {
+// The verified client certificate of `ssl` in PEM, or "" when there is none.
+std::string VerifiedPeerPem(const SSL* ssl) {
   if (ssl == nullptr || SSL_get_verify_result(ssl) != X509_V_OK) return "";
-  X509* cert = SSL_get1_peer_certificate(ssl);
-  if (cert == nullptr) return "";
-  char name[256] = {};
-  const int n =
-      X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, name, sizeof(name));
-  X509_free(cert);
-  return n > 0 ? std::string(name, static_cast<size_t>(n)) : "";
+  std::unique_ptr<X509, decltype(&X509_free)> cert(SSL_get1_peer_certificate(ssl), X509_free);
+  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
+  if (!cert || !bio || PEM_write_bio_X509(bio.get(), cert.get()) != 1) return "";
+  char* data = nullptr;
+  const long n = BIO_get_mem_data(bio.get(), &data);
+  return std::string(data, static_cast<size_t>(n));
 }
 
 std::array<unsigned char, SHA256_DIGEST_LENGTH> Digest(std::string_view text) {
@@ -45,9 +46,9 @@ std::array<unsigned char, SHA256_DIGEST_LENGTH> Digest(std::string_view text) {
 // certificate or token.
 struct Access {
   bool open = true;
-  std::string token;                // "Authorization: Bearer <token>" admits
-  std::set<std::string> operators;  // a verified client certificate with one of these names admits
-  std::set<std::string> hosts;      // when open: the Host headers a request may carry
+  std::string token;                        // "Authorization: Bearer <token>" admits
+  MetricsListener::IsOperator is_operator;  // a verified operator's certificate admits (null: none)
+  std::set<std::string> hosts;              // when open: the Host headers a request may carry
 
   bool Admits(const httplib::Request& req) const {
     // A web page the operator's browser visits could otherwise read a loopback listener through
@@ -58,11 +59,14 @@ struct Access {
         CRYPTO_memcmp(Digest(req.get_header_value("Authorization")).data(),
                       Digest("Bearer " + token).data(), SHA256_DIGEST_LENGTH) == 0)
       return true;
-    return !operators.empty() && operators.contains(VerifiedPeerName(req.ssl));
+    if (!is_operator) return false;
+    const std::string pem = VerifiedPeerPem(req.ssl);
+    return !pem.empty() && is_operator(pem);
   }
 };
 
-absl::StatusOr<Access> AccessOf(const ServerOptions& o, bool loopback) {
+absl::StatusOr<Access> AccessOf(const ServerOptions& o, bool loopback,
+                                MetricsListener::IsOperator is_operator) {
   Access access;
   if (!o.metrics_token_file.empty()) {
     ASSIGN_OR_RETURN(std::string token,
@@ -74,8 +78,15 @@ absl::StatusOr<Access> AccessOf(const ServerOptions& o, bool loopback) {
                                                " is empty; it must hold the bearer token"));
     access.token = std::move(token);
   }
-  if (!loopback && !o.client_ca.empty())
-    access.operators = std::set<std::string>(o.operators.begin(), o.operators.end());
+  if (!loopback && !o.client_ca.empty() && !o.operators.empty()) {
+    access.is_operator = is_operator
+                             ? std::move(is_operator)
+                             : [operators = std::set<std::string>(
+                                    o.operators.begin(), o.operators.end())](std::string_view pem) {
+                                 auto id = common::IdentifyCertificate(pem);
+                                 return id.ok() && operators.contains(id->cn);
+                               };
+  }
   access.open = loopback && access.token.empty();
   return access;
 }
@@ -124,10 +135,10 @@ class BoundedPool final : public httplib::TaskQueue {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(
-    const ServerOptions& o, std::shared_ptr<const RunView> view) {
+    const ServerOptions& o, std::shared_ptr<const RunView> view, IsOperator is_operator) {
   ASSIGN_OR_RETURN(const HostPort at, ParseHostPort(o.metrics_listen, "metrics_listen"));
   const bool loopback = IsLoopback(at.host);
-  ASSIGN_OR_RETURN(Access access, AccessOf(o, loopback));
+  ASSIGN_OR_RETURN(Access access, AccessOf(o, loopback, std::move(is_operator)));
   std::unique_ptr<MetricsListener> l(new MetricsListener());
   l->view_ = std::move(view);
   if (loopback) {
@@ -193,7 +204,7 @@ absl::StatusOr<std::unique_ptr<MetricsListener>> MetricsListener::Start(
   spdlog::info("metrics and the live page on {}://{}:{}/ ({})", loopback ? "http" : "https",
                at.host, l->port_,
                access.open ? "anyone on this machine"
-               : !access.token.empty() && !access.operators.empty()
+               : !access.token.empty() && access.is_operator
                    ? "operators' certificates or the bearer token"
                : access.token.empty() ? "operators' certificates"
                                       : "the bearer token");

@@ -10,6 +10,7 @@
 #define FEDLORA_SERVER_OBSERVE_LISTENER_H_
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -26,9 +27,14 @@ namespace fedlora::server {
 
 class MetricsListener {
  public:
+  // Whether the verified client certificate `pem` is an operator's now (the coordinator's current
+  // operator list and CRL: CoordinatorService::IsOperator).
+  using IsOperator = std::function<bool(std::string_view pem)>;
   // Listens on options.metrics_listen (port 0: one the system picks) and serves `view`.
-  static absl::StatusOr<std::unique_ptr<MetricsListener>> Start(
-      const ServerOptions& options, std::shared_ptr<const RunView> view);
+  // `is_operator` null: a common name in options.operators.
+  static absl::StatusOr<std::unique_ptr<MetricsListener>> Start(const ServerOptions& options,
+                                                                std::shared_ptr<const RunView> view,
+                                                                IsOperator is_operator = nullptr);
   ~MetricsListener();  // stops listening; requests in flight finish first
 
   int port() const { return port_; }

@@ -265,6 +265,8 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::Upload(const std::string& client
   bool complete = false;
   {
     absl::MutexLock lock(&mu_);
+    // Removed between the session check and here: nothing of it is taken.
+    if (const std::string* why = clients_.RemovedWhy(client)) return Removed(client, *why);
     clients_.Touch(client, env_->Now());
     ClientInfo* info = clients_.Find(client);
     if (info != nullptr) sender.joined = info->num_examples;
@@ -308,6 +310,7 @@ absl::StatusOr<v1::UploadResponse> RoundEngine::FinishUpload(const std::string& 
   absl::StatusOr<v1::UploadResponse> response = v1::UploadResponse();
   {
     absl::MutexLock lock(&mu_);
+    if (const std::string* why = clients_.RemovedWhy(client)) return Removed(client, *why);
     const PendingUpload* up = uploads_.Find(client);
     if (lifecycle_->gate() != gate || up == nullptr || !up->verifying) {
       return WithReason(absl::FailedPreconditionError(StrCat(
@@ -428,12 +431,22 @@ absl::StatusOr<std::string> RoundEngine::Remove(const std::string& client, const
       return absl::FailedPreconditionError(StrCat(client, " was ", *earlier));
     if (lifecycle_->phase() == Lifecycle::Phase::kDone)
       return absl::FailedPreconditionError("the run is over: there is nothing to remove from");
+    // Only a client that joined: a name that never did would lower the clients a restarted run
+    // waits for. One that has not joined is kept out by the allow-list.
+    if (clients_.Find(client) == nullptr) {
+      return absl::NotFoundError(
+          StrCat(client,
+                 " has not joined since the coordinator started; to keep out a site that "
+                 "has not joined, take it off allowed-clients (SIGHUP)"));
+    }
+    if (absl::Status st = store_.AddOperatorRemoval(client, why); !st.ok())
+      return store_.Unavailable(StrCat(client, "'s removal"), st);
     spdlog::warn("{}: {}", client, why);
     lifecycle_->Remove(client, why);
     CollectReadyLocked(&ready, /*all=*/true);
   }
   LongPolls::Deliver(ready);
-  return StrCat(client, " was ", why, "; it is recorded with the round");
+  return StrCat(client, " was ", why);
 }
 
 absl::StatusOr<std::string> RoundEngine::Pause(bool paused, const std::string& by) {
@@ -441,6 +454,8 @@ absl::StatusOr<std::string> RoundEngine::Pause(bool paused, const std::string& b
   std::string done;
   {
     absl::MutexLock lock(&mu_);
+    if (lifecycle_->phase() == Lifecycle::Phase::kDone)
+      return absl::FailedPreconditionError("the run is over: there is no round loop to pause");
     if (lifecycle_->paused() == paused)
       return absl::FailedPreconditionError(paused ? "the round loop is paused already"
                                                   : "the round loop is not paused");

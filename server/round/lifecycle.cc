@@ -251,13 +251,19 @@ void Lifecycle::Accepted(const std::string& client) {
 }
 
 void Lifecycle::Rejected(const std::string& client, absl::string_view why) {
-  // One strike per round: a node retries a refused update, and every chunk of an upload is checked.
-  if (++open_.rejected[client] == 1) CountRejection(client, why);
+  ++open_.rejected[client];
+  CountRejection(client, committed_, why);
 }
 
-void Lifecycle::CountRejection(const std::string& client, absl::string_view why) {
+void Lifecycle::CountRejection(const std::string& client, int64_t step, absl::string_view why) {
   ClientInfo* info = clients_.Find(client);
   if (info == nullptr || clients_.RemovedWhy(client) != nullptr) return;
+  // One strike per round (or Fed-SB initialisation step): a node retries a refused update, every
+  // chunk of an upload is checked, and a round without quorum is retried with new attempts.
+  if (const auto [it, first] = struck_.try_emplace(client, step); !first) {
+    if (it->second == step) return;
+    it->second = step;
+  }
   ++info->rejected_updates;
   if (options_.max_rejections == 0 || info->rejected_updates < options_.max_rejections) return;
   // `why` may quote what the client sent: the ledger keeps at most 200 bytes of it.
@@ -272,9 +278,9 @@ void Lifecycle::CountRejection(const std::string& client, absl::string_view why)
 }
 
 void Lifecycle::ReapplyRemovals(const Ledger& l) {
-  std::map<std::string, std::string> removed;
+  std::map<std::string, std::string> removed;  // the latest reason of each client wins
   const auto add = [&](const common::Participation& who) {
-    removed.insert(who.removed.begin(), who.removed.end());
+    for (const auto& [id, why] : who.removed) removed[id] = why;
   };
   if (l.init) {
     for (const FedSbInit::Step& step : l.init->steps) add(step.record.who);
@@ -283,17 +289,16 @@ void Lifecycle::ReapplyRemovals(const Ledger& l) {
     if (v.init_record) add(v.init_record->who);
     if (v.record) add(v.record->who);
   }
+  if (options_.max_rejections == 0 &&
+      std::erase_if(removed, [](const auto& r) { return !r.second.starts_with(kOperatorRemoval); }))
+    spdlog::info("with --max-rejections 0, clients removed for rejected updates take part again");
+  for (const auto& [id, why] : store_.operator_removals()) removed[id] = why;
   if (removed.empty()) return;
   std::vector<std::string> ids;
-  for (const auto& [id, why] : removed) ids.push_back(id);
-  if (options_.max_rejections == 0) {
-    spdlog::info(
-        "the run removed {}; with --max-rejections 0 those removed for rejected updates may take "
-        "part again",
-        fmt::join(ids, ", "));
-    std::erase_if(removed, [](const auto& r) { return !r.second.starts_with(kOperatorRemoval); });
+  for (const auto& [id, why] : removed) {
+    clients_.Remove(id, why);
+    ids.push_back(id);
   }
-  for (const auto& [id, why] : removed) clients_.Remove(id, why);
   spdlog::info("the run removed {}, who stay removed", fmt::join(ids, ", "));
 }
 
@@ -392,6 +397,7 @@ void Lifecycle::CommitInitStep() {
   }();
   if (!frozen.ok()) return CommitFailed(frozen.status(), "answers");
   commit_retry_.Succeeded();
+  ++committed_;
   const size_t arrived = uploads_.ArrivedCount();
   uploads_.Clear(round_);
   late_.clear();
@@ -422,6 +428,7 @@ void Lifecycle::Commit() {
   if (commit_retry_.pending())
     spdlog::info("round {}: committed after {} failed attempts", round_, commit_retry_.failures());
   commit_retry_.Succeeded();
+  const int64_t step = committed_++;
   // The round is done: everything below is in memory or derived from the ledger.
   for (const std::string& id : record->who.arrived)
     if (!record->norm_outliers.contains(id)) clients_.Find(id)->rounds_contributed++;
@@ -461,9 +468,9 @@ void Lifecycle::Commit() {
   // Counted once the round is over (recorded with the next): the update was accepted, and a
   // removal has no round to leave. After the last round, no round is left to be removed from.
   for (const auto& [id, norm] : done ? common::PerClientValue{} : record->norm_outliers) {
-    CountRejection(
-        id, StrCat("round ", record->round, " left its update out: its norm ", norm, " was over ",
-                   options_.max_update_norm_ratio, " × the round's median"));
+    CountRejection(id, step,
+                   StrCat("round ", record->round, " left its update out: its norm ", norm,
+                          " was over ", options_.max_update_norm_ratio, " × the round's median"));
   }
   HandOver(done);
   MaybeStart();
@@ -565,6 +572,7 @@ void Lifecycle::FillStatus(v1::StatusResponse& s) const {
   s.set_rounds(options_.rounds);
   s.set_state_version(store_.has_ledger() ? version() : -1);
   if (phase_ == Phase::kWaitingForClients) s.set_waiting_for(waiting_for_);
+  if (paused_ && phase_ == Phase::kTraining) s.set_waiting_for(paused_why_);
   s.set_phase(!failure_.ok()               ? "failed"
               : phase_ == Phase::kDone     ? "done"
               : closing()                  ? "closing (retrying the commit)"

@@ -131,7 +131,9 @@ class Lifecycle {
   // The removals recorded in `l` hold in this process too (unless --max-rejections is 0).
   void ReapplyRemovals(const Ledger& l);
   // Counts a rejected update of `client` in the run; at --max-rejections, removes the client.
-  void CountRejection(const std::string& client, absl::string_view why);
+  // Counts a rejected update of `client` in the round or step `step` (committed_ while it was
+  // open), once per step.
+  void CountRejection(const std::string& client, int64_t step, absl::string_view why);
   bool Answered(const std::string& client) const;
   bool EveryMemberAnswered() const;
   // Every member has answered, or the round's time is up: commits the round if the quorum
@@ -164,6 +166,8 @@ class Lifecycle {
   OpenRound open_;
   std::map<std::string, int64_t> late_;            // since the last commit: client → its round
   std::map<std::string, std::string> removed_;     // since the last commit: client → why
+  int64_t committed_ = 0;                          // rounds and init steps committed (this process)
+  std::map<std::string, int64_t> struck_;          // client → the last step it was struck in
   Retry commit_retry_;                             // the round is closing: its commit failed
   std::shared_ptr<const common::Adapter> frozen_;  // Fed-SB's B, A (R = 0), once the run has them
   absl::Status failure_;                           // set once it gives up

@@ -33,7 +33,7 @@ TEST(CertPinsTest, AJoinPinsTheCertificateARestartKeepsItAndUnpinningAdmitsAnoth
   EXPECT_EQ(DetailOf(other)->reason(), v1::ErrorDetail::CERTIFICATE);
   EXPECT_THAT(other.message(), HasSubstr("presented certificate sha256:bbbb; it is pinned to "
                                          "sha256:aaaa"));
-  EXPECT_THAT(other.message(), HasSubstr("fedlora admin unpin site-a"));
+  EXPECT_THAT(other.message(), HasSubstr("fedlora-client --admin unpin --admin-client site-a`"));
   ASSERT_TRUE(pins->Unpin("site-a").ok());
   EXPECT_TRUE(absl::IsNotFound(pins->Unpin("site-a")));
   EXPECT_TRUE(pins->Check("site-a", "bbbb", /*join=*/true).ok());

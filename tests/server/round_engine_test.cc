@@ -362,6 +362,30 @@ TEST_F(RoundEngineTest, ARemovedClientStaysRemovedAcrossARestart) {
   EXPECT_TRUE(h_.Join("c2").ok());
 }
 
+// A round retried without quorum is one round: a client that sends junk in each of its attempts is
+// struck once (regression: once per attempt, which removed it at --max-rejections 2 here).
+TEST_F(RoundEngineTest, JunkInEveryAttemptOfARoundIsOneStrike) {
+  h_.Stop();
+  h_.options().max_rejections = 2;
+  h_.options().round_deadline_s = 5;  // quorum 1: the round is retried without c2
+  ASSERT_TRUE(h_.Start().ok());
+  JoinAll();
+  for (int attempt = 1; attempt <= 2; ++attempt) {
+    const auto task = h_.Task("c2");
+    ASSERT_TRUE(task.ok());
+    ASSERT_EQ(task->kind(), v1::Task::TRAIN) << attempt;
+    const auto refused = h_.Send("c2", *task, "");
+    EXPECT_EQ(server::DetailOf(refused.status())->reason(), v1::ErrorDetail::REJECTED)
+        << attempt << ": " << refused.status();
+    Pass(std::chrono::seconds(7), {"c1", "c2", "c3"});  // the deadline passes; retried
+  }
+  const v1::StatusResponse status = h_.engine().GetStatus();
+  ASSERT_EQ(status.clients_size(), 3);
+  EXPECT_EQ(status.clients(1).id(), "c2");
+  EXPECT_EQ(status.clients(1).rejected_updates(), 1);
+  EXPECT_EQ(status.clients(1).removed(), "");
+}
+
 // An operator's removal drops the client's update even when it was accepted (the round is the
 // formula's mean of the other two), is recorded with the round, and outlasts a restart, even one
 // with --max-rejections 0 (which re-admits clients removed for rejected updates only). A paused
@@ -402,6 +426,16 @@ TEST_F(RoundEngineTest, AnOperatorsRemovalDropsAnAcceptedUpdateAndOutlastsRestar
   const absl::Status rejoin = h_.Join("c2");
   EXPECT_EQ(server::DetailOf(rejoin)->reason(), v1::ErrorDetail::REMOVED) << rejoin;
   EXPECT_THAT(rejoin.message(), HasSubstr("by operator ops: its key leaked"));
+
+  // Removed, then a restart before any round commits: still removed (removed.json).
+  ASSERT_TRUE(h_.Join("c1").ok());
+  ASSERT_TRUE(h_.Join("c3").ok());
+  ASSERT_TRUE(h_.engine().Remove("c3", "ops", "gone rogue").ok());
+  EXPECT_TRUE(absl::IsNotFound(h_.engine().Remove("c9", "ops", "never joined").status()));
+  h_.Stop();
+  ASSERT_TRUE(h_.Start().ok());
+  EXPECT_EQ(server::DetailOf(h_.Join("c3"))->reason(), v1::ErrorDetail::REMOVED);
+  EXPECT_EQ(server::DetailOf(h_.Join("c2"))->reason(), v1::ErrorDetail::REMOVED);
 }
 
 // Eight clients, each on a thread of its own, and a thread ticking the engine, as gRPC's threads

@@ -17,6 +17,7 @@ namespace fedlora::common {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using testing::ReadText;
 using testing::RunProgram;
 namespace fs = std::filesystem;
@@ -31,7 +32,7 @@ class CertsTest : public ::testing::Test {
     EXPECT_TRUE(RequestCertificate(dir_ / site, cn).ok());
     const fs::path out = dir_ / site / (cn + ".pem");
     auto id = SignRequest(dir_ / "ca", dir_ / site / (cn + ".csr"), out,
-                          {{"site-a", "site-b"}, reissue, 825});
+                          {.clients = {"site-a", "site-b"}, .reissue = reissue});
     EXPECT_TRUE(id.ok()) << id.status();
     return out;
   }
@@ -82,18 +83,18 @@ TEST_F(CertsTest, SigningRefusesNamesOffTheListRepeatsAndAlteredRequests) {
   // Not on the list.
   ASSERT_TRUE(RequestCertificate(dir_ / "other", "site-z").ok());
   auto refused = SignRequest(dir_ / "ca", dir_ / "other" / "site-z.csr", dir_ / "z.pem",
-                             {{"site-a", "site-b"}, false, 825});
+                             {.clients = {"site-a", "site-b"}});
   EXPECT_TRUE(absl::IsPermissionDenied(refused.status())) << refused.status();
   EXPECT_THAT(refused.status().message(), HasSubstr("'site-z' is not on the allow-list"));
   EXPECT_FALSE(fs::exists(dir_ / "z.pem"));
   // Issued already: only with reissue.
   ASSERT_TRUE(RequestCertificate(dir_ / "again", "site-a").ok());
   refused = SignRequest(dir_ / "ca", dir_ / "again" / "site-a.csr", dir_ / "a2.pem",
-                        {{"site-a"}, false, 825});
+                        {.clients = {"site-a"}});
   EXPECT_TRUE(absl::IsAlreadyExists(refused.status())) << refused.status();
   EXPECT_THAT(refused.status().message(), HasSubstr("--reissue"));
   EXPECT_TRUE(SignRequest(dir_ / "ca", dir_ / "again" / "site-a.csr", dir_ / "a2.pem",
-                          {{"site-a"}, true, 825})
+                          {.clients = {"site-a"}, .reissue = true})
                   .ok());
   // An altered request: its signature no longer verifies (the last byte of the DER is the
   // signature's).
@@ -108,7 +109,7 @@ TEST_F(CertsTest, SigningRefusesNamesOffTheListRepeatsAndAlteredRequests) {
   ASSERT_EQ(
       RunProgram({"openssl", "req", "-inform", "DER", "-in", csr + ".der", "-out", csr}).exit_code,
       0);
-  refused = SignRequest(dir_ / "ca", csr, dir_ / "b.pem", {{"site-b"}, false, 825});
+  refused = SignRequest(dir_ / "ca", csr, dir_ / "b.pem", {.clients = {"site-b"}});
   EXPECT_TRUE(absl::IsInvalidArgument(refused.status())) << refused.status();
   EXPECT_THAT(refused.status().message(), HasSubstr("does not verify"));
   // Names that could not name a file or a ledger entry, and a second CA in one directory.
@@ -117,6 +118,79 @@ TEST_F(CertsTest, SigningRefusesNamesOffTheListRepeatsAndAlteredRequests) {
   EXPECT_FALSE(CheckCommonName(std::string(65, 'a')).ok());
   EXPECT_TRUE(CheckCommonName("client-1").ok());
   EXPECT_TRUE(absl::IsAlreadyExists(InitAuthority(dir_ / "ca", {"localhost"})));
+  // An operator's name is signed only when the operator says so, and only an operator's.
+  ASSERT_TRUE(RequestCertificate(dir_ / "o", "ops").ok());
+  refused = SignRequest(dir_ / "ca", dir_ / "o" / "ops.csr", dir_ / "o" / "ops.pem",
+                        {.clients = {"site-a"}, .operators = {"ops"}});
+  EXPECT_THAT(refused.status().message(), HasSubstr("'ops' is an operator's name"));
+  refused = SignRequest(dir_ / "ca", dir_ / "other" / "site-z.csr", dir_ / "z.pem",
+                        {.clients = {"site-z"}, .operators = {"ops"}, .as_operator = true});
+  EXPECT_THAT(refused.status().message(), HasSubstr("'site-z' is not on the operator list"));
+  auto signed_op = SignRequest(dir_ / "ca", dir_ / "o" / "ops.csr", dir_ / "o" / "ops.pem",
+                               {.operators = {"ops"}, .as_operator = true});
+  ASSERT_TRUE(signed_op.ok()) << signed_op.status();
+  EXPECT_EQ(signed_op->cn, "ops");
+}
+
+// A request that asks to be a CA, for other names and for server authentication gets none of it:
+// the certificate carries the CA's own choice (checked by openssl's reading of it).
+TEST_F(CertsTest, WhatARequestAsksForBeyondItsKeyAndNameIsNotSigned) {
+  const std::string key = (dir_ / "evil.key").string(), csr = (dir_ / "evil.csr").string();
+  const auto made = RunProgram({"openssl",
+                                "req",
+                                "-new",
+                                "-newkey",
+                                "ec",
+                                "-pkeyopt",
+                                "ec_paramgen_curve:P-256",
+                                "-nodes",
+                                "-keyout",
+                                key,
+                                "-out",
+                                csr,
+                                "-subj",
+                                "/CN=site-a/O=Evil Corp",
+                                "-addext",
+                                "basicConstraints=critical,CA:TRUE",
+                                "-addext",
+                                "subjectAltName=DNS:coordinator",
+                                "-addext",
+                                "extendedKeyUsage=serverAuth"});
+  ASSERT_EQ(made.exit_code, 0) << made.output;
+  const fs::path out = dir_ / "evil.pem";
+  ASSERT_TRUE(SignRequest(dir_ / "ca", csr, out, {.clients = {"site-a"}}).ok());
+  const auto text = RunProgram({"openssl", "x509", "-in", out.string(), "-noout", "-subject",
+                                "-ext", "basicConstraints,extendedKeyUsage,subjectAltName"});
+  EXPECT_THAT(text.output, HasSubstr("subject=CN = site-a\n"));
+  EXPECT_THAT(text.output, HasSubstr("CA:FALSE"));
+  EXPECT_THAT(text.output, HasSubstr("TLS Web Client Authentication"));
+  EXPECT_THAT(text.output, Not(HasSubstr("Server")));
+  EXPECT_THAT(text.output, Not(HasSubstr("coordinator")));
+  EXPECT_THAT(text.output, Not(HasSubstr("Evil")));
+  // openssl refuses it to a TLS server.
+  const auto as_ca = RunProgram({"openssl", "verify", "-CAfile", (dir_ / "ca" / "ca.pem").string(),
+                                 "-purpose", "sslserver", out.string()});
+  EXPECT_NE(as_ca.exit_code, 0);
+}
+
+// The coordinator's certificate is signed for the names the operator gives, and a CA directory
+// is new (a trailing slash names the same one).
+TEST_F(CertsTest, TheCoordinatorRequestsItsCertificateLikeASite) {
+  ASSERT_TRUE(InitAuthority(dir_ / "offline/", {}).ok());
+  EXPECT_TRUE(fs::exists(dir_ / "offline" / "ca.key"));
+  EXPECT_FALSE(fs::exists(dir_ / "offline" / "server.key"));
+  ASSERT_TRUE(RequestCertificate(dir_ / "coord", "coordinator").ok());
+  ASSERT_TRUE(SignRequest(dir_ / "offline", dir_ / "coord" / "coordinator.csr",
+                          dir_ / "coord" / "server.pem",
+                          {.server_names = {"coordinator.example", "10.0.0.5"}})
+                  .ok());
+  const auto text = RunProgram({"openssl", "x509", "-in", (dir_ / "coord" / "server.pem").string(),
+                                "-noout", "-ext", "subjectAltName,extendedKeyUsage"});
+  EXPECT_THAT(text.output, HasSubstr("DNS:coordinator.example, IP Address:10.0.0.5"));
+  EXPECT_THAT(text.output, HasSubstr("TLS Web Server Authentication"));
+  EXPECT_FALSE(SignRequest(dir_ / "offline", dir_ / "coord" / "coordinator.csr",
+                           dir_ / "coord" / "x.pem", {.server_names = {"bad name"}})
+                   .ok());
 }
 
 TEST_F(CertsTest, ARevokedCertificateIsInTheCrlAndOnlyIt) {
@@ -124,7 +198,9 @@ TEST_F(CertsTest, ARevokedCertificateIsInTheCrlAndOnlyIt) {
   const fs::path new_cert = Enrol("site-a", "site2", /*reissue=*/true);
   const fs::path b = Enrol("site-b", "site3");
   const std::string old_serial = OpenSsl(old_cert, "-serial");
-  auto revoked = Revoke(dir_ / "ca", "site-a", old_serial);
+  std::string lower = "00" + old_serial;  // as a person might type it
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  auto revoked = Revoke(dir_ / "ca", "site-a", lower);
   ASSERT_TRUE(revoked.ok()) << revoked.status();
   EXPECT_EQ(*revoked, std::vector<std::string>{old_serial});
   EXPECT_TRUE(absl::IsNotFound(Revoke(dir_ / "ca", "site-a", old_serial).status()));
@@ -159,7 +235,7 @@ TEST_F(CertsTest, ACrlOfAnotherCaOrNoCrlAtAllIsRefused) {
   ASSERT_TRUE(InitAuthority(dir_ / "other", {"localhost"}).ok());
   ASSERT_TRUE(RequestCertificate(dir_ / "s", "site-a").ok());
   ASSERT_TRUE(SignRequest(dir_ / "other", dir_ / "s" / "site-a.csr", dir_ / "s" / "a.pem",
-                          {{"site-a"}, false, 825})
+                          {.clients = {"site-a"}})
                   .ok());
   ASSERT_TRUE(Revoke(dir_ / "other", "site-a", "").ok());
   std::vector<std::string> warnings;
@@ -170,6 +246,20 @@ TEST_F(CertsTest, ACrlOfAnotherCaOrNoCrlAtAllIsRefused) {
   list = RevocationList::Load((dir_ / "ca" / "ca.pem").string(), (dir_ / "ca" / "ca.pem").string(),
                               &warnings);
   EXPECT_THAT(list.status().message(), HasSubstr("holds no PEM CRL"));
+  // A damaged second CRL refuses the file: it must not end the list quietly.
+  ASSERT_TRUE(RequestCertificate(dir_ / "t", "site-b").ok());
+  ASSERT_TRUE(SignRequest(dir_ / "ca", dir_ / "t" / "site-b.csr", dir_ / "t" / "b.pem",
+                          {.clients = {"site-b"}})
+                  .ok());
+  ASSERT_TRUE(Revoke(dir_ / "ca", "site-b", "").ok());
+  const std::string good = ReadText(dir_ / "ca" / "crl.pem");
+  std::string damaged = good;
+  damaged[damaged.size() / 2] = '!';
+  std::ofstream(dir_ / "two.pem") << good << damaged;
+  list = RevocationList::Load((dir_ / "two.pem").string(), (dir_ / "ca" / "ca.pem").string(),
+                              &warnings);
+  EXPECT_TRUE(absl::IsInvalidArgument(list.status())) << list.status();
+  EXPECT_THAT(list.status().message(), HasSubstr("CRL 2 of"));
 }
 
 }  // namespace
