@@ -61,7 +61,9 @@ absl::Status CertPins::Check(const std::string& client, const std::string& sha25
           client, " presented certificate sha256:", sha256, "; it is pinned to sha256:", it->second,
           " (--pin-client-certs). If the site's certificate was reissued, an operator admits the "
           "new one with `fedlora-client --admin unpin --admin-client ",
-          client, "`")),
+          client,
+          "` (an operator's own pin, when no other operator can: stop the coordinator and "
+          "delete its entry from pins.json in the state directory)")),
       v1::ErrorDetail::CERTIFICATE);
 }
 

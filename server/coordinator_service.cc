@@ -122,6 +122,11 @@ absl::StatusOr<std::string> CoordinatorService::Identify(grpc::CallbackServerCon
   }
   if (caller == Caller::kJoin) {
     absl::MutexLock lock(&membership_mu_);
+    // A SIGHUP's CRL installed since the check above has not seen this join: check it here, where
+    // a later one will see it in joined_with_.
+    if (membership_.crl != nullptr && membership_.crl != crl && membership_.crl->Revoked(*cert))
+      return absl::PermissionDeniedError(
+          common::StrCat(id, "'s certificate (serial ", cert->serial, ") was just revoked"));
     joined_with_[id] = *cert;
   }
   return id;
@@ -135,7 +140,7 @@ bool CoordinatorService::IsOperator(std::string_view pem) {
     if (!membership_.operators.contains(cert->cn)) return false;
     if (membership_.crl != nullptr && membership_.crl->Revoked(*cert)) return false;
   }
-  return pins_ == nullptr || pins_->Check(cert->cn, cert->sha256, /*join=*/false).ok();
+  return pins_ == nullptr || pins_->Check(cert->cn, cert->sha256, /*join=*/true).ok();
 }
 
 std::map<std::string, std::string> CoordinatorService::SetMembership(Membership membership) {

@@ -47,7 +47,8 @@ class CoordinatorService final : public v1::Coordinator::CallbackService {
       ABSL_LOCKS_EXCLUDED(membership_mu_);
 
   // Whether the client certificate `pem` is an operator's now: its name on the operator list, not
-  // revoked, and (with pins) the one its name is pinned to, if pinned. For the metrics listener.
+  // revoked, and (with pins) the one its name is pinned to, or pinned now. For the metrics
+  // listener.
   bool IsOperator(std::string_view pem) ABSL_LOCKS_EXCLUDED(membership_mu_);
 
   grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* context,

@@ -63,16 +63,16 @@ std::string Diff(const std::vector<std::string>& before, const std::vector<std::
   return changes.empty() ? "unchanged" : fedlora::common::StrJoin(changes, " ");
 }
 
-// Who may call, by `o`: its lists, and its CRL read and checked against `client_ca` (the one the
-// coordinator's TLS uses; what to fix when it cannot be).
+// Who may call, by `o`: its lists, and its CRL read and checked against `client_ca_pem` (what the
+// coordinator's TLS read at start from o.client_ca; what to fix when it cannot be).
 absl::StatusOr<fedlora::server::Membership> MembershipOf(const ServerOptions& o,
-                                                         const std::string& client_ca) {
+                                                         const std::string& client_ca_pem) {
   fedlora::server::Membership m{{o.allowed_clients.begin(), o.allowed_clients.end()},
                                 {o.operators.begin(), o.operators.end()},
                                 nullptr};
   if (o.crl.empty()) return m;
   std::vector<std::string> warnings;
-  auto crl = fedlora::common::RevocationList::Load(o.crl, client_ca, &warnings);
+  auto crl = fedlora::common::RevocationList::Load(o.crl, client_ca_pem, o.client_ca, &warnings);
   if (!crl.ok()) return crl.status();
   for (const std::string& w : warnings) spdlog::warn("{}", w);
   m.crl = *std::move(crl);
@@ -88,7 +88,7 @@ std::string DescribeCrl(const fedlora::server::Membership& m) {
 // SIGHUP: the command line and config file are read again. The allow-list and the operator list
 // take effect at once, and an identity taken off the allow-list leaves the run now; a file that
 // does not parse or validate keeps every old setting, and says why.
-void Reload(int argc, char** argv, ServerOptions& current,
+void Reload(int argc, char** argv, ServerOptions& current, const std::string& client_ca_pem,
             fedlora::server::CoordinatorService& service, fedlora::server::RoundEngine& engine) {
   ServerOptions next;
   MainOptions m;
@@ -118,7 +118,12 @@ void Reload(int argc, char** argv, ServerOptions& current,
         "the coordinator runs; restart it");
     return;
   }
-  auto membership = MembershipOf(next, current.client_ca);  // TLS keeps the CA it started with
+  if (next.client_ca != current.client_ca)
+    spdlog::warn(
+        "SIGHUP: client_ca changed to {}; it takes effect when the coordinator restarts "
+        "(CRLs are checked against the CA it started with)",
+        next.client_ca);
+  auto membership = MembershipOf(next, client_ca_pem);
   if (!membership.ok()) {
     spdlog::error("SIGHUP: keeping the old settings: {}", membership.status().message());
     return;
@@ -202,7 +207,17 @@ int main(int argc, char** argv) {
   }
   fedlora::common::RouteGrpcLog([view = (*engine)->view()] { view->CountHandshakeFailure(); });
   fedlora::server::Ticker ticker(engine->get());
-  auto membership = MembershipOf(options, options.client_ca);
+  std::string client_ca_pem;  // as the TLS read it: CRLs are checked against it, also after SIGHUP
+  if (!options.client_ca.empty()) {
+    auto pem = fedlora::common::ReadFileToString(options.client_ca);
+    if (!pem.ok()) {
+      std::fprintf(stderr, "error: cannot read client_ca %s: %s\n", options.client_ca.c_str(),
+                   std::string(pem.status().message()).c_str());
+      return 2;
+    }
+    client_ca_pem = *std::move(pem);
+  }
+  auto membership = MembershipOf(options, client_ca_pem);
   if (!membership.ok()) {
     std::fprintf(stderr, "error: %s\n", std::string(membership.status().message()).c_str());
     return 2;
@@ -258,7 +273,7 @@ int main(int argc, char** argv) {
   for (int tick = 1; !signals.stop(); ++tick) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
     if (metrics && tick % 10 == 0) (*engine)->PublishStatus();  // what /metrics and the page show
-    if (reload_request.Take()) Reload(argc, argv, options, service, **engine);
+    if (reload_request.Take()) Reload(argc, argv, options, client_ca_pem, service, **engine);
     if (export_request.Take()) {
       spdlog::info("SIGUSR1: exporting the latest version");
       if (absl::Status st = (*engine)->ExportNow(); !st.ok())

@@ -70,7 +70,15 @@ absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* en
     }
   }
   const fs::path ledger = dir / "ledger.json";
-  if (!fs::exists(ledger)) return store;
+  if (!fs::exists(ledger)) {
+    if (!store.removals_.empty()) {
+      return absl::FailedPreconditionError(
+          StrCat("state directory ", dir.string(),
+                 " holds removed.json but no ledger.json: the "
+                 "removals belong to a run that is gone; delete removed.json to start a new one"));
+    }
+    return store;
+  }
   ASSIGN_OR_RETURN(Ledger loaded, common::ReadLedger(ledger));
   for (const Version& v : loaded.versions) {
     for (const BlobRef& b : v.blobs) {

@@ -83,7 +83,8 @@ absl::StatusOr<Cert> Sign(EVP_PKEY* key, const std::string& cn, X509* issuer, EV
   return cert;
 }
 
-// Writes a private key to `path` atomically, created mode 0600 (the umask is 077 meanwhile).
+// Writes a private key to `path` atomically: its file is created under umask 077, and made the
+// owner's alone before the first byte (a temporary file someone else planted fails here).
 absl::Status WriteKey(const fs::path& path, EVP_PKEY* key) {
   ASSIGN_OR_RETURN(const std::string pem, Pem(
                                               [&](BIO* b) {
@@ -91,10 +92,17 @@ absl::Status WriteKey(const fs::path& path, EVP_PKEY* key) {
                                                     b, key, nullptr, nullptr, 0, nullptr, nullptr);
                                               },
                                               "private key"));
-  const mode_t umask_was = umask(077);
-  absl::Status st = WriteFileAtomically(path, pem);
-  umask(umask_was);
-  return st;
+  struct Umask {
+    const mode_t was = umask(077);
+    ~Umask() { umask(was); }
+  } restrict_new_files;
+  return WriteFileAtomically(path, [&](std::FILE* f) -> absl::Status {
+    if (fchmod(fileno(f), S_IRUSR | S_IWUSR) != 0)
+      return absl::InternalError(StrCat("cannot restrict ", path.string(), " to its owner"));
+    if (std::fwrite(pem.data(), 1, pem.size(), f) != pem.size())
+      return absl::InternalError(StrCat("cannot write ", path.string()));
+    return absl::OkStatus();
+  });
 }
 
 absl::Status WriteCert(const fs::path& path, X509* cert) {
@@ -198,7 +206,8 @@ struct Authority {
     for (const nlohmann::json& c : ok ? a.issued["certificates"] : nlohmann::json::array()) {
       ok = ok && c.is_object() && c.value("cn", nlohmann::json()).is_string() &&
            c.value("serial", nlohmann::json()).is_string() &&
-           c.value("revoked", nlohmann::json()).is_boolean();
+           c.value("revoked", nlohmann::json()).is_boolean() &&
+           c.value("not_after", nlohmann::json("")).is_string();
     }
     if (!ok) {
       return absl::InvalidArgumentError(
@@ -220,11 +229,18 @@ std::string Utc(const ASN1_TIME* t) {
   return out;
 }
 
-// "0a1B" → "A1B": a serial as the coordinator and issued.json write it.
-std::string NormalSerial(std::string hex) {
-  for (char& c : hex) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  const size_t first = hex.find_first_not_of('0');
-  return first == std::string::npos ? "0" : hex.substr(first);
+// "00a1B" → "0A1B": a serial as OpenSSL writes it (upper case, whole bytes), as the coordinator
+// and issued.json have it; "" when `hex` is not hex.
+std::string NormalSerial(const std::string& hex) {
+  BIGNUM* bn = nullptr;
+  if (hex.empty() || hex.find_first_not_of("0123456789abcdefABCDEF") != std::string::npos ||
+      BN_hex2bn(&bn, hex.c_str()) != static_cast<int>(hex.size()))
+    return "";
+  std::unique_ptr<BIGNUM, openssl::Deleter<BN_free>> owned(bn);
+  char* out = BN_bn2hex(bn);
+  std::string normal = out ? out : "";
+  OPENSSL_free(out);
+  return normal;
 }
 
 // The directory `dir` names, without a trailing slash ("ca/" → "ca").
@@ -349,7 +365,16 @@ absl::StatusOr<CertificateId> SignRequest(const fs::path& ca_dir, const fs::path
                          : StrJoin(std::vector<std::string>(names.begin(), names.end()), ",");
   };
   if (!options.server_names.empty()) {
-    // The coordinator's: its names are the operator's, not the request's.
+    // The coordinator's: its DNS names are the operator's, not the request's; its common name
+    // must not be one a client or an operator has.
+    if (options.as_operator)
+      return absl::InvalidArgumentError("--server-name and --operator: a certificate is one kind");
+    if (options.clients.contains(cn) || options.operators.contains(cn)) {
+      return absl::PermissionDeniedError(
+          StrCat("'", cn,
+                 "' is a client's or an operator's name; the coordinator's request needs its own "
+                 "(e.g. --cn coordinator)"));
+    }
   } else if (options.operators.contains(cn) != options.as_operator) {
     return absl::PermissionDeniedError(
         options.as_operator
@@ -392,6 +417,9 @@ absl::StatusOr<CertificateId> SignRequest(const fs::path& ca_dir, const fs::path
 absl::StatusOr<std::vector<std::string>> Revoke(const fs::path& ca_dir, const std::string& cn,
                                                 const std::string& given_serial) {
   const std::string serial = given_serial.empty() ? "" : NormalSerial(given_serial);
+  if (!given_serial.empty() && serial.empty())
+    return absl::InvalidArgumentError(
+        StrCat("--serial ", given_serial.substr(0, 80), ": expected hexadecimal digits"));
   ASSIGN_OR_RETURN(Authority authority, Authority::Open(ca_dir));
   std::vector<std::string> now;
   for (nlohmann::json& c : authority.issued["certificates"]) {

@@ -54,27 +54,38 @@ absl::StatusOr<CertificateId> IdentifyCertificate(std::string_view pem) {
   unsigned int size = 0;
   if (X509_digest(cert.get(), EVP_sha256(), digest, &size) != 1)
     return absl::InternalError("OpenSSL could not hash a certificate");
-  char cn[256] = "";
-  X509_NAME_get_text_by_NID(X509_get_subject_name(cert.get()), NID_commonName, cn, sizeof cn);
+  // The common name whole, as gRPC reads it: one, without NUL bytes (a name that reads
+  // differently cut at a NUL could pass for another).
+  const X509_NAME* subject = X509_get_subject_name(cert.get());
+  const int at = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+  std::string cn;
+  if (at >= 0) {
+    const ASN1_STRING* data = X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, at));
+    cn.assign(reinterpret_cast<const char*>(ASN1_STRING_get0_data(data)),
+              static_cast<size_t>(ASN1_STRING_length(data)));
+  }
+  if (at >= 0 && (X509_NAME_get_index_by_NID(subject, NID_commonName, at) >= 0 ||
+                  cn.find('\0') != std::string::npos))
+    return absl::InvalidArgumentError("a certificate with several common names, or a NUL in one");
   return CertificateId{openssl::OneLine(X509_get_issuer_name(cert.get())),
                        SerialHex(X509_get0_serialNumber(cert.get())), LowerHex(digest, size), cn};
 }
 
 absl::StatusOr<std::shared_ptr<const RevocationList>> RevocationList::Load(
-    const std::string& crl_file, const std::string& ca_file, std::vector<std::string>* warnings) {
+    const std::string& crl_file, std::string_view ca_pem, const std::string& ca_file,
+    std::vector<std::string>* warnings) {
   auto text = ReadFileToString(crl_file);
   if (!text.ok())
     return absl::InvalidArgumentError(
         StrCat("cannot read the CRL file ", crl_file, ": ", text.status().message()));
-  auto ca_text = ReadFileToString(ca_file);
-  if (!ca_text.ok())
-    return absl::InvalidArgumentError(
-        StrCat("cannot read the client CA ", ca_file, ": ", ca_text.status().message()));
   std::vector<openssl::Cert> cas;
-  openssl::Bio ca_bio = openssl::MemoryBio(*ca_text);
+  ERR_clear_error();
+  openssl::Bio ca_bio = openssl::MemoryBio(ca_pem);
   while (X509* ca = PEM_read_bio_X509(ca_bio.get(), nullptr, nullptr, nullptr))
     cas.emplace_back(ca);
-  ERR_clear_error();
+  RETURN_IF_ERROR(EndOfPem(ca_file, "certificate", static_cast<int>(cas.size())));
+  if (cas.empty())
+    return absl::InvalidArgumentError(StrCat("the client CA ", ca_file, " holds no certificate"));
   auto list = std::make_shared<RevocationList>();
   list->file_ = crl_file;
   openssl::Bio bio = openssl::MemoryBio(*text);

@@ -17,7 +17,7 @@ namespace fedlora::common {
 // A certificate as the coordinator names it.
 struct CertificateId {
   std::string issuer;  // the issuer's name, one line ("/CN=fedlora run CA")
-  std::string serial;  // upper-case hex, no leading zeros
+  std::string serial;  // upper-case hex of whole bytes, as OpenSSL writes it
   std::string sha256;  // of the DER encoding, lower-case hex: the certificate's fingerprint
   std::string cn;      // the subject's common name
 };
@@ -29,10 +29,12 @@ absl::StatusOr<CertificateId> IdentifyCertificate(std::string_view pem);
 class RevocationList {
  public:
   // Reads every CRL of `crl_file` (one or more, PEM). Each must be signed by a CA certificate of
-  // `ca_file` (the client CA bundle), or the file is refused, saying which CRL and whose signature
-  // it lacks. A CRL past its next update still counts (its revocations stand); `warnings` says so.
+  // `ca_pem` (the client CA bundle, read from `ca_file`), or the file is refused, saying which CRL
+  // and whose signature it lacks; so is a file with a damaged block. A CRL past its next update
+  // still counts (its revocations stand); `warnings` says so.
   static absl::StatusOr<std::shared_ptr<const RevocationList>> Load(
-      const std::string& crl_file, const std::string& ca_file, std::vector<std::string>* warnings);
+      const std::string& crl_file, std::string_view ca_pem, const std::string& ca_file,
+      std::vector<std::string>* warnings);
 
   bool Revoked(const CertificateId& cert) const {
     return revoked_.contains(Key(cert.issuer, cert.serial));

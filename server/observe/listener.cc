@@ -78,7 +78,7 @@ absl::StatusOr<Access> AccessOf(const ServerOptions& o, bool loopback,
                                                " is empty; it must hold the bearer token"));
     access.token = std::move(token);
   }
-  if (!loopback && !o.client_ca.empty() && !o.operators.empty()) {
+  if (!loopback && !o.client_ca.empty()) {  // operators may come with a SIGHUP
     access.is_operator = is_operator
                              ? std::move(is_operator)
                              : [operators = std::set<std::string>(

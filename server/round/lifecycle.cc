@@ -292,7 +292,11 @@ void Lifecycle::ReapplyRemovals(const Ledger& l) {
   if (options_.max_rejections == 0 &&
       std::erase_if(removed, [](const auto& r) { return !r.second.starts_with(kOperatorRemoval); }))
     spdlog::info("with --max-rejections 0, clients removed for rejected updates take part again");
-  for (const auto& [id, why] : store_.operator_removals()) removed[id] = why;
+  for (const auto& [id, why] : store_.operator_removals()) {
+    // Removed by an operator before the restart, but no round recorded it: the next one does.
+    if (!removed.contains(id)) removed_[id] = why;
+    removed[id] = why;
+  }
   if (removed.empty()) return;
   std::vector<std::string> ids;
   for (const auto& [id, why] : removed) {

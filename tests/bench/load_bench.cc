@@ -326,7 +326,7 @@ int Idle(const Options& o, pid_t server, Run& run) {
   if (o.scrapes > 0) {
     const int port =
         std::stoi(fedlora::testing::WaitForFile(o.work / "metrics.port", std::chrono::seconds(10)));
-    std::this_thread::sleep_for(std::chrono::seconds(2));  // the status published with every join
+    std::this_thread::sleep_for(std::chrono::seconds(2));  // the status, published once a second
     httplib::Client http("127.0.0.1", port);
     for (const char* path : {"/metrics", "/api/run"}) {
       size_t bytes = 0;

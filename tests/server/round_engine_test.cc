@@ -436,6 +436,11 @@ TEST_F(RoundEngineTest, AnOperatorsRemovalDropsAnAcceptedUpdateAndOutlastsRestar
   ASSERT_TRUE(h_.Start().ok());
   EXPECT_EQ(server::DetailOf(h_.Join("c3"))->reason(), v1::ErrorDetail::REMOVED);
   EXPECT_EQ(server::DetailOf(h_.Join("c2"))->reason(), v1::ErrorDetail::REMOVED);
+  // ... and the next round records it, which no round had.
+  ASSERT_TRUE(h_.Join("c1").ok());
+  Train("c1");
+  ASSERT_EQ(LedgerVersions(state()), std::vector<int64_t>({0, 1, 2, 3}));
+  EXPECT_EQ(Metrics().back()["removed"]["c3"], "removed from the run by operator ops: gone rogue");
 }
 
 // Eight clients, each on a thread of its own, and a thread ticking the engine, as gRPC's threads

@@ -7,6 +7,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include "common/base/file_util.h"
 #include "common/tensor/blob.h"
 #include "tests/scratch_dir.h"
@@ -117,6 +119,25 @@ TEST(StateStoreTest, ADamagedStateDirectoryIsRefusedWithWhatIsWrong) {
   EXPECT_THAT(StateStore::Open(dir.path(), &env).status().message(), HasSubstr("not valid JSON"));
 }
 
+// Operators' removals: kept in removed.json, refused when malformed or when their run is gone.
+TEST(StateStoreTest, OperatorRemovalsAreKeptAndAStrayFileIsRefused) {
+  testing_dir dir;
+  const std::filesystem::path state = dir.path() / "state";
+  {
+    auto store = StateStore::Open(state, common::Env::Default());
+    ASSERT_TRUE(store.ok()) << store.status();
+    ASSERT_TRUE(store->AddOperatorRemoval("c2", "removed from the run by operator ops: x").ok());
+    EXPECT_EQ(store->operator_removals().at("c2"), "removed from the run by operator ops: x");
+  }
+  // No ledger.json: the removals belong to a run that is gone.
+  auto reopened = StateStore::Open(state, common::Env::Default());
+  EXPECT_TRUE(absl::IsFailedPrecondition(reopened.status())) << reopened.status();
+  EXPECT_THAT(reopened.status().message(), HasSubstr("removed.json but no ledger.json"));
+  std::ofstream(state / "removed.json") << "{\"c2\": 7}";
+  reopened = StateStore::Open(state, common::Env::Default());
+  EXPECT_TRUE(absl::IsDataLoss(reopened.status())) << reopened.status();
+}
+
 }  // namespace
 }  // namespace fedlora::server
 
@@ -128,7 +149,8 @@ namespace {
 // target. Each entry of the state directory that is a link is refused at open, naming it and
 // where it points, and the link's target is left as it was.
 TEST(StateStoreTest, RefusesLinksInTheStateDirectoryNamingThem) {
-  for (const std::string entry : {"ledger.json", "metrics.jsonl", "blobs", "incoming", "export"}) {
+  for (const std::string entry :
+       {"ledger.json", "metrics.jsonl", "removed.json", "blobs", "incoming", "export"}) {
     testing_dir dir;
     const std::filesystem::path elsewhere = dir.path() / "elsewhere", state = dir.path() / "state";
     std::filesystem::create_directories(elsewhere);

@@ -217,7 +217,7 @@ TEST_F(CertsTest, ARevokedCertificateIsInTheCrlAndOnlyIt) {
     EXPECT_EQ(r.exit_code, 0) << r.output;
   }
   std::vector<std::string> warnings;
-  auto list = RevocationList::Load(crl, ca, &warnings);
+  auto list = RevocationList::Load(crl, ReadText(ca), ca, &warnings);
   ASSERT_TRUE(list.ok()) << list.status();
   EXPECT_TRUE(warnings.empty());
   EXPECT_EQ((*list)->size(), 1u);
@@ -226,7 +226,7 @@ TEST_F(CertsTest, ARevokedCertificateIsInTheCrlAndOnlyIt) {
   EXPECT_FALSE((*list)->Revoked(*IdentifyCertificate(ReadText(b))));
   // Revoking by name takes every certificate of it that stands.
   ASSERT_TRUE(Revoke(dir_ / "ca", "site-a", "").ok());
-  list = RevocationList::Load(crl, ca, &warnings);
+  list = RevocationList::Load(crl, ReadText(ca), ca, &warnings);
   ASSERT_TRUE(list.ok());
   EXPECT_EQ((*list)->size(), 2u);
 }
@@ -239,12 +239,12 @@ TEST_F(CertsTest, ACrlOfAnotherCaOrNoCrlAtAllIsRefused) {
                   .ok());
   ASSERT_TRUE(Revoke(dir_ / "other", "site-a", "").ok());
   std::vector<std::string> warnings;
-  auto list = RevocationList::Load((dir_ / "other" / "crl.pem").string(),
-                                   (dir_ / "ca" / "ca.pem").string(), &warnings);
+  const std::string ca = (dir_ / "ca" / "ca.pem").string();
+  auto list =
+      RevocationList::Load((dir_ / "other" / "crl.pem").string(), ReadText(ca), ca, &warnings);
   EXPECT_TRUE(absl::IsInvalidArgument(list.status()));
   EXPECT_THAT(list.status().message(), HasSubstr("is not signed by a CA certificate"));
-  list = RevocationList::Load((dir_ / "ca" / "ca.pem").string(), (dir_ / "ca" / "ca.pem").string(),
-                              &warnings);
+  list = RevocationList::Load(ca, ReadText(ca), ca, &warnings);
   EXPECT_THAT(list.status().message(), HasSubstr("holds no PEM CRL"));
   // A damaged second CRL refuses the file: it must not end the list quietly.
   ASSERT_TRUE(RequestCertificate(dir_ / "t", "site-b").ok());
@@ -256,10 +256,14 @@ TEST_F(CertsTest, ACrlOfAnotherCaOrNoCrlAtAllIsRefused) {
   std::string damaged = good;
   damaged[damaged.size() / 2] = '!';
   std::ofstream(dir_ / "two.pem") << good << damaged;
-  list = RevocationList::Load((dir_ / "two.pem").string(), (dir_ / "ca" / "ca.pem").string(),
-                              &warnings);
+  list = RevocationList::Load((dir_ / "two.pem").string(), ReadText(ca), ca, &warnings);
   EXPECT_TRUE(absl::IsInvalidArgument(list.status())) << list.status();
   EXPECT_THAT(list.status().message(), HasSubstr("CRL 2 of"));
+  // So does a damaged certificate in the client CA bundle.
+  std::string bundle = ReadText(ca) + ReadText(ca);
+  bundle[bundle.size() * 3 / 4] = '!';
+  list = RevocationList::Load((dir_ / "ca" / "crl.pem").string(), bundle, ca, &warnings);
+  EXPECT_THAT(list.status().message(), HasSubstr("certificate 2 of"));
 }
 
 }  // namespace
