@@ -39,6 +39,11 @@ u128 Uniform(u128 n) {
 
 bool Bernoulli(u128 num, u128 den) { return Uniform(den) < num; }
 
+// Uniform on [0, 1) with 53 random bits.
+double UniformUnit() {
+  return static_cast<double>(static_cast<uint64_t>(RandomWord() >> 75)) * 0x1p-53;
+}
+
 // Canonne, Kamath, Steinke 2020, Algorithm 2: the discrete Laplace of scale t.
 int64_t DiscreteLaplace(uint64_t t) {
   for (;;) {
@@ -102,6 +107,19 @@ absl::StatusOr<std::vector<double>> Unrotate(std::span<const double> y, std::str
   if (absl::Status st = ApplySigns(v, seed); !st.ok()) return st;
   v.resize(d);
   return v;
+}
+
+absl::StatusOr<std::vector<int64_t>> StochasticRound(std::span<const double> x, double scale) {
+  std::vector<int64_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double v = x[i] * scale;
+    if (!std::isfinite(v) || std::abs(v) >= 0x1p62)
+      return absl::InvalidArgumentError(common::StrCat("coordinate ", i, " is ", x[i], " at scale ",
+                                                       scale, "; expected |x·scale| < 2^62"));
+    const double low = std::floor(v);
+    out[i] = static_cast<int64_t>(low) + (UniformUnit() < v - low ? 1 : 0);
+  }
+  return out;
 }
 
 // Canonne, Kamath, Steinke 2020, Algorithm 1: Bernoulli(exp(−γ)) for γ = num/den ≥ 0.

@@ -26,6 +26,12 @@ absl::StatusOr<std::vector<double>> Rotate(std::span<const double> x, std::strin
 absl::StatusOr<std::vector<double>> Unrotate(std::span<const double> y, std::string_view seed,
                                              size_t d);
 
+// x·scale rounded stochastically to integers: ⌊x·scale⌋, plus 1 with probability the fraction
+// (OpenSSL's random bytes), so each is unbiased, within 1 of x·scale, and the expected squared
+// error of the whole vector is at most d/4. INVALID_ARGUMENT when a value is not finite or its
+// scaled magnitude reaches 2^62.
+absl::StatusOr<std::vector<int64_t>> StochasticRound(std::span<const double> x, double scale);
+
 // Exact samplers on OpenSSL's random bytes; rationals as numerator/denominator (denominator > 0).
 // Bernoulli(exp(−num/den)).
 bool BernoulliExp(Uint128 num, Uint128 den);

@@ -62,6 +62,36 @@ TEST(RotationTest, KeepsNormsAndSpreadsASpike) {
   for (size_t i = 0; i < 1000; ++i) EXPECT_NEAR((*back)[i], x[i], 1e-12);
 }
 
+// Unbiased, within 1, and the squared error's mean is Σ f(1 − f) ≤ d/4 (f the fractions).
+TEST(SamplerTest, StochasticRoundingIsUnbiasedWithItsErrorBound) {
+  const std::vector<double> x = {0.5, -0.5, 0.25, -1.75, 3.0, 0.1};
+  constexpr double kScale = 2.0;  // scaled: 1, −1, 0.5, −3.5, 6, 0.2
+  constexpr int kN = 100000;
+  std::vector<double> mean(x.size(), 0.0);
+  double error2 = 0;
+  for (int n = 0; n < kN; ++n) {
+    auto r = StochasticRound(x, kScale);
+    ASSERT_TRUE(r.ok());
+    for (size_t i = 0; i < x.size(); ++i) {
+      const double v = x[i] * kScale, got = static_cast<double>((*r)[i]);
+      ASSERT_LT(std::abs(got - v), 1.0) << i;
+      mean[i] += got / kN;
+      error2 += (got - v) * (got - v) / kN;
+    }
+  }
+  double expected_error2 = 0;  // Σ f(1 − f): 0 + 0 + 0.25 + 0.25 + 0 + 0.16
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double v = x[i] * kScale, f = v - std::floor(v);
+    EXPECT_NEAR(mean[i], v, 5 * std::sqrt(f * (1 - f) / kN) + 1e-9) << i;
+    expected_error2 += f * (1 - f);
+  }
+  EXPECT_NEAR(expected_error2, 0.66, 1e-12);
+  EXPECT_NEAR(error2, expected_error2, 0.01);
+  EXPECT_LE(expected_error2, x.size() / 4.0);
+  EXPECT_FALSE(StochasticRound(std::vector<double>{NAN}, 1.0).ok());
+  EXPECT_FALSE(StochasticRound(std::vector<double>{1e300}, 1.0).ok());
+}
+
 TEST(SamplerTest, BernoulliExpHasItsProbability) {
   constexpr int kN = 200000;
   for (const auto& [num, den] : std::vector<std::pair<int, int>>{{1, 3}, {3, 2}, {7, 1}}) {
