@@ -2,8 +2,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <nlohmann/json.hpp>
-
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
@@ -16,29 +14,19 @@ using common::StrCat;
 absl::StatusOr<std::unique_ptr<CertPins>> CertPins::Open(const std::filesystem::path& state_dir,
                                                          common::Env* env) {
   std::unique_ptr<CertPins> pins(new CertPins(state_dir / "pins.json", env));
-  RETURN_IF_ERROR(common::RefuseLink(pins->file_));
-  if (!std::filesystem::exists(pins->file_)) return pins;
-  ASSIGN_OR_RETURN(const std::string text,
-                   common::ReadFileToString(pins->file_, common::Symlinks::kRefuse));
-  const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  absl::MutexLock lock(&pins->mu_);
-  if (j.is_object()) {
-    for (const auto& [client, sha] : j.items()) {
-      if (sha.is_string()) pins->pins_[client] = sha.get<std::string>();
-    }
-  }
-  if (!j.is_object() || pins->pins_.size() != j.size()) {
+  auto loaded = common::ReadStringMap(pins->file_, "client → certificate SHA-256");
+  if (absl::IsDataLoss(loaded.status())) {
     return absl::FailedPreconditionError(
-        StrCat(pins->file_.string(),
-               " is not a JSON object of client → certificate SHA-256 (as the coordinator writes "
-               "it); restore it from a backup, or delete it to pin every client afresh"));
+        StrCat(loaded.status().message(),
+               "; restore it from a backup, or delete it to pin every client afresh"));
   }
+  RETURN_IF_ERROR(loaded.status());
+  absl::MutexLock lock(&pins->mu_);
+  pins->pins_ = *std::move(loaded);
   return pins;
 }
 
-absl::Status CertPins::Save() {
-  return common::WriteFileAtomically(file_, nlohmann::json(pins_).dump(2) + "\n", env_);
-}
+absl::Status CertPins::Save() { return common::WriteStringMap(file_, pins_, env_); }
 
 absl::Status CertPins::Check(const std::string& client, const std::string& sha256, bool join) {
   absl::MutexLock lock(&mu_);

@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <cstring>
-#include <nlohmann/json.hpp>
 
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
@@ -54,21 +53,8 @@ absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* en
   StateStore store;
   store.dir_ = dir;
   store.env_ = env;
-  if (const fs::path removed = dir / "removed.json"; fs::exists(removed)) {
-    ASSIGN_OR_RETURN(const std::string text,
-                     common::ReadFileToString(removed, common::Symlinks::kRefuse));
-    const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (j.is_object()) {
-      for (const auto& [client, why] : j.items())
-        if (why.is_string()) store.removals_[client] = why.get<std::string>();
-    }
-    if (!j.is_object() || store.removals_.size() != j.size()) {
-      return absl::DataLossError(StrCat(
-          removed.string(),
-          " is not a JSON object of client → why it was removed (as the coordinator writes it); "
-          "restore it from a backup"));
-    }
-  }
+  ASSIGN_OR_RETURN(store.removals_,
+                   common::ReadStringMap(dir / "removed.json", "client → why it was removed"));
   const fs::path ledger = dir / "ledger.json";
   if (!fs::exists(ledger)) {
     if (!store.removals_.empty()) {
@@ -93,10 +79,9 @@ absl::StatusOr<StateStore> StateStore::Open(const fs::path& dir, common::Env* en
 }
 
 absl::Status StateStore::AddOperatorRemoval(const std::string& client, const std::string& why) {
-  std::map<std::string, std::string> next = removals_;
+  common::StringMap next = removals_;
   next[client] = why;
-  RETURN_IF_ERROR(common::WriteFileAtomically(dir_ / "removed.json",
-                                              nlohmann::json(next).dump(2) + "\n", env_));
+  RETURN_IF_ERROR(common::WriteStringMap(dir_ / "removed.json", next, env_));
   removals_ = std::move(next);
   return absl::OkStatus();
 }

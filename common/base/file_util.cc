@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <nlohmann/json.hpp>
 #include <system_error>
 
 #include "common/base/status_macros.h"
@@ -90,6 +91,27 @@ absl::Status RefuseLink(const fs::path& path) {
   return absl::FailedPreconditionError(StrCat(
       path.string(), " is a symbolic link (to ", fs::read_symlink(path, ec).string(),
       "); fedlora does not follow links there: put the file or directory itself in its place"));
+}
+
+absl::StatusOr<StringMap> ReadStringMap(const fs::path& path, std::string_view what) {
+  RETURN_IF_ERROR(RefuseLink(path));
+  StringMap map;
+  if (!fs::exists(path)) return map;
+  ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path, Symlinks::kRefuse));
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_object()) {
+    for (const auto& [key, value] : j.items())
+      if (value.is_string()) map[key] = value.get<std::string>();
+  }
+  if (!j.is_object() || map.size() != j.size()) {
+    return absl::DataLossError(
+        StrCat(path.string(), " is not a JSON object of ", what, " (as fedlora writes it)"));
+  }
+  return map;
+}
+
+absl::Status WriteStringMap(const fs::path& path, const StringMap& map, Env* env) {
+  return WriteFileAtomically(path, nlohmann::json(map).dump(2) + "\n", env);
 }
 
 absl::StatusOr<std::string> ReadFileToString(const fs::path& path, Symlinks symlinks) {

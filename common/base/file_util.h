@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <span>
 #include <string>
 #include <string_view>
@@ -26,6 +27,12 @@ enum class Symlinks { kFollow, kRefuse };
 // FAILED_PRECONDITION naming `path` and where it points when `path` is a symbolic link (a link
 // that fedlora must not follow); OK otherwise, also when nothing is there.
 absl::Status RefuseLink(const std::filesystem::path& path);
+
+// A small JSON object of strings (the coordinator's pins.json, removed.json), rewritten whole.
+using StringMap = std::map<std::string, std::string>;
+// Empty when `path` does not exist; FAILED_PRECONDITION when it is a link; DATA_LOSS when it is not
+// a JSON object of strings, saying it should map `what` ("client → why it was removed").
+absl::StatusOr<StringMap> ReadStringMap(const std::filesystem::path& path, std::string_view what);
 
 // A read-only memory map of a whole file. Empty files map to an empty span. Only regular files
 // open (a FIFO or a device is refused, without blocking).
@@ -60,6 +67,8 @@ absl::Status WriteFileAtomically(const std::filesystem::path& path, const Env::W
                                  Env* env = Env::Default());
 absl::Status WriteFileAtomically(const std::filesystem::path& path, std::string_view content,
                                  Env* env = Env::Default());
+absl::Status WriteStringMap(const std::filesystem::path& path, const StringMap& map,
+                            Env* env = Env::Default());
 
 // Writes `path` in place and fsyncs it; on failure the file is removed. For files inside a
 // directory that BuildDirectoryAtomically publishes as a whole, where a per-file rename would add

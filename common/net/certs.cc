@@ -19,9 +19,9 @@
 #include <utility>
 
 #include "common/base/file_util.h"
+#include "common/base/openssl_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
-#include "common/net/openssl_ptr.h"
 
 namespace fedlora::common {
 namespace {
@@ -221,14 +221,6 @@ struct Authority {
   }
 };
 
-std::string Utc(const ASN1_TIME* t) {
-  std::tm tm{};
-  if (ASN1_TIME_to_tm(t, &tm) != 1) return "?";
-  char out[32];
-  std::strftime(out, sizeof out, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return out;
-}
-
 // "00a1B" → "0A1B": a serial as OpenSSL writes it (upper case, whole bytes), as the coordinator
 // and issued.json have it; "" when `hex` is not hex.
 std::string NormalSerial(const std::string& hex) {
@@ -400,14 +392,16 @@ absl::StatusOr<CertificateId> SignRequest(const fs::path& ca_dir, const fs::path
   ASSIGN_OR_RETURN(const std::string pem,
                    Pem([&](BIO* b) { return PEM_write_bio_X509(b, cert.get()); }, "certificate"));
   ASSIGN_OR_RETURN(CertificateId id, IdentifyCertificate(pem));
-  authority.issued["certificates"].push_back({{"cn", cn},
-                                              {"serial", id.serial},
-                                              {"sha256", id.sha256},
-                                              {"kind", !options.server_names.empty() ? "server"
-                                                       : options.as_operator         ? "operator"
-                                                                                     : "client"},
-                                              {"not_after", Utc(X509_get0_notAfter(cert.get()))},
-                                              {"revoked", false}});
+  authority.issued["certificates"].push_back(
+      {{"cn", cn},
+       {"serial", id.serial},
+       {"sha256", id.sha256},
+       {"kind", !options.server_names.empty() ? "server"
+                : options.as_operator         ? "operator"
+                                              : "client"},
+       {"not_after",
+        openssl::FormatTime(X509_get0_notAfter(cert.get()), "%Y-%m-%dT%H:%M:%SZ", "?")},
+       {"revoked", false}});
   // The record first: a certificate that exists is always in it.
   RETURN_IF_ERROR(authority.Save());
   RETURN_IF_ERROR(WriteFileAtomically(out, pem));

@@ -4,9 +4,9 @@
 #include <openssl/pem.h>
 
 #include "common/base/file_util.h"
+#include "common/base/openssl_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
-#include "common/net/openssl_ptr.h"
 
 namespace fedlora::common {
 namespace {

@@ -14,6 +14,7 @@
 #include <ctime>
 
 #include "common/base/file_util.h"
+#include "common/base/openssl_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 
@@ -31,10 +32,7 @@ absl::StatusOr<std::string> ReadPem(const std::string& path, std::string_view wh
   return text;
 }
 
-template <auto Free>
-struct Deleter {
-  void operator()(auto* p) const { Free(p); }
-};
+using openssl::Deleter;
 using SslCtxPtr = std::unique_ptr<SSL_CTX, Deleter<SSL_CTX_free>>;
 using SslPtr = std::unique_ptr<SSL, Deleter<SSL_free>>;
 
@@ -46,20 +44,7 @@ struct Socket {
 };
 
 std::string FormatTime(const ASN1_TIME* t) {
-  std::tm tm{};
-  if (ASN1_TIME_to_tm(t, &tm) != 1) return "an unreadable time";
-  char out[32];
-  std::strftime(out, sizeof out, "%Y-%m-%d %H:%M:%S UTC", &tm);
-  return out;
-}
-
-// OpenSSL's reason for the latest error on this thread ("" when there is none).
-std::string OpenSslReason() {
-  std::string reason;
-  while (const unsigned long e = ERR_get_error()) {
-    if (const char* r = ERR_reason_error_string(e); r != nullptr && reason.empty()) reason = r;
-  }
-  return reason;
+  return openssl::FormatTime(t, "%Y-%m-%d %H:%M:%S UTC", "an unreadable time");
 }
 
 // A blocking TCP connection to `address` (host:port, [v6]:port), reads and writes bounded by
@@ -108,8 +93,8 @@ absl::Status CheckDates(const std::string& pem, const std::string& path, std::st
   std::unique_ptr<X509, Deleter<X509_free>> cert(
       bio ? PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr) : nullptr);
   if (!cert) {
-    return absl::InvalidArgumentError(
-        StrCat("cannot read the ", what, " ", path, " as a PEM certificate: ", OpenSslReason()));
+    return absl::InvalidArgumentError(StrCat("cannot read the ", what, " ", path,
+                                             " as a PEM certificate: ", openssl::LastError()));
   }
   if (X509_cmp_current_time(X509_get0_notAfter(cert.get())) < 0) {
     return absl::FailedPreconditionError(StrCat("the ", what, " ", path, " expired on ",
@@ -135,7 +120,7 @@ absl::Status ProbeTlsRefusal(const std::string& address, const std::string& ca_f
       (!cert_file.empty() &&
        (SSL_CTX_use_certificate_chain_file(ctx.get(), cert_file.c_str()) != 1 ||
         SSL_CTX_use_PrivateKey_file(ctx.get(), key_file.c_str(), SSL_FILETYPE_PEM) != 1))) {
-    return absl::UnavailableError(StrCat("cannot load the TLS files: ", OpenSslReason()));
+    return absl::UnavailableError(StrCat("cannot load the TLS files: ", openssl::LastError()));
   }
   SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
   static constexpr unsigned char kAlpn[] = {2, 'h', '2'};  // gRPC servers require HTTP/2
@@ -156,7 +141,7 @@ absl::Status ProbeTlsRefusal(const std::string& address, const std::string& ca_f
   if (rc > 0) return absl::OkStatus();
   const int error = SSL_get_error(ssl.get(), rc);
   const int saved_errno = errno;
-  std::string reason = OpenSslReason();
+  std::string reason = openssl::LastError();
   if (const long verify = SSL_get_verify_result(ssl.get()); verify != X509_V_OK) {
     return absl::PermissionDeniedError(StrCat("the coordinator's certificate is not trusted by ",
                                               ca_file, ": ",

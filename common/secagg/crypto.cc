@@ -9,6 +9,7 @@
 #include <cstring>
 #include <memory>
 
+#include "common/base/openssl_util.h"
 #include "common/base/strings.h"
 
 namespace fedlora::secagg {
@@ -16,10 +17,7 @@ namespace {
 
 using common::StrCat;
 
-template <auto Free>
-struct Deleter {
-  void operator()(auto* p) const { Free(p); }
-};
+using common::openssl::Deleter;
 using Pkey = std::unique_ptr<EVP_PKEY, Deleter<EVP_PKEY_free>>;
 using PkeyCtx = std::unique_ptr<EVP_PKEY_CTX, Deleter<EVP_PKEY_CTX_free>>;
 using CipherCtx = std::unique_ptr<EVP_CIPHER_CTX, Deleter<EVP_CIPHER_CTX_free>>;

@@ -5,6 +5,7 @@
 #include <memory>
 #include <set>
 
+#include "common/base/openssl_util.h"
 #include "common/base/strings.h"
 
 namespace fedlora::secagg {
@@ -12,13 +13,8 @@ namespace {
 
 using common::StrCat;
 
-struct BnFree {
-  void operator()(BIGNUM* b) const { BN_clear_free(b); }
-};
-using Bn = std::unique_ptr<BIGNUM, BnFree>;
-struct CtxFree {
-  void operator()(BN_CTX* c) const { BN_CTX_free(c); }
-};
+using Bn = std::unique_ptr<BIGNUM, common::openssl::Deleter<BN_clear_free>>;  // secrets: cleared
+using BnCtx = std::unique_ptr<BN_CTX, common::openssl::Deleter<BN_CTX_free>>;
 
 constexpr int kShareBytes = 66;  // ⌈521 / 8⌉
 
@@ -48,7 +44,7 @@ absl::StatusOr<std::vector<Share>> ShamirSplit(std::string_view secret, int thre
   if (threshold < 1 || threshold > count || count > 65535)
     return absl::InvalidArgumentError(StrCat("threshold ", threshold, " of ", count,
                                              " shares; expected 1 <= threshold <= count <= 65535"));
-  std::unique_ptr<BN_CTX, CtxFree> ctx(BN_CTX_secure_new());
+  BnCtx ctx(BN_CTX_secure_new());
   // f(x) = secret + c1·x + … + c_{t−1}·x^{t−1} mod p
   std::vector<Bn> coeffs;
   coeffs.push_back(Bn(BN_bin2bn(reinterpret_cast<const unsigned char*>(secret.data()),
@@ -95,7 +91,7 @@ absl::StatusOr<std::string> ShamirCombine(std::span<const Share> shares, int thr
                                                ": expected distinct points 1..65535 and ",
                                                kShareBytes, "-byte values"));
   }
-  std::unique_ptr<BN_CTX, CtxFree> ctx(BN_CTX_secure_new());
+  BnCtx ctx(BN_CTX_secure_new());
   Bn sum = New(), term = New(), num = New(), den = New(), xi = New(), xj = New(), diff = New();
   if (!ctx || !sum || !term || !num || !den || !xi || !xj || !diff) return Failed("start");
   BN_zero(sum.get());

@@ -15,6 +15,7 @@
 #include <set>
 
 #include "common/base/file_util.h"
+#include "common/base/openssl_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/net/revocation.h"
@@ -28,8 +29,8 @@ using common::StrCat;
 // The verified client certificate of `ssl` in PEM, or "" when there is none.
 std::string VerifiedPeerPem(const SSL* ssl) {
   if (ssl == nullptr || SSL_get_verify_result(ssl) != X509_V_OK) return "";
-  std::unique_ptr<X509, decltype(&X509_free)> cert(SSL_get1_peer_certificate(ssl), X509_free);
-  std::unique_ptr<BIO, decltype(&BIO_free)> bio(BIO_new(BIO_s_mem()), BIO_free);
+  const common::openssl::Cert cert(SSL_get1_peer_certificate(ssl));
+  const common::openssl::Bio bio(BIO_new(BIO_s_mem()));
   if (!cert || !bio || PEM_write_bio_X509(bio.get(), cert.get()) != 1) return "";
   char* data = nullptr;
   const long n = BIO_get_mem_data(bio.get(), &data);

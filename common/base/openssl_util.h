@@ -1,12 +1,13 @@
-// Owning pointers to OpenSSL objects, and the reason of its latest error.
-#ifndef FEDLORA_COMMON_NET_OPENSSL_PTR_H_
-#define FEDLORA_COMMON_NET_OPENSSL_PTR_H_
+// Owning pointers to OpenSSL objects, the reason of its latest error, names and times as text.
+#ifndef FEDLORA_COMMON_BASE_OPENSSL_UTIL_H_
+#define FEDLORA_COMMON_BASE_OPENSSL_UTIL_H_
 
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 
+#include <ctime>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -38,6 +39,14 @@ inline std::string LastError() {
   return reason;
 }
 
+// `t` in UTC by strftime's `format`; `unreadable` when OpenSSL cannot read it.
+inline std::string FormatTime(const ASN1_TIME* t, const char* format, const char* unreadable) {
+  std::tm tm{};
+  if (ASN1_TIME_to_tm(t, &tm) != 1) return unreadable;
+  char out[64];
+  return std::strftime(out, sizeof out, format, &tm) ? out : unreadable;
+}
+
 // "/CN=fedlora run CA": a name on one line.
 inline std::string OneLine(const X509_NAME* name) {
   char buffer[512];
@@ -46,4 +55,4 @@ inline std::string OneLine(const X509_NAME* name) {
 
 }  // namespace fedlora::common::openssl
 
-#endif  // FEDLORA_COMMON_NET_OPENSSL_PTR_H_
+#endif  // FEDLORA_COMMON_BASE_OPENSSL_UTIL_H_
