@@ -107,6 +107,24 @@ double SampledGaussianRdp(double q, double sigma, double alpha) {
   return log_a / (alpha - 1);
 }
 
+double DistributedDiscreteGaussianRdp(double alpha, double l2, double l1, double local_sigma,
+                                      int summands, double dim) {
+  if (!(local_sigma > 0)) return kInf;
+  double tau = 0;
+  for (int k = 1; k < summands; ++k)
+    tau += std::exp(-2 * M_PI * M_PI * local_sigma * local_sigma * k / (k + 1.0));
+  tau *= 10;
+  const double s = std::sqrt(static_cast<double>(summands)) * local_sigma;
+  const double a = l2 / s, b = l1 / s;
+  return std::min({alpha / 2 * a * a + tau * dim,
+                   alpha / 2 * (a * a + 2 * b * tau + tau * tau * dim),
+                   alpha / 2 * std::pow(a + tau * std::sqrt(dim), 2)});
+}
+
+void RdpAccountant::AddRdp(const std::function<double(double)>& rdp) {
+  for (size_t i = 0; i < orders_.size(); ++i) rdp_[i] += rdp(orders_[i]);
+}
+
 RdpAccountant::RdpAccountant(std::vector<double> orders)
     : orders_(std::move(orders)), rdp_(orders_.size(), 0.0) {}
 

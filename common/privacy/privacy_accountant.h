@@ -8,6 +8,7 @@
 #ifndef FEDLORA_COMMON_PRIVACY_PRIVACY_ACCOUNTANT_H_
 #define FEDLORA_COMMON_PRIVACY_PRIVACY_ACCOUNTANT_H_
 
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string_view>
 #include <vector>
@@ -23,6 +24,14 @@ std::vector<double> DefaultRdpOrders();
 // order α > 1. q = 0 → 0; σ = 0 → ∞; q = 1 → α/(2σ²).
 double SampledGaussianRdp(double q, double sigma, double alpha);
 
+// RDP at order α > 1 of the distributed discrete Gaussian (Kairouz, Liu, Steinke 2021,
+// Proposition 14): the sum of `summands` (n) independent N_Z(0, σ_l²) per coordinate added to a
+// `dim`-dimensional integer query of L2 sensitivity Δ₂ and L1 sensitivity Δ₁. With
+// τ = 10·Σ_{k=1..n−1} exp(−2π²σ_l²·k/(k+1)) and s = √n·σ_l it is the least of
+//   α/2·Δ₂²/s² + τ·d,   α/2·(Δ₂²/s² + 2·Δ₁·τ/s + τ²·d),   α/2·(Δ₂/s + τ·√d)².
+double DistributedDiscreteGaussianRdp(double alpha, double l2, double l1, double local_sigma,
+                                      int summands, double dim);
+
 struct PrivacySpent {
   double epsilon = 0;
   double order = 0;  // the α that attains the minimum
@@ -35,6 +44,8 @@ class RdpAccountant {
   // Records `steps` steps with sampling rate q and noise multiplier σ. INVALID_ARGUMENT for q ∉ [0,
   // 1], σ < 0, negative steps, or non-finite values.
   absl::Status AddSteps(double q, double sigma, double steps);
+  // Adds rdp(α) at every order α (a mechanism of its own, composed).
+  void AddRdp(const std::function<double(double)>& rdp);
 
   // (ε, best order) for δ ∈ (0, 1); ε = ∞ when nothing private was spent (σ = 0 somewhere).
   absl::StatusOr<PrivacySpent> Spent(double delta) const;

@@ -100,5 +100,32 @@ TEST(PrivacyAccountantTest, BadArgumentsAreRefused) {
               HasSubstr("no noise multiplier"));
 }
 
+// Kairouz, Liu, Steinke 2021, Proposition 14, by hand: n = 2, σ_l = 1 gives τ = 10·e^(−π²) and
+// s = √2, so with Δ₂ = 1 the three bounds at α = 2 are ½ + τd, ½ + √2·Δ₁·τ + τ²d and
+// (1/√2 + τ√d)² = ½ + √(2d)·τ + τ²d: d = 1 takes the first, d = 4 the second, and d = 4 with
+// Δ₁ = 10 the third.
+TEST(DistributedDiscreteGaussianTest, Proposition14ByHand) {
+  const double tau = 10 * std::exp(-M_PI * M_PI);
+  EXPECT_NEAR(DistributedDiscreteGaussianRdp(2, 1, 1, 1, 2, 1), 0.5 + tau, 1e-15);
+  EXPECT_NEAR(DistributedDiscreteGaussianRdp(2, 1, 1, 1, 2, 4),
+              0.5 + std::sqrt(2.0) * tau + 4 * tau * tau, 1e-15);
+  EXPECT_NEAR(DistributedDiscreteGaussianRdp(2, 1, 10, 1, 2, 4),
+              0.5 + std::sqrt(8.0) * tau + 4 * tau * tau, 1e-15);
+  // One client: τ = 0 and it is the continuous Gaussian's α·Δ²/(2σ²).
+  EXPECT_DOUBLE_EQ(DistributedDiscreteGaussianRdp(7, 3, 9, 2, 1, 100), 7 * 9 / (2 * 4.0));
+  // Many clients with a wide σ_l: the sum's σ² = nσ_l², and τ vanishes.
+  EXPECT_NEAR(DistributedDiscreteGaussianRdp(10, 100, 1e4, 50, 100, 1e6),
+              10 * 1e4 / (2 * 100 * 2500.0), 1e-12);
+  EXPECT_TRUE(std::isinf(DistributedDiscreteGaussianRdp(2, 1, 1, 0, 3, 1)));
+}
+
+// AddRdp composes like AddSteps: the Gaussian's RDP added by hand gives AddSteps' ε.
+TEST(DistributedDiscreteGaussianTest, AddRdpComposesWithTheGaussian) {
+  RdpAccountant by_steps, by_rdp;
+  ASSERT_TRUE(by_steps.AddSteps(1, 1.3, 3).ok());
+  for (int i = 0; i < 3; ++i) by_rdp.AddRdp([](double a) { return a / (2 * 1.3 * 1.3); });
+  EXPECT_NEAR(by_steps.Spent(1e-5)->epsilon, by_rdp.Spent(1e-5)->epsilon, 1e-12);
+}
+
 }  // namespace
 }  // namespace fedlora::common
