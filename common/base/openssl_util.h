@@ -24,6 +24,11 @@ using Cert = std::unique_ptr<X509, Deleter<X509_free>>;
 using Crl = std::unique_ptr<X509_CRL, Deleter<X509_CRL_free>>;
 using Request = std::unique_ptr<X509_REQ, Deleter<X509_REQ_free>>;
 
+// `s`'s bytes as OpenSSL takes them.
+inline const unsigned char* Bytes(std::string_view s) {
+  return reinterpret_cast<const unsigned char*>(s.data());
+}
+
 // A read-only BIO over `text`, which must outlive it.
 inline Bio MemoryBio(std::string_view text) {
   return Bio(BIO_new_mem_buf(text.data(), static_cast<int>(text.size())));

@@ -15,6 +15,8 @@
 namespace fedlora::secagg {
 namespace {
 
+using common::openssl::Bytes;
+
 using common::StrCat;
 
 using common::openssl::Deleter;
@@ -28,10 +30,6 @@ absl::Status Failed(std::string_view what) {
   return absl::InternalError(StrCat("OpenSSL could not ", what));
 }
 
-const unsigned char* Bytes(std::string_view s) {
-  return reinterpret_cast<const unsigned char*>(s.data());
-}
-
 absl::Status CheckKey(std::string_view key, std::string_view what) {
   if (key.size() == kKeyBytes) return absl::OkStatus();
   return absl::InvalidArgumentError(
@@ -39,6 +37,14 @@ absl::Status CheckKey(std::string_view key, std::string_view what) {
 }
 
 }  // namespace
+
+std::string Sha256(std::string_view bytes) {
+  std::string out(32, '\0');
+  unsigned int size = 0;
+  EVP_Digest(bytes.data(), bytes.size(), reinterpret_cast<unsigned char*>(out.data()), &size,
+             EVP_sha256(), nullptr);
+  return out;
+}
 
 absl::StatusOr<KeyPair> NewKeyPair() {
   std::string private_key(kKeyBytes, '\0');

@@ -27,6 +27,9 @@ absl::StatusOr<std::string> PublicKeyOf(std::string_view private_key);
 // INVALID_ARGUMENT for a malformed or low-order peer key (an all-zero secret).
 absl::StatusOr<std::string> Agree(std::string_view private_key, std::string_view peer_public_key);
 
+// SHA-256 of `bytes` (32 raw bytes).
+std::string Sha256(std::string_view bytes);
+
 // HKDF-SHA256 (RFC 5869) of `ikm`: `length` bytes.
 absl::StatusOr<std::string> Hkdf(std::string_view ikm, std::string_view salt, std::string_view info,
                                  size_t length);

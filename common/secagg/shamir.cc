@@ -2,6 +2,7 @@
 
 #include <openssl/bn.h>
 
+#include <algorithm>
 #include <memory>
 #include <set>
 
@@ -38,12 +39,26 @@ absl::Status Failed(const char* what) {
 }  // namespace
 
 absl::StatusOr<std::vector<Share>> ShamirSplit(std::string_view secret, int threshold, int count) {
+  if (count < 0 || count > 65535)
+    return absl::InvalidArgumentError(StrCat(count, " shares; expected at most 65535"));
+  std::vector<uint32_t> points(static_cast<size_t>(count));
+  for (int k = 0; k < count; ++k) points[static_cast<size_t>(k)] = static_cast<uint32_t>(k + 1);
+  return ShamirSplit(secret, threshold, points);
+}
+
+absl::StatusOr<std::vector<Share>> ShamirSplit(std::string_view secret, int threshold,
+                                               std::span<const uint32_t> points) {
   if (secret.size() > kMaxSecretBytes)
     return absl::InvalidArgumentError(
         StrCat("a secret of ", secret.size(), " bytes; at most ", kMaxSecretBytes));
+  const int count = static_cast<int>(points.size());
   if (threshold < 1 || threshold > count || count > 65535)
     return absl::InvalidArgumentError(StrCat("threshold ", threshold, " of ", count,
                                              " shares; expected 1 <= threshold <= count <= 65535"));
+  if (std::set<uint32_t>(points.begin(), points.end()).size() != points.size() ||
+      *std::min_element(points.begin(), points.end()) == 0 ||
+      *std::max_element(points.begin(), points.end()) > 65535)
+    return absl::InvalidArgumentError("share points must be distinct and in 1..65535");
   BnCtx ctx(BN_CTX_secure_new());
   // f(x) = secret + c1·x + … + c_{t−1}·x^{t−1} mod p
   std::vector<Bn> coeffs;
@@ -57,7 +72,7 @@ absl::StatusOr<std::vector<Share>> ShamirSplit(std::string_view secret, int thre
   if (!ctx || !coeffs[0]) return Failed("start");
   std::vector<Share> shares;
   Bn y = New(), x = New();
-  for (int k = 1; k <= count; ++k) {
+  for (const uint32_t k : points) {
     // Horner's rule, highest coefficient first.
     if (!BN_set_word(x.get(), static_cast<BN_ULONG>(k)) || !BN_copy(y.get(), coeffs.back().get()))
       return Failed("evaluate");
@@ -66,7 +81,7 @@ absl::StatusOr<std::vector<Share>> ShamirSplit(std::string_view secret, int thre
           !BN_mod_add(y.get(), y.get(), coeffs[static_cast<size_t>(i)].get(), Prime(), ctx.get()))
         return Failed("evaluate");
     }
-    Share s{static_cast<uint32_t>(k), std::string(kShareBytes, '\0')};
+    Share s{k, std::string(kShareBytes, '\0')};
     if (BN_bn2binpad(y.get(), reinterpret_cast<unsigned char*>(s.y.data()), kShareBytes) !=
         kShareBytes)
       return Failed("write a share");

@@ -26,6 +26,9 @@ inline constexpr size_t kMaxSecretBytes = 64;
 // `count` shares of `secret` (up to kMaxSecretBytes), any `threshold` of which reconstruct it;
 // 1 <= threshold <= count <= 65535.
 absl::StatusOr<std::vector<Share>> ShamirSplit(std::string_view secret, int threshold, int count);
+// Shares at the given distinct `points` (1..65535) only.
+absl::StatusOr<std::vector<Share>> ShamirSplit(std::string_view secret, int threshold,
+                                               std::span<const uint32_t> points);
 
 // The secret of `secret_size` bytes from at least `threshold` shares with distinct points (the
 // first `threshold` are used). INVALID_ARGUMENT with fewer, repeated points or malformed shares;
