@@ -47,6 +47,11 @@ absl::StatusOr<std::string> Open(std::string_view key, std::string_view sealed,
 // gives the same words on every machine.
 absl::Status ExpandSeed(std::string_view seed, int bits, std::span<uint64_t> out);
 
+// 2^bits − 1: the words of `bits` bits (1 <= bits <= 64) are those it masks.
+constexpr uint64_t WordMask(int bits) {
+  return bits == 64 ? ~uint64_t{0} : (uint64_t{1} << bits) - 1;
+}
+
 }  // namespace fedlora::secagg
 
 #endif  // FEDLORA_COMMON_SECAGG_CRYPTO_H_

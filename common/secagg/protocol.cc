@@ -19,8 +19,6 @@ constexpr char kKeysTag[] = "fedlora secagg keys v1";
 constexpr char kSurvivorsTag[] = "fedlora secagg survivors v1";
 constexpr char kCommitTag[] = "fedlora secagg self-mask commitment v1";
 
-uint64_t MaskOf(int bits) { return bits == 64 ? ~uint64_t{0} : (uint64_t{1} << bits) - 1; }
-
 std::string KeysMessage(const std::string& instance, const std::string& client,
                         const v1::SecAggKeys& keys) {
   return SignedBytes({kKeysTag, instance, client, keys.cipher_public_key(), keys.mask_public_key(),
@@ -54,7 +52,7 @@ absl::Status AddMask(std::string_view seed, int bits, bool subtract, std::vector
                      std::vector<uint64_t>& scratch) {
   scratch.resize(out.size());
   RETURN_IF_ERROR(ExpandSeed(seed, bits, scratch));
-  const uint64_t mask = MaskOf(bits);
+  const uint64_t mask = WordMask(bits);
   for (size_t i = 0; i < out.size(); ++i)
     out[i] = (subtract ? out[i] - scratch[i] : out[i] + scratch[i]) & mask;
   return absl::OkStatus();
@@ -256,7 +254,7 @@ absl::StatusOr<std::vector<uint64_t>> ClientSession::MaskInput(const v1::SecAggS
     it->second.mask_key_share = plain.mask_key_share();
   }
   std::vector<uint64_t> out(input.begin(), input.end()), scratch;
-  const uint64_t mask = MaskOf(bits);
+  const uint64_t mask = WordMask(bits);
   for (uint64_t& w : out)
     if (w > mask)
       return Fail(
@@ -465,7 +463,7 @@ absl::StatusOr<v1::SecAggShares> ServerSession::InboxFor(const std::string& clie
 absl::Status ServerSession::AddMaskedInput(const std::string& client,
                                            std::span<const uint64_t> masked) {
   ASSIGN_OR_RETURN(Client * c, Expect(client, Phase::kInput, 2));
-  const uint64_t mask = MaskOf(instance_.config().bits());
+  const uint64_t mask = WordMask(instance_.config().bits());
   if (masked.size() != sum_.size())
     return absl::InvalidArgumentError(
         StrCat(client, "'s masked input has ", masked.size(), " values; expected ", sum_.size()));
