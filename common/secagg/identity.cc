@@ -103,11 +103,13 @@ absl::StatusOr<PeerVerifier> PeerVerifier::FromCaPem(std::string_view ca_pem) {
 
 absl::Status PeerVerifier::Verify(std::string_view client, std::string_view certificate,
                                   std::string_view message, std::string_view signature) const {
-  const unsigned char* der = Bytes(certificate);
-  ossl::Cert cert(d2i_X509(nullptr, &der, static_cast<long>(certificate.size())));
-  if (!cert || der != Bytes(certificate) + certificate.size())
+  ossl::Bio bio = ossl::MemoryBio(certificate);
+  ossl::Cert cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
+  if (!cert) {
+    ossl::LastError();
     return absl::PermissionDeniedError(
-        StrCat("the certificate relayed for ", client, " is not one DER certificate"));
+        StrCat("the certificate relayed for ", client, " is not a PEM certificate"));
+  }
   StoreCtx ctx(X509_STORE_CTX_new());
   if (!ctx || X509_STORE_CTX_init(ctx.get(), store_->store.get(), cert.get(), nullptr) != 1)
     return absl::InternalError("OpenSSL could not start a certificate check");

@@ -2,15 +2,12 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
-#include <openssl/pem.h>
 #include <openssl/rand.h>
-#include <openssl/x509.h>
 
 #include <optional>
 #include <set>
 
 #include "common/base/file_util.h"
-#include "common/base/openssl_util.h"
 #include "common/net/certs.h"
 #include "tests/scratch_dir.h"
 
@@ -29,7 +26,7 @@ class Pki {
     return *pki;
   }
   Signer SignerOf(int k) const { return *Signer::FromPemFile((dir_ / Name(k, ".key")).string()); }
-  std::string CertificateOf(int k) const { return der_[k - 1]; }
+  std::string CertificateOf(int k) const { return pem_[k - 1]; }
   PeerVerifier Verifier() const {
     return *PeerVerifier::FromCaPem(*common::ReadFileToString(dir_ / "ca.pem"));
   }
@@ -41,17 +38,11 @@ class Pki {
   Pki() {
     EXPECT_TRUE(common::MakeRunCertificates(dir_.path(), kClients).ok());
     for (int k = 1; k <= kClients; ++k) {
-      const std::string pem = *common::ReadFileToString(dir_ / Name(k, ".pem"));
-      common::openssl::Bio bio = common::openssl::MemoryBio(pem);
-      common::openssl::Cert cert(PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr));
-      unsigned char* out = nullptr;
-      const int n = i2d_X509(cert.get(), &out);
-      der_.emplace_back(reinterpret_cast<char*>(out), static_cast<size_t>(n));
-      OPENSSL_free(out);
+      pem_.push_back(*common::ReadFileToString(dir_ / Name(k, ".pem")));
     }
   }
   testing::ScratchDir dir_;
-  std::vector<std::string> der_;
+  std::vector<std::string> pem_;
 };
 
 std::string Seed(char c) { return std::string(32, c); }
