@@ -182,6 +182,9 @@ int ClientMain(int argc, char** argv,
       return absl::IsFailedPrecondition(tls.status()) ? kExitRefused : 2;
     }
     credentials = *tls;
+    o.node.cert_file = o.cert;
+    o.node.key_file = o.key;
+    o.node.peer_ca_file = o.ca;
     // gRPC reports a coordinator's refusal of this client's certificate only as "Socket closed"
     // (a handshake it did not like, as "handshake"): then a handshake of our own, at most every
     // 10 s, tells why.

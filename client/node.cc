@@ -9,10 +9,15 @@
 
 #include "client/upload.h"
 #include "common/aggregation/sketch.h"
+#include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/net/revocation.h"
 #include "common/net/tls.h"
 #include "common/net/wire.h"
+#include "common/privacy/client_dp.h"
+#include "common/secagg/protocol.h"
+#include "common/secagg/quantise.h"
 #include "common/tensor/blob.h"
 #include "common/tensor/peft.h"
 #include "common/tensor/safetensors.h"
@@ -208,6 +213,10 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
                metrics.loss_before(), metrics.loss_after());
   int64_t num_examples = workload_->num_examples();
   if (options_.before_upload) options_.before_upload(adapter, num_examples);
+  if (task.has_secagg_config()) {
+    ASSIGN_OR_RETURN(const std::vector<double> input, SecureInput(task, adapter, num_examples));
+    return AdvertiseKeys(task, input, num_examples, metrics, stop);
+  }
   const std::string bytes = common::EncodeAdapter(adapter, method_ == common::Method::kFedSb
                                                                ? common::AdapterParts::kROnly
                                                                : common::AdapterParts::kAll);
@@ -275,6 +284,20 @@ absl::Status Node::Sketch(const v1::Task& task, const std::atomic<bool>& stop) {
     return absl::AbortedError(
         StrCat(name, " no longer waits for this client's answer; not uploading it"));
   }
+  if (task.has_secagg_config()) {
+    // Under secure aggregation the answer is scaled to norm 1 (as under client-level DP): one
+    // client moves the sum by at most 1, whatever its gradient's scale.
+    std::vector<double> input;
+    double norm = 0;
+    for (const common::MatrixD& p : *products) {
+      input.insert(input.end(), p.data(), p.data() + p.size());
+      norm += p.squaredNorm();
+    }
+    if (norm > 0)
+      for (double& v : input) v /= std::sqrt(norm);
+    v1::TrainMetrics metrics;
+    return AdvertiseKeys(task, input, workload_->num_examples(), metrics, stop);
+  }
   std::vector<common::NamedMatrix> named;
   for (int i = 0; i < task.modules_size(); ++i)
     named.push_back({task.modules(i).name(), std::move((*products)[static_cast<size_t>(i)])});
@@ -333,6 +356,136 @@ absl::Status Node::UploadUpdate(const v1::Task& task, const std::string& bytes,
   RETURN_IF_ERROR(FromGrpc(s, StrCat("upload for round ", task.round())));
   spdlog::info("round {}: update accepted ({} bytes)", task.round(), bytes.size());
   return absl::OkStatus();
+}
+
+struct Node::SecureTask {
+  secagg::ClientSession session;
+  std::vector<uint64_t> words;  // the quantised change, to be masked
+  v1::Task task;                // the training task it answers
+  v1::TrainMetrics metrics;
+  int64_t num_examples = 0;
+};
+
+absl::StatusOr<std::vector<double>> Node::SecureInput(const v1::Task& task, const Adapter& trained,
+                                                      int64_t num_examples) const {
+  const v1::SecAggConfig& c = task.secagg_config();
+  // The change from the round's start (the global state), clipped, and weighted as the task says:
+  // by w = min(examples, cap)/cap for the examples the upload will claim.
+  std::vector<float> change(common::TrainableCount(global_));
+  RETURN_IF_ERROR(common::ChangeInto(trained, global_, change));
+  double norm = 0;
+  for (float v : change) norm += static_cast<double>(v) * v;
+  norm = std::sqrt(norm);
+  const double clip = norm > c.change_clip() ? c.change_clip() / norm : 1.0;
+  const double weight =
+      c.weight_cap() > 0
+          ? std::min(static_cast<double>(num_examples), c.weight_cap()) / c.weight_cap()
+          : 1.0;
+  std::vector<double> x(change.size());
+  for (size_t i = 0; i < change.size(); ++i) x[i] = change[i] * clip * weight;
+  spdlog::info("round {}: secure aggregation: the change has norm {:.6g}{}", task.round(), norm,
+               clip < 1 ? StrCat(", clipped to ", c.change_clip()) : std::string());
+  return x;
+}
+
+absl::Status Node::AdvertiseKeys(const v1::Task& task, std::span<const double> input,
+                                 int64_t num_examples, const v1::TrainMetrics& metrics,
+                                 const std::atomic<bool>& stop) {
+  const v1::SecAggConfig& c = task.secagg_config();
+  secure_.reset();
+  ASSIGN_OR_RETURN(secagg::Encoded encoded, secagg::Encode(input, c));
+  spdlog::info("round {}: secure aggregation: {} values quantised to {} of {} bits{}", task.round(),
+               input.size(), encoded.words.size(), c.bits(),
+               c.noise_num() > 0 ? ", with this client's share of the DP noise" : "");
+  // Who this client is, what it signs with, and whom it trusts.
+  ASSIGN_OR_RETURN(const std::string cert, common::ReadFileToString(options_.cert_file));
+  ASSIGN_OR_RETURN(const common::CertificateId id, common::IdentifyCertificate(cert));
+  ASSIGN_OR_RETURN(secagg::Signer signer, secagg::Signer::FromPemFile(options_.key_file));
+  ASSIGN_OR_RETURN(const std::string ca, common::ReadFileToString(options_.peer_ca_file));
+  ASSIGN_OR_RETURN(secagg::PeerVerifier verifier, secagg::PeerVerifier::FromCaPem(ca));
+  ASSIGN_OR_RETURN(secagg::ClientSession session,
+                   secagg::ClientSession::Create(c, id.cn, std::move(signer), std::move(verifier)));
+  secure_ = std::make_unique<SecureTask>(
+      SecureTask{std::move(session), std::move(encoded.words), task, metrics, num_examples});
+  if (options_.before_secagg_step) options_.before_secagg_step("keys");
+  ASSIGN_OR_RETURN(v1::SecAggKeys keys, secure_->session.AdvertiseKeys());
+  v1::SecAggRequest request;
+  *request.mutable_keys() = std::move(keys);
+  request.set_instance(c.instance());
+  return SendSecAgg(task.round(), std::move(request), stop);
+}
+
+absl::Status Node::SendSecAgg(int64_t round, v1::SecAggRequest request,
+                              const std::atomic<bool>& stop) {
+  request.set_round(round);
+  v1::SecAggResponse response;
+  grpc::Status s =
+      Retry([&](grpc::ClientContext& c) { return stub_->SecAgg(&c, request, &response); }, stop);
+  if (ReasonOf(s) == v1::ErrorDetail::STALE_TASK) {
+    secure_.reset();
+    return absl::AbortedError(StrCat("round ", round, ": ", s.error_message()));
+  }
+  return FromGrpc(s, StrCat("secure aggregation of round ", round));
+}
+
+absl::Status Node::SecureStep(const v1::Task& task, const std::atomic<bool>& stop) {
+  const v1::SecAggStep& step = task.secagg();
+  v1::SecAggRequest request;
+  request.set_instance(step.instance());
+  if (!secure_ || secure_->session.instance().config().instance() != step.instance()) {
+    request.set_decline(
+        "this process holds no keys of the instance (it restarted since it trained); it takes "
+        "part again from the next round");
+    spdlog::warn("round {}: {}", task.round(), request.decline());
+    return SendSecAgg(task.round(), std::move(request), stop);
+  }
+  secagg::ClientSession& session = secure_->session;
+  static constexpr std::string_view kSteps[] = {"", "", "shares", "input", "consent", "reveal"};
+  if (options_.before_secagg_step && step.step_case() < std::size(kSteps))
+    options_.before_secagg_step(kSteps[step.step_case()]);
+  absl::Status done = [&]() -> absl::Status {
+    switch (step.step_case()) {
+      case v1::SecAggStep::kRoster: {
+        ASSIGN_OR_RETURN(*request.mutable_shares(), session.ShareKeys(step.roster()));
+        return SendSecAgg(task.round(), std::move(request), stop);
+      }
+      case v1::SecAggStep::kInbox: {
+        ASSIGN_OR_RETURN(const std::vector<uint64_t> masked,
+                         session.MaskInput(step.inbox(), secure_->words));
+        const std::string bytes = secagg::PackWords(masked, session.instance().config().bits());
+        return UploadUpdate(secure_->task, bytes, secure_->metrics, secure_->num_examples, stop);
+      }
+      case v1::SecAggStep::kSurvivors: {
+        ASSIGN_OR_RETURN(*request.mutable_consent(), session.Consent(step.survivors()));
+        return SendSecAgg(task.round(), std::move(request), stop);
+      }
+      case v1::SecAggStep::kConsents: {
+        ASSIGN_OR_RETURN(*request.mutable_reveal(), session.Unmask(step.consents()));
+        RETURN_IF_ERROR(SendSecAgg(task.round(), std::move(request), stop));
+        spdlog::info("round {}: secure aggregation: shares revealed for the sum", task.round());
+        secure_.reset();
+        return absl::OkStatus();
+      }
+      default:
+        return absl::InvalidArgumentError("a secure aggregation task without a step");
+    }
+  }();
+  if (absl::IsPermissionDenied(done)) {
+    secure_.reset();
+    return absl::PermissionDeniedError(StrCat("round ", task.round(),
+                                              ": secure aggregation: ", done.message(),
+                                              "; this client stops, revealing nothing more"));
+  }
+  if (absl::IsFailedPrecondition(done) && secure_) {  // too few neighbours or consents left
+    spdlog::warn("round {}: secure aggregation: {}; declining the round", task.round(),
+                 done.message());
+    secure_.reset();
+    v1::SecAggRequest decline;
+    decline.set_instance(step.instance());
+    decline.set_decline(std::string(done.message()));
+    return SendSecAgg(task.round(), std::move(decline), stop);
+  }
+  return done;
 }
 
 absl::Status Node::WriteFinalState() const {
@@ -403,6 +556,12 @@ absl::Status Node::Run(const std::atomic<bool>& stop) {
           continue;
         }
         failures_ = 0;
+        continue;
+      }
+      case v1::Task::SECAGG: {
+        absl::Status stepped = SecureStep(task, stop);
+        if (absl::IsPermissionDenied(stepped) || absl::IsUnauthenticated(stepped)) return stepped;
+        if (!stepped.ok()) spdlog::warn("{}", stepped.message());
         continue;
       }
       default:

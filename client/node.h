@@ -9,6 +9,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 
 #include "absl/status/status.h"
@@ -31,9 +32,16 @@ struct NodeOptions {
   // Called with each trained update and the example count it claims, before it is encoded (an
   // instrumentation point: the fault tests' hostile clients; empty in fedlora-client).
   std::function<void(common::Adapter& update, int64_t& num_examples)> before_upload;
+  // Called before each step this client takes in a secure aggregation: "keys", "shares", "input",
+  // "consent", "reveal" (an instrumentation point for fault tests; empty in fedlora-client).
+  std::function<void(std::string_view step)> before_secagg_step;
   // Called with each transient failure of a call: PERMISSION_DENIED when it is in fact a refusal of
   // this client that no retry can change (common::ProbeTlsRefusal), which ends the run with it.
   std::function<absl::Status(const grpc::Status&)> diagnose_refusal;
+  // Secure aggregation: this client's TLS certificate and key (it signs its protocol keys with the
+  // key; the certificate's common name is its identity there) and the CA of its peers'
+  // certificates.
+  std::string cert_file, key_file, peer_ca_file;
 };
 
 class Node {
@@ -62,6 +70,18 @@ class Node {
                             const v1::TrainMetrics& metrics, int64_t num_examples,
                             const std::atomic<bool>& stop);
   absl::Status WriteFinalState() const;
+  // Secure aggregation (common/secagg/): after training for `task`, the change quantised and the
+  // protocol's keys advertised; then each SECAGG task's step. A protocol violation seen (the
+  // coordinator relayed a forged key or showed two survivor sets) is PERMISSION_DENIED: the node
+  // stops and reveals nothing.
+  absl::StatusOr<std::vector<double>> SecureInput(const v1::Task& task,
+                                                  const common::Adapter& trained,
+                                                  int64_t num_examples) const;
+  absl::Status AdvertiseKeys(const v1::Task& task, std::span<const double> input,
+                             int64_t num_examples, const v1::TrainMetrics& metrics,
+                             const std::atomic<bool>& stop);
+  absl::Status SecureStep(const v1::Task& task, const std::atomic<bool>& stop);
+  absl::Status SendSecAgg(int64_t round, v1::SecAggRequest request, const std::atomic<bool>& stop);
   // Names this client's session on `context`, and the client itself when there is no certificate
   // to (--insecure with --id).
   void Identify(grpc::ClientContext& context) const;
@@ -79,6 +99,8 @@ class Node {
   common::Adapter global_;
   int failures_ = 0;     // consecutive failed tasks
   std::string session_;  // of the latest join
+  struct SecureTask;     // the secure aggregation this client takes part in
+  std::unique_ptr<SecureTask> secure_;
 };
 
 }  // namespace fedlora::client

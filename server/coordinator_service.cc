@@ -233,6 +233,19 @@ grpc::ServerUnaryReactor* CoordinatorService::GetStatus(grpc::CallbackServerCont
   return Reply<v1::StatusResponse>(context, engine_->GetStatus(), response);
 }
 
+grpc::ServerUnaryReactor* CoordinatorService::SecAgg(grpc::CallbackServerContext* context,
+                                                     const v1::SecAggRequest* request,
+                                                     v1::SecAggResponse* response) {
+  auto id = IdentifySession(context);
+  if (!id.ok()) return Reply<v1::SecAggResponse>(context, id.status(), response);
+  // The certificate the call presented: the one the client's neighbours check its keys against.
+  const auto auth = context->auth_context();
+  const std::vector<grpc::string_ref> pem =
+      auth ? auth->FindPropertyValues("x509_pem_cert") : std::vector<grpc::string_ref>{};
+  const std::string certificate = pem.empty() ? "" : std::string(pem[0].data(), pem[0].size());
+  return Reply(context, engine_->SecAgg(*id, certificate, *request), response);
+}
+
 grpc::ServerUnaryReactor* CoordinatorService::Leave(grpc::CallbackServerContext* context,
                                                     const v1::LeaveRequest* request,
                                                     v1::LeaveResponse* response) {

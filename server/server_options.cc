@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 
 #include "absl/strings/numbers.h"
@@ -22,6 +23,7 @@ absl::Status ServerOptions::Validate() const {
   RETURN_IF_ERROR(ValidateRounds());
   RETURN_IF_ERROR(ValidateModel());
   RETURN_IF_ERROR(ValidatePrivacy());
+  RETURN_IF_ERROR(ValidateSecureAggregation());
   return ValidateTransport();
 }
 
@@ -37,7 +39,8 @@ nlohmann::json ServerOptions::Settings() const {
                       {"quorum", quorum},
                       {"round_deadline_s", round_deadline_s},
                       {"client_timeout_s", client_timeout_s},
-                      {"max_update_norm_ratio", client_dp() ? 0 : max_update_norm_ratio},
+                      {"max_update_norm_ratio", norm_ratio()},
+                      {"secure_aggregation", secure_aggregation},
                       {"max_rejections", max_rejections},
                       {"max_client_weight", max_client_weight},
                       {"transport", insecure            ? "plaintext"
@@ -127,6 +130,45 @@ absl::Status ServerOptions::ValidateModel() const {
 }
 
 // Client-level DP.
+absl::Status ServerOptions::ValidateSecureAggregation() const {
+  if (secure_aggregation != "off" && secure_aggregation != "secagg+")
+    return Invalid("secure_aggregation is '", secure_aggregation, "'; expected off or secagg+");
+  if (!secure()) return absl::OkStatus();
+  const std::string_view why = "under secure aggregation, which shows the coordinator no update";
+  if (method == common::Method::kFlora)
+    return Invalid(
+        "flora cannot run with secure aggregation: stacking needs each client's own "
+        "factors, and the coordinator learns only their sum");
+  if (method == common::Method::kLoraFair)
+    return Invalid(
+        "lora-fair cannot run with secure aggregation yet: its correction needs a second "
+        "secure sum in the round (each client's B_k·A_k·Āᵀ once Ā is known); use fedit "
+        "or fed-sb");
+  if (max_update_norm > 0)
+    return Invalid("max_update_norm cannot be checked ", why, "; the clients clip to ",
+                   client_dp() ? "dp_clip" : "secagg_clip", " instead");
+  if (max_update_norm_ratio > 0 && max_update_norm_ratio != ServerOptions().max_update_norm_ratio)
+    return Invalid("max_update_norm_ratio cannot be applied ", why,
+                   " (it needs each update's norm); the clients clip instead");
+  if (dp_adaptive_clip) return Invalid("dp_adaptive_clip needs each client's clipping bit ", why);
+  if (!client_ranks.empty()) return Invalid("client_ranks cannot be used ", why);
+  if (!(secagg_dropout >= 0 && secagg_dropout < 1) || !(secagg_corrupt >= 0 && secagg_corrupt < 1))
+    return Invalid("secagg_dropout and secagg_corrupt must be in [0, 1); got ", secagg_dropout,
+                   " and ", secagg_corrupt);
+  if (secagg_corrupt + 2 * secagg_dropout > 0.9)
+    return Invalid("secagg_corrupt + 2·secagg_dropout is ", secagg_corrupt + 2 * secagg_dropout,
+                   "; no secure graph exists above 0.9");
+  if (!(secagg_clip > 0) || !std::isfinite(secagg_clip))
+    return Invalid("secagg_clip is ", secagg_clip, "; it must be > 0");
+  if (!(secagg_step_timeout_s > 0))
+    return Invalid("secagg_step_timeout_s is ", secagg_step_timeout_s, "; it must be > 0");
+  if (insecure || client_ca.empty())
+    return Invalid(
+        "secure aggregation needs mutual TLS (client_ca): clients sign their keys "
+        "with their certificates' keys, so the coordinator cannot substitute them");
+  return absl::OkStatus();
+}
+
 absl::Status ServerOptions::ValidatePrivacy() const {
   if (!(dp_clip >= 0)) return Invalid("dp_clip is ", dp_clip, "; it must be >= 0 (0: off)");
   if (!(dp_noise_multiplier >= 0))
@@ -376,6 +418,26 @@ void AddPrivacyFlags(CLI::App& app, ServerOptions& o) {
       ->capture_default_str();
 }
 
+void AddSecureAggregationFlags(CLI::App& app, ServerOptions& o) {
+  app.add_option("--secure-aggregation", o.secure_aggregation,
+                 "secagg+: the coordinator learns only the sum of the clients' masked, quantised "
+                 "changes (needs mutual TLS); off")
+      ->capture_default_str();
+  app.add_option("--secagg-dropout", o.secagg_dropout,
+                 "secure aggregation: share of a cohort expected to drop during the protocol")
+      ->capture_default_str();
+  app.add_option("--secagg-corrupt", o.secagg_corrupt,
+                 "secure aggregation: share of a cohort that may collude with the coordinator")
+      ->capture_default_str();
+  app.add_option("--secagg-clip", o.secagg_clip,
+                 "secure aggregation without client-level DP: bound on each client's change "
+                 "(flat L2)")
+      ->capture_default_str();
+  app.add_option("--secagg-step-timeout-s", o.secagg_step_timeout_s,
+                 "secure aggregation: a protocol step after training closes at this age")
+      ->capture_default_str();
+}
+
 void AddTransportFlags(CLI::App& app, ServerOptions& o) {
   app.add_option("--listen", o.listen, "address:port (port 0 picks a free one)")
       ->capture_default_str();
@@ -417,6 +479,7 @@ void AddServerFlags(CLI::App& app, ServerOptions& o) {
   AddBoundFlags(app, o);
   AddModelFlags(app, o);
   AddPrivacyFlags(app, o);
+  AddSecureAggregationFlags(app, o);
   AddTransportFlags(app, o);
 }
 

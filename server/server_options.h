@@ -118,6 +118,21 @@ struct ServerOptions {
   double init_noise_multiplier() const {
     return dp_init_noise_multiplier >= 0 ? dp_init_noise_multiplier : dp_noise_multiplier;
   }
+  // Secure aggregation (SecAgg+ with distributed DP; ALGORITHMS.md): "secagg+" or "off". The
+  // coordinator then learns only the sum of the cohort's quantised changes, each client clipped to
+  // secagg_clip (dp_clip under client-level DP, whose noise the clients then add, σ/√cohort each).
+  // The graph is chosen for the assumed dropout and corrupt rates. Not for flora (stacking needs
+  // each client's factors), nor with the norm bounds, adaptive clipping or client_ranks.
+  std::string secure_aggregation = "off";
+  double secagg_dropout = 0.05;  // δ: share of a cohort expected to drop during the protocol
+  double secagg_corrupt = 0.05;  // γ: share of a cohort that may collude with the coordinator
+  double secagg_clip = 10;       // without client-level DP: the bound on each client's change
+  // A step of the protocol after training (shares, masked input, consent, reveal) closes once
+  // every client it waits for has answered, every missing one is silent, or at this age.
+  double secagg_step_timeout_s = 60;
+  bool secure() const { return secure_aggregation != "off"; }
+  // The median-ratio bound in effect: none under client-level DP or secure aggregation.
+  double norm_ratio() const { return client_dp() || secure() ? 0 : max_update_norm_ratio; }
   // Transport
   std::string listen = "0.0.0.0:50051";
   std::string tls_cert;   // PEM server certificate chain
@@ -157,6 +172,7 @@ struct ServerOptions {
   absl::Status ValidateRounds() const;
   absl::Status ValidateModel() const;
   absl::Status ValidatePrivacy() const;
+  absl::Status ValidateSecureAggregation() const;
   absl::Status ValidateTransport() const;
 };
 

@@ -43,31 +43,46 @@ std::vector<std::span<float>> TrainableValues(Adapter& adapter) {
   return out;
 }
 
+size_t TrainableCount(const Adapter& adapter) {
+  size_t n = 0;
+  for (size_t i = 0; i < adapter.num_modules(); ++i) {
+    const LoraModule& m = adapter.module(i);
+    n += static_cast<size_t>(m.has_r ? m.rank * m.rank : m.rank * (m.in_features + m.out_features));
+  }
+  return n;
+}
+
+absl::Status ChangeInto(const Adapter& update, const Adapter& start, std::span<float> out) {
+  if (out.size() != TrainableCount(start))
+    return absl::InvalidArgumentError(
+        StrCat("a change of ", out.size(), " values; the state has ", TrainableCount(start)));
+  size_t at = 0;
+  auto put = [&](const auto& expr) {
+    Eigen::Map<MatrixF>(out.data() + at, expr.rows(), expr.cols()) = expr;
+    at += static_cast<size_t>(expr.size());
+  };
+  for (size_t i = 0; i < start.num_modules(); ++i) {
+    ASSIGN_OR_RETURN(const size_t j, Matching(update, start, i));
+    const float s = static_cast<float>(update.module(j).scaling);
+    if (start.module(i).has_r) {
+      put(s * update.R(j) - start.R(i));
+    } else {
+      put(update.A(j) - start.A(i));
+      put(s * update.B(j) - start.B(i));
+    }
+  }
+  return absl::OkStatus();
+}
+
 ClientDpRound::ClientDpRound(Adapter start, double clip, double expected_clients)
     : start_(std::move(start)), clip_(clip), expected_clients_(expected_clients) {
-  size_t n = 0;
-  for (std::span<float> s : TrainableValues(start_)) n += s.size();
+  const size_t n = TrainableCount(start_);
   sum_.assign(n, 0.0);
   delta_.resize(n);
 }
 
 absl::StatusOr<double> ClientDpRound::Add(const Adapter& update) {
-  // Δ_k in the layout of TrainableValues(start_): s·R − R0, or A − A0 then s·B − B0.
-  size_t at = 0;
-  auto put = [&](const auto& expr) {
-    Eigen::Map<MatrixF>(delta_.data() + at, expr.rows(), expr.cols()) = expr;
-    at += static_cast<size_t>(expr.size());
-  };
-  for (size_t i = 0; i < start_.num_modules(); ++i) {
-    ASSIGN_OR_RETURN(const size_t j, Matching(update, start_, i));
-    const float s = static_cast<float>(update.module(j).scaling);
-    if (start_.module(i).has_r) {
-      put(s * update.R(j) - start_.R(i));
-    } else {
-      put(update.A(j) - start_.A(i));
-      put(s * update.B(j) - start_.B(i));
-    }
-  }
+  RETURN_IF_ERROR(ChangeInto(update, start_, delta_));
   const std::span<float> delta(delta_);
   const double norm = ClipFlatL2(std::span<const std::span<float>>(&delta, 1), clip_);
   for (size_t k = 0; k < sum_.size(); ++k) sum_[k] += delta_[k];

@@ -28,6 +28,12 @@ namespace fedlora::common {
 
 // The trained values of `adapter`: R of LoRA-SB modules, A and B of the others, in module order.
 std::vector<std::span<float>> TrainableValues(Adapter& adapter);
+// How many values TrainableValues spans.
+size_t TrainableCount(const Adapter& adapter);
+// Δ = update − start in the layout of TrainableValues(start), scalings folded: s·R − R0, or
+// A − A0 then s·B − B0. INVALID_ARGUMENT unless `update` has start's modules (by name) with the
+// same shapes; `out` must have TrainableCount(start) values.
+absl::Status ChangeInto(const Adapter& update, const Adapter& start, std::span<float> out);
 
 class ClientDpRound {
  public:

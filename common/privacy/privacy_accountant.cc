@@ -158,8 +158,16 @@ absl::StatusOr<PrivacySpent> RdpAccountant::Spent(double delta) const {
 
 nlohmann::json PrivacyHistoryToJson(const PrivacyHistory& history) {
   nlohmann::json out = nlohmann::json::array();
-  for (const PrivacyRound& r : history)
-    out.push_back({{"round", r.round}, {"q", r.q}, {"sigma", r.sigma}, {"steps", r.steps}});
+  for (const PrivacyRound& r : history) {
+    nlohmann::json e = {{"round", r.round}, {"q", r.q}, {"sigma", r.sigma}, {"steps", r.steps}};
+    if (r.ddg)
+      e["ddg"] = {{"l2", r.ddg->l2},
+                  {"l1", r.ddg->l1},
+                  {"local_sigma", r.ddg->local_sigma},
+                  {"summands", r.ddg->summands},
+                  {"dim", r.ddg->dim}};
+    out.push_back(std::move(e));
+  }
   return out;
 }
 
@@ -178,6 +186,20 @@ absl::StatusOr<PrivacyHistory> PrivacyHistoryFromJson(const nlohmann::json& json
     }
     history.push_back({r.value("round", int64_t{0}), r["q"].get<double>(), r["sigma"].get<double>(),
                        r["steps"].get<double>()});
+    if (r.contains("ddg")) {
+      const nlohmann::json& d = r["ddg"];
+      const auto positive = [&](const char* key) {
+        return d.is_object() && d.contains(key) && d[key].is_number() && d[key].get<double>() > 0;
+      };
+      if (!positive("l2") || !positive("l1") || !positive("local_sigma") || !positive("summands") ||
+          !positive("dim") || !d["summands"].is_number_integer())
+        return absl::InvalidArgumentError(
+            StrCat(origin, ": privacy history entry ", i, " has ddg ", d.dump(),
+                   "; expected positive l2, l1, local_sigma, dim and an integer summands"));
+      history.back().ddg = DistributedGaussian{d["l2"].get<double>(), d["l1"].get<double>(),
+                                               d["local_sigma"].get<double>(),
+                                               d["summands"].get<int>(), d["dim"].get<double>()};
+    }
   }
   return history;
 }
@@ -185,6 +207,14 @@ absl::StatusOr<PrivacyHistory> PrivacyHistoryFromJson(const nlohmann::json& json
 absl::StatusOr<PrivacySpent> SpentOver(const PrivacyHistory& history, double delta) {
   RdpAccountant accountant;
   for (size_t i = 0; i < history.size(); ++i) {
+    if (const auto& d = history[i].ddg) {
+      const double steps = history[i].steps;
+      accountant.AddRdp([&](double alpha) {
+        return steps * DistributedDiscreteGaussianRdp(alpha, d->l2, d->l1, d->local_sigma,
+                                                      d->summands, d->dim);
+      });
+      continue;
+    }
     if (absl::Status st = accountant.AddSteps(history[i].q, history[i].sigma, history[i].steps);
         !st.ok()) {
       return absl::InvalidArgumentError(StrCat("privacy history entry ", i, ": ", st.message()));

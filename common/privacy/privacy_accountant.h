@@ -10,6 +10,7 @@
 
 #include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string_view>
 #include <vector>
 
@@ -61,15 +62,28 @@ class RdpAccountant {
 // One entry of a privacy history (a client's DP-SGD ledger, the coordinator's client-level DP):
 // `steps` compositions of the sampled Gaussian mechanism at sampling rate q and noise multiplier
 // sigma, spent in `round`.
+// A secure round's distributed discrete Gaussian (DistributedDiscreteGaussianRdp), in the
+// integer units the clients quantise to.
+struct DistributedGaussian {
+  double l2 = 0, l1 = 0;   // sensitivities of one client's contribution
+  double local_sigma = 0;  // each client's noise
+  int summands = 0;        // the clients whose noise the released sum holds
+  double dim = 0;          // values per client
+  bool operator==(const DistributedGaussian&) const = default;
+};
 struct PrivacyRound {
   int64_t round = 0;
   double q = 0;
   double sigma = 0;
   double steps = 0;
+  // Set: `steps` releases of this distributed discrete Gaussian instead (q and sigma are then
+  // only reported: no amplification by sampling is claimed for it).
+  std::optional<DistributedGaussian> ddg;
 };
 using PrivacyHistory = std::vector<PrivacyRound>;
 
-// As JSON: [{"round", "q", "sigma", "steps"}, ...]. Reading an entry without a number q, sigma or
+// As JSON: [{"round", "q", "sigma", "steps"[, "ddg": {"l2", "l1", "local_sigma", "summands",
+// "dim"}]}, ...]. Reading an entry without a number q, sigma or
 // steps is an INVALID_ARGUMENT that names `origin` and the entry; "round" may be absent (0).
 nlohmann::json PrivacyHistoryToJson(const PrivacyHistory& history);
 absl::StatusOr<PrivacyHistory> PrivacyHistoryFromJson(const nlohmann::json& json,

@@ -35,6 +35,27 @@ absl::StatusOr<ClientDpSpend> ClientDpSpend::FromJson(JsonReader& in) {
   return s;
 }
 
+json SecAggRecord::ToJson() const {
+  json j = {{"clients", clients}, {"neighbours", neighbours}, {"threshold", threshold},
+            {"bits", bits},       {"values", values},         {"clip", clip},
+            {"scale", scale}};
+  if (noise_stddev) j["noise_stddev"] = *noise_stddev;
+  return j;
+}
+
+absl::StatusOr<SecAggRecord> SecAggRecord::FromJson(JsonReader& in) {
+  SecAggRecord s;
+  in.Get("clients", &s.clients)
+      .Get("neighbours", &s.neighbours)
+      .Get("threshold", &s.threshold)
+      .Get("bits", &s.bits)
+      .Get("values", &s.values)
+      .Get("clip", &s.clip)
+      .Get("scale", &s.scale)
+      .Maybe("noise_stddev", &s.noise_stddev);
+  return s;
+}
+
 void Participation::AddTo(json& j) const {
   j["attempt"] = attempt;
   j["cohort"] = cohort;
@@ -115,6 +136,7 @@ json RoundRecord::ToJson() const {
   if (!dp_epsilon.empty()) j["dp_epsilon"] = dp_epsilon;
   if (lora_fair_objective) j["lora_fair_objective"] = *lora_fair_objective;
   if (fedit_objective) j["fedit_objective"] = *fedit_objective;
+  if (secure_aggregation) j["secure_aggregation"] = secure_aggregation->ToJson();
   return j;
 }
 
@@ -140,7 +162,8 @@ absl::StatusOr<RoundRecord> RoundRecord::FromJson(JsonReader& in) {
       .Maybe("norm_outliers", &r.norm_outliers)
       .Maybe("dp_epsilon", &r.dp_epsilon)
       .Maybe("lora_fair_objective", &r.lora_fair_objective)
-      .Maybe("fedit_objective", &r.fedit_objective);
+      .Maybe("fedit_objective", &r.fedit_objective)
+      .Maybe("secure_aggregation", &r.secure_aggregation);
   ASSIGN_OR_RETURN(r.who, Participation::FromJson(in));
   if (!in.ok()) return r;
   if (absl::StatusOr<Method> m = ParseMethod(method); m.ok())

@@ -42,6 +42,23 @@ struct ClientDpSpend {
   bool operator==(const ClientDpSpend&) const = default;
 };
 
+// A round or step under secure aggregation: its instance's parameters
+// (server/round/secure_round.h).
+struct SecAggRecord {
+  int clients = 0;                     // the cohort
+  int neighbours = 0;                  // each client's (clients − 1: the complete graph)
+  int threshold = 0;                   // shares that unmask a client
+  int bits = 0;                        // per value of a masked input
+  int64_t values = 0;                  // each client's, before rotation
+  double clip = 0;                     // each client's change was clipped to this
+  double scale = 0;                    // a value v was sent as round(v·scale)
+  std::optional<double> noise_stddev;  // each client's noise (distributed DP), in value units
+
+  nlohmann::json ToJson() const;
+  static absl::StatusOr<SecAggRecord> FromJson(JsonReader& in);
+  bool operator==(const SecAggRecord&) const = default;
+};
+
 // Who took part in a round or step, and what moved.
 struct Participation {
   int attempt = 1;  // 1 for the first
@@ -99,6 +116,7 @@ struct RoundRecord {
   PerClientValue norm_outliers;  // client → its norm, left out by --max-update-norm-ratio
   PerClientValue dp_epsilon;     // DP-SGD clients: ε they report spent
   std::optional<double> lora_fair_objective, fedit_objective;  // lora-fair
+  std::optional<SecAggRecord> secure_aggregation;
 
   nlohmann::json ToJson() const;
   static absl::StatusOr<RoundRecord> FromJson(JsonReader& in);

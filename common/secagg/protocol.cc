@@ -390,8 +390,12 @@ absl::Status ServerSession::Close(Phase next, int stage, std::string_view what) 
   return absl::OkStatus();
 }
 
-std::vector<std::string> ServerSession::Members() const {
-  int stage = static_cast<int>(phase_);
+int ServerSession::Stage(const std::string& client) const {
+  const int i = instance_.IndexOf(client);
+  return i < 0 ? -1 : clients_[i].stage;
+}
+
+std::vector<std::string> ServerSession::AtLeast(int stage) const {
   std::vector<std::string> out;
   for (int i = 0; i < instance_.size(); ++i)
     if (In(i, stage)) out.push_back(instance_.Name(i));

@@ -129,8 +129,11 @@ class ServerSession {
   absl::StatusOr<std::vector<uint64_t>> Finish();
 
   const Instance& instance() const { return instance_; }
-  // Who is still in: the clients that took the latest closed (or open) phase's step.
-  std::vector<std::string> Members() const;
+  // The steps `client` has taken: 0 none, 1 keys, 2 shares, 3 masked input, 4 consent, 5 reveal
+  // (−1: not in the cohort).
+  int Stage(const std::string& client) const;
+  // The clients that have taken at least `stage` steps, sorted.
+  std::vector<std::string> AtLeast(int stage) const;
 
  private:
   enum class Phase { kKeys, kShares, kInput, kConsent, kUnmask, kDone };

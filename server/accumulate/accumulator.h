@@ -60,6 +60,7 @@ struct RoundOutput {
   std::optional<common::ClientDpSpend> client_dp;              // what a private release spent
   std::optional<common::ClientDpState> dp_state;               // the privacy state with it entered
   std::optional<double> lora_fair_objective, fedit_objective;  // lora-fair, over the modules
+  std::optional<common::SecAggRecord> secure_aggregation;      // its instance, when secure
 };
 
 class Accumulator {

@@ -7,6 +7,7 @@
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/privacy/private_sketch.h"
+#include "common/secagg/dp.h"
 #include "server/accumulate/every_factor.h"
 #include "server/accumulate/sketch_sum.h"
 
@@ -151,6 +152,21 @@ absl::StatusOr<common::ClientDpSpend> ClientDp::Spend(const common::PrivacyRound
   s.noise_multiplier = entry.sigma;
   s.clip = clip;
   return s;
+}
+
+common::PrivacyRound ClientDp::SecureEntry(int64_t round, double q, const v1::SecAggConfig& config,
+                                           int summands) {
+  const double dim =
+      static_cast<double>(secagg::RotatedLength(static_cast<size_t>(config.length())));
+  const double l2 = config.clip() * config.scale() + std::sqrt(dim);
+  const double local_sigma =
+      std::sqrt(static_cast<double>(config.noise_num()) / static_cast<double>(config.noise_den()));
+  common::PrivacyRound entry{
+      round, q,
+      local_sigma * std::sqrt(static_cast<double>(summands)) / (config.clip() * config.scale()), 1};
+  entry.ddg = common::DistributedGaussian{l2, std::min(l2 * l2, l2 * std::sqrt(dim)), local_sigma,
+                                          summands, dim};
+  return entry;
 }
 
 absl::StatusOr<bool> ClientDp::WithinTarget(const ClientDpState& state,

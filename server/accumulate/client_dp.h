@@ -15,6 +15,7 @@
 #include "common/privacy/dp.h"
 #include "common/run/ledger.h"
 #include "common/tensor/blob.h"
+#include "fedlora/v1/coordinator.pb.h"
 #include "server/accumulate/accumulator.h"
 #include "server/server_options.h"
 
@@ -39,6 +40,19 @@ class ClientDp {
   absl::StatusOr<std::unique_ptr<Accumulator>> OpenSketchStep(
       const common::ClientDpState& state, int step, size_t cohort, size_t population,
       std::vector<common::MatrixShape> shapes);
+
+  // Under secure aggregation (distributed DP: each client adds N_Z(0, σ²/cohort) to its quantised
+  // change): a round's entry, the distributed discrete Gaussian of `config`'s quantisation with
+  // `summands` clients' noise in the released sum, at the sensitivity rounding allows
+  // (clip·scale + √d in L2, ALGORITHMS.md; in L1 the lesser of its square and √d times it). `q`
+  // is only reported.
+  static common::PrivacyRound SecureEntry(int64_t round, double q, const v1::SecAggConfig& config,
+                                          int summands);
+  // Whether `entry` keeps ε within the target (logging, when not, that `what` ends the run).
+  absl::StatusOr<bool> Within(const common::ClientDpState& state, const common::PrivacyRound& entry,
+                              std::string_view what) const {
+    return WithinTarget(state, entry, what, "no more rounds are run");
+  }
 
   // Enters `entry` in `state` and returns what every release reports: ε at δ, order, q, the
   // expected clients, noise multiplier and clip.

@@ -20,13 +20,15 @@ absl::Status Verdict::ToStatus() const {
 UpdateGate::UpdateGate(const ServerOptions* options, const StateStore* store,
                        std::vector<common::ModuleShape> shapes,
                        std::shared_ptr<const common::Adapter> frozen,
-                       std::optional<std::vector<common::MatrixShape>> sketch, double weight_cap)
+                       std::optional<std::vector<common::MatrixShape>> sketch, double weight_cap,
+                       std::optional<int64_t> masked_bytes)
     : options_(options),
       store_(store),
       shapes_(std::move(shapes)),
       frozen_(std::move(frozen)),
       sketch_(std::move(sketch)),
-      weight_cap_(weight_cap) {}
+      weight_cap_(weight_cap),
+      masked_bytes_(masked_bytes) {}
 
 Verdict UpdateGate::Admit(const RoundView& round, const Sender& sender,
                           const v1::UploadRequest& request, int64_t max_update_bytes) {
@@ -91,6 +93,7 @@ Verdict UpdateGate::Admit(const RoundView& round, const Sender& sender,
 }
 
 int64_t UpdateGate::MaxBytes(int rank) const {
+  if (masked_bytes_) return *masked_bytes_;
   // The header: its length, the metadata, and per tensor a JSON entry of its name (under PEFT's
   // prefix and suffix), dtype, shape and offsets, with the module's scaling in the metadata.
   int64_t bytes = 8 + 4096;
@@ -145,6 +148,11 @@ Verdict UpdateGate::Check(const Sender& sender, const v1::UploadRequest& request
           : StrCat("update of ", sender.client, " for round ", request.round());
   double norm = 0;
   absl::Status status = VerifyPart(*store_, part, request.sha256(), origin, [&](auto bytes) {
+    if (masked_bytes_) {  // the masked sum of what it holds is all anyone learns
+      if (static_cast<int64_t>(bytes.size()) == *masked_bytes_) return absl::OkStatus();
+      return absl::InvalidArgumentError(StrCat(origin, ": a masked input of ", bytes.size(),
+                                               " bytes; the round's are ", *masked_bytes_));
+    }
     if (sketch_) return common::DecodeMatrices(bytes, origin, *sketch_).status();
     absl::StatusOr<common::Adapter> update = Decode(bytes, origin, sender.rank);
     if (update.ok()) {

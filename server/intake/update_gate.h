@@ -78,11 +78,13 @@ class UpdateGate final : public UpdateSource {
  public:
   // `shapes`: the task's modules at the run's rank (LoRA-SB modules for fed-sb); `frozen`:
   // Fed-SB's shared B and A; `sketch`: during a Fed-SB initialisation step, its products' shapes;
-  // `weight_cap`: the round's cap on an update's weight (server/cohort.h). `store` and `options`
-  // must outlive the gate.
+  // `weight_cap`: the round's cap on an update's weight (server/cohort.h); `masked_bytes`: under
+  // secure aggregation, the size of a masked input, which is all Check can check of one (and
+  // what MaxBytes is). `store` and `options` must outlive the gate.
   UpdateGate(const ServerOptions* options, const StateStore* store,
              std::vector<common::ModuleShape> shapes, std::shared_ptr<const common::Adapter> frozen,
-             std::optional<std::vector<common::MatrixShape>> sketch, double weight_cap);
+             std::optional<std::vector<common::MatrixShape>> sketch, double weight_cap,
+             std::optional<int64_t> masked_bytes = std::nullopt);
 
   // Needs no gate: a chunk may come when no round is open (late, or stale).
   static Verdict Admit(const RoundView& round, const Sender& sender,
@@ -119,6 +121,7 @@ class UpdateGate final : public UpdateSource {
   const std::shared_ptr<const common::Adapter> frozen_;
   const std::optional<std::vector<common::MatrixShape>> sketch_;
   const double weight_cap_;
+  const std::optional<int64_t> masked_bytes_;
 };
 
 // A complete upload in the store's part file `part`: hashed and synced on one core while `decode`

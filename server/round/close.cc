@@ -35,7 +35,7 @@ common::RoundRecord RecordOf(const RoundFacts& facts, const RoundOutput& output,
     r.weight_share[id] = static_cast<double>(uploads.all().at(id).weight) / weight;
   r.mean_loss_before = loss_before / weight;
   r.mean_train_loss = loss_after / weight;
-  if (output.client_dp == std::nullopt) {
+  if (output.client_dp == std::nullopt && !output.secure_aggregation) {
     for (const AcceptedUpdate& u : uploads.AcceptedUpdates()) r.update_norms[u.client] = u.norm;
   }
   for (const auto& [id, norm] : output.norm_outliers) ++r.who.rejected[id];
@@ -48,6 +48,7 @@ common::RoundRecord RecordOf(const RoundFacts& facts, const RoundOutput& output,
   r.client_dp = output.client_dp;
   r.lora_fair_objective = output.lora_fair_objective;
   r.fedit_objective = output.fedit_objective;
+  r.secure_aggregation = output.secure_aggregation;
   return r;
 }
 

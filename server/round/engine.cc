@@ -6,6 +6,7 @@
 #include <future>
 #include <random>
 
+#include "common/base/file_util.h"
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/llm/gguf_export.h"
@@ -62,13 +63,27 @@ absl::StatusOr<std::unique_ptr<RoundEngine>> RoundEngine::Create(
     ASSIGN_OR_RETURN(e->dp_, ClientDp::Create(e->options_));
     LogClientDp(options);
   }
+  if (options.secure()) {
+    ASSIGN_OR_RETURN(const std::string ca, common::ReadFileToString(options.client_ca));
+    auto verifier = secagg::PeerVerifier::FromCaPem(ca);
+    if (!verifier.ok())
+      return absl::InvalidArgumentError(
+          StrCat("client_ca ", options.client_ca, ": ", verifier.status().message()));
+    e->verifier_ = std::make_shared<const secagg::PeerVerifier>(*std::move(verifier));
+    spdlog::info(
+        "secure aggregation (SecAgg+): the coordinator sees only masked inputs and their sum; "
+        "clients clip their change to {} (flat L2){}; dropout {}, corrupt {}",
+        options.client_dp() ? options.dp_clip : options.secagg_clip,
+        options.client_dp() ? " and add the DP noise themselves" : "", options.secagg_dropout,
+        options.secagg_corrupt);
+  }
   absl::MutexLock lock(&e->mu_);
   ASSIGN_OR_RETURN(e->follow_up_, FollowUp::Start(&e->options_, &e->store_, std::move(evaluator),
                                                   env, e->view_.get()));
   e->lifecycle_ = std::make_unique<Lifecycle>(
       e->options_, env,
       Lifecycle::Parts{&e->store_, &e->clients_, &e->uploads_, e->dp_.get(), e->follow_up_.get(),
-                       &e->log_limiter_, e->view_.get()});
+                       &e->log_limiter_, e->view_.get(), e->verifier_});
   RETURN_IF_ERROR(e->lifecycle_->Resume());
   return e;
 }
@@ -352,6 +367,27 @@ v1::HeartbeatResponse RoundEngine::Heartbeat(const std::string& client,
   v1::HeartbeatResponse response;
   response.set_still_wanted(lifecycle_->StillWanted(client, request.round()));
   return response;
+}
+
+absl::StatusOr<v1::SecAggResponse> RoundEngine::SecAgg(const std::string& client,
+                                                       const std::string& certificate,
+                                                       const v1::SecAggRequest& request) {
+  LongPolls::Ready ready;
+  {
+    absl::MutexLock lock(&mu_);
+    if (const std::string* why = clients_.RemovedWhy(client)) return Removed(client, *why);
+    clients_.Touch(client, env_->Now());
+    absl::Status st = lifecycle_->SecAgg(client, certificate, request);
+    if (!st.ok()) {
+      if (std::string repeated; log_limiter_.Allow("secagg " + client, env_->Now(), &repeated))
+        spdlog::warn("{}: refused {}'s secure aggregation step: {}{}", lifecycle_->RoundName(),
+                     client, st.message(), repeated);
+      return st;
+    }
+    CollectReadyLocked(&ready, false);
+  }
+  LongPolls::Deliver(ready);
+  return v1::SecAggResponse();
 }
 
 absl::StatusOr<v1::LeaveResponse> RoundEngine::Leave(const std::string& client,

@@ -86,6 +86,12 @@ class RoundEngine {
       ABSL_LOCKS_EXCLUDED(mu_);
   v1::HeartbeatResponse Heartbeat(const std::string& client, const v1::HeartbeatRequest& request)
       ABSL_LOCKS_EXCLUDED(mu_);
+  // Secure aggregation: `client`'s step of the open round's protocol, with the PEM of the
+  // certificate its call presented.
+  absl::StatusOr<v1::SecAggResponse> SecAgg(const std::string& client,
+                                            const std::string& certificate,
+                                            const v1::SecAggRequest& request)
+      ABSL_LOCKS_EXCLUDED(mu_);
   v1::StatusResponse GetStatus() ABSL_LOCKS_EXCLUDED(mu_);
   // The client leaves the run (declining this round's task if it has one): the round stops waiting
   // for it and later cohorts leave it out, until it joins again.
@@ -150,6 +156,7 @@ class RoundEngine {
   common::LogLimiter log_limiter_ ABSL_GUARDED_BY(mu_);       // repeated events once per 10 s
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<ClientDp> dp_;  // with client-level DP; used by the lifecycle, under mu_
+  std::shared_ptr<const secagg::PeerVerifier> verifier_;  // under secure aggregation
   // Reads blobs of store_ on its own thread; declared after store_, so destroyed before it.
   std::unique_ptr<FollowUp> follow_up_;
   std::unique_ptr<Lifecycle> lifecycle_ ABSL_GUARDED_BY(mu_);

@@ -10,9 +10,11 @@
 #include "common/net/wire.h"
 #include "server/accumulate/every_factor.h"
 #include "server/accumulate/median_norm_bound.h"
+#include "server/accumulate/secure_sum.h"
 #include "server/accumulate/sketch_sum.h"
 #include "server/accumulate/weighted_mean.h"
 #include "server/cohort.h"
+#include "server/errors.h"
 #include "server/exporter.h"
 #include "server/fed_sb_init.h"
 #include "server/round/close.h"
@@ -40,6 +42,7 @@ Lifecycle::Lifecycle(const ServerOptions& options, common::Env* env, Parts parts
       clients_(*parts.clients),
       uploads_(*parts.uploads),
       dp_(parts.dp),
+      verifier_(std::move(parts.verifier)),
       follow_up_(*parts.follow_up),
       log_limiter_(*parts.log_limiter),
       view_(*parts.view),
@@ -173,6 +176,16 @@ bool Lifecycle::ChooseParts(size_t population) {
   if (Initialising()) sketch = InitProductShapes(store_.ledger(), InitStep());
   const bool fed_sb = options_.method == Method::kFedSb;
   std::vector<common::ModuleShape> shapes = store_.ledger().Shapes(options_.rank, fed_sb);
+  if (options_.secure()) {
+    const double largest = static_cast<double>(*std::max_element(joined.begin(), joined.end()));
+    // The clients weigh their change by min(examples, cap)/cap with the cap an integer, as the
+    // gate floors it.
+    absl::StatusOr<bool> chosen = ChooseSecureParts(
+        sketch, std::move(shapes), std::floor(std::min(weight_cap, largest)), population);
+    if (!chosen.ok()) EndRun(StrCat(RoundName(), " cannot start: ", chosen.status().message()));
+    if (chosen.ok() && !*chosen) EndRun("the privacy budget allows no further round");
+    return chosen.ok() && *chosen;
+  }
   open_.gate =
       std::make_shared<const UpdateGate>(&options_, &store_, shapes, frozen_, sketch, weight_cap);
   absl::StatusOr<std::unique_ptr<Accumulator>> chosen = [&]() -> decltype(chosen) {
@@ -192,8 +205,8 @@ bool Lifecycle::ChooseParts(size_t population) {
     else
       a = std::make_unique<EveryFactor>(
           common::AggregateOptions{options_.method, {.lambda = options_.lora_fair_lambda}});
-    if (options_.max_update_norm_ratio > 0)
-      a = std::make_unique<MedianNormBound>(options_.max_update_norm_ratio, std::move(a));
+    if (options_.norm_ratio() > 0)
+      a = std::make_unique<MedianNormBound>(options_.norm_ratio(), std::move(a));
     return a;
   }();
   if (!chosen.ok()) {
@@ -206,6 +219,63 @@ bool Lifecycle::ChooseParts(size_t population) {
     return false;
   }
   open_.accumulator = *std::move(chosen);
+  return true;
+}
+
+absl::StatusOr<bool> Lifecycle::ChooseSecureParts(
+    std::optional<std::vector<common::MatrixShape>> sketch, std::vector<common::ModuleShape> shapes,
+    double weight_cap, size_t population) {
+  // Each client sends its change times w = min(examples, cap)/cap, and the divisor is the
+  // survivors' Σ w from the examples they claim (in the clear, as always). Under client-level DP
+  // every client weighs the same, the divisor is the cohort drawn and the clients add the noise.
+  // A Fed-SB initialisation step's answers are scaled to norm 1 by the clients and averaged with
+  // equal weights (over the survivors, or the cohort under DP).
+  const bool dp = options_.client_dp();
+  const double divisor = dp ? static_cast<double>(open_.cohort.size()) : sketch ? -1 : 0;
+  Adapter start;
+  size_t length = 0;
+  if (sketch) {
+    for (const common::MatrixShape& m : *sketch) length += static_cast<size_t>(m.rows * m.cols);
+  } else {
+    ASSIGN_OR_RETURN(start, AdapterAt(store_.ledger(), store_, version(), *frozen_));
+    length = common::TrainableCount(start);
+  }
+  SecureRound::Plan plan{.name = RoundName(),
+                         .run_id = store_.ledger().run_id,
+                         .round = round_,
+                         .attempt = attempt_,
+                         .cohort = open_.cohort,
+                         .length = length,
+                         .change_clip = sketch ? 1.0
+                                        : dp   ? options_.dp_clip
+                                               : options_.secagg_clip,
+                         .weight_cap = dp || sketch ? 0 : weight_cap,
+                         .noise_multiplier = !dp      ? 0
+                                             : sketch ? options_.init_noise_multiplier()
+                                                      : options_.dp_noise_multiplier};
+  ASSIGN_OR_RETURN(open_.secure, SecureRound::Open(options_, std::move(plan), verifier_));
+  std::optional<SecureSum::Privacy> privacy;
+  if (dp) {
+    // The round must fit the budget even if only the threshold's clients survive to be summed.
+    const double q = divisor / static_cast<double>(population);
+    const ClientDpState& state = *store_.ledger().client_dp;
+    ASSIGN_OR_RETURN(const bool within,
+                     dp_->Within(state,
+                                 ClientDp::SecureEntry(round_, q, open_.secure->config(),
+                                                       open_.secure->graph().threshold),
+                                 RoundName()));
+    if (!within) return false;
+    privacy = SecureSum::Privacy{dp_, state, round_, q};
+  }
+  if (sketch)
+    open_.accumulator =
+        std::make_unique<SecureSum>(open_.secure.get(), *sketch, divisor, std::move(privacy));
+  else
+    open_.accumulator = std::make_unique<SecureSum>(open_.secure.get(), std::move(start), divisor,
+                                                    std::move(privacy));
+  open_.gate = std::make_shared<const UpdateGate>(&options_, &store_, std::move(shapes), frozen_,
+                                                  std::move(sketch), weight_cap,
+                                                  open_.secure->masked_bytes());
   return true;
 }
 
@@ -235,8 +305,14 @@ void Lifecycle::EndRun(const std::string& why) {
   HandOver(/*run_done=*/true);
 }
 
+bool Lifecycle::SecureWaits(const std::string& client) const {
+  const SecureRound& s = *open_.secure;
+  return s.Waits(client) && !(s.step() == SecureRound::Step::kInput && uploads_.Accepted(client));
+}
+
 bool Lifecycle::Answered(const std::string& client) const {
-  return uploads_.Accepted(client) || open_.declined.contains(client);
+  if (open_.declined.contains(client)) return true;
+  return open_.secure ? !SecureWaits(client) : uploads_.Accepted(client);
 }
 
 bool Lifecycle::EveryMemberAnswered() const {
@@ -306,6 +382,34 @@ void Lifecycle::ReapplyRemovals(const Ledger& l) {
   spdlog::info("the run removed {}, who stay removed", fmt::join(ids, ", "));
 }
 
+absl::Status Lifecycle::SecAgg(const std::string& client, const std::string& certificate,
+                               const v1::SecAggRequest& request) {
+  if (phase_ != Phase::kTraining || closing() || !open_.secure || request.round() != round_ ||
+      !open_.InCohort(client) || open_.declined.contains(client)) {
+    return WithReason(
+        absl::FailedPreconditionError(
+            StrCat("no secure aggregation of round ", request.round(), " waits for ", client, " (",
+                   RoundName(), phase_ == Phase::kTraining ? " is open)" : " is not open)")),
+        v1::ErrorDetail::STALE_TASK);
+  }
+  if (request.step_case() == v1::SecAggRequest::kDecline) {
+    const std::string why = request.decline().substr(0, 1024);
+    spdlog::warn("{}: {} declines its secure aggregation: {}", RoundName(), client, why);
+    open_.declined[client] = why;
+    uploads_.Drop(round_, client);
+    if (EveryMemberAnswered()) MaybeClose();
+    return absl::OkStatus();
+  }
+  if (!open_.secure->Waits(client))
+    return WithReason(absl::FailedPreconditionError(StrCat(
+                          RoundName(), "'s secure aggregation is at its ", open_.secure->StepName(),
+                          " step, which does not wait for this message of ", client)),
+                      v1::ErrorDetail::STALE_TASK);
+  RETURN_IF_ERROR(open_.secure->Receive(client, certificate, request));
+  if (EveryMemberAnswered()) MaybeClose();
+  return absl::OkStatus();
+}
+
 void Lifecycle::Late(const std::string& client, int64_t round) {
   if (late_.emplace(client, round).second) {
     spdlog::warn("{}'s update for round {} came after that round closed; not counted (late)",
@@ -340,19 +444,46 @@ void Lifecycle::Pause(bool paused, const std::string& why) {
 }
 
 void Lifecycle::MaybeClose() {
+  if (open_.secure) return AdvanceSecure();
   const size_t arrived = uploads_.ArrivedCount();
   // Members that declined their task are not waited for, and not counted in the quorum.
   const size_t quorum = QuorumOf(options_.quorum, open_.cohort.size() - open_.declined.size());
   if (arrived >= quorum) return Commit();
+  RetryRound(StrCat(RoundName(), ": ", arrived, " of ", open_.cohort.size(),
+                    " updates arrived, quorum is ", quorum));
+}
+
+void Lifecycle::AdvanceSecure() {
+  SecureRound& s = *open_.secure;
+  if (s.step() == SecureRound::Step::kKeys) {
+    // The members that trained and advertised their keys are the round's arrivals.
+    size_t keyed = 0;
+    for (const std::string& id : open_.cohort)
+      keyed += !s.Waits(id) && !open_.declined.contains(id);
+    const size_t quorum = QuorumOf(options_.quorum, open_.cohort.size() - open_.declined.size());
+    if (keyed < quorum)
+      return RetryRound(StrCat(RoundName(), ": ", keyed, " of ", open_.cohort.size(),
+                               " members trained and advertised keys, quorum is ", quorum));
+  }
+  const std::string_view ended = s.StepName();
+  if (absl::Status st = s.Advance(uploads_.AcceptedUpdates(), store_); !st.ok())
+    return RetryRound(StrCat(RoundName(), ": secure aggregation stopped after its ", ended,
+                             " step: ", st.message()));
+  if (s.step() == SecureRound::Step::kDone) return Commit();
+  open_.step_started = env_->Now();
+  size_t waiting = 0;
+  for (const std::string& id : open_.cohort) waiting += SecureWaits(id);
+  spdlog::info("{}: secure aggregation: {} step, {} clients", RoundName(), s.StepName(), waiting);
+  if (EveryMemberAnswered()) AdvanceSecure();
+}
+
+void Lifecycle::RetryRound(const std::string& why) {
   // Retried with a new cohort of the live clients, after a backoff (0.5 s doubling to 30 s), so a
   // round that cannot reach its quorum does not retrain the live clients in a loop.
   ++attempt_;
   const double backoff = Retry::BackoffSeconds(attempt_);
   next_attempt_ = env_->Now() + ToDuration(backoff);
-  spdlog::warn(
-      "{}: {} of {} updates arrived, quorum is {}; retrying in {:.1f} s with a new cohort of the "
-      "live clients",
-      RoundName(), arrived, open_.cohort.size(), quorum, backoff);
+  spdlog::warn("{}; retrying in {:.1f} s with a new cohort of the live clients", why, backoff);
   uploads_.Clear(round_);
   open_ = OpenRound{};
   phase_ = Phase::kWaitingForClients;
@@ -485,7 +616,9 @@ void Lifecycle::Tick() {
   if (failure_.ok() && closing()) {
     if (commit_retry_.Due(now)) Commit();
   } else if (failure_.ok() && phase_ == Phase::kTraining) {
-    const bool deadline = now - open_.started >= Seconds(options_.round_deadline_s);
+    const bool deadline = open_.secure && open_.secure->step() != SecureRound::Step::kKeys
+                              ? now - open_.step_started >= Seconds(options_.secagg_step_timeout_s)
+                              : now - open_.started >= Seconds(options_.round_deadline_s);
     // Every member that has not answered is silent past the timeout: waiting cannot help.
     const bool all_silent =
         std::all_of(open_.cohort.begin(), open_.cohort.end(), [&](const std::string& id) {
@@ -504,13 +637,15 @@ bool Lifecycle::StillWanted(const std::string& client, int64_t round) const {
 
 RoundView Lifecycle::View() const {
   RoundView v;
-  v.open = phase_ == Phase::kTraining;
+  // Under secure aggregation only masked inputs are uploaded, by the clients that shared keys.
+  const bool secure_input = open_.secure && open_.secure->step() == SecureRound::Step::kInput;
+  v.open = phase_ == Phase::kTraining && (!open_.secure || secure_input);
   v.done = phase_ == Phase::kDone;
   v.closing = closing();
   v.round = round_;
   v.init_step = Initialising() ? InitStep() : -1;
   v.version = store_.has_ledger() ? version() : -1;
-  v.cohort = &open_.cohort;
+  v.cohort = secure_input ? &open_.secure->senders() : &open_.cohort;
   return v;
 }
 
@@ -520,7 +655,8 @@ Lifecycle::TaskState Lifecycle::State() const {
           store_.has_ledger() ? version() : -1,
           Initialising() ? InitStep() : -1,
           open_.cohort.size(),
-          closing()};
+          closing(),
+          open_.secure ? static_cast<int>(open_.secure->step()) : -1};
 }
 
 v1::Task Lifecycle::TaskFor(const std::string& client, int64_t have_version) const {
@@ -536,15 +672,24 @@ v1::Task Lifecycle::TaskFor(const std::string& client, int64_t have_version) con
     return task;
   }
   const bool in_cohort = open_.InCohort(client);
-  if (phase_ != Phase::kTraining || !in_cohort || uploads_.Accepted(client) || closing()) {
+  if (phase_ != Phase::kTraining || !in_cohort || Answered(client) || closing()) {
     task.set_kind(v1::Task::WAIT);
     task.set_note(phase_ == Phase::kWaitingForClients ? waiting_for_
                   : !in_cohort                        ? StrCat("not in ", RoundName(), "'s cohort")
-                  : closing()
-                      ? StrCat(RoundName(), " is closing; its commit is being retried")
+                  : closing() ? StrCat(RoundName(), " is closing; its commit is being retried")
+                  : open_.secure
+                      ? StrCat(RoundName(), ": secure aggregation's ", open_.secure->StepName(),
+                               " step goes on")
                       : StrCat("answer to ", RoundName(), " accepted; waiting for it to close"));
     return task;
   }
+  if (open_.secure && open_.secure->step() != SecureRound::Step::kKeys) {
+    std::optional<v1::SecAggStep> step = open_.secure->StepFor(client);
+    task.set_kind(step ? v1::Task::SECAGG : v1::Task::WAIT);
+    if (step) *task.mutable_secagg() = *std::move(step);
+    return task;
+  }
+  if (open_.secure) *task.mutable_secagg_config() = open_.secure->config();
   if (Initialising()) {
     task.set_kind(v1::Task::SKETCH);
     FillSketchTask(store_.ledger(), &task);
@@ -577,11 +722,15 @@ void Lifecycle::FillStatus(v1::StatusResponse& s) const {
   s.set_state_version(store_.has_ledger() ? version() : -1);
   if (phase_ == Phase::kWaitingForClients) s.set_waiting_for(waiting_for_);
   if (paused_ && phase_ == Phase::kTraining) s.set_waiting_for(paused_why_);
-  s.set_phase(!failure_.ok()               ? "failed"
-              : phase_ == Phase::kDone     ? "done"
-              : closing()                  ? "closing (retrying the commit)"
-              : phase_ == Phase::kTraining ? (Initialising() ? RoundName() : "training")
-                                           : "waiting for clients");
+  s.set_phase(!failure_.ok()           ? "failed"
+              : phase_ == Phase::kDone ? "done"
+              : closing()              ? "closing (retrying the commit)"
+              : phase_ == Phase::kTraining
+                  ? (open_.secure && open_.secure->step() != SecureRound::Step::kKeys
+                         ? StrCat("secure aggregation: ", open_.secure->StepName())
+                     : Initialising() ? RoundName()
+                                      : "training")
+                  : "waiting for clients");
   for (const auto& id : open_.cohort) s.add_cohort(id);
   for (const auto& id : uploads_.ArrivedIds()) s.add_arrived(id);
 }

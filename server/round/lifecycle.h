@@ -30,6 +30,7 @@
 #include "server/intake/uploads.h"
 #include "server/observe/run_view.h"
 #include "server/retry.h"
+#include "server/round/secure_round.h"
 #include "server/server_options.h"
 #include "server/state_store.h"
 
@@ -52,6 +53,8 @@ class Lifecycle {
     FollowUp* follow_up;
     common::LogLimiter* log_limiter;
     RunView* view;
+    // Under secure aggregation: checks the certificates and signatures clients relay.
+    std::shared_ptr<const secagg::PeerVerifier> verifier;
   };
   Lifecycle(const ServerOptions& options, common::Env* env, Parts parts);
 
@@ -70,6 +73,10 @@ class Lifecycle {
   // `client`'s update was refused by the gate (`why`): counted in the round, and the round counts
   // once in the run; at --max-rejections rounds with a refusal, the client is removed from it.
   void Rejected(const std::string& client, absl::string_view why);
+  // Under secure aggregation: `client`'s step of the open round's protocol (`certificate`: the PEM
+  // its call presented). FAILED_PRECONDITION (STALE_TASK) when no secure round waits for it.
+  absl::Status SecAgg(const std::string& client, const std::string& certificate,
+                      const v1::SecAggRequest& request);
   // A late update (its round closed or is closing): recorded in the next round's metrics.
   void Late(const std::string& client, int64_t round);
   // `client` leaves the run, declining the task of `round` if it has one.
@@ -98,7 +105,7 @@ class Lifecycle {
   // What a waiting client's task depends on, but for its own upload (which it does not wait on):
   // phase, round, version, Fed-SB initialisation step, cohort, a commit being retried. While it is
   // unchanged, a poll that got WAIT would get WAIT again.
-  using TaskState = std::tuple<Phase, int64_t, int64_t, int, size_t, bool>;
+  using TaskState = std::tuple<Phase, int64_t, int64_t, int, size_t, bool, int>;
   TaskState State() const;
 
   Phase phase() const { return phase_; }
@@ -115,6 +122,8 @@ class Lifecycle {
     common::PerClient rejected;                   // client → its refused updates
     std::map<std::string, std::string> declined;  // client → reason
     std::shared_ptr<const UpdateGate> gate;
+    std::unique_ptr<SecureRound> secure;  // under secure aggregation (outlives the accumulator)
+    TimePoint step_started;               // of the secure round's open step
     std::unique_ptr<Accumulator> accumulator;
     bool InCohort(const std::string& client) const;
   };
@@ -139,6 +148,18 @@ class Lifecycle {
   // Every member has answered, or the round's time is up: commits the round if the quorum
   // arrived, and otherwise retries it with a new cohort.
   void MaybeClose();
+  // The secure round's open step is over: the next one opens, or the round commits, or it is
+  // retried when the protocol cannot finish.
+  void AdvanceSecure();
+  // Under secure aggregation: whether the open step still waits for `client`.
+  bool SecureWaits(const std::string& client) const;
+  // The round failed (`why`): retried with a new cohort of the live clients after a backoff.
+  void RetryRound(const std::string& why);
+  // The secure round of the round being opened, with its gate and accumulator (ChooseParts).
+  // False when the privacy budget ends the run.
+  absl::StatusOr<bool> ChooseSecureParts(std::optional<std::vector<common::MatrixShape>> sketch,
+                                         std::vector<common::ModuleShape> shapes, double weight_cap,
+                                         size_t population);
   void Commit();
   void CommitInitStep();
   // The round's participation as its record states it (but for arrived and bytes_up).
@@ -152,6 +173,7 @@ class Lifecycle {
   ClientRegistry& clients_;
   Uploads& uploads_;
   ClientDp* const dp_;
+  const std::shared_ptr<const secagg::PeerVerifier> verifier_;
   FollowUp& follow_up_;
   common::LogLimiter& log_limiter_;
   RunView& view_;

@@ -6,8 +6,12 @@
 // clients need no thread each. Training takes no time: every client uploads a fixed update of the
 // run's shapes, so what is measured is the coordinator. Prints, per round, the wall time between
 // round closes and the coordinator's CPU seconds, and at the end its peak RSS (VmHWM) and the
-// generator's own CPU seconds and peak RSS.
+// generator's own CPU seconds and peak RSS. With --secure-aggregation every client also runs its
+// side of the protocol (common/secagg/protocol.h, the real crypto: signed keys, sealed shares,
+// masks, consent, reveal) and uploads its masked input; the bytes each client moves, protocol
+// messages included, are printed per round.
 //   load_bench --clients 1000 --method fed-sb [--rounds 3 --layers 32 --features 512 --rank 16]
+//              [--secure-aggregation]
 #include <grpcpp/grpcpp.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -25,6 +29,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -34,6 +39,8 @@
 #include "common/base/proc_stats.h"
 #include "common/base/strings.h"
 #include "common/net/tls.h"
+#include "common/secagg/protocol.h"
+#include "common/secagg/quantise.h"
 #include "common/tensor/blob.h"
 #include "fedlora/v1/coordinator.grpc.pb.h"
 #include "tests/process.h"
@@ -61,6 +68,7 @@ struct Options {
   // and /api/run are timed.
   bool idle = false;
   int scrapes = 0;
+  bool secure = false;  // --secure-aggregation secagg+
   std::string bin = FEDLORA_BIN_DIR;
   std::string source = FEDLORA_SOURCE_DIR;
   fs::path work = "out/load";
@@ -174,13 +182,20 @@ struct Run {
   int64_t poll_ms = 0;  // Options::poll_ms
   std::atomic<int> done{0}, failed{0}, joined{0};
   std::atomic<int64_t> bytes_down{0}, bytes_up{0}, retries{0};
+  // Secure aggregation: the protocol's messages (tasks' configs and steps down, requests up).
+  std::atomic<int64_t> secagg_down{0}, secagg_up{0};
+  std::shared_ptr<const fedlora::secagg::PeerVerifier> verifier;
   Later later;
 };
 
 class Client {
  public:
-  Client(std::shared_ptr<grpc::Channel> channel, Run* run)
-      : stub_(v1::Coordinator::NewStub(std::move(channel))), run_(run) {}
+  Client(std::shared_ptr<grpc::Channel> channel, Run* run, const Identity* identity,
+         std::string name)
+      : stub_(v1::Coordinator::NewStub(std::move(channel))),
+        run_(run),
+        identity_(identity),
+        name_(std::move(name)) {}
   void Start() { Join(); }
 
  private:
@@ -225,8 +240,86 @@ class Client {
         run_->done++;
         return;
       }
+      if (task_.kind() == v1::Task::SECAGG) return SecureStep();
       next_blob_ = 0;
       Download();
+    });
+  }
+  // A protocol failure ends this client (and shows in `failed`).
+  bool Broken(const absl::Status& st) {
+    if (st.ok()) return false;
+    std::fprintf(stderr, "%s: secure aggregation failed: %s\n", name_.c_str(),
+                 std::string(st.message()).c_str());
+    run_->failed++;
+    return true;
+  }
+  // After "training": a fixed change (small values) quantised, and the keys advertised.
+  void Advertise() {
+    const v1::SecAggConfig& c = task_.secagg_config();
+    run_->secagg_down += static_cast<int64_t>(c.ByteSizeLong());
+    std::mt19937 rng(static_cast<uint32_t>(std::hash<std::string>()(name_)));
+    std::normal_distribution<double> normal(0.0, 0.01);
+    std::vector<double> input(static_cast<size_t>(c.length()));
+    for (double& x : input) x = normal(rng);
+    auto encoded = fedlora::secagg::Encode(input, c);
+    if (Broken(encoded.status())) return;
+    words_ = std::move(encoded->words);
+    auto signer = fedlora::secagg::Signer::FromPem(identity_->key);
+    if (Broken(signer.status())) return;
+    auto session =
+        fedlora::secagg::ClientSession::Create(c, name_, *std::move(signer), *run_->verifier);
+    if (Broken(session.status())) return;
+    session_secagg_.emplace(*std::move(session));
+    auto keys = session_secagg_->AdvertiseKeys();
+    if (Broken(keys.status())) return;
+    request_.Clear();
+    *request_.mutable_keys() = *std::move(keys);
+    Send(c.instance());
+  }
+  void SecureStep() {
+    const v1::SecAggStep& step = task_.secagg();
+    run_->secagg_down += static_cast<int64_t>(step.ByteSizeLong());
+    request_.Clear();
+    fedlora::secagg::ClientSession& session = *session_secagg_;
+    switch (step.step_case()) {
+      case v1::SecAggStep::kRoster: {
+        auto shares = session.ShareKeys(step.roster());
+        if (Broken(shares.status())) return;
+        *request_.mutable_shares() = *std::move(shares);
+        return Send(step.instance());
+      }
+      case v1::SecAggStep::kInbox: {
+        auto masked = session.MaskInput(step.inbox(), words_);
+        if (Broken(masked.status())) return;
+        masked_ = fedlora::secagg::PackWords(*masked, session.instance().config().bits());
+        masked_sha256_ = fedlora::common::Sha256Hex(masked_);
+        task_ = train_task_;  // the upload answers the training task
+        offset_ = 0;
+        return Upload();
+      }
+      case v1::SecAggStep::kSurvivors: {
+        auto consent = session.Consent(step.survivors());
+        if (Broken(consent.status())) return;
+        *request_.mutable_consent() = *std::move(consent);
+        return Send(step.instance());
+      }
+      case v1::SecAggStep::kConsents: {
+        auto reveal = session.Unmask(step.consents());
+        if (Broken(reveal.status())) return;
+        *request_.mutable_reveal() = *std::move(reveal);
+        return Send(step.instance());
+      }
+      default:
+        Broken(absl::InvalidArgumentError("a secure aggregation task without a step"));
+    }
+  }
+  void Send(const std::string& instance) {
+    request_.set_round(task_.round());
+    request_.set_instance(instance);
+    run_->secagg_up += static_cast<int64_t>(request_.ByteSizeLong());
+    stub_->async()->SecAgg(Fresh(), &request_, &secagg_response_, [this](grpc::Status s) {
+      if (Failed(s, [this] { Send(request_.instance()); })) return;
+      Poll();
     });
   }
   // The task's blobs this client lacks, one chunk at a time; then the update.
@@ -237,6 +330,11 @@ class Client {
     if (next_blob_ == task_.downloads_size()) {
       have_version_ = task_.state_version();
       offset_ = 0;
+      if (task_.has_secagg_config()) {
+        train_task_ = task_;
+        return Advertise();
+      }
+      masked_.clear();
       return Upload();
     }
     const v1::BlobRef& blob = task_.downloads(next_blob_);
@@ -262,11 +360,12 @@ class Client {
     });
   }
   void Upload() {
-    const std::string& bytes = run_->update;
+    const bool masked = !masked_.empty();
+    const std::string& bytes = masked ? masked_ : run_->update;
     upload_.Clear();
     upload_.set_round(task_.round());
     upload_.set_state_version(task_.state_version());
-    upload_.set_sha256(run_->update_sha256);
+    upload_.set_sha256(masked ? masked_sha256_ : run_->update_sha256);
     upload_.set_total_size(static_cast<int64_t>(bytes.size()));
     upload_.set_num_examples(run_->join->num_examples());
     upload_.set_offset(offset_);
@@ -277,14 +376,24 @@ class Client {
       if (Failed(s, [this] { Upload(); })) return;
       run_->bytes_up += n;
       offset_ += n;
-      if (offset_ < static_cast<int64_t>(run_->update.size())) return Upload();
+      if (offset_ < static_cast<int64_t>((masked_.empty() ? run_->update : masked_).size()))
+        return Upload();
       Poll();
     });
   }
 
   std::unique_ptr<v1::Coordinator::Stub> stub_;
   Run* run_;
+  const Identity* identity_;
+  std::string name_;
   std::unique_ptr<grpc::ClientContext> context_;
+  // Secure aggregation.
+  std::optional<fedlora::secagg::ClientSession> session_secagg_;
+  std::vector<uint64_t> words_;
+  std::string masked_, masked_sha256_;
+  v1::Task train_task_;
+  v1::SecAggRequest request_;
+  v1::SecAggResponse secagg_response_;
   std::string session_;
   v1::JoinResponse join_response_;
   v1::GetTaskRequest poll_;
@@ -393,6 +502,9 @@ int Main(const Options& o) {
   run.update = MakeUpdate(o, *join);
   run.update_sha256 = fedlora::common::Sha256Hex(run.update);
   run.poll_ms = o.poll_ms;
+  if (o.secure)
+    run.verifier = std::make_shared<const fedlora::secagg::PeerVerifier>(
+        *fedlora::secagg::PeerVerifier::FromCaPem(ca_pem));
 
   const auto certs_start = Clock::now();
   std::vector<Identity> identities;
@@ -439,6 +551,8 @@ int Main(const Options& o) {
       std::to_string(2 * (2 * o.layers) * (2 * o.features * o.rank) * 4 +
                      (1 << 20))};  // LoRA's, x2
   std::vector<std::string> server_argv = argv;
+  if (o.secure)
+    for (const char* flag : {"--secure-aggregation", "secagg+"}) server_argv.push_back(flag);
   if (o.scrapes > 0) {
     for (const std::string& flag :
          {std::string("--metrics-listen"), std::string("127.0.0.1:0"),
@@ -457,7 +571,8 @@ int Main(const Options& o) {
   const auto start = Clock::now();
   const double cpu_start = CpuSeconds(server);
   std::vector<std::unique_ptr<Client>> clients;
-  for (const Identity& id : identities) {
+  for (size_t i = 0; i < identities.size(); ++i) {
+    const Identity& id = identities[i];
     grpc::SslCredentialsOptions tls;
     tls.pem_root_certs = ca_pem;
     tls.pem_cert_chain = id.cert;
@@ -467,14 +582,16 @@ int Main(const Options& o) {
       args.SetInt(key, value);
     args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);  // a connection of its own
     clients.push_back(std::make_unique<Client>(
-        grpc::CreateCustomChannel("localhost:" + port, grpc::SslCredentials(tls), args), &run));
+        grpc::CreateCustomChannel("localhost:" + port, grpc::SslCredentials(tls), args), &run, &id,
+        StrCat("load-", i + 1)));
     clients.back()->Start();
   }
   std::printf(
-      "load_bench: %d %s clients, %d rounds, %d modules of %dx%d at rank %d; update %zu bytes;"
+      "load_bench: %d %s clients%s, %d rounds, %d modules of %dx%d at rank %d; update %zu bytes;"
       " %lld ms long polls (%d client certificates made in %.1f s)\n",
-      o.clients, o.method.c_str(), o.rounds, 2 * o.layers, o.features, o.features, o.rank,
-      run.update.size(), static_cast<long long>(o.poll_ms), o.clients, certs_s);
+      o.clients, o.method.c_str(), o.secure ? " under secure aggregation" : "", o.rounds,
+      2 * o.layers, o.features, o.features, o.rank, run.update.size(),
+      static_cast<long long>(o.poll_ms), o.clients, certs_s);
   if (o.idle) return Idle(o, server, run);
   std::printf("%-8s %12s %14s %14s\n", "round", "wall (s)", "server CPU (s)", "server RSS (MB)");
   const fs::path metrics = o.work / "state" / "metrics.jsonl";
@@ -508,10 +625,18 @@ int Main(const Options& o) {
   std::printf(
       "total: %.1f s, server CPU %.1f s, server peak RSS %.0f MB; %d done, %d failed; "
       "%.1f MB down, %.1f MB up, %lld retried calls; load generator CPU %.1f s, peak RSS %.0f MB\n",
-      total_s, cpu, peak, run.done.load(), run.failed.load(), run.bytes_down / 1e6,
-      run.bytes_up / 1e6, static_cast<long long>(run.retries.load()),
+      total_s, cpu, peak, run.done.load(), run.failed.load(),
+      (run.bytes_down + run.secagg_down) / 1e6, (run.bytes_up + run.secagg_up) / 1e6,
+      static_cast<long long>(run.retries.load()),
       static_cast<double>(self.ru_utime.tv_sec + self.ru_stime.tv_sec),
       static_cast<double>(self.ru_maxrss) / 1024);
+  const double per_round = static_cast<double>(o.clients) * o.rounds;
+  std::printf(
+      "per client per round: %.1f kB up (%.1f kB of it protocol messages), %.1f kB down (%.1f kB "
+      "protocol); server CPU %.2f s per round\n",
+      (run.bytes_up + run.secagg_up) / per_round / 1e3, run.secagg_up / per_round / 1e3,
+      (run.bytes_down + run.secagg_down) / per_round / 1e3, run.secagg_down / per_round / 1e3,
+      cpu / o.rounds);
   fedlora::testing::Wait(server, std::chrono::seconds(30));
   std::fflush(stdout);
   std::_Exit(run.failed > 0 ? 1 : 0);  // the channels' threads are not joined
@@ -540,6 +665,8 @@ int main(int argc, char** argv) {
                  "with --idle: time this many scrapes of /metrics and /api/run")
       ->capture_default_str();
   app.add_option("--bin", o.bin, "directory of the fedlora-server to load")->capture_default_str();
+  app.add_flag("--secure-aggregation", o.secure,
+               "the coordinator runs secagg+; every client runs its side of the protocol");
   CLI11_PARSE(app, argc, argv);
   return Main(o);
 }

@@ -4,11 +4,16 @@
 //                                 take the first upload past fraction F of its bytes;
 //   --testing-pause-mid-upload F  before that chunk, create the file --testing-pause-file and wait
 //                                 until the test removes it (the coordinator is then mid-upload);
+//   --testing-die-at-secagg STEP  under secure aggregation, SIGKILL itself before taking STEP
+//                                 (keys, shares, input, consent, reveal);
+//   --testing-pause-at-secagg STEP  before taking STEP the first time, create --testing-pause-file
+//                                 and wait until the test removes it;
 // and, as a hostile client would, changes each trained update before it is sent:
 //   --testing-scale-update F      every B multiplied by F (so s·B·A by F);
 //   --testing-lora-alpha A        every module's scaling set to A / r;
 //   --testing-claim-examples N    N examples claimed.
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -19,7 +24,7 @@
 int main(int argc, char** argv) {
   double die_mid_upload = -1, pause_mid_upload = -1, scale_update = 1, lora_alpha = 0;
   int64_t claim_examples = 0;
-  std::string pause_file;
+  std::string pause_file, die_at_secagg, pause_at_secagg;
   bool paused = false;
   return fedlora::client::ClientMain(
       argc, argv, [&](CLI::App& app, fedlora::client::ClientOptions& o) {
@@ -29,7 +34,20 @@ int main(int argc, char** argv) {
                        "pause after sending this fraction of the first upload");
         app.add_option("--testing-pause-file", pause_file,
                        "created while paused; the pause ends when it is removed");
+        app.add_option("--testing-die-at-secagg", die_at_secagg,
+                       "SIGKILL itself before this secure aggregation step");
         app.add_option("--testing-scale-update", scale_update, "multiply every B by this");
+        app.add_option("--testing-pause-at-secagg", pause_at_secagg,
+                       "pause before this secure aggregation step");
+        o.node.before_secagg_step = [&](std::string_view step) {
+          if (step == die_at_secagg) raise(SIGKILL);
+          if (!paused && step == pause_at_secagg) {
+            paused = true;
+            std::ofstream(pause_file) << step << "\n";
+            while (std::filesystem::exists(pause_file))
+              std::this_thread::sleep_for(std::chrono::milliseconds(20));
+          }
+        };
         app.add_option("--testing-lora-alpha", lora_alpha, "set every scaling to this / r");
         app.add_option("--testing-claim-examples", claim_examples, "claim this many examples");
         o.node.before_upload = [&](fedlora::common::Adapter& update, int64_t& num_examples) {

@@ -1,0 +1,53 @@
+// What a round under secure aggregation commits (server/round/secure_round.h): the decoded sum of
+// the survivors' changes, and nothing of any one client. A round: start + Σ_k w_k·Δ_k / Σ_k w_k
+// for trained values Δ_k (A and B, or R), w_k = min(examples, cap)/cap from the examples each
+// survivor claims, or, under client-level DP, start + (Σ_k Δ_k + the clients' noise) / the cohort
+// drawn. A Fed-SB initialisation step: the sum of the unit-norm answers and the count it averages
+// (the survivors, or the cohort under DP).
+#ifndef FEDLORA_SERVER_ACCUMULATE_SECURE_SUM_H_
+#define FEDLORA_SERVER_ACCUMULATE_SECURE_SUM_H_
+
+#include <optional>
+#include <vector>
+
+#include "common/run/ledger.h"
+#include "common/tensor/adapter.h"
+#include "common/tensor/blob.h"
+#include "server/accumulate/accumulator.h"
+
+namespace fedlora::server {
+
+class SecureRound;
+class ClientDp;
+
+class SecureSum final : public Accumulator {
+ public:
+  // Under client-level DP: what the release spends (ClientDp::SecureEntry with the survivors).
+  struct Privacy {
+    ClientDp* dp = nullptr;
+    common::ClientDpState state;  // before the round
+    int64_t round = 0;
+    double q = 0;
+  };
+  // `round` outlives this and is done when Aggregate is called; `start` is the round's global
+  // state (scaling 1). `divisor` > 0: the fixed divisor (client-level DP); 0: the survivors' Σ w_k
+  // (their accepted weights over the instance's weight cap); < 0: the survivors' count.
+  SecureSum(const SecureRound* round, common::Adapter start, double divisor,
+            std::optional<Privacy> privacy = std::nullopt);
+  SecureSum(const SecureRound* round, std::vector<common::MatrixShape> sketch, double divisor,
+            std::optional<Privacy> privacy = std::nullopt);
+
+  absl::StatusOr<RoundOutput> Aggregate(const std::vector<AcceptedUpdate>& updates,
+                                        const UpdateSource& source) override;
+
+ private:
+  const SecureRound* round_;
+  common::Adapter start_;
+  std::optional<std::vector<common::MatrixShape>> sketch_;
+  double divisor_;
+  std::optional<Privacy> privacy_;
+};
+
+}  // namespace fedlora::server
+
+#endif  // FEDLORA_SERVER_ACCUMULATE_SECURE_SUM_H_
