@@ -213,8 +213,11 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
                metrics.loss_before(), metrics.loss_after());
   int64_t num_examples = workload_->num_examples();
   if (options_.before_upload) options_.before_upload(adapter, num_examples);
-  if (task.has_secagg_config()) {
-    ASSIGN_OR_RETURN(const std::vector<double> input, SecureInput(task, adapter, num_examples));
+  if (task.has_secagg_config()) {  // the change from the round's start (the global state)
+    std::vector<float> change(common::TrainableCount(global_));
+    RETURN_IF_ERROR(common::ChangeInto(adapter, global_, change));
+    const std::vector<double> input =
+        SecureInput(task, std::vector<double>(change.begin(), change.end()), num_examples);
     return AdvertiseKeys(task, input, num_examples, metrics, stop);
   }
   const std::string bytes = common::EncodeAdapter(adapter, method_ == common::Method::kFedSb
@@ -285,18 +288,12 @@ absl::Status Node::Sketch(const v1::Task& task, const std::atomic<bool>& stop) {
         StrCat(name, " no longer waits for this client's answer; not uploading it"));
   }
   if (task.has_secagg_config()) {
-    // Under secure aggregation the answer is scaled to norm 1 (as under client-level DP): one
-    // client moves the sum by at most 1, whatever its gradient's scale.
-    std::vector<double> input;
-    double norm = 0;
-    for (const common::MatrixD& p : *products) {
-      input.insert(input.end(), p.data(), p.data() + p.size());
-      norm += p.squaredNorm();
-    }
-    if (norm > 0)
-      for (double& v : input) v /= std::sqrt(norm);
-    v1::TrainMetrics metrics;
-    return AdvertiseKeys(task, input, workload_->num_examples(), metrics, stop);
+    std::vector<double> flat;
+    for (const common::MatrixD& p : *products)
+      flat.insert(flat.end(), p.data(), p.data() + p.size());
+    const int64_t examples = workload_->num_examples();
+    v1::TrainMetrics none;
+    return AdvertiseKeys(task, SecureInput(task, std::move(flat), examples), examples, none, stop);
   }
   std::vector<common::NamedMatrix> named;
   for (int i = 0; i < task.modules_size(); ++i)
@@ -366,25 +363,27 @@ struct Node::SecureTask {
   int64_t num_examples = 0;
 };
 
-absl::StatusOr<std::vector<double>> Node::SecureInput(const v1::Task& task, const Adapter& trained,
-                                                      int64_t num_examples) const {
+std::vector<double> Node::SecureInput(const v1::Task& task, std::vector<double> x,
+                                      int64_t num_examples) const {
   const v1::SecAggConfig& c = task.secagg_config();
-  // The change from the round's start (the global state), clipped, and weighted as the task says:
-  // by w = min(examples, cap)/cap for the examples the upload will claim.
-  std::vector<float> change(common::TrainableCount(global_));
-  RETURN_IF_ERROR(common::ChangeInto(trained, global_, change));
   double norm = 0;
-  for (float v : change) norm += static_cast<double>(v) * v;
+  for (double v : x) norm += v * v;
   norm = std::sqrt(norm);
-  const double clip = norm > c.change_clip() ? c.change_clip() / norm : 1.0;
+  // Scaled to norm 1 (a sketch step under DP), or clipped; then weighted as the task says, by
+  // w = min(examples, cap)/cap for the examples the upload will claim.
+  const double clip = c.unit_norm()            ? (norm > 0 ? 1 / norm : 1.0)
+                      : norm > c.change_clip() ? c.change_clip() / norm
+                                               : 1.0;
   const double weight =
       c.weight_cap() > 0
           ? std::min(static_cast<double>(num_examples), c.weight_cap()) / c.weight_cap()
           : 1.0;
-  std::vector<double> x(change.size());
-  for (size_t i = 0; i < change.size(); ++i) x[i] = change[i] * clip * weight;
-  spdlog::info("round {}: secure aggregation: the change has norm {:.6g}{}", task.round(), norm,
-               clip < 1 ? StrCat(", clipped to ", c.change_clip()) : std::string());
+  for (double& v : x) v *= clip * weight;
+  spdlog::info("round {}: secure aggregation: {} of norm {:.6g}{}", task.round(),
+               task.kind() == v1::Task::SKETCH ? "the answer" : "the change", norm,
+               c.unit_norm() ? std::string(", scaled to 1")
+               : clip < 1    ? StrCat(", clipped to ", c.change_clip())
+                             : std::string());
   return x;
 }
 

@@ -74,9 +74,9 @@ class Node {
   // protocol's keys advertised; then each SECAGG task's step. A protocol violation seen (the
   // coordinator relayed a forged key or showed two survivor sets) is PERMISSION_DENIED: the node
   // stops and reveals nothing.
-  absl::StatusOr<std::vector<double>> SecureInput(const v1::Task& task,
-                                                  const common::Adapter& trained,
-                                                  int64_t num_examples) const;
+  // `x` (a change, or a sketch step's answer) as the task's secure aggregation wants it.
+  std::vector<double> SecureInput(const v1::Task& task, std::vector<double> x,
+                                  int64_t num_examples) const;
   absl::Status AdvertiseKeys(const v1::Task& task, std::span<const double> input,
                              int64_t num_examples, const v1::TrainMetrics& metrics,
                              const std::atomic<bool>& stop);

@@ -28,9 +28,7 @@ absl::StatusOr<RoundOutput> SecureSum::Aggregate(const std::vector<AcceptedUpdat
         common::StrCat("the secure sum holds ", sum.size(), " values; the round expects ", length));
   double weights = 0;  // of the survivors: their masked inputs are the accepted updates
   for (const AcceptedUpdate& u : updates) weights += static_cast<double>(u.weight);
-  const double divisor = divisor_ > 0    ? divisor_
-                         : divisor_ == 0 ? weights / round_->config().weight_cap()
-                                         : static_cast<double>(round_->survivors().size());
+  const double divisor = divisor_ > 0 ? divisor_ : weights / round_->config().weight_cap();
   if (!(divisor > 0))
     return absl::FailedPreconditionError(
         common::StrCat("the secure sum's weights add up to ", divisor, "; nothing to average"));

@@ -2,8 +2,8 @@
 // the survivors' changes, and nothing of any one client. A round: start + Σ_k w_k·Δ_k / Σ_k w_k
 // for trained values Δ_k (A and B, or R), w_k = min(examples, cap)/cap from the examples each
 // survivor claims, or, under client-level DP, start + (Σ_k Δ_k + the clients' noise) / the cohort
-// drawn. A Fed-SB initialisation step: the sum of the unit-norm answers and the count it averages
-// (the survivors, or the cohort under DP).
+// drawn. A Fed-SB initialisation step likewise: the answers' sum and its divisor (Σ w_k, or the
+// cohort under DP, of unit-norm answers).
 #ifndef FEDLORA_SERVER_ACCUMULATE_SECURE_SUM_H_
 #define FEDLORA_SERVER_ACCUMULATE_SECURE_SUM_H_
 
@@ -31,7 +31,7 @@ class SecureSum final : public Accumulator {
   };
   // `round` outlives this and is done when Aggregate is called; `start` is the round's global
   // state (scaling 1). `divisor` > 0: the fixed divisor (client-level DP); 0: the survivors' Σ w_k
-  // (their accepted weights over the instance's weight cap); < 0: the survivors' count.
+  // (their accepted weights over the instance's weight cap).
   SecureSum(const SecureRound* round, common::Adapter start, double divisor,
             std::optional<Privacy> privacy = std::nullopt);
   SecureSum(const SecureRound* round, std::vector<common::MatrixShape> sketch, double divisor,

@@ -225,13 +225,13 @@ bool Lifecycle::ChooseParts(size_t population) {
 absl::StatusOr<bool> Lifecycle::ChooseSecureParts(
     std::optional<std::vector<common::MatrixShape>> sketch, std::vector<common::ModuleShape> shapes,
     double weight_cap, size_t population) {
-  // Each client sends its change times w = min(examples, cap)/cap, and the divisor is the
-  // survivors' Σ w from the examples they claim (in the clear, as always). Under client-level DP
-  // every client weighs the same, the divisor is the cohort drawn and the clients add the noise.
-  // A Fed-SB initialisation step's answers are scaled to norm 1 by the clients and averaged with
-  // equal weights (over the survivors, or the cohort under DP).
+  // Each client sends its change (or a Fed-SB initialisation step's answer) times
+  // w = min(examples, cap)/cap, and the divisor is the survivors' Σ w from the examples they claim
+  // (in the clear, as always). Under client-level DP every client weighs the same, the divisor is
+  // the cohort drawn and the clients add the noise; an initialisation step's answers are then
+  // scaled to norm 1 by the clients, as ClientDp's coordinator would.
   const bool dp = options_.client_dp();
-  const double divisor = dp ? static_cast<double>(open_.cohort.size()) : sketch ? -1 : 0;
+  const double divisor = dp ? static_cast<double>(open_.cohort.size()) : 0;
   Adapter start;
   size_t length = 0;
   if (sketch) {
@@ -246,13 +246,14 @@ absl::StatusOr<bool> Lifecycle::ChooseSecureParts(
                          .attempt = attempt_,
                          .cohort = open_.cohort,
                          .length = length,
-                         .change_clip = sketch ? 1.0
-                                        : dp   ? options_.dp_clip
-                                               : options_.secagg_clip,
-                         .weight_cap = dp || sketch ? 0 : weight_cap,
+                         .change_clip = !dp      ? options_.secagg_clip
+                                        : sketch ? 1.0
+                                                 : options_.dp_clip,
+                         .weight_cap = dp ? 0 : weight_cap,
                          .noise_multiplier = !dp      ? 0
                                              : sketch ? options_.init_noise_multiplier()
-                                                      : options_.dp_noise_multiplier};
+                                                      : options_.dp_noise_multiplier,
+                         .unit_norm = dp && sketch};
   ASSIGN_OR_RETURN(open_.secure, SecureRound::Open(options_, std::move(plan), verifier_));
   std::optional<SecureSum::Privacy> privacy;
   if (dp) {

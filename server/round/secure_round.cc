@@ -52,6 +52,7 @@ absl::StatusOr<std::unique_ptr<SecureRound>> SecureRound::Open(
   c.set_bits(q.bits);
   c.set_change_clip(plan.change_clip);
   c.set_weight_cap(plan.weight_cap);
+  c.set_unit_norm(plan.unit_norm);
   ASSIGN_OR_RETURN(secagg::ServerSession session, secagg::ServerSession::Create(c, *verifier));
   spdlog::info(
       "{}: secure aggregation over {} clients: each shares its secrets with {} neighbours{}, any "

@@ -49,6 +49,7 @@ class SecureRound {
     double change_clip = 0;
     double weight_cap = 0;
     double noise_multiplier = 0;
+    bool unit_norm = false;  // the clients scale their values to norm 1 first
   };
   static absl::StatusOr<std::unique_ptr<SecureRound>> Open(
       const ServerOptions& options, Plan plan,

@@ -85,6 +85,28 @@ TEST_F(SecureTest, ExportsAreWithinTheQuantisationBoundOfThePlainRun) {
   }
 }
 
+// Fed-SB initialised from the clients' gradient under secure aggregation: each of the sketch's
+// four steps is a secure round of its own (the answers weighted as the plain run weighs them),
+// and the run ends with the plain run's export up to the quantisation, propagated through the
+// steps' orthonormalisations and SVD — not a linear map, so the bound is a stated tolerance:
+// 1e-3 of the export's norm, where the steps' sums are within n·clip/2^16 (L2) of the plain ones.
+TEST_F(SecureTest, FedSbSketchInitialisationRunsUnderSecureAggregation) {
+  const std::vector<std::string> flags = {"--rounds", "1"};
+  std::vector<std::string> secure = flags;
+  for (const char* f : {"--secure-aggregation", "secagg+"}) secure.push_back(f);
+  RunFederation("fed-sb", flags, nullptr, "plain", "plain");
+  RunFederation("fed-sb", secure, nullptr, "secure", "secure");
+  EXPECT_THAT(ReadText(dir_ / "secure.log"),
+              HasSubstr("fed-sb initialisation step 4 of 4 (project): secure aggregation over 3"));
+  const std::vector<float> plain = Export("plain");
+  double norm = 0;
+  for (float v : plain) norm += static_cast<double>(v) * v;
+  const double d = Distance(Export("secure"), plain);
+  EXPECT_LT(d, 1e-3 * std::sqrt(norm));
+  std::cout << "fed-sb with its sketch initialisation: the secure export is " << d
+            << " from the plain one (norm " << std::sqrt(norm) << ")\n";
+}
+
 // A client killed with -9 before each step of the protocol: the round finishes without it (its
 // masks removed, or, once its masked input is in, its self mask) once it is silent, and the
 // client, restarted, takes part in the next round.
@@ -224,6 +246,8 @@ TEST_F(SecureTest, WhatCannotRunUnderSecureAggregationIsRefused) {
   };
   refused({"--method", "flora", "--client-ca", Cert("ca.pem")}, "stacking needs each client's");
   refused({"--method", "fedit"}, "needs mutual TLS");
+  refused({"--method", "lora-fair", "--client-ca", Cert("ca.pem")},
+          "its correction needs a second secure sum");
   refused({"--method", "fedit", "--client-ca", Cert("ca.pem"), "--max-update-norm-ratio", "5"},
           "max_update_norm_ratio cannot be applied under secure aggregation");
   refused(
