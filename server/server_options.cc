@@ -166,6 +166,12 @@ absl::Status ServerOptions::ValidateSecureAggregation() const {
     return Invalid(
         "secure aggregation needs mutual TLS (client_ca): clients sign their keys "
         "with their certificates' keys, so the coordinator cannot substitute them");
+  if (min_clients < 3 || (fraction < 1 && min_cohort < 3))
+    return Invalid(
+        "secure aggregation needs cohorts of at least 3 clients (with two, each "
+        "learns the other's update from the sum): set min_clients to 3 or more",
+        fraction < 1 ? ", and min_cohort to 3 or more" : "", "; got min_clients ", min_clients,
+        ", min_cohort ", min_cohort);
   return absl::OkStatus();
 }
 

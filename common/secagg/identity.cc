@@ -4,6 +4,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 #include <openssl/x509_vfy.h>
+#include <openssl/x509v3.h>
 
 #include "common/base/file_util.h"
 #include "common/base/openssl_util.h"
@@ -111,7 +112,9 @@ absl::Status PeerVerifier::Verify(std::string_view client, std::string_view cert
         StrCat("the certificate relayed for ", client, " is not a PEM certificate"));
   }
   StoreCtx ctx(X509_STORE_CTX_new());
-  if (!ctx || X509_STORE_CTX_init(ctx.get(), store_->store.get(), cert.get(), nullptr) != 1)
+  // A client's certificate: the coordinator's own (serverAuth), signed by the same CA, is not one.
+  if (!ctx || X509_STORE_CTX_init(ctx.get(), store_->store.get(), cert.get(), nullptr) != 1 ||
+      X509_STORE_CTX_set_purpose(ctx.get(), X509_PURPOSE_SSL_CLIENT) != 1)
     return absl::InternalError("OpenSSL could not start a certificate check");
   if (X509_verify_cert(ctx.get()) != 1)
     return absl::PermissionDeniedError(

@@ -36,7 +36,8 @@ class PeerVerifier {
  public:
   // Trusts the CA certificates of a PEM text (one or more).
   static absl::StatusOr<PeerVerifier> FromCaPem(std::string_view ca_pem);
-  // OK when `certificate` (PEM) is valid now, was issued by a trusted CA, has `client` as its
+  // OK when `certificate` (PEM) is valid now, was issued by a trusted CA for a TLS client (not a
+  // server certificate of the same CA, such as the coordinator's), has `client` as its
   // common name, and `signature` is its key's over `message`; PERMISSION_DENIED saying which
   // check failed otherwise.
   absl::Status Verify(std::string_view client, std::string_view certificate,

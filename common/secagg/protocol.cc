@@ -3,6 +3,7 @@
 #include <openssl/rand.h>
 
 #include <algorithm>
+#include <functional>
 #include <set>
 
 #include "common/base/status_macros.h"
@@ -74,6 +75,26 @@ absl::StatusOr<std::string> RandomSecret() {
 
 uint32_t PointOf(int index) { return static_cast<uint32_t>(index + 1); }
 
+// The secret of `shares` that `good` confirms: from the first t, or, when they do not give it
+// and there are spare shares, from the first t + 1 less one (so one wrong share among them is
+// passed over). "" when none is confirmed.
+absl::StatusOr<std::string> Reconstruct(const std::vector<Share>& shares, int t,
+                                        const std::function<bool(const std::string&)>& good) {
+  const size_t n = shares.size(), first = static_cast<size_t>(t);
+  for (size_t skip = n; skip + 1 > 0; --skip) {  // n: skip none; then each of the first t + 1
+    if (skip < n && skip > first) continue;
+    std::vector<Share> subset;
+    for (size_t i = 0; i < n && subset.size() < first; ++i)
+      if (i != skip) subset.push_back(shares[i]);
+    if (subset.size() < first) continue;
+    auto secret = ShamirCombine(subset, t, kKeyBytes);
+    if (secret.ok() && good(*secret)) return *std::move(secret);
+    if (!secret.ok() && !absl::IsDataLoss(secret.status())) return secret.status();
+    if (n == first) break;  // no spare share
+  }
+  return std::string();
+}
+
 }  // namespace
 
 // ---- Instance ----
@@ -91,8 +112,12 @@ absl::StatusOr<Instance> Instance::Create(v1::SecAggConfig config) {
   if (k < 2 || k > n - 1 || (k != n - 1 && k % 2 != 0))
     return bad(StrCat(k, " neighbours in a cohort of ", n, "; expected an even number < ", n - 1,
                       ", or ", n - 1));
-  if (config.threshold() < 2 || config.threshold() > k + 1)
-    return bad(StrCat("threshold ", config.threshold(), "; expected 2..", k + 1));
+  // A strict majority of each client's k + 1 holders at least: below it a coordinator could show
+  // one half of a client's holders that it survived and the other half that it dropped, and
+  // collect both of its secrets.
+  if (2 * config.threshold() <= k + 1 || config.threshold() > k + 1)
+    return bad(StrCat("threshold ", config.threshold(), " of ", k + 1,
+                      " holders; expected a strict majority, at most all"));
   if (config.bits() < 1 || config.bits() > 62)
     return bad(StrCat(config.bits(), " bits; expected 1..62"));
   if (config.instance().empty() || config.ring_seed().size() != kKeyBytes ||
@@ -244,15 +269,25 @@ absl::StatusOr<std::vector<uint64_t>> ClientSession::MaskInput(const v1::SecAggS
     if (!key.ok()) return Fail(key.status());
     auto opened = Open(*key, share.sealed(), SignedBytes({instance, share.from(), self_}));
     v1::SecAggSharePlain plain;
+    // A faulty peer could send this as well as a meddling coordinator: this client declines the
+    // round (FAILED_PRECONDITION) rather than stop.
     if (!opened.ok() || !plain.ParseFromString(*opened) || plain.from() != share.from() ||
-        plain.to() != self_ || plain.self_mask_share().size() != 66 ||
-        plain.mask_key_share().size() != 66)
-      return Fail(absl::PermissionDeniedError(
+        plain.to() != self_ || plain.self_mask_share().size() != kShareBytes ||
+        plain.mask_key_share().size() != kShareBytes)
+      return Fail(absl::FailedPreconditionError(
           StrCat("the share from ", share.from(), " to ", self_, " does not open")));
     it->second.shared = true;
     it->second.self_mask_share = plain.self_mask_share();
     it->second.mask_key_share = plain.mask_key_share();
   }
+  // Masked with fewer neighbours than the threshold, the input would be exposed by its self mask
+  // alone once its holders reveal it (Bonawitz et al.: |U2| ≥ t).
+  size_t shared = 0;
+  for (const auto& [name, peer] : peers_) shared += peer.shared;
+  if (static_cast<int>(shared) + 1 < instance_.threshold())
+    return Fail(absl::FailedPreconditionError(StrCat(self_, " received shares from ", shared,
+                                                     " neighbours; masking needs at least ",
+                                                     instance_.threshold() - 1)));
   std::vector<uint64_t> out(input.begin(), input.end()), scratch;
   const uint64_t mask = WordMask(bits);
   for (uint64_t& w : out)
@@ -343,6 +378,9 @@ absl::StatusOr<v1::SecAggReveal> ClientSession::Unmask(const v1::SecAggConsents&
     e->set_share(survived ? peer.self_mask_share : peer.mask_key_share);
   }
   phase_ = Phase::kDone;
+  cipher_key_.clear();  // nothing of the round's secrets is needed any more
+  mask_key_.clear();
+  self_mask_.clear();
   return reveal;
 }
 
@@ -530,7 +568,8 @@ absl::Status ServerSession::AddReveal(const std::string& client, const v1::SecAg
   for (const v1::SecAggReveal::Entry& e : reveal.entries()) {
     const int v = instance_.IndexOf(e.of());
     const bool holder = v == i || (v >= 0 && instance_.AreNeighbours(i, v) && In(v, 2));
-    if (!holder || !seen.insert(v).second || e.mask_key() != !In(v, 3) || e.share().size() != 66)
+    if (!holder || !seen.insert(v).second || e.mask_key() != !In(v, 3) ||
+        e.share().size() != kShareBytes)
       return absl::InvalidArgumentError(
           StrCat(client, " revealed a share of '", e.of(), "' it may not reveal"));
     (e.mask_key() ? mask_key : self_mask).push_back({v, Share{PointOf(i), e.share()}});
@@ -554,23 +593,29 @@ absl::StatusOr<std::vector<uint64_t>> ServerSession::Finish() {
       if (static_cast<int>(c.self_mask_shares.size()) < t)
         return absl::FailedPreconditionError(StrCat(c.self_mask_shares.size(), " holders revealed ",
                                                     name, "'s self-mask seed; it needs ", t));
-      ASSIGN_OR_RETURN(std::string seed, ShamirCombine(c.self_mask_shares, t, kKeyBytes));
-      if (Commitment(instance, seed) != c.keys.self_mask_commitment())
+      ASSIGN_OR_RETURN(std::string seed,
+                       Reconstruct(c.self_mask_shares, t, [&](const std::string& s) {
+                         return Commitment(instance, s) == c.keys.self_mask_commitment();
+                       }));
+      if (seed.empty())
         return absl::DataLossError(StrCat("the shares of ", name,
                                           "'s self-mask seed do not give the seed it committed "
-                                          "to: a holder revealed a wrong share"));
+                                          "to: holders revealed wrong shares"));
       RETURN_IF_ERROR(AddMask(seed, bits, /*subtract=*/true, sum, scratch));
     } else if (In(u, 2)) {  // shared, then dropped: remove its survivors' masks with it
       if (static_cast<int>(c.mask_key_shares.size()) < t)
         return absl::FailedPreconditionError(StrCat(c.mask_key_shares.size(),
                                                     " holders revealed dropped client ", name,
                                                     "'s mask key; it needs ", t));
-      ASSIGN_OR_RETURN(std::string key, ShamirCombine(c.mask_key_shares, t, kKeyBytes));
-      auto public_key = PublicKeyOf(key);
-      if (!public_key.ok() || *public_key != c.keys.mask_public_key())
+      ASSIGN_OR_RETURN(std::string key,
+                       Reconstruct(c.mask_key_shares, t, [&](const std::string& s) {
+                         auto public_key = PublicKeyOf(s);
+                         return public_key.ok() && *public_key == c.keys.mask_public_key();
+                       }));
+      if (key.empty())
         return absl::DataLossError(StrCat("the shares of ", name,
-                                          "'s mask key do not give its advertised key: a holder "
-                                          "revealed a wrong share"));
+                                          "'s mask key do not give its advertised key: holders "
+                                          "revealed wrong shares"));
       for (int v : instance_.NeighboursOf(u)) {
         if (!In(v, 3)) continue;
         ASSIGN_OR_RETURN(std::string seed,

@@ -14,10 +14,10 @@ namespace {
 
 using common::StrCat;
 
+constexpr int kShareLen = static_cast<int>(kShareBytes);
+
 using Bn = std::unique_ptr<BIGNUM, common::openssl::Deleter<BN_clear_free>>;  // secrets: cleared
 using BnCtx = std::unique_ptr<BN_CTX, common::openssl::Deleter<BN_CTX_free>>;
-
-constexpr int kShareBytes = 66;  // ⌈521 / 8⌉
 
 Bn New() { return Bn(BN_new()); }
 
@@ -82,8 +82,7 @@ absl::StatusOr<std::vector<Share>> ShamirSplit(std::string_view secret, int thre
         return Failed("evaluate");
     }
     Share s{k, std::string(kShareBytes, '\0')};
-    if (BN_bn2binpad(y.get(), reinterpret_cast<unsigned char*>(s.y.data()), kShareBytes) !=
-        kShareBytes)
+    if (BN_bn2binpad(y.get(), reinterpret_cast<unsigned char*>(s.y.data()), kShareLen) != kShareLen)
       return Failed("write a share");
     shares.push_back(std::move(s));
   }
@@ -112,7 +111,7 @@ absl::StatusOr<std::string> ShamirCombine(std::span<const Share> shares, int thr
   BN_zero(sum.get());
   // f(0) = Σ_i y_i · Π_{j≠i} x_j / (x_j − x_i)  (mod p)
   for (const Share& si : used) {
-    Bn yi(BN_bin2bn(reinterpret_cast<const unsigned char*>(si.y.data()), kShareBytes, nullptr));
+    Bn yi(BN_bin2bn(reinterpret_cast<const unsigned char*>(si.y.data()), kShareLen, nullptr));
     if (!yi || BN_cmp(yi.get(), Prime()) >= 0)
       return absl::InvalidArgumentError(StrCat("share at point ", si.x, " is not in the field"));
     BN_one(num.get());

@@ -17,8 +17,11 @@ namespace fedlora::secagg {
 
 struct Share {
   uint32_t x = 0;  // the point, 1..n (the holder's index)
-  std::string y;   // the polynomial's value there: 66 bytes, big-endian
+  std::string y;   // the polynomial's value there: kShareBytes, big-endian
 };
+
+// A share's value: ⌈521 / 8⌉ bytes.
+inline constexpr size_t kShareBytes = 66;
 
 // Largest secret that can be shared: p has 521 bits.
 inline constexpr size_t kMaxSecretBytes = 64;

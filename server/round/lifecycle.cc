@@ -152,9 +152,9 @@ void Lifecycle::MaybeStart() {
   // silent ones are.
   const size_t min_clients = static_cast<size_t>(options_.min_clients);
   const size_t removed = clients_.removed().size();
-  const size_t needed = run_started_
-                            ? std::min(min_clients, taking_part.size())
-                            : std::max<size_t>(1, min_clients - std::min(min_clients, removed));
+  size_t needed = run_started_ ? std::min(min_clients, taking_part.size())
+                               : std::max<size_t>(1, min_clients - std::min(min_clients, removed));
+  if (options_.secure()) needed = std::max<size_t>(needed, 3);  // a sum of fewer reveals one
   if (!run_started_ && clients_.size() < needed) {
     return Waiting(
         StrCat("waiting for ", needed, " clients to join, ", clients_.size(), " joined"));
@@ -306,6 +306,12 @@ void Lifecycle::EndRun(const std::string& why) {
   HandOver(/*run_done=*/true);
 }
 
+void Lifecycle::DropUpload(const std::string& client) {
+  // Once a secure round's masked inputs are summed, one cannot be taken out: it stays in.
+  if (!open_.secure || open_.secure->step() <= SecureRound::Step::kInput)
+    uploads_.Drop(round_, client);
+}
+
 bool Lifecycle::SecureWaits(const std::string& client) const {
   const SecureRound& s = *open_.secure;
   return s.Waits(client) && !(s.step() == SecureRound::Step::kInput && uploads_.Accepted(client));
@@ -397,7 +403,7 @@ absl::Status Lifecycle::SecAgg(const std::string& client, const std::string& cer
     const std::string why = request.decline().substr(0, 1024);
     spdlog::warn("{}: {} declines its secure aggregation: {}", RoundName(), client, why);
     open_.declined[client] = why;
-    uploads_.Drop(round_, client);
+    DropUpload(client);
     if (EveryMemberAnswered()) MaybeClose();
     return absl::OkStatus();
   }
@@ -419,11 +425,13 @@ void Lifecycle::Late(const std::string& client, int64_t round) {
 }
 
 void Lifecycle::Leave(const std::string& client, int64_t round, const std::string& reason) {
+  // A member of a secure round that took the open step already would still be waited for in the
+  // next: its leave counts too.
   if (phase_ != Phase::kTraining || closing() || round != round_ || !open_.InCohort(client) ||
-      Answered(client))
+      (open_.secure ? open_.declined.contains(client) : Answered(client)))
     return;
   open_.declined[client] = reason;
-  uploads_.Drop(round_, client);
+  DropUpload(client);
   // Nobody left to wait for: close the round now (or retry it without quorum).
   if (EveryMemberAnswered()) MaybeClose();
 }
@@ -432,7 +440,7 @@ void Lifecycle::Remove(const std::string& client, const std::string& reason) {
   clients_.Remove(client, reason);
   removed_[client] = reason;
   if (phase_ != Phase::kTraining || closing() || !open_.InCohort(client)) return;
-  uploads_.Drop(round_, client);
+  DropUpload(client);
   open_.declined[client] = reason;
   if (EveryMemberAnswered()) MaybeClose();
 }

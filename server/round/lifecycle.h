@@ -151,6 +151,8 @@ class Lifecycle {
   // The secure round's open step is over: the next one opens, or the round commits, or it is
   // retried when the protocol cannot finish.
   void AdvanceSecure();
+  // Forgets `client`'s upload of the open round (not once a secure round has summed it).
+  void DropUpload(const std::string& client);
   // Under secure aggregation: whether the open step still waits for `client`.
   bool SecureWaits(const std::string& client) const;
   // The round failed (`why`): retried with a new cohort of the live clients after a backoff.

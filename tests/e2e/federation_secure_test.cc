@@ -1,12 +1,207 @@
 // Secure aggregation end to end (README "Secure aggregation"): real fedlora-server and
 // fedlora-client processes over mutual TLS, the coordinator seeing only masked inputs and their
 // sum.
+#include <mutex>
+#include <set>
+
+#include "common/privacy/client_dp.h"
+#include "common/secagg/protocol.h"
 #include "tests/e2e/federation_fixture.h"
 
 namespace fedlora {
 namespace {
 
 using namespace fedlora::testing;  // the fixture
+
+// A coordinator that lies, for three real fedlora-client processes over mutual TLS: it runs a
+// fedit round's protocol honestly (common/secagg/protocol.h's ServerSession) up to the survivor
+// set, then tells client-2 that client-3 dropped — to collect client-3's mask key from client-2
+// and its self-mask seed from the others, and so unmask client-3's input alone — while telling
+// client-1 and client-3 that everyone survived; and it relays every consent it got.
+class LyingCoordinator final : public v1::Coordinator::CallbackService {
+ public:
+  int reveals() {
+    std::lock_guard lock(mu_);
+    return reveals_;
+  }
+
+ private:
+  static std::string Peer(grpc::CallbackServerContext* c, const char* property) {
+    const auto v = c->auth_context()->FindPropertyValues(property);
+    return v.empty() ? "" : std::string(v[0].data(), v[0].size());
+  }
+  template <typename T>
+  static grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* c,
+                                        grpc::Status s = grpc::Status::OK) {
+    grpc::ServerUnaryReactor* r = c->DefaultReactor();
+    r->Finish(s);
+    return r;
+  }
+  grpc::ServerUnaryReactor* Join(grpc::CallbackServerContext* c, const v1::JoinRequest* request,
+                                 v1::JoinResponse* response) override {
+    std::lock_guard lock(mu_);
+    if (modules_.empty()) modules_.assign(request->modules().begin(), request->modules().end());
+    joined_.insert(Peer(c, "x509_common_name"));
+    response->set_run_id("lying");
+    response->set_method(v1::METHOD_FEDIT);
+    response->set_rounds(1);
+    response->set_max_chunk_bytes(1 << 20);
+    return Done<v1::JoinResponse>(c);
+  }
+  // The round: version 0 (A random, B zero), its config once all three have joined.
+  void OpenLocked() {
+    std::vector<common::ModuleShape> shapes;
+    for (const v1::ModuleSpec& m : modules_)
+      shapes.push_back({m.name(), 4, m.in_features(), m.out_features(), 1.0, false});
+    common::Adapter start = *common::Adapter::Create(shapes);
+    std::mt19937_64 rng(5);
+    for (size_t i = 0; i < start.num_modules(); ++i) common::InitLoraA(start.A(i), rng);
+    blob_ = common::EncodeAdapter(start, common::AdapterParts::kAll);
+    for (const std::string& id : joined_) config_.add_cohort(id);
+    config_.set_instance("lying/round-1");
+    config_.set_neighbours(2);
+    config_.set_threshold(2);
+    config_.set_ring_seed(std::string(32, 'r'));
+    config_.set_rotation_seed(std::string(32, 'o'));
+    config_.set_length(static_cast<int64_t>(common::TrainableCount(start)));
+    config_.set_clip(10);
+    config_.set_change_clip(10);
+    config_.set_scale(65536);
+    config_.set_clamp(int64_t{1} << 24);
+    config_.set_bits(30);
+    session_.emplace(*secagg::ServerSession::Create(
+        config_, *secagg::PeerVerifier::FromCaPem(*common::ReadFileToString(ca_))));
+  }
+  grpc::ServerUnaryReactor* GetTask(grpc::CallbackServerContext* c, const v1::GetTaskRequest*,
+                                    v1::Task* task) override {
+    std::unique_lock lock(mu_);
+    const std::string id = Peer(c, "x509_common_name");
+    task->set_kind(v1::Task::WAIT);
+    task->set_round(1);
+    if (joined_.size() < 3) {
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      return Done<v1::Task>(c);
+    }
+    if (!session_) OpenLocked();
+    const int stage = session_->Stage(id);
+    const auto all = [&](int s) { return session_->AtLeast(s).size() == 3; };
+    v1::SecAggStep* step = task->mutable_secagg();
+    step->set_instance(config_.instance());
+    if (stage == 0) {
+      task->clear_secagg();
+      task->set_kind(v1::Task::TRAIN);
+      task->set_method(v1::METHOD_FEDIT);
+      task->set_state_version(0);
+      v1::BlobRef* ref = task->add_downloads();
+      ref->set_sha256(common::Sha256Hex(blob_));
+      ref->set_size(static_cast<int64_t>(blob_.size()));
+      ref->set_kind(v1::BLOB_KIND_ADAPTER);
+      v1::TrainSettings* s = task->mutable_settings();
+      s->set_rank(4);
+      s->set_lora_alpha(8);
+      s->set_local_steps(5);
+      s->set_learning_rate(0.1);
+      s->set_seed(7);
+      for (const v1::ModuleSpec& m : modules_) *task->add_modules() = m;
+      task->set_heartbeat_interval_ms(1000);
+      *task->mutable_secagg_config() = config_;
+    } else if (stage == 1 && all(1)) {
+      if (!closed_keys_) closed_keys_ = session_->CloseKeys().ok();
+      *step->mutable_roster() = *session_->RosterFor(id);
+      task->set_kind(v1::Task::SECAGG);
+    } else if (stage == 2 && all(2) && !uploaded_.contains(id)) {
+      if (!closed_shares_) closed_shares_ = session_->CloseShares().ok();
+      *step->mutable_inbox() = *session_->InboxFor(id);
+      task->set_kind(v1::Task::SECAGG);
+    } else if (uploaded_.size() == 3 && !consents_.contains(id)) {
+      // The lie: client-2 is told client-3 dropped.
+      for (const std::string& s : config_.cohort())
+        if (id != "client-2" || s != "client-3") step->mutable_survivors()->add_clients(s);
+      task->set_kind(v1::Task::SECAGG);
+    } else if (consents_.size() == 3 && !asked_.contains(id)) {
+      asked_.insert(id);
+      // What each was shown, with every other client's consent.
+      for (const std::string& s : config_.cohort())
+        if (id != "client-2" || s != "client-3") step->mutable_consents()->add_survivors(s);
+      for (const auto& [who, signature] : consents_) {
+        if (who == id) continue;
+        v1::SecAggConsent* consent = step->mutable_consents()->add_consents();
+        consent->set_client(who);
+        consent->set_signature(signature);
+      }
+      task->set_kind(v1::Task::SECAGG);
+    }
+    if (task->kind() == v1::Task::WAIT) {
+      task->clear_secagg();
+      lock.unlock();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));  // a short long poll
+    }
+    return Done<v1::Task>(c);
+  }
+  grpc::ServerUnaryReactor* Download(grpc::CallbackServerContext* c,
+                                     const v1::DownloadRequest* request,
+                                     v1::DownloadResponse* response) override {
+    std::lock_guard lock(mu_);
+    response->set_offset(request->offset());
+    response->set_total_size(static_cast<int64_t>(blob_.size()));
+    response->set_data(blob_.substr(static_cast<size_t>(request->offset())));
+    return Done<v1::DownloadResponse>(c);
+  }
+  grpc::ServerUnaryReactor* Upload(grpc::CallbackServerContext* c, const v1::UploadRequest* request,
+                                   v1::UploadResponse* response) override {
+    std::lock_guard lock(mu_);
+    const std::string id = Peer(c, "x509_common_name");
+    std::string& bytes = parts_[id];
+    bytes.resize(static_cast<size_t>(request->total_size()));
+    bytes.replace(static_cast<size_t>(request->offset()), request->data().size(), request->data());
+    if (request->offset() + static_cast<int64_t>(request->data().size()) == request->total_size()) {
+      uploaded_.insert(id);
+      response->set_accepted(true);
+    }
+    response->set_received(request->offset() + static_cast<int64_t>(request->data().size()));
+    return Done<v1::UploadResponse>(c);
+  }
+  grpc::ServerUnaryReactor* Heartbeat(grpc::CallbackServerContext* c, const v1::HeartbeatRequest*,
+                                      v1::HeartbeatResponse* response) override {
+    response->set_still_wanted(true);
+    return Done<v1::HeartbeatResponse>(c);
+  }
+  grpc::ServerUnaryReactor* SecAgg(grpc::CallbackServerContext* c, const v1::SecAggRequest* request,
+                                   v1::SecAggResponse*) override {
+    std::lock_guard lock(mu_);
+    const std::string id = Peer(c, "x509_common_name");
+    absl::Status st;
+    if (request->has_keys()) {
+      v1::SecAggKeys keys = request->keys();
+      keys.set_certificate(Peer(c, "x509_pem_cert"));
+      st = session_->AddKeys(id, keys);
+    } else if (request->has_shares()) {
+      st = session_->AddShares(id, request->shares());
+    } else if (request->has_consent()) {
+      consents_[id] = request->consent().signature();
+    } else if (request->has_reveal()) {
+      ++reveals_;
+    }
+    return Done<v1::SecAggResponse>(
+        c, st.ok() ? grpc::Status::OK
+                   : grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(st.message())));
+  }
+
+ public:
+  std::string ca_;
+
+ private:
+  std::mutex mu_;
+  std::vector<v1::ModuleSpec> modules_;
+  std::set<std::string> joined_, uploaded_, asked_;
+  std::map<std::string, std::string> parts_, consents_;
+  std::string blob_;
+  v1::SecAggConfig config_;
+  std::optional<secagg::ServerSession> session_;
+  bool closed_keys_ = false, closed_shares_ = false;
+  int reveals_ = 0;
+};
 
 double Distance(const std::vector<float>& a, const std::vector<float>& b) {
   EXPECT_EQ(a.size(), b.size());
@@ -204,6 +399,35 @@ TEST_F(SecureTest, DistributedDpCountsTheSurvivorsNoise) {
             << " after round 2 (3)\n";
 }
 
+// An operator removes client-3 while the round waits for its consent: its masked input is in the
+// sum already and stays there (the round is unmasked from the others' shares); it takes no
+// further part.
+TEST_F(SecureTest, AClientRemovedAfterItsInputStaysInTheSum) {
+  const pid_t server =
+      StartServer("fedit", "state",
+                  {"--rounds", "1", "--secure-aggregation", "secagg+", "--operators", "client-4"});
+  ASSERT_FALSE(port_.empty());
+  std::vector<pid_t> clients;
+  for (int i = 1; i <= 2; ++i) clients.push_back(StartClient(i, "run"));
+  const fs::path pause = dir_ / "pause";
+  const pid_t third = StartClient(
+      3, "run", {"--testing-pause-at-secagg", "consent", "--testing-pause-file", pause.string()},
+      "fedlora-client-faulty");
+  ASSERT_FALSE(WaitForFile(pause, std::chrono::seconds(60)).empty());
+  const CommandResult removed =
+      RunProgram({kBin + "/fedlora-client", "--coordinator", "localhost:" + port_, "--ca",
+                  Cert("ca.pem"), "--cert", Cert("client-4.pem"), "--key", Cert("client-4.key"),
+                  "--admin", "remove", "--admin-client", "client-3", "--admin-reason", "test"});
+  EXPECT_EQ(removed.exit_code, 0) << removed.output;
+  fs::remove(pause);
+  EXPECT_NE(Wait(third, std::chrono::seconds(60)), 0);  // refused: removed
+  for (pid_t c : clients) EXPECT_EQ(Wait(c, std::chrono::seconds(120)), 0);
+  ASSERT_EQ(Wait(server, std::chrono::seconds(60)), 0) << ReadText(dir_ / "state.log");
+  const std::vector<nlohmann::json> lines = MetricsOnceThere("state", 1);
+  ASSERT_EQ(lines.size(), 1u);
+  EXPECT_EQ(lines[0]["arrived"].size(), 3u) << lines[0]["arrived"];
+}
+
 // A coordinator killed mid-protocol keeps no key material: restarted on its state directory, it
 // runs the round anew with fresh keys, and the clients follow.
 TEST_F(SecureTest, ACoordinatorRestartedMidProtocolRunsTheRoundAnew) {
@@ -230,6 +454,32 @@ TEST_F(SecureTest, ACoordinatorRestartedMidProtocolRunsTheRoundAnew) {
   ASSERT_EQ(lines.size(), 1u);
   EXPECT_EQ(lines[0]["arrived"].size(), 3u);
   EXPECT_THAT(ReadText(dir_ / "state2.log"), HasSubstr("round 1: secure aggregation over 3"));
+}
+
+// The consistency round, with real clients: a coordinator that shows client-2 another survivor
+// set than client-1 and client-3 is caught by all three, each of which stops with an error and
+// reveals nothing.
+TEST_F(SecureTest, ACoordinatorThatShowsTwoSurvivorSetsIsCaught) {
+  LyingCoordinator liar;
+  liar.ca_ = Cert("ca.pem");
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(
+      "127.0.0.1:0",
+      *common::ServerTlsCredentials(Cert("server.pem"), Cert("server.key"), Cert("ca.pem")), &port);
+  builder.RegisterService(&liar);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_GT(port, 0);
+  port_ = std::to_string(port);
+  std::vector<pid_t> clients;
+  for (int i = 1; i <= 3; ++i) clients.push_back(StartClient(i, "lied-to"));
+  for (int i = 0; i < 3; ++i) {
+    const std::string log = "lied-to-client" + std::to_string(i + 1) + ".log";
+    EXPECT_NE(Wait(clients[i], std::chrono::seconds(60)), 0) << ReadText(dir_ / log);
+    EXPECT_THAT(ReadText(dir_ / log), HasSubstr("revealing nothing more"));
+  }
+  EXPECT_EQ(liar.reveals(), 0);
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
 }
 
 // What secure aggregation cannot do is refused at start, saying why.

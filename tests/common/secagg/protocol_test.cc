@@ -27,6 +27,9 @@ class Pki {
   }
   Signer SignerOf(int k) const { return *Signer::FromPemFile((dir_ / Name(k, ".key")).string()); }
   std::string CertificateOf(int k) const { return pem_[k - 1]; }
+  std::string ServerCertificate() const { return *common::ReadFileToString(dir_ / "server.pem"); }
+  std::string ServerKey() const { return *common::ReadFileToString(dir_ / "server.key"); }
+  static std::string ServerName() { return "coordinator"; }
   PeerVerifier Verifier() const {
     return *PeerVerifier::FromCaPem(*common::ReadFileToString(dir_ / "ca.pem"));
   }
@@ -219,35 +222,124 @@ TEST(SecAggProtocolTest, RelayedKeysAndSharesAreChecked) {
   *r3.add_keys() = keys[0];
   *r3.add_keys() = keys[1];
   ASSERT_TRUE(c[2].ShareKeys(r3).ok());
-  inbox.mutable_shares(0)->mutable_sealed()->back() ^= 1;
-  st = c[2].MaskInput(inbox, std::vector<uint64_t>(128, 0)).status();
-  EXPECT_EQ(st.code(), absl::StatusCode::kPermissionDenied);
+  v1::SecAggShares altered = inbox;
+  altered.mutable_shares(0)->mutable_sealed()->back() ^= 1;
+  // A faulty peer could have sent it as well: the client declines the round, it does not stop.
+  st = c[2].MaskInput(altered, std::vector<uint64_t>(128, 0)).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(st.message(), HasSubstr("does not open"));
+}
+
+// A coordinator that withholds a client's inbox would have it masked by its self mask alone,
+// which the holders' reveals remove: the client refuses to mask with fewer neighbours than t − 1.
+TEST(SecAggProtocolTest, AShortInboxIsRefused) {
+  const Pki& pki = Pki::Get();
+  const v1::SecAggConfig config = Config(3, 2, 2);
+  std::vector<ClientSession> c;
+  std::vector<v1::SecAggKeys> keys;
+  for (int k = 1; k <= 3; ++k) {
+    c.push_back(*ClientSession::Create(config, Pki::Name(k), pki.SignerOf(k), pki.Verifier()));
+    keys.push_back(*c.back().AdvertiseKeys());
+    keys.back().set_client(Pki::Name(k));
+    keys.back().set_certificate(pki.CertificateOf(k));
+  }
+  v1::SecAggRoster roster;
+  *roster.add_keys() = keys[1];
+  *roster.add_keys() = keys[2];
+  ASSERT_TRUE(c[0].ShareKeys(roster).ok());
+  const absl::Status st = c[0].MaskInput({}, std::vector<uint64_t>(128, 0)).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(st.message(), HasSubstr("masking needs at least 1"));
+}
+
+// Clients refuse a threshold below a strict majority of the holders (a coordinator could then
+// show two halves two survivor sets), and the coordinator's own certificate as a peer's.
+TEST(SecAggProtocolTest, AWeakConfigAndAServerCertificateAreRefused) {
+  const Pki& pki = Pki::Get();
+  auto weak = ClientSession::Create(Config(5, 4, 3), "client-1", pki.SignerOf(1), pki.Verifier());
+  EXPECT_TRUE(weak.ok());
+  weak = ClientSession::Create(Config(7, 4, 2), "client-1", pki.SignerOf(1), pki.Verifier());
+  EXPECT_EQ(weak.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(weak.status().message(), HasSubstr("strict majority"));
+  // The coordinator's certificate ("coordinator", serverAuth) from the same CA, with its key.
+  const Signer server_signer = *Signer::FromPem(pki.ServerKey());
+  const std::string message = "anything";
+  const std::string signature = *server_signer.Sign(message);
+  const absl::Status st =
+      pki.Verifier().Verify(pki.ServerName(), pki.ServerCertificate(), message, signature);
+  EXPECT_EQ(st.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(st.message(), HasSubstr("does not verify against the CA"));
+}
+
+// Clients 1..n of `config` and a coordinator, honest, through keys, shares (and, with
+// `inputs`, masked inputs and consents, up to the unmasking step); `expected` is the inputs' sum.
+struct Honest {
+  std::optional<ServerSession> server;
+  std::vector<ClientSession> clients;
+  std::vector<uint64_t> expected;
+};
+Honest RunHonestly(const v1::SecAggConfig& config, bool inputs) {
+  const Pki& pki = Pki::Get();
+  const int n = config.cohort_size();
+  Honest h;
+  h.server.emplace(*ServerSession::Create(config, pki.Verifier()));
+  ServerSession& server = *h.server;
+  for (int k = 1; k <= n; ++k) {
+    h.clients.push_back(
+        *ClientSession::Create(config, Pki::Name(k), pki.SignerOf(k), pki.Verifier()));
+    v1::SecAggKeys keys = *h.clients.back().AdvertiseKeys();
+    keys.set_certificate(pki.CertificateOf(k));
+    EXPECT_TRUE(server.AddKeys(Pki::Name(k), keys).ok());
+  }
+  EXPECT_TRUE(server.CloseKeys().ok());
+  for (int k = 1; k <= n; ++k)
+    EXPECT_TRUE(
+        server.AddShares(Pki::Name(k), *h.clients[k - 1].ShareKeys(*server.RosterFor(Pki::Name(k))))
+            .ok());
+  EXPECT_TRUE(server.CloseShares().ok());
+  if (!inputs) return h;
+  h.expected.assign(128, 0);
+  for (int k = 1; k <= n; ++k) {
+    const std::vector<uint64_t> input = RandomInput(128, 20);
+    for (size_t j = 0; j < 128; ++j) h.expected[j] = (h.expected[j] + input[j]) & ((1u << 20) - 1);
+    EXPECT_TRUE(server
+                    .AddMaskedInput(Pki::Name(k), *h.clients[k - 1].MaskInput(
+                                                      *server.InboxFor(Pki::Name(k)), input))
+                    .ok());
+  }
+  EXPECT_TRUE(server.CloseInputs().ok());
+  for (int k = 1; k <= n; ++k)
+    EXPECT_TRUE(
+        server.AddConsent(Pki::Name(k), *h.clients[k - 1].Consent(server.Survivors())).ok());
+  EXPECT_TRUE(server.CloseConsents().ok());
+  return h;
+}
+
+// One wrong share among spare ones is passed over: with three holders revealing and t = 2, the
+// seed is still the committed one.
+TEST(SecAggProtocolTest, AWrongShareAmongSpareOnesIsPassedOver) {
+  Honest h = RunHonestly(Config(3, 2, 2), /*inputs=*/true);
+  ServerSession& server = *h.server;
+  v1::SecAggReveal bad = *h.clients[0].Unmask(*server.ConsentsFor("client-1"));
+  bad.mutable_entries(0)->mutable_share()->back() ^= 1;  // client-1's share of its own seed
+  ASSERT_TRUE(server.AddReveal("client-1", bad).ok());
+  for (int k = 2; k <= 3; ++k)
+    ASSERT_TRUE(
+        server.AddReveal(Pki::Name(k), *h.clients[k - 1].Unmask(*server.ConsentsFor(Pki::Name(k))))
+            .ok());
+  auto sum = server.Finish();
+  ASSERT_TRUE(sum.ok()) << sum.status();
+  EXPECT_EQ(*sum, h.expected);
 }
 
 // The consistency round: a coordinator that shows client-4 as a survivor to some clients and as
 // dropped to others (to collect both its seed's and its mask key's shares) is caught by every
 // client it tries, which then reveals nothing.
 TEST(SecAggProtocolTest, TwoSurvivorSetsAreDetected) {
-  const Pki& pki = Pki::Get();
-  const v1::SecAggConfig config = Config(4, 3, 3);
-  auto server = ServerSession::Create(config, pki.Verifier());
-  std::vector<ClientSession> c;
+  Honest h = RunHonestly(Config(4, 3, 3), /*inputs=*/false);
+  std::vector<ClientSession>& c = h.clients;
   for (int k = 1; k <= 4; ++k)
-    c.push_back(*ClientSession::Create(config, Pki::Name(k), pki.SignerOf(k), pki.Verifier()));
-  for (int k = 1; k <= 4; ++k) {
-    v1::SecAggKeys keys = *c[k - 1].AdvertiseKeys();
-    keys.set_certificate(pki.CertificateOf(k));
-    ASSERT_TRUE(server->AddKeys(Pki::Name(k), keys).ok());
-  }
-  ASSERT_TRUE(server->CloseKeys().ok());
-  for (int k = 1; k <= 4; ++k)
-    ASSERT_TRUE(
-        server->AddShares(Pki::Name(k), *c[k - 1].ShareKeys(*server->RosterFor(Pki::Name(k))))
-            .ok());
-  ASSERT_TRUE(server->CloseShares().ok());
-  for (int k = 1; k <= 4; ++k)
-    ASSERT_TRUE(c[k - 1].MaskInput(*server->InboxFor(Pki::Name(k)), RandomInput(128, 20)).ok());
+    ASSERT_TRUE(c[k - 1].MaskInput(*h.server->InboxFor(Pki::Name(k)), RandomInput(128, 20)).ok());
   v1::SecAggSurvivors all, without_4;
   for (int k = 1; k <= 4; ++k) all.add_clients(Pki::Name(k));
   for (int k = 1; k <= 3; ++k) without_4.add_clients(Pki::Name(k));
@@ -284,33 +376,9 @@ TEST(SecAggProtocolTest, TwoSurvivorSetsAreDetected) {
 // A holder that reveals a wrong share cannot make the coordinator commit a wrong sum: the seed
 // it reconstructs fails its commitment.
 TEST(SecAggProtocolTest, AWrongRevealedShareGivesNoSum) {
-  const Pki& pki = Pki::Get();
-  const v1::SecAggConfig config = Config(3, 2, 3);
-  auto server = ServerSession::Create(config, pki.Verifier());
-  std::vector<ClientSession> c;
-  for (int k = 1; k <= 3; ++k)
-    c.push_back(*ClientSession::Create(config, Pki::Name(k), pki.SignerOf(k), pki.Verifier()));
-  for (int k = 1; k <= 3; ++k) {
-    v1::SecAggKeys keys = *c[k - 1].AdvertiseKeys();
-    keys.set_certificate(pki.CertificateOf(k));
-    ASSERT_TRUE(server->AddKeys(Pki::Name(k), keys).ok());
-  }
-  ASSERT_TRUE(server->CloseKeys().ok());
-  for (int k = 1; k <= 3; ++k)
-    ASSERT_TRUE(
-        server->AddShares(Pki::Name(k), *c[k - 1].ShareKeys(*server->RosterFor(Pki::Name(k))))
-            .ok());
-  ASSERT_TRUE(server->CloseShares().ok());
-  for (int k = 1; k <= 3; ++k)
-    ASSERT_TRUE(server
-                    ->AddMaskedInput(
-                        Pki::Name(k),
-                        *c[k - 1].MaskInput(*server->InboxFor(Pki::Name(k)), RandomInput(128, 20)))
-                    .ok());
-  ASSERT_TRUE(server->CloseInputs().ok());
-  for (int k = 1; k <= 3; ++k)
-    ASSERT_TRUE(server->AddConsent(Pki::Name(k), *c[k - 1].Consent(server->Survivors())).ok());
-  ASSERT_TRUE(server->CloseConsents().ok());
+  Honest h = RunHonestly(Config(3, 2, 3), /*inputs=*/true);
+  ServerSession* server = &*h.server;
+  std::vector<ClientSession>& c = h.clients;
   // A reveal of a share the client may not give (client-1's mask key: it survived) is refused.
   v1::SecAggReveal bad = *c[0].Unmask(*server->ConsentsFor("client-1"));
   bad.mutable_entries(1)->set_mask_key(true);
