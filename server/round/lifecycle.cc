@@ -407,6 +407,7 @@ absl::Status Lifecycle::SecAgg(const std::string& client, const std::string& cer
     if (EveryMemberAnswered()) MaybeClose();
     return absl::OkStatus();
   }
+  if (open_.secure->Took(client, request)) return absl::OkStatus();  // a retry: answered again
   if (!open_.secure->Waits(client))
     return WithReason(absl::FailedPreconditionError(StrCat(
                           RoundName(), "'s secure aggregation is at its ", open_.secure->StepName(),

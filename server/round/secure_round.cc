@@ -133,6 +133,27 @@ absl::Status SecureRound::Receive(const std::string& client, const std::string& 
   }
 }
 
+bool SecureRound::Took(const std::string& client, const v1::SecAggRequest& request) const {
+  int stage = 0;  // the one this message completes (ServerSession::Stage)
+  switch (request.step_case()) {
+    case v1::SecAggRequest::kKeys:
+      stage = 1;
+      break;
+    case v1::SecAggRequest::kShares:
+      stage = 2;
+      break;
+    case v1::SecAggRequest::kConsent:
+      stage = 4;
+      break;
+    case v1::SecAggRequest::kReveal:
+      stage = 5;
+      break;
+    default:
+      return false;
+  }
+  return request.instance() == config_.instance() && session_.Stage(client) >= stage;
+}
+
 absl::Status SecureRound::Advance(const std::vector<AcceptedUpdate>& inputs,
                                   const StateStore& store) {
   switch (step_) {

@@ -67,6 +67,9 @@ class SecureRound {
   // `client`'s message (`certificate`: the PEM of the certificate its call presented).
   absl::Status Receive(const std::string& client, const std::string& certificate,
                        const v1::SecAggRequest& request);
+  // Whether `client` has taken the step `request` is for already: a retry after a lost answer,
+  // which is answered OK and changes nothing.
+  bool Took(const std::string& client, const v1::SecAggRequest& request) const;
   // The clients that may upload a masked input (the input step's cohort), sorted.
   const std::vector<std::string>& senders() const { return senders_; }
   // The bytes of a masked input.
