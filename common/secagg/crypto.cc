@@ -38,6 +38,13 @@ absl::Status CheckKey(std::string_view key, std::string_view what) {
 
 }  // namespace
 
+absl::StatusOr<std::string> RandomBytes(size_t n) {
+  std::string s(n, '\0');
+  if (RAND_priv_bytes(reinterpret_cast<unsigned char*>(s.data()), static_cast<int>(n)) != 1)
+    return Failed("draw random bytes");
+  return s;
+}
+
 std::string Sha256(std::string_view bytes) {
   std::string out(32, '\0');
   unsigned int size = 0;

@@ -27,6 +27,9 @@ absl::StatusOr<std::string> PublicKeyOf(std::string_view private_key);
 // INVALID_ARGUMENT for a malformed or low-order peer key (an all-zero secret).
 absl::StatusOr<std::string> Agree(std::string_view private_key, std::string_view peer_public_key);
 
+// `n` bytes from OpenSSL's private random generator (seeds, nonces of instances).
+absl::StatusOr<std::string> RandomBytes(size_t n);
+
 // SHA-256 of `bytes` (32 raw bytes).
 std::string Sha256(std::string_view bytes);
 

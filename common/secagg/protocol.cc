@@ -1,7 +1,5 @@
 #include "common/secagg/protocol.h"
 
-#include <openssl/rand.h>
-
 #include <algorithm>
 #include <functional>
 #include <set>
@@ -64,13 +62,6 @@ std::vector<std::string> SortedUnique(const google::protobuf::RepeatedPtrField<s
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;
-}
-
-absl::StatusOr<std::string> RandomSecret() {
-  std::string s(kKeyBytes, '\0');
-  if (RAND_priv_bytes(reinterpret_cast<unsigned char*>(s.data()), kKeyBytes) != 1)
-    return absl::InternalError("OpenSSL could not draw a self-mask seed");
-  return s;
 }
 
 uint32_t PointOf(int index) { return static_cast<uint32_t>(index + 1); }
@@ -188,7 +179,7 @@ absl::StatusOr<v1::SecAggKeys> ClientSession::AdvertiseKeys() {
   RETURN_IF_ERROR(Enter(Phase::kKeys));
   ASSIGN_OR_RETURN(KeyPair cipher, NewKeyPair());
   ASSIGN_OR_RETURN(KeyPair mask, NewKeyPair());
-  ASSIGN_OR_RETURN(self_mask_, RandomSecret());
+  ASSIGN_OR_RETURN(self_mask_, RandomBytes(kKeyBytes));
   cipher_key_ = std::move(cipher.private_key);
   mask_key_ = std::move(mask.private_key);
   v1::SecAggKeys keys;

@@ -15,6 +15,16 @@ using common::StrCat;
 
 }  // namespace
 
+void SetQuantisation(const Quantisation& q, v1::SecAggConfig& config) {
+  config.set_length(static_cast<int64_t>(q.length));
+  config.set_clip(q.clip);
+  config.set_scale(q.scale);
+  config.set_clamp(q.clamp);
+  config.set_noise_num(q.noise_num);
+  config.set_noise_den(q.noise_den);
+  config.set_bits(q.bits);
+}
+
 absl::StatusOr<Encoded> Encode(std::span<const double> x, const v1::SecAggConfig& config) {
   if (x.size() != static_cast<size_t>(config.length()))
     return absl::InvalidArgumentError(

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/secagg/params.h"
 #include "fedlora/v1/coordinator.pb.h"
 
 namespace fedlora::secagg {
@@ -26,6 +27,9 @@ struct Encoded {
   double norm = 0;              // of the values before clipping
   int clamped = 0;              // coordinates the clamp cut (a 2^−40 event each)
 };
+
+// Writes `q`'s plan (length, clip, scale, clamp, noise, bits) into `config`.
+void SetQuantisation(const Quantisation& q, v1::SecAggConfig& config);
 
 // INVALID_ARGUMENT when `x` does not have the config's length or holds a value that is not finite.
 absl::StatusOr<Encoded> Encode(std::span<const double> x, const v1::SecAggConfig& config);

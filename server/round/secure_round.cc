@@ -1,25 +1,18 @@
 #include "server/round/secure_round.h"
 
-#include <openssl/rand.h>
 #include <spdlog/spdlog.h>
 
 #include <cmath>
 
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
+#include "common/secagg/crypto.h"
 #include "common/secagg/quantise.h"
 
 namespace fedlora::server {
 namespace {
 
 using common::StrCat;
-
-absl::StatusOr<std::string> RandomBytes(size_t n) {
-  std::string s(n, '\0');
-  if (RAND_bytes(reinterpret_cast<unsigned char*>(s.data()), static_cast<int>(n)) != 1)
-    return absl::InternalError("OpenSSL could not draw a secure aggregation seed");
-  return s;
-}
 
 }  // namespace
 
@@ -33,7 +26,7 @@ absl::StatusOr<std::unique_ptr<SecureRound>> SecureRound::Open(
       const secagg::Quantisation q,
       secagg::PlanQuantisation(plan.length, plan.change_clip, plan.noise_multiplier, n, n));
   v1::SecAggConfig c;
-  ASSIGN_OR_RETURN(const std::string nonce, RandomBytes(8));
+  ASSIGN_OR_RETURN(const std::string nonce, secagg::RandomBytes(8));
   uint64_t tag = 0;
   for (unsigned char b : nonce) tag = tag << 8 | b;
   c.set_instance(fmt::format("{}/round-{}/attempt-{}/{:016x}", plan.run_id, plan.round,
@@ -41,15 +34,9 @@ absl::StatusOr<std::unique_ptr<SecureRound>> SecureRound::Open(
   for (const std::string& id : plan.cohort) c.add_cohort(id);
   c.set_neighbours(graph.neighbours);
   c.set_threshold(graph.threshold);
-  ASSIGN_OR_RETURN(*c.mutable_ring_seed(), RandomBytes(32));
-  ASSIGN_OR_RETURN(*c.mutable_rotation_seed(), RandomBytes(32));
-  c.set_length(static_cast<int64_t>(q.length));
-  c.set_clip(q.clip);
-  c.set_scale(q.scale);
-  c.set_clamp(q.clamp);
-  c.set_noise_num(q.noise_num);
-  c.set_noise_den(q.noise_den);
-  c.set_bits(q.bits);
+  ASSIGN_OR_RETURN(*c.mutable_ring_seed(), secagg::RandomBytes(32));
+  ASSIGN_OR_RETURN(*c.mutable_rotation_seed(), secagg::RandomBytes(32));
+  secagg::SetQuantisation(q, c);
   c.set_change_clip(plan.change_clip);
   c.set_weight_cap(plan.weight_cap);
   c.set_unit_norm(plan.unit_norm);

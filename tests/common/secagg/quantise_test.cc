@@ -16,13 +16,7 @@ v1::SecAggConfig ConfigFor(size_t length, double clip, double z, int clients) {
   const Quantisation q = *PlanQuantisation(length, clip, z, clients, clients);
   v1::SecAggConfig c;
   c.set_rotation_seed(std::string(32, 'q'));
-  c.set_length(static_cast<int64_t>(q.length));
-  c.set_clip(q.clip);
-  c.set_scale(q.scale);
-  c.set_clamp(q.clamp);
-  c.set_noise_num(q.noise_num);
-  c.set_noise_den(q.noise_den);
-  c.set_bits(q.bits);
+  SetQuantisation(q, c);
   return c;
 }
 
