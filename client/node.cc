@@ -216,9 +216,14 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
   if (task.has_secagg_config()) {  // the change from the round's start (the global state)
     std::vector<float> change(common::TrainableCount(global_));
     RETURN_IF_ERROR(common::ChangeInto(adapter, global_, change));
+    const v1::SecAggConfig& c = task.secagg_config();
     const std::vector<double> input =
-        SecureInput(task, std::vector<double>(change.begin(), change.end()), num_examples);
-    return AdvertiseKeys(task, input, num_examples, metrics, stop);
+        SecureInput(c, task.round(), "the change",
+                    std::vector<double>(change.begin(), change.end()), num_examples);
+    RETURN_IF_ERROR(AdvertiseKeys(task, c, input, num_examples, metrics, stop));
+    if (method_ == common::Method::kLoraFair)
+      trained_ = Trained{c.instance(), std::move(adapter), global_, task, metrics, num_examples};
+    return absl::OkStatus();
   }
   const std::string bytes = common::EncodeAdapter(adapter, method_ == common::Method::kFedSb
                                                                ? common::AdapterParts::kROnly
@@ -293,7 +298,10 @@ absl::Status Node::Sketch(const v1::Task& task, const std::atomic<bool>& stop) {
       flat.insert(flat.end(), p.data(), p.data() + p.size());
     const int64_t examples = workload_->num_examples();
     v1::TrainMetrics none;
-    return AdvertiseKeys(task, SecureInput(task, std::move(flat), examples), examples, none, stop);
+    const v1::SecAggConfig& c = task.secagg_config();
+    return AdvertiseKeys(task, c,
+                         SecureInput(c, task.round(), "the answer", std::move(flat), examples),
+                         examples, none, stop);
   }
   std::vector<common::NamedMatrix> named;
   for (int i = 0; i < task.modules_size(); ++i)
@@ -363,9 +371,9 @@ struct Node::SecureTask {
   int64_t num_examples = 0;
 };
 
-std::vector<double> Node::SecureInput(const v1::Task& task, std::vector<double> x,
+std::vector<double> Node::SecureInput(const v1::SecAggConfig& c, int64_t round,
+                                      std::string_view what, std::vector<double> x,
                                       int64_t num_examples) const {
-  const v1::SecAggConfig& c = task.secagg_config();
   double norm = 0;
   for (double v : x) norm += v * v;
   norm = std::sqrt(norm);
@@ -379,18 +387,16 @@ std::vector<double> Node::SecureInput(const v1::Task& task, std::vector<double> 
           ? std::min(static_cast<double>(num_examples), c.weight_cap()) / c.weight_cap()
           : 1.0;
   for (double& v : x) v *= clip * weight;
-  spdlog::info("round {}: secure aggregation: {} of norm {:.6g}{}", task.round(),
-               task.kind() == v1::Task::SKETCH ? "the answer" : "the change", norm,
+  spdlog::info("round {}: secure aggregation: {} of norm {:.6g}{}", round, what, norm,
                c.unit_norm() ? std::string(", scaled to 1")
                : clip < 1    ? StrCat(", clipped to ", c.change_clip())
                              : std::string());
   return x;
 }
 
-absl::Status Node::AdvertiseKeys(const v1::Task& task, std::span<const double> input,
-                                 int64_t num_examples, const v1::TrainMetrics& metrics,
-                                 const std::atomic<bool>& stop) {
-  const v1::SecAggConfig& c = task.secagg_config();
+absl::Status Node::AdvertiseKeys(const v1::Task& task, const v1::SecAggConfig& c,
+                                 std::span<const double> input, int64_t num_examples,
+                                 const v1::TrainMetrics& metrics, const std::atomic<bool>& stop) {
   secure_.reset();
   ASSIGN_OR_RETURN(secagg::Encoded encoded, secagg::Encode(input, c));
   spdlog::info("round {}: secure aggregation: {} values quantised to {} of {} bits{}", task.round(),
@@ -427,8 +433,53 @@ absl::Status Node::SendSecAgg(int64_t round, v1::SecAggRequest request,
   return FromGrpc(s, StrCat("secure aggregation of round ", round));
 }
 
+absl::Status Node::SecureCorrection(const v1::Task& task, const std::atomic<bool>& stop) {
+  const v1::SecAggStep& step = task.secagg();
+  const v1::SecAggCorrection& correction = step.correction();
+  const v1::SecAggConfig& c = correction.config();
+  if (!trained_ || trained_->instance != step.instance()) {
+    v1::SecAggRequest decline;
+    decline.set_instance(c.instance());
+    decline.set_decline(
+        "this process holds no factors trained for the first sum (it restarted since); it takes "
+        "part again from the next round");
+    spdlog::warn("round {}: {}", task.round(), decline.decline());
+    return SendSecAgg(task.round(), std::move(decline), stop);
+  }
+  if (options_.before_secagg_step) options_.before_secagg_step("correction");
+  ASSIGN_OR_RETURN(const std::string bytes, DownloadBlob(correction.mean(), stop));
+  ASSIGN_OR_RETURN(const Adapter mean, common::DecodeAdapter(bytes, "the first sum's Ā, B̄"));
+  const Adapter& mine = trained_->adapter;
+  const Adapter& start = trained_->start;  // the round's, scaling 1
+  std::vector<double> x;
+  x.reserve(static_cast<size_t>(c.length()));
+  for (size_t i = 0; i < start.num_modules(); ++i) {
+    const std::string& name = start.module(i).name;
+    const std::optional<size_t> j = mine.FindModule(name), k = mean.FindModule(name);
+    if (!j || !k || mean.module(*k).rank != start.module(i).rank ||
+        mean.module(*k).in_features != start.module(i).in_features)
+      return absl::InvalidArgumentError(
+          StrCat("the first sum's Ā lacks module ", name, " of the round's shape"));
+    const common::MatrixD a_bar_t = mean.A(*k).cast<double>().transpose();
+    const common::MatrixD g = mine.module(*j).scaling * mine.B(*j).cast<double>() *
+                                  (mine.A(*j).cast<double>() * a_bar_t) -
+                              start.B(i).cast<double>() * (start.A(i).cast<double>() * a_bar_t);
+    x.insert(x.end(), g.data(), g.data() + g.size());
+  }
+  if (static_cast<int64_t>(x.size()) != c.length())
+    return absl::InvalidArgumentError(StrCat("lora-fair's correction asks for ", c.length(),
+                                             " values; this client's factors give ", x.size()));
+  const Trained trained = *std::move(trained_);
+  trained_.reset();
+  return AdvertiseKeys(trained.task, c,
+                       SecureInput(c, task.round(), "lora-fair's correction term", std::move(x),
+                                   trained.num_examples),
+                       trained.num_examples, trained.metrics, stop);
+}
+
 absl::Status Node::SecureStep(const v1::Task& task, const std::atomic<bool>& stop) {
   const v1::SecAggStep& step = task.secagg();
+  if (step.has_correction()) return SecureCorrection(task, stop);
   v1::SecAggRequest request;
   request.set_instance(step.instance());
   if (!secure_ || secure_->session.instance().config().instance() != step.instance()) {

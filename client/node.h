@@ -75,11 +75,17 @@ class Node {
   // coordinator relayed a forged key or showed two survivor sets) is PERMISSION_DENIED: the node
   // stops and reveals nothing.
   // `x` (a change, or a sketch step's answer) as the task's secure aggregation wants it.
-  std::vector<double> SecureInput(const v1::Task& task, std::vector<double> x,
+  // `x` (`what`: a change, a sketch step's answer, lora-fair's correction term) as `config` wants
+  // it: scaled to norm 1 or clipped, and weighted.
+  std::vector<double> SecureInput(const v1::SecAggConfig& config, int64_t round,
+                                  std::string_view what, std::vector<double> x,
                                   int64_t num_examples) const;
-  absl::Status AdvertiseKeys(const v1::Task& task, std::span<const double> input,
-                             int64_t num_examples, const v1::TrainMetrics& metrics,
-                             const std::atomic<bool>& stop);
+  // Quantises `input` and advertises the keys of `config`'s instance, the answer to `task`.
+  absl::Status AdvertiseKeys(const v1::Task& task, const v1::SecAggConfig& config,
+                             std::span<const double> input, int64_t num_examples,
+                             const v1::TrainMetrics& metrics, const std::atomic<bool>& stop);
+  // lora-fair's second secure sum (SecAggCorrection), from the factors this client trained.
+  absl::Status SecureCorrection(const v1::Task& task, const std::atomic<bool>& stop);
   absl::Status SecureStep(const v1::Task& task, const std::atomic<bool>& stop);
   absl::Status SendSecAgg(int64_t round, v1::SecAggRequest request, const std::atomic<bool>& stop);
   // Names this client's session on `context`, and the client itself when there is no certificate
@@ -101,6 +107,15 @@ class Node {
   std::string session_;  // of the latest join
   struct SecureTask;     // the secure aggregation this client takes part in
   std::unique_ptr<SecureTask> secure_;
+  // lora-fair: what the round's second secure sum needs, kept from the first's (its instance).
+  struct Trained {
+    std::string instance;
+    common::Adapter adapter, start;
+    v1::Task task;  // the training task: the second sum's upload answers it too
+    v1::TrainMetrics metrics;
+    int64_t num_examples = 0;
+  };
+  std::optional<Trained> trained_;
 };
 
 }  // namespace fedlora::client

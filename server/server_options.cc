@@ -139,11 +139,6 @@ absl::Status ServerOptions::ValidateSecureAggregation() const {
     return Invalid(
         "flora cannot run with secure aggregation: stacking needs each client's own "
         "factors, and the coordinator learns only their sum");
-  if (method == common::Method::kLoraFair)
-    return Invalid(
-        "lora-fair cannot run with secure aggregation yet: its correction needs a second "
-        "secure sum in the round (each client's B_k·A_k·Āᵀ once Ā is known); use fedit "
-        "or fed-sb");
   if (max_update_norm > 0)
     return Invalid("max_update_norm cannot be checked ", why, "; the clients clip to ",
                    client_dp() ? "dp_clip" : "secagg_clip", " instead");

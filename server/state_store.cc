@@ -161,6 +161,11 @@ void StateStore::DropPart(const std::string& name) {
   env_->RemoveAll(dir_ / "incoming" / name).IgnoreError();
 }
 
+void StateStore::DropBlob(const std::string& sha256) {
+  if (!common::IsSha256Hex(sha256) || (ledger_ && ledger_->HoldsBlob(sha256))) return;
+  env_->RemoveAll(dir_ / "blobs" / sha256).IgnoreError();
+}
+
 absl::Status StateStore::SaveLedger(const Ledger& ledger) {
   RETURN_IF_ERROR(
       common::WriteFileAtomically(dir_ / "ledger.json", ledger.ToJson().dump(2) + "\n", env_));

@@ -74,6 +74,8 @@ class StateStore {
   // is synced).
   absl::Status AdoptPart(const std::string& name, const std::string& sha256);
   void DropPart(const std::string& name);
+  // Deletes blob `sha256` unless the ledger names it (an accepted upload no version records).
+  void DropBlob(const std::string& sha256);
 
   // The clients operators removed, and why (removed.json, rewritten atomically at each removal):
   // a removal outlasts a restart even before the round it is recorded with commits.

@@ -1,5 +1,6 @@
 #include "common/aggregation/lora_fair.h"
 
+#include <algorithm>
 #include <cmath>
 #include <deque>
 
@@ -173,6 +174,21 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
   }
   // B' = B̄ + ΔB with ΔB rotated back, so an unmoved solver returns B̄ exactly.
   return finish(p.b_bar + (x - rot.x_bar) * v.transpose(), it, stationary(grad, x));
+}
+
+LoraFairSolution SolveLoraFairInRowSpace(MatrixD g, const MatrixD& a_bar, MatrixD b_bar,
+                                         const LoraFairOptions& options) {
+  LoraFairProblem problem;
+  problem.s = a_bar * a_bar.transpose();
+  const SymmetricEigen eig = EigenSymmetric(problem.s);
+  const Eigen::VectorXd& l = eig.values;
+  const double floor = static_cast<double>(l.size()) * 1e-12 * std::max(l.maxCoeff(), 0.0);
+  const MatrixD gv = g * eig.vectors;
+  for (Eigen::Index k = 0; k < l.size(); ++k)
+    if (l(k) > floor) problem.target_norm_sq += gv.col(k).squaredNorm() / l(k);
+  problem.g = std::move(g);
+  problem.b_bar = std::move(b_bar);
+  return SolveLoraFair(problem, options);
 }
 
 }  // namespace fedlora::common

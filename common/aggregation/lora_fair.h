@@ -51,6 +51,14 @@ double LoraFairObjective(const LoraFairProblem& problem, double lambda, const Ma
 
 LoraFairSolution SolveLoraFair(const LoraFairProblem& problem, const LoraFairOptions& options);
 
+// The correction when only G = ΔW*·Āᵀ is known — a sum over clients (a private or secure one),
+// where ‖ΔW*‖² is not: it is replaced by the norm of ΔW*'s part in Ā's row space,
+// ‖G (ĀĀᵀ)^{+½}‖_F² (eigenvalues of ĀĀᵀ below r·1e-12·its largest count as 0), which is all B'·Ā
+// can express and keeps the cosine ≤ 1. It equals ‖ΔW*‖² when every client's A_k lies in Ā's row
+// space; otherwise it is smaller, and λ weighs a little less against the cosine.
+LoraFairSolution SolveLoraFairInRowSpace(MatrixD g, const MatrixD& a_bar, MatrixD b_bar,
+                                         const LoraFairOptions& options);
+
 }  // namespace fedlora::common
 
 #endif  // FEDLORA_COMMON_AGGREGATION_LORA_FAIR_H_

@@ -107,18 +107,15 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
     double noise_multiplier, double expected_clients, GaussianNoise& noise,
     const LoraFairOptions& options) {
   const size_t modules = global.num_modules();
-  // Per module: Ā, B_0 A_0 Āᵀ, and S = ĀĀᵀ in its eigenbasis (‖Ā‖₂² is S's largest eigenvalue).
-  std::vector<MatrixD> a_bar(modules), base(modules), s(modules);
-  std::vector<SymmetricEigen> eig(modules);
-  double a_norm_sq = 0;
+  // Per module: Ā and B_0 A_0 Āᵀ; c_k's clip is S·max_i ‖Ā_i‖₂.
+  std::vector<MatrixD> a_bar(modules), base(modules);
+  double a_norm = 0;
   for (size_t i = 0; i < modules; ++i) {
     a_bar[i] = global.A(i).cast<double>();
     base[i] = start.B(i).cast<double>() * (start.A(i).cast<double>() * a_bar[i].transpose());
-    s[i] = a_bar[i] * a_bar[i].transpose();
-    eig[i] = EigenSymmetric(s[i]);
-    a_norm_sq = std::max(a_norm_sq, eig[i].values.maxCoeff());
+    a_norm = std::max(a_norm, SpectralNorm(a_bar[i]));
   }
-  const double clip_g = clip * std::sqrt(a_norm_sq);  // c_k's clip: S·max_i ‖Ā_i‖₂
+  const double clip_g = clip * a_norm;
   std::vector<MatrixD> sum(modules);
   for (size_t i = 0; i < modules; ++i) sum[i] = MatrixD::Zero(base[i].rows(), base[i].cols());
   std::vector<MatrixD> c(modules);
@@ -138,19 +135,8 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
   for (size_t i = 0; i < modules; ++i) {
     NoisyMean({sum[i].data(), static_cast<size_t>(sum[i].size())}, noise_multiplier * clip_g,
               expected_clients, noise);
-    LoraFairProblem problem;
-    problem.g = base[i] + sum[i];
-    problem.s = std::move(s[i]);
-    problem.b_bar = global.B(i).cast<double>();
-    // ‖Ĝ S^{+½}‖² = tr(Ĝ S⁺ Ĝᵀ), S⁺ from the eigendecomposition (eigenvalues below r·1e-12·max
-    // dropped).
-    const Eigen::VectorXd& l = eig[i].values;
-    const double floor = l.size() * 1e-12 * std::max(l.maxCoeff(), 0.0);
-    const MatrixD gv = problem.g * eig[i].vectors;
-    for (Eigen::Index k = 0; k < l.size(); ++k) {
-      if (l(k) > floor) problem.target_norm_sq += gv.col(k).squaredNorm() / l(k);
-    }
-    LoraFairSolution solution = SolveLoraFair(problem, options);
+    LoraFairSolution solution =
+        SolveLoraFairInRowSpace(base[i] + sum[i], a_bar[i], global.B(i).cast<double>(), options);
     global.B(i) = solution.b.cast<float>();
     solution.b.resize(0, 0);
     solutions.push_back(std::move(solution));

@@ -40,6 +40,7 @@ json SecAggRecord::ToJson() const {
             {"bits", bits},       {"values", values},         {"clip", clip},
             {"scale", scale}};
   if (noise_stddev) j["noise_stddev"] = *noise_stddev;
+  if (summed) j["summed"] = *summed;
   return j;
 }
 
@@ -52,7 +53,8 @@ absl::StatusOr<SecAggRecord> SecAggRecord::FromJson(JsonReader& in) {
       .Get("values", &s.values)
       .Get("clip", &s.clip)
       .Get("scale", &s.scale)
-      .Maybe("noise_stddev", &s.noise_stddev);
+      .Maybe("noise_stddev", &s.noise_stddev)
+      .Maybe("summed", &s.summed);
   return s;
 }
 
@@ -137,6 +139,7 @@ json RoundRecord::ToJson() const {
   if (lora_fair_objective) j["lora_fair_objective"] = *lora_fair_objective;
   if (fedit_objective) j["fedit_objective"] = *fedit_objective;
   if (secure_aggregation) j["secure_aggregation"] = secure_aggregation->ToJson();
+  if (secure_correction) j["secure_correction"] = secure_correction->ToJson();
   return j;
 }
 
@@ -163,7 +166,8 @@ absl::StatusOr<RoundRecord> RoundRecord::FromJson(JsonReader& in) {
       .Maybe("dp_epsilon", &r.dp_epsilon)
       .Maybe("lora_fair_objective", &r.lora_fair_objective)
       .Maybe("fedit_objective", &r.fedit_objective)
-      .Maybe("secure_aggregation", &r.secure_aggregation);
+      .Maybe("secure_aggregation", &r.secure_aggregation)
+      .Maybe("secure_correction", &r.secure_correction);
   ASSIGN_OR_RETURN(r.who, Participation::FromJson(in));
   if (!in.ok()) return r;
   if (absl::StatusOr<Method> m = ParseMethod(method); m.ok())

@@ -53,6 +53,7 @@ struct SecAggRecord {
   double clip = 0;                     // each client's change was clipped to this
   double scale = 0;                    // a value v was sent as round(v·scale)
   std::optional<double> noise_stddev;  // each client's noise (distributed DP), in value units
+  std::optional<int> summed;           // lora-fair's correction: the clients in its sum
 
   nlohmann::json ToJson() const;
   static absl::StatusOr<SecAggRecord> FromJson(JsonReader& in);
@@ -117,6 +118,7 @@ struct RoundRecord {
   PerClientValue dp_epsilon;     // DP-SGD clients: ε they report spent
   std::optional<double> lora_fair_objective, fedit_objective;  // lora-fair
   std::optional<SecAggRecord> secure_aggregation;
+  std::optional<SecAggRecord> secure_correction;  // lora-fair's second sum (over the first's)
 
   nlohmann::json ToJson() const;
   static absl::StatusOr<RoundRecord> FromJson(JsonReader& in);

@@ -4,6 +4,7 @@
 #include <Eigen/QR>
 #include <Eigen/SVD>
 #include <algorithm>
+#include <cmath>
 
 namespace fedlora::common {
 
@@ -26,6 +27,13 @@ Qr ThinQr(const Eigen::MatrixXd& a) {
 SymmetricEigen EigenSymmetric(const Eigen::MatrixXd& a) {
   Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(a);
   return {eig.eigenvalues(), eig.eigenvectors()};
+}
+
+double SpectralNorm(const MatrixD& a) {
+  if (a.size() == 0) return 0;
+  const MatrixD gram =
+      a.rows() <= a.cols() ? MatrixD(a * a.transpose()) : MatrixD(a.transpose() * a);
+  return std::sqrt(std::max(EigenSymmetric(gram).values.maxCoeff(), 0.0));
 }
 
 }  // namespace fedlora::common

@@ -32,6 +32,9 @@ struct SymmetricEigen {
 };
 SymmetricEigen EigenSymmetric(const Eigen::MatrixXd& a);
 
+// ‖a‖₂, the largest singular value, from the smaller of a·aᵀ and aᵀ·a.
+double SpectralNorm(const MatrixD& a);
+
 // ⟨a, b⟩_F = Σ a_ij·b_ij.
 inline double FrobeniusDot(const MatrixD& a, const MatrixD& b) {
   return (a.array() * b.array()).sum();

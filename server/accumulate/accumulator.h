@@ -61,6 +61,7 @@ struct RoundOutput {
   std::optional<common::ClientDpState> dp_state;               // the privacy state with it entered
   std::optional<double> lora_fair_objective, fedit_objective;  // lora-fair, over the modules
   std::optional<common::SecAggRecord> secure_aggregation;      // its instance, when secure
+  std::optional<common::SecAggRecord> secure_correction;       // lora-fair's second instance
 };
 
 class Accumulator {

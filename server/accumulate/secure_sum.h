@@ -48,6 +48,31 @@ class SecureSum final : public Accumulator {
   std::optional<Privacy> privacy_;
 };
 
+// LoRA-FAIR under secure aggregation: the round's first sum (a SecureSum) gives Ā and B̄; its
+// second, over the first's survivors, gives G = B_0 A_0 Āᵀ + Σ_k w_k (s_k B_k A_k − B_0 A_0) Āᵀ /
+// Σ_k w_k per module (the w_k and Σ w_k of the second's survivors, or the first's cohort under
+// DP). The correction is solved from G in Ā's row space (common::SolveLoraFairInRowSpace: ‖ΔW*‖
+// is no sum over clients) and replaces B̄ in the first sum's output.
+class SecureCorrection final : public Accumulator {
+ public:
+  // `round`: the second sum's, done when Aggregate is called; `first`: the first sum's output;
+  // `start`: the round's global state. `privacy` starts from `first`'s privacy state.
+  SecureCorrection(const SecureRound* round, RoundOutput first, common::Adapter start,
+                   double divisor, double lambda,
+                   std::optional<SecureSum::Privacy> privacy = std::nullopt);
+
+  absl::StatusOr<RoundOutput> Aggregate(const std::vector<AcceptedUpdate>& updates,
+                                        const UpdateSource& source) override;
+
+ private:
+  const SecureRound* round_;
+  RoundOutput first_;
+  common::Adapter start_;
+  double divisor_;
+  double lambda_;
+  std::optional<SecureSum::Privacy> privacy_;
+};
+
 }  // namespace fedlora::server
 
 #endif  // FEDLORA_SERVER_ACCUMULATE_SECURE_SUM_H_

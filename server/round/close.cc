@@ -49,6 +49,7 @@ common::RoundRecord RecordOf(const RoundFacts& facts, const RoundOutput& output,
   r.lora_fair_objective = output.lora_fair_objective;
   r.fedit_objective = output.fedit_objective;
   r.secure_aggregation = output.secure_aggregation;
+  r.secure_correction = output.secure_correction;
   return r;
 }
 

@@ -239,12 +239,25 @@ void RoundEngine::CollectReadyLocked(LongPolls::Ready* ready, bool all) {
 absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& client,
                                                            const v1::DownloadRequest& request) {
   absl::MutexLock lock(&mu_);
-  if (!store_.has_ledger() || !store_.ledger().HoldsBlob(request.sha256()))
+  const std::string* in_memory = lifecycle_->RoundBlob(request.sha256());
+  if (in_memory == nullptr &&
+      (!store_.has_ledger() || !store_.ledger().HoldsBlob(request.sha256())))
     return absl::NotFoundError(StrCat("no blob ", request.sha256(), " in this run's ledger"));
   const int64_t max_bytes = request.max_bytes() > 0
                                 ? std::min(request.max_bytes(), options_.chunk_bytes)
                                 : options_.chunk_bytes;
-  ASSIGN_OR_RETURN(auto chunk, store_.ReadBlob(request.sha256(), request.offset(), max_bytes));
+  std::pair<std::string, int64_t> chunk;
+  if (in_memory != nullptr) {
+    const auto size = static_cast<int64_t>(in_memory->size());
+    if (request.offset() < 0 || request.offset() > size)
+      return absl::OutOfRangeError(
+          StrCat("offset ", request.offset(), " is outside the blob's ", size, " bytes"));
+    chunk = {
+        in_memory->substr(static_cast<size_t>(request.offset()), static_cast<size_t>(max_bytes)),
+        size};
+  } else {
+    ASSIGN_OR_RETURN(chunk, store_.ReadBlob(request.sha256(), request.offset(), max_bytes));
+  }
   v1::DownloadResponse response;
   response.set_offset(request.offset());
   response.set_total_size(chunk.second);

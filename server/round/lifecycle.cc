@@ -8,6 +8,8 @@
 #include "common/base/status_macros.h"
 #include "common/base/strings.h"
 #include "common/net/wire.h"
+#include "common/tensor/linalg.h"
+#include "common/tensor/peft.h"
 #include "server/accumulate/every_factor.h"
 #include "server/accumulate/median_norm_bound.h"
 #include "server/accumulate/secure_sum.h"
@@ -260,11 +262,13 @@ absl::StatusOr<bool> Lifecycle::ChooseSecureParts(
     // The round must fit the budget even if only the threshold's clients survive to be summed.
     const double q = divisor / static_cast<double>(population);
     const ClientDpState& state = *store_.ledger().client_dp;
-    ASSIGN_OR_RETURN(const bool within,
-                     dp_->Within(state,
-                                 ClientDp::SecureEntry(round_, q, open_.secure->config(),
-                                                       open_.secure->graph().threshold),
-                                 RoundName()));
+    const common::PrivacyRound entry =
+        ClientDp::SecureEntry(round_, q, open_.secure->config(), open_.secure->graph().threshold);
+    // lora-fair's correction is a second release of the round, of fewer values (less rounding to
+    // account): the first's entry bounds it.
+    ClientDpState before = state;
+    if (options_.method == common::Method::kLoraFair) before.rounds.push_back(entry);
+    ASSIGN_OR_RETURN(const bool within, dp_->Within(before, entry, RoundName()));
     if (!within) return false;
     privacy = SecureSum::Privacy{dp_, state, round_, q};
   }
@@ -465,7 +469,7 @@ void Lifecycle::MaybeClose() {
 
 void Lifecycle::AdvanceSecure() {
   SecureRound& s = *open_.secure;
-  if (s.step() == SecureRound::Step::kKeys) {
+  if (s.step() == SecureRound::Step::kKeys && !open_.first) {
     // The members that trained and advertised their keys are the round's arrivals.
     size_t keyed = 0;
     for (const std::string& id : open_.cohort)
@@ -479,12 +483,79 @@ void Lifecycle::AdvanceSecure() {
   if (absl::Status st = s.Advance(uploads_.AcceptedUpdates(), store_); !st.ok())
     return RetryRound(StrCat(RoundName(), ": secure aggregation stopped after its ", ended,
                              " step: ", st.message()));
-  if (s.step() == SecureRound::Step::kDone) return Commit();
+  if (s.step() == SecureRound::Step::kDone)
+    return options_.method == common::Method::kLoraFair && !open_.first ? OpenCorrection()
+                                                                        : Commit();
   open_.step_started = env_->Now();
   size_t waiting = 0;
   for (const std::string& id : open_.cohort) waiting += SecureWaits(id);
   spdlog::info("{}: secure aggregation: {} step, {} clients", RoundName(), s.StepName(), waiting);
   if (EveryMemberAnswered()) AdvanceSecure();
+}
+
+void Lifecycle::OpenCorrection() {
+  const SecureRound& done = *open_.secure;
+  absl::Status opened = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(RoundOutput first,
+                     open_.accumulator->Aggregate(uploads_.AcceptedUpdates(), *open_.gate));
+    ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_.ledger(), store_, version(), *frozen_));
+    // Each client's G_k = (s_k B_k A_k − B_0 A_0)·Āᵀ per module: its change ΔW_k = s_k B_k A_k −
+    // B_0 A_0 (as the first sum's clip bounds it) times Āᵀ, so clipped at that clip·max ‖Ā_i‖₂.
+    size_t length = 0;
+    double a_norm = 0;
+    for (size_t i = 0; i < first.adapter.num_modules(); ++i) {
+      const common::LoraModule& m = first.adapter.module(i);
+      length += static_cast<size_t>(m.out_features * m.rank);
+      a_norm = std::max(a_norm, common::SpectralNorm(first.adapter.A(i).cast<double>()));
+    }
+    if (!(a_norm > 0)) return absl::FailedPreconditionError("the first sum's Ā is zero");
+    const bool dp = options_.client_dp();
+    SecureRound::Plan plan{.name = StrCat(RoundName(), "'s lora-fair correction"),
+                           .run_id = store_.ledger().run_id,
+                           .round = round_,
+                           .attempt = attempt_,
+                           .cohort = done.survivors(),
+                           .length = length,
+                           .change_clip = (dp ? options_.dp_clip : options_.secagg_clip) * a_norm,
+                           .weight_cap = done.config().weight_cap(),
+                           .noise_multiplier = dp ? options_.dp_noise_multiplier : 0};
+    ASSIGN_OR_RETURN(std::unique_ptr<SecureRound> second,
+                     SecureRound::Open(options_, std::move(plan), verifier_));
+    std::optional<SecureSum::Privacy> privacy;
+    if (dp)
+      privacy = SecureSum::Privacy{dp_, *first.dp_state, round_, first.client_dp->sample_rate};
+    open_.mean_blob = common::EncodeAdapter(first.adapter, common::AdapterParts::kAll);
+    open_.mean_ref.set_sha256(common::Sha256Hex(open_.mean_blob));
+    open_.mean_ref.set_size(static_cast<int64_t>(open_.mean_blob.size()));
+    open_.mean_ref.set_kind(v1::BLOB_KIND_ADAPTER);
+    open_.mean_ref.set_version(round_);
+    open_.accumulator =
+        std::make_unique<SecureCorrection>(second.get(), std::move(first), std::move(start),
+                                           dp ? static_cast<double>(open_.cohort.size()) : 0,
+                                           options_.lora_fair_lambda, std::move(privacy));
+    open_.gate = std::make_shared<const UpdateGate>(
+        &options_, &store_, store_.ledger().Shapes(options_.rank, false), frozen_, std::nullopt,
+        done.config().weight_cap(), second->masked_bytes());
+    open_.first_uploads.emplace(uploads_);
+    uploads_.Clear(round_);
+    open_.first = std::move(open_.secure);
+    open_.secure = std::move(second);
+    return absl::OkStatus();
+  }();
+  if (!opened.ok())
+    return RetryRound(
+        StrCat(RoundName(), ": lora-fair's correction cannot start: ", opened.message()));
+  open_.step_started = env_->Now();
+  spdlog::info("{}: secure aggregation: lora-fair's correction, keys step, {} clients", RoundName(),
+               open_.secure->config().cohort_size());
+}
+
+bool Lifecycle::InProtocol() const {
+  return open_.secure && (open_.first || open_.secure->step() != SecureRound::Step::kKeys);
+}
+
+const std::string* Lifecycle::RoundBlob(const std::string& sha256) const {
+  return open_.first && sha256 == open_.mean_ref.sha256() ? &open_.mean_blob : nullptr;
 }
 
 void Lifecycle::RetryRound(const std::string& why) {
@@ -568,7 +639,8 @@ void Lifecycle::Commit() {
   if (Initialising()) return CommitInitStep();
   const RoundFacts facts{round_, Who(), late_};
   const absl::StatusOr<common::RoundRecord> record =
-      CloseRound(facts, *open_.accumulator, *open_.gate, uploads_, store_);
+      CloseRound(facts, *open_.accumulator, *open_.gate,
+                 open_.first_uploads ? *open_.first_uploads : uploads_, store_);
   if (!record.ok()) return CommitFailed(record.status(), "updates");
   if (commit_retry_.pending())
     spdlog::info("round {}: committed after {} failed attempts", round_, commit_retry_.failures());
@@ -577,6 +649,8 @@ void Lifecycle::Commit() {
   // The round is done: everything below is in memory or derived from the ledger.
   for (const std::string& id : record->who.arrived)
     if (!record->norm_outliers.contains(id)) clients_.Find(id)->rounds_contributed++;
+  if (open_.first_uploads)  // lora-fair's second masked inputs: summed, and recorded nowhere
+    for (const AcceptedUpdate& u : uploads_.AcceptedUpdates()) store_.DropBlob(u.sha256);
   uploads_.Clear(round_);
   late_.clear();
   removed_.clear();
@@ -626,7 +700,7 @@ void Lifecycle::Tick() {
   if (failure_.ok() && closing()) {
     if (commit_retry_.Due(now)) Commit();
   } else if (failure_.ok() && phase_ == Phase::kTraining) {
-    const bool deadline = open_.secure && open_.secure->step() != SecureRound::Step::kKeys
+    const bool deadline = InProtocol()
                               ? now - open_.step_started >= Seconds(options_.secagg_step_timeout_s)
                               : now - open_.started >= Seconds(options_.round_deadline_s);
     // Every member that has not answered is silent past the timeout: waiting cannot help.
@@ -693,8 +767,15 @@ v1::Task Lifecycle::TaskFor(const std::string& client, int64_t have_version) con
                       : StrCat("answer to ", RoundName(), " accepted; waiting for it to close"));
     return task;
   }
-  if (open_.secure && open_.secure->step() != SecureRound::Step::kKeys) {
+  if (InProtocol()) {
     std::optional<v1::SecAggStep> step = open_.secure->StepFor(client);
+    if (open_.first && open_.secure->step() == SecureRound::Step::kKeys &&
+        open_.secure->Waits(client)) {  // lora-fair's correction: from the first sum's survivors
+      step.emplace();
+      step->set_instance(open_.first->config().instance());
+      *step->mutable_correction()->mutable_config() = open_.secure->config();
+      *step->mutable_correction()->mutable_mean() = open_.mean_ref;
+    }
     task.set_kind(step ? v1::Task::SECAGG : v1::Task::WAIT);
     if (step) *task.mutable_secagg() = *std::move(step);
     return task;
@@ -736,8 +817,9 @@ void Lifecycle::FillStatus(v1::StatusResponse& s) const {
               : phase_ == Phase::kDone ? "done"
               : closing()              ? "closing (retrying the commit)"
               : phase_ == Phase::kTraining
-                  ? (open_.secure && open_.secure->step() != SecureRound::Step::kKeys
-                         ? StrCat("secure aggregation: ", open_.secure->StepName())
+                  ? (InProtocol()
+                         ? StrCat("secure aggregation: ", open_.first ? "correction's " : "",
+                                  open_.secure->StepName())
                      : Initialising() ? RoundName()
                                       : "training")
                   : "waiting for clients");

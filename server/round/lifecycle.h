@@ -97,6 +97,9 @@ class Lifecycle {
   RoundView View() const;
   // The gate of the round open (null when none is).
   std::shared_ptr<const UpdateGate> gate() const { return open_.gate; }
+  // The blob `sha256` the open round serves besides the ledger's (lora-fair's Ā, B̄ under secure
+  // aggregation), or null.
+  const std::string* RoundBlob(const std::string& sha256) const;
   // The rank `client` trains: --client-ranks', else the run's.
   int RankOf(const std::string& client) const;
   // "round N", or "fed-sb initialisation step s of S (product)" during round 0.
@@ -123,7 +126,13 @@ class Lifecycle {
     std::map<std::string, std::string> declined;  // client → reason
     std::shared_ptr<const UpdateGate> gate;
     std::unique_ptr<SecureRound> secure;  // under secure aggregation (outlives the accumulator)
-    TimePoint step_started;               // of the secure round's open step
+    // lora-fair under secure aggregation, once its second sum is open: the first sum's instance
+    // and accepted masked inputs (what the round records), and Ā, B̄ for the clients to download.
+    std::unique_ptr<SecureRound> first;
+    std::optional<Uploads> first_uploads;
+    std::string mean_blob;
+    v1::BlobRef mean_ref;
+    TimePoint step_started;  // of the secure round's open step
     std::unique_ptr<Accumulator> accumulator;
     bool InCohort(const std::string& client) const;
   };
@@ -151,6 +160,11 @@ class Lifecycle {
   // The secure round's open step is over: the next one opens, or the round commits, or it is
   // retried when the protocol cannot finish.
   void AdvanceSecure();
+  // lora-fair's first secure sum is done: its second opens over the survivors (or the round is
+  // retried).
+  void OpenCorrection();
+  // Whether the open secure round is past its clients' training: a protocol step is open.
+  bool InProtocol() const;
   // Forgets `client`'s upload of the open round (not once a secure round has summed it).
   void DropUpload(const std::string& client);
   // Under secure aggregation: whether the open step still waits for `client`.

@@ -5,7 +5,8 @@
 //   --testing-pause-mid-upload F  before that chunk, create the file --testing-pause-file and wait
 //                                 until the test removes it (the coordinator is then mid-upload);
 //   --testing-die-at-secagg STEP  under secure aggregation, SIGKILL itself before taking STEP
-//                                 (keys, shares, input, consent, reveal);
+//                                 (keys, shares, input, consent, reveal; correction: lora-fair's
+//                                 second sum);
 //   --testing-pause-at-secagg STEP  before taking STEP the first time, create --testing-pause-file
 //                                 and wait until the test removes it;
 // and, as a hostile client would, changes each trained update before it is sent:

@@ -174,5 +174,31 @@ TEST(LoraFairTest, DegenerateProblemsKeepFedIt) {
   }
 }
 
+// The row-space variant (for sums that cannot give ‖ΔW*‖): when every client's A_k is Ā — so ΔW*
+// lies in Ā's row space — it solves the exact problem; when the A_k differ, it solves the dense
+// problem whose target is ΔW* projected on Ā's row space (ΔW*·Āᵀ(ĀĀᵀ)⁻¹Ā, formed densely here).
+TEST(LoraFairTest, RowSpaceVariantSolvesTheProjectedTarget) {
+  Dense same = MakeProblem(12, 10, 3, 4, 0.01, 7);
+  std::mt19937_64 rng(8);
+  same.target = (same.b_bar + Random(12, 3, rng, 0.1)) * same.a_bar;  // Σ p_k B_k Ā
+  const LoraFairOptions options{.lambda = 0.01, .tolerance = 1e-12};
+  const LoraFairSolution exact = SolveLoraFair(same.LowRank(), options);
+  const LoraFairSolution rows = SolveLoraFairInRowSpace(same.target * same.a_bar.transpose(),
+                                                        same.a_bar, same.b_bar, options);
+  EXPECT_LT((rows.b - exact.b).norm(), 1e-8 * exact.b.norm());
+  EXPECT_NEAR(rows.objective, same.Objective(rows.b), 1e-12);
+
+  Dense d = MakeProblem(12, 10, 3, 4, 0.01, 9);
+  Dense projected = d;
+  const MatrixD p =
+      d.a_bar.transpose() * (d.a_bar * d.a_bar.transpose()).inverse() * d.a_bar;  // n×n projector
+  projected.target = d.target * p;
+  ASSERT_LT(projected.target.norm(), 0.99 * d.target.norm());  // the A_k do differ
+  const LoraFairSolution r =
+      SolveLoraFairInRowSpace(d.target * d.a_bar.transpose(), d.a_bar, d.b_bar, options);
+  EXPECT_NEAR(r.objective, projected.Objective(r.b), 1e-10);
+  EXPECT_LT(projected.Gradient(r.b).norm(), 1e-7);
+}
+
 }  // namespace
 }  // namespace fedlora::common
