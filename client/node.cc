@@ -3,11 +3,13 @@
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
 #include <random>
 #include <thread>
 
 #include "client/upload.h"
+#include "common/aggregation/lora_fair.h"
 #include "common/aggregation/sketch.h"
 #include "common/base/file_util.h"
 #include "common/base/status_macros.h"
@@ -437,44 +439,56 @@ absl::Status Node::SecureCorrection(const v1::Task& task, const std::atomic<bool
   const v1::SecAggStep& step = task.secagg();
   const v1::SecAggCorrection& correction = step.correction();
   const v1::SecAggConfig& c = correction.config();
-  if (!trained_ || trained_->instance != step.instance()) {
+  // What this client puts in, or why it cannot: then it declines the second sum (its input is in
+  // the first) and takes part again from the next round.
+  const absl::StatusOr<std::vector<double>> input = [&]() -> absl::StatusOr<std::vector<double>> {
+    if (!trained_ || trained_->instance != step.instance())
+      return absl::FailedPreconditionError(
+          "this process holds no factors trained for the first sum (it restarted since)");
+    // Only after the first sum, and only among its survivors as this client signed them.
+    if (!trained_->revealed)
+      return absl::FailedPreconditionError("the first sum was not unmasked with this client yet");
+    for (const std::string& id : c.cohort())
+      if (std::find(trained_->survivors.begin(), trained_->survivors.end(), id) ==
+          trained_->survivors.end())
+        return absl::FailedPreconditionError(
+            StrCat(id, " is in the second sum's cohort but did not survive the first"));
+    if (options_.before_secagg_step) options_.before_secagg_step("correction");
+    ASSIGN_OR_RETURN(const std::string bytes, DownloadBlob(correction.mean(), stop));
+    ASSIGN_OR_RETURN(const Adapter mean, common::DecodeAdapter(bytes, "the first sum's Ā"));
+    const Adapter& mine = trained_->adapter;
+    const Adapter& start = trained_->start;  // the round's, scaling 1
+    std::vector<double> x;
+    for (size_t i = 0; i < start.num_modules(); ++i) {
+      const common::LoraModule& want = start.module(i);
+      const std::optional<size_t> j = mine.FindModule(want.name), k = mean.FindModule(want.name);
+      if (!j || !k || mean.module(*k).rank != want.rank ||
+          mean.module(*k).in_features != want.in_features)
+        return absl::InvalidArgumentError(
+            StrCat("the first sum's Ā lacks module ", want.name, " of the round's shape"));
+      const common::MatrixD a_bar = mean.A(*k).cast<double>();
+      const common::MatrixD g =
+          common::ProjectedProduct(mine, *j, a_bar) - common::ProjectedProduct(start, i, a_bar);
+      x.insert(x.end(), g.data(), g.data() + g.size());
+    }
+    if (static_cast<int64_t>(x.size()) != c.length())
+      return absl::InvalidArgumentError(StrCat("the second sum asks for ", c.length(),
+                                               " values; this client's factors give ", x.size()));
+    return SecureInput(c, task.round(), "lora-fair's correction term", std::move(x),
+                       trained_->num_examples);
+  }();
+  if (!input.ok()) {
+    if (absl::IsCancelled(input.status())) return input.status();
     v1::SecAggRequest decline;
     decline.set_instance(c.instance());
-    decline.set_decline(
-        "this process holds no factors trained for the first sum (it restarted since); it takes "
-        "part again from the next round");
-    spdlog::warn("round {}: {}", task.round(), decline.decline());
+    decline.set_decline(StrCat("lora-fair's second sum: ", input.status().message()));
+    spdlog::warn("round {}: {}; declining it", task.round(), decline.decline());
     return SendSecAgg(task.round(), std::move(decline), stop);
   }
-  if (options_.before_secagg_step) options_.before_secagg_step("correction");
-  ASSIGN_OR_RETURN(const std::string bytes, DownloadBlob(correction.mean(), stop));
-  ASSIGN_OR_RETURN(const Adapter mean, common::DecodeAdapter(bytes, "the first sum's Ā, B̄"));
-  const Adapter& mine = trained_->adapter;
-  const Adapter& start = trained_->start;  // the round's, scaling 1
-  std::vector<double> x;
-  x.reserve(static_cast<size_t>(c.length()));
-  for (size_t i = 0; i < start.num_modules(); ++i) {
-    const std::string& name = start.module(i).name;
-    const std::optional<size_t> j = mine.FindModule(name), k = mean.FindModule(name);
-    if (!j || !k || mean.module(*k).rank != start.module(i).rank ||
-        mean.module(*k).in_features != start.module(i).in_features)
-      return absl::InvalidArgumentError(
-          StrCat("the first sum's Ā lacks module ", name, " of the round's shape"));
-    const common::MatrixD a_bar_t = mean.A(*k).cast<double>().transpose();
-    const common::MatrixD g = mine.module(*j).scaling * mine.B(*j).cast<double>() *
-                                  (mine.A(*j).cast<double>() * a_bar_t) -
-                              start.B(i).cast<double>() * (start.A(i).cast<double>() * a_bar_t);
-    x.insert(x.end(), g.data(), g.data() + g.size());
-  }
-  if (static_cast<int64_t>(x.size()) != c.length())
-    return absl::InvalidArgumentError(StrCat("lora-fair's correction asks for ", c.length(),
-                                             " values; this client's factors give ", x.size()));
-  const Trained trained = *std::move(trained_);
+  RETURN_IF_ERROR(
+      AdvertiseKeys(trained_->task, c, *input, trained_->num_examples, trained_->metrics, stop));
   trained_.reset();
-  return AdvertiseKeys(trained.task, c,
-                       SecureInput(c, task.round(), "lora-fair's correction term", std::move(x),
-                                   trained.num_examples),
-                       trained.num_examples, trained.metrics, stop);
+  return absl::OkStatus();
 }
 
 absl::Status Node::SecureStep(const v1::Task& task, const std::atomic<bool>& stop) {
@@ -507,12 +521,16 @@ absl::Status Node::SecureStep(const v1::Task& task, const std::atomic<bool>& sto
       }
       case v1::SecAggStep::kSurvivors: {
         ASSIGN_OR_RETURN(*request.mutable_consent(), session.Consent(step.survivors()));
+        if (trained_ && trained_->instance == step.instance())
+          trained_->survivors.assign(step.survivors().clients().begin(),
+                                     step.survivors().clients().end());
         return SendSecAgg(task.round(), std::move(request), stop);
       }
       case v1::SecAggStep::kConsents: {
         ASSIGN_OR_RETURN(*request.mutable_reveal(), session.Unmask(step.consents()));
         RETURN_IF_ERROR(SendSecAgg(task.round(), std::move(request), stop));
         spdlog::info("round {}: secure aggregation: shares revealed for the sum", task.round());
+        if (trained_ && trained_->instance == step.instance()) trained_->revealed = true;
         secure_.reset();
         return absl::OkStatus();
       }

@@ -114,6 +114,8 @@ class Node {
     v1::Task task;  // the training task: the second sum's upload answers it too
     v1::TrainMetrics metrics;
     int64_t num_examples = 0;
+    std::vector<std::string> survivors;  // of the first sum, as this client signed them
+    bool revealed = false;               // the first sum was unmasked with this client's shares
   };
   std::optional<Trained> trained_;
 };

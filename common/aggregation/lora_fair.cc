@@ -176,6 +176,11 @@ LoraFairSolution SolveLoraFair(const LoraFairProblem& p, const LoraFairOptions& 
   return finish(p.b_bar + (x - rot.x_bar) * v.transpose(), it, stationary(grad, x));
 }
 
+MatrixD ProjectedProduct(const Adapter& adapter, size_t i, const MatrixD& a_bar) {
+  return adapter.module(i).scaling * adapter.B(i).cast<double>() *
+         (adapter.A(i).cast<double>() * a_bar.transpose());
+}
+
 LoraFairSolution SolveLoraFairInRowSpace(MatrixD g, const MatrixD& a_bar, MatrixD b_bar,
                                          const LoraFairOptions& options) {
   LoraFairProblem problem;

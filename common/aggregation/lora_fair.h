@@ -14,6 +14,7 @@
 #ifndef FEDLORA_COMMON_AGGREGATION_LORA_FAIR_H_
 #define FEDLORA_COMMON_AGGREGATION_LORA_FAIR_H_
 
+#include "common/tensor/adapter.h"
 #include "common/tensor/eigen_types.h"
 
 namespace fedlora::common {
@@ -50,6 +51,10 @@ double LoraFairObjective(const LoraFairProblem& problem, double lambda, const Ma
                          MatrixD* gradient);
 
 LoraFairSolution SolveLoraFair(const LoraFairProblem& problem, const LoraFairOptions& options);
+
+// s·B·(A·Āᵀ) for `adapter`'s module i (m×r; s·B·R·A for LoRA-SB is not asked): one client's term
+// of G, or the round start's.
+MatrixD ProjectedProduct(const Adapter& adapter, size_t i, const MatrixD& a_bar);
 
 // The correction when only G = ΔW*·Āᵀ is known — a sum over clients (a private or secure one),
 // where ‖ΔW*‖² is not: it is replaced by the norm of ΔW*'s part in Ā's row space,

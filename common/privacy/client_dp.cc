@@ -112,7 +112,7 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
   double a_norm = 0;
   for (size_t i = 0; i < modules; ++i) {
     a_bar[i] = global.A(i).cast<double>();
-    base[i] = start.B(i).cast<double>() * (start.A(i).cast<double>() * a_bar[i].transpose());
+    base[i] = ProjectedProduct(start, i, a_bar[i]);
     a_norm = std::max(a_norm, SpectralNorm(a_bar[i]));
   }
   const double clip_g = clip * a_norm;
@@ -123,9 +123,7 @@ absl::StatusOr<std::vector<LoraFairSolution>> PrivateLoraFairCorrection(
     double norm_sq = 0;
     for (size_t i = 0; i < modules; ++i) {
       ASSIGN_OR_RETURN(const size_t j, Matching(u, start, i));
-      c[i] = u.module(j).scaling * u.B(j).cast<double>() *
-                 (u.A(j).cast<double>() * a_bar[i].transpose()) -
-             base[i];
+      c[i] = ProjectedProduct(u, j, a_bar[i]) - base[i];
       norm_sq += c[i].squaredNorm();
     }
     const double factor = ClipFactor(std::sqrt(norm_sq), clip_g);

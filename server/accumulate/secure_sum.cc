@@ -35,7 +35,7 @@ absl::StatusOr<double> DivisorOf(const SecureRound& round, double divisor,
   return d;
 }
 
-common::SecAggRecord RecordOf(const v1::SecAggConfig& c) {
+common::SecAggRecord SecAggRecordOf(const v1::SecAggConfig& c) {
   common::SecAggRecord r;
   r.clients = c.cohort_size();
   r.neighbours = c.neighbours();
@@ -80,7 +80,7 @@ absl::StatusOr<RoundOutput> SecureSum::Aggregate(const std::vector<AcceptedUpdat
   ASSIGN_OR_RETURN(const double divisor, DivisorOf(*round_, divisor_, updates));
   RoundOutput out;
   out.aggregated = round_->survivors();
-  out.secure_aggregation = RecordOf(round_->config());
+  out.secure_aggregation = SecAggRecordOf(round_->config());
   if (privacy_) RETURN_IF_ERROR(Spend(*privacy_, *round_, divisor, out));
   size_t k = 0;
   if (sketch_) {
@@ -98,31 +98,32 @@ absl::StatusOr<RoundOutput> SecureSum::Aggregate(const std::vector<AcceptedUpdat
   return out;
 }
 
-SecureCorrection::SecureCorrection(const SecureRound* round, RoundOutput first,
-                                   common::Adapter start, double divisor, double lambda,
-                                   std::optional<SecureSum::Privacy> privacy)
+SecureCorrection::SecureCorrection(const SecureRound* round, const Uploads* second,
+                                   RoundOutput first, common::Adapter start, double divisor,
+                                   double lambda, std::optional<SecureSum::Privacy> privacy)
     : round_(round),
+      second_(second),
       first_(std::move(first)),
       start_(std::move(start)),
       divisor_(divisor),
       lambda_(lambda),
       privacy_(std::move(privacy)) {}
 
-absl::StatusOr<RoundOutput> SecureCorrection::Aggregate(const std::vector<AcceptedUpdate>& updates,
+absl::StatusOr<RoundOutput> SecureCorrection::Aggregate(const std::vector<AcceptedUpdate>&,
                                                         const UpdateSource&) {
+  if (round_->step() != SecureRound::Step::kDone) return first_;
   ASSIGN_OR_RETURN(const std::vector<double>* sum,
                    SumOf(*round_, static_cast<size_t>(round_->config().length())));
-  ASSIGN_OR_RETURN(const double divisor, DivisorOf(*round_, divisor_, updates));
+  ASSIGN_OR_RETURN(const double divisor, DivisorOf(*round_, divisor_, second_->AcceptedUpdates()));
   RoundOutput out = first_;
-  common::SecAggRecord& record = out.secure_correction.emplace(RecordOf(round_->config()));
+  common::SecAggRecord& record = out.secure_correction.emplace(SecAggRecordOf(round_->config()));
   record.summed = static_cast<int>(round_->survivors().size());
   if (privacy_) RETURN_IF_ERROR(Spend(*privacy_, *round_, divisor, out));
   std::vector<common::ModuleReport> modules;
   size_t k = 0;
   for (size_t i = 0; i < out.adapter.num_modules(); ++i) {
     const common::MatrixD a_bar = out.adapter.A(i).cast<double>();
-    common::MatrixD g =
-        start_.B(i).cast<double>() * (start_.A(i).cast<double>() * a_bar.transpose());
+    common::MatrixD g = common::ProjectedProduct(start_, i, a_bar);
     for (Eigen::Index j = 0; j < g.size(); ++j) g.data()[j] += (*sum)[k++] / divisor;
     common::LoraFairSolution solution = common::SolveLoraFairInRowSpace(
         std::move(g), a_bar, out.adapter.B(i).cast<double>(), {.lambda = lambda_});

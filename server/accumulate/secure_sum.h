@@ -14,6 +14,7 @@
 #include "common/tensor/adapter.h"
 #include "common/tensor/blob.h"
 #include "server/accumulate/accumulator.h"
+#include "server/intake/uploads.h"
 
 namespace fedlora::server {
 
@@ -52,20 +53,26 @@ class SecureSum final : public Accumulator {
 // second, over the first's survivors, gives G = B_0 A_0 Āᵀ + Σ_k w_k (s_k B_k A_k − B_0 A_0) Āᵀ /
 // Σ_k w_k per module (the w_k and Σ w_k of the second's survivors, or the first's cohort under
 // DP). The correction is solved from G in Ā's row space (common::SolveLoraFairInRowSpace: ‖ΔW*‖
-// is no sum over clients) and replaces B̄ in the first sum's output.
+// is no sum over clients) and replaces B̄ in the first sum's output. When the second sum did not
+// finish, the first's output is the round's, uncorrected: FedIT's aggregate (the round is never
+// retrained once its first sum is out: a second sum of the same updates over another cohort
+// would reveal their difference).
 class SecureCorrection final : public Accumulator {
  public:
-  // `round`: the second sum's, done when Aggregate is called; `first`: the first sum's output;
-  // `start`: the round's global state. `privacy` starts from `first`'s privacy state.
-  SecureCorrection(const SecureRound* round, RoundOutput first, common::Adapter start,
-                   double divisor, double lambda,
+  // `round`: the second sum's; `second`: its accepted masked inputs (whose weights divide G);
+  // `first`: the first sum's output; `start`: the round's global state. `privacy` starts from
+  // `first`'s privacy state.
+  SecureCorrection(const SecureRound* round, const Uploads* second, RoundOutput first,
+                   common::Adapter start, double divisor, double lambda,
                    std::optional<SecureSum::Privacy> privacy = std::nullopt);
 
+  // `updates` are the first sum's (what the round records); G's weights are `second`'s.
   absl::StatusOr<RoundOutput> Aggregate(const std::vector<AcceptedUpdate>& updates,
                                         const UpdateSource& source) override;
 
  private:
   const SecureRound* round_;
+  const Uploads* second_;
   RoundOutput first_;
   common::Adapter start_;
   double divisor_;

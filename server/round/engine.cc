@@ -239,7 +239,7 @@ void RoundEngine::CollectReadyLocked(LongPolls::Ready* ready, bool all) {
 absl::StatusOr<v1::DownloadResponse> RoundEngine::Download(const std::string& client,
                                                            const v1::DownloadRequest& request) {
   absl::MutexLock lock(&mu_);
-  const std::string* in_memory = lifecycle_->RoundBlob(request.sha256());
+  const std::string* in_memory = lifecycle_->RoundBlob(client, request.sha256());
   if (in_memory == nullptr &&
       (!store_.has_ledger() || !store_.ledger().HoldsBlob(request.sha256())))
     return absl::NotFoundError(StrCat("no blob ", request.sha256(), " in this run's ledger"));

@@ -403,6 +403,13 @@ absl::Status Lifecycle::SecAgg(const std::string& client, const std::string& cer
                    RoundName(), phase_ == Phase::kTraining ? " is open)" : " is not open)")),
         v1::ErrorDetail::STALE_TASK);
   }
+  if (open_.first && open_.first->Took(client, request))
+    return absl::OkStatus();  // a retry of the first sum's last message, after it closed
+  if (request.instance() != open_.secure->config().instance())
+    return WithReason(absl::FailedPreconditionError(StrCat(
+                          RoundName(), "'s open secure aggregation is ",
+                          open_.secure->config().instance(), "; ", client, " answered another")),
+                      v1::ErrorDetail::STALE_TASK);
   if (request.step_case() == v1::SecAggRequest::kDecline) {
     const std::string why = request.decline().substr(0, 1024);
     spdlog::warn("{}: {} declines its secure aggregation: {}", RoundName(), client, why);
@@ -480,9 +487,14 @@ void Lifecycle::AdvanceSecure() {
                                " members trained and advertised keys, quorum is ", quorum));
   }
   const std::string_view ended = s.StepName();
-  if (absl::Status st = s.Advance(uploads_.AcceptedUpdates(), store_); !st.ok())
-    return RetryRound(StrCat(RoundName(), ": secure aggregation stopped after its ", ended,
-                             " step: ", st.message()));
+  if (absl::Status st = s.Advance(uploads_.AcceptedUpdates(), store_); !st.ok()) {
+    const std::string why =
+        StrCat(RoundName(), ": secure aggregation", open_.first ? "'s correction" : "",
+               " stopped after its ", ended, " step: ", st.message());
+    if (!open_.first) return RetryRound(why);
+    spdlog::warn("{}; the round commits Ā, B̄ uncorrected", why);
+    return Commit();
+  }
   if (s.step() == SecureRound::Step::kDone)
     return options_.method == common::Method::kLoraFair && !open_.first ? OpenCorrection()
                                                                         : Commit();
@@ -494,57 +506,78 @@ void Lifecycle::AdvanceSecure() {
 }
 
 void Lifecycle::OpenCorrection() {
-  const SecureRound& done = *open_.secure;
-  absl::Status opened = [&]() -> absl::Status {
-    ASSIGN_OR_RETURN(RoundOutput first,
-                     open_.accumulator->Aggregate(uploads_.AcceptedUpdates(), *open_.gate));
-    ASSIGN_OR_RETURN(Adapter start, AdapterAt(store_.ledger(), store_, version(), *frozen_));
-    // Each client's G_k = (s_k B_k A_k − B_0 A_0)·Āᵀ per module: its change ΔW_k = s_k B_k A_k −
-    // B_0 A_0 (as the first sum's clip bounds it) times Āᵀ, so clipped at that clip·max ‖Ā_i‖₂.
+  // Ā and B̄, the first sum's output: the round's if the second sum cannot run or finish. (It is
+  // never retrained: a second sum of the same updates over another cohort would reveal their
+  // difference.)
+  absl::StatusOr<RoundOutput> first =
+      open_.accumulator->Aggregate(uploads_.AcceptedUpdates(), *open_.gate);
+  if (!first.ok()) return Commit();  // which fails the same way, and is retried as a commit is
+  open_.first_uploads.emplace(uploads_);
+  uploads_.Clear(round_);
+  open_.first = std::move(open_.secure);
+  const SecureRound& done = *open_.first;
+  const bool dp = options_.client_dp();
+  std::unique_ptr<SecureRound> second;
+  Adapter start;
+  std::optional<SecureSum::Privacy> privacy;
+  const absl::Status opened = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(start, AdapterAt(store_.ledger(), store_, version(), *frozen_));
+    // Each client's (s_k B_k A_k − B_0 A_0)·Āᵀ, clipped (flat over the modules) at the first
+    // sum's clip times max_i ‖Ā_i‖₂, as central DP's correction clips it.
     size_t length = 0;
     double a_norm = 0;
-    for (size_t i = 0; i < first.adapter.num_modules(); ++i) {
-      const common::LoraModule& m = first.adapter.module(i);
+    for (size_t i = 0; i < first->adapter.num_modules(); ++i) {
+      const common::LoraModule& m = first->adapter.module(i);
       length += static_cast<size_t>(m.out_features * m.rank);
-      a_norm = std::max(a_norm, common::SpectralNorm(first.adapter.A(i).cast<double>()));
+      a_norm = std::max(a_norm, common::SpectralNorm(first->adapter.A(i).cast<double>()));
     }
     if (!(a_norm > 0)) return absl::FailedPreconditionError("the first sum's Ā is zero");
-    const bool dp = options_.client_dp();
+    std::vector<std::string> cohort;  // the survivors that have not left the round since
+    for (const std::string& id : done.survivors())
+      if (!open_.declined.contains(id)) cohort.push_back(id);
     SecureRound::Plan plan{.name = StrCat(RoundName(), "'s lora-fair correction"),
                            .run_id = store_.ledger().run_id,
                            .round = round_,
                            .attempt = attempt_,
-                           .cohort = done.survivors(),
+                           .cohort = std::move(cohort),
                            .length = length,
-                           .change_clip = (dp ? options_.dp_clip : options_.secagg_clip) * a_norm,
+                           .change_clip = done.config().change_clip() * a_norm,
                            .weight_cap = done.config().weight_cap(),
                            .noise_multiplier = dp ? options_.dp_noise_multiplier : 0};
-    ASSIGN_OR_RETURN(std::unique_ptr<SecureRound> second,
-                     SecureRound::Open(options_, std::move(plan), verifier_));
-    std::optional<SecureSum::Privacy> privacy;
-    if (dp)
-      privacy = SecureSum::Privacy{dp_, *first.dp_state, round_, first.client_dp->sample_rate};
-    open_.mean_blob = common::EncodeAdapter(first.adapter, common::AdapterParts::kAll);
+    ASSIGN_OR_RETURN(second, SecureRound::Open(options_, std::move(plan), verifier_));
+    if (dp) {  // both releases must fit, even if only the threshold's clients survive this one
+      privacy = SecureSum::Privacy{dp_, *first->dp_state, round_, first->client_dp->sample_rate};
+      const common::PrivacyRound entry =
+          ClientDp::SecureEntry(round_, privacy->q, second->config(), second->graph().threshold);
+      ASSIGN_OR_RETURN(const bool within, dp_->Within(privacy->state, entry, RoundName()));
+      if (!within) return absl::FailedPreconditionError("the privacy budget does not cover it");
+    }
+    return absl::OkStatus();
+  }();
+  if (opened.ok()) {  // Ā for the clients (B̄ they do not need), from memory (RoundBlob)
+    Adapter a_bar = first->adapter;
+    for (size_t i = 0; i < a_bar.num_modules(); ++i) a_bar.B(i).setZero();
+    open_.mean_blob = common::EncodeAdapter(a_bar, common::AdapterParts::kAll);
     open_.mean_ref.set_sha256(common::Sha256Hex(open_.mean_blob));
     open_.mean_ref.set_size(static_cast<int64_t>(open_.mean_blob.size()));
     open_.mean_ref.set_kind(v1::BLOB_KIND_ADAPTER);
     open_.mean_ref.set_version(round_);
-    open_.accumulator =
-        std::make_unique<SecureCorrection>(second.get(), std::move(first), std::move(start),
-                                           dp ? static_cast<double>(open_.cohort.size()) : 0,
-                                           options_.lora_fair_lambda, std::move(privacy));
-    open_.gate = std::make_shared<const UpdateGate>(
-        &options_, &store_, store_.ledger().Shapes(options_.rank, false), frozen_, std::nullopt,
-        done.config().weight_cap(), second->masked_bytes());
-    open_.first_uploads.emplace(uploads_);
-    uploads_.Clear(round_);
-    open_.first = std::move(open_.secure);
-    open_.secure = std::move(second);
-    return absl::OkStatus();
-  }();
-  if (!opened.ok())
-    return RetryRound(
-        StrCat(RoundName(), ": lora-fair's correction cannot start: ", opened.message()));
+  } else {
+    second.reset();
+  }
+  open_.accumulator = std::make_unique<SecureCorrection>(
+      second.get(), &uploads_, *std::move(first), std::move(start),
+      dp ? static_cast<double>(open_.cohort.size()) : 0, options_.lora_fair_lambda,
+      std::move(privacy));
+  if (!opened.ok()) {
+    spdlog::warn("{}: lora-fair's correction cannot run ({}); the round commits Ā, B̄ uncorrected",
+                 RoundName(), opened.message());
+    return Commit();
+  }
+  open_.gate = std::make_shared<const UpdateGate>(
+      &options_, &store_, store_.ledger().Shapes(options_.rank, false), frozen_, std::nullopt,
+      done.config().weight_cap(), second->masked_bytes());
+  open_.secure = std::move(second);
   open_.step_started = env_->Now();
   spdlog::info("{}: secure aggregation: lora-fair's correction, keys step, {} clients", RoundName(),
                open_.secure->config().cohort_size());
@@ -554,8 +587,11 @@ bool Lifecycle::InProtocol() const {
   return open_.secure && (open_.first || open_.secure->step() != SecureRound::Step::kKeys);
 }
 
-const std::string* Lifecycle::RoundBlob(const std::string& sha256) const {
-  return open_.first && sha256 == open_.mean_ref.sha256() ? &open_.mean_blob : nullptr;
+const std::string* Lifecycle::RoundBlob(const std::string& client,
+                                        const std::string& sha256) const {
+  const bool asked = open_.first && open_.secure && sha256 == open_.mean_ref.sha256() &&
+                     open_.secure->Waits(client);
+  return asked ? &open_.mean_blob : nullptr;
 }
 
 void Lifecycle::RetryRound(const std::string& why) {
@@ -649,8 +685,11 @@ void Lifecycle::Commit() {
   // The round is done: everything below is in memory or derived from the ledger.
   for (const std::string& id : record->who.arrived)
     if (!record->norm_outliers.contains(id)) clients_.Find(id)->rounds_contributed++;
-  if (open_.first_uploads)  // lora-fair's second masked inputs: summed, and recorded nowhere
-    for (const AcceptedUpdate& u : uploads_.AcceptedUpdates()) store_.DropBlob(u.sha256);
+  if (open_.first_uploads) {  // lora-fair's second masked inputs: summed, and recorded nowhere
+    for (const AcceptedUpdate& u : uploads_.AcceptedUpdates())
+      if (!record->updates.contains(u.client) || record->updates.at(u.client) != u.sha256)
+        store_.DropBlob(u.sha256);
+  }
   uploads_.Clear(round_);
   late_.clear();
   removed_.clear();

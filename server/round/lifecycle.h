@@ -97,9 +97,9 @@ class Lifecycle {
   RoundView View() const;
   // The gate of the round open (null when none is).
   std::shared_ptr<const UpdateGate> gate() const { return open_.gate; }
-  // The blob `sha256` the open round serves besides the ledger's (lora-fair's Ā, B̄ under secure
-  // aggregation), or null.
-  const std::string* RoundBlob(const std::string& sha256) const;
+  // The blob `sha256` the open round serves `client` besides the ledger's (lora-fair's Ā under
+  // secure aggregation, to the second sum's clients while it waits for their keys), or null.
+  const std::string* RoundBlob(const std::string& client, const std::string& sha256) const;
   // The rank `client` trains: --client-ranks', else the run's.
   int RankOf(const std::string& client) const;
   // "round N", or "fed-sb initialisation step s of S (product)" during round 0.
@@ -126,8 +126,8 @@ class Lifecycle {
     std::map<std::string, std::string> declined;  // client → reason
     std::shared_ptr<const UpdateGate> gate;
     std::unique_ptr<SecureRound> secure;  // under secure aggregation (outlives the accumulator)
-    // lora-fair under secure aggregation, once its second sum is open: the first sum's instance
-    // and accepted masked inputs (what the round records), and Ā, B̄ for the clients to download.
+    // lora-fair under secure aggregation, once its first sum is done: its instance and accepted
+    // masked inputs (what the round records), and Ā for the second sum's clients to download.
     std::unique_ptr<SecureRound> first;
     std::optional<Uploads> first_uploads;
     std::string mean_blob;

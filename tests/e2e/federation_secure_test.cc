@@ -307,86 +307,186 @@ TEST_F(SecureTest, FedSbSketchInitialisationRunsUnderSecureAggregation) {
             << " from the plain one (norm " << std::sqrt(norm) << ")\n";
 }
 
-// LoRA-FAIR's correction under secure aggregation, one round from the same seeds as a plain run
-// (the clients train the same updates; B_0 = 0, so G = Σ p_k s_k B_k A_k Āᵀ). Expected, computed
-// here from the plain run's uploads: Ā = Σ p_k A_k, B̄ = Σ p_k s_k B_k, and the correction solved
-// from G in Ā's row space (‖ΔW*‖ is no sum over clients: common::SolveLoraFairInRowSpace, checked
-// against the dense objective in lora_fair_test). The export's A is within the first sum's
-// quantisation bound n·clip/2^16/Σw of Ā; its B comes out of a solver, not a linear map of the
-// sums, so it is held to a stated tolerance: 1e-3 of ‖B‖, with the second sum's inputs within
-// n·clip·max‖Ā‖₂/2^16/Σw of the exact ones.
-TEST_F(SecureTest, LoraFairCorrectsFromASecondSecureSum) {
-  const std::vector<std::string> flags = {"--rounds", "1"};
-  std::vector<std::string> secure = flags;
-  for (const char* f : {"--secure-aggregation", "secagg+", "--secagg-clip", "10"})
-    secure.push_back(f);
-  RunFederation("lora-fair", flags, nullptr, "plain", "plain");
-  RunFederation("lora-fair", secure, nullptr, "secure", "secure");
-  const std::vector<nlohmann::json> plain = MetricsOnceThere("plain", 1);
-  const std::vector<nlohmann::json> lines = MetricsOnceThere("secure", 1);
-  ASSERT_EQ(lines.size(), 1u);
-  ASSERT_EQ(plain.size(), 1u);
-  EXPECT_EQ(lines[0]["arrived"].size(), 3u);
-  const nlohmann::json& c = lines[0]["secure_correction"];
-  EXPECT_EQ(c["clients"], 3);
-  EXPECT_EQ(c["summed"], 3);
-  EXPECT_EQ(c["values"], 2 * 20 * 4);  // two modules' G: 20×4 each
-
-  std::vector<common::Adapter> updates;
-  std::vector<double> p;
-  double total = 0;
-  for (const auto& [client, sha] : plain[0]["updates"].items()) {
-    auto u = common::DecodeAdapter(Blob("plain", sha.get<std::string>()), client);
-    ASSERT_TRUE(u.ok()) << u.status();
-    updates.push_back(*std::move(u));
-    p.push_back(plain[0]["examples"][client].get<double>());
-    total += p.back();
+// What a lora-fair round under secure aggregation should commit, from the round's start and the
+// clients' trained updates (kept by fedlora-client-faulty --testing-save-updates), each client's
+// weight p_k its claimed examples over the sum's: Ā = Σ p_k A_k, B̄ = Σ p_k s_k B_k and, over the
+// clients `corrected` that finished the second sum (their weights renormalised),
+// G = Σ p_k s_k B_k A_k Āᵀ, solved in Ā's row space (common::SolveLoraFairInRowSpace, checked
+// against the dense objective in lora_fair_test). B̄ instead when no client is corrected.
+struct Expected {
+  std::vector<common::MatrixD> a_bar, b_bar, b;
+};
+Expected LoraFairExpected(const std::vector<common::Adapter>& updates,
+                          const std::vector<double>& examples, const std::vector<bool>& corrected) {
+  Expected e;
+  double all = 0, summed = 0;
+  for (size_t k = 0; k < updates.size(); ++k) {
+    all += examples[k];
+    summed += corrected[k] ? examples[k] : 0;
   }
-  auto exported = common::ReadPeftAdapter(dir_ / "secure" / "export" / "global");
-  ASSERT_TRUE(exported.ok()) << exported.status();
-  double a_err = 0, b_err = 0, b_norm = 0, a_norm = 0;
-  for (size_t i = 0; i < exported->num_modules(); ++i) {
-    const size_t m = *updates[0].FindModule(exported->module(i).name);
-    common::MatrixD a_bar = common::MatrixD::Zero(updates[0].A(m).rows(), updates[0].A(m).cols());
-    common::MatrixD b_bar = common::MatrixD::Zero(updates[0].B(m).rows(), updates[0].B(m).cols());
+  for (size_t i = 0; i < updates[0].num_modules(); ++i) {
+    common::MatrixD a = common::MatrixD::Zero(updates[0].A(i).rows(), updates[0].A(i).cols());
+    common::MatrixD b = common::MatrixD::Zero(updates[0].B(i).rows(), updates[0].B(i).cols());
     for (size_t k = 0; k < updates.size(); ++k) {
-      a_bar += p[k] / total * updates[k].A(m).cast<double>();
-      b_bar += p[k] / total * updates[k].module(m).scaling * updates[k].B(m).cast<double>();
+      a += examples[k] / all * updates[k].A(i).cast<double>();
+      b += examples[k] / all * updates[k].module(i).scaling * updates[k].B(i).cast<double>();
     }
-    common::MatrixD g = common::MatrixD::Zero(b_bar.rows(), b_bar.cols());
+    common::MatrixD g = common::MatrixD::Zero(b.rows(), b.cols());
     for (size_t k = 0; k < updates.size(); ++k)
-      g += p[k] / total * updates[k].module(m).scaling * updates[k].B(m).cast<double>() *
-           (updates[k].A(m).cast<double>() * a_bar.transpose());
-    a_norm = std::max(a_norm, common::SpectralNorm(a_bar));
-    const common::LoraFairSolution want =
-        common::SolveLoraFairInRowSpace(g, a_bar, b_bar, {.lambda = 0.01});
-    a_err += (exported->A(i).cast<double>() - a_bar).squaredNorm();
-    const common::MatrixD b = exported->module(i).scaling * exported->B(i).cast<double>();
-    b_err += (b - want.b).squaredNorm();
-    b_norm += want.b.squaredNorm();
+      if (corrected[k])
+        g += examples[k] / summed * updates[k].module(i).scaling * updates[k].B(i).cast<double>() *
+             (updates[k].A(i).cast<double>() * a.transpose());
+    e.b.push_back(summed > 0 ? common::SolveLoraFairInRowSpace(g, a, b, {.lambda = 0.01}).b : b);
+    e.a_bar.push_back(std::move(a));
+    e.b_bar.push_back(std::move(b));
   }
-  const double bound = 3 * 10.0 / 65536 / kWeights + 1e-6;  // + float32's rounding
-  EXPECT_LT(std::sqrt(a_err), bound);
-  EXPECT_LT(std::sqrt(b_err), 1e-3 * std::sqrt(b_norm));
-  const double plain_distance =
-      Distance(Export("secure"),
-               Tensors(dir_ / "plain" / "export" / "global" / "adapter_model.safetensors"));
-  // Against the plain run's export (the exact ‖ΔW*‖): the clients' A_k, trained from one A_0, stay
-  // close to Ā's row space, so the row-space norm moves the correction little — data-dependent, not
-  // a bound: the same 1e-3 of the export's norm as the sketch-initialised fed-sb run.
-  double export_norm = 0;
-  for (float v : Export("secure")) export_norm += static_cast<double>(v) * v;
-  EXPECT_LT(plain_distance, 1e-3 * std::sqrt(export_norm));
-  std::cout << "lora-fair: A is " << std::sqrt(a_err) << " from Ā (bound " << bound << "), B "
-            << std::sqrt(b_err) << " from the row-space correction (norm " << std::sqrt(b_norm)
-            << "; the second sum's bound " << 3 * 10.0 * a_norm / 65536 / kWeights
-            << "); the export is " << plain_distance << " from the plain run's (exact ‖ΔW*‖)\n";
+  return e;
 }
 
-// A client lost between lora-fair's two secure sums, under distributed DP: its input is in Ā and
-// B̄, the correction is the others' (its second sum's cohort is the first's survivors, its
-// weights and noise theirs), and ε counts both releases with the survivors each summed.
-TEST_F(SecureTest, LoraFairLosesAClientBetweenItsSums) {
+class SecureLoraFairTest : public SecureTest {
+ protected:
+  // Clients 1–3 of a lora-fair run under secure aggregation, each keeping its updates; client i
+  // also gets extra(i). Every client that is not killed must exit 0, and the coordinator too.
+  void Run(const std::vector<std::string>& server_flags,
+           const std::function<std::vector<std::string>(int)>& extra) {
+    std::vector<std::string> flags = {"--secure-aggregation", "secagg+", "--secagg-clip", "10"};
+    flags.insert(flags.end(), server_flags.begin(), server_flags.end());
+    const pid_t server = StartServer("lora-fair", "secure", flags);
+    ASSERT_FALSE(port_.empty());
+    std::vector<std::pair<pid_t, bool>> clients;
+    for (int i = 1; i <= 3; ++i) {
+      std::vector<std::string> f = {"--testing-save-updates",
+                                    (dir_ / ("updates-" + std::to_string(i))).string()};
+      const std::vector<std::string> more = extra(i);
+      f.insert(f.end(), more.begin(), more.end());
+      clients.push_back({StartClient(i, "secure", f, "fedlora-client-faulty"), more.empty()});
+    }
+    for (const auto& [pid, survives] : clients) {
+      if (survives) {
+        EXPECT_EQ(Wait(pid, std::chrono::seconds(120)), 0);
+      }
+    }
+    ASSERT_EQ(Wait(server, std::chrono::seconds(60)), 0) << ReadText(dir_ / "secure.log");
+  }
+  common::Adapter Version(int v) const {
+    const auto ledger = nlohmann::json::parse(ReadText(dir_ / "secure" / "ledger.json"));
+    auto a = common::DecodeAdapter(Blob("secure", ledger["versions"][v]["blobs"][0]["sha256"]),
+                                   "version");
+    EXPECT_TRUE(a.ok()) << a.status();
+    return a.ok() ? *std::move(a) : common::Adapter{};
+  }
+  // Round `round`'s updates, and the examples each claimed.
+  std::pair<std::vector<common::Adapter>, std::vector<double>> Updates(int round) const {
+    const nlohmann::json line = MetricsOnceThere("secure", round)[round - 1];
+    std::vector<common::Adapter> updates;
+    std::vector<double> examples;
+    for (int i = 1; i <= 3; ++i) {
+      const std::string id = "client-" + std::to_string(i);
+      auto u = common::DecodeAdapter(ReadText(dir_ / ("updates-" + std::to_string(i)) /
+                                              ("update-" + std::to_string(round) + ".bin")),
+                                     id);
+      EXPECT_TRUE(u.ok()) << u.status();
+      updates.push_back(u.ok() ? *std::move(u) : common::Adapter{});
+      examples.push_back(line["examples"][id].get<double>());
+    }
+    return {std::move(updates), std::move(examples)};
+  }
+  // How far version `v`'s A and B are from `want`'s Ā and `b`, in L2 over the modules; and ‖b‖
+  // and ‖b − B̄‖.
+  struct Distances {
+    double a = 0, b = 0, b_norm = 0, correction = 0;
+  };
+  Distances From(const common::Adapter& got, const Expected& want) const {
+    Distances d;
+    for (size_t i = 0; i < got.num_modules(); ++i) {
+      d.a += (got.A(i).cast<double>() - want.a_bar[i]).squaredNorm();
+      d.b += (got.module(i).scaling * got.B(i).cast<double>() - want.b[i]).squaredNorm();
+      d.b_norm += want.b[i].squaredNorm();
+      d.correction += (want.b[i] - want.b_bar[i]).squaredNorm();
+    }
+    return {std::sqrt(d.a), std::sqrt(d.b), std::sqrt(d.b_norm), std::sqrt(d.correction)};
+  }
+};
+
+// The first sum's quantisation bound n·clip/2^16/Σw on the change (A, B) (see
+// ExportsAreWithinTheQuantisationBoundOfThePlainRun), + float32's rounding.
+const double kFirstSumBound = 3 * 10.0 / 65536 / kWeights + 1e-6;
+
+// Two rounds of lora-fair under secure aggregation: each version is what the formula gives from
+// the round's start and the clients' updates (the second round starts from B_0 ≠ 0, so the
+// B_0 A_0 Āᵀ the clients subtract and the coordinator adds back must cancel). A is within the first
+// sum's quantisation bound of Ā; B comes out of a solver, not a linear map of the sums, so it is
+// held to a stated tolerance, 1e-3 of ‖B‖ — the second sum's inputs are within
+// n·clip·max‖Ā‖₂/2^16/Σw of the exact ones — and the correction it makes, ‖B − B̄‖, is checked to be
+// far larger. The export is also compared with the plain run's (which uses the exact ‖ΔW*‖).
+TEST_F(SecureLoraFairTest, EachRoundCorrectsFromASecondSecureSum) {
+  Run({"--rounds", "2"}, [](int) { return std::vector<std::string>{}; });
+  const std::vector<nlohmann::json> lines = MetricsOnceThere("secure", 2);
+  ASSERT_EQ(lines.size(), 2u);
+  for (int round = 1; round <= 2; ++round) {
+    const nlohmann::json& c = lines[round - 1]["secure_correction"];
+    EXPECT_EQ(c["clients"], 3);
+    EXPECT_EQ(c["summed"], 3);
+    EXPECT_EQ(c["values"], 2 * 20 * 4);  // two modules' G: 20×4 each
+    const auto [updates, examples] = Updates(round);
+    const Distances d =
+        From(Version(round), LoraFairExpected(updates, examples, {true, true, true}));
+    EXPECT_LT(d.a, kFirstSumBound) << "round " << round;
+    EXPECT_LT(d.b, 1e-3 * d.b_norm) << "round " << round;
+    EXPECT_GT(d.correction, 100 * d.b) << "round " << round << ": no correction?";
+    std::cout << "lora-fair round " << round << ": A is " << d.a << " from Ā (bound "
+              << kFirstSumBound << "), B " << d.b << " from the correction (‖B‖ " << d.b_norm
+              << ", ‖B − B̄‖ " << d.correction << ")\n";
+  }
+  RunFederation("lora-fair", {"--rounds", "2"}, nullptr, "plain", "plain");
+  const std::vector<float> secure = Export("secure");
+  double norm = 0;
+  for (float v : secure) norm += static_cast<double>(v) * v;
+  const double distance = Distance(secure, Export("plain"));
+  // The clients' A_k, trained from one A_0, stay close to Ā's row space, so the row-space norm
+  // moves the correction little — data-dependent, not a bound: 1e-3 of the export's norm.
+  EXPECT_LT(distance, 1e-3 * std::sqrt(norm));
+  std::cout << "lora-fair: the secure export is " << distance << " from the plain run's (norm "
+            << std::sqrt(norm) << ")\n";
+}
+
+// Clients lost between the two sums of round 2 (where B_0 ≠ 0, so G's divisor matters): one
+// lost, its input is in Ā and B̄ and G is the exact weighted mean of the others' (the second sum's
+// weights and divisor are its own survivors'); two lost, the second sum falls below its threshold
+// and the round commits Ā, B̄ uncorrected, as it says — it is not retrained (a second sum of the
+// same updates over another cohort would reveal their difference).
+TEST_F(SecureLoraFairTest, ClientsLostBetweenTheSums) {
+  for (const int lost : {1, 2}) {
+    SCOPED_TRACE(std::to_string(lost) + " lost");
+    Run({"--rounds", "2", "--client-timeout-s", "2"}, [&](int i) {
+      return i > 3 - lost ? std::vector<std::string>{"--testing-die-at-secagg", "correction@2"}
+                          : std::vector<std::string>{};
+    });
+    const std::vector<nlohmann::json> lines = MetricsOnceThere("secure", 2);
+    ASSERT_EQ(lines.size(), 2u);
+    EXPECT_EQ(lines[1]["arrived"].size(), 3u);
+    std::vector<bool> corrected = {true, lost < 2, false};
+    if (lost == 1) {
+      EXPECT_EQ(lines[1]["secure_correction"]["summed"], 2);
+    } else {
+      EXPECT_FALSE(lines[1].contains("secure_correction"));
+      EXPECT_THAT(ReadText(dir_ / "secure.log"), HasSubstr("the round commits Ā, B̄ uncorrected"));
+      corrected = {false, false, false};
+    }
+    const auto [updates, examples] = Updates(2);
+    const Distances d = From(Version(2), LoraFairExpected(updates, examples, corrected));
+    EXPECT_LT(d.a, kFirstSumBound);
+    EXPECT_LT(d.b, lost == 2 ? kFirstSumBound : 1e-3 * d.b_norm);
+    std::cout << lost << " lost between round 2's sums: A " << d.a << " from Ā, B " << d.b
+              << " from the expected (‖B‖ " << d.b_norm << ")\n";
+    fs::remove_all(dir_ / "secure");
+    for (int i = 1; i <= 3; ++i) fs::remove_all(dir_ / ("updates-" + std::to_string(i)));
+  }
+}
+
+// Under distributed DP both sums are releases: ε counts each with the survivors it summed (client-3
+// is lost between them: 3, then 2).
+TEST_F(SecureTest, LoraFairUnderDistributedDpCountsBothSums) {
   const pid_t server = StartServer("lora-fair", "state",
                                    {"--rounds", "1", "--secure-aggregation", "secagg+", "--dp-clip",
                                     "1", "--dp-noise-multiplier", "1", "--client-timeout-s", "2"});
