@@ -111,7 +111,7 @@ SecureCorrection::SecureCorrection(const SecureRound* round, const Uploads* seco
 
 absl::StatusOr<RoundOutput> SecureCorrection::Aggregate(const std::vector<AcceptedUpdate>&,
                                                         const UpdateSource&) {
-  if (round_->step() != SecureRound::Step::kDone) return first_;
+  if (round_ == nullptr || round_->step() != SecureRound::Step::kDone) return first_;
   ASSIGN_OR_RETURN(const std::vector<double>* sum,
                    SumOf(*round_, static_cast<size_t>(round_->config().length())));
   ASSIGN_OR_RETURN(const double divisor, DivisorOf(*round_, divisor_, second_->AcceptedUpdates()));

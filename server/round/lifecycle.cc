@@ -264,8 +264,9 @@ absl::StatusOr<bool> Lifecycle::ChooseSecureParts(
     const ClientDpState& state = *store_.ledger().client_dp;
     const common::PrivacyRound entry =
         ClientDp::SecureEntry(round_, q, open_.secure->config(), open_.secure->graph().threshold);
-    // lora-fair's correction is a second release of the round, of fewer values (less rounding to
-    // account): the first's entry bounds it.
+    // lora-fair's correction is a second release of the round: a first check with the first's
+    // entry twice; the second's own entry is checked when it opens (if it does not fit, the round
+    // commits uncorrected).
     ClientDpState before = state;
     if (options_.method == common::Method::kLoraFair) before.rounds.push_back(entry);
     ASSIGN_OR_RETURN(const bool within, dp_->Within(before, entry, RoundName()));

@@ -610,31 +610,41 @@ TEST_F(SecureTest, DistributedDpCountsTheSurvivorsNoise) {
 
 // An operator removes client-3 while the round waits for its consent: its masked input is in the
 // sum already and stays there (the round is unmasked from the others' shares); it takes no
-// further part.
+// further part. Under lora-fair that leaves two clients for the second sum, too few for one (each
+// would learn the other's term): the round commits Ā, B̄ uncorrected.
 TEST_F(SecureTest, AClientRemovedAfterItsInputStaysInTheSum) {
-  const pid_t server =
-      StartServer("fedit", "state",
-                  {"--rounds", "1", "--secure-aggregation", "secagg+", "--operators", "client-4"});
-  ASSERT_FALSE(port_.empty());
-  std::vector<pid_t> clients;
-  for (int i = 1; i <= 2; ++i) clients.push_back(StartClient(i, "run"));
-  const fs::path pause = dir_ / "pause";
-  const pid_t third = StartClient(
-      3, "run", {"--testing-pause-at-secagg", "consent", "--testing-pause-file", pause.string()},
-      "fedlora-client-faulty");
-  ASSERT_FALSE(WaitForFile(pause, std::chrono::seconds(60)).empty());
-  const CommandResult removed =
-      RunProgram({kBin + "/fedlora-client", "--coordinator", "localhost:" + port_, "--ca",
-                  Cert("ca.pem"), "--cert", Cert("client-4.pem"), "--key", Cert("client-4.key"),
-                  "--admin", "remove", "--admin-client", "client-3", "--admin-reason", "test"});
-  EXPECT_EQ(removed.exit_code, 0) << removed.output;
-  fs::remove(pause);
-  EXPECT_NE(Wait(third, std::chrono::seconds(60)), 0);  // refused: removed
-  for (pid_t c : clients) EXPECT_EQ(Wait(c, std::chrono::seconds(120)), 0);
-  ASSERT_EQ(Wait(server, std::chrono::seconds(60)), 0) << ReadText(dir_ / "state.log");
-  const std::vector<nlohmann::json> lines = MetricsOnceThere("state", 1);
-  ASSERT_EQ(lines.size(), 1u);
-  EXPECT_EQ(lines[0]["arrived"].size(), 3u) << lines[0]["arrived"];
+  for (const std::string method : {"fedit", "lora-fair"}) {
+    SCOPED_TRACE(method);
+    const std::string state = "state-" + method;
+    const pid_t server = StartServer(
+        method, state,
+        {"--rounds", "1", "--secure-aggregation", "secagg+", "--operators", "client-4"});
+    ASSERT_FALSE(port_.empty());
+    std::vector<pid_t> clients;
+    for (int i = 1; i <= 2; ++i) clients.push_back(StartClient(i, method));
+    const fs::path pause = dir_ / "pause";
+    const pid_t third = StartClient(
+        3, method, {"--testing-pause-at-secagg", "consent", "--testing-pause-file", pause.string()},
+        "fedlora-client-faulty");
+    ASSERT_FALSE(WaitForFile(pause, std::chrono::seconds(60)).empty());
+    const CommandResult removed =
+        RunProgram({kBin + "/fedlora-client", "--coordinator", "localhost:" + port_, "--ca",
+                    Cert("ca.pem"), "--cert", Cert("client-4.pem"), "--key", Cert("client-4.key"),
+                    "--admin", "remove", "--admin-client", "client-3", "--admin-reason", "test"});
+    EXPECT_EQ(removed.exit_code, 0) << removed.output;
+    fs::remove(pause);
+    EXPECT_NE(Wait(third, std::chrono::seconds(60)), 0);  // refused: removed
+    for (pid_t c : clients) EXPECT_EQ(Wait(c, std::chrono::seconds(120)), 0);
+    ASSERT_EQ(Wait(server, std::chrono::seconds(60)), 0) << ReadText(dir_ / (state + ".log"));
+    const std::vector<nlohmann::json> lines = MetricsOnceThere(state, 1);
+    ASSERT_EQ(lines.size(), 1u);
+    EXPECT_EQ(lines[0]["arrived"].size(), 3u) << lines[0]["arrived"];
+    if (method == "lora-fair") {
+      EXPECT_FALSE(lines[0].contains("secure_correction"));
+      EXPECT_THAT(ReadText(dir_ / (state + ".log")),
+                  HasSubstr("lora-fair's correction cannot run"));
+    }
+  }
 }
 
 // A coordinator killed mid-protocol keeps no key material: restarted on its state directory, it
