@@ -59,9 +59,9 @@ class SecureSum final : public Accumulator {
 // would reveal their difference).
 class SecureCorrection final : public Accumulator {
  public:
-  // `round`: the second sum's (null when it could not open); `second`: its accepted masked inputs (whose weights divide G);
-  // `first`: the first sum's output; `start`: the round's global state. `privacy` starts from
-  // `first`'s privacy state.
+  // `round`: the second sum's (null when it could not open); `second`: its accepted masked inputs
+  // (whose weights divide G); `first`: the first sum's output; `start`: the round's global state.
+  // `privacy` starts from `first`'s privacy state.
   SecureCorrection(const SecureRound* round, const Uploads* second, RoundOutput first,
                    common::Adapter start, double divisor, double lambda,
                    std::optional<SecureSum::Privacy> privacy = std::nullopt);
