@@ -15,7 +15,7 @@ packages=(
 optional=()
 if [[ "${1:-}" != --build-only ]]; then
   packages+=(libgtest-dev libgmock-dev libbenchmark-dev clang-format docker-compose docker.io debootstrap
-    clang libclang-rt-14-dev llvm gnuplot-nox)
+    clang libclang-rt-14-dev llvm gnuplot-nox python3-grpcio)
   # Real operators' tools for the tests of the coordinator's /metrics and live page, which skip with a message
   # when these cannot be installed.
   optional=(prometheus chromium)

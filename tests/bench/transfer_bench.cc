@@ -6,6 +6,11 @@
 //      PLAINTEXT=1 (no TLS, to see what it costs), SKIP_RSS=1 (part A only).
 //   B. Coordinator peak RSS (VmHWM) while 64 clients upload at once: fedit and fed-sb (summed as
 //      they arrive), next to flora (which must keep every client's factors).
+//   C. The ceiling and the peers: the same bytes through gRPC alone, through a plain OpenSSL TLS
+//      socket, and through Python grpcio (tests/bench/grpcio_peer.py, when python3-grpcio is
+//      installed: Flower's transport).
+// --small runs every part at a small size in seconds (the test command's check that the bench
+// runs and prints its figures; not figures to quote).
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <grpcpp/grpcpp.h>
@@ -21,6 +26,7 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
 #include <thread>
@@ -41,6 +47,9 @@ using Clock = std::chrono::steady_clock;
 struct Setup {
   std::string bin, source;
   fs::path work;
+  // Part A: modules of dim×dim at `rank`; part B: `clients` clients, 8 modules of b_dim×b_dim at
+  // b_rank.
+  int dim = 4096, rank = 768, clients = 64, b_dim = 1024, b_rank = 64;
 };
 
 // PLAINTEXT=1: the same bench without TLS (coordinator --insecure), to see what TLS costs.
@@ -142,6 +151,10 @@ class Client {
       Name(context);
       Check(stub_->GetTask(&context, request, &task), "task");
       if (task.kind() == v1::Task::TRAIN) return task;
+      if (task.kind() != v1::Task::WAIT) {
+        std::fprintf(stderr, "expected a task to train, got kind %d\n", task.kind());
+        std::exit(1);
+      }
     }
   }
   // Returns when the coordinator accepted the update, sent as fedlora-client sends it (pipelined
@@ -183,12 +196,14 @@ class Client {
   std::string id_;
 };
 
-// A random update for `task` (rank from the task), as a client would upload it.
+// A random update for `task` (rank and scaling lora_alpha / rank from the task), as a client
+// would upload it.
 std::string RandomUpdate(const v1::Task& task, bool r_only, uint64_t seed) {
   std::vector<fedlora::common::ModuleShape> shapes;
+  const v1::TrainSettings& t = task.settings();
   for (const auto& m : task.modules()) {
     shapes.push_back(
-        {m.name(), task.settings().rank(), m.in_features(), m.out_features(), 1.0, r_only});
+        {m.name(), t.rank(), m.in_features(), m.out_features(), t.lora_alpha() / t.rank(), r_only});
   }
   auto a = *fedlora::common::Adapter::Create(shapes);
   std::mt19937 rng(static_cast<uint32_t>(seed));
@@ -209,15 +224,20 @@ double CpuSeconds(pid_t pid) {
   return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
 }
 
-// Returns the update it sent.
-std::string Throughput(const Setup& s) {
+// What part A sent, and its transfer rate (MB/s, without the coordinator's verification).
+struct Sent {
+  std::string bytes;
+  double transfer_mb_per_s = 0;
+};
+
+Sent Throughput(const Setup& s) {
   std::string port;
   const pid_t server = StartServer(
-      s, "throughput", {"--method", "fedit", "--min-clients", "2", "--rank", "768"}, &port);
+      s, "throughput",
+      {"--method", "fedit", "--min-clients", "2", "--rank", std::to_string(s.rank)}, &port);
   Client c1(s, port, 1), c2(s, port, 2);
-  c1.Join(4, 4096, 4096);
-  c2.Join(4, 4096,
-          4096);  // a second member keeps the round open, so the timing is the upload alone
+  c1.Join(4, s.dim, s.dim);
+  c2.Join(4, s.dim, s.dim);  // a second member keeps the round open: the timing is the upload's
   const v1::Task task = c1.Task();
   const std::string bytes = RandomUpdate(task, false, 1);
   const double server_cpu = CpuSeconds(server), client_cpu = CpuSeconds(getpid());
@@ -247,12 +267,17 @@ std::string Throughput(const Setup& s) {
   std::printf("| what | MB/s |\n|---|---|\n");
   // The coordinator logs how long verification took; the rest of the time is the transfer.
   const std::string log = fedlora::testing::ReadText(s.work / "throughput.log");
-  const size_t at = log.find("validated and folded in ");
-  const double verify = at == std::string::npos ? 0 : std::stod(log.substr(at + 24));
+  constexpr std::string_view kVerified = "verified and validated in ";
+  const size_t at = log.find(kVerified);
+  if (at == std::string::npos) {
+    std::fprintf(stderr, "the coordinator's log does not say how long verification took\n");
+    std::exit(1);
+  }
+  const double verify = std::stod(log.substr(at + kVerified.size()));
   std::printf("| transfer (%.3f s of %.3f s; chunks pipelined, WINDOW=%s) | %.0f |\n",
               seconds - verify, seconds, std::getenv("WINDOW") ? std::getenv("WINDOW") : "4",
               bytes.size() / 1e6 / (seconds - verify));
-  std::printf("| until accepted (adds sha256, validation, fsync, FedIT fold: %.3f s) | %.0f |\n",
+  std::printf("| until accepted (adds sha256, decoding, validation, fsync: %.3f s) | %.0f |\n",
               verify, bytes.size() / 1e6 / seconds);
   std::printf("| openssl speed -evp aes-128-gcm, 16 KiB blocks, 1 core | %s |\n", ssl.c_str());
   std::printf(
@@ -262,7 +287,7 @@ std::string Throughput(const Setup& s) {
   std::printf(
       "The longest heartbeat of another client (one every 10 ms) during the upload: %.3f s.\n",
       longest_heartbeat);
-  return bytes;
+  return {bytes, bytes.size() / 1e6 / (seconds - verify)};
 }
 
 // C. The ceiling: the same 100 MB in the same chunks through the transport alone, to servers that
@@ -396,7 +421,43 @@ double RawTlsUpload(SSL_CTX* ctx, const std::string& port, const std::string& by
   return seconds;
 }
 
-void Ceiling(const Setup& s, const std::string& bytes, double aes_mb_per_s) {
+// Python grpcio (grpcio_peer.py) with the same bytes and chunks over mutual TLS: its best MB/s of
+// three runs and the CPU seconds per run of both ends; 0 MB/s when python3-grpcio is missing.
+std::pair<double, double> PythonGrpcio(const Setup& s, const std::string& bytes) {
+  // Debian's python (not one earlier on PATH), whose dist-packages hold python3-grpcio.
+  const std::string python = "/usr/bin/python3";
+  if (std::system((python + " -c 'import grpc' > /dev/null 2>&1").c_str()) != 0) return {0, 0};
+  const std::string script = s.source + "/tests/bench/grpcio_peer.py";
+  const fs::path port_file = s.work / "grpcio.port", data = s.work / "update.bin",
+                 out = s.work / "grpcio.json";
+  fs::remove(port_file);
+  if (!fedlora::common::WriteFileAtomically(data, bytes).ok()) std::exit(1);
+  const pid_t server = fedlora::testing::Start(
+      {python, script, "serve", "--certs", (s.work / "certs").string(), "--port-file",
+       port_file.string(), "--spool", (s.work / "grpcio.part").string()},
+      s.work / "grpcio.log");
+  const std::string port = ReadPort(port_file);
+  const double cpu0 = CpuSeconds(server);
+  const std::string upload = python + " " + script + " upload --certs " +
+                             (s.work / "certs").string() + " --port " + port + " --data " +
+                             data.string() + " --runs 3 > " + out.string();
+  const int rc = std::system(upload.c_str());
+  const double server_cpu = (CpuSeconds(server) - cpu0) / 3;
+  kill(server, SIGTERM);
+  fedlora::testing::Wait(server, std::chrono::seconds(20));
+  if (rc != 0) {
+    std::fprintf(stderr, "the grpcio peer failed (%s)\n", (s.work / "grpcio.log").c_str());
+    std::exit(1);
+  }
+  const nlohmann::json result = nlohmann::json::parse(fedlora::testing::ReadText(out));
+  double best = 0;
+  for (double r : result["mb_per_s"]) best = std::max(best, r);
+  return {best, server_cpu + result["cpu_s"].get<double>()};
+}
+
+void Ceiling(const Setup& s, const Sent& sent, double aes_mb_per_s) {
+  const std::string& bytes = sent.bytes;
+  double raw_tls = 0;  // the OpenSSL socket's best MB/s
   std::printf(
       "\n### C. The ceiling: the same %.1f MB through the transport alone (gRPC: 4 MiB chunks, 4 "
       "in flight, as in A, to a service that acknowledges and drops them; OpenSSL: 4 MiB writes on "
@@ -444,7 +505,24 @@ void Ceiling(const Setup& s, const std::string& bytes, double aes_mb_per_s) {
                 : mode == "grpc-plain" ? "gRPC without TLS"
                                        : "OpenSSL mutual TLS socket, no gRPC",
                 lo, hi, cpu * 100e6 / bytes.size());
+    if (mode == "raw-tls") raw_tls = hi;
   }
+  const auto [grpcio, grpcio_cpu] = PythonGrpcio(s, bytes);
+  if (grpcio > 0) {
+    std::printf("| Python grpcio over mutual TLS (Flower's transport; best of 3) | %.0f | %.3f |\n",
+                grpcio, grpcio_cpu * 100e6 / bytes.size());
+  } else {
+    std::printf("| Python grpcio | not measured: python3-grpcio is not installed | |\n");
+  }
+  std::printf(
+      "\nfedlora's upload (part A's transfer, %.0f MB/s) is %.0f%% of the OpenSSL socket's %.0f "
+      "MB/s "
+      "(goal: at least 80%%)",
+      sent.transfer_mb_per_s, 100 * sent.transfer_mb_per_s / raw_tls, raw_tls);
+  if (grpcio > 0)
+    std::printf(" and %.2f× Python grpcio's %.0f MB/s (goal: at least 1.5×)",
+                sent.transfer_mb_per_s / grpcio, grpcio);
+  std::printf(".\n");
   const double goal = aes_mb_per_s / 4;
   std::printf(
       "\n25%% of AES-GCM is %.0f MB/s: 100 MB in %.3f s. On %ld cores that allows at most %.3f "
@@ -453,14 +531,14 @@ void Ceiling(const Setup& s, const std::string& bytes, double aes_mb_per_s) {
       static_cast<double>(sysconf(_SC_NPROCESSORS_ONLN)) * 100 / goal);
 }
 
-void SixtyFourClients(const Setup& s, const std::string& method) {
-  const int clients = 64, modules = 8, dim = 1024, rank = 64;
+void ManyClients(const Setup& s, const std::string& method) {
+  const int clients = s.clients, modules = 8, dim = s.b_dim, rank = s.b_rank;
   std::string port;
-  const pid_t server =
-      StartServer(s, "rss-" + method,
-                  {"--method", method, "--min-clients", std::to_string(clients), "--rank",
-                   std::to_string(rank), "--rounds", "1", "--linger-s", "600"},
-                  &port);
+  const pid_t server = StartServer(
+      s, "rss-" + method,
+      {"--method", method, "--min-clients", std::to_string(clients), "--rank", std::to_string(rank),
+       "--rounds", "1", "--linger-s", "600", "--fed-sb-init", "random"},
+      &port);
   std::vector<std::unique_ptr<Client>> cs;
   for (int i = 1; i <= clients; ++i) cs.push_back(std::make_unique<Client>(s, port, i));
   for (auto& c : cs) c->Join(modules, dim, dim);
@@ -473,7 +551,7 @@ void SixtyFourClients(const Setup& s, const std::string& method) {
       const v1::Task task = cs[i]->Task();
       const std::string bytes = RandomUpdate(task, method == "fed-sb", i + 1);
       if (i == 0) update_bytes = bytes.size();
-      start.arrive_and_wait();              // all 64 upload at once
+      start.arrive_and_wait();              // all upload at once
       cs[i]->Upload(task, bytes, 1 << 20);  // 1 MiB chunks
     });
   }
@@ -498,35 +576,42 @@ int main(int argc, char** argv) {
   s.bin = FEDLORA_BIN_DIR;
   s.source = FEDLORA_SOURCE_DIR;
   std::string work = "out/transfer-bench", serve, port_file;
+  bool small = false;
   app.add_option("--work", work)->capture_default_str();
+  app.add_flag("--small", small, "every part at a small size, in seconds (a check, not figures)");
   app.add_option("--serve", serve, "internal: run part C's server (grpc-tls, grpc-plain, raw-tls)");
   app.add_option("--port-file", port_file, "internal: where --serve writes its port");
   CLI11_PARSE(app, argc, argv);
   s.work = fs::absolute(work);
+  if (small) {
+    s.dim = 512, s.rank = 96, s.clients = 4, s.b_dim = 128, s.b_rank = 8;
+  }
   if (serve == "raw-tls") return ServeRawTls(s, port_file);
   if (!serve.empty()) return ServeDiscarding(s, serve == "grpc-tls", port_file);
   fs::create_directories(s.work);
   if (std::system(("bash " + s.source + "/deploy/make_certs.sh " + (s.work / "certs").string() +
-                   " 64 > /dev/null")
+                   " " + std::to_string(std::max(s.clients, 2)) + " > /dev/null")
                       .c_str()) != 0) {
     return 1;
   }
   // openssl speed's last line: "AES-128-GCM  <16 B> … <16384 B>" in 1000s of bytes per second.
-  const std::string cmd =
-      "openssl speed -evp aes-128-gcm -bytes 16384 -seconds 3 2>/dev/null | tail -1 | "
-      "awk '{v=$NF; sub(/k$/,\"\",v); printf \"%.0f\", v/1000}' > " +
-      (s.work / "openssl.txt").string();
+  const std::string cmd = "openssl speed -evp aes-128-gcm -bytes 16384 -seconds " +
+                          std::string(small ? "1" : "3") +
+                          " 2>/dev/null | tail -1 | "
+                          "awk '{v=$NF; sub(/k$/,\"\",v); printf \"%.0f\", v/1000}' > " +
+                          (s.work / "openssl.txt").string();
   if (std::system(cmd.c_str()) != 0) return 1;
-  const std::string update = Throughput(s);
+  const Sent sent = Throughput(s);
   std::printf(
-      "\n### B. Coordinator peak RSS, 64 clients uploading at once (8 modules of 1024x1024, rank "
-      "64, 1 MiB chunks)\n\n");
+      "\n### B. Coordinator peak RSS, %d clients uploading at once (8 modules of %dx%d, rank %d, 1 "
+      "MiB chunks)\n\n",
+      s.clients, s.b_dim, s.b_dim, s.b_rank);
   std::printf(
       "| method | update MB | all updates MB | RSS after joins MB | peak RSS MB "
       "|\n|---|---|---|---|---|\n");
   if (std::getenv("SKIP_RSS") == nullptr) {
-    for (const std::string method : {"fedit", "fed-sb", "flora"}) SixtyFourClients(s, method);
+    for (const std::string method : {"fedit", "fed-sb", "flora"}) ManyClients(s, method);
   }
-  Ceiling(s, update, std::stod(fedlora::testing::ReadText(s.work / "openssl.txt")));
+  Ceiling(s, sent, std::stod(fedlora::testing::ReadText(s.work / "openssl.txt")));
   return 0;
 }
