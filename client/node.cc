@@ -219,10 +219,9 @@ absl::Status Node::Train(const v1::Task& task, const std::atomic<bool>& stop) {
     std::vector<float> change(common::TrainableCount(global_));
     RETURN_IF_ERROR(common::ChangeInto(adapter, global_, change));
     const v1::SecAggConfig& c = task.secagg_config();
-    const std::vector<double> input =
-        SecureInput(c, task.round(), "the change",
-                    std::vector<double>(change.begin(), change.end()), num_examples);
-    RETURN_IF_ERROR(AdvertiseKeys(task, c, input, num_examples, metrics, stop));
+    RETURN_IF_ERROR(AdvertiseKeys(task, c, "the change",
+                                  std::vector<double>(change.begin(), change.end()), num_examples,
+                                  metrics, stop));
     if (method_ == common::Method::kLoraFair)
       trained_ = Trained{c.instance(), std::move(adapter), global_, task, metrics, num_examples};
     return absl::OkStatus();
@@ -300,10 +299,8 @@ absl::Status Node::Sketch(const v1::Task& task, const std::atomic<bool>& stop) {
       flat.insert(flat.end(), p.data(), p.data() + p.size());
     const int64_t examples = workload_->num_examples();
     v1::TrainMetrics none;
-    const v1::SecAggConfig& c = task.secagg_config();
-    return AdvertiseKeys(task, c,
-                         SecureInput(c, task.round(), "the answer", std::move(flat), examples),
-                         examples, none, stop);
+    return AdvertiseKeys(task, task.secagg_config(), "the answer", std::move(flat), examples, none,
+                         stop);
   }
   std::vector<common::NamedMatrix> named;
   for (int i = 0; i < task.modules_size(); ++i)
@@ -397,9 +394,10 @@ std::vector<double> Node::SecureInput(const v1::SecAggConfig& c, int64_t round,
 }
 
 absl::Status Node::AdvertiseKeys(const v1::Task& task, const v1::SecAggConfig& c,
-                                 std::span<const double> input, int64_t num_examples,
+                                 std::string_view what, std::vector<double> x, int64_t num_examples,
                                  const v1::TrainMetrics& metrics, const std::atomic<bool>& stop) {
   secure_.reset();
+  const std::vector<double> input = SecureInput(c, task.round(), what, std::move(x), num_examples);
   ASSIGN_OR_RETURN(secagg::Encoded encoded, secagg::Encode(input, c));
   spdlog::info("round {}: secure aggregation: {} values quantised to {} of {} bits{}", task.round(),
                input.size(), encoded.words.size(), c.bits(),
@@ -441,7 +439,7 @@ absl::Status Node::SecureCorrection(const v1::Task& task, const std::atomic<bool
   const v1::SecAggConfig& c = correction.config();
   // What this client puts in, or why it cannot: then it declines the second sum (its input is in
   // the first) and takes part again from the next round.
-  const absl::StatusOr<std::vector<double>> input = [&]() -> absl::StatusOr<std::vector<double>> {
+  absl::StatusOr<std::vector<double>> terms = [&]() -> absl::StatusOr<std::vector<double>> {
     if (!trained_ || trained_->instance != step.instance())
       return absl::FailedPreconditionError(
           "this process holds no factors trained for the first sum (it restarted since)");
@@ -449,8 +447,7 @@ absl::Status Node::SecureCorrection(const v1::Task& task, const std::atomic<bool
     if (!trained_->revealed)
       return absl::FailedPreconditionError("the first sum was not unmasked with this client yet");
     for (const std::string& id : c.cohort())
-      if (std::find(trained_->survivors.begin(), trained_->survivors.end(), id) ==
-          trained_->survivors.end())
+      if (!std::binary_search(trained_->survivors.begin(), trained_->survivors.end(), id))
         return absl::FailedPreconditionError(
             StrCat(id, " is in the second sum's cohort but did not survive the first"));
     if (options_.before_secagg_step) options_.before_secagg_step("correction");
@@ -474,19 +471,18 @@ absl::Status Node::SecureCorrection(const v1::Task& task, const std::atomic<bool
     if (static_cast<int64_t>(x.size()) != c.length())
       return absl::InvalidArgumentError(StrCat("the second sum asks for ", c.length(),
                                                " values; this client's factors give ", x.size()));
-    return SecureInput(c, task.round(), "lora-fair's correction term", std::move(x),
-                       trained_->num_examples);
+    return x;
   }();
-  if (!input.ok()) {
-    if (absl::IsCancelled(input.status())) return input.status();
+  if (!terms.ok()) {
+    if (absl::IsCancelled(terms.status())) return terms.status();
     v1::SecAggRequest decline;
     decline.set_instance(c.instance());
-    decline.set_decline(StrCat("lora-fair's second sum: ", input.status().message()));
+    decline.set_decline(StrCat("lora-fair's second sum: ", terms.status().message()));
     spdlog::warn("round {}: {}; declining it", task.round(), decline.decline());
     return SendSecAgg(task.round(), std::move(decline), stop);
   }
-  RETURN_IF_ERROR(
-      AdvertiseKeys(trained_->task, c, *input, trained_->num_examples, trained_->metrics, stop));
+  RETURN_IF_ERROR(AdvertiseKeys(trained_->task, c, "lora-fair's correction term", *std::move(terms),
+                                trained_->num_examples, trained_->metrics, stop));
   trained_.reset();
   return absl::OkStatus();
 }
@@ -521,9 +517,11 @@ absl::Status Node::SecureStep(const v1::Task& task, const std::atomic<bool>& sto
       }
       case v1::SecAggStep::kSurvivors: {
         ASSIGN_OR_RETURN(*request.mutable_consent(), session.Consent(step.survivors()));
-        if (trained_ && trained_->instance == step.instance())
+        if (trained_ && trained_->instance == step.instance()) {
           trained_->survivors.assign(step.survivors().clients().begin(),
                                      step.survivors().clients().end());
+          std::sort(trained_->survivors.begin(), trained_->survivors.end());
+        }
         return SendSecAgg(task.round(), std::move(request), stop);
       }
       case v1::SecAggStep::kConsents: {

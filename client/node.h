@@ -74,15 +74,15 @@ class Node {
   // protocol's keys advertised; then each SECAGG task's step. A protocol violation seen (the
   // coordinator relayed a forged key or showed two survivor sets) is PERMISSION_DENIED: the node
   // stops and reveals nothing.
-  // `x` (a change, or a sketch step's answer) as the task's secure aggregation wants it.
   // `x` (`what`: a change, a sketch step's answer, lora-fair's correction term) as `config` wants
   // it: scaled to norm 1 or clipped, and weighted.
   std::vector<double> SecureInput(const v1::SecAggConfig& config, int64_t round,
                                   std::string_view what, std::vector<double> x,
                                   int64_t num_examples) const;
-  // Quantises `input` and advertises the keys of `config`'s instance, the answer to `task`.
+  // `x` made the input `config` wants (SecureInput) and quantised; then the keys of `config`'s
+  // instance advertised, the answer to `task`.
   absl::Status AdvertiseKeys(const v1::Task& task, const v1::SecAggConfig& config,
-                             std::span<const double> input, int64_t num_examples,
+                             std::string_view what, std::vector<double> x, int64_t num_examples,
                              const v1::TrainMetrics& metrics, const std::atomic<bool>& stop);
   // lora-fair's second secure sum (SecAggCorrection), from the factors this client trained.
   absl::Status SecureCorrection(const v1::Task& task, const std::atomic<bool>& stop);
@@ -114,7 +114,7 @@ class Node {
     v1::Task task;  // the training task: the second sum's upload answers it too
     v1::TrainMetrics metrics;
     int64_t num_examples = 0;
-    std::vector<std::string> survivors;  // of the first sum, as this client signed them
+    std::vector<std::string> survivors;  // of the first sum, as this client signed them; sorted
     bool revealed = false;               // the first sum was unmasked with this client's shares
   };
   std::optional<Trained> trained_;

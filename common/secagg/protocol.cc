@@ -66,22 +66,22 @@ std::vector<std::string> SortedUnique(const google::protobuf::RepeatedPtrField<s
 
 uint32_t PointOf(int index) { return static_cast<uint32_t>(index + 1); }
 
-// The secret of `shares` that `good` confirms: from the first t, or, when they do not give it
-// and there are spare shares, from the first t + 1 less one (so one wrong share among them is
-// passed over). "" when none is confirmed.
+// The secret of `shares` (at least t) that `good` confirms: from the first t, or, when they do not
+// give it and there are spare shares, from the first t + 1 less one of the first t (so one wrong
+// share among them is passed over). "" when none is confirmed.
 absl::StatusOr<std::string> Reconstruct(const std::vector<Share>& shares, int t,
                                         const std::function<bool(const std::string&)>& good) {
-  const size_t n = shares.size(), first = static_cast<size_t>(t);
-  for (size_t skip = n; skip + 1 > 0; --skip) {  // n: skip none; then each of the first t + 1
-    if (skip < n && skip > first) continue;
+  const size_t first = static_cast<size_t>(t);
+  std::vector<size_t> left_out = {first};  // leaving out share t: the first t
+  if (shares.size() > first)
+    for (size_t i = 0; i < first; ++i) left_out.push_back(i);
+  for (const size_t skip : left_out) {
     std::vector<Share> subset;
-    for (size_t i = 0; i < n && subset.size() < first; ++i)
+    for (size_t i = 0; i <= first && i < shares.size(); ++i)
       if (i != skip) subset.push_back(shares[i]);
-    if (subset.size() < first) continue;
     auto secret = ShamirCombine(subset, t, kKeyBytes);
     if (secret.ok() && good(*secret)) return *std::move(secret);
     if (!secret.ok() && !absl::IsDataLoss(secret.status())) return secret.status();
-    if (n == first) break;  // no spare share
   }
   return std::string();
 }

@@ -687,9 +687,11 @@ void Lifecycle::Commit() {
   for (const std::string& id : record->who.arrived)
     if (!record->norm_outliers.contains(id)) clients_.Find(id)->rounds_contributed++;
   if (open_.first_uploads) {  // lora-fair's second masked inputs: summed, and recorded nowhere
-    for (const AcceptedUpdate& u : uploads_.AcceptedUpdates())
-      if (!record->updates.contains(u.client) || record->updates.at(u.client) != u.sha256)
+    for (const AcceptedUpdate& u : uploads_.AcceptedUpdates()) {
+      const auto recorded = record->updates.find(u.client);
+      if (recorded == record->updates.end() || recorded->second != u.sha256)
         store_.DropBlob(u.sha256);
+    }
   }
   uploads_.Clear(round_);
   late_.clear();

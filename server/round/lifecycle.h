@@ -158,10 +158,11 @@ class Lifecycle {
   // arrived, and otherwise retries it with a new cohort.
   void MaybeClose();
   // The secure round's open step is over: the next one opens, or the round commits, or it is
-  // retried when the protocol cannot finish.
+  // retried when the protocol cannot finish (lora-fair's second sum: the round commits
+  // uncorrected).
   void AdvanceSecure();
-  // lora-fair's first secure sum is done: its second opens over the survivors (or the round is
-  // retried).
+  // lora-fair's first secure sum is done: its second opens over the survivors still in the round
+  // (or, when it cannot, the round commits the first's Ā, B̄ uncorrected).
   void OpenCorrection();
   // Whether the open secure round is past its clients' training: a protocol step is open.
   bool InProtocol() const;
