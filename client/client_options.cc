@@ -82,6 +82,9 @@ void AddClientFlags(CLI::App& app, ClientOptions& o) {
                  "llm: records whose loss is reported before and after each round")
       ->capture_default_str();
   app.add_option("--threads", o.llm.threads, "llm: threads (0: all cores)")->capture_default_str();
+  app.add_flag("--checkpoint-activations", o.llm.checkpoint_activations,
+               "llm: keep only each layer's input, recompute its activations in the backward "
+               "(less memory for long sequences, one more forward per step)");
   app.add_option("--dp-noise-multiplier", o.privacy.dp.noise_multiplier,
                  "regression, llm: DP-SGD noise stddev / clip (per-example clipping, Poisson "
                  "sampling); off when not given");

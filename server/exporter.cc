@@ -96,8 +96,9 @@ absl::Status Export(const Ledger& ledger, const StateStore& store, const ServerO
     if (evaluator != nullptr) {
       ASSIGN_OR_RETURN(common::LlamaWeights merged,
                        evaluator->Merged(ledger, store, ledger.latest(), global));
+      // In the base checkpoint's type, as the model it replaces.
       RETURN_IF_ERROR(merged.WriteModelDirectory(out / "merged", options.base_model_dir,
-                                                 common::DType::kF32, /*overwrite=*/false,
+                                                 /*dtype=*/std::nullopt, /*overwrite=*/false,
                                                  store.env()));
       if (!options.export_gguf.empty()) {
         ASSIGN_OR_RETURN(const common::GgmlType type, common::ParseGgmlType(options.export_gguf));

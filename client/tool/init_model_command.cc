@@ -95,16 +95,18 @@ absl::Status Run(const InitModelCommandOptions& o) {
   config.bos_token_id = tokenizer.bos_id() >= 0 ? tokenizer.bos_id() : eos;
   config.eos_token_ids.clear();
   if (eos >= 0) config.eos_token_ids.push_back(eos);
-  const common::LlamaWeights weights = common::LlamaWeights::Random(config, o.seed, o.init_std);
+  ASSIGN_OR_RETURN(const common::DType dtype, common::ParseDType(o.dtype));
+  const common::LlamaWeights weights =
+      common::LlamaWeights::Random(config, o.seed, o.init_std, dtype);
   RETURN_IF_ERROR(common::BuildDirectoryAtomically(
       o.out, o.overwrite, [&](const std::filesystem::path& dir) -> absl::Status {
-        RETURN_IF_ERROR(weights.WriteInto(dir, common::DType::kF32));
+        RETURN_IF_ERROR(weights.WriteInto(dir));
         for (const auto& [name, text] : tokenizer_files)
           RETURN_IF_ERROR(common::WriteFileSynced(dir / name, text));
         return absl::OkStatus();
       }));
-  std::printf("wrote %s: %s preset, %zu parameters, vocabulary %d (%s)\n", o.out.c_str(),
-              o.preset.c_str(), weights.num_parameters(), config.vocab_size,
+  std::printf("wrote %s: %s preset, %zu parameters in %s, vocabulary %d (%s)\n", o.out.c_str(),
+              o.preset.c_str(), weights.num_parameters(), o.dtype.c_str(), config.vocab_size,
               o.tokenizer.empty() ? common::StrCat(o.merges, " merges").c_str()
                                   : ("tokenizer of " + o.tokenizer).c_str());
   return absl::OkStatus();
@@ -128,6 +130,9 @@ void AddInitModelCommand(CLI::App& app) {
   cmd->add_option("--init-std", o->init_std, "standard deviation of linears and embeddings")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--dtype", o->dtype, "f32, bf16 or f16: the type the weights are stored in")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
   cmd->add_option("--tokenizer-corpus", o->corpus,
                   "JSONL whose text fields the tokenizer's BPE merges are learned from");
   cmd->add_option("--merges", o->merges, "BPE merges to learn (0: bytes only)")

@@ -19,7 +19,8 @@ struct InitModelCommandOptions {
   uint64_t seed = 0;       // the weights' random seed
   int merges = 0;          // BPE merges to learn (0: bytes only)
   float init_std = 0.02f;  // standard deviation of the linears and embeddings
-  bool overwrite = false;  // replace `out` if it exists
+  std::string dtype = "f32";  // of the stored weights: "f32", "bf16" or "f16"
+  bool overwrite = false;     // replace `out` if it exists
 };
 
 // Writes the checkpoint atomically and prints what it wrote.

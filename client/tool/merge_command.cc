@@ -13,7 +13,10 @@ absl::Status Run(const MergeCommandOptions& o) {
   ASSIGN_OR_RETURN(common::LlamaWeights weights, common::LlamaWeights::Read(o.model));
   ASSIGN_OR_RETURN(const common::Adapter adapter, common::ReadPeftAdapter(o.adapter));
   RETURN_IF_ERROR(weights.Merge(adapter));
-  ASSIGN_OR_RETURN(const common::DType dtype, common::ParseDType(o.dtype));
+  std::optional<common::DType> dtype;
+  if (!o.dtype.empty()) {
+    ASSIGN_OR_RETURN(dtype, common::ParseDType(o.dtype));
+  }
   RETURN_IF_ERROR(weights.WriteModelDirectory(o.out, o.model, dtype, o.overwrite));
   std::printf("wrote %s: %s with %zu adapter modules merged\n", o.out.c_str(), o.model.c_str(),
               adapter.num_modules());
@@ -27,8 +30,7 @@ void AddMergeCommand(CLI::App& app) {
   cmd->add_option("--model", o->model, "Hugging Face model directory")->required();
   cmd->add_option("--adapter", o->adapter, "PEFT adapter directory")->required();
   cmd->add_option("--out", o->out, "model directory to write")->required();
-  cmd->add_option("--dtype", o->dtype, "f32, bf16 or f16")
-      ->capture_default_str()
+  cmd->add_option("--dtype", o->dtype, "f32, bf16 or f16 (default: the model's own type)")
       ->check(CLI::IsMember({"f32", "bf16", "f16"}));
   cmd->add_flag("--overwrite", o->overwrite, "replace --out if it exists");
   cmd->callback([o] { ExitIfError(Run(*o)); });

@@ -9,11 +9,11 @@
 namespace fedlora::tool {
 
 struct MergeCommandOptions {
-  std::string model;          // Hugging Face model directory (required)
-  std::string adapter;        // PEFT adapter directory (required)
-  std::string out;            // model directory to write (required)
-  std::string dtype = "f32";  // of the written weights: "f32", "bf16" or "f16"
-  bool overwrite = false;     // replace `out` if it exists
+  std::string model;       // Hugging Face model directory (required)
+  std::string adapter;     // PEFT adapter directory (required)
+  std::string out;         // model directory to write (required)
+  std::string dtype;       // of the written weights: "f32", "bf16" or "f16"; empty: the model's
+  bool overwrite = false;  // replace `out` if it exists
 };
 
 // Writes W0 + s·B·A per adapted module; the tokenizer and the model's other files travel along.

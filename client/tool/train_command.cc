@@ -9,6 +9,7 @@
 
 #include "client/tool/commands.h"
 #include "client/tool/llm_inputs.h"
+#include "common/base/proc_stats.h"
 #include "common/base/status_macros.h"
 #include "common/privacy/privacy_accountant.h"
 #include "common/tensor/peft.h"
@@ -117,6 +118,9 @@ absl::Status Run(const TrainCommandOptions& o) {
                             {"tokens", result.tokens},
                             {"seconds", result.seconds},
                             {"tokens_per_second", result.tokens_per_second()},
+                            // the resident set's peak: the checkpoint's pages and the workspace
+                            {"peak_rss_bytes", common::StatusBytes("VmHWM:")},
+                            {"workspace_bytes", result.workspace_bytes},
                             {"adapter", o.out}};
   if (t.dp.noise_multiplier >= 0) RETURN_IF_ERROR(ReportPrivacy(o, t, result, summary));
   std::printf("trained %lld steps in %.2f s (%.1f tokens/s): loss %.6f -> %.6f; adapter in %s\n",
@@ -163,6 +167,9 @@ void AddTrainCommand(CLI::App& app) {
   auto* epochs = cmd->add_option("--epochs", o->train.epochs, "passes over the data");
   steps->excludes(epochs);
   cmd->add_option("--lr", o->train.lr, "peak learning rate")->capture_default_str();
+  cmd->add_flag("--checkpoint-activations", o->train.checkpoint_activations,
+                "keep only each layer's input and recompute its activations in the backward "
+                "(less memory for long sequences, one more forward per step)");
   cmd->add_option("--grad-accum", o->train.grad_accum, "micro-batches per step")
       ->capture_default_str();
   cmd->add_option("--weight-decay", o->train.weight_decay, "AdamW weight decay")
@@ -191,8 +198,8 @@ void AddTrainCommand(CLI::App& app) {
   cmd->add_option("--target-epsilon", o->target_epsilon,
                   "DP-SGD: choose the noise multiplier that spends this epsilon over --steps");
   cmd->add_flag("--json", o->json,
-                "end with a JSON line: tokens_per_second, final_loss, steps, tokens, seconds (and "
-                "epsilon with DP-SGD)");
+                "end with a JSON line: tokens_per_second, final_loss, steps, tokens, seconds, "
+                "peak_rss_bytes, workspace_bytes (and epsilon with DP-SGD)");
   cmd->callback([o] { ExitIfError(Run(*o)); });
 }
 

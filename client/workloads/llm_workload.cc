@@ -58,6 +58,7 @@ absl::StatusOr<v1::TrainMetrics> LlmWorkload::Train(const v1::Task& task,
   o.schedule = common::Schedule::kConstant;  // each round continues one run; no per-round decay
   o.seed = task.settings().seed();
   o.threads = options_.threads;
+  o.checkpoint_activations = options_.checkpoint_activations;
   // DP-SGD: the client's ledger says whether its budget allows this round.
   std::optional<PrivacyLedger> ledger;
   if (options_.privacy.enabled()) {
@@ -114,8 +115,8 @@ absl::Status LlmWorkload::MergeIntoBase(const common::Adapter& delta) {
 }
 
 absl::Status LlmWorkload::WriteFinalState(const std::filesystem::path& dir) const {
-  return model_.weights.WriteModelDirectory(dir / "model", options_.model_dir, common::DType::kF32,
-                                            /*overwrite=*/true);
+  return model_.weights.WriteModelDirectory(dir / "model", options_.model_dir,
+                                            /*dtype=*/std::nullopt, /*overwrite=*/true);
 }
 
 }  // namespace fedlora::client

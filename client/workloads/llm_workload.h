@@ -20,13 +20,14 @@
 namespace fedlora::client {
 
 struct LlmOptions {
-  std::string model_dir;   // Hugging Face model directory
-  std::string data;        // the site's JSONL
-  int max_length = 256;    // tokens per record (longer records are truncated)
-  int batch = 4;           // records per micro-batch
-  int grad_accum = 1;      // micro-batches per optimiser step
-  int eval_examples = 64;  // records whose loss is reported before and after training
-  int threads = 0;         // 0: all cores
+  std::string model_dir;                // Hugging Face model directory
+  std::string data;                     // the site's JSONL
+  int max_length = 256;                 // tokens per record (longer records are truncated)
+  int batch = 4;                        // records per micro-batch
+  int grad_accum = 1;                   // micro-batches per optimiser step
+  int eval_examples = 64;               // records whose loss is reported before and after training
+  int threads = 0;                      // 0: all cores
+  bool checkpoint_activations = false;  // recompute each layer's activations in the backward
   // DP-SGD (common/trainer.h), with the client's own ledger (privacy_ledger.h).
   DpSgdSettings privacy;
 };

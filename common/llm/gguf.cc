@@ -153,7 +153,7 @@ void GgufWriter::Set(const std::string& key, GgufValue value) {
 }
 
 absl::Status GgufWriter::AddTensor(const std::string& name, std::vector<int64_t> shape,
-                                   std::span<const float> values, GgmlType type) {
+                                   StoredSpan values, GgmlType type) {
   if (name.empty() || name.size() > kMaxNameBytes)
     return absl::InvalidArgumentError(StrCat("GGUF tensor name '", name, "' has ", name.size(),
                                              " bytes; llama.cpp takes 1 to ", kMaxNameBytes));
@@ -202,10 +202,12 @@ absl::Status GgufWriter::Write(std::FILE* file) const {
     return ok;
   };
   bool ok = flush();
+  std::vector<float> row;
   for (const Tensor& t : tensors_) {
-    const int64_t cols = t.shape.back();
-    for (size_t r = 0; ok && r < t.values.size(); r += static_cast<size_t>(cols)) {
-      EncodeGgmlRow(t.type, t.values.subspan(r, static_cast<size_t>(cols)), bytes);
+    row.resize(static_cast<size_t>(t.shape.back()));
+    for (size_t r = 0; ok && r < t.values.size(); r += row.size()) {
+      t.values.subspan(r, row.size()).ToF32(row);
+      EncodeGgmlRow(t.type, row, bytes);
       if (bytes.size() >= (1 << 22)) ok = flush();
     }
     bytes.append(Align(t.bytes) - t.bytes, '\0');  // the next tensor starts aligned

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/tensor/dtype.h"
 
 namespace fedlora::common {
 
@@ -39,11 +40,11 @@ class GgufWriter {
   // Metadata, written in the order set; a key set twice keeps its last value.
   void Set(const std::string& key, GgufValue value);
   // A tensor of `shape` in PyTorch's order (row-major, the last dimension contiguous), which
-  // `values` (kept alive by the caller until Write) holds as floats, stored as `type`. Refused: a
+  // `values` (kept alive by the caller until Write; any DType) holds, stored as `type`. Refused: a
   // name given twice or longer than llama.cpp's 63 bytes, a size that does not match, and Q8_0 for
   // rows that are not a multiple of 32 values.
-  absl::Status AddTensor(const std::string& name, std::vector<int64_t> shape,
-                         std::span<const float> values, GgmlType type);
+  absl::Status AddTensor(const std::string& name, std::vector<int64_t> shape, StoredSpan values,
+                         GgmlType type);
   // The whole file into `out`.
   absl::Status Write(std::FILE* out) const;
   size_t num_tensors() const { return tensors_.size(); }
@@ -52,7 +53,7 @@ class GgufWriter {
   struct Tensor {
     std::string name;
     std::vector<int64_t> shape;
-    std::span<const float> values;
+    StoredSpan values;
     GgmlType type;
     uint64_t offset;  // in the data section
     uint64_t bytes;

@@ -1,6 +1,7 @@
 #include "common/llm/gguf_export.h"
 
 #include <algorithm>
+#include <cstring>
 #include <map>
 #include <unordered_map>
 
@@ -126,14 +127,16 @@ bool IsByteToken(const std::string& t) {
 // Rows of a q or k projection (or its bias, or a LoRA B), `heads` heads of head_dim rows each,
 // from rotate_half's order (first halves, then second halves of each head) to the interleaved
 // order llama.cpp's llama architecture rotates in: convert_hf_to_gguf.py's permute().
-std::vector<float> PermuteHeads(std::span<const float> w, int heads, int64_t cols) {
-  std::vector<float> out(w.size());
+std::vector<std::byte> PermuteHeads(StoredSpan w, int heads, int64_t cols) {
+  std::vector<std::byte> out(w.size_bytes());
   const int64_t rows = static_cast<int64_t>(w.size()) / cols, half = rows / heads / 2;
+  const size_t row_bytes = static_cast<size_t>(cols) * DTypeSize(w.dtype());
+  const auto* in = static_cast<const std::byte*>(w.data());
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t i = 0; i < half; ++i)
       for (int64_t j = 0; j < 2; ++j)
-        std::copy_n(w.data() + ((h * 2 + j) * half + i) * cols, cols,
-                    out.data() + ((h * half + i) * 2 + j) * cols);
+        std::memcpy(out.data() + ((h * half + i) * 2 + j) * row_bytes,
+                    in + ((h * 2 + j) * half + i) * row_bytes, row_bytes);
   return out;
 }
 
@@ -468,17 +471,17 @@ absl::StatusOr<GgufExport> WriteModel(ModelFile& file, const LlamaWeights& weigh
     RETURN_IF_ERROR(gguf.AddTensor("rope_freqs.weight", {static_cast<int64_t>(rope_factors.size())},
                                    rope_factors, GgmlType::kF32));
   }
-  std::vector<std::vector<float>> permuted;  // the q and k tensors, reordered
+  std::vector<std::vector<std::byte>> permuted;  // the q and k tensors, reordered
   for (const TensorToWrite& t : weights.Tensors()) {
     const std::string name = GgufTensorName(t.name);
     if (name.empty())
       return absl::FailedPreconditionError(StrCat("the model's tensor '", t.name,
                                                   "' has no counterpart in llama.cpp's ",
                                                   file.arch.name, " architecture"));
-    std::span<const float> values = t.data;
+    StoredSpan values = t.data;
     if (const int heads = PermutedHeads(config, name); file.arch.permute_qk && heads > 0) {
       permuted.push_back(PermuteHeads(values, heads, t.shape.size() == 2 ? t.shape[1] : 1));
-      values = permuted.back();
+      values = {permuted.back().data(), values.dtype(), values.size()};
     }
     GgmlType stored = t.shape.size() == 1 ? GgmlType::kF32 : type;
     if (stored == GgmlType::kQ8_0 && t.shape.back() % kQ8_0Block != 0) stored = GgmlType::kF16;
@@ -554,8 +557,8 @@ absl::StatusOr<GgufExport> ExportLoraGguf(const fs::path& model_dir, const Adapt
     const std::span<float> a(lora.A(i).data(), static_cast<size_t>(lora.A(i).size()));
     const std::span<float> b(lora.B(i).data(), static_cast<size_t>(lora.B(i).size()));
     if (const int heads = PermutedHeads(config, base); arch.permute_qk && heads > 0) {
-      const std::vector<float> rows = PermuteHeads(b, heads, m.rank);  // B is this copy's
-      std::copy(rows.begin(), rows.end(), b.begin());
+      const std::vector<std::byte> rows = PermuteHeads(b, heads, m.rank);  // B is this copy's
+      std::memcpy(b.data(), rows.data(), rows.size());
     }
     RETURN_IF_ERROR(gguf.AddTensor(base + ".lora_a", {m.rank, m.in_features}, a, GgmlType::kF32));
     RETURN_IF_ERROR(gguf.AddTensor(base + ".lora_b", {m.out_features, m.rank}, b, GgmlType::kF32));

@@ -34,6 +34,59 @@ void MatMulNT(ThreadPool& pool, const float* x, const float* w, float* y, int64_
   }
 }
 
+void GemmStored(bool tw, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                StoredSpan w, int64_t ldw, float beta, float* c, int64_t ldc) {
+  if (w.dtype() == DType::kF32) {
+    Gemm(false, tw, m, n, k, alpha, a, lda, w.f32().data(), ldw, beta, c, ldc);
+    return;
+  }
+  thread_local std::vector<float> panel;
+  if (tw) {  // W [n, k]: panels of its rows, each a block of C's columns
+    const int64_t step = std::max<int64_t>(1, kWeightPanel / k);
+    panel.resize(static_cast<size_t>(std::min(step, n) * k));
+    for (int64_t j0 = 0; j0 < n; j0 += step) {
+      const int64_t nj = std::min(step, n - j0);
+      for (int64_t j = 0; j < nj; ++j)
+        w.subspan(static_cast<size_t>((j0 + j) * ldw), static_cast<size_t>(k))
+            .ToF32(std::span(panel).subspan(static_cast<size_t>(j * k), static_cast<size_t>(k)));
+      Gemm(false, true, m, nj, k, alpha, a, lda, panel.data(), k, beta, c + j0, ldc);
+    }
+  } else {  // W [k, n]: panels of its rows, each a slice of the inner dimension added into C
+    const int64_t step = std::max<int64_t>(1, kWeightPanel / n);
+    panel.resize(static_cast<size_t>(std::min(step, k) * n));
+    for (int64_t i0 = 0; i0 < k; i0 += step) {
+      const int64_t ni = std::min(step, k - i0);
+      for (int64_t i = 0; i < ni; ++i)
+        w.subspan(static_cast<size_t>((i0 + i) * ldw), static_cast<size_t>(n))
+            .ToF32(std::span(panel).subspan(static_cast<size_t>(i * n), static_cast<size_t>(n)));
+      Gemm(false, false, m, n, ni, alpha, a + i0, lda, panel.data(), n, i0 == 0 ? beta : 1.0f, c,
+           ldc);
+    }
+  }
+}
+
+// Stored weights split the output columns whatever the rows, so each panel is converted once.
+void MatMulNT(ThreadPool& pool, const float* x, StoredSpan w, float* y, int64_t rows, int64_t n,
+              int64_t m, float alpha, bool accumulate) {
+  if (w.dtype() == DType::kF32)
+    return MatMulNT(pool, x, w.f32().data(), y, rows, n, m, alpha, accumulate);
+  ForBlocks(pool, m, kColumnBlock, [&](int64_t c0, int64_t c1) {
+    GemmStored(true, rows, c1 - c0, n, alpha, x, n,
+               w.subspan(static_cast<size_t>(c0 * n), static_cast<size_t>((c1 - c0) * n)), n,
+               accumulate ? 1.0f : 0.0f, y + c0, m);
+  });
+}
+
+void MatMulNN(ThreadPool& pool, const float* x, StoredSpan w, float* y, int64_t rows, int64_t m,
+              int64_t n, bool accumulate) {
+  if (w.dtype() == DType::kF32) return MatMulNN(pool, x, w.f32().data(), y, rows, m, n, accumulate);
+  ForBlocks(pool, n, kColumnBlock, [&](int64_t c0, int64_t c1) {
+    GemmStored(false, rows, c1 - c0, m, 1.0f, x, m,
+               w.subspan(static_cast<size_t>(c0), w.size() - static_cast<size_t>(c0)), n,
+               accumulate ? 1.0f : 0.0f, y + c0, n);
+  });
+}
+
 void MatMulNN(ThreadPool& pool, const float* x, const float* w, float* y, int64_t rows, int64_t m,
               int64_t n, bool accumulate) {
   const float beta = accumulate ? 1.0f : 0.0f;
@@ -61,9 +114,10 @@ void MatMulTN(ThreadPool& pool, const float* x, const float* y, float* g, int64_
   }
 }
 
-void EmbeddingForward(const int32_t* ids, int64_t count, const float* table, int hidden, float* x) {
+void EmbeddingForward(const int32_t* ids, int64_t count, StoredSpan table, int hidden, float* x) {
   for (int64_t i = 0; i < count; ++i)
-    std::copy_n(table + static_cast<int64_t>(ids[i]) * hidden, hidden, x + i * hidden);
+    table.subspan(static_cast<size_t>(ids[i]) * hidden, static_cast<size_t>(hidden))
+        .ToF32(std::span(x + i * hidden, static_cast<size_t>(hidden)));
 }
 
 absl::StatusOr<std::vector<Linear>> ModelLinears(const LlamaWeights& weights,

@@ -22,25 +22,38 @@ namespace fedlora::common {
 // own split would change the products' bits with its number of threads.
 void UseOneBlasThread();
 
+// C = alpha·A·op(W) + beta·C on this thread, op transposing when tw; C is m×n, the inner size k.
+// W may be stored in any DType: f16 and bf16 are converted exactly to f32 in panels of at most
+// kWeightPanel elements into the thread's scratch, each panel multiplied on OpenBLAS's sgemm, so
+// the product is the f32 product with those weights (a panel costs its conversion once for all m
+// rows).
+inline constexpr int64_t kWeightPanel = int64_t{1} << 20;
+void GemmStored(bool tw, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                StoredSpan w, int64_t ldw, float beta, float* c, int64_t ldc);
+
 // Y (+)= alpha·X·Wᵀ.  X [rows, n], W [m, n], Y [rows, m].
 void MatMulNT(ThreadPool& pool, const float* x, const float* w, float* y, int64_t rows, int64_t n,
               int64_t m, float alpha, bool accumulate);
+void MatMulNT(ThreadPool& pool, const float* x, StoredSpan w, float* y, int64_t rows, int64_t n,
+              int64_t m, float alpha, bool accumulate);
 // Y (+)= X·W.  X [rows, m], W [m, n], Y [rows, n].
 void MatMulNN(ThreadPool& pool, const float* x, const float* w, float* y, int64_t rows, int64_t m,
+              int64_t n, bool accumulate);
+void MatMulNN(ThreadPool& pool, const float* x, StoredSpan w, float* y, int64_t rows, int64_t m,
               int64_t n, bool accumulate);
 // G += alpha·Xᵀ·Y.  X [rows, a], Y [rows, b], G [a, b].
 void MatMulTN(ThreadPool& pool, const float* x, const float* y, float* g, int64_t rows, int64_t a,
               int64_t b, float alpha);
 
 // x[n] = the embedding of ids[n].  table [V, H], x [count, H].
-void EmbeddingForward(const int32_t* ids, int64_t count, const float* table, int hidden, float* x);
+void EmbeddingForward(const int32_t* ids, int64_t count, StoredSpan table, int hidden, float* x);
 
 // A linear of the model with its adapter module, if any: y = x·Wᵀ + bias + s·B·A·x (LoRA, Hu et
 // al. 2021), or + s·B·R·A·x (LoRA-SB, Ponkshe et al. 2024), all views into the weights and the
 // adapter.
 struct Linear {
   int64_t in = 0, out = 0;
-  const float* w = nullptr;     // [out, in]
+  StoredSpan w;                 // [out, in], as the checkpoint stores it
   const float* bias = nullptr;  // [out], or null
   int module = -1;              // the adapter's module, or -1 (then the rest is unset)
   int64_t rank = 0;

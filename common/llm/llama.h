@@ -30,6 +30,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -51,15 +52,20 @@ inline constexpr char kModelIndexFile[] = "model.safetensors.index.json";
 // model.safetensors.index.json lists (each a file name in `dir`).
 absl::StatusOr<std::vector<std::filesystem::path>> WeightFiles(const std::filesystem::path& dir);
 
-// The frozen weights of a checkpoint.
+// The frozen weights of a checkpoint. The matrices (linears, embeddings, LM head) stay in the
+// checkpoint's type (f32, bf16 or f16), memory-mapped from its files: a model takes the memory of
+// its checkpoint, and pages are shared with every process mapping the same files. The vectors
+// (norms, biases) are held as f32. Copies share the mapped files; only what Merge changes is owned.
+// The files must not be truncated or rewritten in place while mapped (replacing them by rename,
+// as every fedlora writer does, is safe).
 class LlamaWeights {
  public:
-  // Reads <dir>/config.json and the weights from model.safetensors or the shards listed in
-  // model.safetensors.index.json (F32, F16 or BF16; converted to f32). Before the buffer is
-  // allocated (only the table of names and shapes, bounded by the config's caps, is built), every
-  // tensor config.json implies is looked up in the safetensors headers: a missing, misshapen or
-  // unexpected tensor (e.g. a bias) is refused by name, with what config.json says and what the
-  // checkpoint has.
+  // Reads <dir>/config.json and maps the weights of model.safetensors or of the shards listed in
+  // model.safetensors.index.json (F32, F16 or BF16; a tensor whose offset is not aligned to its
+  // type is copied instead). Before any weight is read (only the table of names and shapes, bounded
+  // by the config's caps, is built), every tensor config.json implies is looked up in the
+  // safetensors headers: a missing, misshapen or unexpected tensor (e.g. a bias) is refused by
+  // name, with what config.json says and what the checkpoint has; NaN or Inf weights are refused.
   static absl::StatusOr<LlamaWeights> Read(const std::filesystem::path& dir);
 
   // Read's checks alone, reading config.json and the safetensors headers, no weights: the model's
@@ -67,31 +73,38 @@ class LlamaWeights {
   static absl::StatusOr<ModelSize> Check(const std::filesystem::path& dir);
 
   // A randomly initialised model as transformers initialises one: linears and embeddings
-  // N(0, std²) (transformers' initializer_range, 0.02), norms 1. Deterministic in `seed`.
-  static LlamaWeights Random(const LlamaConfig& config, uint64_t seed, float std = 0.02f);
+  // N(0, std²) (transformers' initializer_range, 0.02), norms 1. Deterministic in `seed`; the
+  // matrices are held rounded to `dtype`.
+  static LlamaWeights Random(const LlamaConfig& config, uint64_t seed, float std = 0.02f,
+                             DType dtype = DType::kF32);
 
-  // Folds an adapter into the weights: W ← W + s·B·A (s·B·R·A for LoRA-SB), in float64. Refuses
-  // an adapter whose modules are not linears of this model, and changes nothing then.
+  // Folds an adapter into the weights: W ← W + s·B·A (s·B·R·A for LoRA-SB), in float64; the
+  // changed matrices are held as f32 from then on (repeated merges do not round each time).
+  // Refuses an adapter whose modules are not linears of this model, and changes nothing then.
   absl::Status Merge(const Adapter& adapter);
 
-  // Writes config.json and model.safetensors into `dir` (which must exist), each fsynced.
-  absl::Status WriteInto(const std::filesystem::path& dir, DType dtype,
+  // Writes config.json and model.safetensors into `dir` (which must exist), each fsynced, the
+  // matrices in `dtype` (the checkpoint's type when unset).
+  absl::Status WriteInto(const std::filesystem::path& dir, std::optional<DType> dtype = {},
                          Env* env = Env::Default()) const;
 
   // Writes a whole model directory atomically: these weights, plus every other file of
   // `companion_dir` (tokenizer.json, generation_config.json, ...) but its weights and config.
   absl::Status WriteModelDirectory(const std::filesystem::path& dir,
-                                   const std::filesystem::path& companion_dir, DType dtype,
-                                   bool overwrite, Env* env = Env::Default()) const;
+                                   const std::filesystem::path& companion_dir,
+                                   std::optional<DType> dtype, bool overwrite,
+                                   Env* env = Env::Default()) const;
 
-  // The tensors under their Hugging Face names (views into this object).
+  // The tensors under their Hugging Face names, as held (views into this object).
   std::vector<TensorToWrite> Tensors() const;
 
   const LlamaConfig& config() const { return config_; }
-  const float* embed() const { return at(embed_); }                           // [V, H]
+  // The type the checkpoint stores its matrices in (Random's dtype).
+  DType dtype() const { return dtype_; }
+  StoredSpan embed() const { return matrix(embed_); }                         // [V, H]
   const float* input_norm(int l) const { return at(layers_[l].input_norm); }  // [H]
-  const float* linear(int l, LinearKind k) const {                            // [out, in]
-    return at(layers_[l].linear[static_cast<int>(k)]);
+  StoredSpan linear(int l, LinearKind k) const {                              // [out, in]
+    return matrix(layers_[l].linear[static_cast<int>(k)]);
   }
   const float* bias(int l, LinearKind k) const {  // [out], or null without one
     return at(layers_[l].bias[static_cast<int>(k)]);
@@ -100,14 +113,18 @@ class LlamaWeights {
   const float* k_norm(int l) const { return at(layers_[l].k_norm); }        // [D], or null
   const float* post_norm(int l) const { return at(layers_[l].post_norm); }  // [H]
   const float* final_norm() const { return at(final_norm_); }               // [H]
-  const float* lm_head() const { return at(lm_head_); }                     // [V, H]
-  size_t num_parameters() const { return buffer_.size(); }
+  StoredSpan lm_head() const { return matrix(lm_head_); }                   // [V, H]
+  size_t num_parameters() const { return parameters_; }
 
  private:
   struct Entry {
     std::string name;
     std::vector<int64_t> shape;
-    size_t offset = 0;  // in floats
+    size_t elements = 0;
+    DType dtype = DType::kF32;          // as held: a matrix's stored type, f32 for a vector
+    const std::byte* mapped = nullptr;  // in files_, or null: owned_ from `offset` (bytes)
+    size_t offset = 0;
+    bool matrix() const { return shape.size() == 2; }
   };
   // Table entries of a decoder layer; -1 where the architecture has no such tensor.
   struct LayerEntries {
@@ -123,17 +140,27 @@ class LlamaWeights {
   // The table of `config`'s tensors; the buffer is left to Random and Read.
   explicit LlamaWeights(const LlamaConfig& config);
   absl::StatusOr<Checkpoint> Match(const std::filesystem::path& dir) const;
-  const float* at(int entry) const {
-    return entry < 0 ? nullptr : buffer_.data() + table_[entry].offset;
+  const std::byte* bytes(int entry) const {
+    if (entry < 0) return nullptr;
+    const Entry& e = table_[static_cast<size_t>(entry)];
+    return e.mapped != nullptr ? e.mapped : owned_.data() + e.offset;
   }
-  float* at(int entry) { return entry < 0 ? nullptr : buffer_.data() + table_[entry].offset; }
+  StoredSpan matrix(int entry) const {
+    const Entry& e = table_[static_cast<size_t>(entry)];
+    return {bytes(entry), e.dtype, e.elements};
+  }
+  const float* at(int entry) const { return reinterpret_cast<const float*>(bytes(entry)); }
+  // Owned room for `bytes` more, at the returned offset (a multiple of 64).
+  size_t Own(size_t bytes);
 
   LlamaConfig config_;
+  DType dtype_ = DType::kF32;
   std::vector<Entry> table_;  // in Hugging Face's state-dict order
   int embed_ = -1, final_norm_ = -1, lm_head_ = -1;
   std::vector<LayerEntries> layers_;
-  size_t floats_ = 0;  // what the table needs of the buffer
-  std::vector<float> buffer_;
+  size_t parameters_ = 0;
+  std::shared_ptr<const std::vector<SafetensorsFile>> files_;  // what the mapped entries point into
+  std::vector<std::byte> owned_;
 };
 
 // One batch of token sequences, right-padded to a common length.
@@ -162,7 +189,10 @@ class LlamaRunner {
     int max_batch = 1;
     int max_seq = 128;
     bool training = false;  // keep every layer's activations for ForwardBackward
-    int threads = 0;        // 0: the machine's cores
+    // With training: keep only each layer's input and recompute the layer's activations in the
+    // backward pass (one more forward per step; activation memory of one layer, not all of them).
+    bool checkpoint_activations = false;
+    int threads = 0;  // 0: the machine's cores
   };
 
   // `weights` and `adapter` (null for the base model) must outlive the runner. Every adapter module
@@ -174,6 +204,9 @@ class LlamaRunner {
 
   // The summed cross-entropy of the batch's targets.
   absl::StatusOr<LossSum> Forward(const TokenBatch& batch);
+
+  // Bytes of the workspace (activations, their gradients, scratch), allocated at Create.
+  size_t workspace_bytes() const;
 
   // The logits of the token after `ids` (one sequence, up to max_seq tokens): the LM head's output
   // at the last position, [vocab_size]. The whole sequence goes through the forward (no cache).

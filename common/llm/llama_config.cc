@@ -585,9 +585,9 @@ LlamaConfig Sized(LlamaConfig c, int hidden, int intermediate, int layers, int h
 }
 
 // Each family's variation, as its checkpoints configure it.
-LlamaConfig Llama3(LlamaConfig c, int original_context) {
+LlamaConfig Llama3(LlamaConfig c, int original_context, double factor = 32) {
   c.rope_theta = 500000;
-  c.rope_scaling = {RopeScaling::Type::kLlama3, 32, 1, 4, original_context};
+  c.rope_scaling = {RopeScaling::Type::kLlama3, factor, 1, 4, original_context};
   return c;
 }
 LlamaConfig Qwen(LlamaConfig c, const char* model_type) {
@@ -628,6 +628,14 @@ constexpr Preset kPresets[] = {
      }},
     {"llama-3.2-1b",
      [] { return Llama3(Sized(Tiny(), 2048, 8192, 16, 32, 8, 64, 128256, 131072), 8192); }},
+    {"llama-3.2-3b",
+     [] { return Llama3(Sized(Tiny(), 3072, 8192, 28, 24, 8, 128, 128256, 131072), 8192); }},
+    {"llama-3.1-8b",
+     [] {
+       LlamaConfig c = Llama3(Sized(Tiny(), 4096, 14336, 32, 32, 8, 128, 128256, 131072), 8192, 8);
+       c.tie_word_embeddings = false;
+       return c;
+     }},
     {"qwen2.5-0.5b",
      [] { return Qwen(Sized(Tiny(), 896, 4864, 24, 14, 2, 64, 151936, 32768), "qwen2"); }},
     {"qwen3-0.6b",

@@ -41,6 +41,12 @@ class LlamaRunner::Impl {
              c_.vocab_size, 1.0f, false);
     return logits;
   }
+  size_t workspace_bytes() const {
+    size_t floats = acts_.size() + lora_ur_.size() + du_.size() + du2_.size();
+    for (const AlignedFloats& u : lora_u_) floats += u.size();
+    for (const AlignedFloats& s : scratch_) floats += s.size();
+    return floats * sizeof(float);
+  }
   // out ([out, in]) += the rows' weight gradient dyᵀ·x.
   void AddWeightGradient(const GradientRows& g, float* out) {
     MatMulTN(pool_, g.dy, g.x, out, g.rows, LinearOut(c_, g.kind), LinearIn(c_, g.kind), 1.0f);
@@ -99,11 +105,12 @@ class LlamaRunner::Impl {
   int64_t N_ = 0;
   const Sink* sink_ = nullptr;  // weight gradients' consumer, or null
 
-  AlignedFloats acts_;         // all saved activations, each buffer aligned
-  std::vector<Layer> layers_;  // L slots when training, else 1
-  float* x_out_ = nullptr;     // [N, H] output of the last layer
-  float* rmsf_ = nullptr;      // [N]
-  float* hf_ = nullptr;        // [N, H] final-norm output
+  AlignedFloats acts_;          // all saved activations, each buffer aligned
+  std::vector<Layer> layers_;   // L slots when training, else 1
+  std::vector<float*> inputs_;  // [L] of [N, H]: each layer's input, with checkpointing
+  float* x_out_ = nullptr;      // [N, H] output of the last layer
+  float* rmsf_ = nullptr;       // [N]
+  float* hf_ = nullptr;         // [N, H] final-norm output
   // Backward scratch.
   float *dres_ = nullptr, *dh_ = nullptr, *dq_ = nullptr, *dk_ = nullptr, *dv_ = nullptr,
         *datt_ = nullptr, *dgate_ = nullptr, *dup_ = nullptr, *dact_ = nullptr;
@@ -148,14 +155,20 @@ absl::Status LlamaRunner::Impl::Init() {
   }
   if (lora_sb) lora_ur_.assign(static_cast<size_t>(N * max_rank), 0.0f);
 
-  // Workspace: every buffer a slice of acts_, each starting aligned.
-  const int slots = opt_.training ? L : 1;
+  // Workspace: every buffer a slice of acts_, each starting aligned. Training keeps every layer's
+  // activations, or with checkpointing every layer's input and one layer's activations.
+  const bool all_layers = opt_.training && !opt_.checkpoint_activations;
+  const int slots = all_layers ? L : 1;
   const int Hq = c_.num_attention_heads, Hkv = c_.num_key_value_heads;
   std::vector<std::pair<float**, int64_t>> plan;  // buffer, its floats
   auto take = [&](float*& buffer, int64_t n) { plan.push_back({&buffer, n}); };
   layers_.resize(static_cast<size_t>(slots));
+  if (opt_.training && opt_.checkpoint_activations) {
+    inputs_.resize(static_cast<size_t>(L));
+    for (float*& x : inputs_) take(x, N * H);
+  }
   for (Layer& Ls : layers_) {
-    take(Ls.x, N * H);
+    if (inputs_.empty()) take(Ls.x, N * H);
     take(Ls.rms1, N);
     take(Ls.h1, N * H);
     take(Ls.q, N * Q);
@@ -244,7 +257,7 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
   const int64_t rows = static_cast<int64_t>(head_rows_.size());
   std::vector<double>& loss = head_loss_;
   loss.assign(static_cast<size_t>(rows), 0.0);
-  const float* E = w_.lm_head();
+  const StoredSpan E = w_.lm_head();
   const int64_t chunks = (rows + kHeadChunk - 1) / kHeadChunk;
   pool_.For(static_cast<size_t>(chunks), [&](size_t chunk, int thread) {
     const int64_t r0 = static_cast<int64_t>(chunk) * kHeadChunk;
@@ -252,7 +265,7 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
     float* logits = scratch_[static_cast<size_t>(thread)].data();  // [rn, V]
     float* hc = logits + static_cast<int64_t>(kHeadChunk) * V;     // [rn, H]
     for (int64_t i = 0; i < rn; ++i) std::copy_n(hf + head_rows_[r0 + i] * H, H, hc + i * H);
-    Gemm(false, true, rn, V, H, 1.0f, hc, H, E, H, 0.0f, logits, V);
+    GemmStored(true, rn, V, H, 1.0f, hc, H, E, H, 0.0f, logits, V);
     for (int64_t i = 0; i < rn; ++i) {
       Eigen::Map<Eigen::ArrayXf> row(logits + i * V, V);
       const int32_t target = labels[head_rows_[r0 + i] + 1];
@@ -265,7 +278,7 @@ LossSum LlamaRunner::Impl::Head(const float* hf, const int32_t* labels, bool bac
       }
     }
     if (backward) {
-      Gemm(false, false, rn, H, V, 1.0f, logits, V, E, H, 0.0f, hc, H);
+      GemmStored(false, rn, H, V, 1.0f, logits, V, E, H, 0.0f, hc, H);
       for (int64_t i = 0; i < rn; ++i) std::copy_n(hc + i * H, H, dhf + head_rows_[r0 + i] * H);
     }
   });
@@ -389,12 +402,21 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
   const int L = c_.num_hidden_layers, H = c_.hidden_size;
   PrepareRope();
 
-  EmbeddingForward(batch.input_ids.data(), N_, w_.embed(), H, layers_[0].x);
+  // Layer l's input: its slot's, or with checkpointing the kept copy the single slot points at.
+  const bool checkpointing = !inputs_.empty();
+  const auto input = [&](int l) {
+    return checkpointing ? inputs_[static_cast<size_t>(l)] : layers_[layers_.size() == 1 ? 0 : l].x;
+  };
+  const auto slot = [&](int l) -> Layer& {
+    Layer& Ls = layers_[layers_.size() == 1 ? 0 : static_cast<size_t>(l)];
+    Ls.x = input(l);
+    return Ls;
+  };
+  EmbeddingForward(batch.input_ids.data(), N_, w_.embed(), H, input(0));
   for (int l = 0; l < L; ++l) {
-    Layer& Ls = layers_[opt_.training ? l : 0];
-    float* out = (opt_.training && l + 1 < L) ? layers_[l + 1].x : x_out_;
-    LayerForward(l, Ls, out);
-    if (!opt_.training && l + 1 < L) std::copy_n(x_out_, N_ * H, layers_[0].x);
+    Layer& Ls = slot(l);
+    LayerForward(l, Ls, opt_.training && l + 1 < L ? input(l + 1) : x_out_);
+    if (!opt_.training && l + 1 < L) std::copy_n(x_out_, N_ * H, Ls.x);
   }
   RmsNormForward(pool_, x_out_, w_.final_norm(), c_.rms_norm_eps, rmsf_, hf_, N_, H);
   LossSum loss = Head(hf_, batch.labels.data(), backward, scale, dh_);
@@ -403,7 +425,11 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
   // Backward: dres_ carries ∂/∂(residual stream) from the head down to layer 0.
   MapF(dres_, N_, H).setZero();
   RmsNormBackward(pool_, x_out_, w_.final_norm(), rmsf_, dh_, dres_, N_, H);
-  for (int l = L - 1; l >= 0; --l) LayerBackward(l, layers_[l]);
+  for (int l = L - 1; l >= 0; --l) {
+    Layer& Ls = slot(l);
+    if (checkpointing) LayerForward(l, Ls, x_out_);  // its activations again, from its input
+    LayerBackward(l, Ls);
+  }
   return loss;
 }
 
@@ -423,6 +449,8 @@ absl::StatusOr<std::unique_ptr<LlamaRunner>> LlamaRunner::Create(const LlamaWeig
 absl::StatusOr<LossSum> LlamaRunner::Forward(const TokenBatch& batch) {
   return impl_->Run(batch, false, 0.0f, {});
 }
+
+size_t LlamaRunner::workspace_bytes() const { return impl_->workspace_bytes(); }
 
 absl::StatusOr<std::vector<float>> LlamaRunner::NextTokenLogits(std::span<const int32_t> ids) {
   if (ids.empty()) return absl::InvalidArgumentError("no tokens to continue");

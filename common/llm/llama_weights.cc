@@ -1,6 +1,7 @@
 // LlamaWeights (llama.h): the frozen weights of a checkpoint in one buffer carved by a table in
 // Hugging Face's state-dict order; reading, random initialisation, merging an adapter, writing.
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <random>
@@ -17,12 +18,11 @@ namespace fedlora::common {
 
 LlamaWeights::LlamaWeights(const LlamaConfig& c) : config_(c) {
   const int64_t H = c.hidden_size, V = c.vocab_size;
-  size_t offset = 0;
   auto add = [&](std::string name, std::vector<int64_t> shape) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    table_.push_back({std::move(name), std::move(shape), offset});
-    offset += static_cast<size_t>(n);
+    table_.push_back({std::move(name), std::move(shape), static_cast<size_t>(n)});
+    parameters_ += static_cast<size_t>(n);
     return static_cast<int>(table_.size()) - 1;
   };
   embed_ = add("model.embed_tokens.weight", {V, H});
@@ -45,31 +45,45 @@ LlamaWeights::LlamaWeights(const LlamaConfig& c) : config_(c) {
   }
   final_norm_ = add("model.norm.weight", {H});
   lm_head_ = c.tie_word_embeddings ? embed_ : add("lm_head.weight", {V, H});
-  floats_ = offset;
+}
+
+size_t LlamaWeights::Own(size_t bytes) {
+  const size_t offset = (owned_.size() + 63) / 64 * 64;
+  owned_.resize(offset + bytes);
+  return offset;
 }
 
 std::vector<TensorToWrite> LlamaWeights::Tensors() const {
   std::vector<TensorToWrite> out;
-  for (const Entry& e : table_) {
-    size_t n = 1;
-    for (int64_t d : e.shape) n *= static_cast<size_t>(d);
-    out.push_back({e.name, e.shape, std::span<const float>(buffer_.data() + e.offset, n)});
-  }
+  for (size_t i = 0; i < table_.size(); ++i)
+    out.push_back({table_[i].name, table_[i].shape, matrix(static_cast<int>(i))});
   return out;
 }
 
-LlamaWeights LlamaWeights::Random(const LlamaConfig& config, uint64_t seed, float std) {
+LlamaWeights LlamaWeights::Random(const LlamaConfig& config, uint64_t seed, float std,
+                                  DType dtype) {
   LlamaWeights w(config);
-  w.buffer_.assign(w.floats_, 0.0f);
+  w.dtype_ = dtype;
+  size_t bytes = 0;
+  for (Entry& e : w.table_) {
+    e.dtype = e.matrix() ? dtype : DType::kF32;
+    bytes = (bytes + 63) / 64 * 64 + e.elements * DTypeSize(e.dtype);
+  }
+  w.owned_.reserve(bytes);
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> normal(0.0f, std);
-  for (const Entry& e : w.table_) {
-    size_t n = 1;
-    for (int64_t d : e.shape) n *= static_cast<size_t>(d);
-    float* p = w.buffer_.data() + e.offset;
+  std::vector<float> values;
+  for (Entry& e : w.table_) {
     // Norm weights 1 and biases 0, as transformers initialises them.
-    const bool vector = e.shape.size() == 1, bias = e.name.ends_with(".bias");
-    for (size_t i = 0; i < n; ++i) p[i] = bias ? 0.0f : vector ? 1.0f : normal(rng);
+    const bool bias = e.name.ends_with(".bias");
+    e.offset = w.Own(e.elements * DTypeSize(e.dtype));
+    values.resize(std::min<size_t>(e.elements, 1 << 16));
+    for (size_t i = 0; i < e.elements; i += values.size()) {
+      const size_t n = std::min(values.size(), e.elements - i);
+      for (size_t j = 0; j < n; ++j) values[j] = bias ? 0.0f : !e.matrix() ? 1.0f : normal(rng);
+      FromF32(std::span(values).first(n), e.dtype,
+              w.owned_.data() + e.offset + i * DTypeSize(e.dtype));
+    }
   }
   return w;
 }
@@ -155,38 +169,53 @@ absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir
   LlamaWeights w(config);
   // The buffer only once the checkpoint holds every tensor: a config.json that does not describe
   // the checkpoint costs nothing.
-  ASSIGN_OR_RETURN(const Checkpoint checkpoint, w.Match(dir));
-  w.buffer_.assign(w.floats_, 0.0f);
+  ASSIGN_OR_RETURN(Checkpoint checkpoint, w.Match(dir));
+  w.dtype_ = checkpoint.tensors[static_cast<size_t>(w.embed_)].second->dtype;
   for (size_t i = 0; i < w.table_.size(); ++i) {
-    const auto [view, t] = checkpoint.tensors[i];
-    view->ReadF32(
-        *t, std::span<float>(w.at(static_cast<int>(i)), static_cast<size_t>(t->num_elements())));
-  }
-  for (float v : w.buffer_)
-    if (!std::isfinite(v))
+    Entry& e = w.table_[i];
+    const StoredSpan stored = checkpoint.tensors[i].first->Elements(*checkpoint.tensors[i].second);
+    if (!AllFinite(stored.data(), stored.dtype(), stored.size()))
       return absl::InvalidArgumentError(
-          StrCat("model in ", dir.string(), " has NaN or Inf weights"));
+          StrCat("model in ", dir.string(), " has NaN or Inf weights in ", e.name));
+    e.dtype = e.matrix() ? stored.dtype() : DType::kF32;
+    if (e.dtype == stored.dtype() &&
+        reinterpret_cast<uintptr_t>(stored.data()) % DTypeSize(e.dtype) == 0) {
+      e.mapped = static_cast<const std::byte*>(stored.data());
+      continue;
+    }
+    e.offset = w.Own(e.elements * DTypeSize(e.dtype));  // a vector as f32, or a misaligned matrix
+    if (e.dtype == stored.dtype())
+      std::memcpy(w.owned_.data() + e.offset, stored.data(), stored.size_bytes());
+    else
+      stored.ToF32({reinterpret_cast<float*>(w.owned_.data() + e.offset), e.elements});
+  }
+  w.files_ = std::make_shared<const std::vector<SafetensorsFile>>(std::move(checkpoint.files));
   return w;
 }
 
 absl::Status LlamaWeights::Merge(const Adapter& adapter) {
   ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(config_, adapter));
-  std::vector<std::pair<size_t, float*>> targets;  // module, its weight
-  for (size_t i = 0; i < slots.size(); ++i)
-    targets.push_back(
-        {i, at(layers_[slots[i] / kNumLinearKinds].linear[slots[i] % kNumLinearKinds])});
-  for (const auto& [i, w] : targets) {
+  for (size_t i = 0; i < slots.size(); ++i) {
+    const int entry = layers_[slots[i] / kNumLinearKinds].linear[slots[i] % kNumLinearKinds];
+    Entry& e = table_[static_cast<size_t>(entry)];
+    if (e.mapped != nullptr || e.dtype != DType::kF32) {  // from now on an owned f32 copy
+      const StoredSpan stored = matrix(entry);
+      const size_t offset = Own(e.elements * sizeof(float));
+      stored.ToF32({reinterpret_cast<float*>(owned_.data() + offset), e.elements});
+      e = {e.name, e.shape, e.elements, DType::kF32, nullptr, offset};
+    }
     const LoraModule& m = adapter.module(i);
     MatrixD b = adapter.B(i).cast<double>() * m.scaling;
     if (m.has_r) b = b * adapter.R(i).cast<double>();
-    MapF W(w, m.out_features, m.in_features);
+    MapF W(reinterpret_cast<float*>(owned_.data() + e.offset), m.out_features, m.in_features);
     W = (W.cast<double>() + b * adapter.A(i).cast<double>()).cast<float>();
   }
   return absl::OkStatus();
 }
 
-absl::Status LlamaWeights::WriteInto(const std::filesystem::path& dir, DType dtype,
+absl::Status LlamaWeights::WriteInto(const std::filesystem::path& dir, std::optional<DType> wanted,
                                      Env* env) const {
+  const DType dtype = wanted.value_or(dtype_);
   nlohmann::json json = LlamaConfigJson(config_);
   json["torch_dtype"] = dtype == DType::kBF16  ? "bfloat16"
                         : dtype == DType::kF16 ? "float16"
@@ -203,7 +232,8 @@ absl::Status LlamaWeights::WriteInto(const std::filesystem::path& dir, DType dty
 
 absl::Status LlamaWeights::WriteModelDirectory(const std::filesystem::path& dir,
                                                const std::filesystem::path& companion_dir,
-                                               DType dtype, bool overwrite, Env* env) const {
+                                               std::optional<DType> dtype, bool overwrite,
+                                               Env* env) const {
   return BuildDirectoryAtomically(
       dir, overwrite,
       [&](const std::filesystem::path& out) -> absl::Status {

@@ -223,10 +223,16 @@ absl::StatusOr<Model> LoadModel(const std::filesystem::path& dir) {
 }
 
 std::string WeightsFingerprint(const LlamaWeights& weights) {
-  std::vector<std::string_view> pieces;
-  for (const TensorToWrite& t : weights.Tensors())
-    pieces.emplace_back(reinterpret_cast<const char*>(t.data.data()), t.data.size_bytes());
-  return Sha256Hex(pieces);
+  // Of the values as f32, whatever the type they are stored in.
+  return Sha256Hex([&](const std::function<void(std::string_view)>& sink) {
+    std::vector<float> chunk(1 << 16);
+    for (const TensorToWrite& t : weights.Tensors())
+      for (size_t i = 0; i < t.data.size(); i += chunk.size()) {
+        const size_t n = std::min(chunk.size(), t.data.size() - i);
+        t.data.subspan(i, n).ToF32(std::span(chunk).first(n));
+        sink({reinterpret_cast<const char*>(chunk.data()), n * sizeof(float)});
+      }
+  });
 }
 
 double ScheduleFactor(Schedule schedule, int64_t step, int64_t total, int64_t warmup) {
@@ -424,11 +430,13 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
                    : o.dp.sample_rate > 0 ? o.dp.sample_rate
                                           : std::min(1.0, static_cast<double>(o.batch) / n);
   RETURN_IF_ERROR(CheckTrainOptions(o, dp, q));
-  ASSIGN_OR_RETURN(auto runner, LlamaRunner::Create(&weights, &adapter,
-                                                    {.max_batch = dp ? 1 : o.batch,
-                                                     .max_seq = LongestExample(examples),
-                                                     .training = true,
-                                                     .threads = o.threads}));
+  ASSIGN_OR_RETURN(auto runner,
+                   LlamaRunner::Create(&weights, &adapter,
+                                       {.max_batch = dp ? 1 : o.batch,
+                                        .max_seq = LongestExample(examples),
+                                        .training = true,
+                                        .checkpoint_activations = o.checkpoint_activations,
+                                        .threads = o.threads}));
   std::span<float> params = adapter.values();
   std::unique_ptr<GradientSource> source;
   if (dp) {
@@ -448,6 +456,7 @@ absl::StatusOr<TrainResult> Train(const LlamaWeights& weights, const std::vector
   const AdamWOptions adamw{o.beta1, o.beta2, o.adam_eps, o.weight_decay};
 
   TrainResult result;
+  result.workspace_bytes = runner->workspace_bytes();
   const auto start = std::chrono::steady_clock::now();
   for (int64_t step = 0; step < total; ++step) {
     ASSIGN_OR_RETURN(const StepGradient g, source->Next(*runner, ranges, grads));

@@ -78,6 +78,9 @@ struct TrainOptions {
   double max_grad_norm = 1.0;  // clip the global L2 norm of the gradient; 0 turns it off
   uint64_t seed = 0;           // data order
   int threads = 0;             // 0: the machine's cores
+  // Keep only each layer's input and recompute its activations in the backward pass: one more
+  // forward per step for the memory of one layer's activations instead of all of them.
+  bool checkpoint_activations = false;
 
   // DP-SGD (Abadi et al. 2016, as Opacus computes it; ../shared/ALGORITHMS.md), on when
   // noise_multiplier ≥ 0. Each step draws a Poisson sample (every example independently with
@@ -130,7 +133,8 @@ struct TrainResult {
   double first_loss = 0;
   double final_loss = 0;  // mean loss of the last step
   double seconds = 0;
-  double dp_sample_rate = 0;  // q used by DP-SGD (0 without it): ε = EpsilonFor(q, σ, steps, δ)
+  double dp_sample_rate = 0;   // q used by DP-SGD (0 without it): ε = EpsilonFor(q, σ, steps, δ)
+  size_t workspace_bytes = 0;  // the runner's activations and scratch
   double tokens_per_second() const { return seconds > 0 ? tokens / seconds : 0; }
 };
 

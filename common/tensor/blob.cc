@@ -60,9 +60,16 @@ std::string Encode(std::span<const TensorToWrite> tensors,
 std::string Sha256Hex(std::string_view bytes) { return Sha256Hex(std::span(&bytes, 1)); }
 
 std::string Sha256Hex(std::span<const std::string_view> pieces) {
+  return Sha256Hex([&](const std::function<void(std::string_view)>& sink) {
+    for (std::string_view p : pieces) sink(p);
+  });
+}
+
+std::string Sha256Hex(
+    const std::function<void(const std::function<void(std::string_view)>&)>& feed) {
   EVP_MD_CTX* ctx = EVP_MD_CTX_new();
   EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
-  for (std::string_view p : pieces) EVP_DigestUpdate(ctx, p.data(), p.size());
+  feed([&](std::string_view p) { EVP_DigestUpdate(ctx, p.data(), p.size()); });
   uint8_t digest[SHA256_DIGEST_LENGTH];
   EVP_DigestFinal_ex(ctx, digest, nullptr);
   EVP_MD_CTX_free(ctx);
@@ -91,9 +98,10 @@ std::string EncodeMatrices(const std::vector<NamedMatrix>& matrices) {
   std::vector<TensorToWrite> tensors;
   for (const NamedMatrix& m : matrices) {
     values.push_back(m.value.cast<float>());
-    tensors.push_back({m.name,
-                       {m.value.rows(), m.value.cols()},
-                       {values.back().data(), static_cast<size_t>(values.back().size())}});
+    tensors.push_back(
+        {m.name,
+         {m.value.rows(), m.value.cols()},
+         std::span<const float>(values.back().data(), static_cast<size_t>(values.back().size()))});
   }
   return Encode(tensors, {});
 }

@@ -4,6 +4,7 @@
 #ifndef FEDLORA_COMMON_TENSOR_BLOB_H_
 #define FEDLORA_COMMON_TENSOR_BLOB_H_
 
+#include <functional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -19,6 +20,9 @@ namespace fedlora::common {
 std::string Sha256Hex(std::string_view bytes);
 // The sha256 of the pieces' bytes, concatenated in order.
 std::string Sha256Hex(std::span<const std::string_view> pieces);
+// The same, fed piece by piece: Sha256Hex(std::function) calls `feed` with a sink for the pieces.
+std::string Sha256Hex(
+    const std::function<void(const std::function<void(std::string_view)>&)>& feed);
 // 64 lower-case hex digits, as Sha256Hex writes them.
 bool IsSha256Hex(std::string_view s);
 

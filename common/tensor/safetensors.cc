@@ -1,6 +1,5 @@
 #include "common/tensor/safetensors.h"
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <bit>
 #include <cerrno>
@@ -96,45 +95,10 @@ absl::StatusOr<TensorInfo> ParseEntry(std::string_view origin, const std::string
 
 }  // namespace
 
-std::string_view DTypeName(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return "F32";
-    case DType::kF16:
-      return "F16";
-    case DType::kBF16:
-      return "BF16";
-  }
-  return "?";
-}
-
-size_t DTypeSize(DType dtype) { return dtype == DType::kF32 ? 4 : 2; }
-
-absl::StatusOr<DType> ParseDType(std::string_view name) {
-  if (name == "F32" || name == "f32") return DType::kF32;
-  if (name == "F16" || name == "f16") return DType::kF16;
-  if (name == "BF16" || name == "bf16") return DType::kBF16;
-  return absl::InvalidArgumentError(
-      StrCat("unknown dtype '", name, "' (expected f32, f16 or bf16)"));
-}
-
 int64_t TensorInfo::num_elements() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
   return n;
-}
-
-float HalfBitsToFloat(uint16_t bits) {
-  return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(bits));
-}
-float BFloat16BitsToFloat(uint16_t bits) {
-  return static_cast<float>(Eigen::numext::bit_cast<Eigen::bfloat16>(bits));
-}
-uint16_t FloatToHalfBits(float value) {
-  return Eigen::numext::bit_cast<uint16_t>(Eigen::half(value));
-}
-uint16_t FloatToBFloat16Bits(float value) {
-  return Eigen::numext::bit_cast<uint16_t>(Eigen::bfloat16(value));
 }
 
 absl::StatusOr<SafetensorsView> SafetensorsView::Parse(std::span<const uint8_t> bytes,
@@ -232,24 +196,8 @@ const TensorInfo* SafetensorsView::Find(std::string_view name) const {
   return nullptr;
 }
 
-void SafetensorsView::ReadF32(const TensorInfo& tensor, std::span<float> out) const {
-  const uint8_t* src = data_.data() + tensor.begin;
-  const size_t n = out.size();
-  switch (tensor.dtype) {
-    case DType::kF32:
-      std::memcpy(out.data(), src, n * 4);
-      break;
-    case DType::kF16:
-    case DType::kBF16: {
-      const bool half = tensor.dtype == DType::kF16;
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t bits;
-        std::memcpy(&bits, src + 2 * i, 2);
-        out[i] = half ? HalfBitsToFloat(bits) : BFloat16BitsToFloat(bits);
-      }
-      break;
-    }
-  }
+StoredSpan SafetensorsView::Elements(const TensorInfo& tensor) const {
+  return {data_.data() + tensor.begin, tensor.dtype, static_cast<size_t>(tensor.num_elements())};
 }
 
 absl::StatusOr<SafetensorsFile> SafetensorsFile::Open(const std::filesystem::path& path,
@@ -291,18 +239,22 @@ absl::Status WriteSafetensors(std::FILE* out, std::span<const TensorToWrite> ten
 
   auto put = [&](const void* p, size_t n) { return std::fwrite(p, 1, n, out) == n; };
   bool ok = put(&header_len, 8) && put(header_text.data(), header_text.size());
-  std::vector<uint16_t> half;
+  // Other types convert through f32 in chunks, so a tensor costs no copy of its size.
+  constexpr size_t kChunk = 1 << 16;
+  std::vector<float> values(kChunk);
+  std::vector<uint8_t> converted(kChunk * DTypeSize(dtype));
   for (const TensorToWrite& t : tensors) {
     if (!ok) break;
-    if (dtype == DType::kF32) {
-      ok = put(t.data.data(), t.data.size() * 4);
+    if (t.data.dtype() == dtype) {
+      ok = put(t.data.data(), t.data.size_bytes());
       continue;
     }
-    half.resize(t.data.size());
-    for (size_t i = 0; i < half.size(); ++i) {
-      half[i] = dtype == DType::kF16 ? FloatToHalfBits(t.data[i]) : FloatToBFloat16Bits(t.data[i]);
+    for (size_t i = 0; ok && i < t.data.size(); i += kChunk) {
+      const size_t n = std::min(kChunk, t.data.size() - i);
+      t.data.subspan(i, n).ToF32(std::span(values).first(n));
+      FromF32(std::span(values).first(n), dtype, converted.data());
+      ok = put(converted.data(), n * DTypeSize(dtype));
     }
-    ok = put(half.data(), half.size() * 2);
   }
   if (!ok)
     return absl::InternalError(StrCat("cannot write safetensors data: ", std::strerror(errno)));

@@ -18,16 +18,9 @@
 
 #include "absl/status/statusor.h"
 #include "common/base/file_util.h"
+#include "common/tensor/dtype.h"
 
 namespace fedlora::common {
-
-// The element types fedlora reads and writes; every one is converted to f32 for compute.
-enum class DType { kF32, kF16, kBF16 };
-
-std::string_view DTypeName(DType dtype);  // "F32", "F16", "BF16" as in the header.
-size_t DTypeSize(DType dtype);
-// Accepts the header spelling ("F32") or the lower-case CLI spelling ("f32").
-absl::StatusOr<DType> ParseDType(std::string_view name);
 
 struct TensorInfo {
   std::string name;
@@ -52,8 +45,12 @@ class SafetensorsView {
   const TensorInfo* Find(std::string_view name) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
+  // The tensor's elements in place, in its dtype.
+  StoredSpan Elements(const TensorInfo& tensor) const;
   // Converts the tensor's elements to f32; `out` must hold exactly num_elements() values.
-  void ReadF32(const TensorInfo& tensor, std::span<float> out) const;
+  void ReadF32(const TensorInfo& tensor, std::span<float> out) const {
+    Elements(tensor).ToF32(out);
+  }
 
  private:
   std::span<const uint8_t> data_;  // The data section.
@@ -77,24 +74,19 @@ class SafetensorsFile {
 struct TensorToWrite {
   std::string name;
   std::vector<int64_t> shape;
-  std::span<const float> data;  // Row-major, product(shape) values.
+  StoredSpan
+      data;  // Row-major, product(shape) elements (f32 values, or as a checkpoint stores them).
 };
 
 // Writes the tensors, in the given order, converted to `dtype` (round to nearest even for
-// F16/BF16). The header is padded with spaces so the data section starts 8-byte aligned. Written
-// atomically.
+// F16/BF16; a tensor already in `dtype` is copied as it is). The header is padded with spaces so
+// the data section starts 8-byte aligned. Written atomically.
 absl::Status WriteSafetensors(const std::filesystem::path& path,
                               std::span<const TensorToWrite> tensors, DType dtype,
                               const std::map<std::string, std::string>& metadata);
 // The same, into an open stream (the caller makes it durable).
 absl::Status WriteSafetensors(std::FILE* out, std::span<const TensorToWrite> tensors, DType dtype,
                               const std::map<std::string, std::string>& metadata);
-
-// Float conversions used by the reader and writer (exposed for tests).
-float HalfBitsToFloat(uint16_t bits);
-float BFloat16BitsToFloat(uint16_t bits);
-uint16_t FloatToHalfBits(float value);
-uint16_t FloatToBFloat16Bits(float value);
 
 }  // namespace fedlora::common
 

@@ -19,6 +19,8 @@
 #include <random>
 
 #include "common/base/parallel.h"
+#include "common/base/proc_stats.h"
+#include "common/llm/layers.h"
 #include "common/llm/trainer.h"
 #include "common/llm/workspace.h"
 
@@ -41,22 +43,21 @@ double StepFlops(const LlamaConfig& c, const Adapter& a, int B, int T) {
   return 4.0 * N * linear + 4.0 * Nt * c.vocab_size * c.hidden_size + attention + lora;
 }
 
-// GFLOP/s of C = A·Bᵀ (row-major, m×k by n×k, as the trainer's products), in blocks of kRowBlock
-// rows over `threads`, as the trainer splits them: with OpenBLAS's sgemm, which the trainer uses,
-// or with Eigen's.
-double GemmPeak(int m, int k, int n, int threads, bool openblas) {
-  MatrixF a = MatrixF::Random(m, k), b = MatrixF::Random(n, k), c(m, n);
+// GFLOP/s of Y = X·Wᵀ (X m×k, W n×k) through the trainer's own product (layers.h's MatMulNT, in
+// blocks over `threads`), W stored in `dtype`: the limit of a trainer's step with weights of that
+// type. With f32 it is OpenBLAS's sgemm as the trainer calls it; with bf16/f16 it adds the
+// conversion of each weight panel.
+double GemmPeak(int m, int k, int n, int threads, DType dtype) {
+  MatrixF x = MatrixF::Random(m, k), w = MatrixF::Random(n, k), y(m, n);
+  std::vector<uint16_t> stored(static_cast<size_t>(w.size()));
+  const std::span<const float> values(w.data(), static_cast<size_t>(w.size()));
+  StoredSpan ws = values;
+  if (dtype != DType::kF32) {
+    FromF32(values, dtype, stored.data());
+    ws = {stored.data(), dtype, stored.size()};
+  }
   ThreadPool pool(threads);
-  auto run = [&] {
-    ForBlocks(pool, m, kRowBlock, [&](int64_t r0, int64_t r1) {
-      const int64_t rn = r1 - r0;
-      if (openblas)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rn, n, k, 1.0f, a.data() + r0 * k, k,
-                    b.data(), k, 0.0f, c.data() + r0 * n, n);
-      else
-        c.middleRows(r0, rn).noalias() = a.middleRows(r0, rn) * b.transpose();
-    });
-  };
+  const auto run = [&] { MatMulNT(pool, x.data(), ws, y.data(), m, k, n, 1.0f, false); };
   run();
   const int reps = 10;
   const auto start = std::chrono::steady_clock::now();
@@ -115,8 +116,9 @@ Figure Measure(const LlamaWeights& w, const std::vector<LinearKind>& targets, in
 int main(int argc, char** argv) {
   CLI::App app{
       "train_bench: trainer throughput on a SmolLM2-135M-shaped model (or another preset)"};
-  std::string torch_python, preset = "smollm2-135m";
-  int steps = 3, threads = 2, only_seq = 0;
+  std::string torch_python, preset = "smollm2-135m", dtype_name = "f32", model_dir;
+  int steps = 3, threads = 2, only_seq = 0, batch = 4;
+  bool qv_only = false;
   app.add_option("--torch-python", torch_python, "python with torch, to run train_torch.py too");
   app.add_option("--steps", steps, "measured steps per case (after one warm-up step)")
       ->capture_default_str();
@@ -125,6 +127,15 @@ int main(int argc, char** argv) {
   app.add_option("--preset", preset,
                  "architecture (init-model's presets); PyTorch's peer is SmolLM2-shaped only")
       ->capture_default_str();
+  app.add_option("--dtype", dtype_name, "f32, bf16 or f16: the type the random weights are held in")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+  app.add_option("--model", model_dir,
+                 "a checkpoint directory (init-model's) to map instead of random weights in "
+                 "memory; --preset and --dtype then only name it")
+      ->check(CLI::ExistingDirectory);
+  app.add_option("--batch", batch, "records per step")->capture_default_str();
+  app.add_flag("--qv-only", qv_only, "measure LoRA on q,v only (not all seven linears too)");
   CLI11_PARSE(app, argc, argv);
   if (!torch_python.empty() && preset != "smollm2-135m") {
     std::fprintf(stderr, "--torch-python compares the smollm2-135m preset only\n");
@@ -138,21 +149,31 @@ int main(int argc, char** argv) {
   }
 
   openblas_set_num_threads(1);  // as the trainer runs it: one OpenBLAS thread per call
-  const LlamaWeights w = LlamaWeights::Random(*config, 1);
+  const DType dtype = *ParseDType(dtype_name);
+  auto read = model_dir.empty()
+                  ? absl::StatusOr<LlamaWeights>(LlamaWeights::Random(*config, 1, 0.02f, dtype))
+                  : LlamaWeights::Read(model_dir);
+  if (!read.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(read.status().message()).c_str());
+    return 1;
+  }
+  const LlamaWeights& w = *read;
+  const int H = w.config().hidden_size, I = w.config().intermediate_size;
   std::printf(
-      "## Trainer throughput, %s shape (%zu parameters), batch 4, LoRA r 16, %d threads\n\n",
-      preset.c_str(), w.num_parameters(), threads);
+      "## Trainer throughput, %s shape (%zu parameters, %s), batch %d, LoRA r 16, %d threads\n\n",
+      preset.c_str(), w.num_parameters(), std::string(DTypeName(w.dtype())).c_str(), batch,
+      threads);
   std::printf(
-      "fp32 GEMM on this machine, C = A·Bᵀ, blocks of %d rows over %d threads (GFLOP/s): "
-      "OpenBLAS (one thread per call, as the trainer) %.0f at 2048³ and %.0f at 1024×576×1536 (a "
-      "trainer shape), %.0f on 1 thread; Eigen %.0f at 2048³\n\n",
-      static_cast<int>(kRowBlock), threads, GemmPeak(2048, 2048, 2048, threads, true),
-      GemmPeak(1024, 576, 1536, threads, true), GemmPeak(2048, 2048, 2048, 1, true),
-      GemmPeak(2048, 2048, 2048, threads, false));
+      "GEMM limit on this machine, Y = X·Wᵀ through the trainer's product (%d threads, "
+      "GFLOP/s): f32 weights %.0f at 2048³ and %.0f at 256×%d×%d (the MLP's up projection); "
+      "%s weights %.0f at 256×%d×%d\n\n",
+      threads, GemmPeak(2048, 2048, 2048, threads, DType::kF32),
+      GemmPeak(256, H, I, threads, DType::kF32), H, I, std::string(DTypeName(w.dtype())).c_str(),
+      GemmPeak(256, H, I, threads, w.dtype()), H, I);
   std::fflush(stdout);
   std::printf(
       "| seq | targets | fedlora tokens/s | fedlora GFLOP/s | PyTorch tokens/s | ratio | fedlora "
-      "CPU s/step |\n|---|---|---|---|---|---|---|\n");
+      "CPU s/step | peak RSS GB |\n|---|---|---|---|---|---|---|---|\n");
   const std::vector<std::pair<std::string, std::vector<LinearKind>>> cases = {
       {"q,v", {LinearKind::kQ, LinearKind::kV}},
       {"all 7",
@@ -161,7 +182,8 @@ int main(int argc, char** argv) {
   for (int T : {128, 256}) {
     if (only_seq != 0 && T != only_seq) continue;
     for (const auto& [name, targets] : cases) {
-      const Figure f = Measure(w, targets, 4, T, steps, threads);
+      if (qv_only && name != "q,v") continue;
+      const Figure f = Measure(w, targets, batch, T, steps, threads);
       std::string torch = "—", ratio = "—";
       if (!torch_python.empty()) {
         // OpenBLAS single-threaded under torch's 2 intra-op threads is PyTorch's fastest setting
@@ -190,9 +212,9 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "%s\n", out.c_str());
         }
       }
-      std::printf("| %d | %s | %.0f | %.0f | %s | %s | %.2f |\n", T, name.c_str(),
+      std::printf("| %d | %s | %.1f | %.0f | %s | %s | %.2f | %.2f |\n", T, name.c_str(),
                   f.tokens_per_second, f.gflops, torch.c_str(), ratio.c_str(),
-                  f.cpu_seconds_per_step);
+                  f.cpu_seconds_per_step, StatusBytes("VmHWM:") / 1e9);
       std::fflush(stdout);
     }
   }

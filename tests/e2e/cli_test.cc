@@ -543,7 +543,7 @@ TEST_F(CliTest, EvalAccuracyScoresAModelWhoseAnswersAreKnown) {
   std::vector<std::vector<float>> storage;
   std::vector<common::TensorToWrite> tensors;
   for (const common::TensorToWrite& t : loaded->weights.Tensors()) {
-    std::vector<float> v(t.data.begin(), t.data.end());
+    std::vector<float> v = t.data.ToVector();
     if (t.name.find("_proj") != std::string::npos) std::fill(v.begin(), v.end(), 0.0f);
     if (t.name == "model.embed_tokens.weight") {
       std::fill(v.begin(), v.end(), 0.0f);
