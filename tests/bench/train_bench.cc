@@ -80,10 +80,11 @@ struct Figure {
   double cpu_seconds_per_step = 0;
   double gflops = 0;
   double loss = 0;
+  double workspace_gb = 0;
 };
 
 Figure Measure(const LlamaWeights& w, const std::vector<LinearKind>& targets, int B, int T,
-               int steps, int threads) {
+               int steps, int threads, bool checkpoint_activations) {
   Adapter adapter = *NewAdapter(w.config(), {.rank = 16, .alpha = 32, .targets = targets}, 1, "");
   std::mt19937_64 rng(7);
   std::vector<Example> data(static_cast<size_t>(B) * (steps + 1));
@@ -94,7 +95,12 @@ Figure Measure(const LlamaWeights& w, const std::vector<LinearKind>& targets, in
   }
   std::vector<double> at, cpu;  // wall-clock and CPU seconds at the end of each step
   Figure f;
-  auto result = Train(w, data, {.batch = B, .steps = steps + 1, .lr = 1e-4, .threads = threads},
+  auto result = Train(w, data,
+                      {.batch = B,
+                       .steps = steps + 1,
+                       .lr = 1e-4,
+                       .threads = threads,
+                       .checkpoint_activations = checkpoint_activations},
                       adapter, [&](const StepReport& r) {
                         at.push_back(r.seconds);
                         cpu.push_back(ProcessCpuSeconds());
@@ -108,6 +114,7 @@ Figure Measure(const LlamaWeights& w, const std::vector<LinearKind>& targets, in
   f.tokens_per_second = static_cast<double>(B) * T * steps / seconds;
   f.gflops = StepFlops(w.config(), adapter, B, T) * steps / seconds / 1e9;
   f.cpu_seconds_per_step = (cpu.back() - cpu.front()) / steps;
+  f.workspace_gb = static_cast<double>(result->workspace_bytes) / 1e9;
   return f;
 }
 
@@ -118,7 +125,7 @@ int main(int argc, char** argv) {
       "train_bench: trainer throughput on a SmolLM2-135M-shaped model (or another preset)"};
   std::string torch_python, preset = "smollm2-135m", dtype_name = "f32", model_dir;
   int steps = 3, threads = 2, only_seq = 0, batch = 4;
-  bool qv_only = false;
+  bool qv_only = false, checkpoint_activations = false;
   app.add_option("--torch-python", torch_python, "python with torch, to run train_torch.py too");
   app.add_option("--steps", steps, "measured steps per case (after one warm-up step)")
       ->capture_default_str();
@@ -136,6 +143,8 @@ int main(int argc, char** argv) {
       ->check(CLI::ExistingDirectory);
   app.add_option("--batch", batch, "records per step")->capture_default_str();
   app.add_flag("--qv-only", qv_only, "measure LoRA on q,v only (not all seven linears too)");
+  app.add_flag("--checkpoint-activations", checkpoint_activations,
+               "recompute each layer's activations in the backward pass");
   CLI11_PARSE(app, argc, argv);
   if (!torch_python.empty() && preset != "smollm2-135m") {
     std::fprintf(stderr, "--torch-python compares the smollm2-135m preset only\n");
@@ -173,7 +182,7 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
   std::printf(
       "| seq | targets | fedlora tokens/s | fedlora GFLOP/s | PyTorch tokens/s | ratio | fedlora "
-      "CPU s/step | peak RSS GB |\n|---|---|---|---|---|---|---|---|\n");
+      "CPU s/step | workspace GB | peak RSS GB |\n|---|---|---|---|---|---|---|---|---|\n");
   const std::vector<std::pair<std::string, std::vector<LinearKind>>> cases = {
       {"q,v", {LinearKind::kQ, LinearKind::kV}},
       {"all 7",
@@ -183,7 +192,7 @@ int main(int argc, char** argv) {
     if (only_seq != 0 && T != only_seq) continue;
     for (const auto& [name, targets] : cases) {
       if (qv_only && name != "q,v") continue;
-      const Figure f = Measure(w, targets, batch, T, steps, threads);
+      const Figure f = Measure(w, targets, batch, T, steps, threads, checkpoint_activations);
       std::string torch = "—", ratio = "—";
       if (!torch_python.empty()) {
         // OpenBLAS single-threaded under torch's 2 intra-op threads is PyTorch's fastest setting
@@ -212,9 +221,9 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "%s\n", out.c_str());
         }
       }
-      std::printf("| %d | %s | %.1f | %.0f | %s | %s | %.2f | %.2f |\n", T, name.c_str(),
+      std::printf("| %d | %s | %.1f | %.0f | %s | %s | %.2f | %.2f | %.2f |\n", T, name.c_str(),
                   f.tokens_per_second, f.gflops, torch.c_str(), ratio.c_str(),
-                  f.cpu_seconds_per_step, StatusBytes("VmHWM:") / 1e9);
+                  f.cpu_seconds_per_step, f.workspace_gb, StatusBytes("VmHWM:") / 1e9);
       std::fflush(stdout);
     }
   }

@@ -217,7 +217,9 @@ class LlmFixture : public FederationTest {
     return Fedlora({"eval", "--model", model.string(), "--data",
                     (dir_ / "data" / "test.jsonl").string(), "--json"})["loss"];
   }
-  void FineTune(const std::string& method, const std::string& preset, const std::string& targets);
+  // `dtype`: the base checkpoint's (init-model --dtype).
+  void FineTune(const std::string& method, const std::string& preset, const std::string& targets,
+                const std::string& dtype = "f32");
 };
 
 }  // namespace fedlora::testing
