@@ -34,11 +34,16 @@ std::vector<std::vector<int32_t>> Prompts(int n, int length, int vocab, uint64_t
 int main(int argc, char** argv) {
   CLI::App app{"generate_bench: KV-cache decoding against full recomputation"};
   int prompt_length = 150, new_tokens = 32, many = 3000;
+  std::string dtype_name = "f32";
   app.add_option("--prompt-length", prompt_length)->capture_default_str();
   app.add_option("--new-tokens", new_tokens)->capture_default_str();
   app.add_option("--many", many, "prompts for GenerateAll on the tiny model")
       ->capture_default_str();
+  app.add_option("--dtype", dtype_name, "f32, bf16 or f16: the type the weights are held in")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
   CLI11_PARSE(app, argc, argv);
+  const DType dtype = *ParseDType(dtype_name);
 
   std::printf(
       "| model | prompt | new tokens | KV cache, 1 thread | no cache, all cores | speed-up |\n");
@@ -46,7 +51,7 @@ int main(int argc, char** argv) {
   for (const char* preset : {"tiny", "smollm2-135m"}) {
     LlamaConfig c = *LlamaPreset(preset);
     if (c.vocab_size == 0) c.vocab_size = 459;  // the tiny preset's with 200 merges
-    const LlamaWeights w = LlamaWeights::Random(c, 1);
+    const LlamaWeights w = LlamaWeights::Random(c, 1, 0.02f, dtype);
     std::vector<ModuleShape> shapes;
     for (int l = 0; l < c.num_hidden_layers; ++l)
       for (LinearKind k : {LinearKind::kQ, LinearKind::kV})
