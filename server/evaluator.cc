@@ -60,7 +60,7 @@ absl::Status Evaluator::MergeFloraUpTo(const Ledger& ledger, const StateStore& s
     ASSIGN_OR_RETURN(
         common::Adapter delta,
         common::DecodeAdapter(bytes, StrCat("FLoRA delta of version ", flora_version_ + 1)));
-    RETURN_IF_ERROR(flora_merged_->Merge(delta));
+    RETURN_IF_ERROR(flora_merged_->Merge(delta, common::DType::kF32));  // rounded once per export
   }
   return absl::OkStatus();
 }

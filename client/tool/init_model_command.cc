@@ -1,5 +1,7 @@
 #include "client/tool/init_model_command.h"
 
+#include <unistd.h>
+
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -96,6 +98,15 @@ absl::Status Run(const InitModelCommandOptions& o) {
   config.eos_token_ids.clear();
   if (eos >= 0) config.eos_token_ids.push_back(eos);
   ASSIGN_OR_RETURN(const common::DType dtype, common::ParseDType(o.dtype));
+  // The weights are made in memory before they are written: refuse what cannot fit.
+  ASSIGN_OR_RETURN(const common::ModelSize size, common::ModelSizeOf(config));
+  const double bytes = static_cast<double>(size.parameters) * common::DTypeSize(dtype);
+  const double memory = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGE_SIZE);
+  if (bytes > 0.9 * memory)
+    return absl::ResourceExhaustedError(
+        common::StrCat("the ", o.preset, " weights take ", bytes / 1e9, " GB in ", o.dtype,
+                       ", more than this machine's ", memory / 1e9, " GB of memory allows",
+                       dtype == common::DType::kF32 ? "; ask --dtype bf16 (half the size)" : ""));
   const common::LlamaWeights weights =
       common::LlamaWeights::Random(config, o.seed, o.init_std, dtype);
   RETURN_IF_ERROR(common::BuildDirectoryAtomically(

@@ -12,11 +12,11 @@ namespace fedlora::tool {
 absl::Status Run(const MergeCommandOptions& o) {
   ASSIGN_OR_RETURN(common::LlamaWeights weights, common::LlamaWeights::Read(o.model));
   ASSIGN_OR_RETURN(const common::Adapter adapter, common::ReadPeftAdapter(o.adapter));
-  RETURN_IF_ERROR(weights.Merge(adapter));
   std::optional<common::DType> dtype;
   if (!o.dtype.empty()) {
     ASSIGN_OR_RETURN(dtype, common::ParseDType(o.dtype));
   }
+  RETURN_IF_ERROR(weights.Merge(adapter, dtype));
   RETURN_IF_ERROR(weights.WriteModelDirectory(o.out, o.model, dtype, o.overwrite));
   std::printf("wrote %s: %s with %zu adapter modules merged\n", o.out.c_str(), o.model.c_str(),
               adapter.num_modules());

@@ -111,7 +111,7 @@ absl::StatusOr<std::vector<common::MatrixD>> LlmWorkload::Sketch(
 }
 
 absl::Status LlmWorkload::MergeIntoBase(const common::Adapter& delta) {
-  return model_.weights.Merge(delta);
+  return model_.weights.Merge(delta, common::DType::kF32);  // exact over the rounds
 }
 
 absl::Status LlmWorkload::WriteFinalState(const std::filesystem::path& dir) const {

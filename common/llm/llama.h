@@ -1,12 +1,13 @@
 // A Llama-family decoder with LoRA / LoRA-SB adapters: weights, forward, and backward to the
 // adapter's parameters, on the CPU in f32.
 //
-// In the shape of llm.c's train_gpt2.c: the frozen weights live in one buffer carved by a table
-// (PyTorch's [out, in] layout, row-major); activations live in one workspace allocated once for the
-// largest batch, so a training step allocates nothing; the layers are layers.h's free functions,
-// each *Forward with its *Backward, which reads as the forward in reverse (the KV-cache Decoder
-// runs the same functions). Only the adapter is trained: no gradient is formed for a frozen
-// weight. LlamaWeights is in llama_weights.cc, LlamaRunner in llama_runner.cc.
+// In the shape of llm.c's train_gpt2.c: the frozen weights are found through a table (PyTorch's
+// [out, in] layout, row-major; mapped from the checkpoint in its type, LlamaWeights below);
+// activations live in one workspace allocated once for the largest batch, so a training step
+// allocates nothing; the layers are layers.h's free functions, each *Forward with its *Backward,
+// which reads as the forward in reverse (the KV-cache Decoder runs the same functions). Only the
+// adapter is trained: no gradient is formed for a frozen weight. LlamaWeights is in
+// llama_weights.cc, LlamaRunner in llama_runner.cc.
 //
 // The forward is Hugging Face's LlamaForCausalLM (transformers 4.4x–4.5x) exactly: RMSNorm
 // x·rsqrt(mean(x²)+eps)·g; rotary embeddings in the rotate_half convention with the config's
@@ -78,10 +79,12 @@ class LlamaWeights {
   static LlamaWeights Random(const LlamaConfig& config, uint64_t seed, float std = 0.02f,
                              DType dtype = DType::kF32);
 
-  // Folds an adapter into the weights: W ← W + s·B·A (s·B·R·A for LoRA-SB), in float64; the
-  // changed matrices are held as f32 from then on (repeated merges do not round each time).
-  // Refuses an adapter whose modules are not linears of this model, and changes nothing then.
-  absl::Status Merge(const Adapter& adapter);
+  // Folds an adapter into the weights: W ← W + s·B·A (s·B·R·A for LoRA-SB), in float64, each
+  // changed matrix then held in `held` (default: the checkpoint's type, rounded once, what a
+  // merged model is written in; f32 for merges that repeat, such as FLoRA's, so as not to round
+  // each time). Refuses an adapter whose modules are not linears of this model, and changes
+  // nothing then.
+  absl::Status Merge(const Adapter& adapter, std::optional<DType> held = std::nullopt);
 
   // Writes config.json and model.safetensors into `dir` (which must exist), each fsynced, the
   // matrices in `dtype` (the checkpoint's type when unset).
@@ -150,7 +153,8 @@ class LlamaWeights {
     return {bytes(entry), e.dtype, e.elements};
   }
   const float* at(int entry) const { return reinterpret_cast<const float*>(bytes(entry)); }
-  // Owned room for `bytes` more, at the returned offset (a multiple of 64).
+  // Owned room for `bytes` more, at the returned offset (a multiple of 64 from owned_'s start).
+  // owned_ is reserved before anything is read from it and then extended: it must not move.
   size_t Own(size_t bytes);
 
   LlamaConfig config_;

@@ -427,7 +427,8 @@ absl::StatusOr<LossSum> LlamaRunner::Impl::Run(const TokenBatch& batch, bool bac
   RmsNormBackward(pool_, x_out_, w_.final_norm(), rmsf_, dh_, dres_, N_, H);
   for (int l = L - 1; l >= 0; --l) {
     Layer& Ls = slot(l);
-    if (checkpointing) LayerForward(l, Ls, x_out_);  // its activations again, from its input
+    // Its activations again, from its input (the last layer's are still in the slot).
+    if (checkpointing && l + 1 < L) LayerForward(l, Ls, x_out_);
     LayerBackward(l, Ls);
   }
   return loss;

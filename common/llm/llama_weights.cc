@@ -1,4 +1,4 @@
-// LlamaWeights (llama.h): the frozen weights of a checkpoint in one buffer carved by a table in
+// LlamaWeights (llama.h): the frozen weights of a checkpoint, mapped or owned, through a table in
 // Hugging Face's state-dict order; reading, random initialisation, merging an adapter, writing.
 #include <cmath>
 #include <cstring>
@@ -171,44 +171,70 @@ absl::StatusOr<LlamaWeights> LlamaWeights::Read(const std::filesystem::path& dir
   // the checkpoint costs nothing.
   ASSIGN_OR_RETURN(Checkpoint checkpoint, w.Match(dir));
   w.dtype_ = checkpoint.tensors[static_cast<size_t>(w.embed_)].second->dtype;
+  const auto stored = [&](size_t i) {
+    return checkpoint.tensors[i].first->Elements(*checkpoint.tensors[i].second);
+  };
+  // A matrix is used in place when its offset suits its type; vectors are held as f32.
+  size_t owned = 0;
   for (size_t i = 0; i < w.table_.size(); ++i) {
     Entry& e = w.table_[i];
-    const StoredSpan stored = checkpoint.tensors[i].first->Elements(*checkpoint.tensors[i].second);
-    if (!AllFinite(stored.data(), stored.dtype(), stored.size()))
+    const StoredSpan s = stored(i);
+    if (!AllFinite(s.data(), s.dtype(), s.size()))
       return absl::InvalidArgumentError(
           StrCat("model in ", dir.string(), " has NaN or Inf weights in ", e.name));
-    e.dtype = e.matrix() ? stored.dtype() : DType::kF32;
-    if (e.dtype == stored.dtype() &&
-        reinterpret_cast<uintptr_t>(stored.data()) % DTypeSize(e.dtype) == 0) {
-      e.mapped = static_cast<const std::byte*>(stored.data());
-      continue;
-    }
-    e.offset = w.Own(e.elements * DTypeSize(e.dtype));  // a vector as f32, or a misaligned matrix
-    if (e.dtype == stored.dtype())
-      std::memcpy(w.owned_.data() + e.offset, stored.data(), stored.size_bytes());
+    e.dtype = e.matrix() ? s.dtype() : DType::kF32;
+    if (e.dtype == s.dtype() && reinterpret_cast<uintptr_t>(s.data()) % DTypeSize(e.dtype) == 0)
+      e.mapped = static_cast<const std::byte*>(s.data());
     else
-      stored.ToF32({reinterpret_cast<float*>(w.owned_.data() + e.offset), e.elements});
+      owned = (owned + 63) / 64 * 64 + e.elements * DTypeSize(e.dtype);
+  }
+  w.owned_.reserve(owned);
+  for (size_t i = 0; i < w.table_.size(); ++i) {
+    Entry& e = w.table_[i];
+    if (e.mapped != nullptr) continue;
+    const StoredSpan s = stored(i);
+    e.offset = w.Own(e.elements * DTypeSize(e.dtype));
+    if (e.dtype == s.dtype())
+      std::memcpy(w.owned_.data() + e.offset, s.data(), s.size_bytes());
+    else
+      s.ToF32({reinterpret_cast<float*>(w.owned_.data() + e.offset), e.elements});
   }
   w.files_ = std::make_shared<const std::vector<SafetensorsFile>>(std::move(checkpoint.files));
   return w;
 }
 
-absl::Status LlamaWeights::Merge(const Adapter& adapter) {
+absl::Status LlamaWeights::Merge(const Adapter& adapter, std::optional<DType> held) {
   ASSIGN_OR_RETURN(std::vector<size_t> slots, AdapterSlots(config_, adapter));
+  const DType to = held.value_or(dtype_);
+  const auto entry_of = [&](size_t i) {
+    return layers_[slots[i] / kNumLinearKinds].linear[slots[i] % kNumLinearKinds];
+  };
+  const auto in_place = [&](const Entry& e) { return e.mapped == nullptr && e.dtype == to; };
+  // Room for every new copy first: owned_ must not move while a matrix is read from it.
+  size_t owned = owned_.size();
+  for (size_t i = 0; i < slots.size(); ++i)
+    if (const Entry& e = table_[static_cast<size_t>(entry_of(i))]; !in_place(e))
+      owned = (owned + 63) / 64 * 64 + e.elements * DTypeSize(to);
+  owned_.reserve(owned);
+  std::vector<float> row;
   for (size_t i = 0; i < slots.size(); ++i) {
-    const int entry = layers_[slots[i] / kNumLinearKinds].linear[slots[i] % kNumLinearKinds];
+    const int entry = entry_of(i);
     Entry& e = table_[static_cast<size_t>(entry)];
-    if (e.mapped != nullptr || e.dtype != DType::kF32) {  // from now on an owned f32 copy
-      const StoredSpan stored = matrix(entry);
-      const size_t offset = Own(e.elements * sizeof(float));
-      stored.ToF32({reinterpret_cast<float*>(owned_.data() + offset), e.elements});
-      e = {e.name, e.shape, e.elements, DType::kF32, nullptr, offset};
-    }
     const LoraModule& m = adapter.module(i);
     MatrixD b = adapter.B(i).cast<double>() * m.scaling;
     if (m.has_r) b = b * adapter.R(i).cast<double>();
-    MapF W(reinterpret_cast<float*>(owned_.data() + e.offset), m.out_features, m.in_features);
-    W = (W.cast<double>() + b * adapter.A(i).cast<double>()).cast<float>();
+    const MatrixD delta = b * adapter.A(i).cast<double>();
+    const StoredSpan from = matrix(entry);
+    const size_t offset = in_place(e) ? e.offset : Own(e.elements * DTypeSize(to));
+    const size_t in = static_cast<size_t>(m.in_features);
+    row.resize(in);
+    for (int64_t r = 0; r < m.out_features; ++r) {  // row by row: no f32 copy of the matrix
+      from.subspan(static_cast<size_t>(r) * in, in).ToF32(row);
+      Eigen::Map<Eigen::RowVectorXf> w(row.data(), static_cast<Eigen::Index>(in));
+      w = (w.cast<double>() + delta.row(r)).cast<float>();
+      FromF32(row, to, owned_.data() + offset + static_cast<size_t>(r) * in * DTypeSize(to));
+    }
+    e = {e.name, e.shape, e.elements, to, nullptr, offset};
   }
   return absl::OkStatus();
 }

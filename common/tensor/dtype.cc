@@ -3,7 +3,6 @@
 #include <Eigen/Core>
 #include <bit>
 #include <cassert>
-#include <cmath>
 #include <cstring>
 
 #include "common/base/strings.h"
@@ -13,22 +12,39 @@ namespace {
 
 // One loop each, compiled three times; the loader picks the clone the CPU can run (GCC's
 // target_clones). x86-64-v3 has F16C, so a half converts in one vcvtph2ps per 8 or 16 values.
+// Elements are loaded with memcpy: the bytes may sit at any address (a safetensors header of
+// any length, an upload); the compiler turns it into unaligned vector loads.
 #define FEDLORA_CPU_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 
-FEDLORA_CPU_CLONES void HalfToF32(const uint16_t* in, size_t n, float* out) {
-  for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(std::bit_cast<_Float16>(in[i]));
+template <typename T>
+T Load(const std::byte* in, size_t i) {
+  T v;
+  std::memcpy(&v, in + i * sizeof(T), sizeof(T));
+  return v;
 }
 
-FEDLORA_CPU_CLONES void BFloat16ToF32(const uint16_t* in, size_t n, float* out) {
-  for (size_t i = 0; i < n; ++i) out[i] = std::bit_cast<float>(static_cast<uint32_t>(in[i]) << 16);
+FEDLORA_CPU_CLONES void HalfToF32(const std::byte* in, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(Load<_Float16>(in, i));
 }
 
-// A 16-bit value is finite unless its exponent bits are all ones.
-FEDLORA_CPU_CLONES bool SixteenBitFinite(const uint16_t* in, size_t n, uint16_t exponent) {
+FEDLORA_CPU_CLONES void BFloat16ToF32(const std::byte* in, size_t n, float* out) {
+  for (size_t i = 0; i < n; ++i)
+    out[i] = std::bit_cast<float>(static_cast<uint32_t>(Load<uint16_t>(in, i)) << 16);
+}
+
+// A value is finite unless its exponent bits are all ones.
+template <typename T>
+bool Finite(const std::byte* in, size_t n, T exponent) {
   bool finite = true;
-  for (size_t i = 0; i < n; ++i) finite &= (in[i] & exponent) != exponent;
+  for (size_t i = 0; i < n; ++i) finite &= (Load<T>(in, i) & exponent) != exponent;
   return finite;
+}
+FEDLORA_CPU_CLONES bool SixteenBitFinite(const std::byte* in, size_t n, uint16_t exponent) {
+  return Finite<uint16_t>(in, n, exponent);
+}
+FEDLORA_CPU_CLONES bool F32Finite(const std::byte* in, size_t n) {
+  return Finite<uint32_t>(in, n, 0x7f800000u);
 }
 
 }  // namespace
@@ -74,10 +90,10 @@ void ToF32(const void* src, DType dtype, size_t n, float* out) {
       std::memcpy(out, src, n * sizeof(float));
       break;
     case DType::kF16:
-      HalfToF32(static_cast<const uint16_t*>(src), n, out);
+      HalfToF32(static_cast<const std::byte*>(src), n, out);
       break;
     case DType::kBF16:
-      BFloat16ToF32(static_cast<const uint16_t*>(src), n, out);
+      BFloat16ToF32(static_cast<const std::byte*>(src), n, out);
       break;
   }
 }
@@ -87,20 +103,18 @@ void FromF32(std::span<const float> in, DType dtype, void* dst) {
     std::memcpy(dst, in.data(), in.size_bytes());
     return;
   }
-  uint16_t* out = static_cast<uint16_t*>(dst);
-  for (size_t i = 0; i < in.size(); ++i)
-    out[i] = dtype == DType::kF16 ? FloatToHalfBits(in[i]) : FloatToBFloat16Bits(in[i]);
+  auto* out = static_cast<std::byte*>(dst);
+  for (size_t i = 0; i < in.size(); ++i) {
+    const uint16_t bits =
+        dtype == DType::kF16 ? FloatToHalfBits(in[i]) : FloatToBFloat16Bits(in[i]);
+    std::memcpy(out + 2 * i, &bits, 2);
+  }
 }
 
 bool AllFinite(const void* src, DType dtype, size_t n) {
-  if (dtype == DType::kF32) {
-    const float* f = static_cast<const float*>(src);
-    for (size_t i = 0; i < n; ++i)
-      if (!std::isfinite(f[i])) return false;
-    return true;
-  }
-  return SixteenBitFinite(static_cast<const uint16_t*>(src), n,
-                          dtype == DType::kF16 ? 0x7c00 : 0x7f80);
+  const auto* in = static_cast<const std::byte*>(src);
+  if (dtype == DType::kF32) return F32Finite(in, n);
+  return SixteenBitFinite(in, n, dtype == DType::kF16 ? 0x7c00 : 0x7f80);
 }
 
 std::span<const float> StoredSpan::f32() const {

@@ -4,6 +4,7 @@
 #ifndef FEDLORA_COMMON_TENSOR_DTYPE_H_
 #define FEDLORA_COMMON_TENSOR_DTYPE_H_
 
+#include <cassert>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -46,6 +47,7 @@ class StoredSpan {
       : StoredSpan(std::span<const float>(values)) {}
   StoredSpan(const std::vector<float>& values)  // NOLINT: as above
       : StoredSpan(std::span<const float>(values)) {}
+  StoredSpan(std::vector<float>&&) = delete;  // would dangle
   StoredSpan(const void* data, DType dtype, size_t size)
       : data_(data), dtype_(dtype), size_(size) {}
 
@@ -60,7 +62,10 @@ class StoredSpan {
   // The f32 values; the dtype must be kF32.
   std::span<const float> f32() const;
   // Every element as f32 into `out`, which holds size() values.
-  void ToF32(std::span<float> out) const { common::ToF32(data_, dtype_, out.size(), out.data()); }
+  void ToF32(std::span<float> out) const {
+    assert(out.size() == size_);
+    common::ToF32(data_, dtype_, size_, out.data());
+  }
   std::vector<float> ToVector() const;
 
  private:

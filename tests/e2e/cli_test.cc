@@ -384,6 +384,69 @@ TEST_F(CliTest, TrainEvalAndMergeAgreeOnATinyModel) {
   EXPECT_FALSE(fs::exists(scratch_ / "m3"));
 }
 
+// A bf16 checkpoint is used as stored, and every path out of it — eval, merge, export-gguf —
+// gives what the same values stored as f32 give (the f32 paths are checked against the float64
+// reference and llama.cpp elsewhere).
+TEST_F(CliTest, Bf16CheckpointGivesWhatItsValuesInF32Give) {
+  WriteRuleData(scratch_ / "test.jsonl", 1000, 12);
+  // Both named "model" (GGUF files carry the directory's name).
+  fs::create_directories(scratch_ / "bf16");
+  fs::create_directories(scratch_ / "f32");
+  Result r = Fedlora({"init-model", "--preset", "tiny-llama3", "--seed", "4", "--init-std", "0.1",
+                      "--dtype", "bf16", "--out", Dir("bf16/model")});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto file =
+      common::SafetensorsFile::Open(scratch_ / "bf16" / "model" / "model.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ(file->view().tensors()[0].dtype, common::DType::kBF16);
+  const auto weights = common::LlamaWeights::Read(scratch_ / "bf16" / "model");
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  ASSERT_TRUE(weights
+                  ->WriteModelDirectory(scratch_ / "f32" / "model", scratch_ / "bf16" / "model",
+                                        common::DType::kF32, false)
+                  .ok());
+  RandomAdapter("adapter",
+                {"--model", Dir("bf16/model"), "--rank", "2", "--targets", "q_proj,v_proj"});
+  auto eval = [&](const std::string& model, const std::string& adapter) {
+    std::vector<std::string> argv = {"eval",   "--model",         Dir(model),
+                                     "--data", Dir("test.jsonl"), "--json"};
+    if (!adapter.empty()) argv.insert(argv.end(), {"--adapter", Dir(adapter)});
+    const Result e = Fedlora(argv);
+    EXPECT_EQ(e.exit_code, 0) << e.output;
+    return testing::LastJsonLine(e.output)["loss"].get<double>();
+  };
+  for (const char* adapter : {"", "adapter"}) {
+    SCOPED_TRACE(adapter);
+    const double loss = eval("f32/model", adapter);
+    EXPECT_NEAR(eval("bf16/model", adapter), loss, 1e-6 * loss);  // the products split differently
+    for (const char* model : {"bf16", "f32"}) {
+      std::vector<std::string> argv = {"export-gguf",
+                                       "--dtype",
+                                       "bf16",
+                                       "--model",
+                                       Dir(std::string(model) + "/model"),
+                                       "--out",
+                                       Dir(std::string(model) + adapter + ".gguf")};
+      if (*adapter) argv.insert(argv.end(), {"--adapter", Dir(adapter)});
+      ASSERT_EQ(Fedlora(argv).exit_code, 0);
+    }
+    EXPECT_EQ(testing::ReadText(scratch_ / (std::string("bf16") + adapter + ".gguf")),
+              testing::ReadText(scratch_ / (std::string("f32") + adapter + ".gguf")));
+  }
+  // Merged without --dtype: in the checkpoint's type, evaluating as the adapter on the base up to
+  // the rounding of W0 + s·B·A to bf16.
+  ASSERT_EQ(Fedlora({"merge", "--model", Dir("bf16/model"), "--adapter", Dir("adapter"), "--out",
+                     Dir("merged")})
+                .exit_code,
+            0);
+  const auto merged = common::SafetensorsFile::Open(scratch_ / "merged" / "model.safetensors");
+  ASSERT_TRUE(merged.ok()) << merged.status();
+  for (const common::TensorInfo& t : merged->view().tensors())
+    EXPECT_EQ(t.dtype, common::DType::kBF16) << t.name;
+  const double with_adapter = eval("bf16/model", "adapter");
+  EXPECT_NEAR(eval("merged", ""), with_adapter, 1e-3 * with_adapter);
+}
+
 // Every family's checkpoint from tests/fixtures/make_model_families.py, an independent writer
 // whose float64 PyTorch forward follows transformers' modeling code: `fedlora eval` matches its
 // loss with and without a LoRA and a LoRA-SB adapter, and a merged model written by `fedlora

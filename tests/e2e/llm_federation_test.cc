@@ -129,7 +129,6 @@ TEST_P(LlmFederation, ClientsFineTuneATinyModelAndHeldOutLossFalls) {
   FineTune(GetParam(), "tiny", "q_proj,v_proj,up_proj,down_proj");
 }
 
-
 INSTANTIATE_TEST_SUITE_P(Methods, LlmFederation,
                          ::testing::Values("fedit", "flora", "lora-fair", "fed-sb"),
                          [](const auto& info) {
