@@ -152,9 +152,12 @@ absl::Status WriteFileAtomically(const fs::path& path, std::string_view content,
   return WriteFileAtomically(path, WriteAll(path, content), env);
 }
 
-absl::Status BuildDirectoryAtomically(const fs::path& dir, bool overwrite,
+absl::Status BuildDirectoryAtomically(const fs::path& requested, bool overwrite,
                                       const std::function<absl::Status(const fs::path&)>& fill,
                                       Env* env) {
+  // "out", "out/" and "./out/" name one directory; the temporary must sit beside it, not in it.
+  fs::path dir = requested.lexically_normal();
+  if (!dir.has_filename() && dir.has_relative_path()) dir = dir.parent_path();
   std::error_code ec;
   const bool exists = fs::symlink_status(dir, ec).type() != fs::file_type::not_found;
   if (exists && !overwrite) {

@@ -82,7 +82,7 @@ absl::Status WriteFileSynced(const std::filesystem::path& path, std::string_view
 // is then renamed to `dir` (missing parent directories are created first). If `dir` exists it is
 // replaced only when `overwrite` is set (the old one is swapped out in one step and then removed);
 // otherwise the call fails and changes nothing. On any failure the temporary directory is removed,
-// so a failed build never leaves `dir` half-written.
+// so a failed build never leaves `dir` half-written. `dir` may end in a slash ("out/").
 absl::Status BuildDirectoryAtomically(
     const std::filesystem::path& dir, bool overwrite,
     const std::function<absl::Status(const std::filesystem::path&)>& fill,

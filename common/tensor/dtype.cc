@@ -25,7 +25,11 @@ T Load(const std::byte* in, size_t i) {
 }
 
 FEDLORA_CPU_CLONES void HalfToF32(const std::byte* in, size_t n, float* out) {
+#ifdef __FLT16_MAX__  // the compiler has _Float16 (GCC 12; clang on x86 from 15)
   for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(Load<_Float16>(in, i));
+#else
+  for (size_t i = 0; i < n; ++i) out[i] = HalfBitsToFloat(Load<uint16_t>(in, i));
+#endif
 }
 
 FEDLORA_CPU_CLONES void BFloat16ToF32(const std::byte* in, size_t n, float* out) {

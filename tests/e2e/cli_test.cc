@@ -113,6 +113,20 @@ TEST_F(CliTest, AggregatesMixedRanksAndScalingsExactlyAsTheFormulas) {
 
 // `--weights 1,2 a/ b/` once failed with "Could not convert: --weights = 1,2,a/": the list option
 // took the inputs after it. A comma-separated list option takes exactly one argument.
+// Regression (issue 31): the README's commands with `--out global/` stopped with "cannot rename
+// global/..tmp.N.0 to global/: Directory not empty" and left an empty global/ behind.
+TEST_F(CliTest, OutputDirectoriesMayEndInASlash) {
+  for (const char* site : {"site-a", "site-b"})
+    RandomAdapter(std::string(site) + "/", {"--rank", "2", "--seed", site[5] == 'a' ? "1" : "2"});
+  Result r = Fedlora({"aggregate", "--method", "lora-fair", "--weights", "1200,300", "--out",
+                      Dir("global") + "/", Dir("site-a") + "/", Dir("site-b") + "/"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(fs::exists(scratch_ / "global" / "adapter_model.safetensors"));
+  EXPECT_EQ(Entries(), (std::set<std::string>{"global", "site-a", "site-b"}));  // no temporaries
+  ExpectRefused({"aggregate", "--method", "fedit", "--out", Dir("again") + "/", Dir("missing")},
+                "missing");
+}
+
 TEST_F(CliTest, RegressionAListOptionDoesNotSwallowTheInputsAfterIt) {
   RandomAdapter("a", {"--rank", "2", "--alpha", "4", "--seed", "1", "--in-features", "8",
                       "--out-features", "6"});

@@ -49,6 +49,35 @@ TEST(FileUtilTest, FailedDirectoryBuildLeavesNothing) {
                }).ok());
 }
 
+// Regression (issue 31): with a trailing slash the temporary directory was made inside the target,
+// the rename failed ("Directory not empty") and an empty target was left behind.
+TEST(FileUtilTest, ADirectoryNamedWithATrailingSlashIsBuiltBesideItsParent) {
+  testing::ScratchDir dir;
+  const auto fill = [](const fs::path& tmp) {
+    std::ofstream(tmp / "a") << "x";
+    return absl::OkStatus();
+  };
+  const fs::path cwd = fs::current_path();
+  fs::current_path(dir.path());
+  for (const std::string& out :
+       std::vector<std::string>{"rel/", "./dot/", "./nested/deeper/", (dir / "abs/").string()}) {
+    SCOPED_TRACE(out);
+    EXPECT_TRUE(BuildDirectoryAtomically(out, false, fill).ok());
+    EXPECT_EQ(*ReadFileToString(fs::path(out) / "a"), "x");
+    EXPECT_EQ(CountEntries(out), 1u);                               // no temporary inside
+    EXPECT_TRUE(BuildDirectoryAtomically(out, true, fill).ok());    // replaced in one step
+    EXPECT_FALSE(BuildDirectoryAtomically(out, false, fill).ok());  // exists
+  }
+  EXPECT_FALSE(BuildDirectoryAtomically("failed/", false, [](const fs::path&) {
+                 return absl::InternalError("disk on fire");
+               }).ok());
+  EXPECT_FALSE(fs::exists(dir / "failed"));
+  fs::current_path(cwd);
+  // Beside the targets: the four directories and nothing else (no temporaries, no "failed").
+  EXPECT_EQ(CountEntries(dir.path()), 4u);
+  EXPECT_EQ(CountEntries(dir / "nested"), 1u);
+}
+
 TEST(FileUtilTest, MapsEmptyAndMissingFiles) {
   testing::ScratchDir dir;
   ASSERT_TRUE(WriteFileAtomically(dir / "empty", "").ok());
