@@ -40,25 +40,26 @@ void GemmStored(bool tw, int64_t m, int64_t n, int64_t k, float alpha, const flo
     Gemm(false, tw, m, n, k, alpha, a, lda, w.f32().data(), ldw, beta, c, ldc);
     return;
   }
+  // Rows first..first+count of W (each `len` values, `ldw` apart) as f32 into this thread's panel.
   thread_local std::vector<float> panel;
+  const auto convert = [&](int64_t first, int64_t count, int64_t len) {
+    panel.resize(static_cast<size_t>(count * len));
+    for (int64_t i = 0; i < count; ++i)
+      w.subspan(static_cast<size_t>((first + i) * ldw), static_cast<size_t>(len))
+          .ToF32(std::span(panel).subspan(static_cast<size_t>(i * len), static_cast<size_t>(len)));
+  };
   if (tw) {  // W [n, k]: panels of its rows, each a block of C's columns
     const int64_t step = std::max<int64_t>(1, kWeightPanel / k);
-    panel.resize(static_cast<size_t>(std::min(step, n) * k));
     for (int64_t j0 = 0; j0 < n; j0 += step) {
       const int64_t nj = std::min(step, n - j0);
-      for (int64_t j = 0; j < nj; ++j)
-        w.subspan(static_cast<size_t>((j0 + j) * ldw), static_cast<size_t>(k))
-            .ToF32(std::span(panel).subspan(static_cast<size_t>(j * k), static_cast<size_t>(k)));
+      convert(j0, nj, k);
       Gemm(false, true, m, nj, k, alpha, a, lda, panel.data(), k, beta, c + j0, ldc);
     }
   } else {  // W [k, n]: panels of its rows, each a slice of the inner dimension added into C
     const int64_t step = std::max<int64_t>(1, kWeightPanel / n);
-    panel.resize(static_cast<size_t>(std::min(step, k) * n));
     for (int64_t i0 = 0; i0 < k; i0 += step) {
       const int64_t ni = std::min(step, k - i0);
-      for (int64_t i = 0; i < ni; ++i)
-        w.subspan(static_cast<size_t>((i0 + i) * ldw), static_cast<size_t>(n))
-            .ToF32(std::span(panel).subspan(static_cast<size_t>(i * n), static_cast<size_t>(n)));
+      convert(i0, ni, n);
       Gemm(false, false, m, n, ni, alpha, a + i0, lda, panel.data(), n, i0 == 0 ? beta : 1.0f, c,
            ldc);
     }
